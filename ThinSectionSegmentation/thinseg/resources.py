@@ -1,0 +1,32 @@
+"""Where the bundled model and sample live, in a source checkout, a Slicer install or a wheel."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BUNDLED_MODEL_TAG = "ThinSectionEnv"
+BUNDLED_MODEL_NAME = "thinseg-synthetic-unet"
+
+
+def resources_dir() -> Path:
+    """`Resources/` of the extension: $THINSEG_RESOURCES, the wheel's copy, or the checkout's."""
+    env = os.environ.get("THINSEG_RESOURCES")
+    if env:
+        return Path(env)
+    packaged = Path(__file__).resolve().parent / "_resources"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "Resources"
+
+
+def models_root() -> Path:
+    return resources_dir() / "Models"
+
+
+def default_model_dir() -> Path:
+    return models_root() / BUNDLED_MODEL_TAG / BUNDLED_MODEL_NAME
+
+
+def sample_dir() -> Path:
+    return resources_dir() / "Sample"
