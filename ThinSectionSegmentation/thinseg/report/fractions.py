@@ -1,0 +1,87 @@
+"""Modal mineralogy: the area of each class per section, in % of classified area and in mm^2."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from thinseg.classes import ClassTable
+
+
+@dataclass(frozen=True)
+class ClassArea:
+    name: str
+    pixels: int
+    percent: float  # of classified pixels (label != 0)
+    area_mm2: float
+
+
+@dataclass(frozen=True)
+class ModalMineralogy:
+    section: str
+    mm_per_pixel: float
+    areas: tuple[ClassArea, ...]
+
+    @property
+    def classified_pixels(self) -> int:
+        return sum(a.pixels for a in self.areas)
+
+
+def class_pixel_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Pixels per label value 1..n_classes (index 0 of the result = unclassified)."""
+    counts = np.zeros(n_classes + 1, np.int64)
+    flat = labels.reshape(-1)
+    step = 1 << 24  # bincount in chunks: no int64 copy of a gigapixel label map
+    for i in range(0, flat.size, step):
+        part = np.bincount(flat[i : i + step], minlength=n_classes + 1)
+        counts += part[: n_classes + 1]
+    return counts
+
+
+def modal_mineralogy(section: str, labels: np.ndarray, table: ClassTable, mm_per_pixel: float) -> ModalMineralogy:
+    counts = class_pixel_counts(labels, len(table))
+    classified = int(counts[1:].sum())
+    pixel_area = mm_per_pixel * mm_per_pixel
+    areas = tuple(
+        ClassArea(
+            name=name,
+            pixels=int(counts[k]),
+            percent=100.0 * counts[k] / classified if classified else 0.0,
+            area_mm2=float(counts[k] * pixel_area),
+        )
+        for k, name in enumerate(table.names, start=1)
+    )
+    return ModalMineralogy(section=section, mm_per_pixel=mm_per_pixel, areas=areas)
+
+
+CSV_FIELDS = ("section", "class", "pixels", "percent", "area_mm2")
+
+
+def fractions_csv_text(results: Sequence[ModalMineralogy]) -> str:
+    """Long format (one row per section and class): easy to filter, pivot and plot."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for result in results:
+        for area in result.areas:
+            writer.writerow([result.section, area.name, area.pixels, f"{area.percent:.3f}", f"{area.area_mm2:.6f}"])
+    return buffer.getvalue()
+
+
+def format_table(result: ModalMineralogy) -> str:
+    """Fixed-width terminal table of one section's modal mineralogy."""
+    width = max(len("class"), *(len(a.name) for a in result.areas))
+    lines = [f"{'class':<{width}}  {'%':>7}  {'mm^2':>10}  {'pixels':>12}"]
+    lines.append("-" * len(lines[0]))
+    for a in result.areas:
+        lines.append(f"{a.name:<{width}}  {a.percent:7.2f}  {a.area_mm2:10.4f}  {a.pixels:12d}")
+    return "\n".join(lines)
+
+
+def write_fractions_csv(path: Path, results: Sequence[ModalMineralogy]) -> None:
+    path.write_text(fractions_csv_text(results), encoding="utf-8")
