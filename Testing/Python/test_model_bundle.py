@@ -1,0 +1,463 @@
+"""GeoSlicer model bundles: round trips, GeoSlicer-format bundles, and every refusal path.
+
+Networks are tiny (a few hundred weights, 16 px inputs) so the whole file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import monai
+import pytest
+import torch
+
+from thinseg.classes import ClassTable, default_class_table
+from thinseg.errors import ThinSegError
+from thinseg.model import build_network, find_bundles, load_bundle, save_bundle
+from thinseg.model.bundle import WEIGHTS_FILE
+
+torch.manual_seed(0)
+
+# Bundles written here have one output per class plus output 0 = "not classified".
+TINY_UNET = {
+    "spatial_dims": 2,
+    "in_channels": 6,
+    "out_channels": 7,
+    "channels": [4, 8],
+    "strides": [2],
+    "num_res_units": 1,
+}
+# UNetAct params the way GeoSlicer's trainer writes them (base_channels/scales, not channels).
+GEOSLICER_UNETACT = {
+    "spatial_dims": 2,
+    "in_channels": 6,
+    "out_channels": 6,
+    "base_channels": 4,
+    "scales": 3,
+    "act": "prelu",
+    "last_act": None,
+    "stride": 2,
+    "channel_multiplier": 2,
+    "num_res_units": 1,
+}
+
+
+def _classes(n: int = 6) -> ClassTable:
+    table = default_class_table()
+    return ClassTable(table.classes[:n])
+
+
+def _images(batch: int = 2, size: int = 16, inputs: int = 2) -> list[torch.Tensor]:
+    return [torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8) for _ in range(inputs)]
+
+
+def _save_tiny(tmp_path: Path, name: str = "tiny", **kw) -> tuple[Path, torch.nn.Module]:
+    params = kw.pop("network_params", TINY_UNET)
+    net = build_network(kw.pop("network_name", "UNet"), params)
+    folder = save_bundle(
+        tmp_path / "ThinSectionEnv" / name,
+        net,
+        network_name=kw.pop("save_name", "UNet"),
+        network_params=params,
+        class_table=kw.pop("class_table", _classes(params["out_channels"] - 1)),
+        pixels_per_mm=kw.pop("pixels_per_mm", 200.0),
+        roi_shape=(16, 16),
+        title="Tiny test model",
+        description="for tests",
+        **kw,
+    )
+    return folder, net
+
+
+# -- GeoSlicer's own structure, rebuilt independently of thinseg (reference for key names) ----
+
+
+class _GeoSlicerUNetAct(torch.nn.Module):
+    """Mirrors GeoSlicer MonaiModelsLib/models/unet.py UNetAct: `.unet` + lambda last_act."""
+
+    def __init__(self, spatial_dims, in_channels, out_channels, base_channels, scales, act, last_act, stride,
+                 channel_multiplier, num_res_units):
+        super().__init__()
+        self.unet = monai.networks.nets.UNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=[base_channels * channel_multiplier**i for i in range(scales)],
+            strides=[stride for _ in range(scales - 1)],
+            num_res_units=num_res_units,
+        )
+        self.last_act = lambda x: x
+
+    def forward(self, x):
+        return self.last_act(self.unet(x))
+
+
+class _GeoSlicerBoundary(_GeoSlicerUNetAct):
+    """Mirrors UNetActWithBoundarySupervision: two ResidualUnit heads + main_model Sequential."""
+
+    def __init__(self, **p):
+        super().__init__(**p)
+        from monai.networks.blocks.convolutions import ResidualUnit
+
+        def head(out):
+            return ResidualUnit(spatial_dims=p["spatial_dims"], in_channels=p["in_channels"], out_channels=out,
+                                strides=1, kernel_size=3, subunits=p["num_res_units"], act=self.unet.act,
+                                norm=self.unet.norm, dropout=self.unet.dropout)
+
+        self.segmentation_head = head(p["out_channels"])
+        self.boundary_head = head(1)
+        self.main_model = torch.nn.Sequential(self.unet, self.segmentation_head)
+
+    def forward(self, x):
+        return self.segmentation_head(self.unet(x))
+
+
+def _geoslicer_saved_model(net: torch.nn.Module, name: str, params: dict, inputs=("PP", "PX")) -> tuple[dict, dict]:
+    """model.pth dict and meta.json dict as GeoSlicer's trainer and instructions write them."""
+    n_in = 3 * len(inputs)
+    classes = _classes(params["out_channels"])
+    outputs = OrderedDict(
+        y={
+            "spatial_dims": 2,
+            "n_channels": 1,
+            "class_indices": list(range(1, len(classes) + 1)),
+            "class_names": classes.names,
+            "class_colors": [c.upper() for c in classes.colors],
+        }
+    )
+    meta = {
+        "kind": "torch",
+        "is_segmentation_model": True,
+        "spatial_dims": 2,
+        "input_roi_shape": (16, 16),
+        "pixels_per_mm": 100,
+        "inputs": OrderedDict((k, {"spatial_dims": 2, "n_channels": 3}) for k in inputs),
+        "pre_processed_inputs": OrderedDict(pre_processed_input_1={"spatial_dims": 2, "n_channels": n_in}),
+        "outputs": outputs,
+    }
+    saved = {
+        "title": "GeoSlicer model",
+        "model_state_dict": net.state_dict(),
+        "config": {
+            "meta": meta,
+            "model": {"name": name, "params": params},
+            "transforms": {
+                "pre_processing_transforms": [
+                    {"name": "ConcatenateTransform",
+                     "params": {"key_groups": {"pre_processed_input_1": list(inputs)}, "axis": 0}},
+                    {"name": "MinMaxTransform",
+                     "params": {"key": "pre_processed_input_1", "move_from": (0, 255), "move_to": (0, 1)}},
+                ],
+                "post_processing_transforms": [
+                    {"name": "ArgmaxTransform",
+                     "params": {"key": "y", "dim": 1, "dtype": "int8", "keepdim": True, "first_label": 1,
+                                "batch_dim": True}},
+                ],
+            },
+        },
+    }
+    meta_json = {"title": "GeoSlicer model", "description": "made by hand", **json.loads(json.dumps(meta))}
+    return saved, meta_json
+
+
+def _write(folder: Path, saved: dict, meta: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, folder / "model.pth")
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return folder
+
+
+def _geoslicer_inference(net: torch.nn.Module, pp: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
+    """GeoSlicer's MonaiModelsCLI path for one tile: float32 sample, concat, MinMax, argmax."""
+    sample = {"PP": pp.to(torch.float32), "PX": px.to(torch.float32)}
+    x = torch.concat([sample["PP"], sample["PX"]], dim=0)
+    old_min, old_max, new_min, new_max = 0, 255, 0, 1
+    x = (x - old_min) / (old_max - old_min) * (new_max - new_min) + new_min
+    with torch.no_grad():
+        y = net.eval()(x[None])
+    return torch.argmax(y, dim=1, keepdim=True).to(torch.int8)[0, 0]
+
+
+# -- round trip and GeoSlicer compatibility ----------------------------------------------------
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    folder, net = _save_tiny(tmp_path)
+    bundle = load_bundle(folder)
+    assert bundle.title == "Tiny test model" and bundle.description == "for tests"
+    assert bundle.input_names == ["PP", "PX"] and bundle.input_channels == [3, 3] and bundle.in_channels == 6
+    assert bundle.class_table == _classes() and bundle.first_label == 0
+    assert bundle.pixels_per_mm == 200.0 and bundle.roi_shape == (16, 16)
+    assert bundle.input_range == (0.0, 255.0, 0.0, 1.0)
+    assert bundle.tag == "ThinSectionEnv"
+    assert not bundle.network.training
+    x = bundle.prepare(_images())
+    with torch.no_grad():
+        assert torch.equal(bundle.network(x), net.eval()(x))
+
+
+def test_saved_files_follow_geoslicer_format_and_are_plain(tmp_path):
+    folder, _ = _save_tiny(tmp_path, extra_meta={"model_type": "Multiphase"})
+    saved = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+
+    def plain(value):
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, list):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (str, bool, int, float, torch.Tensor))
+
+    assert plain(saved) and set(saved) == {"title", "model_state_dict", "config"}
+    cmeta = saved["config"]["meta"]
+    assert cmeta["kind"] == "torch" and cmeta["is_segmentation_model"] is True and cmeta["spatial_dims"] == 2
+    assert cmeta["input_roi_shape"] == [16, 16] and cmeta["pixels_per_mm"] == 200.0
+    assert list(cmeta["inputs"]) == ["PP", "PX"] and cmeta["pre_processed_inputs"] == {"x": {"spatial_dims": 2, "n_channels": 6}}
+    out = cmeta["outputs"]["y"]
+    assert out["class_indices"] == [1, 2, 3, 4, 5, 6] and all(c.startswith("#") and c == c.upper() for c in out["class_colors"])
+    assert saved["config"]["model"] == {"name": "UNet", "params": TINY_UNET}
+    pre = saved["config"]["transforms"]["pre_processing_transforms"]
+    assert [t["name"] for t in pre] == ["ConcatenateTransform", "MinMaxTransform"]
+    assert pre[0]["params"] == {"key_groups": {"x": ["PP", "PX"]}, "axis": 0}
+    (post,) = saved["config"]["transforms"]["post_processing_transforms"]
+    # no first_label: the stored GeoSlicer source's ArgmaxTransform takes only these four
+    assert post["name"] == "ArgmaxTransform" and set(post["params"]) == {"key", "dim", "dtype", "keepdim"}
+    assert post["params"]["dim"] == 1
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["title"] == "Tiny test model" and meta["kind"] == "torch" and meta["model_type"] == "Multiphase"
+    assert meta["inputs"] == cmeta["inputs"] and meta["outputs"] == cmeta["outputs"]
+    assert [p.name for p in folder.parent.iterdir()] == ["tiny"]  # no temporary folders left
+
+
+@pytest.mark.parametrize(
+    "name, reference",
+    [("UNetAct", _GeoSlicerUNetAct), ("unetact", _GeoSlicerUNetAct), ("UNetActWithBoundarySupervision", _GeoSlicerBoundary)],
+)
+def test_geoslicer_bundle_loads_and_runs_unchanged(tmp_path, name, reference):
+    net = reference(**GEOSLICER_UNETACT)
+    saved, meta = _geoslicer_saved_model(net, name, GEOSLICER_UNETACT)
+    bundle = load_bundle(_write(tmp_path / "ThinSectionEnv" / "gs", saved, meta))
+    assert list(bundle.network.state_dict()) == list(net.state_dict())
+    pp, px = _images(batch=1, size=16)
+    x = bundle.prepare([pp, px])
+    expected_x = (torch.concat([pp[0], px[0]]).float() - 0) / 255 * 1 + 0
+    assert torch.equal(x[0], expected_x)
+    with torch.no_grad():
+        labels = bundle.logits_to_labels(bundle.network(x))
+    assert torch.equal(labels[0], _geoslicer_inference(net, pp[0], px[0]).to(torch.uint8) + 1)
+    assert bundle.pixels_per_mm == 100.0 and bundle.network_input == "pre_processed_input_1"
+
+
+def test_pp_only_bundle(tmp_path):
+    params = {**TINY_UNET, "in_channels": 3}
+    folder, net = _save_tiny(tmp_path, "pp", network_params=params, input_names=("PP",))
+    bundle = load_bundle(folder)
+    assert bundle.input_names == ["PP"] and bundle.input_channels == [3] and bundle.in_channels == 3
+    (image,) = _images(inputs=1)
+    x = bundle.prepare([image])
+    assert x.shape == (2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(bundle.network(x), net.eval()(image.float() / 255))
+    with pytest.raises(ThinSegError, match="needs 1 images"):
+        bundle.prepare(_images())
+
+
+def test_prepare_scales_uint8_and_puts_pp_before_px(tmp_path):
+    bundle = load_bundle(_save_tiny(tmp_path)[0])
+    pp = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
+    px = torch.zeros((1, 3, 4, 4), dtype=torch.uint8)
+    x = bundle.prepare([pp, px])
+    assert x.dtype == torch.float32 and torch.all(x[:, :3] == 1) and torch.all(x[:, 3:] == 0)
+    ramp = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
+    assert torch.equal(bundle.prepare([ramp, ramp])[0, 0], torch.arange(256).float().reshape(16, 16) / 255)
+    with pytest.raises(ThinSegError, match=r"\(B, 3, H, W\)"):
+        bundle.prepare([pp[:, :1], px])
+
+
+def test_logits_to_labels_adds_first_label(tmp_path):
+    bundle = load_bundle(_save_tiny(tmp_path)[0])
+    logits = torch.zeros(2, 7, 3, 3)
+    logits[0, 1] = 5  # class 1 everywhere in the first tile
+    logits[1, 6, 1, 1] = 5  # class 6 in the middle of the second
+    logits[1, 0, 0, 0] = 5  # output 0 wins: not classified
+    labels = bundle.logits_to_labels(logits)
+    assert labels.dtype == torch.uint8 and labels.shape == (2, 3, 3)
+    assert torch.all(labels[0] == 1) and labels[1, 1, 1] == 6 and labels[1, 0, 0] == 0
+    assert torch.equal(bundle.logits_to_labels((logits, torch.zeros(2, 1, 3, 3))), labels)
+
+
+def test_find_bundles_in_tag_folders(tmp_path):
+    for tag, name in [("ThinSectionEnv", "b"), ("ThinSectionEnv", "a"), ("MicroCTEnv", "c")]:
+        folder = tmp_path / tag / name
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text("{}")
+        (folder / "model.pth").write_bytes(b"")
+    (tmp_path / "ThinSectionEnv" / "incomplete").mkdir()
+    (tmp_path / "ThinSectionEnv" / "incomplete" / "meta.json").write_text("{}")
+    (tmp_path / "ThinSectionEnv" / ".a.x.tmp").mkdir()
+    (tmp_path / "ThinSectionEnv" / ".a.x.tmp" / "meta.json").write_text("{}")
+    (tmp_path / "ThinSectionEnv" / ".a.x.tmp" / "model.pth").write_bytes(b"")
+    assert find_bundles(tmp_path) == [
+        tmp_path / "MicroCTEnv" / "c", tmp_path / "ThinSectionEnv" / "a", tmp_path / "ThinSectionEnv" / "b"
+    ]
+    assert find_bundles(tmp_path, tags=["ThinSectionEnv"]) == [tmp_path / "ThinSectionEnv" / "a", tmp_path / "ThinSectionEnv" / "b"]
+    assert find_bundles(tmp_path / "missing") == []
+
+
+def test_save_refuses_to_overwrite_unless_asked(tmp_path):
+    folder, _ = _save_tiny(tmp_path)
+    with pytest.raises(ThinSegError, match="already exists"):
+        _save_tiny(tmp_path)
+    params = {**TINY_UNET, "out_channels": 4}
+    _save_tiny(tmp_path, network_params=params, overwrite=True)
+    assert len(load_bundle(folder).class_table) == 3
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["tiny"]
+
+
+def test_save_refuses_weights_that_do_not_fit_params(tmp_path):
+    net = build_network("UNet", TINY_UNET)
+    with pytest.raises(ThinSegError, match="do not match"):
+        save_bundle(tmp_path / "m", net, network_name="UNet", network_params={**TINY_UNET, "channels": [8, 16]},
+                    class_table=_classes(), pixels_per_mm=100, title="t", description="d")
+    assert not (tmp_path / "m").exists()
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+def test_pickled_object_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "marker-was-written"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    folder, _ = _save_tiny(tmp_path)
+    saved = torch.load(folder / WEIGHTS_FILE, weights_only=True)
+    saved["config"]["evil"] = Payload()
+    torch.save(saved, folder / WEIGHTS_FILE)
+    with pytest.raises(ThinSegError, match=r"could not be loaded safely \(weights_only=True\)") as info:
+        load_bundle(folder)
+    assert not marker.exists()
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_or_truncated_weights(tmp_path, damage):
+    folder, _ = _save_tiny(tmp_path)
+    pth = folder / WEIGHTS_FILE
+    data = pth.read_bytes()
+    pth.write_bytes({"truncate": data[: len(data) // 2], "garbage": bytes(range(256)) * 4, "empty": b""}[damage])
+    with pytest.raises(ThinSegError, match="corrupt") as info:
+        load_bundle(folder)
+    assert info.value.path == pth and "\n" not in str(info.value)
+
+
+def test_missing_folder_and_files(tmp_path):
+    with pytest.raises(ThinSegError, match="model folder not found"):
+        load_bundle(tmp_path / "nope")
+    folder, _ = _save_tiny(tmp_path)
+    (folder / "model.pth").unlink()
+    with pytest.raises(ThinSegError, match="model.pth is missing"):
+        load_bundle(folder)
+    (folder / "meta.json").unlink()
+    with pytest.raises(ThinSegError, match="meta.json is missing"):
+        load_bundle(folder)
+
+
+def test_invalid_meta_json(tmp_path):
+    folder, _ = _save_tiny(tmp_path)
+    (folder / "meta.json").write_text('{"title": "x",', encoding="utf-8")
+    with pytest.raises(ThinSegError, match="meta.json is not valid JSON"):
+        load_bundle(folder)
+
+
+def _edit_saved(folder: Path, edit) -> None:
+    pth = folder / WEIGHTS_FILE
+    saved = torch.load(pth, weights_only=True)
+    edit(saved)
+    torch.save(saved, pth)
+
+
+def test_unknown_network_name(tmp_path):
+    folder, _ = _save_tiny(tmp_path)
+    _edit_saved(folder, lambda s: s["config"]["model"].update(name="SegFormer"))
+    with pytest.raises(ThinSegError, match=r"unsupported network 'SegFormer' \(supported: UNet, UNetAct, UNetActWithBoundarySupervision\)"):
+        load_bundle(folder)
+
+
+def test_unknown_transform_name(tmp_path):
+    folder, _ = _save_tiny(tmp_path)
+    _edit_saved(folder, lambda s: s["config"]["transforms"]["pre_processing_transforms"].append(
+        {"name": "QuantileTransform", "params": {"key": "x"}}))
+    with pytest.raises(ThinSegError, match="unsupported pre-processing transform 'QuantileTransform'"):
+        load_bundle(folder)
+
+
+def test_mismatched_state_dict(tmp_path):
+    folder, _ = _save_tiny(tmp_path)
+
+    def edit(saved):
+        state = saved["model_state_dict"]
+        state.pop(next(iter(state)))
+        state["head.extra.weight"] = torch.zeros(1)
+
+    _edit_saved(folder, edit)
+    with pytest.raises(ThinSegError, match="1 missing .* 1 unexpected \\(head.extra.weight\\)") as info:
+        load_bundle(folder)
+    assert "\n" not in str(info.value)
+
+
+def test_non_contiguous_class_indices(tmp_path):
+    folder, _ = _save_tiny(tmp_path)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["outputs"]["y"]["class_indices"] = [1, 2, 3, 4, 5, 7]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ThinSegError, match="not contiguous 1..6"):
+        load_bundle(folder)
+
+
+def test_meta_json_and_config_disagree(tmp_path):
+    folder, _ = _save_tiny(tmp_path)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["outputs"]["y"]["class_names"][0] = "Anhydrite"
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ThinSegError, match="disagree on the classes"):
+        load_bundle(folder)
+    meta["outputs"]["y"]["class_names"][0] = "Calcite"
+    del meta["inputs"]["PX"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ThinSegError, match=r"disagree on the inputs: meta.json has PP\(3\), model.pth has PP\(3\), PX\(3\)"):
+        load_bundle(folder)
+
+
+def test_class_count_must_match_network(tmp_path):
+    geoslicer_unet = {**TINY_UNET, "out_channels": 6}  # GeoSlicer style: 6 outputs, first_label 1
+    net = build_network("UNet", geoslicer_unet)
+    saved, meta = _geoslicer_saved_model(net, "UNet", geoslicer_unet)
+    for m in (meta["outputs"]["y"], saved["config"]["meta"]["outputs"]["y"]):
+        for key in ("class_names", "class_colors", "class_indices"):
+            m[key] = m[key][:5]
+    with pytest.raises(ThinSegError, match="6 outputs with first_label 1 but the bundle names 5 classes"):
+        load_bundle(_write(tmp_path / "m", saved, meta))
+
+
+def test_seed_style_model_without_first_label_loads(tmp_path):
+    """Older GeoSlicer: 7 outputs for 6 classes, output 0 = background, ArgmaxTransform without
+    first_label. Labels must come out 1..6 exactly as GeoSlicer would write them."""
+    seed_unet = {**TINY_UNET, "out_channels": 7}
+    net = build_network("UNet", seed_unet)
+    saved, meta = _geoslicer_saved_model(net, "UNet", {**seed_unet, "out_channels": 6})
+    saved["config"]["model"]["params"] = seed_unet
+    post = saved["config"]["transforms"]["post_processing_transforms"][0]["params"]
+    del post["first_label"], post["batch_dim"]
+    bundle = load_bundle(_write(tmp_path / "ThinSectionEnv" / "seed", saved, meta))
+    assert bundle.first_label == 0 and len(bundle.class_table) == 6
+    logits = torch.zeros(1, 7, 2, 2)
+    logits[0, 3] = 1
+    assert torch.all(bundle.logits_to_labels(logits) == 3)
+    # and the same bundle with first_label 1 would put labels past the class table: refused
+    post["first_label"] = 1
+    with pytest.raises(ThinSegError, match="7 outputs with first_label 1"):
+        load_bundle(_write(tmp_path / "ThinSectionEnv" / "seed2", saved, meta))

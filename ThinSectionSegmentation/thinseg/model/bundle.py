@@ -1,0 +1,619 @@
+"""GeoSlicer model bundles: a folder holding `meta.json` (GeoSlicer's model list reads it) and
+`model.pth` (weights + config), as in ../shared/specs/geoslicer-model-bundle.md.
+
+Loading never unpickles arbitrary objects (`weights_only=True`) and checks every part a
+GeoSlicer model can get wrong, so a bad file costs the user one clear line, not a traceback
+halfway through a section. Saving writes exactly what GeoSlicer's AI Segmenter loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from thinseg.classes import ClassTable, hex_to_rgb
+from thinseg.errors import ThinSegError
+from thinseg.model.networks import (
+    SUPPORTED_NETWORKS,
+    build_network,
+    canonical_network_name,
+    network_channels,
+)
+from thinseg.model.transforms import (
+    ArgmaxTransform,
+    ConcatenateTransform,
+    MinMaxTransform,
+    PreTransform,
+    parse_post_transforms,
+    parse_pre_transforms,
+    run_pre_transforms,
+)
+
+META_FILE = "meta.json"
+WEIGHTS_FILE = "model.pth"
+#: GeoSlicer's tag folder for thin-section models (<root>/ThinSectionEnv/<model>/).
+THIN_SECTION_TAG = "ThinSectionEnv"
+#: Names save_bundle gives the concatenated network input and the output.
+NETWORK_INPUT = "x"
+OUTPUT = "y"
+IDENTITY_RANGE = (0.0, 1.0, 0.0, 1.0)
+
+__all__ = [
+    "ModelBundle",
+    "load_bundle",
+    "save_bundle",
+    "find_bundles",
+    "build_network",
+    "SUPPORTED_NETWORKS",
+    "THIN_SECTION_TAG",
+]
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model: network (eval, CPU), what it expects as input, and what its labels mean."""
+
+    path: Path
+    title: str
+    description: str
+    network: torch.nn.Module
+    input_names: list[str]  # order in which prepare() takes the images (meta `inputs` order)
+    input_channels: list[int]
+    in_channels: int
+    class_table: ClassTable
+    first_label: int
+    pixels_per_mm: float | None
+    roi_shape: tuple[int, int]
+    input_range: tuple[float, float, float, float]
+    meta: dict
+    config: dict
+    network_input: str = field(default=NETWORK_INPUT, repr=False)
+    pre_transforms: list[PreTransform] = field(default_factory=list, repr=False)
+
+    @property
+    def tag(self) -> str:
+        """GeoSlicer's tag: the name of the folder holding the model folder."""
+        return self.path.parent.name
+
+    def prepare(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One (B, c, H, W) uint8/float tensor per input, in `input_names` order -> float32
+        network input (B, C, H, W), via the bundle's own Concatenate/MinMax steps."""
+        if len(images) != len(self.input_names):
+            raise ThinSegError(
+                f"model {self.title!r} needs {len(self.input_names)} images "
+                f"({', '.join(self.input_names)}) but {len(images)} were given"
+            )
+        sample: dict[str, torch.Tensor] = {}
+        for name, channels, image in zip(self.input_names, self.input_channels, images):
+            if image.ndim != 4 or image.shape[1] != channels:
+                raise ThinSegError(f"input {name!r} must be (B, {channels}, H, W), not {tuple(image.shape)}")
+            sample[name] = image.to(torch.float32)
+        return run_pre_transforms(self.pre_transforms, sample)[self.network_input]
+
+    def logits_to_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, classes, H, W) scores -> (B, H, W) uint8 labels, value k = k-th class."""
+        if isinstance(logits, (list, tuple)):
+            logits = logits[0]
+        return (torch.argmax(logits, dim=1) + self.first_label).to(torch.uint8)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def load_bundle(model_dir: Path | str) -> ModelBundle:
+    """Load and validate a GeoSlicer model folder; every problem is a one-line ThinSegError."""
+    folder = Path(model_dir)
+    meta_path, pth_path = _bundle_files(folder)
+    meta = _read_meta(meta_path)
+    saved = _read_weights(pth_path)
+    config, cmeta = _config(saved, pth_path)
+
+    inputs = _inputs(cmeta, "model.pth config.meta", pth_path)
+    _same_inputs(inputs, _inputs(meta, "meta.json", meta_path), folder)
+    output_name, class_table = _classes(cmeta, "model.pth config.meta", pth_path)
+    _, shown_table = _classes(meta, "meta.json", meta_path)
+    _same_classes(class_table, shown_table, folder)
+
+    network = _network(config, saved, pth_path)
+    in_ch, out_ch = network_channels(network)
+    pre, network_input, first_label, input_range = _pipeline(config, cmeta, inputs, output_name, pth_path)
+    _check_channels(inputs, pre, network_input, in_ch, out_ch, shown_table, first_label, pth_path)
+
+    return ModelBundle(
+        path=folder,
+        title=str(meta.get("title") or saved.get("title") or folder.name),
+        description=str(meta.get("description") or ""),
+        network=network,
+        input_names=[name for name, _ in inputs],
+        input_channels=[channels for _, channels in inputs],
+        in_channels=in_ch,
+        class_table=shown_table,
+        first_label=first_label,
+        pixels_per_mm=_pixels_per_mm(cmeta.get("pixels_per_mm", meta.get("pixels_per_mm")), pth_path),
+        roi_shape=_roi_shape(cmeta.get("input_roi_shape"), pth_path),
+        input_range=input_range,
+        meta=meta,
+        config=config,
+        network_input=network_input,
+        pre_transforms=pre,
+    )
+
+
+def _bundle_files(folder: Path) -> tuple[Path, Path]:
+    if not folder.is_dir():
+        raise ThinSegError("model folder not found", folder)
+    meta_path, pth_path = folder / META_FILE, folder / WEIGHTS_FILE
+    for path in (meta_path, pth_path):
+        if not path.is_file():
+            raise ThinSegError(f"not a GeoSlicer model folder: {path.name} is missing", folder)
+    return meta_path, pth_path
+
+
+def _read_meta(meta_path: Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ThinSegError("meta.json is not UTF-8 text", meta_path) from None
+    except json.JSONDecodeError as exc:
+        raise ThinSegError(f"meta.json is not valid JSON ({exc})", meta_path) from None
+    if not isinstance(meta, dict):
+        raise ThinSegError("meta.json must hold a JSON object", meta_path)
+    return meta
+
+
+def _read_weights(pth_path: Path) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, nothing executed."""
+    try:
+        saved = torch.load(pth_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad files; all mean "unusable"
+        raise ThinSegError(_load_failure(exc), pth_path) from None
+    if not isinstance(saved, dict):
+        raise ThinSegError(f"model.pth holds a {type(saved).__name__}, not GeoSlicer's saved-model dict", pth_path)
+    if "models_to_compose" in saved:
+        raise ThinSegError("composed models (models_to_compose) are not supported; use a single model", pth_path)
+    for key in ("model_state_dict", "config"):
+        if not isinstance(saved.get(key), Mapping):
+            raise ThinSegError(f"model.pth has no {key!r} entry", pth_path)
+    return saved
+
+
+def _load_failure(exc: Exception) -> str:
+    message = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in message:
+        start = message.index("Unsupported global")
+        what = message[start:].split(" was not", 1)[0].replace("Unsupported global: GLOBAL ", "")
+        return f"model.pth could not be loaded safely (weights_only=True): it would run {what.strip()}"
+    if isinstance(exc, pickle.UnpicklingError) and "WeightsUnpickler error:" in message:
+        reason = _first_line(message.split("WeightsUnpickler error:", 1)[1])
+        return f"model.pth is corrupt, truncated or not loadable with weights_only=True ({reason})"
+    reason = _first_line(message) or "unexpected end of file"
+    return f"model.pth is corrupt or truncated ({type(exc).__name__}: {reason})"
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    return first.split(". ", 1)[0] if len(first) > 120 else first
+
+
+def _config(saved: dict, pth_path: Path) -> tuple[dict, dict]:
+    config = dict(saved["config"])
+    cmeta = config.get("meta")
+    if not isinstance(cmeta, Mapping):
+        raise ThinSegError("model.pth config has no 'meta' section", pth_path)
+    cmeta = dict(cmeta)
+    kind = cmeta.get("kind", "torch")
+    if kind != "torch":
+        raise ThinSegError(f"model kind {kind!r} is not supported (only 'torch')", pth_path)
+    if cmeta.get("is_segmentation_model", True) is not True:
+        raise ThinSegError("this is not a segmentation model (is_segmentation_model is false)", pth_path)
+    if cmeta.get("spatial_dims", 2) != 2:
+        raise ThinSegError(f"model works on {cmeta.get('spatial_dims')}-D data; thin sections need spatial_dims 2", pth_path)
+    return config, cmeta
+
+
+def _inputs(meta: Mapping, where: str, path: Path) -> list[tuple[str, int]]:
+    """Ordered (name, n_channels); GeoSlicer defaults n_channels to 1."""
+    inputs = meta.get("inputs")
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise ThinSegError(f"{where} has no 'inputs'", path)
+    out = []
+    for name, description in inputs.items():
+        channels = (description or {}).get("n_channels", 1) if isinstance(description, Mapping) else None
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+            raise ThinSegError(f"{where} input {name!r} has no valid n_channels", path)
+        out.append((str(name), channels))
+    return out
+
+
+def _same_inputs(from_pth: list[tuple[str, int]], from_meta: list[tuple[str, int]], folder: Path) -> None:
+    if from_pth != from_meta:
+        raise ThinSegError(
+            f"meta.json and model.pth disagree on the inputs: meta.json has {_fmt_inputs(from_meta)}, "
+            f"model.pth has {_fmt_inputs(from_pth)}",
+            folder,
+        )
+
+
+def _fmt_inputs(inputs: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{name}({channels})" for name, channels in inputs)
+
+
+def _classes(meta: Mapping, where: str, path: Path) -> tuple[str, ClassTable]:
+    """First output's classes; GeoSlicer needs class_indices == 1..N (label k -> k-th class)."""
+    outputs = meta.get("outputs")
+    if not isinstance(outputs, Mapping) or not outputs:
+        raise ThinSegError(f"{where} has no 'outputs'", path)
+    name, output = next(iter(outputs.items()))
+    if not isinstance(output, Mapping):
+        raise ThinSegError(f"{where} output {name!r} is not an object", path)
+    names, colors = output.get("class_names"), output.get("class_colors")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ThinSegError(f"{where} output {name!r} has no class_names", path)
+    if not isinstance(colors, list) or len(colors) != len(names):
+        raise ThinSegError(f"{where} output {name!r} needs one class_colors entry per class ({len(names)})", path)
+    for color in colors:
+        try:
+            hex_to_rgb(color)
+        except (ValueError, AttributeError):
+            raise ThinSegError(f"{where} class colour {color!r} is not '#RRGGBB'", path) from None
+    indices = output.get("class_indices", list(range(1, len(names) + 1)))
+    if list(indices) != list(range(1, len(names) + 1)):
+        raise ThinSegError(
+            f"{where} class_indices {list(indices)} are not contiguous 1..{len(names)} "
+            "(label value k must be the k-th class)",
+            path,
+        )
+    return str(name), ClassTable.from_names_colors(names, colors)
+
+
+def _same_classes(from_pth: ClassTable, from_meta: ClassTable, folder: Path) -> None:
+    if from_pth.names != from_meta.names:
+        raise ThinSegError(
+            f"meta.json and model.pth disagree on the classes: meta.json has {from_meta.names}, "
+            f"model.pth has {from_pth.names}",
+            folder,
+        )
+
+
+def _network(config: Mapping, saved: Mapping, pth_path: Path) -> torch.nn.Module:
+    spec = config.get("model")
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+        raise ThinSegError("model.pth config has no model name", pth_path)
+    try:
+        network = build_network(spec["name"], spec.get("params") or {})
+    except ThinSegError as exc:
+        raise ThinSegError(exc.problem, pth_path) from None
+    state = saved["model_state_dict"]
+    problem = _state_dict_problem(network, state, canonical_network_name(spec["name"]))
+    if problem:
+        raise ThinSegError(problem, pth_path)
+    network.load_state_dict(state, strict=True)
+    return network.eval()
+
+
+def _state_dict_problem(network: torch.nn.Module, state: Mapping[str, Any], name: str) -> str | None:
+    """Missing/unexpected keys and shape mismatches, summarised in one line (None if fine)."""
+    expected = network.state_dict()
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "model_state_dict holds values that are not tensors"
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {list(state[k].shape)} vs {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_some(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} with other shapes (saved vs network: {_some(shapes)})")
+    if not parts:
+        return None
+    return f"model weights do not match network {name!r} built from config.model.params: " + "; ".join(parts)
+
+
+def _some(items: list[str], limit: int = 3) -> str:
+    more = f", ... {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _pipeline(
+    config: Mapping, cmeta: Mapping, inputs: list[tuple[str, int]], output_name: str, pth_path: Path
+) -> tuple[list[PreTransform], str, int, tuple[float, float, float, float]]:
+    """Parse the transforms; return (pre steps, network-input key, first label, input range)."""
+    transforms = config.get("transforms") or {}
+    if not isinstance(transforms, Mapping):
+        raise ThinSegError("model.pth config.transforms must be a mapping", pth_path)
+    try:
+        pre = parse_pre_transforms(transforms.get("pre_processing_transforms"))
+        post = parse_post_transforms(transforms.get("post_processing_transforms"))
+    except ThinSegError as exc:
+        raise ThinSegError(exc.problem, pth_path) from None
+
+    pre_processed = cmeta.get("pre_processed_inputs") or dict(cmeta["inputs"])
+    if not isinstance(pre_processed, Mapping) or not pre_processed:
+        raise ThinSegError("model.pth config.meta.pre_processed_inputs is empty", pth_path)
+    network_input = str(next(iter(pre_processed)))  # GeoSlicer feeds the first one to the network
+
+    return pre, network_input, _first_label(post, output_name, pth_path), _input_range(pre, network_input, inputs, pth_path)
+
+
+def _first_label(post: list[ArgmaxTransform], output_name: str, pth_path: Path) -> int:
+    if len(post) != 1:
+        raise ThinSegError(
+            f"expected one ArgmaxTransform in post_processing_transforms, found {len(post)} transforms", pth_path
+        )
+    argmax = post[0]
+    if argmax.key != output_name:
+        raise ThinSegError(f"ArgmaxTransform key {argmax.key!r} is not the model output {output_name!r}", pth_path)
+    return argmax.first_label
+
+
+def _input_range(
+    pre: list[PreTransform], network_input: str, inputs: list[tuple[str, int]], pth_path: Path
+) -> tuple[float, float, float, float]:
+    """The one MinMax rescale applied to the whole network input (identity if none)."""
+    minmax = [t for t in pre if isinstance(t, MinMaxTransform)]
+    if not minmax:
+        return IDENTITY_RANGE
+    if len(minmax) > 1:
+        raise ThinSegError("more than one MinMaxTransform is not supported", pth_path)
+    whole = {network_input} | ({inputs[0][0]} if len(inputs) == 1 else set())
+    if minmax[0].key not in whole:
+        raise ThinSegError(
+            f"MinMaxTransform on {minmax[0].key!r} is not supported: it must rescale the network input {network_input!r}",
+            pth_path,
+        )
+    return tuple(float(v) for v in minmax[0].range)  # type: ignore[return-value]
+
+
+def _check_channels(
+    inputs: list[tuple[str, int]],
+    pre: list[PreTransform],
+    network_input: str,
+    in_ch: int,
+    out_ch: int,
+    classes: ClassTable,
+    first_label: int,
+    pth_path: Path,
+) -> None:
+    """Dry-run the pre-processing on a tiny sample so key/channel mistakes show up at load time."""
+    sample = {name: torch.zeros(1, channels, 2, 2) for name, channels in inputs}
+    try:
+        sample = run_pre_transforms(pre, sample)
+    except ThinSegError as exc:
+        raise ThinSegError(f"pre-processing does not fit the model inputs: {exc.problem}", pth_path) from None
+    if network_input not in sample:
+        raise ThinSegError(
+            f"pre-processing does not produce the network input {network_input!r} (it gives {', '.join(sample)})",
+            pth_path,
+        )
+    produced = sample[network_input].shape[1]
+    if produced != in_ch:
+        raise ThinSegError(f"the inputs give {produced} channels but the network takes {in_ch}", pth_path)
+    n = len(classes)
+    if not ((out_ch == n and first_label == 1) or (out_ch == n + 1 and first_label == 0)):
+        raise ThinSegError(
+            f"the network has {out_ch} outputs with first_label {first_label} but the bundle names {n} classes "
+            f"(expected {n} outputs with first_label 1, or {n + 1} with output 0 = not classified)",
+            pth_path,
+        )
+    if first_label + len(classes) - 1 > 255:
+        raise ThinSegError(f"labels up to {first_label + len(classes) - 1} do not fit uint8 label maps", pth_path)
+
+
+def _roi_shape(value: Any, pth_path: Path) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ThinSegError(f"input_roi_shape must be two positive integers, not {value!r}", pth_path)
+    return int(value[0]), int(value[1])
+
+
+def _pixels_per_mm(value: Any, pth_path: Path) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ThinSegError(f"pixels_per_mm must be a positive number, not {value!r}", pth_path)
+    return float(value)
+
+
+# -- saving ------------------------------------------------------------------------------------
+
+
+def save_bundle(
+    model_dir: Path | str,
+    network: torch.nn.Module,
+    *,
+    network_name: str,
+    network_params: dict,
+    class_table: ClassTable,
+    input_names: Sequence[str] = ("PP", "PX"),
+    pixels_per_mm: float,
+    roi_shape: Sequence[int] = (512, 512),
+    title: str,
+    description: str,
+    extra_meta: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `network` as a GeoSlicer model folder (meta.json + model.pth), atomically.
+
+    The folder is written beside the target under a temporary name, loaded back with
+    `load_bundle` (so what we write is what we and GeoSlicer can read), then renamed.
+    """
+    target = Path(model_dir)
+    if target.exists() and not overwrite:
+        raise ThinSegError("a model folder already exists here (pass overwrite=True to replace it)", target)
+    name = canonical_network_name(network_name)
+    _check_network_matches(network, name, network_params)
+    names = _input_names(input_names)
+    in_ch, out_ch = network_channels(network)
+    if in_ch != 3 * len(names):
+        raise ThinSegError(f"the network takes {in_ch} channels but {len(names)} RGB inputs give {3 * len(names)}")
+    if out_ch != len(class_table) + 1:
+        raise ThinSegError(
+            f"the network has {out_ch} outputs; saved bundles need {len(class_table) + 1} "
+            f"(output 0 = not classified, then one per class) for {len(class_table)} classes"
+        )
+    roi = _roi_shape(list(roi_shape), target)
+    ppm = _pixels_per_mm(pixels_per_mm, target)
+
+    cmeta = _config_meta(names, class_table, roi, ppm)
+    meta = _meta_json(title, description, cmeta, extra_meta)
+    saved = {
+        "title": str(title),
+        "model_state_dict": {k: v.detach().to("cpu").clone() for k, v in network.state_dict().items()},
+        "config": {
+            "meta": cmeta,
+            "model": {"name": name, "params": _plain(network_params, "network_params")},
+            "transforms": _transforms_config(names),
+        },
+    }
+    _write_atomically(target, meta, saved, overwrite)
+    return target
+
+
+def _check_network_matches(network: torch.nn.Module, name: str, params: dict) -> None:
+    """The weights must load into what `name(**params)` builds, or GeoSlicer cannot load them."""
+    fresh = build_network(name, params)
+    problem = _state_dict_problem(fresh, network.state_dict(), name)
+    if problem:
+        raise ThinSegError(f"cannot save: {problem}")
+
+
+def _input_names(input_names: Sequence[str]) -> list[str]:
+    names = [str(n) for n in input_names]
+    if not names or len(set(names)) != len(names) or not all(names) or NETWORK_INPUT in names:
+        raise ThinSegError(f"input names must be distinct, non-empty and not {NETWORK_INPUT!r}: {list(input_names)}")
+    return names
+
+
+def _config_meta(names: list[str], classes: ClassTable, roi: tuple[int, int], ppm: float | None) -> dict:
+    return {
+        "kind": "torch",
+        "is_segmentation_model": True,
+        "spatial_dims": 2,
+        "input_roi_shape": [roi[0], roi[1]],
+        "pixels_per_mm": ppm,
+        "inputs": {n: {"spatial_dims": 2, "n_channels": 3} for n in names},
+        "pre_processed_inputs": {NETWORK_INPUT: {"spatial_dims": 2, "n_channels": 3 * len(names)}},
+        "outputs": {
+            OUTPUT: {
+                "spatial_dims": 2,
+                "n_channels": 1,
+                "is_segmentation": True,
+                "class_names": list(classes.names),
+                "class_colors": [c.upper() for c in classes.colors],
+                "class_indices": list(range(1, len(classes) + 1)),
+            }
+        },
+    }
+
+
+def _transforms_config(names: list[str]) -> dict:
+    return {
+        "pre_processing_transforms": [
+            ConcatenateTransform(key_groups={NETWORK_INPUT: list(names)}, axis=0).to_config(),
+            MinMaxTransform(key=NETWORK_INPUT, move_from=[0, 255], move_to=[0.0, 1.0]).to_config(),
+        ],
+        "post_processing_transforms": [
+            ArgmaxTransform(key=OUTPUT, dtype="uint8", dim=1, keepdim=True).to_config()
+        ],
+    }
+
+
+def _meta_json(title: str, description: str, cmeta: dict, extra: dict | None) -> dict:
+    meta = {"title": str(title), "description": str(description), **cmeta}
+    for key, value in (extra or {}).items():
+        if key in meta:
+            raise ThinSegError(f"extra_meta may not replace {key!r}")
+        meta[key] = value
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as exc:
+        raise ThinSegError(f"extra_meta is not JSON-serialisable: {exc}") from None
+    return meta
+
+
+def _plain(value: Any, what: str) -> Any:
+    """Deep copy into dict/list/str/int/float/bool/None, the types weights_only reads back."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, what) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, what) for v in value]
+    raise ThinSegError(f"{what} may only hold plain values (numbers, strings, lists, dicts), not {type(value).__name__}")
+
+
+def _write_atomically(target: Path, meta: dict, saved: dict, overwrite: bool) -> None:
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    try:
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        torch.save(saved, tmp / WEIGHTS_FILE)
+        load_bundle(tmp)  # what we wrote must load back safely
+        _swap_into_place(tmp, target, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    if not overwrite:
+        raise ThinSegError("a model folder already exists here (pass overwrite=True to replace it)", target)
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old.rmdir()
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -- discovery ---------------------------------------------------------------------------------
+
+
+def find_bundles(root: Path | str, tags: Iterable[str] | None = None) -> list[Path]:
+    """Model folders under `root` (GeoSlicer layout <root>/<TAG>/<model>/{meta.json,model.pth}).
+
+    Like GeoSlicer, a folder counts when it holds both files; with `tags`, only folders whose
+    parent is named by one of them (e.g. {"ThinSectionEnv"}). Hidden folders (our temporary
+    writes among them) are skipped. Sorted by path.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    wanted = set(tags) if tags is not None else None
+    found = []
+    for folder in [root, *root.rglob("*")]:
+        if not folder.is_dir() or any(part.startswith(".") for part in folder.relative_to(root).parts):
+            continue
+        if wanted is not None and folder.parent.name not in wanted:
+            continue
+        if (folder / META_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+            found.append(folder)
+    return sorted(found)
