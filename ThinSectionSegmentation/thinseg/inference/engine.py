@@ -21,6 +21,7 @@ from thinseg.errors import ThinSegError
 from thinseg.inference.device import select_device
 from thinseg.inference.optimize import prepare_network
 from thinseg.inference.tiling import blend_weights, padded_size, tile_starts
+from thinseg.model.networks import network_channels
 
 #: MONAI UNets with 4 stride-2 stages need sides divisible by 16.
 SIZE_MULTIPLE = 16
@@ -57,7 +58,7 @@ class InferenceOptions:
 
 @dataclass
 class SegmentationResult:
-    labels: np.ndarray  # (H, W) uint8, class values first_label..N
+    labels: np.ndarray  # (H, W) uint8, class values 1..N (0 = not classified)
     confidence: np.ndarray | None  # (H, W) uint8, max softmax probability x 255
     tiles: int
     seconds: float
@@ -116,7 +117,7 @@ class Segmenter:
         done = 0
         reader = _BandReader(sources, plan, prefetch=self.options.prefetch)
         try:
-            accumulator = _RollingAccumulator(plan, self._n_classes(), self.device)
+            accumulator = _RollingAccumulator(plan, self._n_outputs(), self.device)
             for row, band in reader:
                 for batch in plan.batches(self.options.batch_size):
                     if cancel is not None and cancel():
@@ -141,8 +142,9 @@ class Segmenter:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _n_classes(self) -> int:
-        return len(self.bundle.class_table)
+    def _n_outputs(self) -> int:
+        """Network output channels: one per class, plus output 0 = not classified in our bundles."""
+        return network_channels(self.bundle.network)[1]
 
     def _autocast(self):
         if self.options.precision == "fp32":

@@ -1,0 +1,104 @@
+"""The tiled engine: exact bookkeeping, small images, progress, cancel and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from thinseg.classes import default_class_table
+from thinseg.errors import ThinSegError
+from thinseg.inference import Cancelled, InferenceOptions, Segmenter
+from thinseg.model.bundle import load_bundle, save_bundle
+from thinseg.model.networks import build_network
+
+# Stride 1 and 1x1 kernels make the UNet pointwise: any tiling must reproduce the whole-image
+# forward exactly, so every row, column and blend weight of the rolling buffer is checked.
+POINTWISE_UNET = dict(spatial_dims=2, in_channels=6, out_channels=7, channels=[8, 8], strides=[1],
+                      kernel_size=1, up_kernel_size=1, num_res_units=0, norm="batch")
+
+
+class ArraySource:
+    def __init__(self, array):
+        self.array, self.shape = array, array.shape[:2]
+
+    def read(self, y0, y1, x0=0, x1=None):
+        return self.array[y0:y1, x0:x1]
+
+
+@pytest.fixture(scope="module")
+def pointwise_bundle(tmp_path_factory):
+    torch.manual_seed(1)
+    net = build_network("UNet", POINTWISE_UNET)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 1)
+    folder = tmp_path_factory.mktemp("models") / "ThinSectionEnv" / "pointwise"
+    save_bundle(folder, net, network_name="UNet", network_params=POINTWISE_UNET, class_table=default_class_table(),
+                pixels_per_mm=757.6, roi_shape=(64, 64), title="pointwise", description="test")
+    return load_bundle(folder)
+
+
+def images(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.random((h, w, 3)) * 255).astype(np.uint8) for _ in range(2)]
+
+
+def whole_image_forward(bundle, pp, xp):
+    x = bundle.prepare([torch.from_numpy(a).permute(2, 0, 1)[None] for a in (pp, xp)])
+    with torch.no_grad():
+        logits = bundle.network.eval()(x)
+    labels = bundle.logits_to_labels(logits)[0].numpy()
+    confidence = (torch.softmax(logits, 1).max(1).values[0] * 255).round().numpy()
+    return labels, confidence
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (64, 64), (130, 65)])
+def test_tiled_equals_whole_image_for_a_pointwise_network(pointwise_bundle, shape):
+    pp, xp = images(*shape)
+    seg = Segmenter(pointwise_bundle, InferenceOptions(overlap=16, batch_size=3, with_confidence=True, device="cpu"))
+    result = seg.segment([ArraySource(pp), ArraySource(xp)])
+    labels, confidence = whole_image_forward(pointwise_bundle, pp, xp)
+    assert result.labels.shape == shape and result.labels.dtype == np.uint8
+    assert (result.labels == labels).mean() > 0.9999  # only float ties may differ
+    assert np.abs(result.confidence.astype(int) - confidence).max() <= 1
+    assert set(np.unique(result.labels)) <= set(range(0, 7))
+
+
+def test_image_smaller_than_a_tile_is_padded_not_refused(pointwise_bundle):
+    pp, xp = images(21, 37)
+    result = Segmenter(pointwise_bundle, InferenceOptions(overlap=16, device="cpu")).segment([ArraySource(pp), ArraySource(xp)])
+    labels, _ = whole_image_forward(pointwise_bundle, pp, xp)
+    assert result.tiles == 1 and np.array_equal(result.labels, labels)
+
+
+def test_progress_reports_every_tile_and_cancel_stops(pointwise_bundle):
+    pp, xp = images(200, 300)
+    seen = []
+    seg = Segmenter(pointwise_bundle, InferenceOptions(overlap=16, batch_size=2, device="cpu"))
+    result = seg.segment([ArraySource(pp), ArraySource(xp)], progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (result.tiles, result.tiles) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        seg.segment([ArraySource(pp), ArraySource(xp)], cancel=cancel)
+
+
+def test_size_mismatch_and_wrong_input_count_are_clear_errors(pointwise_bundle):
+    pp, _ = images(100, 100)
+    _, xp = images(100, 90)
+    seg = Segmenter(pointwise_bundle, InferenceOptions(overlap=16, device="cpu"))
+    with pytest.raises(ThinSegError, match="same size"):
+        seg.segment([ArraySource(pp), ArraySource(xp)])
+    with pytest.raises(ThinSegError, match="needs 2 images"):
+        seg.segment([ArraySource(pp)])
+
+
+def test_fp16_on_cpu_is_refused_and_cuda_falls_back_with_a_message(pointwise_bundle):
+    with pytest.raises(ThinSegError, match="fp16"):
+        Segmenter(pointwise_bundle, InferenceOptions(precision="fp16", device="cpu"))
+    if not torch.cuda.is_available():
+        seg = Segmenter(pointwise_bundle, InferenceOptions(device="cuda", overlap=16))
+        assert seg.device.type == "cpu" and "falling back to the CPU" in seg.messages[0]
