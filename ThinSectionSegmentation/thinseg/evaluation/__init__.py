@@ -1,0 +1,36 @@
+"""Evaluation against labelled sections: confusion, scores, fractions, plots (`thinseg evaluate`).
+
+Truth label 0 = no truth: such pixels are never scored. Prediction 0 = left unclassified: an
+error. Counts are summed over the whole dataset before scores are taken.
+"""
+
+from thinseg.evaluation.boundaries import void_border_mask
+from thinseg.evaluation.confusion import ConfusionAccumulator
+from thinseg.evaluation.fractions import FractionStats, area_fractions, fraction_agreement, fractions_from_confusion, r_squared
+from thinseg.evaluation.metrics import SegmentationMetrics, metrics_from_confusion
+from thinseg.evaluation.report import (
+    EvaluationReport,
+    Evaluator,
+    SectionResult,
+    comparison_dict,
+    format_comparison_table,
+    format_table,
+)
+
+__all__ = [
+    "ConfusionAccumulator",
+    "EvaluationReport",
+    "Evaluator",
+    "FractionStats",
+    "SectionResult",
+    "SegmentationMetrics",
+    "area_fractions",
+    "comparison_dict",
+    "format_comparison_table",
+    "format_table",
+    "fraction_agreement",
+    "fractions_from_confusion",
+    "metrics_from_confusion",
+    "r_squared",
+    "void_border_mask",
+]

@@ -1,0 +1,285 @@
+"""Whole-dataset evaluation: stream sections in, get one report out (table, JSON).
+
+`Evaluator` keeps two dataset-wide confusion matrices (all labelled pixels, and the same with
+void borders left out) plus each section's fractions; `report()` turns them into an
+`EvaluationReport`. Fractions always use all labelled pixels of a section: void borders are a
+per-pixel fairness device, while a modal mineralogy is a property of the whole section.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from thinseg.classes import ClassTable
+from thinseg.evaluation.boundaries import void_border_mask
+from thinseg.evaluation.confusion import ConfusionAccumulator
+from thinseg.evaluation.fractions import FractionStats, fraction_agreement, fractions_from_confusion
+from thinseg.evaluation.metrics import SegmentationMetrics, metrics_from_confusion
+
+
+def to_plain(value: Any) -> Any:
+    """JSON-ready copy: arrays -> lists, numpy scalars -> Python, NaN/inf -> None (null)."""
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return to_plain(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+@dataclass(frozen=True)
+class SectionResult:
+    """One section's fractions (over its labelled pixels) and its own headline scores."""
+
+    name: str
+    true_fractions: np.ndarray
+    pred_fractions: np.ndarray
+    evaluated_pixels: int
+    pixel_accuracy: float
+    mean_iou: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "true_fractions": self.true_fractions,
+            "pred_fractions": self.pred_fractions,
+            "evaluated_pixels": self.evaluated_pixels,
+            "pixel_accuracy": self.pixel_accuracy,
+            "mean_iou": self.mean_iou,
+        }
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """Everything `thinseg evaluate` reports for one model on one dataset."""
+
+    model: str
+    class_table: ClassTable
+    void_border_px: float
+    confusion: np.ndarray
+    metrics: SegmentationMetrics
+    confusion_void_excluded: np.ndarray | None  # None when void_border_px == 0
+    metrics_void_excluded: SegmentationMetrics | None
+    void_border_pixels: int  # labelled pixels left out as void borders
+    sections: tuple[SectionResult, ...]
+    fraction_stats: FractionStats
+
+    @property
+    def section_names(self) -> list[str]:
+        return [s.name for s in self.sections]
+
+    @property
+    def true_fractions(self) -> np.ndarray:
+        """(S, N) truth fractions, one row per section."""
+        return np.array([s.true_fractions for s in self.sections]).reshape(len(self.sections), len(self.class_table))
+
+    @property
+    def pred_fractions(self) -> np.ndarray:
+        return np.array([s.pred_fractions for s in self.sections]).reshape(len(self.sections), len(self.class_table))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (NaN -> None): what `to_json` writes."""
+        return to_plain(
+            {
+                "model": self.model,
+                "classes": [{"label": k, "name": c.name, "color": c.color} for k, c in enumerate(self.class_table.classes, 1)],
+                "confusion_axes": "rows = truth label 0..N, columns = predicted label 0..N (0 = not classified)",
+                "void_border_px": self.void_border_px,
+                "void_border_pixels": self.void_border_pixels,
+                "confusion": self.confusion,
+                "metrics": self.metrics.to_dict(),
+                "confusion_void_excluded": self.confusion_void_excluded,
+                "metrics_void_excluded": None if self.metrics_void_excluded is None else self.metrics_void_excluded.to_dict(),
+                "fractions": self.fraction_stats.to_dict(),
+                "sections": [s.to_dict() for s in self.sections],
+            }
+        )
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def format_table(self) -> str:
+        return format_table(self)
+
+
+class Evaluator:
+    """Accumulates one model's predictions over a dataset, section by section.
+
+    Sections streamed tile by tile can be fed through `add_section_counts` with accumulators
+    built by the caller (the void-border mask must then be computed on the whole truth map, or
+    on tiles with a margin of `void_border_px`, so that borders at tile edges are right).
+    """
+
+    def __init__(self, class_table: ClassTable, void_border_px: float = 0, unlabelled_is_boundary: bool = False) -> None:
+        self.class_table = class_table
+        self.void_border_px = float(void_border_px)
+        self.unlabelled_is_boundary = unlabelled_is_boundary
+        n = len(class_table)
+        self._all = ConfusionAccumulator(n)
+        self._kept = ConfusionAccumulator(n) if self.void_border_px > 0 else None
+        self._sections: list[SectionResult] = []
+
+    def add_section(self, name: str, truth: np.ndarray, pred: np.ndarray, keep: np.ndarray | None = None) -> SectionResult:
+        """Score one section; `keep` overrides the void-border mask computed from `truth`."""
+        n = len(self.class_table)
+        counts = ConfusionAccumulator(n)
+        counts.update(truth, pred)
+        kept = None
+        if self._kept is not None:
+            if keep is None:
+                keep = void_border_mask(truth, self.void_border_px, self.unlabelled_is_boundary)
+            kept = ConfusionAccumulator(n)
+            kept.update(truth, pred, keep)
+        elif keep is not None:
+            raise ValueError("a keep mask was given but this Evaluator has void_border_px = 0")
+        return self.add_section_counts(name, counts, kept)
+
+    def add_section_counts(
+        self, name: str, counts: ConfusionAccumulator, kept_counts: ConfusionAccumulator | None = None
+    ) -> SectionResult:
+        """Add one section's counts (all labelled pixels, and void borders excluded)."""
+        if (kept_counts is None) != (self._kept is None):
+            raise ValueError("kept_counts must be given exactly when void_border_px > 0")
+        self._all.merge(counts)
+        if self._kept is not None and kept_counts is not None:
+            self._kept.merge(kept_counts)
+        cm = counts.matrix
+        true_f, pred_f = fractions_from_confusion(cm)
+        metrics = metrics_from_confusion(cm, self.class_table)
+        result = SectionResult(name, true_f, pred_f, metrics.evaluated_pixels, metrics.pixel_accuracy, metrics.mean_iou)
+        self._sections.append(result)
+        return result
+
+    def report(self, model: str = "") -> EvaluationReport:
+        n = len(self.class_table)
+        true_f = np.array([s.true_fractions for s in self._sections]).reshape(-1, n)
+        pred_f = np.array([s.pred_fractions for s in self._sections]).reshape(-1, n)
+        cm = self._all.matrix
+        kept_cm = self._kept.matrix if self._kept is not None else None
+        return EvaluationReport(
+            model=model,
+            class_table=self.class_table,
+            void_border_px=self.void_border_px,
+            confusion=cm,
+            metrics=metrics_from_confusion(cm, self.class_table),
+            confusion_void_excluded=kept_cm,
+            metrics_void_excluded=metrics_from_confusion(kept_cm, self.class_table) if kept_cm is not None else None,
+            void_border_pixels=self._kept.excluded_pixels if self._kept is not None else 0,
+            sections=tuple(self._sections),
+            fraction_stats=fraction_agreement(true_f, pred_f, self.class_table.names),
+        )
+
+
+# --- terminal tables -------------------------------------------------------------------------
+
+
+def _num(value: float, width: int, digits: int = 3) -> str:
+    return f"{'-':>{width}}" if not math.isfinite(value) else f"{value:{width}.{digits}f}"
+
+
+def format_table(report: EvaluationReport) -> str:
+    """Fixed-width table: per-class scores and fractions, then the dataset figures."""
+    m, mv, fs = report.metrics, report.metrics_void_excluded, report.fraction_stats
+    names = report.class_table.names
+    width = max(22, *(len(n) for n in names))
+    true_f, pred_f = fractions_from_confusion(report.confusion)
+    head = f"{'class':<{width}} {'IoU':>6} {'F1':>6} {'prec':>6} {'recall':>6}"
+    if mv is not None:
+        head += f" {'IoU-vb':>6} {'F1-vb':>6}"
+    head += f" {'truth%':>7} {'pred%':>7} {'R^2':>6} {'RMSE%':>6}"
+    title = f"model: {report.model or '-'}   sections: {len(report.sections)}   scored pixels: {m.evaluated_pixels:,}"
+    lines = [title, head, "-" * len(head)]
+    for i, name in enumerate(names):
+        row = f"{name:<{width}} {_num(m.iou[i], 6)} {_num(m.f1[i], 6)} {_num(m.precision[i], 6)} {_num(m.recall[i], 6)}"
+        if mv is not None:
+            row += f" {_num(mv.iou[i], 6)} {_num(mv.f1[i], 6)}"
+        row += f" {_num(100 * true_f[i], 7, 2)} {_num(100 * pred_f[i], 7, 2)} {_num(fs.r2[i], 6)} {_num(100 * fs.rmse[i], 6, 2)}"
+        lines.append(row)
+    lines.append("-" * len(head))
+    mean = f"{'mean (present classes)':<{width}} {_num(m.mean_iou, 6)} {_num(m.mean_f1, 6)} {'':>6} {'':>6}"
+    if mv is not None:
+        mean += f" {_num(mv.mean_iou, 6)} {_num(mv.mean_f1, 6)}"
+    lines.append(mean)
+    acc = f"pixel accuracy: {_num(100 * m.pixel_accuracy, 0, 2).strip()}%"
+    if mv is not None:
+        labelled = m.evaluated_pixels
+        share = 100 * report.void_border_pixels / labelled if labelled else float("nan")
+        acc += (
+            f"   with void borders of {report.void_border_px:g} px excluded: {_num(100 * mv.pixel_accuracy, 0, 2).strip()}%"
+            f" ({report.void_border_pixels:,} px = {_num(share, 0, 1).strip()}% left out)"
+        )
+    lines.append(acc)
+    lines.append(
+        f"fractions over {fs.n_sections} section(s): R^2 {_num(fs.r2_overall, 0).strip()}, RMSE {_num(100 * fs.rmse_overall, 0, 2).strip()} % points"
+    )
+    if m.unclassified_predictions:
+        share = 100 * m.unclassified_predictions / m.evaluated_pixels
+        lines.append(f"left unclassified by the model: {m.unclassified_predictions:,} px ({share:.2f}%), counted as errors")
+    legend = "IoU/F1/prec/recall over all labelled pixels"
+    if mv is not None:
+        legend += "; -vb: void borders excluded"
+    lines.append(legend + "; truth%/pred%: dataset fractions; R^2/RMSE: per-section fractions; '-' = undefined")
+    return "\n".join(lines)
+
+
+#: Rows of the comparison table: (label, getter, digits, higher is better).
+_SUMMARY_ROWS = (
+    ("mean IoU", lambda r: r.metrics.mean_iou, 3, True),
+    ("mean F1", lambda r: r.metrics.mean_f1, 3, True),
+    ("pixel accuracy %", lambda r: 100 * r.metrics.pixel_accuracy, 2, True),
+    ("mean IoU, void borders excl.", lambda r: r.metrics_void_excluded.mean_iou if r.metrics_void_excluded else math.nan, 3, True),
+    ("pixel acc. %, void borders excl.", lambda r: 100 * r.metrics_void_excluded.pixel_accuracy if r.metrics_void_excluded else math.nan, 2, True),
+    ("fractions R^2 overall", lambda r: r.fraction_stats.r2_overall, 3, True),
+    ("fractions RMSE % points", lambda r: 100 * r.fraction_stats.rmse_overall, 2, False),
+)
+
+
+def format_comparison_table(reports: Mapping[str, EvaluationReport]) -> str:
+    """Models side by side (columns); the best value of each row is starred."""
+    models = list(reports)
+    if not models:
+        return ""
+    names = next(iter(reports.values())).class_table.names
+    width = max(36, *(len(n) + 3 for n in names))
+    col = max(9, *(min(len(m), 18) + 1 for m in models))
+
+    def row(label: str, values: Sequence[float], digits: int, higher_better: bool) -> str:
+        finite = [v for v in values if math.isfinite(v)]
+        best = (max(finite) if higher_better else min(finite)) if len(finite) > 1 else None
+        cells = []
+        for v in values:
+            text = _num(v, col - 1, digits).strip() + ("*" if best is not None and v == best else " ")
+            cells.append(f"{text:>{col}}")
+        return f"{label:<{width}}" + "".join(cells)
+
+    header = f"{'':<{width}}" + "".join(f"{m[:18]:>{col - 1}} " for m in models)
+    lines = [header]
+    for metric, getter in (("IoU", lambda r, i: r.metrics.iou[i]), ("F1", lambda r, i: r.metrics.f1[i])):
+        lines.append(f"{metric} per class")
+        for i, name in enumerate(names):
+            lines.append(row(f"  {name}", [getter(reports[m], i) for m in models], 3, True))
+    lines.append("fraction R^2 per class")
+    for i, name in enumerate(names):
+        lines.append(row(f"  {name}", [reports[m].fraction_stats.r2[i] for m in models], 3, True))
+    lines.append("dataset")
+    for label, getter, digits, higher in _SUMMARY_ROWS:
+        lines.append(row(f"  {label}", [getter(reports[m]) for m in models], digits, higher))
+    lines.append("* best of the models; '-' = undefined")
+    return "\n".join(lines)
+
+
+def comparison_dict(reports: Mapping[str, EvaluationReport]) -> dict[str, Any]:
+    """JSON-ready comparison: each model's full report, keyed by model name, in order."""
+    return {"models": [dict(name=name, **{k: v for k, v in r.to_dict().items() if k != "model"}) for name, r in reports.items()]}
