@@ -1,0 +1,345 @@
+"""GeoSlicer netCDF layout: our files read back exactly (also by plain xarray, checking every
+convention GeoSlicer relies on), GeoSlicer-style xarray files read here, streaming writes,
+name sanitising, and all-or-nothing output files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import netCDF4
+import numpy as np
+import pytest
+import tifffile
+import xarray as xr
+
+from thinseg.classes import ClassTable, default_class_table
+from thinseg.errors import ThinSegError
+from thinseg.io.atomic import atomic_output, ensure_writable_dir, free_output_path
+from thinseg.io.images import open_image
+from thinseg.io.netcdf import (
+    NetcdfWriter,
+    find_image_variable,
+    list_variables,
+    open_netcdf_image,
+    read_labelmap,
+    sanitize_name,
+)
+
+SPACING = 0.00132
+ORIGIN = (1.5, -2.0, 0.25)  # RAS
+
+
+@pytest.fixture(scope="module")
+def section() -> tuple[np.ndarray, np.ndarray, ClassTable]:
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    table = default_class_table()
+    labels = rng.integers(0, len(table) + 1, (70, 90), dtype=np.uint8)
+    return image, labels, table
+
+
+def _write_section(path: Path, image: np.ndarray, labels: np.ndarray, table: ClassTable) -> tuple[str, str]:
+    with NetcdfWriter(path, attrs={"thinseg_version": "0.1.0"}) as writer:
+        pp = writer.add_rgb_image("S1_PP", image, SPACING, ORIGIN)
+        seg = writer.add_labelmap("S1_Segmentation", labels, table, SPACING, ORIGIN, reference=pp)
+    return pp, seg
+
+
+def _expected_transform(spacing: float = SPACING, origin=ORIGIN) -> list[float]:
+    ox, oy, oz = origin
+    return [-spacing, 0, 0, ox, 0, -spacing, 0, oy, 0, 0, spacing, oz, 0, 0, 0, 1]
+
+
+# ------------------------------------------------------------------------------ round trips
+
+
+def test_round_trip_rgb_and_labelmap_exact(tmp_path, section):
+    image, labels, table = section
+    path = tmp_path / "s1.nc"
+    pp, seg = _write_section(path, image, labels, table)
+    assert (pp, seg) == ("S1_PP", "S1_Segmentation")
+
+    infos = {v.name: v for v in list_variables(path)}
+    assert set(infos) == {"S1_PP", "S1_Segmentation"}
+    assert infos["S1_PP"].kind == "rgb" and infos["S1_Segmentation"].kind == "labelmap"
+    assert infos["S1_PP"].shape == (1, 70, 90, 3)
+
+    source = open_netcdf_image(path, pp)
+    assert source.shape == (70, 90) and source.name == "S1_PP"
+    assert source.mm_per_pixel == pytest.approx(SPACING)
+    assert source.origin_mm == pytest.approx(ORIGIN)
+    np.testing.assert_array_equal(source.read(0, 70), image)
+    np.testing.assert_array_equal(source.read(11, 40, 7, 66), image[11:40, 7:66])
+    source.close()
+
+    read, read_table, spacing, origin = read_labelmap(path, seg)
+    assert read.dtype == np.uint8
+    np.testing.assert_array_equal(read, labels)
+    assert read_table == table
+    assert spacing == pytest.approx(SPACING) and origin == pytest.approx(ORIGIN)
+
+
+def test_plain_xarray_sees_geoslicer_layout(tmp_path, section):
+    image, labels, table = section
+    path = tmp_path / "s1.nc"
+    pp, seg = _write_section(path, image, labels, table)
+    with xr.open_dataset(path) as ds:
+        assert ds.attrs["thinseg_version"] == "0.1.0"
+        img = ds[pp]
+        assert img.dims == ("z_S1_PP", "y_S1_PP", "x_S1_PP", "c")
+        assert img.dtype == np.uint8 and img.shape == (1, 70, 90, 3)
+        assert list(ds["c"].values) == ["r", "g", "b"]
+        np.testing.assert_array_equal(img.values[0], image)
+        # x and y coordinates are the negated RAS origin plus spacing * index; z is not negated
+        np.testing.assert_allclose(ds["x_S1_PP"].values, -ORIGIN[0] + SPACING * np.arange(90))
+        np.testing.assert_allclose(ds["y_S1_PP"].values, -ORIGIN[1] + SPACING * np.arange(70))
+        np.testing.assert_allclose(ds["z_S1_PP"].values, [ORIGIN[2]])
+        assert ds["x_S1_PP"].dtype == np.float64
+        transform = img.attrs["transform"]
+        assert len(transform) == 16
+        np.testing.assert_allclose(transform, _expected_transform())
+        assert "type" not in img.attrs
+
+        lab = ds[seg]
+        assert lab.dims == ("z_S1_Segmentation", "y_S1_Segmentation", "x_S1_Segmentation")
+        assert lab.dtype == np.uint8
+        np.testing.assert_array_equal(lab.values[0], labels)
+        assert lab.attrs["type"] == "labelmap"
+        assert isinstance(lab.attrs["labels"], list)
+        assert lab.attrs["labels"] == ["Name,Index,Color"] + [f"{c.name},{k},{c.color}" for k, c in enumerate(table.classes, 1)]
+        assert lab.attrs["reference"] == pp
+        np.testing.assert_allclose(lab.attrs["transform"], _expected_transform())
+    # GeoSlicer's importer: spacing = coordinate step, origin = (-x0, -y0, z0), directions diag(-1,-1,1)
+    with xr.open_dataset(path) as ds:
+        x, y, z = ds["x_S1_PP"].values, ds["y_S1_PP"].values, ds["z_S1_PP"].values
+        matrix = np.asarray(ds[pp].attrs["transform"]).reshape(4, 4)
+        assert np.allclose(matrix[:3, 3], [-x[0], -y[0], z[0]])
+        assert np.allclose(np.diag(matrix)[:2], [-(x[1] - x[0]), -(y[1] - y[0])])
+
+
+def test_labels_are_compressed_and_large_images_chunked(tmp_path, section):
+    image, labels, table = section
+    path = tmp_path / "s1.nc"
+    with NetcdfWriter(path) as writer:
+        pp = writer.add_rgb_image("big_PP", np.zeros((1100, 1300, 3), np.uint8), SPACING)
+        seg = writer.add_labelmap("seg", labels, table, SPACING)
+    with netCDF4.Dataset(path) as ds:
+        assert ds.data_model == "NETCDF4"
+        assert ds[seg].filters()["zlib"] is True
+        assert ds[pp].chunking() == [1, 512, 512, 3]
+        assert ds[seg].chunking() == [1, 70, 90]
+
+
+def test_streaming_write_from_tiff_source(tmp_path):
+    rng = np.random.default_rng(5)
+    big = rng.integers(0, 256, (3000, 2000, 3), dtype=np.uint8)
+    tif = tmp_path / "big_PP.tif"
+    tifffile.imwrite(tif, big, tile=(256, 256), photometric="rgb")
+    path = tmp_path / "big.nc"
+    source = open_image(tif)
+    with NetcdfWriter(path) as writer:
+        name = writer.add_rgb_image(source.name, source, 0.002, band_rows=512)
+    source.close()
+    reader = open_netcdf_image(path, name)
+    for y0 in (0, 1000, 2488):
+        np.testing.assert_array_equal(reader.read(y0, y0 + 512), big[y0 : y0 + 512])
+    np.testing.assert_array_equal(reader.read(2999, 3000, 1999, 2000), big[2999:, 1999:])
+    reader.close()
+
+
+def test_scalar_image_and_copy_variable(tmp_path, section):
+    image, labels, table = section
+    first = tmp_path / "first.nc"
+    pp, seg = _write_section(first, image, labels, table)
+    second = tmp_path / "second.nc"
+    confidence = (labels * 30).astype(np.uint8)
+    with NetcdfWriter(second) as writer:
+        copied = [writer.copy_variable(first, pp), writer.copy_variable(first, seg)]
+        conf = writer.add_scalar_image("S1_Confidence", confidence, SPACING, ORIGIN, attrs={"reference": copied[0]})
+        again = writer.copy_variable(first, pp)
+    assert copied == [pp, seg] and again == "S1_PP_1"
+    kinds = {v.name: v.kind for v in list_variables(second)}
+    assert kinds == {"S1_PP": "rgb", "S1_Segmentation": "labelmap", "S1_Confidence": "scalar", "S1_PP_1": "rgb"}
+    with xr.open_dataset(first) as a, xr.open_dataset(second) as b:
+        for name in (pp, seg):
+            np.testing.assert_array_equal(a[name].values, b[name].values)
+            assert a[name].attrs.keys() == b[name].attrs.keys()
+            assert a[name].attrs["transform"] == pytest.approx(b[name].attrs["transform"])
+            for axis in "zyx":
+                np.testing.assert_array_equal(a[f"{axis}_{name}"].values, b[f"{axis}_{name}"].values)
+        assert b[seg].attrs["labels"] == a[seg].attrs["labels"]
+        np.testing.assert_array_equal(b["S1_Confidence"].values[0], confidence)
+    with netCDF4.Dataset(second) as ds:
+        assert ds[seg].filters()["zlib"] is True
+
+
+# ------------------------------------------------------------------------------ GeoSlicer's own files
+
+
+def _geoslicer_style_export(path: Path, image: np.ndarray, labels: np.ndarray, table: ClassTable, shared: bool) -> None:
+    """What GeoSlicer's exporter writes with xarray (per-image coordinates, or one shared grid)."""
+    spacing, (ox, oy, oz) = 0.01, (2.0, 3.0, 0.5)
+    transform = np.array(_expected_transform(spacing, (ox, oy, oz)), dtype=float).tolist()
+    names = {"img": "Well_3200_PX", "seg": "Well_3200_Minerals"}
+    coords: dict[str, object] = {"c": ["r", "g", "b"]}
+    arrays = {}
+    for key, data in (("img", image[None]), ("seg", labels[None])):
+        name = names[key]
+        dims = list("zyx") if shared else [f"{a}_{name}" for a in "zyx"]
+        attrs = {} if key == "img" else {"type": "labelmap", "labels": table.geoslicer_labels(), "reference": names["img"]}
+        if not shared:
+            attrs["transform"] = transform
+        arrays[name] = xr.DataArray(data, dims=dims + (["c"] if data.ndim == 4 else []), attrs=attrs)
+        for axis, start, n in zip(dims, (oz, -oy, -ox), data.shape[:3]):
+            coords[axis] = np.linspace(start, start + spacing * (n - 1), n)
+    dataset = xr.Dataset(arrays, coords=coords)
+    dataset.attrs["geoslicer_version"] = "2.5.0"
+    encoding = {name: {"zlib": False, "chunksizes": None} for name in arrays}
+    dataset.to_netcdf(path, encoding=encoding, format="NETCDF4")
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-image-coords", "same-coordinate-system"])
+def test_reads_geoslicer_xarray_files(tmp_path, section, shared):
+    image, labels, table = section
+    path = tmp_path / "geoslicer.nc"
+    _geoslicer_style_export(path, image, labels, table, shared)
+    assert find_image_variable(path, "px") == "Well_3200_PX"
+    assert find_image_variable(path, "PP") is None
+    source = open_netcdf_image(path, "Well_3200_PX")
+    assert source.mm_per_pixel == pytest.approx(0.01)
+    assert source.origin_mm == pytest.approx((2.0, 3.0, 0.5))
+    np.testing.assert_array_equal(source.read(5, 60, 3, 80), image[5:60, 3:80])
+    source.close()
+    read, read_table, spacing, origin = read_labelmap(path, "Well_3200_Minerals")
+    np.testing.assert_array_equal(read, labels)
+    assert read_table == table and spacing == pytest.approx(0.01) and origin == pytest.approx((2.0, 3.0, 0.5))
+
+
+def test_find_image_variable_without_rgb(tmp_path, section):
+    _, labels, table = section
+    path = tmp_path / "labels_only.nc"
+    with NetcdfWriter(path) as writer:
+        writer.add_labelmap("S1_PP_labels", labels, table, SPACING)
+    assert find_image_variable(path, "PP") is None
+    with pytest.raises(ThinSegError, match="not an RGB image"):
+        open_netcdf_image(path, "S1_PP_labels")
+    with pytest.raises(ThinSegError, match="has no variable 'nope'"):
+        open_netcdf_image(path, "nope")
+
+
+def test_find_image_variable_prefers_the_affix_as_a_token(tmp_path, section):
+    image, _, _ = section
+    path = tmp_path / "two.nc"
+    with NetcdfWriter(path) as writer:
+        writer.add_rgb_image("APPLE_c1", image, SPACING)
+        writer.add_rgb_image("s1_pp", image, SPACING)
+        writer.add_rgb_image("s1_XP", image, SPACING)
+    assert find_image_variable(path, "PP") == "s1_pp"
+    assert find_image_variable(path, "xp") == "s1_XP"
+    assert find_image_variable(path, "c1") == "APPLE_c1"
+
+
+# ------------------------------------------------------------------------------ names
+
+
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("S1_PP", "S1_PP"),
+        ("a/b", "a\u2215b"),
+        ("a__b___c", "a_b_c"),
+        ("-x", "_-x"),
+        (" x", "_ x"),
+        ("_x", "_x"),
+        ("\u2215x", "_\u2215x"),
+        ("/x", "_\u2215x"),
+        ("a\tb\nc\x00", "abc"),
+        ("", "_"),
+        ("3200m", "3200m"),
+        ("Amostra ç", "Amostra ç"),
+    ],
+)
+def test_sanitize_name(raw, clean):
+    assert sanitize_name(raw) == clean
+
+
+def test_duplicate_and_colliding_names_are_numbered(tmp_path, section):
+    image, labels, table = section
+    path = tmp_path / "names.nc"
+    with NetcdfWriter(path) as writer:
+        names = [writer.add_rgb_image("a//b", image, SPACING) for _ in range(3)]
+        names.append(writer.add_labelmap("x_img", labels, table, SPACING))
+        names.append(writer.add_labelmap("img", labels, table, SPACING))  # its x_img dim is taken
+        names.append(writer.add_labelmap("c", labels, table, SPACING))
+    assert names == ["a\u2215\u2215b", "a\u2215\u2215b_1", "a\u2215\u2215b_2", "x_img", "img_1", "c_1"]
+    with xr.open_dataset(path) as ds:
+        assert set(ds.data_vars) == set(names)
+
+
+# ------------------------------------------------------------------------------ errors and atomicity
+
+
+def test_unreadable_netcdf_files(tmp_path, section):
+    image, labels, table = section
+    good = tmp_path / "good.nc"
+    _write_section(good, image, labels, table)
+    truncated = tmp_path / "truncated.nc"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "text.nc"
+    text.write_text("hello")
+    for path in (truncated, text):
+        with pytest.raises(ThinSegError) as info:
+            list_variables(path)
+        assert info.value.path == path and str(path) in str(info.value)
+        assert "not a readable netCDF file" in info.value.problem
+        with pytest.raises(ThinSegError):
+            open_netcdf_image(path, "S1_PP")
+    with pytest.raises(ThinSegError, match="file not found"):
+        find_image_variable(tmp_path / "missing.nc", "PP")
+
+
+def test_writer_leaves_nothing_on_error(tmp_path, section):
+    image, labels, table = section
+    path = tmp_path / "out.nc"
+    with pytest.raises(ValueError):
+        with NetcdfWriter(path) as writer:
+            writer.add_rgb_image("S1_PP", image, SPACING)
+            writer.add_labelmap("seg", labels + len(table), table, SPACING)  # values without a class
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_replaces_only_on_success(tmp_path):
+    target = tmp_path / "result.csv"
+    target.write_text("old")
+    for exception in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(exception)):
+            with atomic_output(target) as tmp:
+                assert tmp.parent == tmp_path and tmp.name.startswith(".result.csv.") and tmp.name.endswith(".partial")
+                tmp.write_text("half")
+                raise exception
+        assert target.read_text() == "old"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["result.csv"]
+    with atomic_output(target) as tmp:
+        tmp.write_text("new")
+        assert target.read_text() == "old"
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.csv"]
+
+
+def test_free_output_path_numbering(tmp_path):
+    target = tmp_path / "S1.nc"
+    assert free_output_path(target) == target
+    target.write_bytes(b"")
+    assert free_output_path(target) == tmp_path / "S1_1.nc"
+    (tmp_path / "S1_1.nc").write_bytes(b"")
+    (tmp_path / "S1_3.nc").write_bytes(b"")
+    assert free_output_path(target) == tmp_path / "S1_2.nc"
+
+
+def test_ensure_writable_dir(tmp_path):
+    made = ensure_writable_dir(tmp_path / "a" / "b")
+    assert made.is_dir() and list(made.iterdir()) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ThinSegError, match="cannot write here"):
+        ensure_writable_dir(blocker)

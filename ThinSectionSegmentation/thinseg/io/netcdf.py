@@ -1,0 +1,718 @@
+"""GeoSlicer-layout netCDF files: streaming writer and lazy reader.
+
+The layout is GeoSlicer's own export (see shared/specs/geoslicer-netcdf.md), so results open in
+GeoSlicer exactly like its own files, and GeoSlicer exports open here:
+- one variable per image/labelmap, array order (z, y, x) or (z, y, x, c), z of length 1;
+- per-variable dimensions `z_<var>`, `y_<var>`, `x_<var>` with float64 coordinate variables in
+  mm (`_FillValue` NaN, as xarray writes them); x and y coordinates are the NEGATED RAS
+  positions (GeoSlicer's IJK-to-RAS directions are diag(-1, -1, 1)), z is not;
+- one shared `c` dimension with string coordinates ["r", "g", "b"] for RGB (uint8) variables;
+- attribute `transform`: the 4x4 IJK-to-RAS matrix, row-major, 16 floats;
+- labelmaps: `type="labelmap"`, `labels` = list of "name,index,#rrggbb" after a header, and
+  `reference` = the source image's variable name.
+
+The writer uses netCDF4 directly (not xarray) so that a 20k x 30k RGB image is copied band by
+band from a `RasterSource` instead of being held in memory; the file it produces is the one
+xarray would write for the same dataset (checked by the tests with `xr.open_dataset`). Large
+arrays are chunked (1, 512, 512[, 3]) so readers can stream tiles; label data is
+zlib-compressed (it shrinks ~50x). Every file is written to a temporary name and renamed when
+complete.
+
+All netCDF4/HDF5 calls hold one process-wide lock: HDF5 is usually built without thread
+safety, and the inference engine reads the next band in a background thread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import unicodedata
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from thinseg.classes import ClassTable
+from thinseg.errors import ThinSegError
+from thinseg.io.atomic import AtomicOutput
+from thinseg.io.images import ArraySource, RasterSource, check_region
+
+#: Guards every netCDF4 call (HDF5 is not thread-safe); re-entrant for nested use.
+NC_LOCK = threading.RLock()
+
+RGB_COORDS = ("r", "g", "b")
+COLOR_DIM = "c"
+TABLE_DIM_PREFIX = "table__"
+#: Tile edge of chunked arrays; writers stream bands of this many rows.
+CHUNK = 512
+#: Arrays at least this large are chunked even when not compressed.
+CHUNK_MIN_BYTES = 4 * 2**20
+#: zlib level for label data (xarray's default for `zlib=True` is also 4).
+ZLIB_LEVEL = 4
+#: Rows per band when copying, chosen so that one band stays under this many bytes.
+COPY_BAND_BYTES = 64 * 2**20
+
+VariableKind = str  # "rgb" | "vector" | "labelmap" | "segmentation" | "scalar" | "table" | "other"
+
+
+# ---------------------------------------------------------------------------------------------
+# names and geometry
+
+
+def sanitize_name(name: str) -> str:
+    """GeoSlicer's variable-name rules: no control characters, "/" -> U+2215, runs of "_" become
+    one ("__" is reserved for tables), "_" prefixed unless the name starts with a letter, digit
+    or "_". Also NFC-normalised and right-stripped, as netCDF stores names that way."""
+    text = "".join(ch for ch in str(name) if unicodedata.category(ch) != "Cc")
+    text = unicodedata.normalize("NFC", text).replace("/", "\u2215")
+    text = re.sub(r"_+", "_", text).rstrip()
+    if not text or not (text[0].isalnum() or text[0] == "_"):
+        text = "_" + text
+    return text
+
+
+def ijk_to_ras(mm_per_pixel: float, origin_mm: Sequence[float], z_spacing: float | None = None) -> np.ndarray:
+    """GeoSlicer's IJK-to-RAS for an image: directions diag(-1, -1, 1), isotropic spacing."""
+    s = float(mm_per_pixel)
+    sz = s if z_spacing is None else float(z_spacing)
+    ox, oy, oz = (float(v) for v in origin_mm)
+    return np.array([[-s, 0, 0, ox], [0, -s, 0, oy], [0, 0, sz, oz], [0, 0, 0, 1]], dtype=np.float64)
+
+
+def grid_coordinates(shape_zyx: Sequence[int], mm_per_pixel: float, origin_mm: Sequence[float]) -> list[np.ndarray]:
+    """The z, y, x coordinate values GeoSlicer stores: linspace from (oz, -oy, -ox)."""
+    s = float(mm_per_pixel)
+    ox, oy, oz = (float(v) for v in origin_mm)
+    starts = (oz, -oy, -ox)
+    return [np.linspace(start, start + s * (n - 1), n) for start, n in zip(starts, shape_zyx)]
+
+
+def _check_spacing(mm_per_pixel: float) -> float:
+    value = float(mm_per_pixel)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"mm_per_pixel must be a positive number, got {mm_per_pixel!r}")
+    return value
+
+
+def _check_origin(origin_mm: Sequence[float]) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in origin_mm)
+    if len(values) != 3 or not all(np.isfinite(values)):
+        raise ValueError(f"origin_mm must be three finite numbers (R, A, S), got {origin_mm!r}")
+    return values  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# writer
+
+
+def _set_attr(obj: Any, key: str, value: Any) -> None:
+    """Write an attribute the way xarray does: lists of strings as NC_STRING arrays.
+
+    None is skipped (netCDF has no null), so optional metadata never aborts a finished run."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        obj.setncattr(key, value)
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        obj.setncattr_string(key, list(value))
+    elif isinstance(value, (bool, np.bool_)):
+        obj.setncattr(key, np.int8(value))
+    elif isinstance(value, (int, float, np.integer, np.floating)):
+        obj.setncattr(key, value)
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        array = np.asarray(value)
+        if array.dtype.kind not in "iuf":
+            raise TypeError(f"attribute {key!r}: unsupported value {value!r}")
+        obj.setncattr(key, array)
+    else:
+        raise TypeError(f"attribute {key!r}: unsupported value type {type(value).__name__}")
+
+
+def _chunks(shape: Sequence[int], itemsize: int, force: bool) -> tuple[int, ...] | None:
+    """(1, 512, 512[, c]) tiles for large or compressed arrays, None (contiguous) otherwise."""
+    nbytes = int(np.prod(shape)) * itemsize
+    if not force and nbytes < CHUNK_MIN_BYTES:
+        return None
+    tile = [1, min(CHUNK, shape[1]), min(CHUNK, shape[2])] + list(shape[3:])
+    # netCDF/HDF5 chunk dimensions must be >= 1 even for empty axes
+    return tuple(max(1, int(v)) for v in tile)
+
+
+class NetcdfWriter:
+    """Writes one GeoSlicer-layout netCDF file; use as a context manager.
+
+    The file is built under a hidden temporary name next to `path` and renamed onto `path` by
+    `close()`; on an exception inside the `with` block (or `abort()`), it is removed and `path`
+    is left untouched. Each `add_*` returns the sanitised, de-duplicated variable name.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], attrs: Mapping[str, Any] | None = None) -> None:
+        import netCDF4
+
+        self.path = Path(path)
+        self._output = AtomicOutput(self.path)
+        try:
+            with NC_LOCK:
+                self._ds = netCDF4.Dataset(self._output.tmp, "w", format="NETCDF4")
+                self._ds.set_fill_off()  # every value is written; pre-filling would double the I/O
+        except OSError as error:
+            self._output.discard()
+            raise ThinSegError(f"cannot create the netCDF file: {error.strerror or error}", self.path) from None
+        try:
+            for key, value in (attrs or {}).items():
+                with NC_LOCK:
+                    _set_attr(self._ds, key, value)
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> "NetcdfWriter":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def close(self) -> Path:
+        """Finish the file and move it to `path`."""
+        if self._ds is not None:
+            try:
+                with NC_LOCK:
+                    self._ds.close()
+            except BaseException:
+                self._ds = None
+                self._output.discard()
+                raise
+            self._ds = None
+        return self._output.commit()
+
+    def abort(self) -> None:
+        """Drop the partial file; `path` is left as it was."""
+        if self._ds is not None:
+            try:
+                with NC_LOCK:
+                    self._ds.close()
+            except Exception:
+                pass
+            self._ds = None
+        self._output.discard()
+
+    @property
+    def _dataset(self) -> Any:
+        if self._ds is None:
+            raise ValueError(f"NetcdfWriter for {self.path} is closed")
+        return self._ds
+
+    # -- names and grids --------------------------------------------------------------------
+
+    def _taken(self, name: str) -> bool:
+        ds = self._dataset
+        names = set(ds.variables) | set(ds.dimensions)
+        return name in names or name == COLOR_DIM or any(f"{a}_{name}" in names for a in "zyx")
+
+    def unique_name(self, name: str) -> str:
+        """Sanitised `name`, with `_1`, `_2`, ... appended if it (or its z/y/x dims) is taken."""
+        base = sanitize_name(name)
+        candidate, n = base, 1
+        while self._taken(candidate):
+            candidate = f"{base}{n}" if base.endswith("_") else f"{base}_{n}"
+            n += 1
+        return candidate
+
+    def _add_grid(
+        self,
+        var: str,
+        values_zyx: Sequence[np.ndarray],
+        dtypes: Sequence[Any] = ("f8", "f8", "f8"),
+        attrs: Sequence[Mapping[str, Any]] = ({}, {}, {}),
+    ) -> tuple[str, ...]:
+        """Dimensions `z_<var>`, `y_<var>`, `x_<var>` and their coordinate variables (float64
+        with `_FillValue` NaN, as xarray writes them)."""
+        ds = self._dataset
+        dims = tuple(f"{a}_{var}" for a in "zyx")
+        for dim, values, dtype, coord_attrs in zip(dims, values_zyx, dtypes, attrs):
+            dtype = np.dtype(dtype)
+            ds.createDimension(dim, len(values))
+            coord = ds.createVariable(dim, dtype, (dim,), fill_value=np.nan if dtype.kind == "f" else None)
+            for key, value in coord_attrs.items():
+                _set_attr(coord, key, value)
+            coord[:] = np.asarray(values, dtype=dtype)
+        return dims
+
+    def _ensure_color_dim(self, size: int = 3) -> None:
+        ds = self._dataset
+        if COLOR_DIM in ds.dimensions:
+            if len(ds.dimensions[COLOR_DIM]) != size:
+                raise ValueError(f"the shared '{COLOR_DIM}' dimension has {len(ds.dimensions[COLOR_DIM])} entries, not {size}")
+            return
+        ds.createDimension(COLOR_DIM, size)
+        coord = ds.createVariable(COLOR_DIM, str, (COLOR_DIM,))
+        coord[:] = np.array(RGB_COORDS, dtype=object)
+
+    def _create(
+        self,
+        var: str,
+        dtype: Any,
+        dims: Sequence[str],
+        shape: Sequence[int],
+        compress: bool,
+        attrs: Mapping[str, Any],
+        fill_value: Any = None,
+    ) -> Any:
+        chunks = _chunks(shape, np.dtype(dtype).itemsize, force=compress)
+        kwargs: dict[str, Any] = {}
+        if chunks is not None:
+            kwargs["chunksizes"] = chunks
+        if compress:
+            kwargs.update(zlib=True, complevel=ZLIB_LEVEL, shuffle=True)
+        if fill_value is not None:
+            kwargs["fill_value"] = fill_value
+        variable = self._dataset.createVariable(var, dtype, tuple(dims), **kwargs)
+        for key, value in attrs.items():
+            _set_attr(variable, key, value)
+        return variable
+
+    @staticmethod
+    def _merge_attrs(fixed: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+        out = dict(fixed)
+        for key, value in (extra or {}).items():
+            if key in fixed:
+                raise ValueError(f"attribute {key!r} is set by the writer and cannot be overridden")
+            out[key] = value
+        return out
+
+    # -- adding variables ---------------------------------------------------------------------
+
+    def add_rgb_image(
+        self,
+        name: str,
+        source: RasterSource | np.ndarray,
+        mm_per_pixel: float,
+        origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
+        band_rows: int = CHUNK,
+        attrs: Mapping[str, Any] | None = None,
+        compress: bool = False,
+    ) -> str:
+        """An RGB image (uint8, (1, H, W, 3)), copied from `source` band by band."""
+        if isinstance(source, np.ndarray):
+            source = ArraySource(source, name=name)
+        spacing, origin = _check_spacing(mm_per_pixel), _check_origin(origin_mm)
+        height, width = (int(v) for v in source.shape)
+        with NC_LOCK:
+            var = self.unique_name(name)
+            dims = self._add_grid(var, grid_coordinates((1, height, width), spacing, origin))
+            self._ensure_color_dim()
+            fixed = {"transform": ijk_to_ras(spacing, origin).ravel().tolist()}
+            variable = self._create(var, "u1", dims + (COLOR_DIM,), (1, height, width, 3), compress, self._merge_attrs(fixed, attrs))
+        for y0 in range(0, height, max(1, int(band_rows))):
+            y1 = min(height, y0 + max(1, int(band_rows)))
+            band = np.asarray(source.read(y0, y1, 0, width))
+            if band.shape != (y1 - y0, width, 3) or band.dtype != np.uint8:
+                raise ValueError(f"source returned {band.dtype} {band.shape} for rows {y0}:{y1}, expected uint8 ({y1 - y0}, {width}, 3)")
+            with NC_LOCK:
+                variable[0, y0:y1, :, :] = band
+        return var
+
+    def add_labelmap(
+        self,
+        name: str,
+        labels: np.ndarray,
+        table: ClassTable,
+        mm_per_pixel: float,
+        origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
+        reference: str | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        band_rows: int = CHUNK,
+    ) -> str:
+        """A labelmap (uint8 (1, H, W), zlib): value k = k-th class of `table`, 0 = none.
+
+        `reference` names the source image variable (GeoSlicer uses it as reference geometry).
+        """
+        array = _as_2d(labels, "labels")
+        if array.dtype.kind not in "iub":
+            raise ValueError(f"labels must be integers, got {array.dtype}")
+        spacing, origin = _check_spacing(mm_per_pixel), _check_origin(origin_mm)
+        height, width = array.shape
+        fixed: dict[str, Any] = {"type": "labelmap", "labels": table.geoslicer_labels()}
+        if reference is not None:
+            fixed["reference"] = reference
+        fixed["transform"] = ijk_to_ras(spacing, origin).ravel().tolist()
+        with NC_LOCK:
+            var = self.unique_name(name)
+            dims = self._add_grid(var, grid_coordinates((1, height, width), spacing, origin))
+            variable = self._create(var, "u1", dims, (1, height, width), True, self._merge_attrs(fixed, attrs))
+        for y0 in range(0, height, max(1, int(band_rows))):
+            y1 = min(height, y0 + max(1, int(band_rows)))
+            band = _label_band(array[y0:y1], len(table))
+            with NC_LOCK:
+                variable[0, y0:y1, :] = band
+        return var
+
+    def add_scalar_image(
+        self,
+        name: str,
+        array: np.ndarray,
+        mm_per_pixel: float,
+        origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
+        attrs: Mapping[str, Any] | None = None,
+        compress: bool = True,
+        band_rows: int = CHUNK,
+    ) -> str:
+        """A single-channel image ((1, H, W), any numeric dtype), e.g. a confidence map."""
+        data = _as_2d(array, "array")
+        if data.dtype == np.bool_:
+            data = data.view(np.uint8)
+        if data.dtype.kind not in "iuf":
+            raise ValueError(f"scalar images must be numeric, got {data.dtype}")
+        spacing, origin = _check_spacing(mm_per_pixel), _check_origin(origin_mm)
+        height, width = data.shape
+        fixed = {"transform": ijk_to_ras(spacing, origin).ravel().tolist()}
+        with NC_LOCK:
+            var = self.unique_name(name)
+            dims = self._add_grid(var, grid_coordinates((1, height, width), spacing, origin))
+            variable = self._create(var, data.dtype, dims, (1, height, width), compress, self._merge_attrs(fixed, attrs))
+        for y0 in range(0, height, max(1, int(band_rows))):
+            y1 = min(height, y0 + max(1, int(band_rows)))
+            with NC_LOCK:
+                variable[0, y0:y1, :] = np.ascontiguousarray(data[y0:y1])
+        return var
+
+    def copy_variable(self, src_path: str | os.PathLike[str], var_name: str, name: str | None = None) -> str:
+        """Copy an image/labelmap/segmentation from another GeoSlicer netCDF file, streaming.
+
+        Data, dtype, coordinate values and attributes are kept unchanged; the dimensions are
+        renamed after the (sanitised, de-duplicated) new name, which also turns a
+        "same coordinate system" variable (shared z/y/x) into the per-image layout.
+        """
+        src_path = Path(src_path)
+        with NC_LOCK, _open_dataset(src_path) as src:
+            source = _data_variable(src, var_name, src_path)
+            dims, shape = source.dimensions, tuple(int(v) for v in source.shape)
+            if len(shape) not in (3, 4) or (len(shape) == 4 and dims[3] != COLOR_DIM):
+                raise ThinSegError(f"variable '{var_name}' (dimensions {dims}) is not an image, labelmap or segmentation", src_path)
+            if source.dtype == str or np.dtype(source.dtype).kind not in "iufb":
+                raise ThinSegError(f"variable '{var_name}' has non-numeric data ({source.dtype})", src_path)
+            attrs = {key: source.getncattr(key) for key in source.ncattrs() if key != "_FillValue"}
+            fill = source.getncattr("_FillValue") if "_FillValue" in source.ncattrs() else None
+            compress = bool((source.filters() or {}).get("zlib")) or "labels" in attrs
+            values, dtypes, coord_attrs = _source_grid(src, source)
+            var = self.unique_name(name or var_name)
+            out_dims = self._add_grid(var, values, dtypes, coord_attrs)
+            if len(shape) == 4:
+                if shape[3] != 3:
+                    raise ThinSegError(f"variable '{var_name}' has {shape[3]} colour channels; only RGB (3) can be copied", src_path)
+                self._ensure_color_dim()
+                out_dims = out_dims + (COLOR_DIM,)
+            target = self._create(var, source.dtype, out_dims, shape, compress, attrs, fill_value=fill)
+            row_bytes = int(np.prod(shape[2:])) * np.dtype(source.dtype).itemsize
+            rows = max(1, min(shape[1], COPY_BAND_BYTES // max(1, row_bytes)))
+            for z in range(shape[0]):
+                for y0 in range(0, shape[1], rows):
+                    y1 = min(shape[1], y0 + rows)
+                    target[z, y0:y1] = source[z, y0:y1]
+        return var
+
+
+def _as_2d(array: np.ndarray, what: str) -> np.ndarray:
+    data = np.asarray(array)
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 2:
+        raise ValueError(f"{what} must be (H, W) or (1, H, W), got shape {data.shape}")
+    return data
+
+
+def _label_band(band: np.ndarray, n_classes: int) -> np.ndarray:
+    """The band as uint8, refusing values that have no class (GeoSlicer would drop them)."""
+    if band.size == 0:
+        return band.astype(np.uint8)
+    low, high = int(band.min()), int(band.max())
+    if low < 0 or high > n_classes:
+        raise ValueError(f"label values must be 0..{n_classes} for a table of {n_classes} classes, found {low}..{high}")
+    return np.ascontiguousarray(band, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# reader
+
+
+@contextmanager
+def _open_dataset(path: Path) -> Iterator[Any]:
+    """Open for reading with masking/scaling off (raw stored values), ThinSegError on failure."""
+    with NC_LOCK:
+        ds = _open_raw(path)
+        try:
+            yield ds
+        finally:
+            ds.close()
+
+
+def _open_raw(path: Path) -> Any:
+    import netCDF4
+
+    path = Path(path)
+    if not path.exists():
+        raise ThinSegError("file not found", path)
+    if path.is_dir():
+        raise ThinSegError("is a folder, not a netCDF file", path)
+    try:
+        with NC_LOCK:
+            ds = netCDF4.Dataset(path, "r")
+            ds.set_auto_maskandscale(False)
+    except (OSError, RuntimeError, ValueError, IndexError) as error:
+        detail = getattr(error, "strerror", None) or str(error)
+        raise ThinSegError(f"not a readable netCDF file (truncated, corrupt or another format: {detail})", path) from None
+    return ds
+
+
+def _is_coordinate(ds: Any, name: str) -> bool:
+    variable = ds.variables[name]
+    return name in ds.dimensions and tuple(variable.dimensions) == (name,)
+
+
+def _data_variable(ds: Any, name: str, path: Path) -> Any:
+    if name not in ds.variables or _is_coordinate(ds, name):
+        available = ", ".join(n for n in ds.variables if not _is_coordinate(ds, n)) or "none"
+        raise ThinSegError(f"has no variable '{name}' (variables: {available})", path)
+    return ds.variables[name]
+
+
+def _attrs(variable: Any) -> dict[str, Any]:
+    return {key: variable.getncattr(key) for key in variable.ncattrs()}
+
+
+def _kind(variable: Any, attrs: Mapping[str, Any]) -> VariableKind:
+    """How GeoSlicer would import the variable (labels first, then a `c` dimension)."""
+    dims = tuple(variable.dimensions)
+    if len(dims) == 1 and dims[0].startswith(TABLE_DIM_PREFIX):
+        return "table"
+    if len(dims) == 3 and "labels" in attrs:
+        return "labelmap" if attrs.get("type") == "labelmap" else "segmentation"
+    if len(dims) == 4 and dims[3] == COLOR_DIM:
+        is_rgb = variable.shape[3] == 3 and variable.dtype != str and np.dtype(variable.dtype) == np.uint8
+        return "rgb" if is_rgb else "vector"
+    if len(dims) == 3:
+        return "scalar"
+    return "other"
+
+
+def _coordinate_start_step(ds: Any, dim: str) -> tuple[float, float] | None:
+    """First value and step of a coordinate variable (step 1 when it has one entry)."""
+    if dim not in ds.variables or not _is_coordinate(ds, dim):
+        return None
+    coord = ds.variables[dim]
+    n = coord.shape[0]
+    if n == 0 or coord.dtype == str:
+        return None
+    values = np.asarray(coord[: min(n, 2)], dtype=np.float64)
+    return float(values[0]), float(values[1] - values[0]) if n > 1 else 1.0
+
+
+def _geometry(ds: Any, variable: Any, attrs: Mapping[str, Any]) -> tuple[np.ndarray | None, tuple[float, float, float] | None]:
+    """(spacing x, y, z; RAS origin) from `transform` if valid, else from the coordinates."""
+    transform = attrs.get("transform")
+    if transform is not None and not isinstance(transform, str):
+        matrix = np.asarray(transform, dtype=np.float64).ravel()
+        if matrix.size == 16 and np.all(np.isfinite(matrix)):
+            matrix = matrix.reshape(4, 4)
+            spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+            return spacing, tuple(float(v) for v in matrix[:3, 3])  # type: ignore[return-value]
+    dims = tuple(variable.dimensions)[:3]
+    if len(dims) < 3:
+        return None, None
+    parts = [_coordinate_start_step(ds, d) for d in dims]
+    if any(p is None for p in parts):
+        return None, None
+    (z0, sz), (y0, sy), (x0, sx) = parts  # type: ignore[misc]
+    return np.array([abs(sx), abs(sy), abs(sz)]), (-x0, -y0, z0)
+
+
+def _source_grid(ds: Any, variable: Any) -> tuple[list[np.ndarray], list[Any], list[dict[str, Any]]]:
+    """Coordinate values/dtypes/attrs of a variable's z, y, x axes for copying; missing
+    coordinate variables are rebuilt from the geometry (GeoSlicer needs them to import)."""
+    dims, shape = tuple(variable.dimensions)[:3], tuple(variable.shape)[:3]
+    values, dtypes, attrs = [], [], []
+    missing = False
+    for dim in dims:
+        if dim in ds.variables and _is_coordinate(ds, dim) and ds.variables[dim].dtype != str:
+            coord = ds.variables[dim]
+            values.append(np.asarray(coord[:]))
+            dtypes.append(np.dtype(coord.dtype))
+            attrs.append({k: coord.getncattr(k) for k in coord.ncattrs() if k != "_FillValue"})
+        else:
+            missing = True
+            values.append(None)
+            dtypes.append(np.dtype("f8"))
+            attrs.append({})
+    if missing:
+        spacing, origin = _geometry(ds, variable, _attrs(variable))
+        spacing = np.ones(3) if spacing is None else spacing
+        origin = (0.0, 0.0, 0.0) if origin is None else origin
+        starts = (origin[2], -origin[1], -origin[0])
+        steps = (spacing[2], spacing[1], spacing[0])
+        for i, n in enumerate(shape):
+            if values[i] is None:
+                values[i] = np.linspace(starts[i], starts[i] + steps[i] * (n - 1), n)
+    return values, dtypes, attrs
+
+
+@dataclass
+class VariableInfo:
+    """One data variable of a netCDF file, classified the way GeoSlicer imports it."""
+
+    name: str
+    kind: VariableKind
+    shape: tuple[int, ...]  # as stored: (z, y, x) or (z, y, x, c)
+    mm_per_pixel: float | None
+    origin_mm: tuple[float, float, float] | None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    dtype: str = ""
+
+    @property
+    def image_shape(self) -> tuple[int, int] | None:
+        """(H, W) for image-like variables."""
+        return (self.shape[1], self.shape[2]) if len(self.shape) >= 3 else None
+
+
+def _info(ds: Any, name: str) -> VariableInfo:
+    variable = ds.variables[name]
+    attrs = _attrs(variable)
+    kind = _kind(variable, attrs)
+    spacing, origin = _geometry(ds, variable, attrs) if kind not in ("table", "other") else (None, None)
+    dtype = "str" if variable.dtype == str else str(np.dtype(variable.dtype))
+    mm = float(spacing[0]) if spacing is not None else None
+    return VariableInfo(name, kind, tuple(int(v) for v in variable.shape), mm, origin, attrs, dtype)
+
+
+def list_variables(path: str | os.PathLike[str]) -> list[VariableInfo]:
+    """The data variables (not coordinates) of a netCDF file, in file order."""
+    path = Path(path)
+    with _open_dataset(path) as ds:
+        return [_info(ds, name) for name in ds.variables if not _is_coordinate(ds, name)]
+
+
+def _affix_is_token(name: str, affix: str) -> bool:
+    pattern = rf"(?<![A-Za-z0-9]){re.escape(affix)}(?![A-Za-z0-9])"
+    return re.search(pattern, name, re.IGNORECASE) is not None
+
+
+def find_image_variable(path: str | os.PathLike[str], affix: str | None) -> str | None:
+    """The first RGB variable whose name contains `affix` (case-insensitive), or None.
+
+    A variable where the affix stands alone ("s1_PP", not "APPLE") is preferred; an empty affix
+    matches the first RGB variable.
+    """
+    names = [v.name for v in list_variables(path) if v.kind == "rgb"]
+    if not affix:
+        return names[0] if names else None
+    for name in names:
+        if _affix_is_token(name, affix):
+            return name
+    for name in names:
+        if affix.lower() in name.lower():
+            return name
+    return None
+
+
+class NetcdfImageSource:
+    """An RGB variable of a netCDF file read by region (netCDF slicing reads only that part)."""
+
+    def __init__(self, path: str | os.PathLike[str], var_name: str) -> None:
+        self.path = Path(path)
+        self.name = var_name
+        with NC_LOCK:
+            self._ds = _open_raw(self.path)
+            try:
+                variable = _data_variable(self._ds, var_name, self.path)
+                info = _info(self._ds, var_name)
+                if info.kind != "rgb":
+                    raise ThinSegError(f"variable '{var_name}' is not an RGB image (it is {_describe(info)})", self.path)
+                if info.shape[0] != 1:
+                    raise ThinSegError(f"variable '{var_name}' has {info.shape[0]} slices; a single-slice thin-section image is expected", self.path)
+            except BaseException:
+                self._ds.close()
+                raise
+        self._variable = variable
+        self.shape = (info.shape[1], info.shape[2])
+        self.mm_per_pixel = info.mm_per_pixel
+        self.origin_mm = info.origin_mm
+        self.attrs = info.attrs
+
+    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray:
+        if self._ds is None:
+            raise ValueError(f"{self.path} is closed")
+        y0, y1, x0, x1 = check_region(self.shape, y0, y1, x0, x1)
+        try:
+            with NC_LOCK:
+                data = self._variable[0, y0:y1, x0:x1, :]
+        except (RuntimeError, OSError) as error:
+            raise ThinSegError(f"variable '{self.name}' could not be read at rows {y0}-{y1}: {error}", self.path) from None
+        return np.ascontiguousarray(data, dtype=np.uint8)
+
+    def close(self) -> None:
+        if self._ds is not None:
+            with NC_LOCK:
+                self._ds.close()
+            self._ds = None
+
+    def __repr__(self) -> str:
+        return f"NetcdfImageSource({str(self.path)!r}, {self.name!r}, {self.shape[1]}x{self.shape[0]})"
+
+
+def _describe(info: VariableInfo) -> str:
+    """Words for error messages: "a labelmap", "a 4-channel uint8 image", ..."""
+    words = {
+        "labelmap": "a labelmap",
+        "segmentation": "a segmentation",
+        "scalar": "a single-channel image",
+        "vector": f"a {info.shape[-1]}-channel {info.dtype} image",
+        "table": "a table column",
+    }
+    return words.get(info.kind, f"of shape {info.shape}")
+
+
+def open_netcdf_image(path: str | os.PathLike[str], var_name: str) -> NetcdfImageSource:
+    """A lazy RasterSource over an RGB variable, with spacing/origin from `transform` or coords."""
+    return NetcdfImageSource(path, var_name)
+
+
+def read_labelmap(path: str | os.PathLike[str], var_name: str) -> tuple[np.ndarray, ClassTable, float | None, tuple[float, float, float] | None]:
+    """(labels uint8 (H, W), class table, mm_per_pixel, RAS origin) of a labelmap/segmentation."""
+    path = Path(path)
+    with _open_dataset(path) as ds:
+        variable = _data_variable(ds, var_name, path)
+        info = _info(ds, var_name)
+        if info.kind not in ("labelmap", "segmentation"):
+            raise ThinSegError(f"variable '{var_name}' is not a labelmap (no 'labels' attribute; it is {_describe(info)})", path)
+        if info.shape[0] != 1:
+            raise ThinSegError(f"variable '{var_name}' has {info.shape[0]} slices; a single-slice labelmap is expected", path)
+        data = np.asarray(variable[0])
+        if np.dtype(variable.dtype) == np.int8 and str(info.attrs.get("_Unsigned", "")).lower() == "true":
+            data = data.view(np.uint8)
+    table = _class_table(info.attrs.get("labels"), path, var_name)
+    if data.dtype != np.uint8:
+        low, high = (int(data.min()), int(data.max())) if data.size else (0, 0)
+        if low < 0 or high > 255:
+            raise ThinSegError(f"variable '{var_name}' has label values {low}..{high}; 0..255 are supported", path)
+        data = data.astype(np.uint8)
+    return np.ascontiguousarray(data), table, info.mm_per_pixel, info.origin_mm
+
+
+def _class_table(labels: Any, path: Path, var_name: str) -> ClassTable:
+    """Parse `labels`; a single string means "no labels" in GeoSlicer (so does a lone header)."""
+    if labels is None or isinstance(labels, str):
+        return ClassTable(())
+    try:
+        return ClassTable.from_geoslicer_labels([str(v) for v in np.atleast_1d(labels)])
+    except ValueError as error:
+        raise ThinSegError(f"variable '{var_name}' has a malformed 'labels' attribute ({error})", path) from None
