@@ -1,0 +1,1 @@
+"""The `thinseg` command line: thin wrappers that parse options and call the library."""

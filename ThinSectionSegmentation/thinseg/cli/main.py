@@ -1,0 +1,46 @@
+"""`thinseg` entry point: sub-commands, one-line errors, exit codes.
+
+Exit codes: 0 success, 1 some inputs failed (the rest were processed), 2 bad usage or a
+problem that stopped everything, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from thinseg import __version__
+from thinseg.errors import ThinSegError
+
+EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from thinseg.cli import segment_cmd
+
+    parser = argparse.ArgumentParser(
+        prog="thinseg",
+        description="Thin-section (PP/XP) mineral segmentation, GeoSlicer-compatible.",
+    )
+    parser.add_argument("--version", action="version", version=f"thinseg {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    segment_cmd.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or EXIT_OK)
+    except ThinSegError as error:
+        print(f"thinseg: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("thinseg: interrupted; no partial output was kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Progress bars for the shell (tqdm on stderr): tiles done / total and MPix/s."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+from tqdm import tqdm
+
+
+class TileProgress:
+    """Creates one bar per section; used as the library's ProgressFactory."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._bar: tqdm | None = None
+
+    def __call__(self, name: str, pixels: int) -> Callable[[int, int], None]:
+        self.close()
+        start = time.perf_counter()
+
+        def update(done: int, total: int) -> None:
+            if not self.enabled:
+                return
+            if self._bar is None:
+                self._bar = tqdm(total=total, desc=name, unit="tile", file=sys.stderr, dynamic_ncols=True, leave=True)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            self._bar.set_postfix_str(f"{pixels * done / total / elapsed / 1e6:.2f} MPix/s", refresh=False)
+            self._bar.update(done - self._bar.n)
+
+        return update
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,127 @@
+"""`thinseg segment`: PP/XP images or GeoSlicer netCDF files -> labelmaps in netCDF."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from thinseg.errors import ThinSegError
+from thinseg.inference.engine import InferenceOptions, Segmenter
+from thinseg.io.atomic import atomic_output, ensure_writable_dir, free_output_path
+from thinseg.io.pairing import pair_inputs
+from thinseg.model.bundle import load_bundle
+from thinseg.report.fractions import fractions_csv_text, format_table
+from thinseg.resources import default_model_dir
+from thinseg.segment import DEFAULT_MM_PER_PIXEL, SegmentOptions, segment_sections
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "segment",
+        help="segment thin sections (PP/XP images or netCDF) into mineral labelmaps",
+        description="Segment thin sections. Each section becomes a GeoSlicer netCDF file with the PP/XP "
+        "images and the labelmap; the modal mineralogy of every section is printed and written as CSV.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG/TIFF/netCDF files or folders of them")
+    p.add_argument("--model", type=Path, default=None, help="model folder (meta.json + model.pth); default: the bundled model")
+    p.add_argument("--output", "-o", type=Path, default=Path("results"), help="folder (default results/) or one .nc file")
+    p.add_argument("--pp-pattern", default="PP", metavar="PP", help="affix marking PP images/variables (default PP, case-insensitive)")
+    p.add_argument("--xp-pattern", default="XP", metavar="XP", help="affix marking XP images/variables, e.g. XP, PX or c2 (default XP)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: write a new numbered file)")
+    p.add_argument("--mm-per-pixel", type=_positive_float, default=DEFAULT_MM_PER_PIXEL, help=f"pixel size of PNG/JPEG/TIFF inputs in mm (default {DEFAULT_MM_PER_PIXEL})")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default auto)")
+    p.add_argument("--probabilities", action="store_true", help="also store a confidence map (max softmax probability, uint8 0-255)")
+    p.add_argument("--overlay", action="store_true", help="also write a PNG of the labels over PP with a legend")
+    tuning = p.add_argument_group("inference tuning")
+    tuning.add_argument("--tile", type=int, default=None, help="tile size in px (default: the model's input_roi_shape)")
+    tuning.add_argument("--overlap", type=int, default=InferenceOptions.overlap, help="overlap of neighbouring tiles in px (default %(default)s)")
+    tuning.add_argument("--batch-size", type=int, default=InferenceOptions.batch_size, help="tiles per forward pass (default %(default)s)")
+    tuning.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32 (exact, default), bf16 (fast on AVX512-BF16/AMX CPUs and GPUs), fp16 (GPU)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from thinseg.cli.progress import TileProgress
+
+    model_dir = args.model or default_model_dir()
+    bundle = load_bundle(model_dir)
+    needs_xp = len(bundle.input_names) > 1
+    output: Path = args.output
+    single_file = output.suffix.lower() == ".nc"
+    ensure_writable_dir(output.parent if single_file else output)
+
+    sections, problems = pair_inputs(args.inputs, pp_pattern=args.pp_pattern, xp_pattern=args.xp_pattern, needs_xp=needs_xp)
+    for problem in problems:
+        print(f"thinseg: error: {problem.path}: {problem.problem}", file=sys.stderr)
+    if not sections:
+        print("thinseg: nothing to segment", file=sys.stderr)
+        return 2
+
+    options = SegmentOptions(
+        pp_pattern=args.pp_pattern,
+        xp_pattern=args.xp_pattern,
+        mm_per_pixel=args.mm_per_pixel,
+        overwrite=args.overwrite,
+        probabilities=args.probabilities,
+        overlay=args.overlay,
+        inference=InferenceOptions(
+            tile=args.tile,
+            overlap=args.overlap,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            device=args.device,
+            with_confidence=args.probabilities,
+        ),
+    )
+    segmenter = Segmenter(bundle, options.inference)
+    for message in segmenter.messages:
+        print(f"thinseg: {message}", file=sys.stderr)
+    print(f"model: {bundle.title} ({model_dir})", file=sys.stderr)
+    progress = TileProgress(enabled=not args.quiet)
+
+    def on_result(result) -> None:
+        progress.close()
+        for message in result.messages[len(segmenter.messages):]:
+            print(f"thinseg: {message}", file=sys.stderr)
+        print(f"\n{result.section.name}: {result.megapixels:.1f} MPix in {result.seconds:.1f} s "
+              f"({result.megapixels / max(result.seconds, 1e-9):.2f} MPix/s)")
+        print(format_table(result.mineralogy))
+        print(f"  -> {result.netcdf}")
+        if result.overlay is not None:
+            print(f"  -> {result.overlay}")
+
+    def on_failure(section, error: ThinSegError) -> None:
+        progress.close()
+        print(f"thinseg: error: {error}", file=sys.stderr)
+
+    try:
+        results, failures = segment_sections(sections, segmenter, options, output, progress, None, on_result, on_failure)
+    finally:
+        progress.close()
+
+    if results:
+        csv_path = _fractions_csv_path(output, single_file, args.overwrite)
+        with atomic_output(csv_path) as tmp:
+            tmp.write_text(fractions_csv_text([r.mineralogy for r in results]), encoding="utf-8")
+        print(f"\nmodal mineralogy (area fractions): {csv_path}")
+    failed = [(p.path, p.problem) for p in problems] + [(s.primary, e.problem) for s, e in failures]
+    print(f"\n{len(results)} section(s) segmented, {len(failed)} failed", file=sys.stderr)
+    for path, problem in failed:
+        print(f"  failed: {path}: {problem}", file=sys.stderr)
+    if not results:
+        return 2
+    return 1 if failed else 0
+
+
+def _fractions_csv_path(output: Path, single_file: bool, overwrite: bool) -> Path:
+    path = output.with_name(output.stem + "_fractions.csv") if single_file else output / "modal_mineralogy.csv"
+    return path if overwrite else free_output_path(path)
