@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/thinseg segment Resources/Sample --output results/sample --overlay --probabilities --overwrite
+	$(BIN)/thinseg segment Resources/Sample/sample_PP.jpg --output results/sample --overlay --probabilities --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,0 +1,49 @@
+"""The Slicer extension's files: CMake lists every Python file; the core imports no Slicer/Qt."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = REPO / "ThinSectionSegmentation"
+
+
+def test_top_level_cmake_is_a_slicer_extension():
+    text = (REPO / "CMakeLists.txt").read_text()
+    assert "find_package(Slicer REQUIRED)" in text
+    assert "add_subdirectory(ThinSectionSegmentation)" in text
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL"):
+        assert re.search(rf"set\({key} ", text), key
+
+
+def test_module_cmake_lists_every_python_file():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule(" in text
+    listed = set(re.findall(r"^\s+(\S+\.py)\s*$", text, flags=re.M))
+    on_disk = {p.relative_to(MODULE).as_posix() for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert listed == on_disk, f"run scripts/update_module_cmake.py; missing {sorted(on_disk - listed)}, stale {sorted(listed - on_disk)}"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_core_library_imports_no_slicer_or_qt():
+    forbidden = {"slicer", "qt", "ctk", "vtk", "PySide6", "PyQt5", "PythonQt", "SampleData"}
+    for path in (MODULE / "thinseg").rglob("*.py"):
+        bad = _imported_modules(path) & forbidden
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+def test_core_imports_cleanly_in_a_fresh_interpreter():
+    code = "import sys; import thinseg, thinseg.segment, thinseg.cli.main; assert 'slicer' not in sys.modules and 'qt' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(MODULE), "PATH": ""})
