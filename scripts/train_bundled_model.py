@@ -12,10 +12,10 @@ Held-out sections (seeds disjoint from training and validation) give the IoU in 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,10 +44,50 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024, help="generated section side in px")
     parser.add_argument("--run-dir", type=Path, default=Path("/tmp/thinseg-bundled-run"))
     parser.add_argument("--output", type=Path, default=default_model_dir(), help="where the bundle goes")
+    parser.add_argument("--skip-training", action="store_true",
+                        help="package the best model already exported in --run-dir (e.g. after stopping a run)")
     args = parser.parse_args()
 
     table = default_class_table()
-    start = time.time()
+    if not args.skip_training:
+        run_training(args, table)
+    summary = run_summary(args.run_dir)
+
+    # Held-out evaluation through the same engine the CLI uses (tiled, whole sections).
+    bundle = load_bundle(args.run_dir / "model")
+    segmenter = Segmenter(bundle, InferenceOptions(device="cpu"))
+    evaluator = Evaluator(table, void_border_px=2)
+    for seed in range(TEST_SEEDS, TEST_SEEDS + args.test_sections):
+        section = generate_section(args.size, args.size, seed=seed)
+        pred = segmenter.segment([ArraySource(section.pp), ArraySource(section.xp)]).labels
+        evaluator.add_section(f"test-{seed}", section.labels, pred)
+    report = evaluator.report(bundle.title)
+
+    if args.output.exists():
+        shutil.rmtree(args.output)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(args.run_dir / "model", args.output)
+    for extra in ("training_curves.png", "training_log.csv", "split.json"):
+        src = args.run_dir / extra
+        if src.exists():
+            shutil.copy(src, args.output / extra)
+    (args.output / "heldout_evaluation.json").write_text(report.to_json())
+    write_model_card(args, report, summary)
+    print(report.format_table())
+    print(f"bundle written to {args.output}")
+
+
+def run_summary(run_dir: Path) -> dict:
+    """Epochs run, best epoch and its validation mean IoU, from the run's own files."""
+    meta = json.loads((run_dir / "model" / "meta.json").read_text())
+    with open(run_dir / "training_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    seconds = sum(float(r["train_seconds"]) + float(r.get("val_seconds") or 0) for r in rows)
+    return {"epochs_run": len(rows), "best_epoch": meta["training"]["epoch"],
+            "best_mean_iou": meta["metrics"]["mean_iou"], "train_minutes": seconds / 60}
+
+
+def run_training(args, table) -> None:
     train_set = synthetic_sections(args.train_sections, args.size, seed=TRAIN_SEEDS, name="train")
     val_set = synthetic_sections(args.val_sections, args.size, seed=VAL_SEEDS, name="val")
     config = TrainConfig(
@@ -70,34 +110,10 @@ def main() -> None:
         ),
         overwrite=True,
     )
-    result = train(config)
-    train_minutes = (time.time() - start) / 60
-
-    # Held-out evaluation through the same engine the CLI uses (tiled, whole sections).
-    bundle = load_bundle(result.model_dir)
-    segmenter = Segmenter(bundle, InferenceOptions(device="cpu"))
-    evaluator = Evaluator(table, void_border_px=2)
-    for seed in range(TEST_SEEDS, TEST_SEEDS + args.test_sections):
-        section = generate_section(args.size, args.size, seed=seed)
-        pred = segmenter.segment([ArraySource(section.pp), ArraySource(section.xp)]).labels
-        evaluator.add_section(f"test-{seed}", section.labels, pred)
-    report = evaluator.report(bundle.title)
-
-    if args.output.exists():
-        shutil.rmtree(args.output)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(result.model_dir, args.output)
-    for extra in ("training_curves.png", "training_log.csv", "split.json"):
-        src = args.run_dir / extra
-        if src.exists():
-            shutil.copy(src, args.output / extra)
-    (args.output / "heldout_evaluation.json").write_text(report.to_json())
-    write_model_card(args, report, result, train_minutes)
-    print(report.format_table())
-    print(f"bundle written to {args.output} after {train_minutes:.1f} min")
+    train(config)
 
 
-def write_model_card(args, report, result, train_minutes: float) -> None:
+def write_model_card(args, report, summary: dict) -> None:
     m = report.metrics
     rows = "\n".join(
         f"| {name} | {m.iou[i]:.3f} | {m.f1[i]:.3f} | {m.precision[i]:.3f} | {m.recall[i]:.3f} |"
@@ -119,9 +135,9 @@ rock it needs retraining on registered QEMSCAN data (`thinseg train`, see the RE
 - Training data: {args.train_sections} generated sections of {args.size} x {args.size} px (seeds
   {TRAIN_SEEDS}..{TRAIN_SEEDS + args.train_sections - 1}); validation {args.val_sections} sections (seeds
   {VAL_SEEDS}..); `thinseg.synth.generate_section` defaults.
-- Training: {result.epochs_run} epochs x {args.steps} steps of 8 patches 256 x 256, class-balanced
-  sampling, Dice + cross-entropy, AdamW; best epoch {result.best_epoch} (validation mean IoU
-  {result.best_mean_iou:.3f}); {train_minutes:.0f} min on a 2-core CPU.
+- Training: {summary["epochs_run"]} epochs x {args.steps} steps of 8 patches 256 x 256, class-balanced
+  sampling, Dice + cross-entropy, AdamW; best epoch {summary["best_epoch"]} (validation mean IoU
+  {summary["best_mean_iou"]:.3f}); {summary["train_minutes"]:.0f} min of training on a 2-core CPU shared with other jobs.
   Reproduce: `python scripts/train_bundled_model.py --epochs {args.epochs} --steps {args.steps}`.
 
 ## Held-out evaluation
