@@ -56,6 +56,20 @@ ProgressFactory = Callable[[str, int], Callable[[int, int], None]]
 """Given (section name, pixel count), returns the per-tile progress callback (done, total)."""
 
 
+def check_thin_section_model(bundle) -> None:
+    """Refuse, naming the model, a bundle whose inputs are not one RGB PP image and optionally one
+    RGB XP image (what a thin section provides), before any section is read."""
+    inputs = list(zip(bundle.input_names, bundle.input_channels))
+    if 1 <= len(inputs) <= 2 and all(channels == 3 for _, channels in inputs):
+        return
+    described = ", ".join(f"{name} ({channels} channel{'' if channels == 1 else 's'})" for name, channels in inputs)
+    raise ThinSegError(
+        f"model {bundle.title!r} needs {described}; thin sections give an RGB (3-channel) PP image "
+        "and optionally an RGB XP image",
+        bundle.path,
+    )
+
+
 @dataclass
 class _OpenedSection:
     sources: list  # in the model's input order
@@ -143,30 +157,41 @@ def segment_section(
         opened = open_section(section, bundle, options, stack)
         sources = opened.sources
         height, width = sources[0].shape
-        model_spacing = 1.0 / bundle.pixels_per_mm if bundle.pixels_per_mm else None
-        run_sources = sources
-        if model_spacing is not None and needs_resampling(opened.mm_per_pixel, model_spacing):
-            factor = opened.mm_per_pixel / model_spacing
-            run_sources = [ResampledSource(s, factor) for s in sources]
-            messages.append(
-                f"{section.primary.name}: resampling from {opened.mm_per_pixel:g} to the model's "
-                f"{model_spacing:g} mm/px ({run_sources[0].shape[1]}x{run_sources[0].shape[0]} px) and back"
-            )
-        callback = progress(section.name, height * width) if progress is not None else None
-        result = segmenter.segment(run_sources, progress=callback, cancel=cancel)
-        labels, confidence = result.labels, result.confidence
-        if run_sources is not sources:
-            labels = labels_to_grid(labels, (height, width))
-            confidence = labels_to_grid(confidence, (height, width)) if confidence is not None else None
-        mineralogy = modal_mineralogy(section.name, labels, bundle.class_table, opened.mm_per_pixel)
         base = section_base_name(section, options.pp_pattern)
-        _write_netcdf(target, section, opened, bundle, labels, confidence, base)
+        attrs = {"thinseg_version": thinseg.__version__, "thinseg_model": bundle.title}
         overlay_path = None
         if options.overlay:
             overlay_path = target.with_name(target.stem + "_overlay.png")
             if not options.overwrite:
                 overlay_path = free_output_path(overlay_path)
-            _write_overlay(overlay_path, sources[0], labels, bundle, mineralogy, section.name)
+        # Every file of the section is written under a temporary name and renamed only when all
+        # are complete: an error or Ctrl-C while writing the overlay must not leave the netCDF.
+        outputs = [atomic_output(target)] + ([atomic_output(overlay_path)] if overlay_path is not None else [])
+        stack.callback(lambda: [output.discard() for output in outputs])  # no-op once committed
+        with NetcdfWriter(outputs[0].tmp, attrs=attrs) as writer:
+            reference, run_sources, tees = _start_images(writer, section, opened)
+            model_spacing = 1.0 / bundle.pixels_per_mm if bundle.pixels_per_mm else None
+            if model_spacing is not None and needs_resampling(opened.mm_per_pixel, model_spacing):
+                factor = opened.mm_per_pixel / model_spacing
+                run_sources = [ResampledSource(s, factor) for s in run_sources]
+                messages.append(
+                    f"{section.primary.name}: resampling from {opened.mm_per_pixel:g} to the model's "
+                    f"{model_spacing:g} mm/px ({run_sources[0].shape[1]}x{run_sources[0].shape[0]} px) and back"
+                )
+            callback = progress(section.name, height * width) if progress is not None else None
+            result = segmenter.segment(run_sources, progress=callback, cancel=cancel)
+            for tee in tees:
+                tee.finish()
+            labels, confidence = result.labels, result.confidence
+            if labels.shape != (height, width):
+                labels = labels_to_grid(labels, (height, width))
+                confidence = labels_to_grid(confidence, (height, width)) if confidence is not None else None
+            _add_outputs(writer, bundle, opened, base, reference, labels, confidence)
+        mineralogy = modal_mineralogy(section.name, labels, bundle.class_table, opened.mm_per_pixel)
+        if overlay_path is not None:
+            _write_overlay(outputs[1].tmp, sources[0], labels, bundle, mineralogy, section.name)
+        for output in outputs:
+            output.commit()
     return SectionResult(
         section=section,
         netcdf=target,
@@ -179,34 +204,71 @@ def segment_section(
     )
 
 
-def _write_netcdf(target: Path, section: SectionInput, opened: _OpenedSection, bundle, labels, confidence, base: str) -> None:
+class _TeeSource:
+    """Passes reads through and hands rows not seen before to a netCDF row writer.
+
+    The engine reads overlapping full-width bands top to bottom, so every row passes by at
+    least once: the input is decoded once for both segmentation and the netCDF copy.
+    """
+
+    def __init__(self, source, sink, band_rows: int = 512) -> None:
+        self.source, self.sink = source, sink
+        self.shape = tuple(source.shape)
+        self.name = getattr(source, "name", None)
+        self.next_row = 0
+        self.band_rows = band_rows
+
+    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray:
+        band = self.source.read(y0, y1, x0, x1)
+        full_width = x0 == 0 and (x1 is None or x1 == self.shape[1])
+        if full_width and y0 <= self.next_row < y1:
+            self.sink.write_rows(self.next_row, np.asarray(band[self.next_row - y0 :]))
+            self.next_row = y1
+        return band
+
+    def finish(self) -> None:
+        """Copy whatever rows the engine did not read (only with unusual read patterns)."""
+        height, width = self.shape
+        while self.next_row < height:
+            y1 = min(height, self.next_row + self.band_rows)
+            self.sink.write_rows(self.next_row, np.asarray(self.source.read(self.next_row, y1, 0, width)))
+            self.next_row = y1
+
+
+def _start_images(writer: NetcdfWriter, section: SectionInput, opened: _OpenedSection):
+    """Put the input images in the output: copies of a netCDF input's variables, or PP/XP
+    variables filled while they are segmented. Returns (reference name, sources, tees)."""
     spacing, origin = opened.mm_per_pixel, opened.origin_mm
-    attrs = {"thinseg_version": thinseg.__version__, "thinseg_model": bundle.title}
-    with atomic_output(target) as tmp, NetcdfWriter(tmp, attrs=attrs) as writer:
-        if section.netcdf is not None:
-            names = [writer.copy_variable(section.netcdf, name) for name in opened.netcdf_variables]
-            reference = _reference_name(opened, names)
-        else:
-            reference = writer.add_rgb_image(section.pp.stem, opened.sources[0], spacing, origin)
-            if len(opened.sources) > 1:
-                writer.add_rgb_image(section.xp.stem, opened.sources[1], spacing, origin)
-        writer.add_labelmap(
-            f"{base}_Segmentation",
-            labels,
-            bundle.class_table,
+    if section.netcdf is not None:
+        names = [writer.copy_variable(section.netcdf, name) for name in opened.netcdf_variables]
+        return _reference_name(opened, names), list(opened.sources), []
+    tees = []
+    paths = [section.pp, section.xp]
+    for source, path in zip(opened.sources, paths):
+        image = writer.begin_rgb_image(path.stem, tuple(source.shape), spacing, origin)
+        tees.append(_TeeSource(source, image))
+    return tees[0].sink.name, list(tees), tees
+
+
+def _add_outputs(writer: NetcdfWriter, bundle, opened: _OpenedSection, base: str, reference, labels, confidence) -> None:
+    spacing, origin = opened.mm_per_pixel, opened.origin_mm
+    writer.add_labelmap(
+        f"{base}_Segmentation",
+        labels,
+        bundle.class_table,
+        spacing,
+        origin,
+        reference=reference,
+        attrs={"thinseg_model": bundle.title},
+    )
+    if confidence is not None:
+        writer.add_scalar_image(
+            f"{base}_Confidence",
+            confidence,
             spacing,
             origin,
-            reference=reference,
-            attrs={"thinseg_model": bundle.title},
+            attrs={"description": "max softmax probability x 255", "reference": reference or ""},
         )
-        if confidence is not None:
-            writer.add_scalar_image(
-                f"{base}_Confidence",
-                confidence,
-                spacing,
-                origin,
-                attrs={"description": "max softmax probability x 255", "reference": reference or ""},
-            )
 
 
 def _reference_name(opened: _OpenedSection, copied_names: list[str]) -> str | None:
@@ -221,8 +283,7 @@ def _reference_name(opened: _OpenedSection, copied_names: list[str]) -> str | No
 def _write_overlay(path: Path, pp_source, labels: np.ndarray, bundle, mineralogy: ModalMineralogy, title: str) -> None:
     shape = preview_shape(pp_source.shape)
     pp_preview = _preview(pp_source, shape)
-    with atomic_output(path) as tmp:
-        write_overlay_png(tmp, pp_preview, labels, bundle.class_table, [a.percent for a in mineralogy.areas], title)
+    write_overlay_png(path, pp_preview, labels, bundle.class_table, [a.percent for a in mineralogy.areas], title)
 
 
 def _preview(source, shape: tuple[int, int], band_rows: int = 2048) -> np.ndarray:

@@ -306,22 +306,34 @@ class NetcdfWriter:
         """An RGB image (uint8, (1, H, W, 3)), copied from `source` band by band."""
         if isinstance(source, np.ndarray):
             source = ArraySource(source, name=name)
-        spacing, origin = _check_spacing(mm_per_pixel), _check_origin(origin_mm)
         height, width = (int(v) for v in source.shape)
+        image = self.begin_rgb_image(name, (height, width), mm_per_pixel, origin_mm, attrs, compress)
+        step = max(1, int(band_rows))
+        for y0 in range(0, height, step):
+            y1 = min(height, y0 + step)
+            image.write_rows(y0, np.asarray(source.read(y0, y1, 0, width)))
+        return image.name
+
+    def begin_rgb_image(
+        self,
+        name: str,
+        shape: tuple[int, int],
+        mm_per_pixel: float,
+        origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
+        attrs: Mapping[str, Any] | None = None,
+        compress: bool = False,
+    ) -> "RgbRowWriter":
+        """Create an RGB variable now and fill it later, row band by row band (e.g. while the
+        same bands are being segmented, so that a compressed input is decoded only once)."""
+        spacing, origin = _check_spacing(mm_per_pixel), _check_origin(origin_mm)
+        height, width = (int(v) for v in shape)
         with NC_LOCK:
             var = self.unique_name(name)
             dims = self._add_grid(var, grid_coordinates((1, height, width), spacing, origin))
             self._ensure_color_dim()
             fixed = {"transform": ijk_to_ras(spacing, origin).ravel().tolist()}
             variable = self._create(var, "u1", dims + (COLOR_DIM,), (1, height, width, 3), compress, self._merge_attrs(fixed, attrs))
-        for y0 in range(0, height, max(1, int(band_rows))):
-            y1 = min(height, y0 + max(1, int(band_rows)))
-            band = np.asarray(source.read(y0, y1, 0, width))
-            if band.shape != (y1 - y0, width, 3) or band.dtype != np.uint8:
-                raise ValueError(f"source returned {band.dtype} {band.shape} for rows {y0}:{y1}, expected uint8 ({y1 - y0}, {width}, 3)")
-            with NC_LOCK:
-                variable[0, y0:y1, :, :] = band
-        return var
+        return RgbRowWriter(var, variable, height, width)
 
     def add_labelmap(
         self,
@@ -333,17 +345,22 @@ class NetcdfWriter:
         reference: str | None = None,
         attrs: Mapping[str, Any] | None = None,
         band_rows: int = CHUNK,
+        kind: str = "labelmap",
     ) -> str:
         """A labelmap (uint8 (1, H, W), zlib): value k = k-th class of `table`, 0 = none.
 
         `reference` names the source image variable (GeoSlicer uses it as reference geometry).
+        `kind` is the `type` attribute: "labelmap" (GeoSlicer imports a labelmap volume) or
+        "segmentation" (GeoSlicer imports a segmentation node).
         """
+        if kind not in ("labelmap", "segmentation"):
+            raise ValueError(f"kind must be 'labelmap' or 'segmentation', got {kind!r}")
         array = _as_2d(labels, "labels")
         if array.dtype.kind not in "iub":
             raise ValueError(f"labels must be integers, got {array.dtype}")
         spacing, origin = _check_spacing(mm_per_pixel), _check_origin(origin_mm)
         height, width = array.shape
-        fixed: dict[str, Any] = {"type": "labelmap", "labels": table.geoslicer_labels()}
+        fixed: dict[str, Any] = {"type": kind, "labels": table.geoslicer_labels()}
         if reference is not None:
             fixed["reference"] = reference
         fixed["transform"] = ijk_to_ras(spacing, origin).ravel().tolist()
@@ -421,6 +438,20 @@ class NetcdfWriter:
                     y1 = min(shape[1], y0 + rows)
                     target[z, y0:y1] = source[z, y0:y1]
         return var
+
+
+class RgbRowWriter:
+    """Writes rows of one RGB variable created by `NetcdfWriter.begin_rgb_image`."""
+
+    def __init__(self, name: str, variable: Any, height: int, width: int) -> None:
+        self.name, self._variable, self.height, self.width = name, variable, height, width
+
+    def write_rows(self, y0: int, band: np.ndarray) -> None:
+        y1 = y0 + band.shape[0]
+        if band.shape[1:] != (self.width, 3) or band.dtype != np.uint8 or y0 < 0 or y1 > self.height:
+            raise ValueError(f"rows {y0}:{y1} of {band.dtype} {band.shape} do not fit uint8 ({self.height}, {self.width}, 3)")
+        with NC_LOCK:
+            self._variable[0, y0:y1, :, :] = band
 
 
 def _as_2d(array: np.ndarray, what: str) -> np.ndarray:
