@@ -101,7 +101,7 @@ def child_forward(args: argparse.Namespace) -> dict:
     """(b): network calls only, on exactly the tiles the engine cuts (same tile, overlap, batch)."""
     import torch
 
-    from thinseg.inference.engine import InferenceOptions, _Plan
+    from thinseg.inference.engine import InferenceOptions, _Plan, default_overlap
     from thinseg.inference.optimize import prepare_network
     from thinseg.io.images import open_image
     from thinseg.model.bundle import load_bundle
@@ -112,7 +112,7 @@ def child_forward(args: argparse.Namespace) -> dict:
     pp = open_image(Path(args.workdir) / f"bench_{args.size}_PP.tif")
     xp = open_image(Path(args.workdir) / f"bench_{args.size}_XP.tif")
     h, w = pp.shape
-    plan = _Plan.make(h, w, bundle.roi_shape, options.overlap)
+    plan = _Plan.make(h, w, bundle.roi_shape, default_overlap(min(bundle.roi_shape)))
     # a sample of tile rows, held in memory so that only the network is timed
     rows = plan.ys[: max(1, min(len(plan.ys), args.forward_rows))]
     batches = []

@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 from thinseg.errors import ThinSegError
-from thinseg.inference.engine import InferenceOptions, Segmenter
+from thinseg.inference.engine import DEFAULT_OVERLAP, InferenceOptions, Segmenter
 from thinseg.io.atomic import atomic_output, ensure_writable_dir, free_output_path
 from thinseg.io.pairing import pair_inputs
 from thinseg.model.bundle import load_bundle
 from thinseg.report.fractions import fractions_csv_text, format_table
 from thinseg.resources import default_model_dir
-from thinseg.segment import DEFAULT_MM_PER_PIXEL, SegmentOptions, segment_sections
+from thinseg.segment import DEFAULT_MM_PER_PIXEL, SegmentOptions, check_thin_section_model, segment_sections
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--overlay", action="store_true", help="also write a PNG of the labels over PP with a legend")
     tuning = p.add_argument_group("inference tuning")
     tuning.add_argument("--tile", type=int, default=None, help="tile size in px (default: the model's input_roi_shape)")
-    tuning.add_argument("--overlap", type=int, default=InferenceOptions.overlap, help="overlap of neighbouring tiles in px (default %(default)s)")
+    tuning.add_argument("--overlap", type=int, default=None, help=f"overlap of neighbouring tiles in px (default {DEFAULT_OVERLAP}, at most a quarter of the tile)")
     tuning.add_argument("--batch-size", type=int, default=InferenceOptions.batch_size, help="tiles per forward pass (default %(default)s)")
     tuning.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32 (exact, default), bf16 (fast on AVX512-BF16/AMX CPUs and GPUs), fp16 (GPU)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     model_dir = args.model or default_model_dir()
     bundle = load_bundle(model_dir)
+    check_thin_section_model(bundle)
     needs_xp = len(bundle.input_names) > 1
     output: Path = args.output
     single_file = output.suffix.lower() == ".nc"
@@ -101,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
 
     def on_failure(section, error: ThinSegError) -> None:
         progress.close()
-        print(f"thinseg: error: {error}", file=sys.stderr)
+        where = error.path if error.path is not None else section.primary  # always name a file
+        print(f"thinseg: error: {where}: {error.problem}", file=sys.stderr)
 
     try:
         results, failures = segment_sections(sections, segmenter, options, output, progress, None, on_result, on_failure)
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
 
     if results:
-        csv_path = _fractions_csv_path(output, single_file, args.overwrite)
+        csv_path = _fractions_csv_path(results[0].netcdf if single_file else output, single_file, args.overwrite)
         with atomic_output(csv_path) as tmp:
             tmp.write_text(fractions_csv_text([r.mineralogy for r in results]), encoding="utf-8")
         print(f"\nmodal mineralogy (area fractions): {csv_path}")

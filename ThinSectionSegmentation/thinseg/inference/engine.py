@@ -46,7 +46,7 @@ class InferenceOptions:
     """How to run the network. Defaults are the fastest setting that keeps exact fp32 labels."""
 
     tile: int | None = None  # None: the model's input_roi_shape
-    overlap: int = 64  # px shared by neighbouring tiles (blended)
+    overlap: int | None = None  # px shared by neighbouring tiles (blended); None: default_overlap(tile)
     batch_size: int = 4
     precision: Precision = "fp32"
     device: str = "auto"
@@ -54,6 +54,15 @@ class InferenceOptions:
     fold_batchnorm: bool = True
     with_confidence: bool = False
     prefetch: bool = True
+
+
+DEFAULT_OVERLAP = 64
+
+
+def default_overlap(tile: int) -> int:
+    """The default overlap for `tile` px tiles: 64 px, but at most a quarter of the tile, so that
+    models with small input_roi_shape (e.g. 64 or 128) run without tuning options."""
+    return max(0, min(DEFAULT_OVERLAP, int(tile) // 4))
 
 
 @dataclass
@@ -92,8 +101,9 @@ class Segmenter:
         )
         roi = bundle.roi_shape if self.options.tile is None else (self.options.tile, self.options.tile)
         self.tile = (int(roi[0]), int(roi[1]))
-        if min(self.tile) <= 2 * self.options.overlap:
-            raise ThinSegError(f"overlap {self.options.overlap} px is too large for {self.tile[0]} px tiles")
+        self.overlap = self.options.overlap if self.options.overlap is not None else default_overlap(min(self.tile))
+        if min(self.tile) <= 2 * self.overlap:
+            raise ThinSegError(f"overlap {self.overlap} px is too large for {self.tile[0]} px tiles")
 
     # -- public -------------------------------------------------------------------------------
 
@@ -111,7 +121,7 @@ class Segmenter:
             )
         height, width = sources[0].shape
         start = time.perf_counter()
-        plan = _Plan.make(height, width, self.tile, self.options.overlap)
+        plan = _Plan.make(height, width, self.tile, self.overlap)
         labels = np.zeros((height, width), np.uint8)
         confidence = np.zeros((height, width), np.uint8) if self.options.with_confidence else None
         done = 0

@@ -54,7 +54,7 @@ class ResampledSource:
         image = Image.fromarray(region)
         box = (sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0)
         resized = image.resize((x1 - x0, y1 - y0), resample=Image.Resampling.BILINEAR if self.factor > 1 else Image.Resampling.LANCZOS, box=box)
-        return np.asarray(resized)
+        return np.array(resized)  # a writable array the caller owns (Pillow's buffer is read-only)
 
 
 def nearest_index(n_out: int, n_in: int) -> np.ndarray:

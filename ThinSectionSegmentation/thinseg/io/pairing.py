@@ -133,6 +133,11 @@ def pair_inputs(
             used.add(key)
             continue
         assert section is not None
+        if section.xp is None and section.pp is not None and section.pp.resolve() != key:
+            # an XP image stood for its PP image (PP-only model): once per PP image
+            used.add(key)
+            if section.pp.resolve() in used:
+                continue
         for member in (section.pp, section.xp):
             if member is not None:
                 used.add(member.resolve())
@@ -158,13 +163,14 @@ def _pair_image(
             return None, PairingProblem(path, f"XP counterpart not found (expected {expected}{path.suffix} beside it)")
         return SectionInput(name=stem, pp=pp_path, xp=xp_path), None
     if xp_match is not None:
-        if not needs_xp:
-            return None, PairingProblem(path, "is an XP image; this PP-only model segments PP images (skipped)")
+        # An XP image stands for its section: its PP counterpart is found beside it. A PP-only
+        # model then segments that PP image alone (and a folder of pairs is no failure).
         pp_path = _counterpart(path, xp_match, pp_pattern)
         if pp_path is None:
             expected = stem[: xp_match.start()] + pp_pattern + stem[xp_match.end() :]
-            return None, PairingProblem(path, f"PP counterpart not found (expected {expected}{path.suffix} beside it)")
-        return SectionInput(name=pp_path.stem, pp=pp_path, xp=path), None
+            needs = "" if needs_xp else "; this PP-only model segments PP images"
+            return None, PairingProblem(path, f"PP counterpart not found (expected {expected}{path.suffix} beside it){needs}")
+        return SectionInput(name=pp_path.stem, pp=pp_path, xp=path if needs_xp else None), None
     if not needs_xp:
         return SectionInput(name=stem, pp=path), None
     return None, PairingProblem(
