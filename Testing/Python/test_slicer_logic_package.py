@@ -1,0 +1,80 @@
+"""The MRML logic package itself: importable as `from ThinSectionSegmentationLib import
+ThinSectionSegmentationLogic` with the module folder on sys.path, no Qt anywhere in it, nothing
+heavy loaded at import (the module must load before its dependencies are installed), and the
+dependency check that decides whether to offer an install."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = REPO / "ThinSectionSegmentation"
+LIB = MODULE / "ThinSectionSegmentationLib"
+
+
+def imported_modules(path: Path, full: bool = False) -> set[str]:
+    """Top-level names (or full dotted names) of every absolute import, lazy ones included."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(a.name if full else a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module if full else node.module.split(".")[0])
+    return names
+
+
+def test_logic_imports_no_qt():
+    forbidden = {"qt", "ctk", "PythonQt", "PySide6", "PySide2", "PyQt5", "PyQt6"}
+    for path in LIB.glob("*.py"):
+        bad = imported_modules(path) & forbidden
+        assert not bad, f"{path.name} imports {bad}"
+        assert "slicer.ScriptedLoadableModule" not in imported_modules(path, full=True), path.name
+
+
+def test_worker_and_jobs_need_neither_slicer_nor_vtk():
+    """worker.py runs jobs.py in Slicer's Python as a plain script: core library only."""
+    for name in ("worker.py", "jobs.py", "process.py", "models.py", "parameters.py"):
+        bad = imported_modules(LIB / name) & {"slicer", "vtk", "qt", "ctk"}
+        assert not bad, f"{name} imports {bad}"
+
+
+def test_package_imports_in_a_fresh_interpreter_without_loading_heavy_modules():
+    pytest.importorskip("slicer")
+    code = (
+        "import sys\n"
+        "from ThinSectionSegmentationLib import ThinSectionSegmentationLogic\n"
+        "import slicer\n"
+        "logic = ThinSectionSegmentationLogic(slicer.vtkMRMLScene())\n"
+        "logic.getParameterNode()\n"
+        "heavy = [m for m in ('torch', 'monai', 'netCDF4', 'SimpleITK', 'xarray', 'qt', 'PySide6') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(MODULE))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(REPO))
+
+
+def test_missing_requirements_are_detected_by_name_and_version():
+    from ThinSectionSegmentationLib import dependencies
+
+    assert dependencies.missing_requirements() == []  # the test environment has the core installed
+    assert not dependencies.torch_missing()
+    wanted = [("numpy", "numpy>=1.0"), ("numpy", "numpy>=9999"), ("surely_not_installed_xyz", "surely-not-installed-xyz>=1")]
+    assert dependencies.missing_requirements(wanted) == ["numpy>=9999", "surely-not-installed-xyz>=1"]
+    text = dependencies.describe(["monai>=1.4", "netCDF4>=1.6"], torch_needed=True)
+    assert "PyTorch, monai, netCDF4" in text
+
+
+def test_requirements_mirror_pyproject():
+    import re
+
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    block = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
+    declared = {re.split(r"[<>=!~ ]", r.strip().strip('",'))[0].lower() for r in block.splitlines() if r.strip().strip('",')}
+    from ThinSectionSegmentationLib import dependencies
+
+    ours = {re.split(r"[<>=!~ ]", req)[0].lower() for _name, req in dependencies.REQUIREMENTS} | {"torch"}
+    assert ours == declared

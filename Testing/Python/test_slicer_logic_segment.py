@@ -1,0 +1,168 @@
+"""MRML logic on a real scene: segment() in-process, the result nodes (labelmap named after
+the input with the class colour table, confidence, segmentation, area table and bar chart, the
+input's folder, the slice views), the model list with cards, and segmentFiles() batches."""
+
+import json
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+from helpers import make_bundle, section_images, write_pair  # noqa: E402
+from thinseg.errors import ThinSegError  # noqa: E402
+from thinseg.inference.engine import Cancelled  # noqa: E402
+from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, volumes  # noqa: E402
+
+MM = 0.00132
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    make_bundle(root / "ThinSectionEnv" / "tiny-ppxp", inputs=("PP", "PX"), title="Tiny PP+XP")
+    make_bundle(root / "ThinSectionEnv" / "tiny-pp", inputs=("PP",), title="Tiny PP only")
+    return root
+
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    s.AddNewNodeByClass("vtkMRMLSliceCompositeNode")  # what a slice view observes
+    return s
+
+
+def pair(scene, name="S1", h=80, w=96):
+    pp, xp = section_images(h, w, seed=3)
+    folder = hierarchy.create_folder(scene, f"{name} folder")
+    nodes = []
+    for role, image in (("PP", pp), ("XP", xp)):
+        node = volumes.create_rgb_volume(scene, f"{name}_{role}", image, MM)
+        hierarchy.place(node, folder)
+        nodes.append(node)
+    return nodes[0], nodes[1], folder
+
+
+def test_segment_returns_a_labelmap_named_after_the_input_with_its_results(scene, model_root):
+    pp, xp, folder = pair(scene)
+    logic = ThinSectionSegmentationLogic(scene)
+    labelmap = logic.segment(pp, xp, model_root / "ThinSectionEnv" / "tiny-ppxp", confidence=True, createSegmentation=True)
+    from thinseg.model.bundle import load_bundle
+
+    table = load_bundle(model_root / "ThinSectionEnv" / "tiny-ppxp").class_table
+    assert labelmap.GetName() == "S1_Segmentation"
+    labels = volumes.label_array(labelmap)
+    assert labels.shape == (80, 96) and labels.max() <= len(table)
+    assert labelmaps.labelmap_class_table(labelmap) == table
+    assert volumes.node_geometry(labelmap).spacing == volumes.node_geometry(pp).spacing
+    assert labelmap.GetNodeReference(labelmaps.PP_REFERENCE) is pp
+    assert labelmap.GetNodeReference(labelmaps.XP_REFERENCE) is xp
+    out = logic.lastSegmentation
+    # everything lands in the input's folder
+    for node in (labelmap, out.table, out.chart, out.confidence, out.segmentation):
+        assert hierarchy.parent_item(node) == folder, node.GetName()
+    # area fractions: one row per class, percentages of the classified area
+    vtable = out.table.GetTable()
+    assert vtable.GetNumberOfRows() == len(table)
+    assert [vtable.GetValue(r, 0).ToString() for r in range(len(table))] == table.names
+    counts = np.bincount(labels.ravel(), minlength=len(table) + 1)[1:]
+    percent = [vtable.GetValue(r, 1).ToDouble() for r in range(len(table))]
+    assert percent == pytest.approx(100 * counts / counts.sum())
+    assert sum(percent) == pytest.approx(100)
+    assert [vtable.GetValue(r, 3).ToDouble() for r in range(len(table))] == list(counts)
+    series = scene.GetNodeByID(out.chart.GetNthPlotSeriesNodeID(0))
+    assert series.GetPlotType() == series.PlotTypeBar and series.GetTableNode() is out.table
+    # shown over PP in the slice views
+    composite = scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
+    assert composite.GetBackgroundVolumeID() == pp.GetID() and composite.GetLabelVolumeID() == labelmap.GetID()
+    # confidence: max probability x 255 on the PP grid; segmentation: one segment per class
+    conf = volumes.scalar_array(out.confidence)
+    assert conf.shape == labels.shape and conf.dtype == np.uint8 and conf.max() > 0
+    assert labelmaps.segmentation_class_table(out.segmentation) == table
+
+
+def test_existing_output_node_is_filled_and_results_are_reused(scene, model_root):
+    pp, xp, _ = pair(scene)
+    logic = ThinSectionSegmentationLogic(scene)
+    output = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "my result")
+    first = logic.segment(pp, xp, model_root / "ThinSectionEnv" / "tiny-ppxp", outputNode=output)
+    table_node = logic.lastSegmentation.table
+    again = logic.segment(pp, xp, model_root / "ThinSectionEnv" / "tiny-ppxp", outputNode=output)
+    assert first is output and again is output and output.GetName() == "my result"
+    assert logic.lastSegmentation.table is table_node  # the area table is updated, not duplicated
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
+
+
+def test_pp_only_models_need_no_xp_and_pp_xp_models_say_so(scene, model_root):
+    pp, _xp, _ = pair(scene)
+    logic = ThinSectionSegmentationLogic(scene)
+    labelmap = logic.segment(pp, None, model_root / "ThinSectionEnv" / "tiny-pp")
+    assert volumes.label_array(labelmap).shape == (80, 96)
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(ThinSegError, match="needs an XP image"):
+        logic.segment(pp, None, model_root / "ThinSectionEnv" / "tiny-ppxp")
+    with pytest.raises(ThinSegError, match="model folder not found"):
+        logic.segment(pp, None, model_root / "missing")
+    assert scene.GetNumberOfNodes() == before
+
+
+def test_cancel_leaves_the_scene_as_it_was(scene, model_root):
+    pp, xp, _ = pair(scene)
+    logic = ThinSectionSegmentationLogic(scene)
+    before = scene.GetNumberOfNodes()
+    seen = []
+    with pytest.raises(Cancelled):
+        logic.segment(pp, xp, model_root / "ThinSectionEnv" / "tiny-ppxp", progress=lambda d, t: seen.append((d, t)),
+                      cancel=lambda: len(seen) >= 1)
+    assert scene.GetNumberOfNodes() == before
+
+
+def test_images_without_a_pixel_size_use_the_core_default(scene, model_root):
+    pp, xp, _ = pair(scene)
+    for node in (pp, xp):
+        node.SetSpacing(1.0, 1.0, 1.0)  # what Slicer gives a JPEG
+    logic = ThinSectionSegmentationLogic(scene)
+    assert logic.imageSpacing(pp) == pytest.approx(MM)
+    assert any("no pixel size" in m for m in logic.messages)
+    assert logic.imageSpacing(pp, 0.002) == 0.002
+
+
+def test_model_list_shows_bundled_and_user_models_with_cards(model_root, tmp_path):
+    found = models.list_models([model_root])
+    titles = {m.title: m for m in found}
+    assert {"Tiny PP+XP", "Tiny PP only"} <= set(titles)
+    assert titles["Tiny PP+XP"].needs_xp and not titles["Tiny PP only"].needs_xp
+    assert titles["Tiny PP only"].classes[0] == "Calcite"
+    card = models.model_card(titles["Tiny PP+XP"])
+    assert "Tiny PP+XP" in card and "Calcite" in card and "PP, PX" in card
+    # a MODEL_CARD.md is shown as written; a broken meta.json is listed, marked, not hidden
+    other = tmp_path / "ThinSectionEnv" / "carded"
+    other.mkdir(parents=True)
+    (other / "meta.json").write_text(json.dumps({"title": "Carded", "inputs": {"PP": {}}}), encoding="utf-8")
+    (other / "model.pth").write_bytes(b"")
+    (other / "MODEL_CARD.md").write_text("# Carded model\nTrained on well B.", encoding="utf-8")
+    broken = tmp_path / "ThinSectionEnv" / "broken"
+    broken.mkdir()
+    (broken / "meta.json").write_text("{not json", encoding="utf-8")
+    (broken / "model.pth").write_bytes(b"")
+    (tmp_path / "ThinSectionEnv" / ".partial-write").mkdir()
+    listed = {m.path.name: m for m in models.list_models([tmp_path])}
+    assert "carded" in listed and "broken" in listed and ".partial-write" not in listed
+    assert models.model_card(listed["carded"]).startswith("# Carded model")
+    assert listed["broken"].problem and "unreadable" in listed["broken"].label
+    assert models.new_model_dir(tmp_path, "carded").name == "carded_1"
+
+
+def test_segment_files_batch_from_the_console(scene, model_root, tmp_path):
+    inputs = tmp_path / "in"
+    write_pair(inputs, "A_PP", "A_XP", height=64, width=80, seed=1)
+    write_pair(inputs, "B_PP", "B_XP", height=64, width=80, seed=2)
+    (inputs / "lonely_PP.png").write_bytes(b"\x89PNG broken")
+    logic = ThinSectionSegmentationLogic(scene)
+    done, failures = logic.segmentFiles([inputs], tmp_path / "out", model_root / "ThinSectionEnv" / "tiny-ppxp", load=True)
+    assert sorted(r.netcdf.name for r in done) == ["A_PP.nc", "B_PP.nc"]
+    assert len(failures) == 1 and "lonely_PP" in str(failures[0][0])
+    assert (tmp_path / "out" / "modal_mineralogy.csv").is_file()
+    names = {scene.GetNthNode(i).GetName() for i in range(scene.GetNumberOfNodes())}
+    assert {"A_PP", "A_XP", "B_PP"} <= names
+    assert logic.lastImport.pp.GetName() == "B_PP"

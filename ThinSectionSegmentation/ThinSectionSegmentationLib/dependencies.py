@@ -1,0 +1,96 @@
+"""The core's Python requirements in Slicer's Python: what is missing, and installing it.
+
+Checking is plain Python (tested). Installing needs Slicer: `slicer.packaging.pip_ensure`
+(Slicer 5.9+, which asks the user itself) where present, else one question and
+`slicer.util.pip_install`; PyTorch through the PyTorch extension's installer when available
+(it picks the CUDA/CPU build for the machine), else from PyPI.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib import metadata
+from typing import Callable, Sequence
+
+#: (import name, pip requirement), mirroring pyproject.toml's dependencies except torch.
+REQUIREMENTS: tuple[tuple[str, str], ...] = (
+    ("numpy", "numpy>=1.24"),
+    ("scipy", "scipy>=1.10"),
+    ("SimpleITK", "SimpleITK>=2.3"),
+    ("monai", "monai>=1.4"),
+    ("xarray", "xarray>=2023.1"),
+    ("netCDF4", "netCDF4>=1.6"),
+    ("tifffile", "tifffile>=2024.1"),
+    ("imagecodecs", "imagecodecs>=2024.1"),
+    ("zarr", "zarr>=3"),
+    ("PIL", "pillow>=10"),
+    ("matplotlib", "matplotlib>=3.7"),
+    ("tqdm", "tqdm>=4.60"),
+)
+TORCH = ("torch", "torch>=2.1")
+REQUESTER = "Thin Section Segmentation"
+
+
+def _satisfied(import_name: str, requirement: str) -> bool:
+    if importlib.util.find_spec(import_name) is None:
+        return False
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # no `packaging`: presence is all we can check
+        return True
+    req = Requirement(requirement)
+    try:
+        installed = metadata.version(req.name)
+    except metadata.PackageNotFoundError:
+        return True  # importable but not pip-installed (e.g. bundled with Slicer): accept
+    return req.specifier.contains(installed, prereleases=True)
+
+
+def missing_requirements(requirements: Sequence[tuple[str, str]] = REQUIREMENTS) -> list[str]:
+    """pip requirement strings that are not installed (or too old)."""
+    return [req for name, req in requirements if not _satisfied(name, req)]
+
+
+def torch_missing() -> bool:
+    return not _satisfied(*TORCH)
+
+
+def describe(missing: Sequence[str], torch_needed: bool) -> str:
+    names = (["PyTorch"] if torch_needed else []) + [m.split(">")[0].split("=")[0] for m in missing]
+    return (f"Thin Section Segmentation needs these Python packages: {', '.join(names)}.\n\n"
+            "Install them now into Slicer's Python? (This downloads them from the internet and may take "
+            "several minutes; PyTorch alone is large.)")
+
+
+def ensure_installed(confirm: Callable[[str], bool] | None = None) -> bool:
+    """Install what is missing (inside Slicer). `confirm(text)` asks the user once when
+    slicer.packaging.pip_ensure (which asks itself) is not available. True when all is there."""
+    import slicer
+
+    missing = missing_requirements()
+    torch_needed = torch_missing()
+    if not missing and not torch_needed:
+        return True
+    packaging = getattr(slicer, "packaging", None)
+    pip_ensure = getattr(packaging, "pip_ensure", None) if packaging is not None else None
+    if pip_ensure is None and confirm is not None and not confirm(describe(missing, torch_needed)):
+        return False
+    if torch_needed:
+        try:
+            import PyTorchUtils  # the PyTorch extension
+        except ImportError:
+            PyTorchUtils = None
+        if PyTorchUtils is not None:
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=pip_ensure is not None, torchVersionRequirement=TORCH[1][len("torch"):]
+            )
+            if torch is None:
+                return False
+        else:
+            missing = [TORCH[1]] + missing
+    if missing:
+        if pip_ensure is not None:
+            pip_ensure(missing, requester=REQUESTER)
+        else:
+            slicer.util.pip_install(missing)
+    return not missing_requirements() and not torch_missing()

@@ -1,0 +1,539 @@
+"""ThinSectionSegmentationLogic: the scriptable MRML logic behind the panel (no Qt).
+
+Console use (slicer.mrmlScene) or any vtkMRMLScene:
+
+    from ThinSectionSegmentationLib import ThinSectionSegmentationLogic
+    logic = ThinSectionSegmentationLogic()
+    labelmap = logic.segment(ppNode, xpNode)                      # in-process, returns the labelmap
+    transform, registered = logic.register(ppNode, qemscanNode, (ppPoints, qemscanPoints))
+    logic.exportNetcdf([ppNode, xpNode, labelmap], "/data/S12.nc")
+    nodes = logic.importNetcdf("/data/S12.nc")
+    results, failures = logic.segmentFiles(["/data/well-A"], "/data/results")
+
+The panel runs the same work in a separate process: prepareX() exports the inputs and builds
+the command (nothing in the scene changes), the widget runs it with process.BackgroundProcess
+and a timer, and finishX() imports the outputs. Cancelling is discardJob(): the scene is left
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from thinseg.errors import ThinSegError
+from thinseg.io.pairing import find_affix
+
+from . import hierarchy, jobs, models, netcdf_nodes, process, results
+from .labelmaps import (
+    create_labelmap,
+    labelmap_class_table,
+    labelmap_to_segmentation,
+    set_reference,
+)
+from .netcdf_nodes import find_pp_xp, referenced_images
+from .parameters import get_parameter_node
+from .registration_nodes import create_transform_node, landmarks_from_markups, residual_table
+from .volumes import (
+    UNKNOWN_SPACING_MM,
+    copy_geometry,
+    create_scalar_volume,
+    label_array,
+    require_thin_section_geometry,
+    rgb_array,
+)
+
+MODEL_ATTRIBUTE = "ThinSectionSegmentation.Model"
+FRACTIONS_REFERENCE = "ThinSectionSegmentation.Fractions"
+CHART_REFERENCE = "ThinSectionSegmentation.FractionsChart"
+#: Pixel size assumed for images whose file had none (Slicer then reports exactly 1 mm).
+DEFAULT_MM_PER_PIXEL = 0.00132
+
+
+def base_name(node, pp_pattern: str = "PP") -> str:
+    """Node name without the PP affix: 'S12_PP' -> 'S12' (results are named after it)."""
+    name = node.GetName()
+    match = find_affix(name, pp_pattern)
+    if match is None:
+        return name
+    head, tail = name[: match.start()].rstrip("_-. "), name[match.end():].lstrip("_-. ")
+    return "_".join(p for p in (head, tail) if p) or name
+
+
+@dataclass
+class SegmentationOutput:
+    labelmap: object
+    table: object
+    chart: object
+    confidence: object | None = None
+    segmentation: object | None = None
+
+
+@dataclass
+class RegistrationOutput:
+    transform: object
+    labelmap: object
+    residuals: object | None = None
+    warnings: list[str] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """A background job: its folder (inputs, job.json, outputs), command and what to import."""
+
+    kind: str  # "segment" | "register" | "train"
+    folder: Path
+    command: list[str]
+    info: dict = field(default_factory=dict)
+
+    def start(self) -> process.BackgroundProcess:
+        return process.BackgroundProcess(self.command, cwd=self.folder).start()
+
+
+class ThinSectionSegmentationLogic:
+    """Scene-level operations; `scene` defaults to slicer.mrmlScene."""
+
+    def __init__(self, scene=None) -> None:
+        self._scene = scene
+        self.messages: list[str] = []
+        self.lastSegmentation: SegmentationOutput | None = None
+        self.lastRegistration: RegistrationOutput | None = None
+        self.lastImport: netcdf_nodes.ImportedFile | None = None
+
+    @property
+    def scene(self):
+        if self._scene is not None:
+            return self._scene
+        import slicer
+
+        return slicer.mrmlScene
+
+    # -- parameters and models ------------------------------------------------------------------
+
+    def getParameterNode(self):
+        return get_parameter_node(self.scene)
+
+    def availableModels(self, userRoots: Iterable[str] = ()) -> list[models.ModelInfo]:
+        return models.list_models(userRoots)
+
+    def modelCard(self, modelDir) -> str:
+        return models.model_card(modelDir)
+
+    def defaultModelDir(self) -> Path:
+        from thinseg.resources import default_model_dir
+
+        return default_model_dir()
+
+    # -- shared helpers -------------------------------------------------------------------------
+
+    def imageSpacing(self, node, mmPerPixel: float | None = None) -> float:
+        """Pixel size (mm) of an image node: `mmPerPixel` if given, the node's spacing, or the
+        core's default when the node has Slicer's 1 mm placeholder (a file without pixel size)."""
+        if mmPerPixel:
+            return float(mmPerPixel)
+        geometry = require_thin_section_geometry(node, "image")
+        if abs(geometry.mm_per_pixel - UNKNOWN_SPACING_MM) < 1e-12:
+            self.messages.append(
+                f"'{node.GetName()}' has no pixel size (1 mm is Slicer's placeholder); using {DEFAULT_MM_PER_PIXEL} mm"
+            )
+            return DEFAULT_MM_PER_PIXEL
+        return geometry.mm_per_pixel
+
+    def _check_xp(self, ppNode, xpNode, needs_xp: bool, model_title: str) -> None:
+        if ppNode is None:
+            raise ThinSegError("choose a PP image")
+        if needs_xp and xpNode is None:
+            raise ThinSegError(f"model '{model_title}' needs an XP image as well as PP: choose one")
+        if needs_xp:
+            pp_dims = ppNode.GetImageData().GetDimensions() if ppNode.GetImageData() else None
+            xp_dims = xpNode.GetImageData().GetDimensions() if xpNode.GetImageData() else None
+            if pp_dims != xp_dims:
+                raise ThinSegError(
+                    f"PP '{ppNode.GetName()}' is {pp_dims[0]}x{pp_dims[1]} px but XP '{xpNode.GetName()}' is "
+                    f"{xp_dims[0]}x{xp_dims[1]} px; they must be the same size" if pp_dims and xp_dims else
+                    "the PP or XP volume holds no image"
+                )
+
+    @staticmethod
+    def _new_job_folder(kind: str, workDir=None) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"thinseg-{kind}-", dir=workDir))
+
+    @staticmethod
+    def discardJob(job: Job | None) -> None:
+        """Remove a job's folder (after import, failure or cancel)."""
+        if job is not None:
+            shutil.rmtree(job.folder, ignore_errors=True)
+
+    # -- segmentation ---------------------------------------------------------------------------
+
+    def segment(self, ppNode, xpNode=None, modelDir=None, outputNode=None, device: str = "auto",
+                confidence: bool = False, createSegmentation: bool = False, mmPerPixel: float | None = None,
+                progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
+                show: bool = True):
+        """Segment PP (+ XP) in this process; returns the labelmap node (named after the input,
+        colour table of the class names, in the input's folder, shown over PP). The area
+        fractions table/chart and optional segmentation are in `self.lastSegmentation`."""
+        from thinseg.inference.engine import InferenceOptions, Segmenter
+        from thinseg.inference.resample import ResampledSource, labels_to_grid, needs_resampling
+        from thinseg.io.images import ArraySource
+        from thinseg.model.bundle import load_bundle
+
+        from thinseg.segment import check_thin_section_model
+
+        bundle = load_bundle(modelDir or self.defaultModelDir())
+        check_thin_section_model(bundle)
+        needs_xp = len(bundle.input_names) > 1
+        self._check_xp(ppNode, xpNode, needs_xp, bundle.title)
+        spacing = self.imageSpacing(ppNode, mmPerPixel)
+        sources = [ArraySource(rgb_array(ppNode, "PP image"), name=ppNode.GetName())]
+        if needs_xp:
+            sources.append(ArraySource(rgb_array(xpNode, "XP image"), name=xpNode.GetName()))
+        options = InferenceOptions(device=device, with_confidence=confidence)
+        segmenter = Segmenter(bundle, options)
+        self.messages += segmenter.messages
+        height, width = sources[0].shape
+        run = sources
+        model_spacing = 1.0 / bundle.pixels_per_mm if bundle.pixels_per_mm else None
+        if model_spacing is not None and needs_resampling(spacing, model_spacing):
+            run = [ResampledSource(s, spacing / model_spacing) for s in sources]
+            self.messages.append(f"resampled from {spacing:g} to the model's {model_spacing:g} mm/px and back")
+        result = segmenter.segment(run, progress=progress, cancel=cancel)
+        labels, conf = result.labels, result.confidence
+        if run is not sources:
+            labels = labels_to_grid(labels, (height, width))
+            conf = labels_to_grid(conf, (height, width)) if conf is not None else None
+        return self._store_segmentation(ppNode, xpNode, labels, conf, bundle.class_table, bundle.title,
+                                        outputNode, createSegmentation, show)
+
+    def _store_segmentation(self, ppNode, xpNode, labels, conf, table, model_title, outputNode, createSegmentation, show):
+        scene = self.scene
+        base = base_name(ppNode)
+        name = outputNode.GetName() if outputNode is not None else scene.GenerateUniqueName(f"{base}_Segmentation")
+        labelmap = create_labelmap(scene, name, labels, table, reference=ppNode, node=outputNode)
+        set_reference(labelmap, ppNode, xpNode)
+        labelmap.SetAttribute(MODEL_ATTRIBUTE, model_title)
+        hierarchy.place_beside(labelmap, ppNode)
+        confidence_node = None
+        if conf is not None:
+            confidence_node = create_scalar_volume(scene, f"{base}_Confidence", conf, 1.0)
+            copy_geometry(ppNode, confidence_node)
+            hierarchy.place_beside(confidence_node, ppNode)
+        table_node = results.fractions_table(scene, labelmap, labelmap.GetNodeReference(FRACTIONS_REFERENCE), table)
+        chart_node = results.fractions_chart(scene, table_node, labelmap, labelmap.GetNodeReference(CHART_REFERENCE))
+        labelmap.SetNodeReferenceID(FRACTIONS_REFERENCE, table_node.GetID())
+        labelmap.SetNodeReferenceID(CHART_REFERENCE, chart_node.GetID())
+        for node in (table_node, chart_node):
+            hierarchy.place_beside(node, ppNode)
+        segmentation = None
+        if createSegmentation:
+            segmentation = labelmap_to_segmentation(labelmap, name=f"{name}_Segments")
+            hierarchy.place_beside(segmentation, ppNode)
+        if show:
+            results.show_labelmap(scene, ppNode, labelmap)
+        self.lastSegmentation = SegmentationOutput(labelmap, table_node, chart_node, confidence_node, segmentation)
+        return labelmap
+
+    def prepareSegmentation(self, ppNode, xpNode=None, modelDir=None, device: str = "auto", confidence: bool = False,
+                            mmPerPixel: float | None = None, workDir=None, python: str | None = None) -> Job:
+        """Export PP (+ XP) to a job folder and build the `thinseg segment` command; the scene is
+        not changed. Run with job.start(), then finishSegmentation(job)."""
+        model_dir = Path(modelDir) if modelDir else self.defaultModelDir()
+        info = models.read_model_info(model_dir)
+        if info.problem:
+            raise ThinSegError(f"not a usable model folder: {info.problem}", model_dir)
+        self._check_xp(ppNode, xpNode, info.needs_xp, info.title)
+        spacing = self.imageSpacing(ppNode, mmPerPixel)
+        folder = self._new_job_folder("segment", workDir)
+        try:
+            base = base_name(ppNode)
+            nodes = [ppNode] + ([xpNode] if info.needs_xp else [])
+            names = {ppNode.GetID(): f"{base}_PP"}
+            if info.needs_xp:
+                names[xpNode.GetID()] = f"{base}_XP"
+            source = folder / f"{jobs_safe(base)}.nc"  # the file stem names the section in the progress
+            written = netcdf_nodes.export_nodes(nodes, source, names=names, spacing={n.GetID(): spacing for n in nodes})
+            command = process.segment_command([source], folder / "output.nc", model_dir, device=device,
+                                              probabilities=confidence, python=python)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return Job("segment", folder, command, {"pp": ppNode.GetID(), "xp": xpNode.GetID() if xpNode else None,
+                                                "inputs": list(written.values()), "model": info.title})
+
+    def finishSegmentation(self, job: Job, outputNode=None, createSegmentation: bool = False, show: bool = True):
+        """Import the labelmap (and confidence map) written by the job; returns the labelmap."""
+        from thinseg.io.netcdf import list_variables, read_labelmap
+
+        out = job.folder / "output.nc"
+        variables = [v for v in list_variables(out) if v.name not in job.info["inputs"]]
+        labelmap_var = next((v for v in variables if v.kind in ("labelmap", "segmentation")), None)
+        if labelmap_var is None:
+            raise ThinSegError("the segmentation output holds no labelmap", out)
+        labels, table, _mm, _origin = read_labelmap(out, labelmap_var.name)
+        conf = None
+        conf_var = next((v for v in variables if v.kind == "scalar"), None)
+        if conf_var is not None:
+            conf = netcdf_nodes._read_scalar(out, conf_var.name)
+        ppNode = self.scene.GetNodeByID(job.info["pp"])
+        xpNode = self.scene.GetNodeByID(job.info["xp"]) if job.info.get("xp") else None
+        if ppNode is None:
+            raise ThinSegError("the PP image was removed from the scene while the segmentation ran")
+        expected = rgb_array(ppNode).shape[:2]
+        if labels.shape != expected:
+            raise ThinSegError(f"the result is {labels.shape[1]}x{labels.shape[0]} px but PP is {expected[1]}x{expected[0]}", out)
+        return self._store_segmentation(ppNode, xpNode, labels, conf, table, job.info.get("model", ""),
+                                        outputNode, createSegmentation, show)
+
+    def segmentFiles(self, paths: Sequence[str], outputDir: str, modelDir=None, device: str = "auto",
+                     probabilities: bool = False, overlay: bool = False, ppPattern: str = "PP", xpPattern: str = "XP",
+                     mmPerPixel: float = DEFAULT_MM_PER_PIXEL, overwrite: bool = False, load: bool = False,
+                     progress=None):
+        """Batch: segment image files / netCDF files / folders into `outputDir`, like `thinseg
+        segment` (one netCDF per section + modal_mineralogy.csv). Returns (results, failures);
+        with load=True each result file is imported into the scene."""
+        from thinseg.inference.engine import InferenceOptions, Segmenter
+        from thinseg.io.atomic import atomic_output, ensure_writable_dir, free_output_path
+        from thinseg.io.pairing import pair_inputs
+        from thinseg.model.bundle import load_bundle
+        from thinseg.report.fractions import fractions_csv_text
+        from thinseg.segment import SegmentOptions, check_thin_section_model, segment_sections
+
+        bundle = load_bundle(modelDir or self.defaultModelDir())
+        check_thin_section_model(bundle)
+        output = Path(outputDir)
+        ensure_writable_dir(output)
+        sections, problems = pair_inputs(list(paths), pp_pattern=ppPattern, xp_pattern=xpPattern,
+                                         needs_xp=len(bundle.input_names) > 1)
+        options = SegmentOptions(pp_pattern=ppPattern, xp_pattern=xpPattern, mm_per_pixel=mmPerPixel, overwrite=overwrite,
+                                 probabilities=probabilities, overlay=overlay,
+                                 inference=InferenceOptions(device=device, with_confidence=probabilities))
+        segmenter = Segmenter(bundle, options.inference)
+        done, failures = segment_sections(sections, segmenter, options, output, progress)
+        failures = [(p.path, p.problem) for p in problems] + [(s.primary, e.problem) for s, e in failures]
+        if done:
+            csv_path = output / "modal_mineralogy.csv"
+            csv_path = csv_path if overwrite else free_output_path(csv_path)
+            with atomic_output(csv_path) as tmp:
+                tmp.write_text(fractions_csv_text([r.mineralogy for r in done]), encoding="utf-8")
+        if load:
+            for r in done:
+                self.importNetcdf(r.netcdf)
+        return done, failures
+
+    # -- registration ---------------------------------------------------------------------------
+
+    def loadQemscan(self, path, colorTable=None, mmPerPixel: float | None = None, name: str | None = None,
+                    background: str | None = None):
+        """A QEMSCAN map (RGB/paletted/label TIFF or PNG, or netCDF) as a labelmap with its mineral
+        colour table (GeoSlicer's QEMSCAN colours when none is given). Pixel size: `mmPerPixel`,
+        else the file's, else 0.01 mm (GeoSlicer's QEMSCAN default)."""
+        from thinseg.registration import load_qemscan
+
+        qemscan = load_qemscan(path, colorTable, background=background)
+        spacing = mmPerPixel or qemscan.mm_per_pixel or 0.01
+        node = create_labelmap(self.scene, name or Path(path).stem, qemscan.labels, qemscan.table, spacing)
+        node.SetAttribute("ThinSectionSegmentation.QemscanFile", str(path))
+        return node
+
+    def _landmarks(self, landmarks, ppNode, qemscanNode):
+        """(imagePoints, qemscanPoints) markups, LandmarkPairs or (qemscan_px, image_px) arrays."""
+        if landmarks is None:
+            return None
+        from thinseg.registration import LandmarkPairs
+
+        if isinstance(landmarks, LandmarkPairs):
+            return landmarks
+        first, second = landmarks
+        if hasattr(first, "GetNumberOfControlPoints"):
+            return landmarks_from_markups(first, second, ppNode, qemscanNode)
+        return LandmarkPairs(np.asarray(first, dtype=np.float64).reshape(-1, 2), np.asarray(second, dtype=np.float64).reshape(-1, 2))
+
+    def register(self, ppNode, qemscanNode, landmarks=None, refine: bool = True, xpNode=None, kind: str = "similarity",
+                 bspline: bool = False, mmPerPixel: float | None = None, progress: Callable[[str], None] | None = None):
+        """Register a QEMSCAN labelmap to PP in this process. `landmarks`: None (automatic search),
+        (PP point list, QEMSCAN point list) markups pairing by order, or the core's LandmarkPairs.
+        Returns (transform node, QEMSCAN labelmap resampled onto the PP grid)."""
+        if ppNode is None or qemscanNode is None:
+            raise ThinSegError("choose a PP image and a QEMSCAN map")
+        pairs = self._landmarks(landmarks, ppNode, qemscanNode)
+        pp = rgb_array(ppNode, "PP image")
+        xp = rgb_array(xpNode, "XP image") if xpNode is not None else None
+        table = labelmap_class_table(qemscanNode)
+        q_geometry = require_thin_section_geometry(qemscanNode, "QEMSCAN map")
+        result = jobs.register_arrays(pp, xp, label_array(qemscanNode, "QEMSCAN map"), table,
+                                      image_mm_per_pixel=self.imageSpacing(ppNode, mmPerPixel),
+                                      qemscan_mm_per_pixel=q_geometry.mm_per_pixel, landmarks=pairs, kind=kind,
+                                      refine=refine, bspline=bspline, progress=progress)
+        report = result.landmark_fit.report() if result.landmark_fit is not None else None
+        summary = {"warnings": result.warnings, "landmarks": report, "metric_final": result.metric_final,
+                   "overlap": result.overlap, "kind": result.transform.kind}
+        return self._store_registration(ppNode, xpNode, qemscanNode, result.transform, result.labels, result.table,
+                                        report, summary)
+
+    def _store_registration(self, ppNode, xpNode, qemscanNode, transform, labels, table, report, summary):
+        scene = self.scene
+        base = base_name(ppNode)
+        transform_node = create_transform_node(scene, f"{qemscanNode.GetName()}_to_{base}", transform, ppNode, qemscanNode)
+        labelmap = create_labelmap(scene, scene.GenerateUniqueName(f"{qemscanNode.GetName()}_registered"), labels, table,
+                                   reference=ppNode)
+        set_reference(labelmap, ppNode, xpNode)
+        for node in (transform_node, labelmap):
+            hierarchy.place_beside(node, ppNode)
+        residuals = None
+        if report:
+            residuals = residual_table(scene, f"{base} landmark residuals", report, self.imageSpacing(ppNode))
+            hierarchy.place_beside(residuals, ppNode)
+        self.lastRegistration = RegistrationOutput(transform_node, labelmap, residuals, list(summary.get("warnings") or []), summary)
+        return transform_node, labelmap
+
+    def prepareRegistration(self, ppNode, qemscanNode, landmarks=None, refine: bool = True, xpNode=None,
+                            kind: str = "similarity", bspline: bool = False, mmPerPixel: float | None = None,
+                            workDir=None, python: str | None = None) -> Job:
+        """Export PP/XP/QEMSCAN and the landmark pixels to a job folder for worker.py."""
+        if ppNode is None or qemscanNode is None:
+            raise ThinSegError("choose a PP image and a QEMSCAN map")
+        if landmarks is None and not refine:
+            raise ThinSegError("without landmarks the automatic refinement is needed (add landmarks or tick 'Refine')")
+        pairs = self._landmarks(landmarks, ppNode, qemscanNode)
+        labelmap_class_table(qemscanNode)  # fail now, not in the process, if it has no colour table
+        spacing = self.imageSpacing(ppNode, mmPerPixel)
+        folder = self._new_job_folder("register", workDir)
+        try:
+            base = base_name(ppNode)
+            nodes = [ppNode, qemscanNode] + ([xpNode] if xpNode is not None else [])
+            names = {ppNode.GetID(): f"{base}_PP", qemscanNode.GetID(): "QEMSCAN"}
+            if xpNode is not None:
+                names[xpNode.GetID()] = f"{base}_XP"
+            written = netcdf_nodes.export_nodes(nodes, folder / "input.nc", names=names,
+                                                spacing={ppNode.GetID(): spacing, **({xpNode.GetID(): spacing} if xpNode else {})})
+            job = {
+                "input": "input.nc", "pp": written[ppNode.GetID()], "qemscan": written[qemscanNode.GetID()],
+                "xp": written.get(xpNode.GetID()) if xpNode is not None else None,
+                "image_mm_per_pixel": spacing, "kind": kind, "refine": bool(refine), "bspline": bool(bspline),
+                "output": "output.nc", "name": "registered",
+                "landmarks": None if pairs is None else {"qemscan_px": pairs.qemscan_px.tolist(),
+                                                         "image_px": pairs.image_px.tolist(), "names": list(pairs.names)},
+            }
+            jobs.write_json(folder / "job.json", job)
+            command = process.worker_command("register", folder / "job.json", python=python)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return Job("register", folder, command, {"pp": ppNode.GetID(), "xp": xpNode.GetID() if xpNode else None,
+                                                 "qemscan": qemscanNode.GetID()})
+
+    def finishRegistration(self, job: Job):
+        """Import the worker's transform and registered labelmap; returns (transform, labelmap)."""
+        from thinseg.io.netcdf import read_labelmap
+        from thinseg.registration.output import load_transform
+
+        transform = load_transform(job.folder / "transform.json")
+        labels, table, _mm, _origin = read_labelmap(job.folder / "output.nc", "registered")
+        summary = json.loads((job.folder / "summary.json").read_text(encoding="utf-8"))
+        nodes = [self.scene.GetNodeByID(job.info[k]) if job.info.get(k) else None for k in ("pp", "xp", "qemscan")]
+        if nodes[0] is None or nodes[2] is None:
+            raise ThinSegError("the PP image or the QEMSCAN map was removed from the scene while registering")
+        return self._store_registration(nodes[0], nodes[1], nodes[2], transform, labels, table,
+                                        summary.get("landmarks"), summary)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def trainingSectionNodes(self, labelmapNode, ppPattern: str = "PP") -> tuple:
+        """(PP, XP, labelmap) of a registered labelmap: its references, else affix matches in its folder."""
+        pp, xp = referenced_images(labelmapNode)
+        if pp is None:
+            siblings = hierarchy.children_nodes(self.scene, hierarchy.parent_item(labelmapNode))
+            pp, xp_found = find_pp_xp(siblings, ppPattern)
+            xp = xp or xp_found
+        if pp is None:
+            raise ThinSegError(f"no PP image is known for '{labelmapNode.GetName()}': register it first, or put it in "
+                               "the folder of its PP image")
+        return pp, xp, labelmapNode
+
+    def prepareTraining(self, sections: Sequence, modelName: str, modelsRoot=None, epochs: int = 20,
+                        initFrom=None, device: str = "auto", patchSize: int = 256, batchSize: int = 8,
+                        stepsPerEpoch: int = 200, valFraction: float = 0.2, workDir=None, python: str | None = None,
+                        **options) -> Job:
+        """Sections: registered labelmap nodes (their PP/XP found via references) and/or GeoSlicer
+        netCDF files. The new model goes to <modelsRoot>/ThinSectionEnv/<modelName> (numbered if taken)."""
+        if not sections:
+            raise ThinSegError("choose at least one registered section (a labelmap on a PP image, or a netCDF file)")
+        root = Path(modelsRoot) if modelsRoot else models.default_user_models_root()
+        model_dir = models.new_model_dir(root, modelName)
+        folder = self._new_job_folder("train", workDir)
+        try:
+            files, have_xp = [], True
+            for i, item in enumerate(sections):
+                if isinstance(item, (str, os.PathLike)):
+                    files.append(str(Path(item).resolve()))
+                    continue
+                pp, xp, labelmap = self.trainingSectionNodes(item)
+                have_xp = have_xp and xp is not None
+                base = base_name(pp)
+                names = {pp.GetID(): f"{base}_PP", labelmap.GetID(): f"{base}_labels"}
+                if xp is not None:
+                    names[xp.GetID()] = f"{base}_XP"
+                spacing = self.imageSpacing(pp)
+                nodes = [pp, labelmap] + ([xp] if xp is not None else [])
+                target = folder / f"{i:03d}_{jobs_safe(base)}.nc"
+                netcdf_nodes.export_nodes(nodes, target, names=names, spacing={n.GetID(): spacing for n in nodes})
+                files.append(target.name)
+            job = {"sections": files, "run_dir": str(root / "runs" / model_dir.name), "model_dir": str(model_dir),
+                   "model_name": model_dir.name, "title": modelName, "epochs": int(epochs), "device": device,
+                   "patch_size": int(patchSize), "batch_size": int(batchSize), "steps_per_epoch": int(stepsPerEpoch),
+                   "val_fraction": float(valFraction), "init_from": str(initFrom) if initFrom else None,
+                   "description": f"Trained in Thin Section Segmentation on {len(files)} section(s)."}
+            if not initFrom and not have_xp:
+                job["inputs"] = ["PP"]
+            job.update(options)
+            jobs.write_json(folder / "job.json", job)
+            command = process.worker_command("train", folder / "job.json", python=python)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return Job("train", folder, command, {"model_dir": str(model_dir)})
+
+    def finishTraining(self, job: Job) -> Path:
+        """The new model's folder (it is now listed by availableModels)."""
+        summary = json.loads((job.folder / "summary.json").read_text(encoding="utf-8"))
+        return Path(summary["model_dir"])
+
+    def train(self, sections: Sequence, modelName: str, modelsRoot=None, **options) -> Path:
+        """Train in this process (blocking; for the console); returns the new model folder."""
+        job = self.prepareTraining(sections, modelName, modelsRoot, **options)
+        try:
+            spec = json.loads((job.folder / "job.json").read_text(encoding="utf-8"))
+            jobs.run_train_job(spec, job.folder, emit=lambda *a, **k: None)
+            return self.finishTraining(job)
+        finally:
+            self.discardJob(job)
+
+    def trainingCurve(self, epochs, tableNode=None, chartNode=None, name: str = "Training"):
+        return results.training_curve(self.scene, epochs, tableNode, chartNode, name)
+
+    # -- netCDF ---------------------------------------------------------------------------------
+
+    def exportNetcdf(self, nodes: Sequence, path) -> dict:
+        """Write nodes (images, labelmaps, segmentations) to a GeoSlicer netCDF file; returns
+        node ID -> variable name."""
+        return netcdf_nodes.export_nodes(nodes, path)
+
+    def importNetcdf(self, path, ppPattern: str = "PP", xpPatterns: Sequence[str] = ("XP", "PX")) -> list:
+        """Create nodes for the file's variables (in a folder named after it); returns them. The
+        PP/XP images found by affix are in `self.lastImport.pp` / `.xp`."""
+        self.lastImport = netcdf_nodes.import_netcdf(self.scene, path, ppPattern, xpPatterns)
+        return list(self.lastImport.nodes)
+
+
+def jobs_safe(name: str) -> str:
+    """A file-name-safe version of a node name."""
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")
+    return keep or "section"

@@ -1,0 +1,164 @@
+"""The model selector's list: the bundled model plus user model folders, with their cards.
+
+Models follow GeoSlicer's tag-folder layout: `<root>/ThinSectionEnv/<model>/{meta.json,
+model.pth}`. Listing reads `meta.json` only and imports no torch (the panel lists models before
+the dependencies are installed), so a broken `model.pth` shows up in the list and fails with the
+core's one-line message when used. `find_model_folders` follows thinseg.model.bundle.find_bundles
+(same rules), without importing it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from thinseg.resources import default_model_dir, models_root
+
+#: As in thinseg.model.bundle (which imports torch).
+META_FILE = "meta.json"
+WEIGHTS_FILE = "model.pth"
+THIN_SECTION_TAG = "ThinSectionEnv"
+
+CARD_FILES = ("MODEL_CARD.md", "README.md")
+#: Environment variable with extra model roots (os.pathsep-separated), for scripted use.
+USER_ROOTS_ENV = "THINSEG_MODEL_ROOTS"
+
+
+def default_user_models_root() -> Path:
+    """Where trained models go unless the user picks another folder."""
+    return Path.home() / "ThinSectionSegmentation" / "Models"
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    title: str
+    description: str
+    inputs: list[str]
+    classes: list[str]
+    colors: list[str]
+    pixels_per_mm: float | None
+    bundled: bool = False
+    problem: str | None = None  # meta.json unreadable: listed, but marked
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """Text for the model selector."""
+        suffix = " (bundled)" if self.bundled else ""
+        return f"{self.title}{suffix}" if not self.problem else f"{self.path.name} (unreadable meta.json)"
+
+    @property
+    def needs_xp(self) -> bool:
+        return len(self.inputs) > 1
+
+
+def read_model_info(path: str | os.PathLike[str], bundled: bool = False) -> ModelInfo:
+    path = Path(path)
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        return ModelInfo(path, path.name, "", [], [], [], None, bundled, problem=str(error))
+    outputs = meta.get("outputs") if isinstance(meta.get("outputs"), dict) else {}
+    first = next(iter(outputs.values()), {}) if outputs else {}
+    first = first if isinstance(first, dict) else {}
+    inputs = list(meta.get("inputs", {}).keys()) if isinstance(meta.get("inputs"), dict) else []
+    ppm = meta.get("pixels_per_mm")
+    return ModelInfo(
+        path=path,
+        title=str(meta.get("title") or path.name),
+        description=str(meta.get("description") or ""),
+        inputs=[str(i) for i in inputs],
+        classes=[str(c) for c in first.get("class_names", []) or []],
+        colors=[str(c) for c in first.get("class_colors", []) or []],
+        pixels_per_mm=float(ppm) if isinstance(ppm, (int, float)) and not isinstance(ppm, bool) else None,
+        bundled=bundled,
+        extra={k: v for k, v in meta.items() if k in ("training", "thinseg")},
+    )
+
+
+def find_model_folders(root: str | os.PathLike[str], tags: Iterable[str] | None = (THIN_SECTION_TAG,)) -> list[Path]:
+    """Folders under `root` holding meta.json and model.pth whose parent is named by a tag;
+    hidden folders (temporary writes) skipped; sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    wanted = set(tags) if tags is not None else None
+    found = []
+    for folder in [root, *root.rglob("*")]:
+        if not folder.is_dir() or any(part.startswith(".") for part in folder.relative_to(root).parts):
+            continue
+        if wanted is not None and folder.parent.name not in wanted:
+            continue
+        if (folder / META_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+            found.append(folder)
+    return sorted(found)
+
+
+def model_roots(user_roots: Iterable[str | os.PathLike[str]] = ()) -> list[Path]:
+    """The bundled models root, then user roots (given, then $THINSEG_MODEL_ROOTS), deduplicated."""
+    roots = [models_root()]
+    roots += [Path(r).expanduser() for r in user_roots if str(r).strip()]
+    roots += [Path(r).expanduser() for r in os.environ.get(USER_ROOTS_ENV, "").split(os.pathsep) if r.strip()]
+    out, seen = [], set()
+    for root in roots:
+        key = os.path.normcase(str(root.resolve()) if root.exists() else str(root))
+        if key not in seen:
+            seen.add(key)
+            out.append(root)
+    return out
+
+
+def list_models(user_roots: Iterable[str | os.PathLike[str]] = ()) -> list[ModelInfo]:
+    """Every thin-section model under the roots; the bundled model first."""
+    bundled_root = models_root()
+    found: list[ModelInfo] = []
+    seen = set()
+    for root in model_roots(user_roots):
+        for path in find_model_folders(root):
+            key = os.path.normcase(str(path.resolve()))
+            if key in seen:
+                continue
+            seen.add(key)
+            found.append(read_model_info(path, bundled=(root == bundled_root)))
+    default = default_model_dir()
+    found.sort(key=lambda m: (not m.bundled, m.path != default, m.title.lower()))
+    return found
+
+
+def model_card(info: ModelInfo | str | os.PathLike[str]) -> str:
+    """Markdown shown under the selector: the folder's MODEL_CARD.md, else a summary of meta.json."""
+    if not isinstance(info, ModelInfo):
+        info = read_model_info(info)
+    for name in CARD_FILES:
+        card = info.path / name
+        if card.is_file():
+            try:
+                return card.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                break
+    if info.problem:
+        return f"**{info.path.name}**\n\nmeta.json could not be read: {info.problem}"
+    lines = [f"**{info.title}**", ""]
+    if info.description:
+        lines += [info.description, ""]
+    lines.append(f"- Inputs: {', '.join(info.inputs) or 'unknown'}")
+    if info.pixels_per_mm:
+        lines.append(f"- Trained at {1000.0 / info.pixels_per_mm:.3g} um per pixel")
+    lines.append(f"- Classes: {', '.join(info.classes) or 'unknown'}")
+    lines.append(f"- Folder: `{info.path}`")
+    return "\n".join(lines)
+
+
+def new_model_dir(root: str | os.PathLike[str], name: str) -> Path:
+    """`<root>/ThinSectionEnv/<name>` (GeoSlicer finds it there), numbered if taken."""
+    from thinseg.io.atomic import free_output_path
+    from thinseg.io.netcdf import sanitize_name
+
+    safe = sanitize_name(name).strip("_") or "model"
+    return free_output_path(Path(root) / THIN_SECTION_TAG / safe)

@@ -1,0 +1,177 @@
+"""Registration in scene terms: landmark point lists -> pixel pairs, the core's transform ->
+a transform node, landmark residuals -> a table node (no Qt).
+
+The core's transform maps PP image mm to QEMSCAN mm, with mm = spacing * (column, row) from
+the centre of pixel (0, 0). Scene nodes may sit anywhere in RAS, so every conversion goes
+through each volume's own IJK<->RAS matrix: origins, spacings and GeoSlicer's flipped
+directions are all honoured.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import vtk
+
+from thinseg.errors import ThinSegError
+
+from .volumes import require_thin_section_geometry
+
+
+def _matrix(vtk_matrix) -> np.ndarray:
+    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _vtk_matrix(array: np.ndarray):
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r, c]))
+    return m
+
+
+def ijk_to_ras(volume) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    return _matrix(m)
+
+
+def world_to_pixel(volume, points_ras: np.ndarray) -> np.ndarray:
+    """(n, 3) world RAS points -> (n, 2) (column, row) pixel positions on `volume` (through its
+    parent transform, if any)."""
+    points = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3)
+    parent = volume.GetParentTransformNode()
+    if parent is not None:
+        from_world = vtk.vtkGeneralTransform()
+        parent.GetTransformFromWorld(from_world)
+        points = np.array([from_world.TransformPoint(*p) for p in points]).reshape(-1, 3)
+    ras_to_ijk = np.linalg.inv(ijk_to_ras(volume))
+    ijk = (ras_to_ijk @ np.c_[points, np.ones(len(points))].T).T
+    return ijk[:, :2]
+
+
+def markup_points(markups) -> tuple[np.ndarray, list[str]]:
+    """World positions (n, 3) and labels of a point list's control points."""
+    n = markups.GetNumberOfControlPoints()
+    points = np.zeros((n, 3))
+    for i in range(n):
+        markups.GetNthControlPointPositionWorld(i, points[i])
+    return points, [markups.GetNthControlPointLabel(i) or str(i + 1) for i in range(n)]
+
+
+def landmarks_from_markups(image_markups, qemscan_markups, pp_node, qemscan_node):
+    """Pairs (k-th image point <-> k-th QEMSCAN point) in pixels, as the core's LandmarkPairs."""
+    from thinseg.registration import LandmarkPairs
+
+    if image_markups is None or qemscan_markups is None:
+        raise ThinSegError("landmarks need two point lists: one on the PP image, one on the QEMSCAN map")
+    image_ras, names = markup_points(image_markups)
+    qemscan_ras, _ = markup_points(qemscan_markups)
+    if len(image_ras) != len(qemscan_ras):
+        raise ThinSegError(
+            f"'{image_markups.GetName()}' has {len(image_ras)} points but '{qemscan_markups.GetName()}' has "
+            f"{len(qemscan_ras)}: landmarks pair up by order, so both lists need the same number"
+        )
+    return LandmarkPairs(world_to_pixel(qemscan_node, qemscan_ras), world_to_pixel(pp_node, image_ras), names)
+
+
+def ras_matrix(section_transform, pp_node, qemscan_node) -> np.ndarray:
+    """4x4 PP RAS -> QEMSCAN RAS matrix of a linear core transform (Slicer's "from parent"
+    matrix of a transform node put above the QEMSCAN volume)."""
+    from thinseg.registration.transforms import linear_matrix
+
+    m = linear_matrix(section_transform.itk)
+    if m is None:
+        raise ValueError("the transform is not linear; use grid_transform_node")
+    g = section_transform.geometry
+    t4 = np.eye(4)
+    t4[:2, :2], t4[:2, 3] = m[:2, :2], m[:2, 2]
+    to_mm = np.diag([g.image_mm_per_pixel, g.image_mm_per_pixel, 1.0, 1.0])
+    to_px = np.diag([1.0 / g.qemscan_mm_per_pixel, 1.0 / g.qemscan_mm_per_pixel, 1.0, 1.0])
+    full = ijk_to_ras(qemscan_node) @ to_px @ t4 @ to_mm @ np.linalg.inv(ijk_to_ras(pp_node))
+    full[2, :] = (0.0, 0.0, 1.0, 0.0)  # the transform is in-plane: S is left as it is
+    return full
+
+
+def create_transform_node(scene, name: str, section_transform, pp_node, qemscan_node, grid_points: int = 64):
+    """A linear transform node for similarity/affine results, else a grid transform node sampled
+    on the PP image (grid_points x grid_points). Put the QEMSCAN volume under it to see it on PP."""
+    require_thin_section_geometry(pp_node, "PP image")
+    require_thin_section_geometry(qemscan_node, "QEMSCAN map")
+    if section_transform.is_linear:
+        node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+        node.SetMatrixTransformFromParent(_vtk_matrix(ras_matrix(section_transform, pp_node, qemscan_node)))
+        return node
+    return _grid_transform_node(scene, name, section_transform, pp_node, qemscan_node, grid_points)
+
+
+def _grid_transform_node(scene, name, section_transform, pp_node, qemscan_node, n: int):
+    from vtk.util import numpy_support
+
+    import slicer
+
+    dims = pp_node.GetImageData().GetDimensions()
+    width, height = dims[0], dims[1]
+    nx, ny = max(2, min(n, width)), max(2, min(n, height))
+    cols, rows = np.linspace(0, width - 1, nx), np.linspace(0, height - 1, ny)
+    jj, ii = np.meshgrid(rows, cols, indexing="ij")
+    pixels = np.stack([ii.ravel(), jj.ravel()], axis=1)
+    q_px = section_transform.map_image_px(pixels)
+    to_ras_pp, to_ras_q = ijk_to_ras(pp_node), ijk_to_ras(qemscan_node)
+    world = (to_ras_pp @ np.c_[pixels, np.zeros(len(pixels)), np.ones(len(pixels))].T).T[:, :3]
+    local = (to_ras_q @ np.c_[q_px, np.zeros(len(q_px)), np.ones(len(q_px))].T).T[:, :3]
+    displacement = local - world
+    displacement[:, 2] = 0.0
+    # two identical slices, so that interpolation along S is defined
+    field = np.concatenate([displacement, displacement]).astype(np.float64)
+    image = vtk.vtkImageData()
+    spacing_pp = pp_node.GetSpacing()
+    step_x = spacing_pp[0] * (width - 1) / (nx - 1)
+    step_y = spacing_pp[1] * (height - 1) / (ny - 1)
+    origin = pp_node.GetOrigin()
+    image.SetOrigin(origin[0], origin[1], origin[2] - 0.5)
+    image.SetSpacing(step_x, step_y, 1.0)
+    image.SetDimensions(nx, ny, 2)
+    vectors = numpy_support.numpy_to_vtk(field, deep=True)
+    vectors.SetNumberOfComponents(3)
+    image.GetPointData().SetScalars(vectors)
+    grid = slicer.vtkOrientedGridTransform()
+    directions = vtk.vtkMatrix4x4()
+    pp_node.GetIJKToRASDirectionMatrix(directions)
+    grid.SetGridDirectionMatrix(directions)
+    grid.SetDisplacementGridData(image)
+    grid.SetInterpolationModeToCubic()
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+    node.SetAndObserveTransformFromParent(grid)
+    return node
+
+
+def residual_table(scene, name: str, report, mm_per_pixel: float, table_node=None):
+    """A table of per-landmark residuals (image px and um), leave-one-out and outlier flags;
+    `report`: LandmarkFit.report() rows (or the LandmarkFit)."""
+    rows = report.report() if hasattr(report, "report") else list(report)
+    if table_node is None:
+        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    table = table_node.GetTable()
+    table.Initialize()
+    columns = [
+        ("Landmark", vtk.vtkStringArray()),
+        ("Residual (px)", vtk.vtkDoubleArray()),
+        ("Residual (um)", vtk.vtkDoubleArray()),
+        ("Leave-one-out (px)", vtk.vtkDoubleArray()),
+        ("Outlier", vtk.vtkStringArray()),
+    ]
+    for title, array in columns:
+        array.SetName(title)
+        table.AddColumn(array)
+    for row in rows:
+        loo = row["leave_one_out_px"]
+        table.InsertNextBlankRow()
+        r = table.GetNumberOfRows() - 1
+        table.SetValue(r, 0, vtk.vtkVariant(str(row["name"])))
+        table.SetValue(r, 1, vtk.vtkVariant(float(row["residual_px"])))
+        table.SetValue(r, 2, vtk.vtkVariant(float(row["residual_px"]) * mm_per_pixel * 1000.0))
+        table.SetValue(r, 3, vtk.vtkVariant(float("nan") if loo is None else float(loo)))
+        table.SetValue(r, 4, vtk.vtkVariant("yes" if row["outlier"] else ""))
+    table.Modified()
+    table_node.Modified()
+    return table_node
