@@ -3,7 +3,7 @@
 Models follow GeoSlicer's tag-folder layout: `<root>/ThinSectionEnv/<model>/{meta.json,
 model.pth}`. Listing reads `meta.json` only and imports no torch (the panel lists models before
 the dependencies are installed), so a broken `model.pth` shows up in the list and fails with the
-core's one-line message when used. `find_model_folders` follows thinseg.model.bundle.find_bundles
+core's one-line message when used. model folders are found with thinseg.model_folders.find_bundles
 (same rules), without importing it.
 """
 
@@ -15,12 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from thinseg.model_folders import META_FILE, THIN_SECTION_TAG, find_bundles
 from thinseg.resources import default_model_dir, models_root
 
 #: As in thinseg.model.bundle (which imports torch).
-META_FILE = "meta.json"
-WEIGHTS_FILE = "model.pth"
-THIN_SECTION_TAG = "ThinSectionEnv"
 
 CARD_FILES = ("MODEL_CARD.md", "README.md")
 #: Environment variable with extra model roots (os.pathsep-separated), for scripted use.
@@ -82,24 +80,6 @@ def read_model_info(path: str | os.PathLike[str], bundled: bool = False) -> Mode
     )
 
 
-def find_model_folders(root: str | os.PathLike[str], tags: Iterable[str] | None = (THIN_SECTION_TAG,)) -> list[Path]:
-    """Folders under `root` holding meta.json and model.pth whose parent is named by a tag;
-    hidden folders (temporary writes) skipped; sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    wanted = set(tags) if tags is not None else None
-    found = []
-    for folder in [root, *root.rglob("*")]:
-        if not folder.is_dir() or any(part.startswith(".") for part in folder.relative_to(root).parts):
-            continue
-        if wanted is not None and folder.parent.name not in wanted:
-            continue
-        if (folder / META_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
-            found.append(folder)
-    return sorted(found)
-
-
 def model_roots(user_roots: Iterable[str | os.PathLike[str]] = ()) -> list[Path]:
     """The bundled models root, then user roots (given, then $THINSEG_MODEL_ROOTS), deduplicated."""
     roots = [models_root()]
@@ -120,7 +100,7 @@ def list_models(user_roots: Iterable[str | os.PathLike[str]] = ()) -> list[Model
     found: list[ModelInfo] = []
     seen = set()
     for root in model_roots(user_roots):
-        for path in find_model_folders(root):
+        for path in find_bundles(root, tags=(THIN_SECTION_TAG,)):
             key = os.path.normcase(str(path.resolve()))
             if key in seen:
                 continue

@@ -22,6 +22,7 @@ import torch
 
 from thinseg.classes import ClassTable, hex_to_rgb
 from thinseg.errors import ThinSegError
+from thinseg.model_folders import META_FILE, THIN_SECTION_TAG, WEIGHTS_FILE, find_bundles  # noqa: F401 (re-exported)
 from thinseg.model.networks import (
     SUPPORTED_NETWORKS,
     build_network,
@@ -38,10 +39,8 @@ from thinseg.model.transforms import (
     run_pre_transforms,
 )
 
-META_FILE = "meta.json"
-WEIGHTS_FILE = "model.pth"
 #: GeoSlicer's tag folder for thin-section models (<root>/ThinSectionEnv/<model>/).
-THIN_SECTION_TAG = "ThinSectionEnv"
+
 #: Names save_bundle gives the concatenated network input and the output.
 NETWORK_INPUT = "x"
 OUTPUT = "y"
@@ -597,23 +596,3 @@ def _swap_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
 # -- discovery ---------------------------------------------------------------------------------
 
 
-def find_bundles(root: Path | str, tags: Iterable[str] | None = None) -> list[Path]:
-    """Model folders under `root` (GeoSlicer layout <root>/<TAG>/<model>/{meta.json,model.pth}).
-
-    Like GeoSlicer, a folder counts when it holds both files; with `tags`, only folders whose
-    parent is named by one of them (e.g. {"ThinSectionEnv"}). Hidden folders (our temporary
-    writes among them) are skipped. Sorted by path.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    wanted = set(tags) if tags is not None else None
-    found = []
-    for folder in [root, *root.rglob("*")]:
-        if not folder.is_dir() or any(part.startswith(".") for part in folder.relative_to(root).parts):
-            continue
-        if wanted is not None and folder.parent.name not in wanted:
-            continue
-        if (folder / META_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
-            found.append(folder)
-    return sorted(found)
