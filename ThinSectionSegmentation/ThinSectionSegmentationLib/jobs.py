@@ -18,22 +18,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from thinseg.jsonutil import json_default
+
 Emit = Callable[..., None]
 
 
 def emit_stdout(event: str, **data: Any) -> None:
     """One "@thinseg {json}" line on stdout (parsed by process.OutputParser)."""
-    print("@thinseg " + json.dumps({"event": event, **data}, default=_json_default), flush=True)
-
-
-def _json_default(value: Any):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+    print("@thinseg " + json.dumps({"event": event, **data}, default=json_default), flush=True)
 
 
 def _finite(value: Any) -> Any:
@@ -49,7 +41,7 @@ def _finite(value: Any) -> Any:
 
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2, default=_json_default), encoding="utf-8")
+    tmp.write_text(json.dumps(_finite(data), indent=2, default=json_default), encoding="utf-8")
     os.replace(tmp, path)
 
 

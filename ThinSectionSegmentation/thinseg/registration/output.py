@@ -24,6 +24,7 @@ import SimpleITK as sitk
 import thinseg
 from thinseg.classes import ClassTable
 from thinseg.errors import ThinSegError
+from thinseg.jsonutil import json_default
 from thinseg.registration.geometry import Geometry
 from thinseg.registration.register import RegistrationResult
 from thinseg.registration.resample import resample_labels
@@ -158,7 +159,7 @@ def write_outputs(result: RegistrationResult, folder: str | os.PathLike[str], st
         sitk.WriteTransform(result.transform.itk, str(temps[paths.tfm]))
         doc = transform_json(result.transform, result)
         doc["files"] = {k: (v.name if v else None) for k, v in vars(paths).items()}
-        temps[paths.json].write_text(json.dumps(_finite(doc), indent=2, default=_json_default, allow_nan=False), encoding="utf-8")
+        temps[paths.json].write_text(json.dumps(_finite(doc), indent=2, default=json_default, allow_nan=False), encoding="utf-8")
         _write_labels_tif(temps[paths.labels_tif], result.labels, result.table, g.image_mm_per_pixel)
         if paths.overlay_before is not None:
             _write_overlay(temps[paths.overlay_before], pp, qemscan, result.initial, result.table)
@@ -190,16 +191,6 @@ def _write_netcdf(path: Path, stem: str, pp: np.ndarray, result: RegistrationRes
             f"{stem}_QEMSCAN", result.labels, result.table, mm, reference=pp_name,
             attrs={"registration": f"{result.transform.kind}; mutual information {result.metric_final:.3f} bits"},
         )
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _finite(value):
