@@ -1,0 +1,354 @@
+"""Training data path: sections, QEMSCAN mapping, split, caches, balanced sampler, augmentation,
+void borders in the loss. Small and fast: no network is trained here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from thinseg.classes import ClassTable, default_class_table
+from thinseg.errors import ThinSegError
+from thinseg.evaluation import void_border_mask
+from thinseg.training import ArraySection, build_mapping, load_mapping_csv, load_split, save_split, split_names
+from thinseg.training.augment import IDENTITY_JITTER, colour_jitter, draw_augment
+from thinseg.training.cache import ArrayCache, cache_key
+from thinseg.training.config import AugmentConfig
+from thinseg.training.dataset import PatchStream, make_loader
+from thinseg.training.losses import dice_ce_loss
+from thinseg.training.mapping import mapping_for
+from thinseg.training.prepare import prepare_section, prepare_sections, target_cache_params
+from thinseg.training.sampler import PatchIndex, build_patch_index, index_cache_params
+from thinseg.training.sections import open_section, synthetic_sections
+
+TABLE = default_class_table()
+NAMES = TABLE.names  # Calcite, Dolomite, Mg-Clay minerals, Pores, Quartz, Others
+
+
+def _table(names: list[str]) -> ClassTable:
+    return ClassTable.from_names_colors(names, ["#112233"] * len(names))
+
+
+@pytest.fixture(scope="module")
+def sections() -> list[ArraySection]:
+    # calcite-dominated sections: the sampler must dig out the rare classes
+    return synthetic_sections(2, 384, seed=3, class_weights=(0.70, 0.06, 0.06, 0.06, 0.06, 0.06))
+
+
+def _stream(prepared, strength=0.75, seed=0, steps=4, roles=("PP", "XP"), augment=None, patch=64, batch=4):
+    return PatchStream(prepared, roles, len(TABLE), patch_size=patch, batch_size=batch, steps=steps,
+                       balancing_strength=strength, augment=augment or AugmentConfig.none(), seed=seed)
+
+
+@pytest.fixture(scope="module")
+def prepared(sections):
+    return prepare_sections(sections, TABLE, patch_size=64, model_mm_per_pixel=sections[0].mm_per_pixel, void_px=1.0)
+
+
+# -- QEMSCAN mapping -------------------------------------------------------------------------------
+
+
+def test_qemscan_names_map_to_model_classes():
+    source = _table(["Calcita (0% a 1%MgO)", "Quartz", "Pyrite", "Unknown", "Dolomita", "Poros",
+                     "Outside sample", "Hematite", "Mg-Clay minerals", "Calcite (0-1% MgO)"])
+    mapping = build_mapping(source, TABLE)
+    got = dict(mapping.assignments)
+    assert got == {
+        "Calcita (0% a 1%MgO)": "Calcite", "Quartz": "Quartz", "Pyrite": "Others", "Unknown": "ignore",
+        "Dolomita": "Dolomite", "Poros": "Pores", "Outside sample": "ignore", "Hematite": "Others",
+        "Mg-Clay minerals": "Mg-Clay minerals", "Calcite (0-1% MgO)": "Calcite",
+    }
+    labels = np.arange(0, 11, dtype=np.uint8)[None, :]
+    assert mapping.apply(labels).tolist() == [[0, 1, 5, 6, 0, 2, 4, 0, 6, 3, 1]]  # 0 stays ignored
+
+
+def test_mapping_csv_overrides_and_rejects_unknown_classes(tmp_path):
+    csv = tmp_path / "map.csv"
+    csv.write_text("Mineral;Class\nHematite;Quartz\nPyrite;ignore\n  calcita (0% a 1%mgo) ; Dolomite\n", encoding="utf-8")
+    table = load_mapping_csv(csv)
+    mapping = mapping_for(_table(["Hematite", "Pyrite", "Calcita (0% a 1%MgO)", "Gypsum"]), TABLE, csv)
+    assert [t for _, t in mapping.assignments] == ["Quartz", "ignore", "Dolomite", "Others"]
+    assert table["hematite"] == "Quartz"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Hematite,Iron oxides\n", encoding="utf-8")
+    with pytest.raises(ThinSegError, match="not a model class"):
+        mapping_for(_table(["Hematite"]), TABLE, bad)
+
+
+def test_sections_already_in_model_classes_map_to_themselves():
+    mapping = mapping_for(TABLE, TABLE, None)
+    assert mapping.is_identity or mapping.lut[: len(TABLE) + 1].tolist() == list(range(len(TABLE) + 1))
+
+
+# -- split by section --------------------------------------------------------------------------------
+
+
+def test_split_by_section_is_seeded_disjoint_and_saved(tmp_path):
+    names = [f"s{i}" for i in range(10)]
+    split = split_names(names, val_fraction=0.2, test_fraction=0.1, seed=7)
+    assert split == split_names(list(reversed(names)), 0.2, 0.1, seed=7)  # order of input irrelevant
+    assert len(split["val"]) == 2 and len(split["test"]) == 1 and len(split["train"]) == 7
+    assert sorted(split["train"] + split["val"] + split["test"]) == sorted(names)
+    assert split != split_names(names, 0.2, 0.1, seed=8)
+    path = save_split(tmp_path / "split.json", split, seed=7)
+    assert load_split(path) == split
+    with pytest.raises(ThinSegError, match="unique"):
+        split_names(["a", "a", "b"], 0.3)
+
+
+# -- caches --------------------------------------------------------------------------------------------
+
+
+def test_cache_keys_change_with_every_parameter(sections, tmp_path):
+    s0, s1 = sections
+    csv = tmp_path / "m.csv"
+    csv.write_text("Pyrite;Quartz\n", encoding="utf-8")
+    base = target_cache_params(s0, TABLE, None, 2.0, 1.0)
+    variants = [
+        target_cache_params(s1, TABLE, None, 2.0, 1.0),  # other data
+        target_cache_params(s0, _table(NAMES[:5]), None, 2.0, 1.0),  # other classes
+        target_cache_params(s0, TABLE, csv, 2.0, 1.0),  # other mapping table
+        target_cache_params(s0, TABLE, None, 3.0, 1.0),  # other void width
+        target_cache_params(s0, TABLE, None, 2.0, 1.5),  # other resolution
+    ]
+    keys = {cache_key("target", p) for p in [base, *variants]}
+    assert len(keys) == 6
+    csv.write_text("Pyrite;Calcite\n", encoding="utf-8")  # same file name, new content
+    assert cache_key("target", target_cache_params(s0, TABLE, csv, 2.0, 1.0)) not in keys
+
+    ibase = index_cache_params("t", 6, 64, 8)
+    ivariants = [index_cache_params("u", 6, 64, 8), index_cache_params("t", 5, 64, 8),
+                 index_cache_params("t", 6, 96, 8), index_cache_params("t", 6, 64, 16)]
+    assert len({cache_key("patch-index", p) for p in [ibase, *ivariants]}) == 5
+    assert cache_key("target", base) == cache_key("target", dict(reversed(list(base.items()))))
+
+
+def test_cached_targets_and_maps_are_reused(sections, tmp_path):
+    cache = ArrayCache(tmp_path / "cache")
+    a = prepare_section(sections[0], TABLE, patch_size=64, model_mm_per_pixel=None, void_px=1.0, cache=cache)
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(files) == 2  # target .npy + patch index .npz
+    b = prepare_section(sections[0], TABLE, patch_size=64, model_mm_per_pixel=None, void_px=1.0, cache=cache)
+    assert isinstance(b.target, np.memmap)  # read lazily from disk
+    assert np.array_equal(np.asarray(a.target), np.asarray(b.target))
+    assert np.array_equal(a.index.weights, b.index.weights) and np.array_equal(a.index.row_cdf, b.index.row_cdf)
+    prepare_section(sections[0], TABLE, patch_size=64, model_mm_per_pixel=None, void_px=2.0, cache=cache)
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+
+
+# -- balanced sampler ---------------------------------------------------------------------------------
+
+
+def test_probability_maps_find_a_rare_class():
+    target = np.ones((200, 300), np.uint8)
+    target[150:160, 40:52] = 3  # one small grain of class 3 near the bottom left
+    index = build_patch_index(target, 6, footprint=64, cell=8)
+    assert index.totals[1] == 0 and index.totals[2] > 0 and index.totals[0] > index.totals[2]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        y, x = index.position(*index.sample_cell(2, rng), rng)
+        assert (target[y : y + 64, x : x + 64] == 3).any()
+    # a cached index round-trips through plain arrays
+    again = PatchIndex.from_arrays(index.to_arrays())
+    assert again.grid == index.grid and np.array_equal(again.weights, index.weights)
+
+
+def _emitted_shares(prepared, strength: float, seed: int = 0) -> np.ndarray:
+    stream = _stream(prepared, strength=strength, seed=seed, steps=40, batch=4)
+    counts = np.zeros(len(TABLE), np.int64)
+    for _image, target, _jitter in stream.stream():
+        counts += np.bincount(target.numpy().ravel(), minlength=len(TABLE) + 1)[1:]
+    assert np.array_equal(counts, stream.last_stats.class_pixels)  # the accumulator saw the same
+    return counts / counts.sum()
+
+
+def test_balancing_moves_class_shares_towards_uniform(prepared):
+    natural = _emitted_shares(prepared, 0.0)
+    balanced = _emitted_shares(prepared, 1.0)
+    uniform = np.full(len(TABLE), 1 / len(TABLE))
+    assert natural[0] > 0.5  # calcite dominates random patches
+    assert np.abs(balanced - uniform).sum() < 0.6 * np.abs(natural - uniform).sum()
+    assert balanced.min() > 2 * natural.min()
+    assert balanced[0] < natural[0] - 0.2
+
+
+def test_streams_are_reproducible_and_differ_per_seed_and_epoch(prepared):
+    def batch_list(stream):
+        return [(i.clone(), t.clone(), j.clone()) for i, t, j in stream.stream()]
+
+    a, b = batch_list(_stream(prepared, seed=5)), batch_list(_stream(prepared, seed=5))
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2]) for x, y in zip(a, b))
+    c = batch_list(_stream(prepared, seed=6))
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
+    s = _stream(prepared, seed=5)
+    s.set_epoch(1)
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, batch_list(s)))
+
+
+def test_two_workers_run_different_streams_reproducibly(prepared):
+    def run() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        stream = _stream(prepared, seed=11, steps=4, augment=AugmentConfig())
+        loader = make_loader(stream, num_workers=2)
+        return [(images.clone(), target.clone()) for images, target, _ in loader]
+
+    first, second = run(), run()
+    assert len(first) == 4 and all(b[0].shape == (4, 6, 64, 64) for b in first)
+    for (i1, t1), (i2, t2) in zip(first, second):
+        assert torch.equal(i1, i2) and torch.equal(t1, t2)
+    # batch 0 comes from worker 0, batch 1 from worker 1: different streams
+    assert not torch.equal(first[0][0], first[1][0])
+    # worker 0's stream is the single-process stream 0 of 2
+    single = list(_stream(prepared, seed=11, steps=4, augment=AugmentConfig()).stream(worker=0, n_workers=2))
+    assert torch.equal(torch.stack([s[0] for s in single[:4]]), first[0][0])
+
+
+# -- augmentation --------------------------------------------------------------------------------------
+
+
+def _coded_section(size: int = 96) -> ArraySection:
+    """PP/XP encode the label value, so that any misregistered transform shows."""
+    rng = np.random.default_rng(0)
+    labels = np.kron(rng.integers(1, 7, (size // 8, size // 8)), np.ones((8, 8), np.int64)).astype(np.uint8)
+    pp = np.repeat((labels * 30)[..., None], 3, axis=2).astype(np.uint8)
+    xp = (255 - pp).astype(np.uint8)
+    return ArraySection("coded", pp, labels, xp, class_table=TABLE)
+
+
+def test_geometry_moves_pp_xp_and_labels_together():
+    prepared = prepare_sections([_coded_section()], TABLE, patch_size=48, model_mm_per_pixel=None, void_px=0.0)
+    cfg = AugmentConfig(brightness=0, contrast=0, saturation=0, channel_gain=0, scale=0)
+    stream = _stream(prepared, strength=0.5, steps=8, augment=cfg, patch=48, batch=4)
+    seen_rotations = set()
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        aug = draw_augment(rng, cfg, 2)
+        seen_rotations.add((aug.k90, aug.flip))
+        image, target = stream.read_patch(prepared[0], 16, 24, aug)
+        assert np.array_equal(image[0], target * 30) and np.array_equal(image[3], 255 - target * 30)
+    assert len(seen_rotations) > 3
+
+
+def test_zoom_resizes_images_and_labels_consistently():
+    prepared = prepare_sections([_coded_section(128)], TABLE, patch_size=48, model_mm_per_pixel=None, void_px=0.0)
+    stream = _stream(prepared, patch=48)
+    aug = draw_augment(np.random.default_rng(0), AugmentConfig(scale=0.1), 2)
+    aug.zoom = 1.1
+    image, target = stream.read_patch(prepared[0], 20, 20, aug)
+    assert image.shape == (6, 48, 48) and target.shape == (48, 48)
+    agree = np.mean(np.abs(image[0].astype(int) - target.astype(int) * 30) <= 1)
+    assert agree > 0.8  # bilinear images vs nearest labels differ only at block edges
+
+
+def test_colour_jitter_matches_its_stepwise_definition():
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.uniform(0, 255, (2, 6, 8, 8)).astype(np.float32))
+    params = torch.tensor([[[1.03, 0.97, 1.0, 1.1, 12.0, 0.8], [1.0, 1.0, 1.0, 1.0, 0.0, 1.0]]] * 2)
+    out = colour_jitter(x.clone(), params).numpy()
+    img = x[0, :3].numpy().transpose(1, 2, 0).astype(np.float64)
+    g = img * np.array([1.03, 0.97, 1.0])
+    g = (g - g.mean()) * 1.1 + g.mean() + 12.0
+    grey = g.mean(axis=2, keepdims=True)
+    g = np.clip(grey + (g - grey) * 0.8, 0, 255)
+    assert np.allclose(out[0, :3].transpose(1, 2, 0), g, atol=1e-3)
+    assert np.allclose(out[0, 3:], x[0, 3:].numpy())  # identity jitter on the second image
+    ident = torch.from_numpy(np.tile(IDENTITY_JITTER, (2, 2, 1)))
+    assert torch.equal(colour_jitter(x, ident), x)
+
+
+def test_pp_only_stream_feeds_three_channels(prepared):
+    image, target, jitter = next(iter(_stream(prepared, roles=("PP",)).stream()))
+    assert image.shape == (3, 64, 64) and jitter.shape == (1, 6)
+
+
+def test_missing_xp_is_refused_for_pp_xp_models():
+    s = _coded_section()
+    pp_only = ArraySection("pp-only", s.source("PP").array, s.read_labels(), class_table=TABLE)
+    prepared = prepare_sections([pp_only], TABLE, patch_size=48, model_mm_per_pixel=None)
+    with pytest.raises(ThinSegError, match="no XP image"):
+        _stream(prepared, patch=48)
+    _stream(prepared, roles=("PP",), patch=48)  # fine for a PP-only model
+
+
+# -- void borders --------------------------------------------------------------------------------------
+
+
+def test_void_band_is_excluded_from_the_loss():
+    torch.manual_seed(0)
+    labels = np.ones((32, 32), np.uint8)
+    labels[:, 16:] = 2
+    keep = void_border_mask(labels, 2.0)
+    assert not keep[:, 14:18].any() and keep[:, :14].all() and keep[:, 18:].all()
+    target = torch.from_numpy(np.where(keep, labels, 0).astype(np.int64))[None]
+    logits = torch.randn(1, 7, 32, 32, requires_grad=True)
+    loss = dice_ce_loss(logits, target)
+    loss.backward()
+    band = torch.from_numpy(~keep)
+    assert torch.all(logits.grad[0][:, band] == 0)  # no gradient from the band
+    assert torch.any(logits.grad[0][:, ~band] != 0)
+    changed = logits.detach().clone()
+    changed[0][:, band] = torch.randn(7, int(band.sum())) * 50  # anything inside the band
+    assert torch.allclose(dice_ce_loss(changed, target), loss.detach())
+    # and the training targets carry the band as ignored pixels
+    section = ArraySection("band", np.zeros((32, 32, 3), np.uint8), labels, class_table=TABLE)
+    prepared = prepare_section(section, TABLE, patch_size=16, model_mm_per_pixel=None, void_px=2.0)
+    assert np.array_equal(np.asarray(prepared.target) > 0, keep)
+
+
+def test_loss_ignores_label_zero_and_handles_empty_batches():
+    logits = torch.randn(2, 7, 8, 8, requires_grad=True)
+    empty = torch.zeros(2, 8, 8, dtype=torch.long)
+    loss = dice_ce_loss(logits, empty)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.all(logits.grad == 0)
+    # a GeoSlicer-layout network (N outputs, first_label 1) scores label k on channel k - 1
+    target = torch.full((1, 4, 4), 3, dtype=torch.long)
+    good = torch.zeros(1, 6, 4, 4)
+    good[:, 2] = 10.0
+    assert float(dice_ce_loss(good, target, first_label=1)) < 0.01
+
+
+# -- sections on disk ----------------------------------------------------------------------------------
+
+
+def test_netcdf_section_reads_lazily_and_maps_qemscan_names(tmp_path):
+    from thinseg.io.netcdf import NetcdfWriter
+
+    s = synthetic_sections(1, 128, seed=9)[0]
+    qem = _table(["Calcita (0% a 1%MgO)", "Dolomita", "Mg-Argilominerais", "Poros", "Quartzo", "Pirita", "Unknown"])
+    labels = s.read_labels().copy()
+    labels[:8] = 7  # "Unknown" -> ignored
+    path = tmp_path / "sec.nc"
+    with NetcdfWriter(path) as w:
+        pp = w.add_rgb_image("sec_PP", s.source("PP").array, s.mm_per_pixel)
+        w.add_rgb_image("sec_PX", s.source("XP").array, s.mm_per_pixel)
+        w.add_labelmap("sec_qemscan", labels, qem, s.mm_per_pixel, reference=pp)
+    section = open_section(path)
+    assert section.vars == {"PP": "sec_PP", "XP": "sec_PX"} and section.shape == (128, 128)
+    assert section.mm_per_pixel == pytest.approx(s.mm_per_pixel)
+    assert np.array_equal(section.source("XP").read(10, 20, 5, 9), s.source("XP").array[10:20, 5:9])
+    prepared = prepare_section(section, TABLE, patch_size=64, model_mm_per_pixel=None, void_px=0.0)
+    expected = s.read_labels().copy()
+    expected[:8] = 0
+    assert np.array_equal(np.asarray(prepared.target), expected)
+    # worker processes reopen the file themselves and read the same patches
+    stream = _stream([prepared], seed=2, steps=2)
+    single = [image for image, _t, _j in stream.stream(worker=1, n_workers=2)]
+    batches = [images for images, _t, _j in make_loader(stream, num_workers=2)]
+    assert torch.equal(batches[1], torch.stack(single))
+
+
+def test_folder_section_with_label_image(tmp_path):
+    from PIL import Image
+
+    s = synthetic_sections(1, 96, seed=4)[0]
+    folder = tmp_path / "sec1"
+    folder.mkdir()
+    Image.fromarray(s.source("PP").array).save(folder / "sec1_PP.png")
+    Image.fromarray(s.source("XP").array).save(folder / "sec1_XP.png")
+    Image.fromarray(s.read_labels()).save(folder / "sec1_labels.png")
+    section = open_section(folder)
+    assert section.name == "sec1" and section.class_table.names == NAMES
+    assert np.array_equal(section.read_labels(), s.read_labels())
+    assert np.array_equal(section.source("XP").read(0, 96), s.source("XP").array)
+    with pytest.raises(ThinSegError, match="not found"):
+        open_section(tmp_path / "missing.nc")

@@ -1,0 +1,43 @@
+"""Training of thin-section segmentation U-Nets (issue 3): sections -> GeoSlicer bundle.
+
+    from thinseg.training import TrainConfig, train, synthetic_sections
+    result = train(TrainConfig(output_dir=..., train_sections=..., val_sections=...))
+
+Modules: sections (data sources), mapping (QEMSCAN names -> classes), prepare/cache (targets
+and patch maps), sampler (class balance), augment, dataset (patch streams), losses, model,
+validate, export, checkpoint, curves, split, loop (the run).
+"""
+
+from thinseg.training.config import AugmentConfig, TrainConfig, TrainResult
+from thinseg.training.loop import train
+from thinseg.training.mapping import build_mapping, default_mapping, load_mapping_csv
+from thinseg.training.sections import (
+    ArraySection,
+    FileSection,
+    NetcdfSection,
+    Section,
+    open_section,
+    open_sections,
+    synthetic_sections,
+)
+from thinseg.training.split import load_split, save_split, split_names
+
+__all__ = [
+    "ArraySection",
+    "AugmentConfig",
+    "FileSection",
+    "NetcdfSection",
+    "Section",
+    "TrainConfig",
+    "TrainResult",
+    "build_mapping",
+    "default_mapping",
+    "load_mapping_csv",
+    "load_split",
+    "open_section",
+    "open_sections",
+    "save_split",
+    "split_names",
+    "synthetic_sections",
+    "train",
+]

@@ -1,0 +1,83 @@
+"""Augmentations that respect the optics of PP/XP pairs.
+
+Geometry (flips, 90-degree rotations, zoom) is drawn once per patch and applied to every image
+and the labels alike, because PP and XP show the same grains. Rotations are limited to 90
+degrees: XP colours depend on the crystal's angle to the polarisers, which a 90-degree stage
+rotation (polarisers crossed at 90) leaves unchanged, while other angles would produce colours
+no real image has. Colour jitter is drawn per image: lamp, filters and camera vary between the
+two acquisitions.
+
+The patch reader applies the geometry (it is just indexing); colour jitter only travels with
+the batch as 6 numbers per image and is applied to the whole batch at once in the training
+step (`colour_jitter`), vectorised and on the GPU when there is one, which keeps the data path
+cheap on small CPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from thinseg.training.config import AugmentConfig
+
+#: Jitter parameters per image: gain r, g, b, contrast, brightness (0..255 units), saturation.
+JITTER_PARAMS = 6
+IDENTITY_JITTER = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 1.0], np.float32)
+
+
+@dataclass
+class PatchAugment:
+    k90: int  # number of 90-degree rotations
+    flip: bool  # left-right mirror after the rotation
+    zoom: float  # read a window of zoom * patch pixels (>1: zoom out)
+    jitter: np.ndarray  # (n_images, JITTER_PARAMS) float32
+
+
+def draw_augment(rng: np.random.Generator, cfg: AugmentConfig, n_images: int) -> PatchAugment:
+    """All random choices of one patch, drawn in a fixed order (reproducible streams)."""
+    k90 = int(rng.integers(4)) if cfg.rot90 else 0
+    flip = bool(rng.random() < 0.5) if cfg.flips else False
+    zoom = float(np.exp(rng.uniform(np.log(1 - cfg.scale), np.log(1 + cfg.scale)))) if cfg.scale > 0 else 1.0
+    jitter = np.tile(IDENTITY_JITTER, (n_images, 1))
+    for i in range(n_images):
+        jitter[i, :3] = 1.0 + rng.uniform(-cfg.channel_gain, cfg.channel_gain, 3)
+        jitter[i, 3] = 1.0 + rng.uniform(-cfg.contrast, cfg.contrast)
+        jitter[i, 4] = rng.uniform(-cfg.brightness, cfg.brightness) * 255.0
+        jitter[i, 5] = 1.0 + rng.uniform(-cfg.saturation, cfg.saturation)
+    return PatchAugment(k90, flip, zoom, jitter)
+
+
+def apply_geometry(array: np.ndarray, aug: PatchAugment) -> np.ndarray:
+    """Rotate/flip the two leading (row, column) axes of an image or label patch (a view)."""
+    out = np.rot90(array, aug.k90, axes=(0, 1)) if aug.k90 else array
+    if aug.flip:
+        out = out[:, ::-1]
+    return out
+
+
+def colour_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Apply per-image jitter to a float batch (B, 3n, H, W) in 0..255; params (B, n, 6).
+
+    Every step is linear, so each image gets one affine colour map y = A x + c:
+    gain G = diag(g); contrast k around the mean m of G x, plus brightness b:
+    k G x + (1 - k) m + b; saturation s mixes with the channel mean, S = s I + (1 - s)/3
+    (rows of S sum to 1, so it leaves the constant term alone). A = k S G, c = (1 - k) m + b.
+    """
+    b, channels, h, w = x.shape
+    n = channels // 3
+    params = params.to(device=x.device, dtype=torch.float32).reshape(b, n, JITTER_PARAMS)
+    if bool(torch.all(params == torch.as_tensor(IDENTITY_JITTER, device=x.device))):
+        return x
+    gain, k, bright, s = params[..., :3], params[..., 3], params[..., 4], params[..., 5]
+    images = x.reshape(b, n, 3, h, w)
+    means = images.mean(dim=(3, 4))  # (b, n, 3)
+    m = (gain * means).mean(-1)
+    eye = torch.eye(3, device=x.device)
+    sat = s[..., None, None] * eye + ((1.0 - s) / 3.0)[..., None, None]
+    a = k[..., None, None] * sat * gain[..., None, :]  # S @ diag(g): scale column j by g_j
+    c = (1.0 - k) * m + bright
+    out = torch.einsum("bnij,bnjp->bnip", a, images.reshape(b, n, 3, h * w))
+    out += c[..., None, None]
+    return out.clamp_(0.0, 255.0).reshape(b, channels, h, w)

@@ -1,0 +1,53 @@
+"""Per-epoch checkpoints: everything needed to continue a run exactly where it stopped.
+
+Written to a temporary file and renamed, so Ctrl-C or a killed process mid-write leaves the
+previous checkpoint intact: an interruption costs at most the epoch in progress. Contents are
+tensors and plain values only, so it loads with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thinseg.errors import ThinSegError
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure means the file is unusable
+        raise ThinSegError(f"checkpoint cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", path) from None
+    if not isinstance(state, dict) or "epoch" not in state or "model" not in state:
+        raise ThinSegError("not a thinseg training checkpoint", path)
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,481 @@
+"""`train(config)`: the whole run, from sections to an exported GeoSlicer bundle.
+
+Order of work per epoch: train `steps_per_epoch` batches -> validate on whole sections ->
+append to the history (CSV + PNG) -> export the bundle if the validation mean IoU improved ->
+checkpoint. The checkpoint is the last step, so a run killed at any point resumes from the
+last finished epoch and redoes at most one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from thinseg.errors import ThinSegError
+from thinseg.inference.device import cpu_has_native_bf16, select_device
+from thinseg.model.bundle import load_bundle
+from thinseg.training.augment import colour_jitter
+from thinseg.training.cache import ArrayCache
+from thinseg.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from thinseg.training.config import TrainConfig, TrainResult
+from thinseg.training.curves import plot_curves, write_log_csv
+from thinseg.training.dataset import PatchStream, make_loader
+from thinseg.training.export import bundle_input_names, export_bundle
+from thinseg.training.losses import dice_ce_loss
+from thinseg.training.model import ModelSpec, model_from_bundle, new_model
+from thinseg.training.prepare import PreparedSection, prepare_sections
+from thinseg.training.sections import Section, canonical_role, open_sections
+from thinseg.training.split import apply_split, load_split, save_split, split_names
+from thinseg.training.validate import ValSection, make_val_sections, validate
+
+LOG_FILE = "training_log.csv"
+CURVES_FILE = "training_curves.png"
+SPLIT_FILE = "split.json"
+TEST_METRICS_FILE = "test_metrics.json"
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype (None = fp32). "auto": bf16/fp16 on CUDA; bf16 on CPUs that have native
+    bf16 (AVX512-BF16/AMX), else fp32, because emulated bf16 is several times slower."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ThinSegError("fp16 training needs a CUDA GPU; use fp32 or bf16 on the CPU")
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ThinSegError(f"unknown precision {precision!r} (auto, fp32, bf16, fp16)")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def _precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up, then cosine decay to 1 % (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    t = min(1.0, (step - warmup) / span)
+    return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def make_optimizer(network: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel over all parameters, CPU and CUDA) where this torch has it."""
+    try:
+        return torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None so meta.json stays strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.integer, np.floating)):
+        return _json_safe(value.item())
+    return value
+
+
+class TrainingRun:
+    """State of one training run: `TrainingRun(config).fit()` is what `train(config)` does.
+
+    Set-up (sections, split, targets, patch maps, model) happens in the constructor, the
+    optimiser and data stream in `start()`, so benchmarks can drive single epochs.
+    """
+
+    def __init__(self, config: TrainConfig, log: Log) -> None:
+        self.config = config
+        self.log = log
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = self.out / CHECKPOINT_FILE
+        self._check_output()
+        self.device, message = select_device(config.device)
+        if message:
+            log(message)
+        self.amp_dtype = resolve_precision(config.precision, self.device)
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        self.spec = self._model()
+        self._check_patch_size()
+        self.roles = self.spec.roles
+        self.class_table = self.spec.class_table
+        self.parts = self._split()
+        for part in ("train", "val", "test"):
+            self._check_inputs(part)
+        self.pixels_per_mm = self._pixels_per_mm()
+        self.cache = ArrayCache(Path(config.cache_dir) if config.cache_dir else self.out / "cache")
+        self.train_sections = self._prepare_train()
+        self.val_sections = self._prepare_val()
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _check_output(self) -> None:
+        c = self.config
+        if self.checkpoint_path.exists() and not c.resume and not c.overwrite:
+            raise ThinSegError("a training run already exists here: resume it (resume=True / --resume) "
+                               "or start again (overwrite=True)", self.out)
+        if c.overwrite and not c.resume:
+            for name in (CHECKPOINT_FILE, LOG_FILE, CURVES_FILE):
+                (self.out / name).unlink(missing_ok=True)
+
+    def _model(self) -> ModelSpec:
+        c = self.config
+        if c.init_from is not None:
+            spec = model_from_bundle(c.init_from)
+            self.log(f"fine-tuning {c.init_from}: inputs {'+'.join(spec.roles)}, classes {', '.join(spec.class_table.names)}")
+            return spec
+        roles = tuple(canonical_role(r) for r in c.inputs)
+        if not roles or roles[0] != "PP" or len(set(roles)) != len(roles):
+            raise ThinSegError(f"inputs must be ('PP',) or ('PP', 'XP'), not {tuple(c.inputs)}")
+        return new_model(roles, c.class_table, name=c.network, base_channels=c.base_channels, depth=c.depth,
+                         num_res_units=c.num_res_units, norm=c.norm)
+
+    def _check_patch_size(self) -> None:
+        """U-Net skips need sides divisible by the product of the strides (16 for depth 5)."""
+        multiple = int(np.prod(self.spec.params.get("strides") or [1]))
+        size = self.config.patch_size
+        if size < multiple or size % multiple:
+            raise ThinSegError(f"patch_size {size} must be a multiple of {multiple} for this network")
+
+    def _check_inputs(self, part: str) -> None:
+        for section in self.parts[part]:
+            missing = [r for r in self.roles if section.source(r) is None]
+            if missing:
+                raise ThinSegError(f"{part} section {section.name!r} has no {'/'.join(missing)} image "
+                                   f"(the model needs {'+'.join(self.roles)})")
+
+    def _split(self) -> dict[str, list[Section]]:
+        """Sections per part; a pooled list is split by section and the split saved/reused."""
+        c = self.config
+        split_path = self.out / SPLIT_FILE
+        if c.sections:
+            pooled = open_sections(c.sections)
+            if c.split_file is not None:
+                split = load_split(c.split_file)
+            elif c.resume and split_path.exists():
+                split = load_split(split_path)
+            else:
+                split = split_names([s.name for s in pooled], c.val_fraction, c.test_fraction, c.seed)
+            parts = apply_split(pooled, split)
+        else:
+            parts = {"train": open_sections(c.train_sections), "val": open_sections(c.val_sections),
+                     "test": open_sections(c.test_sections)}
+        if not parts["train"]:
+            raise ThinSegError("no training sections given")
+        names = [s.name for p in parts.values() for s in p]
+        if len(set(names)) != len(names):
+            raise ThinSegError("section names must be unique across train/val/test")
+        save_split(split_path, {p: [s.name for s in parts[p]] for p in parts}, seed=c.seed,
+                   val_fraction=c.val_fraction, test_fraction=c.test_fraction)
+        return parts  # type: ignore[return-value]
+
+    def _pixels_per_mm(self) -> float:
+        c = self.config
+        if c.pixels_per_mm:
+            return float(c.pixels_per_mm)
+        if self.spec.pixels_per_mm:
+            return float(self.spec.pixels_per_mm)
+        spacings = [s.mm_per_pixel for s in self.parts["train"] if s.mm_per_pixel]
+        if not spacings:
+            raise ThinSegError("the training sections carry no pixel size: set pixels_per_mm")
+        return 1.0 / float(np.median(spacings))
+
+    def _prepare_train(self) -> list[PreparedSection]:
+        c = self.config
+        t = time.perf_counter()
+        prepared = prepare_sections(self.parts["train"], self.class_table, patch_size=c.patch_size,
+                                    model_mm_per_pixel=1.0 / self.pixels_per_mm, mapping_csv=c.mapping_csv,
+                                    void_px=c.void_border_px, cell=c.sampler_cell, cache=self.cache)
+        total = sum(p.class_pixels for p in prepared)
+        if not np.any(total):
+            raise ThinSegError("the training label maps hold no pixel of any model class (check the mapping table)")
+        absent = [n for n, k in zip(self.class_table.names, total) if k == 0]
+        if absent:
+            self.log(f"warning: no training pixels of {', '.join(absent)}")
+        self.log(f"prepared {len(prepared)} training sections in {time.perf_counter() - t:.1f} s")
+        return prepared
+
+    def _prepare_val(self) -> list[ValSection]:
+        c = self.config
+        prepared = prepare_sections(self.parts["val"], self.class_table, patch_size=None,
+                                    model_mm_per_pixel=1.0 / self.pixels_per_mm, mapping_csv=c.mapping_csv,
+                                    void_px=0.0, cache=self.cache)
+        return make_val_sections(prepared, c.void_border_px)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Network on its device, optimiser, schedule, data stream; restore a checkpoint if resuming."""
+        c = self.config
+        net = self.spec.network.to(self.device)
+        if c.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.network = net.train()
+        self.optimizer = make_optimizer(net, c.lr, c.weight_decay)
+        total = c.epochs * c.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, total, c.warmup_steps, c.schedule))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.stream = PatchStream(self.train_sections, self.roles, len(self.class_table), patch_size=c.patch_size,
+                                  batch_size=c.batch_size, steps=c.steps_per_epoch,
+                                  balancing_strength=c.balancing_strength, augment=c.augment, seed=c.seed)
+        self.loader = make_loader(self.stream, c.num_workers, pin_memory=self.device.type == "cuda")
+        state = self._resume() if c.resume and self.checkpoint_path.exists() else None
+        self.epoch = state["epoch"] if state else 0
+        self.history: list[dict[str, Any]] = list(state["history"]) if state else []
+        self.best = state["best"] if state else {"epoch": None, "mean_iou": None, "metrics": None}
+        self.bad_epochs = int(state["bad_epochs"]) if state else 0
+        self.stopped = bool(state["stopped_early"]) if state else False
+        self.model_dir: Path | None = (self.out / c.model_name) if (self.out / c.model_name).exists() and state else None
+
+    def fit(self) -> TrainResult:
+        """Train until `epochs`, early stop or Ctrl-C (the last finished epoch stays checkpointed)."""
+        c = self.config
+        self.start()
+        stopped = self.stopped
+        try:
+            while self.epoch < c.epochs and not stopped:
+                row = self.train_epoch()
+                row.update(self._validate())
+                self.epoch += 1
+                self.history.append(row)
+                write_log_csv(self.out / LOG_FILE, self.history)
+                plot_curves(self.out / CURVES_FILE, self.history)
+                stopped = self._keep_best(row)
+                self._checkpoint(stopped)
+        except KeyboardInterrupt:
+            self.log(f"interrupted: {self.epoch} finished epoch(s) are checkpointed in {self.checkpoint_path}; "
+                     "continue with resume=True (--resume)")
+            raise
+        test_metrics = self._evaluate_test()
+        return TrainResult(
+            output_dir=self.out, model_dir=self.model_dir, best_epoch=self.best["epoch"],
+            best_mean_iou=self.best["mean_iou"], epochs_run=self.epoch, stopped_early=stopped,
+            history=self.history, metrics=self.best["metrics"], checkpoint=self.checkpoint_path,
+            log_csv=self.out / LOG_FILE, curves_png=self.out / CURVES_FILE if self.history else None,
+            split_file=self.out / SPLIT_FILE, test_metrics=test_metrics,
+        )
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_epoch(self) -> dict[str, Any]:
+        c = self.config
+        self.stream.set_epoch(self.epoch)
+        self.network.train()
+        losses: list[float] = []
+        seen = 0
+        start = time.perf_counter()
+        bar = tqdm(total=c.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{c.epochs}", unit="batch",
+                   disable=not c.progress, file=sys.stderr, dynamic_ncols=True, leave=False)
+        try:
+            for images, target, jitter in self.loader:
+                loss = self.step(images, target, jitter)
+                if math.isfinite(loss):
+                    losses.append(loss)
+                seen += images.shape[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]) if losses else float('nan'):.4f}",
+                                samples_s=f"{seen / (time.perf_counter() - start):.1f}")
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        return {
+            "epoch": self.epoch + 1,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "train_seconds": seconds,
+            "train_samples_per_s": seen / max(seconds, 1e-9),
+        }
+
+    def step(self, images: torch.Tensor, target: torch.Tensor, jitter: torch.Tensor | None = None) -> float:
+        """One optimisation step on a uint8 batch (+ its colour jitter); returns the loss."""
+        c = self.config
+        x = images.to(self.device, non_blocking=True).float()
+        if jitter is not None:
+            x = colour_jitter(x, jitter)
+        x = x.div_(255.0)
+        if c.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = target.to(self.device, non_blocking=True)
+        with self._autocast():
+            logits = self.network(x)
+        loss = dice_ce_loss(logits, y, dice_weight=c.dice_weight, ce_weight=c.ce_weight, first_label=self.spec.first_label)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self.scheduler.step()
+            return float("nan")
+        self.scaler.scale(loss).backward()
+        if c.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), c.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def _validate(self) -> dict[str, Any]:
+        if not self.val_sections:
+            return {}
+        c = self.config
+        start = time.perf_counter()
+        metrics = validate(self.network, self.val_sections, self.roles, self.class_table, tile=c.val_tile,
+                           overlap=c.val_overlap, batch_size=c.val_batch_size, device=str(self.device),
+                           precision=_precision_name(self.amp_dtype), first_label=self.spec.first_label)
+        row: dict[str, Any] = {"val_mean_iou": metrics.mean_iou, "val_pixel_accuracy": metrics.pixel_accuracy,
+                               "val_mean_f1": metrics.mean_f1}
+        for name, iou in zip(self.class_table.names, metrics.iou):
+            row[f"val_iou_{name}"] = float(iou)
+        row["val_seconds"] = time.perf_counter() - start
+        self._last_metrics = metrics.to_dict()
+        return row
+
+    def _keep_best(self, row: dict[str, Any]) -> bool:
+        """Export when validation improved (or every epoch without validation); True = stop early."""
+        c = self.config
+        iou = row.get("val_mean_iou")
+        has_val = iou is not None and math.isfinite(iou)
+        best = self.best["mean_iou"]
+        improved = (not has_val) or best is None or iou > best + c.min_delta
+        summary = f"epoch {row['epoch']}/{c.epochs}: loss {row['train_loss']:.4f}, {row['train_samples_per_s']:.1f} samples/s"
+        if has_val:
+            summary += f", val mean IoU {iou:.4f}"
+        if improved:
+            metrics = _json_safe(self._last_metrics) if has_val else None
+            if metrics is not None:
+                metrics = {"epoch": row["epoch"], "sections": [v.prepared.name for v in self.val_sections], **metrics,
+                           "per_class_iou": {n: _json_safe(row[f"val_iou_{n}"]) for n in self.class_table.names}}
+            self.best = {"epoch": row["epoch"], "mean_iou": float(iou) if has_val else None, "metrics": metrics}
+            self.bad_epochs = 0
+            self.model_dir = self._export()
+            summary += " (best: exported)"
+        else:
+            self.bad_epochs += 1
+        self.log(summary)
+        return bool(has_val and c.patience is not None and self.bad_epochs >= c.patience)
+
+    def _export(self) -> Path:
+        c = self.config
+        parts = self.parts
+        class_pixels = sum(p.class_pixels for p in self.train_sections)
+        training = _json_safe({
+            "data": {
+                "train_sections": [s.name for s in parts["train"]],
+                "val_sections": [s.name for s in parts["val"]],
+                "test_sections": [s.name for s in parts["test"]],
+                "train_sources": [str(getattr(s, "origin", s.name)) for s in parts["train"]],
+                "train_class_pixels": {n: int(k) for n, k in zip(self.class_table.names, class_pixels)},
+                "void_border_px": c.void_border_px,
+                "mapping_csv": str(c.mapping_csv) if c.mapping_csv else "QEMSCAN default",
+            },
+            "epoch": self.best["epoch"],
+            "epochs_planned": c.epochs,
+            "patch_size": c.patch_size,
+            "batch_size": c.batch_size,
+            "steps_per_epoch": c.steps_per_epoch,
+            "balancing_strength": c.balancing_strength,
+            "precision": _precision_name(self.amp_dtype),
+            "seed": c.seed,
+            "fine_tuned_from": None if self.spec.source == "new" else self.spec.source,
+            "channels": list(bundle_input_names(self.roles)),
+            "pixels_per_mm": self.pixels_per_mm,
+            "config": c.to_dict(),
+        })
+        description = c.description or (
+            f"U-Net trained with thinseg on {len(parts['train'])} section(s) "
+            f"({'+'.join(bundle_input_names(self.roles))}, {self.pixels_per_mm:.1f} px/mm)")
+        return export_bundle(self.out / c.model_name, self.network, network_name=self.spec.name,
+                             network_params=self.spec.params, class_table=self.class_table, roles=self.roles,
+                             pixels_per_mm=self.pixels_per_mm, roi_shape=(c.val_tile, c.val_tile), title=c.title,
+                             description=description, training=training, metrics=self.best["metrics"])
+
+    def _evaluate_test(self) -> dict[str, Any] | None:
+        """Score the exported best model once on the held-out test sections (test_metrics.json)."""
+        if not self.parts["test"] or self.model_dir is None:
+            return None
+        c = self.config
+        prepared = prepare_sections(self.parts["test"], self.class_table, patch_size=None,
+                                    model_mm_per_pixel=1.0 / self.pixels_per_mm, mapping_csv=c.mapping_csv,
+                                    void_px=0.0, cache=self.cache)
+        bundle = load_bundle(self.model_dir)
+        metrics = validate(bundle.network, make_val_sections(prepared, c.void_border_px), self.roles,
+                           self.class_table, tile=c.val_tile, overlap=c.val_overlap, batch_size=c.val_batch_size,
+                           device=str(self.device), precision=_precision_name(self.amp_dtype),
+                           first_label=bundle.first_label)
+        record = _json_safe({"model": str(self.model_dir), "epoch": self.best["epoch"],
+                             "sections": [s.name for s in self.parts["test"]], **metrics.to_dict()})
+        (self.out / TEST_METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        self.log(f"test mean IoU {metrics.mean_iou:.4f} on {len(prepared)} held-out section(s)")
+        return record
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _checkpoint(self, stopped: bool) -> None:
+        save_checkpoint(self.checkpoint_path, {
+            "epoch": self.epoch,
+            "model": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "history": _json_safe(self.history),
+            "best": _json_safe(self.best),
+            "bad_epochs": self.bad_epochs,
+            "stopped_early": stopped,
+            "rng": rng_state(),
+            "identity": self._identity(),
+        })
+
+    def _identity(self) -> dict[str, Any]:
+        """What must not change between a run and its resumption."""
+        return {"network": self.spec.name, "params": self.spec.params, "classes": self.class_table.names,
+                "roles": list(self.roles), "patch_size": self.config.patch_size}
+
+    def _resume(self) -> dict[str, Any]:
+        state = load_checkpoint(self.checkpoint_path)
+        if state.get("identity") != _json_safe(self._identity()):
+            raise ThinSegError("cannot resume: the network, classes, inputs or patch size differ from the checkpoint",
+                               self.checkpoint_path)
+        self.network.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state.get("rng", {}))
+        self.log(f"resuming after epoch {state['epoch']} from {self.checkpoint_path}")
+        return state
+
+
+def train(config: TrainConfig, log: Log | None = None) -> TrainResult:
+    """Train (or resume) a run described by `config`; the best model is exported as a GeoSlicer
+    bundle at config.output_dir / config.model_name."""
+    logger = log or (_stderr if config.progress else (lambda _m: None))
+    return TrainingRun(config, logger).fit()

@@ -1,0 +1,84 @@
+"""Validation: the model runs tile-wise over WHOLE validation sections (as at inference, with
+the same sliding-window engine) and one confusion matrix is accumulated over the whole set,
+void bands excluded, so the score is the one users will see, not a patch-level proxy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from thinseg.classes import ClassTable
+from thinseg.evaluation import ConfusionAccumulator, SegmentationMetrics, metrics_from_confusion, void_border_mask
+from thinseg.inference.engine import InferenceOptions, Segmenter
+from thinseg.inference.resample import ResampledSource, labels_to_grid
+from thinseg.training.prepare import PreparedSection
+
+
+@dataclass
+class ValSection:
+    """A validation section with its truth and the mask of scored pixels (void band removed)."""
+
+    prepared: PreparedSection
+    mask: np.ndarray  # bool (H, W)
+
+    @property
+    def truth(self) -> np.ndarray:
+        return self.prepared.target
+
+
+def make_val_sections(prepared: Sequence[PreparedSection], void_px: float) -> list[ValSection]:
+    """`prepared` targets must be mapped labels WITHOUT a void band (it is a mask here)."""
+    return [ValSection(p, void_border_mask(np.asarray(p.target), void_px * p.scale)) for p in prepared]
+
+
+@dataclass
+class NetworkAsBundle:
+    """The bundle interface the inference engine needs, around a network being trained."""
+
+    network: torch.nn.Module
+    input_names: list[str]
+    class_table: ClassTable
+    roi_shape: tuple[int, int]
+    first_label: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    def prepare(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Same input scaling as the exported bundle (MinMax 0..255 -> 0..1 after concatenation)."""
+        return torch.cat([im.to(torch.float32) for im in images], dim=1) / 255.0
+
+
+def validate(
+    network: torch.nn.Module,
+    sections: Sequence[ValSection],
+    roles: Sequence[str],
+    class_table: ClassTable,
+    *,
+    tile: int = 512,
+    overlap: int = 32,
+    batch_size: int = 4,
+    device: str = "cpu",
+    precision: str = "fp32",
+    first_label: int = 0,
+) -> SegmentationMetrics:
+    was_training = network.training
+    bundle = NetworkAsBundle(network, list(roles), class_table, (tile, tile), first_label)
+    options = InferenceOptions(tile=tile, overlap=overlap, batch_size=batch_size, precision=precision,  # type: ignore[arg-type]
+                               device=device, prefetch=False)
+    segmenter = Segmenter(bundle, options)
+    acc = ConfusionAccumulator(len(class_table))
+    try:
+        for val in sections:
+            section = val.prepared.section
+            sources = [section.source(r) for r in roles]
+            if val.prepared.scale != 1.0:
+                sources = [ResampledSource(s, 1.0 / val.prepared.scale) for s in sources]
+            labels = segmenter.segment(sources).labels
+            if labels.shape != val.truth.shape:
+                labels = labels_to_grid(labels, val.truth.shape)
+            acc.update(np.asarray(val.truth), labels, val.mask)
+    finally:
+        network.train(was_training)
+    return metrics_from_confusion(acc.matrix, class_table)

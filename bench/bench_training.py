@@ -1,0 +1,136 @@
+"""Training throughput: the full loop (balanced sampling, lazy patch reads, augmentation,
+optimizer step) against bare forward+backward+optimizer steps on the SAME batches, already
+in memory as float tensors on the device.
+
+The data path must keep the full loop at >= 80 % of the bare figure. The two are measured
+interleaved, batch by batch: fetch a batch from the real DataLoader and run the real
+`TrainingRun.step` on it (full), then run a bare step on that same batch, prepared outside
+the timer (bare). Pairing makes the ratio fair on a shared machine where other processes come
+and go; a plain `train_epoch` figure is printed too. Times are wall-clock and also CPU seconds
+of this process (robust to other processes; meaningful with --workers 0 only, since worker
+processes' CPU time is not counted).
+
+    .venv/bin/python bench/bench_training.py [--steps 8] [--repeats 2] [--patch 256] [--batch 8] [--workers 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "ThinSectionSegmentation"))
+
+import torch  # noqa: E402
+
+from thinseg.training import TrainConfig, synthetic_sections  # noqa: E402
+from thinseg.training.augment import colour_jitter  # noqa: E402
+from thinseg.training.losses import dice_ce_loss  # noqa: E402
+from thinseg.training.loop import TrainingRun  # noqa: E402
+
+
+class Timer:
+    """Accumulated wall and CPU seconds."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+        self.samples = 0
+
+    def __enter__(self) -> "Timer":
+        self._w, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall += time.perf_counter() - self._w
+        self.cpu += time.process_time() - self._c
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=8, help="batches per repeat")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--patch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--base", type=int, default=16)
+    ap.add_argument("--depth", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--sections", type=int, default=3)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    args = ap.parse_args()
+
+    sections = synthetic_sections(args.sections, args.size, seed=0)
+    out = Path(tempfile.mkdtemp(prefix="bench_training_"))
+    try:
+        config = TrainConfig(
+            output_dir=out, train_sections=sections, epochs=args.repeats + 2, steps_per_epoch=args.steps,
+            patch_size=args.patch, batch_size=args.batch, base_channels=args.base, depth=args.depth,
+            num_workers=args.workers, warmup_steps=1, progress=False, device=args.device,
+            precision=args.precision, patience=None,
+        )
+        run = TrainingRun(config, log=lambda _m: None)
+        run.start()
+        run.train_epoch()  # warm-up: allocator, first batches, worker start
+        run.epoch += 1
+        epoch_rate = run.train_epoch()["train_samples_per_s"]
+        run.epoch += 1
+        full, bare = Timer(), Timer()
+        for _ in range(args.repeats):
+            paired_epoch(run, full, bare)
+            run.epoch += 1
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"device {run.device}, precision {run.amp_dtype or 'fp32'}, torch threads {torch.get_num_threads()}, "
+          f"batch {args.batch} x {args.patch}^2, {args.steps} steps x {args.repeats} repeats, workers {args.workers}")
+    print(f"full loop (loader + step) : {full.samples / full.wall:7.2f} samples/s   {full.samples / full.cpu:7.2f} samples/CPU-s")
+    print(f"bare forward+backward     : {bare.samples / bare.wall:7.2f} samples/s   {bare.samples / bare.cpu:7.2f} samples/CPU-s")
+    print(f"full / bare               : {100 * bare.wall / full.wall:6.1f} % (wall)   {100 * bare.cpu / full.cpu:6.1f} % (CPU)")
+    print(f"plain train_epoch         : {epoch_rate:7.2f} samples/s (one unpaired epoch, for reference)")
+
+
+def paired_epoch(run: TrainingRun, full: Timer, bare: Timer) -> None:
+    run.stream.set_epoch(run.epoch)
+    run.network.train()
+    batches = iter(run.loader)
+    while True:
+        with full:
+            try:
+                images, target, jitter = next(batches)
+            except StopIteration:
+                break
+            run.step(images, target, jitter)
+        full.samples += images.shape[0]
+        x, y = prepare(run, images, target, jitter)
+        with bare:
+            bare_step(run, x, y)
+        bare.samples += images.shape[0]
+
+
+def prepare(run: TrainingRun, images: torch.Tensor, target: torch.Tensor, jitter: torch.Tensor):
+    x = colour_jitter(images.to(run.device).float(), jitter).div_(255.0)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = target.to(run.device)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    return x, y
+
+
+def bare_step(run: TrainingRun, x: torch.Tensor, y: torch.Tensor) -> None:
+    with run._autocast():
+        logits = run.network(x)
+    loss = dice_ce_loss(logits, y, first_label=run.spec.first_label)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.network.parameters(), run.config.grad_clip or 1e9)
+    run.optimizer.step()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
