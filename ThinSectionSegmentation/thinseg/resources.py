@@ -10,14 +10,18 @@ BUNDLED_MODEL_NAME = "thinseg-synthetic-unet"
 
 
 def resources_dir() -> Path:
-    """`Resources/` of the extension: $THINSEG_RESOURCES, the wheel's copy, or the checkout's."""
+    """`Resources/` of the extension: $THINSEG_RESOURCES, a packaged copy, or the checkout's."""
     env = os.environ.get("THINSEG_RESOURCES")
     if env:
         return Path(env)
-    packaged = Path(__file__).resolve().parent / "_resources"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parents[2] / "Resources"
+    here = Path(__file__).resolve().parent
+    for candidate in (
+        here / "_resources",  # a wheel that carries them
+        here.parent / "ThinSectionSegmentationResources",  # installed Slicer extension (CMake install)
+    ):
+        if candidate.is_dir():
+            return candidate
+    return here.parents[1] / "Resources"  # source checkout
 
 
 def models_root() -> Path:
