@@ -102,24 +102,24 @@ def child_forward(args: argparse.Namespace) -> dict:
     """(b): network calls only, on exactly the tiles the engine cuts (same tile, overlap, batch)."""
     import torch
 
-    from thinseg.inference.engine import InferenceOptions, _Plan, default_overlap
+    from thinseg.inference.engine import InferenceOptions, Segmenter, _Plan
     from thinseg.inference.optimize import prepare_network
     from thinseg.io.images import open_image
     from thinseg.model.bundle import load_bundle
     from thinseg.resources import default_model_dir
 
     bundle = load_bundle(default_model_dir())
-    options = InferenceOptions()
+    engine = Segmenter(bundle, InferenceOptions(device="cpu"))  # the command's tile, overlap and batch
     pp = open_image(Path(args.workdir) / f"bench_{args.size}_PP.tif")
     xp = open_image(Path(args.workdir) / f"bench_{args.size}_XP.tif")
     h, w = pp.shape
-    plan = _Plan.make(h, w, bundle.roi_shape, default_overlap(min(bundle.roi_shape)))
+    plan = _Plan.make(h, w, engine.tile, engine.overlap)
     # a sample of tile rows, held in memory so that only the network is timed
     rows = plan.ys[: max(1, min(len(plan.ys), args.forward_rows))]
     batches = []
     for y in rows:
         bands = [torch.from_numpy(np.ascontiguousarray(s.read(y, y + plan.tile_h))).permute(2, 0, 1) for s in (pp, xp)]
-        for xs in plan.batches(options.batch_size):
+        for xs in plan.batches(engine.batch_size):
             per_input = [torch.stack([b[:, :, x : x + plan.tile_w] for x in xs]) for b in bands]
             batches.append(bundle.prepare(per_input))
     tiles = sum(b.shape[0] for b in batches)
@@ -129,7 +129,8 @@ def child_forward(args: argparse.Namespace) -> dict:
         "fp32_channels_last_folded": dict(channels_last=True, fold=True, dtype=None),
         "bf16_channels_last_folded": dict(channels_last=True, fold=True, dtype=torch.bfloat16),
     }
-    out = {"tiles_timed": tiles, "variants": {}}
+    out = {"tiles_timed": tiles, "tile": list(engine.tile), "overlap": engine.overlap, "batch_size": engine.batch_size,
+           "tiles_total": plan.n_tiles, "variants": {}}
     for name, v in variants.items():
         net = prepare_network(bundle.network, torch.device("cpu"), channels_last=v["channels_last"], fold_bn=v["fold"])
         inputs = [b.contiguous(memory_format=torch.channels_last) if v["channels_last"] else b for b in batches]

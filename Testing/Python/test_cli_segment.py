@@ -405,14 +405,15 @@ def test_probabilities_add_a_uint8_confidence_map(tmp_path, capsys, models, engi
 
 def test_progress_bar_on_stderr_and_quiet_hides_it(tmp_path, capsys, models):
     pp_path, _ = write_pair(tmp_path, "B_PP", "B_XP", height=150, width=200)
-    code, stdout, stderr = run_main(capsys, "segment", pp_path, "--model", models["rgb6"], "--output", tmp_path / "a")
+    code, stdout, stderr = run_main(capsys, "segment", pp_path, "--model", models["rgb6"], "--output", tmp_path / "a", "--tile", "64")
     assert code == 0, stderr
     tiles = _Plan.make(150, 200, (64, 64), 16).n_tiles  # 64 px tiles, default overlap for them: 16 px
     assert tiles == 12
     done = re.findall(r"B_PP: 100%.*?(\d+)/(\d+) \[.*?MPix/s", stderr)
     assert done and done[-1] == (str(tiles), str(tiles)), stderr
     assert "tile" not in stdout
-    code, _, stderr = run_main(capsys, "segment", pp_path, "--model", models["rgb6"], "--output", tmp_path / "b", "--quiet")
+    code, _, stderr = run_main(capsys, "segment", pp_path, "--model", models["rgb6"], "--output", tmp_path / "b", "--quiet",
+                               "--tile", "64")
     assert code == 0
     assert "MPix/s" not in stderr and "/12" not in stderr and "%|" not in stderr
 
@@ -774,7 +775,7 @@ def test_ctrl_c_mid_write_leaves_no_partial_file(tmp_path, capsys, models, monke
 
         monkeypatch.setattr(segment_module, "write_overlay_png", interrupted)
     code, stdout, stderr = run_main(capsys, "segment", pp_path, "--model", models["rgb6"], "--output", out, "--overlay",
-                                    "--overwrite", "-q")
+                                    "--overwrite", "-q", "--tile", "64")  # several tile rows: Ctrl-C after the first
     assert code == 130
     assert "thinseg: interrupted; no partial output was kept" in stderr
     no_traceback(stderr)

@@ -54,7 +54,7 @@ def whole_image_forward(bundle, pp, xp):
 @pytest.mark.parametrize("shape", [(200, 300), (64, 64), (130, 65)])
 def test_tiled_equals_whole_image_for_a_pointwise_network(pointwise_bundle, shape):
     pp, xp = images(*shape)
-    seg = Segmenter(pointwise_bundle, InferenceOptions(overlap=16, batch_size=3, with_confidence=True, device="cpu"))
+    seg = Segmenter(pointwise_bundle, InferenceOptions(tile=64, overlap=16, batch_size=3, with_confidence=True, device="cpu"))
     result = seg.segment([ArraySource(pp), ArraySource(xp)])
     labels, confidence = whole_image_forward(pointwise_bundle, pp, xp)
     assert result.labels.shape == shape and result.labels.dtype == np.uint8
@@ -65,7 +65,7 @@ def test_tiled_equals_whole_image_for_a_pointwise_network(pointwise_bundle, shap
 
 def test_image_smaller_than_a_tile_is_padded_not_refused(pointwise_bundle):
     pp, xp = images(21, 37)
-    result = Segmenter(pointwise_bundle, InferenceOptions(overlap=16, device="cpu")).segment([ArraySource(pp), ArraySource(xp)])
+    result = Segmenter(pointwise_bundle, InferenceOptions(tile=64, overlap=16, device="cpu")).segment([ArraySource(pp), ArraySource(xp)])
     labels, _ = whole_image_forward(pointwise_bundle, pp, xp)
     assert result.tiles == 1 and np.array_equal(result.labels, labels)
 
@@ -73,7 +73,7 @@ def test_image_smaller_than_a_tile_is_padded_not_refused(pointwise_bundle):
 def test_progress_reports_every_tile_and_cancel_stops(pointwise_bundle):
     pp, xp = images(200, 300)
     seen = []
-    seg = Segmenter(pointwise_bundle, InferenceOptions(overlap=16, batch_size=2, device="cpu"))
+    seg = Segmenter(pointwise_bundle, InferenceOptions(tile=64, overlap=16, batch_size=2, device="cpu"))
     result = seg.segment([ArraySource(pp), ArraySource(xp)], progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (result.tiles, result.tiles) and [d for d, _ in seen] == sorted(d for d, _ in seen)
     calls = []
@@ -89,7 +89,7 @@ def test_progress_reports_every_tile_and_cancel_stops(pointwise_bundle):
 def test_size_mismatch_and_wrong_input_count_are_clear_errors(pointwise_bundle):
     pp, _ = images(100, 100)
     _, xp = images(100, 90)
-    seg = Segmenter(pointwise_bundle, InferenceOptions(overlap=16, device="cpu"))
+    seg = Segmenter(pointwise_bundle, InferenceOptions(tile=64, overlap=16, device="cpu"))
     with pytest.raises(ThinSegError, match="same size"):
         seg.segment([ArraySource(pp), ArraySource(xp)])
     with pytest.raises(ThinSegError, match="needs 2 images"):
@@ -102,3 +102,15 @@ def test_fp16_on_cpu_is_refused_and_cuda_falls_back_with_a_message(pointwise_bun
     if not torch.cuda.is_available():
         seg = Segmenter(pointwise_bundle, InferenceOptions(device="cuda", overlap=16))
         assert seg.device.type == "cpu" and "falling back to the CPU" in seg.messages[0]
+
+
+def test_default_tile_grows_only_for_tile_independent_networks(pointwise_bundle):
+    from monai.networks.nets import UNet
+
+    from thinseg.inference.engine import LARGE_TILE, default_tile
+
+    assert default_tile(pointwise_bundle.network, (64, 64)) == (LARGE_TILE, LARGE_TILE)  # BatchNorm
+    instance_norm = UNet(2, 6, 7, (4, 8), (2,), num_res_units=1)  # MONAI default, GeoSlicer's UNetAct
+    assert default_tile(instance_norm, (512, 512)) == (512, 512)
+    assert Segmenter(pointwise_bundle, InferenceOptions(device="cpu")).tile == (LARGE_TILE, LARGE_TILE)
+    assert Segmenter(pointwise_bundle, InferenceOptions(device="cpu", tile=64, overlap=16)).tile == (64, 64)
