@@ -343,3 +343,30 @@ def test_ensure_writable_dir(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ThinSegError, match="cannot write here"):
         ensure_writable_dir(blocker)
+
+
+def test_readers_of_one_file_share_one_handle(tmp_path, section):
+    """HDF5 can segfault when a process holds two handles of a file with a string variable (the
+    colour coordinate `c`) and opens it again (netcdf4-python#1444, hdf5#5359): PP and XP
+    sources and labelmap reads of one file share a single handle, closed by its last user."""
+    import thinseg.io.netcdf as nc
+
+    image, labels, table = section
+    path = tmp_path / "s.nc"
+    with NetcdfWriter(path) as writer:
+        pp = writer.add_rgb_image("S1_PP", image, SPACING)
+        writer.add_rgb_image("S1_XP", image[::-1].copy(), SPACING)
+        writer.add_labelmap("S1_labels", labels, table, SPACING, reference=pp)
+    def handles() -> int:
+        return sum(1 for key in nc._SHARED if key[1] == str(path.resolve()))
+
+    a, b = open_netcdf_image(path, "S1_PP"), open_netcdf_image(path, "S1_XP")
+    assert a._ds is b._ds and handles() == 1
+    for _ in range(20):  # reads while both sources are open reuse the same handle
+        assert np.array_equal(read_labelmap(path, "S1_labels")[0], labels)
+        assert [v.name for v in list_variables(path) if v.kind == "rgb"] == ["S1_PP", "S1_XP"]
+    assert np.array_equal(b.read(0, 70), image[::-1])
+    a.close()
+    assert np.array_equal(b.read(10, 20), image[::-1][10:20])  # still open for the other reader
+    b.close()
+    assert handles() == 0 and a._ds is None and b._ds is None

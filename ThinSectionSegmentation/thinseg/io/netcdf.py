@@ -477,15 +477,57 @@ def _label_band(band: np.ndarray, n_classes: int) -> np.ndarray:
 # reader
 
 
+#: Read handles, one per file, shared by every reader and counted. HDF5 can crash the process
+#: (segfault in H5F_addr_decode) when one process holds two handles of a file that has a string
+#: variable, as GeoSlicer's colour coordinate `c` = r, g, b is, and opens or reads it once more
+#: (Unidata/netcdf4-python#1444, HDFGroup/hdf5#5359): e.g. the PP and XP sources of a section
+#: are open and its labelmap is read. Sharing one handle per file never opens a second one.
+_SHARED: dict[tuple, list] = {}
+
+
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return (os.getpid(), str(path.resolve()), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _acquire(path: Path) -> tuple[tuple | None, Any]:
+    """(key, dataset): the file's shared read handle (opened if needed); give it back with _release."""
+    path = Path(path)
+    with NC_LOCK:
+        try:
+            key = _file_key(path)
+        except OSError:
+            return None, _open_raw(path)  # raises the right ThinSegError (missing, unreadable)
+        entry = _SHARED.get(key)
+        if entry is None:
+            entry = _SHARED[key] = [_open_raw(path), 0]
+        entry[1] += 1
+        return key, entry[0]
+
+
+def _release(key: tuple | None, ds: Any) -> None:
+    with NC_LOCK:
+        entry = _SHARED.get(key) if key is not None else None
+        if entry is None or entry[0] is not ds:
+            ds.close()
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _SHARED[key]
+            ds.close()
+
+
 @contextmanager
 def _open_dataset(path: Path) -> Iterator[Any]:
-    """Open for reading with masking/scaling off (raw stored values), ThinSegError on failure."""
+    """Open for reading with masking/scaling off (raw stored values), ThinSegError on failure.
+
+    The handle is the file's shared one (see _SHARED): do not close it, do not change settings."""
     with NC_LOCK:
-        ds = _open_raw(path)
+        key, ds = _acquire(path)
         try:
             yield ds
         finally:
-            ds.close()
+            _release(key, ds)
 
 
 def _open_raw(path: Path) -> Any:
@@ -662,7 +704,7 @@ class NetcdfImageSource:
         self.path = Path(path)
         self.name = var_name
         with NC_LOCK:
-            self._ds = _open_raw(self.path)
+            self._key, self._ds = _acquire(self.path)  # shared with other readers of the file
             try:
                 variable = _data_variable(self._ds, var_name, self.path)
                 info = _info(self._ds, var_name)
@@ -671,7 +713,8 @@ class NetcdfImageSource:
                 if info.shape[0] != 1:
                     raise ThinSegError(f"variable '{var_name}' has {info.shape[0]} slices; a single-slice thin-section image is expected", self.path)
             except BaseException:
-                self._ds.close()
+                _release(self._key, self._ds)
+                self._ds = None
                 raise
         self._variable = variable
         self.shape = (info.shape[1], info.shape[2])
@@ -692,8 +735,7 @@ class NetcdfImageSource:
 
     def close(self) -> None:
         if self._ds is not None:
-            with NC_LOCK:
-                self._ds.close()
+            _release(self._key, self._ds)
             self._ds = None
 
     def __repr__(self) -> str:
