@@ -116,10 +116,11 @@ def test_background_segmentation_reports_progress_and_imports_the_same_result(sc
 
 
 def test_cancel_stops_the_process_and_leaves_no_output(scene, model_dir):
-    pp, xp = pair(scene, 448, 448, name="Big")
+    pp, xp = pair(scene, 960, 960, name="Big")  # ~300 tiles of 64 px: seconds, so Cancel lands mid-run
     logic = ThinSectionSegmentationLogic(scene)
     before = scene.GetNumberOfNodes()
-    job = logic.prepareSegmentation(pp, xp, model_dir, device="cpu", python=sys.executable)
+    # small tiles: many progress steps, so Cancel lands mid-run
+    job = logic.prepareSegmentation(pp, xp, model_dir, device="cpu", python=sys.executable, tile=64)
     try:
         proc = job.start()
         deadline = time.monotonic() + 120

@@ -113,7 +113,7 @@ def test_cancel_leaves_the_scene_as_it_was(scene, model_root):
     seen = []
     with pytest.raises(Cancelled):
         logic.segment(pp, xp, model_root / "ThinSectionEnv" / "tiny-ppxp", progress=lambda d, t: seen.append((d, t)),
-                      cancel=lambda: len(seen) >= 1)
+                      cancel=lambda: len(seen) >= 1, tile=64)  # small tiles: several batches
     assert scene.GetNumberOfNodes() == before
 
 

@@ -177,7 +177,7 @@ class ThinSectionSegmentationLogic:
     def segment(self, ppNode, xpNode=None, modelDir=None, outputNode=None, device: str = "auto",
                 confidence: bool = False, createSegmentation: bool = False, mmPerPixel: float | None = None,
                 progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
-                show: bool = True):
+                show: bool = True, tile: int | None = None):
         """Segment PP (+ XP) in this process; returns the labelmap node (named after the input,
         colour table of the class names, in the input's folder, shown over PP). The area
         fractions table/chart and optional segmentation are in `self.lastSegmentation`."""
@@ -196,7 +196,7 @@ class ThinSectionSegmentationLogic:
         sources = [ArraySource(rgb_array(ppNode, "PP image"), name=ppNode.GetName())]
         if needs_xp:
             sources.append(ArraySource(rgb_array(xpNode, "XP image"), name=xpNode.GetName()))
-        options = InferenceOptions(device=device, with_confidence=confidence)
+        options = InferenceOptions(device=device, with_confidence=confidence, tile=tile)
         segmenter = Segmenter(bundle, options)
         self.messages += segmenter.messages
         height, width = sources[0].shape
@@ -242,7 +242,8 @@ class ThinSectionSegmentationLogic:
         return labelmap
 
     def prepareSegmentation(self, ppNode, xpNode=None, modelDir=None, device: str = "auto", confidence: bool = False,
-                            mmPerPixel: float | None = None, workDir=None, python: str | None = None) -> Job:
+                            mmPerPixel: float | None = None, workDir=None, python: str | None = None,
+                            tile: int | None = None) -> Job:
         """Export PP (+ XP) to a job folder and build the `thinseg segment` command; the scene is
         not changed. Run with job.start(), then finishSegmentation(job)."""
         model_dir = Path(modelDir) if modelDir else self.defaultModelDir()
@@ -261,7 +262,8 @@ class ThinSectionSegmentationLogic:
             source = folder / f"{jobs_safe(base)}.nc"  # the file stem names the section in the progress
             written = netcdf_nodes.export_nodes(nodes, source, names=names, spacing={n.GetID(): spacing for n in nodes})
             command = process.segment_command([source], folder / "output.nc", model_dir, device=device,
-                                              probabilities=confidence, python=python)
+                                              probabilities=confidence, python=python,
+                                              extra=["--tile", str(tile)] if tile else ())
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
