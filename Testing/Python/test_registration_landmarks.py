@@ -91,7 +91,7 @@ def test_consistent_noisy_clicks_are_not_flagged():
         assert fit_landmarks(qemscan, image, GEOMETRY, kind).outliers == []
 
 
-@pytest.mark.parametrize("kind,n", [("similarity", 2), ("affine", 3), ("tps", 3)])
+@pytest.mark.parametrize("kind,n", [("similarity", 2), ("affine", 3), ("tps", 2)])
 def test_too_few_landmarks_are_refused(kind, n):
     with pytest.raises(ThinSegError, match=f"{n} landmark pair.*at least"):
         fit_landmarks(_affine(IMAGE_PTS[:n]), IMAGE_PTS[:n], GEOMETRY, kind)
@@ -172,3 +172,11 @@ def test_bspline_correction_is_exactly_itks_bspline():
     eps = RNG.normal(size=model.size)
     lhs = float(((model.apply(theta + 1e-3 * eps, pts) - model.apply(theta, pts)) * gq).sum()) / 1e-3
     assert lhs == pytest.approx(float(model.gradient(pts, gq) @ eps), rel=1e-6)
+
+
+def test_three_pairs_are_enough_for_a_thin_plate_spline():
+    """The issue's minimum: >= 3 pairs. Three pairs fix the spline exactly, so residuals are 0
+    and no click can be flagged; the fit still maps the three points onto each other."""
+    fit = fit_landmarks(_affine(IMAGE_PTS[:3]), IMAGE_PTS[:3], GEOMETRY, "tps")
+    assert np.abs(fit.residuals_px).max() < 1e-6
+    assert fit.outliers == []
