@@ -230,6 +230,11 @@ class OutputParser:
 # -- running ------------------------------------------------------------------------------------
 
 
+def _default_sigint() -> None:
+    """In the forked child before exec: SIGINT back to its default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class BackgroundProcess:
     """A child process whose stdout and stderr are parsed as they arrive.
 
@@ -261,6 +266,10 @@ class BackgroundProcess:
             flags["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
         else:
             flags["start_new_session"] = True
+            # SIGINT is how Cancel asks the child to stop. A parent started in the background by a
+            # non-interactive shell (CI, nohup, some launchers) ignores SIGINT, and exec keeps that
+            # disposition: Python then installs no KeyboardInterrupt handler and Cancel would be lost.
+            flags["preexec_fn"] = _default_sigint
         try:
             self._process = subprocess.Popen(
                 self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
