@@ -206,3 +206,26 @@ def run_subprocess(*args, cwd: Path | None = None, timeout: float = 300) -> subp
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("thinseg: error:")]
+
+
+#: The ten real sandstone fields of ../shared/data (GPL-3.0: read there, never copied here).
+REAL_DATA = REPO.parent / "shared" / "data" / "sandstone-ppl-xpl"
+REAL_CLASSES = REPO / "Resources" / "ClassTables" / "sandstone_ppl_xpl.csv"
+
+
+def real_field(field: str) -> dict[str, Path]:
+    """Paths of one real field: PPL, XPL and the hand-drawn mask (skips when the data is absent)."""
+    import pytest
+
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real sandstone data not found at {REAL_DATA}")
+    masks = sorted((REAL_DATA / "masks").glob(f"{field}_mascara*.tif*"))
+    return {"pp": REAL_DATA / "ppl" / f"{field}_paralelos.jpg", "xp": REAL_DATA / "xpl" / f"{field}_cruzados.jpg",
+            "mask": masks[0]}
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))

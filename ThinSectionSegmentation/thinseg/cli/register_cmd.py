@@ -252,12 +252,16 @@ def format_result(result, xp_given: bool) -> str:
         lines.append(f"{metric}: {_bits(result.metric_final)} bits (no refinement: --no-refine)")
     lines.append(f"overlap: {100 * result.overlap:.1f}% of the PP image lies on labelled QEMSCAN pixels")
     if xp_given:
-        dy, dx = result.xp_offset
-        peak = f"correlation peak {result.xp_peak:.3f}" if math.isfinite(result.xp_peak) else "not checked"
-        if (dy, dx) == (0, 0):
-            lines.append(f"XP offset: none (dy, dx = 0, 0 px; {peak})")
+        a = result.xp_alignment
+        if a is None:
+            lines.append("XP offset: not checked")
+        elif not a.reliable:
+            lines.append(f"XP offset: unknown ({a.describe()})")
+        elif a.is_identity:
+            lines.append(f"XP offset: none (dy, dx = 0, 0 px; match score {a.score:.1f})")
         else:
-            lines.append(f"XP offset: dy {dy:+d}, dx {dx:+d} px, aligned to PP ({peak})")
+            turn = f", rotation {a.angle_deg:+.2f} deg" if a.angle_deg else ""
+            lines.append(f"XP offset: dy {a.dy:+g}, dx {a.dx:+g} px{turn}, aligned to PP (match score {a.score:.1f})")
     else:
         lines.append("XP offset: no XP image")
     for warning in result.warnings:

@@ -23,7 +23,7 @@ from thinseg.registration.geometry import Geometry, grid_points
 from thinseg.registration.landmark_io import LandmarkPairs
 from thinseg.registration.landmarks import LandmarkFit, fit_landmarks
 from thinseg.registration.metric import match_contrast, measure
-from thinseg.registration.ppxp import estimate_xp_offset, shift_image
+from thinseg.registration.ppxp import XpAlignment, estimate_xp_alignment
 from thinseg.registration.refinement import LINEAR_LEVELS, RefineResult, refine as refine_transform
 from thinseg.registration.resample import resample_labels
 from thinseg.registration.transforms import SectionTransform, change_summary, describe_linear
@@ -33,8 +33,6 @@ MIN_OVERLAP = 0.2
 #: Least match contrast (see metric.match_contrast) accepted without landmarks; unrelated
 #: image/map pairs score about 1, real matches about 5.
 MIN_CONTRAST = 2.0
-#: Weakest PP/XP phase-correlation peak trusted for an XP shift.
-MIN_XP_PEAK = 0.02
 
 
 @dataclass
@@ -55,7 +53,8 @@ class RegistrationResult:
     overlap: float = float("nan")  # share of the image on labelled QEMSCAN pixels
     contrast: float = float("nan")  # match contrast (~1 = no match)
     xp_offset: tuple[int, int] = (0, 0)  # (dy, dx): xp[y, x] showed pp[y - dy, x - dx]
-    xp_peak: float = float("nan")
+    xp_peak: float = float("nan")  # z-score of the XP/PP match
+    xp_alignment: XpAlignment | None = None  # the full rigid XP placement (rotation too)
     xp: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -69,7 +68,8 @@ class RegistrationResult:
             "metric_final": self.metric_final,
             "overlap": self.overlap,
             "match_contrast": self.contrast,
-            "xp_offset_px": {"dy": self.xp_offset[0], "dx": self.xp_offset[1], "peak": self.xp_peak},
+            "xp_offset_px": {"dy": self.xp_offset[0], "dx": self.xp_offset[1], "score": self.xp_peak},
+            "xp_alignment": self.xp_alignment.as_dict() if self.xp_alignment is not None else None,
             "linear_part": describe_linear(self.transform.linear_px()),
             "warnings": list(self.warnings),
             "seconds": dict(self.seconds),
@@ -162,15 +162,18 @@ def register_section(
         raise ThinSegError(f"a {kind} transform needs landmarks; without them use similarity or affine")
     correction = "similarity" if kind == "similarity" else "affine"
 
+    xp_alignment: XpAlignment | None = None
     xp_offset, xp_peak, xp_aligned = (0, 0), float("nan"), xp
     if xp is not None and align_xp:
         say("checking the XP/PP offset")
-        dy, dx, xp_peak = estimate_xp_offset(pp, xp)
-        if xp_peak < MIN_XP_PEAK:
-            warnings.append(f"PP and XP do not correlate (peak {xp_peak:.3f}); XP left as it is")
-        elif (dy, dx) != (0, 0):
-            xp_offset, xp_aligned = (dy, dx), shift_image(xp, dy, dx)
-            warnings.append(f"XP was offset from PP by (dy, dx) = ({dy}, {dx}) px and has been aligned")
+        xp_alignment = estimate_xp_alignment(pp, xp)
+        xp_peak = xp_alignment.score
+        if not xp_alignment.reliable:
+            warnings.append(xp_alignment.describe())
+        elif not xp_alignment.is_identity:
+            xp_offset = (int(round(xp_alignment.dy)), int(round(xp_alignment.dx)))
+            xp_aligned = xp_alignment.apply(xp)
+            warnings.append(xp_alignment.describe())
     seconds["xp_check"] = time.perf_counter() - clock
 
     fit: LandmarkFit | None = None
@@ -201,7 +204,7 @@ def register_section(
         seconds["coarse_search"] = time.perf_counter() - t
 
     result = RegistrationResult(initial, initial, None, table, geometry, fit, coarse, xp_offset=xp_offset,
-                                xp_peak=xp_peak, xp=xp_aligned, warnings=warnings, seconds=seconds)
+                                xp_peak=xp_peak, xp_alignment=xp_alignment, xp=xp_aligned, warnings=warnings, seconds=seconds)
     if refine:
         t = time.perf_counter()
         say("refining automatically")
