@@ -42,15 +42,20 @@ endif()
 """
 
 
+def _is_build_output(path: Path) -> bool:
+    """Byte code and the metadata `pip install -e .` leaves in the module folder."""
+    return any(part == "__pycache__" or part.endswith(".egg-info") for part in path.parts)
+
+
 def python_scripts() -> list[str]:
-    files = sorted(p.relative_to(MODULE).as_posix() for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts)
+    files = sorted(p.relative_to(MODULE).as_posix() for p in MODULE.rglob("*.py") if not _is_build_output(p))
     return files
 
 
 def resources() -> list[str]:
     found = []
     for p in sorted(MODULE.rglob("*")):
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".py" and p.name != "CMakeLists.txt":
+        if p.is_file() and not _is_build_output(p) and p.suffix != ".py" and p.name != "CMakeLists.txt":
             found.append(p.relative_to(MODULE).as_posix())
     return found
 

@@ -17,7 +17,7 @@ EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from thinseg.cli import compare_cmd, evaluate_cmd, register_cmd, segment_cmd, train_cmd
+    from thinseg.cli import compare_cmd, evaluate_cmd, prepare_cmd, register_cmd, segment_cmd, train_cmd
 
     parser = argparse.ArgumentParser(
         prog="thinseg",
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"thinseg {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (segment_cmd, register_cmd, train_cmd, evaluate_cmd, compare_cmd):
+    for module in (segment_cmd, register_cmd, prepare_cmd, train_cmd, evaluate_cmd, compare_cmd):
         module.register(commands)
     return parser
 

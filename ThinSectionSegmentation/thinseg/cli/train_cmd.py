@@ -29,6 +29,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     data.add_argument("--mapping", type=Path, default=None, metavar="CSV",
                       help="mineral,class rows mapping the labelmaps' mineral names to the model's classes ('ignore' "
                       "leaves a mineral out); default: QEMSCAN names by name, other minerals -> Others")
+    data.add_argument("--classes", type=Path, default=None, metavar="CSV",
+                      help="the classes of a new model: a value,name,color class file (as for `thinseg prepare`) or "
+                      "name,#rrggbb rows; default: Calcite, Dolomite, Mg-Clay minerals, Pores, Quartz, Others")
     data.add_argument("--pp-only", action="store_true", help="a model that takes the PP image only")
     data.add_argument("--init-from", type=Path, default=None, metavar="BUNDLE_DIR", help="fine-tune this model folder (its network, classes and inputs)")
     opt = p.add_argument_group("training")
@@ -48,6 +51,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     net = p.add_argument_group("network (new models)")
     net.add_argument("--base-channels", type=_positive_int, default=None, help="channels of the first U-Net level (default 16)")
     net.add_argument("--depth", type=_positive_int, default=None, help="U-Net levels (default 5)")
+    net.add_argument("--model-mm-per-pixel", type=_positive_float, default=None, metavar="MM",
+                     help="pixel size the model works at (sections are resampled to it; segment and evaluate "
+                     "resample back); default: the sections' own")
     net.add_argument("--val-tile", type=_positive_int, default=None, help="tile size for validation and the model's input_roi_shape (default 512)")
     out = p.add_argument_group("run and model")
     out.add_argument("--model-name", default=None, metavar="NAME", help="folder name of the exported model in RUN_DIR (default model)")
@@ -126,7 +132,15 @@ def train_config(args: argparse.Namespace):
                 raise ThinSegError(f"--val names the validation sections; --{option.replace('_', '-')} cannot be used with it")
     if args.pp_only and args.init_from is not None:
         raise ThinSegError("--pp-only and --init-from: a fine-tuned model keeps the inputs of the model it starts from")
+    if args.classes is not None and args.init_from is not None:
+        raise ThinSegError("--classes and --init-from: a fine-tuned model keeps the classes of the model it starts from")
     kwargs = {field: getattr(args, option) for option, field in _PASSED.items() if getattr(args, option) is not None}
+    if args.classes is not None:
+        from thinseg.value_classes import read_model_classes
+
+        kwargs["class_table"] = read_model_classes(args.classes)
+    if args.model_mm_per_pixel is not None:
+        kwargs["pixels_per_mm"] = 1.0 / args.model_mm_per_pixel
     if args.patience is not None:
         kwargs["patience"] = args.patience or None
     if args.val_tile is not None:
