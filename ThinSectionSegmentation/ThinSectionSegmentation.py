@@ -354,8 +354,15 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
             slicer.util.errorDisplay("Thin Section Segmentation needs its Python packages (PyTorch, MONAI, netCDF4, "
                                      "...). Reload the module to be asked again.")
             return False
-        with slicer.util.WaitCursor():
-            ok = dependencies.ensure_installed(confirm=lambda text: slicer.util.confirmOkCancelDisplay(text))
+        from thinseg.errors import ThinSegError  # plain Python: importable before anything is installed
+
+        try:
+            with slicer.util.WaitCursor():
+                ok = dependencies.ensure_installed(confirm=lambda text: slicer.util.confirmOkCancelDisplay(text))
+        except ThinSegError as error:
+            logging.error(str(error))
+            slicer.util.errorDisplay(str(error))
+            return False
         if not ok:
             self._declinedInstall = True
             return False
@@ -505,6 +512,11 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
             imagePoints = self.ui.imageLandmarksSelector.currentNode()
             qemscanPoints = self.ui.qemscanLandmarksSelector.currentNode()
             landmarks = None
+            if (imagePoints is None) != (qemscanPoints is None):  # half a pair of lists is a mistake, not "automatic"
+                from thinseg.errors import ThinSegError
+
+                raise ThinSegError("choose both landmark lists (PP points and QEMSCAN points), or neither for the "
+                                   "automatic search")
             if imagePoints is not None and qemscanPoints is not None and imagePoints.GetNumberOfControlPoints() > 0:
                 landmarks = (imagePoints, qemscanPoints)
             kind = TRANSFORM_KINDS[max(0, self.ui.transformTypeComboBox.currentIndex)]

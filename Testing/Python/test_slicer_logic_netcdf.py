@@ -7,7 +7,7 @@ The file layout is checked against ../shared/specs/geoslicer-netcdf.md with xarr
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
+import slicer  # noqa: E402  (slicer-core is in the test extra: a broken install must fail, not skip)
 
 from helpers import open_nc, write_geoslicer_netcdf  # noqa: E402
 from thinseg.classes import default_class_table  # noqa: E402
@@ -43,7 +43,7 @@ def matrix(node):
 
 
 def test_export_writes_the_geoslicer_layout(scene, tmp_path):
-    xr = pytest.importorskip("xarray")
+    import xarray as xr
     pp, xp, lab, labels = section(scene)
     seg = labelmaps.labelmap_to_segmentation(lab, name="S1_Segments")
     conf = volumes.create_scalar_volume(scene, "S1_Confidence", np.arange(54, dtype=np.uint8).reshape(6, 9), SPACING, ORIGIN)

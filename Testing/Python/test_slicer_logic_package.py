@@ -43,7 +43,7 @@ def test_worker_and_jobs_need_neither_slicer_nor_vtk():
 
 
 def test_package_imports_in_a_fresh_interpreter_without_loading_heavy_modules():
-    pytest.importorskip("slicer")
+    import slicer  # noqa: F401
     code = (
         "import sys\n"
         "from ThinSectionSegmentationLib import ThinSectionSegmentationLogic\n"
@@ -78,3 +78,58 @@ def test_requirements_mirror_pyproject():
 
     ours = {re.split(r"[<>=!~ ]", req)[0].lower() for _name, req in dependencies.REQUIREMENTS} | {"torch"}
     assert ours == declared
+
+
+class _Installer:
+    """Stands in for slicer.packaging.pip_ensure (Slicer 5.9+ signature): records its calls."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls, self.fail = [], fail
+
+    def __call__(self, requirements, constraints=None, skip_packages=None, prompt_install=True, prompt_restart=True,
+                 requester=None, skip_in_testing=True, show_progress=True):
+        self.calls.append(([str(r) for r in requirements], prompt_install, requester))
+        if self.fail:
+            raise RuntimeError("pip install exited with 1")
+
+
+def _fake_missing(monkeypatch, installer):
+    import types
+
+    import slicer
+    from ThinSectionSegmentationLib import dependencies
+
+    state = {"missing": ["tqdm>=4.60", "zarr>=3"]}
+    monkeypatch.setattr(dependencies, "missing_requirements", lambda *a: list(state["missing"]))
+    monkeypatch.setattr(dependencies, "torch_missing", lambda: False)
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.pip_ensure = installer
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
+    return dependencies, state
+
+
+def test_the_user_is_asked_once_and_the_installer_does_not_ask_again(monkeypatch):
+    installer = _Installer()
+    dependencies, state = _fake_missing(monkeypatch, installer)
+    questions = []
+
+    def confirm(text):
+        questions.append(text)
+        state["missing"] = []  # as if installed by the call that follows
+        return True
+
+    assert dependencies.ensure_installed(confirm) is True
+    assert len(questions) == 1 and "tqdm, zarr" in questions[0]
+    assert installer.calls == [(["tqdm>=4.60", "zarr>=3"], False, "Thin Section Segmentation")]
+
+
+def test_declining_installs_nothing_and_a_failing_install_is_one_clear_error(monkeypatch):
+    from thinseg.errors import ThinSegError
+
+    installer = _Installer(fail=True)
+    dependencies, _state = _fake_missing(monkeypatch, installer)
+    assert dependencies.ensure_installed(lambda text: False) is False
+    assert installer.calls == []
+    with pytest.raises(ThinSegError, match="installing the Python packages failed: pip install exited with 1"):
+        dependencies.ensure_installed(lambda text: True)

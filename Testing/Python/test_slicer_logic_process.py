@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
+import slicer  # noqa: E402  (slicer-core is in the test extra: a broken install must fail, not skip)
 
 from helpers import make_bundle, section_images  # noqa: E402
 from thinseg.errors import ThinSegError  # noqa: E402

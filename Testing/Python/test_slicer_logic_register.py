@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
+import slicer  # noqa: E402  (slicer-core is in the test extra: a broken install must fail, not skip)
 
 from thinseg.errors import ThinSegError  # noqa: E402
 from thinseg.io.images import open_image  # noqa: E402
@@ -168,3 +168,33 @@ def test_background_registration_matches_the_in_process_one(setup):
     assert np.allclose(mapped_qemscan_px(transform, pp, qemscan, probe),
                        mapped_qemscan_px(reference_transform, pp, qemscan, probe), atol=1e-9)
     assert logic.lastRegistration.residuals.GetTable().GetNumberOfRows() == 4
+
+
+def test_refined_registration_of_an_offset_xp_gives_training_an_aligned_xp(setup, truth, sample_images):
+    """The panel's default path (landmarks, then 'Refine automatically') in the background worker,
+    with an XP photograph offset from PP by a stage shift, as on real microscopes: the scene
+    gets an aligned XP volume, and the registered labelmap (what Train exports) refers to it."""
+    scene, logic, pp, xp, qemscan, image_points, qemscan_points, folder = setup
+    offset_xp = volumes.create_rgb_volume(scene, "offset_XP", np.roll(sample_images[1], (4, 9), axis=(0, 1)),
+                                          truth["image_mm_per_pixel"], (3.0, -1.0, 0.0))
+    job = logic.prepareRegistration(pp, qemscan, (image_points, qemscan_points), refine=True, xpNode=offset_xp,
+                                    python=sys.executable)
+    try:
+        job.start().wait(timeout=300)
+        transform, registered = logic.finishRegistration(job)
+    finally:
+        logic.discardJob(job)
+    probe = np.array([[100.0, 100.0], [1000.0, 800.0], [1900.0, 1400.0]])
+    truth_px = (np.linalg.inv(np.array(truth["qemscan_to_image"])) @ np.c_[probe, np.ones(3)].T).T[:, :2]
+    assert np.abs(mapped_qemscan_px(transform, pp, qemscan, probe) - truth_px).max() < 0.5
+    aligned = logic.lastRegistration.xpAligned
+    assert aligned is not None and aligned.GetName() == "offset_XP_aligned"
+    assert np.array_equal(volumes.rgb_array(aligned)[:-4, :-9], sample_images[1][:-4, :-9])
+    assert np.allclose(ijk_to_ras(aligned), ijk_to_ras(pp))
+    assert hierarchy.parent_item(aligned) == folder
+    assert logic.trainingSectionNodes(registered) == (pp, aligned, registered)
+    assert any("aligned to PP" in w for w in logic.lastRegistration.warnings)
+    # an XP that needs no alignment gets no copy
+    logic.register(pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp)
+    assert logic.lastRegistration.xpAligned is None
+    assert logic.lastRegistration.labelmap.GetNodeReference(labelmaps.XP_REFERENCE) is xp

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
+import slicer  # noqa: E402  (slicer-core is in the test extra: a broken install must fail, not skip)
 
 from helpers import make_bundle, section_images, write_pair  # noqa: E402
 from thinseg.errors import ThinSegError  # noqa: E402

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
+import slicer  # noqa: E402  (slicer-core is in the test extra: a broken install must fail, not skip)
 
 from helpers import write_geoslicer_netcdf  # noqa: E402
 from thinseg.classes import default_class_table  # noqa: E402

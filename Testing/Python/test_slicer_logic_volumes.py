@@ -4,7 +4,7 @@ labelmap <-> segmentation, subject hierarchy and the parameter node saved with t
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
+import slicer  # noqa: E402  (slicer-core is in the test extra: a broken install must fail, not skip)
 
 from thinseg.classes import ClassTable, default_class_table  # noqa: E402
 from thinseg.errors import ThinSegError  # noqa: E402

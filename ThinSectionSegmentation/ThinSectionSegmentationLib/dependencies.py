@@ -1,7 +1,7 @@
 """The core's Python requirements in Slicer's Python: what is missing, and installing it.
 
-Checking is plain Python (tested). Installing needs Slicer: `slicer.packaging.pip_ensure`
-(Slicer 5.9+, which asks the user itself) where present, else one question and
+Checking is plain Python (tested). Installing needs Slicer: one question for everything, then
+`slicer.packaging.pip_ensure` (Slicer 5.9+, told not to ask again) where present, else
 `slicer.util.pip_install`; PyTorch through the PyTorch extension's installer when available
 (it picks the CUDA/CPU build for the machine), else from PyPI.
 """
@@ -27,6 +27,8 @@ REQUIREMENTS: tuple[tuple[str, str], ...] = (
     ("matplotlib", "matplotlib>=3.7"),
     ("tqdm", "tqdm>=4.60"),
 )
+#: Any recent torch: in Slicer the PyTorch extension picks the build (CUDA or CPU) for the machine;
+#: the exact pin of pyproject.toml is for the command line and CI, where a CPU wheel is on disk.
 TORCH = ("torch", "torch>=2.1")
 REQUESTER = "Thin Section Segmentation"
 
@@ -62,35 +64,67 @@ def describe(missing: Sequence[str], torch_needed: bool) -> str:
             "several minutes; PyTorch alone is large.)")
 
 
+def _slicer_pip_ensure():
+    """`slicer.packaging.pip_ensure` (Slicer 5.9+; a submodule, so it must be imported), or None."""
+    try:
+        from slicer import packaging  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return getattr(packaging, "pip_ensure", None)
+
+
+def _call_pip_ensure(pip_ensure, requirements: Sequence[str]) -> None:
+    """pip_ensure without its own question (the user was asked once already)."""
+    import inspect
+
+    from packaging.requirements import Requirement
+
+    kwargs: dict = {"requester": REQUESTER}
+    try:
+        params = inspect.signature(pip_ensure).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name in ("prompt_install", "prompt"):  # the name changed while the API settled
+        if name in params:
+            kwargs[name] = False
+            break
+    pip_ensure([Requirement(r) for r in requirements], **kwargs)
+
+
 def ensure_installed(confirm: Callable[[str], bool] | None = None) -> bool:
-    """Install what is missing (inside Slicer). `confirm(text)` asks the user once when
-    slicer.packaging.pip_ensure (which asks itself) is not available. True when all is there."""
+    """Install what is missing (inside Slicer). `confirm(text)` asks the user ONCE, for everything
+    (PyTorch included); the installers are then told not to ask again. True when all is there.
+    An installer that fails (or that the user stops) raises ThinSegError with its message."""
     import slicer
+
+    from thinseg.errors import ThinSegError
 
     missing = missing_requirements()
     torch_needed = torch_missing()
     if not missing and not torch_needed:
         return True
-    packaging = getattr(slicer, "packaging", None)
-    pip_ensure = getattr(packaging, "pip_ensure", None) if packaging is not None else None
-    if pip_ensure is None and confirm is not None and not confirm(describe(missing, torch_needed)):
+    if confirm is not None and not confirm(describe(missing, torch_needed)):
         return False
-    if torch_needed:
-        try:
-            import PyTorchUtils  # the PyTorch extension
-        except ImportError:
-            PyTorchUtils = None
-        if PyTorchUtils is not None:
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=pip_ensure is not None, torchVersionRequirement=TORCH[1][len("torch"):]
-            )
-            if torch is None:
-                return False
-        else:
-            missing = [TORCH[1]] + missing
-    if missing:
-        if pip_ensure is not None:
-            pip_ensure(missing, requester=REQUESTER)
-        else:
-            slicer.util.pip_install(missing)
+    pip_ensure = _slicer_pip_ensure()
+    try:
+        if torch_needed:
+            try:
+                import PyTorchUtils  # the PyTorch extension: picks the CUDA/CPU build for this machine
+            except ImportError:
+                PyTorchUtils = None
+            if PyTorchUtils is not None:
+                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                    askConfirmation=False, torchVersionRequirement=TORCH[1][len("torch"):]
+                )
+                if torch is None:
+                    return False
+            else:
+                missing = [TORCH[1]] + missing
+        if missing:
+            if pip_ensure is not None:
+                _call_pip_ensure(pip_ensure, missing)
+            else:
+                slicer.util.pip_install(missing)
+    except Exception as error:  # pip and the installers raise RuntimeError, CalledProcessError, ...
+        raise ThinSegError(f"installing the Python packages failed: {error}") from None
     return not missing_requirements() and not torch_missing()

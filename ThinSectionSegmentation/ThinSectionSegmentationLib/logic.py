@@ -44,6 +44,7 @@ from .registration_nodes import create_transform_node, landmarks_from_markups, r
 from .volumes import (
     UNKNOWN_SPACING_MM,
     copy_geometry,
+    create_rgb_volume,
     create_scalar_volume,
     label_array,
     require_thin_section_geometry,
@@ -83,6 +84,7 @@ class RegistrationOutput:
     residuals: object | None = None
     warnings: list[str] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    xpAligned: object | None = None  # XP moved onto the PP grid, when the two photographs were offset
 
 
 @dataclass
@@ -377,23 +379,34 @@ class ThinSectionSegmentationLogic:
         report = result.landmark_fit.report() if result.landmark_fit is not None else None
         summary = {"warnings": result.warnings, "landmarks": report, "metric_final": result.metric_final,
                    "overlap": result.overlap, "kind": result.transform.kind}
+        aligned = result.xp if xp is not None and result.xp is not xp else None
         return self._store_registration(ppNode, xpNode, qemscanNode, result.transform, result.labels, result.table,
-                                        report, summary)
+                                        report, summary, aligned)
 
-    def _store_registration(self, ppNode, xpNode, qemscanNode, transform, labels, table, report, summary):
+    def _store_registration(self, ppNode, xpNode, qemscanNode, transform, labels, table, report, summary,
+                            alignedXp: np.ndarray | None = None):
+        """Transform node, registered labelmap (referring to PP and to the XP that matches it
+        pixel for pixel: a new aligned XP volume when the photographs were offset), residual table."""
         scene = self.scene
         base = base_name(ppNode)
         transform_node = create_transform_node(scene, f"{qemscanNode.GetName()}_to_{base}", transform, ppNode, qemscanNode)
         labelmap = create_labelmap(scene, scene.GenerateUniqueName(f"{qemscanNode.GetName()}_registered"), labels, table,
                                    reference=ppNode)
-        set_reference(labelmap, ppNode, xpNode)
+        xp_aligned = None
+        if alignedXp is not None and xpNode is not None:
+            xp_aligned = create_rgb_volume(scene, scene.GenerateUniqueName(f"{xpNode.GetName()}_aligned"), alignedXp,
+                                           self.imageSpacing(ppNode))
+            copy_geometry(ppNode, xp_aligned)
+            hierarchy.place_beside(xp_aligned, ppNode)
+        set_reference(labelmap, ppNode, xp_aligned or xpNode)
         for node in (transform_node, labelmap):
             hierarchy.place_beside(node, ppNode)
         residuals = None
         if report:
             residuals = residual_table(scene, f"{base} landmark residuals", report, self.imageSpacing(ppNode))
             hierarchy.place_beside(residuals, ppNode)
-        self.lastRegistration = RegistrationOutput(transform_node, labelmap, residuals, list(summary.get("warnings") or []), summary)
+        self.lastRegistration = RegistrationOutput(transform_node, labelmap, residuals, list(summary.get("warnings") or []),
+                                                   summary, xp_aligned)
         return transform_node, labelmap
 
     def prepareRegistration(self, ppNode, qemscanNode, landmarks=None, refine: bool = True, xpNode=None,
@@ -403,7 +416,7 @@ class ThinSectionSegmentationLogic:
         if ppNode is None or qemscanNode is None:
             raise ThinSegError("choose a PP image and a QEMSCAN map")
         if landmarks is None and not refine:
-            raise ThinSegError("without landmarks the automatic refinement is needed (add landmarks or tick 'Refine')")
+            raise ThinSegError("without landmarks the automatic refinement is needed (add landmarks, or use 'Refine automatically')")
         pairs = self._landmarks(landmarks, ppNode, qemscanNode)
         labelmap_class_table(qemscanNode)  # fail now, not in the process, if it has no colour table
         spacing = self.imageSpacing(ppNode, mmPerPixel)
@@ -438,13 +451,23 @@ class ThinSectionSegmentationLogic:
         from thinseg.registration.output import load_transform
 
         transform = load_transform(job.folder / "transform.json")
-        labels, table, _mm, _origin = read_labelmap(job.folder / "output.nc", "registered")
+        out = job.folder / "output.nc"
+        labels, table, _mm, _origin = read_labelmap(out, "registered")
         summary = json.loads((job.folder / "summary.json").read_text(encoding="utf-8"))
         nodes = [self.scene.GetNodeByID(job.info[k]) if job.info.get(k) else None for k in ("pp", "xp", "qemscan")]
         if nodes[0] is None or nodes[2] is None:
             raise ThinSegError("the PP image or the QEMSCAN map was removed from the scene while registering")
+        aligned = None
+        if summary.get("xp_aligned_variable"):
+            from thinseg.io.netcdf import open_netcdf_image
+
+            image = open_netcdf_image(out, summary["xp_aligned_variable"])
+            try:
+                aligned = image.read(0, image.shape[0])
+            finally:
+                image.close()
         return self._store_registration(nodes[0], nodes[1], nodes[2], transform, labels, table,
-                                        summary.get("landmarks"), summary)
+                                        summary.get("landmarks"), summary, aligned)
 
     # -- training -------------------------------------------------------------------------------
 
