@@ -12,6 +12,7 @@ reduced precision changes against fp32 on the same image.
 Usage:
   python bench/bench_segment.py                       # 4096^2 speed comparison (a, b, c)
   python bench/bench_segment.py --size 16384 --only a # peak memory of the command at 16k x 16k
+  python bench/bench_segment.py --size 16384 --only a --full-outputs   # ... with confidence map and overlay
 Results are printed as a table and written to bench/out/segment.json.
 """
 
@@ -83,6 +84,8 @@ def child_command(args: argparse.Namespace) -> dict:
     for i in range(args.repeats):
         out = Path(args.workdir) / f"out_{i}.nc"
         cmd = [sys.executable, "-m", "thinseg", "segment", str(pp), "--output", str(out), "--overwrite", "--quiet", "--precision", args.precision]
+        if args.full_outputs:  # the confidence map and the overlay PNG hold two more full-size maps
+            cmd += ["--probabilities", "--overlay"]
         env = dict(os.environ, PYTHONPATH=str(REPO / "ThinSectionSegmentation"))
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -180,7 +183,7 @@ def child_agreement(args: argparse.Namespace) -> dict:
     from thinseg.resources import default_model_dir
 
     bundle = load_bundle(default_model_dir())
-    side = min(args.size, 2048)
+    side = args.size  # the same image as (a)
     pp = open_image(Path(args.workdir) / f"bench_{args.size}_PP.tif")
     xp = open_image(Path(args.workdir) / f"bench_{args.size}_XP.tif")
 
@@ -209,7 +212,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="repeats per measurement; medians are reported")
     parser.add_argument("--seed-repeats", type=int, default=1, help="repeats of (c), the slowest measurement")
     parser.add_argument("--only", default="a,b,c,agreement", help="comma list of a,b,c,agreement")
-    parser.add_argument("--precision", default="fp32", help="precision of the command in (a)")
+    parser.add_argument("--precision", default="auto", help="precision of the command in (a) (default: the command's own, auto)")
+    parser.add_argument("--full-outputs", action="store_true", help="(a) also writes the confidence map and the overlay")
     parser.add_argument("--forward-rows", type=int, default=3, help="tile rows held in memory for (b)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -233,7 +237,11 @@ def main() -> None:
         }
         mpix = args.size * args.size / 1e6
         if "a" in only:
-            a = run_child("command", args, ["--precision", args.precision])
+            a = run_child("command", args, ["--precision", args.precision] + (["--full-outputs"] if args.full_outputs else []))
+            from thinseg.inference.device import auto_precision
+
+            a["precision"] = auto_precision(torch.device("cpu")) if args.precision == "auto" else args.precision
+            a["full_outputs"] = bool(args.full_outputs)
             a["mpix_s"] = mpix / a["median_s"]
             a["bytes_per_pixel"] = a["peak_rss_mb"] * 2**20 / (args.size**2)
             report["a_command"] = a
@@ -248,7 +256,7 @@ def main() -> None:
     _print_report(report)
     out_dir = REPO / "bench" / "out"
     out_dir.mkdir(exist_ok=True)
-    name = f"segment_{args.size}.json"
+    name = f"segment_{args.size}{'_full' if args.full_outputs else ''}.json"
     (out_dir / name).write_text(json.dumps(report, indent=2))
     print(f"\nwritten: bench/out/{name}")
 
@@ -275,7 +283,9 @@ def _print_report(r: dict) -> None:
         print(f"  (c) seed design (MONAI sliding_window, roi 512, overlap 0.25, batch 1, fp32) {c['mpix_s']:6.2f} MPix/s, peak {c['peak_rss_mb']:.0f} MB = {c['bytes_per_pixel']:.1f} B/px")
     if "a_command" in r:
         a = r["a_command"]
-        print(f"  (a) thinseg segment command          {a['mpix_s']:6.2f} MPix/s, peak {a['peak_rss_mb']:.0f} MB = {a['bytes_per_pixel']:.1f} B/px")
+        extra = ", with --probabilities --overlay" if a.get("full_outputs") else ""
+        print(f"  (a) thinseg segment command ({a.get('precision', '?')}{extra}) {a['mpix_s']:6.2f} MPix/s, "
+              f"peak {a['peak_rss_mb']:.0f} MB = {a['bytes_per_pixel']:.1f} B/px")
         if "c_seed" in r:
             print(f"      (a)/(c) = {a['mpix_s'] / r['c_seed']['mpix_s']:.2f}x   (target >= 2.5x)")
         if best_b:

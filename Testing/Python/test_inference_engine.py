@@ -114,3 +114,15 @@ def test_default_tile_grows_only_for_tile_independent_networks(pointwise_bundle)
     assert default_tile(instance_norm, (512, 512)) == (512, 512)
     assert Segmenter(pointwise_bundle, InferenceOptions(device="cpu")).tile == (LARGE_TILE, LARGE_TILE)
     assert Segmenter(pointwise_bundle, InferenceOptions(device="cpu", tile=64, overlap=16)).tile == (64, 64)
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_runs_it_natively(pointwise_bundle, monkeypatch):
+    from thinseg.inference import device as device_module
+
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: False)
+    assert Segmenter(pointwise_bundle, InferenceOptions(device="cpu", overlap=16)).precision == "fp32"
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
+    seg = Segmenter(pointwise_bundle, InferenceOptions(device="cpu", overlap=16))
+    assert seg.precision == "bf16" and "--precision fp32 for exact fp32" in seg.messages[-1]
+    exact = Segmenter(pointwise_bundle, InferenceOptions(device="cpu", overlap=16, precision="fp32"))
+    assert exact.precision == "fp32" and exact.messages == []

@@ -37,7 +37,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     tuning.add_argument("--tile", type=int, default=None, help="tile size in px (default: 1024 for BatchNorm networks, else the model's input_roi_shape)")
     tuning.add_argument("--overlap", type=int, default=None, help=f"overlap of neighbouring tiles in px (default {DEFAULT_OVERLAP}, at most a quarter of the tile)")
     tuning.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: about 1 MPix of tiles)")
-    tuning.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32 (exact, default), bf16 (fast on AVX512-BF16/AMX CPUs and GPUs), fp16 (GPU)")
+    tuning.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="auto (default): bf16 on GPUs and on CPUs with AVX512-BF16/AMX (under 0.5%% of labels "
+                        "change), else fp32; fp32: exact; fp16: GPU only")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 

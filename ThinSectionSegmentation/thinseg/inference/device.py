@@ -29,3 +29,14 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_precision(device: torch.device) -> str:
+    """"bf16" where it is fast (GPUs with bf16, CPUs with AVX512-BF16/AMX), else "fp32".
+
+    bf16 changes under 0.5% of the bundled model's labels against fp32 (bench/bench_segment.py
+    measures the agreement on the benchmark image); `--precision fp32` keeps exact fp32.
+    """
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
