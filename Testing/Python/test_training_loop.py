@@ -127,6 +127,15 @@ def test_early_stopping_on_validation_iou(tmp_path, data):
     assert load_checkpoint(result.checkpoint)["stopped_early"] is True
 
 
+def test_a_time_budget_stops_before_an_epoch_that_would_not_fit_and_resume_continues(tmp_path, data):
+    messages = []
+    result = train(_config(tmp_path, data, epochs=3, max_minutes=1e-4), log=messages.append)
+    assert result.epochs_run == 1 and not result.stopped_early and result.model_dir is not None
+    assert any("time budget of 0.0001 min reached" in m for m in messages)
+    resumed = train(_config(tmp_path, data, epochs=3, resume=True))
+    assert resumed.epochs_run == 3
+
+
 def test_pp_only_model_pooled_sections_and_saved_split(tmp_path, data):
     pool = data["train"] + data["val"] + synthetic_sections(1, 160, seed=70)
     result = train(TrainConfig(output_dir=tmp_path, sections=pool, val_fraction=0.25, test_fraction=0.25,

@@ -43,6 +43,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     opt.add_argument("--void-border-px", type=_non_negative, default=None, help="band (px) around class boundaries left out of the loss and of the validation scores (default 2)")
     opt.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default 1e-3)")
     opt.add_argument("--patience", type=_non_negative_int, default=None, help="stop after this many epochs without a better validation mean IoU (default 10; 0: never)")
+    opt.add_argument("--max-minutes", type=_positive_float, default=None, metavar="MIN",
+                     help="time budget: stop before an epoch that would end past it (default: none)")
     opt.add_argument("--seed", type=int, default=None, help="random seed of split, sampling and initialisation (default 0)")
     opt.add_argument("--workers", type=_non_negative_int, default=None, help="data-loading processes (default 0: in the training process)")
     opt.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="where to train (default auto)")
@@ -113,7 +115,7 @@ _PASSED = {
     "mapping": "mapping_csv", "init_from": "init_from", "epochs": "epochs", "steps_per_epoch": "steps_per_epoch",
     "patch_size": "patch_size", "batch_size": "batch_size", "balancing_strength": "balancing_strength",
     "void_border_px": "void_border_px", "lr": "lr", "seed": "seed", "workers": "num_workers", "device": "device",
-    "precision": "precision", "base_channels": "base_channels", "depth": "depth", "val_tile": "val_tile",
+    "precision": "precision", "max_minutes": "max_minutes", "base_channels": "base_channels", "depth": "depth", "val_tile": "val_tile",
     "model_name": "model_name", "title": "title",
 }
 

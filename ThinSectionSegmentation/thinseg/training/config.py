@@ -91,6 +91,7 @@ class TrainConfig:
     # run control
     resume: bool = False
     patience: int | None = 10  # epochs without a better validation mean IoU; None: never stop
+    max_minutes: float | None = None  # wall-clock budget: no epoch is started that would end past it
     min_delta: float = 1e-4
     val_tile: int = 512
     val_overlap: int = 32

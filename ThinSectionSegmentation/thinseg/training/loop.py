@@ -261,16 +261,24 @@ class TrainingRun:
         c = self.config
         self.start()
         stopped = self.stopped
+        started, epochs_here, out_of_time = time.monotonic(), 0, False
         try:
-            while self.epoch < c.epochs and not stopped:
+            while self.epoch < c.epochs and not stopped and not out_of_time:
                 row = self.train_epoch()
                 row.update(self._validate())
                 self.epoch += 1
+                epochs_here += 1
                 self.history.append(row)
                 write_log_csv(self.out / LOG_FILE, self.history)
                 plot_curves(self.out / CURVES_FILE, self.history)
                 stopped = self._keep_best(row)
-                self._checkpoint(stopped)
+                if not stopped and c.max_minutes is not None and self.epoch < c.epochs:
+                    elapsed = time.monotonic() - started
+                    if elapsed + elapsed / epochs_here > 60 * c.max_minutes:  # the next epoch would not fit
+                        self.log(f"time budget of {c.max_minutes:g} min reached after {elapsed / 60:.1f} min: stopping "
+                                 "(--resume continues)")
+                        out_of_time = True
+                self._checkpoint(stopped)  # a run stopped by the clock can be resumed; an early stop cannot
         except KeyboardInterrupt:
             self.log(f"interrupted: {self.epoch} finished epoch(s) are checkpointed in {self.checkpoint_path}; "
                      "continue with resume=True (--resume)")
