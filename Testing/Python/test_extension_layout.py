@@ -47,3 +47,25 @@ def test_core_library_imports_no_slicer_or_qt():
 def test_core_imports_cleanly_in_a_fresh_interpreter():
     code = "import sys; import thinseg, thinseg.segment, thinseg.cli.main; assert 'slicer' not in sys.modules and 'qt' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(MODULE), "PATH": ""})
+
+
+def test_a_built_wheel_carries_the_bundled_model_and_sample(tmp_path):
+    """`pip install .` (not editable) must segment with the bundled model, as a checkout does."""
+    import os
+
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
+                    str(REPO)], check=True, capture_output=True, cwd=tmp_path)
+    wheel = next(wheels.glob("thinseg-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("from thinseg.resources import default_model_dir, sample_dir\n"
+            "from thinseg.model.bundle import load_bundle\n"
+            "b = load_bundle(default_model_dir())\n"
+            "print(default_model_dir()); print(sample_dir()); print(b.class_table.names)\n")
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env, cwd=tmp_path)
+    model_dir, sample, names = out.stdout.splitlines()
+    assert model_dir.startswith(str(target / "thinseg" / "_resources" / "Models"))
+    assert (Path(sample) / "sample_PP.jpg").is_file() and Path(sample).is_relative_to(target)
+    assert names == "['Calcite', 'Dolomite', 'Mg-Clay minerals', 'Pores', 'Quartz', 'Others']"
