@@ -276,15 +276,33 @@ def _bad_case(kind, folder, sec, other):
         return [pp, q, "--transform", "tps"], None, "a tps transform needs landmarks"
     if kind == "no-refine without landmarks":
         return [pp, q, "--no-refine"], None, "--no-refine needs landmarks"
+    if kind == "landmarks outside the images":
+        q_px, img_px = clicks(sec, n=4)
+        img_px[1] = [SIZE + 40.0, 10.0]
+        bad = write_landmarks_csv(folder / "outside.csv", q_px, img_px)
+        return [pp, q, "--landmarks", bad], bad, r"landmark\(s\) P2 lie outside the PP image"
+    if kind == "map that does not overlap":
+        corner = np.zeros_like(sec.qemscan)
+        corner[:6, :6] = sec.qemscan[:6, :6]
+        bad = write_netcdf_qemscan(folder / "corner.nc", _with_labels(sec, corner))
+        lm = write_landmarks_csv(folder / "lm.csv", *clicks(sec, n=4))
+        return [pp, bad, "--landmarks", lm], None, ".*do not overlap"
     if kind == "xp of another size":
         bad = write_image(folder / "small_XP.png", sec.xp[:-4])
         return [pp, q, "--xp", bad], bad, f"PP is {SIZE}x{SIZE} px but XP is {SIZE}x{SIZE - 4} px; they must be the same size"
     raise AssertionError(kind)
 
 
+def _with_labels(sec, labels):
+    """`sec` with another QEMSCAN label array (same table and pixel size)."""
+    import dataclasses
+
+    return dataclasses.replace(sec, qemscan=labels)
+
+
 BAD = ["missing pp", "pp not an image", "missing qemscan", "unknown colour", "label values without table", "two labelmaps",
        "unrelated map", "landmark csv without columns", "too few landmarks", "tps without landmarks",
-       "no-refine without landmarks", "xp of another size"]
+       "no-refine without landmarks", "xp of another size", "landmarks outside the images", "map that does not overlap"]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -315,4 +333,25 @@ def test_ctrl_c_while_writing_leaves_nothing(tmp_path, capsys, sec, monkeypatch)
     monkeypatch.setattr(output, "_write_netcdf", interrupted)
     code, _, stderr = run_main(capsys, "register", pp, q, "--output", tmp_path / "out", "-q")
     assert code == 130 and "interrupted; no partial output was kept" in stderr
+    assert files_in(tmp_path / "out") == set()
+
+
+def test_diverging_refinement_is_refused_and_nothing_is_written(tmp_path, capsys, sec, monkeypatch):
+    import thinseg.registration.refinement as refine_module
+
+    real_climb = refine_module.climb
+
+    def runaway(scene, q0_all, model, theta, levels, **kwargs):
+        theta, history = real_climb(scene, q0_all, model, theta, levels[:1], **kwargs)
+        theta = theta.copy()
+        theta[-2:] += 9.0  # the optimiser "walks off" by 9 QEMSCAN px in x and y
+        return theta, history
+
+    monkeypatch.setattr(refine_module, "climb", runaway)
+    pp, _ = write_pair(tmp_path, sec)
+    q = write_netcdf_qemscan(tmp_path / "q.nc", sec)
+    lm = write_landmarks_csv(tmp_path / "lm.csv", *clicks(sec, n=4))
+    code, _, stderr = run_main(capsys, "register", pp, q, "--landmarks", lm, "--output", tmp_path / "out", "-q")
+    assert code == 2 and len(error_lines(stderr)) == 1 and "diverged" in stderr, stderr
+    no_traceback(stderr)
     assert files_in(tmp_path / "out") == set()

@@ -149,9 +149,11 @@ def _leave_one_out(src: np.ndarray, dst: np.ndarray, kind: str, active: list[int
 
 
 def check_landmarks(
-    qemscan_px: np.ndarray, image_px: np.ndarray, kind: str, geometry: Geometry, path=None
+    qemscan_px: np.ndarray, image_px: np.ndarray, kind: str, geometry: Geometry, path=None,
+    names: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Validate shapes, count and positions; raise ThinSegError with the offending indices."""
+    """Validate shapes, count and positions; raise ThinSegError naming the offending landmarks
+    (by their names where the file gives them, else by number)."""
     if kind not in KINDS:
         raise ThinSegError(f"unknown transform kind {kind!r} (choose from {', '.join(KINDS)})", path)
     q = np.asarray(qemscan_px, dtype=np.float64)
@@ -166,14 +168,18 @@ def check_landmarks(
         raise ThinSegError("landmark coordinates must be finite numbers", path)
     bad_q = np.flatnonzero(~inside(q, geometry.qemscan_shape))
     bad_p = np.flatnonzero(~inside(p, geometry.image_shape))
+
+    def label(i: int) -> str:
+        return str(names[i]) if names and i < len(names) and names[i] else str(i + 1)
+
     if len(bad_q):
         raise ThinSegError(
-            f"landmark(s) {', '.join(str(i + 1) for i in bad_q)} lie outside the QEMSCAN map "
+            f"landmark(s) {', '.join(label(i) for i in bad_q)} lie outside the QEMSCAN map "
             f"({geometry.qemscan_shape[1]} x {geometry.qemscan_shape[0]} px)", path
         )
     if len(bad_p):
         raise ThinSegError(
-            f"landmark(s) {', '.join(str(i + 1) for i in bad_p)} lie outside the PP image "
+            f"landmark(s) {', '.join(label(i) for i in bad_p)} lie outside the PP image "
             f"({geometry.image_shape[1]} x {geometry.image_shape[0]} px)", path
         )
     return q, p
@@ -194,7 +200,7 @@ def fit_landmarks(
     tolerance_px: leave-one-out error (image px) above which a click is flagged; default 1.5
     QEMSCAN pixels, far above a careful click's error and far below a wrong feature's.
     """
-    q, p = check_landmarks(qemscan_px, image_px, kind, geometry, path)
+    q, p = check_landmarks(qemscan_px, image_px, kind, geometry, path, names)
     tol = 1.5 * geometry.ratio if tolerance_px is None else float(tolerance_px)
     model = fit_px(p, q, kind)
     if kind != "tps" and np.linalg.det(model[:2, :2]) <= 0:
