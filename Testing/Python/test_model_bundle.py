@@ -461,3 +461,29 @@ def test_seed_style_model_without_first_label_loads(tmp_path):
     post["first_label"] = 1
     with pytest.raises(ThinSegError, match="7 outputs with first_label 1"):
         load_bundle(_write(tmp_path / "ThinSectionEnv" / "seed2", saved, meta))
+
+
+def test_a_geoslicer_unetact_model_segments_a_geoslicer_file_through_the_command(tmp_path, capsys):
+    """GeoSlicer's own UNetAct bundle, unchanged, on a GeoSlicer netCDF (PP + PX) through `thinseg
+    segment`: one tile covers the image, so the labels equal GeoSlicer's own inference exactly."""
+    import numpy as np
+
+    from helpers import open_nc, run_main
+    from thinseg.io.netcdf import NetcdfWriter
+
+    torch.manual_seed(3)
+    net = _GeoSlicerUNetAct(**GEOSLICER_UNETACT)
+    saved, meta = _geoslicer_saved_model(net, "UNetAct", GEOSLICER_UNETACT)
+    model = _write(tmp_path / "ThinSectionEnv" / "gs", saved, meta)
+    pp, px = (t[0] for t in _images(batch=1, size=16))
+    source = tmp_path / "S7.nc"
+    with NetcdfWriter(source) as writer:
+        writer.add_rgb_image("S7_PP", pp.permute(1, 2, 0).numpy(), 0.01)
+        writer.add_rgb_image("S7_PX", px.permute(1, 2, 0).numpy(), 0.01)
+    code, _, err = run_main(capsys, "segment", source, "--xp-pattern", "PX", "--model", model, "--output",
+                            tmp_path / "out.nc", "--quiet")
+    assert code == 0, err
+    with open_nc(tmp_path / "out.nc") as ds:
+        labelmap = next(v for v in ds.variables.values() if getattr(v, "type", None) == "labelmap")
+        labels = labelmap[0]
+    assert np.array_equal(labels, _geoslicer_inference(net.eval(), pp, px).numpy().astype(np.uint8) + 1)
