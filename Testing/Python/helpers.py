@@ -229,3 +229,19 @@ def read_rgb(path: Path) -> np.ndarray:
 
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def make_refinement_diverge(monkeypatch) -> None:
+    """Make the automatic refinement "walk off" by 9 QEMSCAN px after its first level, as a
+    diverging optimiser would: registration must refuse the result."""
+    import thinseg.registration.refinement as refine_module
+
+    real_climb = refine_module.climb
+
+    def runaway(scene, q0_all, model, theta, levels, **kwargs):
+        theta, history = real_climb(scene, q0_all, model, theta, levels[:1], **kwargs)
+        theta = theta.copy()
+        theta[-2:] += 9.0
+        return theta, history
+
+    monkeypatch.setattr(refine_module, "climb", runaway)

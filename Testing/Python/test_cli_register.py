@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from helpers import error_lines, open_nc, run_main, write_image
+from helpers import error_lines, make_refinement_diverge, open_nc, run_main, write_image
 from thinseg.synth import generate_section
 
 SIZE = 384
@@ -337,17 +337,7 @@ def test_ctrl_c_while_writing_leaves_nothing(tmp_path, capsys, sec, monkeypatch)
 
 
 def test_diverging_refinement_is_refused_and_nothing_is_written(tmp_path, capsys, sec, monkeypatch):
-    import thinseg.registration.refinement as refine_module
-
-    real_climb = refine_module.climb
-
-    def runaway(scene, q0_all, model, theta, levels, **kwargs):
-        theta, history = real_climb(scene, q0_all, model, theta, levels[:1], **kwargs)
-        theta = theta.copy()
-        theta[-2:] += 9.0  # the optimiser "walks off" by 9 QEMSCAN px in x and y
-        return theta, history
-
-    monkeypatch.setattr(refine_module, "climb", runaway)
+    make_refinement_diverge(monkeypatch)
     pp, _ = write_pair(tmp_path, sec)
     q = write_netcdf_qemscan(tmp_path / "q.nc", sec)
     lm = write_landmarks_csv(tmp_path / "lm.csv", *clicks(sec, n=4))

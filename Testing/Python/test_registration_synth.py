@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import make_refinement_diverge
 from thinseg.errors import ThinSegError
 from thinseg.registration import (
     SearchRange,
     align_xp_to_pp,
     register_section,
     target_registration_error,
-    write_outputs,
 )
 from thinseg.synth import generate_section
 
@@ -133,18 +133,8 @@ def test_map_that_misses_the_image_is_refused(section):
 
 def test_diverging_refinement_is_refused(section, monkeypatch):
     """(That nothing is written then is checked through the command, test_cli_register.)"""
-    import thinseg.registration.refinement as refine_module
-
     s = section
-    real_climb = refine_module.climb
-
-    def runaway(scene, q0_all, model, theta, levels, **kwargs):
-        theta, history = real_climb(scene, q0_all, model, theta, levels[:1], **kwargs)
-        theta = theta.copy()
-        theta[-2:] += 9.0  # the optimiser "walks off" by 9 QEMSCAN px in x and y
-        return theta, history
-
-    monkeypatch.setattr(refine_module, "climb", runaway)
+    make_refinement_diverge(monkeypatch)
     with pytest.raises(ThinSegError, match="diverged"):
         _register(s, landmarks=_clicks(s, np.random.default_rng(0)))
 

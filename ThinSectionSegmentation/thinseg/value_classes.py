@@ -61,12 +61,10 @@ def is_value_class_file(path: str | os.PathLike[str]) -> bool:
 
 def read_value_classes(path: str | os.PathLike[str]) -> ValueClasses:
     """Parse a `value,name,color` class file (see module doc)."""
+    from thinseg.io.csvtext import read_table_text
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise ThinSegError(f"class file cannot be read: {exc.strerror or exc}", path) from None
-    delimiter = ";" if text.count(";") > text.count(",") else ","
+    text, delimiter = read_table_text(path, "class file")
     reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
     fields = {(f or "").strip().lower(): f for f in (reader.fieldnames or [])}
     if not {"value", "name"} <= set(fields):

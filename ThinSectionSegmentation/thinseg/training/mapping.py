@@ -59,12 +59,10 @@ def default_mapping(target: ClassTable) -> dict[str, str]:
 
 def load_mapping_csv(path: str | os.PathLike[str]) -> dict[str, str]:
     """Rows `mineral,target class` (',' or ';', header optional) -> {normalized mineral: target}."""
+    from thinseg.io.csvtext import read_table_text
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise ThinSegError(f"mapping table cannot be read: {exc.strerror or exc}", path) from None
-    delimiter = ";" if text.count(";") > text.count(",") else ","
+    text, delimiter = read_table_text(path, "mapping table")
     rows = [r for r in csv.reader(text.splitlines(), delimiter=delimiter) if r and any(c.strip() for c in r)]
     if rows and normalize(rows[0][0]) in ("mineral", "name", "source", "from"):
         rows = rows[1:]
