@@ -330,6 +330,21 @@ def test_netcdf_section_reads_lazily_and_maps_qemscan_names(tmp_path):
     expected = s.read_labels().copy()
     expected[:8] = 0
     assert np.array_equal(np.asarray(prepared.target), expected)
+    # patches are read as regions of the file, never the whole image
+    from thinseg.io.netcdf import NetcdfImageSource
+
+    regions = []
+    real_read = NetcdfImageSource.read
+
+    def recording_read(self, y0, y1, x0=0, x1=None):
+        out = real_read(self, y0, y1, x0, x1)
+        regions.append(out.shape[:2])
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(NetcdfImageSource, "read", recording_read)
+        list(_stream([prepared], seed=3, steps=2).stream(worker=0, n_workers=1))
+    assert regions and max(h * w for h, w in regions) <= 64 * 64 < 128 * 128  # a patch, not the section
     # worker processes reopen the file themselves and read the same patches
     stream = _stream([prepared], seed=2, steps=2)
     single = [image for image, _t, _j in stream.stream(worker=1, n_workers=2)]
