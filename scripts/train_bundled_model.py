@@ -123,6 +123,8 @@ def write_model_card(args, report, summary: dict) -> None:
         for i, name in enumerate(m.class_names)
     )
     mv = report.metrics_void_excluded
+    budget = f" (time budget `--max-minutes {args.max_minutes:g}`)" if args.max_minutes else ""
+    reproduce = f" --max-minutes {args.max_minutes:g}" if args.max_minutes else ""
     card = f"""# Model card: thinseg-synthetic-unet
 
 **Trained on synthetic thin sections only.** It demonstrates the pipeline end to end; on real
@@ -140,8 +142,8 @@ rock it needs retraining on registered QEMSCAN data (`thinseg train`, see the RE
   {VAL_SEEDS}..); `thinseg.synth.generate_section` defaults.
 - Training: {summary["epochs_run"]} epochs x {args.steps} steps of 8 patches 256 x 256, class-balanced
   sampling, Dice + cross-entropy, AdamW; best epoch {summary["best_epoch"]} (validation mean IoU
-  {summary["best_mean_iou"]:.3f}); {summary["train_minutes"]:.0f} min of training on a 2-core CPU shared with other jobs.
-  Reproduce: `python scripts/train_bundled_model.py --epochs {args.epochs} --steps {args.steps}`.
+  {summary["best_mean_iou"]:.3f}); {summary["train_minutes"]:.0f} min of training on a 2-core CPU{budget}.
+  Reproduce: `python scripts/train_bundled_model.py --epochs {args.epochs} --steps {args.steps}{reproduce}`.
 
 ## Held-out evaluation
 
