@@ -1,6 +1,7 @@
 """Markdown table of `thinseg evaluate` results, models side by side (for README sections).
 
     python scripts/results_table.py results/real/evaluation/pp-xp results/real/evaluation/pp-only
+    python scripts/results_table.py "PP+XP=results/real/evaluation/pp-xp" ...   # column titles
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from pathlib import Path
 
 
 def main(folders: list[str]) -> None:
-    reports = [json.loads((Path(f) / "evaluation.json").read_text(encoding="utf-8")) for f in folders]
-    names = [Path(f).name for f in folders]
+    titled = [f.split("=", 1) if "=" in f else [Path(f).name, f] for f in folders]
+    names = [t for t, _f in titled]
+    reports = [json.loads((Path(f) / "evaluation.json").read_text(encoding="utf-8")) for _t, f in titled]
     print("| | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for i, cls in enumerate(reports[0]["metrics"]["classes"]):
