@@ -838,3 +838,27 @@ def test_the_readme_demo_segments_the_bundled_sample_with_the_bundled_model(tmp_
         labels = labelmap[0]
     accuracy = float((labels == truth).mean())
     assert accuracy > 0.90, accuracy  # the model card reports 94% on held-out generated sections
+
+
+def test_a_full_disk_fails_that_section_in_one_line_and_the_batch_goes_on(tmp_path, capsys, models, monkeypatch):
+    import errno
+
+    from thinseg.io.netcdf import NetcdfWriter
+
+    folder = tmp_path / "well"
+    write_pair(folder, "S1_PP", "S1_XP", seed=0)
+    write_pair(folder, "S2_PP", "S2_XP", seed=1)
+    real_add_labelmap = NetcdfWriter.add_labelmap
+
+    def disk_full_for_s1(self, name, *args, **kwargs):
+        if name.startswith("S1"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_add_labelmap(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(NetcdfWriter, "add_labelmap", disk_full_for_s1)
+    out = tmp_path / "out"
+    code, _, stderr = run_main(capsys, "segment", folder, "--model", models["rgb6"], "--output", out, "--quiet")
+    assert code == 1 and "Traceback" not in stderr
+    assert f"{out / 'S1_PP.nc'}: cannot write the output: No space left on device" in stderr
+    assert "1 section(s) segmented, 1 failed" in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["S2_PP.nc", "modal_mineralogy.csv"]  # nothing half-written

@@ -323,7 +323,10 @@ def segment_sections(
         try:
             target = output_paths(section, output, options.overwrite, single_file)
             result = segment_section(section, segmenter, options, target, progress, cancel)
-        except ThinSegError as error:
+        except (ThinSegError, OSError) as error:  # OSError: a full disk, a vanished folder, ...
+            if isinstance(error, OSError):
+                where = error.filename or target_or_none(section, output, single_file)
+                error = ThinSegError(f"cannot write the output: {error.strerror or error}", where)
             failures.append((section, error))
             if on_failure is not None:
                 on_failure(section, error)
@@ -332,3 +335,8 @@ def segment_sections(
         if on_result is not None:
             on_result(result)
     return results, failures
+
+
+def target_or_none(section: SectionInput, output: Path, single_file: bool) -> Path | None:
+    """The output a failed section was headed for, for its one-line message."""
+    return output if single_file else output / f"{section.name}.nc"
