@@ -51,10 +51,11 @@ def whole_image_forward(bundle, pp, xp):
     return labels, confidence
 
 
-@pytest.mark.parametrize("shape", [(200, 300), (64, 64), (130, 65)])
-def test_tiled_equals_whole_image_for_a_pointwise_network(pointwise_bundle, shape):
+@pytest.mark.parametrize("shape, tile", [((200, 300), 64), ((64, 64), 64), ((130, 65), 64), ((300, 220), 192)])
+def test_tiled_equals_whole_image_for_a_pointwise_network(pointwise_bundle, shape, tile):
+    """(The 192 px tiles give strips taller than the confidence is computed in at once.)"""
     pp, xp = images(*shape)
-    seg = Segmenter(pointwise_bundle, InferenceOptions(tile=64, overlap=16, batch_size=3, with_confidence=True, device="cpu"))
+    seg = Segmenter(pointwise_bundle, InferenceOptions(tile=tile, overlap=16, batch_size=3, with_confidence=True, device="cpu"))
     result = seg.segment([ArraySource(pp), ArraySource(xp)])
     labels, confidence = whole_image_forward(pointwise_bundle, pp, xp)
     assert result.labels.shape == shape and result.labels.dtype == np.uint8

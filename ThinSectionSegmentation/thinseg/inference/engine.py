@@ -61,6 +61,8 @@ DEFAULT_OVERLAP = 64
 #: Tile pixels per forward pass when no batch size is given: CPU throughput no longer rises
 #: beyond this, and activation memory grows with it.
 BATCH_PIXELS = 1024 * 1024
+#: Rows of a finished strip turned into confidence at once (bounds the softmax temporaries).
+CONFIDENCE_ROWS = 64
 #: Tile side used for networks whose output does not depend on the tile (see default_tile).
 LARGE_TILE = 1024
 _TILE_DEPENDENT_NORMS = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
@@ -214,9 +216,14 @@ class Segmenter:
         values, index = logits.max(dim=0)
         labels[y0:y1] = (index + self.bundle.first_label).to(torch.uint8).cpu().numpy()
         if confidence is not None:
-            # max softmax probability = 1 / sum(exp(l - lmax))
-            prob = 1.0 / torch.exp(logits - values.unsqueeze(0)).sum(dim=0)
-            confidence[y0:y1] = (prob * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+            # max softmax probability = 1 / sum(exp(l - lmax)), a few rows at a time: the
+            # temporaries of a whole strip (C x tile height x section width, float) would be
+            # about 1 GB for a 16k-wide section
+            for r0 in range(0, y1 - y0, CONFIDENCE_ROWS):
+                r1 = min(y1 - y0, r0 + CONFIDENCE_ROWS)
+                shifted = logits[:, r0:r1] - values[r0:r1].unsqueeze(0)
+                prob = 1.0 / shifted.exp_().sum(dim=0)
+                confidence[y0 + r0 : y0 + r1] = (prob * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
 @dataclass
