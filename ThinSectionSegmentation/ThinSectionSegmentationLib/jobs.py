@@ -116,10 +116,10 @@ def run_register_job(job: dict, folder: Path, emit: Emit = emit_stdout) -> dict:
     xp_aligned_variable = None
     with NetcdfWriter(out) as writer:
         writer.add_labelmap(job.get("name") or "QEMSCAN_registered", result.labels, result.table, image_mm, origin)
-        if xp is not None and result.xp is not xp:  # XP was offset from PP: the scene gets the aligned copy
+        if result.xp_was_aligned:  # XP was offset from PP: the scene gets the aligned copy
             xp_aligned_variable = writer.add_rgb_image("XP_aligned", result.xp, image_mm, origin)
     write_transform(folder, "transform", result)
-    summary = {"xp_aligned_variable": xp_aligned_variable,"warnings": result.warnings, "landmarks": result.landmark_fit.report() if result.landmark_fit else None,
+    summary = {"xp_aligned_variable": xp_aligned_variable, "warnings": result.warnings, "landmarks": result.landmark_fit.report() if result.landmark_fit else None,
                "metric_initial": result.metric_initial, "metric_final": result.metric_final,
                "overlap": result.overlap, "contrast": result.contrast, "kind": result.transform.kind,
                "xp_offset": list(result.xp_offset), "seconds": result.seconds}

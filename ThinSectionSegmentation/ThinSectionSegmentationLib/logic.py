@@ -379,7 +379,7 @@ class ThinSectionSegmentationLogic:
         report = result.landmark_fit.report() if result.landmark_fit is not None else None
         summary = {"warnings": result.warnings, "landmarks": report, "metric_final": result.metric_final,
                    "overlap": result.overlap, "kind": result.transform.kind}
-        aligned = result.xp if xp is not None and result.xp is not xp else None
+        aligned = result.xp if result.xp_was_aligned else None
         return self._store_registration(ppNode, xpNode, qemscanNode, result.transform, result.labels, result.table,
                                         report, summary, aligned)
 

@@ -37,8 +37,7 @@ def main(argv: list[str]) -> int:
         print(f"thinseg: error: {error}", file=sys.stderr, flush=True)
         return 2
     except OSError as error:
-        where = f"{error.filename}: " if getattr(error, "filename", None) else ""
-        print(f"thinseg: error: {where}{error.strerror or error}", file=sys.stderr, flush=True)
+        print(f"thinseg: error: {ThinSegError.from_os_error(error)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("thinseg: interrupted", file=sys.stderr, flush=True)

@@ -325,8 +325,8 @@ def segment_sections(
             result = segment_section(section, segmenter, options, target, progress, cancel)
         except (ThinSegError, OSError) as error:  # OSError: a full disk, a vanished folder, ...
             if isinstance(error, OSError):
-                where = error.filename or target_or_none(section, output, single_file)
-                error = ThinSegError(f"cannot write the output: {error.strerror or error}", where)
+                fallback = output if single_file else output / f"{section.name}.nc"
+                error = ThinSegError.from_os_error(error, "cannot write the output", fallback)
             failures.append((section, error))
             if on_failure is not None:
                 on_failure(section, error)
@@ -335,8 +335,3 @@ def segment_sections(
         if on_result is not None:
             on_result(result)
     return results, failures
-
-
-def target_or_none(section: SectionInput, output: Path, single_file: bool) -> Path | None:
-    """The output a failed section was headed for, for its one-line message."""
-    return output if single_file else output / f"{section.name}.nc"

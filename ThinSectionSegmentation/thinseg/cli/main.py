@@ -39,8 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"thinseg: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as error:  # a full disk or a vanished folder: outputs are written atomically, so none is partial
-        where = f"{error.filename}: " if getattr(error, "filename", None) else ""
-        print(f"thinseg: error: {where}{error.strerror or error}", file=sys.stderr)
+        print(f"thinseg: error: {ThinSegError.from_os_error(error)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("thinseg: interrupted; no partial output was kept", file=sys.stderr)

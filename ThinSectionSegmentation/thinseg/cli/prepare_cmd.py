@@ -132,7 +132,9 @@ def _write_preview(path: Path, pp: np.ndarray, xp: np.ndarray | None, labels: np
 
 
 def format_summary(name: str, labels: np.ndarray, table, alignment, has_xp: bool) -> str:
-    counts = np.bincount(labels.reshape(-1), minlength=len(table) + 1)
+    from thinseg.report.fractions import class_pixel_counts
+
+    counts = class_pixel_counts(labels, len(table))
     total = labels.size
     lines = [f"section {name}: {labels.shape[1]}x{labels.shape[0]} px"]
     if not has_xp:

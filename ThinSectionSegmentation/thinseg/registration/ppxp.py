@@ -101,10 +101,15 @@ class XpAlignment:
         return _rotate_shift(xp, self.angle_deg, self.dy, self.dx)
 
 
+def _rotation(angle_deg: float) -> np.ndarray:
+    """2 x 2 rotation matrix acting on (y, x)."""
+    theta = np.deg2rad(angle_deg)
+    return np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+
+
 def _rotate_shift(image: np.ndarray, angle_deg: float, dy: float, dx: float, order: int = 1) -> np.ndarray:
     """out[p] = image[R(angle) (p - c) + c + (dy, dx)] with p = (y, x), c the image centre."""
-    theta = np.deg2rad(angle_deg)
-    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    rot = _rotation(angle_deg)
     centre = (np.array(image.shape[:2], float) - 1) / 2
     offset = centre - rot @ centre + np.array([dy, dx])
     if image.ndim == 2:
@@ -121,8 +126,9 @@ def estimate_xp_alignment(pp: np.ndarray, xp: np.ndarray, *, window: int = WINDO
     win = _window(pp.shape[:2], window)
     pp_edges = _edges(pp[win])
     dy, dx, _peak, score = _phase_correlation(pp_edges, _edges(xp[win]))
+    shift_only = XpAlignment(float(dy), float(dx), 0.0, score, score >= MIN_SCORE)
     if score >= STRONG_SCORE or max_rotation_deg <= 0:
-        return XpAlignment(float(dy), float(dx), 0.0, score, score >= MIN_SCORE)
+        return shift_only
     # weak translation-only match: maybe the stage was turned. Coarse angles at half resolution.
     gray = xp.astype(np.float32).mean(axis=2) if xp.ndim == 3 else xp.astype(np.float32)
     half_pp = _edges(pp[win][::2, ::2])
@@ -136,7 +142,7 @@ def estimate_xp_alignment(pp: np.ndarray, xp: np.ndarray, *, window: int = WINDO
         if s > best[0]:
             best = (s, float(angle))
     if best[1] == 0.0:
-        return XpAlignment(float(dy), float(dx), 0.0, score, score >= MIN_SCORE)
+        return shift_only
     # refine the angle at full resolution around the coarse best
     full_best = (score, 0.0, dy, dx)
     for angle in np.arange(best[1] - 1.0, best[1] + 1.0 + 1e-9, 0.25):
@@ -146,12 +152,10 @@ def estimate_xp_alignment(pp: np.ndarray, xp: np.ndarray, *, window: int = WINDO
             full_best = (s, float(angle), ady, adx)
     s, angle, ady, adx = full_best
     if angle == 0.0:
-        return XpAlignment(float(dy), float(dx), 0.0, score, score >= MIN_SCORE)
+        return shift_only
     # turned[p] = xp[R(p - c) + c]; turned[y, x] ~ pp[y - ady, x - adx]
     # => aligned[q] = turned[q + (ady, adx)] = xp[R(q + d - c) + c] = xp[R(q - c) + c + R d]
-    theta = np.deg2rad(angle)
-    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-    sy, sx = rot @ np.array([ady, adx], float)
+    sy, sx = _rotation(angle) @ np.array([ady, adx], float)
     return XpAlignment(round(float(sy), 2), round(float(sx), 2), angle, s, s >= MIN_SCORE)
 
 
@@ -174,11 +178,10 @@ def align_xp_to_pp(pp: np.ndarray, xp: np.ndarray) -> tuple[int, int, np.ndarray
     """(dy, dx, xp on the PP grid) for a pure shift. A zero offset, or a match too weak to
     trust, leaves xp as is. (`estimate_xp_alignment` also finds small rotations.)"""
     check_same_size(pp, xp)
-    win = _window(pp.shape[:2], WINDOW)
-    dy, dx, _peak, score = _phase_correlation(_edges(pp[win]), _edges(xp[win]))
-    if (dy, dx) == (0, 0) or score < MIN_SCORE:
+    a = estimate_xp_alignment(pp, xp, max_rotation_deg=0)
+    if a.is_identity:
         return 0, 0, xp
-    return dy, dx, shift_image(xp, dy, dx)
+    return int(a.dy), int(a.dx), a.apply(xp)
 
 
 def check_same_size(pp: np.ndarray, xp: np.ndarray) -> None:

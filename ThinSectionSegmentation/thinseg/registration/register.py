@@ -59,6 +59,11 @@ class RegistrationResult:
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def xp_was_aligned(self) -> bool:
+        """True when `xp` is a moved copy of the XP given (the photographs were offset)."""
+        return self.xp_alignment is not None and not self.xp_alignment.is_identity
+
     def summary(self) -> dict:
         """JSON-friendly report (the transform's own parameters are in output.transform_json)."""
         out = {
