@@ -55,7 +55,7 @@ def whole_image_forward(bundle, pp, xp):
 def test_tiled_equals_whole_image_for_a_pointwise_network(pointwise_bundle, shape, tile):
     """(The 192 px tiles give strips taller than the confidence is computed in at once.)"""
     pp, xp = images(*shape)
-    seg = Segmenter(pointwise_bundle, InferenceOptions(tile=tile, overlap=16, batch_size=3, with_confidence=True, device="cpu"))
+    seg = Segmenter(pointwise_bundle, InferenceOptions(tile=tile, overlap=16, batch_size=3, with_confidence=True, device="cpu", precision="fp32"))
     result = seg.segment([ArraySource(pp), ArraySource(xp)])
     labels, confidence = whole_image_forward(pointwise_bundle, pp, xp)
     assert result.labels.shape == shape and result.labels.dtype == np.uint8
@@ -66,7 +66,7 @@ def test_tiled_equals_whole_image_for_a_pointwise_network(pointwise_bundle, shap
 
 def test_image_smaller_than_a_tile_is_padded_not_refused(pointwise_bundle):
     pp, xp = images(21, 37)
-    result = Segmenter(pointwise_bundle, InferenceOptions(tile=64, overlap=16, device="cpu")).segment([ArraySource(pp), ArraySource(xp)])
+    result = Segmenter(pointwise_bundle, InferenceOptions(tile=64, overlap=16, device="cpu", precision="fp32")).segment([ArraySource(pp), ArraySource(xp)])
     labels, _ = whole_image_forward(pointwise_bundle, pp, xp)
     assert result.tiles == 1 and np.array_equal(result.labels, labels)
 

@@ -481,7 +481,7 @@ def test_a_geoslicer_unetact_model_segments_a_geoslicer_file_through_the_command
         writer.add_rgb_image("S7_PP", pp.permute(1, 2, 0).numpy(), 0.01)
         writer.add_rgb_image("S7_PX", px.permute(1, 2, 0).numpy(), 0.01)
     code, _, err = run_main(capsys, "segment", source, "--xp-pattern", "PX", "--model", model, "--output",
-                            tmp_path / "out.nc", "--quiet")
+                            tmp_path / "out.nc", "--quiet", "--precision", "fp32")
     assert code == 0, err
     with open_nc(tmp_path / "out.nc") as ds:
         labelmap = next(v for v in ds.variables.values() if getattr(v, "type", None) == "labelmap")

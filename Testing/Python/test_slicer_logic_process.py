@@ -118,7 +118,7 @@ def test_background_segmentation_reports_progress_and_imports_the_same_result(sc
 def test_cancel_stops_the_process_and_leaves_no_output(scene):
     # the bundled model on small tiles: the tiles take seconds, so Cancel lands mid-run (the
     # tiny test model would finish before the first bar line is read)
-    pp, xp = pair(scene, 1024, 1024, name="Big")
+    pp, xp = pair(scene, 2048, 2048, name="Big")  # ~2000 tiles: seconds even on a bf16 CPU
     logic = ThinSectionSegmentationLogic(scene)
     before = scene.GetNumberOfNodes()
     job = logic.prepareSegmentation(pp, xp, None, device="cpu", python=sys.executable, tile=64)

@@ -1,9 +1,10 @@
 """Strip-wise sliding-window segmentation of whole thin sections with bounded memory.
 
 Why strips: a 20k x 30k section as float logits would need tens of GB. Tiles are processed one
-tile-row at a time; logits are blended into a rolling buffer one tile high, and rows that no
-later tile can touch are turned into labels immediately. Peak memory is therefore
-O(classes x tile x width) plus the uint8 outputs, whatever the section's height.
+tile-row at a time. Pixels that only one tile covers (most of them) become labels straight
+from that tile; the overlaps are blended in a ring buffer one tile high and become labels as
+soon as no later tile can touch them. Peak memory is therefore O(classes x tile x width) plus
+the uint8 outputs, whatever the section's height, and the blending costs only the overlaps.
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ class Segmenter:
         self.tile = (int(roi[0]), int(roi[1]))
         self.overlap = self.options.overlap if self.options.overlap is not None else default_overlap(min(self.tile))
         self.batch_size = self.options.batch_size or max(1, BATCH_PIXELS // (self.tile[0] * self.tile[1]))
+        fused = getattr(bundle, "fused_pre_processing", None)
+        self._fused = fused() if fused is not None else None
         if min(self.tile) <= 2 * self.overlap:
             raise ThinSegError(f"overlap {self.overlap} px is too large for {self.tile[0]} px tiles")
 
@@ -155,28 +158,29 @@ class Segmenter:
         height, width = sources[0].shape
         start = time.perf_counter()
         plan = _Plan.make(height, width, self.tile, self.overlap)
-        labels = np.zeros((height, width), np.uint8)
-        confidence = np.zeros((height, width), np.uint8) if self.options.with_confidence else None
+        out = _LabelWriter(height, width, self.bundle.first_label, self.options.with_confidence)
         done = 0
-        reader = _BandReader(sources, plan, prefetch=self.options.prefetch)
+        order = self._fused[0] if self._fused is not None else list(range(len(sources)))
+        reader = _BandReader([sources[i] for i in order], plan, prefetch=self.options.prefetch)
         try:
-            accumulator = _RollingAccumulator(plan, self._n_outputs(), self.device)
+            blend = _BlendRing(plan, self._n_outputs(), self.device)
             for row, band in reader:
                 for batch in plan.batches(self.batch_size):
                     if cancel is not None and cancel():
                         raise Cancelled()
                     logits = self._forward(band, batch, plan.tile_w)
-                    accumulator.add(logits, batch)
+                    for tile_logits, col in zip(logits, batch):
+                        self._place_tile(tile_logits, plan, row, col, blend, out)
                     done += len(batch)
                     if progress is not None:
                         progress(done, plan.n_tiles)
-                y0, y1, final = accumulator.finish_row(row)
-                self._write_rows(final, labels, confidence, y0, y1)
+                for (y0, y1), (x0, x1) in plan.shared_regions_final_after(row):
+                    out.write(blend.take(y0, y1, x0, x1), y0, x0)
         finally:
             reader.close()
         return SegmentationResult(
-            labels=labels,
-            confidence=confidence,
+            labels=out.labels,
+            confidence=out.confidence,
             tiles=plan.n_tiles,
             seconds=time.perf_counter() - start,
             device=str(self.device),
@@ -195,40 +199,91 @@ class Segmenter:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _forward(self, band: list[torch.Tensor], batch: list[int], tw: int) -> torch.Tensor:
-        """Logits (B, C, th, tw) float32 for the tiles at column offsets `batch` of this band."""
-        per_input = [torch.stack([b[:, :, x : x + tw] for x in batch]) for b in band]
-        x = self.bundle.prepare([t.to(self.device, non_blocking=True) for t in per_input])
-        if self.options.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    def _forward(self, band: torch.Tensor, cols: list[int], tw: int) -> torch.Tensor:
+        """Logits (B, C, th, tw), in the network's output dtype, for the tiles starting at the
+        column offsets `cols` of this band ((th, W, channels) uint8, inputs side by side)."""
+        tiles = torch.stack([band[:, x : x + tw] for x in cols]).to(self.device, non_blocking=True)
+        x = tiles.permute(0, 3, 1, 2)  # (B, C, th, tw) view, channels-last in memory
+        if self._fused is not None:
+            x = x.to(torch.float32)  # keeps the channels-last layout: one pass
+            for rescale in self._fused[1]:
+                x = rescale.apply_(x)
+        else:
+            x = self.bundle.prepare(list(torch.split(x, self.bundle.input_channels, dim=1)))
+        x = x.contiguous(memory_format=torch.channels_last if self.options.channels_last else torch.contiguous_format)
         with torch.inference_mode(), self._autocast():
             out = self.network(x)
         if isinstance(out, (list, tuple)):  # deep-supervision style networks: first head
             out = out[0]
-        return out.float()
+        return out
 
-    def _write_rows(
-        self, logits: torch.Tensor, labels: np.ndarray, confidence: np.ndarray | None, y0: int, y1: int
-    ) -> None:
-        """Turn finished blended logits (C, h, W) into labels (+ confidence) for rows y0..y1."""
-        width = labels.shape[1]
-        logits = logits[:, : y1 - y0, :width]
-        values, index = logits.max(dim=0)
-        labels[y0:y1] = (index + self.bundle.first_label).to(torch.uint8).cpu().numpy()
-        if confidence is not None:
+    def _place_tile(self, logits: torch.Tensor, plan: "_Plan", row: int, col: int, blend: "_BlendRing", out: "_LabelWriter") -> None:
+        """Pixels only this tile covers become labels now; the rest, weighted, go to the blend."""
+        y, x = plan.ys[row], col
+        (r0, r1), (c0, c1) = plan.row_own[row], plan.col_own[col]
+        th, tw = plan.tile_h, plan.tile_w
+        if r1 > r0 and c1 > c0:
+            out.write(logits[:, r0:r1, c0:c1], y + r0, x + c0)
+        window = blend.window
+        for (a0, a1), (b0, b1) in (((0, r0), (0, tw)), ((r1, th), (0, tw)), ((r0, r1), (0, c0)), ((r0, r1), (c1, tw))):
+            if a1 > a0 and b1 > b0:
+                blend.add(logits[:, a0:a1, b0:b1].float(), window[a0:a1, b0:b1], y + a0, x + b0)
+
+
+class _LabelWriter:
+    """Turns logits of any region into labels (+ confidence) in the section's uint8 maps."""
+
+    def __init__(self, height: int, width: int, first_label: int, with_confidence: bool) -> None:
+        self.labels = np.zeros((height, width), np.uint8)
+        self.confidence = np.zeros((height, width), np.uint8) if with_confidence else None
+        self.first_label = first_label
+        self._labels_t = torch.from_numpy(self.labels)
+        self._confidence_t = torch.from_numpy(self.confidence) if self.confidence is not None else None
+
+    def write(self, logits: torch.Tensor, y0: int, x0: int) -> None:
+        """`logits` (C, h, w) for the pixels from (y0, x0); parts outside the section are dropped."""
+        height, width = self.labels.shape
+        h, w = min(logits.shape[1], height - y0), min(logits.shape[2], width - x0)
+        if h <= 0 or w <= 0:
+            return
+        logits = logits[:, :h, :w]
+        index = logits.argmax(dim=0)
+        self._labels_t[y0 : y0 + h, x0 : x0 + w] = (index + self.first_label).to(torch.uint8).cpu()
+        if self._confidence_t is not None:
             # max softmax probability = 1 / sum(exp(l - lmax)), a few rows at a time: the
-            # temporaries of a whole strip (C x tile height x section width, float) would be
-            # about 1 GB for a 16k-wide section
-            for r0 in range(0, y1 - y0, CONFIDENCE_ROWS):
-                r1 = min(y1 - y0, r0 + CONFIDENCE_ROWS)
-                shifted = logits[:, r0:r1] - values[r0:r1].unsqueeze(0)
-                prob = 1.0 / shifted.exp_().sum(dim=0)
-                confidence[y0 + r0 : y0 + r1] = (prob * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+            # temporaries of a whole strip (C x rows x section width, float) would be about 1 GB
+            # for a 16k-wide section
+            for a in range(0, h, CONFIDENCE_ROWS):
+                b = min(h, a + CONFIDENCE_ROWS)
+                part = logits[:, a:b].float()
+                prob = 1.0 / (part - part.amax(dim=0, keepdim=True)).exp_().sum(dim=0)
+                self._confidence_t[y0 + a : y0 + b, x0 : x0 + w] = (prob * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu()
+
+
+def _coverage(starts: list[int], tile: int, length: int) -> np.ndarray:
+    """How many tiles cover each position along one axis."""
+    count = np.zeros(max(length, tile), np.int32)
+    for s in starts:
+        count[s : s + tile] += 1
+    return count
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in a 1-D mask."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def _own_span(count: np.ndarray, start: int, tile: int) -> tuple[int, int]:
+    """Tile-local [start, end) covered by this tile alone (one interval: earlier tiles reach in
+    from the start, later ones from the end); (0, 0) if none."""
+    runs = _runs(count[start : start + tile] == 1)
+    return runs[0] if runs else (0, 0)
 
 
 @dataclass
 class _Plan:
-    """Where the tiles go for one section."""
+    """Where the tiles go for one section, and which pixels more than one tile covers."""
 
     height: int
     width: int
@@ -237,19 +292,30 @@ class _Plan:
     ys: list[int]
     xs: list[int]
     ramp: int
+    row_own: list[tuple[int, int]] = field(default_factory=list)  # per tile row: rows only it covers
+    col_own: dict[int, tuple[int, int]] = field(default_factory=dict)  # per column start: columns only it covers
+    shared_rows: np.ndarray | None = None  # per section row: covered by more than one tile row
+    shared_cols: list[tuple[int, int]] = field(default_factory=list)  # column runs covered by more than one tile
 
     @classmethod
     def make(cls, height: int, width: int, tile: tuple[int, int], overlap: int) -> "_Plan":
         th = padded_size(height, tile[0], SIZE_MULTIPLE)
         tw = padded_size(width, tile[1], SIZE_MULTIPLE)
+        ys = tile_starts(max(height, th), th, overlap)
+        xs = tile_starts(max(width, tw), tw, overlap)
+        cy, cx = _coverage(ys, th, height), _coverage(xs, tw, width)
         return cls(
             height=height,
             width=width,
             tile_h=th,
             tile_w=tw,
-            ys=tile_starts(max(height, th), th, overlap),
-            xs=tile_starts(max(width, tw), tw, overlap),
+            ys=ys,
+            xs=xs,
             ramp=overlap,
+            row_own=[_own_span(cy, y, th) for y in ys],
+            col_own={x: _own_span(cx, x, tw) for x in xs},
+            shared_rows=cy > 1,
+            shared_cols=_runs(cx[: max(width, tw)] > 1),
         )
 
     @property
@@ -259,42 +325,64 @@ class _Plan:
     def batches(self, size: int) -> list[list[int]]:
         return [self.xs[i : i + size] for i in range(0, len(self.xs), size)]
 
+    def shared_regions_final_after(self, row: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """((y0, y1), (x0, x1)) regions covered by several tiles that no tile after tile row
+        `row` touches: whole shared rows, and the shared column runs of the other rows."""
+        y0 = self.ys[row]
+        y1 = self.ys[row + 1] if row + 1 < len(self.ys) else max(self.height, y0 + self.tile_h)
+        full = (0, max(self.width, self.tile_w))
+        regions = []
+        for a, b in _runs(self.shared_rows[y0:y1]):
+            regions.append(((y0 + a, y0 + b), full))
+        for a, b in _runs(~self.shared_rows[y0:y1]):
+            regions.extend(((y0 + a, y0 + b), cols) for cols in self.shared_cols)
+        return regions
 
-class _RollingAccumulator:
-    """Blended logits for the rows covered by the current tile row, shifted as rows finish."""
+
+class _BlendRing:
+    """Weighted logit sums of the pixels several tiles cover, for the rows that are still open.
+
+    Rows live at (row mod tile height): the open rows always lie within one tile height, so
+    nothing is ever shifted, and only regions that were added to are read and cleared.
+    """
 
     def __init__(self, plan: _Plan, n_classes: int, device: torch.device) -> None:
-        self.plan = plan
+        self.rows = plan.tile_h
         width = max(plan.width, plan.tile_w)
-        self.logits = torch.zeros((n_classes, plan.tile_h, width), dtype=torch.float32, device=device)
-        self.weights = torch.zeros((plan.tile_h, width), dtype=torch.float32, device=device)
+        self.logits = torch.zeros((n_classes, self.rows, width), dtype=torch.float32, device=device)
+        self.weights = torch.zeros((self.rows, width), dtype=torch.float32, device=device)
         self.window = blend_weights(plan.tile_h, plan.tile_w, plan.ramp).to(device)
 
-    def add(self, logits: torch.Tensor, xs: list[int]) -> None:
-        tw = self.plan.tile_w
-        for tile_logits, x in zip(logits, xs):
-            self.logits[:, :, x : x + tw].addcmul_(tile_logits, self.window)
-            self.weights[:, x : x + tw].add_(self.window)
+    def _chunks(self, y0: int, y1: int) -> list[tuple[int, int, int]]:
+        """(ring row start, ring row end, offset from y0) pieces of section rows [y0, y1)."""
+        pieces, y = [], y0
+        while y < y1:
+            r = y % self.rows
+            n = min(y1 - y, self.rows - r)
+            pieces.append((r, r + n, y - y0))
+            y += n
+        return pieces
 
-    def finish_row(self, row: int) -> tuple[int, int, torch.Tensor]:
-        """Rows no later tile touches: [ys[row], ys[row+1]) (or to the end). Returns them blended."""
-        plan = self.plan
-        y0 = plan.ys[row]
-        y1 = plan.ys[row + 1] if row + 1 < len(plan.ys) else min(plan.height, y0 + plan.tile_h)
-        n = y1 - y0
-        finished = self.logits[:, :n] / self.weights[:n].unsqueeze(0)
-        # shift the remaining rows up and clear the rest for the next tile row
-        keep = plan.tile_h - n
-        if keep > 0:
-            self.logits[:, :keep] = self.logits[:, n:].clone()
-            self.weights[:keep] = self.weights[n:].clone()
-        self.logits[:, keep:] = 0
-        self.weights[keep:] = 0
-        return y0, y1, finished
+    def add(self, logits: torch.Tensor, window: torch.Tensor, y0: int, x0: int) -> None:
+        """Add `logits` (C, h, w) float weighted by `window` (h, w) at section position (y0, x0)."""
+        x1 = x0 + logits.shape[2]
+        for r0, r1, off in self._chunks(y0, y0 + logits.shape[1]):
+            w = window[off : off + r1 - r0]
+            self.logits[:, r0:r1, x0:x1].addcmul_(logits[:, off : off + r1 - r0], w)
+            self.weights[r0:r1, x0:x1].add_(w)
+
+    def take(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        """Blended logits (C, y1-y0, x1-x0) of a finished region, which is then cleared."""
+        parts = []
+        for r0, r1, _ in self._chunks(y0, y1):
+            parts.append(self.logits[:, r0:r1, x0:x1] / self.weights[r0:r1, x0:x1].unsqueeze(0))
+            self.logits[:, r0:r1, x0:x1] = 0
+            self.weights[r0:r1, x0:x1] = 0
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class _BandReader:
-    """Yields (tile row index, per-input uint8 tensors (3, tile_h, W)) and reads the next band
+    """Yields (tile row index, (tile_h, W, channels) uint8 band) and reads the next band
     in a background thread while the network works on the current one."""
 
     def __init__(self, sources: Sequence[Source], plan: _Plan, prefetch: bool) -> None:
@@ -307,19 +395,18 @@ class _BandReader:
         self.plan = plan
         self.pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
 
-    def _read(self, row: int) -> list[torch.Tensor]:
+    def _read(self, row: int) -> torch.Tensor:
+        """The band of tile row `row`: (tile_h, W, channels) uint8, the inputs side by side."""
         plan = self.plan
         y0 = plan.ys[row]
         y1 = min(y0 + plan.tile_h, plan.height)
-        bands = []
-        for source in self.sources:
-            band = np.asarray(source.read(y0, y1, 0, plan.width))
-            pad_h, pad_w = plan.tile_h - band.shape[0], max(plan.tile_w - plan.width, 0)
-            if pad_h > 0 or pad_w > 0:  # only when the whole image is smaller than a tile
-                mode = "reflect" if pad_h < band.shape[0] and pad_w < band.shape[1] else "edge"
-                band = np.pad(band, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
-            bands.append(torch.from_numpy(np.ascontiguousarray(band)).permute(2, 0, 1))
-        return bands
+        bands = [np.asarray(source.read(y0, y1, 0, plan.width)) for source in self.sources]
+        band = bands[0] if len(bands) == 1 else np.concatenate(bands, axis=2)
+        pad_h, pad_w = plan.tile_h - band.shape[0], max(plan.tile_w - plan.width, 0)
+        if pad_h > 0 or pad_w > 0:  # only when the whole image is smaller than a tile
+            mode = "reflect" if pad_h < band.shape[0] and pad_w < band.shape[1] else "edge"
+            band = np.pad(band, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
+        return torch.from_numpy(np.ascontiguousarray(band))
 
     def __iter__(self):
         n = len(self.plan.ys)

@@ -98,6 +98,32 @@ class ModelBundle:
             sample[name] = image.to(torch.float32)
         return run_pre_transforms(self.pre_transforms, sample)[self.network_input]
 
+    def fused_pre_processing(self) -> tuple[list[int], list[MinMaxTransform]] | None:
+        """The pre-processing as (order of the inputs along the network's channels, rescales
+        applied to all channels in turn), or None where it is not that simple.
+
+        Concatenate and MinMax steps are per-channel affine maps, so the engine can build the
+        network input with one uint8 -> float pass plus in-place rescales (same arithmetic,
+        same bits as `prepare`) instead of a copy per step.
+        """
+        keys: dict[str, tuple[list[int], list[MinMaxTransform]]] = {
+            name: ([i], []) for i, name in enumerate(self.input_names)
+        }
+        for step in self.pre_transforms:
+            if isinstance(step, ConcatenateTransform):
+                for new_key, old_keys in step.key_groups.items():
+                    if any(k not in keys for k in old_keys):
+                        return None
+                    parts = [keys.pop(k) for k in old_keys]
+                    if any(ops for _, ops in parts):  # rescaled before joining: channels may differ
+                        return None
+                    keys[new_key] = ([i for order, _ in parts for i in order], [])
+            elif isinstance(step, MinMaxTransform) and step.key in keys:
+                keys[step.key][1].append(step)
+            else:
+                return None
+        return keys.get(self.network_input)
+
     def logits_to_labels(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, classes, H, W) scores -> (B, H, W) uint8 labels, value k = k-th class."""
         if isinstance(logits, (list, tuple)):

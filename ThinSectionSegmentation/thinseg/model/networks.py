@@ -9,14 +9,25 @@ loads there: `UNetAct` keeps the MONAI UNet in `.unet` (keys `unet.model.…`), 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
-from monai.networks.blocks.convolutions import ResidualUnit
-from monai.networks.layers.utils import get_act_layer
-from monai.networks.nets import UNet
 
 from thinseg.errors import ThinSegError
+from thinseg.model.plain_unet import PlainUNet, plain_unet_supports
+
+if TYPE_CHECKING:
+    from monai.networks.blocks.convolutions import ResidualUnit
+
+
+def _unet(**params: Any) -> torch.nn.Module:
+    """MONAI's UNet(**params): rebuilt from plain torch modules where that is exact (no 3 s
+    MONAI import), else MONAI's own class."""
+    if plain_unet_supports(params):
+        return PlainUNet(**params)
+    from monai.networks.nets import UNet
+
+    return UNet(**params)
 
 
 def _scaled_unet(
@@ -28,11 +39,11 @@ def _scaled_unet(
     stride: int,
     channel_multiplier: int,
     num_res_units: int,
-) -> UNet:
+) -> torch.nn.Module:
     """The MONAI UNet behind GeoSlicer's UNetAct family: channels grow geometrically per scale."""
     base = base_channels or in_channels
     out = out_channels or in_channels
-    return UNet(
+    return _unet(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=out,
@@ -44,7 +55,11 @@ def _scaled_unet(
 
 def _last_activation(last_act: Any) -> torch.nn.Module:
     """GeoSlicer uses a plain lambda when `last_act` is None; Identity has no weights either."""
-    return get_act_layer(last_act) if last_act is not None else torch.nn.Identity()
+    if last_act is None:
+        return torch.nn.Identity()
+    from monai.networks.layers.utils import get_act_layer
+
+    return get_act_layer(last_act)
 
 
 class UNetAct(torch.nn.Module):
@@ -98,16 +113,26 @@ class UNetActWithBoundarySupervision(torch.nn.Module):
         num_res_units: int = 0,
     ) -> None:
         super().__init__()
+        from monai.networks.nets import UNet
+
         out = out_channels or in_channels
-        self.unet = _scaled_unet(
-            spatial_dims, in_channels, out_channels, base_channels, scales, stride, channel_multiplier, num_res_units
+        base = base_channels or in_channels
+        self.unet = UNet(  # MONAI's own: the heads are built from its act/norm/dropout settings
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out,
+            channels=[base * channel_multiplier**i for i in range(scales)],
+            strides=[stride] * (scales - 1),
+            num_res_units=num_res_units,
         )
         self.segmentation_head = self._head(spatial_dims, in_channels, out, num_res_units)
         self.boundary_head = self._head(spatial_dims, in_channels, 1, num_res_units)
         self.last_act = _last_activation(last_act)
         self.main_model = torch.nn.Sequential(self.unet, self.segmentation_head)
 
-    def _head(self, spatial_dims: int, in_channels: int, out_channels: int, num_res_units: int) -> ResidualUnit:
+    def _head(self, spatial_dims: int, in_channels: int, out_channels: int, num_res_units: int) -> "ResidualUnit":
+        from monai.networks.blocks.convolutions import ResidualUnit
+
         return ResidualUnit(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -128,12 +153,12 @@ class UNetActWithBoundarySupervision(torch.nn.Module):
         return seg, torch.sigmoid(self.boundary_head(features))
 
 
-def _monai_unet(**params: Any) -> UNet:
+def _monai_unet(**params: Any) -> torch.nn.Module:
     """MONAI UNet; old GeoSlicer models may still say `dimensions` (MONAI's pre-0.6 name)."""
     if "dimensions" in params and "spatial_dims" not in params:
         params = dict(params)
         params["spatial_dims"] = params.pop("dimensions")
-    return UNet(**params)
+    return _unet(**params)
 
 
 #: Network names GeoSlicer's model loader knows, mapped to their builders.
@@ -167,7 +192,17 @@ def build_network(name: str, params: Mapping[str, Any]) -> torch.nn.Module:
 
 def network_channels(network: torch.nn.Module) -> tuple[int, int]:
     """(input channels, output channels) of a supported network, read from its MONAI UNet."""
-    unet = network if isinstance(network, UNet) else getattr(network, "unet", None)
-    if not isinstance(unet, UNet):
+    unet = network if _is_unet(network) else getattr(network, "unet", None)
+    if not _is_unet(unet):
         raise ThinSegError(f"cannot tell the channel counts of a {type(network).__name__} network")
     return int(unet.in_channels), int(unet.out_channels)
+
+
+def _is_unet(module: Any) -> bool:
+    """A UNet built here or by MONAI (MONAI is only imported if it already is)."""
+    if isinstance(module, PlainUNet):
+        return True
+    import sys
+
+    nets = sys.modules.get("monai.networks.nets")
+    return nets is not None and isinstance(module, nets.UNet)

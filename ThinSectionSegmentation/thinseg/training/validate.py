@@ -14,6 +14,7 @@ from thinseg.classes import ClassTable
 from thinseg.evaluation import ConfusionAccumulator, SegmentationMetrics, metrics_from_confusion, void_border_mask
 from thinseg.inference.engine import InferenceOptions, Segmenter
 from thinseg.inference.resample import ResampledSource, labels_to_grid
+from thinseg.model.transforms import MinMaxTransform
 from thinseg.training.prepare import PreparedSection
 
 
@@ -48,6 +49,10 @@ class NetworkAsBundle:
     def prepare(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """Same input scaling as the exported bundle (MinMax 0..255 -> 0..1 after concatenation)."""
         return torch.cat([im.to(torch.float32) for im in images], dim=1) / 255.0
+
+    def fused_pre_processing(self) -> tuple[list[int], list[MinMaxTransform]]:
+        """`prepare` as the engine's one-pass form: inputs in order, then x / 255."""
+        return list(range(len(self.input_names))), [MinMaxTransform(key="x")]
 
 
 def validate(
