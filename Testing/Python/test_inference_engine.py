@@ -51,7 +51,10 @@ def whole_image_forward(bundle, pp, xp):
     return labels, confidence
 
 
-@pytest.mark.parametrize("shape, tile", [((200, 300), 64), ((64, 64), 64), ((130, 65), 64), ((300, 220), 192)])
+# (120, 121) with 64 px tiles: three tiles along each axis, 28 px apart, so some pixels are
+# covered by three tiles in a row (and nine in all)
+@pytest.mark.parametrize("shape, tile", [((200, 300), 64), ((64, 64), 64), ((130, 65), 64), ((300, 220), 192),
+                                         ((120, 121), 64)])
 def test_tiled_equals_whole_image_for_a_pointwise_network(pointwise_bundle, shape, tile):
     """(The 192 px tiles give strips taller than the confidence is computed in at once.)"""
     pp, xp = images(*shape)
@@ -127,3 +130,43 @@ def test_auto_precision_is_bf16_only_where_the_hardware_runs_it_natively(pointwi
     assert seg.precision == "bf16" and "--precision fp32 for exact fp32" in seg.messages[-1]
     exact = Segmenter(pointwise_bundle, InferenceOptions(device="cpu", overlap=16, precision="fp32"))
     assert exact.precision == "fp32" and exact.messages == []
+
+
+def test_the_one_pass_input_is_bit_identical_to_the_bundle_pre_processing(pointwise_bundle):
+    """The engine builds the network input itself (uint8 straight into a channels-last float
+    batch, rescaled in place); it must equal the bundle's own Concatenate/MinMax steps, also
+    when the bundle concatenates its inputs in another order or rescales to another range."""
+    import dataclasses
+
+    from thinseg.model.transforms import ConcatenateTransform, MinMaxTransform
+
+    names = pointwise_bundle.input_names
+    swapped = dataclasses.replace(pointwise_bundle, pre_transforms=[
+        ConcatenateTransform({"x": names[::-1]}), MinMaxTransform("x", (10, 250), (-1.0, 1.0))])
+    assert swapped.fused_pre_processing()[0] == [1, 0]
+    pp, xp = images(70, 90)
+    bands = [torch.from_numpy(a[:64]) for a in (pp, xp)]
+    cols = [0, 26]
+    for bundle in (pointwise_bundle, swapped):
+        seg = Segmenter(bundle, InferenceOptions(tile=64, overlap=16, device="cpu", precision="fp32"))
+        order, _ = seg._fused
+        fused = seg._fused_input([bands[i] for i in order], cols, 64)
+        generic = bundle.prepare([torch.stack([b[:, c : c + 64] for c in cols]).permute(0, 3, 1, 2) for b in bands])
+        assert fused.is_contiguous(memory_format=torch.channels_last) and torch.equal(fused, generic)
+        labels, _ = whole_image_forward(bundle, pp, xp)
+        assert (seg.segment([ArraySource(pp), ArraySource(xp)]).labels == labels).mean() > 0.9999
+
+
+def test_pre_processing_that_is_not_one_rescale_takes_the_bundle_path(pointwise_bundle):
+    import dataclasses
+
+    from thinseg.model.transforms import ConcatenateTransform, MinMaxTransform
+
+    names = pointwise_bundle.input_names
+    odd = dataclasses.replace(pointwise_bundle, pre_transforms=[
+        MinMaxTransform(names[0], (0, 100), (0.0, 1.0)), ConcatenateTransform({"x": names})])
+    assert odd.fused_pre_processing() is None  # PP rescaled, XP not: not one map for all channels
+    pp, xp = images(90, 100)
+    seg = Segmenter(odd, InferenceOptions(tile=64, overlap=16, device="cpu", precision="fp32"))
+    labels, _ = whole_image_forward(odd, pp, xp)
+    assert (seg.segment([ArraySource(pp), ArraySource(xp)]).labels == labels).mean() > 0.9999

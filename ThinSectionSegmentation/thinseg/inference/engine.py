@@ -164,11 +164,11 @@ class Segmenter:
         reader = _BandReader([sources[i] for i in order], plan, prefetch=self.options.prefetch)
         try:
             blend = _BlendRing(plan, self._n_outputs(), self.device)
-            for row, band in reader:
+            for row, bands in reader:
                 for batch in plan.batches(self.batch_size):
                     if cancel is not None and cancel():
                         raise Cancelled()
-                    logits = self._forward(band, batch, plan.tile_w)
+                    logits = self._forward(bands, batch, plan.tile_w)
                     for tile_logits, col in zip(logits, batch):
                         self._place_tile(tile_logits, plan, row, col, blend, out)
                     done += len(batch)
@@ -199,23 +199,41 @@ class Segmenter:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _forward(self, band: torch.Tensor, cols: list[int], tw: int) -> torch.Tensor:
+    def _forward(self, bands: list[torch.Tensor], cols: list[int], tw: int) -> torch.Tensor:
         """Logits (B, C, th, tw), in the network's output dtype, for the tiles starting at the
-        column offsets `cols` of this band ((th, W, channels) uint8, inputs side by side)."""
-        tiles = torch.stack([band[:, x : x + tw] for x in cols]).to(self.device, non_blocking=True)
-        x = tiles.permute(0, 3, 1, 2)  # (B, C, th, tw) view, channels-last in memory
+        column offsets `cols` of this tile row (`bands`: one (th, W, c) uint8 band per input)."""
         if self._fused is not None:
-            x = x.to(torch.float32)  # keeps the channels-last layout: one pass
-            for rescale in self._fused[1]:
-                x = rescale.apply_(x)
+            x = self._fused_input(bands, cols, tw)
         else:
-            x = self.bundle.prepare(list(torch.split(x, self.bundle.input_channels, dim=1)))
+            per_input = [torch.stack([b[:, c : c + tw] for c in cols]).to(self.device).permute(0, 3, 1, 2) for b in bands]
+            x = self.bundle.prepare(per_input)
         x = x.contiguous(memory_format=torch.channels_last if self.options.channels_last else torch.contiguous_format)
         with torch.inference_mode(), self._autocast():
             out = self.network(x)
         if isinstance(out, (list, tuple)):  # deep-supervision style networks: first head
             out = out[0]
         return out
+
+    def _fused_input(self, bands: list[torch.Tensor], cols: list[int], tw: int) -> torch.Tensor:
+        """The network input in one pass: uint8 tiles copied straight into a channels-last float
+        batch (no concatenated or planar copies), then rescaled in place."""
+        th = bands[0].shape[0]
+        channels = sum(b.shape[2] for b in bands)
+        x = torch.empty((len(cols), channels, th, tw), dtype=torch.float32, device=self.device,
+                        memory_format=torch.channels_last)
+        c0 = 0
+        for band in bands:
+            c1 = c0 + band.shape[2]
+            if self.device.type == "cpu":
+                for i, col in enumerate(cols):
+                    x[i, c0:c1].copy_(band[:, col : col + tw].permute(2, 0, 1))
+            else:  # move uint8 (4x less than float) and convert on the device
+                tiles = torch.stack([band[:, col : col + tw] for col in cols]).to(self.device, non_blocking=True)
+                x[:, c0:c1].copy_(tiles.permute(0, 3, 1, 2))
+            c0 = c1
+        for rescale in self._fused[1]:
+            x = rescale.apply_(x)
+        return x
 
     def _place_tile(self, logits: torch.Tensor, plan: "_Plan", row: int, col: int, blend: "_BlendRing", out: "_LabelWriter") -> None:
         """Pixels only this tile covers become labels now; the rest, weighted, go to the blend."""
@@ -247,8 +265,10 @@ class _LabelWriter:
         if h <= 0 or w <= 0:
             return
         logits = logits[:, :h, :w]
-        index = logits.argmax(dim=0)
-        self._labels_t[y0 : y0 + h, x0 : x0 + w] = (index + self.first_label).to(torch.uint8).cpu()
+        target = self._labels_t[y0 : y0 + h, x0 : x0 + w]
+        target.copy_(logits.argmax(dim=0))  # int64 -> uint8 in the copy (classes < 256: checked at load)
+        if self.first_label:
+            target.add_(self.first_label)
         if self._confidence_t is not None:
             # max softmax probability = 1 / sum(exp(l - lmax)), a few rows at a time: the
             # temporaries of a whole strip (C x rows x section width, float) would be about 1 GB
@@ -349,7 +369,10 @@ class _BlendRing:
     def __init__(self, plan: _Plan, n_classes: int, device: torch.device) -> None:
         self.rows = plan.tile_h
         width = max(plan.width, plan.tile_w)
-        self.logits = torch.zeros((n_classes, self.rows, width), dtype=torch.float32, device=device)
+        # (C, rows, width) with the classes innermost in memory, like the network's channels-last
+        # output: adding tiles is then a contiguous copy, and argmax over the classes is fast
+        # (over a planar layout it is about 10x slower)
+        self.logits = torch.zeros((self.rows, width, n_classes), dtype=torch.float32, device=device).permute(2, 0, 1)
         self.weights = torch.zeros((self.rows, width), dtype=torch.float32, device=device)
         self.window = blend_weights(plan.tile_h, plan.tile_w, plan.ramp).to(device)
 
@@ -382,7 +405,7 @@ class _BlendRing:
 
 
 class _BandReader:
-    """Yields (tile row index, (tile_h, W, channels) uint8 band) and reads the next band
+    """Yields (tile row index, one (tile_h, W, c) uint8 band per input) and reads the next band
     in a background thread while the network works on the current one."""
 
     def __init__(self, sources: Sequence[Source], plan: _Plan, prefetch: bool) -> None:
@@ -395,18 +418,20 @@ class _BandReader:
         self.plan = plan
         self.pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
 
-    def _read(self, row: int) -> torch.Tensor:
-        """The band of tile row `row`: (tile_h, W, channels) uint8, the inputs side by side."""
+    def _read(self, row: int) -> list[torch.Tensor]:
+        """The bands of tile row `row`: one (tile_h, W, c) uint8 tensor per input."""
         plan = self.plan
         y0 = plan.ys[row]
         y1 = min(y0 + plan.tile_h, plan.height)
-        bands = [np.asarray(source.read(y0, y1, 0, plan.width)) for source in self.sources]
-        band = bands[0] if len(bands) == 1 else np.concatenate(bands, axis=2)
-        pad_h, pad_w = plan.tile_h - band.shape[0], max(plan.tile_w - plan.width, 0)
-        if pad_h > 0 or pad_w > 0:  # only when the whole image is smaller than a tile
-            mode = "reflect" if pad_h < band.shape[0] and pad_w < band.shape[1] else "edge"
-            band = np.pad(band, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
-        return torch.from_numpy(np.ascontiguousarray(band))
+        bands = []
+        for source in self.sources:
+            band = np.asarray(source.read(y0, y1, 0, plan.width))
+            pad_h, pad_w = plan.tile_h - band.shape[0], max(plan.tile_w - plan.width, 0)
+            if pad_h > 0 or pad_w > 0:  # only when the whole image is smaller than a tile
+                mode = "reflect" if pad_h < band.shape[0] and pad_w < band.shape[1] else "edge"
+                band = np.pad(band, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
+            bands.append(torch.from_numpy(np.ascontiguousarray(band)))
+        return bands
 
     def __iter__(self):
         n = len(self.plan.ys)
