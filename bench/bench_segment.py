@@ -9,6 +9,9 @@ Reports, in image megapixels per second (MPix/s):
 plus peak resident memory of (a) and (c) (bytes per pixel), and the share of labels that a
 reduced precision changes against fp32 on the same image.
 
+plus what bounds (a)/(b) from above on this machine: decoding the input alone and the fixed cost
+of a run ("floor").
+
 Usage:
   python bench/bench_segment.py                       # 4096^2 speed comparison (a, b, c)
   python bench/bench_segment.py --size 16384 --only a # peak memory of the command at 16k x 16k
@@ -206,7 +209,43 @@ def child_agreement(args: argparse.Namespace) -> dict:
     return out
 
 
-CHILDREN = {"command": child_command, "forward": child_forward, "seed": child_seed, "agreement": child_agreement}
+def child_floor(args: argparse.Namespace) -> dict:
+    """What any whole command must spend besides the network: decoding the input TIFFs (band by
+    band, as the engine reads them) and the fixed cost of a run (start Python, import, load the
+    model, write a tiny section)."""
+    from thinseg.inference.engine import InferenceOptions, Segmenter, _Plan
+    from thinseg.io.images import open_image
+    from thinseg.model.bundle import load_bundle
+    from thinseg.resources import default_model_dir
+
+    engine = Segmenter(load_bundle(default_model_dir()), InferenceOptions(device="cpu"))
+    paths = [Path(args.workdir) / f"bench_{args.size}_{r}.tif" for r in ("PP", "XP")]
+    times = []
+    for _ in range(args.repeats):
+        sources = [open_image(p) for p in paths]
+        h, w = sources[0].shape
+        plan = _Plan.make(h, w, engine.tile, engine.overlap)
+        start = time.perf_counter()
+        for y in plan.ys:
+            for s in sources:
+                s.read(y, min(h, y + plan.tile_h), 0, w)
+        times.append(time.perf_counter() - start)
+    import tifffile
+
+    tiny = Path(args.workdir) / "tiny_PP.tif"
+    for role in ("PP", "XP"):
+        tifffile.imwrite(tiny.with_name(f"tiny_{role}.tif"), np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "ThinSectionSegmentation"))
+    fixed = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "thinseg", "segment", str(tiny), "--output", str(tiny.with_suffix(".nc")),
+                        "--overwrite", "--quiet"], check=True, capture_output=True, env=env)
+        fixed.append(time.perf_counter() - start)
+    return {"decode_s": statistics.median(times), "fixed_s": statistics.median(fixed)}
+
+
+CHILDREN = {"floor": child_floor, "command": child_command, "forward": child_forward, "seed": child_seed, "agreement": child_agreement}
 
 
 def main() -> None:
@@ -214,7 +253,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096, help="section side in px (default 4096)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per measurement; medians are reported")
     parser.add_argument("--seed-repeats", type=int, default=1, help="repeats of (c), the slowest measurement")
-    parser.add_argument("--only", default="a,b,c,agreement", help="comma list of a,b,c,agreement")
+    parser.add_argument("--only", default="a,b,c,agreement,floor", help="comma list of a,b,c,agreement,floor")
     parser.add_argument("--precision", default="auto", help="precision of the command in (a) (default: the command's own, auto)")
     parser.add_argument("--all-variants", action="store_true", help="(b) also times bf16 on CPUs without native bf16")
     parser.add_argument("--full-outputs", action="store_true", help="(a) also writes the confidence map and the overlay")
@@ -258,6 +297,8 @@ def main() -> None:
             report["c_seed"] = c
         if "agreement" in only:
             report["agreement"] = run_child("agreement", args, [])
+        if "floor" in only:
+            report["floor"] = run_child("floor", args, [])
     _print_report(report)
     out_dir = REPO / "bench" / "out"
     out_dir.mkdir(exist_ok=True)
@@ -295,6 +336,19 @@ def _print_report(r: dict) -> None:
             print(f"      (a)/(c) = {a['mpix_s'] / r['c_seed']['mpix_s']:.2f}x   (target >= 2.5x)")
         if best_b:
             print(f"      (a)/best(b) = {100 * a['mpix_s'] / best_b:.0f}%   (target >= 85%)")
+    if "floor" in r:
+        f, mpix = r["floor"], r["megapixels"]
+        print(f"  decoding the PP/XP TIFFs alone (one thread, as the engine reads them) {f['decode_s']:.2f} s = {mpix / f['decode_s']:.1f} MPix/s;"
+              f" fixed cost of a run (start, imports, model, a 64 px section) {f['fixed_s']:.2f} s")
+        if best_b:
+            # on 2 cores the network keeps both busy, so decoding (one core) costs at least half its
+            # time in wall clock even when it overlaps perfectly; the fixed cost adds in full
+            network_s = mpix / best_b
+            cores = r["machine"]["cores"] or 1
+            bound = network_s / (network_s + f["decode_s"] / cores + f["fixed_s"])
+            print(f"      upper bound on (a)/best(b) with this input on {cores} cores: {100 * bound:.0f}%"
+                  f"   (network {network_s:.2f} s + decode {f['decode_s']:.2f} s / {cores} cores + fixed {f['fixed_s']:.2f} s)")
+            r["floor"]["bound_a_over_b"] = bound
     if "agreement" in r:
         for k, v in r["agreement"].items():
             if isinstance(v, dict):
