@@ -104,7 +104,7 @@ def child_forward(args: argparse.Namespace) -> dict:
     """(b): network calls only, on exactly the tiles the engine cuts (same tile, overlap, batch)."""
     import torch
 
-    from thinseg.inference.engine import InferenceOptions, Segmenter, _Plan
+    from thinseg.inference.engine import InferenceOptions, Segmenter
     from thinseg.inference.optimize import prepare_network
     from thinseg.io.images import open_image
     from thinseg.model.bundle import load_bundle
@@ -115,7 +115,7 @@ def child_forward(args: argparse.Namespace) -> dict:
     pp = open_image(Path(args.workdir) / f"bench_{args.size}_PP.tif")
     xp = open_image(Path(args.workdir) / f"bench_{args.size}_XP.tif")
     h, w = pp.shape
-    plan = _Plan.make(h, w, engine.tile, engine.overlap)
+    plan = engine.plan_for(h, w)  # the command's own tiles
     # a sample of tile rows, held in memory so that only the network is timed
     rows = plan.ys[: max(1, min(len(plan.ys), args.forward_rows))]
     batches = []
@@ -213,7 +213,7 @@ def child_floor(args: argparse.Namespace) -> dict:
     """What any whole command must spend besides the network: decoding the input TIFFs (band by
     band, as the engine reads them) and the fixed cost of a run (start Python, import, load the
     model, write a tiny section)."""
-    from thinseg.inference.engine import InferenceOptions, Segmenter, _Plan
+    from thinseg.inference.engine import InferenceOptions, Segmenter
     from thinseg.io.images import open_image
     from thinseg.model.bundle import load_bundle
     from thinseg.resources import default_model_dir
@@ -224,7 +224,7 @@ def child_floor(args: argparse.Namespace) -> dict:
     for _ in range(args.repeats):
         sources = [open_image(p) for p in paths]
         h, w = sources[0].shape
-        plan = _Plan.make(h, w, engine.tile, engine.overlap)
+        plan = engine.plan_for(h, w)  # the command's own tiles
         start = time.perf_counter()
         for y in plan.ys:
             for s in sources:

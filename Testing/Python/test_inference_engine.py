@@ -170,3 +170,18 @@ def test_pre_processing_that_is_not_one_rescale_takes_the_bundle_path(pointwise_
     seg = Segmenter(odd, InferenceOptions(tile=64, overlap=16, device="cpu", precision="fp32"))
     labels, _ = whole_image_forward(odd, pp, xp)
     assert (seg.segment([ArraySource(pp), ArraySource(xp)]).labels == labels).mean() > 0.9999
+
+
+def test_the_automatic_tile_shrinks_to_overlap_by_about_the_overlap(pointwise_bundle):
+    from thinseg.inference.engine import LARGE_TILE
+
+    seg = Segmenter(pointwise_bundle, InferenceOptions(device="cpu"))
+    plan = seg.plan_for(8192, 3000)
+    assert (plan.tile_h, plan.tile_w) == (976, 800)  # 9 and 4 tiles, as 1024 px tiles would need
+    assert len(plan.ys) == 9 and len(plan.xs) == 4
+    for starts, tile in ((plan.ys, plan.tile_h), (plan.xs, plan.tile_w)):
+        overlaps = [tile - (b - a) for a, b in zip(starts, starts[1:])]
+        assert 64 <= min(overlaps) and max(overlaps) < 100  # 1024 px tiles: 128 and 683 px
+    assert (seg.plan_for(16384, 500).tile_h, seg.plan_for(500, 500).tile_w) == (LARGE_TILE, 512)
+    chosen = Segmenter(pointwise_bundle, InferenceOptions(device="cpu", tile=1024))  # the user's tile stays
+    assert chosen.plan_for(8192, 3000).tile_h == 1024
