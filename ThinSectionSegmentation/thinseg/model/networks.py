@@ -30,7 +30,7 @@ def _unet(**params: Any) -> torch.nn.Module:
     return UNet(**params)
 
 
-def _scaled_unet(
+def _scaled_unet_params(
     spatial_dims: int,
     in_channels: int,
     out_channels: int | None,
@@ -39,14 +39,13 @@ def _scaled_unet(
     stride: int,
     channel_multiplier: int,
     num_res_units: int,
-) -> torch.nn.Module:
-    """The MONAI UNet behind GeoSlicer's UNetAct family: channels grow geometrically per scale."""
+) -> dict[str, Any]:
+    """MONAI UNet parameters behind GeoSlicer's UNetAct family: channels grow geometrically per scale."""
     base = base_channels or in_channels
-    out = out_channels or in_channels
-    return _unet(
+    return dict(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
-        out_channels=out,
+        out_channels=out_channels or in_channels,
         channels=[base * channel_multiplier**i for i in range(scales)],
         strides=[stride] * (scales - 1),
         num_res_units=num_res_units,
@@ -83,9 +82,9 @@ class UNetAct(torch.nn.Module):
         num_res_units: int = 0,
     ) -> None:
         super().__init__()
-        self.unet = _scaled_unet(
+        self.unet = _unet(**_scaled_unet_params(
             spatial_dims, in_channels, out_channels, base_channels, scales, stride, channel_multiplier, num_res_units
-        )
+        ))
         self.last_act = _last_activation(last_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,15 +115,10 @@ class UNetActWithBoundarySupervision(torch.nn.Module):
         from monai.networks.nets import UNet
 
         out = out_channels or in_channels
-        base = base_channels or in_channels
-        self.unet = UNet(  # MONAI's own: the heads are built from its act/norm/dropout settings
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out,
-            channels=[base * channel_multiplier**i for i in range(scales)],
-            strides=[stride] * (scales - 1),
-            num_res_units=num_res_units,
-        )
+        # MONAI's own UNet: the heads are built from its act/norm/dropout settings
+        self.unet = UNet(**_scaled_unet_params(
+            spatial_dims, in_channels, out_channels, base_channels, scales, stride, channel_multiplier, num_res_units
+        ))
         self.segmentation_head = self._head(spatial_dims, in_channels, out, num_res_units)
         self.boundary_head = self._head(spatial_dims, in_channels, 1, num_res_units)
         self.last_act = _last_activation(last_act)

@@ -97,31 +97,30 @@ class MinMaxTransform:
     def range(self) -> tuple[float, float, float, float]:
         return (*self.move_from, *self.move_to)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """GeoSlicer's `(x - old_min) / old_delta * new_delta + new_min`; exact no-op steps skipped."""
+    def _steps(self) -> list[tuple[str, float]]:
+        """GeoSlicer's `(x - old_min) / old_delta * new_delta + new_min` as (operation, operand)
+        steps, exact no-op steps skipped: one definition for `apply` and `apply_`."""
         old_min, old_max = self.move_from
         new_min, new_max = self.move_to
-        if old_min != 0:
-            x = x - old_min
-        x = x / (old_max - old_min)
+        steps = [("sub", old_min)] if old_min != 0 else []
+        steps.append(("div", old_max - old_min))
         if new_max - new_min != 1:
-            x = x * (new_max - new_min)
+            steps.append(("mul", new_max - new_min))
         if new_min != 0:
-            x = x + new_min
+            steps.append(("add", new_min))
+        return steps
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The rescale, out of place (GeoSlicer's arithmetic, operation for operation)."""
+        for op, operand in self._steps():
+            x = getattr(torch, op)(x, operand)
         return x
 
     def apply_(self, x: torch.Tensor) -> torch.Tensor:
         """`apply` in place on a float tensor: the same operations in the same order (so the
         same bits), without a temporary per step."""
-        old_min, old_max = self.move_from
-        new_min, new_max = self.move_to
-        if old_min != 0:
-            x.sub_(old_min)
-        x.div_(old_max - old_min)
-        if new_max - new_min != 1:
-            x.mul_(new_max - new_min)
-        if new_min != 0:
-            x.add_(new_min)
+        for op, operand in self._steps():
+            getattr(x, op + "_")(operand)
         return x
 
     def __call__(self, sample: Sample) -> Sample:

@@ -35,6 +35,10 @@ def make_val_sections(prepared: Sequence[PreparedSection], void_px: float) -> li
     return [ValSection(p, void_border_mask(np.asarray(p.target), void_px * p.scale)) for p in prepared]
 
 
+#: The exported bundles' input scaling: uint8 0..255 -> 0..1.
+_UNIT_RESCALE = MinMaxTransform(key="x")
+
+
 @dataclass
 class NetworkAsBundle:
     """The bundle interface the inference engine needs, around a network being trained."""
@@ -48,11 +52,11 @@ class NetworkAsBundle:
 
     def prepare(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """Same input scaling as the exported bundle (MinMax 0..255 -> 0..1 after concatenation)."""
-        return torch.cat([im.to(torch.float32) for im in images], dim=1) / 255.0
+        return _UNIT_RESCALE.apply(torch.cat([im.to(torch.float32) for im in images], dim=1))
 
     def fused_pre_processing(self) -> tuple[list[int], list[MinMaxTransform]]:
-        """`prepare` as the engine's one-pass form: inputs in order, then x / 255."""
-        return list(range(len(self.input_names))), [MinMaxTransform(key="x")]
+        """`prepare` as the engine's one-pass form: inputs in order, then the same rescale."""
+        return list(range(len(self.input_names))), [_UNIT_RESCALE]
 
 
 def validate(
