@@ -21,8 +21,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from ThinSectionSegmentationLib import ThinSectionSegmentationLogic
-from ThinSectionSegmentationLib import dependencies, models, process
+from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, dependencies, models, process
 from ThinSectionSegmentationLib.netcdf_nodes import find_pp_xp
 from ThinSectionSegmentationLib.parameters import Parameters
 
@@ -96,23 +95,45 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
         self.ui.residualsTableView.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
 
         # GUI -> parameter node
-        for selector in (self.ui.ppSelector, self.ui.xpSelector, self.ui.outputSelector, self.ui.qemscanSelector,
-                         self.ui.imageLandmarksSelector, self.ui.qemscanLandmarksSelector):
+        for selector in (
+            self.ui.ppSelector,
+            self.ui.xpSelector,
+            self.ui.outputSelector,
+            self.ui.qemscanSelector,
+            self.ui.imageLandmarksSelector,
+            self.ui.qemscanLandmarksSelector,
+        ):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        self.ui.imageLandmarksSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.imagePlaceWidget.setCurrentNode)
-        self.ui.qemscanLandmarksSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.qemscanPlaceWidget.setCurrentNode)
+        self.ui.imageLandmarksSelector.connect(
+            "currentNodeChanged(vtkMRMLNode*)", self.ui.imagePlaceWidget.setCurrentNode
+        )
+        self.ui.qemscanLandmarksSelector.connect(
+            "currentNodeChanged(vtkMRMLNode*)", self.ui.qemscanPlaceWidget.setCurrentNode
+        )
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.transformTypeComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         for checkBox in (self.ui.confidenceCheckBox, self.ui.createSegmentationCheckBox, self.ui.fineTuneCheckBox):
             checkBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
-        for spinBox in (self.ui.epochsSpinBox, self.ui.patchSizeSpinBox, self.ui.batchSizeSpinBox,
-                        self.ui.stepsPerEpochSpinBox, self.ui.valFractionSpinBox, self.ui.qemscanSpacingSpinBox):
-            spinBox.connect("valueChanged(double)" if isinstance(spinBox, qt.QDoubleSpinBox) else "valueChanged(int)",
-                            self.updateParameterNodeFromGUI)
+        for spinBox in (
+            self.ui.epochsSpinBox,
+            self.ui.patchSizeSpinBox,
+            self.ui.batchSizeSpinBox,
+            self.ui.stepsPerEpochSpinBox,
+            self.ui.valFractionSpinBox,
+            self.ui.qemscanSpacingSpinBox,
+        ):
+            spinBox.connect(
+                "valueChanged(double)" if isinstance(spinBox, qt.QDoubleSpinBox) else "valueChanged(int)",
+                self.updateParameterNodeFromGUI,
+            )
         self.ui.modelNameLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
-        for pathEdit in (self.ui.modelsRootPathLineEdit, self.ui.exportPathLineEdit, self.ui.importPathLineEdit,
-                         self.ui.qemscanColorTablePathLineEdit):
+        for pathEdit in (
+            self.ui.modelsRootPathLineEdit,
+            self.ui.exportPathLineEdit,
+            self.ui.importPathLineEdit,
+            self.ui.qemscanColorTablePathLineEdit,
+        ):
             pathEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
 
         # actions
@@ -169,8 +190,9 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
                 params.set_node_ref("XPVolume", xp)
 
     def setParameterNode(self, node):
-        if self._parameterNode is not None and self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,
-                                                                self.updateGUIFromParameterNode):
+        if self._parameterNode is not None and self.hasObserver(
+            self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode
+        ):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self._parameterNode = node
         if node is not None:
@@ -205,7 +227,9 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
             self.ui.stepsPerEpochSpinBox.value = p.int("StepsPerEpoch")
             self.ui.valFractionSpinBox.value = p.float("ValFraction")
             self.ui.modelNameLineEdit.text = p.get("ModelName")
-            self.ui.modelsRootPathLineEdit.currentPath = p.get("UserModelsRoot") or str(models.default_user_models_root())
+            self.ui.modelsRootPathLineEdit.currentPath = p.get("UserModelsRoot") or str(
+                models.default_user_models_root()
+            )
             self.ui.exportPathLineEdit.currentPath = p.get("ExportPath")
             self.ui.importPathLineEdit.currentPath = p.get("ImportPath")
             self.ui.trainFilesList.clear()
@@ -245,7 +269,10 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
             p.set("UserModelsRoot", self.ui.modelsRootPathLineEdit.currentPath)
             p.set("ExportPath", self.ui.exportPathLineEdit.currentPath)
             p.set("ImportPath", self.ui.importPathLineEdit.currentPath)
-            p.set("TrainFiles", "\n".join(self.ui.trainFilesList.item(i).text() for i in range(self.ui.trainFilesList.count)))
+            p.set(
+                "TrainFiles",
+                "\n".join(self.ui.trainFilesList.item(i).text() for i in range(self.ui.trainFilesList.count)),
+            )
         finally:
             self._parameterNode.EndModify(wasModifying)
         self._updateButtons()
@@ -267,14 +294,19 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
         return [r for r in roots if r]
 
     def refreshModels(self, select=None):
-        wanted = str(select) if select else (self._currentModel() or (self._params().get("ModelPath") if self._parameterNode else ""))
+        wanted = (
+            str(select)
+            if select
+            else (self._currentModel() or (self._params().get("ModelPath") if self._parameterNode else ""))
+        )
         self._updatingGUI = True
         try:
             self.ui.modelSelector.clear()
             for info in self.logic.availableModels(self._userModelRoots()):
                 self.ui.modelSelector.addItem(info.label, str(info.path))
-                self.ui.modelSelector.setItemData(self.ui.modelSelector.count - 1, info.description or str(info.path),
-                                                  qt.Qt.ToolTipRole)
+                self.ui.modelSelector.setItemData(
+                    self.ui.modelSelector.count - 1, info.description or str(info.path), qt.Qt.ToolTipRole
+                )
         finally:
             self._updatingGUI = False
         if self.ui.modelSelector.count == 0:
@@ -309,12 +341,15 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
             else:
                 self.ui.modelCardBrowser.setPlainText(card)
             info = models.read_model_info(path)
-            self.ui.xpSelector.toolTip = ("This model needs an XP image." if info.needs_xp
-                                          else "This model uses PP only; XP is ignored.")
+            self.ui.xpSelector.toolTip = (
+                "This model needs an XP image." if info.needs_xp else "This model uses PP only; XP is ignored."
+            )
         self.updateParameterNodeFromGUI()
 
     def onAddModelFolder(self):
-        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Folder of models (holding ThinSectionEnv/)")
+        folder = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), "Folder of models (holding ThinSectionEnv/)"
+        )
         if not folder:
             return
         settings = qt.QSettings()
@@ -331,7 +366,7 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
         """Show a failure in a dialog with the core's message, and log it."""
         try:
             yield
-        except Exception as error:  # noqa: BLE001 - every failure must reach the user
+        except Exception as error:
             from thinseg.errors import ThinSegError
 
             message = str(error) if isinstance(error, ThinSegError) else f"{type(error).__name__}: {error}"
@@ -351,8 +386,10 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
             self._dependenciesChecked = True
             return True
         if self._declinedInstall:
-            slicer.util.errorDisplay("Thin Section Segmentation needs its Python packages (PyTorch, MONAI, netCDF4, "
-                                     "...). Reload the module to be asked again.")
+            slicer.util.errorDisplay(
+                "Thin Section Segmentation needs its Python packages (PyTorch, MONAI, netCDF4, "
+                "...). Reload the module to be asked again."
+            )
             return False
         from thinseg.errors import ThinSegError  # plain Python: importable before anything is installed
 
@@ -421,8 +458,9 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
             self.ui.statusLabel.text = f"{event.name}: {event.done}/{event.total}{rate}"
         elif isinstance(event, process.Epoch):
             self._epochs.append(event)
-            table, chart = self.logic.trainingCurve(self._epochs, *self._curveNodes,
-                                                    name=self._params().get("ModelName") or "Training")
+            table, chart = self.logic.trainingCurve(
+                self._epochs, *self._curveNodes, name=self._params().get("ModelName") or "Training"
+            )
             if self._curveNodes[1] is None:
                 self._showChart(chart)
             self._curveNodes = (table, chart)
@@ -462,14 +500,21 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
             return
         with self._errors("Cannot start the segmentation"):
             p = self._params()
-            job = self.logic.prepareSegmentation(self.ui.ppSelector.currentNode(), self.ui.xpSelector.currentNode(),
-                                                 self._currentModel(), device=p.get("Device"),
-                                                 confidence=p.bool("Confidence"))
+            job = self.logic.prepareSegmentation(
+                self.ui.ppSelector.currentNode(),
+                self.ui.xpSelector.currentNode(),
+                self._currentModel(),
+                device=p.get("Device"),
+                confidence=p.bool("Confidence"),
+            )
             self._start(job, self.ui.segmentButton, self._finishSegmentation)
 
     def _finishSegmentation(self, job):
-        labelmap = self.logic.finishSegmentation(job, outputNode=self.ui.outputSelector.currentNode(),
-                                                 createSegmentation=self.ui.createSegmentationCheckBox.checked)
+        labelmap = self.logic.finishSegmentation(
+            job,
+            outputNode=self.ui.outputSelector.currentNode(),
+            createSegmentation=self.ui.createSegmentationCheckBox.checked,
+        )
         result = self.logic.lastSegmentation  # the output selector is left as it was: the next run
         pp = self.ui.ppSelector.currentNode()  # makes a new labelmap unless one was chosen
         slicer.util.setSliceViewerLayers(background=pp, label=labelmap, labelOpacity=0.5, fit=True)
@@ -480,8 +525,11 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
         layoutManager = slicer.app.layoutManager()
         if layoutManager is None:
             return
-        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView if table is not None
-                                else slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotView)
+        layoutManager.setLayout(
+            slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView
+            if table is not None
+            else slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotView
+        )
         slicer.modules.plots.logic().ShowChartInLayout(chart)
         if table is not None:
             selection = slicer.app.applicationLogic().GetSelectionNode()
@@ -491,8 +539,9 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
     # -- register -------------------------------------------------------------------------------
 
     def onLoadQemscan(self):
-        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "QEMSCAN map", "",
-                                              "QEMSCAN maps (*.tif *.tiff *.png *.nc);;All files (*)")
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), "QEMSCAN map", "", "QEMSCAN maps (*.tif *.tiff *.png *.nc);;All files (*)"
+        )
         if not path:
             return
         if not self._ensureDependencies():
@@ -515,14 +564,20 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
             if (imagePoints is None) != (qemscanPoints is None):  # half a pair of lists is a mistake, not "automatic"
                 from thinseg.errors import ThinSegError
 
-                raise ThinSegError("choose both landmark lists (PP points and QEMSCAN points), or neither for the "
-                                   "automatic search")
+                raise ThinSegError(
+                    "choose both landmark lists (PP points and QEMSCAN points), or neither for the automatic search"
+                )
             if imagePoints is not None and qemscanPoints is not None and imagePoints.GetNumberOfControlPoints() > 0:
                 landmarks = (imagePoints, qemscanPoints)
             kind = TRANSFORM_KINDS[max(0, self.ui.transformTypeComboBox.currentIndex)]
-            job = self.logic.prepareRegistration(self.ui.ppSelector.currentNode(), self.ui.qemscanSelector.currentNode(),
-                                                 landmarks, refine=refine, xpNode=self.ui.xpSelector.currentNode(),
-                                                 kind=kind)
+            job = self.logic.prepareRegistration(
+                self.ui.ppSelector.currentNode(),
+                self.ui.qemscanSelector.currentNode(),
+                landmarks,
+                refine=refine,
+                xpNode=self.ui.xpSelector.currentNode(),
+                kind=kind,
+            )
             self._start(job, self.ui.refineButton if refine else self.ui.registerButton, self._finishRegistration)
 
     def _finishRegistration(self, job):
@@ -534,15 +589,17 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
         self.ui.trainSectionsSelector.setCheckState(labelmap, qt.Qt.Checked)  # ready to train on
         warnings = "; ".join(result.warnings)
         self.ui.statusLabel.text = f"Registered: {labelmap.GetName()} ({transform.GetName()})" + (
-            f". Warning: {warnings}" if warnings else "")
+            f". Warning: {warnings}" if warnings else ""
+        )
         for warning in result.warnings:
             logging.warning(warning)
 
     # -- train ----------------------------------------------------------------------------------
 
     def onAddTrainFiles(self):
-        paths = qt.QFileDialog.getOpenFileNames(slicer.util.mainWindow(), "Registered sections (netCDF)", "",
-                                                "netCDF (*.nc *.h5 *.hdf5)")
+        paths = qt.QFileDialog.getOpenFileNames(
+            slicer.util.mainWindow(), "Registered sections (netCDF)", "", "netCDF (*.nc *.h5 *.hdf5)"
+        )
         for path in paths:
             self.ui.trainFilesList.addItem(path)
         self.updateParameterNodeFromGUI()
@@ -561,10 +618,18 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
             p = self._params()
             sections = list(self.ui.trainSectionsSelector.checkedNodes()) + p.lines("TrainFiles")
             initFrom = self._currentModel() if p.bool("FineTune") else None
-            job = self.logic.prepareTraining(sections, p.get("ModelName"), modelsRoot=p.get("UserModelsRoot") or None,
-                                             epochs=p.int("Epochs"), initFrom=initFrom, device=p.get("Device"),
-                                             patchSize=p.int("PatchSize"), batchSize=p.int("BatchSize"),
-                                             stepsPerEpoch=p.int("StepsPerEpoch"), valFraction=p.float("ValFraction"))
+            job = self.logic.prepareTraining(
+                sections,
+                p.get("ModelName"),
+                modelsRoot=p.get("UserModelsRoot") or None,
+                epochs=p.int("Epochs"),
+                initFrom=initFrom,
+                device=p.get("Device"),
+                patchSize=p.int("PatchSize"),
+                batchSize=p.int("BatchSize"),
+                stepsPerEpoch=p.int("StepsPerEpoch"),
+                valFraction=p.float("ValFraction"),
+            )
             self._epochs, self._curveNodes = [], (None, None)
             self._start(job, self.ui.trainButton, self._finishTraining)
 
@@ -639,9 +704,10 @@ class ThinSectionSegmentationTest(ScriptedLoadableModuleTest):
     # helpers
     def _sample(self):
         import numpy as np
+
+        from ThinSectionSegmentationLib import volumes
         from thinseg.io.images import open_image
         from thinseg.resources import sample_dir
-        from ThinSectionSegmentationLib import volumes
 
         nodes = []
         for role in ("PP", "XP"):
@@ -677,8 +743,9 @@ class ThinSectionSegmentationTest(ScriptedLoadableModuleTest):
         import json
 
         import numpy as np
-        from thinseg.resources import default_model_dir, sample_dir
+
         from ThinSectionSegmentationLib import registration_nodes, volumes
+        from thinseg.resources import default_model_dir, sample_dir
 
         self.assertTrue(default_model_dir().is_dir(), "the bundled model is missing")
         slicer.util.selectModule("ThinSectionSegmentation")
@@ -710,8 +777,11 @@ class ThinSectionSegmentationTest(ScriptedLoadableModuleTest):
 
         # Register with landmarks taken from the sample's true transform
         truth = json.loads((sample_dir() / "sample_truth_transform.json").read_text())
-        qemscan = widget.logic.loadQemscan(sample_dir() / "sample_QEMSCAN.tif", sample_dir() / "sample_QEMSCAN.csv",
-                                           mmPerPixel=truth["qemscan_mm_per_pixel"])
+        qemscan = widget.logic.loadQemscan(
+            sample_dir() / "sample_QEMSCAN.tif",
+            sample_dir() / "sample_QEMSCAN.csv",
+            mmPerPixel=truth["qemscan_mm_per_pixel"],
+        )
         a = np.array(truth["qemscan_to_image"])
         qemscan_px = np.array([[60, 60], [250, 50], [80, 200], [240, 210]], float)
         image_px = (a @ np.c_[qemscan_px, np.ones(4)].T).T[:, :2]

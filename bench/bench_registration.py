@@ -56,8 +56,15 @@ def clicks(s, rng: np.random.Generator, noise: float, qemscan_units: bool) -> tu
 
 
 def register(s, **kwargs):
-    return register_section(s.pp, s.xp, s.qemscan, s.qemscan_table, image_mm_per_pixel=s.mm_per_pixel,
-                            qemscan_mm_per_pixel=s.qemscan_mm_per_pixel, **kwargs)
+    return register_section(
+        s.pp,
+        s.xp,
+        s.qemscan,
+        s.qemscan_table,
+        image_mm_per_pixel=s.mm_per_pixel,
+        qemscan_mm_per_pixel=s.qemscan_mm_per_pixel,
+        **kwargs,
+    )
 
 
 def misalignment(s) -> dict:
@@ -81,9 +88,12 @@ def trial(seed: int, size: int, noise: float, qemscan_units: bool) -> dict:
         out["tre_refined"] = target_registration_error(refined.transform, s.qemscan_to_image)
         # the clumsier reading of "2 px click noise": 2 QEMSCAN px on the QEMSCAN clicks
         q_landmarks = clicks(s, np.random.default_rng(seed), noise, True)
-        out["tre_landmarks_q"] = target_registration_error(register(s, landmarks=q_landmarks, refine=False).transform,
-                                                           s.qemscan_to_image)
-        out["tre_refined_q"] = target_registration_error(register(s, landmarks=q_landmarks).transform, s.qemscan_to_image)
+        out["tre_landmarks_q"] = target_registration_error(
+            register(s, landmarks=q_landmarks, refine=False).transform, s.qemscan_to_image
+        )
+        out["tre_refined_q"] = target_registration_error(
+            register(s, landmarks=q_landmarks).transform, s.qemscan_to_image
+        )
     except ThinSegError as error:
         out["landmark_error"] = str(error)
     try:
@@ -103,7 +113,10 @@ def timing(size: int, seed: int, noise: float, write: bool) -> dict:
     s = generate_section(size, size, seed=seed)
     out = {"size": size, "seed": seed, "generate_s": time.perf_counter() - t, **misalignment(s)}
     auto = None
-    for name, kwargs in (("auto", {}), ("landmarks+refine", {"landmarks": clicks(s, np.random.default_rng(seed), noise, False)})):
+    for name, kwargs in (
+        ("auto", {}),
+        ("landmarks+refine", {"landmarks": clicks(s, np.random.default_rng(seed), noise, False)}),
+    ):
         t = time.perf_counter()
         result = register(s, **kwargs)
         out[f"{name}_s"] = time.perf_counter() - t
@@ -131,10 +144,26 @@ def time_command(s) -> float:
         tifffile.imwrite(f / "bench_PP.tif", s.pp, photometric="rgb", tile=(512, 512), compression="zlib")
         tifffile.imwrite(f / "bench_XP.tif", s.xp, photometric="rgb", tile=(512, 512), compression="zlib")
         tifffile.imwrite(f / "bench_QEMSCAN.tif", s.qemscan)
-        (f / "colors.csv").write_text("".join(f"{n},{c}\n" for n, c in zip(s.qemscan_table.names, s.qemscan_table.colors)))
-        cmd = [sys.executable, "-m", "thinseg", "register", str(f / "bench_PP.tif"), str(f / "bench_QEMSCAN.tif"),
-               "--colors", str(f / "colors.csv"), "--mm-per-pixel", str(s.mm_per_pixel),
-               "--qemscan-mm-per-pixel", str(s.qemscan_mm_per_pixel), "--output", str(f / "out"), "--quiet"]
+        (f / "colors.csv").write_text(
+            "".join(f"{n},{c}\n" for n, c in zip(s.qemscan_table.names, s.qemscan_table.colors))
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "thinseg",
+            "register",
+            str(f / "bench_PP.tif"),
+            str(f / "bench_QEMSCAN.tif"),
+            "--colors",
+            str(f / "colors.csv"),
+            "--mm-per-pixel",
+            str(s.mm_per_pixel),
+            "--qemscan-mm-per-pixel",
+            str(s.qemscan_mm_per_pixel),
+            "--output",
+            str(f / "out"),
+            "--quiet",
+        ]
         env = dict(os.environ, PYTHONPATH=str(REPO / "ThinSectionSegmentation"))
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -149,8 +178,13 @@ def summarise(rows: list[dict]) -> dict:
         vals = [r[key] for r in rows if key in r]
         if not vals:
             return None
-        return {"n": len(vals), "mean": statistics.fmean(vals), "median": statistics.median(vals), "max": max(vals),
-                "p95": float(np.percentile(vals, 95))}
+        return {
+            "n": len(vals),
+            "mean": statistics.fmean(vals),
+            "median": statistics.median(vals),
+            "max": max(vals),
+            "p95": float(np.percentile(vals, 95)),
+        }
 
     auto_ok = sum(1 for r in rows if r.get("tre_auto", np.inf) < 1.0)
     return {
@@ -174,25 +208,43 @@ def summarise(rows: list[dict]) -> dict:
 
 def print_table(summary: dict, timing_row: dict | None) -> None:
     print(f"\n{'measure':44s} {'mean':>8s} {'median':>8s} {'p95':>8s} {'max':>8s}")
-    for key, label in (("tre_landmarks", "TRE, 4 noisy landmarks (QEMSCAN px)"), ("tre_refined", "TRE, landmarks + refinement"),
-                       ("tre_landmarks_q", "  same, QEMSCAN clicks 2 QEMSCAN px off"), ("tre_refined_q", "  same + refinement"),
-                       ("tre_auto_coarse", "TRE, no landmarks, coarse search only"), ("tre_auto", "TRE, no landmarks, refined"),
-                       ("seconds_refined", "time, landmarks + refinement (s)"), ("seconds_auto", "time, no landmarks (s)")):
+    for key, label in (
+        ("tre_landmarks", "TRE, 4 noisy landmarks (QEMSCAN px)"),
+        ("tre_refined", "TRE, landmarks + refinement"),
+        ("tre_landmarks_q", "  same, QEMSCAN clicks 2 QEMSCAN px off"),
+        ("tre_refined_q", "  same + refinement"),
+        ("tre_auto_coarse", "TRE, no landmarks, coarse search only"),
+        ("tre_auto", "TRE, no landmarks, refined"),
+        ("seconds_refined", "time, landmarks + refinement (s)"),
+        ("seconds_auto", "time, no landmarks (s)"),
+    ):
         st = summary[key]
         if st:
             print(f"{label:44s} {st['mean']:8.3f} {st['median']:8.3f} {st['p95']:8.3f} {st['max']:8.3f}")
     n = summary["trials"]
-    print(f"landmarks TRE < 1: {summary['landmarks_below_1']}/{n}   refined TRE < 0.5: {summary['refined_below_0.5']}/{n}   "
-          f"no-landmark success (TRE < 1): {summary['auto_success']}/{n} = {100 * summary['auto_success_rate']:.0f}%")
-    print(f"with QEMSCAN clicks 2 QEMSCAN px off: landmarks TRE < 1: {summary['landmarks_q_below_1']}/{n}   "
-          f"refined TRE < 0.5: {summary['refined_q_below_0.5']}/{n}")
+    print(
+        f"landmarks TRE < 1: {summary['landmarks_below_1']}/{n}   refined TRE < 0.5: {summary['refined_below_0.5']}/{n}   "
+        f"no-landmark success (TRE < 1): {summary['auto_success']}/{n} = {100 * summary['auto_success_rate']:.0f}%"
+    )
+    print(
+        f"with QEMSCAN clicks 2 QEMSCAN px off: landmarks TRE < 1: {summary['landmarks_q_below_1']}/{n}   "
+        f"refined TRE < 0.5: {summary['refined_q_below_0.5']}/{n}"
+    )
     if timing_row:
         size = timing_row["size"]
-        print(f"\n{size} x {size}: no landmarks {timing_row['auto_s']:.1f} s (TRE {timing_row['auto_tre']:.3f}), "
-              f"landmarks + refinement {timing_row['landmarks+refine_s']:.1f} s (TRE {timing_row['landmarks+refine_tre']:.3f})"
-              + (f", writing all outputs {timing_row['write_outputs_s']:.1f} s" if "write_outputs_s" in timing_row else ""))
+        print(
+            f"\n{size} x {size}: no landmarks {timing_row['auto_s']:.1f} s (TRE {timing_row['auto_tre']:.3f}), "
+            f"landmarks + refinement {timing_row['landmarks+refine_s']:.1f} s (TRE {timing_row['landmarks+refine_tre']:.3f})"
+            + (
+                f", writing all outputs {timing_row['write_outputs_s']:.1f} s"
+                if "write_outputs_s" in timing_row
+                else ""
+            )
+        )
         if "command_s" in timing_row:
-            print(f"  whole `thinseg register` command (no landmarks; read, register, write): {timing_row['command_s']:.1f} s")
+            print(
+                f"  whole `thinseg register` command (no landmarks; read, register, write): {timing_row['command_s']:.1f} s"
+            )
         print(f"  stages (no landmarks): {timing_row['auto_stages_s']}")
 
 
@@ -202,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="side of the trial sections (px)")
     parser.add_argument("--first-seed", type=int, default=1000)
     parser.add_argument("--click-noise", type=float, default=2.0, help="landmark click noise sigma (px)")
-    parser.add_argument("--qemscan-noise-units", choices=("image", "qemscan"), default="image",
-                        help="unit of the click noise on the QEMSCAN map (default: image pixels)")
+    parser.add_argument(
+        "--qemscan-noise-units",
+        choices=("image", "qemscan"),
+        default="image",
+        help="unit of the click noise on the QEMSCAN map (default: image pixels)",
+    )
     parser.add_argument("--timing-size", type=int, default=4096, help="side of the timed section (0: skip)")
     parser.add_argument("--no-write", action="store_true", help="do not time writing the output files")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "registration.json"))
@@ -215,14 +271,22 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     summary = summarise(rows) if rows else None
-    timing_row = timing(args.timing_size, args.first_seed + 999, args.click_noise, not args.no_write) if args.timing_size else None
+    timing_row = (
+        timing(args.timing_size, args.first_seed + 999, args.click_noise, not args.no_write)
+        if args.timing_size
+        else None
+    )
     if summary:
         print_table(summary, timing_row)
     elif timing_row:
         print(json.dumps(timing_row, indent=1))
     report = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_at_end": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_at_end": os.getloadavg(),
+        },
         "settings": vars(args),
         "summary": summary,
         "trials": rows,

@@ -65,8 +65,20 @@ def make_section_tiffs(folder: Path, size: int, seed: int = 0) -> tuple[Path, Pa
 
 def run_child(mode: str, args: argparse.Namespace, extra: list[str]) -> dict:
     """Run one measurement in a fresh process (clean peak-memory figures); returns its JSON."""
-    cmd = [sys.executable, __file__, "--child", mode, "--size", str(args.size), "--repeats", str(args.repeats),
-           "--seed-repeats", str(args.seed_repeats), "--workdir", str(args.workdir)] + extra
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--size",
+        str(args.size),
+        "--repeats",
+        str(args.repeats),
+        "--seed-repeats",
+        str(args.seed_repeats),
+        "--workdir",
+        str(args.workdir),
+    ] + extra
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
@@ -86,7 +98,19 @@ def child_command(args: argparse.Namespace) -> dict:
     times, rss = [], []
     for i in range(args.repeats):
         out = Path(args.workdir) / f"out_{i}.nc"
-        cmd = [sys.executable, "-m", "thinseg", "segment", str(pp), "--output", str(out), "--overwrite", "--quiet", "--precision", args.precision]
+        cmd = [
+            sys.executable,
+            "-m",
+            "thinseg",
+            "segment",
+            str(pp),
+            "--output",
+            str(out),
+            "--overwrite",
+            "--quiet",
+            "--precision",
+            args.precision,
+        ]
         if args.full_outputs:  # the confidence map and the overlay PNG hold two more full-size maps
             cmd += ["--probabilities", "--overlay"]
         env = dict(os.environ, PYTHONPATH=str(REPO / "ThinSectionSegmentation"))
@@ -105,7 +129,7 @@ def child_forward(args: argparse.Namespace) -> dict:
     import torch
 
     from thinseg.inference.engine import InferenceOptions, Segmenter
-    from thinseg.inference.optimize import prepare_network
+    from thinseg.inference.rewrites import prepare_network
     from thinseg.io.images import open_image
     from thinseg.model.bundle import load_bundle
     from thinseg.resources import default_model_dir
@@ -134,8 +158,14 @@ def child_forward(args: argparse.Namespace) -> dict:
 
     if cpu_has_native_bf16() or args.all_variants:  # emulated bf16 is ~15x slower: minutes for nothing
         variants["bf16_channels_last_folded"] = dict(channels_last=True, fold=True, dtype=torch.bfloat16)
-    out = {"tiles_timed": tiles, "tile": list(engine.tile), "overlap": engine.overlap, "batch_size": engine.batch_size,
-           "tiles_total": plan.n_tiles, "variants": {}}
+    out = {
+        "tiles_timed": tiles,
+        "tile": list(engine.tile),
+        "overlap": engine.overlap,
+        "batch_size": engine.batch_size,
+        "tiles_total": plan.n_tiles,
+        "variants": {},
+    }
     for name, v in variants.items():
         net = prepare_network(bundle.network, torch.device("cpu"), channels_last=v["channels_last"], fold_bn=v["fold"])
         inputs = [b.contiguous(memory_format=torch.channels_last) if v["channels_last"] else b for b in batches]
@@ -239,13 +269,33 @@ def child_floor(args: argparse.Namespace) -> dict:
     fixed = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "thinseg", "segment", str(tiny), "--output", str(tiny.with_suffix(".nc")),
-                        "--overwrite", "--quiet"], check=True, capture_output=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "thinseg",
+                "segment",
+                str(tiny),
+                "--output",
+                str(tiny.with_suffix(".nc")),
+                "--overwrite",
+                "--quiet",
+            ],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
         fixed.append(time.perf_counter() - start)
     return {"decode_s": statistics.median(times), "fixed_s": statistics.median(fixed)}
 
 
-CHILDREN = {"floor": child_floor, "command": child_command, "forward": child_forward, "seed": child_seed, "agreement": child_agreement}
+CHILDREN = {
+    "floor": child_floor,
+    "command": child_command,
+    "forward": child_forward,
+    "seed": child_seed,
+    "agreement": child_agreement,
+}
 
 
 def main() -> None:
@@ -254,9 +304,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="repeats per measurement; medians are reported")
     parser.add_argument("--seed-repeats", type=int, default=1, help="repeats of (c), the slowest measurement")
     parser.add_argument("--only", default="a,b,c,agreement,floor", help="comma list of a,b,c,agreement,floor")
-    parser.add_argument("--precision", default="auto", help="precision of the command in (a) (default: the command's own, auto)")
+    parser.add_argument(
+        "--precision", default="auto", help="precision of the command in (a) (default: the command's own, auto)"
+    )
     parser.add_argument("--all-variants", action="store_true", help="(b) also times bf16 on CPUs without native bf16")
-    parser.add_argument("--full-outputs", action="store_true", help="(a) also writes the confidence map and the overlay")
+    parser.add_argument(
+        "--full-outputs", action="store_true", help="(a) also writes the confidence map and the overlay"
+    )
     parser.add_argument("--forward-rows", type=int, default=3, help="tile rows held in memory for (b)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -276,11 +330,18 @@ def main() -> None:
         report: dict = {
             "size": args.size,
             "megapixels": args.size * args.size / 1e6,
-            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+            "machine": {
+                "cpu": _cpu_name(),
+                "cores": os.cpu_count(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
         }
         mpix = args.size * args.size / 1e6
         if "a" in only:
-            a = run_child("command", args, ["--precision", args.precision] + (["--full-outputs"] if args.full_outputs else []))
+            a = run_child(
+                "command", args, ["--precision", args.precision] + (["--full-outputs"] if args.full_outputs else [])
+            )
             from thinseg.inference.device import auto_precision
 
             a["precision"] = auto_precision(torch.device("cpu")) if args.precision == "auto" else args.precision
@@ -289,8 +350,11 @@ def main() -> None:
             a["bytes_per_pixel"] = a["peak_rss_mb"] * 2**20 / (args.size**2)
             report["a_command"] = a
         if "b" in only:
-            report["b_forward"] = run_child("forward", args, ["--forward-rows", str(args.forward_rows)]
-                                            + (["--all-variants"] if args.all_variants else []))
+            report["b_forward"] = run_child(
+                "forward",
+                args,
+                ["--forward-rows", str(args.forward_rows)] + (["--all-variants"] if args.all_variants else []),
+            )
         if "c" in only:
             c = run_child("seed", args, [])
             c["bytes_per_pixel"] = c["peak_rss_mb"] * 2**20 / (args.size**2)
@@ -318,7 +382,9 @@ def _cpu_name() -> str:
 
 
 def _print_report(r: dict) -> None:
-    print(f"\nsection {r['size']}x{r['size']} ({r['megapixels']:.1f} MPix); {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}")
+    print(
+        f"\nsection {r['size']}x{r['size']} ({r['megapixels']:.1f} MPix); {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}"
+    )
     best_b = None
     if "b_forward" in r:
         for name, v in r["b_forward"]["variants"].items():
@@ -326,33 +392,43 @@ def _print_report(r: dict) -> None:
         best_b = max(v["mpix_s"] for v in r["b_forward"]["variants"].values())
     if "c_seed" in r:
         c = r["c_seed"]
-        print(f"  (c) seed design (MONAI sliding_window, roi 512, overlap 0.25, batch 1, fp32) {c['mpix_s']:6.2f} MPix/s, peak {c['peak_rss_mb']:.0f} MB = {c['bytes_per_pixel']:.1f} B/px")
+        print(
+            f"  (c) seed design (MONAI sliding_window, roi 512, overlap 0.25, batch 1, fp32) {c['mpix_s']:6.2f} MPix/s, peak {c['peak_rss_mb']:.0f} MB = {c['bytes_per_pixel']:.1f} B/px"
+        )
     if "a_command" in r:
         a = r["a_command"]
         extra = ", with --probabilities --overlay" if a.get("full_outputs") else ""
-        print(f"  (a) thinseg segment command ({a.get('precision', '?')}{extra}) {a['mpix_s']:6.2f} MPix/s, "
-              f"peak {a['peak_rss_mb']:.0f} MB = {a['bytes_per_pixel']:.1f} B/px")
+        print(
+            f"  (a) thinseg segment command ({a.get('precision', '?')}{extra}) {a['mpix_s']:6.2f} MPix/s, "
+            f"peak {a['peak_rss_mb']:.0f} MB = {a['bytes_per_pixel']:.1f} B/px"
+        )
         if "c_seed" in r:
             print(f"      (a)/(c) = {a['mpix_s'] / r['c_seed']['mpix_s']:.2f}x   (target >= 2.5x)")
         if best_b:
             print(f"      (a)/best(b) = {100 * a['mpix_s'] / best_b:.0f}%   (target >= 85%)")
     if "floor" in r:
         f, mpix = r["floor"], r["megapixels"]
-        print(f"  decoding the PP/XP TIFFs alone (one thread, as the engine reads them) {f['decode_s']:.2f} s = {mpix / f['decode_s']:.1f} MPix/s;"
-              f" fixed cost of a run (start, imports, model, a 64 px section) {f['fixed_s']:.2f} s")
+        print(
+            f"  decoding the PP/XP TIFFs alone (one thread, as the engine reads them) {f['decode_s']:.2f} s = {mpix / f['decode_s']:.1f} MPix/s;"
+            f" fixed cost of a run (start, imports, model, a 64 px section) {f['fixed_s']:.2f} s"
+        )
         if best_b:
             # on 2 cores the network keeps both busy, so decoding (one core) costs at least half its
             # time in wall clock even when it overlaps perfectly; the fixed cost adds in full
             network_s = mpix / best_b
             cores = r["machine"]["cores"] or 1
             bound = network_s / (network_s + f["decode_s"] / cores + f["fixed_s"])
-            print(f"      upper bound on (a)/best(b) with this input on {cores} cores: {100 * bound:.0f}%"
-                  f"   (network {network_s:.2f} s + decode {f['decode_s']:.2f} s / {cores} cores + fixed {f['fixed_s']:.2f} s)")
+            print(
+                f"      upper bound on (a)/best(b) with this input on {cores} cores: {100 * bound:.0f}%"
+                f"   (network {network_s:.2f} s + decode {f['decode_s']:.2f} s / {cores} cores + fixed {f['fixed_s']:.2f} s)"
+            )
             r["floor"]["bound_a_over_b"] = bound
     if "agreement" in r:
         for k, v in r["agreement"].items():
             if isinstance(v, dict):
-                print(f"  {k}: {v['changed_percent']:.3f}% of labels differ from fp32 ({v['mpix_s']:.2f} MPix/s vs fp32 {r['agreement']['fp32_mpix_s']:.2f})")
+                print(
+                    f"  {k}: {v['changed_percent']:.3f}% of labels differ from fp32 ({v['mpix_s']:.2f} MPix/s vs fp32 {r['agreement']['fp32_mpix_s']:.2f})"
+                )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 
 from thinseg.training import TrainConfig, synthetic_sections  # noqa: E402
 from thinseg.training.augment import colour_jitter  # noqa: E402
-from thinseg.training.losses import dice_ce_loss  # noqa: E402
 from thinseg.training.loop import TrainingRun  # noqa: E402
+from thinseg.training.losses import dice_ce_loss  # noqa: E402
 
 
 class Timer:
@@ -41,7 +41,7 @@ class Timer:
         self.wall = self.cpu = 0.0
         self.samples = 0
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self._w, self._c = time.perf_counter(), time.process_time()
         return self
 
@@ -72,10 +72,20 @@ def main() -> None:
         sections = write_netcdf_sections(sections, out / "sections")
     try:
         config = TrainConfig(
-            output_dir=out, train_sections=sections, epochs=args.repeats + 2, steps_per_epoch=args.steps,
-            patch_size=args.patch, batch_size=args.batch, base_channels=args.base, depth=args.depth,
-            num_workers=args.workers, warmup_steps=1, progress=False, device=args.device,
-            precision=args.precision, patience=None,
+            output_dir=out,
+            train_sections=sections,
+            epochs=args.repeats + 2,
+            steps_per_epoch=args.steps,
+            patch_size=args.patch,
+            batch_size=args.batch,
+            base_channels=args.base,
+            depth=args.depth,
+            num_workers=args.workers,
+            warmup_steps=1,
+            progress=False,
+            device=args.device,
+            precision=args.precision,
+            patience=None,
         )
         run = TrainingRun(config, log=lambda _m: None)
         run.start()
@@ -89,14 +99,22 @@ def main() -> None:
             run.epoch += 1
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    print(f"device {run.device}, precision {run.amp_dtype or 'fp32'}, torch threads {torch.get_num_threads()}, "
-          f"batch {args.batch} x {args.patch}^2, {args.steps} steps x {args.repeats} repeats, workers {args.workers}, "
-          f"sections {'in memory' if args.in_memory else 'read lazily from netCDF files'}")
-    print(f"full loop (loader + step) : {full.samples / full.wall:7.2f} samples/s   {full.samples / full.cpu:7.2f} samples/CPU-s")
-    print(f"bare forward+backward     : {bare.samples / bare.wall:7.2f} samples/s   {bare.samples / bare.cpu:7.2f} samples/CPU-s")
+    print(
+        f"device {run.device}, precision {run.amp_dtype or 'fp32'}, torch threads {torch.get_num_threads()}, "
+        f"batch {args.batch} x {args.patch}^2, {args.steps} steps x {args.repeats} repeats, workers {args.workers}, "
+        f"sections {'in memory' if args.in_memory else 'read lazily from netCDF files'}"
+    )
+    print(
+        f"full loop (loader + step) : {full.samples / full.wall:7.2f} samples/s   {full.samples / full.cpu:7.2f} samples/CPU-s"
+    )
+    print(
+        f"bare forward+backward     : {bare.samples / bare.wall:7.2f} samples/s   {bare.samples / bare.cpu:7.2f} samples/CPU-s"
+    )
     print(f"bare fwd+bwd+optimizer    : {bare_opt.samples / bare_opt.wall:7.2f} samples/s   (reference)")
-    print(f"full / bare fwd+bwd       : {100 * bare.wall / full.wall * full.samples / bare.samples:6.1f} % (wall)   "
-          f"{100 * bare.cpu / full.cpu * full.samples / bare.samples:6.1f} % (CPU)   (target >= 80 %)")
+    print(
+        f"full / bare fwd+bwd       : {100 * bare.wall / full.wall * full.samples / bare.samples:6.1f} % (wall)   "
+        f"{100 * bare.cpu / full.cpu * full.samples / bare.samples:6.1f} % (CPU)   (target >= 80 %)"
+    )
     print(f"full / bare fwd+bwd+opt   : {100 * bare_opt.wall / full.wall:6.1f} % (wall)")
     print(f"plain train_epoch         : {epoch_rate:7.2f} samples/s (one unpaired epoch, for reference)")
 

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from thinseg.classes import default_class_table  # noqa: E402
+from thinseg.classes.table import default_class_table  # noqa: E402
 from thinseg.synth import generate_section  # noqa: E402
 
 SEED = 4242  # outside every training/validation/test seed range of the bundled model
@@ -48,21 +48,35 @@ def main() -> None:
     for k, rgb in enumerate(q_colors, start=1):
         colormap[:, k] = [v * 257 for v in rgb]
     res = 10.0 / s.qemscan_mm_per_pixel  # pixels per cm
-    tifffile.imwrite(out / "sample_QEMSCAN.tif", s.qemscan, photometric="palette", colormap=colormap,
-                     compression="zlib", resolution=(res, res), resolutionunit="CENTIMETER")
-    lines = ["Mineral;R;G;B;English"] + [f"{c.name};{r};{g};{b};{c.name}" for c, (r, g, b) in zip(s.qemscan_table.classes, q_colors)]
+    tifffile.imwrite(
+        out / "sample_QEMSCAN.tif",
+        s.qemscan,
+        photometric="palette",
+        colormap=colormap,
+        compression="zlib",
+        resolution=(res, res),
+        resolutionunit="CENTIMETER",
+    )
+    lines = ["Mineral;R;G;B;English"] + [
+        f"{c.name};{r};{g};{b};{c.name}" for c, (r, g, b) in zip(s.qemscan_table.classes, q_colors)
+    ]
     (out / "sample_QEMSCAN.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     truth = Image.fromarray(s.labels, mode="P")
     truth.putpalette(palette_bytes([c.rgb for c in default_class_table().classes]))
     truth.save(out / "sample_truth.png", optimize=True)
-    (out / "sample_truth_transform.json").write_text(json.dumps({
-        "description": "true QEMSCAN pixel -> image pixel affine (pixel centres, x = column, y = row)",
-        "qemscan_to_image": s.qemscan_to_image.tolist(),
-        "image_mm_per_pixel": s.mm_per_pixel,
-        "qemscan_mm_per_pixel": s.qemscan_mm_per_pixel,
-        "seed": SEED,
-    }, indent=2))
+    (out / "sample_truth_transform.json").write_text(
+        json.dumps(
+            {
+                "description": "true QEMSCAN pixel -> image pixel affine (pixel centres, x = column, y = row)",
+                "qemscan_to_image": s.qemscan_to_image.tolist(),
+                "image_mm_per_pixel": s.mm_per_pixel,
+                "qemscan_mm_per_pixel": s.qemscan_mm_per_pixel,
+                "seed": SEED,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

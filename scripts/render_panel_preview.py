@@ -37,9 +37,22 @@ STAND_INS = {
     "qSlicerMarkupsPlaceWidget": ("QToolButton", {}),
 }
 #: Properties that only the Slicer/CTK classes have (dropped from the stand-ins).
-SLICER_ONLY = {"nodeTypes", "showChildNodeTypes", "noneEnabled", "addEnabled", "removeEnabled", "renameEnabled",
-               "editEnabled", "noneDisplay", "baseName", "selectNodeUponCreation", "collapsed", "filters",
-               "nameFilters", "showHidden"}
+SLICER_ONLY = {
+    "nodeTypes",
+    "showChildNodeTypes",
+    "noneEnabled",
+    "addEnabled",
+    "removeEnabled",
+    "renameEnabled",
+    "editEnabled",
+    "noneDisplay",
+    "baseName",
+    "selectNodeUponCreation",
+    "collapsed",
+    "filters",
+    "nameFilters",
+    "showHidden",
+}
 
 
 def qt_base_ui(xml_text: str, collapsed: bool = False) -> str:
@@ -96,8 +109,10 @@ def _fill(panel, find) -> None:
         card = models.model_card(found[0])
     else:
         model_selector.addItem("Thin-section U-Net (bundled)")
-        card = ("**Thin-section U-Net (bundled)**\n\n- Inputs: PP, PX\n- Classes: Calcite, Dolomite, "
-                "Mg-Clay minerals, Pores, Quartz, Others")
+        card = (
+            "**Thin-section U-Net (bundled)**\n\n- Inputs: PP, PX\n- Classes: Calcite, Dolomite, "
+            "Mg-Clay minerals, Pores, Quartz, Others"
+        )
     find("modelCardBrowser").setMarkdown(card)
     for name in ("imagePlaceWidget", "qemscanPlaceWidget"):
         find(name).setText("+")  # the place widget's "place points" button
@@ -111,8 +126,12 @@ def _fill(panel, find) -> None:
 
     residuals = QStandardItemModel(0, 4)
     residuals.setHorizontalHeaderLabels(["Landmark", "Residual (px)", "Residual (um)", "Outlier"])
-    for row in (("PP landmarks-1", "0.41", "0.54", ""), ("PP landmarks-2", "0.37", "0.49", ""),
-                ("PP landmarks-3", "0.52", "0.69", ""), ("PP landmarks-4", "7.90", "10.43", "yes")):
+    for row in (
+        ("PP landmarks-1", "0.41", "0.54", ""),
+        ("PP landmarks-2", "0.37", "0.49", ""),
+        ("PP landmarks-3", "0.52", "0.69", ""),
+        ("PP landmarks-4", "7.90", "10.43", "yes"),
+    ):
         residuals.appendRow([QStandardItem(v) for v in row])
     table = find("residualsTableView")
     table.setModel(residuals)
@@ -168,7 +187,9 @@ def render(output: Path = DEFAULT_OUTPUT, width: int = 440, collapsed: bool = Fa
                     child.setVisible(False)
                 box.setFixedHeight(box.fontMetrics().height() + 14)
     for box in panel.findChildren(QGroupBox):
-        box.setStyleSheet("QGroupBox { font-weight: bold; }") if box.objectName().endswith("CollapsibleButton") else None
+        box.setStyleSheet("QGroupBox { font-weight: bold; }") if box.objectName().endswith(
+            "CollapsibleButton"
+        ) else None
     panel.setStyleSheet("QWidget#ThinSectionSegmentation { background: palette(window); }")
     width = max(width, panel.minimumSizeHint().width())  # never squeeze the layout
     panel.resize(width, panel.sizeHint().height())

@@ -1,7 +1,7 @@
 """Markdown table of `thinseg evaluate` results, models side by side (for README sections).
 
-    python scripts/results_table.py results/real/evaluation/pp-xp results/real/evaluation/pp-only
-    python scripts/results_table.py "PP+XP=results/real/evaluation/pp-xp" ...   # column titles
+python scripts/results_table.py results/real/evaluation/pp-xp results/real/evaluation/pp-only
+python scripts/results_table.py "PP+XP=results/real/evaluation/pp-xp" ...   # column titles
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ def main(folders: list[str]) -> None:
     print("| | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for i, cls in enumerate(reports[0]["metrics"]["classes"]):
-        print(f"| IoU {cls['name']} | " + " | ".join(f"{r['metrics']['classes'][i]['iou']:.3f}" for r in reports) + " |")
+        print(
+            f"| IoU {cls['name']} | " + " | ".join(f"{r['metrics']['classes'][i]['iou']:.3f}" for r in reports) + " |"
+        )
     rows = [
         ("mean IoU", lambda r: f"{r['metrics']['mean_iou']:.3f}"),
         ("mean IoU, 2 px void borders excluded", lambda r: f"{r['metrics_void_excluded']['mean_iou']:.3f}"),

@@ -22,13 +22,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ThinSectionSegmentation"))
 
-from thinseg.classes import default_class_table  # noqa: E402
-from thinseg.evaluation import Evaluator  # noqa: E402
+from thinseg.classes.table import default_class_table  # noqa: E402
 from thinseg.inference import InferenceOptions, Segmenter  # noqa: E402
 from thinseg.io.images import ArraySource  # noqa: E402
+from thinseg.metrics import Evaluator  # noqa: E402
 from thinseg.model.bundle import load_bundle  # noqa: E402
+from thinseg.pipelines.segment import DEFAULT_MM_PER_PIXEL  # noqa: E402
 from thinseg.resources import default_model_dir  # noqa: E402
-from thinseg.segment import DEFAULT_MM_PER_PIXEL  # noqa: E402
 from thinseg.synth import generate_section  # noqa: E402
 from thinseg.training import TrainConfig, synthetic_sections, train  # noqa: E402
 
@@ -45,9 +45,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024, help="generated section side in px")
     parser.add_argument("--run-dir", type=Path, default=Path("/tmp/thinseg-bundled-run"))
     parser.add_argument("--output", type=Path, default=default_model_dir(), help="where the bundle goes")
-    parser.add_argument("--max-minutes", type=float, default=None, help="training time budget (no epoch starts that would end past it)")
-    parser.add_argument("--skip-training", action="store_true",
-                        help="package the best model already exported in --run-dir (e.g. after stopping a run)")
+    parser.add_argument(
+        "--max-minutes", type=float, default=None, help="training time budget (no epoch starts that would end past it)"
+    )
+    parser.add_argument(
+        "--skip-training",
+        action="store_true",
+        help="package the best model already exported in --run-dir (e.g. after stopping a run)",
+    )
     args = parser.parse_args()
 
     table = default_class_table()
@@ -85,8 +90,12 @@ def run_summary(run_dir: Path) -> dict:
     with open(run_dir / "training_log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     seconds = sum(float(r["train_seconds"]) + float(r.get("val_seconds") or 0) for r in rows)
-    return {"epochs_run": len(rows), "best_epoch": meta["training"]["epoch"],
-            "best_mean_iou": meta["metrics"]["mean_iou"], "train_minutes": seconds / 60}
+    return {
+        "epochs_run": len(rows),
+        "best_epoch": meta["training"]["epoch"],
+        "best_mean_iou": meta["metrics"]["mean_iou"],
+        "train_minutes": seconds / 60,
+    }
 
 
 def run_training(args, table) -> None:

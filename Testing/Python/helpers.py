@@ -11,9 +11,9 @@ import io
 import json
 import subprocess
 import sys
-from functools import lru_cache
+from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -24,8 +24,9 @@ MODULE_DIR = REPO / "ThinSectionSegmentation"
 MM_PER_PIXEL = 0.00132
 
 #: A MONAI UNet small enough to run a few hundred pixels in a fraction of a second on one core.
-TINY_UNET = dict(spatial_dims=2, in_channels=6, out_channels=7, channels=[4, 8], strides=[2],
-                 num_res_units=1, norm="batch")
+TINY_UNET = dict(
+    spatial_dims=2, in_channels=6, out_channels=7, channels=[4, 8], strides=[2], num_res_units=1, norm="batch"
+)
 TINY_ROI = 64
 
 
@@ -47,18 +48,34 @@ def tiny_network(in_channels: int = 6, out_channels: int = 7, seed: int = 0):
     return net.eval(), params
 
 
-def make_bundle(folder: Path, *, inputs: Sequence[str] = ("PP", "PX"), seed: int = 0,
-                pixels_per_mm: float = 1 / MM_PER_PIXEL, roi: int = TINY_ROI, title: str | None = None) -> Path:
+def make_bundle(
+    folder: Path,
+    *,
+    inputs: Sequence[str] = ("PP", "PX"),
+    seed: int = 0,
+    pixels_per_mm: float = 1 / MM_PER_PIXEL,
+    roi: int = TINY_ROI,
+    title: str | None = None,
+) -> Path:
     """Save a tiny GeoSlicer model folder (meta.json + model.pth): 3 channels per RGB input,
     N+1 outputs (output 0 = not classified) for the six default classes."""
-    from thinseg.classes import default_class_table
+    from thinseg.classes.table import default_class_table
     from thinseg.model.bundle import save_bundle
 
     table = default_class_table()
     net, params = tiny_network(3 * len(inputs), len(table) + 1, seed)
-    return save_bundle(folder, net, network_name="UNet", network_params=params, class_table=table,
-                       input_names=tuple(inputs), pixels_per_mm=pixels_per_mm, roi_shape=(roi, roi),
-                       title=title or f"tiny-{len(inputs) * 3}ch", description="test model")
+    return save_bundle(
+        folder,
+        net,
+        network_name="UNet",
+        network_params=params,
+        class_table=table,
+        input_names=tuple(inputs),
+        pixels_per_mm=pixels_per_mm,
+        roi_shape=(roi, roi),
+        title=title or f"tiny-{len(inputs) * 3}ch",
+        description="test model",
+    )
 
 
 def rewrite_bundle(folder: Path, edit_meta=None, edit_saved=None) -> None:
@@ -76,7 +93,7 @@ def rewrite_bundle(folder: Path, edit_meta=None, edit_saved=None) -> None:
         torch.save(saved, folder / "model.pth")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _section(height: int, width: int, seed: int):
     from thinseg.synth import generate_section
 
@@ -123,20 +140,37 @@ def decoded(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def write_pair(folder: Path, stem_pp: str, stem_xp: str, suffix: str = ".png", *, height: int = 100,
-               width: int = 140, seed: int = 0, **tiff_options) -> tuple[Path, Path]:
+def write_pair(
+    folder: Path,
+    stem_pp: str,
+    stem_xp: str,
+    suffix: str = ".png",
+    *,
+    height: int = 100,
+    width: int = 140,
+    seed: int = 0,
+    **tiff_options,
+) -> tuple[Path, Path]:
     pp, xp = section_images(height, width, seed)
-    return (write_image(Path(folder) / f"{stem_pp}{suffix}", pp, **tiff_options),
-            write_image(Path(folder) / f"{stem_xp}{suffix}", xp, **tiff_options))
+    return (
+        write_image(Path(folder) / f"{stem_pp}{suffix}", pp, **tiff_options),
+        write_image(Path(folder) / f"{stem_xp}{suffix}", xp, **tiff_options),
+    )
 
 
-def write_geoslicer_netcdf(path: Path, images: Mapping[str, np.ndarray], *, mm_per_pixel: float = MM_PER_PIXEL,
-                           origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
-                           labelmaps: Mapping[str, np.ndarray] | None = None,
-                           scalars: Mapping[str, np.ndarray] | None = None, attrs: Mapping | None = None) -> Path:
+def write_geoslicer_netcdf(
+    path: Path,
+    images: Mapping[str, np.ndarray],
+    *,
+    mm_per_pixel: float = MM_PER_PIXEL,
+    origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
+    labelmaps: Mapping[str, np.ndarray] | None = None,
+    scalars: Mapping[str, np.ndarray] | None = None,
+    attrs: Mapping | None = None,
+) -> Path:
     """A GeoSlicer-layout netCDF with RGB images (in the given order), labelmaps and scalar
     images, written by the project's NetcdfWriter."""
-    from thinseg.classes import default_class_table
+    from thinseg.classes.table import default_class_table
     from thinseg.io.netcdf import NetcdfWriter
 
     path = Path(path)
@@ -145,8 +179,9 @@ def write_geoslicer_netcdf(path: Path, images: Mapping[str, np.ndarray], *, mm_p
         for name, array in images.items():
             writer.add_rgb_image(name, array, mm_per_pixel, origin_mm)
         for name, array in (labelmaps or {}).items():
-            writer.add_labelmap(name, array, default_class_table(), mm_per_pixel, origin_mm,
-                                reference=next(iter(images), None))
+            writer.add_labelmap(
+                name, array, default_class_table(), mm_per_pixel, origin_mm, reference=next(iter(images), None)
+            )
         for name, array in (scalars or {}).items():
             writer.add_scalar_image(name, array, mm_per_pixel, origin_mm)
     return path
@@ -181,8 +216,11 @@ def leftovers(folder: Path) -> list[str]:
     folder = Path(folder)
     if not folder.exists():
         return []
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.suffix in (".nc", ".partial") or p.name.startswith("."))
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.suffix in (".nc", ".partial") or p.name.startswith(".")
+    )
 
 
 def run_main(capsys, *args) -> tuple[int, str, str]:
@@ -200,8 +238,14 @@ def run_subprocess(*args, cwd: Path | None = None, timeout: float = 300) -> subp
     import os
 
     env = dict(os.environ, PYTHONPATH=str(MODULE_DIR) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "thinseg", *[str(a) for a in args]], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "thinseg", *[str(a) for a in args]],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -220,8 +264,11 @@ def real_field(field: str) -> dict[str, Path]:
     if not REAL_DATA.is_dir():
         pytest.skip(f"real sandstone data not found at {REAL_DATA}")
     masks = sorted((REAL_DATA / "masks").glob(f"{field}_mascara*.tif*"))
-    return {"pp": REAL_DATA / "ppl" / f"{field}_paralelos.jpg", "xp": REAL_DATA / "xpl" / f"{field}_cruzados.jpg",
-            "mask": masks[0]}
+    return {
+        "pp": REAL_DATA / "ppl" / f"{field}_paralelos.jpg",
+        "xp": REAL_DATA / "xpl" / f"{field}_cruzados.jpg",
+        "mask": masks[0],
+    }
 
 
 def read_rgb(path: Path) -> np.ndarray:

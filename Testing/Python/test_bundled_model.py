@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from thinseg.classes import default_class_table
+from thinseg.classes.table import default_class_table
 from thinseg.inference import InferenceOptions, Segmenter
 from thinseg.io.images import ArraySource
 from thinseg.model.bundle import load_bundle
@@ -55,7 +55,11 @@ def test_tiled_output_has_no_seams(bundle, section):
 
 
 def test_model_recognises_the_generated_minerals(bundle, section):
-    labels = Segmenter(bundle, InferenceOptions(device="cpu")).segment([ArraySource(section.pp), ArraySource(section.xp)]).labels
+    labels = (
+        Segmenter(bundle, InferenceOptions(device="cpu"))
+        .segment([ArraySource(section.pp), ArraySource(section.xp)])
+        .labels
+    )
     accuracy = (labels == section.labels).mean()
     assert accuracy > 0.8, accuracy
     # every class is found where it is present

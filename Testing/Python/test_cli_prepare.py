@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import tifffile
-
 from helpers import REAL_CLASSES, error_lines, open_nc, read_rgb, real_field, run_main, write_image
+
 from thinseg.registration.ppxp import shift_image
 
 
@@ -20,8 +20,21 @@ def field():
 
 
 def prepare(capsys, field, out, *extra):
-    return run_main(capsys, "prepare", field["pp"], field["mask"], "--xp", field["xp"], "--pp-pattern", "paralelos",
-                    "--classes", REAL_CLASSES, "--output", out, *extra)
+    return run_main(
+        capsys,
+        "prepare",
+        field["pp"],
+        field["mask"],
+        "--xp",
+        field["xp"],
+        "--pp-pattern",
+        "paralelos",
+        "--classes",
+        REAL_CLASSES,
+        "--output",
+        out,
+        *extra,
+    )
 
 
 def test_a_real_field_becomes_a_geoslicer_training_section(capsys, tmp_path, field):
@@ -37,8 +50,14 @@ def test_a_real_field_becomes_a_geoslicer_training_section(capsys, tmp_path, fie
         assert np.array_equal(ds["2a_XP"][0], shift_image(xp, 4, 8))
         labels = ds["2a_labels"]
         assert labels.type == "labelmap" and labels.reference == "2a_PP"
-        assert list(labels.labels) == ["Name,Index,Color", "Matrix,1,#8c6e5a", "K-feldspar,2,#f08080",
-                                       "Lithic fragments,3,#556b2f", "Plagioclase,4,#87ceeb", "Quartz,5,#ffd700"]
+        assert list(labels.labels) == [
+            "Name,Index,Color",
+            "Matrix,1,#8c6e5a",
+            "K-feldspar,2,#f08080",
+            "Lithic fragments,3,#556b2f",
+            "Plagioclase,4,#87ceeb",
+            "Quartz,5,#ffd700",
+        ]
         assert np.array_equal(labels[0], mask + 1)
         assert labels.filters()["zlib"]
         record = json.loads(ds.thinseg_prepare)
@@ -47,7 +66,7 @@ def test_a_real_field_becomes_a_geoslicer_training_section(capsys, tmp_path, fie
 
 
 def test_the_section_is_what_training_reads(capsys, tmp_path, field):
-    from thinseg.training.sections import open_section
+    from thinseg.data.sections import open_section
 
     assert prepare(capsys, field, tmp_path)[0] == 0
     section = open_section(tmp_path / "2a.nc")
@@ -63,8 +82,19 @@ def test_pp_only_and_no_align(capsys, tmp_path, field):
     assert code == 0 and "XP: not checked (--no-align)" in out
     with open_nc(tmp_path / "a" / "field_2a.nc") as ds:  # GeoSlicer variable names keep spaces
         assert np.array_equal(ds["field 2a_XP"][0], read_rgb(field["xp"]))
-    code, out, _ = run_main(capsys, "prepare", field["pp"], field["mask"], "--pp-only", "--pp-pattern", "paralelos",
-                            "--classes", REAL_CLASSES, "--output", tmp_path / "b")
+    code, out, _ = run_main(
+        capsys,
+        "prepare",
+        field["pp"],
+        field["mask"],
+        "--pp-only",
+        "--pp-pattern",
+        "paralelos",
+        "--classes",
+        REAL_CLASSES,
+        "--output",
+        tmp_path / "b",
+    )
     assert code == 0 and "PP-only section" in out
     with open_nc(tmp_path / "b" / "2a.nc") as ds:
         assert "2a_XP" not in ds.variables and "2a_PP" in ds.variables

@@ -11,13 +11,19 @@ import re
 
 import numpy as np
 import pytest
-
 from helpers import error_lines, make_refinement_diverge, open_nc, run_main, write_image
+
 from thinseg.synth import generate_section
 
 SIZE = 384
-STEM_FILES = {"registration.tfm", "registration.json", "qemscan_on_pp.tif", "registered.nc", "overlay_before.png",
-              "overlay_after.png"}
+STEM_FILES = {
+    "registration.tfm",
+    "registration.json",
+    "qemscan_on_pp.tif",
+    "registered.nc",
+    "overlay_before.png",
+    "overlay_after.png",
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +58,9 @@ def write_paletted_qemscan(folder, s):
     for k, c in enumerate(s.qemscan_table.classes, 1):
         cmap[:, k] = [v * 257 for v in c.rgb]
     tifffile.imwrite(folder / "S1_QEMSCAN.tif", s.qemscan, photometric="palette", colormap=cmap)
-    rows = ["Mineral;R;G;B;English"] + [f"{c.name};{c.rgb[0]};{c.rgb[1]};{c.rgb[2]};{c.name}" for c in s.qemscan_table.classes]
+    rows = ["Mineral;R;G;B;English"] + [
+        f"{c.name};{c.rgb[0]};{c.rgb[1]};{c.rgb[2]};{c.name}" for c in s.qemscan_table.classes
+    ]
     (folder / "colors.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder / "S1_QEMSCAN.tif", folder / "colors.csv"
 
@@ -146,7 +154,9 @@ def test_landmark_residuals_are_listed_and_the_wrong_click_is_flagged(tmp_path, 
     q, colors = write_paletted_qemscan(tmp_path, sec)
     lm = write_landmarks_csv(tmp_path / "clicks.csv", *clicks(sec, n=5, bad=4))
     out = tmp_path / "out"
-    code, stdout, stderr = run_main(capsys, "register", pp, q, "--colors", colors, "--landmarks", lm, "--output", out, "-q")
+    code, stdout, stderr = run_main(
+        capsys, "register", pp, q, "--colors", colors, "--landmarks", lm, "--output", out, "-q"
+    )
     assert code == 0, stderr
     assert "  checking" not in stderr  # -q: no step messages
     record = json.loads((out / "S1_registration.json").read_text())["registration"]
@@ -171,22 +181,29 @@ def test_netcdf_inputs_markups_landmarks_and_no_refinement(tmp_path, capsys, sec
     from helpers import write_geoslicer_netcdf
 
     origin = (2.0, -1.5, 0.0)  # RAS; markups are in LPS: (s*col - 2.0, s*row + 1.5)
-    src = write_geoslicer_netcdf(tmp_path / "S2.nc", {"S2_PP": sec.pp, "S2_XP": sec.xp}, mm_per_pixel=sec.mm_per_pixel,
-                                 origin_mm=origin)
+    src = write_geoslicer_netcdf(
+        tmp_path / "S2.nc", {"S2_PP": sec.pp, "S2_XP": sec.xp}, mm_per_pixel=sec.mm_per_pixel, origin_mm=origin
+    )
     q = write_netcdf_qemscan(tmp_path / "q.nc", sec)
     q_px, img_px = clicks(sec, n=4)
     img_mm = img_px * sec.mm_per_pixel - np.array(origin[:2])
     q_mm = q_px * sec.qemscan_mm_per_pixel
 
     def markups(points):
-        return {"type": "Fiducial", "coordinateSystem": "LPS",
-                "controlPoints": [{"label": f"F{i + 1}", "position": [float(x), float(y), 0.0]} for i, (x, y) in enumerate(points)]}
+        return {
+            "type": "Fiducial",
+            "coordinateSystem": "LPS",
+            "controlPoints": [
+                {"label": f"F{i + 1}", "position": [float(x), float(y), 0.0]} for i, (x, y) in enumerate(points)
+            ],
+        }
 
     mrk = tmp_path / "clicks.mrk.json"
     mrk.write_text(json.dumps({"markups": [markups(img_mm), markups(q_mm)]}), encoding="utf-8")
     out = tmp_path / "out"
-    code, stdout, stderr = run_main(capsys, "register", src, q, "--landmarks", mrk, "--transform", "affine",
-                                    "--no-refine", "--output", out)
+    code, stdout, stderr = run_main(
+        capsys, "register", src, q, "--landmarks", mrk, "--transform", "affine", "--no-refine", "--output", out
+    )
     assert code == 0, stderr
     assert files_in(out) == outputs(out, "S2", refined=False)
     assert "XP: variable S2_XP of S2.nc" in stderr and "0.01 mm/px" in stderr  # QEMSCAN spacing from the file
@@ -215,7 +232,9 @@ def test_xp_by_another_affix_or_given_or_absent(tmp_path, capsys, sec):
     lonely = write_image(tmp_path / "solo" / "S4_PP.png", sec.pp)
     code, stdout, stderr = run_main(capsys, "register", lonely, q, "--output", tmp_path / "c", "-q")
     assert code == 0, stderr
-    assert "XP: none found (XP counterpart not found (expected S4_XP.png beside it)); registering with PP alone" in stderr
+    assert (
+        "XP: none found (XP counterpart not found (expected S4_XP.png beside it)); registering with PP alone" in stderr
+    )
     assert "XP offset: no XP image" in stdout
     with open_nc(tmp_path / "c" / "S4_registered.nc") as ds:
         assert "S4_XP" not in ds.variables and "S4_QEMSCAN" in ds.variables
@@ -255,7 +274,11 @@ def _bad_case(kind, folder, sec, other):
         rgb = lut[sec.qemscan]
         rgb[5:7, 5:8] = (12, 34, 56)
         bad = write_image(folder / "odd.png", rgb)
-        return [pp, bad, "--background", "#ffffff"], bad, r"the QEMSCAN map has 1 colour\(s\) not in its colour table, e.g. #0c2238 \(6 px\)"
+        return (
+            [pp, bad, "--background", "#ffffff"],
+            bad,
+            r"the QEMSCAN map has 1 colour\(s\) not in its colour table, e.g. #0c2238 \(6 px\)",
+        )
     if kind == "label values without table":
         bad = write_image(folder / "values.png", sec.qemscan)
         return [pp, bad], bad, "a QEMSCAN map of label values needs a colour table"
@@ -289,7 +312,11 @@ def _bad_case(kind, folder, sec, other):
         return [pp, bad, "--landmarks", lm], None, ".*do not overlap"
     if kind == "xp of another size":
         bad = write_image(folder / "small_XP.png", sec.xp[:-4])
-        return [pp, q, "--xp", bad], bad, f"PP is {SIZE}x{SIZE} px but XP is {SIZE}x{SIZE - 4} px; they must be the same size"
+        return (
+            [pp, q, "--xp", bad],
+            bad,
+            f"PP is {SIZE}x{SIZE} px but XP is {SIZE}x{SIZE - 4} px; they must be the same size",
+        )
     raise AssertionError(kind)
 
 
@@ -300,9 +327,22 @@ def _with_labels(sec, labels):
     return dataclasses.replace(sec, qemscan=labels)
 
 
-BAD = ["missing pp", "pp not an image", "missing qemscan", "unknown colour", "label values without table", "two labelmaps",
-       "unrelated map", "landmark csv without columns", "too few landmarks", "tps without landmarks",
-       "no-refine without landmarks", "xp of another size", "landmarks outside the images", "map that does not overlap"]
+BAD = [
+    "missing pp",
+    "pp not an image",
+    "missing qemscan",
+    "unknown colour",
+    "label values without table",
+    "two labelmaps",
+    "unrelated map",
+    "landmark csv without columns",
+    "too few landmarks",
+    "tps without landmarks",
+    "no-refine without landmarks",
+    "xp of another size",
+    "landmarks outside the images",
+    "map that does not overlap",
+]
 
 
 @pytest.mark.parametrize("kind", BAD)

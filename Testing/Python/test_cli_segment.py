@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import (
     MM_PER_PIXEL,
     data_variables,
@@ -34,7 +33,8 @@ from helpers import (
     write_image,
     write_pair,
 )
-from thinseg.classes import default_class_table
+
+from thinseg.classes.table import default_class_table
 from thinseg.inference.engine import InferenceOptions, Segmenter, _Plan
 from thinseg.inference.resample import ResampledSource, labels_to_grid
 from thinseg.io.images import ArraySource
@@ -101,7 +101,9 @@ def check_layout(ds, var: str, shape_hw, mm_per_pixel: float, origin=(0.0, 0.0, 
     np.testing.assert_allclose(y, -origin[1] + mm_per_pixel * np.arange(shape_hw[0]), rtol=0, atol=1e-12)
     np.testing.assert_allclose(x, -origin[0] + mm_per_pixel * np.arange(shape_hw[1]), rtol=0, atol=1e-12)
     np.testing.assert_allclose(np.diff(x), mm_per_pixel, rtol=1e-9)
-    np.testing.assert_allclose(np.asarray(v.getncattr("transform"), float), expected_transform(mm_per_pixel, origin), atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(v.getncattr("transform"), float), expected_transform(mm_per_pixel, origin), atol=1e-12
+    )
     if rgb:
         assert [str(s) for s in ds.variables["c"][:]] == ["r", "g", "b"]
 
@@ -200,8 +202,9 @@ def test_jpeg_counterpart_found_from_one_image_with_c2_affix(tmp_path, capsys, m
     # a decoy with the default XP affix: --xp-pattern c2 must not pick it
     write_image(tmp_path / "ABC_3200.5_xp.jpg", section_images(H, W, seed=5)[1])
     target = tmp_path / "out" / "ABC.nc"
-    code, _, stderr = run_main(capsys, "segment", pp_path, "--xp-pattern", "c2", "--model", models["rgb6"],
-                               "--output", target, "--quiet")
+    code, _, stderr = run_main(
+        capsys, "segment", pp_path, "--xp-pattern", "c2", "--model", models["rgb6"], "--output", target, "--quiet"
+    )
     assert code == 0, stderr
     assert sorted(p.name for p in target.parent.iterdir()) == ["ABC.nc", "ABC_fractions.csv"]
     pp, xp = decoded(pp_path), decoded(xp_path)  # JPEG is lossy: the file's decoded pixels
@@ -216,8 +219,18 @@ def test_jpeg_counterpart_found_from_one_image_with_c2_affix(tmp_path, capsys, m
 
 def test_given_the_xp_image_the_pp_counterpart_is_found(tmp_path, capsys, models):
     _, xp_path = write_pair(tmp_path, "W7_PP", "W7_PX")
-    code, _, stderr = run_main(capsys, "segment", xp_path, "--xp-pattern", "PX", "--model", models["rgb6"],
-                               "--output", tmp_path / "out", "--quiet")
+    code, _, stderr = run_main(
+        capsys,
+        "segment",
+        xp_path,
+        "--xp-pattern",
+        "PX",
+        "--model",
+        models["rgb6"],
+        "--output",
+        tmp_path / "out",
+        "--quiet",
+    )
     assert code == 0, stderr
     with open_nc(tmp_path / "out" / "W7_PP.nc") as ds:  # named after the PP image
         assert data_variables(ds) == ["W7_PP", "W7_PX", "W7_Segmentation"]
@@ -247,10 +260,24 @@ def test_folder_batch_processes_every_file_once(tmp_path, capsys, models):
     write_geoslicer_netcdf(folder / "S3.nc", {"S3_PP": pp3, "S3_XP": xp3})
     (folder / "notes.md").write_text("not an image")  # ignored in folders
     # the folder, plus one of its counterparts named explicitly: still used once
-    code, stdout, stderr = run_main(capsys, "segment", folder, folder / "S1_XP.png", "--model", models["rgb6"],
-                                    "--output", tmp_path / "out", "--quiet")
+    code, stdout, stderr = run_main(
+        capsys,
+        "segment",
+        folder,
+        folder / "S1_XP.png",
+        "--model",
+        models["rgb6"],
+        "--output",
+        tmp_path / "out",
+        "--quiet",
+    )
     assert code == 0, stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["S1_PP.nc", "S3.nc", "modal_mineralogy.csv", "s2_pp.nc"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "S1_PP.nc",
+        "S3.nc",
+        "modal_mineralogy.csv",
+        "s2_pp.nc",
+    ]
     assert "3 section(s) segmented, 0 failed" in stderr
     sections = {}  # in processing order: the folder's files sorted by name
     for name, seg in (("S1_PP", "S1_Segmentation"), ("S3", "S3_Segmentation"), ("s2_pp", "s2_Segmentation")):
@@ -294,13 +321,28 @@ def test_netcdf_input_keeps_its_spacing_and_copies_everything(tmp_path, capsys, 
     porosity = np.linspace(0, 1, H * W, dtype=np.float32).reshape(H, W)
     origin = (1.5, -2.0, 0.25)
     src = write_geoslicer_netcdf(
-        tmp_path / "in" / "well_S.nc", {"S_PP": pp, "S_PP_b": other_pp, "S_PX": xp}, origin_mm=origin,
-        labelmaps={"S_Manual": manual}, scalars={"S_Porosity": porosity},
+        tmp_path / "in" / "well_S.nc",
+        {"S_PP": pp, "S_PP_b": other_pp, "S_PX": xp},
+        origin_mm=origin,
+        labelmaps={"S_Manual": manual},
+        scalars={"S_Porosity": porosity},
     )
     before = src.read_bytes()
     # --mm-per-pixel applies to PNG/JPEG/TIFF only: a netCDF file carries its own spacing
-    code, stdout, stderr = run_main(capsys, "segment", src, "--xp-pattern", "PX", "--mm-per-pixel", "0.005",
-                                    "--model", models["rgb6"], "--output", tmp_path / "out", "-q")
+    code, stdout, stderr = run_main(
+        capsys,
+        "segment",
+        src,
+        "--xp-pattern",
+        "PX",
+        "--mm-per-pixel",
+        "0.005",
+        "--model",
+        models["rgb6"],
+        "--output",
+        tmp_path / "out",
+        "-q",
+    )
     assert code == 0, stderr
     assert "resampl" not in stderr
     assert src.read_bytes() == before
@@ -310,8 +352,9 @@ def test_netcdf_input_keeps_its_spacing_and_copies_everything(tmp_path, capsys, 
         for name in ("S_PP", "S_PP_b", "S_PX", "S_Manual", "S_Porosity"):  # copies: data, dtype, attributes
             a, b = s.variables[name], ds.variables[name]
             assert b.dtype == a.dtype and np.array_equal(b[:], a[:])
-            assert {k: np.asarray(a.getncattr(k)).tolist() for k in a.ncattrs()} == \
-                   {k: np.asarray(b.getncattr(k)).tolist() for k in b.ncattrs()}
+            assert {k: np.asarray(a.getncattr(k)).tolist() for k in a.ncattrs()} == {
+                k: np.asarray(b.getncattr(k)).tolist() for k in b.ncattrs()
+            }
             for dim_a, dim_b in zip(a.dimensions, b.dimensions):
                 assert np.array_equal(s.variables[dim_a][:], ds.variables[dim_b][:])
         assert ds.variables["S_Manual"].filters()["zlib"]
@@ -323,11 +366,21 @@ def test_netcdf_input_keeps_its_spacing_and_copies_everything(tmp_path, capsys, 
 
 def test_netcdf_output_can_be_segmented_again(tmp_path, capsys, models, engines):
     pp_path, xp_path = write_pair(tmp_path / "in", "N_PP", "N_XP")
-    code, _, stderr = run_main(capsys, "segment", pp_path, "--model", models["rgb6"], "--output", tmp_path / "first.nc",
-                               "--probabilities", "-q")
+    code, _, stderr = run_main(
+        capsys,
+        "segment",
+        pp_path,
+        "--model",
+        models["rgb6"],
+        "--output",
+        tmp_path / "first.nc",
+        "--probabilities",
+        "-q",
+    )
     assert code == 0, stderr
-    code, _, stderr = run_main(capsys, "segment", tmp_path / "first.nc", "--model", models["rgb6"],
-                               "--output", tmp_path / "second.nc", "-q")
+    code, _, stderr = run_main(
+        capsys, "segment", tmp_path / "first.nc", "--model", models["rgb6"], "--output", tmp_path / "second.nc", "-q"
+    )
     assert code == 0, stderr
     with open_nc(tmp_path / "first.nc") as a, open_nc(tmp_path / "second.nc") as b:
         assert data_variables(b) == ["N_PP", "N_XP", "N_Segmentation", "N_Confidence", "first_Segmentation"]
@@ -340,10 +393,23 @@ def test_netcdf_output_can_be_segmented_again(tmp_path, capsys, models, engines)
 def test_resampling_to_the_model_resolution_and_back(tmp_path, capsys, models, engines):
     pp_path, xp_path = write_pair(tmp_path, "F_PP", "F_XP")
     fine = MM_PER_PIXEL / 2  # the model sees the section at half the size
-    code, _, stderr = run_main(capsys, "segment", pp_path, "--mm-per-pixel", str(fine), "--model", models["rgb6"],
-                               "--output", tmp_path / "out", "--probabilities", "-q")
+    code, _, stderr = run_main(
+        capsys,
+        "segment",
+        pp_path,
+        "--mm-per-pixel",
+        str(fine),
+        "--model",
+        models["rgb6"],
+        "--output",
+        tmp_path / "out",
+        "--probabilities",
+        "-q",
+    )
     assert code == 0, stderr
-    assert re.search(rf"F_PP\.png: resampling from {fine:g} to the model's {MM_PER_PIXEL:g} mm/px \(70x50 px\) and back", stderr), stderr
+    assert re.search(
+        rf"F_PP\.png: resampling from {fine:g} to the model's {MM_PER_PIXEL:g} mm/px \(70x50 px\) and back", stderr
+    ), stderr
     pp, xp = decoded(pp_path), decoded(xp_path)
     with open_nc(tmp_path / "out" / "F_PP.nc") as ds:
         check_layout(ds, "F_PP", (H, W), fine, rgb=True)  # output grid = input grid
@@ -361,15 +427,18 @@ def test_resampling_a_netcdf_uses_the_spacing_in_the_file(tmp_path, capsys, mode
     src = write_geoslicer_netcdf(tmp_path / "coarse.nc", {"C_PP": pp, "C_XP": xp}, mm_per_pixel=coarse)
     code, _, stderr = run_main(capsys, "segment", src, "--model", models["rgb6"], "--output", tmp_path / "out", "-q")
     assert code == 0, stderr
-    assert f"coarse.nc: resampling from {coarse:g} to the model's {MM_PER_PIXEL:g} mm/px (160x120 px) and back" in stderr
+    assert (
+        f"coarse.nc: resampling from {coarse:g} to the model's {MM_PER_PIXEL:g} mm/px (160x120 px) and back" in stderr
+    )
     with open_nc(tmp_path / "out" / "coarse.nc") as ds:
         check_labelmap(ds, "coarse_Segmentation", "C_PP", (60, 80), coarse)
 
 
 def test_overlay_png_has_labels_over_pp_and_a_legend(tmp_path, capsys, models):
     pp_path, _ = write_pair(tmp_path, "O_PP", "O_XP")
-    code, stdout, stderr = run_main(capsys, "segment", pp_path, "--overlay", "--model", models["rgb6"],
-                                    "--output", tmp_path / "out", "-q")
+    code, stdout, stderr = run_main(
+        capsys, "segment", pp_path, "--overlay", "--model", models["rgb6"], "--output", tmp_path / "out", "-q"
+    )
     assert code == 0, stderr
     overlay = tmp_path / "out" / "O_PP_overlay.png"
     assert f"-> {overlay}" in stdout
@@ -388,8 +457,9 @@ def test_overlay_png_has_labels_over_pp_and_a_legend(tmp_path, capsys, models):
 
 def test_probabilities_add_a_uint8_confidence_map(tmp_path, capsys, models, engines):
     pp_path, xp_path = write_pair(tmp_path, "P_PP", "P_XP")
-    code, _, stderr = run_main(capsys, "segment", pp_path, "--probabilities", "--model", models["rgb6"],
-                               "--output", tmp_path / "out", "-q")
+    code, _, stderr = run_main(
+        capsys, "segment", pp_path, "--probabilities", "--model", models["rgb6"], "--output", tmp_path / "out", "-q"
+    )
     assert code == 0, stderr
     with open_nc(tmp_path / "out" / "P_PP.nc") as ds:
         assert data_variables(ds) == ["P_PP", "P_XP", "P_Segmentation", "P_Confidence"]
@@ -405,23 +475,27 @@ def test_probabilities_add_a_uint8_confidence_map(tmp_path, capsys, models, engi
 
 def test_progress_bar_on_stderr_and_quiet_hides_it(tmp_path, capsys, models):
     pp_path, _ = write_pair(tmp_path, "B_PP", "B_XP", height=150, width=200)
-    code, stdout, stderr = run_main(capsys, "segment", pp_path, "--model", models["rgb6"], "--output", tmp_path / "a", "--tile", "64")
+    code, stdout, stderr = run_main(
+        capsys, "segment", pp_path, "--model", models["rgb6"], "--output", tmp_path / "a", "--tile", "64"
+    )
     assert code == 0, stderr
     tiles = _Plan.make(150, 200, (64, 64), 16).n_tiles  # 64 px tiles, default overlap for them: 16 px
     assert tiles == 12
     done = re.findall(r"B_PP: 100%.*?(\d+)/(\d+) \[.*?MPix/s", stderr)
     assert done and done[-1] == (str(tiles), str(tiles)), stderr
     assert "tile" not in stdout
-    code, _, stderr = run_main(capsys, "segment", pp_path, "--model", models["rgb6"], "--output", tmp_path / "b", "--quiet",
-                               "--tile", "64")
+    code, _, stderr = run_main(
+        capsys, "segment", pp_path, "--model", models["rgb6"], "--output", tmp_path / "b", "--quiet", "--tile", "64"
+    )
     assert code == 0
     assert "MPix/s" not in stderr and "/12" not in stderr and "%|" not in stderr
 
 
 def test_device_cuda_without_gpu_falls_back_to_cpu(tmp_path, capsys, models):
     pp_path, _ = write_pair(tmp_path, "D_PP", "D_XP")
-    code, _, stderr = run_main(capsys, "segment", pp_path, "--device", "cuda", "--model", models["rgb6"],
-                               "--output", tmp_path / "out", "-q")
+    code, _, stderr = run_main(
+        capsys, "segment", pp_path, "--device", "cuda", "--model", models["rgb6"], "--output", tmp_path / "out", "-q"
+    )
     assert code == 0, stderr
     assert "thinseg: cuda requested but no CUDA GPU is available: falling back to the CPU" in stderr.splitlines()
     assert (tmp_path / "out" / "D_PP.nc").is_file()
@@ -459,8 +533,16 @@ def test_existing_outputs_are_kept_and_new_ones_numbered(tmp_path, capsys, model
     for name, data in old.items():
         assert (out / name).read_bytes() == data
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        list(old) + ["E_PP_1.nc", "E_PP_1_overlay.png", "modal_mineralogy_1.csv",
-                     "E_PP_2.nc", "E_PP_2_overlay.png", "modal_mineralogy_2.csv"])
+        list(old)
+        + [
+            "E_PP_1.nc",
+            "E_PP_1_overlay.png",
+            "modal_mineralogy_1.csv",
+            "E_PP_2.nc",
+            "E_PP_2_overlay.png",
+            "modal_mineralogy_2.csv",
+        ]
+    )
     with open_nc(out / "E_PP_2.nc") as ds:
         labels = np.asarray(ds.variables["E_Segmentation"][0])
     check_csv_matches(out / "modal_mineralogy_2.csv", {"E_PP": (labels, MM_PER_PIXEL)})
@@ -469,8 +551,16 @@ def test_existing_outputs_are_kept_and_new_ones_numbered(tmp_path, capsys, model
     code, stdout, stderr = run_main(capsys, *args, "--overwrite")
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(  # nothing new, nothing hidden
-        list(old) + ["E_PP_1.nc", "E_PP_1_overlay.png", "modal_mineralogy_1.csv",
-                     "E_PP_2.nc", "E_PP_2_overlay.png", "modal_mineralogy_2.csv"])
+        list(old)
+        + [
+            "E_PP_1.nc",
+            "E_PP_1_overlay.png",
+            "modal_mineralogy_1.csv",
+            "E_PP_2.nc",
+            "E_PP_2_overlay.png",
+            "modal_mineralogy_2.csv",
+        ]
+    )
     with open_nc(out / "E_PP.nc") as ds:
         assert np.array_equal(ds.variables["E_Segmentation"][0], labels)
     assert (out / "E_PP_overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -487,21 +577,34 @@ def test_existing_single_output_file_is_kept(tmp_path, capsys, models):
     assert f"-> {tmp_path / 'K_1.nc'}" in stdout
     with open_nc(tmp_path / "K_1.nc") as ds:
         assert "K_Segmentation" in ds.variables
-    code, _, _ = run_main(capsys, "segment", pp_path, "--model", models["rgb6"], "--output", target, "-q", "--overwrite")
+    code, _, _ = run_main(
+        capsys, "segment", pp_path, "--model", models["rgb6"], "--output", target, "-q", "--overwrite"
+    )
     assert code == 0
     with open_nc(target) as ds:
         assert "K_Segmentation" in ds.variables
     # the CSV is named after the netCDF it belongs to
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["K.nc", "K_1.nc", "K_1_fractions.csv", "K_PP.png", "K_XP.png", "K_fractions.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "K.nc",
+        "K_1.nc",
+        "K_1_fractions.csv",
+        "K_PP.png",
+        "K_XP.png",
+        "K_fractions.csv",
+    ]
 
 
 def test_one_output_file_for_many_sections_is_refused(tmp_path, capsys, models):
     write_pair(tmp_path / "in", "A_PP", "A_XP", seed=0)
     write_pair(tmp_path / "in", "B_PP", "B_XP", seed=1)
-    code, _, stderr = run_main(capsys, "segment", tmp_path / "in", "--model", models["rgb6"], "--output", tmp_path / "one.nc", "-q")
+    code, _, stderr = run_main(
+        capsys, "segment", tmp_path / "in", "--model", models["rgb6"], "--output", tmp_path / "one.nc", "-q"
+    )
     assert code == 2
     no_traceback(stderr)
-    assert error_lines(stderr) == [f"thinseg: error: {tmp_path / 'one.nc'}: --output is one file but 2 sections were given; give a folder"]
+    assert error_lines(stderr) == [
+        f"thinseg: error: {tmp_path / 'one.nc'}: --output is one file but 2 sections were given; give a folder"
+    ]
     assert leftovers(tmp_path) == []
 
 
@@ -583,9 +686,26 @@ def _bad_case(kind: str, folder: Path):
     raise AssertionError(kind)
 
 
-BAD_CASES = ["missing file", "not an image", "empty file", "truncated png", "truncated jpeg", "truncated tiff",
-             "grayscale png", "grayscale tiff", "rgba png", "rgba tiff", "different sizes", "missing counterpart",
-             "no affix", "unsupported type", "empty folder", "netcdf without pp", "netcdf without xp", "corrupt netcdf"]
+BAD_CASES = [
+    "missing file",
+    "not an image",
+    "empty file",
+    "truncated png",
+    "truncated jpeg",
+    "truncated tiff",
+    "grayscale png",
+    "grayscale tiff",
+    "rgba png",
+    "rgba tiff",
+    "different sizes",
+    "missing counterpart",
+    "no affix",
+    "unsupported type",
+    "empty folder",
+    "netcdf without pp",
+    "netcdf without xp",
+    "corrupt netcdf",
+]
 
 
 @pytest.mark.parametrize("kind", BAD_CASES)
@@ -601,18 +721,24 @@ def test_bad_input_gets_one_line_and_no_output(tmp_path, capsys, models, kind):
     assert len(lines) == 1, stderr
     assert re.fullmatch(rf"thinseg: error: {re.escape(str(culprit))}: {problem}.*", lines[0]), lines[0]
     assert leftovers(out) == [] and not (out / "modal_mineralogy.csv").exists()
-    assert leftovers(folder) == sorted(str(p.relative_to(folder)) for p in folder.rglob("*.nc"))  # inputs only, no temporaries
+    assert leftovers(folder) == sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*.nc")
+    )  # inputs only, no temporaries
 
 
 def test_batch_goes_on_after_failures_and_lists_them(tmp_path, capsys, models, engines):
     folder = tmp_path / "in"
     folder.mkdir()
-    bad = [_bad_case(k, folder) for k in ("grayscale png", "different sizes", "missing counterpart", "netcdf without pp",
-                                          "truncated tiff")]
+    bad = [
+        _bad_case(k, folder)
+        for k in ("grayscale png", "different sizes", "missing counterpart", "netcdf without pp", "truncated tiff")
+    ]
     good_pp, good_xp = write_pair(folder, "ok_PP", "ok_XP", seed=9)
     missing = tmp_path / "gone_PP.png"
     out = tmp_path / "out"
-    code, stdout, stderr = run_main(capsys, "segment", folder, missing, "--model", models["rgb6"], "--output", out, "-q")
+    code, stdout, stderr = run_main(
+        capsys, "segment", folder, missing, "--model", models["rgb6"], "--output", out, "-q"
+    )
     assert code == 1, stderr
     no_traceback(stderr)
     assert sorted(p.name for p in out.iterdir()) == ["modal_mineralogy.csv", "ok_PP.nc"]
@@ -624,7 +750,10 @@ def test_batch_goes_on_after_failures_and_lists_them(tmp_path, capsys, models, e
     failed = [line for line in stderr.splitlines() if line.startswith("  failed: ")]
     assert len(failed) == 6 and len(error_lines(stderr)) == 6
     for _inputs, culprit, problem in bad:
-        assert any(re.fullmatch(rf"thinseg: error: {re.escape(str(culprit))}: {problem}.*", line) for line in error_lines(stderr)), culprit
+        assert any(
+            re.fullmatch(rf"thinseg: error: {re.escape(str(culprit))}: {problem}.*", line)
+            for line in error_lines(stderr)
+        ), culprit
         assert any(re.search(problem, line) for line in failed), problem
     assert f"  failed: {missing}: file not found" in failed
     assert [p.name for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".partial"] == []
@@ -634,7 +763,9 @@ def test_nothing_done_exits_2_with_a_summary(tmp_path, capsys, models):
     for name in ("u_PP", "v_PP"):
         write_image(tmp_path / f"{name}.png", section_images(H, W)[0][..., 1])
         write_image(tmp_path / f"{name.replace('PP', 'XP')}.png", section_images(H, W)[1])
-    code, _, stderr = run_main(capsys, "segment", tmp_path, "--model", models["rgb6"], "--output", tmp_path / "out", "-q")
+    code, _, stderr = run_main(
+        capsys, "segment", tmp_path, "--model", models["rgb6"], "--output", tmp_path / "out", "-q"
+    )
     assert code == 2
     no_traceback(stderr)
     assert "0 section(s) segmented, 2 failed" in stderr and len(error_lines(stderr)) == 2
@@ -680,8 +811,15 @@ def _bad_model(kind: str, folder: Path) -> tuple[Path, str, str]:
     raise AssertionError(kind)
 
 
-BAD_MODELS = ["missing folder", "missing weights", "corrupt weights", "bad meta.json", "unsupported network",
-              "channel mismatch", "non-RGB inputs"]
+BAD_MODELS = [
+    "missing folder",
+    "missing weights",
+    "corrupt weights",
+    "bad meta.json",
+    "unsupported network",
+    "channel mismatch",
+    "non-RGB inputs",
+]
 
 
 @pytest.mark.parametrize("kind", BAD_MODELS)
@@ -694,7 +832,9 @@ def test_bad_model_is_refused_with_one_line(tmp_path, capsys, kind):
     no_traceback(stderr)
     lines = error_lines(stderr)
     culprit = model / named if named else model
-    assert len(lines) == 1 and re.fullmatch(rf"thinseg: error: {re.escape(str(culprit))}: {problem}.*", lines[0]), stderr
+    assert len(lines) == 1 and re.fullmatch(rf"thinseg: error: {re.escape(str(culprit))}: {problem}.*", lines[0]), (
+        stderr
+    )
     assert not out.exists()  # refused before anything was written
 
 
@@ -703,7 +843,9 @@ def test_channel_count_of_model_and_inputs_must_match(tmp_path, capsys, models):
     pp, _ = section_images(H, W)
     src = write_geoslicer_netcdf(tmp_path / "pponly.nc", {"S_PP": pp})
     code, _, stderr = run_main(capsys, "segment", src, "--model", models["rgb6"], "--output", tmp_path / "a", "-q")
-    assert code == 2 and error_lines(stderr) == [f"thinseg: error: {src}: no XP image: no RGB variable whose name contains 'XP'"]
+    assert code == 2 and error_lines(stderr) == [
+        f"thinseg: error: {src}: no XP image: no RGB variable whose name contains 'XP'"
+    ]
     code, _, stderr = run_main(capsys, "segment", src, "--model", models["rgb3"], "--output", tmp_path / "b", "-q")
     assert code == 0, stderr
     assert (tmp_path / "b" / "pponly.nc").is_file()
@@ -750,10 +892,11 @@ def test_ctrl_c_mid_write_leaves_no_partial_file(tmp_path, capsys, models, monke
     out = tmp_path / "out"
     out.mkdir()
     (out / "I_PP.nc").write_bytes(b"previous result")  # --overwrite must not lose it either
-    import thinseg.segment as segment_module
+    import thinseg.pipelines.segment as segment_module
     from thinseg.io.netcdf import NetcdfWriter
 
     if where == "labelmap":
+
         def interrupted(self, *args, **kwargs):
             raise KeyboardInterrupt
 
@@ -770,12 +913,25 @@ def test_ctrl_c_mid_write_leaves_no_partial_file(tmp_path, capsys, models, monke
 
         monkeypatch.setattr(PillowSource, "read", interrupted)
     else:
+
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
 
         monkeypatch.setattr(segment_module, "write_overlay_png", interrupted)
-    code, stdout, stderr = run_main(capsys, "segment", pp_path, "--model", models["rgb6"], "--output", out, "--overlay",
-                                    "--overwrite", "-q", "--tile", "64")  # several tile rows: Ctrl-C after the first
+    code, stdout, stderr = run_main(
+        capsys,
+        "segment",
+        pp_path,
+        "--model",
+        models["rgb6"],
+        "--output",
+        out,
+        "--overlay",
+        "--overwrite",
+        "-q",
+        "--tile",
+        "64",
+    )  # several tile rows: Ctrl-C after the first
     assert code == 130
     assert "thinseg: interrupted; no partial output was kept" in stderr
     no_traceback(stderr)
@@ -792,7 +948,9 @@ def test_unexpected_exception_mid_write_leaves_no_partial_file(tmp_path, capsys,
 
     monkeypatch.setattr(NetcdfWriter, "add_scalar_image", broken)
     with pytest.raises(RuntimeError, match="simulated crash"):  # a bug keeps its traceback...
-        run_main(capsys, "segment", pp_path, "--model", models["rgb6"], "--output", tmp_path / "out", "--probabilities", "-q")
+        run_main(
+            capsys, "segment", pp_path, "--model", models["rgb6"], "--output", tmp_path / "out", "--probabilities", "-q"
+        )
     assert list((tmp_path / "out").iterdir()) == []  # ...but leaves no file behind
 
 
@@ -804,13 +962,19 @@ def test_console_entry_point(tmp_path, models):
     """`python -m thinseg segment` in a fresh process: exit status, stdout/stderr, files."""
     write_pair(tmp_path / "in", "R1_PP", "R1_XP")
     write_image(tmp_path / "in" / "R2_PP.png", section_images(H, W)[0])  # no XP: fails, batch goes on
-    proc = run_subprocess("segment", tmp_path / "in", "--model", models["rgb6"], "--output", tmp_path / "out",
-                          "--overlay", cwd=tmp_path)
+    proc = run_subprocess(
+        "segment", tmp_path / "in", "--model", models["rgb6"], "--output", tmp_path / "out", "--overlay", cwd=tmp_path
+    )
     assert proc.returncode == 1, proc.stderr
     no_traceback(proc.stderr)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["R1_PP.nc", "R1_PP_overlay.png", "modal_mineralogy.csv"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "R1_PP.nc",
+        "R1_PP_overlay.png",
+        "modal_mineralogy.csv",
+    ]
     assert error_lines(proc.stderr) == [
-        f"thinseg: error: {tmp_path / 'in' / 'R2_PP.png'}: XP counterpart not found (expected R2_XP.png beside it)"]
+        f"thinseg: error: {tmp_path / 'in' / 'R2_PP.png'}: XP counterpart not found (expected R2_XP.png beside it)"
+    ]
     assert "1 section(s) segmented, 1 failed" in proc.stderr
     assert re.search(r"R1_PP: 100%.*\d+/\d+ \[.*MPix/s", proc.stderr)
     assert "Calcite" in proc.stdout and f"-> {tmp_path / 'out' / 'R1_PP.nc'}" in proc.stdout
@@ -821,14 +985,14 @@ def test_console_entry_point(tmp_path, models):
 
 def test_the_readme_demo_segments_the_bundled_sample_with_the_bundled_model(tmp_path, capsys):
     """`make demo`'s command: the files it promises, and labels that agree with the sample's truth."""
-    from PIL import Image
-
     from helpers import REPO, open_nc, run_main
+    from PIL import Image
 
     sample = REPO / "Resources" / "Sample"
     out = tmp_path / "sample"
-    code, stdout, err = run_main(capsys, "segment", sample / "sample_PP.jpg", "--output", out, "--overlay",
-                                 "--probabilities", "--quiet")
+    code, stdout, err = run_main(
+        capsys, "segment", sample / "sample_PP.jpg", "--output", out, "--overlay", "--probabilities", "--quiet"
+    )
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["modal_mineralogy.csv", "sample_PP.nc", "sample_PP_overlay.png"]
     assert "Quartz" in stdout and "modal mineralogy" in stdout

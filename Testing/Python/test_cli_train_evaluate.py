@@ -15,16 +15,35 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from helpers import error_lines, make_bundle, run_main
-from thinseg.classes import default_class_table
+
+from thinseg.classes.table import default_class_table
 from thinseg.synth import generate_section
 
 TABLE = default_class_table()
 H, W = 128, 144
 MM = 0.00132
-TINY_TRAIN = ["--epochs", "2", "--steps-per-epoch", "2", "--patch-size", "64", "--batch-size", "2",
-              "--base-channels", "4", "--depth", "2", "--val-tile", "128", "--device", "cpu", "--precision", "fp32", "-q"]
+TINY_TRAIN = [
+    "--epochs",
+    "2",
+    "--steps-per-epoch",
+    "2",
+    "--patch-size",
+    "64",
+    "--batch-size",
+    "2",
+    "--base-channels",
+    "4",
+    "--depth",
+    "2",
+    "--val-tile",
+    "128",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+    "-q",
+]
 #: QEMSCAN value of each class (GeoSlicer palette order of the synthetic QEMSCAN table); Others
 #: become Pyrite left and K-Feldspar right, so mapping by mineral name has work to do.
 CLASS_TO_QEMSCAN = {1: 3, 2: 4, 3: 5, 4: 1, 5: 2, 6: 6}
@@ -46,7 +65,7 @@ def qemscan_values(labels: np.ndarray) -> np.ndarray:
         lut[cls] = value
     out = lut[labels]
     right = np.zeros(labels.shape, bool)
-    right[:, labels.shape[1] // 2:] = True
+    right[:, labels.shape[1] // 2 :] = True
     out[(labels == 6) & right] = K_FELDSPAR
     return out
 
@@ -54,7 +73,7 @@ def qemscan_values(labels: np.ndarray) -> np.ndarray:
 def write_section(path, seed, *, qemscan_names=False, xp=True, mm=MM, unlabelled_rows=6):
     """A GeoSlicer netCDF training section; the top rows carry no truth (label 0)."""
     from thinseg.io.netcdf import NetcdfWriter
-    from thinseg.synth.qemscan import qemscan_table
+    from thinseg.synth.qemscan_like import qemscan_table
 
     s = generate_section(H, W, seed=seed, mm_per_pixel=mm)
     labels = s.labels.astype(np.uint8).copy()
@@ -106,9 +125,9 @@ def truth_of(entry, mapping: dict[int, int] | None = None) -> np.ndarray:
 
 def direct_confusion(model_dir, entries, void_px=2.0, mapping=None):
     """Confusion matrices (all labelled, void borders excluded) from a direct engine run."""
-    from thinseg.evaluation import ConfusionAccumulator, void_border_mask
     from thinseg.inference.engine import InferenceOptions, Segmenter
     from thinseg.io.images import ArraySource
+    from thinseg.metrics import ConfusionAccumulator, void_border_mask
     from thinseg.model.bundle import load_bundle
 
     bundle = load_bundle(model_dir)
@@ -128,8 +147,14 @@ def files_in(folder) -> set[str]:
     return {p.name for p in folder.iterdir()} if folder.exists() else set()
 
 
-EVAL_FILES = {"evaluation.json", "evaluation.txt", "confusion_matrix.png", "confusion_matrix_all_pixels.png",
-              "per_class_scores.png", "fractions.png"}
+EVAL_FILES = {
+    "evaluation.json",
+    "evaluation.txt",
+    "confusion_matrix.png",
+    "confusion_matrix_all_pixels.png",
+    "per_class_scores.png",
+    "fractions.png",
+}
 
 
 def check_png(path) -> None:
@@ -176,8 +201,22 @@ def test_mapping_table_decides_what_qemscan_minerals_count_as(tmp_path, capsys, 
     mapping = tmp_path / "map.csv"
     mapping.write_text("mineral,class\nPyrite,ignore\nK-Feldspar,Quartz\n", encoding="utf-8")
     out = tmp_path / "ev"
-    code, _, stderr = run_main(capsys, "evaluate", "--model", models["m1"], sections["D"]["path"], "--mapping", mapping,
-                               "--output", out, "--overlays", "1", "--void-border-px", "0", "-q")
+    code, _, stderr = run_main(
+        capsys,
+        "evaluate",
+        "--model",
+        models["m1"],
+        sections["D"]["path"],
+        "--mapping",
+        mapping,
+        "--output",
+        out,
+        "--overlays",
+        "1",
+        "--void-border-px",
+        "0",
+        "-q",
+    )
     assert code == 0, stderr
     assert files_in(out) == (EVAL_FILES - {"confusion_matrix_all_pixels.png"}) | {"overlay_D.png"}
     doc = json.loads((out / "evaluation.json").read_text())
@@ -191,14 +230,26 @@ def test_mapping_table_decides_what_qemscan_minerals_count_as(tmp_path, capsys, 
 def test_existing_reports_are_refused_unless_overwrite(tmp_path, capsys, data, models):
     _, sections = data
     out = tmp_path / "ev"
-    args = ["evaluate", "--model", models["m1"], sections["A"]["path"], "--output", out, "--overlays", "0",
-            "--void-border-px", "0", "-q"]
+    args = [
+        "evaluate",
+        "--model",
+        models["m1"],
+        sections["A"]["path"],
+        "--output",
+        out,
+        "--overlays",
+        "0",
+        "--void-border-px",
+        "0",
+        "-q",
+    ]
     assert run_main(capsys, *args)[0] == 0
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     code, _, stderr = run_main(capsys, *args)
     assert code == 2 and error_lines(stderr) == [
         f"thinseg: error: {out}: output exists already (evaluation.json, evaluation.txt, confusion_matrix.png, "
-        "per_class_scores.png and 1 more); use --overwrite or another --output"]
+        "per_class_scores.png and 1 more); use --overwrite or another --output"
+    ]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     code, _, stderr = run_main(capsys, *args, "--overwrite")
     assert code == 0, stderr
@@ -239,15 +290,26 @@ def _bad_data(kind, folder, models):
         path, _, _ = write_section(folder / "ok.nc", 33)
         mapping = folder / "map.csv"
         mapping.write_text("Pyrite,Gold\n", encoding="utf-8")
-        return model + [path, "--mapping", mapping], mapping, r"mapping table sends 'pyrite' to 'Gold', which is not a model class"
+        return (
+            model + [path, "--mapping", mapping],
+            mapping,
+            r"mapping table sends 'pyrite' to 'Gold', which is not a model class",
+        )
     if kind == "missing model":
         path, _, _ = write_section(folder / "ok.nc", 33)
         return ["--model", folder / "nomodel", path], folder / "nomodel", "model folder not found"
     raise AssertionError(kind)
 
 
-BAD_DATA = ["missing file", "empty folder", "no labelmap", "no xp for a pp+xp model", "no truth in model classes",
-            "mapping to an unknown class", "missing model"]
+BAD_DATA = [
+    "missing file",
+    "empty folder",
+    "no labelmap",
+    "no xp for a pp+xp model",
+    "no truth in model classes",
+    "mapping to an unknown class",
+    "missing model",
+]
 
 
 @pytest.mark.parametrize("kind", BAD_DATA)
@@ -267,7 +329,7 @@ def test_bad_data_gets_one_line_and_no_output(tmp_path, capsys, models, kind):
 
 
 def test_ctrl_c_during_evaluation_keeps_nothing(tmp_path, capsys, data, models, monkeypatch):
-    from thinseg.evaluation import plots
+    from thinseg.reports import plots
 
     folder, _ = data
 
@@ -284,13 +346,15 @@ def test_ctrl_c_during_evaluation_keeps_nothing(tmp_path, capsys, data, models, 
 def test_library_call_on_in_memory_sections(data, models):
     """`evaluate_model` (what the Slicer logic can call) on ArraySections: the same matrices, and
     each section handed to `on_section` with its truth, prediction, mask and PP image."""
-    from thinseg.evaluation.run import evaluate_model
     from thinseg.model.bundle import load_bundle
+    from thinseg.pipelines.evaluate import evaluate_model
     from thinseg.training import ArraySection
 
     _, sections = data
     entries = [sections[k] for k in "AB"]
-    arrays = [ArraySection(k, e["synth"].pp, e["labels"], e["synth"].xp, mm_per_pixel=MM) for k, e in zip("AB", entries)]
+    arrays = [
+        ArraySection(k, e["synth"].pp, e["labels"], e["synth"].xp, mm_per_pixel=MM) for k, e in zip("AB", entries)
+    ]
     seen = []
 
     def on_section(sp):
@@ -311,12 +375,19 @@ def test_library_call_on_in_memory_sections(data, models):
 def test_compare_shows_models_side_by_side_with_sheets_and_html(tmp_path, capsys, data, models):
     folder, sections = data
     out = tmp_path / "cmp"
-    code, stdout, stderr = run_main(capsys, "compare", "--models", models["m1"], models["m2"], folder, "--output", out,
-                                    "--sheets", "2", "-q")
+    code, stdout, stderr = run_main(
+        capsys, "compare", "--models", models["m1"], models["m2"], folder, "--output", out, "--sheets", "2", "-q"
+    )
     assert code == 0, stderr
     no_traceback(stderr)
-    assert files_in(out) == {"comparison.json", "comparison.txt", "per_class_scores.png", "comparison.html",
-                             "compare_A.png", "compare_B.png"}
+    assert files_in(out) == {
+        "comparison.json",
+        "comparison.txt",
+        "per_class_scores.png",
+        "comparison.html",
+        "compare_A.png",
+        "compare_B.png",
+    }
     doc = json.loads((out / "comparison.json").read_text())
     assert [m["name"] for m in doc["models"]] == ["m1", "m2"]
     for entry, key in zip(doc["models"], ("m1", "m2")):  # the same numbers evaluate gives
@@ -335,10 +406,26 @@ def test_compare_shows_models_side_by_side_with_sheets_and_html(tmp_path, capsys
         check_png(out / name)
 
     # DATA first, then --models: the same result
-    code, stdout2, _ = run_main(capsys, "compare", folder, "--models", models["m1"], models["m2"], "--output",
-                                tmp_path / "cmp2", "--sheets", "0", "-q")
+    code, stdout2, _ = run_main(
+        capsys,
+        "compare",
+        folder,
+        "--models",
+        models["m1"],
+        models["m2"],
+        "--output",
+        tmp_path / "cmp2",
+        "--sheets",
+        "0",
+        "-q",
+    )
     assert code == 0 and stdout2.split("\n\n")[0] == stdout.split("\n\n")[0]
-    assert files_in(tmp_path / "cmp2") == {"comparison.json", "comparison.txt", "per_class_scores.png", "comparison.html"}
+    assert files_in(tmp_path / "cmp2") == {
+        "comparison.json",
+        "comparison.txt",
+        "per_class_scores.png",
+        "comparison.html",
+    }
 
 
 def test_compare_refuses_what_it_cannot_compare(tmp_path, capsys, data, models):
@@ -393,8 +480,18 @@ def test_train_splits_by_section_exports_a_model_and_evaluate_reads_it(tmp_path,
     assert (run / "training_log.csv").read_bytes() == log_before
 
     # the trained model evaluates
-    code, stdout, stderr = run_main(capsys, "evaluate", "--model", run / "model", folder / "A.nc", "--output",
-                                    tmp_path / "ev", "--overlays", "0", "-q")
+    code, stdout, stderr = run_main(
+        capsys,
+        "evaluate",
+        "--model",
+        run / "model",
+        folder / "A.nc",
+        "--output",
+        tmp_path / "ev",
+        "--overlays",
+        "0",
+        "-q",
+    )
     assert code == 0, stderr
     assert "model: Thin-section multiphase U-Net" in stdout
 
@@ -416,7 +513,10 @@ def test_ctrl_c_then_resume(tmp_path, capsys, data, monkeypatch):
     code, stdout, stderr = run_main(capsys, *args)
     assert code == 130
     no_traceback(stderr)
-    assert f"thinseg: interrupted; finished epochs are kept in {run}: run the same command with --resume to continue" in stderr
+    assert (
+        f"thinseg: interrupted; finished epochs are kept in {run}: run the same command with --resume to continue"
+        in stderr
+    )
     assert (run / "checkpoint.pt").is_file() and len((run / "training_log.csv").read_text().splitlines()) == 2
     monkeypatch.setattr(TrainingRun, "train_epoch", original)
     code, stdout, stderr = run_main(capsys, *args, "--resume")
@@ -430,16 +530,28 @@ def test_ctrl_c_then_resume(tmp_path, capsys, data, monkeypatch):
 def test_pp_only_model_without_validation(tmp_path, capsys, data):
     folder, _ = data
     run = tmp_path / "run"
-    code, stdout, stderr = run_main(capsys, "train", folder / "C.nc", "--output", run, "--pp-only", "--model-name",
-                                    "pp-model", "--title", "PP only", *TINY_TRAIN)
+    code, stdout, stderr = run_main(
+        capsys,
+        "train",
+        folder / "C.nc",
+        "--output",
+        run,
+        "--pp-only",
+        "--model-name",
+        "pp-model",
+        "--title",
+        "PP only",
+        *TINY_TRAIN,
+    )
     assert code == 0, stderr
     meta = json.loads((run / "pp-model" / "meta.json").read_text())
     assert list(meta["inputs"]) == ["PP"] and meta["title"] == "PP only"
     assert "no validation sections: the last epoch was exported" in stdout
 
 
-@pytest.mark.parametrize("case", ["resume and overwrite", "val and split file", "missing data", "no labelmap",
-                                  "bad patch size"])
+@pytest.mark.parametrize(
+    "case", ["resume and overwrite", "val and split file", "missing data", "no labelmap", "bad patch size"]
+)
 def test_train_refusals(tmp_path, capsys, data, case):
     folder, _ = data
     run = tmp_path / "run"

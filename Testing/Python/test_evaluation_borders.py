@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from thinseg.classes import ClassTable
-from thinseg.evaluation import ConfusionAccumulator, Evaluator, metrics_from_confusion, void_border_mask
+from thinseg.classes.table import ClassTable
+from thinseg.metrics import ConfusionAccumulator, Evaluator, metrics_from_confusion, void_border_mask
 
 TABLE = ClassTable.from_names_colors(["A", "B", "C"], ["#ff0000", "#00ff00", "#0000ff"])
 

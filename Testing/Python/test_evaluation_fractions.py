@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from thinseg.evaluation import ConfusionAccumulator, area_fractions, fraction_agreement, fractions_from_confusion
+from thinseg.metrics import ConfusionAccumulator, area_fractions, fraction_agreement, fractions_from_confusion
 
 
 def test_area_fractions_are_of_classified_pixels():

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from thinseg.classes import ClassTable
+from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
-from thinseg.evaluation import ConfusionAccumulator, metrics_from_confusion
+from thinseg.metrics import ConfusionAccumulator, metrics_from_confusion
 
 TABLE = ClassTable.from_names_colors(["A", "B", "C", "D"], ["#ff0000", "#00ff00", "#0000ff", "#ffff00"])
 
@@ -79,7 +79,10 @@ def test_accumulation_is_over_pixels_not_an_average_of_images():
     whole = confusion(np.hstack([big_t, small_t]), np.hstack([big_p, small_p]))
     assert np.array_equal(acc.matrix, whole.matrix)
     pooled = metrics_from_confusion(acc.matrix, TABLE).pixel_accuracy
-    per_image = [metrics_from_confusion(confusion(t, p).matrix, TABLE).pixel_accuracy for t, p in ((big_t, big_p), (small_t, small_p))]
+    per_image = [
+        metrics_from_confusion(confusion(t, p).matrix, TABLE).pixel_accuracy
+        for t, p in ((big_t, big_p), (small_t, small_p))
+    ]
     assert pooled == pytest.approx(100 / 104)
     assert np.mean(per_image) == pytest.approx(0.5)  # what a per-image average would have said
 

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from thinseg.classes import default_class_table
-from thinseg.evaluation import Evaluator, comparison_dict, format_comparison_table
+from thinseg.classes.table import default_class_table
+from thinseg.metrics import Evaluator, comparison_dict, format_comparison_table
 
 TABLE = default_class_table()  # 6 classes, QEMSCAN colours
 
@@ -17,7 +17,9 @@ def sections(count=3, shape=(48, 64)):
     rng = np.random.default_rng(7)
     out = []
     for i in range(count):
-        blocks = rng.choice([1, 2, 3, 4, 5], size=(shape[0] // 8, shape[1] // 8), p=np.roll([0.5, 0.2, 0.1, 0.1, 0.1], i))
+        blocks = rng.choice(
+            [1, 2, 3, 4, 5], size=(shape[0] // 8, shape[1] // 8), p=np.roll([0.5, 0.2, 0.1, 0.1, 0.1], i)
+        )
         truth = np.kron(blocks, np.ones((8, 8), int)).astype(np.uint8)
         truth[:, :4] = 0
         pp = np.repeat((60 + 35 * truth)[..., None], 3, axis=2).astype(np.uint8)
@@ -89,7 +91,7 @@ def is_png(path):
 
 
 def test_plots_write_pngs(tmp_path):
-    from thinseg.evaluation.plots import plot_confusion, plot_fractions_scatter, plot_per_class_bars, plot_section_overlay
+    from thinseg.reports.plots import plot_confusion, plot_fractions_scatter, plot_per_class_bars, plot_section_overlay
 
     data = sections()
     report = evaluate(data)
@@ -98,8 +100,10 @@ def test_plots_write_pngs(tmp_path):
     plot_confusion(report.confusion, TABLE, tmp_path / "confusion.png", title="m")
     plot_per_class_bars({"m": report}, tmp_path / "bars.png")
     plot_per_class_bars({"m": report, "other": other}, tmp_path / "bars2.png", void_excluded=True)
-    plot_fractions_scatter(report.true_fractions, report.pred_fractions, TABLE, tmp_path / "scatter.png", report.fraction_stats)
-    from thinseg.evaluation import void_border_mask
+    plot_fractions_scatter(
+        report.true_fractions, report.pred_fractions, TABLE, tmp_path / "scatter.png", report.fraction_stats
+    )
+    from thinseg.metrics import void_border_mask
 
     plot_section_overlay(pp, truth, pred, TABLE, tmp_path / "overlay.tmp", keep=void_border_mask(truth, 1), title=name)
     plot_section_overlay(None, truth, pred, TABLE, tmp_path / "overlay_nopp.png", max_side=20)
@@ -108,7 +112,13 @@ def test_plots_write_pngs(tmp_path):
 
 
 def test_compare_sheet_shows_the_regions_where_models_disagree(tmp_path):
-    from thinseg.evaluation.compare import Region, choose_regions, compare_sheet, difference_codes, write_comparison_html
+    from thinseg.reports.comparison import (
+        Region,
+        choose_regions,
+        compare_sheet,
+        difference_codes,
+        write_comparison_html,
+    )
 
     _name, pp, truth, pred = sections(1, shape=(64, 96))[0]
     other = pred.copy()
@@ -121,7 +131,9 @@ def test_compare_sheet_shows_the_regions_where_models_disagree(tmp_path):
     codes = difference_codes(t, [a, b])
     assert np.all(codes[(a == t) & (b != t)] == 10)  # only model 0 right: code 10 + 0
     assert np.all(codes[(a == t) & (b == t)] == 1)  # all agree and right
-    shown = compare_sheet(pp, truth, {"A": pred, "B": other}, TABLE, tmp_path / "sheet.png", count=2, size=32, title="S0")
+    shown = compare_sheet(
+        pp, truth, {"A": pred, "B": other}, TABLE, tmp_path / "sheet.png", count=2, size=32, title="S0"
+    )
     assert shown == regions and is_png(tmp_path / "sheet.png")
     data = sections()
     reports = {"A": evaluate(data, model="A"), "B": evaluate(data, model="B")}
@@ -131,7 +143,7 @@ def test_compare_sheet_shows_the_regions_where_models_disagree(tmp_path):
 
 
 def test_evaluator_streams_tile_counts_like_whole_sections():
-    from thinseg.evaluation import ConfusionAccumulator, void_border_mask
+    from thinseg.metrics import ConfusionAccumulator, void_border_mask
 
     data = sections()
     whole = evaluate(data)

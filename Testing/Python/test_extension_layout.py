@@ -14,7 +14,13 @@ def test_top_level_cmake_is_a_slicer_extension():
     text = (REPO / "CMakeLists.txt").read_text()
     assert "find_package(Slicer REQUIRED)" in text
     assert "add_subdirectory(ThinSectionSegmentation)" in text
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL"):
+    for key in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+    ):
         assert re.search(rf"set\({key} ", text), key
 
 
@@ -23,7 +29,9 @@ def test_module_cmake_lists_every_python_file():
     assert "slicerMacroBuildScriptedModule(" in text
     listed = set(re.findall(r"^\s+(\S+\.py)\s*$", text, flags=re.M))
     on_disk = {p.relative_to(MODULE).as_posix() for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts}
-    assert listed == on_disk, f"run scripts/update_module_cmake.py; missing {sorted(on_disk - listed)}, stale {sorted(listed - on_disk)}"
+    assert listed == on_disk, (
+        f"run scripts/update_module_cmake.py; missing {sorted(on_disk - listed)}, stale {sorted(listed - on_disk)}"
+    )
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -45,7 +53,7 @@ def test_core_library_imports_no_slicer_or_qt():
 
 
 def test_core_imports_cleanly_in_a_fresh_interpreter():
-    code = "import sys; import thinseg, thinseg.segment, thinseg.cli.main; assert 'slicer' not in sys.modules and 'qt' not in sys.modules"
+    code = "import sys; import thinseg, thinseg.pipelines.segment, thinseg.cli.main; assert 'slicer' not in sys.modules and 'qt' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(MODULE), "PATH": ""})
 
 
@@ -54,17 +62,28 @@ def test_a_built_wheel_carries_the_bundled_model_and_sample(tmp_path):
     import os
 
     wheels, target = tmp_path / "wheels", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                    str(REPO)], check=True, capture_output=True, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
     wheel = next(wheels.glob("thinseg-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
-    code = ("from thinseg.resources import default_model_dir, sample_dir\n"
-            "from thinseg.model.bundle import load_bundle\n"
-            "b = load_bundle(default_model_dir())\n"
-            "print(default_model_dir()); print(sample_dir()); print(b.class_table.names)\n")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    code = (
+        "from thinseg.resources import default_model_dir, sample_dir\n"
+        "from thinseg.model.bundle import load_bundle\n"
+        "b = load_bundle(default_model_dir())\n"
+        "print(default_model_dir()); print(sample_dir()); print(b.class_table.names)\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(target))
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     model_dir, sample, names = out.stdout.splitlines()
     assert model_dir.startswith(str(target / "thinseg" / "_resources" / "Models"))
     assert (Path(sample) / "sample_PP.jpg").is_file() and Path(sample).is_relative_to(target)

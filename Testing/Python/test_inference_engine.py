@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from thinseg.classes import default_class_table
+from thinseg.classes.table import default_class_table
 from thinseg.errors import ThinSegError
 from thinseg.inference import Cancelled, InferenceOptions, Segmenter
 from thinseg.model.bundle import load_bundle, save_bundle
@@ -12,8 +12,17 @@ from thinseg.model.networks import build_network
 
 # Stride 1 and 1x1 kernels make the UNet pointwise: any tiling must reproduce the whole-image
 # forward exactly, so every row, column and blend weight of the rolling buffer is checked.
-POINTWISE_UNET = dict(spatial_dims=2, in_channels=6, out_channels=7, channels=[8, 8], strides=[1],
-                      kernel_size=1, up_kernel_size=1, num_res_units=0, norm="batch")
+POINTWISE_UNET = dict(
+    spatial_dims=2,
+    in_channels=6,
+    out_channels=7,
+    channels=[8, 8],
+    strides=[1],
+    kernel_size=1,
+    up_kernel_size=1,
+    num_res_units=0,
+    norm="batch",
+)
 
 
 class ArraySource:
@@ -32,8 +41,17 @@ def pointwise_bundle(tmp_path_factory):
         for p in net.parameters():
             p.normal_(0, 1)
     folder = tmp_path_factory.mktemp("models") / "ThinSectionEnv" / "pointwise"
-    save_bundle(folder, net, network_name="UNet", network_params=POINTWISE_UNET, class_table=default_class_table(),
-                pixels_per_mm=757.6, roi_shape=(64, 64), title="pointwise", description="test")
+    save_bundle(
+        folder,
+        net,
+        network_name="UNet",
+        network_params=POINTWISE_UNET,
+        class_table=default_class_table(),
+        pixels_per_mm=757.6,
+        roi_shape=(64, 64),
+        title="pointwise",
+        description="test",
+    )
     return load_bundle(folder)
 
 
@@ -53,23 +71,29 @@ def whole_image_forward(bundle, pp, xp):
 
 # (120, 121) with 64 px tiles: three tiles along each axis, 28 px apart, so some pixels are
 # covered by three tiles in a row (and nine in all)
-@pytest.mark.parametrize("shape, tile", [((200, 300), 64), ((64, 64), 64), ((130, 65), 64), ((300, 220), 192),
-                                         ((120, 121), 64)])
+@pytest.mark.parametrize(
+    "shape, tile", [((200, 300), 64), ((64, 64), 64), ((130, 65), 64), ((300, 220), 192), ((120, 121), 64)]
+)
 def test_tiled_equals_whole_image_for_a_pointwise_network(pointwise_bundle, shape, tile):
     """(The 192 px tiles give strips taller than the confidence is computed in at once.)"""
     pp, xp = images(*shape)
-    seg = Segmenter(pointwise_bundle, InferenceOptions(tile=tile, overlap=16, batch_size=3, with_confidence=True, device="cpu", precision="fp32"))
+    seg = Segmenter(
+        pointwise_bundle,
+        InferenceOptions(tile=tile, overlap=16, batch_size=3, with_confidence=True, device="cpu", precision="fp32"),
+    )
     result = seg.segment([ArraySource(pp), ArraySource(xp)])
     labels, confidence = whole_image_forward(pointwise_bundle, pp, xp)
     assert result.labels.shape == shape and result.labels.dtype == np.uint8
     assert (result.labels == labels).mean() > 0.9999  # only float ties may differ
     assert np.abs(result.confidence.astype(int) - confidence).max() <= 1
-    assert set(np.unique(result.labels)) <= set(range(0, 7))
+    assert set(np.unique(result.labels)) <= set(range(7))
 
 
 def test_image_smaller_than_a_tile_is_padded_not_refused(pointwise_bundle):
     pp, xp = images(21, 37)
-    result = Segmenter(pointwise_bundle, InferenceOptions(tile=64, overlap=16, device="cpu", precision="fp32")).segment([ArraySource(pp), ArraySource(xp)])
+    result = Segmenter(pointwise_bundle, InferenceOptions(tile=64, overlap=16, device="cpu", precision="fp32")).segment(
+        [ArraySource(pp), ArraySource(xp)]
+    )
     labels, _ = whole_image_forward(pointwise_bundle, pp, xp)
     assert result.tiles == 1 and np.array_equal(result.labels, labels)
 
@@ -141,8 +165,10 @@ def test_the_one_pass_input_is_bit_identical_to_the_bundle_pre_processing(pointw
     from thinseg.model.transforms import ConcatenateTransform, MinMaxTransform
 
     names = pointwise_bundle.input_names
-    swapped = dataclasses.replace(pointwise_bundle, pre_transforms=[
-        ConcatenateTransform({"x": names[::-1]}), MinMaxTransform("x", (10, 250), (-1.0, 1.0))])
+    swapped = dataclasses.replace(
+        pointwise_bundle,
+        pre_transforms=[ConcatenateTransform({"x": names[::-1]}), MinMaxTransform("x", (10, 250), (-1.0, 1.0))],
+    )
     assert swapped.fused_pre_processing()[0] == [1, 0]
     pp, xp = images(70, 90)
     bands = [torch.from_numpy(a[:64]) for a in (pp, xp)]
@@ -163,8 +189,10 @@ def test_pre_processing_that_is_not_one_rescale_takes_the_bundle_path(pointwise_
     from thinseg.model.transforms import ConcatenateTransform, MinMaxTransform
 
     names = pointwise_bundle.input_names
-    odd = dataclasses.replace(pointwise_bundle, pre_transforms=[
-        MinMaxTransform(names[0], (0, 100), (0.0, 1.0)), ConcatenateTransform({"x": names})])
+    odd = dataclasses.replace(
+        pointwise_bundle,
+        pre_transforms=[MinMaxTransform(names[0], (0, 100), (0.0, 1.0)), ConcatenateTransform({"x": names})],
+    )
     assert odd.fused_pre_processing() is None  # PP rescaled, XP not: not one map for all channels
     pp, xp = images(90, 100)
     seg = Segmenter(odd, InferenceOptions(tile=64, overlap=16, device="cpu", precision="fp32"))
@@ -181,7 +209,7 @@ def test_the_automatic_tile_shrinks_to_overlap_by_about_the_overlap(pointwise_bu
     assert len(plan.ys) == 9 and len(plan.xs) == 4
     for starts, tile in ((plan.ys, plan.tile_h), (plan.xs, plan.tile_w)):
         overlaps = [tile - (b - a) for a, b in zip(starts, starts[1:])]
-        assert 64 <= min(overlaps) and max(overlaps) < 100  # 1024 px tiles: 128 and 683 px
+        assert min(overlaps) >= 64 and max(overlaps) < 100  # 1024 px tiles: 128 and 683 px
     assert (seg.plan_for(16384, 500).tile_h, seg.plan_for(500, 500).tile_w) == (LARGE_TILE, 512)
     chosen = Segmenter(pointwise_bundle, InferenceOptions(device="cpu", tile=1024))  # the user's tile stays
     assert chosen.plan_for(8192, 3000).tile_h == 1024

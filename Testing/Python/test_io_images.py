@@ -232,10 +232,14 @@ def test_band_of_large_tiled_tiff_uses_little_memory(tmp_path):
 
     n, tile_edge = 8192, 256
     ramp = np.arange(tile_edge, dtype=np.uint8)
-    tile = np.dstack([np.add.outer(ramp, ramp), np.subtract.outer(ramp, ramp), np.full((tile_edge, tile_edge), 7, np.uint8)])
+    tile = np.dstack(
+        [np.add.outer(ramp, ramp), np.subtract.outer(ramp, ramp), np.full((tile_edge, tile_edge), 7, np.uint8)]
+    )
     path = tmp_path / "large.tif"
     tiles = (tile for _ in range((n // tile_edge) ** 2))
-    tifffile.imwrite(path, tiles, shape=(n, n, 3), dtype=np.uint8, tile=(tile_edge, tile_edge), bigtiff=True, photometric="rgb")
+    tifffile.imwrite(
+        path, tiles, shape=(n, n, 3), dtype=np.uint8, tile=(tile_edge, tile_edge), bigtiff=True, photometric="rgb"
+    )
     image_bytes = n * n * 3
 
     tracemalloc.start()
@@ -247,6 +251,8 @@ def test_band_of_large_tiled_tiff_uses_little_memory(tmp_path):
         tracemalloc.stop()
     assert band.shape == (512, n, 3)
     np.testing.assert_array_equal(band[:256, 256:512], tile)
-    assert peak < image_bytes / 5, f"reading one band allocated {peak / 1e6:.0f} MB of a {image_bytes / 1e6:.0f} MB image"
+    assert peak < image_bytes / 5, (
+        f"reading one band allocated {peak / 1e6:.0f} MB of a {image_bytes / 1e6:.0f} MB image"
+    )
     source.close()
     path.unlink()  # 201 MB; pytest keeps the last runs' tmp folders

@@ -12,7 +12,7 @@ import pytest
 import tifffile
 import xarray as xr
 
-from thinseg.classes import ClassTable, default_class_table
+from thinseg.classes.table import ClassTable, default_class_table
 from thinseg.errors import ThinSegError
 from thinseg.io.atomic import atomic_output, ensure_writable_dir, free_output_path
 from thinseg.io.images import open_image
@@ -106,7 +106,9 @@ def test_plain_xarray_sees_geoslicer_layout(tmp_path, section):
         np.testing.assert_array_equal(lab.values[0], labels)
         assert lab.attrs["type"] == "labelmap"
         assert isinstance(lab.attrs["labels"], list)
-        assert lab.attrs["labels"] == ["Name,Index,Color"] + [f"{c.name},{k},{c.color}" for k, c in enumerate(table.classes, 1)]
+        assert lab.attrs["labels"] == ["Name,Index,Color"] + [
+            f"{c.name},{k},{c.color}" for k, c in enumerate(table.classes, 1)
+        ]
         assert lab.attrs["reference"] == pp
         np.testing.assert_allclose(lab.attrs["transform"], _expected_transform())
     # GeoSlicer's importer: spacing = coordinate step, origin = (-x0, -y0, z0), directions diag(-1,-1,1)
@@ -186,7 +188,9 @@ def _geoslicer_style_export(path: Path, image: np.ndarray, labels: np.ndarray, t
     for key, data in (("img", image[None]), ("seg", labels[None])):
         name = names[key]
         dims = list("zyx") if shared else [f"{a}_{name}" for a in "zyx"]
-        attrs = {} if key == "img" else {"type": "labelmap", "labels": table.geoslicer_labels(), "reference": names["img"]}
+        attrs = (
+            {} if key == "img" else {"type": "labelmap", "labels": table.geoslicer_labels(), "reference": names["img"]}
+        )
         if not shared:
             attrs["transform"] = transform
         arrays[name] = xr.DataArray(data, dims=dims + (["c"] if data.ndim == 4 else []), attrs=attrs)
@@ -301,10 +305,9 @@ def test_unreadable_netcdf_files(tmp_path, section):
 def test_writer_leaves_nothing_on_error(tmp_path, section):
     image, labels, table = section
     path = tmp_path / "out.nc"
-    with pytest.raises(ValueError):
-        with NetcdfWriter(path) as writer:
-            writer.add_rgb_image("S1_PP", image, SPACING)
-            writer.add_labelmap("seg", labels + len(table), table, SPACING)  # values without a class
+    with pytest.raises(ValueError), NetcdfWriter(path) as writer:
+        writer.add_rgb_image("S1_PP", image, SPACING)
+        writer.add_labelmap("seg", labels + len(table), table, SPACING)  # values without a class
     assert list(tmp_path.iterdir()) == []
 
 
@@ -312,11 +315,10 @@ def test_atomic_output_replaces_only_on_success(tmp_path):
     target = tmp_path / "result.csv"
     target.write_text("old")
     for exception in (RuntimeError("boom"), KeyboardInterrupt()):
-        with pytest.raises(type(exception)):
-            with atomic_output(target) as tmp:
-                assert tmp.parent == tmp_path and tmp.name.startswith(".result.csv.") and tmp.name.endswith(".partial")
-                tmp.write_text("half")
-                raise exception
+        with pytest.raises(type(exception)), atomic_output(target) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".result.csv.") and tmp.name.endswith(".partial")
+            tmp.write_text("half")
+            raise exception
         assert target.read_text() == "old"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["result.csv"]
     with atomic_output(target) as tmp:
@@ -357,6 +359,7 @@ def test_readers_of_one_file_share_one_handle(tmp_path, section):
         pp = writer.add_rgb_image("S1_PP", image, SPACING)
         writer.add_rgb_image("S1_XP", image[::-1].copy(), SPACING)
         writer.add_labelmap("S1_labels", labels, table, SPACING, reference=pp)
+
     def handles() -> int:
         return sum(1 for key in nc._SHARED if key[1] == str(path.resolve()))
 

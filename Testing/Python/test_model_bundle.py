@@ -13,7 +13,7 @@ import monai
 import pytest
 import torch
 
-from thinseg.classes import ClassTable, default_class_table
+from thinseg.classes.table import ClassTable, default_class_table
 from thinseg.errors import ThinSegError
 from thinseg.model import build_network, find_bundles, load_bundle, save_bundle
 from thinseg.model.bundle import WEIGHTS_FILE
@@ -77,8 +77,19 @@ def _save_tiny(tmp_path: Path, name: str = "tiny", **kw) -> tuple[Path, torch.nn
 class _GeoSlicerUNetAct(torch.nn.Module):
     """Mirrors GeoSlicer MonaiModelsLib/models/unet.py UNetAct: `.unet` + lambda last_act."""
 
-    def __init__(self, spatial_dims, in_channels, out_channels, base_channels, scales, act, last_act, stride,
-                 channel_multiplier, num_res_units):
+    def __init__(
+        self,
+        spatial_dims,
+        in_channels,
+        out_channels,
+        base_channels,
+        scales,
+        act,
+        last_act,
+        stride,
+        channel_multiplier,
+        num_res_units,
+    ):
         super().__init__()
         self.unet = monai.networks.nets.UNet(
             spatial_dims=spatial_dims,
@@ -102,9 +113,17 @@ class _GeoSlicerBoundary(_GeoSlicerUNetAct):
         from monai.networks.blocks.convolutions import ResidualUnit
 
         def head(out):
-            return ResidualUnit(spatial_dims=p["spatial_dims"], in_channels=p["in_channels"], out_channels=out,
-                                strides=1, kernel_size=3, subunits=p["num_res_units"], act=self.unet.act,
-                                norm=self.unet.norm, dropout=self.unet.dropout)
+            return ResidualUnit(
+                spatial_dims=p["spatial_dims"],
+                in_channels=p["in_channels"],
+                out_channels=out,
+                strides=1,
+                kernel_size=3,
+                subunits=p["num_res_units"],
+                act=self.unet.act,
+                norm=self.unet.norm,
+                dropout=self.unet.dropout,
+            )
 
         self.segmentation_head = head(p["out_channels"])
         self.boundary_head = head(1)
@@ -145,15 +164,27 @@ def _geoslicer_saved_model(net: torch.nn.Module, name: str, params: dict, inputs
             "model": {"name": name, "params": params},
             "transforms": {
                 "pre_processing_transforms": [
-                    {"name": "ConcatenateTransform",
-                     "params": {"key_groups": {"pre_processed_input_1": list(inputs)}, "axis": 0}},
-                    {"name": "MinMaxTransform",
-                     "params": {"key": "pre_processed_input_1", "move_from": (0, 255), "move_to": (0, 1)}},
+                    {
+                        "name": "ConcatenateTransform",
+                        "params": {"key_groups": {"pre_processed_input_1": list(inputs)}, "axis": 0},
+                    },
+                    {
+                        "name": "MinMaxTransform",
+                        "params": {"key": "pre_processed_input_1", "move_from": (0, 255), "move_to": (0, 1)},
+                    },
                 ],
                 "post_processing_transforms": [
-                    {"name": "ArgmaxTransform",
-                     "params": {"key": "y", "dim": 1, "dtype": "int8", "keepdim": True, "first_label": 1,
-                                "batch_dim": True}},
+                    {
+                        "name": "ArgmaxTransform",
+                        "params": {
+                            "key": "y",
+                            "dim": 1,
+                            "dtype": "int8",
+                            "keepdim": True,
+                            "first_label": 1,
+                            "batch_dim": True,
+                        },
+                    },
                 ],
             },
         },
@@ -213,9 +244,13 @@ def test_saved_files_follow_geoslicer_format_and_are_plain(tmp_path):
     cmeta = saved["config"]["meta"]
     assert cmeta["kind"] == "torch" and cmeta["is_segmentation_model"] is True and cmeta["spatial_dims"] == 2
     assert cmeta["input_roi_shape"] == [16, 16] and cmeta["pixels_per_mm"] == 200.0
-    assert list(cmeta["inputs"]) == ["PP", "PX"] and cmeta["pre_processed_inputs"] == {"x": {"spatial_dims": 2, "n_channels": 6}}
+    assert list(cmeta["inputs"]) == ["PP", "PX"] and cmeta["pre_processed_inputs"] == {
+        "x": {"spatial_dims": 2, "n_channels": 6}
+    }
     out = cmeta["outputs"]["y"]
-    assert out["class_indices"] == [1, 2, 3, 4, 5, 6] and all(c.startswith("#") and c == c.upper() for c in out["class_colors"])
+    assert out["class_indices"] == [1, 2, 3, 4, 5, 6] and all(
+        c.startswith("#") and c == c.upper() for c in out["class_colors"]
+    )
     assert saved["config"]["model"] == {"name": "UNet", "params": TINY_UNET}
     pre = saved["config"]["transforms"]["pre_processing_transforms"]
     assert [t["name"] for t in pre] == ["ConcatenateTransform", "MinMaxTransform"]
@@ -232,7 +267,11 @@ def test_saved_files_follow_geoslicer_format_and_are_plain(tmp_path):
 
 @pytest.mark.parametrize(
     "name, reference",
-    [("UNetAct", _GeoSlicerUNetAct), ("unetact", _GeoSlicerUNetAct), ("UNetActWithBoundarySupervision", _GeoSlicerBoundary)],
+    [
+        ("UNetAct", _GeoSlicerUNetAct),
+        ("unetact", _GeoSlicerUNetAct),
+        ("UNetActWithBoundarySupervision", _GeoSlicerBoundary),
+    ],
 )
 def test_geoslicer_bundle_loads_and_runs_unchanged(tmp_path, name, reference):
     net = reference(**GEOSLICER_UNETACT)
@@ -299,9 +338,14 @@ def test_find_bundles_in_tag_folders(tmp_path):
     (tmp_path / "ThinSectionEnv" / ".a.x.tmp" / "meta.json").write_text("{}")
     (tmp_path / "ThinSectionEnv" / ".a.x.tmp" / "model.pth").write_bytes(b"")
     assert find_bundles(tmp_path) == [
-        tmp_path / "MicroCTEnv" / "c", tmp_path / "ThinSectionEnv" / "a", tmp_path / "ThinSectionEnv" / "b"
+        tmp_path / "MicroCTEnv" / "c",
+        tmp_path / "ThinSectionEnv" / "a",
+        tmp_path / "ThinSectionEnv" / "b",
     ]
-    assert find_bundles(tmp_path, tags=["ThinSectionEnv"]) == [tmp_path / "ThinSectionEnv" / "a", tmp_path / "ThinSectionEnv" / "b"]
+    assert find_bundles(tmp_path, tags=["ThinSectionEnv"]) == [
+        tmp_path / "ThinSectionEnv" / "a",
+        tmp_path / "ThinSectionEnv" / "b",
+    ]
     assert find_bundles(tmp_path / "missing") == []
 
 
@@ -318,8 +362,16 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path):
 def test_save_refuses_weights_that_do_not_fit_params(tmp_path):
     net = build_network("UNet", TINY_UNET)
     with pytest.raises(ThinSegError, match="do not match"):
-        save_bundle(tmp_path / "m", net, network_name="UNet", network_params={**TINY_UNET, "channels": [8, 16]},
-                    class_table=_classes(), pixels_per_mm=100, title="t", description="d")
+        save_bundle(
+            tmp_path / "m",
+            net,
+            network_name="UNet",
+            network_params={**TINY_UNET, "channels": [8, 16]},
+            class_table=_classes(),
+            pixels_per_mm=100,
+            title="t",
+            description="d",
+        )
     assert not (tmp_path / "m").exists()
 
 
@@ -383,14 +435,21 @@ def _edit_saved(folder: Path, edit) -> None:
 def test_unknown_network_name(tmp_path):
     folder, _ = _save_tiny(tmp_path)
     _edit_saved(folder, lambda s: s["config"]["model"].update(name="SegFormer"))
-    with pytest.raises(ThinSegError, match=r"unsupported network 'SegFormer' \(supported: UNet, UNetAct, UNetActWithBoundarySupervision\)"):
+    with pytest.raises(
+        ThinSegError,
+        match=r"unsupported network 'SegFormer' \(supported: UNet, UNetAct, UNetActWithBoundarySupervision\)",
+    ):
         load_bundle(folder)
 
 
 def test_unknown_transform_name(tmp_path):
     folder, _ = _save_tiny(tmp_path)
-    _edit_saved(folder, lambda s: s["config"]["transforms"]["pre_processing_transforms"].append(
-        {"name": "QuantileTransform", "params": {"key": "x"}}))
+    _edit_saved(
+        folder,
+        lambda s: s["config"]["transforms"]["pre_processing_transforms"].append(
+            {"name": "QuantileTransform", "params": {"key": "x"}}
+        ),
+    )
     with pytest.raises(ThinSegError, match="unsupported pre-processing transform 'QuantileTransform'"):
         load_bundle(folder)
 
@@ -428,7 +487,9 @@ def test_meta_json_and_config_disagree(tmp_path):
     meta["outputs"]["y"]["class_names"][0] = "Calcite"
     del meta["inputs"]["PX"]
     (folder / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ThinSegError, match=r"disagree on the inputs: meta.json has PP\(3\), model.pth has PP\(3\), PX\(3\)"):
+    with pytest.raises(
+        ThinSegError, match=r"disagree on the inputs: meta.json has PP\(3\), model.pth has PP\(3\), PX\(3\)"
+    ):
         load_bundle(folder)
 
 
@@ -467,8 +528,8 @@ def test_a_geoslicer_unetact_model_segments_a_geoslicer_file_through_the_command
     """GeoSlicer's own UNetAct bundle, unchanged, on a GeoSlicer netCDF (PP + PX) through `thinseg
     segment`: one tile covers the image, so the labels equal GeoSlicer's own inference exactly."""
     import numpy as np
-
     from helpers import open_nc, run_main
+
     from thinseg.io.netcdf import NetcdfWriter
 
     torch.manual_seed(3)
@@ -480,8 +541,20 @@ def test_a_geoslicer_unetact_model_segments_a_geoslicer_file_through_the_command
     with NetcdfWriter(source) as writer:
         writer.add_rgb_image("S7_PP", pp.permute(1, 2, 0).numpy(), 0.01)
         writer.add_rgb_image("S7_PX", px.permute(1, 2, 0).numpy(), 0.01)
-    code, _, err = run_main(capsys, "segment", source, "--xp-pattern", "PX", "--model", model, "--output",
-                            tmp_path / "out.nc", "--quiet", "--precision", "fp32")
+    code, _, err = run_main(
+        capsys,
+        "segment",
+        source,
+        "--xp-pattern",
+        "PX",
+        "--model",
+        model,
+        "--output",
+        tmp_path / "out.nc",
+        "--quiet",
+        "--precision",
+        "fp32",
+    )
     assert code == 0, err
     with open_nc(tmp_path / "out.nc") as ds:
         labelmap = next(v for v in ds.variables.values() if getattr(v, "type", None) == "labelmap")

@@ -1,7 +1,6 @@
 """The MONAI-free UNet: same module tree, keys and outputs as MONAI's UNet, and no MONAI import
 when the bundled model is loaded for segmentation."""
 
-import itertools
 import subprocess
 import sys
 
@@ -51,7 +50,9 @@ def test_same_tree_keys_and_outputs_as_monai(variant):
     assert [(type(m).__name__) for m in monai_net.modules() if not list(m.children())] == [
         type(m).__name__ for m in plain.modules() if not list(m.children())
     ]
-    assert {k: v.shape for k, v in monai_net.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    assert {k: v.shape for k, v in monai_net.state_dict().items()} == {
+        k: v.shape for k, v in plain.state_dict().items()
+    }
     x = torch.rand(2, 6, 32, 48)
     with torch.no_grad():
         assert torch.equal(monai_net.eval()(x), plain.eval()(x))
@@ -60,8 +61,15 @@ def test_same_tree_keys_and_outputs_as_monai(variant):
 
 
 def test_unsupported_configurations_are_left_to_monai():
-    for extra in (dict(spatial_dims=3), dict(adn_ordering="AN"), dict(norm="group"), dict(act="swish"),
-                  dict(kernel_size=4), dict(strides=[2, 2, 2]), dict(dropout=("alphadropout", {"p": 0.1}))):
+    for extra in (
+        dict(spatial_dims=3),
+        dict(adn_ordering="AN"),
+        dict(norm="group"),
+        dict(act="swish"),
+        dict(kernel_size=4),
+        dict(strides=[2, 2, 2]),
+        dict(dropout=("alphadropout", {"p": 0.1})),
+    ):
         params = {**BASE, **extra}
         assert not plain_unet_supports(params)
     net = build_network("UNet", {**BASE, "adn_ordering": "AN"})

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import read_rgb, real_field
+
 from thinseg.registration.ppxp import MIN_SCORE, estimate_xp_alignment, estimate_xp_offset
 
 
@@ -24,7 +24,7 @@ def test_the_stage_shift_of_real_fields_is_found_and_undone(field):
     dy, dx, _ = estimate_xp_offset(pp, aligned)
     assert (dy, dx) == (0, 0)
     # the correction the data's README quotes: XP read 4 rows down and 9 columns right of each pixel
-    assert np.array_equal(aligned[:-10, :-10], xp[int(a.dy):-10 + int(a.dy), int(a.dx):-10 + int(a.dx)])
+    assert np.array_equal(aligned[:-10, :-10], xp[int(a.dy) : -10 + int(a.dy), int(a.dx) : -10 + int(a.dx)])
 
 
 def test_a_turned_stage_is_found_too():

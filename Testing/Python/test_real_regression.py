@@ -10,16 +10,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from helpers import REAL_CLASSES, read_rgb, real_field, run_main
-from thinseg.evaluation.report import Evaluator
-from thinseg.evaluation.run import evaluate_model
+
+from thinseg.classes.files import read_model_classes
+from thinseg.data.sections import open_section
 from thinseg.io.netcdf import NetcdfWriter
+from thinseg.metrics.evaluator import Evaluator
 from thinseg.model.bundle import load_bundle
+from thinseg.pipelines.evaluate import evaluate_model
 from thinseg.registration.ppxp import estimate_xp_offset
 from thinseg.training import TrainConfig, train
-from thinseg.training.sections import open_section
-from thinseg.value_classes import read_model_classes
 
 TRAIN_FIELDS, TEST_FIELD = ("2a", "3a"), "10a"
 MODEL_MM = 0.00264  # half the (nominal) image resolution: a 256 px patch holds several grains
@@ -27,8 +27,20 @@ MODEL_MM = 0.00264  # half the (nominal) image resolution: a 256 px patch holds 
 
 def prepare(capsys, field: str, out) -> object:
     files = real_field(field)
-    code, _, err = run_main(capsys, "prepare", files["pp"], files["mask"], "--xp", files["xp"], "--pp-pattern",
-                            "paralelos", "--classes", REAL_CLASSES, "--output", out)
+    code, _, err = run_main(
+        capsys,
+        "prepare",
+        files["pp"],
+        files["mask"],
+        "--xp",
+        files["xp"],
+        "--pp-pattern",
+        "paralelos",
+        "--classes",
+        REAL_CLASSES,
+        "--output",
+        out,
+    )
     assert code == 0, err
     return out / f"{field}.nc"
 
@@ -40,10 +52,24 @@ def run(tmp_path_factory):
     train_files = [prepare(capsys, f, root / "train") for f in TRAIN_FIELDS]
     test_file = prepare(capsys, TEST_FIELD, root / "test")
     torch.manual_seed(0)
-    config = TrainConfig(output_dir=root / "run", train_sections=train_files, val_sections=(),
-                         class_table=read_model_classes(REAL_CLASSES), pixels_per_mm=1 / MODEL_MM, patch_size=256,
-                         batch_size=8, steps_per_epoch=50, epochs=2, warmup_steps=10, lr=2e-3, device="cpu",
-                         precision="fp32", seed=0, progress=False, patience=None)
+    config = TrainConfig(
+        output_dir=root / "run",
+        train_sections=train_files,
+        val_sections=(),
+        class_table=read_model_classes(REAL_CLASSES),
+        pixels_per_mm=1 / MODEL_MM,
+        patch_size=256,
+        batch_size=8,
+        steps_per_epoch=50,
+        epochs=2,
+        warmup_steps=10,
+        lr=2e-3,
+        device="cpu",
+        precision="fp32",
+        seed=0,
+        progress=False,
+        patience=None,
+    )
     result = train(config, log=lambda _m: None)
     return {"model": load_bundle(result.model_dir), "train": train_files, "test": test_file, "root": root}
 
@@ -79,7 +105,9 @@ def test_a_briefly_trained_model_beats_the_majority_baseline_on_an_unseen_field(
     baseline = _majority_baseline(run["train"], run["test"], table)
     report = evaluate_model(run["model"], [run["test"]], void_border_px=0)
     miou = report.metrics.mean_iou
-    print(f"{TEST_FIELD}: mean IoU {miou:.3f}, majority baseline {baseline:.3f}, accuracy {report.metrics.pixel_accuracy:.3f}")
+    print(
+        f"{TEST_FIELD}: mean IoU {miou:.3f}, majority baseline {baseline:.3f}, accuracy {report.metrics.pixel_accuracy:.3f}"
+    )
     assert miou > baseline + 0.10 and miou > 1.8 * baseline
 
 

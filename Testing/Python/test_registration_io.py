@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from thinseg.classes import ClassTable
+from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 from thinseg.registration import load_qemscan, register_section, write_outputs
 from thinseg.registration.output import load_transform
@@ -100,8 +100,15 @@ def small_registration():
     image = np.array([[60.0, 60.0], [320.0, 50.0], [330.0, 330.0], [50.0, 320.0]])
     inv = np.linalg.inv(s.qemscan_to_image)
     qemscan = image @ inv[:2, :2].T + inv[:2, 2]
-    result = register_section(s.pp, s.xp, s.qemscan, s.qemscan_table, image_mm_per_pixel=s.mm_per_pixel,
-                              qemscan_mm_per_pixel=s.qemscan_mm_per_pixel, landmarks=(qemscan, image))
+    result = register_section(
+        s.pp,
+        s.xp,
+        s.qemscan,
+        s.qemscan_table,
+        image_mm_per_pixel=s.mm_per_pixel,
+        qemscan_mm_per_pixel=s.qemscan_mm_per_pixel,
+        landmarks=(qemscan, image),
+    )
     return s, result
 
 
@@ -111,8 +118,16 @@ def test_outputs_are_complete_and_read_back(small_registration, tmp_path):
     s, result = small_registration
     paths = write_outputs(result, tmp_path, "s5", s.pp, s.qemscan)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted(["s5_registration.tfm", "s5_registration.json", "s5_qemscan_on_pp.tif", "s5_registered.nc",
-                            "s5_overlay_before.png", "s5_overlay_after.png"])
+    assert names == sorted(
+        [
+            "s5_registration.tfm",
+            "s5_registration.json",
+            "s5_qemscan_on_pp.tif",
+            "s5_registered.nc",
+            "s5_overlay_before.png",
+            "s5_overlay_after.png",
+        ]
+    )
     doc = json.loads(paths.json.read_text())
     assert doc["kind"] == "similarity" and len(doc["registration"]["landmarks"]) == 4
     assert doc["registration"]["metric_final"] >= doc["registration"]["metric_initial"]

@@ -10,7 +10,7 @@ import pytest
 
 from thinseg.errors import ThinSegError
 from thinseg.registration import Geometry, fit_landmarks, read_landmarks
-from thinseg.registration.transforms import map_points_mm
+from thinseg.registration.sitk_transforms import map_points_mm
 
 GEOMETRY = Geometry((1200, 1600), 0.00132, (400, 420), 0.01)
 
@@ -143,8 +143,13 @@ def test_slicer_markups_pairs(tmp_path):
 
     def markups(points_mm, system):
         sign = -1.0 if system == "RAS" else 1.0
-        return {"type": "Fiducial", "coordinateSystem": system, "controlPoints": [
-            {"label": f"F-{i + 1}", "position": [sign * x, sign * y, 0.0]} for i, (x, y) in enumerate(points_mm)]}
+        return {
+            "type": "Fiducial",
+            "coordinateSystem": system,
+            "controlPoints": [
+                {"label": f"F-{i + 1}", "position": [sign * x, sign * y, 0.0]} for i, (x, y) in enumerate(points_mm)
+            ],
+        }
 
     one = tmp_path / "pairs.mrk.json"
     one.write_text(json.dumps({"markups": [markups(IMAGE_PTS[:4] * 0.00132, "LPS"), markups(q * 0.01, "RAS")]}))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import make_refinement_diverge
+
 from thinseg.errors import ThinSegError
 from thinseg.registration import (
     SearchRange,
@@ -29,8 +29,15 @@ def other_section():
 
 
 def _register(s, **kwargs):
-    return register_section(s.pp, s.xp, s.qemscan, s.qemscan_table, image_mm_per_pixel=s.mm_per_pixel,
-                            qemscan_mm_per_pixel=s.qemscan_mm_per_pixel, **kwargs)
+    return register_section(
+        s.pp,
+        s.xp,
+        s.qemscan,
+        s.qemscan_table,
+        image_mm_per_pixel=s.mm_per_pixel,
+        qemscan_mm_per_pixel=s.qemscan_mm_per_pixel,
+        **kwargs,
+    )
 
 
 def _clicks(s, rng: np.random.Generator, noise_px: float = 2.0):
@@ -71,8 +78,16 @@ def test_refinement_from_affine_and_tps_starts(section):
     s = section
     landmarks = _clicks(s, np.random.default_rng(1))
     # affine: from the PP image alone (no XP), to cover single-image sections too
-    r = register_section(s.pp, None, s.qemscan, s.qemscan_table, image_mm_per_pixel=s.mm_per_pixel,
-                         qemscan_mm_per_pixel=s.qemscan_mm_per_pixel, landmarks=landmarks, kind="affine")
+    r = register_section(
+        s.pp,
+        None,
+        s.qemscan,
+        s.qemscan_table,
+        image_mm_per_pixel=s.mm_per_pixel,
+        qemscan_mm_per_pixel=s.qemscan_mm_per_pixel,
+        landmarks=landmarks,
+        kind="affine",
+    )
     assert r.transform.kind == "affine" and r.xp is None
     assert target_registration_error(r.transform, s.qemscan_to_image) < 0.5
     r = _register(s, landmarks=landmarks, kind="tps")
@@ -115,9 +130,15 @@ def test_unrelated_map_without_landmarks_is_refused(section, other_section):
     # a narrower search than the default only to keep the test fast: the refusal comes from the
     # match contrast after refinement, whatever the search found
     with pytest.raises(ThinSegError, match="no match found"):
-        register_section(section.pp, section.xp, other_section.qemscan, other_section.qemscan_table,
-                         image_mm_per_pixel=section.mm_per_pixel, qemscan_mm_per_pixel=section.qemscan_mm_per_pixel,
-                         search=SearchRange(rotation_deg=3.0, scale=0.03))
+        register_section(
+            section.pp,
+            section.xp,
+            other_section.qemscan,
+            other_section.qemscan_table,
+            image_mm_per_pixel=section.mm_per_pixel,
+            qemscan_mm_per_pixel=section.qemscan_mm_per_pixel,
+            search=SearchRange(rotation_deg=3.0, scale=0.03),
+        )
 
 
 def test_map_that_misses_the_image_is_refused(section):
@@ -127,8 +148,15 @@ def test_map_that_misses_the_image_is_refused(section):
     qemscan[:12, :12] = s.qemscan[:12, :12] + 1  # labels only in a corner the image barely reaches
     qemscan[:12, :12] = np.minimum(qemscan[:12, :12], len(s.qemscan_table))
     with pytest.raises(ThinSegError, match="do not overlap"):
-        register_section(s.pp, s.xp, qemscan, s.qemscan_table, image_mm_per_pixel=s.mm_per_pixel,
-                         qemscan_mm_per_pixel=s.qemscan_mm_per_pixel, landmarks=(q_px, img_px))
+        register_section(
+            s.pp,
+            s.xp,
+            qemscan,
+            s.qemscan_table,
+            image_mm_per_pixel=s.mm_per_pixel,
+            qemscan_mm_per_pixel=s.qemscan_mm_per_pixel,
+            landmarks=(q_px, img_px),
+        )
 
 
 def test_diverging_refinement_is_refused(section, monkeypatch):

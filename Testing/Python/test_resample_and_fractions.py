@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from thinseg.classes import default_class_table
+from thinseg.classes.table import default_class_table
 from thinseg.inference.resample import ResampledSource, labels_to_grid, needs_resampling
-from thinseg.report.fractions import fractions_csv_text, modal_mineralogy
+from thinseg.reports.mineralogy import fractions_csv_text, modal_mineralogy
 
 
 class ArrayLike:

@@ -6,13 +6,12 @@ The file layout is checked against ../shared/specs/geoslicer-netcdf.md with xarr
 
 import numpy as np
 import pytest
+import slicer
+from helpers import open_nc, write_geoslicer_netcdf
 
-import slicer  # noqa: E402  (slicer-core is in the test extra: a broken install must fail, not skip)
-
-from helpers import open_nc, write_geoslicer_netcdf  # noqa: E402
-from thinseg.classes import default_class_table  # noqa: E402
-from thinseg.errors import ThinSegError  # noqa: E402
-from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, volumes  # noqa: E402
+from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, volumes
+from thinseg.classes.table import default_class_table
+from thinseg.errors import ThinSegError
 
 SPACING = 0.00132
 ORIGIN = (1.25, -0.75, 0.5)
@@ -25,8 +24,12 @@ def scene():
 
 def section(scene, name="S1", h=6, w=9):
     rng = np.random.default_rng(1)
-    pp = volumes.create_rgb_volume(scene, f"{name}_PP", rng.integers(0, 256, (h, w, 3), dtype=np.uint8), SPACING, ORIGIN)
-    xp = volumes.create_rgb_volume(scene, f"{name}_XP", rng.integers(0, 256, (h, w, 3), dtype=np.uint8), SPACING, ORIGIN)
+    pp = volumes.create_rgb_volume(
+        scene, f"{name}_PP", rng.integers(0, 256, (h, w, 3), dtype=np.uint8), SPACING, ORIGIN
+    )
+    xp = volumes.create_rgb_volume(
+        scene, f"{name}_XP", rng.integers(0, 256, (h, w, 3), dtype=np.uint8), SPACING, ORIGIN
+    )
     labels = np.zeros((h, w), np.uint8)
     labels[:3, :4], labels[3:, 4:], labels[0, -1] = 1, 4, 6
     lab = labelmaps.create_labelmap(scene, f"{name}_Segmentation", labels, default_class_table(), reference=pp)
@@ -44,9 +47,12 @@ def matrix(node):
 
 def test_export_writes_the_geoslicer_layout(scene, tmp_path):
     import xarray as xr
+
     pp, xp, lab, labels = section(scene)
     seg = labelmaps.labelmap_to_segmentation(lab, name="S1_Segments")
-    conf = volumes.create_scalar_volume(scene, "S1_Confidence", np.arange(54, dtype=np.uint8).reshape(6, 9), SPACING, ORIGIN)
+    conf = volumes.create_scalar_volume(
+        scene, "S1_Confidence", np.arange(54, dtype=np.uint8).reshape(6, 9), SPACING, ORIGIN
+    )
     path = tmp_path / "S1.nc"
     names = ThinSectionSegmentationLogic(scene).exportNetcdf([lab, seg, conf, pp, xp], path)
     assert names[pp.GetID()] == "S1_PP" and names[lab.GetID()] == "S1_Segmentation"
@@ -107,9 +113,13 @@ def test_geoslicer_files_with_px_naming_and_scalars_import(scene, tmp_path):
     pp, px = (rng.integers(0, 256, (5, 6, 3), dtype=np.uint8) for _ in range(2))
     labels = np.zeros((5, 6), np.uint8)
     labels[2:, :3] = 3
-    path = write_geoslicer_netcdf(tmp_path / "gs.nc", {"ABC_3200_PP": pp, "ABC_3200_PX": px},
-                                  labelmaps={"ABC_3200_labels": labels}, scalars={"porosity": np.ones((5, 6), np.float32)},
-                                  origin_mm=(2.0, 3.0, 0.0))
+    path = write_geoslicer_netcdf(
+        tmp_path / "gs.nc",
+        {"ABC_3200_PP": pp, "ABC_3200_PX": px},
+        labelmaps={"ABC_3200_labels": labels},
+        scalars={"porosity": np.ones((5, 6), np.float32)},
+        origin_mm=(2.0, 3.0, 0.0),
+    )
     logic = ThinSectionSegmentationLogic(scene)
     nodes = logic.importNetcdf(path)
     assert logic.lastImport.pp.GetName() == "ABC_3200_PP" and logic.lastImport.xp.GetName() == "ABC_3200_PX"

@@ -44,6 +44,7 @@ def test_worker_and_jobs_need_neither_slicer_nor_vtk():
 
 def test_package_imports_in_a_fresh_interpreter_without_loading_heavy_modules():
     import slicer  # noqa: F401
+
     code = (
         "import sys\n"
         "from ThinSectionSegmentationLib import ThinSectionSegmentationLogic\n"
@@ -62,7 +63,11 @@ def test_missing_requirements_are_detected_by_name_and_version():
 
     assert dependencies.missing_requirements() == []  # the test environment has the core installed
     assert not dependencies.torch_missing()
-    wanted = [("numpy", "numpy>=1.0"), ("numpy", "numpy>=9999"), ("surely_not_installed_xyz", "surely-not-installed-xyz>=1")]
+    wanted = [
+        ("numpy", "numpy>=1.0"),
+        ("numpy", "numpy>=9999"),
+        ("surely_not_installed_xyz", "surely-not-installed-xyz>=1"),
+    ]
     assert dependencies.missing_requirements(wanted) == ["numpy>=9999", "surely-not-installed-xyz>=1"]
     text = dependencies.describe(["monai>=1.4", "netCDF4>=1.6"], torch_needed=True)
     assert "PyTorch, monai, netCDF4" in text
@@ -73,7 +78,9 @@ def test_requirements_mirror_pyproject():
 
     pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
     block = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
-    declared = {re.split(r"[<>=!~ ]", r.strip().strip('",'))[0].lower() for r in block.splitlines() if r.strip().strip('",')}
+    declared = {
+        re.split(r"[<>=!~ ]", r.strip().strip('",'))[0].lower() for r in block.splitlines() if r.strip().strip('",')
+    }
     from ThinSectionSegmentationLib import dependencies
 
     ours = {re.split(r"[<>=!~ ]", req)[0].lower() for _name, req in dependencies.REQUIREMENTS} | {"torch"}
@@ -86,8 +93,17 @@ class _Installer:
     def __init__(self, fail: bool = False) -> None:
         self.calls, self.fail = [], fail
 
-    def __call__(self, requirements, constraints=None, skip_packages=None, prompt_install=True, prompt_restart=True,
-                 requester=None, skip_in_testing=True, show_progress=True):
+    def __call__(
+        self,
+        requirements,
+        constraints=None,
+        skip_packages=None,
+        prompt_install=True,
+        prompt_restart=True,
+        requester=None,
+        skip_in_testing=True,
+        show_progress=True,
+    ):
         self.calls.append(([str(r) for r in requirements], prompt_install, requester))
         if self.fail:
             raise RuntimeError("pip install exited with 1")
@@ -97,6 +113,7 @@ def _fake_missing(monkeypatch, installer):
     import types
 
     import slicer
+
     from ThinSectionSegmentationLib import dependencies
 
     state = {"missing": ["tqdm>=4.60", "zarr>=3"]}

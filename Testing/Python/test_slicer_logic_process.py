@@ -8,12 +8,11 @@ import time
 
 import numpy as np
 import pytest
+import slicer
+from helpers import make_bundle, section_images
 
-import slicer  # noqa: E402  (slicer-core is in the test extra: a broken install must fail, not skip)
-
-from helpers import make_bundle, section_images  # noqa: E402
-from thinseg.errors import ThinSegError  # noqa: E402
-from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, labelmaps, process, volumes  # noqa: E402
+from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, labelmaps, process, volumes
+from thinseg.errors import ThinSegError
 
 MM = 0.00132
 TQDM_CHUNKS = [
@@ -35,7 +34,10 @@ def scene():
 
 def pair(scene, h, w, name="S1"):
     pp, xp = section_images(h, w, seed=5)
-    return (volumes.create_rgb_volume(scene, f"{name}_PP", pp, MM), volumes.create_rgb_volume(scene, f"{name}_XP", xp, MM))
+    return (
+        volumes.create_rgb_volume(scene, f"{name}_PP", pp, MM),
+        volumes.create_rgb_volume(scene, f"{name}_XP", xp, MM),
+    )
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -46,7 +48,7 @@ def test_tqdm_bars_are_parsed_across_carriage_returns_and_split_chunks():
     text = "".join(TQDM_CHUNKS)
     events = []
     for i in range(0, len(text), 7):  # arbitrary chunk boundaries, as pipes deliver them
-        events += parser.feed(text[i:i + 7])
+        events += parser.feed(text[i : i + 7])
     events += parser.flush()
     bars = [e for e in events if isinstance(e, process.Progress)]
     assert [(b.name, b.done, b.total) for b in bars] == [("S1", 0, 12), ("S1", 5, 12), ("S1", 12, 12)]
@@ -74,8 +76,14 @@ def test_epochs_errors_messages_and_worker_events_are_told_apart():
 
 
 def test_commands_run_the_thinseg_command_with_the_module_on_the_path(tmp_path):
-    cmd = process.segment_command([tmp_path / "in.nc"], tmp_path / "out.nc", tmp_path / "model", device="cpu",
-                                  probabilities=True, python="/slicer/bin/PythonSlicer")
+    cmd = process.segment_command(
+        [tmp_path / "in.nc"],
+        tmp_path / "out.nc",
+        tmp_path / "model",
+        device="cpu",
+        probabilities=True,
+        python="/slicer/bin/PythonSlicer",
+    )
     assert cmd[:4] == ["/slicer/bin/PythonSlicer", "-m", "thinseg", "segment"]
     assert cmd[cmd.index("--output") + 1] == str(tmp_path / "out.nc")
     assert cmd[cmd.index("--model") + 1] == str(tmp_path / "model")
@@ -143,7 +151,7 @@ def test_cancel_stops_the_process_and_leaves_no_output(scene):
 
 
 def test_a_failing_process_reports_the_core_message(scene):
-    from thinseg.classes import default_class_table
+    from thinseg.classes.table import default_class_table
 
     pp, xp = pair(scene, 64, 64)
     empty = labelmaps.create_labelmap(scene, "QEMSCAN", np.zeros((20, 20), np.uint8), default_class_table(), 0.01)

@@ -7,16 +7,14 @@ import sys
 
 import numpy as np
 import pytest
+import slicer
+from helpers import REPO
 
-import slicer  # noqa: E402  (slicer-core is in the test extra: a broken install must fail, not skip)
-
-from thinseg.errors import ThinSegError  # noqa: E402
-from thinseg.io.images import open_image  # noqa: E402
-from thinseg.registration import load_qemscan  # noqa: E402
-from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, volumes  # noqa: E402
-from ThinSectionSegmentationLib.registration_nodes import ijk_to_ras, world_to_pixel  # noqa: E402
-
-from helpers import REPO  # noqa: E402
+from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, volumes
+from ThinSectionSegmentationLib.registration_nodes import ijk_to_ras, world_to_pixel
+from thinseg.errors import ThinSegError
+from thinseg.io.images import open_image
+from thinseg.registration import load_qemscan
 
 SAMPLE = REPO / "Resources" / "Sample"
 QEMSCAN_PX = np.array([[60, 60], [250, 50], [80, 200], [240, 210]], float)
@@ -46,8 +44,9 @@ def setup(sample_images, truth):
     xp = volumes.create_rgb_volume(scene, "sample_XP", sample_images[1], truth["image_mm_per_pixel"], (3.0, -1.0, 0.0))
     for node in (pp, xp):
         hierarchy.place(node, folder)
-    qemscan = logic.loadQemscan(SAMPLE / "sample_QEMSCAN.tif", SAMPLE / "sample_QEMSCAN.csv",
-                                mmPerPixel=truth["qemscan_mm_per_pixel"])
+    qemscan = logic.loadQemscan(
+        SAMPLE / "sample_QEMSCAN.tif", SAMPLE / "sample_QEMSCAN.csv", mmPerPixel=truth["qemscan_mm_per_pixel"]
+    )
     qemscan.SetOrigin(10.0, 20.0, 0.0)  # somewhere else in RAS: only pixel positions matter
     a = np.array(truth["qemscan_to_image"])
     image_px = (a @ np.c_[QEMSCAN_PX, np.ones(len(QEMSCAN_PX))].T).T[:, :2]
@@ -99,11 +98,15 @@ def test_register_with_landmarks_gives_the_true_transform_and_the_map_on_the_pp_
     assert registered.GetNodeReference(labelmaps.PP_REFERENCE) is pp
     # the core's resampling of the map, pixel for pixel
     from thinseg.registration import resample_labels
-    from thinseg.registration.transforms import from_qemscan_to_image
-    from thinseg.registration.geometry import Geometry
+    from thinseg.registration.grids import Geometry
+    from thinseg.registration.sitk_transforms import from_qemscan_to_image
 
-    g = Geometry((1536, 2048), truth["image_mm_per_pixel"], volumes.label_array(qemscan).shape, truth["qemscan_mm_per_pixel"])
-    expected = resample_labels(volumes.label_array(qemscan), from_qemscan_to_image(np.array(truth["qemscan_to_image"]), g))
+    g = Geometry(
+        (1536, 2048), truth["image_mm_per_pixel"], volumes.label_array(qemscan).shape, truth["qemscan_mm_per_pixel"]
+    )
+    expected = resample_labels(
+        volumes.label_array(qemscan), from_qemscan_to_image(np.array(truth["qemscan_to_image"]), g)
+    )
     assert (labels == expected).mean() > 0.999
     # residuals table: one row per landmark, ~0 for exact clicks
     residuals = logic.lastRegistration.residuals.GetTable()
@@ -150,8 +153,9 @@ def test_landmark_problems_are_clear_before_any_work(setup):
 def test_background_registration_matches_the_in_process_one(setup):
     scene, logic, pp, xp, qemscan, image_points, qemscan_points, _ = setup
     before = scene.GetNumberOfNodes()
-    job = logic.prepareRegistration(pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp,
-                                    python=sys.executable)
+    job = logic.prepareRegistration(
+        pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp, python=sys.executable
+    )
     try:
         proc = job.start()
         events = proc.wait(timeout=180)
@@ -162,11 +166,16 @@ def test_background_registration_matches_the_in_process_one(setup):
         transform, registered = logic.finishRegistration(job)
     finally:
         logic.discardJob(job)
-    reference_transform, reference = logic.register(pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp)
+    reference_transform, reference = logic.register(
+        pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp
+    )
     assert np.array_equal(volumes.label_array(registered), volumes.label_array(reference))
     probe = np.array([[10.0, 20.0], [1900.0, 1400.0]])
-    assert np.allclose(mapped_qemscan_px(transform, pp, qemscan, probe),
-                       mapped_qemscan_px(reference_transform, pp, qemscan, probe), atol=1e-9)
+    assert np.allclose(
+        mapped_qemscan_px(transform, pp, qemscan, probe),
+        mapped_qemscan_px(reference_transform, pp, qemscan, probe),
+        atol=1e-9,
+    )
     assert logic.lastRegistration.residuals.GetTable().GetNumberOfRows() == 4
 
 
@@ -175,10 +184,16 @@ def test_refined_registration_of_an_offset_xp_gives_training_an_aligned_xp(setup
     with an XP photograph offset from PP by a stage shift, as on real microscopes: the scene
     gets an aligned XP volume, and the registered labelmap (what Train exports) refers to it."""
     scene, logic, pp, xp, qemscan, image_points, qemscan_points, folder = setup
-    offset_xp = volumes.create_rgb_volume(scene, "offset_XP", np.roll(sample_images[1], (4, 9), axis=(0, 1)),
-                                          truth["image_mm_per_pixel"], (3.0, -1.0, 0.0))
-    job = logic.prepareRegistration(pp, qemscan, (image_points, qemscan_points), refine=True, xpNode=offset_xp,
-                                    python=sys.executable)
+    offset_xp = volumes.create_rgb_volume(
+        scene,
+        "offset_XP",
+        np.roll(sample_images[1], (4, 9), axis=(0, 1)),
+        truth["image_mm_per_pixel"],
+        (3.0, -1.0, 0.0),
+    )
+    job = logic.prepareRegistration(
+        pp, qemscan, (image_points, qemscan_points), refine=True, xpNode=offset_xp, python=sys.executable
+    )
     try:
         job.start().wait(timeout=300)
         transform, registered = logic.finishRegistration(job)

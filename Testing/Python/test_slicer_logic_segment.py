@@ -6,13 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import slicer
+from helpers import make_bundle, section_images, write_pair
 
-import slicer  # noqa: E402  (slicer-core is in the test extra: a broken install must fail, not skip)
-
-from helpers import make_bundle, section_images, write_pair  # noqa: E402
-from thinseg.errors import ThinSegError  # noqa: E402
-from thinseg.inference.engine import Cancelled  # noqa: E402
-from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, volumes  # noqa: E402
+from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, volumes
+from thinseg.errors import ThinSegError
+from thinseg.inference.engine import Cancelled
 
 MM = 0.00132
 
@@ -46,7 +45,9 @@ def pair(scene, name="S1", h=80, w=96):
 def test_segment_returns_a_labelmap_named_after_the_input_with_its_results(scene, model_root):
     pp, xp, folder = pair(scene)
     logic = ThinSectionSegmentationLogic(scene)
-    labelmap = logic.segment(pp, xp, model_root / "ThinSectionEnv" / "tiny-ppxp", confidence=True, createSegmentation=True)
+    labelmap = logic.segment(
+        pp, xp, model_root / "ThinSectionEnv" / "tiny-ppxp", confidence=True, createSegmentation=True
+    )
     from thinseg.model.bundle import load_bundle
 
     table = load_bundle(model_root / "ThinSectionEnv" / "tiny-ppxp").class_table
@@ -112,8 +113,14 @@ def test_cancel_leaves_the_scene_as_it_was(scene, model_root):
     before = scene.GetNumberOfNodes()
     seen = []
     with pytest.raises(Cancelled):
-        logic.segment(pp, xp, model_root / "ThinSectionEnv" / "tiny-ppxp", progress=lambda d, t: seen.append((d, t)),
-                      cancel=lambda: len(seen) >= 1, tile=64)  # small tiles: several batches
+        logic.segment(
+            pp,
+            xp,
+            model_root / "ThinSectionEnv" / "tiny-ppxp",
+            progress=lambda d, t: seen.append((d, t)),
+            cancel=lambda: len(seen) >= 1,
+            tile=64,
+        )  # small tiles: several batches
     assert scene.GetNumberOfNodes() == before
 
 
@@ -159,7 +166,9 @@ def test_segment_files_batch_from_the_console(scene, model_root, tmp_path):
     write_pair(inputs, "B_PP", "B_XP", height=64, width=80, seed=2)
     (inputs / "lonely_PP.png").write_bytes(b"\x89PNG broken")
     logic = ThinSectionSegmentationLogic(scene)
-    done, failures = logic.segmentFiles([inputs], tmp_path / "out", model_root / "ThinSectionEnv" / "tiny-ppxp", load=True)
+    done, failures = logic.segmentFiles(
+        [inputs], tmp_path / "out", model_root / "ThinSectionEnv" / "tiny-ppxp", load=True
+    )
     assert sorted(r.netcdf.name for r in done) == ["A_PP.nc", "B_PP.nc"]
     assert len(failures) == 1 and "lonely_PP" in str(failures[0][0])
     assert (tmp_path / "out" / "modal_mineralogy.csv").is_file()

@@ -7,17 +7,28 @@ import sys
 
 import numpy as np
 import pytest
+import slicer
+from helpers import write_geoslicer_netcdf
 
-import slicer  # noqa: E402  (slicer-core is in the test extra: a broken install must fail, not skip)
+from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, process, volumes
+from thinseg.classes.table import default_class_table
+from thinseg.errors import ThinSegError
+from thinseg.synth import generate_section
 
-from helpers import write_geoslicer_netcdf  # noqa: E402
-from thinseg.classes import default_class_table  # noqa: E402
-from thinseg.errors import ThinSegError  # noqa: E402
-from thinseg.synth import generate_section  # noqa: E402
-from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, process, volumes  # noqa: E402
-
-TINY = dict(epochs=2, patchSize=64, batchSize=2, stepsPerEpoch=2, valFraction=0.34, device="cpu",
-            base_channels=4, depth=3, num_res_units=0, warmup_steps=0, val_tile=128, val_overlap=16)
+TINY = dict(
+    epochs=2,
+    patchSize=64,
+    batchSize=2,
+    stepsPerEpoch=2,
+    valFraction=0.34,
+    device="cpu",
+    base_channels=4,
+    depth=3,
+    num_res_units=0,
+    warmup_steps=0,
+    val_tile=128,
+    val_overlap=16,
+)
 
 
 def scene_section(scene, name, seed, with_reference=True):
@@ -25,8 +36,9 @@ def scene_section(scene, name, seed, with_reference=True):
     folder = hierarchy.create_folder(scene, name)
     pp = volumes.create_rgb_volume(scene, f"{name}_PP", s.pp, s.mm_per_pixel)
     xp = volumes.create_rgb_volume(scene, f"{name}_XP", s.xp, s.mm_per_pixel)
-    lab = labelmaps.create_labelmap(scene, f"{name}_QEMSCAN_registered", s.labels.astype(np.uint8),
-                                    default_class_table(), reference=pp)
+    lab = labelmaps.create_labelmap(
+        scene, f"{name}_QEMSCAN_registered", s.labels.astype(np.uint8), default_class_table(), reference=pp
+    )
     if with_reference:
         labelmaps.set_reference(lab, pp, xp)
     for node in (pp, xp, lab):
@@ -47,14 +59,18 @@ def test_sections_are_found_from_references_or_the_folder(tmp_path):
 
 
 def test_background_training_streams_epochs_and_adds_a_model(tmp_path):
-    from thinseg.training.sections import NetcdfSection
+    from thinseg.data.sections import NetcdfSection
 
     scene = slicer.vtkMRMLScene()
     logic = ThinSectionSegmentationLogic(scene)
     sections = [scene_section(scene, name, seed)[2] for name, seed in (("A", 1), ("B", 2))]
     s = generate_section(128, 128, seed=3)
-    nc = write_geoslicer_netcdf(tmp_path / "C.nc", {"C_PP": s.pp, "C_XP": s.xp},
-                                labelmaps={"C_labels": s.labels.astype(np.uint8)}, mm_per_pixel=s.mm_per_pixel)
+    nc = write_geoslicer_netcdf(
+        tmp_path / "C.nc",
+        {"C_PP": s.pp, "C_XP": s.xp},
+        labelmaps={"C_labels": s.labels.astype(np.uint8)},
+        mm_per_pixel=s.mm_per_pixel,
+    )
     root = tmp_path / "models"
     job = logic.prepareTraining(sections + [str(nc)], "well A model", modelsRoot=root, python=sys.executable, **TINY)
     try:

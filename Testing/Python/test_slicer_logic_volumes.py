@@ -3,14 +3,12 @@ labelmap <-> segmentation, subject hierarchy and the parameter node saved with t
 
 import numpy as np
 import pytest
+import slicer
 
-import slicer  # noqa: E402  (slicer-core is in the test extra: a broken install must fail, not skip)
-
-from thinseg.classes import ClassTable, default_class_table  # noqa: E402
-from thinseg.errors import ThinSegError  # noqa: E402
-from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, base_name  # noqa: E402
-from ThinSectionSegmentationLib import hierarchy, labelmaps, volumes  # noqa: E402
-from ThinSectionSegmentationLib.parameters import DEFAULTS, Parameters, find_parameter_node  # noqa: E402
+from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, base_name, hierarchy, labelmaps, volumes
+from ThinSectionSegmentationLib.parameters import DEFAULTS, Parameters, find_parameter_node
+from thinseg.classes.table import ClassTable, default_class_table
+from thinseg.errors import ThinSegError
 
 
 @pytest.fixture
@@ -178,6 +176,11 @@ def test_parameter_node_is_saved_with_the_scene(scene, tmp_path):
 
 
 def test_results_are_named_after_the_input_without_its_pp_affix(scene):
-    for name, base in (("S12_PP", "S12"), ("ABC_3200.5_pp", "ABC_3200.5"), ("PP_S3_left", "S3_left"), ("apple", "apple")):
+    for name, base in (
+        ("S12_PP", "S12"),
+        ("ABC_3200.5_pp", "ABC_3200.5"),
+        ("PP_S3_left", "S3_left"),
+        ("apple", "apple"),
+    ):
         node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", name)
         assert base_name(node) == base

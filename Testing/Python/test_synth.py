@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import affine_transform, binary_erosion
 
-from thinseg.classes import default_class_table, qemscan_palette, rgb_to_hex
+from thinseg.classes.table import default_class_table, qemscan_palette, rgb_to_hex
 from thinseg.synth import SyntheticSection, generate_section, render_labels_rgb
 
 CALCITE, DOLOMITE, CLAY, PORE, QUARTZ, OTHERS = range(1, 7)
@@ -25,8 +25,15 @@ def qemscan_in_image(s: SyntheticSection, A: np.ndarray) -> np.ndarray:
     """QEMSCAN map resampled (nearest) onto the image grid through A, as class values."""
     inv = np.linalg.inv(A)
     swap = np.array([[0, 1], [1, 0]])  # (x, y) <-> (row, col)
-    q = affine_transform(s.qemscan, swap @ inv[:2, :2] @ swap, offset=swap @ inv[:2, 2],
-                         output_shape=s.labels.shape, order=0, mode="constant", cval=0)
+    q = affine_transform(
+        s.qemscan,
+        swap @ inv[:2, :2] @ swap,
+        offset=swap @ inv[:2, 2],
+        output_shape=s.labels.shape,
+        order=0,
+        mode="constant",
+        cval=0,
+    )
     lut = np.zeros(256, np.uint8)
     for value, cls in s.image_to_class.items():
         lut[value] = cls
@@ -105,6 +112,7 @@ def test_quartz_is_clear_in_pp_and_dolomite_cloudier(section):
 def test_calcite_twin_lamellae_texture_xp_only(section):
     """Twin lamellae make calcite's XP image stripy inside grains; quartz is smooth there and
     the stripes are (nearly) invisible in PP, as under the microscope."""
+
     def texture(image, cls):
         lum = image.astype(np.float32).mean(axis=-1)
         gy, gx = np.gradient(lum)
@@ -167,14 +175,17 @@ def test_render_labels_rgb_uses_the_table_colours(small):
     assert tuple(render_labels_rgb(np.zeros((1, 1), np.uint8), table)[0, 0]) == (0, 0, 0)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"height": 4, "width": 100},
-    {"mm_per_pixel": 0.0},
-    {"class_weights": [1, 2, 3]},
-    {"class_weights": [0, 0, 0, 0, 0, 0]},
-    {"class_weights": [1, -1, 1, 1, 1, 1]},
-    {"scale": 0.0},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"height": 4, "width": 100},
+        {"mm_per_pixel": 0.0},
+        {"class_weights": [1, 2, 3]},
+        {"class_weights": [0, 0, 0, 0, 0, 0]},
+        {"class_weights": [1, -1, 1, 1, 1, 1]},
+        {"scale": 0.0},
+    ],
+)
 def test_bad_arguments_raise_value_error(kwargs):
     args = {"height": 64, "width": 64, **kwargs}
     with pytest.raises(ValueError):

@@ -3,7 +3,7 @@
 import torch
 from monai.networks.nets import UNet
 
-from thinseg.inference.optimize import fold_batchnorm
+from thinseg.inference.rewrites import fold_batchnorm
 from thinseg.inference.tiling import blend_weights, padded_size, tile_starts
 
 

@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from thinseg.classes import ClassTable, default_class_table
+from thinseg.classes.table import ClassTable, default_class_table
+from thinseg.data.mapping import mapping_for
+from thinseg.data.sections import open_section, synthetic_sections
 from thinseg.errors import ThinSegError
-from thinseg.evaluation import void_border_mask
+from thinseg.metrics import void_border_mask
 from thinseg.training import ArraySection, build_mapping, load_mapping_csv, load_split, save_split, split_names
 from thinseg.training.augment import IDENTITY_JITTER, colour_jitter, draw_augment
 from thinseg.training.cache import ArrayCache, cache_key
 from thinseg.training.config import AugmentConfig
 from thinseg.training.dataset import PatchStream, make_loader
 from thinseg.training.losses import dice_ce_loss
-from thinseg.training.mapping import mapping_for
 from thinseg.training.prepare import prepare_section, prepare_sections, target_cache_params
 from thinseg.training.sampler import PatchIndex, build_patch_index, index_cache_params
-from thinseg.training.sections import open_section, synthetic_sections
 
 TABLE = default_class_table()
 NAMES = TABLE.names  # Calcite, Dolomite, Mg-Clay minerals, Pores, Quartz, Others
@@ -36,8 +36,17 @@ def sections() -> list[ArraySection]:
 
 
 def _stream(prepared, strength=0.75, seed=0, steps=4, roles=("PP", "XP"), augment=None, patch=64, batch=4):
-    return PatchStream(prepared, roles, len(TABLE), patch_size=patch, batch_size=batch, steps=steps,
-                       balancing_strength=strength, augment=augment or AugmentConfig.none(), seed=seed)
+    return PatchStream(
+        prepared,
+        roles,
+        len(TABLE),
+        patch_size=patch,
+        batch_size=batch,
+        steps=steps,
+        balancing_strength=strength,
+        augment=augment or AugmentConfig.none(),
+        seed=seed,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +58,33 @@ def prepared(sections):
 
 
 def test_qemscan_names_map_to_model_classes():
-    source = _table(["Calcita (0% a 1%MgO)", "Quartz", "Pyrite", "Unknown", "Dolomita", "Poros",
-                     "Outside sample", "Hematite", "Mg-Clay minerals", "Calcite (0-1% MgO)"])
+    source = _table(
+        [
+            "Calcita (0% a 1%MgO)",
+            "Quartz",
+            "Pyrite",
+            "Unknown",
+            "Dolomita",
+            "Poros",
+            "Outside sample",
+            "Hematite",
+            "Mg-Clay minerals",
+            "Calcite (0-1% MgO)",
+        ]
+    )
     mapping = build_mapping(source, TABLE)
     got = dict(mapping.assignments)
     assert got == {
-        "Calcita (0% a 1%MgO)": "Calcite", "Quartz": "Quartz", "Pyrite": "Others", "Unknown": "ignore",
-        "Dolomita": "Dolomite", "Poros": "Pores", "Outside sample": "ignore", "Hematite": "Others",
-        "Mg-Clay minerals": "Mg-Clay minerals", "Calcite (0-1% MgO)": "Calcite",
+        "Calcita (0% a 1%MgO)": "Calcite",
+        "Quartz": "Quartz",
+        "Pyrite": "Others",
+        "Unknown": "ignore",
+        "Dolomita": "Dolomite",
+        "Poros": "Pores",
+        "Outside sample": "ignore",
+        "Hematite": "Others",
+        "Mg-Clay minerals": "Mg-Clay minerals",
+        "Calcite (0-1% MgO)": "Calcite",
     }
     labels = np.arange(0, 11, dtype=np.uint8)[None, :]
     assert mapping.apply(labels).tolist() == [[0, 1, 5, 6, 0, 2, 4, 0, 6, 3, 1]]  # 0 stays ignored
@@ -64,7 +92,9 @@ def test_qemscan_names_map_to_model_classes():
 
 def test_mapping_csv_overrides_and_rejects_unknown_classes(tmp_path):
     csv = tmp_path / "map.csv"
-    csv.write_text("Mineral;Class\nHematite;Quartz\nPyrite;ignore\n  calcita (0% a 1%mgo) ; Dolomite\n", encoding="utf-8")
+    csv.write_text(
+        "Mineral;Class\nHematite;Quartz\nPyrite;ignore\n  calcita (0% a 1%mgo) ; Dolomite\n", encoding="utf-8"
+    )
     table = load_mapping_csv(csv)
     mapping = mapping_for(_table(["Hematite", "Pyrite", "Calcita (0% a 1%MgO)", "Gypsum"]), TABLE, csv)
     assert [t for _, t in mapping.assignments] == ["Quartz", "ignore", "Dolomite", "Others"]
@@ -117,8 +147,12 @@ def test_cache_keys_change_with_every_parameter(sections, tmp_path):
     assert cache_key("target", target_cache_params(s0, TABLE, csv, 2.0, 1.0)) not in keys
 
     ibase = index_cache_params("t", 6, 64, 8)
-    ivariants = [index_cache_params("u", 6, 64, 8), index_cache_params("t", 5, 64, 8),
-                 index_cache_params("t", 6, 96, 8), index_cache_params("t", 6, 64, 16)]
+    ivariants = [
+        index_cache_params("u", 6, 64, 8),
+        index_cache_params("t", 5, 64, 8),
+        index_cache_params("t", 6, 96, 8),
+        index_cache_params("t", 6, 64, 16),
+    ]
     assert len({cache_key("patch-index", p) for p in [ibase, *ivariants]}) == 5
     assert cache_key("target", base) == cache_key("target", dict(reversed(list(base.items()))))
 

@@ -10,19 +10,29 @@ import numpy as np
 import pytest
 import torch
 
-from thinseg.classes import default_class_table
+from thinseg.classes.table import default_class_table
 from thinseg.errors import ThinSegError
 from thinseg.inference.engine import InferenceOptions, Segmenter
 from thinseg.model.bundle import load_bundle, save_bundle
+from thinseg.model.networks import build_network
 from thinseg.training import AugmentConfig, TrainConfig, load_split, synthetic_sections, train
 from thinseg.training.checkpoint import load_checkpoint
 from thinseg.training.loop import TrainingRun
 from thinseg.training.model import unet_params, widen_outputs
-from thinseg.model.networks import build_network
 
 TABLE = default_class_table()
-TINY = dict(patch_size=64, batch_size=4, base_channels=8, depth=3, num_res_units=1, warmup_steps=2,
-            val_tile=128, val_overlap=16, progress=False, lr=3e-3)
+TINY = dict(
+    patch_size=64,
+    batch_size=4,
+    base_channels=8,
+    depth=3,
+    num_res_units=1,
+    warmup_steps=2,
+    val_tile=128,
+    val_overlap=16,
+    progress=False,
+    lr=3e-3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +48,9 @@ def _config(tmp: Path, data, **kw) -> TrainConfig:
 
 
 def test_loss_falls_when_a_tiny_model_trains(tmp_path, data):
-    run = TrainingRun(_config(tmp_path, data, augment=AugmentConfig.none(), warmup_steps=0, lr=5e-3), log=lambda m: None)
+    run = TrainingRun(
+        _config(tmp_path, data, augment=AugmentConfig.none(), warmup_steps=0, lr=5e-3), log=lambda m: None
+    )
     run.start()
     images, target, jitter = next(iter(run.loader))
     losses = [run.step(images, target, jitter) for _ in range(15)]
@@ -74,10 +86,12 @@ def test_train_exports_a_bundle_with_classes_resolution_and_metrics(tmp_path, da
     # the exported model segments a section through the inference engine
     section = data["val"][0]
     seg = Segmenter(bundle, InferenceOptions(tile=128, overlap=16, device="cpu")).segment(
-        [section.source("PP"), section.source("XP")])
+        [section.source("PP"), section.source("XP")]
+    )
     assert seg.labels.shape == section.shape and seg.labels.max() <= len(TABLE)
-    assert load_split(result.split_file)["train"] == sorted(s.name for s in data["train"]) or \
-        load_split(result.split_file)["train"] == [s.name for s in data["train"]]
+    assert load_split(result.split_file)["train"] == sorted(s.name for s in data["train"]) or load_split(
+        result.split_file
+    )["train"] == [s.name for s in data["train"]]
 
 
 def test_interrupted_run_resumes_exactly(tmp_path, data, monkeypatch):
@@ -138,8 +152,18 @@ def test_a_time_budget_stops_before_an_epoch_that_would_not_fit_and_resume_conti
 
 def test_pp_only_model_pooled_sections_and_saved_split(tmp_path, data):
     pool = data["train"] + data["val"] + synthetic_sections(1, 160, seed=70)
-    result = train(TrainConfig(output_dir=tmp_path, sections=pool, val_fraction=0.25, test_fraction=0.25,
-                               inputs=("PP",), epochs=1, steps_per_epoch=2, **TINY))
+    result = train(
+        TrainConfig(
+            output_dir=tmp_path,
+            sections=pool,
+            val_fraction=0.25,
+            test_fraction=0.25,
+            inputs=("PP",),
+            epochs=1,
+            steps_per_epoch=2,
+            **TINY,
+        )
+    )
     bundle = load_bundle(result.model_dir)
     assert bundle.input_names == ["PP"] and bundle.in_channels == 3
     split = load_split(result.split_file)
@@ -148,9 +172,18 @@ def test_pp_only_model_pooled_sections_and_saved_split(tmp_path, data):
     assert result.test_metrics["sections"] == split["test"] and 0.0 <= result.test_metrics["mean_iou"] <= 1.0
     assert (tmp_path / "test_metrics.json").is_file()
     # the saved split reproduces the run's partition, whatever the order sections are given in
-    again = TrainingRun(TrainConfig(output_dir=tmp_path / "again", sections=list(reversed(pool)),
-                                    split_file=result.split_file, inputs=("PP",), epochs=1, steps_per_epoch=1, **TINY),
-                        log=lambda m: None)
+    again = TrainingRun(
+        TrainConfig(
+            output_dir=tmp_path / "again",
+            sections=list(reversed(pool)),
+            split_file=result.split_file,
+            inputs=("PP",),
+            epochs=1,
+            steps_per_epoch=1,
+            **TINY,
+        ),
+        log=lambda m: None,
+    )
     assert [s.name for s in again.parts["val"]] == split["val"]
 
 
@@ -159,7 +192,9 @@ def test_fine_tune_from_an_exported_bundle(tmp_path, data):
     tuned = train(_config(tmp_path / "b", data, epochs=1, init_from=first.model_dir, base_channels=99))
     bundle = load_bundle(tuned.model_dir)
     assert bundle.config["model"]["params"]["channels"] == [8, 16, 32]  # the bundle's network, not base 99
-    assert json.loads((tuned.model_dir / "meta.json").read_text())["training"]["fine_tuned_from"] == str(first.model_dir)
+    assert json.loads((tuned.model_dir / "meta.json").read_text())["training"]["fine_tuned_from"] == str(
+        first.model_dir
+    )
 
 
 def test_geoslicer_n_output_network_is_widened_exactly():
@@ -194,8 +229,16 @@ def _write_geoslicer_n_output_bundle(folder: Path, net: torch.nn.Module, params:
     """A bundle as GeoSlicer ships them: N outputs, ArgmaxTransform first_label 1."""
     tmp = folder.parent / "tmp"
     params7 = dict(params, out_channels=7)
-    save_bundle(tmp, build_network("UNet", params7), network_name="UNet", network_params=params7, class_table=TABLE,
-                pixels_per_mm=1 / 0.00132, title="gs", description="")
+    save_bundle(
+        tmp,
+        build_network("UNet", params7),
+        network_name="UNet",
+        network_params=params7,
+        class_table=TABLE,
+        pixels_per_mm=1 / 0.00132,
+        title="gs",
+        description="",
+    )
     meta = json.loads((tmp / "meta.json").read_text())
     saved = torch.load(tmp / "model.pth", weights_only=True)
     saved["model_state_dict"] = net.state_dict()

@@ -46,13 +46,38 @@ def test_every_widget_the_code_uses_exists(root):
 
 def test_sections_and_controls_of_the_issue_are_there(root):
     by_name = {w.get("name"): w for w in root.iter("widget")}
-    for name in ("segmentCollapsibleButton", "registerCollapsibleButton", "trainCollapsibleButton",
-                 "exportCollapsibleButton", "ppSelector", "xpSelector", "modelSelector", "modelCardBrowser",
-                 "outputSelector", "createSegmentationCheckBox", "deviceComboBox", "confidenceCheckBox",
-                 "segmentButton", "progressBar", "statusLabel", "qemscanSelector", "loadQemscanButton",
-                 "imageLandmarksSelector", "qemscanLandmarksSelector", "residualsTableView", "transformTypeComboBox",
-                 "registerButton", "refineButton", "trainSectionsSelector", "trainFilesList", "epochsSpinBox",
-                 "trainButton", "exportTreeView", "exportButton", "importButton"):
+    for name in (
+        "segmentCollapsibleButton",
+        "registerCollapsibleButton",
+        "trainCollapsibleButton",
+        "exportCollapsibleButton",
+        "ppSelector",
+        "xpSelector",
+        "modelSelector",
+        "modelCardBrowser",
+        "outputSelector",
+        "createSegmentationCheckBox",
+        "deviceComboBox",
+        "confidenceCheckBox",
+        "segmentButton",
+        "progressBar",
+        "statusLabel",
+        "qemscanSelector",
+        "loadQemscanButton",
+        "imageLandmarksSelector",
+        "qemscanLandmarksSelector",
+        "residualsTableView",
+        "transformTypeComboBox",
+        "registerButton",
+        "refineButton",
+        "trainSectionsSelector",
+        "trainFilesList",
+        "epochsSpinBox",
+        "trainButton",
+        "exportTreeView",
+        "exportButton",
+        "importButton",
+    ):
         assert name in by_name, name
     texts = {w.get("name"): w.findtext("property[@name='text']/string") for w in root.iter("widget")}
     assert texts["segmentButton"] == "Segment" and texts["refineButton"] == "Refine automatically"
@@ -80,12 +105,18 @@ def test_custom_classes_are_declared_with_header_and_a_qt_base(root):
 
 
 def test_mrml_widgets_receive_the_scene(root):
-    receivers = {c.findtext("receiver") for c in root.iter("connection")
-                 if c.findtext("sender") == "ThinSectionSegmentation"
-                 and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
-                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
-    mrml = {w.get("name") for w in root.iter("widget")
-            if w.get("class", "").startswith(("qMRML", "qSlicer")) and w.get("name") != "ThinSectionSegmentation"}
+    receivers = {
+        c.findtext("receiver")
+        for c in root.iter("connection")
+        if c.findtext("sender") == "ThinSectionSegmentation"
+        and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+        and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
+    }
+    mrml = {
+        w.get("name")
+        for w in root.iter("widget")
+        if w.get("class", "").startswith(("qMRML", "qSlicer")) and w.get("name") != "ThinSectionSegmentation"
+    }
     assert mrml == receivers
     names = set(widget_names(root))
     for connection in root.iter("connection"):

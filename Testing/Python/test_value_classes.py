@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import REAL_CLASSES
+
+from thinseg.classes.files import is_value_class_file, read_model_classes, read_value_classes
 from thinseg.errors import ThinSegError
-from thinseg.value_classes import is_value_class_file, read_model_classes, read_value_classes
 
 
 def write(tmp_path, text, name="classes.csv"):
@@ -39,14 +39,17 @@ def test_a_code_missing_from_the_file_is_refused_with_the_values(tmp_path):
         classes.apply(np.array([0, 1, 2, 9], np.uint8), "mask.tif")
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("name,color\nQuartz,#ffff00\n", "header with the columns value,name,color"),
-    ("value,name,color\nx,Quartz,#ffff00\n", "line 2: value 'x' is not an integer"),
-    ("value,name,color\n300,Quartz,#ffff00\n", "value 300 is outside 0..255"),
-    ("value,name,color\n1,Quartz,#ffff00\n1,Calcite,#00ffff\n", "line 3: value 1 is listed twice"),
-    ("value,name,color\n1,Quartz,yellow\n", "class 'Quartz' needs a colour as #rrggbb"),
-    ("value,name,color\n1,ignore,\n", "names no class"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("name,color\nQuartz,#ffff00\n", "header with the columns value,name,color"),
+        ("value,name,color\nx,Quartz,#ffff00\n", "line 2: value 'x' is not an integer"),
+        ("value,name,color\n300,Quartz,#ffff00\n", "value 300 is outside 0..255"),
+        ("value,name,color\n1,Quartz,#ffff00\n1,Calcite,#00ffff\n", "line 3: value 1 is listed twice"),
+        ("value,name,color\n1,Quartz,yellow\n", "class 'Quartz' needs a colour as #rrggbb"),
+        ("value,name,color\n1,ignore,\n", "names no class"),
+    ],
+)
 def test_bad_class_files_are_refused_naming_the_file_and_line(tmp_path, text, problem):
     with pytest.raises(ThinSegError, match="classes.csv: .*" + problem.replace("(", r"\(").replace(")", r"\)")):
         read_value_classes(write(tmp_path, text))

@@ -9,8 +9,8 @@ Checking is plain Python (tested). Installing needs Slicer: one question for eve
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable, Sequence
 from importlib import metadata
-from typing import Callable, Sequence
 
 #: (import name, pip requirement), mirroring pyproject.toml's dependencies except torch.
 REQUIREMENTS: tuple[tuple[str, str], ...] = (
@@ -59,9 +59,11 @@ def torch_missing() -> bool:
 
 def describe(missing: Sequence[str], torch_needed: bool) -> str:
     names = (["PyTorch"] if torch_needed else []) + [m.split(">")[0].split("=")[0] for m in missing]
-    return (f"Thin Section Segmentation needs these Python packages: {', '.join(names)}.\n\n"
-            "Install them now into Slicer's Python? (This downloads them from the internet and may take "
-            "several minutes; PyTorch alone is large.)")
+    return (
+        f"Thin Section Segmentation needs these Python packages: {', '.join(names)}.\n\n"
+        "Install them now into Slicer's Python? (This downloads them from the internet and may take "
+        "several minutes; PyTorch alone is large.)"
+    )
 
 
 def _slicer_pip_ensure():
@@ -114,7 +116,7 @@ def ensure_installed(confirm: Callable[[str], bool] | None = None) -> bool:
                 PyTorchUtils = None
             if PyTorchUtils is not None:
                 torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                    askConfirmation=False, torchVersionRequirement=TORCH[1][len("torch"):]
+                    askConfirmation=False, torchVersionRequirement=TORCH[1][len("torch") :]
                 )
                 if torch is None:
                     return False

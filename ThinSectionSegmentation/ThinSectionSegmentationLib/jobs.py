@@ -13,12 +13,13 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from thinseg.jsonutil import json_default
+from thinseg.jsonio import json_default
 
 Emit = Callable[..., None]
 
@@ -48,15 +49,36 @@ def write_json(path: Path, data: dict) -> None:
 # -- registration -------------------------------------------------------------------------------
 
 
-def register_arrays(pp, xp, qemscan_labels, table, *, image_mm_per_pixel: float, qemscan_mm_per_pixel: float,
-                    landmarks=None, kind: str = "similarity", refine: bool = True, bspline: bool = False,
-                    progress: Callable[[str], None] | None = None):
+def register_arrays(
+    pp,
+    xp,
+    qemscan_labels,
+    table,
+    *,
+    image_mm_per_pixel: float,
+    qemscan_mm_per_pixel: float,
+    landmarks=None,
+    kind: str = "similarity",
+    refine: bool = True,
+    bspline: bool = False,
+    progress: Callable[[str], None] | None = None,
+):
     """`thinseg.registration.register_section` with the panel's options."""
     from thinseg.registration import register_section
 
-    return register_section(pp, xp, qemscan_labels, table, image_mm_per_pixel=image_mm_per_pixel,
-                            qemscan_mm_per_pixel=qemscan_mm_per_pixel, landmarks=landmarks, kind=kind,
-                            refine=refine, bspline=bspline, progress=progress)
+    return register_section(
+        pp,
+        xp,
+        qemscan_labels,
+        table,
+        image_mm_per_pixel=image_mm_per_pixel,
+        qemscan_mm_per_pixel=qemscan_mm_per_pixel,
+        landmarks=landmarks,
+        kind=kind,
+        refine=refine,
+        bspline=bspline,
+        progress=progress,
+    )
 
 
 def landmark_pairs(job_landmarks: dict | None):
@@ -64,9 +86,11 @@ def landmark_pairs(job_landmarks: dict | None):
         return None
     from thinseg.registration import LandmarkPairs
 
-    return LandmarkPairs(np.asarray(job_landmarks["qemscan_px"], dtype=np.float64).reshape(-1, 2),
-                         np.asarray(job_landmarks["image_px"], dtype=np.float64).reshape(-1, 2),
-                         [str(n) for n in job_landmarks.get("names", [])])
+    return LandmarkPairs(
+        np.asarray(job_landmarks["qemscan_px"], dtype=np.float64).reshape(-1, 2),
+        np.asarray(job_landmarks["image_px"], dtype=np.float64).reshape(-1, 2),
+        [str(n) for n in job_landmarks.get("names", [])],
+    )
 
 
 def write_transform(folder: Path, stem: str, result) -> Path:
@@ -106,10 +130,19 @@ def run_register_job(job: dict, folder: Path, emit: Emit = emit_stdout) -> dict:
     labels, table, q_mm, _origin = read_labelmap(source, job["qemscan"])
     image_mm = float(job.get("image_mm_per_pixel") or pp_info.mm_per_pixel)
     qemscan_mm = float(job.get("qemscan_mm_per_pixel") or q_mm)
-    result = register_arrays(pp, xp, labels, table, image_mm_per_pixel=image_mm, qemscan_mm_per_pixel=qemscan_mm,
-                             landmarks=landmark_pairs(job.get("landmarks")), kind=job.get("kind", "similarity"),
-                             refine=bool(job.get("refine", True)), bspline=bool(job.get("bspline", False)),
-                             progress=lambda text: emit("stage", text=text))
+    result = register_arrays(
+        pp,
+        xp,
+        labels,
+        table,
+        image_mm_per_pixel=image_mm,
+        qemscan_mm_per_pixel=qemscan_mm,
+        landmarks=landmark_pairs(job.get("landmarks")),
+        kind=job.get("kind", "similarity"),
+        refine=bool(job.get("refine", True)),
+        bspline=bool(job.get("bspline", False)),
+        progress=lambda text: emit("stage", text=text),
+    )
     emit("stage", text="writing the results")
     out = folder / job["output"]
     origin = pp_info.origin_mm or (0.0, 0.0, 0.0)
@@ -119,10 +152,18 @@ def run_register_job(job: dict, folder: Path, emit: Emit = emit_stdout) -> dict:
         if result.xp_was_aligned:  # XP was offset from PP: the scene gets the aligned copy
             xp_aligned_variable = writer.add_rgb_image("XP_aligned", result.xp, image_mm, origin)
     write_transform(folder, "transform", result)
-    summary = {"xp_aligned_variable": xp_aligned_variable, "warnings": result.warnings, "landmarks": result.landmark_fit.report() if result.landmark_fit else None,
-               "metric_initial": result.metric_initial, "metric_final": result.metric_final,
-               "overlap": result.overlap, "contrast": result.contrast, "kind": result.transform.kind,
-               "xp_offset": list(result.xp_offset), "seconds": result.seconds}
+    summary = {
+        "xp_aligned_variable": xp_aligned_variable,
+        "warnings": result.warnings,
+        "landmarks": result.landmark_fit.report() if result.landmark_fit else None,
+        "metric_initial": result.metric_initial,
+        "metric_final": result.metric_final,
+        "overlap": result.overlap,
+        "contrast": result.contrast,
+        "kind": result.transform.kind,
+        "xp_offset": list(result.xp_offset),
+        "seconds": result.seconds,
+    }
     write_json(folder / "summary.json", summary)
     for warning in result.warnings:
         emit("warning", text=warning)
@@ -149,8 +190,19 @@ def train_config(job: dict, folder: Path):
         overwrite=True,
         progress=True,
     )
-    for key in ("patch_size", "batch_size", "steps_per_epoch", "base_channels", "depth", "num_res_units",
-                "warmup_steps", "val_tile", "val_overlap", "patience", "seed"):
+    for key in (
+        "patch_size",
+        "batch_size",
+        "steps_per_epoch",
+        "base_channels",
+        "depth",
+        "num_res_units",
+        "warmup_steps",
+        "val_tile",
+        "val_overlap",
+        "patience",
+        "seed",
+    ):
         if job.get(key) is not None:
             kwargs[key] = int(job[key])
     if job.get("lr") is not None:
@@ -187,8 +239,13 @@ def run_train_job(job: dict, folder: Path, emit: Emit = emit_stdout) -> dict:
     for extra in ("training_log.csv", "training_curves.png", "split.json"):
         if (config.output_dir / extra).is_file():
             shutil.copy2(config.output_dir / extra, target / extra)
-    summary = {"model_dir": str(target), "best_epoch": result.best_epoch, "best_mean_iou": result.best_mean_iou,
-               "epochs_run": result.epochs_run, "stopped_early": result.stopped_early}
+    summary = {
+        "model_dir": str(target),
+        "best_epoch": result.best_epoch,
+        "best_mean_iou": result.best_mean_iou,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+    }
     write_json(folder / "summary.json", summary)
     emit("model", path=str(target))
     return summary

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import vtk
 
-from thinseg.classes import ClassTable, MineralClass, rgb_to_hex
+from thinseg.classes.table import ClassTable, MineralClass, rgb_to_hex
 from thinseg.errors import ThinSegError
 
 from .volumes import copy_geometry, label_array, set_thin_section_geometry, update_volume
@@ -91,8 +91,16 @@ def labelmap_class_table(labelmap_node) -> ClassTable:
 # -- labelmap nodes -----------------------------------------------------------------------------
 
 
-def create_labelmap(scene, name: str, labels: np.ndarray, table: ClassTable, mm_per_pixel: float | None = None,
-                    origin_mm=(0.0, 0.0, 0.0), reference=None, node=None):
+def create_labelmap(
+    scene,
+    name: str,
+    labels: np.ndarray,
+    table: ClassTable,
+    mm_per_pixel: float | None = None,
+    origin_mm=(0.0, 0.0, 0.0),
+    reference=None,
+    node=None,
+):
     """A labelmap volume (1, H, W) uint8 showing `table`'s names and colours.
 
     Geometry: `reference`'s (a volume on the same grid) if given, else spacing/origin. An existing
@@ -165,7 +173,9 @@ def labelmap_to_segmentation(labelmap_node, segmentation_node=None, name: str | 
     scene = labelmap_node.GetScene()
     table = labelmap_class_table(labelmap_node)
     if segmentation_node is None:
-        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{labelmap_node.GetName()}_Segmentation")
+        segmentation_node = scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", name or f"{labelmap_node.GetName()}_Segmentation"
+        )
     else:
         segmentation_node.GetSegmentation().RemoveAllSegments()
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap_node)
@@ -202,9 +212,13 @@ def segmentation_class_table(segmentation_node) -> ClassTable:
         classes.append(MineralClass(segment.GetName(), rgb_to_hex([int(round(255 * v)) for v in segment.GetColor()])))
     names = [c.name for c in classes]
     if len(set(names)) != len(names):
-        raise ThinSegError(f"segmentation '{segmentation_node.GetName()}' has segments with the same name; rename them first")
+        raise ThinSegError(
+            f"segmentation '{segmentation_node.GetName()}' has segments with the same name; rename them first"
+        )
     if len(classes) > 255:
-        raise ThinSegError(f"segmentation '{segmentation_node.GetName()}' has {len(classes)} segments; at most 255 fit a labelmap")
+        raise ThinSegError(
+            f"segmentation '{segmentation_node.GetName()}' has {len(classes)} segments; at most 255 fit a labelmap"
+        )
     return ClassTable(tuple(classes))
 
 
@@ -214,7 +228,9 @@ def segmentation_to_labelmap(segmentation_node, labelmap_node=None, reference=No
     scene = segmentation_node.GetScene()
     table = segmentation_class_table(segmentation_node)
     if labelmap_node is None:
-        labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name or f"{segmentation_node.GetName()}_Labels")
+        labelmap_node = scene.AddNewNodeByClass(
+            "vtkMRMLLabelMapVolumeNode", name or f"{segmentation_node.GetName()}_Labels"
+        )
     color = create_color_table(scene, f"{labelmap_node.GetName()}_ColorTable", table)
     set_labelmap_colors(labelmap_node, color)
     ids = vtk.vtkStringArray()

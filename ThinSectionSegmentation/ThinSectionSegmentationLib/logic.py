@@ -22,9 +22,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -64,7 +64,7 @@ def base_name(node, pp_pattern: str = "PP") -> str:
     match = find_affix(name, pp_pattern)
     if match is None:
         return name
-    head, tail = name[: match.start()].rstrip("_-. "), name[match.end():].lstrip("_-. ")
+    head, tail = name[: match.start()].rstrip("_-. "), name[match.end() :].lstrip("_-. ")
     return "_".join(p for p in (head, tail) if p) or name
 
 
@@ -160,8 +160,9 @@ class ThinSectionSegmentationLogic:
             if pp_dims != xp_dims:
                 raise ThinSegError(
                     f"PP '{ppNode.GetName()}' is {pp_dims[0]}x{pp_dims[1]} px but XP '{xpNode.GetName()}' is "
-                    f"{xp_dims[0]}x{xp_dims[1]} px; they must be the same size" if pp_dims and xp_dims else
-                    "the PP or XP volume holds no image"
+                    f"{xp_dims[0]}x{xp_dims[1]} px; they must be the same size"
+                    if pp_dims and xp_dims
+                    else "the PP or XP volume holds no image"
                 )
 
     @staticmethod
@@ -176,10 +177,21 @@ class ThinSectionSegmentationLogic:
 
     # -- segmentation ---------------------------------------------------------------------------
 
-    def segment(self, ppNode, xpNode=None, modelDir=None, outputNode=None, device: str = "auto",
-                confidence: bool = False, createSegmentation: bool = False, mmPerPixel: float | None = None,
-                progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
-                show: bool = True, tile: int | None = None):
+    def segment(
+        self,
+        ppNode,
+        xpNode=None,
+        modelDir=None,
+        outputNode=None,
+        device: str = "auto",
+        confidence: bool = False,
+        createSegmentation: bool = False,
+        mmPerPixel: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+        show: bool = True,
+        tile: int | None = None,
+    ):
         """Segment PP (+ XP) in this process; returns the labelmap node (named after the input,
         colour table of the class names, in the input's folder, shown over PP). The area
         fractions table/chart and optional segmentation are in `self.lastSegmentation`."""
@@ -187,8 +199,7 @@ class ThinSectionSegmentationLogic:
         from thinseg.inference.resample import ResampledSource, labels_to_grid, needs_resampling
         from thinseg.io.images import ArraySource
         from thinseg.model.bundle import load_bundle
-
-        from thinseg.segment import check_thin_section_model
+        from thinseg.pipelines.segment import check_thin_section_model
 
         bundle = load_bundle(modelDir or self.defaultModelDir())
         check_thin_section_model(bundle)
@@ -212,10 +223,13 @@ class ThinSectionSegmentationLogic:
         if run is not sources:
             labels = labels_to_grid(labels, (height, width))
             conf = labels_to_grid(conf, (height, width)) if conf is not None else None
-        return self._store_segmentation(ppNode, xpNode, labels, conf, bundle.class_table, bundle.title,
-                                        outputNode, createSegmentation, show)
+        return self._store_segmentation(
+            ppNode, xpNode, labels, conf, bundle.class_table, bundle.title, outputNode, createSegmentation, show
+        )
 
-    def _store_segmentation(self, ppNode, xpNode, labels, conf, table, model_title, outputNode, createSegmentation, show):
+    def _store_segmentation(
+        self, ppNode, xpNode, labels, conf, table, model_title, outputNode, createSegmentation, show
+    ):
         scene = self.scene
         base = base_name(ppNode)
         name = outputNode.GetName() if outputNode is not None else scene.GenerateUniqueName(f"{base}_Segmentation")
@@ -243,9 +257,18 @@ class ThinSectionSegmentationLogic:
         self.lastSegmentation = SegmentationOutput(labelmap, table_node, chart_node, confidence_node, segmentation)
         return labelmap
 
-    def prepareSegmentation(self, ppNode, xpNode=None, modelDir=None, device: str = "auto", confidence: bool = False,
-                            mmPerPixel: float | None = None, workDir=None, python: str | None = None,
-                            tile: int | None = None) -> Job:
+    def prepareSegmentation(
+        self,
+        ppNode,
+        xpNode=None,
+        modelDir=None,
+        device: str = "auto",
+        confidence: bool = False,
+        mmPerPixel: float | None = None,
+        workDir=None,
+        python: str | None = None,
+        tile: int | None = None,
+    ) -> Job:
         """Export PP (+ XP) to a job folder and build the `thinseg segment` command; the scene is
         not changed. Run with job.start(), then finishSegmentation(job)."""
         model_dir = Path(modelDir) if modelDir else self.defaultModelDir()
@@ -263,14 +286,29 @@ class ThinSectionSegmentationLogic:
                 names[xpNode.GetID()] = f"{base}_XP"
             source = folder / f"{jobs_safe(base)}.nc"  # the file stem names the section in the progress
             written = netcdf_nodes.export_nodes(nodes, source, names=names, spacing={n.GetID(): spacing for n in nodes})
-            command = process.segment_command([source], folder / "output.nc", model_dir, device=device,
-                                              probabilities=confidence, python=python,
-                                              extra=["--tile", str(tile)] if tile else ())
+            command = process.segment_command(
+                [source],
+                folder / "output.nc",
+                model_dir,
+                device=device,
+                probabilities=confidence,
+                python=python,
+                extra=["--tile", str(tile)] if tile else (),
+            )
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return Job("segment", folder, command, {"pp": ppNode.GetID(), "xp": xpNode.GetID() if xpNode else None,
-                                                "inputs": list(written.values()), "model": info.title})
+        return Job(
+            "segment",
+            folder,
+            command,
+            {
+                "pp": ppNode.GetID(),
+                "xp": xpNode.GetID() if xpNode else None,
+                "inputs": list(written.values()),
+                "model": info.title,
+            },
+        )
 
     def finishSegmentation(self, job: Job, outputNode=None, createSegmentation: bool = False, show: bool = True):
         """Import the labelmap (and confidence map) written by the job; returns the labelmap."""
@@ -292,14 +330,28 @@ class ThinSectionSegmentationLogic:
             raise ThinSegError("the PP image was removed from the scene while the segmentation ran")
         expected = rgb_array(ppNode).shape[:2]
         if labels.shape != expected:
-            raise ThinSegError(f"the result is {labels.shape[1]}x{labels.shape[0]} px but PP is {expected[1]}x{expected[0]}", out)
-        return self._store_segmentation(ppNode, xpNode, labels, conf, table, job.info.get("model", ""),
-                                        outputNode, createSegmentation, show)
+            raise ThinSegError(
+                f"the result is {labels.shape[1]}x{labels.shape[0]} px but PP is {expected[1]}x{expected[0]}", out
+            )
+        return self._store_segmentation(
+            ppNode, xpNode, labels, conf, table, job.info.get("model", ""), outputNode, createSegmentation, show
+        )
 
-    def segmentFiles(self, paths: Sequence[str], outputDir: str, modelDir=None, device: str = "auto",
-                     probabilities: bool = False, overlay: bool = False, ppPattern: str = "PP", xpPattern: str = "XP",
-                     mmPerPixel: float = DEFAULT_MM_PER_PIXEL, overwrite: bool = False, load: bool = False,
-                     progress=None):
+    def segmentFiles(
+        self,
+        paths: Sequence[str],
+        outputDir: str,
+        modelDir=None,
+        device: str = "auto",
+        probabilities: bool = False,
+        overlay: bool = False,
+        ppPattern: str = "PP",
+        xpPattern: str = "XP",
+        mmPerPixel: float = DEFAULT_MM_PER_PIXEL,
+        overwrite: bool = False,
+        load: bool = False,
+        progress=None,
+    ):
         """Batch: segment image files / netCDF files / folders into `outputDir`, like `thinseg
         segment` (one netCDF per section + modal_mineralogy.csv). Returns (results, failures);
         with load=True each result file is imported into the scene."""
@@ -307,18 +359,25 @@ class ThinSectionSegmentationLogic:
         from thinseg.io.atomic import atomic_output, ensure_writable_dir, free_output_path
         from thinseg.io.pairing import pair_inputs
         from thinseg.model.bundle import load_bundle
-        from thinseg.report.fractions import fractions_csv_text
-        from thinseg.segment import SegmentOptions, check_thin_section_model, segment_sections
+        from thinseg.pipelines.segment import SegmentOptions, check_thin_section_model, segment_sections
+        from thinseg.reports.mineralogy import fractions_csv_text
 
         bundle = load_bundle(modelDir or self.defaultModelDir())
         check_thin_section_model(bundle)
         output = Path(outputDir)
         ensure_writable_dir(output)
-        sections, problems = pair_inputs(list(paths), pp_pattern=ppPattern, xp_pattern=xpPattern,
-                                         needs_xp=len(bundle.input_names) > 1)
-        options = SegmentOptions(pp_pattern=ppPattern, xp_pattern=xpPattern, mm_per_pixel=mmPerPixel, overwrite=overwrite,
-                                 probabilities=probabilities, overlay=overlay,
-                                 inference=InferenceOptions(device=device, with_confidence=probabilities))
+        sections, problems = pair_inputs(
+            list(paths), pp_pattern=ppPattern, xp_pattern=xpPattern, needs_xp=len(bundle.input_names) > 1
+        )
+        options = SegmentOptions(
+            pp_pattern=ppPattern,
+            xp_pattern=xpPattern,
+            mm_per_pixel=mmPerPixel,
+            overwrite=overwrite,
+            probabilities=probabilities,
+            overlay=overlay,
+            inference=InferenceOptions(device=device, with_confidence=probabilities),
+        )
         segmenter = Segmenter(bundle, options.inference)
         done, failures = segment_sections(sections, segmenter, options, output, progress)
         failures = [(p.path, p.problem) for p in problems] + [(s.primary, e.problem) for s, e in failures]
@@ -334,8 +393,14 @@ class ThinSectionSegmentationLogic:
 
     # -- registration ---------------------------------------------------------------------------
 
-    def loadQemscan(self, path, colorTable=None, mmPerPixel: float | None = None, name: str | None = None,
-                    background: str | None = None):
+    def loadQemscan(
+        self,
+        path,
+        colorTable=None,
+        mmPerPixel: float | None = None,
+        name: str | None = None,
+        background: str | None = None,
+    ):
         """A QEMSCAN map (RGB/paletted/label TIFF or PNG, or netCDF) as a labelmap with its mineral
         colour table (GeoSlicer's QEMSCAN colours when none is given). Pixel size: `mmPerPixel`,
         else the file's, else 0.01 mm (GeoSlicer's QEMSCAN default)."""
@@ -358,10 +423,22 @@ class ThinSectionSegmentationLogic:
         first, second = landmarks
         if hasattr(first, "GetNumberOfControlPoints"):
             return landmarks_from_markups(first, second, ppNode, qemscanNode)
-        return LandmarkPairs(np.asarray(first, dtype=np.float64).reshape(-1, 2), np.asarray(second, dtype=np.float64).reshape(-1, 2))
+        return LandmarkPairs(
+            np.asarray(first, dtype=np.float64).reshape(-1, 2), np.asarray(second, dtype=np.float64).reshape(-1, 2)
+        )
 
-    def register(self, ppNode, qemscanNode, landmarks=None, refine: bool = True, xpNode=None, kind: str = "similarity",
-                 bspline: bool = False, mmPerPixel: float | None = None, progress: Callable[[str], None] | None = None):
+    def register(
+        self,
+        ppNode,
+        qemscanNode,
+        landmarks=None,
+        refine: bool = True,
+        xpNode=None,
+        kind: str = "similarity",
+        bspline: bool = False,
+        mmPerPixel: float | None = None,
+        progress: Callable[[str], None] | None = None,
+    ):
         """Register a QEMSCAN labelmap to PP in this process. `landmarks`: None (automatic search),
         (PP point list, QEMSCAN point list) markups pairing by order, or the core's LandmarkPairs.
         Returns (transform node, QEMSCAN labelmap resampled onto the PP grid)."""
@@ -372,30 +449,59 @@ class ThinSectionSegmentationLogic:
         xp = rgb_array(xpNode, "XP image") if xpNode is not None else None
         table = labelmap_class_table(qemscanNode)
         q_geometry = require_thin_section_geometry(qemscanNode, "QEMSCAN map")
-        result = jobs.register_arrays(pp, xp, label_array(qemscanNode, "QEMSCAN map"), table,
-                                      image_mm_per_pixel=self.imageSpacing(ppNode, mmPerPixel),
-                                      qemscan_mm_per_pixel=q_geometry.mm_per_pixel, landmarks=pairs, kind=kind,
-                                      refine=refine, bspline=bspline, progress=progress)
+        result = jobs.register_arrays(
+            pp,
+            xp,
+            label_array(qemscanNode, "QEMSCAN map"),
+            table,
+            image_mm_per_pixel=self.imageSpacing(ppNode, mmPerPixel),
+            qemscan_mm_per_pixel=q_geometry.mm_per_pixel,
+            landmarks=pairs,
+            kind=kind,
+            refine=refine,
+            bspline=bspline,
+            progress=progress,
+        )
         report = result.landmark_fit.report() if result.landmark_fit is not None else None
-        summary = {"warnings": result.warnings, "landmarks": report, "metric_final": result.metric_final,
-                   "overlap": result.overlap, "kind": result.transform.kind}
+        summary = {
+            "warnings": result.warnings,
+            "landmarks": report,
+            "metric_final": result.metric_final,
+            "overlap": result.overlap,
+            "kind": result.transform.kind,
+        }
         aligned = result.xp if result.xp_was_aligned else None
-        return self._store_registration(ppNode, xpNode, qemscanNode, result.transform, result.labels, result.table,
-                                        report, summary, aligned)
+        return self._store_registration(
+            ppNode, xpNode, qemscanNode, result.transform, result.labels, result.table, report, summary, aligned
+        )
 
-    def _store_registration(self, ppNode, xpNode, qemscanNode, transform, labels, table, report, summary,
-                            alignedXp: np.ndarray | None = None):
+    def _store_registration(
+        self,
+        ppNode,
+        xpNode,
+        qemscanNode,
+        transform,
+        labels,
+        table,
+        report,
+        summary,
+        alignedXp: np.ndarray | None = None,
+    ):
         """Transform node, registered labelmap (referring to PP and to the XP that matches it
         pixel for pixel: a new aligned XP volume when the photographs were offset), residual table."""
         scene = self.scene
         base = base_name(ppNode)
-        transform_node = create_transform_node(scene, f"{qemscanNode.GetName()}_to_{base}", transform, ppNode, qemscanNode)
-        labelmap = create_labelmap(scene, scene.GenerateUniqueName(f"{qemscanNode.GetName()}_registered"), labels, table,
-                                   reference=ppNode)
+        transform_node = create_transform_node(
+            scene, f"{qemscanNode.GetName()}_to_{base}", transform, ppNode, qemscanNode
+        )
+        labelmap = create_labelmap(
+            scene, scene.GenerateUniqueName(f"{qemscanNode.GetName()}_registered"), labels, table, reference=ppNode
+        )
         xp_aligned = None
         if alignedXp is not None and xpNode is not None:
-            xp_aligned = create_rgb_volume(scene, scene.GenerateUniqueName(f"{xpNode.GetName()}_aligned"), alignedXp,
-                                           self.imageSpacing(ppNode))
+            xp_aligned = create_rgb_volume(
+                scene, scene.GenerateUniqueName(f"{xpNode.GetName()}_aligned"), alignedXp, self.imageSpacing(ppNode)
+            )
             copy_geometry(ppNode, xp_aligned)
             hierarchy.place_beside(xp_aligned, ppNode)
         set_reference(labelmap, ppNode, xp_aligned or xpNode)
@@ -405,18 +511,31 @@ class ThinSectionSegmentationLogic:
         if report:
             residuals = residual_table(scene, f"{base} landmark residuals", report, self.imageSpacing(ppNode))
             hierarchy.place_beside(residuals, ppNode)
-        self.lastRegistration = RegistrationOutput(transform_node, labelmap, residuals, list(summary.get("warnings") or []),
-                                                   summary, xp_aligned)
+        self.lastRegistration = RegistrationOutput(
+            transform_node, labelmap, residuals, list(summary.get("warnings") or []), summary, xp_aligned
+        )
         return transform_node, labelmap
 
-    def prepareRegistration(self, ppNode, qemscanNode, landmarks=None, refine: bool = True, xpNode=None,
-                            kind: str = "similarity", bspline: bool = False, mmPerPixel: float | None = None,
-                            workDir=None, python: str | None = None) -> Job:
+    def prepareRegistration(
+        self,
+        ppNode,
+        qemscanNode,
+        landmarks=None,
+        refine: bool = True,
+        xpNode=None,
+        kind: str = "similarity",
+        bspline: bool = False,
+        mmPerPixel: float | None = None,
+        workDir=None,
+        python: str | None = None,
+    ) -> Job:
         """Export PP/XP/QEMSCAN and the landmark pixels to a job folder for worker.py."""
         if ppNode is None or qemscanNode is None:
             raise ThinSegError("choose a PP image and a QEMSCAN map")
         if landmarks is None and not refine:
-            raise ThinSegError("without landmarks the automatic refinement is needed (add landmarks, or use 'Refine automatically')")
+            raise ThinSegError(
+                "without landmarks the automatic refinement is needed (add landmarks, or use 'Refine automatically')"
+            )
         pairs = self._landmarks(landmarks, ppNode, qemscanNode)
         labelmap_class_table(qemscanNode)  # fail now, not in the process, if it has no colour table
         spacing = self.imageSpacing(ppNode, mmPerPixel)
@@ -427,23 +546,42 @@ class ThinSectionSegmentationLogic:
             names = {ppNode.GetID(): f"{base}_PP", qemscanNode.GetID(): "QEMSCAN"}
             if xpNode is not None:
                 names[xpNode.GetID()] = f"{base}_XP"
-            written = netcdf_nodes.export_nodes(nodes, folder / "input.nc", names=names,
-                                                spacing={ppNode.GetID(): spacing, **({xpNode.GetID(): spacing} if xpNode else {})})
+            written = netcdf_nodes.export_nodes(
+                nodes,
+                folder / "input.nc",
+                names=names,
+                spacing={ppNode.GetID(): spacing, **({xpNode.GetID(): spacing} if xpNode else {})},
+            )
             job = {
-                "input": "input.nc", "pp": written[ppNode.GetID()], "qemscan": written[qemscanNode.GetID()],
+                "input": "input.nc",
+                "pp": written[ppNode.GetID()],
+                "qemscan": written[qemscanNode.GetID()],
                 "xp": written.get(xpNode.GetID()) if xpNode is not None else None,
-                "image_mm_per_pixel": spacing, "kind": kind, "refine": bool(refine), "bspline": bool(bspline),
-                "output": "output.nc", "name": "registered",
-                "landmarks": None if pairs is None else {"qemscan_px": pairs.qemscan_px.tolist(),
-                                                         "image_px": pairs.image_px.tolist(), "names": list(pairs.names)},
+                "image_mm_per_pixel": spacing,
+                "kind": kind,
+                "refine": bool(refine),
+                "bspline": bool(bspline),
+                "output": "output.nc",
+                "name": "registered",
+                "landmarks": None
+                if pairs is None
+                else {
+                    "qemscan_px": pairs.qemscan_px.tolist(),
+                    "image_px": pairs.image_px.tolist(),
+                    "names": list(pairs.names),
+                },
             }
             jobs.write_json(folder / "job.json", job)
             command = process.worker_command("register", folder / "job.json", python=python)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return Job("register", folder, command, {"pp": ppNode.GetID(), "xp": xpNode.GetID() if xpNode else None,
-                                                 "qemscan": qemscanNode.GetID()})
+        return Job(
+            "register",
+            folder,
+            command,
+            {"pp": ppNode.GetID(), "xp": xpNode.GetID() if xpNode else None, "qemscan": qemscanNode.GetID()},
+        )
 
     def finishRegistration(self, job: Job):
         """Import the worker's transform and registered labelmap; returns (transform, labelmap)."""
@@ -466,8 +604,9 @@ class ThinSectionSegmentationLogic:
                 aligned = image.read(0, image.shape[0])
             finally:
                 image.close()
-        return self._store_registration(nodes[0], nodes[1], nodes[2], transform, labels, table,
-                                        summary.get("landmarks"), summary, aligned)
+        return self._store_registration(
+            nodes[0], nodes[1], nodes[2], transform, labels, table, summary.get("landmarks"), summary, aligned
+        )
 
     # -- training -------------------------------------------------------------------------------
 
@@ -479,14 +618,28 @@ class ThinSectionSegmentationLogic:
             pp, xp_found = find_pp_xp(siblings, ppPattern)
             xp = xp or xp_found
         if pp is None:
-            raise ThinSegError(f"no PP image is known for '{labelmapNode.GetName()}': register it first, or put it in "
-                               "the folder of its PP image")
+            raise ThinSegError(
+                f"no PP image is known for '{labelmapNode.GetName()}': register it first, or put it in "
+                "the folder of its PP image"
+            )
         return pp, xp, labelmapNode
 
-    def prepareTraining(self, sections: Sequence, modelName: str, modelsRoot=None, epochs: int = 20,
-                        initFrom=None, device: str = "auto", patchSize: int = 256, batchSize: int = 8,
-                        stepsPerEpoch: int = 200, valFraction: float = 0.2, workDir=None, python: str | None = None,
-                        **options) -> Job:
+    def prepareTraining(
+        self,
+        sections: Sequence,
+        modelName: str,
+        modelsRoot=None,
+        epochs: int = 20,
+        initFrom=None,
+        device: str = "auto",
+        patchSize: int = 256,
+        batchSize: int = 8,
+        stepsPerEpoch: int = 200,
+        valFraction: float = 0.2,
+        workDir=None,
+        python: str | None = None,
+        **options,
+    ) -> Job:
         """Sections: registered labelmap nodes (their PP/XP found via references) and/or GeoSlicer
         netCDF files. The new model goes to <modelsRoot>/ThinSectionEnv/<modelName> (numbered if taken)."""
         if not sections:
@@ -511,11 +664,21 @@ class ThinSectionSegmentationLogic:
                 target = folder / f"{i:03d}_{jobs_safe(base)}.nc"
                 netcdf_nodes.export_nodes(nodes, target, names=names, spacing={n.GetID(): spacing for n in nodes})
                 files.append(target.name)
-            job = {"sections": files, "run_dir": str(root / "runs" / model_dir.name), "model_dir": str(model_dir),
-                   "model_name": model_dir.name, "title": modelName, "epochs": int(epochs), "device": device,
-                   "patch_size": int(patchSize), "batch_size": int(batchSize), "steps_per_epoch": int(stepsPerEpoch),
-                   "val_fraction": float(valFraction), "init_from": str(initFrom) if initFrom else None,
-                   "description": f"Trained in Thin Section Segmentation on {len(files)} section(s)."}
+            job = {
+                "sections": files,
+                "run_dir": str(root / "runs" / model_dir.name),
+                "model_dir": str(model_dir),
+                "model_name": model_dir.name,
+                "title": modelName,
+                "epochs": int(epochs),
+                "device": device,
+                "patch_size": int(patchSize),
+                "batch_size": int(batchSize),
+                "steps_per_epoch": int(stepsPerEpoch),
+                "val_fraction": float(valFraction),
+                "init_from": str(initFrom) if initFrom else None,
+                "description": f"Trained in Thin Section Segmentation on {len(files)} section(s).",
+            }
             if not initFrom and not have_xp:
                 job["inputs"] = ["PP"]
             job.update(options)

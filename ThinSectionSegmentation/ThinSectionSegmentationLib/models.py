@@ -3,7 +3,7 @@
 Models follow GeoSlicer's tag-folder layout: `<root>/ThinSectionEnv/<model>/{meta.json,
 model.pth}`. Listing reads `meta.json` only and imports no torch (the panel lists models before
 the dependencies are installed), so a broken `model.pth` shows up in the list and fails with the
-core's one-line message when used. model folders are found with thinseg.model_folders.find_bundles
+core's one-line message when used. model folders are found with thinseg.model.discovery.find_bundles
 (same rules), without importing it.
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
-from thinseg.model_folders import META_FILE, THIN_SECTION_TAG, find_bundles
+from thinseg.model.discovery import META_FILE, THIN_SECTION_TAG, find_bundles
 from thinseg.resources import default_model_dir, models_root
 
 #: As in thinseg.model.bundle (which imports torch).

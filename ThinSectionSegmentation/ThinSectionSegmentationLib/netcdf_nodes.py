@@ -14,9 +14,9 @@ scalar volume) in a subject-hierarchy folder named after the file, geometry from
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -66,8 +66,13 @@ def _kind(node) -> str:
     )
 
 
-def export_nodes(nodes: Iterable, path: str | os.PathLike[str], attrs: dict | None = None,
-                 names: dict[str, str] | None = None, spacing: dict[str, float] | None = None) -> dict[str, str]:
+def export_nodes(
+    nodes: Iterable,
+    path: str | os.PathLike[str],
+    attrs: dict | None = None,
+    names: dict[str, str] | None = None,
+    spacing: dict[str, float] | None = None,
+) -> dict[str, str]:
     """Write `nodes` to one GeoSlicer netCDF file (all or nothing); returns node ID -> variable.
 
     Images are written first so that labelmaps can name their PP image as `reference`.
@@ -112,8 +117,9 @@ def _write_labels(writer: NetcdfWriter, node, kind: str, names: dict[str, str], 
         g = require_thin_section_geometry(labelmap, "labelmap")
         table = labelmap_class_table(labelmap)
         extra = {"kind": "segmentation"} if kind == "segmentation" else {}
-        return writer.add_labelmap(var, label_array(labelmap), table, mm or g.mm_per_pixel, g.origin,
-                                   reference=reference_var, **extra)
+        return writer.add_labelmap(
+            var, label_array(labelmap), table, mm or g.mm_per_pixel, g.origin, reference=reference_var, **extra
+        )
     finally:
         remove_node_and_colors(temporary)
 
@@ -154,8 +160,13 @@ def find_pp_xp(nodes: Sequence, pp_pattern: str = "PP", xp_patterns: Sequence[st
     return pp, xp
 
 
-def import_netcdf(scene, path: str | os.PathLike[str], pp_pattern: str = "PP", xp_patterns: Sequence[str] = ("XP", "PX"),
-                  folder_name: str | None = None) -> ImportedFile:
+def import_netcdf(
+    scene,
+    path: str | os.PathLike[str],
+    pp_pattern: str = "PP",
+    xp_patterns: Sequence[str] = ("XP", "PX"),
+    folder_name: str | None = None,
+) -> ImportedFile:
     """Create nodes for every image, labelmap and segmentation of a GeoSlicer netCDF file.
 
     All data is read before any node is created, so a bad file leaves the scene unchanged."""

@@ -23,9 +23,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from thinseg.errors import ThinSegError
 
@@ -48,8 +48,13 @@ def python_executable() -> str:
     if _in_slicer():
         name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
         launcher = shutil.which("PythonSlicer") or next(
-            (str(p) for p in (Path(sys.executable).parent / name, Path(sys.executable).parent.parent / "bin" / name)
-             if p.is_file()), None)
+            (
+                str(p)
+                for p in (Path(sys.executable).parent / name, Path(sys.executable).parent.parent / "bin" / name)
+                if p.is_file()
+            ),
+            None,
+        )
         if launcher:
             return launcher
     return sys.executable
@@ -60,7 +65,7 @@ def _base_environment() -> dict:
     if _in_slicer():
         try:
             return dict(sys.modules["slicer"].util.startupEnvironment())
-        except Exception:  # noqa: BLE001 - older Slicer: fall back to the current environment
+        except Exception:
             pass
     return dict(os.environ)
 
@@ -177,7 +182,7 @@ def parse_line(line: str):
         return None
     if text.startswith(EVENT_PREFIX.strip()):
         try:
-            data = json.loads(text[len(EVENT_PREFIX.strip()):].strip())
+            data = json.loads(text[len(EVENT_PREFIX.strip()) :].strip())
             return Event(str(data.pop("event", "message")), data)
         except ValueError:
             return Message(text)
@@ -201,8 +206,13 @@ def parse_line(line: str):
     m = _EPOCH_SUMMARY.match(text)
     if m:
         iou = m.group("iou")
-        return Epoch(int(m.group("epoch")), int(m.group("epochs")), float(m.group("loss")),
-                     float(iou) if iou is not None else None, "best" in (m.group("rest") or ""))
+        return Epoch(
+            int(m.group("epoch")),
+            int(m.group("epochs")),
+            float(m.group("loss")),
+            float(iou) if iou is not None else None,
+            "best" in (m.group("rest") or ""),
+        )
     return Message(text)
 
 
@@ -243,7 +253,9 @@ class BackgroundProcess:
     child to stop (SIGINT: the core discards partial files), then kills it after `grace` s.
     """
 
-    def __init__(self, command: Sequence[str], env: dict | None = None, cwd: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, command: Sequence[str], env: dict | None = None, cwd: str | os.PathLike[str] | None = None
+    ) -> None:
         self.command = [str(c) for c in command]
         self.env = process_environment() if env is None else env
         self.cwd = str(cwd) if cwd is not None else None
@@ -259,7 +271,7 @@ class BackgroundProcess:
         self._parsers = {"stdout": OutputParser(), "stderr": OutputParser()}
 
     # lifecycle
-    def start(self) -> "BackgroundProcess":
+    def start(self) -> BackgroundProcess:
         # Its own process group: cancel reaches the launcher (PythonSlicer) and the Python it runs.
         flags: dict = {}
         if os.name == "nt":
@@ -272,8 +284,13 @@ class BackgroundProcess:
             flags["preexec_fn"] = _default_sigint
         try:
             self._process = subprocess.Popen(
-                self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                env=self.env, cwd=self.cwd, **flags,
+                self.command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                **flags,
             )
         except OSError as error:
             raise ThinSegError(f"cannot start {self.command[0]}: {error.strerror or error}") from None
@@ -296,7 +313,7 @@ class BackgroundProcess:
             except UnicodeDecodeError as error:
                 if error.start > 0 and len(decoder_buffer) - error.start < 4:  # split multi-byte char
                     text = decoder_buffer[: error.start].decode("utf-8")
-                    decoder_buffer = decoder_buffer[error.start:]
+                    decoder_buffer = decoder_buffer[error.start :]
                 else:
                     text = decoder_buffer.decode("utf-8", errors="replace")
                     decoder_buffer = b""
@@ -341,8 +358,10 @@ class BackgroundProcess:
             self.messages.append(event.text)
             self.log.append(event.text)
         elif isinstance(event, Epoch):
-            self.log.append(f"epoch {event.epoch}/{event.epochs}: loss {event.loss:.4f}"
-                            + (f", val mean IoU {event.val_mean_iou:.4f}" if event.val_mean_iou is not None else ""))
+            self.log.append(
+                f"epoch {event.epoch}/{event.epochs}: loss {event.loss:.4f}"
+                + (f", val mean IoU {event.val_mean_iou:.4f}" if event.val_mean_iou is not None else "")
+            )
         elif isinstance(event, Event) and event.kind == "error":
             self.errors.append(str(event.data.get("message", "")))
             self.log.append(f"error: {event.data.get('message', '')}")

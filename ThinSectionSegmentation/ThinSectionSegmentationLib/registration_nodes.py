@@ -77,7 +77,7 @@ def landmarks_from_markups(image_markups, qemscan_markups, pp_node, qemscan_node
 def ras_matrix(section_transform, pp_node, qemscan_node) -> np.ndarray:
     """4x4 PP RAS -> QEMSCAN RAS matrix of a linear core transform (Slicer's "from parent"
     matrix of a transform node put above the QEMSCAN volume)."""
-    from thinseg.registration.transforms import linear_matrix
+    from thinseg.registration.sitk_transforms import linear_matrix
 
     m = linear_matrix(section_transform.itk)
     if m is None:
@@ -105,9 +105,8 @@ def create_transform_node(scene, name: str, section_transform, pp_node, qemscan_
 
 
 def _grid_transform_node(scene, name, section_transform, pp_node, qemscan_node, n: int):
-    from vtk.util import numpy_support
-
     import slicer
+    from vtk.util import numpy_support
 
     dims = pp_node.GetImageData().GetDimensions()
     width, height = dims[0], dims[1]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import vtk
 
-from thinseg.classes import ClassTable
-from thinseg.report.fractions import ModalMineralogy, modal_mineralogy
+from thinseg.classes.table import ClassTable
+from thinseg.reports.mineralogy import ModalMineralogy, modal_mineralogy
 
 from .labelmaps import labelmap_class_table
 from .volumes import label_array, node_geometry
@@ -18,8 +18,9 @@ CURVE_COLUMNS = ("Epoch", "Training loss", "Validation mean IoU")
 
 def mineralogy_of(labelmap_node, table: ClassTable | None = None) -> ModalMineralogy:
     table = table or labelmap_class_table(labelmap_node)
-    return modal_mineralogy(labelmap_node.GetName(), label_array(labelmap_node), table,
-                            node_geometry(labelmap_node).mm_per_pixel)
+    return modal_mineralogy(
+        labelmap_node.GetName(), label_array(labelmap_node), table, node_geometry(labelmap_node).mm_per_pixel
+    )
 
 
 def _set_columns(table, columns):
@@ -39,8 +40,15 @@ def fractions_table(scene, labelmap_node, table_node=None, table: ClassTable | N
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{labelmap_node.GetName()}_Fractions")
     vtable = table_node.GetTable()
-    _set_columns(vtable, [(FRACTIONS_COLUMNS[0], vtk.vtkStringArray), (FRACTIONS_COLUMNS[1], vtk.vtkDoubleArray),
-                          (FRACTIONS_COLUMNS[2], vtk.vtkDoubleArray), (FRACTIONS_COLUMNS[3], vtk.vtkDoubleArray)])
+    _set_columns(
+        vtable,
+        [
+            (FRACTIONS_COLUMNS[0], vtk.vtkStringArray),
+            (FRACTIONS_COLUMNS[1], vtk.vtkDoubleArray),
+            (FRACTIONS_COLUMNS[2], vtk.vtkDoubleArray),
+            (FRACTIONS_COLUMNS[3], vtk.vtkDoubleArray),
+        ],
+    )
     for area in mineralogy.areas:
         vtable.InsertNextBlankRow()
         r = vtable.GetNumberOfRows() - 1
@@ -65,7 +73,9 @@ def fractions_chart(scene, table_node, labelmap_node=None, chart_node=None):
     if labelmap_node is not None:
         colors = labelmap_class_table(labelmap_node).classes
         if colors:  # one series colour: the most abundant class's, bars stay readable
-            fractions = [table_node.GetTable().GetValue(r, 1).ToDouble() for r in range(table_node.GetTable().GetNumberOfRows())]
+            fractions = [
+                table_node.GetTable().GetValue(r, 1).ToDouble() for r in range(table_node.GetTable().GetNumberOfRows())
+            ]
             top = int(np.argmax(fractions)) if fractions else 0
             series.SetColor(*(v / 255.0 for v in colors[top].rgb))
     if chart_node is None:

@@ -73,7 +73,9 @@ def require_thin_section_geometry(node, what: str = "volume") -> NodeGeometry:
     return geometry
 
 
-def set_thin_section_geometry(node, mm_per_pixel: float, origin_mm=(0.0, 0.0, 0.0), z_spacing: float | None = None) -> None:
+def set_thin_section_geometry(
+    node, mm_per_pixel: float, origin_mm=(0.0, 0.0, 0.0), z_spacing: float | None = None
+) -> None:
     """Spacing, origin and directions as GeoSlicer sets them on a thin-section node."""
     s = float(mm_per_pixel)
     node.SetSpacing(s, s, s if z_spacing is None else float(z_spacing))

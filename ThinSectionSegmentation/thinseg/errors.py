@@ -19,7 +19,9 @@ class ThinSegError(Exception):
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
 
     @classmethod
-    def from_os_error(cls, error: OSError, problem: str = "", path: str | os.PathLike[str] | None = None) -> "ThinSegError":
+    def from_os_error(
+        cls, error: OSError, problem: str = "", path: str | os.PathLike[str] | None = None
+    ) -> ThinSegError:
         """One line for a system error (a full disk, a vanished folder): `problem: strerror`,
         naming the file the system names, else `path`."""
         detail = error.strerror or str(error)

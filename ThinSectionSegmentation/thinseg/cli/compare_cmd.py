@@ -26,9 +26,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--models", nargs="+", required=True, type=Path, metavar="MODEL", help="two or more model folders")
     p.add_argument("data", nargs="*", metavar="DATA", help="labelled netCDF files or folders of them")
-    p.add_argument("--output", "-o", type=Path, default=Path("results/comparison"), help="folder for the comparison files (default results/comparison)")
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        default=Path("results/comparison"),
+        help="folder for the comparison files (default results/comparison)",
+    )
     add_scoring_options(p)
-    p.add_argument("--sheets", type=_count, default=3, metavar="N", help="comparison sheets for the first N sections (default 3)")
+    p.add_argument(
+        "--sheets", type=_count, default=3, metavar="N", help="comparison sheets for the first N sections (default 3)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace comparison files that exist (default: refuse)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
@@ -59,14 +67,15 @@ def model_names(bundles: list) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinseg.cli._data import OutputSet, open_data, unique_names
     from thinseg.cli.progress import TileProgress
+    from thinseg.data.inputs import OutputSet, open_data, unique_names
     from thinseg.errors import ThinSegError
-    from thinseg.evaluation import comparison_dict, format_comparison_table, plots
-    from thinseg.evaluation.compare import compare_sheet, write_comparison_html
-    from thinseg.evaluation.run import RegionImage, check_models, check_sections, evaluate_models
     from thinseg.inference.engine import InferenceOptions
+    from thinseg.metrics import comparison_dict, format_comparison_table
+    from thinseg.reports import plots
     from thinseg.model.bundle import load_bundle
+    from thinseg.pipelines.evaluate import RegionImage, check_models, check_sections, evaluate_models
+    from thinseg.reports.comparison import compare_sheet, write_comparison_html
 
     model_dirs, data = split_models_and_data(args.models, args.data)
     if not data:
@@ -82,9 +91,15 @@ def run(args: argparse.Namespace) -> int:
     check_sections(sections, bundles)
 
     outputs = OutputSet(args.output, args.overwrite)
-    files = {key: outputs.add(file) for key, file in (
-        ("json", "comparison.json"), ("table", "comparison.txt"), ("bars", "per_class_scores.png"),
-        ("html", "comparison.html"))}
+    files = {
+        key: outputs.add(file)
+        for key, file in (
+            ("json", "comparison.json"),
+            ("table", "comparison.txt"),
+            ("bars", "per_class_scores.png"),
+            ("html", "comparison.html"),
+        )
+    }
     sheet_names = [f"compare_{n}.png" for n in unique_names([s.name for s in sections])][: args.sheets]
     sheet_tmps = [outputs.add(n) for n in sheet_names]
     outputs.check()
@@ -99,26 +114,47 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
         if len(sheets) < len(sheet_tmps):
             path = sheet_tmps[len(sheets)]
-            regions = compare_sheet(RegionImage(sp.images["PP"]), sp.truth, sp.preds, table, path,
-                                    size=REGION_SIDE, title=f"{sp.name}: {' vs '.join(sp.preds)}")
+            regions = compare_sheet(
+                RegionImage(sp.images["PP"]),
+                sp.truth,
+                sp.preds,
+                table,
+                path,
+                size=REGION_SIDE,
+                title=f"{sp.name}: {' vs '.join(sp.preds)}",
+            )
             sheets.append((sp.name, path, regions))
 
     try:
-        reports = evaluate_models(bundles, sections, args.void_border_px, mapping_csv=args.mapping,
-                                  options=InferenceOptions(device=args.device), progress=progress,
-                                  on_section=on_section, log=log)
+        reports = evaluate_models(
+            bundles,
+            sections,
+            args.void_border_px,
+            mapping_csv=args.mapping,
+            options=InferenceOptions(device=args.device),
+            progress=progress,
+            on_section=on_section,
+            log=log,
+        )
         progress.close()
         text = format_comparison_table(reports)
         doc = comparison_dict(reports)
         doc["model_folders"] = {name: str(b.path) for name, b in bundles.items()}
         doc["sections"] = [s.name for s in sections]
-        doc["sheets"] = [{"section": name, "file": final, "regions_yx": [[r.y0, r.x0, r.height, r.width] for r in regions]}
-                         for (name, _tmp, regions), final in zip(sheets, sheet_names)]
+        doc["sheets"] = [
+            {"section": name, "file": final, "regions_yx": [[r.y0, r.x0, r.height, r.width] for r in regions]}
+            for (name, _tmp, regions), final in zip(sheets, sheet_names)
+        ]
         files["json"].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         files["table"].write_text(text + "\n", encoding="utf-8")
         void = args.void_border_px > 0
         plots.plot_per_class_bars(reports, files["bars"], void_excluded=void, title=" vs ".join(reports))
-        images = [("per-class scores" + (f", void borders of {args.void_border_px:g} px excluded" if void else ""), files["bars"])]
+        images = [
+            (
+                "per-class scores" + (f", void borders of {args.void_border_px:g} px excluded" if void else ""),
+                files["bars"],
+            )
+        ]
         images += [(f"{name}: regions {', '.join(str(r) for r in regions)}", tmp) for name, tmp, regions in sheets]
         write_comparison_html(files["html"], reports, images, title=f"thinseg compare: {' vs '.join(reports)}")
         written = outputs.commit()

@@ -20,10 +20,24 @@ def register(commands: argparse._SubParsersAction) -> None:
         "is summed over the WHOLE dataset; the table is printed and written with JSON and PNG figures.",
     )
     p.add_argument("data", nargs="+", metavar="DATA", help="labelled netCDF files or folders of them")
-    p.add_argument("--model", type=Path, default=None, help="model folder (meta.json + model.pth); default: the bundled model")
-    p.add_argument("--output", "-o", type=Path, default=Path("results/evaluation"), help="folder for the report files (default results/evaluation)")
+    p.add_argument(
+        "--model", type=Path, default=None, help="model folder (meta.json + model.pth); default: the bundled model"
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        default=Path("results/evaluation"),
+        help="folder for the report files (default results/evaluation)",
+    )
     add_scoring_options(p)
-    p.add_argument("--overlays", type=_count, default=3, metavar="N", help="per-section pictures truth | prediction | errors for the first N sections (default 3; 0: none)")
+    p.add_argument(
+        "--overlays",
+        type=_count,
+        default=3,
+        metavar="N",
+        help="per-section pictures truth | prediction | errors for the first N sections (default 3; 0: none)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace report files that exist (default: refuse)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
@@ -31,13 +45,25 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def add_scoring_options(p: argparse.ArgumentParser) -> None:
     """Options `evaluate` and `compare` share."""
-    p.add_argument("--void-border-px", type=_non_negative_float, default=2.0, metavar="PX",
-                   help="also score without a band of PX model pixels around truth class boundaries, where QEMSCAN "
-                   "truth is unreliable (default 2; 0: no such scores)")
-    p.add_argument("--mapping", type=Path, default=None, metavar="CSV",
-                   help="mineral,class rows mapping the labelmap's mineral names to the model's classes "
-                   "('ignore' leaves a mineral unscored); default: QEMSCAN names by name, other minerals -> Others")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default auto)")
+    p.add_argument(
+        "--void-border-px",
+        type=_non_negative_float,
+        default=2.0,
+        metavar="PX",
+        help="also score without a band of PX model pixels around truth class boundaries, where QEMSCAN "
+        "truth is unreliable (default 2; 0: no such scores)",
+    )
+    p.add_argument(
+        "--mapping",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="mineral,class rows mapping the labelmap's mineral names to the model's classes "
+        "('ignore' leaves a mineral unscored); default: QEMSCAN names by name, other minerals -> Others",
+    )
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default auto)"
+    )
 
 
 def _count(text: str) -> int:
@@ -59,12 +85,12 @@ def log(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinseg.cli._data import OutputSet, open_data, unique_names
     from thinseg.cli.progress import TileProgress
-    from thinseg.evaluation import plots
-    from thinseg.evaluation.run import check_models, check_sections, evaluate_model, read_preview, section_path
+    from thinseg.data.inputs import OutputSet, open_data, unique_names
     from thinseg.inference.engine import InferenceOptions
+    from thinseg.reports import plots
     from thinseg.model.bundle import load_bundle
+    from thinseg.pipelines.evaluate import check_models, check_sections, evaluate_model, read_preview, section_path
     from thinseg.resources import default_model_dir
 
     model_dir = args.model or default_model_dir()
@@ -77,9 +103,16 @@ def run(args: argparse.Namespace) -> int:
 
     outputs = OutputSet(args.output, args.overwrite)
     void = args.void_border_px > 0
-    files = {key: outputs.add(file) for key, file in (
-        ("json", "evaluation.json"), ("table", "evaluation.txt"), ("confusion", "confusion_matrix.png"),
-        ("bars", "per_class_scores.png"), ("fractions", "fractions.png"))}
+    files = {
+        key: outputs.add(file)
+        for key, file in (
+            ("json", "evaluation.json"),
+            ("table", "evaluation.txt"),
+            ("confusion", "confusion_matrix.png"),
+            ("bars", "per_class_scores.png"),
+            ("fractions", "fractions.png"),
+        )
+    }
     if void:
         files["confusion_all"] = outputs.add("confusion_matrix_all_pixels.png")
     overlay_names = [f"overlay_{n}.png" for n in unique_names([s.name for s in sections])][: args.overlays]
@@ -97,13 +130,29 @@ def run(args: argparse.Namespace) -> int:
         done[0] += 1
         if index < len(overlay_tmps):
             pp = read_preview(sp.images["PP"], OVERLAY_SIDE)
-            plots.plot_section_overlay(pp, sp.truth, sp.preds[name], bundle.class_table, overlay_tmps[index],
-                                       keep=sp.keep, title=f"{sp.name}: {name}", max_side=OVERLAY_SIDE)
+            plots.plot_section_overlay(
+                pp,
+                sp.truth,
+                sp.preds[name],
+                bundle.class_table,
+                overlay_tmps[index],
+                keep=sp.keep,
+                title=f"{sp.name}: {name}",
+                max_side=OVERLAY_SIDE,
+            )
 
     try:
-        report = evaluate_model(bundle, sections, args.void_border_px, name=name, mapping_csv=args.mapping,
-                                options=InferenceOptions(device=args.device), progress=progress,
-                                on_section=on_section, log=log)
+        report = evaluate_model(
+            bundle,
+            sections,
+            args.void_border_px,
+            name=name,
+            mapping_csv=args.mapping,
+            options=InferenceOptions(device=args.device),
+            progress=progress,
+            on_section=on_section,
+            log=log,
+        )
         progress.close()
         table = report.format_table()
         doc = report.to_dict()
@@ -114,16 +163,34 @@ def run(args: argparse.Namespace) -> int:
         files["table"].write_text(table + "\n" + section_lines(report) + "\n", encoding="utf-8")
         n = len(report.sections)
         if void:
-            plots.plot_confusion(report.confusion_void_excluded, bundle.class_table, files["confusion"],
-                                 title=f"{name} on {n} section(s), void borders of {args.void_border_px:g} px excluded")
-            plots.plot_confusion(report.confusion, bundle.class_table, files["confusion_all"],
-                                 title=f"{name} on {n} section(s), all labelled pixels")
+            plots.plot_confusion(
+                report.confusion_void_excluded,
+                bundle.class_table,
+                files["confusion"],
+                title=f"{name} on {n} section(s), void borders of {args.void_border_px:g} px excluded",
+            )
+            plots.plot_confusion(
+                report.confusion,
+                bundle.class_table,
+                files["confusion_all"],
+                title=f"{name} on {n} section(s), all labelled pixels",
+            )
         else:
-            plots.plot_confusion(report.confusion, bundle.class_table, files["confusion"],
-                                 title=f"{name} on {n} section(s), all labelled pixels")
+            plots.plot_confusion(
+                report.confusion,
+                bundle.class_table,
+                files["confusion"],
+                title=f"{name} on {n} section(s), all labelled pixels",
+            )
         plots.plot_per_class_bars({name: report}, files["bars"], void_excluded=void, title=name)
-        plots.plot_fractions_scatter(report.true_fractions, report.pred_fractions, bundle.class_table,
-                                     files["fractions"], report.fraction_stats, title=f"{name}: mineral fractions per section")
+        plots.plot_fractions_scatter(
+            report.true_fractions,
+            report.pred_fractions,
+            bundle.class_table,
+            files["fractions"],
+            report.fraction_stats,
+            title=f"{name}: mineral fractions per section",
+        )
         written = outputs.commit()
     except BaseException:
         progress.close()
@@ -151,9 +218,9 @@ def check_mapping(path: Path | None, class_table) -> None:
     bad table fails before any model runs (not at the first section that uses the bad row)."""
     if path is None:
         return
-    from thinseg.classes import ClassTable
+    from thinseg.classes.table import ClassTable
+    from thinseg.data.mapping import build_mapping, load_mapping_csv
     from thinseg.errors import ThinSegError
-    from thinseg.training.mapping import build_mapping, load_mapping_csv
 
     rows = load_mapping_csv(path)
     names = list(rows)[:255]

@@ -1,7 +1,7 @@
 """`thinseg prepare`: a PP image, its XP image and a label image already on the PP grid (a
 hand-drawn mask, a label export) -> one GeoSlicer netCDF training section.
 
-The label image holds codes; a class file (`value,name,color`, see thinseg.value_classes) names
+The label image holds codes; a class file (`value,name,color`, see thinseg.classes.files) names
 them. XP is checked against PP and aligned when the two photographs are offset (a stage shift,
 or a small stage rotation), so that the six input channels show the same grain at each pixel.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thinseg.segment import DEFAULT_MM_PER_PIXEL
+from thinseg.pipelines.segment import DEFAULT_MM_PER_PIXEL
 
 PREVIEW_SIDE = 800
 
@@ -30,30 +30,49 @@ def register(commands: argparse._SubParsersAction) -> None:
         "OUTPUT/<name>_prepared.png (label outlines over PP and over the aligned XP). For QEMSCAN maps, which "
         "are not on the PP grid, use `thinseg register` instead.",
     )
-    p.add_argument("pp", type=Path, metavar="PP_IMAGE", help="PP image (PNG/JPEG/TIFF) or a GeoSlicer netCDF holding it")
-    p.add_argument("labels", type=Path, metavar="LABEL_IMAGE", help="single-channel label image (PNG/TIFF), the size of PP")
-    p.add_argument("--classes", type=Path, required=True, metavar="CSV",
-                   help="class file: value,name,color rows naming each code of the label image ('ignore' leaves it out)")
+    p.add_argument(
+        "pp", type=Path, metavar="PP_IMAGE", help="PP image (PNG/JPEG/TIFF) or a GeoSlicer netCDF holding it"
+    )
+    p.add_argument(
+        "labels", type=Path, metavar="LABEL_IMAGE", help="single-channel label image (PNG/TIFF), the size of PP"
+    )
+    p.add_argument(
+        "--classes",
+        type=Path,
+        required=True,
+        metavar="CSV",
+        help="class file: value,name,color rows naming each code of the label image ('ignore' leaves it out)",
+    )
     xp = p.add_mutually_exclusive_group()
-    xp.add_argument("--xp", type=Path, default=None, metavar="XP_IMAGE", help="the XP image (default: found beside PP by its affix)")
-    xp.add_argument("--xp-pattern", default="XP", metavar="XP", help="affix of the XP counterpart, e.g. XP, PX or c2 (default XP)")
+    xp.add_argument(
+        "--xp", type=Path, default=None, metavar="XP_IMAGE", help="the XP image (default: found beside PP by its affix)"
+    )
+    xp.add_argument(
+        "--xp-pattern", default="XP", metavar="XP", help="affix of the XP counterpart, e.g. XP, PX or c2 (default XP)"
+    )
     p.add_argument("--pp-pattern", default="PP", metavar="PP", help="affix marking the PP image (default PP)")
     p.add_argument("--pp-only", action="store_true", help="no XP image (for PP-only models)")
     p.add_argument("--no-align", dest="align", action="store_false", help="keep XP as it is (no PP/XP check)")
     p.add_argument("--name", default=None, help="section name (default: the PP file name without its affix)")
-    p.add_argument("--mm-per-pixel", type=float, default=None,
-                   help=f"pixel size in mm (default: from a netCDF file, else {DEFAULT_MM_PER_PIXEL})")
-    p.add_argument("--output", "-o", type=Path, default=Path("results"), help="folder for the section (default results/)")
+    p.add_argument(
+        "--mm-per-pixel",
+        type=float,
+        default=None,
+        help=f"pixel size in mm (default: from a netCDF file, else {DEFAULT_MM_PER_PIXEL})",
+    )
+    p.add_argument(
+        "--output", "-o", type=Path, default=Path("results"), help="folder for the section (default results/)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a section file that exists (default: refuse)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinseg.cli._data import OutputSet, safe_file_name
+    from thinseg.classes.files import read_value_classes
     from thinseg.cli.register_cmd import output_stem, read_images
+    from thinseg.data.inputs import OutputSet, safe_file_name
+    from thinseg.data.sections import read_label_image
     from thinseg.errors import ThinSegError
-    from thinseg.training.sections import read_label_image
-    from thinseg.value_classes import read_value_classes
 
     if args.mm_per_pixel is not None and not args.mm_per_pixel > 0:
         raise ThinSegError(f"--mm-per-pixel must be > 0, got {args.mm_per_pixel}")
@@ -69,13 +88,18 @@ def run(args: argparse.Namespace) -> int:
     images = read_images(args)
     codes = read_label_image(args.labels)
     if codes.shape != images.pp.shape[:2]:
-        raise ThinSegError(f"label image is {codes.shape[1]}x{codes.shape[0]} px but PP is "
-                           f"{images.pp.shape[1]}x{images.pp.shape[0]} px: it must be on the PP grid "
-                           "(for a QEMSCAN map use `thinseg register`)", args.labels)
+        raise ThinSegError(
+            f"label image is {codes.shape[1]}x{codes.shape[0]} px but PP is "
+            f"{images.pp.shape[1]}x{images.pp.shape[0]} px: it must be on the PP grid "
+            "(for a QEMSCAN map use `thinseg register`)",
+            args.labels,
+        )
     labels = classes.apply(codes, args.labels)
     pp, xp = images.pp, (None if args.pp_only else images.xp)
     if xp is None and not args.pp_only:
-        raise ThinSegError(f"no XP image found ({images.xp_note}); give --xp, or --pp-only for a PP-only section", args.pp)
+        raise ThinSegError(
+            f"no XP image found ({images.xp_note}); give --xp, or --pp-only for a PP-only section", args.pp
+        )
 
     alignment = None
     print(f"PP: {args.pp} ({pp.shape[1]}x{pp.shape[0]} px, {images.mm_per_pixel:g} mm/px)", file=sys.stderr)
@@ -100,13 +124,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_section(path: Path, name: str, pp: np.ndarray, xp: np.ndarray | None, labels: np.ndarray, table,
-                   mm_per_pixel: float, alignment, args: argparse.Namespace) -> None:
+def _write_section(
+    path: Path,
+    name: str,
+    pp: np.ndarray,
+    xp: np.ndarray | None,
+    labels: np.ndarray,
+    table,
+    mm_per_pixel: float,
+    alignment,
+    args: argparse.Namespace,
+) -> None:
     import thinseg
     from thinseg.io.netcdf import NetcdfWriter
 
-    record = {"pp": str(args.pp), "xp": str(args.xp) if args.xp else None, "labels": str(args.labels),
-              "classes": str(args.classes), "xp_alignment": alignment.as_dict() if alignment else None}
+    record = {
+        "pp": str(args.pp),
+        "xp": str(args.xp) if args.xp else None,
+        "labels": str(args.labels),
+        "classes": str(args.classes),
+        "xp_alignment": alignment.as_dict() if alignment else None,
+    }
     attrs = {"thinseg_version": thinseg.__version__, "thinseg_prepare": json.dumps(record)}
     with NetcdfWriter(path, attrs=attrs) as writer:
         pp_var = writer.add_rgb_image(f"{name}_PP", pp, mm_per_pixel)
@@ -132,7 +170,7 @@ def _write_preview(path: Path, pp: np.ndarray, xp: np.ndarray | None, labels: np
 
 
 def format_summary(name: str, labels: np.ndarray, table, alignment, has_xp: bool) -> str:
-    from thinseg.report.fractions import class_pixel_counts
+    from thinseg.reports.mineralogy import class_pixel_counts
 
     counts = class_pixel_counts(labels, len(table))
     total = labels.size

@@ -11,9 +11,9 @@ from thinseg.inference.engine import DEFAULT_OVERLAP, InferenceOptions, Segmente
 from thinseg.io.atomic import atomic_output, ensure_writable_dir, free_output_path
 from thinseg.io.pairing import pair_inputs
 from thinseg.model.bundle import load_bundle
-from thinseg.report.fractions import fractions_csv_text, format_table
+from thinseg.pipelines.segment import DEFAULT_MM_PER_PIXEL, SegmentOptions, check_thin_section_model, segment_sections
+from thinseg.reports.mineralogy import format_table, fractions_csv_text
 from thinseg.resources import default_model_dir
-from thinseg.segment import DEFAULT_MM_PER_PIXEL, SegmentOptions, check_thin_section_model, segment_sections
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -24,22 +24,65 @@ def register(commands: argparse._SubParsersAction) -> None:
         "images and the labelmap; the modal mineralogy of every section is printed and written as CSV.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG/TIFF/netCDF files or folders of them")
-    p.add_argument("--model", type=Path, default=None, help="model folder (meta.json + model.pth); default: the bundled model")
-    p.add_argument("--output", "-o", type=Path, default=Path("results"), help="folder (default results/) or one .nc file")
-    p.add_argument("--pp-pattern", default="PP", metavar="PP", help="affix marking PP images/variables (default PP, case-insensitive)")
-    p.add_argument("--xp-pattern", default="XP", metavar="XP", help="affix marking XP images/variables, e.g. XP, PX or c2 (default XP)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: write a new numbered file)")
-    p.add_argument("--mm-per-pixel", type=_positive_float, default=DEFAULT_MM_PER_PIXEL, help=f"pixel size of PNG/JPEG/TIFF inputs in mm (default {DEFAULT_MM_PER_PIXEL})")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default auto)")
-    p.add_argument("--probabilities", action="store_true", help="also store a confidence map (max softmax probability, uint8 0-255)")
+    p.add_argument(
+        "--model", type=Path, default=None, help="model folder (meta.json + model.pth); default: the bundled model"
+    )
+    p.add_argument(
+        "--output", "-o", type=Path, default=Path("results"), help="folder (default results/) or one .nc file"
+    )
+    p.add_argument(
+        "--pp-pattern",
+        default="PP",
+        metavar="PP",
+        help="affix marking PP images/variables (default PP, case-insensitive)",
+    )
+    p.add_argument(
+        "--xp-pattern",
+        default="XP",
+        metavar="XP",
+        help="affix marking XP images/variables, e.g. XP, PX or c2 (default XP)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing outputs (default: write a new numbered file)"
+    )
+    p.add_argument(
+        "--mm-per-pixel",
+        type=_positive_float,
+        default=DEFAULT_MM_PER_PIXEL,
+        help=f"pixel size of PNG/JPEG/TIFF inputs in mm (default {DEFAULT_MM_PER_PIXEL})",
+    )
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default auto)"
+    )
+    p.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="also store a confidence map (max softmax probability, uint8 0-255)",
+    )
     p.add_argument("--overlay", action="store_true", help="also write a PNG of the labels over PP with a legend")
     tuning = p.add_argument_group("inference tuning")
-    tuning.add_argument("--tile", type=int, default=None, help="tile size in px (default: 1024 for BatchNorm networks, else the model's input_roi_shape)")
-    tuning.add_argument("--overlap", type=int, default=None, help=f"overlap of neighbouring tiles in px (default {DEFAULT_OVERLAP}, at most a quarter of the tile)")
-    tuning.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: about 1 MPix of tiles)")
-    tuning.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="auto (default): bf16 on GPUs and on CPUs with AVX512-BF16/AMX (under 0.5%% of labels "
-                        "change), else fp32; fp32: exact; fp16: GPU only")
+    tuning.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="tile size in px (default: 1024 for BatchNorm networks, else the model's input_roi_shape)",
+    )
+    tuning.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        help=f"overlap of neighbouring tiles in px (default {DEFAULT_OVERLAP}, at most a quarter of the tile)",
+    )
+    tuning.add_argument(
+        "--batch-size", type=int, default=None, help="tiles per forward pass (default: about 1 MPix of tiles)"
+    )
+    tuning.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto (default): bf16 on GPUs and on CPUs with AVX512-BF16/AMX (under 0.5%% of labels "
+        "change), else fp32; fp32: exact; fp16: GPU only",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -62,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     single_file = output.suffix.lower() == ".nc"
     ensure_writable_dir(output.parent if single_file else output)
 
-    sections, problems = pair_inputs(args.inputs, pp_pattern=args.pp_pattern, xp_pattern=args.xp_pattern, needs_xp=needs_xp)
+    sections, problems = pair_inputs(
+        args.inputs, pp_pattern=args.pp_pattern, xp_pattern=args.xp_pattern, needs_xp=needs_xp
+    )
     for problem in problems:
         print(f"thinseg: error: {problem.path}: {problem.problem}", file=sys.stderr)
     if not sections:
@@ -93,10 +138,12 @@ def run(args: argparse.Namespace) -> int:
 
     def on_result(result) -> None:
         progress.close()
-        for message in result.messages[len(segmenter.messages):]:
+        for message in result.messages[len(segmenter.messages) :]:
             print(f"thinseg: {message}", file=sys.stderr)
-        print(f"\n{result.section.name}: {result.megapixels:.1f} MPix in {result.seconds:.1f} s "
-              f"({result.megapixels / max(result.seconds, 1e-9):.2f} MPix/s)")
+        print(
+            f"\n{result.section.name}: {result.megapixels:.1f} MPix in {result.seconds:.1f} s "
+            f"({result.megapixels / max(result.seconds, 1e-9):.2f} MPix/s)"
+        )
         print(format_table(result.mineralogy))
         print(f"  -> {result.netcdf}")
         if result.overlay is not None:
@@ -108,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"thinseg: error: {where}: {error.problem}", file=sys.stderr)
 
     try:
-        results, failures = segment_sections(sections, segmenter, options, output, progress, None, on_result, on_failure)
+        results, failures = segment_sections(
+            sections, segmenter, options, output, progress, None, on_result, on_failure
+        )
     finally:
         progress.close()
 

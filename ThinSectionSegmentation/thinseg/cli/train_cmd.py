@@ -19,49 +19,151 @@ def register(commands: argparse._SubParsersAction) -> None:
         "command with --resume to continue.",
     )
     p.add_argument("data", nargs="+", metavar="DATA", help="labelled netCDF files or folders of them")
-    p.add_argument("--output", "-o", type=Path, required=True, metavar="RUN_DIR", help="run folder: checkpoint, log, curves, split.json, the model")
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        required=True,
+        metavar="RUN_DIR",
+        help="run folder: checkpoint, log, curves, split.json, the model",
+    )
     split = p.add_argument_group("validation split (by section)")
-    split.add_argument("--val", nargs="+", default=None, metavar="DATA", help="validation sections (then DATA are all training sections)")
-    split.add_argument("--val-fraction", type=_fraction, default=None, help="share of DATA sections held out for validation (default 0.2)")
-    split.add_argument("--test-fraction", type=_fraction, default=None, help="share of DATA sections held out as a test set, scored once at the end (default 0)")
-    split.add_argument("--split-file", type=Path, default=None, metavar="JSON", help="reuse a split.json of an earlier run (sections matched by name)")
+    split.add_argument(
+        "--val",
+        nargs="+",
+        default=None,
+        metavar="DATA",
+        help="validation sections (then DATA are all training sections)",
+    )
+    split.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=None,
+        help="share of DATA sections held out for validation (default 0.2)",
+    )
+    split.add_argument(
+        "--test-fraction",
+        type=_fraction,
+        default=None,
+        help="share of DATA sections held out as a test set, scored once at the end (default 0)",
+    )
+    split.add_argument(
+        "--split-file",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="reuse a split.json of an earlier run (sections matched by name)",
+    )
     data = p.add_argument_group("classes and inputs")
-    data.add_argument("--mapping", type=Path, default=None, metavar="CSV",
-                      help="mineral,class rows mapping the labelmaps' mineral names to the model's classes ('ignore' "
-                      "leaves a mineral out); default: QEMSCAN names by name, other minerals -> Others")
-    data.add_argument("--classes", type=Path, default=None, metavar="CSV",
-                      help="the classes of a new model: a value,name,color class file (as for `thinseg prepare`) or "
-                      "name,#rrggbb rows; default: Calcite, Dolomite, Mg-Clay minerals, Pores, Quartz, Others")
+    data.add_argument(
+        "--mapping",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="mineral,class rows mapping the labelmaps' mineral names to the model's classes ('ignore' "
+        "leaves a mineral out); default: QEMSCAN names by name, other minerals -> Others",
+    )
+    data.add_argument(
+        "--classes",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="the classes of a new model: a value,name,color class file (as for `thinseg prepare`) or "
+        "name,#rrggbb rows; default: Calcite, Dolomite, Mg-Clay minerals, Pores, Quartz, Others",
+    )
     data.add_argument("--pp-only", action="store_true", help="a model that takes the PP image only")
-    data.add_argument("--init-from", type=Path, default=None, metavar="BUNDLE_DIR", help="fine-tune this model folder (its network, classes and inputs)")
+    data.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="BUNDLE_DIR",
+        help="fine-tune this model folder (its network, classes and inputs)",
+    )
     opt = p.add_argument_group("training")
     opt.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default 50)")
     opt.add_argument("--steps-per-epoch", type=_positive_int, default=None, help="batches per epoch (default 200)")
-    opt.add_argument("--patch-size", type=_positive_int, default=None, help="training patch side in px (default 256; a multiple of 2^(depth-1))")
+    opt.add_argument(
+        "--patch-size",
+        type=_positive_int,
+        default=None,
+        help="training patch side in px (default 256; a multiple of 2^(depth-1))",
+    )
     opt.add_argument("--batch-size", type=_positive_int, default=None, help="patches per batch (default 8)")
-    opt.add_argument("--balancing-strength", type=_unit, default=None, help="0: uniform random patches ... 1: always class-driven (default 0.75)")
-    opt.add_argument("--void-border-px", type=_non_negative, default=None, help="band (px) around class boundaries left out of the loss and of the validation scores (default 2)")
+    opt.add_argument(
+        "--balancing-strength",
+        type=_unit,
+        default=None,
+        help="0: uniform random patches ... 1: always class-driven (default 0.75)",
+    )
+    opt.add_argument(
+        "--void-border-px",
+        type=_non_negative,
+        default=None,
+        help="band (px) around class boundaries left out of the loss and of the validation scores (default 2)",
+    )
     opt.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default 1e-3)")
-    opt.add_argument("--patience", type=_non_negative_int, default=None, help="stop after this many epochs without a better validation mean IoU (default 10; 0: never)")
-    opt.add_argument("--max-minutes", type=_positive_float, default=None, metavar="MIN",
-                     help="time budget: stop before an epoch that would end past it (default: none)")
-    opt.add_argument("--seed", type=int, default=None, help="random seed of split, sampling and initialisation (default 0)")
-    opt.add_argument("--workers", type=_non_negative_int, default=None, help="data-loading processes (default 0: in the training process)")
+    opt.add_argument(
+        "--patience",
+        type=_non_negative_int,
+        default=None,
+        help="stop after this many epochs without a better validation mean IoU (default 10; 0: never)",
+    )
+    opt.add_argument(
+        "--max-minutes",
+        type=_positive_float,
+        default=None,
+        metavar="MIN",
+        help="time budget: stop before an epoch that would end past it (default: none)",
+    )
+    opt.add_argument(
+        "--seed", type=int, default=None, help="random seed of split, sampling and initialisation (default 0)"
+    )
+    opt.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=None,
+        help="data-loading processes (default 0: in the training process)",
+    )
     opt.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="where to train (default auto)")
-    opt.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
-                     help="auto (default): bf16/fp16 on GPUs, bf16 on CPUs with native bf16, else fp32")
+    opt.add_argument(
+        "--precision",
+        default=None,
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto (default): bf16/fp16 on GPUs, bf16 on CPUs with native bf16, else fp32",
+    )
     net = p.add_argument_group("network (new models)")
-    net.add_argument("--base-channels", type=_positive_int, default=None, help="channels of the first U-Net level (default 16)")
+    net.add_argument(
+        "--base-channels", type=_positive_int, default=None, help="channels of the first U-Net level (default 16)"
+    )
     net.add_argument("--depth", type=_positive_int, default=None, help="U-Net levels (default 5)")
-    net.add_argument("--model-mm-per-pixel", type=_positive_float, default=None, metavar="MM",
-                     help="pixel size the model works at (sections are resampled to it; segment and evaluate "
-                     "resample back); default: the sections' own")
-    net.add_argument("--val-tile", type=_positive_int, default=None, help="tile size for validation and the model's input_roi_shape (default 512)")
+    net.add_argument(
+        "--model-mm-per-pixel",
+        type=_positive_float,
+        default=None,
+        metavar="MM",
+        help="pixel size the model works at (sections are resampled to it; segment and evaluate "
+        "resample back); default: the sections' own",
+    )
+    net.add_argument(
+        "--val-tile",
+        type=_positive_int,
+        default=None,
+        help="tile size for validation and the model's input_roi_shape (default 512)",
+    )
     out = p.add_argument_group("run and model")
-    out.add_argument("--model-name", default=None, metavar="NAME", help="folder name of the exported model in RUN_DIR (default model)")
-    out.add_argument("--title", default=None, help="model title shown in GeoSlicer (default: Thin-section multiphase U-Net)")
+    out.add_argument(
+        "--model-name",
+        default=None,
+        metavar="NAME",
+        help="folder name of the exported model in RUN_DIR (default model)",
+    )
+    out.add_argument(
+        "--title", default=None, help="model title shown in GeoSlicer (default: Thin-section multiphase U-Net)"
+    )
     out.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last finished epoch")
-    out.add_argument("--overwrite", action="store_true", help="start again in a RUN_DIR that holds a run (default: refuse)")
+    out.add_argument(
+        "--overwrite", action="store_true", help="start again in a RUN_DIR that holds a run (default: refuse)"
+    )
     out.add_argument("--quiet", "-q", action="store_true", help="no progress bars (epoch summaries are still printed)")
     p.set_defaults(run=run)
 
@@ -111,18 +213,34 @@ def _unit(text: str) -> float:
 #: Command-line option -> TrainConfig field, for options passed only when given (so the
 #: defaults live in one place, TrainConfig).
 _PASSED = {
-    "val_fraction": "val_fraction", "test_fraction": "test_fraction", "split_file": "split_file",
-    "mapping": "mapping_csv", "init_from": "init_from", "epochs": "epochs", "steps_per_epoch": "steps_per_epoch",
-    "patch_size": "patch_size", "batch_size": "batch_size", "balancing_strength": "balancing_strength",
-    "void_border_px": "void_border_px", "lr": "lr", "seed": "seed", "workers": "num_workers", "device": "device",
-    "precision": "precision", "max_minutes": "max_minutes", "base_channels": "base_channels", "depth": "depth", "val_tile": "val_tile",
-    "model_name": "model_name", "title": "title",
+    "val_fraction": "val_fraction",
+    "test_fraction": "test_fraction",
+    "split_file": "split_file",
+    "mapping": "mapping_csv",
+    "init_from": "init_from",
+    "epochs": "epochs",
+    "steps_per_epoch": "steps_per_epoch",
+    "patch_size": "patch_size",
+    "batch_size": "batch_size",
+    "balancing_strength": "balancing_strength",
+    "void_border_px": "void_border_px",
+    "lr": "lr",
+    "seed": "seed",
+    "workers": "num_workers",
+    "device": "device",
+    "precision": "precision",
+    "max_minutes": "max_minutes",
+    "base_channels": "base_channels",
+    "depth": "depth",
+    "val_tile": "val_tile",
+    "model_name": "model_name",
+    "title": "title",
 }
 
 
 def train_config(args: argparse.Namespace):
     """The TrainConfig of a command line (sections as paths; TrainConfig's defaults otherwise)."""
-    from thinseg.cli._data import section_items
+    from thinseg.data.inputs import section_items
     from thinseg.errors import ThinSegError
     from thinseg.training import TrainConfig
 
@@ -131,14 +249,18 @@ def train_config(args: argparse.Namespace):
     if args.val is not None:
         for option in ("val_fraction", "test_fraction", "split_file"):
             if getattr(args, option) is not None:
-                raise ThinSegError(f"--val names the validation sections; --{option.replace('_', '-')} cannot be used with it")
+                raise ThinSegError(
+                    f"--val names the validation sections; --{option.replace('_', '-')} cannot be used with it"
+                )
     if args.pp_only and args.init_from is not None:
         raise ThinSegError("--pp-only and --init-from: a fine-tuned model keeps the inputs of the model it starts from")
     if args.classes is not None and args.init_from is not None:
-        raise ThinSegError("--classes and --init-from: a fine-tuned model keeps the classes of the model it starts from")
+        raise ThinSegError(
+            "--classes and --init-from: a fine-tuned model keeps the classes of the model it starts from"
+        )
     kwargs = {field: getattr(args, option) for option, field in _PASSED.items() if getattr(args, option) is not None}
     if args.classes is not None:
-        from thinseg.value_classes import read_model_classes
+        from thinseg.classes.files import read_model_classes
 
         kwargs["class_table"] = read_model_classes(args.classes)
     if args.model_mm_per_pixel is not None:
@@ -154,8 +276,9 @@ def train_config(args: argparse.Namespace):
         kwargs["sections"] = data
     if args.pp_only:
         kwargs["inputs"] = ("PP",)
-    return TrainConfig(output_dir=args.output, resume=args.resume, overwrite=args.overwrite,
-                       progress=not args.quiet, **kwargs)
+    return TrainConfig(
+        output_dir=args.output, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, **kwargs
+    )
 
 
 def log(message: str) -> None:
@@ -171,8 +294,11 @@ def run(args: argparse.Namespace) -> int:
         result = train(config, log=log)
     except KeyboardInterrupt:
         if (config.output_dir / CHECKPOINT_FILE).is_file():
-            print(f"thinseg: interrupted; finished epochs are kept in {config.output_dir}: run the same command "
-                  "with --resume to continue", file=sys.stderr)
+            print(
+                f"thinseg: interrupted; finished epochs are kept in {config.output_dir}: run the same command "
+                "with --resume to continue",
+                file=sys.stderr,
+            )
         else:
             print("thinseg: interrupted before the first epoch finished; nothing to resume", file=sys.stderr)
         return 130
@@ -199,8 +325,10 @@ def format_result(result, void_border_px: float = 0.0) -> str:
     m = result.metrics
     if m:
         void = f", void borders of {void_border_px:g} px excluded" if void_border_px > 0 else ""
-        lines.append(f"validation on {len(m.get('sections', []))} section(s){void}: mean IoU {_score(m.get('mean_iou'))}, "
-                     f"mean F1 {_score(m.get('mean_f1'))}, pixel accuracy {_score(m.get('pixel_accuracy'))}")
+        lines.append(
+            f"validation on {len(m.get('sections', []))} section(s){void}: mean IoU {_score(m.get('mean_iou'))}, "
+            f"mean F1 {_score(m.get('mean_f1'))}, pixel accuracy {_score(m.get('pixel_accuracy'))}"
+        )
         per_class = m.get("per_class_iou") or {}
         if per_class:
             width = max(len(n) for n in per_class)
@@ -210,8 +338,10 @@ def format_result(result, void_border_px: float = 0.0) -> str:
         lines.append("no validation sections: the last epoch was exported")
     t = result.test_metrics
     if t:
-        lines.append(f"test on {len(t.get('sections', []))} held-out section(s): mean IoU {_score(t.get('mean_iou'))}, "
-                     f"pixel accuracy {_score(t.get('pixel_accuracy'))}")
+        lines.append(
+            f"test on {len(t.get('sections', []))} held-out section(s): mean IoU {_score(t.get('mean_iou'))}, "
+            f"pixel accuracy {_score(t.get('pixel_accuracy'))}"
+        )
     lines.append(f"log: {result.log_csv}")
     if result.curves_png is not None:
         lines.append(f"curves: {result.curves_png}")

@@ -32,7 +32,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def auto_precision(device: torch.device) -> str:
-    """"bf16" where it is fast (GPUs with bf16, CPUs with AVX512-BF16/AMX), else "fp32".
+    """ "bf16" where it is fast (GPUs with bf16, CPUs with AVX512-BF16/AMX), else "fp32".
 
     bf16 changes under 0.5% of the bundled model's labels against fp32 (bench/bench_segment.py
     measures the agreement on the benchmark image); `--precision fp32` keeps exact fp32.

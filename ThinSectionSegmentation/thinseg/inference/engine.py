@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
 from thinseg.errors import ThinSegError
 from thinseg.inference.device import auto_precision, select_device
-from thinseg.inference.optimize import prepare_network
+from thinseg.inference.rewrites import prepare_network
 from thinseg.inference.tiling import blend_weights, padded_size, tile_starts
 from thinseg.model.networks import network_channels
 
@@ -67,8 +68,14 @@ BATCH_PIXELS = 1024 * 1024
 CONFIDENCE_ROWS = 64
 #: Tile side used for networks whose output does not depend on the tile (see default_tile).
 LARGE_TILE = 1024
-_TILE_DEPENDENT_NORMS = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
-                         torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.LocalResponseNorm)
+_TILE_DEPENDENT_NORMS = (
+    torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,
+    torch.nn.LocalResponseNorm,
+)
 
 
 def default_tile(network: torch.nn.Module, roi: tuple[int, int]) -> tuple[int, int]:
@@ -121,7 +128,9 @@ class Segmenter:
         if self.precision == "auto":
             self.precision = auto_precision(self.device)
             if self.precision != "fp32":
-                self.messages.append(f"running in {self.precision} on this {self.device.type} (--precision fp32 for exact fp32)")
+                self.messages.append(
+                    f"running in {self.precision} on this {self.device.type} (--precision fp32 for exact fp32)"
+                )
         if self.precision == "fp16" and self.device.type == "cpu":
             raise ThinSegError("fp16 inference needs a CUDA GPU; use fp32 or bf16 on the CPU")
         self.network = prepare_network(
@@ -190,7 +199,7 @@ class Segmenter:
             messages=list(self.messages),
         )
 
-    def plan_for(self, height: int, width: int) -> "_Plan":
+    def plan_for(self, height: int, width: int) -> _Plan:
         """The tiles for a height x width section. With the automatic large tile, each axis gets
         the smallest tile (multiple of 16, at most LARGE_TILE) that covers it with as many tiles
         as before, so that tiles overlap by about `overlap` px, not by whatever is left over
@@ -219,7 +228,9 @@ class Segmenter:
         if self._fused is not None:
             x = self._fused_input(bands, cols, tw)
         else:
-            per_input = [torch.stack([b[:, c : c + tw] for c in cols]).to(self.device).permute(0, 3, 1, 2) for b in bands]
+            per_input = [
+                torch.stack([b[:, c : c + tw] for c in cols]).to(self.device).permute(0, 3, 1, 2) for b in bands
+            ]
             x = self.bundle.prepare(per_input)
         x = x.contiguous(memory_format=torch.channels_last if self.options.channels_last else torch.contiguous_format)
         with torch.inference_mode(), self._autocast():
@@ -233,8 +244,9 @@ class Segmenter:
         batch (no concatenated or planar copies), then rescaled in place."""
         th = bands[0].shape[0]
         channels = sum(b.shape[2] for b in bands)
-        x = torch.empty((len(cols), channels, th, tw), dtype=torch.float32, device=self.device,
-                        memory_format=torch.channels_last)
+        x = torch.empty(
+            (len(cols), channels, th, tw), dtype=torch.float32, device=self.device, memory_format=torch.channels_last
+        )
         c0 = 0
         for band in bands:
             c1 = c0 + band.shape[2]
@@ -249,7 +261,9 @@ class Segmenter:
             x = rescale.apply_(x)
         return x
 
-    def _place_tile(self, logits: torch.Tensor, plan: "_Plan", row: int, col: int, blend: "_BlendRing", out: "_LabelWriter") -> None:
+    def _place_tile(
+        self, logits: torch.Tensor, plan: _Plan, row: int, col: int, blend: _BlendRing, out: _LabelWriter
+    ) -> None:
         """Pixels only this tile covers become labels now; the rest, weighted, go to the blend."""
         y, x = plan.ys[row], col
         (r0, r1), (c0, c1) = plan.row_own[row], plan.col_own[col]
@@ -291,7 +305,9 @@ class _LabelWriter:
                 b = min(h, a + CONFIDENCE_ROWS)
                 part = logits[:, a:b].float()
                 prob = 1.0 / (part - part.amax(dim=0, keepdim=True)).exp_().sum(dim=0)
-                self._confidence_t[y0 + a : y0 + b, x0 : x0 + w] = (prob * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu()
+                self._confidence_t[y0 + a : y0 + b, x0 : x0 + w] = (
+                    (prob * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu()
+                )
 
 
 def _snug_tile(length: int, tile: int, overlap: int) -> int:
@@ -342,7 +358,7 @@ class _Plan:
     shared_cols: list[tuple[int, int]] = field(default_factory=list)  # column runs covered by more than one tile
 
     @classmethod
-    def make(cls, height: int, width: int, tile: tuple[int, int], overlap: int) -> "_Plan":
+    def make(cls, height: int, width: int, tile: tuple[int, int], overlap: int) -> _Plan:
         th = padded_size(height, tile[0], SIZE_MULTIPLE)
         tw = padded_size(width, tile[1], SIZE_MULTIPLE)
         ys = tile_starts(max(height, th), th, overlap)

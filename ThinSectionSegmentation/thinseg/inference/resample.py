@@ -53,7 +53,11 @@ class ResampledSource:
         region = np.ascontiguousarray(self.source.read(ry0, ry1, rx0, rx1))
         image = Image.fromarray(region)
         box = (sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0)
-        resized = image.resize((x1 - x0, y1 - y0), resample=Image.Resampling.BILINEAR if self.factor > 1 else Image.Resampling.LANCZOS, box=box)
+        resized = image.resize(
+            (x1 - x0, y1 - y0),
+            resample=Image.Resampling.BILINEAR if self.factor > 1 else Image.Resampling.LANCZOS,
+            box=box,
+        )
         return np.array(resized)  # a writable array the caller owns (Pillow's buffer is read-only)
 
 

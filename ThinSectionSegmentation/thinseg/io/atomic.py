@@ -71,6 +71,18 @@ def atomic_output(path: str | os.PathLike[str]) -> AtomicOutput:
     return AtomicOutput(path)
 
 
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path`, all or nothing: readers see the old file or the whole new one."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 `text` to `path`, all or nothing (see `write_bytes_atomic`)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
 def _remove(path: Path) -> None:
     try:
         path.unlink()

@@ -279,7 +279,9 @@ class TiffSource:
         y0, y1, x0, x1 = check_region(self.shape, y0, y1, x0, x1)
         index: list[Any] = []
         for axis in self._axes:
-            index.append(slice(y0, y1) if axis == "Y" else slice(x0, x1) if axis == "X" else slice(None) if axis in "SC" else 0)
+            index.append(
+                slice(y0, y1) if axis == "Y" else slice(x0, x1) if axis == "X" else slice(None) if axis in "SC" else 0
+            )
         try:
             with self._lock:
                 region = np.asarray(self._array[tuple(index)])

@@ -28,15 +28,16 @@ import os
 import re
 import threading
 import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from thinseg.classes import ClassTable
+from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 from thinseg.io.atomic import AtomicOutput
 from thinseg.io.images import ArraySource, RasterSource, check_region
@@ -172,7 +173,7 @@ class NetcdfWriter:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def __enter__(self) -> "NetcdfWriter":
+    def __enter__(self) -> NetcdfWriter:
         return self
 
     def __exit__(
@@ -253,7 +254,9 @@ class NetcdfWriter:
         ds = self._dataset
         if COLOR_DIM in ds.dimensions:
             if len(ds.dimensions[COLOR_DIM]) != size:
-                raise ValueError(f"the shared '{COLOR_DIM}' dimension has {len(ds.dimensions[COLOR_DIM])} entries, not {size}")
+                raise ValueError(
+                    f"the shared '{COLOR_DIM}' dimension has {len(ds.dimensions[COLOR_DIM])} entries, not {size}"
+                )
             return
         ds.createDimension(COLOR_DIM, size)
         coord = ds.createVariable(COLOR_DIM, str, (COLOR_DIM,))
@@ -322,7 +325,7 @@ class NetcdfWriter:
         origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
         attrs: Mapping[str, Any] | None = None,
         compress: bool = False,
-    ) -> "RgbRowWriter":
+    ) -> RgbRowWriter:
         """Create an RGB variable now and fill it later, row band by row band (e.g. while the
         same bands are being segmented, so that a compressed input is decoded only once)."""
         spacing, origin = _check_spacing(mm_per_pixel), _check_origin(origin_mm)
@@ -332,7 +335,9 @@ class NetcdfWriter:
             dims = self._add_grid(var, grid_coordinates((1, height, width), spacing, origin))
             self._ensure_color_dim()
             fixed = {"transform": ijk_to_ras(spacing, origin).ravel().tolist()}
-            variable = self._create(var, "u1", dims + (COLOR_DIM,), (1, height, width, 3), compress, self._merge_attrs(fixed, attrs))
+            variable = self._create(
+                var, "u1", dims + (COLOR_DIM,), (1, height, width, 3), compress, self._merge_attrs(fixed, attrs)
+            )
         return RgbRowWriter(var, variable, height, width)
 
     def add_labelmap(
@@ -397,7 +402,9 @@ class NetcdfWriter:
         with NC_LOCK:
             var = self.unique_name(name)
             dims = self._add_grid(var, grid_coordinates((1, height, width), spacing, origin))
-            variable = self._create(var, data.dtype, dims, (1, height, width), compress, self._merge_attrs(fixed, attrs))
+            variable = self._create(
+                var, data.dtype, dims, (1, height, width), compress, self._merge_attrs(fixed, attrs)
+            )
         for y0 in range(0, height, max(1, int(band_rows))):
             y1 = min(height, y0 + max(1, int(band_rows)))
             with NC_LOCK:
@@ -416,7 +423,9 @@ class NetcdfWriter:
             source = _data_variable(src, var_name, src_path)
             dims, shape = source.dimensions, tuple(int(v) for v in source.shape)
             if len(shape) not in (3, 4) or (len(shape) == 4 and dims[3] != COLOR_DIM):
-                raise ThinSegError(f"variable '{var_name}' (dimensions {dims}) is not an image, labelmap or segmentation", src_path)
+                raise ThinSegError(
+                    f"variable '{var_name}' (dimensions {dims}) is not an image, labelmap or segmentation", src_path
+                )
             if source.dtype == str or np.dtype(source.dtype).kind not in "iufb":
                 raise ThinSegError(f"variable '{var_name}' has non-numeric data ({source.dtype})", src_path)
             attrs = {key: source.getncattr(key) for key in source.ncattrs() if key != "_FillValue"}
@@ -427,7 +436,9 @@ class NetcdfWriter:
             out_dims = self._add_grid(var, values, dtypes, coord_attrs)
             if len(shape) == 4:
                 if shape[3] != 3:
-                    raise ThinSegError(f"variable '{var_name}' has {shape[3]} colour channels; only RGB (3) can be copied", src_path)
+                    raise ThinSegError(
+                        f"variable '{var_name}' has {shape[3]} colour channels; only RGB (3) can be copied", src_path
+                    )
                 self._ensure_color_dim()
                 out_dims = out_dims + (COLOR_DIM,)
             target = self._create(var, source.dtype, out_dims, shape, compress, attrs, fill_value=fill)
@@ -449,7 +460,9 @@ class RgbRowWriter:
     def write_rows(self, y0: int, band: np.ndarray) -> None:
         y1 = y0 + band.shape[0]
         if band.shape[1:] != (self.width, 3) or band.dtype != np.uint8 or y0 < 0 or y1 > self.height:
-            raise ValueError(f"rows {y0}:{y1} of {band.dtype} {band.shape} do not fit uint8 ({self.height}, {self.width}, 3)")
+            raise ValueError(
+                f"rows {y0}:{y1} of {band.dtype} {band.shape} do not fit uint8 ({self.height}, {self.width}, 3)"
+            )
         with NC_LOCK:
             self._variable[0, y0:y1, :, :] = band
 
@@ -544,7 +557,9 @@ def _open_raw(path: Path) -> Any:
             ds.set_auto_maskandscale(False)
     except (OSError, RuntimeError, ValueError, IndexError) as error:
         detail = getattr(error, "strerror", None) or str(error)
-        raise ThinSegError(f"not a readable netCDF file (truncated, corrupt or another format: {detail})", path) from None
+        raise ThinSegError(
+            f"not a readable netCDF file (truncated, corrupt or another format: {detail})", path
+        ) from None
     return ds
 
 
@@ -591,7 +606,9 @@ def _coordinate_start_step(ds: Any, dim: str) -> tuple[float, float] | None:
     return float(values[0]), float(values[1] - values[0]) if n > 1 else 1.0
 
 
-def _geometry(ds: Any, variable: Any, attrs: Mapping[str, Any]) -> tuple[np.ndarray | None, tuple[float, float, float] | None]:
+def _geometry(
+    ds: Any, variable: Any, attrs: Mapping[str, Any]
+) -> tuple[np.ndarray | None, tuple[float, float, float] | None]:
     """(spacing x, y, z; RAS origin) from `transform` if valid, else from the coordinates."""
     transform = attrs.get("transform")
     if transform is not None and not isinstance(transform, str):
@@ -709,9 +726,14 @@ class NetcdfImageSource:
                 variable = _data_variable(self._ds, var_name, self.path)
                 info = _info(self._ds, var_name)
                 if info.kind != "rgb":
-                    raise ThinSegError(f"variable '{var_name}' is not an RGB image (it is {_describe(info)})", self.path)
+                    raise ThinSegError(
+                        f"variable '{var_name}' is not an RGB image (it is {_describe(info)})", self.path
+                    )
                 if info.shape[0] != 1:
-                    raise ThinSegError(f"variable '{var_name}' has {info.shape[0]} slices; a single-slice thin-section image is expected", self.path)
+                    raise ThinSegError(
+                        f"variable '{var_name}' has {info.shape[0]} slices; a single-slice thin-section image is expected",
+                        self.path,
+                    )
             except BaseException:
                 _release(self._key, self._ds)
                 self._ds = None
@@ -730,7 +752,9 @@ class NetcdfImageSource:
             with NC_LOCK:
                 data = self._variable[0, y0:y1, x0:x1, :]
         except (RuntimeError, OSError) as error:
-            raise ThinSegError(f"variable '{self.name}' could not be read at rows {y0}-{y1}: {error}", self.path) from None
+            raise ThinSegError(
+                f"variable '{self.name}' could not be read at rows {y0}-{y1}: {error}", self.path
+            ) from None
         return np.ascontiguousarray(data, dtype=np.uint8)
 
     def close(self) -> None:
@@ -759,16 +783,22 @@ def open_netcdf_image(path: str | os.PathLike[str], var_name: str) -> NetcdfImag
     return NetcdfImageSource(path, var_name)
 
 
-def read_labelmap(path: str | os.PathLike[str], var_name: str) -> tuple[np.ndarray, ClassTable, float | None, tuple[float, float, float] | None]:
+def read_labelmap(
+    path: str | os.PathLike[str], var_name: str
+) -> tuple[np.ndarray, ClassTable, float | None, tuple[float, float, float] | None]:
     """(labels uint8 (H, W), class table, mm_per_pixel, RAS origin) of a labelmap/segmentation."""
     path = Path(path)
     with _open_dataset(path) as ds:
         variable = _data_variable(ds, var_name, path)
         info = _info(ds, var_name)
         if info.kind not in ("labelmap", "segmentation"):
-            raise ThinSegError(f"variable '{var_name}' is not a labelmap (no 'labels' attribute; it is {_describe(info)})", path)
+            raise ThinSegError(
+                f"variable '{var_name}' is not a labelmap (no 'labels' attribute; it is {_describe(info)})", path
+            )
         if info.shape[0] != 1:
-            raise ThinSegError(f"variable '{var_name}' has {info.shape[0]} slices; a single-slice labelmap is expected", path)
+            raise ThinSegError(
+                f"variable '{var_name}' has {info.shape[0]} slices; a single-slice labelmap is expected", path
+            )
         data = np.asarray(variable[0])
         if np.dtype(variable.dtype) == np.int8 and str(info.attrs.get("_Unsigned", "")).lower() == "true":
             data = data.view(np.uint8)

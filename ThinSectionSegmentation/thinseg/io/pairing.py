@@ -8,11 +8,9 @@ the counterpart is the same name with the other affix, in the same folder.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
-
-from thinseg.errors import ThinSegError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 NETCDF_SUFFIXES = (".nc", ".h5", ".hdf5")
@@ -55,7 +53,9 @@ def find_affix(stem: str, affix: str | None) -> re.Match[str] | None:
 
 
 def _image_files_in(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + NETCDF_SUFFIXES)
+    return sorted(
+        p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + NETCDF_SUFFIXES
+    )
 
 
 def _counterpart(path: Path, match: re.Match[str], other_affix: str) -> Path | None:
@@ -125,7 +125,9 @@ def pair_inputs(
             sections.append(SectionInput(name=path.stem, netcdf=path))
             continue
         if suffix not in IMAGE_SUFFIXES:
-            problems.append(PairingProblem(path, f"unsupported file type '{path.suffix}' (PNG, JPEG, TIFF or netCDF expected)"))
+            problems.append(
+                PairingProblem(path, f"unsupported file type '{path.suffix}' (PNG, JPEG, TIFF or netCDF expected)")
+            )
             continue
         section, problem = _pair_image(path, pp_pattern, xp_pattern, needs_xp)
         if problem is not None:
@@ -156,7 +158,9 @@ def _pair_image(
         if not needs_xp:
             return SectionInput(name=stem, pp=pp_path), None
         if not xp_pattern:
-            return None, PairingProblem(path, "this model needs an XP image: give --xp-pattern so the counterpart can be found")
+            return None, PairingProblem(
+                path, "this model needs an XP image: give --xp-pattern so the counterpart can be found"
+            )
         xp_path = _counterpart(path, match, xp_pattern)
         if xp_path is None:
             expected = stem[: match.start()] + xp_pattern + stem[match.end() :]
@@ -169,7 +173,9 @@ def _pair_image(
         if pp_path is None:
             expected = stem[: xp_match.start()] + pp_pattern + stem[xp_match.end() :]
             needs = "" if needs_xp else "; this PP-only model segments PP images"
-            return None, PairingProblem(path, f"PP counterpart not found (expected {expected}{path.suffix} beside it){needs}")
+            return None, PairingProblem(
+                path, f"PP counterpart not found (expected {expected}{path.suffix} beside it){needs}"
+            )
         return SectionInput(name=pp_path.stem, pp=pp_path, xp=path if needs_xp else None), None
     if not needs_xp:
         return SectionInput(name=stem, pp=path), None

@@ -14,15 +14,16 @@ import os
 import pickle
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from thinseg.classes import ClassTable, hex_to_rgb
+from thinseg.classes.table import ClassTable, hex_to_rgb
 from thinseg.errors import ThinSegError
-from thinseg.model_folders import META_FILE, THIN_SECTION_TAG, WEIGHTS_FILE, find_bundles  # noqa: F401 (re-exported)
+from thinseg.model.discovery import META_FILE, THIN_SECTION_TAG, WEIGHTS_FILE, find_bundles
 from thinseg.model.networks import (
     SUPPORTED_NETWORKS,
     build_network,
@@ -47,13 +48,13 @@ OUTPUT = "y"
 IDENTITY_RANGE = (0.0, 1.0, 0.0, 1.0)
 
 __all__ = [
-    "ModelBundle",
-    "load_bundle",
-    "save_bundle",
-    "find_bundles",
-    "build_network",
     "SUPPORTED_NETWORKS",
     "THIN_SECTION_TAG",
+    "ModelBundle",
+    "build_network",
+    "find_bundles",
+    "load_bundle",
+    "save_bundle",
 ]
 
 
@@ -242,7 +243,9 @@ def _config(saved: dict, pth_path: Path) -> tuple[dict, dict]:
     if cmeta.get("is_segmentation_model", True) is not True:
         raise ThinSegError("this is not a segmentation model (is_segmentation_model is false)", pth_path)
     if cmeta.get("spatial_dims", 2) != 2:
-        raise ThinSegError(f"model works on {cmeta.get('spatial_dims')}-D data; thin sections need spatial_dims 2", pth_path)
+        raise ThinSegError(
+            f"model works on {cmeta.get('spatial_dims')}-D data; thin sections need spatial_dims 2", pth_path
+        )
     return config, cmeta
 
 
@@ -373,7 +376,12 @@ def _pipeline(
         raise ThinSegError("model.pth config.meta.pre_processed_inputs is empty", pth_path)
     network_input = str(next(iter(pre_processed)))  # GeoSlicer feeds the first one to the network
 
-    return pre, network_input, _first_label(post, output_name, pth_path), _input_range(pre, network_input, inputs, pth_path)
+    return (
+        pre,
+        network_input,
+        _first_label(post, output_name, pth_path),
+        _input_range(pre, network_input, inputs, pth_path),
+    )
 
 
 def _first_label(post: list[ArgmaxTransform], output_name: str, pth_path: Path) -> int:
@@ -558,9 +566,7 @@ def _transforms_config(names: list[str]) -> dict:
             ConcatenateTransform(key_groups={NETWORK_INPUT: list(names)}, axis=0).to_config(),
             MinMaxTransform(key=NETWORK_INPUT, move_from=[0, 255], move_to=[0.0, 1.0]).to_config(),
         ],
-        "post_processing_transforms": [
-            ArgmaxTransform(key=OUTPUT, dtype="uint8", dim=1, keepdim=True).to_config()
-        ],
+        "post_processing_transforms": [ArgmaxTransform(key=OUTPUT, dtype="uint8", dim=1, keepdim=True).to_config()],
     }
 
 
@@ -585,7 +591,9 @@ def _plain(value: Any, what: str) -> Any:
         return {str(k): _plain(v, what) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v, what) for v in value]
-    raise ThinSegError(f"{what} may only hold plain values (numbers, strings, lists, dicts), not {type(value).__name__}")
+    raise ThinSegError(
+        f"{what} may only hold plain values (numbers, strings, lists, dicts), not {type(value).__name__}"
+    )
 
 
 def _write_atomically(target: Path, meta: dict, saved: dict, overwrite: bool) -> None:
@@ -620,5 +628,3 @@ def _swap_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
 
 
 # -- discovery ---------------------------------------------------------------------------------
-
-

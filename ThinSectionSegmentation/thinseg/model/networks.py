@@ -9,7 +9,8 @@ loads there: `UNetAct` keeps the MONAI UNet in `.unet` (keys `unet.model.…`), 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -82,9 +83,18 @@ class UNetAct(torch.nn.Module):
         num_res_units: int = 0,
     ) -> None:
         super().__init__()
-        self.unet = _unet(**_scaled_unet_params(
-            spatial_dims, in_channels, out_channels, base_channels, scales, stride, channel_multiplier, num_res_units
-        ))
+        self.unet = _unet(
+            **_scaled_unet_params(
+                spatial_dims,
+                in_channels,
+                out_channels,
+                base_channels,
+                scales,
+                stride,
+                channel_multiplier,
+                num_res_units,
+            )
+        )
         self.last_act = _last_activation(last_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,15 +126,24 @@ class UNetActWithBoundarySupervision(torch.nn.Module):
 
         out = out_channels or in_channels
         # MONAI's own UNet: the heads are built from its act/norm/dropout settings
-        self.unet = UNet(**_scaled_unet_params(
-            spatial_dims, in_channels, out_channels, base_channels, scales, stride, channel_multiplier, num_res_units
-        ))
+        self.unet = UNet(
+            **_scaled_unet_params(
+                spatial_dims,
+                in_channels,
+                out_channels,
+                base_channels,
+                scales,
+                stride,
+                channel_multiplier,
+                num_res_units,
+            )
+        )
         self.segmentation_head = self._head(spatial_dims, in_channels, out, num_res_units)
         self.boundary_head = self._head(spatial_dims, in_channels, 1, num_res_units)
         self.last_act = _last_activation(last_act)
         self.main_model = torch.nn.Sequential(self.unet, self.segmentation_head)
 
-    def _head(self, spatial_dims: int, in_channels: int, out_channels: int, num_res_units: int) -> "ResidualUnit":
+    def _head(self, spatial_dims: int, in_channels: int, out_channels: int, num_res_units: int) -> ResidualUnit:
         from monai.networks.blocks.convolutions import ResidualUnit
 
         return ResidualUnit(

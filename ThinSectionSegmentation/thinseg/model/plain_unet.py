@@ -13,7 +13,8 @@ anything else (other activations, norms, orderings, 3-D) is built by MONAI itsel
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,8 +41,21 @@ def _odd_int(value: Any) -> bool:
 
 def plain_unet_supports(params: dict) -> bool:
     """True when MONAI `UNet(**params)` is one this module rebuilds exactly."""
-    known = {"spatial_dims", "in_channels", "out_channels", "channels", "strides", "kernel_size", "up_kernel_size",
-             "num_res_units", "act", "norm", "dropout", "bias", "adn_ordering"}
+    known = {
+        "spatial_dims",
+        "in_channels",
+        "out_channels",
+        "channels",
+        "strides",
+        "kernel_size",
+        "up_kernel_size",
+        "num_res_units",
+        "act",
+        "norm",
+        "dropout",
+        "bias",
+        "adn_ordering",
+    }
     if set(params) - known or params.get("spatial_dims") != 2:
         return False
     channels, strides = params.get("channels"), params.get("strides")
@@ -81,14 +95,16 @@ class _Layers:
         adn.add_module("A", _ACTIVATIONS[name](**kwargs))
         return adn
 
-    def convolution(self, cin: int, cout: int, stride: int, kernel: int, *, transposed: bool = False,
-                    conv_only: bool = False) -> nn.Sequential:
+    def convolution(
+        self, cin: int, cout: int, stride: int, kernel: int, *, transposed: bool = False, conv_only: bool = False
+    ) -> nn.Sequential:
         """MONAI's `Convolution`: `.conv` (same padding) then `.adn` unless conv_only."""
         block = nn.Sequential()
         padding = (kernel - 1) // 2
         if transposed:
-            conv: nn.Module = nn.ConvTranspose2d(cin, cout, kernel, stride=stride, padding=padding,
-                                                 output_padding=stride - 1, bias=self.bias)
+            conv: nn.Module = nn.ConvTranspose2d(
+                cin, cout, kernel, stride=stride, padding=padding, output_padding=stride - 1, bias=self.bias
+            )
         else:
             conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=self.bias)
         block.add_module("conv", conv)
@@ -96,16 +112,18 @@ class _Layers:
             block.add_module("adn", self.adn(cout))
         return block
 
-    def residual_unit(self, cin: int, cout: int, stride: int, kernel: int, subunits: int,
-                      last_conv_only: bool = False) -> "ResidualUnit":
+    def residual_unit(
+        self, cin: int, cout: int, stride: int, kernel: int, subunits: int, last_conv_only: bool = False
+    ) -> ResidualUnit:
         return ResidualUnit(self, cin, cout, stride, kernel, subunits, last_conv_only)
 
 
 class ResidualUnit(nn.Module):
     """MONAI's ResidualUnit: `.conv` (unit0, unit1, ...) plus `.residual` (conv or identity)."""
 
-    def __init__(self, layers: _Layers, cin: int, cout: int, stride: int, kernel: int, subunits: int,
-                 last_conv_only: bool) -> None:
+    def __init__(
+        self, layers: _Layers, cin: int, cout: int, stride: int, kernel: int, subunits: int, last_conv_only: bool
+    ) -> None:
         super().__init__()
         self.conv = nn.Sequential()
         subunits = max(1, subunits)
@@ -155,9 +173,18 @@ class PlainUNet(nn.Module):
         adn_ordering: str = "NDA",
     ) -> None:
         super().__init__()
-        params = dict(spatial_dims=spatial_dims, channels=channels, strides=strides, kernel_size=kernel_size,
-                      up_kernel_size=up_kernel_size, num_res_units=num_res_units, act=act, norm=norm,
-                      dropout=dropout, adn_ordering=adn_ordering)
+        params = dict(
+            spatial_dims=spatial_dims,
+            channels=channels,
+            strides=strides,
+            kernel_size=kernel_size,
+            up_kernel_size=up_kernel_size,
+            num_res_units=num_res_units,
+            act=act,
+            norm=norm,
+            dropout=dropout,
+            adn_ordering=adn_ordering,
+        )
         if not plain_unet_supports(params):
             raise ValueError(f"PlainUNet does not rebuild these UNet parameters: {params}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -171,8 +198,9 @@ class PlainUNet(nn.Module):
             return layers.convolution(cin, cout, stride, kernel)
 
         def up(cin: int, cout: int, stride: int, is_top: bool) -> nn.Module:
-            conv = layers.convolution(cin, cout, stride, up_kernel, transposed=True,
-                                      conv_only=is_top and num_res_units == 0)
+            conv = layers.convolution(
+                cin, cout, stride, up_kernel, transposed=True, conv_only=is_top and num_res_units == 0
+            )
             if num_res_units > 0:
                 return nn.Sequential(conv, layers.residual_unit(cout, cout, 1, kernel, 1, last_conv_only=is_top))
             return conv

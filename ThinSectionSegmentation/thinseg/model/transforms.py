@@ -9,8 +9,9 @@ refused rather than guessed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Union
 
 import torch
 
@@ -58,9 +59,13 @@ class ConcatenateTransform:
             for k, v in self.key_groups.items()
         )
         if not ok or not self.key_groups:
-            raise ThinSegError(f"ConcatenateTransform key_groups must map a name to input names, not {self.key_groups!r}")
+            raise ThinSegError(
+                f"ConcatenateTransform key_groups must map a name to input names, not {self.key_groups!r}"
+            )
         if self.axis not in (0, -3):
-            raise ThinSegError(f"ConcatenateTransform along axis {self.axis} is not supported (only the channel axis 0)")
+            raise ThinSegError(
+                f"ConcatenateTransform along axis {self.axis} is not supported (only the channel axis 0)"
+            )
 
     def __call__(self, sample: Sample) -> Sample:
         for new_key, old_keys in self.key_groups.items():
@@ -72,7 +77,10 @@ class ConcatenateTransform:
         return sample
 
     def to_config(self) -> dict:
-        return {"name": self.NAME, "params": {"key_groups": {k: list(v) for k, v in self.key_groups.items()}, "axis": self.axis}}
+        return {
+            "name": self.NAME,
+            "params": {"key_groups": {k: list(v) for k, v in self.key_groups.items()}, "axis": self.axis},
+        }
 
 
 @dataclass(frozen=True)
@@ -163,7 +171,9 @@ class ArgmaxTransform:
             raise ThinSegError(f"ArgmaxTransform dim must be an integer, not {self.dim!r}")
         channel_dim = self.dim if self.batch_dim else _batched_axis(self.dim)
         if channel_dim not in (1, -3):
-            raise ThinSegError(f"ArgmaxTransform over dim {self.dim} (batch_dim={self.batch_dim}) is not the class axis")
+            raise ThinSegError(
+                f"ArgmaxTransform over dim {self.dim} (batch_dim={self.batch_dim}) is not the class axis"
+            )
 
     def labels(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) scores -> (B, H, W) uint8 labels first_label..first_label+C-1."""

@@ -14,21 +14,39 @@ Public API (conventions in `geometry`; the transform maps image mm -> QEMSCAN mm
 
 from thinseg.registration.coarse import CoarseResult, SearchRange, coarse_search
 from thinseg.registration.features import Scene, prepare_scene
-from thinseg.registration.geometry import Geometry
+from thinseg.registration.grids import Geometry
 from thinseg.registration.landmark_io import LandmarkPairs, read_landmarks
 from thinseg.registration.landmarks import LandmarkFit, fit_landmarks
 from thinseg.registration.ppxp import align_xp_to_pp, estimate_xp_offset
-from thinseg.registration.qemscan import QemscanMap, load_qemscan, read_color_table
+from thinseg.registration.qemscan_maps import QemscanMap, load_qemscan, read_color_table
 from thinseg.registration.refinement import RefineResult, refine
 from thinseg.registration.register import RegistrationResult, register_section
-from thinseg.registration.resample import resample_labels
-from thinseg.registration.transforms import SectionTransform, target_registration_error
+from thinseg.registration.sitk_transforms import SectionTransform, target_registration_error
+from thinseg.registration.warp import resample_labels
 
 __all__ = [
-    "CoarseResult", "Geometry", "LandmarkFit", "LandmarkPairs", "QemscanMap", "RefineResult",
-    "RegistrationResult", "Scene", "SearchRange", "SectionTransform", "align_xp_to_pp", "coarse_search",
-    "estimate_xp_offset", "fit_landmarks", "load_qemscan", "prepare_scene", "read_color_table",
-    "read_landmarks", "refine", "register_section", "resample_labels", "target_registration_error",
+    "CoarseResult",
+    "Geometry",
+    "LandmarkFit",
+    "LandmarkPairs",
+    "QemscanMap",
+    "RefineResult",
+    "RegistrationResult",
+    "Scene",
+    "SearchRange",
+    "SectionTransform",
+    "align_xp_to_pp",
+    "coarse_search",
+    "estimate_xp_offset",
+    "fit_landmarks",
+    "load_qemscan",
+    "prepare_scene",
+    "read_color_table",
+    "read_landmarks",
+    "refine",
+    "register_section",
+    "resample_labels",
+    "target_registration_error",
     "write_outputs",
 ]
 

@@ -17,8 +17,8 @@ import numpy as np
 from scipy import fft, ndimage
 
 from thinseg.registration.features import Scene
-from thinseg.registration.geometry import Geometry
-from thinseg.registration.transforms import SectionTransform, from_px_matrix
+from thinseg.registration.grids import Geometry
+from thinseg.registration.sitk_transforms import SectionTransform, from_px_matrix
 
 #: Coarse pixels across the longer side of the QEMSCAN footprint (bounds the FFT size).
 COARSE_PIXELS = 128
@@ -80,13 +80,20 @@ def _label_channels(labels: np.ndarray, n_labels: int) -> tuple[np.ndarray, list
     """One-hot float channels of the labels, the rarest merged so that at most MAX_CHANNELS remain."""
     counts = np.bincount(labels.ravel(), minlength=n_labels + 1)
     order = [int(v) for v in np.argsort(-counts) if counts[v] > 0]
-    groups = [[v] for v in order[: MAX_CHANNELS - 1]] + ([order[MAX_CHANNELS - 1:]] if len(order) >= MAX_CHANNELS else [])
+    groups = [[v] for v in order[: MAX_CHANNELS - 1]] + (
+        [order[MAX_CHANNELS - 1 :]] if len(order) >= MAX_CHANNELS else []
+    )
     chans = np.stack([np.isin(labels, g).astype(np.float32) for g in groups])
     return chans, groups
 
 
-def coarse_search(scene: Scene, geometry: Geometry, search: SearchRange = SearchRange(),
-                  coarse_clusters: np.ndarray | None = None, n_candidates: int = 3) -> CoarseResult:
+def coarse_search(
+    scene: Scene,
+    geometry: Geometry,
+    search: SearchRange = SearchRange(),
+    coarse_clusters: np.ndarray | None = None,
+    n_candidates: int = 3,
+) -> CoarseResult:
     """Best similarity over `search` by mutual information (see module doc)."""
     grid = scene.grid
     clusters = scene.coarse_clusters if coarse_clusters is None else coarse_clusters
@@ -107,7 +114,7 @@ def coarse_search(scene: Scene, geometry: Geometry, search: SearchRange = Search
     size = (hc + 2 * pad, wc + 2 * pad)
     fft_size = (fft.next_fast_len(size[0], real=True), fft.next_fast_len(size[1], real=True))
     fixed_big = np.zeros((n_k,) + fft_size, np.float32)
-    fixed_big[:, pad:pad + hc, pad:pad + wc] = fixed
+    fixed_big[:, pad : pad + hc, pad : pad + wc] = fixed
     f_fixed = np.conj(fft.rfft2(fixed_big, workers=-1)).astype(np.complex64)
 
     chans, _groups = _label_channels(scene.labels, scene.n_labels)
@@ -143,17 +150,31 @@ def coarse_search(scene: Scene, geometry: Geometry, search: SearchRange = Search
     mad = float(np.median(np.abs(scores - med))) * 1.4826 + 1e-9
     chosen: list[tuple] = []
     for r in results:  # distinct peaks only: a neighbour of a chosen hypothesis is the same peak
-        if not any(abs(r[1] - c[1]) <= 1.01 * rot_step and abs(r[2] - c[2]) <= 1.01 * scale_step
-                   and abs(r[3] - c[3]) <= 2 and abs(r[4] - c[4]) <= 2 for c in chosen):
+        if not any(
+            abs(r[1] - c[1]) <= 1.01 * rot_step
+            and abs(r[2] - c[2]) <= 1.01 * scale_step
+            and abs(r[3] - c[3]) <= 2
+            and abs(r[4] - c[4]) <= 2
+            for c in chosen
+        ):
             chosen.append(r)
         if len(chosen) == max(1, n_candidates):
             break
     # sampling the moving map at x + t means the map content sits at x - t: translation -t
-    candidates = [from_px_matrix(hypothesis_matrix(geometry, rot, sc, -sx * step_img, -sy * step_img), geometry, "similarity")
-                  for _mi, rot, sc, sy, sx in chosen]
+    candidates = [
+        from_px_matrix(hypothesis_matrix(geometry, rot, sc, -sx * step_img, -sy * step_img), geometry, "similarity")
+        for _mi, rot, sc, sy, sx in chosen
+    ]
     best = results[0]
-    return CoarseResult(candidates[0], best[0], (best[0] - med) / mad, candidates,
-                        best[1], best[2], (-best[4] * step_img, -best[3] * step_img))
+    return CoarseResult(
+        candidates[0],
+        best[0],
+        (best[0] - med) / mad,
+        candidates,
+        best[1],
+        best[2],
+        (-best[4] * step_img, -best[3] * step_img),
+    )
 
 
 def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -45,15 +45,17 @@ class LinearCorrection:
         d = (q0 - self.center) / self.rho
         gx, gy = gq[:, 0], gq[:, 1]
         if self.kind == "similarity":
-            return np.array([
-                (gx * d[:, 0] + gy * d[:, 1]).sum(),
-                (-gx * d[:, 1] + gy * d[:, 0]).sum(),
-                gx.sum(),
-                gy.sum(),
-            ])
-        return np.array([
-            (gx * d[:, 0]).sum(), (gx * d[:, 1]).sum(), (gy * d[:, 0]).sum(), (gy * d[:, 1]).sum(), gx.sum(), gy.sum()
-        ])
+            return np.array(
+                [
+                    (gx * d[:, 0] + gy * d[:, 1]).sum(),
+                    (-gx * d[:, 1] + gy * d[:, 0]).sum(),
+                    gx.sum(),
+                    gy.sum(),
+                ]
+            )
+        return np.array(
+            [(gx * d[:, 0]).sum(), (gx * d[:, 1]).sum(), (gy * d[:, 0]).sum(), (gy * d[:, 1]).sum(), gx.sum(), gy.sum()]
+        )
 
 
 def _affine_points(m: np.ndarray, pts: np.ndarray) -> np.ndarray:

@@ -46,8 +46,13 @@ class WorkGrid:
         return img
 
 
-def choose_grid(image_shape: tuple[int, int], image_mm: float, qemscan_mm: float,
-                per_qemscan: float = WORK_PER_QEMSCAN, max_pixels: int = MAX_WORK_PIXELS) -> WorkGrid:
+def choose_grid(
+    image_shape: tuple[int, int],
+    image_mm: float,
+    qemscan_mm: float,
+    per_qemscan: float = WORK_PER_QEMSCAN,
+    max_pixels: int = MAX_WORK_PIXELS,
+) -> WorkGrid:
     h, w = image_shape
     f = max(1, int(round(qemscan_mm / image_mm / per_qemscan)))
     while (h // f) * (w // f) > max_pixels:
@@ -129,9 +134,18 @@ class Scene:
         return self.qemscan_mm_per_pixel / self.grid.spacing_mm
 
 
-def prepare_scene(pp, xp, labels: np.ndarray, image_mm: float, qemscan_mm: float, *,
-                  n_labels: int | None = None, n_clusters: int = 24, n_coarse_clusters: int = 6,
-                  seed: int = 0) -> Scene:
+def prepare_scene(
+    pp,
+    xp,
+    labels: np.ndarray,
+    image_mm: float,
+    qemscan_mm: float,
+    *,
+    n_labels: int | None = None,
+    n_clusters: int = 24,
+    n_coarse_clusters: int = 6,
+    seed: int = 0,
+) -> Scene:
     """Reduce PP (and XP, may be None) to the working grid and quantise their colours."""
     grid = choose_grid(tuple(pp.shape[:2]), image_mm, qemscan_mm)
     pp_small = block_mean(pp, grid.factor)

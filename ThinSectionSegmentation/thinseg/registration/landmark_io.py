@@ -63,7 +63,8 @@ def read_landmarks(
     if len(lists) != 2:
         raise ThinSegError(
             "a markups file must hold two point lists (image, then QEMSCAN), or give the QEMSCAN points "
-            "in a second file", path
+            "in a second file",
+            path,
         )
     (img_mm, names), (q_mm, _) = lists
     if len(img_mm) != len(q_mm):

@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from thinseg.errors import ThinSegError
-from thinseg.registration.geometry import Geometry, inside
-from thinseg.registration.tps import ThinPlateSpline, tps_to_itk
-from thinseg.registration.transforms import (
+from thinseg.registration.grids import Geometry, inside
+from thinseg.registration.sitk_transforms import (
     KINDS,
     SectionTransform,
     image_center_mm,
     make_linear,
     px_matrix_to_mm,
 )
+from thinseg.registration.tps import ThinPlateSpline, tps_to_itk
 
 #: Fewest pairs accepted per kind (as the issue asks: >= 3, >= 4 for affine). With 3 pairs a
 #: thin-plate spline is an exact fit: residuals are 0 and no click can be checked (no outliers).
@@ -149,7 +149,11 @@ def _leave_one_out(src: np.ndarray, dst: np.ndarray, kind: str, active: list[int
 
 
 def check_landmarks(
-    qemscan_px: np.ndarray, image_px: np.ndarray, kind: str, geometry: Geometry, path=None,
+    qemscan_px: np.ndarray,
+    image_px: np.ndarray,
+    kind: str,
+    geometry: Geometry,
+    path=None,
     names: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validate shapes, count and positions; raise ThinSegError naming the offending landmarks
@@ -175,12 +179,14 @@ def check_landmarks(
     if len(bad_q):
         raise ThinSegError(
             f"landmark(s) {', '.join(label(i) for i in bad_q)} lie outside the QEMSCAN map "
-            f"({geometry.qemscan_shape[1]} x {geometry.qemscan_shape[0]} px)", path
+            f"({geometry.qemscan_shape[1]} x {geometry.qemscan_shape[0]} px)",
+            path,
         )
     if len(bad_p):
         raise ThinSegError(
             f"landmark(s) {', '.join(label(i) for i in bad_p)} lie outside the PP image "
-            f"({geometry.image_shape[1]} x {geometry.image_shape[0]} px)", path
+            f"({geometry.image_shape[1]} x {geometry.image_shape[0]} px)",
+            path,
         )
     return q, p
 

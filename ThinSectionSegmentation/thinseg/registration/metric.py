@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from thinseg.registration.features import Scene, WorkGrid
-from thinseg.registration.transforms import SectionTransform
+from thinseg.registration.sitk_transforms import SectionTransform
 
 #: Shift (QEMSCAN px) of the "unrelated" positions that the match contrast compares against.
 CONTRAST_SHIFT = 15.0

@@ -36,7 +36,9 @@ def blurred_channels(labels: np.ndarray, n_labels: int, sigma_px: float) -> np.n
     for k in range(n_labels + 1):
         onehot = (labels == k).astype(np.float32)
         if onehot.any():
-            out[k, PAD:-PAD, PAD:-PAD] = ndimage.gaussian_filter(onehot, sigma_px, mode="constant") if sigma_px > 0 else onehot
+            out[k, PAD:-PAD, PAD:-PAD] = (
+                ndimage.gaussian_filter(onehot, sigma_px, mode="constant") if sigma_px > 0 else onehot
+            )
     return out
 
 

@@ -8,13 +8,21 @@ parameters in units of about one QEMSCAN pixel, so a plain two-loop L-BFGS with 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 
-def lbfgs(fun: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.ndarray, *, max_iter: int = 40,
-          memory: int = 8, gtol: float = 1e-8, ftol: float = 1e-10, first_step: float = 1.0) -> tuple[np.ndarray, float, int]:
+def lbfgs(
+    fun: Callable[[np.ndarray], tuple[float, np.ndarray]],
+    x0: np.ndarray,
+    *,
+    max_iter: int = 40,
+    memory: int = 8,
+    gtol: float = 1e-8,
+    ftol: float = 1e-10,
+    first_step: float = 1.0,
+) -> tuple[np.ndarray, float, int]:
     """Minimise fun (value, gradient) from x0; returns (x, value, evaluations).
 
     first_step: length of the first move (parameter units), before curvature is known.

@@ -22,13 +22,13 @@ import numpy as np
 import SimpleITK as sitk
 
 import thinseg
-from thinseg.classes import ClassTable
+from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
-from thinseg.jsonutil import json_default
-from thinseg.registration.geometry import Geometry
+from thinseg.jsonio import json_default
+from thinseg.registration.grids import Geometry
 from thinseg.registration.register import RegistrationResult
-from thinseg.registration.resample import resample_labels
-from thinseg.registration.transforms import SectionTransform, linear_matrix
+from thinseg.registration.sitk_transforms import SectionTransform, linear_matrix
+from thinseg.registration.warp import resample_labels
 
 FORMAT = "thinseg-registration/1"
 CONVENTION = (
@@ -54,8 +54,11 @@ def transform_json(transform: SectionTransform, result: RegistrationResult | Non
     g = transform.geometry
     itk = transform.itk.Downcast()
     parts = []
-    for sub in (itk.GetNthTransform(i).Downcast() for i in range(itk.GetNumberOfTransforms())) \
-            if isinstance(itk, sitk.CompositeTransform) else [itk]:
+    for sub in (
+        (itk.GetNthTransform(i).Downcast() for i in range(itk.GetNumberOfTransforms()))
+        if isinstance(itk, sitk.CompositeTransform)
+        else [itk]
+    ):
         entry = {"class": sub.GetName()}
         if isinstance(sub, sitk.DisplacementFieldTransform):
             entry["parameters"] = "sampled field, see the .tfm file"
@@ -87,8 +90,12 @@ def load_transform(json_path: str | os.PathLike[str]) -> SectionTransform:
     json_path = Path(json_path)
     try:
         doc = json.loads(json_path.read_text(encoding="utf-8"))
-        g = Geometry(tuple(doc["image"]["shape"]), doc["image"]["mm_per_pixel"],
-                     tuple(doc["qemscan"]["shape"]), doc["qemscan"]["mm_per_pixel"])
+        g = Geometry(
+            tuple(doc["image"]["shape"]),
+            doc["image"]["mm_per_pixel"],
+            tuple(doc["qemscan"]["shape"]),
+            doc["qemscan"]["mm_per_pixel"],
+        )
         kind = doc["kind"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ThinSegError(f"not a thinseg registration record ({error})", json_path) from None
@@ -111,7 +118,9 @@ def boundary_overlay(pp_preview: np.ndarray, labels: np.ndarray, table: ClassTab
     return out
 
 
-def _write_overlay(path: Path, pp: np.ndarray, qemscan: np.ndarray, transform: SectionTransform, table: ClassTable) -> None:
+def _write_overlay(
+    path: Path, pp: np.ndarray, qemscan: np.ndarray, transform: SectionTransform, table: ClassTable
+) -> None:
     from PIL import Image
 
     step = max(1, int(np.ceil(max(pp.shape[:2]) / OVERLAY_SIDE)))
@@ -126,13 +135,29 @@ def _write_labels_tif(path: Path, labels: np.ndarray, table: ClassTable, mm_per_
     cmap = np.zeros((3, 256), dtype=np.uint16)
     for k, rgb in enumerate(table.lut()):
         cmap[:, k] = np.array(rgb, dtype=np.uint16) * 257
-    tifffile.imwrite(path, labels, photometric="palette", colormap=cmap, compression="zlib",
-                     resolution=(10.0 / mm_per_pixel, 10.0 / mm_per_pixel), resolutionunit="CENTIMETER",
-                     description=json.dumps({"classes": table.geoslicer_labels()}), tile=(512, 512))
+    tifffile.imwrite(
+        path,
+        labels,
+        photometric="palette",
+        colormap=cmap,
+        compression="zlib",
+        resolution=(10.0 / mm_per_pixel, 10.0 / mm_per_pixel),
+        resolutionunit="CENTIMETER",
+        description=json.dumps({"classes": table.geoslicer_labels()}),
+        tile=(512, 512),
+    )
 
 
-def write_outputs(result: RegistrationResult, folder: str | os.PathLike[str], stem: str, pp: np.ndarray,
-                  qemscan: np.ndarray, *, netcdf: bool = True, overwrite: bool = False) -> OutputPaths:
+def write_outputs(
+    result: RegistrationResult,
+    folder: str | os.PathLike[str],
+    stem: str,
+    pp: np.ndarray,
+    qemscan: np.ndarray,
+    *,
+    netcdf: bool = True,
+    overwrite: bool = False,
+) -> OutputPaths:
     """Write every output file of `result` (see module doc); nothing is left on failure."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,7 +172,11 @@ def write_outputs(result: RegistrationResult, folder: str | os.PathLike[str], st
         overlay_before=folder / f"{stem}_overlay_before.png" if refined else None,
         overlay_after=folder / f"{stem}_overlay_after.png" if refined else folder / f"{stem}_overlay.png",
     )
-    finals = [p for p in (paths.tfm, paths.json, paths.labels_tif, paths.netcdf, paths.overlay_before, paths.overlay_after) if p]
+    finals = [
+        p
+        for p in (paths.tfm, paths.json, paths.labels_tif, paths.netcdf, paths.overlay_before, paths.overlay_after)
+        if p
+    ]
     if not overwrite:
         taken = [p.name for p in finals if p.exists()]
         if taken:
@@ -159,7 +188,9 @@ def write_outputs(result: RegistrationResult, folder: str | os.PathLike[str], st
         sitk.WriteTransform(result.transform.itk, str(temps[paths.tfm]))
         doc = transform_json(result.transform, result)
         doc["files"] = {k: (v.name if v else None) for k, v in vars(paths).items()}
-        temps[paths.json].write_text(json.dumps(_finite(doc), indent=2, default=json_default, allow_nan=False), encoding="utf-8")
+        temps[paths.json].write_text(
+            json.dumps(_finite(doc), indent=2, default=json_default, allow_nan=False), encoding="utf-8"
+        )
         _write_labels_tif(temps[paths.labels_tif], result.labels, result.table, g.image_mm_per_pixel)
         if paths.overlay_before is not None:
             _write_overlay(temps[paths.overlay_before], pp, qemscan, result.initial, result.table)
@@ -188,7 +219,11 @@ def _write_netcdf(path: Path, stem: str, pp: np.ndarray, result: RegistrationRes
         if result.xp is not None:
             writer.add_rgb_image(f"{stem}_XP", result.xp, mm)
         writer.add_labelmap(
-            f"{stem}_QEMSCAN", result.labels, result.table, mm, reference=pp_name,
+            f"{stem}_QEMSCAN",
+            result.labels,
+            result.table,
+            mm,
+            reference=pp_name,
             attrs={"registration": f"{result.transform.kind}; mutual information {result.metric_final:.3f} bits"},
         )
 

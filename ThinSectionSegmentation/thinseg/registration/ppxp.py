@@ -90,7 +90,13 @@ class XpAlignment:
         return f"XP offset from PP by dy {self.dy:+g}, dx {self.dx:+g} px{turn} (score {self.score:.1f}); aligned to PP"
 
     def as_dict(self) -> dict:
-        return {"dy": self.dy, "dx": self.dx, "angle_deg": self.angle_deg, "score": self.score, "reliable": self.reliable}
+        return {
+            "dy": self.dy,
+            "dx": self.dx,
+            "angle_deg": self.angle_deg,
+            "score": self.score,
+            "reliable": self.reliable,
+        }
 
     def apply(self, xp: np.ndarray) -> np.ndarray:
         """XP resampled onto the PP grid (uncovered pixels black, an empty field under crossed polars)."""
@@ -120,8 +126,9 @@ def _rotate_shift(image: np.ndarray, angle_deg: float, dy: float, dx: float, ord
     return out
 
 
-def estimate_xp_alignment(pp: np.ndarray, xp: np.ndarray, *, window: int = WINDOW,
-                          max_rotation_deg: float = MAX_ROTATION_DEG) -> XpAlignment:
+def estimate_xp_alignment(
+    pp: np.ndarray, xp: np.ndarray, *, window: int = WINDOW, max_rotation_deg: float = MAX_ROTATION_DEG
+) -> XpAlignment:
     """The rigid placement of XP on PP (see module doc); an unreliable match says so."""
     win = _window(pp.shape[:2], window)
     pp_edges = _edges(pp[win])

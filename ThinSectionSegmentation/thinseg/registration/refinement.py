@@ -20,7 +20,7 @@ from thinseg.registration.features import Scene
 from thinseg.registration.metric import OUTSIDE, contingency, measure
 from thinseg.registration.objective import Sampler, blurred_channels, pmi_table, score_maps
 from thinseg.registration.optimize import lbfgs
-from thinseg.registration.transforms import (
+from thinseg.registration.sitk_transforms import (
     SectionTransform,
     change_summary,
     compose,
@@ -69,8 +69,9 @@ def _nearest_labels(labels: np.ndarray, q: np.ndarray) -> np.ndarray:
     return out
 
 
-def climb(scene: Scene, q0_all: np.ndarray, model, theta: np.ndarray, levels, *, seed: int = 0,
-          penalty: float = 0.0) -> tuple[np.ndarray, list[dict]]:
+def climb(
+    scene: Scene, q0_all: np.ndarray, model, theta: np.ndarray, levels, *, seed: int = 0, penalty: float = 0.0
+) -> tuple[np.ndarray, list[dict]]:
     """EM climb of `model` (a correction of the points q0) over `levels`; returns the
     parameters and a log. Each level draws its own random subset of work pixels."""
     rng = np.random.default_rng(seed)
@@ -83,7 +84,9 @@ def climb(scene: Scene, q0_all: np.ndarray, model, theta: np.ndarray, levels, *,
         cl = clusters_all[pick]
         channels = blurred_channels(scene.labels, scene.n_labels, sigma)
         for _ in range(rounds):
-            table = contingency(cl, _nearest_labels(scene.labels, model.apply(theta, base)), scene.n_clusters, scene.n_labels)
+            table = contingency(
+                cl, _nearest_labels(scene.labels, model.apply(theta, base)), scene.n_clusters, scene.n_labels
+            )
             sampler = Sampler(score_maps(channels, pmi_table(table)), cl)
 
             def objective(t: np.ndarray) -> tuple[float, np.ndarray]:
@@ -116,8 +119,17 @@ def _compose_linear(scene: Scene, initial: SectionTransform, corr_px: np.ndarray
     return SectionTransform(initial.kind, itk, g, dict(initial.details))
 
 
-def refine(scene: Scene, initial: SectionTransform, *, kind: str | None = None, bspline: bool = False,
-           bspline_mesh: int = 6, levels=LINEAR_LEVELS, check: bool = True, seed: int = 0) -> RefineResult:
+def refine(
+    scene: Scene,
+    initial: SectionTransform,
+    *,
+    kind: str | None = None,
+    bspline: bool = False,
+    bspline_mesh: int = 6,
+    levels=LINEAR_LEVELS,
+    check: bool = True,
+    seed: int = 0,
+) -> RefineResult:
     """Refine `initial` on a prepared scene (`features.prepare_scene`).
 
     kind: "similarity" or "affine" correction (default: similarity for a similarity start,
@@ -156,7 +168,9 @@ def _bspline_stage(scene: Scene, linear: SectionTransform, mesh: int, seed: int)
     cq = linear.map_image_px(corners)
     lo, hi = cq.min(axis=0) - 1.0, cq.max(axis=0) + 1.0
     model = BSplineCorrection(lo, hi, (mesh, mesh))
-    theta, history = climb(scene, q1_all, model, model.identity(), BSPLINE_LEVELS, seed=seed + 1, penalty=BSPLINE_PENALTY)
+    theta, history = climb(
+        scene, q1_all, model, model.identity(), BSPLINE_LEVELS, seed=seed + 1, penalty=BSPLINE_PENALTY
+    )
     bs = model.to_itk(theta, g.qemscan_mm_per_pixel)
     itk = compose(bs, linear.itk)
     details = dict(linear.details)

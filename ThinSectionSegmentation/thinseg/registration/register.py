@@ -10,23 +10,24 @@ failure at any step leaves no files behind.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from thinseg.classes import ClassTable
+from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 from thinseg.registration.coarse import CoarseResult, SearchRange, coarse_search
 from thinseg.registration.features import Scene, prepare_scene
-from thinseg.registration.geometry import Geometry, grid_points
+from thinseg.registration.grids import Geometry, grid_points
 from thinseg.registration.landmark_io import LandmarkPairs
 from thinseg.registration.landmarks import LandmarkFit, fit_landmarks
 from thinseg.registration.metric import match_contrast, measure
 from thinseg.registration.ppxp import XpAlignment, estimate_xp_alignment
-from thinseg.registration.refinement import LINEAR_LEVELS, RefineResult, refine as refine_transform
-from thinseg.registration.resample import resample_labels
-from thinseg.registration.transforms import SectionTransform, change_summary, describe_linear
+from thinseg.registration.refinement import LINEAR_LEVELS, RefineResult
+from thinseg.registration.refinement import refine as refine_transform
+from thinseg.registration.sitk_transforms import SectionTransform, change_summary, describe_linear
+from thinseg.registration.warp import resample_labels
 
 #: Least share of the image that must land on labelled QEMSCAN pixels.
 MIN_OVERLAP = 0.2
@@ -159,7 +160,9 @@ def register_section(
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     _check_inputs(pp, xp, qemscan, table)
-    geometry = Geometry(tuple(pp.shape[:2]), float(image_mm_per_pixel), tuple(qemscan.shape), float(qemscan_mm_per_pixel))
+    geometry = Geometry(
+        tuple(pp.shape[:2]), float(image_mm_per_pixel), tuple(qemscan.shape), float(qemscan_mm_per_pixel)
+    )
     warnings: list[str] = []
     if landmarks is None and not refine:
         raise ThinSegError("without landmarks the automatic refinement is needed (give landmarks or allow refinement)")
@@ -198,8 +201,9 @@ def register_section(
     t = time.perf_counter()
     if refine or landmarks is None:
         say("preparing the colour clusters")
-        scene = prepare_scene(pp, xp_aligned, qemscan, geometry.image_mm_per_pixel, geometry.qemscan_mm_per_pixel,
-                              n_labels=len(table))
+        scene = prepare_scene(
+            pp, xp_aligned, qemscan, geometry.image_mm_per_pixel, geometry.qemscan_mm_per_pixel, n_labels=len(table)
+        )
     seconds["features"] = time.perf_counter() - t
     if landmarks is None:
         t = time.perf_counter()
@@ -208,12 +212,27 @@ def register_section(
         initial = coarse.transform
         seconds["coarse_search"] = time.perf_counter() - t
 
-    result = RegistrationResult(initial, initial, None, table, geometry, fit, coarse, xp_offset=xp_offset,
-                                xp_peak=xp_peak, xp_alignment=xp_alignment, xp=xp_aligned, warnings=warnings, seconds=seconds)
+    result = RegistrationResult(
+        initial,
+        initial,
+        None,
+        table,
+        geometry,
+        fit,
+        coarse,
+        xp_offset=xp_offset,
+        xp_peak=xp_peak,
+        xp_alignment=xp_alignment,
+        xp=xp_aligned,
+        warnings=warnings,
+        seconds=seconds,
+    )
     if refine:
         t = time.perf_counter()
         say("refining automatically")
-        result.refinement, result.initial, result.contrast = _refine(scene, initial, coarse, correction, bspline, bspline_mesh)
+        result.refinement, result.initial, result.contrast = _refine(
+            scene, initial, coarse, correction, bspline, bspline_mesh
+        )
         result.transform = result.refinement.transform
         result.metric_initial = result.refinement.metric_initial
         result.metric_final = result.refinement.metric_final
@@ -237,8 +256,9 @@ def register_section(
     return result
 
 
-def _refine(scene: Scene, initial: SectionTransform, coarse: CoarseResult | None, kind: str, bspline: bool,
-            mesh: int) -> tuple[RefineResult, SectionTransform, float]:
+def _refine(
+    scene: Scene, initial: SectionTransform, coarse: CoarseResult | None, kind: str, bspline: bool, mesh: int
+) -> tuple[RefineResult, SectionTransform, float]:
     """Refine the start; after a coarse search whose best candidate does not end in a convincing
     match (low contrast), try the runner-ups with the first refinement level and finish the
     first one that does."""

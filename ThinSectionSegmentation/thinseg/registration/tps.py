@@ -37,7 +37,7 @@ class ThinPlateSpline:
     scale: float
 
     @classmethod
-    def fit(cls, src: np.ndarray, dst: np.ndarray, regularization: float = 0.0) -> "ThinPlateSpline":
+    def fit(cls, src: np.ndarray, dst: np.ndarray, regularization: float = 0.0) -> ThinPlateSpline:
         src = np.asarray(src, dtype=np.float64).reshape(-1, 2)
         dst = np.asarray(dst, dtype=np.float64).reshape(-1, 2)
         n = len(src)
@@ -104,7 +104,7 @@ def tps_to_itk(
     h, w = image_shape
     extent = np.array([w - 1, h - 1], dtype=np.float64) * image_mm_per_pixel
     step = max(float(extent.max()) / (MAX_FIELD_NODES - 3), 4 * image_mm_per_pixel)
-    nodes = (np.ceil(extent / step).astype(int) + 3)  # one node of margin each side
+    nodes = np.ceil(extent / step).astype(int) + 3  # one node of margin each side
     origin = -step * np.ones(2)
     xs = origin[0] + step * np.arange(nodes[0])
     ys = origin[1] + step * np.arange(nodes[1])

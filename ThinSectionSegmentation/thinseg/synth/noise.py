@@ -30,7 +30,7 @@ def _bilinear_upsample(low: np.ndarray, step: int, h: int, w: int) -> np.ndarray
     ny, nx = -(-h // step), -(-w // step)
     rows = low[: ny + 1, None, :] * (1 - frac)[None, :, None] + low[1 : ny + 2, None, :] * frac[None, :, None]
     rows = rows.reshape(-1, low.shape[1])[:h]
-    out = rows[:, : nx, None] * (1 - frac)
+    out = rows[:, :nx, None] * (1 - frac)
     out += rows[:, 1 : nx + 1, None] * frac
     return np.ascontiguousarray(out.reshape(h, -1)[:, :w])
 

@@ -32,15 +32,17 @@ def _lobe(lam: np.ndarray, mu: float, s1: float, s2: float) -> np.ndarray:
 
 def _cie_xyz(lam: np.ndarray) -> np.ndarray:
     """CIE 1931 2-degree observer, multi-lobe Gaussian fit (Wyman, Sloan & Shirley, JCGT 2013)."""
-    x = 1.056 * _lobe(lam, 599.8, 37.9, 31.0) + 0.362 * _lobe(lam, 442.0, 16.0, 26.7) - 0.065 * _lobe(lam, 501.1, 20.4, 26.2)
+    x = (
+        1.056 * _lobe(lam, 599.8, 37.9, 31.0)
+        + 0.362 * _lobe(lam, 442.0, 16.0, 26.7)
+        - 0.065 * _lobe(lam, 501.1, 20.4, 26.2)
+    )
     y = 0.821 * _lobe(lam, 568.8, 46.9, 40.5) + 0.286 * _lobe(lam, 530.9, 16.3, 31.1)
     z = 1.217 * _lobe(lam, 437.0, 11.8, 36.0) + 0.681 * _lobe(lam, 459.0, 26.0, 13.8)
     return np.stack([x, y, z], axis=1)
 
 
-_XYZ_TO_LINEAR_SRGB = np.array(
-    [[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]]
-)
+_XYZ_TO_LINEAR_SRGB = np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]])
 
 
 @lru_cache(maxsize=1)

@@ -9,12 +9,12 @@ linear light and are encoded at the end.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from thinseg.synth.geometry import CALCITE, CLAY, DOLOMITE, FELDSPAR, OPAQUE, OTHERS, PORE, QUARTZ, Geometry
+from thinseg.synth.grains import CALCITE, CLAY, DOLOMITE, FELDSPAR, OPAQUE, OTHERS, PORE, QUARTZ, Geometry
 from thinseg.synth.noise import blur, blur_reach, smooth_noise, white_noise
 from thinseg.synth.optics import BIREFRINGENCE, THICKNESS_NM, interference_colour, linear_to_srgb255
 
@@ -171,8 +171,16 @@ def render(rng: np.random.Generator, geom: Geometry, res: float) -> tuple[np.nda
 Renderer = Callable[["Pixels", Geometry, GrainOptics, Fields, float], tuple[np.ndarray, np.ndarray]]
 
 
-def _paint(fn: Renderer, idx: np.ndarray, geom: Geometry, optics: GrainOptics, fields: Fields, res: float,
-           pp: np.ndarray, xp: np.ndarray) -> None:
+def _paint(
+    fn: Renderer,
+    idx: np.ndarray,
+    geom: Geometry,
+    optics: GrainOptics,
+    fields: Fields,
+    res: float,
+    pp: np.ndarray,
+    xp: np.ndarray,
+) -> None:
     if idx.size == 0:
         return
     width = geom.labels.shape[1]
@@ -356,7 +364,12 @@ def _feldspar(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: f
 
 
 _RENDERERS: dict[int, Renderer | None] = {
-    CALCITE: _calcite, DOLOMITE: _dolomite, CLAY: _clay, PORE: _pore, QUARTZ: _quartz, OTHERS: None,
+    CALCITE: _calcite,
+    DOLOMITE: _dolomite,
+    CLAY: _clay,
+    PORE: _pore,
+    QUARTZ: _quartz,
+    OTHERS: None,
 }
 
 

@@ -6,20 +6,20 @@ sections never come with exact per-pixel truth or a known QEMSCAN-to-image trans
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
-from thinseg.classes import ClassTable
-from thinseg.synth.geometry import build_geometry
-from thinseg.synth.qemscan import (
+from thinseg.classes.table import ClassTable
+from thinseg.synth.grains import build_geometry
+from thinseg.synth.qemscan_like import (
     QEMSCAN_MINERALS,
     coarse_majority,
     draw_misalignment,
     fine_qemscan_values,
-    qemscan_to_class,
     qemscan_table,
+    qemscan_to_class,
     qemscan_transform,
 )
 from thinseg.synth.render import render
@@ -34,10 +34,10 @@ REFERENCE_MM_PER_PIXEL = 0.00132
 
 @dataclass
 class SyntheticSection:
-    """A generated section. `labels` use the class order of `thinseg.classes.default_class_table()`.
+    """A generated section. `labels` use the class order of `thinseg.classes.table.default_class_table()`.
 
     qemscan_to_image is the 3x3 matrix A with [x_img, y_img, 1]^T = A @ [x_q, y_q, 1]^T in
-    pixel-centre coordinates (pixel (i, j) centre: x = j, y = i); see `thinseg.synth.qemscan`.
+    pixel-centre coordinates (pixel (i, j) centre: x = j, y = i); see `thinseg.synth.qemscan_like`.
     qemscan_mm_per_pixel is the nominal QEMSCAN pixel size; the true one includes the scale error
     hidden in A (as with a miscalibrated scan), so registration must recover it.
     """
@@ -53,11 +53,20 @@ class SyntheticSection:
     image_to_class: dict[int, int]
 
 
-def generate_section(height: int, width: int, seed: int = 0, *, mm_per_pixel: float = 0.00132,
-                     qemscan_mm_per_pixel: float = 0.01, class_weights: Sequence[float] | None = None,
-                     grain_size_mm: float = 0.15, misalignment: bool = True,
-                     rotation_deg: float | None = None, scale: float | None = None,
-                     translation_px: tuple[float, float] | None = None) -> SyntheticSection:
+def generate_section(
+    height: int,
+    width: int,
+    seed: int = 0,
+    *,
+    mm_per_pixel: float = 0.00132,
+    qemscan_mm_per_pixel: float = 0.01,
+    class_weights: Sequence[float] | None = None,
+    grain_size_mm: float = 0.15,
+    misalignment: bool = True,
+    rotation_deg: float | None = None,
+    scale: float | None = None,
+    translation_px: tuple[float, float] | None = None,
+) -> SyntheticSection:
     """Generate a section deterministically from `seed`.
 
     class_weights: relative areas of the six classes (default DEFAULT_CLASS_WEIGHTS).
@@ -88,11 +97,21 @@ def generate_section(height: int, width: int, seed: int = 0, *, mm_per_pixel: fl
     )
 
 
-def _check_inputs(height: int, width: int, mm_per_pixel: float, qemscan_mm_per_pixel: float,
-                  grain_size_mm: float, class_weights: Sequence[float] | None) -> np.ndarray:
+def _check_inputs(
+    height: int,
+    width: int,
+    mm_per_pixel: float,
+    qemscan_mm_per_pixel: float,
+    grain_size_mm: float,
+    class_weights: Sequence[float] | None,
+) -> np.ndarray:
     if height < 8 or width < 8:
         raise ValueError(f"section must be at least 8 x 8 pixels, got {height} x {width}")
-    for name, v in (("mm_per_pixel", mm_per_pixel), ("qemscan_mm_per_pixel", qemscan_mm_per_pixel), ("grain_size_mm", grain_size_mm)):
+    for name, v in (
+        ("mm_per_pixel", mm_per_pixel),
+        ("qemscan_mm_per_pixel", qemscan_mm_per_pixel),
+        ("grain_size_mm", grain_size_mm),
+    ):
         if not v > 0:
             raise ValueError(f"{name} must be positive, got {v}")
     weights = np.asarray(DEFAULT_CLASS_WEIGHTS if class_weights is None else class_weights, dtype=np.float64)
@@ -101,7 +120,9 @@ def _check_inputs(height: int, width: int, mm_per_pixel: float, qemscan_mm_per_p
     return weights
 
 
-def render_labels_rgb(labels: np.ndarray, table: ClassTable, background: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+def render_labels_rgb(
+    labels: np.ndarray, table: ClassTable, background: tuple[int, int, int] = (0, 0, 0)
+) -> np.ndarray:
     """(H, W, 3) uint8 colour picture of a label map (value k -> colour of class k, 0 -> background)."""
     lut = np.array(table.lut(background), np.uint8)
     return lut[np.minimum(labels, len(lut) - 1)]

@@ -8,10 +8,8 @@ and patch maps), sampler (class balance), augment, dataset (patch streams), loss
 validate, export, checkpoint, curves, split, loop (the run).
 """
 
-from thinseg.training.config import AugmentConfig, TrainConfig, TrainResult
-from thinseg.training.loop import train
-from thinseg.training.mapping import build_mapping, default_mapping, load_mapping_csv
-from thinseg.training.sections import (
+from thinseg.data.mapping import build_mapping, default_mapping, load_mapping_csv
+from thinseg.data.sections import (
     ArraySection,
     FileSection,
     NetcdfSection,
@@ -20,6 +18,8 @@ from thinseg.training.sections import (
     open_sections,
     synthetic_sections,
 )
+from thinseg.training.config import AugmentConfig, TrainConfig, TrainResult
+from thinseg.training.loop import train
 from thinseg.training.split import load_split, save_split, split_names
 
 __all__ = [

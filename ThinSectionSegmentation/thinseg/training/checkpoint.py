@@ -33,7 +33,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure means the file is unusable
-        raise ThinSegError(f"checkpoint cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", path) from None
+        raise ThinSegError(
+            f"checkpoint cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", path
+        ) from None
     if not isinstance(state, dict) or "epoch" not in state or "model" not in state:
         raise ThinSegError("not a thinseg training checkpoint", path)
     return state

@@ -5,11 +5,12 @@ so a call only names the data and the output folder.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
-from thinseg.classes import ClassTable, default_class_table
+from thinseg.classes.table import ClassTable, default_class_table
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -28,7 +29,7 @@ class AugmentConfig:
     scale: float = 0.10  # patches are zoomed by a factor in [1 - scale, 1 + scale]
 
     @classmethod
-    def none(cls) -> "AugmentConfig":
+    def none(cls) -> AugmentConfig:
         return cls(flips=False, rot90=False, brightness=0.0, contrast=0.0, saturation=0.0, channel_gain=0.0, scale=0.0)
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def write_log_csv(path: Path, history: Sequence[dict[str, Any]]) -> Path:

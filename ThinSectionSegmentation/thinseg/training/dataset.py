@@ -8,8 +8,8 @@ same seed yield identical batches in the same order.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +54,9 @@ class PatchStream(IterableDataset):
                 raise ValueError(f"section {s.name!r} was prepared without a patch index")
             for role in roles:
                 if s.section.source(role) is None:
-                    raise ThinSegError(f"training section {s.name!r} has no {role} image (the model needs {', '.join(roles)})")
+                    raise ThinSegError(
+                        f"training section {s.name!r} has no {role} image (the model needs {', '.join(roles)})"
+                    )
         self.sections = list(sections)
         self.roles = tuple(roles)
         self.n_classes = n_classes

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from thinseg.classes import ClassTable
+from thinseg.classes.table import ClassTable
 from thinseg.model.bundle import save_bundle
 
 #: GeoSlicer calls the cross-polarised input "PX".

@@ -12,14 +12,16 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from thinseg.data.sections import Section, canonical_role, open_sections
 from thinseg.errors import ThinSegError
 from thinseg.inference.device import cpu_has_native_bf16, select_device
 from thinseg.model.bundle import load_bundle
@@ -33,7 +35,6 @@ from thinseg.training.export import bundle_input_names, export_bundle
 from thinseg.training.losses import dice_ce_loss
 from thinseg.training.model import ModelSpec, model_from_bundle, new_model
 from thinseg.training.prepare import PreparedSection, prepare_sections
-from thinseg.training.sections import Section, canonical_role, open_sections
 from thinseg.training.split import apply_split, load_split, save_split, split_names
 from thinseg.training.validate import ValSection, make_val_sections, validate
 
@@ -140,8 +141,11 @@ class TrainingRun:
     def _check_output(self) -> None:
         c = self.config
         if self.checkpoint_path.exists() and not c.resume and not c.overwrite:
-            raise ThinSegError("a training run already exists here: resume it (resume=True / --resume) "
-                               "or start again (overwrite=True)", self.out)
+            raise ThinSegError(
+                "a training run already exists here: resume it (resume=True / --resume) "
+                "or start again (overwrite=True)",
+                self.out,
+            )
         if c.overwrite and not c.resume:
             for name in (CHECKPOINT_FILE, LOG_FILE, CURVES_FILE):
                 (self.out / name).unlink(missing_ok=True)
@@ -150,13 +154,22 @@ class TrainingRun:
         c = self.config
         if c.init_from is not None:
             spec = model_from_bundle(c.init_from)
-            self.log(f"fine-tuning {c.init_from}: inputs {'+'.join(spec.roles)}, classes {', '.join(spec.class_table.names)}")
+            self.log(
+                f"fine-tuning {c.init_from}: inputs {'+'.join(spec.roles)}, classes {', '.join(spec.class_table.names)}"
+            )
             return spec
         roles = tuple(canonical_role(r) for r in c.inputs)
         if not roles or roles[0] != "PP" or len(set(roles)) != len(roles):
             raise ThinSegError(f"inputs must be ('PP',) or ('PP', 'XP'), not {tuple(c.inputs)}")
-        return new_model(roles, c.class_table, name=c.network, base_channels=c.base_channels, depth=c.depth,
-                         num_res_units=c.num_res_units, norm=c.norm)
+        return new_model(
+            roles,
+            c.class_table,
+            name=c.network,
+            base_channels=c.base_channels,
+            depth=c.depth,
+            num_res_units=c.num_res_units,
+            norm=c.norm,
+        )
 
     def _check_patch_size(self) -> None:
         """U-Net skips need sides divisible by the product of the strides (16 for depth 5)."""
@@ -169,8 +182,10 @@ class TrainingRun:
         for section in self.parts[part]:
             missing = [r for r in self.roles if section.source(r) is None]
             if missing:
-                raise ThinSegError(f"{part} section {section.name!r} has no {'/'.join(missing)} image "
-                                   f"(the model needs {'+'.join(self.roles)})")
+                raise ThinSegError(
+                    f"{part} section {section.name!r} has no {'/'.join(missing)} image "
+                    f"(the model needs {'+'.join(self.roles)})"
+                )
 
     def _split(self) -> dict[str, list[Section]]:
         """Sections per part; a pooled list is split by section and the split saved/reused."""
@@ -186,15 +201,23 @@ class TrainingRun:
                 split = split_names([s.name for s in pooled], c.val_fraction, c.test_fraction, c.seed)
             parts = apply_split(pooled, split)
         else:
-            parts = {"train": open_sections(c.train_sections), "val": open_sections(c.val_sections),
-                     "test": open_sections(c.test_sections)}
+            parts = {
+                "train": open_sections(c.train_sections),
+                "val": open_sections(c.val_sections),
+                "test": open_sections(c.test_sections),
+            }
         if not parts["train"]:
             raise ThinSegError("no training sections given")
         names = [s.name for p in parts.values() for s in p]
         if len(set(names)) != len(names):
             raise ThinSegError("section names must be unique across train/val/test")
-        save_split(split_path, {p: [s.name for s in parts[p]] for p in parts}, seed=c.seed,
-                   val_fraction=c.val_fraction, test_fraction=c.test_fraction)
+        save_split(
+            split_path,
+            {p: [s.name for s in parts[p]] for p in parts},
+            seed=c.seed,
+            val_fraction=c.val_fraction,
+            test_fraction=c.test_fraction,
+        )
         return parts  # type: ignore[return-value]
 
     def _pixels_per_mm(self) -> float:
@@ -211,9 +234,16 @@ class TrainingRun:
     def _prepare_train(self) -> list[PreparedSection]:
         c = self.config
         t = time.perf_counter()
-        prepared = prepare_sections(self.parts["train"], self.class_table, patch_size=c.patch_size,
-                                    model_mm_per_pixel=1.0 / self.pixels_per_mm, mapping_csv=c.mapping_csv,
-                                    void_px=c.void_border_px, cell=c.sampler_cell, cache=self.cache)
+        prepared = prepare_sections(
+            self.parts["train"],
+            self.class_table,
+            patch_size=c.patch_size,
+            model_mm_per_pixel=1.0 / self.pixels_per_mm,
+            mapping_csv=c.mapping_csv,
+            void_px=c.void_border_px,
+            cell=c.sampler_cell,
+            cache=self.cache,
+        )
         total = sum(p.class_pixels for p in prepared)
         if not np.any(total):
             raise ThinSegError("the training label maps hold no pixel of any model class (check the mapping table)")
@@ -225,9 +255,15 @@ class TrainingRun:
 
     def _prepare_val(self) -> list[ValSection]:
         c = self.config
-        prepared = prepare_sections(self.parts["val"], self.class_table, patch_size=None,
-                                    model_mm_per_pixel=1.0 / self.pixels_per_mm, mapping_csv=c.mapping_csv,
-                                    void_px=0.0, cache=self.cache)
+        prepared = prepare_sections(
+            self.parts["val"],
+            self.class_table,
+            patch_size=None,
+            model_mm_per_pixel=1.0 / self.pixels_per_mm,
+            mapping_csv=c.mapping_csv,
+            void_px=0.0,
+            cache=self.cache,
+        )
         return make_val_sections(prepared, c.void_border_px)
 
     # -- training ------------------------------------------------------------------------------
@@ -242,11 +278,20 @@ class TrainingRun:
         self.optimizer = make_optimizer(net, c.lr, c.weight_decay)
         total = c.epochs * c.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, total, c.warmup_steps, c.schedule))
+            self.optimizer, lambda step: lr_factor(step, total, c.warmup_steps, c.schedule)
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.stream = PatchStream(self.train_sections, self.roles, len(self.class_table), patch_size=c.patch_size,
-                                  batch_size=c.batch_size, steps=c.steps_per_epoch,
-                                  balancing_strength=c.balancing_strength, augment=c.augment, seed=c.seed)
+        self.stream = PatchStream(
+            self.train_sections,
+            self.roles,
+            len(self.class_table),
+            patch_size=c.patch_size,
+            batch_size=c.batch_size,
+            steps=c.steps_per_epoch,
+            balancing_strength=c.balancing_strength,
+            augment=c.augment,
+            seed=c.seed,
+        )
         self.loader = make_loader(self.stream, c.num_workers, pin_memory=self.device.type == "cuda")
         state = self._resume() if c.resume and self.checkpoint_path.exists() else None
         self.epoch = state["epoch"] if state else 0
@@ -254,7 +299,9 @@ class TrainingRun:
         self.best = state["best"] if state else {"epoch": None, "mean_iou": None, "metrics": None}
         self.bad_epochs = int(state["bad_epochs"]) if state else 0
         self.stopped = bool(state["stopped_early"]) if state else False
-        self.model_dir: Path | None = (self.out / c.model_name) if (self.out / c.model_name).exists() and state else None
+        self.model_dir: Path | None = (
+            (self.out / c.model_name) if (self.out / c.model_name).exists() and state else None
+        )
 
     def fit(self) -> TrainResult:
         """Train until `epochs`, early stop or Ctrl-C (the last finished epoch stays checkpointed)."""
@@ -275,21 +322,33 @@ class TrainingRun:
                 if not stopped and c.max_minutes is not None and self.epoch < c.epochs:
                     elapsed = time.monotonic() - started
                     if elapsed + elapsed / epochs_here > 60 * c.max_minutes:  # the next epoch would not fit
-                        self.log(f"time budget of {c.max_minutes:g} min reached after {elapsed / 60:.1f} min: stopping "
-                                 "(--resume continues)")
+                        self.log(
+                            f"time budget of {c.max_minutes:g} min reached after {elapsed / 60:.1f} min: stopping "
+                            "(--resume continues)"
+                        )
                         out_of_time = True
                 self._checkpoint(stopped)  # a run stopped by the clock can be resumed; an early stop cannot
         except KeyboardInterrupt:
-            self.log(f"interrupted: {self.epoch} finished epoch(s) are checkpointed in {self.checkpoint_path}; "
-                     "continue with resume=True (--resume)")
+            self.log(
+                f"interrupted: {self.epoch} finished epoch(s) are checkpointed in {self.checkpoint_path}; "
+                "continue with resume=True (--resume)"
+            )
             raise
         test_metrics = self._evaluate_test()
         return TrainResult(
-            output_dir=self.out, model_dir=self.model_dir, best_epoch=self.best["epoch"],
-            best_mean_iou=self.best["mean_iou"], epochs_run=self.epoch, stopped_early=stopped,
-            history=self.history, metrics=self.best["metrics"], checkpoint=self.checkpoint_path,
-            log_csv=self.out / LOG_FILE, curves_png=self.out / CURVES_FILE if self.history else None,
-            split_file=self.out / SPLIT_FILE, test_metrics=test_metrics,
+            output_dir=self.out,
+            model_dir=self.model_dir,
+            best_epoch=self.best["epoch"],
+            best_mean_iou=self.best["mean_iou"],
+            epochs_run=self.epoch,
+            stopped_early=stopped,
+            history=self.history,
+            metrics=self.best["metrics"],
+            checkpoint=self.checkpoint_path,
+            log_csv=self.out / LOG_FILE,
+            curves_png=self.out / CURVES_FILE if self.history else None,
+            split_file=self.out / SPLIT_FILE,
+            test_metrics=test_metrics,
         )
 
     def _autocast(self):
@@ -304,8 +363,15 @@ class TrainingRun:
         losses: list[float] = []
         seen = 0
         start = time.perf_counter()
-        bar = tqdm(total=c.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{c.epochs}", unit="batch",
-                   disable=not c.progress, file=sys.stderr, dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=c.steps_per_epoch,
+            desc=f"epoch {self.epoch + 1}/{c.epochs}",
+            unit="batch",
+            disable=not c.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=False,
+        )
         try:
             for images, target, jitter in self.loader:
                 loss = self.step(images, target, jitter)
@@ -313,8 +379,10 @@ class TrainingRun:
                     losses.append(loss)
                 seen += images.shape[0]
                 bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]) if losses else float('nan'):.4f}",
-                                samples_s=f"{seen / (time.perf_counter() - start):.1f}")
+                bar.set_postfix(
+                    loss=f"{np.mean(losses[-20:]) if losses else float('nan'):.4f}",
+                    samples_s=f"{seen / (time.perf_counter() - start):.1f}",
+                )
         finally:
             bar.close()
         seconds = time.perf_counter() - start
@@ -338,7 +406,9 @@ class TrainingRun:
         y = target.to(self.device, non_blocking=True)
         with self._autocast():
             logits = self.network(x)
-        loss = dice_ce_loss(logits, y, dice_weight=c.dice_weight, ce_weight=c.ce_weight, first_label=self.spec.first_label)
+        loss = dice_ce_loss(
+            logits, y, dice_weight=c.dice_weight, ce_weight=c.ce_weight, first_label=self.spec.first_label
+        )
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             self.scheduler.step()
@@ -357,11 +427,23 @@ class TrainingRun:
             return {}
         c = self.config
         start = time.perf_counter()
-        metrics = validate(self.network, self.val_sections, self.roles, self.class_table, tile=c.val_tile,
-                           overlap=c.val_overlap, batch_size=c.val_batch_size, device=str(self.device),
-                           precision=_precision_name(self.amp_dtype), first_label=self.spec.first_label)
-        row: dict[str, Any] = {"val_mean_iou": metrics.mean_iou, "val_pixel_accuracy": metrics.pixel_accuracy,
-                               "val_mean_f1": metrics.mean_f1}
+        metrics = validate(
+            self.network,
+            self.val_sections,
+            self.roles,
+            self.class_table,
+            tile=c.val_tile,
+            overlap=c.val_overlap,
+            batch_size=c.val_batch_size,
+            device=str(self.device),
+            precision=_precision_name(self.amp_dtype),
+            first_label=self.spec.first_label,
+        )
+        row: dict[str, Any] = {
+            "val_mean_iou": metrics.mean_iou,
+            "val_pixel_accuracy": metrics.pixel_accuracy,
+            "val_mean_f1": metrics.mean_f1,
+        }
         for name, iou in zip(self.class_table.names, metrics.iou):
             row[f"val_iou_{name}"] = float(iou)
         row["val_seconds"] = time.perf_counter() - start
@@ -375,14 +457,20 @@ class TrainingRun:
         has_val = iou is not None and math.isfinite(iou)
         best = self.best["mean_iou"]
         improved = (not has_val) or best is None or iou > best + c.min_delta
-        summary = f"epoch {row['epoch']}/{c.epochs}: loss {row['train_loss']:.4f}, {row['train_samples_per_s']:.1f} samples/s"
+        summary = (
+            f"epoch {row['epoch']}/{c.epochs}: loss {row['train_loss']:.4f}, {row['train_samples_per_s']:.1f} samples/s"
+        )
         if has_val:
             summary += f", val mean IoU {iou:.4f}"
         if improved:
             metrics = _json_safe(self._last_metrics) if has_val else None
             if metrics is not None:
-                metrics = {"epoch": row["epoch"], "sections": [v.prepared.name for v in self.val_sections], **metrics,
-                           "per_class_iou": {n: _json_safe(row[f"val_iou_{n}"]) for n in self.class_table.names}}
+                metrics = {
+                    "epoch": row["epoch"],
+                    "sections": [v.prepared.name for v in self.val_sections],
+                    **metrics,
+                    "per_class_iou": {n: _json_safe(row[f"val_iou_{n}"]) for n in self.class_table.names},
+                }
             self.best = {"epoch": row["epoch"], "mean_iou": float(iou) if has_val else None, "metrics": metrics}
             self.bad_epochs = 0
             self.model_dir = self._export()
@@ -396,52 +484,85 @@ class TrainingRun:
         c = self.config
         parts = self.parts
         class_pixels = sum(p.class_pixels for p in self.train_sections)
-        training = _json_safe({
-            "data": {
-                "train_sections": [s.name for s in parts["train"]],
-                "val_sections": [s.name for s in parts["val"]],
-                "test_sections": [s.name for s in parts["test"]],
-                "train_sources": [str(getattr(s, "origin", s.name)) for s in parts["train"]],
-                "train_class_pixels": {n: int(k) for n, k in zip(self.class_table.names, class_pixels)},
-                "void_border_px": c.void_border_px,
-                "mapping_csv": str(c.mapping_csv) if c.mapping_csv else "QEMSCAN default",
-            },
-            "epoch": self.best["epoch"],
-            "epochs_planned": c.epochs,
-            "patch_size": c.patch_size,
-            "batch_size": c.batch_size,
-            "steps_per_epoch": c.steps_per_epoch,
-            "balancing_strength": c.balancing_strength,
-            "precision": _precision_name(self.amp_dtype),
-            "seed": c.seed,
-            "fine_tuned_from": None if self.spec.source == "new" else self.spec.source,
-            "channels": list(bundle_input_names(self.roles)),
-            "pixels_per_mm": self.pixels_per_mm,
-            "config": c.to_dict(),
-        })
+        training = _json_safe(
+            {
+                "data": {
+                    "train_sections": [s.name for s in parts["train"]],
+                    "val_sections": [s.name for s in parts["val"]],
+                    "test_sections": [s.name for s in parts["test"]],
+                    "train_sources": [str(getattr(s, "origin", s.name)) for s in parts["train"]],
+                    "train_class_pixels": {n: int(k) for n, k in zip(self.class_table.names, class_pixels)},
+                    "void_border_px": c.void_border_px,
+                    "mapping_csv": str(c.mapping_csv) if c.mapping_csv else "QEMSCAN default",
+                },
+                "epoch": self.best["epoch"],
+                "epochs_planned": c.epochs,
+                "patch_size": c.patch_size,
+                "batch_size": c.batch_size,
+                "steps_per_epoch": c.steps_per_epoch,
+                "balancing_strength": c.balancing_strength,
+                "precision": _precision_name(self.amp_dtype),
+                "seed": c.seed,
+                "fine_tuned_from": None if self.spec.source == "new" else self.spec.source,
+                "channels": list(bundle_input_names(self.roles)),
+                "pixels_per_mm": self.pixels_per_mm,
+                "config": c.to_dict(),
+            }
+        )
         description = c.description or (
             f"U-Net trained with thinseg on {len(parts['train'])} section(s) "
-            f"({'+'.join(bundle_input_names(self.roles))}, {self.pixels_per_mm:.1f} px/mm)")
-        return export_bundle(self.out / c.model_name, self.network, network_name=self.spec.name,
-                             network_params=self.spec.params, class_table=self.class_table, roles=self.roles,
-                             pixels_per_mm=self.pixels_per_mm, roi_shape=(c.val_tile, c.val_tile), title=c.title,
-                             description=description, training=training, metrics=self.best["metrics"])
+            f"({'+'.join(bundle_input_names(self.roles))}, {self.pixels_per_mm:.1f} px/mm)"
+        )
+        return export_bundle(
+            self.out / c.model_name,
+            self.network,
+            network_name=self.spec.name,
+            network_params=self.spec.params,
+            class_table=self.class_table,
+            roles=self.roles,
+            pixels_per_mm=self.pixels_per_mm,
+            roi_shape=(c.val_tile, c.val_tile),
+            title=c.title,
+            description=description,
+            training=training,
+            metrics=self.best["metrics"],
+        )
 
     def _evaluate_test(self) -> dict[str, Any] | None:
         """Score the exported best model once on the held-out test sections (test_metrics.json)."""
         if not self.parts["test"] or self.model_dir is None:
             return None
         c = self.config
-        prepared = prepare_sections(self.parts["test"], self.class_table, patch_size=None,
-                                    model_mm_per_pixel=1.0 / self.pixels_per_mm, mapping_csv=c.mapping_csv,
-                                    void_px=0.0, cache=self.cache)
+        prepared = prepare_sections(
+            self.parts["test"],
+            self.class_table,
+            patch_size=None,
+            model_mm_per_pixel=1.0 / self.pixels_per_mm,
+            mapping_csv=c.mapping_csv,
+            void_px=0.0,
+            cache=self.cache,
+        )
         bundle = load_bundle(self.model_dir)
-        metrics = validate(bundle.network, make_val_sections(prepared, c.void_border_px), self.roles,
-                           self.class_table, tile=c.val_tile, overlap=c.val_overlap, batch_size=c.val_batch_size,
-                           device=str(self.device), precision=_precision_name(self.amp_dtype),
-                           first_label=bundle.first_label)
-        record = _json_safe({"model": str(self.model_dir), "epoch": self.best["epoch"],
-                             "sections": [s.name for s in self.parts["test"]], **metrics.to_dict()})
+        metrics = validate(
+            bundle.network,
+            make_val_sections(prepared, c.void_border_px),
+            self.roles,
+            self.class_table,
+            tile=c.val_tile,
+            overlap=c.val_overlap,
+            batch_size=c.val_batch_size,
+            device=str(self.device),
+            precision=_precision_name(self.amp_dtype),
+            first_label=bundle.first_label,
+        )
+        record = _json_safe(
+            {
+                "model": str(self.model_dir),
+                "epoch": self.best["epoch"],
+                "sections": [s.name for s in self.parts["test"]],
+                **metrics.to_dict(),
+            }
+        )
         (self.out / TEST_METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         self.log(f"test mean IoU {metrics.mean_iou:.4f} on {len(prepared)} held-out section(s)")
         return record
@@ -449,30 +570,40 @@ class TrainingRun:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def _checkpoint(self, stopped: bool) -> None:
-        save_checkpoint(self.checkpoint_path, {
-            "epoch": self.epoch,
-            "model": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "history": _json_safe(self.history),
-            "best": _json_safe(self.best),
-            "bad_epochs": self.bad_epochs,
-            "stopped_early": stopped,
-            "rng": rng_state(),
-            "identity": self._identity(),
-        })
+        save_checkpoint(
+            self.checkpoint_path,
+            {
+                "epoch": self.epoch,
+                "model": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "history": _json_safe(self.history),
+                "best": _json_safe(self.best),
+                "bad_epochs": self.bad_epochs,
+                "stopped_early": stopped,
+                "rng": rng_state(),
+                "identity": self._identity(),
+            },
+        )
 
     def _identity(self) -> dict[str, Any]:
         """What must not change between a run and its resumption."""
-        return {"network": self.spec.name, "params": self.spec.params, "classes": self.class_table.names,
-                "roles": list(self.roles), "patch_size": self.config.patch_size}
+        return {
+            "network": self.spec.name,
+            "params": self.spec.params,
+            "classes": self.class_table.names,
+            "roles": list(self.roles),
+            "patch_size": self.config.patch_size,
+        }
 
     def _resume(self) -> dict[str, Any]:
         state = load_checkpoint(self.checkpoint_path)
         if state.get("identity") != _json_safe(self._identity()):
-            raise ThinSegError("cannot resume: the network, classes, inputs or patch size differ from the checkpoint",
-                               self.checkpoint_path)
+            raise ThinSegError(
+                "cannot resume: the network, classes, inputs or patch size differ from the checkpoint",
+                self.checkpoint_path,
+            )
         self.network.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

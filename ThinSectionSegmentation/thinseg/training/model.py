@@ -14,13 +14,20 @@ from typing import Any
 
 import torch
 
-from thinseg.classes import ClassTable
+from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 from thinseg.model.bundle import ModelBundle, build_network, load_bundle
 
 
-def unet_params(in_channels: int, n_classes: int, *, base_channels: int = 16, depth: int = 5,
-                num_res_units: int = 2, norm: str = "batch") -> dict[str, Any]:
+def unet_params(
+    in_channels: int,
+    n_classes: int,
+    *,
+    base_channels: int = 16,
+    depth: int = 5,
+    num_res_units: int = 2,
+    norm: str = "batch",
+) -> dict[str, Any]:
     if depth < 2:
         raise ThinSegError(f"U-Net depth must be at least 2, got {depth}")
     if base_channels < 1:
@@ -48,12 +55,26 @@ class ModelSpec:
     first_label: int = 0  # output channel c scores label c + first_label
 
 
-def new_model(roles: tuple[str, ...], class_table: ClassTable, *, name: str = "UNet", base_channels: int = 16,
-              depth: int = 5, num_res_units: int = 2, norm: str = "batch") -> ModelSpec:
+def new_model(
+    roles: tuple[str, ...],
+    class_table: ClassTable,
+    *,
+    name: str = "UNet",
+    base_channels: int = 16,
+    depth: int = 5,
+    num_res_units: int = 2,
+    norm: str = "batch",
+) -> ModelSpec:
     if name != "UNet":
         raise ThinSegError(f"new models are MONAI UNets; {name!r} can only be fine-tuned with init_from")
-    params = unet_params(3 * len(roles), len(class_table) + 1, base_channels=base_channels, depth=depth,
-                         num_res_units=num_res_units, norm=norm)
+    params = unet_params(
+        3 * len(roles),
+        len(class_table) + 1,
+        base_channels=base_channels,
+        depth=depth,
+        num_res_units=num_res_units,
+        norm=norm,
+    )
     return ModelSpec(build_network(name, params), name, params, class_table, roles, None, "new")
 
 
@@ -65,10 +86,14 @@ def model_from_bundle(path: str | Path) -> ModelSpec:
     for name, channels in zip(bundle.input_names, bundle.input_channels):
         role = name.upper()
         if role not in ("PP", "PX", "XP") or channels != 3:
-            raise ThinSegError(f"cannot fine-tune: input {name!r} ({channels} channels) is not a PP or XP RGB image", path)
+            raise ThinSegError(
+                f"cannot fine-tune: input {name!r} ({channels} channels) is not a PP or XP RGB image", path
+            )
         roles.append("XP" if role == "PX" else "PP")
     if bundle.input_range != (0.0, 255.0, 0.0, 1.0):
-        raise ThinSegError(f"cannot fine-tune: the bundle rescales its input from {bundle.input_range}, not 0..255 -> 0..1", path)
+        raise ThinSegError(
+            f"cannot fine-tune: the bundle rescales its input from {bundle.input_range}, not 0..255 -> 0..1", path
+        )
     name, params, network = str(spec["name"]), dict(spec.get("params") or {}), bundle.network
     if bundle.first_label == 1:  # GeoSlicer layout, N outputs: add the "not classified" channel
         network, params = widen_outputs(network, name, params, path)
@@ -78,7 +103,9 @@ def model_from_bundle(path: str | Path) -> ModelSpec:
     return ModelSpec(network, name, params, bundle.class_table, tuple(roles), bundle.pixels_per_mm, str(Path(path)))
 
 
-def widen_outputs(network: torch.nn.Module, name: str, params: dict[str, Any], path: Any = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def widen_outputs(
+    network: torch.nn.Module, name: str, params: dict[str, Any], path: Any = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """N-output network -> the same network with N + 1 outputs, old output k at channel k + 1.
 
     Every tensor whose shape grows (the last layers of the up path) gets the old values at
@@ -87,7 +114,9 @@ def widen_outputs(network: torch.nn.Module, name: str, params: dict[str, Any], p
     as no pixel is ever labelled 0 in training). Norm statistics of the new channel stay neutral.
     """
     if "out_channels" not in params or name == "UNetActWithBoundarySupervision":
-        raise ThinSegError(f"cannot fine-tune a {name} bundle with {params.get('out_channels')} outputs into the N + 1 layout", path)
+        raise ThinSegError(
+            f"cannot fine-tune a {name} bundle with {params.get('out_channels')} outputs into the N + 1 layout", path
+        )
     wide = dict(params, out_channels=int(params["out_channels"]) + 1)
     fresh = build_network(name, wide)
     old = network.state_dict()

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from thinseg.classes import ClassTable
+from thinseg.classes.table import ClassTable
+from thinseg.data.mapping import ClassMapping, mapping_for
+from thinseg.data.sections import Section
 from thinseg.errors import ThinSegError
-from thinseg.evaluation import void_border_mask
 from thinseg.inference.resample import needs_resampling
+from thinseg.metrics import void_border_mask
 from thinseg.training.cache import ArrayCache, cache_key
-from thinseg.training.mapping import ClassMapping, mapping_for
 from thinseg.training.sampler import PatchIndex, build_patch_index, index_cache_params
-from thinseg.training.sections import Section
 
 
 @dataclass
@@ -99,7 +100,9 @@ def prepare_target(
 def class_pixel_counts(target: np.ndarray, n_classes: int, band_rows: int = 2048) -> np.ndarray:
     counts = np.zeros(n_classes + 1, np.int64)
     for y0 in range(0, target.shape[0], band_rows):
-        counts += np.bincount(np.asarray(target[y0 : y0 + band_rows]).reshape(-1), minlength=n_classes + 1)[: n_classes + 1]
+        counts += np.bincount(np.asarray(target[y0 : y0 + band_rows]).reshape(-1), minlength=n_classes + 1)[
+            : n_classes + 1
+        ]
     return counts[1:]
 
 

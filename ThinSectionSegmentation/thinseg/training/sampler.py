@@ -13,8 +13,9 @@ Everything is driven by one numpy Generator, so a seed reproduces the stream exa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class PatchIndex:
         return {"meta": meta, "weights": self.weights, "row_cdf": self.row_cdf}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "PatchIndex":
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PatchIndex:
         cell, footprint, gr, gc, h, w = (int(v) for v in arrays["meta"])
         return cls(cell, footprint, (gr, gc), (h, w), arrays["weights"], arrays["row_cdf"])
 
@@ -114,9 +115,7 @@ def build_patch_index(target: np.ndarray, n_classes: int, footprint: int, cell: 
     return PatchIndex(cell, footprint, (gh, gw), (h, w), weights, row_cdf)
 
 
-def index_cache_params(
-    target_key: str, n_classes: int, footprint: int, cell: int
-) -> dict[str, Any]:
+def index_cache_params(target_key: str, n_classes: int, footprint: int, cell: int) -> dict[str, Any]:
     """Everything a PatchIndex depends on (the target key covers section, classes, mapping, void)."""
     return {"target": target_key, "n_classes": n_classes, "footprint": footprint, "cell": cell}
 

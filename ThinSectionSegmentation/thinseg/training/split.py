@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -19,7 +19,9 @@ from thinseg.errors import ThinSegError
 PARTS = ("train", "val", "test")
 
 
-def split_names(names: Sequence[str], val_fraction: float, test_fraction: float = 0.0, seed: int = 0) -> dict[str, list[str]]:
+def split_names(
+    names: Sequence[str], val_fraction: float, test_fraction: float = 0.0, seed: int = 0
+) -> dict[str, list[str]]:
     """Seeded split; with >= 2 sections a positive fraction gets at least one section."""
     names = list(names)
     if len(set(names)) != len(names):
@@ -37,7 +39,9 @@ def split_names(names: Sequence[str], val_fraction: float, test_fraction: float 
 
     n_val, n_test = count(val_fraction), count(test_fraction)
     if n_val + n_test >= n:
-        raise ThinSegError(f"{n} sections are too few for val_fraction={val_fraction} and test_fraction={test_fraction}")
+        raise ThinSegError(
+            f"{n} sections are too few for val_fraction={val_fraction} and test_fraction={test_fraction}"
+        )
     return {
         "val": sorted(order[:n_val]),
         "test": sorted(order[n_val : n_val + n_test]),

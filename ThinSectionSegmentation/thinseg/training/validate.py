@@ -4,16 +4,16 @@ void bands excluded, so the score is the one users will see, not a patch-level p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from thinseg.classes import ClassTable
-from thinseg.evaluation import ConfusionAccumulator, SegmentationMetrics, metrics_from_confusion, void_border_mask
+from thinseg.classes.table import ClassTable
 from thinseg.inference.engine import InferenceOptions, Segmenter
 from thinseg.inference.resample import ResampledSource, labels_to_grid
+from thinseg.metrics import ConfusionAccumulator, SegmentationMetrics, metrics_from_confusion, void_border_mask
 from thinseg.model.transforms import MinMaxTransform
 from thinseg.training.prepare import PreparedSection
 
@@ -74,8 +74,14 @@ def validate(
 ) -> SegmentationMetrics:
     was_training = network.training
     bundle = NetworkAsBundle(network, list(roles), class_table, (tile, tile), first_label)
-    options = InferenceOptions(tile=tile, overlap=overlap, batch_size=batch_size, precision=precision,  # type: ignore[arg-type]
-                               device=device, prefetch=False)
+    options = InferenceOptions(
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        precision=precision,  # type: ignore[arg-type]
+        device=device,
+        prefetch=False,
+    )
     segmenter = Segmenter(bundle, options)
     acc = ConfusionAccumulator(len(class_table))
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thinseg.classes import ClassTable, MineralClass
+from thinseg.classes.table import ClassTable, MineralClass
 from thinseg.errors import ThinSegError
 
 _IGNORE = {"", "ignore", "ignored", "none", "void"}
@@ -45,8 +45,9 @@ class ValueClasses:
         missing = sorted(set(int(v) for v in present) - self.listed)
         if missing:
             shown = ", ".join(str(v) for v in missing[:8]) + (" ..." if len(missing) > 8 else "")
-            raise ThinSegError(f"label values {shown} are not in the class file {self.path.name if self.path else ''}".rstrip(),
-                               where)
+            raise ThinSegError(
+                f"label values {shown} are not in the class file {self.path.name if self.path else ''}".rstrip(), where
+            )
         return self.lut[codes]
 
 
@@ -61,7 +62,7 @@ def is_value_class_file(path: str | os.PathLike[str]) -> bool:
 
 def read_value_classes(path: str | os.PathLike[str]) -> ValueClasses:
     """Parse a `value,name,color` class file (see module doc)."""
-    from thinseg.io.csvtext import read_table_text
+    from thinseg.classes.csvtext import read_table_text
 
     path = Path(path)
     text, delimiter = read_table_text(path, "class file")
@@ -109,7 +110,7 @@ def read_model_classes(path: str | os.PathLike[str]) -> ClassTable:
     `name,color` table (one class per row, in label order)."""
     if is_value_class_file(path):
         return read_value_classes(path).table
-    from thinseg.training.sections import read_class_csv
+    from thinseg.data.sections import read_class_csv
 
     path = Path(path)
     if not path.is_file():

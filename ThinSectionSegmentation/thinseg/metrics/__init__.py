@@ -4,11 +4,9 @@ Truth label 0 = no truth: such pixels are never scored. Prediction 0 = left uncl
 error. Counts are summed over the whole dataset before scores are taken.
 """
 
-from thinseg.evaluation.boundaries import void_border_mask
-from thinseg.evaluation.confusion import ConfusionAccumulator
-from thinseg.evaluation.fractions import FractionStats, area_fractions, fraction_agreement, fractions_from_confusion, r_squared
-from thinseg.evaluation.metrics import SegmentationMetrics, metrics_from_confusion
-from thinseg.evaluation.report import (
+from thinseg.metrics.borders import void_border_mask
+from thinseg.metrics.confusion import ConfusionAccumulator
+from thinseg.metrics.evaluator import (
     EvaluationReport,
     Evaluator,
     SectionResult,
@@ -16,6 +14,14 @@ from thinseg.evaluation.report import (
     format_comparison_table,
     format_table,
 )
+from thinseg.metrics.fractions import (
+    FractionStats,
+    area_fractions,
+    fraction_agreement,
+    fractions_from_confusion,
+    r_squared,
+)
+from thinseg.metrics.scores import SegmentationMetrics, metrics_from_confusion
 
 __all__ = [
     "ConfusionAccumulator",

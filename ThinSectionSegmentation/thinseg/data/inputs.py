@@ -4,8 +4,8 @@ all-or-nothing output sets of `evaluate` and `compare`."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from thinseg.errors import ThinSegError
 from thinseg.io.atomic import AtomicOutput, ensure_writable_dir
@@ -43,7 +43,7 @@ def section_items(inputs: Iterable[str | Path]) -> list[Path]:
 
 def open_data(inputs: Sequence[str | Path]) -> list:
     """Open every section named by DATA arguments (a bad one stops everything, one line)."""
-    from thinseg.training.sections import open_sections
+    from thinseg.data.sections import open_sections
 
     return open_sections(section_items(inputs))
 

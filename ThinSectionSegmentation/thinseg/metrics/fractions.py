@@ -17,12 +17,13 @@ everywhere). It can be negative: predicting worse than the mean of the truth.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from thinseg.evaluation.confusion import CHUNK_PIXELS
+from thinseg.metrics.confusion import CHUNK_PIXELS
 
 
 def area_fractions(labels: np.ndarray, n_classes: int, mask: np.ndarray | None = None) -> np.ndarray:
@@ -89,7 +90,9 @@ def fraction_agreement(
     """Compare (S, N) fraction tables; sections with an undefined (NaN) vector are left out."""
     true_fracs, pred_fracs = np.asarray(true_fracs, np.float64), np.asarray(pred_fracs, np.float64)
     if true_fracs.ndim != 2 or true_fracs.shape != pred_fracs.shape:
-        raise ValueError(f"fraction tables must both be (sections, classes), got {true_fracs.shape} and {pred_fracs.shape}")
+        raise ValueError(
+            f"fraction tables must both be (sections, classes), got {true_fracs.shape} and {pred_fracs.shape}"
+        )
     n = true_fracs.shape[1]
     names = tuple(class_names) if class_names is not None else tuple(f"class {k}" for k in range(1, n + 1))
     ok = ~(np.isnan(true_fracs).any(axis=1) | np.isnan(pred_fracs).any(axis=1))

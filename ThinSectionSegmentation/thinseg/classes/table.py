@@ -7,9 +7,9 @@ GeoSlicer numbers labels by position (k-th entry -> value k, 0 = not classified)
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Iterable, Sequence
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class ClassTable:
     classes: tuple[MineralClass, ...]
 
     @classmethod
-    def from_names_colors(cls, names: Iterable[str], colors: Iterable[str]) -> "ClassTable":
+    def from_names_colors(cls, names: Iterable[str], colors: Iterable[str]) -> ClassTable:
         names, colors = list(names), list(colors)
         if len(names) != len(colors):
             raise ValueError(f"{len(names)} class names but {len(colors)} colours")
@@ -58,7 +58,7 @@ class ClassTable:
     def __len__(self) -> int:
         return len(self.classes)
 
-    def lut(self, background: tuple[int, int, int] = (0, 0, 0)) -> "list[tuple[int, int, int]]":
+    def lut(self, background: tuple[int, int, int] = (0, 0, 0)) -> list[tuple[int, int, int]]:
         """RGB per label value, index 0 = background."""
         return [background] + [c.rgb for c in self.classes]
 
@@ -67,7 +67,7 @@ class ClassTable:
         return ["Name,Index,Color"] + [f"{c.name},{i},{c.color}" for i, c in enumerate(self.classes, 1)]
 
     @classmethod
-    def from_geoslicer_labels(cls, labels: Sequence[str]) -> "ClassTable":
+    def from_geoslicer_labels(cls, labels: Sequence[str]) -> ClassTable:
         """Parse a `labels` attribute; the Index field is ignored, as GeoSlicer does."""
         entries = list(labels)
         if entries and entries[0].replace(" ", "").lower() == "name,index,color":
@@ -81,7 +81,7 @@ class ClassTable:
 
 def qemscan_palette() -> list[tuple[str, str, tuple[int, int, int]]]:
     """GeoSlicer's default QEMSCAN minerals: (Portuguese name, English name, rgb)."""
-    text = resources.files("thinseg").joinpath("qemscan_colors.csv").read_text(encoding="utf-8")
+    text = resources.files("thinseg.classes").joinpath("qemscan_colors.csv").read_text(encoding="utf-8")
     rows = list(csv.DictReader(text.splitlines(), delimiter=";"))
     return [(r["Mineral"], r["English"], (int(r["R"]), int(r["G"]), int(r["B"]))) for r in rows]
 

@@ -58,7 +58,9 @@ def _fold_into(conv: nn.Module, bn: nn.Module) -> None:
         conv.bias.copy_(new_bias)
 
 
-def prepare_network(network: nn.Module, device: torch.device, *, channels_last: bool = True, fold_bn: bool = True) -> nn.Module:
+def prepare_network(
+    network: nn.Module, device: torch.device, *, channels_last: bool = True, fold_bn: bool = True
+) -> nn.Module:
     """The network as the engine runs it: eval mode, BatchNorm folded, on `device`, channels-last."""
     net = fold_batchnorm(network)[0] if fold_bn else copy.deepcopy(network).eval()
     net = net.to(device)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from thinseg.classes import ClassTable, qemscan_palette, rgb_to_hex
-from thinseg.synth.geometry import CALCITE, CLAY, DOLOMITE, FELDSPAR, OTHERS, PORE, QUARTZ
+from thinseg.classes.table import ClassTable, qemscan_palette, rgb_to_hex
+from thinseg.synth.grains import CALCITE, CLAY, DOLOMITE, FELDSPAR, OTHERS, PORE, QUARTZ
 
 #: QEMSCAN minerals in map-value order (1, 2, ...) and the class (label value) each belongs to.
 #: The order follows GeoSlicer's palette, not the class table, so consumers must map values.
@@ -69,8 +69,14 @@ class Misalignment:
     translation_px: tuple[float, float]  # (tx, ty) in image pixels
 
 
-def draw_misalignment(rng: np.random.Generator, width: int, enabled: bool, rotation_deg: float | None,
-                      scale: float | None, translation_px: tuple[float, float] | None) -> Misalignment:
+def draw_misalignment(
+    rng: np.random.Generator,
+    width: int,
+    enabled: bool,
+    rotation_deg: float | None,
+    scale: float | None,
+    translation_px: tuple[float, float] | None,
+) -> Misalignment:
     """Random rotation (+-8 deg), scale (+-10 %) and shift (+-5 % of the width) when enabled;
     explicit values always win, so tests can pin any part of the transform."""
     rot = rng.uniform(-8.0, 8.0)
@@ -81,12 +87,15 @@ def draw_misalignment(rng: np.random.Generator, width: int, enabled: bool, rotat
     return Misalignment(
         rotation_deg=float(rot if rotation_deg is None else rotation_deg),
         scale=float(sc if scale is None else scale),
-        translation_px=(float(tr[0]), float(tr[1])) if translation_px is None else (float(translation_px[0]), float(translation_px[1])),
+        translation_px=(float(tr[0]), float(tr[1]))
+        if translation_px is None
+        else (float(translation_px[0]), float(translation_px[1])),
     )
 
 
-def qemscan_transform(image_shape: tuple[int, int], factor: float, mis: Misalignment,
-                      margin_fraction: float = 0.03) -> tuple[np.ndarray, tuple[int, int]]:
+def qemscan_transform(
+    image_shape: tuple[int, int], factor: float, mis: Misalignment, margin_fraction: float = 0.03
+) -> tuple[np.ndarray, tuple[int, int]]:
     """(A, (h_q, w_q)): QEMSCAN->image matrix and a grid that holds the whole image plus a margin."""
     if mis.scale <= 0:
         raise ValueError(f"scale must be positive, got {mis.scale}")

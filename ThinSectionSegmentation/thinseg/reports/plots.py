@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Union
+from collections.abc import Mapping
+from typing import Union
 
 import numpy as np
 
-from thinseg.classes import ClassTable, hex_to_rgb
-from thinseg.evaluation.fractions import FractionStats, fraction_agreement
-from thinseg.evaluation.metrics import SegmentationMetrics, metrics_from_confusion
-from thinseg.evaluation.report import EvaluationReport
+from thinseg.classes.table import ClassTable, hex_to_rgb
+from thinseg.metrics.evaluator import EvaluationReport
+from thinseg.metrics.fractions import FractionStats, fraction_agreement
+from thinseg.metrics.scores import SegmentationMetrics, metrics_from_confusion
 
 PathLike = Union[str, os.PathLike]
 
@@ -184,7 +185,12 @@ def plot_per_class_bars(
         table = first.class_table
     metrics = [_metrics_of(reports_by_model[m], void_excluded) for m in models]
     n = len(table)
-    panels = (("IoU", "iou", "mean_iou"), ("F1", "f1", "mean_f1"), ("precision", "precision", None), ("recall", "recall", None))
+    panels = (
+        ("IoU", "iou", "mean_iou"),
+        ("F1", "f1", "mean_f1"),
+        ("precision", "precision", None),
+        ("recall", "recall", None),
+    )
     fig = _figure(max(7.0, 1.1 * n * max(1, len(models)) ** 0.5 + 3), 11)
     x = np.arange(n)
     width = 0.8 / len(models)
@@ -200,7 +206,15 @@ def plot_per_class_bars(
             else:
                 colors = [palette[k]] * n
                 edge = "none"
-            ax.bar(offsets, np.nan_to_num(values, nan=0.0), width * 0.92, color=colors, edgecolor=edge, linewidth=0.6, label=model)
+            ax.bar(
+                offsets,
+                np.nan_to_num(values, nan=0.0),
+                width * 0.92,
+                color=colors,
+                edgecolor=edge,
+                linewidth=0.6,
+                label=model,
+            )
             for xo, v in zip(offsets, values):
                 if np.isnan(v):
                     ax.text(xo, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="0.4")
@@ -221,7 +235,11 @@ def plot_per_class_bars(
 
         fig.legend(
             handles=[Patch(facecolor=palette[k], label=m) for k, m in enumerate(models)],
-            loc="upper right", bbox_to_anchor=(0.995, 0.95), frameon=False, fontsize=10, title="model",
+            loc="upper right",
+            bbox_to_anchor=(0.995, 0.95),
+            frameon=False,
+            fontsize=10,
+            title="model",
         )
     subtitle = "void borders excluded" if void_excluded else "all labelled pixels"
     fig.suptitle(f"{title or 'Per-class scores'} ({subtitle}; dashed: mean over present classes)", fontsize=11)
@@ -229,7 +247,18 @@ def plot_per_class_bars(
 
 
 def _model_colors(count: int) -> list[str]:
-    base = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#d62728"]
+    base = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#17becf",
+        "#bcbd22",
+        "#7f7f7f",
+        "#d62728",
+    ]
     return [base[i % len(base)] for i in range(count)]
 
 
@@ -256,7 +285,16 @@ def plot_fractions_scatter(
     for k, cls in enumerate(table.classes):
         r2 = stats.r2[k]
         label = f"{cls.name}  R² {r2:.3f}" if np.isfinite(r2) else f"{cls.name}  R² n/a"
-        ax.scatter(100 * true_fracs[:, k], 100 * pred_fracs[:, k], s=42, color=cls.color, edgecolors="0.15", linewidths=0.8, label=label, zorder=3)
+        ax.scatter(
+            100 * true_fracs[:, k],
+            100 * pred_fracs[:, k],
+            s=42,
+            color=cls.color,
+            edgecolors="0.15",
+            linewidths=0.8,
+            label=label,
+            zorder=3,
+        )
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_aspect("equal")
@@ -300,7 +338,11 @@ def plot_section_overlay(
     panels = []
     if small_pp is not None:
         panels.append(("PP", small_pp[..., :3]))
-    panels += [("truth", colorize(small_truth, table)), ("prediction", colorize(small_pred, table)), ("errors", error_image(codes, small_pp))]
+    panels += [
+        ("truth", colorize(small_truth, table)),
+        ("prediction", colorize(small_pred, table)),
+        ("errors", error_image(codes, small_pp)),
+    ]
 
     h, w = small_truth.shape
     panel_w = 4.0
@@ -321,7 +363,16 @@ def plot_section_overlay(
 
     from matplotlib.patches import Patch
 
-    fig.legend(handles=_class_handles(table), loc="lower left", bbox_to_anchor=(0.01, 0.0), ncol=3, frameon=False, fontsize=9, title="classes", title_fontsize=9)
+    fig.legend(
+        handles=_class_handles(table),
+        loc="lower left",
+        bbox_to_anchor=(0.01, 0.0),
+        ncol=3,
+        frameon=False,
+        fontsize=9,
+        title="classes",
+        title_fontsize=9,
+    )
     labelled = max(int(np.count_nonzero(truth)), 1)
     error_handles = []
     for code in (1, 2, 3, 4, 0):
@@ -331,7 +382,16 @@ def plot_section_overlay(
         count = full_codes_counts[code]
         share = f"{100 * count / labelled:.1f}% of labelled" if code else f"{count:,} px"
         error_handles.append(Patch(facecolor=colour, edgecolor="0.25", label=f"{label}: {share}"))
-    fig.legend(handles=error_handles, loc="lower right", bbox_to_anchor=(0.99, 0.0), ncol=2, frameon=False, fontsize=9, title="errors panel", title_fontsize=9)
+    fig.legend(
+        handles=error_handles,
+        loc="lower right",
+        bbox_to_anchor=(0.99, 0.0),
+        ncol=2,
+        frameon=False,
+        fontsize=9,
+        title="errors panel",
+        title_fontsize=9,
+    )
     scored = full_codes_counts[1] + full_codes_counts[2] + full_codes_counts[3]
     scope = "scored pixels (void borders excluded)" if keep is not None else "labelled pixels"
     accuracy = f"accuracy {100 * full_codes_counts[1] / scored:.2f}% of {scope}" if scored else "no scored pixels"
@@ -347,4 +407,3 @@ def _code_counts(truth: np.ndarray, pred: np.ndarray, keep: np.ndarray | None, b
         codes = error_codes(truth[band], pred[band], None if keep is None else keep[band])
         counts += np.bincount(codes.reshape(-1), minlength=5)[:5]
     return counts
-

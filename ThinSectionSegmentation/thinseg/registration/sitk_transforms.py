@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from thinseg.registration.geometry import Geometry, grid_points
+from thinseg.registration.grids import Geometry, grid_points
 
 LINEAR_KINDS = ("similarity", "affine")
 KINDS = ("similarity", "affine", "tps")
@@ -184,7 +184,9 @@ def map_grid_mm(tx: sitk.Transform, shape: tuple[int, int], origin_mm: float, sp
     h, w = shape
     m = linear_matrix(tx)
     if m is not None:
-        ys, xs = np.meshgrid(origin_mm + spacing_mm * np.arange(h), origin_mm + spacing_mm * np.arange(w), indexing="ij")
+        ys, xs = np.meshgrid(
+            origin_mm + spacing_mm * np.arange(h), origin_mm + spacing_mm * np.arange(w), indexing="ij"
+        )
         return np.stack([m[0, 0] * xs + m[0, 1] * ys + m[0, 2], m[1, 0] * xs + m[1, 1] * ys + m[1, 2]], axis=-1)
     field = sitk.TransformToDisplacementField(
         tx, sitk.sitkVectorFloat64, [w, h], [origin_mm, origin_mm], [spacing_mm, spacing_mm], [1, 0, 0, 1]
@@ -212,7 +214,9 @@ def compose(outer: sitk.Transform, inner: sitk.Transform) -> sitk.Transform:
         m = linear_matrix(tx)
         prev = linear_matrix(merged[-1]) if merged else None
         if m is not None and prev is not None:
-            kind = "similarity" if all(isinstance(t, sitk.Similarity2DTransform) for t in (merged[-1], tx)) else "affine"
+            kind = (
+                "similarity" if all(isinstance(t, sitk.Similarity2DTransform) for t in (merged[-1], tx)) else "affine"
+            )
             center = np.array(merged[-1].GetCenter()) if hasattr(merged[-1], "GetCenter") else np.zeros(2)
             merged[-1] = make_linear(kind, prev @ m, center)
         else:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from thinseg.classes import ClassTable, default_class_table
+from thinseg.classes.table import ClassTable, default_class_table
 from thinseg.errors import ThinSegError
 from thinseg.io.images import ArraySource, RasterSource
 
@@ -162,7 +163,8 @@ class NetcdfSection:
         lab_shape = info[self.labels_var].image_shape
         if lab_shape != self.shape:
             raise ThinSegError(
-                f"labelmap {self.labels_var!r} {lab_shape} is not on the PP grid {self.shape}: register it first", self.path
+                f"labelmap {self.labels_var!r} {lab_shape} is not on the PP grid {self.shape}: register it first",
+                self.path,
             )
         if xp_var is not None and info[xp_var].image_shape != self.shape:
             raise ThinSegError(f"XP image {xp_var!r} is not on the PP grid", self.path)
@@ -220,7 +222,9 @@ def _pick_labelmap(variables: Sequence[Any], pp_shape: Any, path: Path) -> str:
     on_grid = [v.name for v in labelmaps if v.image_shape == pp_shape]
     if not on_grid:
         raise ThinSegError(
-            f"no labelmap on the PP grid {pp_shape} ({', '.join(v.name for v in labelmaps)} differ): register it first", path)
+            f"no labelmap on the PP grid {pp_shape} ({', '.join(v.name for v in labelmaps)} differ): register it first",
+            path,
+        )
     if len(on_grid) == 1:
         return on_grid[0]
     preferred = [n for n in on_grid if _is_preferred_labelmap(n)]
@@ -271,7 +275,9 @@ class FileSection:
     def read_labels(self) -> np.ndarray:
         labels = read_label_image(self.labels_path)
         if labels.shape != self.shape:
-            raise ThinSegError(f"label image {labels.shape} is not the size of the PP image {self.shape}", self.labels_path)
+            raise ThinSegError(
+                f"label image {labels.shape} is not the size of the PP image {self.shape}", self.labels_path
+            )
         return labels
 
     def fingerprint(self) -> dict[str, Any]:
@@ -400,7 +406,8 @@ def synthetic_sections(
                 class_table=default_class_table(),
                 mm_per_pixel=s.mm_per_pixel,
                 origin=f"thinseg.synth.generate_section({height}x{width}, seed={seed + i}"
-                + (f", class_weights={list(class_weights)}" if class_weights is not None else "") + ")",
+                + (f", class_weights={list(class_weights)}" if class_weights is not None else "")
+                + ")",
             )
         )
     return out

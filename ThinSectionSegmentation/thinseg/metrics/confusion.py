@@ -30,7 +30,9 @@ def check_label_map(labels: np.ndarray, n_classes: int, what: str) -> None:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high > n_classes:
             bad = high if high > n_classes else low
-            raise ThinSegError(f"{what} label {bad} is outside the class table ({n_classes} classes, labels 0..{n_classes})")
+            raise ThinSegError(
+                f"{what} label {bad} is outside the class table ({n_classes} classes, labels 0..{n_classes})"
+            )
 
 
 class ConfusionAccumulator:
@@ -74,7 +76,7 @@ class ConfusionAccumulator:
             index = t[labelled].astype(np.int32) * side + p[labelled].astype(np.int32)
             self._counts += np.bincount(index, minlength=side * side)
 
-    def merge(self, other: "ConfusionAccumulator") -> None:
+    def merge(self, other: ConfusionAccumulator) -> None:
         """Add another accumulator's counts (e.g. one section's, streamed tile by tile)."""
         if other.n_classes != self.n_classes:
             raise ValueError(f"cannot merge {other.n_classes}-class counts into {self.n_classes}-class counts")

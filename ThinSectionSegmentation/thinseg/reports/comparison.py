@@ -12,16 +12,16 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from thinseg.classes import ClassTable, hex_to_rgb
-from thinseg.evaluation.plots import PathLike, _class_handles, _figure, _model_colors, _save, colorize
-from thinseg.evaluation.report import _SUMMARY_ROWS, EvaluationReport
+from thinseg.classes.table import ClassTable, hex_to_rgb
+from thinseg.metrics.evaluator import _SUMMARY_ROWS, EvaluationReport
+from thinseg.reports.plots import PathLike, _class_handles, _figure, _model_colors, _save, colorize
 
 DISAGREEMENT_OUTLINE = "#ff00ff"
 #: Differences-panel categories other than "only model k is right" (which uses the model's colour).
@@ -172,12 +172,18 @@ def compare_sheet(
         # outline a slightly grown mask: single stray pixels would draw a cloud of tiny rings
         outline = ndimage.binary_dilation(differ, iterations=1) if differ.any() else differ
         crop_pp = pp[ys, xs] if pp is not None else None
-        images = ([crop_pp[..., :3]] if crop_pp is not None else []) + [colorize(t, table)] + [colorize(p, table) for p in ps]
+        images = (
+            ([crop_pp[..., :3]] if crop_pp is not None else [])
+            + [colorize(t, table)]
+            + [colorize(p, table) for p in ps]
+        )
         images.append(_difference_image(codes, colors, crop_pp))
         top -= row_h[r]
         labelled = max(int(np.count_nonzero(t)), 1)
         for c, (name, image) in enumerate(zip(columns, images)):
-            ax = fig.add_axes(((0.7 + c * panel) / fig_w, (top + 0.3) / fig_h, (panel - 0.12) / fig_w, (row_h[r] - 0.35) / fig_h))
+            ax = fig.add_axes(
+                ((0.7 + c * panel) / fig_w, (top + 0.3) / fig_h, (panel - 0.12) / fig_w, (row_h[r] - 0.35) / fig_h)
+            )
             ax.imshow(image, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -195,7 +201,9 @@ def compare_sheet(
     _legends(fig, table, models, colors)
     fig.suptitle(
         f"{title or 'Model comparison'}\nmagenta outline: models disagree; differences panel: who is right there",
-        fontsize=11, y=1 - 0.08 / fig_h, va="top",
+        fontsize=11,
+        y=1 - 0.08 / fig_h,
+        va="top",
     )
     _save(fig, path)
     return regions
@@ -205,21 +213,43 @@ def _legends(fig, table: ClassTable, models: Sequence[str], colors: Sequence[str
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    fig.legend(handles=_class_handles(table), loc="lower left", bbox_to_anchor=(0.01, 0.0), ncol=2, frameon=False, fontsize=8, title="classes", title_fontsize=9)
-    handles = [Patch(facecolor=colour, edgecolor="0.25", label=f"only {m[:20]} right") for m, colour in zip(models, colors)]
+    fig.legend(
+        handles=_class_handles(table),
+        loc="lower left",
+        bbox_to_anchor=(0.01, 0.0),
+        ncol=2,
+        frameon=False,
+        fontsize=8,
+        title="classes",
+        title_fontsize=9,
+    )
+    handles = [
+        Patch(facecolor=colour, edgecolor="0.25", label=f"only {m[:20]} right") for m, colour in zip(models, colors)
+    ]
     for code in (1, 2, 3, 4, 0, 5):
         if code == 3 and len(models) < 3:
             continue
         label, colour = DIFF_CATEGORIES[code]
         handles.append(Patch(facecolor=colour, edgecolor="0.25", label=label))
     handles.append(Line2D([], [], color=DISAGREEMENT_OUTLINE, linewidth=1.5, label="models disagree (outline)"))
-    fig.legend(handles=handles, loc="lower right", bbox_to_anchor=(0.99, 0.0), ncol=2, frameon=False, fontsize=8, title="differences", title_fontsize=9)
+    fig.legend(
+        handles=handles,
+        loc="lower right",
+        bbox_to_anchor=(0.99, 0.0),
+        ncol=2,
+        frameon=False,
+        fontsize=8,
+        title="differences",
+        title_fontsize=9,
+    )
 
 
 # --- HTML page -------------------------------------------------------------------------------
 
 
-def comparison_html(reports: Mapping[str, EvaluationReport], images: Sequence[tuple[str, PathLike]], title: str = "thinseg compare") -> str:
+def comparison_html(
+    reports: Mapping[str, EvaluationReport], images: Sequence[tuple[str, PathLike]], title: str = "thinseg compare"
+) -> str:
     """A self-contained page: metrics side by side (best in bold) and the PNGs embedded."""
     models = list(reports)
     names = next(iter(reports.values())).class_table.names if models else []
@@ -235,17 +265,27 @@ def comparison_html(reports: Mapping[str, EvaluationReport], images: Sequence[tu
         return "".join(out)
 
     rows = [f"<tr><th></th>{''.join(f'<th>{esc(m)}</th>' for m in models)}</tr>"]
-    for label, getter in (("IoU", lambda r, i: r.metrics.iou[i]), ("F1", lambda r, i: r.metrics.f1[i]), ("fraction R²", lambda r, i: r.fraction_stats.r2[i])):
+    for label, getter in (
+        ("IoU", lambda r, i: r.metrics.iou[i]),
+        ("F1", lambda r, i: r.metrics.f1[i]),
+        ("fraction R²", lambda r, i: r.fraction_stats.r2[i]),
+    ):
         rows.append(f"<tr class='group'><th colspan='{len(models) + 1}'>{label} per class</th></tr>")
         for i, name in enumerate(names):
-            rows.append(f"<tr><td class='name'>{esc(name)}</td>{cells([float(getter(reports[m], i)) for m in models], 3)}</tr>")
+            rows.append(
+                f"<tr><td class='name'>{esc(name)}</td>{cells([float(getter(reports[m], i)) for m in models], 3)}</tr>"
+            )
     rows.append(f"<tr class='group'><th colspan='{len(models) + 1}'>dataset</th></tr>")
     for label, getter, digits, higher in _SUMMARY_ROWS:
-        rows.append(f"<tr><td class='name'>{esc(label)}</td>{cells([float(getter(reports[m])) for m in models], digits, higher)}</tr>")
+        rows.append(
+            f"<tr><td class='name'>{esc(label)}</td>{cells([float(getter(reports[m])) for m in models], digits, higher)}</tr>"
+        )
     figures = []
     for caption, image_path in images:
         data = base64.b64encode(Path(image_path).read_bytes()).decode("ascii")
-        figures.append(f"<figure><img src='data:image/png;base64,{data}' alt='{esc(caption)}'><figcaption>{esc(caption)}</figcaption></figure>")
+        figures.append(
+            f"<figure><img src='data:image/png;base64,{data}' alt='{esc(caption)}'><figcaption>{esc(caption)}</figcaption></figure>"
+        )
     style = (
         "body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin-bottom:2em}"
         "td,th{padding:3px 10px;text-align:right;border-bottom:1px solid #ddd}td.name{text-align:left}"
@@ -259,6 +299,9 @@ def comparison_html(reports: Mapping[str, EvaluationReport], images: Sequence[tu
 
 
 def write_comparison_html(
-    path: PathLike, reports: Mapping[str, EvaluationReport], images: Sequence[tuple[str, PathLike]], title: str = "thinseg compare"
+    path: PathLike,
+    reports: Mapping[str, EvaluationReport],
+    images: Sequence[tuple[str, PathLike]],
+    title: str = "thinseg compare",
 ) -> None:
     Path(path).write_text(comparison_html(reports, images, title), encoding="utf-8")

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from thinseg.classes import ClassTable
-from thinseg.evaluation.boundaries import void_border_mask
-from thinseg.evaluation.confusion import ConfusionAccumulator
-from thinseg.evaluation.fractions import FractionStats, fraction_agreement, fractions_from_confusion
-from thinseg.evaluation.metrics import SegmentationMetrics, metrics_from_confusion
+from thinseg.classes.table import ClassTable
+from thinseg.metrics.borders import void_border_mask
+from thinseg.metrics.confusion import ConfusionAccumulator
+from thinseg.metrics.fractions import FractionStats, fraction_agreement, fractions_from_confusion
+from thinseg.metrics.scores import SegmentationMetrics, metrics_from_confusion
 
 
 def to_plain(value: Any) -> Any:
@@ -94,14 +95,18 @@ class EvaluationReport:
         return to_plain(
             {
                 "model": self.model,
-                "classes": [{"label": k, "name": c.name, "color": c.color} for k, c in enumerate(self.class_table.classes, 1)],
+                "classes": [
+                    {"label": k, "name": c.name, "color": c.color} for k, c in enumerate(self.class_table.classes, 1)
+                ],
                 "confusion_axes": "rows = truth label 0..N, columns = predicted label 0..N (0 = not classified)",
                 "void_border_px": self.void_border_px,
                 "void_border_pixels": self.void_border_pixels,
                 "confusion": self.confusion,
                 "metrics": self.metrics.to_dict(),
                 "confusion_void_excluded": self.confusion_void_excluded,
-                "metrics_void_excluded": None if self.metrics_void_excluded is None else self.metrics_void_excluded.to_dict(),
+                "metrics_void_excluded": None
+                if self.metrics_void_excluded is None
+                else self.metrics_void_excluded.to_dict(),
                 "fractions": self.fraction_stats.to_dict(),
                 "sections": [s.to_dict() for s in self.sections],
             }
@@ -122,7 +127,9 @@ class Evaluator:
     on tiles with a margin of `void_border_px`, so that borders at tile edges are right).
     """
 
-    def __init__(self, class_table: ClassTable, void_border_px: float = 0, unlabelled_is_boundary: bool = False) -> None:
+    def __init__(
+        self, class_table: ClassTable, void_border_px: float = 0, unlabelled_is_boundary: bool = False
+    ) -> None:
         self.class_table = class_table
         self.void_border_px = float(void_border_px)
         self.unlabelled_is_boundary = unlabelled_is_boundary
@@ -131,7 +138,9 @@ class Evaluator:
         self._kept = ConfusionAccumulator(n) if self.void_border_px > 0 else None
         self._sections: list[SectionResult] = []
 
-    def add_section(self, name: str, truth: np.ndarray, pred: np.ndarray, keep: np.ndarray | None = None) -> SectionResult:
+    def add_section(
+        self, name: str, truth: np.ndarray, pred: np.ndarray, keep: np.ndarray | None = None
+    ) -> SectionResult:
         """Score one section; `keep` overrides the void-border mask computed from `truth`."""
         n = len(self.class_table)
         counts = ConfusionAccumulator(n)
@@ -226,7 +235,9 @@ def format_table(report: EvaluationReport) -> str:
     )
     if m.unclassified_predictions:
         share = 100 * m.unclassified_predictions / m.evaluated_pixels
-        lines.append(f"left unclassified by the model: {m.unclassified_predictions:,} px ({share:.2f}%), counted as errors")
+        lines.append(
+            f"left unclassified by the model: {m.unclassified_predictions:,} px ({share:.2f}%), counted as errors"
+        )
     legend = "IoU/F1/prec/recall over all labelled pixels"
     if mv is not None:
         legend += "; -vb: void borders excluded"
@@ -239,8 +250,18 @@ _SUMMARY_ROWS = (
     ("mean IoU", lambda r: r.metrics.mean_iou, 3, True),
     ("mean F1", lambda r: r.metrics.mean_f1, 3, True),
     ("pixel accuracy %", lambda r: 100 * r.metrics.pixel_accuracy, 2, True),
-    ("mean IoU, void borders excl.", lambda r: r.metrics_void_excluded.mean_iou if r.metrics_void_excluded else math.nan, 3, True),
-    ("pixel acc. %, void borders excl.", lambda r: 100 * r.metrics_void_excluded.pixel_accuracy if r.metrics_void_excluded else math.nan, 2, True),
+    (
+        "mean IoU, void borders excl.",
+        lambda r: r.metrics_void_excluded.mean_iou if r.metrics_void_excluded else math.nan,
+        3,
+        True,
+    ),
+    (
+        "pixel acc. %, void borders excl.",
+        lambda r: 100 * r.metrics_void_excluded.pixel_accuracy if r.metrics_void_excluded else math.nan,
+        2,
+        True,
+    ),
     ("fractions R^2 overall", lambda r: r.fraction_stats.r2_overall, 3, True),
     ("fractions RMSE % points", lambda r: 100 * r.fraction_stats.rmse_overall, 2, False),
 )
@@ -282,4 +303,8 @@ def format_comparison_table(reports: Mapping[str, EvaluationReport]) -> str:
 
 def comparison_dict(reports: Mapping[str, EvaluationReport]) -> dict[str, Any]:
     """JSON-ready comparison: each model's full report, keyed by model name, in order."""
-    return {"models": [dict(name=name, **{k: v for k, v in r.to_dict().items() if k != "model"}) for name, r in reports.items()]}
+    return {
+        "models": [
+            dict(name=name, **{k: v for k, v in r.to_dict().items() if k != "model"}) for name, r in reports.items()
+        ]
+    }

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thinseg.classes import ClassTable, MineralClass, hex_to_rgb, qemscan_palette, rgb_to_hex
+from thinseg.classes.table import ClassTable, MineralClass, hex_to_rgb, qemscan_palette, rgb_to_hex
 from thinseg.errors import ThinSegError
 
 NETCDF_SUFFIXES = (".nc", ".h5", ".hdf5")
@@ -55,9 +55,7 @@ def read_color_table(path: str | os.PathLike[str]) -> ClassTable:
         name_col = header.index("english") if "english" in header else 0
         body = rows[1:]
         try:
-            classes = [
-                MineralClass(r[name_col], rgb_to_hex([int(r[header.index(k)]) for k in "rgb"])) for r in body
-            ]
+            classes = [MineralClass(r[name_col], rgb_to_hex([int(r[header.index(k)]) for k in "rgb"])) for r in body]
         except (ValueError, IndexError):
             raise ThinSegError("the colour table has a row that is not name;R;G;B", path) from None
     else:
@@ -70,7 +68,9 @@ def read_color_table(path: str | os.PathLike[str]) -> ClassTable:
                 else:
                     classes.append(MineralClass(r[0], rgb_to_hex([int(v) for v in r[-3:]])))
             except (ValueError, IndexError):
-                raise ThinSegError(f"the colour table row {','.join(r)!r} is not name,#rrggbb or name,r,g,b", path) from None
+                raise ThinSegError(
+                    f"the colour table row {','.join(r)!r} is not name,#rrggbb or name,r,g,b", path
+                ) from None
     if not classes:
         raise ThinSegError("the colour table lists no classes", path)
     return ClassTable(tuple(classes))
@@ -99,9 +99,7 @@ def labels_from_colors(
         idx = {int(v): i for i, v in enumerate(values)}
         worst = sorted(unknown, key=lambda v: -counts[idx[int(v)]])[:3]
         listed = ", ".join(f"#{int(v):06x} ({counts[idx[int(v)]]} px)" for v in worst)
-        raise ThinSegError(
-            f"the QEMSCAN map has {len(unknown)} colour(s) not in its colour table, e.g. {listed}", path
-        )
+        raise ThinSegError(f"the QEMSCAN map has {len(unknown)} colour(s) not in its colour table, e.g. {listed}", path)
     per_value = np.array([lookup[int(v)] for v in values], dtype=np.uint8)
     labels = per_value[inverse].reshape(packed.shape)
     return _compact(labels, table) if compact else (labels, table)
@@ -143,8 +141,9 @@ def load_qemscan(
     if array.ndim == 3:
         if array.shape[2] == 4:
             array = array[..., :3]
-        labels, tab = labels_from_colors(array, table or default_qemscan_table(), background=background,
-                                         compact=table is None, path=path)
+        labels, tab = labels_from_colors(
+            array, table or default_qemscan_table(), background=background, compact=table is None, path=path
+        )
         return QemscanMap(labels, tab, None, path)
     if palette is not None and table is not None and _palette_is_table(palette, table):
         return QemscanMap(check_label_values(array, table, path), table, None, path)
@@ -154,8 +153,9 @@ def load_qemscan(
             raise ThinSegError("the QEMSCAN map uses palette entries its palette does not define", path)
         colours = np.zeros((int(used.max()) + 1, 3), dtype=np.uint8)
         colours[used] = palette[used]
-        lut, tab = labels_from_colors(colours[used][None], table or default_qemscan_table(),
-                                      background=background, compact=False, path=path)
+        lut, tab = labels_from_colors(
+            colours[used][None], table or default_qemscan_table(), background=background, compact=False, path=path
+        )
         per_index = np.zeros(int(used.max()) + 1, dtype=np.uint8)
         per_index[used] = lut[0]
         labels = per_index[array]

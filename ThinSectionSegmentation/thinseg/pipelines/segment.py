@@ -7,10 +7,10 @@ section either produces all of its files or none (temporary names, renamed at th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -22,8 +22,8 @@ from thinseg.io.atomic import atomic_output, free_output_path
 from thinseg.io.images import open_image
 from thinseg.io.netcdf import NetcdfWriter, find_image_variable, list_variables, open_netcdf_image
 from thinseg.io.pairing import SectionInput, section_base_name
-from thinseg.report.fractions import ModalMineralogy, modal_mineralogy
-from thinseg.report.overlay import preview_shape, write_overlay_png
+from thinseg.reports.mineralogy import ModalMineralogy, modal_mineralogy
+from thinseg.reports.overlay import preview_shape, write_overlay_png
 
 #: The seed tool's default pixel size for PNG/JPEG/TIFF inputs (no spacing in those files).
 DEFAULT_MM_PER_PIXEL = 0.00132
@@ -99,7 +99,9 @@ def open_section(section: SectionInput, bundle, options: SegmentOptions, stack: 
     return _OpenedSection(sources, options.mm_per_pixel, (0.0, 0.0, 0.0), [])
 
 
-def _open_netcdf_section(path: Path, bundle, options: SegmentOptions, needs_xp: bool, stack: ExitStack) -> _OpenedSection:
+def _open_netcdf_section(
+    path: Path, bundle, options: SegmentOptions, needs_xp: bool, stack: ExitStack
+) -> _OpenedSection:
     variables = list_variables(path)
     pp_name = find_image_variable(path, options.pp_pattern)
     if pp_name is None:
@@ -250,7 +252,9 @@ def _start_images(writer: NetcdfWriter, section: SectionInput, opened: _OpenedSe
     return tees[0].sink.name, list(tees), tees
 
 
-def _add_outputs(writer: NetcdfWriter, bundle, opened: _OpenedSection, base: str, reference, labels, confidence) -> None:
+def _add_outputs(
+    writer: NetcdfWriter, bundle, opened: _OpenedSection, base: str, reference, labels, confidence
+) -> None:
     spacing, origin = opened.mm_per_pixel, opened.origin_mm
     writer.add_labelmap(
         f"{base}_Segmentation",

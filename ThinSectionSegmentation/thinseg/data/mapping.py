@@ -6,7 +6,7 @@ Rules, per source class name (case and spacing ignored):
 3. it means "no mineral known here" (Unknown, Background, Outside sample, ...) -> ignored;
 4. any other mineral -> Others (if the model has such a class, else ignored).
 Ignored pixels get label 0, which the loss never sees. The default table is GeoSlicer's QEMSCAN
-palette (thinseg/qemscan_colors.csv), Portuguese and English names, matched by English name.
+palette (thinseg/classes/qemscan_colors.csv), Portuguese and English names, matched by English name.
 """
 
 from __future__ import annotations
@@ -14,22 +14,39 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
-from thinseg.classes import ClassTable, qemscan_palette
+from thinseg.classes.table import ClassTable, qemscan_palette
 from thinseg.errors import ThinSegError
 
 IGNORE = "ignore"
 _IGNORE_TARGETS = {"", "ignore", "ignored", "none", "0", "void", "-"}
 #: Names meaning "no mineral identified": these pixels carry no truth.
 UNKNOWN_NAMES = {
-    "unknown", "unclassified", "not classified", "no data", "nodata", "background", "outside",
-    "outside sample", "out of sample", "none", "void", "empty", "resin", "mounting medium",
-    "desconhecido", "nao classificado", "não classificado", "fundo", "fora da amostra", "vazio",
+    "unknown",
+    "unclassified",
+    "not classified",
+    "no data",
+    "nodata",
+    "background",
+    "outside",
+    "outside sample",
+    "out of sample",
+    "none",
+    "void",
+    "empty",
+    "resin",
+    "mounting medium",
+    "desconhecido",
+    "nao classificado",
+    "não classificado",
+    "fundo",
+    "fora da amostra",
+    "vazio",
 }
 OTHERS = "others"
 
@@ -59,7 +76,7 @@ def default_mapping(target: ClassTable) -> dict[str, str]:
 
 def load_mapping_csv(path: str | os.PathLike[str]) -> dict[str, str]:
     """Rows `mineral,target class` (',' or ';', header optional) -> {normalized mineral: target}."""
-    from thinseg.io.csvtext import read_table_text
+    from thinseg.classes.csvtext import read_table_text
 
     path = Path(path)
     text, delimiter = read_table_text(path, "mapping table")
@@ -103,14 +120,18 @@ def build_mapping(source: ClassTable, target: ClassTable, table: Mapping[str, st
     return ClassMapping(lut, tuple(assignments))
 
 
-def _resolve(name: str, user: Mapping[str, str], palette: Mapping[str, str], targets: Mapping[str, int], target: ClassTable) -> int:
+def _resolve(
+    name: str, user: Mapping[str, str], palette: Mapping[str, str], targets: Mapping[str, int], target: ClassTable
+) -> int:
     """Target label for one source name, by the rules in the module docstring."""
     if name in user:
         dest = normalize(user[name])
         if dest in _IGNORE_TARGETS:
             return 0
         if dest not in targets:
-            raise ThinSegError(f"mapping table sends {name!r} to {user[name]!r}, which is not a model class ({', '.join(target.names)})")
+            raise ThinSegError(
+                f"mapping table sends {name!r} to {user[name]!r}, which is not a model class ({', '.join(target.names)})"
+            )
         return targets[dest]
     for candidate in (name, _base_name(name)):
         if candidate in targets:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from thinseg.classes import ClassTable
+from thinseg.classes.table import ClassTable
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ name) says what the model is for, `ThinSectionEnv` for thin-section multiphase m
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 META_FILE = "meta.json"
 WEIGHTS_FILE = "model.pth"

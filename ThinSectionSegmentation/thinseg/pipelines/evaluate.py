@@ -1,7 +1,7 @@
 """Run models over labelled sections and score them: the work behind `thinseg evaluate` and
 `thinseg compare`, usable as it is by the Slicer logic and scripts.
 
-    from thinseg.evaluation.run import evaluate_model, evaluate_models
+    from thinseg.pipelines.evaluate import evaluate_model, evaluate_models
     report = evaluate_model(load_bundle(model_dir), ["S1.nc", "S2.nc"], void_border_px=2)
     print(report.format_table())
 
@@ -23,19 +23,20 @@ one section. Image files are opened per section and closed when it is done.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from thinseg.errors import ThinSegError
-from thinseg.evaluation.boundaries import void_border_mask
-from thinseg.evaluation.report import EvaluationReport, Evaluator
+from thinseg.metrics.borders import void_border_mask
+from thinseg.metrics.evaluator import EvaluationReport, Evaluator
 
 #: Given (what is being segmented, pixel count), returns the per-tile callback (done, total);
-#: the same factory `thinseg.segment.segment_sections` takes.
+#: the same factory `thinseg.pipelines.segment.segment_sections` takes.
 ProgressFactory = Callable[[str, int], Callable[[int, int], None]]
 Log = Callable[[str], None]
 
@@ -68,7 +69,7 @@ def model_roles(bundle) -> list[str]:
     """The section image ("PP"/"XP") that feeds each model input, in the model's order.
 
     Names GeoSlicer uses (PP, PX, XP) decide; other names go by position (PP first)."""
-    from thinseg.training.sections import canonical_role
+    from thinseg.data.sections import canonical_role
 
     roles = []
     for position, name in enumerate(bundle.input_names):
@@ -129,19 +130,27 @@ def section_scale(section: Any, bundle) -> float:
 def section_truth(section: Any, class_table, mapping_csv: Any = None) -> np.ndarray:
     """The section's labelmap in the classes of `class_table` (0 = no truth), mapped as training
     maps it: same classes -> unchanged; other names (QEMSCAN minerals) by name and the table."""
-    from thinseg.training.mapping import mapping_for
+    from thinseg.data.mapping import mapping_for
 
     path = section_path(section)
     labels = section.read_labels()
     if labels.shape != tuple(section.shape):
-        raise ThinSegError(f"section {section.name!r}: labels {labels.shape} are not on the image grid {section.shape}", path)
+        raise ThinSegError(
+            f"section {section.name!r}: labels {labels.shape} are not on the image grid {section.shape}", path
+        )
     if len(section.class_table) == 0 and labels.any():
-        raise ThinSegError(f"section {section.name!r}: its labelmap names no classes (no 'labels' attribute), "
-                           "so its values cannot be matched to the model's classes", path)
+        raise ThinSegError(
+            f"section {section.name!r}: its labelmap names no classes (no 'labels' attribute), "
+            "so its values cannot be matched to the model's classes",
+            path,
+        )
     truth = mapping_for(section.class_table, class_table, mapping_csv).apply(labels)
     if not truth.any():
-        raise ThinSegError(f"section {section.name!r}: no labelled pixel belongs to a model class "
-                           f"({', '.join(class_table.names)}); check its labelmap or the mapping table", path)
+        raise ThinSegError(
+            f"section {section.name!r}: no labelled pixel belongs to a model class "
+            f"({', '.join(class_table.names)}); check its labelmap or the mapping table",
+            path,
+        )
     return truth
 
 
@@ -152,8 +161,14 @@ def section_keep(truth: np.ndarray, void_border_px: float, scale: float = 1.0) -
     return void_border_mask(truth, void_border_px * scale)
 
 
-def predict_section(segmenter, section: Any, images: Mapping[str, Any], roles: Sequence[str] | None = None,
-                    progress: Callable[[int, int], None] | None = None, cancel=None) -> tuple[np.ndarray, list[str]]:
+def predict_section(
+    segmenter,
+    section: Any,
+    images: Mapping[str, Any],
+    roles: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel=None,
+) -> tuple[np.ndarray, list[str]]:
     """(labels on the section grid, messages): the model over the whole section (`images`: role
     -> region reader, see `open_images`), at the model's resolution when the section's pixel
     size differs (labels mapped back by nearest neighbour)."""
@@ -163,8 +178,11 @@ def predict_section(segmenter, section: Any, images: Mapping[str, Any], roles: S
     roles = list(roles or model_roles(bundle))
     missing = [r for r in roles if images.get(r) is None]
     if missing:
-        raise ThinSegError(f"section {section.name!r} has no {'/'.join(missing)} image; model {bundle.title!r} "
-                           f"needs {'+'.join(roles)}", section_path(section))
+        raise ThinSegError(
+            f"section {section.name!r} has no {'/'.join(missing)} image; model {bundle.title!r} "
+            f"needs {'+'.join(roles)}",
+            section_path(section),
+        )
     sources = [images[r] for r in roles]
     messages: list[str] = []
     model_mm = _model_mm_per_pixel(bundle)
@@ -181,7 +199,7 @@ def predict_section(segmenter, section: Any, images: Mapping[str, Any], roles: S
 
 def check_models(bundles: Mapping[str, Any]) -> None:
     """Models scored together must be thin-section models predicting the same classes."""
-    from thinseg.segment import check_thin_section_model
+    from thinseg.pipelines.segment import check_thin_section_model
 
     if not bundles:
         raise ThinSegError("no model to evaluate")
@@ -193,7 +211,8 @@ def check_models(bundles: Mapping[str, Any]) -> None:
             raise ThinSegError(
                 f"the models predict different classes ({first_name}: {', '.join(first.class_table.names)}; "
                 f"{name}: {', '.join(bundle.class_table.names)}); only models with the same classes can be compared",
-                bundle.path)
+                bundle.path,
+            )
 
 
 def check_sections(sections: Sequence[Any], bundles: Mapping[str, Any]) -> None:
@@ -205,8 +224,11 @@ def check_sections(sections: Sequence[Any], bundles: Mapping[str, Any]) -> None:
         for section in sections:
             missing = [r for r in roles if r not in section_roles(section)]
             if missing:
-                raise ThinSegError(f"section {section.name!r} has no {'/'.join(missing)} image; model "
-                                   f"{bundle.title!r} needs {'+'.join(roles)}", section_path(section))
+                raise ThinSegError(
+                    f"section {section.name!r} has no {'/'.join(missing)} image; model "
+                    f"{bundle.title!r} needs {'+'.join(roles)}",
+                    section_path(section),
+                )
 
 
 def evaluate_models(
@@ -228,8 +250,8 @@ def evaluate_models(
     InferenceOptions for every model (default: the engine's, device auto). Sections are read one
     at a time; each runs through every model before the next one is read.
     """
+    from thinseg.data.sections import open_sections
     from thinseg.inference.engine import InferenceOptions, Segmenter
-    from thinseg.training.sections import open_sections
 
     say = log or (lambda _m: None)
     check_models(bundles)
@@ -271,8 +293,9 @@ def evaluate_models(
     return {name: evaluator.report(model=name) for name, evaluator in evaluators.items()}
 
 
-def evaluate_model(bundle, sections: Sequence[Any], void_border_px: float = 2.0, *, name: str | None = None,
-                   **kwargs: Any) -> EvaluationReport:
+def evaluate_model(
+    bundle, sections: Sequence[Any], void_border_px: float = 2.0, *, name: str | None = None, **kwargs: Any
+) -> EvaluationReport:
     """One model on a dataset (see `evaluate_models`); the report is named `name` or the model title."""
     key = name or bundle.title
     return evaluate_models({key: bundle}, sections, void_border_px, **kwargs)[key]
@@ -282,7 +305,7 @@ def evaluate_model(bundle, sections: Sequence[Any], void_border_px: float = 2.0,
 
 
 def preview_shape(shape: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """The size `thinseg.evaluation.plots.preview` shrinks an (H, W) image to."""
+    """The size `thinseg.reports.plots.preview` shrinks an (H, W) image to."""
     h, w = shape
     scale = min(1.0, max_side / max(h, w))
     if scale >= 1.0:

@@ -152,7 +152,9 @@ def _pad_cols(a: np.ndarray, width: int) -> np.ndarray:
     return np.pad(a, ((0, 0), (0, width - a.shape[1])), mode="edge")
 
 
-def _assign_minerals(rng: np.random.Generator, areas: np.ndarray, grain_w: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+def _assign_minerals(
+    rng: np.random.Generator, areas: np.ndarray, grain_w: np.ndarray, grid: tuple[int, int]
+) -> np.ndarray:
     """Class per grain so that class areas follow `grain_w`: grains are ordered by a smooth
     random field (minerals cluster in patches, as after dolomitisation or cementation) plus
     jitter, then cut into consecutive runs of the wanted cumulative area."""
@@ -233,8 +235,15 @@ def _body_threshold(key: np.ndarray, inter_fraction: float) -> np.float32:
     return np.float32(np.quantile(sample, 1.0 - inter_fraction))
 
 
-def _fill_intergranular(rng: np.random.Generator, labels: np.ndarray, key: np.ndarray, gid: np.ndarray,
-                        grains: Grains, inter_w: np.ndarray, cell: int) -> None:
+def _fill_intergranular(
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    key: np.ndarray,
+    gid: np.ndarray,
+    grains: Grains,
+    inter_w: np.ndarray,
+    cell: int,
+) -> None:
     """Intergranular pixels (key >= 1) become Mg-clay or pore: clay coats some grains and fills
     patches given by a smooth field; the split is a quantile so the clay/pore areas are as asked."""
     inter = np.flatnonzero(key.ravel() >= 1.0)

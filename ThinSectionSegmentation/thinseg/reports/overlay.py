@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thinseg.classes import ClassTable
+from thinseg.classes.table import ClassTable
 from thinseg.inference.resample import labels_to_grid
 
 #: Longest side of an overlay PNG; gigapixel sections are shown downsampled.

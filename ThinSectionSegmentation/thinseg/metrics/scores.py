@@ -13,12 +13,13 @@ pixels, so pixels excluded by a mask are neither correct nor wrong: they are not
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from thinseg.classes import ClassTable
+from thinseg.classes.table import ClassTable
 
 
 @dataclass(frozen=True)
