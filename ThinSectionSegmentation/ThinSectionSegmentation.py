@@ -810,6 +810,6 @@ class ThinSectionSegmentationTest(ScriptedLoadableModuleTest):
         path = os.path.join(tempfile.mkdtemp(), "sample_result.nc")
         widget.logic.exportNetcdf([pp, xp, labelmap], path)
         nodes = widget.logic.importNetcdf(path)
-        imported = [n for n in nodes if n.IsA("vtkMRMLLabelMapVolumeNode")][0]
+        imported = next(n for n in nodes if n.IsA("vtkMRMLLabelMapVolumeNode"))
         self.assertTrue((volumes.label_array(imported) == volumes.label_array(labelmap)).all())
         self.delayDisplay("Test passed")

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ThinSectionSegmentation"))
 
 import numpy as np  # noqa: E402
+import tifffile  # noqa: E402
 
+import thinseg  # noqa: E402
 from thinseg.errors import ThinSegError  # noqa: E402
 from thinseg.registration import register_section, target_registration_error, write_outputs  # noqa: E402
 from thinseg.synth import generate_section  # noqa: E402
@@ -135,10 +138,6 @@ def timing(size: int, seed: int, noise: float, write: bool) -> dict:
 
 def time_command(s) -> float:
     """Wall time of the whole `thinseg register` command (read, register, write) as a user runs it."""
-    import subprocess
-
-    import tifffile
-
     with tempfile.TemporaryDirectory() as folder:
         f = Path(folder)
         tifffile.imwrite(f / "bench_PP.tif", s.pp, photometric="rgb", tile=(512, 512), compression="zlib")
@@ -223,7 +222,8 @@ def print_table(summary: dict, timing_row: dict | None) -> None:
             print(f"{label:44s} {st['mean']:8.3f} {st['median']:8.3f} {st['p95']:8.3f} {st['max']:8.3f}")
     n = summary["trials"]
     print(
-        f"landmarks TRE < 1: {summary['landmarks_below_1']}/{n}   refined TRE < 0.5: {summary['refined_below_0.5']}/{n}   "
+        f"landmarks TRE < 1: {summary['landmarks_below_1']}/{n}   "
+        f"refined TRE < 0.5: {summary['refined_below_0.5']}/{n}   "
         f"no-landmark success (TRE < 1): {summary['auto_success']}/{n} = {100 * summary['auto_success_rate']:.0f}%"
     )
     print(
@@ -234,7 +234,8 @@ def print_table(summary: dict, timing_row: dict | None) -> None:
         size = timing_row["size"]
         print(
             f"\n{size} x {size}: no landmarks {timing_row['auto_s']:.1f} s (TRE {timing_row['auto_tre']:.3f}), "
-            f"landmarks + refinement {timing_row['landmarks+refine_s']:.1f} s (TRE {timing_row['landmarks+refine_tre']:.3f})"
+            f"landmarks + refinement {timing_row['landmarks+refine_s']:.1f} s "
+            f"(TRE {timing_row['landmarks+refine_tre']:.3f})"
             + (
                 f", writing all outputs {timing_row['write_outputs_s']:.1f} s"
                 if "write_outputs_s" in timing_row
@@ -243,7 +244,8 @@ def print_table(summary: dict, timing_row: dict | None) -> None:
         )
         if "command_s" in timing_row:
             print(
-                f"  whole `thinseg register` command (no landmarks; read, register, write): {timing_row['command_s']:.1f} s"
+                "  whole `thinseg register` command (no landmarks; read, register, write): "
+                f"{timing_row['command_s']:.1f} s"
             )
         print(f"  stages (no landmarks): {timing_row['auto_stages_s']}")
 
@@ -264,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not time writing the output files")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "registration.json"))
     args = parser.parse_args(argv)
+    print(f"thinseg imported from {Path(thinseg.__file__).parent}", flush=True)
 
     rows = []
     for k in range(args.trials):

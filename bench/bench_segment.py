@@ -4,7 +4,7 @@ Reports, in image megapixels per second (MPix/s):
   (a) the whole `thinseg segment` command on a large tiled-TIFF PP/XP pair (subprocess, wall time);
   (b) the bare model forward on the same tiles (network calls only), for several precisions
       and memory layouts; the best one is the reference for (a);
-  (c) the seed tool's design: MONAI sliding_window_inference over the whole image in memory,
+  (c) the baseline design: the whole image as float in memory, MONAI sliding_window_inference,
       roi 512, overlap 0.25, sw_batch_size=1, fp32;
 plus peak resident memory of (a) and (c) (bytes per pixel), and the share of labels that a
 reduced precision changes against fp32 on the same image.
@@ -183,7 +183,7 @@ def child_forward(args: argparse.Namespace) -> dict:
 
 
 def child_seed(args: argparse.Namespace) -> dict:
-    """(c): the seed tool: whole image as float in memory, MONAI sliding_window_inference."""
+    """(c): the baseline design: whole image as float in memory, MONAI sliding_window_inference."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -383,7 +383,8 @@ def _cpu_name() -> str:
 
 def _print_report(r: dict) -> None:
     print(
-        f"\nsection {r['size']}x{r['size']} ({r['megapixels']:.1f} MPix); {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}"
+        f"\nsection {r['size']}x{r['size']} ({r['megapixels']:.1f} MPix); {r['machine']['cpu']}, "
+        f"{r['machine']['cores']} cores, torch {r['machine']['torch']}"
     )
     best_b = None
     if "b_forward" in r:
@@ -393,7 +394,9 @@ def _print_report(r: dict) -> None:
     if "c_seed" in r:
         c = r["c_seed"]
         print(
-            f"  (c) seed design (MONAI sliding_window, roi 512, overlap 0.25, batch 1, fp32) {c['mpix_s']:6.2f} MPix/s, peak {c['peak_rss_mb']:.0f} MB = {c['bytes_per_pixel']:.1f} B/px"
+            f"  (c) baseline design (MONAI sliding_window, roi 512, overlap 0.25, batch 1, fp32) "
+            f"{c['mpix_s']:6.2f} MPix/s, "
+            f"peak {c['peak_rss_mb']:.0f} MB = {c['bytes_per_pixel']:.1f} B/px"
         )
     if "a_command" in r:
         a = r["a_command"]
@@ -409,7 +412,8 @@ def _print_report(r: dict) -> None:
     if "floor" in r:
         f, mpix = r["floor"], r["megapixels"]
         print(
-            f"  decoding the PP/XP TIFFs alone (one thread, as the engine reads them) {f['decode_s']:.2f} s = {mpix / f['decode_s']:.1f} MPix/s;"
+            f"  decoding the PP/XP TIFFs alone (one thread, as the engine reads them) {f['decode_s']:.2f} s "
+            f"= {mpix / f['decode_s']:.1f} MPix/s;"
             f" fixed cost of a run (start, imports, model, a 64 px section) {f['fixed_s']:.2f} s"
         )
         if best_b:
@@ -420,14 +424,16 @@ def _print_report(r: dict) -> None:
             bound = network_s / (network_s + f["decode_s"] / cores + f["fixed_s"])
             print(
                 f"      upper bound on (a)/best(b) with this input on {cores} cores: {100 * bound:.0f}%"
-                f"   (network {network_s:.2f} s + decode {f['decode_s']:.2f} s / {cores} cores + fixed {f['fixed_s']:.2f} s)"
+                f"   (network {network_s:.2f} s + decode {f['decode_s']:.2f} s / {cores} cores "
+                f"+ fixed {f['fixed_s']:.2f} s)"
             )
             r["floor"]["bound_a_over_b"] = bound
     if "agreement" in r:
         for k, v in r["agreement"].items():
             if isinstance(v, dict):
                 print(
-                    f"  {k}: {v['changed_percent']:.3f}% of labels differ from fp32 ({v['mpix_s']:.2f} MPix/s vs fp32 {r['agreement']['fp32_mpix_s']:.2f})"
+                    f"  {k}: {v['changed_percent']:.3f}% of labels differ from fp32 "
+                    f"({v['mpix_s']:.2f} MPix/s vs fp32 {r['agreement']['fp32_mpix_s']:.2f})"
                 )
 
 

@@ -21,13 +21,20 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ThinSectionSegmentation"))
 
 import torch  # noqa: E402
 
+from thinseg.data.sections import ArraySection  # noqa: E402
+from thinseg.io.images import ArraySource  # noqa: E402
+from thinseg.io.netcdf import NetcdfWriter  # noqa: E402
 from thinseg.training import TrainConfig, synthetic_sections  # noqa: E402
 from thinseg.training.augment import colour_jitter  # noqa: E402
 from thinseg.training.loop import TrainingRun  # noqa: E402
@@ -67,9 +74,10 @@ def main() -> None:
     args = ap.parse_args()
 
     out = Path(tempfile.mkdtemp(prefix="bench_training_"))
-    sections = synthetic_sections(args.sections, args.size, seed=0)
-    if not args.in_memory:
-        sections = write_netcdf_sections(sections, out / "sections")
+    generated = synthetic_sections(args.sections, args.size, seed=0)
+    sections: Sequence[ArraySection | Path] = (
+        generated if args.in_memory else write_netcdf_sections(generated, out / "sections")
+    )
     try:
         config = TrainConfig(
             output_dir=out,
@@ -105,10 +113,12 @@ def main() -> None:
         f"sections {'in memory' if args.in_memory else 'read lazily from netCDF files'}"
     )
     print(
-        f"full loop (loader + step) : {full.samples / full.wall:7.2f} samples/s   {full.samples / full.cpu:7.2f} samples/CPU-s"
+        f"full loop (loader + step) : {full.samples / full.wall:7.2f} samples/s   "
+        f"{full.samples / full.cpu:7.2f} samples/CPU-s"
     )
     print(
-        f"bare forward+backward     : {bare.samples / bare.wall:7.2f} samples/s   {bare.samples / bare.cpu:7.2f} samples/CPU-s"
+        f"bare forward+backward     : {bare.samples / bare.wall:7.2f} samples/s   "
+        f"{bare.samples / bare.cpu:7.2f} samples/CPU-s"
     )
     print(f"bare fwd+bwd+optimizer    : {bare_opt.samples / bare_opt.wall:7.2f} samples/s   (reference)")
     print(
@@ -119,20 +129,30 @@ def main() -> None:
     print(f"plain train_epoch         : {epoch_rate:7.2f} samples/s (one unpaired epoch, for reference)")
 
 
-def write_netcdf_sections(sections, folder: Path) -> list[Path]:
+def write_netcdf_sections(sections: Sequence[ArraySection], folder: Path) -> list[Path]:
     """The generated sections as GeoSlicer netCDF files, so patches are read from disk as in real runs."""
-    from thinseg.io.netcdf import NetcdfWriter
-
     folder.mkdir(parents=True)
     paths = []
     for s in sections:
         path = folder / f"{s.name}.nc"
+        mm = s.mm_per_pixel
+        if mm is None:
+            raise ValueError(f"section {s.name} has no pixel size")
         with NetcdfWriter(path) as writer:
-            ref = writer.add_rgb_image(f"{s.name}_PP", s.source("PP").array, s.mm_per_pixel)
-            writer.add_rgb_image(f"{s.name}_XP", s.source("XP").array, s.mm_per_pixel)
-            writer.add_labelmap(f"{s.name}_labels", s.read_labels(), s.class_table, s.mm_per_pixel, reference=ref)
+            ref = writer.add_rgb_image(f"{s.name}_PP", _pixels(s, "PP"), mm)
+            writer.add_rgb_image(f"{s.name}_XP", _pixels(s, "XP"), mm)
+            writer.add_labelmap(f"{s.name}_labels", s.read_labels(), s.class_table, mm, reference=ref)
         paths.append(path)
     return paths
+
+
+def _pixels(section: ArraySection, role: str) -> npt.NDArray[np.uint8]:
+    """The in-memory RGB image of a generated section."""
+    source = section.source(role)
+    if not isinstance(source, ArraySource):
+        raise TypeError(f"section {section.name} has no in-memory {role} image")
+    pixels: npt.NDArray[np.uint8] = source.array
+    return pixels
 
 
 def paired_epoch(run: TrainingRun, full: Timer, bare: Timer, bare_opt: Timer) -> None:
@@ -156,7 +176,10 @@ def paired_epoch(run: TrainingRun, full: Timer, bare: Timer, bare_opt: Timer) ->
         bare_opt.samples += images.shape[0]
 
 
-def prepare(run: TrainingRun, images: torch.Tensor, target: torch.Tensor, jitter: torch.Tensor):
+def prepare(
+    run: TrainingRun, images: torch.Tensor, target: torch.Tensor, jitter: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch as `TrainingRun.step` feeds it to the network, on the device (outside any timer)."""
     x = colour_jitter(images.to(run.device).float(), jitter).div_(255.0)
     x = x.contiguous(memory_format=torch.channels_last)
     y = target.to(run.device)
@@ -166,11 +189,12 @@ def prepare(run: TrainingRun, images: torch.Tensor, target: torch.Tensor, jitter
 
 
 def bare_step(run: TrainingRun, x: torch.Tensor, y: torch.Tensor, optimizer: bool) -> None:
+    """Forward, loss and backward (and the optimizer step) with no data path around them."""
     with run._autocast():
         logits = run.network(x)
     loss = dice_ce_loss(logits, y, first_label=run.spec.first_label)
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
     if optimizer:
         torch.nn.utils.clip_grad_norm_(run.network.parameters(), run.config.grad_clip or 1e9)
         run.optimizer.step()

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from thinseg.classes.table import default_class_table  # noqa: E402
+from thinseg.classes.files import default_class_table  # noqa: E402
 from thinseg.synth import generate_section  # noqa: E402
 
 SEED = 4242  # outside every training/validation/test seed range of the bundled model

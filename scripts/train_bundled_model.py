@@ -18,16 +18,18 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ThinSectionSegmentation"))
 
-from thinseg.classes.table import default_class_table  # noqa: E402
+from thinseg.classes.files import default_class_table  # noqa: E402
+from thinseg.classes.table import ClassTable  # noqa: E402
+from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL  # noqa: E402
 from thinseg.inference import InferenceOptions, Segmenter  # noqa: E402
 from thinseg.io.images import ArraySource  # noqa: E402
-from thinseg.metrics import Evaluator  # noqa: E402
+from thinseg.metrics import EvaluationReport, Evaluator  # noqa: E402
 from thinseg.model.bundle import load_bundle  # noqa: E402
-from thinseg.pipelines.segment import DEFAULT_MM_PER_PIXEL  # noqa: E402
 from thinseg.resources import default_model_dir  # noqa: E402
 from thinseg.synth import generate_section  # noqa: E402
 from thinseg.training import TrainConfig, synthetic_sections, train  # noqa: E402
@@ -84,7 +86,7 @@ def main() -> None:
     print(f"bundle written to {args.output}")
 
 
-def run_summary(run_dir: Path) -> dict:
+def run_summary(run_dir: Path) -> dict[str, Any]:
     """Epochs run, best epoch and its validation mean IoU, from the run's own files."""
     meta = json.loads((run_dir / "model" / "meta.json").read_text())
     with open(run_dir / "training_log.csv", newline="") as f:
@@ -98,7 +100,8 @@ def run_summary(run_dir: Path) -> dict:
     }
 
 
-def run_training(args, table) -> None:
+def run_training(args: argparse.Namespace, table: ClassTable) -> None:
+    """Train the run in `args.run_dir` on generated sections (seeds fixed, so it is reproducible)."""
     train_set = synthetic_sections(args.train_sections, args.size, seed=TRAIN_SEEDS, name="train")
     val_set = synthetic_sections(args.val_sections, args.size, seed=VAL_SEEDS, name="val")
     config = TrainConfig(
@@ -125,15 +128,19 @@ def run_training(args, table) -> None:
     train(config)
 
 
-def write_model_card(args, report, summary: dict) -> None:
+def write_model_card(args: argparse.Namespace, report: EvaluationReport, summary: dict[str, Any]) -> None:
+    """MODEL_CARD.md next to the bundle: data, settings, held-out scores and how to reproduce."""
     m = report.metrics
     rows = "\n".join(
         f"| {name} | {m.iou[i]:.3f} | {m.f1[i]:.3f} | {m.precision[i]:.3f} | {m.recall[i]:.3f} |"
         for i, name in enumerate(m.class_names)
     )
     mv = report.metrics_void_excluded
+    if mv is None:
+        raise ValueError("the held-out evaluation must exclude void borders (Evaluator(void_border_px=2))")
     budget = f" (time budget `--max-minutes {args.max_minutes:g}`)" if args.max_minutes else ""
     reproduce = f" --max-minutes {args.max_minutes:g}" if args.max_minutes else ""
+    test_seeds = f"{TEST_SEEDS}..{TEST_SEEDS + args.test_sections - 1}"
     card = f"""# Model card: thinseg-synthetic-unet
 
 **Trained on synthetic thin sections only.** It demonstrates the pipeline end to end; on real
@@ -156,7 +163,7 @@ rock it needs retraining on registered QEMSCAN data (`thinseg train`, see the RE
 
 ## Held-out evaluation
 
-{args.test_sections} generated sections (seeds {TEST_SEEDS}..{TEST_SEEDS + args.test_sections - 1}, never seen in training),
+{args.test_sections} generated sections (seeds {test_seeds}, never seen in training),
 segmented whole with the same tiled engine as `thinseg segment`; confusion counts accumulated
 over all sections.
 

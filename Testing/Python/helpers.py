@@ -20,7 +20,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "ThinSectionSegmentation"
 
-#: The seed tool's pixel size; the tiny models are trained (well, initialised) at this resolution.
+#: The usual thin-section scan's pixel size (mm); the tiny models are trained (well, initialised) at this resolution.
 MM_PER_PIXEL = 0.00132
 
 #: A MONAI UNet small enough to run a few hundred pixels in a fraction of a second on one core.
@@ -59,7 +59,7 @@ def make_bundle(
 ) -> Path:
     """Save a tiny GeoSlicer model folder (meta.json + model.pth): 3 channels per RGB input,
     N+1 outputs (output 0 = not classified) for the six default classes."""
-    from thinseg.classes.table import default_class_table
+    from thinseg.classes.files import default_class_table
     from thinseg.model.bundle import save_bundle
 
     table = default_class_table()
@@ -170,7 +170,7 @@ def write_geoslicer_netcdf(
 ) -> Path:
     """A GeoSlicer-layout netCDF with RGB images (in the given order), labelmaps and scalar
     images, written by the project's NetcdfWriter."""
-    from thinseg.classes.table import default_class_table
+    from thinseg.classes.files import default_class_table
     from thinseg.io.netcdf import NetcdfWriter
 
     path = Path(path)
@@ -252,7 +252,8 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("thinseg: error:")]
 
 
-#: The ten real sandstone fields of ../shared/data (GPL-3.0: read there, never copied here).
+#: The ten real sandstone fields in the shared data folder beside the checkout
+#: (GPL-3.0: read there, never copied here).
 REAL_DATA = REPO.parent / "shared" / "data" / "sandstone-ppl-xpl"
 REAL_CLASSES = REPO / "Resources" / "ClassTables" / "sandstone_ppl_xpl.csv"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from thinseg.classes.table import default_class_table
+from thinseg.classes.files import default_class_table
 from thinseg.inference import InferenceOptions, Segmenter
 from thinseg.io.images import ArraySource
 from thinseg.model.bundle import load_bundle

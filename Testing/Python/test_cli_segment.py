@@ -34,7 +34,7 @@ from helpers import (
     write_pair,
 )
 
-from thinseg.classes.table import default_class_table
+from thinseg.classes.files import default_class_table
 from thinseg.inference.engine import InferenceOptions, Segmenter, _Plan
 from thinseg.inference.resample import ResampledSource, labels_to_grid
 from thinseg.io.images import ArraySource
@@ -239,7 +239,7 @@ def test_given_the_xp_image_the_pp_counterpart_is_found(tmp_path, capsys, models
 def test_bigtiff_and_tiled_tiff_are_read_pixel_exact(tmp_path, capsys, models, engines):
     pp, xp = section_images(H, W, seed=2)
     pp_path = write_image(tmp_path / "T_PP.tif", pp, bigtiff=True, tile=(32, 32), compression="zlib")
-    xp_path = write_image(tmp_path / "T_XP.tiff", xp, tile=(48, 48))  # the counterpart may use another extension
+    write_image(tmp_path / "T_XP.tiff", xp, tile=(48, 48))  # the counterpart may use another extension
     import tifffile
 
     with tifffile.TiffFile(pp_path) as t:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import error_lines, make_bundle, run_main
 
-from thinseg.classes.table import default_class_table
+from thinseg.classes.files import default_class_table
 from thinseg.synth import generate_section
 
 TABLE = default_class_table()

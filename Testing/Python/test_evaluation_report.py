@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from thinseg.classes.table import default_class_table
+from thinseg.classes.files import default_class_table
 from thinseg.metrics import Evaluator, comparison_dict, format_comparison_table
 
 TABLE = default_class_table()  # 6 classes, QEMSCAN colours

@@ -53,7 +53,10 @@ def test_core_library_imports_no_slicer_or_qt():
 
 
 def test_core_imports_cleanly_in_a_fresh_interpreter():
-    code = "import sys; import thinseg, thinseg.pipelines.segment, thinseg.cli.main; assert 'slicer' not in sys.modules and 'qt' not in sys.modules"
+    code = (
+        "import sys; import thinseg, thinseg.pipelines.segment, thinseg.cli.main; "
+        "assert 'slicer' not in sys.modules and 'qt' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(MODULE), "PATH": ""})
 
 
@@ -88,3 +91,11 @@ def test_a_built_wheel_carries_the_bundled_model_and_sample(tmp_path):
     assert model_dir.startswith(str(target / "thinseg" / "_resources" / "Models"))
     assert (Path(sample) / "sample_PP.jpg").is_file() and Path(sample).is_relative_to(target)
     assert names == "['Calcite', 'Dolomite', 'Mg-Clay minerals', 'Pores', 'Quartz', 'Others']"
+
+
+def test_license_file_matches_the_declared_licence():
+    """pyproject.toml declares Apache-2.0; the LICENSE file beside it must be that licence's text."""
+    declared = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'license = { text = "Apache-2.0" }' in declared
+    text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text

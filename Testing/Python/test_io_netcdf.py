@@ -12,7 +12,8 @@ import pytest
 import tifffile
 import xarray as xr
 
-from thinseg.classes.table import ClassTable, default_class_table
+from thinseg.classes.files import default_class_table
+from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 from thinseg.io.atomic import atomic_output, ensure_writable_dir, free_output_path
 from thinseg.io.images import open_image
@@ -157,7 +158,7 @@ def test_scalar_image_and_copy_variable(tmp_path, section):
     confidence = (labels * 30).astype(np.uint8)
     with NetcdfWriter(second) as writer:
         copied = [writer.copy_variable(first, pp), writer.copy_variable(first, seg)]
-        conf = writer.add_scalar_image("S1_Confidence", confidence, SPACING, ORIGIN, attrs={"reference": copied[0]})
+        writer.add_scalar_image("S1_Confidence", confidence, SPACING, ORIGIN, attrs={"reference": copied[0]})
         again = writer.copy_variable(first, pp)
     assert copied == [pp, seg] and again == "S1_PP_1"
     kinds = {v.name: v.kind for v in list_variables(second)}

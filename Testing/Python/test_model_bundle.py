@@ -13,7 +13,8 @@ import monai
 import pytest
 import torch
 
-from thinseg.classes.table import ClassTable, default_class_table
+from thinseg.classes.files import default_class_table
+from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 from thinseg.model import build_network, find_bundles, load_bundle, save_bundle
 from thinseg.model.bundle import WEIGHTS_FILE

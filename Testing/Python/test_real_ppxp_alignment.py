@@ -1,6 +1,7 @@
-"""The PP/XP check on REAL sandstone fields (../shared/data/sandstone-ppl-xpl): the XPL photograph
-of every field is offset from the PPL one by a stage shift of about 4 rows and 9 columns (the
-data's README quotes the correction, (-4, -9)); in field 5a the stage was also turned by about 3 degrees.
+"""The PP/XP check on REAL sandstone fields (the shared PPL/XPL sandstone photographs, see
+`helpers.real_field`): the XPL photograph of every field is offset from the PPL one by a stage
+shift of about 4 rows and 9 columns (the data's README quotes the correction, (-4, -9)); in
+field 5a the stage was also turned by about 3 degrees.
 """
 
 from __future__ import annotations

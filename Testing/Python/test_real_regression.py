@@ -18,7 +18,7 @@ from thinseg.io.netcdf import NetcdfWriter
 from thinseg.metrics.evaluator import Evaluator
 from thinseg.model.bundle import load_bundle
 from thinseg.pipelines.evaluate import evaluate_model
-from thinseg.registration.ppxp import estimate_xp_offset
+from thinseg.registration.ppxp import estimate_xp_offset, shift_image
 from thinseg.training import TrainConfig, train
 
 TRAIN_FIELDS, TEST_FIELD = ("2a", "3a"), "10a"
@@ -106,7 +106,8 @@ def test_a_briefly_trained_model_beats_the_majority_baseline_on_an_unseen_field(
     report = evaluate_model(run["model"], [run["test"]], void_border_px=0)
     miou = report.metrics.mean_iou
     print(
-        f"{TEST_FIELD}: mean IoU {miou:.3f}, majority baseline {baseline:.3f}, accuracy {report.metrics.pixel_accuracy:.3f}"
+        f"{TEST_FIELD}: mean IoU {miou:.3f}, majority baseline {baseline:.3f}, "
+        f"accuracy {report.metrics.pixel_accuracy:.3f}"
     )
     assert miou > baseline + 0.10 and miou > 1.8 * baseline
 
@@ -117,8 +118,6 @@ def test_the_model_reads_pp_and_xp_in_the_documented_order(run, tmp_path):
     files = real_field(TEST_FIELD)
     pp, xp = read_rgb(files["pp"]), read_rgb(files["xp"])
     dy, dx, _ = estimate_xp_offset(pp, xp)
-    from thinseg.registration.ppxp import shift_image
-
     xp = shift_image(xp, dy, dx)
     truth = open_section(run["test"]).read_labels()
     scores = {}

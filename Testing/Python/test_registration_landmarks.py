@@ -180,7 +180,7 @@ def test_bspline_correction_is_exactly_itks_bspline():
 
 
 def test_three_pairs_are_enough_for_a_thin_plate_spline():
-    """The issue's minimum: >= 3 pairs. Three pairs fix the spline exactly, so residuals are 0
+    """The minimum for a spline: >= 3 pairs. Three pairs fix the spline exactly, so residuals are 0
     and no click can be flagged; the fit still maps the three points onto each other."""
     fit = fit_landmarks(_affine(IMAGE_PTS[:3]), IMAGE_PTS[:3], GEOMETRY, "tps")
     assert np.abs(fit.residuals_px).max() < 1e-6

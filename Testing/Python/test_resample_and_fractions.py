@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from thinseg.classes.table import default_class_table
+from thinseg.classes.files import default_class_table
 from thinseg.inference.resample import ResampledSource, labels_to_grid, needs_resampling
 from thinseg.reports.mineralogy import fractions_csv_text, modal_mineralogy
 

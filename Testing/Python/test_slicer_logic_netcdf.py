@@ -1,6 +1,6 @@
 """MRML logic on a real scene: export nodes to GeoSlicer netCDF and import such files back.
 
-The file layout is checked against ../shared/specs/geoslicer-netcdf.md with xarray/netCDF4
+The file layout is checked against GeoSlicer's netCDF layout with xarray/netCDF4
 (per-variable z/y/x dims, shared `c`, x/y origins negated, `transform`, `labels`, `type`,
 `reference`); the round trip is exact for pixels, geometry, names and colours."""
 
@@ -10,7 +10,7 @@ import slicer
 from helpers import open_nc, write_geoslicer_netcdf
 
 from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, volumes
-from thinseg.classes.table import default_class_table
+from thinseg.classes.files import default_class_table
 from thinseg.errors import ThinSegError
 
 SPACING = 0.00132

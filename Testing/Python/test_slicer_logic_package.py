@@ -35,11 +35,13 @@ def test_logic_imports_no_qt():
         assert "slicer.ScriptedLoadableModule" not in imported_modules(path, full=True), path.name
 
 
-def test_worker_and_jobs_need_neither_slicer_nor_vtk():
-    """worker.py runs jobs.py in Slicer's Python as a plain script: core library only."""
-    for name in ("worker.py", "jobs.py", "process.py", "models.py", "parameters.py"):
-        bad = imported_modules(LIB / name) & {"slicer", "vtk", "qt", "ctk"}
-        assert not bad, f"{name} imports {bad}"
+def test_job_runner_and_process_need_neither_slicer_nor_vtk():
+    """`python -m thinseg.jobs` runs in Slicer's Python as a plain program: core library only."""
+    job_runner = sorted((MODULE / "thinseg" / "jobs").glob("*.py"))
+    assert job_runner, "thinseg/jobs is missing"
+    for path in [*job_runner, *(LIB / name for name in ("process.py", "models.py", "parameters.py"))]:
+        bad = imported_modules(path) & {"slicer", "vtk", "qt", "ctk"}
+        assert not bad, f"{path.name} imports {bad}"
 
 
 def test_package_imports_in_a_fresh_interpreter_without_loading_heavy_modules():
@@ -51,7 +53,8 @@ def test_package_imports_in_a_fresh_interpreter_without_loading_heavy_modules():
         "import slicer\n"
         "logic = ThinSectionSegmentationLogic(slicer.vtkMRMLScene())\n"
         "logic.getParameterNode()\n"
-        "heavy = [m for m in ('torch', 'monai', 'netCDF4', 'SimpleITK', 'xarray', 'qt', 'PySide6') if m in sys.modules]\n"
+        "heavy = ('torch', 'monai', 'netCDF4', 'SimpleITK', 'xarray', 'qt', 'PySide6')\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     env = dict(os.environ, PYTHONPATH=str(MODULE))
@@ -73,18 +76,19 @@ def test_missing_requirements_are_detected_by_name_and_version():
     assert "PyTorch, monai, netCDF4" in text
 
 
-def test_requirements_mirror_pyproject():
+def test_requirements_are_one_list_for_pip_and_for_slicer():
+    """pip's metadata of the installed core and the Slicer installer's list come from one file."""
     import re
+    from importlib import metadata
 
-    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
-    block = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
-    declared = {
-        re.split(r"[<>=!~ ]", r.strip().strip('",'))[0].lower() for r in block.splitlines() if r.strip().strip('",')
-    }
+    runtime = [req for req in metadata.requires("thinseg") or [] if "extra ==" not in req]
+    declared = {re.split(r"[<>=!~ ;]", req)[0].lower() for req in runtime}
     from ThinSectionSegmentationLib import dependencies
 
     ours = {re.split(r"[<>=!~ ]", req)[0].lower() for _name, req in dependencies.REQUIREMENTS} | {"torch"}
     assert ours == declared
+    assert ("PIL", "pillow>=10") in dependencies.REQUIREMENTS
+    assert "xarray" not in declared  # only the tests read netCDF files through xarray
 
 
 class _Installer:

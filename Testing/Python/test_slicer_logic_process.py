@@ -88,7 +88,8 @@ def test_commands_run_the_thinseg_command_with_the_module_on_the_path(tmp_path):
     assert cmd[cmd.index("--output") + 1] == str(tmp_path / "out.nc")
     assert cmd[cmd.index("--model") + 1] == str(tmp_path / "model")
     assert "--probabilities" in cmd and "--overwrite" in cmd and cmd[cmd.index("--device") + 1] == "cpu"
-    assert process.worker_command("train", tmp_path / "job.json", python="py")[1].endswith("worker.py")
+    job_cmd = process.worker_command("train", tmp_path / "job.json", python="py")
+    assert job_cmd == ["py", "-m", "thinseg.jobs", "train", str(tmp_path / "job.json")]
     env = process.process_environment({"PYTHONPATH": "/other"})
     assert env["PYTHONPATH"].split(os.pathsep) == [str(process.MODULE_DIR), "/other"]
     assert env["PYTHONUNBUFFERED"] == "1"
@@ -151,7 +152,7 @@ def test_cancel_stops_the_process_and_leaves_no_output(scene):
 
 
 def test_a_failing_process_reports_the_core_message(scene):
-    from thinseg.classes.table import default_class_table
+    from thinseg.classes.files import default_class_table
 
     pp, xp = pair(scene, 64, 64)
     empty = labelmaps.create_labelmap(scene, "QEMSCAN", np.zeros((20, 20), np.uint8), default_class_table(), 0.01)

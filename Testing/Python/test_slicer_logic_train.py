@@ -11,7 +11,7 @@ import slicer
 from helpers import write_geoslicer_netcdf
 
 from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, process, volumes
-from thinseg.classes.table import default_class_table
+from thinseg.classes.files import default_class_table
 from thinseg.errors import ThinSegError
 from thinseg.synth import generate_section
 

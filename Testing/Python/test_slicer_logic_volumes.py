@@ -7,7 +7,8 @@ import slicer
 
 from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, base_name, hierarchy, labelmaps, volumes
 from ThinSectionSegmentationLib.parameters import DEFAULTS, Parameters, find_parameter_node
-from thinseg.classes.table import ClassTable, default_class_table
+from thinseg.classes.files import default_class_table
+from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import affine_transform, binary_erosion
 
-from thinseg.classes.table import default_class_table, qemscan_palette, rgb_to_hex
+from thinseg.classes.files import default_class_table, qemscan_palette
+from thinseg.classes.table import rgb_to_hex
 from thinseg.synth import SyntheticSection, generate_section, render_labels_rgb
 
 CALCITE, DOLOMITE, CLAY, PORE, QUARTZ, OTHERS = range(1, 7)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from thinseg.classes.table import ClassTable, default_class_table
+from thinseg.classes.files import default_class_table
+from thinseg.classes.table import ClassTable
 from thinseg.data.mapping import mapping_for
 from thinseg.data.sections import open_section, synthetic_sections
 from thinseg.errors import ThinSegError
+from thinseg.io.netcdf import NetcdfImageSource, NetcdfWriter
 from thinseg.metrics import void_border_mask
 from thinseg.training import ArraySection, build_mapping, load_mapping_csv, load_split, save_split, split_names
 from thinseg.training.augment import IDENTITY_JITTER, colour_jitter, draw_augment
@@ -18,8 +21,8 @@ from thinseg.training.cache import ArrayCache, cache_key
 from thinseg.training.config import AugmentConfig
 from thinseg.training.dataset import PatchStream, make_loader
 from thinseg.training.losses import dice_ce_loss
-from thinseg.training.prepare import prepare_section, prepare_sections, target_cache_params
 from thinseg.training.sampler import PatchIndex, build_patch_index, index_cache_params
+from thinseg.training.targets import prepare_section, prepare_sections, target_cache_params
 
 TABLE = default_class_table()
 NAMES = TABLE.names  # Calcite, Dolomite, Mg-Clay minerals, Pores, Quartz, Others
@@ -345,8 +348,6 @@ def test_loss_ignores_label_zero_and_handles_empty_batches():
 
 
 def test_netcdf_section_reads_lazily_and_maps_qemscan_names(tmp_path):
-    from thinseg.io.netcdf import NetcdfWriter
-
     s = synthetic_sections(1, 128, seed=9)[0]
     qem = _table(["Calcita (0% a 1%MgO)", "Dolomita", "Mg-Argilominerais", "Poros", "Quartzo", "Pirita", "Unknown"])
     labels = s.read_labels().copy()
@@ -365,8 +366,6 @@ def test_netcdf_section_reads_lazily_and_maps_qemscan_names(tmp_path):
     expected[:8] = 0
     assert np.array_equal(np.asarray(prepared.target), expected)
     # patches are read as regions of the file, never the whole image
-    from thinseg.io.netcdf import NetcdfImageSource
-
     regions = []
     real_read = NetcdfImageSource.read
 
@@ -387,8 +386,6 @@ def test_netcdf_section_reads_lazily_and_maps_qemscan_names(tmp_path):
 
 
 def test_folder_section_with_label_image(tmp_path):
-    from PIL import Image
-
     s = synthetic_sections(1, 96, seed=4)[0]
     folder = tmp_path / "sec1"
     folder.mkdir()

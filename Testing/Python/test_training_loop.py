@@ -3,6 +3,7 @@ PP-only models, split by section, fine-tuning. Tiny networks and patches keep it
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -10,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from thinseg.classes.table import default_class_table
+from thinseg.classes.files import default_class_table
 from thinseg.errors import ThinSegError
+from thinseg.inference.device import cpu_has_native_bf16
 from thinseg.inference.engine import InferenceOptions, Segmenter
 from thinseg.model.bundle import load_bundle, save_bundle
 from thinseg.model.networks import build_network
 from thinseg.training import AugmentConfig, TrainConfig, load_split, synthetic_sections, train
 from thinseg.training.checkpoint import load_checkpoint
-from thinseg.training.loop import TrainingRun
+from thinseg.training.loop import TrainingRun, lr_factor, resolve_precision
 from thinseg.training.model import unet_params, widen_outputs
 
 TABLE = default_class_table()
@@ -251,9 +253,6 @@ def _write_geoslicer_n_output_bundle(folder: Path, net: torch.nn.Module, params:
 
 
 def test_precision_and_schedule_choices():
-    from thinseg.inference.device import cpu_has_native_bf16
-    from thinseg.training.loop import lr_factor, resolve_precision
-
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else None)
     assert resolve_precision("fp32", cpu) is None and resolve_precision("bf16", cpu) == torch.bfloat16
@@ -261,4 +260,4 @@ def test_precision_and_schedule_choices():
         resolve_precision("fp16", cpu)
     factors = [lr_factor(s, 100, 10, "cosine") for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[9:], factors[10:])) and factors[-1] < 0.05
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:])) and factors[-1] < 0.05

@@ -9,26 +9,33 @@ Checking is plain Python (tested). Installing needs Slicer: one question for eve
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Callable, Sequence
 from importlib import metadata
+from pathlib import Path
 
-#: (import name, pip requirement), mirroring pyproject.toml's dependencies except torch.
-REQUIREMENTS: tuple[tuple[str, str], ...] = (
-    ("numpy", "numpy>=1.24"),
-    ("scipy", "scipy>=1.10"),
-    ("SimpleITK", "SimpleITK>=2.3"),
-    ("monai", "monai>=1.4"),
-    ("xarray", "xarray>=2023.1"),
-    ("netCDF4", "netCDF4>=1.6"),
-    ("tifffile", "tifffile>=2024.1"),
-    ("imagecodecs", "imagecodecs>=2024.1"),
-    ("zarr", "zarr>=3"),
-    ("PIL", "pillow>=10"),
-    ("matplotlib", "matplotlib>=3.7"),
-    ("tqdm", "tqdm>=4.60"),
-)
+#: The core's requirements file: pyproject.toml reads it for pip, this module for Slicer's Python.
+REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "thinseg" / "requirements.txt"
+#: Distributions whose import name is not their pip name.
+IMPORT_NAMES = {"pillow": "PIL"}
+
+
+def read_requirements(path: Path = REQUIREMENTS_FILE) -> list[tuple[str, str]]:
+    """(import name, pip requirement) for each line of the core's requirements file but torch."""
+    requirements = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        if not requirement:
+            continue
+        name = re.split(r"[<>=!~ ;\[]", requirement, maxsplit=1)[0]
+        if name.lower() != "torch":
+            requirements.append((IMPORT_NAMES.get(name.lower(), name), requirement))
+    return requirements
+
+
+REQUIREMENTS: tuple[tuple[str, str], ...] = tuple(read_requirements())
 #: Any recent torch: in Slicer the PyTorch extension picks the build (CUDA or CPU) for the machine;
-#: the exact pin of pyproject.toml is for the command line and CI, where a CPU wheel is on disk.
+#: the exact pin of the requirements file is for the command line and CI, where a CPU wheel is on disk.
 TORCH = ("torch", "torch>=2.1")
 REQUESTER = "Thin Section Segmentation"
 

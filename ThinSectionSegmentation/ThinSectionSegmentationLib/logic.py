@@ -28,10 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from thinseg import jobs
+from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL
 from thinseg.errors import ThinSegError
 from thinseg.io.pairing import find_affix
+from thinseg.jsonio import write_json
+from thinseg.pipelines.outputs import safe_file_name
 
-from . import hierarchy, jobs, models, netcdf_nodes, process, results
+from . import hierarchy, models, netcdf_nodes, process, results
 from .labelmaps import (
     create_labelmap,
     labelmap_class_table,
@@ -54,8 +58,6 @@ from .volumes import (
 MODEL_ATTRIBUTE = "ThinSectionSegmentation.Model"
 FRACTIONS_REFERENCE = "ThinSectionSegmentation.Fractions"
 CHART_REFERENCE = "ThinSectionSegmentation.FractionsChart"
-#: Pixel size assumed for images whose file had none (Slicer then reports exactly 1 mm).
-DEFAULT_MM_PER_PIXEL = 0.00132
 
 
 def base_name(node, pp_pattern: str = "PP") -> str:
@@ -196,10 +198,10 @@ class ThinSectionSegmentationLogic:
         colour table of the class names, in the input's folder, shown over PP). The area
         fractions table/chart and optional segmentation are in `self.lastSegmentation`."""
         from thinseg.inference.engine import InferenceOptions, Segmenter
-        from thinseg.inference.resample import ResampledSource, labels_to_grid, needs_resampling
+        from thinseg.inference.resample import resampling_factor, segment_at_model_resolution
         from thinseg.io.images import ArraySource
         from thinseg.model.bundle import load_bundle
-        from thinseg.pipelines.segment import check_thin_section_model
+        from thinseg.pipelines.segment import check_thin_section_model, model_mm_per_pixel
 
         bundle = load_bundle(modelDir or self.defaultModelDir())
         check_thin_section_model(bundle)
@@ -212,17 +214,12 @@ class ThinSectionSegmentationLogic:
         options = InferenceOptions(device=device, with_confidence=confidence, tile=tile)
         segmenter = Segmenter(bundle, options)
         self.messages += segmenter.messages
-        height, width = sources[0].shape
-        run = sources
-        model_spacing = 1.0 / bundle.pixels_per_mm if bundle.pixels_per_mm else None
-        if model_spacing is not None and needs_resampling(spacing, model_spacing):
-            run = [ResampledSource(s, spacing / model_spacing) for s in sources]
+        model_spacing = model_mm_per_pixel(bundle)
+        factor = resampling_factor(spacing, model_spacing)
+        if factor is not None:
             self.messages.append(f"resampled from {spacing:g} to the model's {model_spacing:g} mm/px and back")
-        result = segmenter.segment(run, progress=progress, cancel=cancel)
+        result = segment_at_model_resolution(segmenter, sources, factor, progress=progress, cancel=cancel)
         labels, conf = result.labels, result.confidence
-        if run is not sources:
-            labels = labels_to_grid(labels, (height, width))
-            conf = labels_to_grid(conf, (height, width)) if conf is not None else None
         return self._store_segmentation(
             ppNode, xpNode, labels, conf, bundle.class_table, bundle.title, outputNode, createSegmentation, show
         )
@@ -284,7 +281,7 @@ class ThinSectionSegmentationLogic:
             names = {ppNode.GetID(): f"{base}_PP"}
             if info.needs_xp:
                 names[xpNode.GetID()] = f"{base}_XP"
-            source = folder / f"{jobs_safe(base)}.nc"  # the file stem names the section in the progress
+            source = folder / f"{safe_file_name(base)}.nc"  # the file stem names the section in the progress
             written = netcdf_nodes.export_nodes(nodes, source, names=names, spacing={n.GetID(): spacing for n in nodes})
             command = process.segment_command(
                 [source],
@@ -356,11 +353,15 @@ class ThinSectionSegmentationLogic:
         segment` (one netCDF per section + modal_mineralogy.csv). Returns (results, failures);
         with load=True each result file is imported into the scene."""
         from thinseg.inference.engine import InferenceOptions, Segmenter
-        from thinseg.io.atomic import atomic_output, ensure_writable_dir, free_output_path
+        from thinseg.io.atomic import ensure_writable_dir
         from thinseg.io.pairing import pair_inputs
         from thinseg.model.bundle import load_bundle
-        from thinseg.pipelines.segment import SegmentOptions, check_thin_section_model, segment_sections
-        from thinseg.reports.mineralogy import fractions_csv_text
+        from thinseg.pipelines.segment import (
+            SegmentOptions,
+            check_thin_section_model,
+            segment_sections,
+            write_modal_mineralogy,
+        )
 
         bundle = load_bundle(modelDir or self.defaultModelDir())
         check_thin_section_model(bundle)
@@ -382,10 +383,7 @@ class ThinSectionSegmentationLogic:
         done, failures = segment_sections(sections, segmenter, options, output, progress)
         failures = [(p.path, p.problem) for p in problems] + [(s.primary, e.problem) for s, e in failures]
         if done:
-            csv_path = output / "modal_mineralogy.csv"
-            csv_path = csv_path if overwrite else free_output_path(csv_path)
-            with atomic_output(csv_path) as tmp:
-                tmp.write_text(fractions_csv_text([r.mineralogy for r in done]), encoding="utf-8")
+            write_modal_mineralogy(done, output, overwrite)
         if load:
             for r in done:
                 self.importNetcdf(r.netcdf)
@@ -529,7 +527,7 @@ class ThinSectionSegmentationLogic:
         workDir=None,
         python: str | None = None,
     ) -> Job:
-        """Export PP/XP/QEMSCAN and the landmark pixels to a job folder for worker.py."""
+        """Export PP/XP/QEMSCAN and the landmark pixels to a job folder for `python -m thinseg.jobs`."""
         if ppNode is None or qemscanNode is None:
             raise ThinSegError("choose a PP image and a QEMSCAN map")
         if landmarks is None and not refine:
@@ -571,7 +569,7 @@ class ThinSectionSegmentationLogic:
                     "names": list(pairs.names),
                 },
             }
-            jobs.write_json(folder / "job.json", job)
+            write_json(folder / "job.json", job)
             command = process.worker_command("register", folder / "job.json", python=python)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -584,7 +582,7 @@ class ThinSectionSegmentationLogic:
         )
 
     def finishRegistration(self, job: Job):
-        """Import the worker's transform and registered labelmap; returns (transform, labelmap)."""
+        """Import the job's transform and registered labelmap; returns (transform, labelmap)."""
         from thinseg.io.netcdf import read_labelmap
         from thinseg.registration.output import load_transform
 
@@ -661,7 +659,7 @@ class ThinSectionSegmentationLogic:
                     names[xp.GetID()] = f"{base}_XP"
                 spacing = self.imageSpacing(pp)
                 nodes = [pp, labelmap] + ([xp] if xp is not None else [])
-                target = folder / f"{i:03d}_{jobs_safe(base)}.nc"
+                target = folder / f"{i:03d}_{safe_file_name(base)}.nc"
                 netcdf_nodes.export_nodes(nodes, target, names=names, spacing={n.GetID(): spacing for n in nodes})
                 files.append(target.name)
             job = {
@@ -682,7 +680,7 @@ class ThinSectionSegmentationLogic:
             if not initFrom and not have_xp:
                 job["inputs"] = ["PP"]
             job.update(options)
-            jobs.write_json(folder / "job.json", job)
+            write_json(folder / "job.json", job)
             command = process.worker_command("train", folder / "job.json", python=python)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -719,9 +717,3 @@ class ThinSectionSegmentationLogic:
         PP/XP images found by affix are in `self.lastImport.pp` / `.xp`."""
         self.lastImport = netcdf_nodes.import_netcdf(self.scene, path, ppPattern, xpPatterns)
         return list(self.lastImport.nodes)
-
-
-def jobs_safe(name: str) -> str:
-    """A file-name-safe version of a node name."""
-    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")
-    return keep or "section"

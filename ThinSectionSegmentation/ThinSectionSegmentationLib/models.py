@@ -1,24 +1,27 @@
 """The model selector's list: the bundled model plus user model folders, with their cards.
 
 Models follow GeoSlicer's tag-folder layout: `<root>/ThinSectionEnv/<model>/{meta.json,
-model.pth}`. Listing reads `meta.json` only and imports no torch (the panel lists models before
-the dependencies are installed), so a broken `model.pth` shows up in the list and fails with the
-core's one-line message when used. model folders are found with thinseg.model.discovery.find_bundles
-(same rules), without importing it.
+model.pth}`, found by `thinseg.model.discovery.find_bundles`. Listing reads `meta.json` only and
+imports no torch (the panel lists models before the dependencies are installed), so a broken
+`model.pth` shows up in the list and fails with the core's one-line message when used. The list
+reads meta.json leniently (`thinseg.model.meta.summarize`: a field that breaks the model schema
+is left out); only a meta.json that is not a readable JSON object marks the folder as unusable.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from thinseg.errors import ThinSegError
+from thinseg.io.atomic import free_output_path
+from thinseg.io.netcdf import sanitize_name
 from thinseg.model.discovery import META_FILE, THIN_SECTION_TAG, find_bundles
+from thinseg.model.meta import read_meta, summarize
 from thinseg.resources import default_model_dir, models_root
-
-#: As in thinseg.model.bundle (which imports torch).
 
 CARD_FILES = ("MODEL_CARD.md", "README.md")
 #: Environment variable with extra model roots (os.pathsep-separated), for scripted use.
@@ -32,6 +35,8 @@ def default_user_models_root() -> Path:
 
 @dataclass
 class ModelInfo:
+    """One entry of the model list: what meta.json says (empty where it says nothing usable)."""
+
     path: Path
     title: str
     description: str
@@ -41,7 +46,7 @@ class ModelInfo:
     pixels_per_mm: float | None
     bundled: bool = False
     problem: str | None = None  # meta.json unreadable: listed, but marked
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -51,30 +56,26 @@ class ModelInfo:
 
     @property
     def needs_xp(self) -> bool:
+        """True when the model takes a second (XP) image."""
         return len(self.inputs) > 1
 
 
 def read_model_info(path: str | os.PathLike[str], bundled: bool = False) -> ModelInfo:
+    """The list entry of a model folder; never raises for a bad meta.json (see module doc)."""
     path = Path(path)
     try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as error:
-        return ModelInfo(path, path.name, "", [], [], [], None, bundled, problem=str(error))
-    outputs = meta.get("outputs") if isinstance(meta.get("outputs"), dict) else {}
-    first = next(iter(outputs.values()), {}) if outputs else {}
-    first = first if isinstance(first, dict) else {}
-    inputs = list(meta.get("inputs", {}).keys()) if isinstance(meta.get("inputs"), dict) else []
-    ppm = meta.get("pixels_per_mm")
+        meta = read_meta(path / META_FILE)
+    except ThinSegError as error:
+        return ModelInfo(path, path.name, "", [], [], [], None, bundled, problem=error.problem)
+    usable = summarize(meta)
     return ModelInfo(
         path=path,
         title=str(meta.get("title") or path.name),
         description=str(meta.get("description") or ""),
-        inputs=[str(i) for i in inputs],
-        classes=[str(c) for c in first.get("class_names", []) or []],
-        colors=[str(c) for c in first.get("class_colors", []) or []],
-        pixels_per_mm=float(ppm) if isinstance(ppm, (int, float)) and not isinstance(ppm, bool) else None,
+        inputs=usable.inputs,
+        classes=usable.class_names,
+        colors=usable.class_colors,
+        pixels_per_mm=usable.pixels_per_mm,
         bundled=bundled,
         extra={k: v for k, v in meta.items() if k in ("training", "thinseg")},
     )
@@ -85,7 +86,8 @@ def model_roots(user_roots: Iterable[str | os.PathLike[str]] = ()) -> list[Path]
     roots = [models_root()]
     roots += [Path(r).expanduser() for r in user_roots if str(r).strip()]
     roots += [Path(r).expanduser() for r in os.environ.get(USER_ROOTS_ENV, "").split(os.pathsep) if r.strip()]
-    out, seen = [], set()
+    out: list[Path] = []
+    seen: set[str] = set()
     for root in roots:
         key = os.path.normcase(str(root.resolve()) if root.exists() else str(root))
         if key not in seen:
@@ -98,7 +100,7 @@ def list_models(user_roots: Iterable[str | os.PathLike[str]] = ()) -> list[Model
     """Every thin-section model under the roots; the bundled model first."""
     bundled_root = models_root()
     found: list[ModelInfo] = []
-    seen = set()
+    seen: set[str] = set()
     for root in model_roots(user_roots):
         for path in find_bundles(root, tags=(THIN_SECTION_TAG,)):
             key = os.path.normcase(str(path.resolve()))
@@ -137,8 +139,5 @@ def model_card(info: ModelInfo | str | os.PathLike[str]) -> str:
 
 def new_model_dir(root: str | os.PathLike[str], name: str) -> Path:
     """`<root>/ThinSectionEnv/<name>` (GeoSlicer finds it there), numbered if taken."""
-    from thinseg.io.atomic import free_output_path
-    from thinseg.io.netcdf import sanitize_name
-
     safe = sanitize_name(name).strip("_") or "model"
     return free_output_path(Path(root) / THIN_SECTION_TAG / safe)

@@ -1,4 +1,4 @@
-"""Scene nodes <-> GeoSlicer netCDF files (../shared/specs/geoslicer-netcdf.md), no Qt.
+"""Scene nodes <-> GeoSlicer netCDF files (the layout GeoSlicer writes and opens), no Qt.
 
 Export writes one variable per node with the core's `NetcdfWriter` (the same writer as
 `thinseg segment`): RGB vector volumes as (1, H, W, 3) uint8 on the shared `c` dimension,

@@ -1,12 +1,13 @@
 """Long work in a separate process: command lines, output parsing and cancel (no Qt).
 
-The panel runs the `thinseg` command (and, for registration and training, this package's
-`worker.py`) with Slicer's own Python, so the GUI never freezes. Everything but the Qt timer that
-polls lives here and is tested with real processes:
+The panel runs the `thinseg` command (and, for registration and training, the core's job
+runner `python -m thinseg.jobs`) with Slicer's own Python, so the GUI never freezes. Everything
+but the Qt timer that polls lives here and is tested with real processes:
 
-- `segment_command` / `worker_command`: the argument lists;
+- `segment_command` / `worker_command`: the argument lists (`thinseg` importable through
+  PYTHONPATH, see `process_environment`);
 - `OutputParser`: turns stderr/stdout text (tqdm bars written with carriage returns, "epoch"
-  summaries, "thinseg: error: ..." lines, the worker's "@thinseg {json}" events) into events;
+  summaries, "thinseg: error: ..." lines, the job runner's "@thinseg {json}" events) into events;
 - `BackgroundProcess`: subprocess.Popen with reader threads, non-blocking `poll()`, `cancel()`
   (Ctrl-C first so the core removes partial files, then kill), and the core's error message.
 """
@@ -28,11 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thinseg.errors import ThinSegError
+from thinseg.jobs import EVENT_PREFIX
 
 #: The module folder (holds `thinseg/` and `ThinSectionSegmentationLib/`).
 MODULE_DIR = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).resolve().parent / "worker.py"
-EVENT_PREFIX = "@thinseg "
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -109,10 +109,10 @@ def segment_command(
 
 
 def worker_command(task: str, job_file: str | os.PathLike[str], python: str | None = None) -> list[str]:
-    """`python worker.py TASK JOB.json` (registration and training jobs)."""
+    """`python -m thinseg.jobs TASK JOB.json` (registration and training jobs) as an argument list."""
     if task not in ("register", "train"):
         raise ValueError(f"unknown worker task {task!r}")
-    return [python or python_executable(), str(WORKER), task, str(job_file)]
+    return [python or python_executable(), "-m", "thinseg.jobs", task, str(job_file)]
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ class ErrorLine:
 
 @dataclass
 class Event:
-    """A structured event from worker.py ("@thinseg {...}")."""
+    """A structured event from the job runner ("@thinseg {...}")."""
 
     kind: str
     data: dict = field(default_factory=dict)
@@ -345,9 +345,14 @@ class BackgroundProcess:
                 self._record(event)
             events += new
         self._kill_if_overdue()
-        if self._process is not None and self.returncode is None and self._process.poll() is not None:
-            if all(not t.is_alive() for t in self._threads) and self._queue.empty():
-                self.returncode = self._process.returncode
+        if (
+            self._process is not None
+            and self.returncode is None
+            and self._process.poll() is not None
+            and all(not t.is_alive() for t in self._threads)
+            and self._queue.empty()
+        ):
+            self.returncode = self._process.returncode
         return events
 
     def _record(self, event) -> None:

@@ -33,6 +33,8 @@ def finite(value: Any) -> Any:
     """`value` with every NaN/infinity (also inside numpy arrays, lists and dicts) as None."""
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
     if isinstance(value, np.ndarray):
         return finite(value.tolist())
     if isinstance(value, dict):

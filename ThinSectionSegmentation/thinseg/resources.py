@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+#: The bundled model: <models root>/<tag>/<name>, GeoSlicer's tag-folder layout.
 BUNDLED_MODEL_TAG = "ThinSectionEnv"
 BUNDLED_MODEL_NAME = "thinseg-synthetic-unet"
 
@@ -25,12 +26,15 @@ def resources_dir() -> Path:
 
 
 def models_root() -> Path:
+    """The bundled models' root (holding ThinSectionEnv/)."""
     return resources_dir() / "Models"
 
 
 def default_model_dir() -> Path:
+    """The bundled model's folder."""
     return models_root() / BUNDLED_MODEL_TAG / BUNDLED_MODEL_NAME
 
 
 def sample_dir() -> Path:
+    """The bundled sample section: PP, XP, a QEMSCAN map and the exact labels."""
     return resources_dir() / "Sample"

@@ -6,23 +6,25 @@ GeoSlicer numbers labels by position (k-th entry -> value k, 0 = not classified)
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 
 
 @dataclass(frozen=True)
 class MineralClass:
+    """One class: its name and its colour as "#rrggbb"."""
+
     name: str
     color: str  # "#rrggbb"
 
     @property
     def rgb(self) -> tuple[int, int, int]:
+        """The colour as (r, g, b) 0..255."""
         return hex_to_rgb(self.color)
 
 
 def hex_to_rgb(color: str) -> tuple[int, int, int]:
+    """ "#rrggbb" -> (r, g, b); ValueError when it is not six hex digits."""
     c = color.lstrip("#")
     if len(c) != 6:
         raise ValueError(f"not a #rrggbb colour: {color!r}")
@@ -30,6 +32,7 @@ def hex_to_rgb(color: str) -> tuple[int, int, int]:
 
 
 def rgb_to_hex(rgb: Sequence[int]) -> str:
+    """(r, g, b[, a]) -> "#rrggbb" (lower case; alpha ignored)."""
     r, g, b = (int(v) for v in rgb[:3])
     return f"#{r:02x}{g:02x}{b:02x}"
 
@@ -42,6 +45,7 @@ class ClassTable:
 
     @classmethod
     def from_names_colors(cls, names: Iterable[str], colors: Iterable[str]) -> ClassTable:
+        """Classes from parallel lists of names and colours (colours lower-cased)."""
         names, colors = list(names), list(colors)
         if len(names) != len(colors):
             raise ValueError(f"{len(names)} class names but {len(colors)} colours")
@@ -49,10 +53,12 @@ class ClassTable:
 
     @property
     def names(self) -> list[str]:
+        """Class names in label order."""
         return [c.name for c in self.classes]
 
     @property
     def colors(self) -> list[str]:
+        """Class colours ("#rrggbb") in label order."""
         return [c.color for c in self.classes]
 
     def __len__(self) -> int:
@@ -77,21 +83,3 @@ class ClassTable:
             name, _index, color = entry.rsplit(",", 2)
             out.append(MineralClass(name, color.strip().lower()))
         return cls(tuple(out))
-
-
-def qemscan_palette() -> list[tuple[str, str, tuple[int, int, int]]]:
-    """GeoSlicer's default QEMSCAN minerals: (Portuguese name, English name, rgb)."""
-    text = resources.files("thinseg.classes").joinpath("qemscan_colors.csv").read_text(encoding="utf-8")
-    rows = list(csv.DictReader(text.splitlines(), delimiter=";"))
-    return [(r["Mineral"], r["English"], (int(r["R"]), int(r["G"]), int(r["B"]))) for r in rows]
-
-
-#: The six classes the bundled model predicts, in label order, with GeoSlicer's QEMSCAN colours.
-DEFAULT_CLASS_NAMES = ("Calcite", "Dolomite", "Mg-Clay minerals", "Pores", "Quartz", "Others")
-
-
-def default_class_table() -> ClassTable:
-    by_english = {}
-    for _pt, en, rgb in qemscan_palette():
-        by_english[en.split(" (")[0]] = rgb  # "Calcite (0-1% MgO)" -> "Calcite"
-    return ClassTable(tuple(MineralClass(n, rgb_to_hex(by_english[n])) for n in DEFAULT_CLASS_NAMES))

@@ -11,14 +11,14 @@ import sys
 from collections.abc import Sequence
 
 from thinseg import __version__
+from thinseg.cli import compare_cmd, evaluate_cmd, prepare_cmd, register_cmd, segment_cmd, train_cmd
 from thinseg.errors import ThinSegError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from thinseg.cli import compare_cmd, evaluate_cmd, prepare_cmd, register_cmd, segment_cmd, train_cmd
-
+    """The `thinseg` parser with every sub-command."""
     parser = argparse.ArgumentParser(
         prog="thinseg",
         description="Thin-section (PP/XP) mineral segmentation, GeoSlicer-compatible.",
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

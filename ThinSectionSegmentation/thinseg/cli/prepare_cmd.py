@@ -1,26 +1,26 @@
 """`thinseg prepare`: a PP image, its XP image and a label image already on the PP grid (a
-hand-drawn mask, a label export) -> one GeoSlicer netCDF training section.
-
-The label image holds codes; a class file (`value,name,color`, see thinseg.classes.files) names
-them. XP is checked against PP and aligned when the two photographs are offset (a stage shift,
-or a small stage rotation), so that the six input channels show the same grain at each pixel.
-"""
+hand-drawn mask, a label export) -> one GeoSlicer netCDF training section (see
+`thinseg.pipelines.prepare`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
-from thinseg.pipelines.segment import DEFAULT_MM_PER_PIXEL
+from thinseg.classes.table import ClassTable
+from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL, PpXpImages
+from thinseg.metrics.fractions import class_pixel_counts
 
-PREVIEW_SIDE = 800
+if TYPE_CHECKING:
+    from thinseg.registration.ppxp import XpAlignment
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser(
         "prepare",
         help="turn PP/XP images and a label image on the PP grid (a mask) into a training section",
@@ -68,110 +68,42 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinseg.classes.files import read_value_classes
-    from thinseg.cli.register_cmd import output_stem, read_images
-    from thinseg.data.inputs import OutputSet, safe_file_name
-    from thinseg.data.sections import read_label_image
-    from thinseg.errors import ThinSegError
+    # deferred: the pipeline loads SimpleITK and scipy (about 0.6 s) for the XP alignment
+    from thinseg.pipelines.prepare import PrepareOptions, prepare_files
 
-    if args.mm_per_pixel is not None and not args.mm_per_pixel > 0:
-        raise ThinSegError(f"--mm-per-pixel must be > 0, got {args.mm_per_pixel}")
-    classes = read_value_classes(args.classes)
-    name = args.name or output_stem(args.pp, args.pp_pattern)
-    stem = safe_file_name(name)
-    outputs = OutputSet(args.output, args.overwrite)
-    nc_tmp, png_tmp = outputs.add(f"{stem}.nc"), outputs.add(f"{stem}_prepared.png")
-    outputs.check()
+    options = PrepareOptions(
+        pp=args.pp,
+        labels=args.labels,
+        classes=args.classes,
+        output=args.output,
+        xp=args.xp,
+        pp_pattern=args.pp_pattern,
+        xp_pattern=args.xp_pattern,
+        pp_only=args.pp_only,
+        align=args.align,
+        name=args.name,
+        mm_per_pixel=args.mm_per_pixel,
+        overwrite=args.overwrite,
+    )
 
-    if args.pp_only and args.xp is not None:
-        raise ThinSegError("--pp-only builds a section without XP: leave out --xp")
-    images = read_images(args)
-    codes = read_label_image(args.labels)
-    if codes.shape != images.pp.shape[:2]:
-        raise ThinSegError(
-            f"label image is {codes.shape[1]}x{codes.shape[0]} px but PP is "
-            f"{images.pp.shape[1]}x{images.pp.shape[0]} px: it must be on the PP grid "
-            "(for a QEMSCAN map use `thinseg register`)",
-            args.labels,
-        )
-    labels = classes.apply(codes, args.labels)
-    pp, xp = images.pp, (None if args.pp_only else images.xp)
-    if xp is None and not args.pp_only:
-        raise ThinSegError(
-            f"no XP image found ({images.xp_note}); give --xp, or --pp-only for a PP-only section", args.pp
-        )
+    def show_inputs(images: PpXpImages, has_xp: bool) -> None:
+        pp = images.pp
+        print(f"PP: {args.pp} ({pp.shape[1]}x{pp.shape[0]} px, {images.mm_per_pixel:g} mm/px)", file=sys.stderr)
+        if has_xp and images.xp_note:
+            print(images.xp_note, file=sys.stderr)
 
-    alignment = None
-    print(f"PP: {args.pp} ({pp.shape[1]}x{pp.shape[0]} px, {images.mm_per_pixel:g} mm/px)", file=sys.stderr)
-    if xp is not None and images.xp_note:
-        print(images.xp_note, file=sys.stderr)
-        if args.align:
-            from thinseg.registration.ppxp import estimate_xp_alignment
-
-            alignment = estimate_xp_alignment(pp, xp)
-            xp = alignment.apply(xp)
-    try:
-        _write_section(nc_tmp, name, pp, xp, labels, classes.table, images.mm_per_pixel, alignment, args)
-        _write_preview(png_tmp, pp, xp, labels, classes.table)
-        written = outputs.commit()
-    except BaseException:
-        outputs.discard()
-        raise
-    print(format_summary(name, labels, classes.table, alignment, xp is not None))
+    prepared = prepare_files(options, on_inputs=show_inputs)
+    print(format_summary(prepared.name, prepared.labels, prepared.table, prepared.alignment, prepared.has_xp))
     print()
-    for path in written:
+    for path in prepared.written:
         print(f"  -> {path}")
     return 0
 
 
-def _write_section(
-    path: Path,
-    name: str,
-    pp: np.ndarray,
-    xp: np.ndarray | None,
-    labels: np.ndarray,
-    table,
-    mm_per_pixel: float,
-    alignment,
-    args: argparse.Namespace,
-) -> None:
-    import thinseg
-    from thinseg.io.netcdf import NetcdfWriter
-
-    record = {
-        "pp": str(args.pp),
-        "xp": str(args.xp) if args.xp else None,
-        "labels": str(args.labels),
-        "classes": str(args.classes),
-        "xp_alignment": alignment.as_dict() if alignment else None,
-    }
-    attrs = {"thinseg_version": thinseg.__version__, "thinseg_prepare": json.dumps(record)}
-    with NetcdfWriter(path, attrs=attrs) as writer:
-        pp_var = writer.add_rgb_image(f"{name}_PP", pp, mm_per_pixel)
-        if xp is not None:
-            writer.add_rgb_image(f"{name}_XP", xp, mm_per_pixel)
-        writer.add_labelmap(f"{name}_labels", labels, table, mm_per_pixel, reference=pp_var)
-
-
-def _write_preview(path: Path, pp: np.ndarray, xp: np.ndarray | None, labels: np.ndarray, table) -> None:
-    """Label outlines over PP and over the aligned XP, side by side: misalignment shows at a glance."""
-    from PIL import Image
-
-    from thinseg.registration.output import boundary_overlay
-
-    step = max(1, int(np.ceil(max(pp.shape[:2]) / PREVIEW_SIDE)))
-    small = labels[::step, ::step]
-    panels = [boundary_overlay(np.ascontiguousarray(pp[::step, ::step]), small, table)]
-    if xp is not None:
-        panels.append(boundary_overlay(np.ascontiguousarray(xp[::step, ::step]), small, table))
-    gap = np.full((small.shape[0], 8, 3), 255, np.uint8)
-    row = panels[0] if len(panels) == 1 else np.concatenate([panels[0], gap, panels[1]], axis=1)
-    Image.fromarray(row).save(path, format="PNG")
-
-
-def format_summary(name: str, labels: np.ndarray, table, alignment, has_xp: bool) -> str:
-    from thinseg.reports.mineralogy import class_pixel_counts
-
+def format_summary(
+    name: str, labels: npt.NDArray[np.uint8], table: ClassTable, alignment: XpAlignment | None, has_xp: bool
+) -> str:
+    """The section's size, how XP was checked, and the area of each class."""
     counts = class_pixel_counts(labels, len(table))
     total = labels.size
     lines = [f"section {name}: {labels.shape[1]}x{labels.shape[0]} px"]

@@ -7,15 +7,22 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from thinseg.pipelines.segment import DEFAULT_MM_PER_PIXEL
+from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL
+from thinseg.pipelines.register import (
+    DEFAULT_QEMSCAN_MM_PER_PIXEL,
+    TRANSFORM_KINDS,
+    RegisterInputs,
+    RegisterOptions,
+    register_files,
+)
 
-#: Nominal QEMSCAN pixel size when neither the file nor the command line gives one.
-DEFAULT_QEMSCAN_MM_PER_PIXEL = 0.01
-KINDS = ("similarity", "affine", "tps")
+if TYPE_CHECKING:
+    from thinseg.registration import RegistrationResult
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser(
         "register",
         help="register a QEMSCAN mineral map onto a PP image (landmarks and/or automatic)",
@@ -87,7 +94,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--transform",
         default="similarity",
-        choices=KINDS,
+        choices=TRANSFORM_KINDS,
         help="landmark fit: similarity (default), affine, or tps (thin-plate spline; needs landmarks)",
     )
     p.add_argument(
@@ -124,182 +131,50 @@ def _positive_float(text: str) -> float:
     return value
 
 
-class _Images:
-    """PP, optional XP (full arrays: registration works on whole images), their spacing and LPS origin."""
-
-    def __init__(self, pp, xp, mm_per_pixel, lps_origin, xp_note) -> None:
-        self.pp, self.xp, self.mm_per_pixel, self.lps_origin, self.xp_note = pp, xp, mm_per_pixel, lps_origin, xp_note
-
-
-def _read_whole(source):
-    try:
-        return source.read(0, source.shape[0], 0, source.shape[1])
-    finally:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
-
-
-def _lps_origin(ras_origin) -> tuple[float, float]:
-    """GeoSlicer images: RAS = (-s*col + ox, -s*row + oy), so LPS = s*(col, row) - (ox, oy)."""
-    if ras_origin is None:
-        return 0.0, 0.0
-    return -float(ras_origin[0]), -float(ras_origin[1])
-
-
-def read_images(args: argparse.Namespace) -> _Images:
-    from thinseg.errors import ThinSegError
-    from thinseg.io.images import open_image
-    from thinseg.io.netcdf import find_image_variable, open_netcdf_image
-    from thinseg.io.pairing import NETCDF_SUFFIXES, pair_inputs
-
-    path: Path = args.pp
-    if not path.exists():
-        raise ThinSegError("PP image file not found", path)
-    xp, xp_path, note = None, args.xp, None
-    if path.suffix.lower() in NETCDF_SUFFIXES:
-        pp_var = find_image_variable(path, args.pp_pattern)
-        if pp_var is None:
-            raise ThinSegError(f"no PP image: no RGB variable whose name contains '{args.pp_pattern}'", path)
-        source = open_netcdf_image(path, pp_var)
-        mm, lps = source.mm_per_pixel, _lps_origin(source.origin_mm)
-        pp = _read_whole(source)
-        if xp_path is None:
-            xp_var = find_image_variable(path, args.xp_pattern)
-            if xp_var is not None and xp_var != pp_var:
-                xp, note = _read_whole(open_netcdf_image(path, xp_var)), f"XP: variable {xp_var} of {path.name}"
-            else:
-                note = (
-                    f"XP: none (no RGB variable of {path.name} contains '{args.xp_pattern}'); registering with PP alone"
-                )
-    else:
-        pp = _read_whole(open_image(path, role="PP image"))
-        mm, lps = None, (0.0, 0.0)
-        if xp_path is None:
-            sections, problems = pair_inputs(
-                [path], pp_pattern=args.pp_pattern, xp_pattern=args.xp_pattern, needs_xp=True
-            )
-            if sections and sections[0].pp is not None and sections[0].pp.resolve() == path.resolve():
-                xp_path = sections[0].xp
-            if xp_path is None:
-                why = problems[0].problem if problems else f"{path.name} is not named as a PP image"
-                note = f"XP: none found ({why}); registering with PP alone"
-    if xp_path is not None:
-        xp = _read_whole(open_image(xp_path, role="XP image"))
-        note = f"XP: {xp_path}"
-    if xp is not None and xp.shape != pp.shape:
-        raise ThinSegError(
-            f"PP is {pp.shape[1]}x{pp.shape[0]} px but XP is {xp.shape[1]}x{xp.shape[0]} px; "
-            "they must be the same size",
-            xp_path or path,
-        )
-    mm_per_pixel = args.mm_per_pixel or mm or DEFAULT_MM_PER_PIXEL
-    return _Images(pp, xp, float(mm_per_pixel), lps, note)
-
-
-def _qemscan_origin(path: Path, variable: str | None) -> tuple[float, float]:
-    """LPS origin of a netCDF QEMSCAN labelmap (only markups landmarks need it)."""
-    from thinseg.io.netcdf import list_variables
-
-    labelmaps = [v for v in list_variables(path) if v.kind in ("labelmap", "segmentation")]
-    chosen = (
-        next((v for v in labelmaps if v.name == variable), None)
-        if variable
-        else (labelmaps[0] if len(labelmaps) == 1 else None)
+def options_from(args: argparse.Namespace) -> RegisterOptions:
+    """The pipeline's options from the parsed command line."""
+    return RegisterOptions(
+        pp=args.pp,
+        qemscan=args.qemscan,
+        output=args.output,
+        xp=args.xp,
+        pp_pattern=args.pp_pattern,
+        xp_pattern=args.xp_pattern,
+        colors=args.colors,
+        background=args.background,
+        qemscan_variable=args.qemscan_variable,
+        landmarks=args.landmarks,
+        qemscan_landmarks=args.qemscan_landmarks,
+        transform=args.transform,
+        refine=args.refine,
+        bspline=args.bspline,
+        mm_per_pixel=args.mm_per_pixel,
+        qemscan_mm_per_pixel=args.qemscan_mm_per_pixel,
+        overwrite=args.overwrite,
     )
-    return _lps_origin(chosen.origin_mm if chosen is not None else None)
-
-
-def output_stem(pp_path: Path, pp_pattern: str) -> str:
-    """'ABC_3200.5_PP.tif' -> 'ABC_3200.5' (the stem of every output file)."""
-    from thinseg.io.pairing import SectionInput, section_base_name
-
-    return section_base_name(SectionInput(name=pp_path.stem, pp=pp_path), pp_pattern)
-
-
-def check_outputs(folder: Path, stem: str, overwrite: bool) -> None:
-    """Refuse existing outputs BEFORE registering (write_outputs checks again at the end)."""
-    from thinseg.errors import ThinSegError
-    from thinseg.io.atomic import ensure_writable_dir
-
-    ensure_writable_dir(folder)
-    if overwrite:
-        return
-    names = [
-        f"{stem}_registration.tfm",
-        f"{stem}_registration.json",
-        f"{stem}_qemscan_on_pp.tif",
-        f"{stem}_registered.nc",
-        f"{stem}_overlay_before.png",
-        f"{stem}_overlay_after.png",
-        f"{stem}_overlay.png",
-    ]
-    taken = [n for n in names if (folder / n).exists()]
-    if taken:
-        raise ThinSegError(f"output exists already ({', '.join(taken)}); use --overwrite or another --output", folder)
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinseg.errors import ThinSegError
-    from thinseg.io.pairing import NETCDF_SUFFIXES
-    from thinseg.registration import load_qemscan, read_landmarks, register_section, write_outputs
-
-    if args.qemscan_landmarks is not None and args.landmarks is None:
-        raise ThinSegError("--qemscan-landmarks holds the QEMSCAN points of --landmarks: give --landmarks too")
-    if args.transform == "tps" and args.landmarks is None:
-        raise ThinSegError("a tps transform needs landmarks (--landmarks); without them use similarity or affine")
-    if args.landmarks is None and not args.refine:
-        raise ThinSegError(
-            "--no-refine needs landmarks (--landmarks): without them the automatic registration is the only fit"
+    def show_inputs(inputs: RegisterInputs) -> None:
+        images, qemscan = inputs.images, inputs.qemscan
+        h, w = images.pp.shape[:2]
+        hq, wq = qemscan.labels.shape
+        print(f"PP: {args.pp} ({w}x{h} px, {images.mm_per_pixel:g} mm/px)", file=sys.stderr)
+        if images.xp_note:
+            print(images.xp_note, file=sys.stderr)
+        print(
+            f"QEMSCAN: {args.qemscan} ({wq}x{hq} px, {inputs.qemscan_mm_per_pixel:g} mm/px, "
+            f"{len(qemscan.table)} minerals)",
+            file=sys.stderr,
         )
-    stem = output_stem(args.pp, args.pp_pattern)
-    check_outputs(args.output, stem, args.overwrite)
-
-    images = read_images(args)
-    qemscan = load_qemscan(args.qemscan, args.colors, variable=args.qemscan_variable, background=args.background)
-    q_mm = args.qemscan_mm_per_pixel or qemscan.mm_per_pixel or DEFAULT_QEMSCAN_MM_PER_PIXEL
-    landmarks = None
-    if args.landmarks is not None:
-        q_origin = (
-            _qemscan_origin(args.qemscan, args.qemscan_variable)
-            if args.qemscan.suffix.lower() in NETCDF_SUFFIXES
-            else (0.0, 0.0)
-        )
-        landmarks = read_landmarks(
-            args.landmarks,
-            args.qemscan_landmarks,
-            image_mm_per_pixel=images.mm_per_pixel,
-            qemscan_mm_per_pixel=q_mm,
-            image_origin_mm=images.lps_origin,
-            qemscan_origin_mm=q_origin,
-        )
-
-    h, w = images.pp.shape[:2]
-    hq, wq = qemscan.labels.shape
-    print(f"PP: {args.pp} ({w}x{h} px, {images.mm_per_pixel:g} mm/px)", file=sys.stderr)
-    if images.xp_note:
-        print(images.xp_note, file=sys.stderr)
-    print(f"QEMSCAN: {args.qemscan} ({wq}x{hq} px, {q_mm:g} mm/px, {len(qemscan.table)} minerals)", file=sys.stderr)
 
     def say(message: str) -> None:
         if not args.quiet:
             print(f"  {message} ...", file=sys.stderr)
 
-    result = register_section(
-        images.pp,
-        images.xp,
-        qemscan.labels,
-        qemscan.table,
-        image_mm_per_pixel=images.mm_per_pixel,
-        qemscan_mm_per_pixel=q_mm,
-        landmarks=landmarks,
-        kind=args.transform,
-        refine=args.refine,
-        bspline=args.bspline,
-        progress=say,
-    )
-    paths = write_outputs(result, args.output, stem, images.pp, qemscan.labels, overwrite=args.overwrite)
-    print(format_result(result, xp_given=images.xp is not None))
+    outcome = register_files(options_from(args), on_inputs=show_inputs, progress=say)
+    paths = outcome.paths
+    print(format_result(outcome.result, xp_given=outcome.inputs.images.xp is not None))
     print()
     for path in (paths.tfm, paths.json, paths.labels_tif, paths.netcdf, paths.overlay_before, paths.overlay_after):
         if path is not None:
@@ -311,10 +186,11 @@ def _bits(value: float) -> str:
     return f"{value:.3f}" if math.isfinite(value) else "-"
 
 
-def format_result(result, xp_given: bool) -> str:
+def format_result(result: RegistrationResult, xp_given: bool) -> str:
     """What a person checks after a registration: landmark residuals (outliers flagged), the
     metric before/after, how far refinement moved the map, the XP offset, the overlap.
     (The true registration error is unknown for real data and is not shown.)"""
+    # deferred: SimpleITK and scipy cost about 0.6 s at start-up
     from thinseg.registration.sitk_transforms import describe_linear
 
     lines = []

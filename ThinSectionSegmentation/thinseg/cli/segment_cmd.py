@@ -6,17 +6,26 @@ import argparse
 import sys
 from pathlib import Path
 
+from thinseg.cli.progress import TileProgress
+from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL
 from thinseg.errors import ThinSegError
 from thinseg.inference.engine import DEFAULT_OVERLAP, InferenceOptions, Segmenter
-from thinseg.io.atomic import atomic_output, ensure_writable_dir, free_output_path
-from thinseg.io.pairing import pair_inputs
+from thinseg.io.atomic import ensure_writable_dir
+from thinseg.io.pairing import SectionInput, pair_inputs
 from thinseg.model.bundle import load_bundle
-from thinseg.pipelines.segment import DEFAULT_MM_PER_PIXEL, SegmentOptions, check_thin_section_model, segment_sections
-from thinseg.reports.mineralogy import format_table, fractions_csv_text
+from thinseg.pipelines.segment import (
+    SectionResult,
+    SegmentOptions,
+    check_thin_section_model,
+    is_single_file,
+    segment_sections,
+    write_modal_mineralogy,
+)
+from thinseg.reports.mineralogy import format_table
 from thinseg.resources import default_model_dir
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser(
         "segment",
         help="segment thin sections (PP/XP images or netCDF) into mineral labelmaps",
@@ -95,14 +104,12 @@ def _positive_float(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinseg.cli.progress import TileProgress
-
     model_dir = args.model or default_model_dir()
     bundle = load_bundle(model_dir)
     check_thin_section_model(bundle)
     needs_xp = len(bundle.input_names) > 1
     output: Path = args.output
-    single_file = output.suffix.lower() == ".nc"
+    single_file = is_single_file(output)
     ensure_writable_dir(output.parent if single_file else output)
 
     sections, problems = pair_inputs(
@@ -136,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {bundle.title} ({model_dir})", file=sys.stderr)
     progress = TileProgress(enabled=not args.quiet)
 
-    def on_result(result) -> None:
+    def on_result(result: SectionResult) -> None:
         progress.close()
         for message in result.messages[len(segmenter.messages) :]:
             print(f"thinseg: {message}", file=sys.stderr)
@@ -149,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         if result.overlay is not None:
             print(f"  -> {result.overlay}")
 
-    def on_failure(section, error: ThinSegError) -> None:
+    def on_failure(section: SectionInput, error: ThinSegError) -> None:
         progress.close()
         where = error.path if error.path is not None else section.primary  # always name a file
         print(f"thinseg: error: {where}: {error.problem}", file=sys.stderr)
@@ -162,19 +169,12 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
 
     if results:
-        csv_path = _fractions_csv_path(results[0].netcdf if single_file else output, single_file, args.overwrite)
-        with atomic_output(csv_path) as tmp:
-            tmp.write_text(fractions_csv_text([r.mineralogy for r in results]), encoding="utf-8")
+        csv_path = write_modal_mineralogy(results, output, args.overwrite)
         print(f"\nmodal mineralogy (area fractions): {csv_path}")
     failed = [(p.path, p.problem) for p in problems] + [(s.primary, e.problem) for s, e in failures]
     print(f"\n{len(results)} section(s) segmented, {len(failed)} failed", file=sys.stderr)
-    for path, problem in failed:
-        print(f"  failed: {path}: {problem}", file=sys.stderr)
+    for path, why in failed:
+        print(f"  failed: {path}: {why}", file=sys.stderr)
     if not results:
         return 2
     return 1 if failed else 0
-
-
-def _fractions_csv_path(output: Path, single_file: bool, overwrite: bool) -> Path:
-    path = output.with_name(output.stem + "_fractions.csv") if single_file else output / "modal_mineralogy.csv"
-    return path if overwrite else free_output_path(path)

@@ -6,9 +6,17 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from thinseg.classes.files import read_model_classes
+from thinseg.data.inputs import section_items
+from thinseg.errors import ThinSegError
+
+if TYPE_CHECKING:
+    from thinseg.training.config import TrainConfig, TrainResult
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser(
         "train",
         help="train a segmentation model on labelled sections (registered QEMSCAN maps)",
@@ -238,10 +246,9 @@ _PASSED = {
 }
 
 
-def train_config(args: argparse.Namespace):
+def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of a command line (sections as paths; TrainConfig's defaults otherwise)."""
-    from thinseg.data.inputs import section_items
-    from thinseg.errors import ThinSegError
+    # deferred: the training package loads torch (1-2 s at start-up)
     from thinseg.training import TrainConfig
 
     if args.resume and args.overwrite:
@@ -260,8 +267,6 @@ def train_config(args: argparse.Namespace):
         )
     kwargs = {field: getattr(args, option) for option, field in _PASSED.items() if getattr(args, option) is not None}
     if args.classes is not None:
-        from thinseg.classes.files import read_model_classes
-
         kwargs["class_table"] = read_model_classes(args.classes)
     if args.model_mm_per_pixel is not None:
         kwargs["pixels_per_mm"] = 1.0 / args.model_mm_per_pixel
@@ -286,6 +291,7 @@ def log(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: the training package loads torch (1-2 s at start-up)
     from thinseg.training import train
     from thinseg.training.checkpoint import CHECKPOINT_FILE
 
@@ -308,11 +314,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score(value) -> str:
+def _score(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4f}"
 
 
-def format_result(result, void_border_px: float = 0.0) -> str:
+def format_result(result: TrainResult, void_border_px: float = 0.0) -> str:
     """Where the model is, which epoch it is, and its validation (and test) scores."""
     lines = []
     if result.model_dir is None:

@@ -6,7 +6,8 @@ Rules, per source class name (case and spacing ignored):
 3. it means "no mineral known here" (Unknown, Background, Outside sample, ...) -> ignored;
 4. any other mineral -> Others (if the model has such a class, else ignored).
 Ignored pixels get label 0, which the loss never sees. The default table is GeoSlicer's QEMSCAN
-palette (thinseg/classes/qemscan_colors.csv), Portuguese and English names, matched by English name.
+palette shipped with the package (`thinseg.classes.files.qemscan_palette`), Portuguese and English
+names, matched by English name.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
-from thinseg.classes.table import ClassTable, qemscan_palette
+from thinseg.classes.files import qemscan_palette, read_table_text
+from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 
 IGNORE = "ignore"
@@ -76,8 +79,6 @@ def default_mapping(target: ClassTable) -> dict[str, str]:
 
 def load_mapping_csv(path: str | os.PathLike[str]) -> dict[str, str]:
     """Rows `mineral,target class` (',' or ';', header optional) -> {normalized mineral: target}."""
-    from thinseg.classes.csvtext import read_table_text
-
     path = Path(path)
     text, delimiter = read_table_text(path, "mapping table")
     rows = [r for r in csv.reader(text.splitlines(), delimiter=delimiter) if r and any(c.strip() for c in r)]
@@ -95,14 +96,17 @@ def load_mapping_csv(path: str | os.PathLike[str]) -> dict[str, str]:
 class ClassMapping:
     """A lookup table source label value -> target label value (0 = ignored)."""
 
-    lut: np.ndarray  # uint8 (256,)
+    lut: npt.NDArray[np.uint8]  # (256,)
     assignments: tuple[tuple[str, str], ...]  # (source name, target name or "ignore"), for the record
 
-    def apply(self, labels: np.ndarray) -> np.ndarray:
-        return self.lut[labels]
+    def apply(self, labels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+        """`labels` in the target classes."""
+        mapped: npt.NDArray[np.uint8] = self.lut[labels]
+        return mapped
 
     @property
     def is_identity(self) -> bool:
+        """True when every label keeps its value."""
         return bool(np.array_equal(self.lut, np.arange(256, dtype=np.uint8)))
 
 
@@ -130,7 +134,8 @@ def _resolve(
             return 0
         if dest not in targets:
             raise ThinSegError(
-                f"mapping table sends {name!r} to {user[name]!r}, which is not a model class ({', '.join(target.names)})"
+                f"mapping table sends {name!r} to {user[name]!r}, "
+                f"which is not a model class ({', '.join(target.names)})"
             )
         return targets[dest]
     for candidate in (name, _base_name(name)):

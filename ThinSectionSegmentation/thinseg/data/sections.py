@@ -10,22 +10,30 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
-from thinseg.classes.table import ClassTable, default_class_table
+from thinseg.classes.files import default_class_table, read_class_csv
+from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
-from thinseg.io.images import ArraySource, RasterSource
+from thinseg.io.images import ArraySource, RasterSource, open_image
+from thinseg.io.netcdf import VariableInfo, find_image_variable, list_variables, open_netcdf_image, read_labelmap
+from thinseg.io.pairing import IMAGE_SUFFIXES, find_affix
 
 #: Role names a section answers to; "PX" is GeoSlicer's name for the cross-polarised image.
 PP, XP = "PP", "XP"
 _ROLE_ALIASES = {"PP": PP, "XP": XP, "PX": XP}
 
+#: A label map: (H, W), value k = k-th class of the section's class table, 0 = not classified.
+Labels = npt.NDArray[np.uint8]
+
 
 def canonical_role(role: str) -> str:
+    """ "PP" or "XP" for a role name (case-insensitive; GeoSlicer's "PX" is XP)."""
     try:
         return _ROLE_ALIASES[role.upper()]
     except KeyError:
@@ -45,7 +53,7 @@ class Section(Protocol):
         """Lazy region reader for "PP" or "XP" (None if the section has no such image)."""
         ...
 
-    def read_labels(self) -> np.ndarray:
+    def read_labels(self) -> Labels:
         """The whole (H, W) uint8 label map (read once, when the run prepares its data)."""
         ...
 
@@ -60,9 +68,9 @@ class ArraySection:
     def __init__(
         self,
         name: str,
-        pp: np.ndarray,
-        labels: np.ndarray,
-        xp: np.ndarray | None = None,
+        pp: npt.NDArray[np.uint8],
+        labels: Labels,
+        xp: npt.NDArray[np.uint8] | None = None,
         *,
         class_table: ClassTable | None = None,
         mm_per_pixel: float | None = None,
@@ -88,7 +96,7 @@ class ArraySection:
     def source(self, role: str) -> RasterSource | None:
         return self._sources.get(canonical_role(role))
 
-    def read_labels(self) -> np.ndarray:
+    def read_labels(self) -> Labels:
         return self._labels
 
     def fingerprint(self) -> dict[str, Any]:
@@ -113,7 +121,7 @@ class _LazySources:
     """Opens file sources on first use and again in each DataLoader worker process (file
     handles must not be shared across fork)."""
 
-    def __init__(self, openers: dict[str, Any]) -> None:
+    def __init__(self, openers: dict[str, Callable[[], RasterSource]]) -> None:
         self._openers = openers
         self._open: dict[str, RasterSource] = {}
         self._pid = os.getpid()
@@ -126,6 +134,13 @@ class _LazySources:
         if role not in self._open:
             self._open[role] = self._openers[role]()
         return self._open[role]
+
+    def opened(self, role: str) -> RasterSource:
+        """The source of a role this section has (KeyError for one it lacks)."""
+        source = self.get(role)
+        if source is None:
+            raise KeyError(role)
+        return source
 
     def __getstate__(self) -> dict[str, Any]:
         return {"_openers": self._openers, "_open": {}, "_pid": -1}
@@ -143,8 +158,6 @@ class NetcdfSection:
         labels_var: str | None = None,
         name: str | None = None,
     ) -> None:
-        from thinseg.io.netcdf import find_image_variable, list_variables, open_netcdf_image
-
         self.path = Path(path)
         if not self.path.is_file():
             raise ThinSegError("training section not found", self.path)
@@ -159,7 +172,7 @@ class NetcdfSection:
         self.labels_var = labels_var or _pick_labelmap(variables, info[pp_var].image_shape, self.path)
         if self.labels_var not in info:
             raise ThinSegError(f"no variable {self.labels_var!r}", self.path)
-        self.shape = info[pp_var].image_shape  # type: ignore[assignment]
+        self.shape = _image_shape(info[pp_var], self.path)
         lab_shape = info[self.labels_var].image_shape
         if lab_shape != self.shape:
             raise ThinSegError(
@@ -177,9 +190,7 @@ class NetcdfSection:
     def source(self, role: str) -> RasterSource | None:
         return self._sources.get(canonical_role(role))
 
-    def read_labels(self) -> np.ndarray:
-        from thinseg.io.netcdf import read_labelmap
-
+    def read_labels(self) -> Labels:
         labels, _table, _mm, _origin = read_labelmap(self.path, self.labels_var)
         return labels
 
@@ -188,6 +199,14 @@ class NetcdfSection:
 
     def __repr__(self) -> str:
         return f"NetcdfSection({str(self.path)!r}, {self.vars}, labels={self.labels_var!r})"
+
+
+def _image_shape(variable: VariableInfo, path: Path) -> tuple[int, int]:
+    """(H, W) of an image variable."""
+    shape = variable.image_shape
+    if shape is None:
+        raise ThinSegError(f"variable {variable.name!r} is not an image", path)
+    return shape
 
 
 def _labels_attr_table(labels: Any, path: Path) -> ClassTable:
@@ -203,14 +222,14 @@ def _labels_attr_table(labels: Any, path: Path) -> ClassTable:
 class _Opener:
     """Picklable `open(path, var)` closure."""
 
-    def __init__(self, fn: Any, *args: Any) -> None:
+    def __init__(self, fn: Callable[..., RasterSource], *args: Any) -> None:
         self.fn, self.args = fn, args
 
     def __call__(self) -> RasterSource:
         return self.fn(*self.args)
 
 
-def _pick_labelmap(variables: Sequence[Any], pp_shape: Any, path: Path) -> str:
+def _pick_labelmap(variables: Sequence[VariableInfo], pp_shape: tuple[int, int] | None, path: Path) -> str:
     """The label map on the PP grid; among several, one whose name says truth/QEMSCAN/labels.
 
     A registration result file holds the original QEMSCAN map (its own grid) and the registered
@@ -254,17 +273,15 @@ class FileSection:
         mm_per_pixel: float | None = None,
         name: str | None = None,
     ) -> None:
-        from thinseg.io.images import open_image
-
         self.files = {PP: Path(pp), **({XP: Path(xp)} if xp else {})}
         self.labels_path = Path(labels)
         self.name = name or self.files[PP].stem
         self.origin = str(self.files[PP].parent)
         self.mm_per_pixel = mm_per_pixel
         self._sources = _LazySources({r: _Opener(open_image, p) for r, p in self.files.items()})
-        self.shape = self._sources.get(PP).shape  # type: ignore[union-attr]
+        self.shape = self._sources.opened(PP).shape
         for role in self.files:
-            if self._sources.get(role).shape != self.shape:  # type: ignore[union-attr]
+            if self._sources.opened(role).shape != self.shape:
                 raise ThinSegError(f"{role} image is not the size of the PP image {self.shape}", self.files[role])
         self.classes_csv = Path(classes_csv) if classes_csv else None
         self.class_table = read_class_csv(self.classes_csv) if self.classes_csv else default_class_table()
@@ -272,7 +289,7 @@ class FileSection:
     def source(self, role: str) -> RasterSource | None:
         return self._sources.get(canonical_role(role))
 
-    def read_labels(self) -> np.ndarray:
+    def read_labels(self) -> Labels:
         labels = read_label_image(self.labels_path)
         if labels.shape != self.shape:
             raise ThinSegError(
@@ -288,14 +305,14 @@ class FileSection:
         return {"kind": "files", "files": files}
 
 
-def read_label_image(path: Path) -> np.ndarray:
+def read_label_image(path: Path) -> Labels:
     """A single-channel 8-bit (or small 16-bit) label image as uint8 (H, W)."""
-    from PIL import Image
+    from PIL import Image  # deferred: Pillow costs ~25 ms, paid only by folder sections
 
     if not path.is_file():
         raise ThinSegError("label image not found", path)
     if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
+        import tifffile  # deferred: tifffile costs ~35 ms, paid only for TIFF label images
 
         data = np.asarray(tifffile.imread(path))
     else:
@@ -308,25 +325,6 @@ def read_label_image(path: Path) -> np.ndarray:
     if data.size and (int(data.min()) < 0 or int(data.max()) > 255):
         raise ThinSegError("label values must be 0..255", path)
     return np.ascontiguousarray(data.astype(np.uint8))
-
-
-def read_class_csv(path: Path) -> ClassTable:
-    """`name,#rrggbb` or GeoSlicer `name,index,#rrggbb` per line (header optional)."""
-    import csv
-
-    rows = [r for r in csv.reader(path.read_text(encoding="utf-8").splitlines()) if r and any(c.strip() for c in r)]
-    if rows and rows[0][0].strip().lower() == "name":
-        rows = rows[1:]
-    names, colors = [], []
-    for row in rows:
-        if len(row) < 2:
-            raise ThinSegError(f"class table row {row!r} needs a name and a colour", path)
-        names.append(row[0].strip())
-        colors.append(row[-1].strip())
-    try:
-        return ClassTable.from_names_colors(names, colors)
-    except ValueError as exc:
-        raise ThinSegError(f"bad class table: {exc}", path) from None
 
 
 _LABEL_AFFIXES = ("labels", "label", "labelmap", "mask", "gt")
@@ -353,8 +351,6 @@ def open_section(path: str | os.PathLike[str] | Section, **kwargs: Any) -> Secti
 
 
 def _folder_section(folder: Path) -> FileSection:
-    from thinseg.io.pairing import IMAGE_SUFFIXES, find_affix
-
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
     def pick(affixes: Sequence[str]) -> Path | None:
@@ -389,7 +385,7 @@ def synthetic_sections(
     Each section gets a different seed, so train and validation sets built with disjoint
     seed ranges share no texture.
     """
-    from thinseg.synth import generate_section
+    from thinseg.synth import generate_section  # deferred: the generator loads scipy (~0.7 s)
 
     height, width = (size, size) if isinstance(size, int) else size
     out = []

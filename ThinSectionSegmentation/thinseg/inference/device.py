@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from thinseg.errors import ThinSegError
@@ -31,7 +33,7 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def auto_precision(device: torch.device) -> str:
+def auto_precision(device: torch.device) -> Literal["bf16", "fp32"]:
     """ "bf16" where it is fast (GPUs with bf16, CPUs with AVX512-BF16/AMX), else "fp32".
 
     bf16 changes under 0.5% of the bundled model's labels against fp32 (bench/bench_segment.py

@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import torch
+from typing_extensions import TypeVar  # a default for the bundle type (typing has it from Python 3.13)
 
 from thinseg.errors import ThinSegError
 from thinseg.inference.device import auto_precision, select_device
 from thinseg.inference.rewrites import prepare_network
 from thinseg.inference.tiling import blend_weights, padded_size, tile_starts
+from thinseg.model.bundle import ModelBundle
 from thinseg.model.networks import network_channels
+
+if TYPE_CHECKING:
+    from thinseg.model.transforms import MinMaxTransform
 
 #: MONAI UNets with 4 stride-2 stages need sides divisible by 16.
 SIZE_MULTIPLE = 16
@@ -37,7 +43,32 @@ class Source(Protocol):
 
     shape: tuple[int, int]
 
-    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray: ...
+    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> npt.NDArray[np.uint8]: ...
+
+
+class Bundle(Protocol):
+    """What the engine needs of a model: a loaded `ModelBundle`, or a network being trained."""
+
+    @property
+    def network(self) -> torch.nn.Module: ...
+    @property
+    def input_names(self) -> list[str]: ...
+    @property
+    def roi_shape(self) -> tuple[int, int]: ...
+    @property
+    def first_label(self) -> int: ...
+
+    def prepare(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One (B, c, H, W) tensor per input -> the float network input (B, C, H, W)."""
+        ...
+
+    def fused_pre_processing(self) -> tuple[list[int], list[MinMaxTransform]] | None:
+        """The pre-processing as (input order along the channels, in-place rescales), or None."""
+        ...
+
+
+#: The bundle a Segmenter runs: a loaded ModelBundle unless said otherwise (`Segmenter[Bundle]`: any).
+BundleT = TypeVar("BundleT", bound=Bundle, default=ModelBundle, covariant=True)
 
 
 class Cancelled(Exception):
@@ -100,8 +131,10 @@ def default_overlap(tile: int) -> int:
 
 @dataclass
 class SegmentationResult:
-    labels: np.ndarray  # (H, W) uint8, class values 1..N (0 = not classified)
-    confidence: np.ndarray | None  # (H, W) uint8, max softmax probability x 255
+    """The labels (and confidence) of one section and how the run went."""
+
+    labels: npt.NDArray[np.uint8]  # (H, W), class values 1..N (0 = not classified)
+    confidence: npt.NDArray[np.uint8] | None  # (H, W), max softmax probability x 255
     tiles: int
     seconds: float
     device: str
@@ -109,6 +142,7 @@ class SegmentationResult:
 
     @property
     def mpix_per_s(self) -> float:
+        """Throughput in megapixels of the section per second."""
         return self.labels.size / 1e6 / max(self.seconds, 1e-9)
 
 
@@ -116,15 +150,15 @@ ProgressFn = Callable[[int, int], None]  # (tiles done, tiles total)
 CancelFn = Callable[[], bool]
 
 
-class Segmenter:
+class Segmenter(Generic[BundleT]):
     """Runs one model bundle over any number of sections; build once, call `segment` per section."""
 
-    def __init__(self, bundle, options: InferenceOptions | None = None) -> None:
+    def __init__(self, bundle: BundleT, options: InferenceOptions | None = None) -> None:
         self.bundle = bundle
         self.options = options or InferenceOptions()
         self.device, message = select_device(self.options.device)
         self.messages: list[str] = [message] if message else []
-        self.precision = self.options.precision
+        self.precision: Precision = self.options.precision
         if self.precision == "auto":
             self.precision = auto_precision(self.device)
             if self.precision != "fp32":
@@ -141,15 +175,14 @@ class Segmenter:
         )
         self._shrinkable = False
         if self.options.tile is None:
-            roi = default_tile(bundle.network, tuple(bundle.roi_shape))
+            roi = default_tile(bundle.network, (bundle.roi_shape[0], bundle.roi_shape[1]))
             self._shrinkable = tuple(roi) != tuple(bundle.roi_shape)  # the large tile, not the model's own
         else:
             roi = (self.options.tile, self.options.tile)
         self.tile = (int(roi[0]), int(roi[1]))
         self.overlap = self.options.overlap if self.options.overlap is not None else default_overlap(min(self.tile))
         self.batch_size = self.options.batch_size or max(1, BATCH_PIXELS // (self.tile[0] * self.tile[1]))
-        fused = getattr(bundle, "fused_pre_processing", None)
-        self._fused = fused() if fused is not None else None
+        self._fused = bundle.fused_pre_processing()
         if min(self.tile) <= 2 * self.overlap:
             raise ThinSegError(f"overlap {self.overlap} px is too large for {self.tile[0]} px tiles")
 
@@ -216,7 +249,7 @@ class Segmenter:
         """Network output channels: one per class, plus output 0 = not classified in our bundles."""
         return network_channels(self.bundle.network)[1]
 
-    def _autocast(self):
+    def _autocast(self) -> AbstractContextManager[Any]:
         if self.precision == "fp32":
             return nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
@@ -237,11 +270,14 @@ class Segmenter:
             out = self.network(x)
         if isinstance(out, (list, tuple)):  # deep-supervision style networks: first head
             out = out[0]
-        return out
+        logits: torch.Tensor = out
+        return logits
 
     def _fused_input(self, bands: list[torch.Tensor], cols: list[int], tw: int) -> torch.Tensor:
         """The network input in one pass: uint8 tiles copied straight into a channels-last float
-        batch (no concatenated or planar copies), then rescaled in place."""
+        batch (no concatenated or planar copies), then rescaled in place (only for bundles whose
+        pre-processing `fused_pre_processing` can express)."""
+        rescales: list[MinMaxTransform] = self._fused[1] if self._fused is not None else []
         th = bands[0].shape[0]
         channels = sum(b.shape[2] for b in bands)
         x = torch.empty(
@@ -257,7 +293,7 @@ class Segmenter:
                 tiles = torch.stack([band[:, col : col + tw] for col in cols]).to(self.device, non_blocking=True)
                 x[:, c0:c1].copy_(tiles.permute(0, 3, 1, 2))
             c0 = c1
-        for rescale in self._fused[1]:
+        for rescale in rescales:
             x = rescale.apply_(x)
         return x
 
@@ -320,7 +356,7 @@ def _snug_tile(length: int, tile: int, overlap: int) -> int:
     return max(min(tile, snug), 2 * overlap + SIZE_MULTIPLE)
 
 
-def _coverage(starts: list[int], tile: int, length: int) -> np.ndarray:
+def _coverage(starts: list[int], tile: int, length: int) -> npt.NDArray[np.int32]:
     """How many tiles cover each position along one axis."""
     count = np.zeros(max(length, tile), np.int32)
     for s in starts:
@@ -328,13 +364,13 @@ def _coverage(starts: list[int], tile: int, length: int) -> np.ndarray:
     return count
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+def _runs(mask: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
     """[start, end) of each run of True in a 1-D mask."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
-def _own_span(count: np.ndarray, start: int, tile: int) -> tuple[int, int]:
+def _own_span(count: npt.NDArray[np.int32], start: int, tile: int) -> tuple[int, int]:
     """Tile-local [start, end) covered by this tile alone (one interval: earlier tiles reach in
     from the start, later ones from the end); (0, 0) if none."""
     runs = _runs(count[start : start + tile] == 1)
@@ -352,10 +388,10 @@ class _Plan:
     ys: list[int]
     xs: list[int]
     ramp: int
-    row_own: list[tuple[int, int]] = field(default_factory=list)  # per tile row: rows only it covers
-    col_own: dict[int, tuple[int, int]] = field(default_factory=dict)  # per column start: columns only it covers
-    shared_rows: np.ndarray | None = None  # per section row: covered by more than one tile row
-    shared_cols: list[tuple[int, int]] = field(default_factory=list)  # column runs covered by more than one tile
+    row_own: list[tuple[int, int]]  # per tile row: rows only it covers
+    col_own: dict[int, tuple[int, int]]  # per column start: columns only it covers
+    shared_rows: npt.NDArray[np.bool_]  # per section row: covered by more than one tile row
+    shared_cols: list[tuple[int, int]]  # column runs covered by more than one tile
 
     @classmethod
     def make(cls, height: int, width: int, tile: tuple[int, int], overlap: int) -> _Plan:
@@ -380,9 +416,11 @@ class _Plan:
 
     @property
     def n_tiles(self) -> int:
+        """Tiles in the whole section."""
         return len(self.ys) * len(self.xs)
 
     def batches(self, size: int) -> list[list[int]]:
+        """The column starts of one tile row in groups of at most `size` (one forward pass each)."""
         return [self.xs[i : i + size] for i in range(0, len(self.xs), size)]
 
     def shared_regions_final_after(self, row: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -452,7 +490,8 @@ class _BandReader:
         for s in sources[1:]:
             if tuple(s.shape) != tuple(sources[0].shape):
                 raise ThinSegError(
-                    f"images differ in size: {tuple(sources[0].shape)} vs {tuple(s.shape)} (PP and XP must be the same size)"
+                    f"images differ in size: {tuple(sources[0].shape)} vs {tuple(s.shape)} "
+                    "(PP and XP must be the same size)"
                 )
         self.sources = sources
         self.plan = plan
@@ -468,18 +507,20 @@ class _BandReader:
             band = np.asarray(source.read(y0, y1, 0, plan.width))
             pad_h, pad_w = plan.tile_h - band.shape[0], max(plan.tile_w - plan.width, 0)
             if pad_h > 0 or pad_w > 0:  # only when the whole image is smaller than a tile
-                mode = "reflect" if pad_h < band.shape[0] and pad_w < band.shape[1] else "edge"
+                mode: Literal["reflect", "edge"] = (
+                    "reflect" if pad_h < band.shape[0] and pad_w < band.shape[1] else "edge"
+                )
                 band = np.pad(band, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
             bands.append(torch.from_numpy(np.ascontiguousarray(band)))
         return bands
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
         n = len(self.plan.ys)
         if self.pool is None:
             for row in range(n):
                 yield row, self._read(row)
             return
-        pending: Future = self.pool.submit(self._read, 0)
+        pending: Future[list[torch.Tensor]] = self.pool.submit(self._read, 0)
         for row in range(n):
             band = pending.result()
             if row + 1 < n:
@@ -487,5 +528,6 @@ class _BandReader:
             yield row, band
 
     def close(self) -> None:
+        """Stop the background reader (a pending read is cancelled or waited for)."""
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)

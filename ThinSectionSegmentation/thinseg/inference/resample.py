@@ -8,19 +8,40 @@ neighbour, so outputs always match the input pixels.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
+
+from thinseg.inference.engine import Bundle, CancelFn, ProgressFn, SegmentationResult, Segmenter, Source
 
 #: Relative spacing difference below which resampling would only blur the image.
 RESAMPLE_TOLERANCE = 0.01
 
 
 def needs_resampling(input_mm_per_pixel: float, model_mm_per_pixel: float | None) -> bool:
+    """Whether the pixel sizes differ by more than the tolerance (False when the model's is unknown)."""
     if model_mm_per_pixel is None or input_mm_per_pixel <= 0:
         return False
     return abs(input_mm_per_pixel / model_mm_per_pixel - 1.0) > RESAMPLE_TOLERANCE
+
+
+def resampling_factor(input_mm_per_pixel: float | None, model_mm_per_pixel: float | None) -> float | None:
+    """Model pixels per input pixel (input spacing / model spacing), or None when the input is
+    used as it is: spacings within the tolerance, or either one unknown."""
+    if not input_mm_per_pixel or model_mm_per_pixel is None:
+        return None
+    if not needs_resampling(input_mm_per_pixel, model_mm_per_pixel):
+        return None
+    return input_mm_per_pixel / model_mm_per_pixel
+
+
+def resampled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
+    """The (H, W) of an image seen at `factor` times its resolution (at least one pixel)."""
+    return max(1, int(round(shape[0] * factor))), max(1, int(round(shape[1] * factor)))
 
 
 class ResampledSource:
@@ -32,11 +53,11 @@ class ResampledSource:
 
     MARGIN = 4
 
-    def __init__(self, source, factor: float) -> None:
+    def __init__(self, source: Source, factor: float) -> None:
         self.source = source
         self.factor = float(factor)
         h, w = source.shape
-        self.shape = (max(1, int(round(h * self.factor))), max(1, int(round(w * self.factor))))
+        self.shape = resampled_shape((h, w), self.factor)
         # exact per-axis factors so that the last output pixel ends at the last input pixel
         self._fy = self.shape[0] / h
         self._fx = self.shape[1] / w
@@ -61,7 +82,7 @@ class ResampledSource:
         return np.array(resized)  # a writable array the caller owns (Pillow's buffer is read-only)
 
 
-def nearest_index(n_out: int, n_in: int) -> np.ndarray:
+def nearest_index(n_out: int, n_in: int) -> npt.NDArray[np.int64]:
     """For each of n_out pixels, the nearest of n_in pixels covering the same extent."""
     return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
 
@@ -75,3 +96,27 @@ def labels_to_grid(labels: np.ndarray, shape: tuple[int, int], band_rows: int = 
         y1 = min(shape[0], y0 + band_rows)
         out[y0:y1] = labels[rows[y0:y1]][:, cols]
     return out
+
+
+def segment_at_model_resolution(
+    segmenter: Segmenter[Bundle],
+    sources: Sequence[Source],
+    factor: float | None,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> SegmentationResult:
+    """Segment `sources` seen at `factor` times their resolution (None: as they are) and return
+    labels and confidence on the sources' own grid (nearest neighbour), so outputs always match
+    the input pixels. `factor` is usually `resampling_factor(section spacing, model spacing)`."""
+    height, width = sources[0].shape
+    run = list(sources) if factor is None else [ResampledSource(s, factor) for s in sources]
+    result = segmenter.segment(run, progress=progress, cancel=cancel)
+    if result.labels.shape != (height, width):
+        confidence = result.confidence
+        result = dataclasses.replace(
+            result,
+            labels=labels_to_grid(result.labels, (height, width)),
+            confidence=labels_to_grid(confidence, (height, width)) if confidence is not None else None,
+        )
+    return result

@@ -6,6 +6,8 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -20,7 +22,7 @@ def fold_batchnorm(network: nn.Module) -> tuple[nn.Module, int]:
     """
     net = copy.deepcopy(network).eval()
     folded = 0
-    last_conv: nn.Module | None = None
+    last_conv: _ConvNd | None = None
     parents: dict[nn.Module, tuple[nn.Module, str]] = {}
     for parent in net.modules():
         for name, child in parent.named_children():
@@ -41,7 +43,10 @@ def fold_batchnorm(network: nn.Module) -> tuple[nn.Module, int]:
 
 
 @torch.no_grad()
-def _fold_into(conv: nn.Module, bn: nn.Module) -> None:
+def _fold_into(conv: _ConvNd, bn: _BatchNorm) -> None:
+    """Fold eval-mode `bn` (scale and shift per channel) into the weights and bias of `conv`."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("only a BatchNorm with running statistics can be folded")
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
     shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
     out_dim = 1 if isinstance(conv, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
@@ -65,7 +70,8 @@ def prepare_network(
     net = fold_batchnorm(network)[0] if fold_bn else copy.deepcopy(network).eval()
     net = net.to(device)
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; torch's type stubs leave it out
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     for p in net.parameters():
         p.requires_grad_(False)
     return net

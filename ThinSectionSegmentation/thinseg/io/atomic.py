@@ -1,14 +1,19 @@
-"""All-or-nothing output files: write to a hidden temporary name, rename at the end.
+"""All-or-nothing outputs: write to a hidden temporary name, rename at the end.
 
 A segmentation of a gigapixel section takes minutes; if it is interrupted (error, Ctrl-C,
 closed Slicer) the user must never find a half-written netCDF under the final name, and an
-existing result is never replaced unless the caller asked for it.
+existing result is never replaced unless the caller asked for it. Files go through
+`AtomicOutput`; folders that must appear whole (a model bundle) through `atomic_directory`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -83,11 +88,47 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def _remove(path: Path) -> None:
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """`with atomic_directory(target) as tmp:` fill the folder `tmp`; it becomes `target` on success.
+
+    `tmp` is a new hidden folder beside `target` (same file system, so the final rename is
+    atomic; hidden, so folder scans skip it). On any exception, KeyboardInterrupt included, it is
+    removed and `target` is left as it was. An existing `target` is replaced only with
+    `overwrite` (else FileExistsError): it is first renamed aside, and renamed back if the new
+    folder cannot take its place, so a reader sees the old folder or the whole new one.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        yield tmp
+        _swap_into_place(tmp, target, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{target} already exists")
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old.rmdir()  # a free hidden name for the old folder
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def free_output_path(path: str | os.PathLike[str]) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
 from thinseg.errors import ThinSegError
 
@@ -36,17 +37,23 @@ class RasterSource(Protocol):
     only for netCDF variables; image files carry no trustworthy spacing.
     """
 
-    path: Path | None
     name: str
     shape: tuple[int, int]
     mm_per_pixel: float | None
     origin_mm: tuple[float, float, float] | None
 
-    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray:
+    @property
+    def path(self) -> Path | None:
+        """The file read, None for in-memory sources (read-only, so sources may narrow it to Path)."""
+        ...
+
+    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> npt.NDArray[np.uint8]:
         """uint8 (y1-y0, x1-x0, 3), C-contiguous, owned by the caller."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the file (reads fail afterwards)."""
+        ...
 
 
 def check_region(shape: tuple[int, int], y0: int, y1: int, x0: int, x1: int | None) -> tuple[int, int, int, int]:
@@ -79,7 +86,7 @@ class ArraySource:
         self.mm_per_pixel = mm_per_pixel
         self.origin_mm = origin_mm
 
-    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray:
+    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> npt.NDArray[np.uint8]:
         y0, y1, x0, x1 = check_region(self.shape, y0, y1, x0, x1)
         return np.array(self.array[y0:y1, x0:x1], dtype=np.uint8, order="C", copy=True)
 
@@ -158,27 +165,27 @@ class PillowSource:
     mm_per_pixel: float | None = None
     origin_mm: tuple[float, float, float] | None = None
 
-    def __init__(self, path: Path, array: np.ndarray) -> None:
+    def __init__(self, path: Path, array: npt.NDArray[np.uint8]) -> None:
         self.path = path
         self.name = path.stem
-        self.array = array
+        self.array: npt.NDArray[np.uint8] | None = array
         self.shape = (int(array.shape[0]), int(array.shape[1]))
 
-    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray:
+    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> npt.NDArray[np.uint8]:
         if self.array is None:
             raise ValueError(f"{self.path} is closed")
         y0, y1, x0, x1 = check_region(self.shape, y0, y1, x0, x1)
         return np.array(self.array[y0:y1, x0:x1], order="C", copy=True)
 
     def close(self) -> None:
-        self.array = None  # type: ignore[assignment]
+        self.array = None
 
     def __repr__(self) -> str:
         return f"PillowSource({str(self.path)!r}, {self.shape[1]}x{self.shape[0]})"
 
 
 def _open_pillow(path: Path, role: str) -> PillowSource:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # deferred: Pillow costs ~25 ms at start-up
 
     Image.MAX_IMAGE_PIXELS = None  # thin sections are legitimately gigapixel
     try:
@@ -193,9 +200,9 @@ def _open_pillow(path: Path, role: str) -> PillowSource:
             image.load()  # decodes everything: a truncated file fails here, not mid-run
         except (OSError, SyntaxError, ValueError) as error:
             raise ThinSegError(f"{role} is truncated or corrupt ({error})", path) from None
-        if image.mode != "RGB":
-            image = image.convert("RGB")  # palette / YCbCr: lossless colour expansion
-        return PillowSource(path, _pillow_to_array(image))
+        # palette / YCbCr: lossless colour expansion
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return PillowSource(path, _pillow_to_array(rgb))
 
 
 def _check_pillow_mode(image: Any, path: Path, role: str) -> None:
@@ -214,7 +221,7 @@ def _check_pillow_mode(image: Any, path: Path, role: str) -> None:
         raise _refuse(path, role, "is 16-bit per channel (48-bit RGB)", _EIGHT_BIT)
 
 
-def _pillow_to_array(image: Any, band_rows: int = 1024) -> np.ndarray:
+def _pillow_to_array(image: Any, band_rows: int = 1024) -> npt.NDArray[np.uint8]:
     """Copy band by band: np.asarray(image) would go through one more full-size bytes object."""
     width, height = image.size
     out = np.empty((height, width, 3), np.uint8)
@@ -254,7 +261,7 @@ class TiffSource:
         self.memory_mapped = self._array is not None
         self.decoded_whole = False
         if self._array is None:
-            import zarr
+            import zarr  # deferred: zarr costs ~0.2 s, paid only for compressed TIFFs
 
             self._store = series.aszarr(level=0)  # level 0 alone, also for pyramids
             self._array = zarr.open_array(self._store, mode="r")
@@ -273,7 +280,7 @@ class TiffSource:
         self._array = array
         self.decoded_whole = True
 
-    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray:
+    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> npt.NDArray[np.uint8]:
         if self._array is None:
             raise ValueError(f"{self.path} is closed")
         y0, y1, x0, x1 = check_region(self.shape, y0, y1, x0, x1)
@@ -308,7 +315,7 @@ class TiffSource:
 
 
 def _open_tiff(path: Path, role: str) -> TiffSource:
-    import tifffile
+    import tifffile  # deferred: tifffile costs ~35 ms at start-up
 
     try:
         tiff = tifffile.TiffFile(path)

@@ -103,7 +103,7 @@ def _check_origin(origin_mm: Sequence[float]) -> tuple[float, float, float]:
     values = tuple(float(v) for v in origin_mm)
     if len(values) != 3 or not all(np.isfinite(values)):
         raise ValueError(f"origin_mm must be three finite numbers (R, A, S), got {origin_mm!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,14 +152,16 @@ class NetcdfWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], attrs: Mapping[str, Any] | None = None) -> None:
-        import netCDF4
+        import netCDF4  # deferred: netCDF4 costs ~35 ms, and the CLI starts without it
 
         self.path = Path(path)
         self._output = AtomicOutput(self.path)
+        self._ds: netCDF4.Dataset | None = None
         try:
             with NC_LOCK:
-                self._ds = netCDF4.Dataset(self._output.tmp, "w", format="NETCDF4")
-                self._ds.set_fill_off()  # every value is written; pre-filling would double the I/O
+                dataset = netCDF4.Dataset(self._output.tmp, "w", format="NETCDF4")
+                dataset.set_fill_off()  # every value is written; pre-filling would double the I/O
+                self._ds = dataset
         except OSError as error:
             self._output.discard()
             raise ThinSegError(f"cannot create the netCDF file: {error.strerror or error}", self.path) from None
@@ -495,15 +497,15 @@ def _label_band(band: np.ndarray, n_classes: int) -> np.ndarray:
 #: variable, as GeoSlicer's colour coordinate `c` = r, g, b is, and opens or reads it once more
 #: (Unidata/netcdf4-python#1444, HDFGroup/hdf5#5359): e.g. the PP and XP sources of a section
 #: are open and its labelmap is read. Sharing one handle per file never opens a second one.
-_SHARED: dict[tuple, list] = {}
+_SHARED: dict[tuple[Any, ...], list[Any]] = {}
 
 
-def _file_key(path: Path) -> tuple:
+def _file_key(path: Path) -> tuple[Any, ...]:
     st = path.stat()
     return (os.getpid(), str(path.resolve()), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _acquire(path: Path) -> tuple[tuple | None, Any]:
+def _acquire(path: Path) -> tuple[tuple[Any, ...] | None, Any]:
     """(key, dataset): the file's shared read handle (opened if needed); give it back with _release."""
     path = Path(path)
     with NC_LOCK:
@@ -518,10 +520,10 @@ def _acquire(path: Path) -> tuple[tuple | None, Any]:
         return key, entry[0]
 
 
-def _release(key: tuple | None, ds: Any) -> None:
+def _release(key: tuple[Any, ...] | None, ds: Any) -> None:
     with NC_LOCK:
         entry = _SHARED.get(key) if key is not None else None
-        if entry is None or entry[0] is not ds:
+        if key is None or entry is None or entry[0] is not ds:
             ds.close()
             return
         entry[1] -= 1
@@ -544,7 +546,7 @@ def _open_dataset(path: Path) -> Iterator[Any]:
 
 
 def _open_raw(path: Path) -> Any:
-    import netCDF4
+    import netCDF4  # deferred: netCDF4 costs ~35 ms, and the CLI starts without it
 
     path = Path(path)
     if not path.exists():
@@ -612,9 +614,9 @@ def _geometry(
     """(spacing x, y, z; RAS origin) from `transform` if valid, else from the coordinates."""
     transform = attrs.get("transform")
     if transform is not None and not isinstance(transform, str):
-        matrix = np.asarray(transform, dtype=np.float64).ravel()
-        if matrix.size == 16 and np.all(np.isfinite(matrix)):
-            matrix = matrix.reshape(4, 4)
+        flat = np.asarray(transform, dtype=np.float64).ravel()
+        if flat.size == 16 and np.all(np.isfinite(flat)):
+            matrix = flat.reshape(4, 4)
             spacing = np.linalg.norm(matrix[:3, :3], axis=0)
             return spacing, tuple(float(v) for v in matrix[:3, 3])  # type: ignore[return-value]
     dims = tuple(variable.dimensions)[:3]
@@ -631,7 +633,9 @@ def _source_grid(ds: Any, variable: Any) -> tuple[list[np.ndarray], list[Any], l
     """Coordinate values/dtypes/attrs of a variable's z, y, x axes for copying; missing
     coordinate variables are rebuilt from the geometry (GeoSlicer needs them to import)."""
     dims, shape = tuple(variable.dimensions)[:3], tuple(variable.shape)[:3]
-    values, dtypes, attrs = [], [], []
+    values: list[np.ndarray | None] = []
+    dtypes: list[Any] = []
+    attrs: list[dict[str, Any]] = []
     missing = False
     for dim in dims:
         if dim in ds.variables and _is_coordinate(ds, dim) and ds.variables[dim].dtype != str:
@@ -653,7 +657,7 @@ def _source_grid(ds: Any, variable: Any) -> tuple[list[np.ndarray], list[Any], l
         for i, n in enumerate(shape):
             if values[i] is None:
                 values[i] = np.linspace(starts[i], starts[i] + steps[i] * (n - 1), n)
-    return values, dtypes, attrs
+    return [v for v in values if v is not None], dtypes, attrs  # every axis has values now
 
 
 @dataclass
@@ -731,7 +735,8 @@ class NetcdfImageSource:
                     )
                 if info.shape[0] != 1:
                     raise ThinSegError(
-                        f"variable '{var_name}' has {info.shape[0]} slices; a single-slice thin-section image is expected",
+                        f"variable '{var_name}' has {info.shape[0]} slices; "
+                        "a single-slice thin-section image is expected",
                         self.path,
                     )
             except BaseException:

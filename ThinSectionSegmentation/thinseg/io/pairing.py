@@ -169,14 +169,14 @@ def _pair_image(
     if xp_match is not None:
         # An XP image stands for its section: its PP counterpart is found beside it. A PP-only
         # model then segments that PP image alone (and a folder of pairs is no failure).
-        pp_path = _counterpart(path, xp_match, pp_pattern)
-        if pp_path is None:
+        pp_found = _counterpart(path, xp_match, pp_pattern)
+        if pp_found is None:
             expected = stem[: xp_match.start()] + pp_pattern + stem[xp_match.end() :]
             needs = "" if needs_xp else "; this PP-only model segments PP images"
             return None, PairingProblem(
                 path, f"PP counterpart not found (expected {expected}{path.suffix} beside it){needs}"
             )
-        return SectionInput(name=pp_path.stem, pp=pp_path, xp=path if needs_xp else None), None
+        return SectionInput(name=pp_found.stem, pp=pp_found, xp=path if needs_xp else None), None
     if not needs_xp:
         return SectionInput(name=stem, pp=path), None
     return None, PairingProblem(

@@ -17,6 +17,7 @@ from thinseg.metrics.evaluator import (
 from thinseg.metrics.fractions import (
     FractionStats,
     area_fractions,
+    class_pixel_counts,
     fraction_agreement,
     fractions_from_confusion,
     r_squared,
@@ -31,6 +32,7 @@ __all__ = [
     "SectionResult",
     "SegmentationMetrics",
     "area_fractions",
+    "class_pixel_counts",
     "comparison_dict",
     "format_comparison_table",
     "format_table",

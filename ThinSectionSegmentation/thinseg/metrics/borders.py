@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
+import numpy.typing as npt
 
 
 def _disk_runs(width_px: float) -> list[tuple[int, int]]:
@@ -33,6 +33,10 @@ def _disk_runs(width_px: float) -> list[tuple[int, int]]:
 
 def _disk_filter(labels: np.ndarray, runs: list[tuple[int, int]], use_max: bool, outside: int) -> np.ndarray:
     """Max (or min) of `labels` over a disk around each pixel; outside the image counts as `outside`."""
+    # deferred: scipy.ndimage costs ~0.25 s at import, and `thinseg segment` imports this package
+    # (for the class counts of its mineralogy report) without ever drawing void borders
+    from scipy import ndimage
+
     filter1d = ndimage.maximum_filter1d if use_max else ndimage.minimum_filter1d
     combine = np.maximum if use_max else np.minimum
     h = labels.shape[0]
@@ -64,7 +68,7 @@ def void_border_mask(
     truth = np.asarray(truth)
     if truth.ndim != 2:
         raise ValueError(f"truth must be 2-D (H, W), got shape {truth.shape}")
-    keep = truth != 0
+    keep: npt.NDArray[np.bool_] = truth != 0
     if width_px < 1 or truth.size == 0:  # no other pixel centre is closer than 1
         return keep
     if truth.dtype != np.uint8:

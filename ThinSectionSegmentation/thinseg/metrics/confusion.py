@@ -13,6 +13,7 @@ and accuracy) but belong to no class's false positives.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from thinseg.errors import ThinSegError
 
@@ -85,10 +86,11 @@ class ConfusionAccumulator:
         self.excluded_pixels += other.excluded_pixels
 
     @property
-    def matrix(self) -> np.ndarray:
+    def matrix(self) -> npt.NDArray[np.int64]:
         """A copy of the (N+1) x (N+1) counts, rows = truth, columns = prediction."""
         side = self.n_classes + 1
-        return self._counts.reshape(side, side).copy()
+        counts: npt.NDArray[np.int64] = self._counts.reshape(side, side).copy()
+        return counts
 
     @property
     def evaluated_pixels(self) -> int:

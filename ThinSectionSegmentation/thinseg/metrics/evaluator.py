@@ -8,36 +8,19 @@ per-pixel fairness device, while a modal mineralogy is a property of the whole s
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from thinseg.classes.table import ClassTable
+from thinseg.jsonio import dumps, finite
 from thinseg.metrics.borders import void_border_mask
 from thinseg.metrics.confusion import ConfusionAccumulator
 from thinseg.metrics.fractions import FractionStats, fraction_agreement, fractions_from_confusion
 from thinseg.metrics.scores import SegmentationMetrics, metrics_from_confusion
-
-
-def to_plain(value: Any) -> Any:
-    """JSON-ready copy: arrays -> lists, numpy scalars -> Python, NaN/inf -> None (null)."""
-    if isinstance(value, Mapping):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return to_plain(value.tolist())
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
 
 
 @dataclass(frozen=True)
@@ -91,8 +74,8 @@ class EvaluationReport:
         return np.array([s.pred_fractions for s in self.sections]).reshape(len(self.sections), len(self.class_table))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (NaN -> None): what `to_json` writes."""
-        return to_plain(
+        """Plain data (arrays as lists, NaN -> None): what `to_json` writes."""
+        plain: dict[str, Any] = finite(
             {
                 "model": self.model,
                 "classes": [
@@ -111,9 +94,11 @@ class EvaluationReport:
                 "sections": [s.to_dict() for s in self.sections],
             }
         )
+        return plain
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        """Standard JSON of `to_dict` (undefined scores as null)."""
+        return dumps(self.to_dict(), indent=indent)
 
     def format_table(self) -> str:
         return format_table(self)
@@ -214,7 +199,8 @@ def format_table(report: EvaluationReport) -> str:
         row = f"{name:<{width}} {_num(m.iou[i], 6)} {_num(m.f1[i], 6)} {_num(m.precision[i], 6)} {_num(m.recall[i], 6)}"
         if mv is not None:
             row += f" {_num(mv.iou[i], 6)} {_num(mv.f1[i], 6)}"
-        row += f" {_num(100 * true_f[i], 7, 2)} {_num(100 * pred_f[i], 7, 2)} {_num(fs.r2[i], 6)} {_num(100 * fs.rmse[i], 6, 2)}"
+        row += f" {_num(100 * true_f[i], 7, 2)} {_num(100 * pred_f[i], 7, 2)}"
+        row += f" {_num(fs.r2[i], 6)} {_num(100 * fs.rmse[i], 6, 2)}"
         lines.append(row)
     lines.append("-" * len(head))
     mean = f"{'mean (present classes)':<{width}} {_num(m.mean_iou, 6)} {_num(m.mean_f1, 6)} {'':>6} {'':>6}"
@@ -226,12 +212,14 @@ def format_table(report: EvaluationReport) -> str:
         labelled = m.evaluated_pixels
         share = 100 * report.void_border_pixels / labelled if labelled else float("nan")
         acc += (
-            f"   with void borders of {report.void_border_px:g} px excluded: {_num(100 * mv.pixel_accuracy, 0, 2).strip()}%"
+            f"   with void borders of {report.void_border_px:g} px excluded: "
+            f"{_num(100 * mv.pixel_accuracy, 0, 2).strip()}%"
             f" ({report.void_border_pixels:,} px = {_num(share, 0, 1).strip()}% left out)"
         )
     lines.append(acc)
     lines.append(
-        f"fractions over {fs.n_sections} section(s): R^2 {_num(fs.r2_overall, 0).strip()}, RMSE {_num(100 * fs.rmse_overall, 0, 2).strip()} % points"
+        f"fractions over {fs.n_sections} section(s): R^2 {_num(fs.r2_overall, 0).strip()}, "
+        f"RMSE {_num(100 * fs.rmse_overall, 0, 2).strip()} % points"
     )
     if m.unclassified_predictions:
         share = 100 * m.unclassified_predictions / m.evaluated_pixels
@@ -246,7 +234,7 @@ def format_table(report: EvaluationReport) -> str:
 
 
 #: Rows of the comparison table: (label, getter, digits, higher is better).
-_SUMMARY_ROWS = (
+_SUMMARY_ROWS: tuple[tuple[str, Callable[[EvaluationReport], float], int, bool], ...] = (
     ("mean IoU", lambda r: r.metrics.mean_iou, 3, True),
     ("mean F1", lambda r: r.metrics.mean_f1, 3, True),
     ("pixel accuracy %", lambda r: 100 * r.metrics.pixel_accuracy, 2, True),
@@ -277,8 +265,8 @@ def format_comparison_table(reports: Mapping[str, EvaluationReport]) -> str:
     col = max(9, *(min(len(m), 18) + 1 for m in models))
 
     def row(label: str, values: Sequence[float], digits: int, higher_better: bool) -> str:
-        finite = [v for v in values if math.isfinite(v)]
-        best = (max(finite) if higher_better else min(finite)) if len(finite) > 1 else None
+        defined = [v for v in values if math.isfinite(v)]
+        best = (max(defined) if higher_better else min(defined)) if len(defined) > 1 else None
         cells = []
         for v in values:
             text = _num(v, col - 1, digits).strip() + ("*" if best is not None and v == best else " ")
@@ -287,10 +275,14 @@ def format_comparison_table(reports: Mapping[str, EvaluationReport]) -> str:
 
     header = f"{'':<{width}}" + "".join(f"{m[:18]:>{col - 1}} " for m in models)
     lines = [header]
-    for metric, getter in (("IoU", lambda r, i: r.metrics.iou[i]), ("F1", lambda r, i: r.metrics.f1[i])):
+    per_class: tuple[tuple[str, Callable[[EvaluationReport, int], float]], ...] = (
+        ("IoU", lambda r, i: r.metrics.iou[i]),
+        ("F1", lambda r, i: r.metrics.f1[i]),
+    )
+    for metric, class_score in per_class:
         lines.append(f"{metric} per class")
         for i, name in enumerate(names):
-            lines.append(row(f"  {name}", [getter(reports[m], i) for m in models], 3, True))
+            lines.append(row(f"  {name}", [class_score(reports[m], i) for m in models], 3, True))
     lines.append("fraction R^2 per class")
     for i, name in enumerate(names):
         lines.append(row(f"  {name}", [reports[m].fraction_stats.r2[i] for m in models], 3, True))

@@ -1,4 +1,5 @@
-"""Mineral fractions per section, predicted vs truth: the seed paper's headline comparison.
+"""Mineral fractions per section, predicted vs truth: how well a model reproduces the modal
+mineralogy (the area share of each mineral) that QEMSCAN measures on the same section.
 
 Fractions are of CLASSIFIED pixels (label != 0), as in the modal mineralogy report, and both are
 taken over the same pixels: those with truth. So the truth fractions of a section are its
@@ -22,21 +23,43 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from thinseg.metrics.confusion import CHUNK_PIXELS
 
 
-def area_fractions(labels: np.ndarray, n_classes: int, mask: np.ndarray | None = None) -> np.ndarray:
-    """(N,) fractions of classes 1..N among classified pixels (in `mask`); NaN if none classified."""
-    flat = np.asarray(labels).reshape(-1)
-    flat_mask = None if mask is None else np.asarray(mask, bool).reshape(-1)
+def class_pixel_counts(
+    labels: npt.NDArray[np.integer[Any]], n_classes: int, mask: npt.NDArray[np.bool_] | None = None
+) -> npt.NDArray[np.int64]:
+    """(n_classes + 1,) int64 pixels of each label value 0..n_classes (0 = unclassified or no
+    truth); values above n_classes are not counted. With `mask`, only pixels where it is True.
+
+    `np.bincount` copies its input to 8-byte integers, so a gigapixel uint8 map is counted in
+    bands of rows of about CHUNK_PIXELS pixels: the copy stays small, and a memory-mapped map
+    is read one band at a time.
+    """
+    grid = np.asarray(labels)
+    keep = None if mask is None else np.asarray(mask, bool).reshape(grid.shape)
+    if grid.ndim < 2:
+        grid = grid.reshape(1, -1)
+        keep = None if keep is None else keep.reshape(1, -1)
     counts = np.zeros(n_classes + 1, np.int64)
-    for i in range(0, flat.size, CHUNK_PIXELS):  # bincount copies to intp: chunk it
-        part = flat[i : i + CHUNK_PIXELS]
-        if flat_mask is not None:
-            part = part[flat_mask[i : i + CHUNK_PIXELS]]
+    if grid.size == 0:
+        return counts
+    rows = max(1, CHUNK_PIXELS // (grid.size // grid.shape[0]))
+    for y0 in range(0, grid.shape[0], rows):
+        part = grid[y0 : y0 + rows].reshape(-1)
+        if keep is not None:
+            part = part[keep[y0 : y0 + rows].reshape(-1)]
         counts += np.bincount(part, minlength=n_classes + 1)[: n_classes + 1]
-    counts = counts[1:].astype(np.float64)
+    return counts
+
+
+def area_fractions(
+    labels: npt.NDArray[np.integer[Any]], n_classes: int, mask: npt.NDArray[np.bool_] | None = None
+) -> npt.NDArray[np.float64]:
+    """(N,) fractions of classes 1..N among classified pixels (in `mask`); NaN if none classified."""
+    counts = class_pixel_counts(labels, n_classes, mask)[1:].astype(np.float64)
     total = counts.sum()
     return counts / total if total else np.full(n_classes, np.nan)
 

@@ -1,7 +1,8 @@
 """GeoSlicer model bundles (meta.json + model.pth): load, run-prepare, save, discover.
 
-The names below are resolved on first use, so `thinseg.model.discovery` (model selectors list
-folders at start-up) imports without torch.
+`bundle` (loading and saving) and `networks` import torch; `discovery` (finding model folders)
+and `meta` (checking their descriptions) do not, so model selectors list folders at start-up
+without it. The names below are resolved on first use for the same reason.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "THIN_SECTION_TAG": "thinseg.model.bundle",
+    "THIN_SECTION_TAG": "thinseg.model.discovery",
     "ModelBundle": "thinseg.model.bundle",
-    "find_bundles": "thinseg.model.bundle",
+    "find_bundles": "thinseg.model.discovery",
     "load_bundle": "thinseg.model.bundle",
     "save_bundle": "thinseg.model.bundle",
     "SUPPORTED_NETWORKS": "thinseg.model.networks",
@@ -24,6 +25,7 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
+    """Import the module behind `name` on first use (PEP 562)."""
     if name not in _EXPORTS:
         raise AttributeError(f"module 'thinseg.model' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

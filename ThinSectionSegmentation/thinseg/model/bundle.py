@@ -1,19 +1,19 @@
 """GeoSlicer model bundles: a folder holding `meta.json` (GeoSlicer's model list reads it) and
-`model.pth` (weights + config), as in ../shared/specs/geoslicer-model-bundle.md.
+`model.pth` (a torch-saved dict: the weights `model_state_dict` and a `config` naming the
+network, its parameters, the pre/post-processing transforms, and `meta`, the model's description
+that meta.json repeats with a title). This is the layout GeoSlicer's AI Segmenter saves and loads.
 
 Loading never unpickles arbitrary objects (`weights_only=True`) and checks every part a
-GeoSlicer model can get wrong, so a bad file costs the user one clear line, not a traceback
-halfway through a section. Saving writes exactly what GeoSlicer's AI Segmenter loads.
+GeoSlicer model can get wrong (the descriptions against the schema in `thinseg.model.meta`, the
+weights against the network they name, the transforms against the inputs), so a bad file costs
+the user one clear line, not a traceback halfway through a section. Saving writes exactly what
+GeoSlicer's AI Segmenter loads, and loads it back before the folder appears.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import pickle
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +21,12 @@ from typing import Any
 
 import torch
 
-from thinseg.classes.table import ClassTable, hex_to_rgb
+from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
+from thinseg.io.atomic import atomic_directory
+from thinseg.jsonio import dumps
 from thinseg.model.discovery import META_FILE, THIN_SECTION_TAG, WEIGHTS_FILE, find_bundles
+from thinseg.model.meta import check_config_meta, check_meta, check_pixels_per_mm, check_roi_shape, read_meta
 from thinseg.model.networks import (
     SUPPORTED_NETWORKS,
     build_network,
@@ -40,12 +43,11 @@ from thinseg.model.transforms import (
     run_pre_transforms,
 )
 
-#: GeoSlicer's tag folder for thin-section models (<root>/ThinSectionEnv/<model>/).
-
 #: Names save_bundle gives the concatenated network input and the output.
 NETWORK_INPUT = "x"
 OUTPUT = "y"
 IDENTITY_RANGE = (0.0, 1.0, 0.0, 1.0)
+_EXISTS = "a model folder already exists here (pass overwrite=True to replace it)"
 
 __all__ = [
     "SUPPORTED_NETWORKS",
@@ -74,8 +76,8 @@ class ModelBundle:
     pixels_per_mm: float | None
     roi_shape: tuple[int, int]
     input_range: tuple[float, float, float, float]
-    meta: dict
-    config: dict
+    meta: dict[str, Any]
+    config: dict[str, Any]
     network_input: str = field(default=NETWORK_INPUT, repr=False)
     pre_transforms: list[PreTransform] = field(default_factory=list, repr=False)
 
@@ -139,20 +141,25 @@ def load_bundle(model_dir: Path | str) -> ModelBundle:
     """Load and validate a GeoSlicer model folder; every problem is a one-line ThinSegError."""
     folder = Path(model_dir)
     meta_path, pth_path = _bundle_files(folder)
-    meta = _read_meta(meta_path)
+    meta = read_meta(meta_path)
     saved = _read_weights(pth_path)
     config, cmeta = _config(saved, pth_path)
 
-    inputs = _inputs(cmeta, "model.pth config.meta", pth_path)
-    _same_inputs(inputs, _inputs(meta, "meta.json", meta_path), folder)
-    output_name, class_table = _classes(cmeta, "model.pth config.meta", pth_path)
-    _, shown_table = _classes(meta, "meta.json", meta_path)
-    _same_classes(class_table, shown_table, folder)
+    declared = check_config_meta(cmeta, pth_path)
+    shown = check_meta(meta, meta_path)
+    _same_inputs(declared.inputs, shown.inputs, folder)
+    _same_classes(declared.class_table, shown.class_table, folder)
+    inputs = declared.inputs
+    # config.meta's pixel size wins; meta.json's is used (and checked) only when it has none
+    if "pixels_per_mm" in cmeta:
+        pixels_per_mm = declared.pixels_per_mm
+    else:
+        pixels_per_mm = check_pixels_per_mm(meta.get("pixels_per_mm"), meta_path)
 
     network = _network(config, saved, pth_path)
     in_ch, out_ch = network_channels(network)
-    pre, network_input, first_label, input_range = _pipeline(config, cmeta, inputs, output_name, pth_path)
-    _check_channels(inputs, pre, network_input, in_ch, out_ch, shown_table, first_label, pth_path)
+    pre, network_input, first_label, input_range = _pipeline(config, cmeta, inputs, declared.output, pth_path)
+    _check_channels(inputs, pre, network_input, in_ch, out_ch, shown.class_table, first_label, pth_path)
 
     return ModelBundle(
         path=folder,
@@ -162,10 +169,10 @@ def load_bundle(model_dir: Path | str) -> ModelBundle:
         input_names=[name for name, _ in inputs],
         input_channels=[channels for _, channels in inputs],
         in_channels=in_ch,
-        class_table=shown_table,
+        class_table=shown.class_table,
         first_label=first_label,
-        pixels_per_mm=_pixels_per_mm(cmeta.get("pixels_per_mm", meta.get("pixels_per_mm")), pth_path),
-        roi_shape=_roi_shape(cmeta.get("input_roi_shape"), pth_path),
+        pixels_per_mm=pixels_per_mm,
+        roi_shape=declared.roi_shape,
         input_range=input_range,
         meta=meta,
         config=config,
@@ -184,19 +191,7 @@ def _bundle_files(folder: Path) -> tuple[Path, Path]:
     return meta_path, pth_path
 
 
-def _read_meta(meta_path: Path) -> dict:
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ThinSegError("meta.json is not UTF-8 text", meta_path) from None
-    except json.JSONDecodeError as exc:
-        raise ThinSegError(f"meta.json is not valid JSON ({exc})", meta_path) from None
-    if not isinstance(meta, dict):
-        raise ThinSegError("meta.json must hold a JSON object", meta_path)
-    return meta
-
-
-def _read_weights(pth_path: Path) -> dict:
+def _read_weights(pth_path: Path) -> dict[str, Any]:
     """torch.load with weights_only=True: tensors and plain containers only, nothing executed."""
     try:
         saved = torch.load(pth_path, map_location="cpu", weights_only=True)
@@ -231,36 +226,13 @@ def _first_line(text: str) -> str:
     return first.split(". ", 1)[0] if len(first) > 120 else first
 
 
-def _config(saved: dict, pth_path: Path) -> tuple[dict, dict]:
+def _config(saved: Mapping[str, Any], pth_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """model.pth's `config` and its `meta` section (the model's description), as dicts."""
     config = dict(saved["config"])
     cmeta = config.get("meta")
     if not isinstance(cmeta, Mapping):
         raise ThinSegError("model.pth config has no 'meta' section", pth_path)
-    cmeta = dict(cmeta)
-    kind = cmeta.get("kind", "torch")
-    if kind != "torch":
-        raise ThinSegError(f"model kind {kind!r} is not supported (only 'torch')", pth_path)
-    if cmeta.get("is_segmentation_model", True) is not True:
-        raise ThinSegError("this is not a segmentation model (is_segmentation_model is false)", pth_path)
-    if cmeta.get("spatial_dims", 2) != 2:
-        raise ThinSegError(
-            f"model works on {cmeta.get('spatial_dims')}-D data; thin sections need spatial_dims 2", pth_path
-        )
-    return config, cmeta
-
-
-def _inputs(meta: Mapping, where: str, path: Path) -> list[tuple[str, int]]:
-    """Ordered (name, n_channels); GeoSlicer defaults n_channels to 1."""
-    inputs = meta.get("inputs")
-    if not isinstance(inputs, Mapping) or not inputs:
-        raise ThinSegError(f"{where} has no 'inputs'", path)
-    out = []
-    for name, description in inputs.items():
-        channels = (description or {}).get("n_channels", 1) if isinstance(description, Mapping) else None
-        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-            raise ThinSegError(f"{where} input {name!r} has no valid n_channels", path)
-        out.append((str(name), channels))
-    return out
+    return config, dict(cmeta)
 
 
 def _same_inputs(from_pth: list[tuple[str, int]], from_meta: list[tuple[str, int]], folder: Path) -> None:
@@ -276,34 +248,6 @@ def _fmt_inputs(inputs: list[tuple[str, int]]) -> str:
     return ", ".join(f"{name}({channels})" for name, channels in inputs)
 
 
-def _classes(meta: Mapping, where: str, path: Path) -> tuple[str, ClassTable]:
-    """First output's classes; GeoSlicer needs class_indices == 1..N (label k -> k-th class)."""
-    outputs = meta.get("outputs")
-    if not isinstance(outputs, Mapping) or not outputs:
-        raise ThinSegError(f"{where} has no 'outputs'", path)
-    name, output = next(iter(outputs.items()))
-    if not isinstance(output, Mapping):
-        raise ThinSegError(f"{where} output {name!r} is not an object", path)
-    names, colors = output.get("class_names"), output.get("class_colors")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise ThinSegError(f"{where} output {name!r} has no class_names", path)
-    if not isinstance(colors, list) or len(colors) != len(names):
-        raise ThinSegError(f"{where} output {name!r} needs one class_colors entry per class ({len(names)})", path)
-    for color in colors:
-        try:
-            hex_to_rgb(color)
-        except (ValueError, AttributeError):
-            raise ThinSegError(f"{where} class colour {color!r} is not '#RRGGBB'", path) from None
-    indices = output.get("class_indices", list(range(1, len(names) + 1)))
-    if list(indices) != list(range(1, len(names) + 1)):
-        raise ThinSegError(
-            f"{where} class_indices {list(indices)} are not contiguous 1..{len(names)} "
-            "(label value k must be the k-th class)",
-            path,
-        )
-    return str(name), ClassTable.from_names_colors(names, colors)
-
-
 def _same_classes(from_pth: ClassTable, from_meta: ClassTable, folder: Path) -> None:
     if from_pth.names != from_meta.names:
         raise ThinSegError(
@@ -313,7 +257,7 @@ def _same_classes(from_pth: ClassTable, from_meta: ClassTable, folder: Path) -> 
         )
 
 
-def _network(config: Mapping, saved: Mapping, pth_path: Path) -> torch.nn.Module:
+def _network(config: Mapping[str, Any], saved: Mapping[str, Any], pth_path: Path) -> torch.nn.Module:
     spec = config.get("model")
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
         raise ThinSegError("model.pth config has no model name", pth_path)
@@ -359,7 +303,7 @@ def _some(items: list[str], limit: int = 3) -> str:
 
 
 def _pipeline(
-    config: Mapping, cmeta: Mapping, inputs: list[tuple[str, int]], output_name: str, pth_path: Path
+    config: Mapping[str, Any], cmeta: Mapping[str, Any], inputs: list[tuple[str, int]], output_name: str, pth_path: Path
 ) -> tuple[list[PreTransform], str, int, tuple[float, float, float, float]]:
     """Parse the transforms; return (pre steps, network-input key, first label, input range)."""
     transforms = config.get("transforms") or {}
@@ -407,7 +351,8 @@ def _input_range(
     whole = {network_input} | ({inputs[0][0]} if len(inputs) == 1 else set())
     if minmax[0].key not in whole:
         raise ThinSegError(
-            f"MinMaxTransform on {minmax[0].key!r} is not supported: it must rescale the network input {network_input!r}",
+            f"MinMaxTransform on {minmax[0].key!r} is not supported: "
+            f"it must rescale the network input {network_input!r}",
             pth_path,
         )
     return tuple(float(v) for v in minmax[0].range)  # type: ignore[return-value]
@@ -448,26 +393,6 @@ def _check_channels(
         raise ThinSegError(f"labels up to {first_label + len(classes) - 1} do not fit uint8 label maps", pth_path)
 
 
-def _roi_shape(value: Any, pth_path: Path) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value, value]
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    ):
-        raise ThinSegError(f"input_roi_shape must be two positive integers, not {value!r}", pth_path)
-    return int(value[0]), int(value[1])
-
-
-def _pixels_per_mm(value: Any, pth_path: Path) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ThinSegError(f"pixels_per_mm must be a positive number, not {value!r}", pth_path)
-    return float(value)
-
-
 # -- saving ------------------------------------------------------------------------------------
 
 
@@ -476,14 +401,14 @@ def save_bundle(
     network: torch.nn.Module,
     *,
     network_name: str,
-    network_params: dict,
+    network_params: dict[str, Any],
     class_table: ClassTable,
     input_names: Sequence[str] = ("PP", "PX"),
     pixels_per_mm: float,
     roi_shape: Sequence[int] = (512, 512),
     title: str,
     description: str,
-    extra_meta: dict | None = None,
+    extra_meta: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write `network` as a GeoSlicer model folder (meta.json + model.pth), atomically.
@@ -493,7 +418,7 @@ def save_bundle(
     """
     target = Path(model_dir)
     if target.exists() and not overwrite:
-        raise ThinSegError("a model folder already exists here (pass overwrite=True to replace it)", target)
+        raise ThinSegError(_EXISTS, target)
     name = canonical_network_name(network_name)
     _check_network_matches(network, name, network_params)
     names = _input_names(input_names)
@@ -505,8 +430,8 @@ def save_bundle(
             f"the network has {out_ch} outputs; saved bundles need {len(class_table) + 1} "
             f"(output 0 = not classified, then one per class) for {len(class_table)} classes"
         )
-    roi = _roi_shape(list(roi_shape), target)
-    ppm = _pixels_per_mm(pixels_per_mm, target)
+    roi = check_roi_shape(list(roi_shape), target)
+    ppm = check_pixels_per_mm(pixels_per_mm, target)
 
     cmeta = _config_meta(names, class_table, roi, ppm)
     meta = _meta_json(title, description, cmeta, extra_meta)
@@ -523,7 +448,7 @@ def save_bundle(
     return target
 
 
-def _check_network_matches(network: torch.nn.Module, name: str, params: dict) -> None:
+def _check_network_matches(network: torch.nn.Module, name: str, params: dict[str, Any]) -> None:
     """The weights must load into what `name(**params)` builds, or GeoSlicer cannot load them."""
     fresh = build_network(name, params)
     problem = _state_dict_problem(fresh, network.state_dict(), name)
@@ -538,7 +463,7 @@ def _input_names(input_names: Sequence[str]) -> list[str]:
     return names
 
 
-def _config_meta(names: list[str], classes: ClassTable, roi: tuple[int, int], ppm: float | None) -> dict:
+def _config_meta(names: list[str], classes: ClassTable, roi: tuple[int, int], ppm: float | None) -> dict[str, Any]:
     return {
         "kind": "torch",
         "is_segmentation_model": True,
@@ -560,17 +485,17 @@ def _config_meta(names: list[str], classes: ClassTable, roi: tuple[int, int], pp
     }
 
 
-def _transforms_config(names: list[str]) -> dict:
+def _transforms_config(names: list[str]) -> dict[str, Any]:
     return {
         "pre_processing_transforms": [
             ConcatenateTransform(key_groups={NETWORK_INPUT: list(names)}, axis=0).to_config(),
-            MinMaxTransform(key=NETWORK_INPUT, move_from=[0, 255], move_to=[0.0, 1.0]).to_config(),
+            MinMaxTransform(key=NETWORK_INPUT, move_from=(0, 255), move_to=(0.0, 1.0)).to_config(),
         ],
         "post_processing_transforms": [ArgmaxTransform(key=OUTPUT, dtype="uint8", dim=1, keepdim=True).to_config()],
     }
 
 
-def _meta_json(title: str, description: str, cmeta: dict, extra: dict | None) -> dict:
+def _meta_json(title: str, description: str, cmeta: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
     meta = {"title": str(title), "description": str(description), **cmeta}
     for key, value in (extra or {}).items():
         if key in meta:
@@ -596,35 +521,13 @@ def _plain(value: Any, what: str) -> Any:
     )
 
 
-def _write_atomically(target: Path, meta: dict, saved: dict, overwrite: bool) -> None:
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+def _write_atomically(target: Path, meta: dict[str, Any], saved: dict[str, Any], overwrite: bool) -> None:
+    """Write the folder under a hidden temporary name, load it back (what we wrote must load
+    safely), then put it in place; an interrupted save leaves no half-written model."""
     try:
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        torch.save(saved, tmp / WEIGHTS_FILE)
-        load_bundle(tmp)  # what we wrote must load back safely
-        _swap_into_place(tmp, target, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    if not overwrite:
-        raise ThinSegError("a model folder already exists here (pass overwrite=True to replace it)", target)
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    old.rmdir()
-    os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# -- discovery ---------------------------------------------------------------------------------
+        with atomic_directory(target, overwrite=overwrite) as tmp:
+            (tmp / META_FILE).write_text(dumps(meta, indent=2) + "\n", encoding="utf-8")
+            torch.save(saved, tmp / WEIGHTS_FILE)
+            load_bundle(tmp)
+    except FileExistsError:  # appeared while we were writing
+        raise ThinSegError(_EXISTS, target) from None

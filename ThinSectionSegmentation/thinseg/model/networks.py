@@ -9,8 +9,9 @@ loads there: `UNetAct` keeps the MONAI UNet in `.unet` (keys `unet.model.…`), 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
@@ -19,6 +20,7 @@ from thinseg.model.plain_unet import PlainUNet, plain_unet_supports
 
 if TYPE_CHECKING:
     from monai.networks.blocks.convolutions import ResidualUnit
+    from monai.networks.nets.unet import UNet as MonaiUNet
 
 
 def _unet(**params: Any) -> torch.nn.Module:
@@ -26,7 +28,7 @@ def _unet(**params: Any) -> torch.nn.Module:
     MONAI import), else MONAI's own class."""
     if plain_unet_supports(params):
         return PlainUNet(**params)
-    from monai.networks.nets import UNet
+    from monai.networks.nets.unet import UNet  # deferred: MONAI takes about 3 s to import
 
     return UNet(**params)
 
@@ -57,9 +59,10 @@ def _last_activation(last_act: Any) -> torch.nn.Module:
     """GeoSlicer uses a plain lambda when `last_act` is None; Identity has no weights either."""
     if last_act is None:
         return torch.nn.Identity()
-    from monai.networks.layers.utils import get_act_layer
+    from monai.networks.layers.utils import get_act_layer  # deferred: MONAI takes about 3 s to import
 
-    return get_act_layer(last_act)
+    layer: torch.nn.Module = get_act_layer(last_act)
+    return layer
 
 
 class UNetAct(torch.nn.Module):
@@ -98,7 +101,8 @@ class UNetAct(torch.nn.Module):
         self.last_act = _last_activation(last_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_act(self.unet(x))
+        out: torch.Tensor = self.last_act(self.unet(x))
+        return out
 
 
 class UNetActWithBoundarySupervision(torch.nn.Module):
@@ -122,7 +126,7 @@ class UNetActWithBoundarySupervision(torch.nn.Module):
         num_res_units: int = 0,
     ) -> None:
         super().__init__()
-        from monai.networks.nets import UNet
+        from monai.networks.nets.unet import UNet  # deferred: MONAI takes about 3 s to import
 
         out = out_channels or in_channels
         # MONAI's own UNet: the heads are built from its act/norm/dropout settings
@@ -144,7 +148,7 @@ class UNetActWithBoundarySupervision(torch.nn.Module):
         self.main_model = torch.nn.Sequential(self.unet, self.segmentation_head)
 
     def _head(self, spatial_dims: int, in_channels: int, out_channels: int, num_res_units: int) -> ResidualUnit:
-        from monai.networks.blocks.convolutions import ResidualUnit
+        from monai.networks.blocks.convolutions import ResidualUnit  # deferred: MONAI takes about 3 s to import
 
         return ResidualUnit(
             spatial_dims=spatial_dims,
@@ -158,9 +162,10 @@ class UNetActWithBoundarySupervision(torch.nn.Module):
             dropout=self.unet.dropout,
         )
 
-    def forward(self, x: torch.Tensor, boundary: bool = False):
+    def forward(self, x: torch.Tensor, boundary: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Segmentation scores; with `boundary`, also the boundary probability map."""
         features = self.unet(x)
-        seg = self.last_act(self.segmentation_head(features))
+        seg: torch.Tensor = self.last_act(self.segmentation_head(features))
         if not boundary:
             return seg
         return seg, torch.sigmoid(self.boundary_head(features))
@@ -211,11 +216,9 @@ def network_channels(network: torch.nn.Module) -> tuple[int, int]:
     return int(unet.in_channels), int(unet.out_channels)
 
 
-def _is_unet(module: Any) -> bool:
+def _is_unet(module: object) -> TypeGuard[PlainUNet | MonaiUNet]:
     """A UNet built here or by MONAI (MONAI is only imported if it already is)."""
     if isinstance(module, PlainUNet):
         return True
-    import sys
-
     nets = sys.modules.get("monai.networks.nets")
     return nets is not None and isinstance(module, nets.UNet)

@@ -13,7 +13,7 @@ anything else (other activations, norms, orderings, 3-D) is built by MONAI itsel
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ _ACTIVATIONS = {"prelu": nn.PReLU, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "
 _NORMS = {"batch": nn.BatchNorm2d, "instance": nn.InstanceNorm2d}
 
 
-def _split(spec: Any) -> tuple[str, dict] | None:
+def _split(spec: Any) -> tuple[str, dict[str, Any]] | None:
     """MONAI's `split_args`: "name" or ("name", {kwargs}) -> (lower-case name, kwargs)."""
     if isinstance(spec, str):
         return spec.lower(), {}
@@ -39,7 +39,7 @@ def _odd_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and value % 2 == 1
 
 
-def plain_unet_supports(params: dict) -> bool:
+def plain_unet_supports(params: Mapping[str, Any]) -> bool:
     """True when MONAI `UNet(**params)` is one this module rebuilds exactly."""
     known = {
         "spatial_dims",
@@ -82,7 +82,10 @@ class _Layers:
     """The UNet's shared settings, making each building block as MONAI's factories do."""
 
     def __init__(self, act: Any, norm: Any, dropout: float | None, bias: bool) -> None:
-        self.act, self.norm, self.dropout, self.bias = _split(act), _split(norm), dropout, bias
+        act_spec, norm_spec = _split(act), _split(norm)
+        if act_spec is None or norm_spec is None:
+            raise ValueError(f"PlainUNet does not rebuild act={act!r}, norm={norm!r}")
+        self.act, self.norm, self.dropout, self.bias = act_spec, norm_spec, dropout, bias
 
     def adn(self, channels: int) -> nn.Sequential:
         """MONAI's ADN with ordering "NDA": norm, dropout, activation (absent ones skipped)."""
@@ -138,8 +141,9 @@ class ResidualUnit(nn.Module):
             self.residual = nn.Conv2d(cin, cout, rkernel, stride, rpadding, bias=layers.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        res = self.residual(x)
-        return self.conv(x) + res
+        res: torch.Tensor = self.residual(x)
+        out: torch.Tensor = self.conv(x) + res
+        return out
 
 
 class SkipConnection(nn.Module):
@@ -216,4 +220,5 @@ class PlainUNet(nn.Module):
         self.model = block(in_channels, out_channels, self.channels, self.strides, True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        out: torch.Tensor = self.model(x)
+        return out

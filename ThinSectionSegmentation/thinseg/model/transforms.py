@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeVar
 
 import torch
 
 from thinseg.errors import ThinSegError
 
 Sample = dict[str, torch.Tensor]
+_T = TypeVar("_T")
 
 #: dtype names GeoSlicer's ArgmaxTransform accepts.
 ARGMAX_DTYPES = ("float16", "float32", "float64", "int8", "uint8")
@@ -76,7 +77,7 @@ class ConcatenateTransform:
             sample[new_key] = joined
         return sample
 
-    def to_config(self) -> dict:
+    def to_config(self) -> dict[str, Any]:
         return {
             "name": self.NAME,
             "params": {"key_groups": {k: list(v) for k, v in self.key_groups.items()}, "axis": self.axis},
@@ -135,7 +136,7 @@ class MinMaxTransform:
         sample[self.key] = self.apply(_need(sample, self.key, self.NAME))
         return sample
 
-    def to_config(self) -> dict:
+    def to_config(self) -> dict[str, Any]:
         return {
             "name": self.NAME,
             "params": {"key": self.key, "move_from": list(self.move_from), "move_to": list(self.move_to)},
@@ -179,19 +180,23 @@ class ArgmaxTransform:
         """(B, C, H, W) scores -> (B, H, W) uint8 labels first_label..first_label+C-1."""
         return (torch.argmax(logits, dim=1) + self.first_label).to(torch.uint8)
 
-    def to_config(self) -> dict:
-        params: dict = {"key": self.key, "dim": self.dim, "dtype": self.dtype, "keepdim": self.keepdim}
+    def to_config(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"key": self.key, "dim": self.dim, "dtype": self.dtype, "keepdim": self.keepdim}
         if self.first_label != 0 or not self.batch_dim:  # only GeoSlicer versions that know them
             params.update(first_label=self.first_label, batch_dim=self.batch_dim)
         return {"name": self.NAME, "params": params}
 
 
-PreTransform = Union[ConcatenateTransform, MinMaxTransform]
-PRE_TRANSFORMS: dict[str, type] = {t.NAME: t for t in (ConcatenateTransform, MinMaxTransform)}
-POST_TRANSFORMS: dict[str, type] = {t.NAME: t for t in (ArgmaxTransform,)}
+PreTransform = ConcatenateTransform | MinMaxTransform
+PRE_TRANSFORMS: dict[str, type[PreTransform]] = {
+    ConcatenateTransform.NAME: ConcatenateTransform,
+    MinMaxTransform.NAME: MinMaxTransform,
+}
+POST_TRANSFORMS: dict[str, type[ArgmaxTransform]] = {ArgmaxTransform.NAME: ArgmaxTransform}
 
 
-def _parse(spec: Any, known: Mapping[str, type], stage: str):
+def _parse(spec: Any, known: Mapping[str, type[_T]], stage: str) -> _T:
+    """One {name, params} entry -> an instance of the class `known` gives for `name` (any case)."""
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
         raise ThinSegError(f"a {stage} transform must be {{name, params}}, not {spec!r}")
     name = spec["name"]
@@ -217,7 +222,7 @@ def parse_post_transforms(specs: Sequence[Any] | None) -> list[ArgmaxTransform]:
     return [_parse(s, POST_TRANSFORMS, "post-processing") for s in _as_list(specs, "post_processing_transforms")]
 
 
-def _as_list(specs: Any, what: str) -> list:
+def _as_list(specs: Any, what: str) -> list[Any]:
     if specs is None:
         return []
     if not isinstance(specs, (list, tuple)):

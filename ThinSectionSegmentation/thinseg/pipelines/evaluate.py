@@ -1,5 +1,6 @@
 """Run models over labelled sections and score them: the work behind `thinseg evaluate` and
-`thinseg compare`, usable as it is by the Slicer logic and scripts.
+`thinseg compare`, usable as it is by the Slicer logic and scripts. `evaluate_files` is the
+whole `thinseg evaluate`: score one model and write the report files.
 
     from thinseg.pipelines.evaluate import evaluate_model, evaluate_models
     report = evaluate_model(load_bundle(model_dir), ["S1.nc", "S2.nc"], void_border_px=2)
@@ -22,23 +23,40 @@ one section. Image files are opened per section and closed when it is done.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
+from thinseg.classes.table import ClassTable
+from thinseg.data.inputs import open_data
+from thinseg.data.mapping import build_mapping, load_mapping_csv, mapping_for
+from thinseg.data.section_images import open_ppxp
+from thinseg.data.sections import Section, canonical_role, open_sections
 from thinseg.errors import ThinSegError
+from thinseg.inference.engine import CancelFn, InferenceOptions, Segmenter
+from thinseg.inference.resample import resampling_factor, segment_at_model_resolution
+from thinseg.io.images import RasterSource
 from thinseg.metrics.borders import void_border_mask
 from thinseg.metrics.evaluator import EvaluationReport, Evaluator
+from thinseg.model.bundle import ModelBundle, load_bundle
+from thinseg.pipelines.outputs import OutputSet, unique_names
+from thinseg.pipelines.segment import ProgressFactory, check_thin_section_model, model_mm_per_pixel
+from thinseg.reports import plots
+from thinseg.reports.preview import read_preview
+from thinseg.resources import default_model_dir
+from thinseg.training.targets import section_scale as _section_scale
 
-#: Given (what is being segmented, pixel count), returns the per-tile callback (done, total);
-#: the same factory `thinseg.pipelines.segment.segment_sections` takes.
-ProgressFactory = Callable[[str, int], Callable[[int, int], None]]
+#: Where messages go (a line each), e.g. printed by the command line.
 Log = Callable[[str], None]
+#: A mapping table: a CSV file of mineral,class rows (None: QEMSCAN names by name).
+MappingCsv: TypeAlias = "str | os.PathLike[str] | None"
 
 
 @dataclass
@@ -48,15 +66,15 @@ class SectionPrediction:
     section's images ("PP", "XP": region readers, open only during `on_section`)."""
 
     name: str
-    section: Any  # the thinseg.training Section
+    section: Section
     truth: np.ndarray
     preds: dict[str, np.ndarray]
     keep: np.ndarray | None
-    images: dict[str, Any] = field(default_factory=dict)
+    images: dict[str, RasterSource] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # inference time per model
 
 
-def section_path(section: Any) -> Path | None:
+def section_path(section: Section) -> Path | None:
     """The file a section is reported under (netCDF file, PP image), if it has one."""
     path = getattr(section, "path", None)
     if path is None:
@@ -65,12 +83,10 @@ def section_path(section: Any) -> Path | None:
     return Path(path) if path is not None else None
 
 
-def model_roles(bundle) -> list[str]:
+def model_roles(bundle: ModelBundle) -> list[str]:
     """The section image ("PP"/"XP") that feeds each model input, in the model's order.
 
     Names GeoSlicer uses (PP, PX, XP) decide; other names go by position (PP first)."""
-    from thinseg.data.sections import canonical_role
-
     roles = []
     for position, name in enumerate(bundle.input_names):
         try:
@@ -80,7 +96,7 @@ def model_roles(bundle) -> list[str]:
     return roles
 
 
-def section_roles(section: Any) -> set[str]:
+def section_roles(section: Section) -> set[str]:
     """The images ("PP", "XP") a section has, without opening files (netCDF and file sections
     name them; other sections are asked)."""
     named = getattr(section, "vars", None)
@@ -92,46 +108,38 @@ def section_roles(section: Any) -> set[str]:
 
 
 @contextmanager
-def open_images(section: Any, roles: Sequence[str]) -> Iterator[dict[str, Any]]:
+def open_images(section: Section, roles: Sequence[str]) -> Iterator[dict[str, RasterSource]]:
     """Region readers for `roles` of a section, opened here and closed at exit (a netCDF or
-    image-file section's own lazy sources stay unopened: nothing is left open afterwards)."""
-    from thinseg.io.images import open_image
-    from thinseg.io.netcdf import open_netcdf_image
-
+    image-file section's own lazy sources stay unopened: nothing is left open afterwards).
+    The PP image of a netCDF or image-file section is opened in any case."""
+    wanted = list(dict.fromkeys(roles))
+    netcdf_vars, files = getattr(section, "vars", None), getattr(section, "files", None)
+    netcdf_path = getattr(section, "path", None)
     with ExitStack() as stack:
-        images: dict[str, Any] = {}
-        for role in dict.fromkeys(roles):
-            netcdf_vars, files = getattr(section, "vars", None), getattr(section, "files", None)
-            if isinstance(netcdf_vars, dict) and getattr(section, "path", None) is not None and role in netcdf_vars:
-                source = open_netcdf_image(section.path, netcdf_vars[role])
-                stack.callback(source.close)
-            elif isinstance(files, dict) and role in files:
-                source = open_image(files[role], role=f"{role} image")
-                stack.callback(source.close)
-            else:
-                source = section.source(role)
+        found: dict[str, RasterSource | None] = {}
+        if isinstance(netcdf_vars, dict) and netcdf_path is not None:
+            pair = stack.enter_context(open_ppxp(netcdf_path, variables=netcdf_vars, with_xp="XP" in wanted))
+            found = {"PP": pair.pp, "XP": pair.xp}
+        elif isinstance(files, dict):
+            pair = stack.enter_context(open_ppxp(files["PP"], files.get("XP"), with_xp="XP" in wanted))
+            found = {"PP": pair.pp, "XP": pair.xp}
+        images: dict[str, RasterSource] = {}
+        for role in wanted:
+            source = found[role] if role in found else section.source(role)
             if source is None:
                 raise ThinSegError(f"section {section.name!r} has no {role} image", section_path(section))
             images[role] = source
         yield images
 
 
-def _model_mm_per_pixel(bundle) -> float | None:
-    return 1.0 / bundle.pixels_per_mm if bundle.pixels_per_mm else None
-
-
-def section_scale(section: Any, bundle) -> float:
+def section_scale(section: Section, bundle: ModelBundle) -> float:
     """Section pixels per model pixel (1.0 when the pixel sizes match or one is unknown)."""
-    from thinseg.training.prepare import section_scale as _scale
-
-    return _scale(section, _model_mm_per_pixel(bundle))
+    return _section_scale(section, model_mm_per_pixel(bundle))
 
 
-def section_truth(section: Any, class_table, mapping_csv: Any = None) -> np.ndarray:
+def section_truth(section: Section, class_table: ClassTable, mapping_csv: MappingCsv = None) -> np.ndarray:
     """The section's labelmap in the classes of `class_table` (0 = no truth), mapped as training
     maps it: same classes -> unchanged; other names (QEMSCAN minerals) by name and the table."""
-    from thinseg.data.mapping import mapping_for
-
     path = section_path(section)
     labels = section.read_labels()
     if labels.shape != tuple(section.shape):
@@ -162,45 +170,39 @@ def section_keep(truth: np.ndarray, void_border_px: float, scale: float = 1.0) -
 
 
 def predict_section(
-    segmenter,
-    section: Any,
-    images: Mapping[str, Any],
+    segmenter: Segmenter,
+    section: Section,
+    images: Mapping[str, RasterSource | None],
     roles: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    cancel=None,
+    cancel: CancelFn | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """(labels on the section grid, messages): the model over the whole section (`images`: role
     -> region reader, see `open_images`), at the model's resolution when the section's pixel
     size differs (labels mapped back by nearest neighbour)."""
-    from thinseg.inference.resample import ResampledSource, labels_to_grid, needs_resampling
-
     bundle = segmenter.bundle
     roles = list(roles or model_roles(bundle))
-    missing = [r for r in roles if images.get(r) is None]
+    sources = [images.get(r) for r in roles]
+    missing = [r for r, source in zip(roles, sources) if source is None]
     if missing:
         raise ThinSegError(
             f"section {section.name!r} has no {'/'.join(missing)} image; model {bundle.title!r} "
             f"needs {'+'.join(roles)}",
             section_path(section),
         )
-    sources = [images[r] for r in roles]
     messages: list[str] = []
-    model_mm = _model_mm_per_pixel(bundle)
+    model_mm = model_mm_per_pixel(bundle)
     mm = section.mm_per_pixel
-    if mm and model_mm and needs_resampling(mm, model_mm):
-        sources = [ResampledSource(s, mm / model_mm) for s in sources]
+    factor = resampling_factor(mm, model_mm)
+    if factor is not None:
         messages.append(f"{section.name}: resampling from {mm:g} to the model's {model_mm:g} mm/px and back")
-    result = segmenter.segment(sources, progress=progress, cancel=cancel)
-    labels = result.labels
-    if labels.shape != tuple(section.shape):
-        labels = labels_to_grid(labels, tuple(section.shape))
-    return labels, messages
+    present = [source for source in sources if source is not None]
+    result = segment_at_model_resolution(segmenter, present, factor, progress=progress, cancel=cancel)
+    return result.labels, messages
 
 
-def check_models(bundles: Mapping[str, Any]) -> None:
+def check_models(bundles: Mapping[str, ModelBundle]) -> None:
     """Models scored together must be thin-section models predicting the same classes."""
-    from thinseg.pipelines.segment import check_thin_section_model
-
     if not bundles:
         raise ThinSegError("no model to evaluate")
     for bundle in bundles.values():
@@ -215,7 +217,20 @@ def check_models(bundles: Mapping[str, Any]) -> None:
             )
 
 
-def check_sections(sections: Sequence[Any], bundles: Mapping[str, Any]) -> None:
+def check_mapping(path: MappingCsv, class_table: ClassTable) -> None:
+    """Read the mapping table up front and resolve every row against the model's classes, so a
+    bad table fails before any model runs (not at the first section that uses the bad row)."""
+    if path is None:
+        return
+    rows = load_mapping_csv(path)
+    names = list(rows)[:255]
+    try:
+        build_mapping(ClassTable.from_names_colors(names, ["#000000"] * len(names)), class_table, rows)
+    except ThinSegError as error:
+        raise ThinSegError(error.problem, path) from None
+
+
+def check_sections(sections: Sequence[Section], bundles: Mapping[str, ModelBundle]) -> None:
     """Every section has every image the models need (checked before any model runs)."""
     if not sections:
         raise ThinSegError("no sections to evaluate")
@@ -232,14 +247,14 @@ def check_sections(sections: Sequence[Any], bundles: Mapping[str, Any]) -> None:
 
 
 def evaluate_models(
-    bundles: Mapping[str, Any],
-    sections: Sequence[Any],
+    bundles: Mapping[str, ModelBundle],
+    sections: Sequence[str | os.PathLike[str] | Section],
     void_border_px: float = 2.0,
     *,
-    mapping_csv: Any = None,
-    options=None,
+    mapping_csv: MappingCsv = None,
+    options: InferenceOptions | None = None,
     progress: ProgressFactory | None = None,
-    cancel=None,
+    cancel: CancelFn | None = None,
     on_section: Callable[[SectionPrediction], None] | None = None,
     log: Log | None = None,
 ) -> dict[str, EvaluationReport]:
@@ -250,10 +265,7 @@ def evaluate_models(
     InferenceOptions for every model (default: the engine's, device auto). Sections are read one
     at a time; each runs through every model before the next one is read.
     """
-    from thinseg.data.sections import open_sections
-    from thinseg.inference.engine import InferenceOptions, Segmenter
-
-    say = log or (lambda _m: None)
+    say = log or _silent
     check_models(bundles)
     opened = open_sections(list(sections))
     check_sections(opened, bundles)
@@ -294,60 +306,175 @@ def evaluate_models(
 
 
 def evaluate_model(
-    bundle, sections: Sequence[Any], void_border_px: float = 2.0, *, name: str | None = None, **kwargs: Any
+    bundle: ModelBundle,
+    sections: Sequence[str | os.PathLike[str] | Section],
+    void_border_px: float = 2.0,
+    *,
+    name: str | None = None,
+    **kwargs: Any,
 ) -> EvaluationReport:
     """One model on a dataset (see `evaluate_models`); the report is named `name` or the model title."""
     key = name or bundle.title
     return evaluate_models({key: bundle}, sections, void_border_px, **kwargs)[key]
 
 
-# --- pictures of large sections without reading them whole ------------------------------------
+def _silent(_message: str) -> None:
+    """The default log: say nothing."""
 
 
-def preview_shape(shape: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """The size `thinseg.reports.plots.preview` shrinks an (H, W) image to."""
-    h, w = shape
-    scale = min(1.0, max_side / max(h, w))
-    if scale >= 1.0:
-        return h, w
-    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+# --- `thinseg evaluate`: one model, report files -------------------------------------------
+
+#: Longest side of the per-section overlay panels.
+OVERLAY_SIDE = 1000
 
 
-def read_preview(source, max_side: int, band_rows: int = 2048) -> np.ndarray:
-    """The image of `source` as `plots.preview` would shrink it (same pixels picked), read band
-    by band so a gigapixel PP is never held whole."""
-    from thinseg.inference.resample import nearest_index
+@dataclass
+class EvaluateOptions:
+    """One model on labelled sections; the defaults are those of `thinseg evaluate`.
 
-    height, width = source.shape
-    shape = preview_shape((height, width), max_side)
-    if shape == (height, width):
-        return np.asarray(source.read(0, height, 0, width))
-    rows, cols = nearest_index(shape[0], height), nearest_index(shape[1], width)
-    out = np.empty((shape[0], shape[1], 3), np.uint8)
-    for y0 in range(0, height, band_rows):
-        y1 = min(height, y0 + band_rows)
-        sel = np.nonzero((rows >= y0) & (rows < y1))[0]
-        if sel.size:
-            out[sel] = np.asarray(source.read(y0, y1, 0, width))[rows[sel] - y0][:, cols]
-    return out
+    `model` None: the bundled model. `overlays`: pictures truth | prediction | errors for the
+    first N sections. `void_border_px` 0: no void-border scores.
+    """
+
+    data: Sequence[str | os.PathLike[str]]
+    model: Path | None = None
+    output: Path = Path("results/evaluation")
+    void_border_px: float = 2.0
+    mapping: Path | None = None
+    device: str = "auto"
+    overlays: int = 3
+    overwrite: bool = False
 
 
-class RegionImage:
-    """An RGB source seen as an array that reads only the windows it is sliced with
-    (`image[ys, xs]`), for `compare.compare_sheet`, which crops a few regions of the PP."""
+@dataclass
+class EvaluationFiles:
+    """A finished evaluation: the model, its report, the text table and the files written."""
 
-    ndim = 3
+    model_dir: Path
+    bundle: ModelBundle
+    sections: list[Section]
+    report: EvaluationReport
+    text: str
+    written: list[Path]
 
-    def __init__(self, source) -> None:
-        self.source = source
-        self.shape = (int(source.shape[0]), int(source.shape[1]), 3)
 
-    def __getitem__(self, key) -> np.ndarray:
-        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, slice) for k in key)):
-            raise TypeError("RegionImage supports image[y0:y1, x0:x1] only")
-        ys, xs = key
-        y0, y1, _ = ys.indices(self.shape[0])
-        x0, x1, _ = xs.indices(self.shape[1])
-        if ys.step not in (None, 1) or xs.step not in (None, 1):
-            raise TypeError("RegionImage supports unit steps only")
-        return np.asarray(self.source.read(y0, max(y0, y1), x0, max(x0, x1)))
+def section_lines(report: EvaluationReport) -> str:
+    """Per-section headline scores (all labelled pixels)."""
+    width = max(12, *(len(s.name) for s in report.sections))
+    lines = [f"{'section':<{width}} {'pixels':>12} {'accuracy%':>10} {'mean IoU':>9}"]
+    for s in report.sections:
+        lines.append(f"{s.name:<{width}} {s.evaluated_pixels:>12,} {100 * s.pixel_accuracy:>10.2f} {s.mean_iou:>9.3f}")
+    return "\n".join(lines)
+
+
+def evaluate_files(
+    options: EvaluateOptions,
+    *,
+    progress: ProgressFactory | None = None,
+    log: Log | None = None,
+    on_start: Callable[[ModelBundle, Path, list[Section]], None] | None = None,
+) -> EvaluationFiles:
+    """Score one model and write evaluation.json, evaluation.txt, the confusion matrices, per-class
+    bars, the fractions scatter and the first sections' overlays, all or none. Everything is
+    checked (model, mapping table, sections, existing files) before the model runs; then
+    `on_start(bundle, model folder, sections)` is told what is about to run."""
+    model_dir = options.model or default_model_dir()
+    bundle = load_bundle(model_dir)
+    name = bundle.title
+    check_models({name: bundle})
+    check_mapping(options.mapping, bundle.class_table)
+    sections = open_data(options.data)
+    check_sections(sections, {name: bundle})
+
+    outputs = OutputSet(options.output, options.overwrite)
+    void = options.void_border_px > 0
+    files = {
+        key: outputs.add(file)
+        for key, file in (
+            ("json", "evaluation.json"),
+            ("table", "evaluation.txt"),
+            ("confusion", "confusion_matrix.png"),
+            ("bars", "per_class_scores.png"),
+            ("fractions", "fractions.png"),
+        )
+    }
+    if void:
+        files["confusion_all"] = outputs.add("confusion_matrix_all_pixels.png")
+    overlay_names = [f"overlay_{n}.png" for n in unique_names([s.name for s in sections])][: options.overlays]
+    overlay_tmps = [outputs.add(n) for n in overlay_names]
+    outputs.check()
+    if on_start is not None:
+        on_start(bundle, Path(model_dir), sections)
+    done = [0]
+
+    def on_section(sp: SectionPrediction) -> None:
+        index = done[0]
+        done[0] += 1
+        if index < len(overlay_tmps):
+            pp = read_preview(sp.images["PP"], OVERLAY_SIDE)
+            plots.plot_section_overlay(
+                pp,
+                sp.truth,
+                sp.preds[name],
+                bundle.class_table,
+                overlay_tmps[index],
+                keep=sp.keep,
+                title=f"{sp.name}: {name}",
+                max_side=OVERLAY_SIDE,
+            )
+
+    try:
+        report = evaluate_model(
+            bundle,
+            sections,
+            options.void_border_px,
+            name=name,
+            mapping_csv=options.mapping,
+            options=InferenceOptions(device=options.device),
+            progress=progress,
+            on_section=on_section,
+            log=log,
+        )
+        text = report.format_table() + "\n" + section_lines(report)
+        doc = report.to_dict()
+        doc["model_folder"] = str(model_dir)
+        doc["mapping_csv"] = str(options.mapping) if options.mapping else None
+        doc["section_files"] = [str(section_path(s) or s.name) for s in sections]
+        files["json"].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        files["table"].write_text(text + "\n", encoding="utf-8")
+        n = len(report.sections)
+        excluded = report.confusion_void_excluded
+        if void and excluded is not None:
+            plots.plot_confusion(
+                excluded,
+                bundle.class_table,
+                files["confusion"],
+                title=f"{name} on {n} section(s), void borders of {options.void_border_px:g} px excluded",
+            )
+            plots.plot_confusion(
+                report.confusion,
+                bundle.class_table,
+                files["confusion_all"],
+                title=f"{name} on {n} section(s), all labelled pixels",
+            )
+        else:
+            plots.plot_confusion(
+                report.confusion,
+                bundle.class_table,
+                files["confusion"],
+                title=f"{name} on {n} section(s), all labelled pixels",
+            )
+        plots.plot_per_class_bars({name: report}, files["bars"], void_excluded=void, title=name)
+        plots.plot_fractions_scatter(
+            report.true_fractions,
+            report.pred_fractions,
+            bundle.class_table,
+            files["fractions"],
+            report.fraction_stats,
+            title=f"{name}: mineral fractions per section",
+        )
+        written = outputs.commit()
+    except BaseException:
+        outputs.discard()
+        raise
+    return EvaluationFiles(Path(model_dir), bundle, sections, report, text, written)

@@ -15,22 +15,27 @@ from pathlib import Path
 import numpy as np
 
 import thinseg
+from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL, open_ppxp
 from thinseg.errors import ThinSegError
-from thinseg.inference.engine import CancelFn, InferenceOptions, Segmenter
-from thinseg.inference.resample import ResampledSource, labels_to_grid, nearest_index, needs_resampling
-from thinseg.io.atomic import atomic_output, free_output_path
-from thinseg.io.images import open_image
-from thinseg.io.netcdf import NetcdfWriter, find_image_variable, list_variables, open_netcdf_image
+from thinseg.inference.engine import CancelFn, InferenceOptions, Segmenter, Source
+from thinseg.inference.resample import resampled_shape, resampling_factor, segment_at_model_resolution
+from thinseg.io.atomic import AtomicOutput, atomic_output, free_output_path
+from thinseg.io.images import RasterSource
+from thinseg.io.netcdf import NetcdfWriter, RgbRowWriter, list_variables
 from thinseg.io.pairing import SectionInput, section_base_name
-from thinseg.reports.mineralogy import ModalMineralogy, modal_mineralogy
-from thinseg.reports.overlay import preview_shape, write_overlay_png
+from thinseg.model.bundle import ModelBundle
+from thinseg.reports.mineralogy import ModalMineralogy, modal_mineralogy, write_mineralogy_csv
+from thinseg.reports.overlay import MAX_OVERLAY_SIDE, write_overlay_png
+from thinseg.reports.preview import read_preview
 
-#: The seed tool's default pixel size for PNG/JPEG/TIFF inputs (no spacing in those files).
-DEFAULT_MM_PER_PIXEL = 0.00132
+#: Name of a batch's modal mineralogy table in an output folder.
+MINERALOGY_CSV = "modal_mineralogy.csv"
 
 
 @dataclass
 class SegmentOptions:
+    """How sections are found, segmented and written (the options of `thinseg segment`)."""
+
     pp_pattern: str = "PP"
     xp_pattern: str | None = "XP"
     mm_per_pixel: float = DEFAULT_MM_PER_PIXEL
@@ -42,6 +47,8 @@ class SegmentOptions:
 
 @dataclass
 class SectionResult:
+    """One segmented section: its files, modal mineralogy, timing and messages."""
+
     section: SectionInput
     netcdf: Path
     overlay: Path | None
@@ -56,7 +63,7 @@ ProgressFactory = Callable[[str, int], Callable[[int, int], None]]
 """Given (section name, pixel count), returns the per-tile progress callback (done, total)."""
 
 
-def check_thin_section_model(bundle) -> None:
+def check_thin_section_model(bundle: ModelBundle) -> None:
     """Refuse, naming the model, a bundle whose inputs are not one RGB PP image and optionally one
     RGB XP image (what a thin section provides), before any section is read."""
     inputs = list(zip(bundle.input_names, bundle.input_channels))
@@ -70,71 +77,53 @@ def check_thin_section_model(bundle) -> None:
     )
 
 
+def model_mm_per_pixel(bundle: ModelBundle) -> float | None:
+    """The pixel size (mm) the model was trained at, if its bundle records one."""
+    return 1.0 / bundle.pixels_per_mm if bundle.pixels_per_mm else None
+
+
 @dataclass
 class _OpenedSection:
-    sources: list  # in the model's input order
+    sources: list[RasterSource]  # in the model's input order
     mm_per_pixel: float
     origin_mm: tuple[float, float, float]
     netcdf_variables: list[str]  # variables to copy unchanged (netCDF inputs)
 
 
-def open_section(section: SectionInput, bundle, options: SegmentOptions, stack: ExitStack) -> _OpenedSection:
+def _open_inputs(
+    section: SectionInput, bundle: ModelBundle, options: SegmentOptions, stack: ExitStack
+) -> _OpenedSection:
     """Open the section's images in the model's input order, closing them via `stack`."""
     needs_xp = len(bundle.input_names) > 1
     if section.netcdf is not None:
-        return _open_netcdf_section(section.netcdf, bundle, options, needs_xp, stack)
-    assert section.pp is not None
-    pp = stack.enter_context(_closing(open_image(section.pp, role="PP image")))
-    sources = [pp]
-    if needs_xp:
-        if section.xp is None:
-            raise ThinSegError("this model needs an XP image and none was found", section.pp)
-        xp = stack.enter_context(_closing(open_image(section.xp, role="XP image")))
-        if tuple(xp.shape) != tuple(pp.shape):
+        path = section.netcdf
+        variables = list_variables(path)
+        images = stack.enter_context(
+            open_ppxp(path, pp_pattern=options.pp_pattern, xp_pattern=options.xp_pattern, with_xp=needs_xp)
+        )
+        if needs_xp and images.xp is None:
+            raise ThinSegError(f"no XP image: no RGB variable whose name contains '{options.xp_pattern}'", path)
+        if images.xp is not None and tuple(images.xp.shape) != tuple(images.pp.shape):
             raise ThinSegError(
-                f"PP is {pp.shape[1]}x{pp.shape[0]} px but XP {section.xp.name} is {xp.shape[1]}x{xp.shape[0]} px; they must be the same size",
+                f"PP variable {images.pp_variable} and XP variable {images.xp_variable} differ in size", path
+            )
+        spacing = images.mm_per_pixel if images.mm_per_pixel else options.mm_per_pixel
+        origin = images.origin_mm if images.origin_mm is not None else (0.0, 0.0, 0.0)
+        keep = [v.name for v in variables if v.kind in ("rgb", "labelmap", "segmentation", "scalar")]
+    else:
+        assert section.pp is not None
+        images = stack.enter_context(open_ppxp(section.pp, section.xp, with_xp=needs_xp))
+        if needs_xp and section.xp is None:
+            raise ThinSegError("this model needs an XP image and none was found", section.pp)
+        if images.xp is not None and section.xp is not None and tuple(images.xp.shape) != tuple(images.pp.shape):
+            (h, w), (hx, wx) = images.pp.shape, images.xp.shape
+            raise ThinSegError(
+                f"PP is {w}x{h} px but XP {section.xp.name} is {wx}x{hx} px; they must be the same size",
                 section.pp,
             )
-        sources.append(xp)
-    return _OpenedSection(sources, options.mm_per_pixel, (0.0, 0.0, 0.0), [])
-
-
-def _open_netcdf_section(
-    path: Path, bundle, options: SegmentOptions, needs_xp: bool, stack: ExitStack
-) -> _OpenedSection:
-    variables = list_variables(path)
-    pp_name = find_image_variable(path, options.pp_pattern)
-    if pp_name is None:
-        raise ThinSegError(f"no PP image: no RGB variable whose name contains '{options.pp_pattern}'", path)
-    pp = stack.enter_context(_closing(open_netcdf_image(path, pp_name)))
-    sources = [pp]
-    if needs_xp:
-        xp_name = find_image_variable(path, options.xp_pattern) if options.xp_pattern else None
-        if xp_name is None or xp_name == pp_name:
-            raise ThinSegError(f"no XP image: no RGB variable whose name contains '{options.xp_pattern}'", path)
-        xp = stack.enter_context(_closing(open_netcdf_image(path, xp_name)))
-        if tuple(xp.shape) != tuple(pp.shape):
-            raise ThinSegError(f"PP variable {pp_name} and XP variable {xp_name} differ in size", path)
-        sources.append(xp)
-    spacing = pp.mm_per_pixel if pp.mm_per_pixel else options.mm_per_pixel
-    origin = tuple(pp.origin_mm) if pp.origin_mm is not None else (0.0, 0.0, 0.0)
-    keep = [v.name for v in variables if v.kind in ("rgb", "labelmap", "segmentation", "scalar")]
-    return _OpenedSection(sources, float(spacing), origin, keep)  # type: ignore[arg-type]
-
-
-class _closing:
-    """Context manager calling .close() on sources that have it."""
-
-    def __init__(self, obj) -> None:
-        self.obj = obj
-
-    def __enter__(self):
-        return self.obj
-
-    def __exit__(self, *exc) -> None:
-        close = getattr(self.obj, "close", None)
-        if close is not None:
-            close()
+        spacing, origin, keep = options.mm_per_pixel, (0.0, 0.0, 0.0), []
+    sources = [images.pp] + ([images.xp] if images.xp is not None else [])
+    return _OpenedSection(sources, float(spacing), origin, keep)
 
 
 def output_paths(section: SectionInput, output: Path, overwrite: bool, single_file: bool) -> Path:
@@ -156,7 +145,7 @@ def segment_section(
     start = time.perf_counter()
     messages: list[str] = []
     with ExitStack() as stack:
-        opened = open_section(section, bundle, options, stack)
+        opened = _open_inputs(section, bundle, options, stack)
         sources = opened.sources
         height, width = sources[0].shape
         base = section_base_name(section, options.pp_pattern)
@@ -169,25 +158,22 @@ def segment_section(
         # Every file of the section is written under a temporary name and renamed only when all
         # are complete: an error or Ctrl-C while writing the overlay must not leave the netCDF.
         outputs = [atomic_output(target)] + ([atomic_output(overlay_path)] if overlay_path is not None else [])
-        stack.callback(lambda: [output.discard() for output in outputs])  # no-op once committed
+        stack.callback(_discard_all, outputs)  # no-op once committed
         with NetcdfWriter(outputs[0].tmp, attrs=attrs) as writer:
             reference, run_sources, tees = _start_images(writer, section, opened)
-            model_spacing = 1.0 / bundle.pixels_per_mm if bundle.pixels_per_mm else None
-            if model_spacing is not None and needs_resampling(opened.mm_per_pixel, model_spacing):
-                factor = opened.mm_per_pixel / model_spacing
-                run_sources = [ResampledSource(s, factor) for s in run_sources]
+            model_spacing = model_mm_per_pixel(bundle)
+            factor = resampling_factor(opened.mm_per_pixel, model_spacing)
+            if factor is not None:
+                run_h, run_w = resampled_shape((height, width), factor)
                 messages.append(
                     f"{section.primary.name}: resampling from {opened.mm_per_pixel:g} to the model's "
-                    f"{model_spacing:g} mm/px ({run_sources[0].shape[1]}x{run_sources[0].shape[0]} px) and back"
+                    f"{model_spacing:g} mm/px ({run_w}x{run_h} px) and back"
                 )
             callback = progress(section.name, height * width) if progress is not None else None
-            result = segmenter.segment(run_sources, progress=callback, cancel=cancel)
+            result = segment_at_model_resolution(segmenter, run_sources, factor, progress=callback, cancel=cancel)
             for tee in tees:
                 tee.finish()
             labels, confidence = result.labels, result.confidence
-            if labels.shape != (height, width):
-                labels = labels_to_grid(labels, (height, width))
-                confidence = labels_to_grid(confidence, (height, width)) if confidence is not None else None
             _add_outputs(writer, bundle, opened, base, reference, labels, confidence)
         mineralogy = modal_mineralogy(section.name, labels, bundle.class_table, opened.mm_per_pixel)
         if overlay_path is not None:
@@ -206,6 +192,11 @@ def segment_section(
     )
 
 
+def _discard_all(outputs: Sequence[AtomicOutput]) -> None:
+    for output in outputs:
+        output.discard()
+
+
 class _TeeSource:
     """Passes reads through and hands rows not seen before to a netCDF row writer.
 
@@ -213,10 +204,10 @@ class _TeeSource:
     least once: the input is decoded once for both segmentation and the netCDF copy.
     """
 
-    def __init__(self, source, sink, band_rows: int = 512) -> None:
+    def __init__(self, source: RasterSource, sink: RgbRowWriter, band_rows: int = 512) -> None:
         self.source, self.sink = source, sink
-        self.shape = tuple(source.shape)
-        self.name = getattr(source, "name", None)
+        self.shape: tuple[int, int] = (int(source.shape[0]), int(source.shape[1]))
+        self.name = source.name
         self.next_row = 0
         self.band_rows = band_rows
 
@@ -237,7 +228,9 @@ class _TeeSource:
             self.next_row = y1
 
 
-def _start_images(writer: NetcdfWriter, section: SectionInput, opened: _OpenedSection):
+def _start_images(
+    writer: NetcdfWriter, section: SectionInput, opened: _OpenedSection
+) -> tuple[str | None, list[Source], list[_TeeSource]]:
     """Put the input images in the output: copies of a netCDF input's variables, or PP/XP
     variables filled while they are segmented. Returns (reference name, sources, tees)."""
     spacing, origin = opened.mm_per_pixel, opened.origin_mm
@@ -247,13 +240,20 @@ def _start_images(writer: NetcdfWriter, section: SectionInput, opened: _OpenedSe
     tees = []
     paths = [section.pp, section.xp]
     for source, path in zip(opened.sources, paths):
-        image = writer.begin_rgb_image(path.stem, tuple(source.shape), spacing, origin)
+        assert path is not None  # an image section has a file for each opened source
+        image = writer.begin_rgb_image(path.stem, source.shape, spacing, origin)
         tees.append(_TeeSource(source, image))
     return tees[0].sink.name, list(tees), tees
 
 
 def _add_outputs(
-    writer: NetcdfWriter, bundle, opened: _OpenedSection, base: str, reference, labels, confidence
+    writer: NetcdfWriter,
+    bundle: ModelBundle,
+    opened: _OpenedSection,
+    base: str,
+    reference: str | None,
+    labels: np.ndarray,
+    confidence: np.ndarray | None,
 ) -> None:
     spacing, origin = opened.mm_per_pixel, opened.origin_mm
     writer.add_labelmap(
@@ -277,34 +277,23 @@ def _add_outputs(
 
 def _reference_name(opened: _OpenedSection, copied_names: list[str]) -> str | None:
     """The copied variable that is the PP image (its original name is the source's name)."""
-    pp_name = getattr(opened.sources[0], "name", None)
+    pp_name = opened.sources[0].name
     for original, copied in zip(opened.netcdf_variables, copied_names):
         if original == pp_name:
             return copied
     return copied_names[0] if copied_names else None
 
 
-def _write_overlay(path: Path, pp_source, labels: np.ndarray, bundle, mineralogy: ModalMineralogy, title: str) -> None:
-    shape = preview_shape(pp_source.shape)
-    pp_preview = _preview(pp_source, shape)
+def _write_overlay(
+    path: Path,
+    pp_source: RasterSource,
+    labels: np.ndarray,
+    bundle: ModelBundle,
+    mineralogy: ModalMineralogy,
+    title: str,
+) -> None:
+    pp_preview = read_preview(pp_source, MAX_OVERLAY_SIDE)
     write_overlay_png(path, pp_preview, labels, bundle.class_table, [a.percent for a in mineralogy.areas], title)
-
-
-def _preview(source, shape: tuple[int, int], band_rows: int = 2048) -> np.ndarray:
-    """Downsampled RGB preview built band by band (never the whole gigapixel image at once)."""
-    height, width = source.shape
-    if (height, width) == shape:
-        return np.asarray(source.read(0, height, 0, width))
-    rows = nearest_index(shape[0], height)
-    cols = nearest_index(shape[1], width)
-    out = np.empty((shape[0], shape[1], 3), np.uint8)
-    for y0 in range(0, height, band_rows):
-        y1 = min(height, y0 + band_rows)
-        sel = np.nonzero((rows >= y0) & (rows < y1))[0]
-        if sel.size:
-            band = source.read(y0, y1, 0, width)
-            out[sel] = band[rows[sel] - y0][:, cols]
-    return out
 
 
 def segment_sections(
@@ -318,7 +307,7 @@ def segment_sections(
     on_failure: Callable[[SectionInput, ThinSegError], None] | None = None,
 ) -> tuple[list[SectionResult], list[tuple[SectionInput, ThinSegError]]]:
     """Segment many sections; a bad section is reported and the batch goes on."""
-    single_file = output.suffix.lower() == ".nc"
+    single_file = is_single_file(output)
     if single_file and len(sections) > 1:
         raise ThinSegError(f"--output is one file but {len(sections)} sections were given; give a folder", output)
     results: list[SectionResult] = []
@@ -339,3 +328,20 @@ def segment_sections(
         if on_result is not None:
             on_result(result)
     return results, failures
+
+
+def is_single_file(output: Path) -> bool:
+    """Whether `output` names one netCDF file (one section) rather than a folder."""
+    return output.suffix.lower() == ".nc"
+
+
+def write_modal_mineralogy(results: Sequence[SectionResult], output: Path, overwrite: bool = False) -> Path:
+    """The batch's modal mineralogy CSV: OUTPUT/modal_mineralogy.csv for a folder, or
+    <file>_fractions.csv beside a single .nc output; an existing table gets a free numbered
+    name unless `overwrite`. Returns the path written."""
+    if is_single_file(output):
+        netcdf = results[0].netcdf
+        path = netcdf.with_name(netcdf.stem + "_fractions.csv")
+    else:
+        path = output / MINERALOGY_CSV
+    return write_mineralogy_csv(path, [r.mineralogy for r in results], overwrite=overwrite)

@@ -1,9 +1,10 @@
 """Registration of QEMSCAN mineral maps onto PP/XP thin-section images.
 
-Public API (conventions in `geometry`; the transform maps image mm -> QEMSCAN mm):
+Public API (conventions in `grids`; the transform maps image mm -> QEMSCAN mm):
     register_section(pp, xp, qemscan, table, image_mm_per_pixel=..., qemscan_mm_per_pixel=...,
                      landmarks=None, kind="similarity", refine=True, bspline=False) -> RegistrationResult
     write_outputs(result, folder, stem, pp, qemscan) -> OutputPaths      (.tfm, .json, .tif, .nc, .png)
+    load_transform(json_path) -> SectionTransform                          (read back what write_outputs wrote)
     fit_landmarks(qemscan_px, image_px, geometry, kind) -> LandmarkFit   (residuals, outliers)
     read_landmarks(path[, qemscan_path]) -> LandmarkPairs                 (CSV or Slicer .mrk.json)
     load_qemscan(path[, table]) -> QemscanMap                             (RGB/paletted/labels TIFF/PNG, netCDF)
@@ -12,16 +13,18 @@ Public API (conventions in `geometry`; the transform maps image mm -> QEMSCAN mm
     target_registration_error(transform, qemscan_to_image)                (against a known truth)
 """
 
+from thinseg.classes.files import read_color_table
 from thinseg.registration.coarse import CoarseResult, SearchRange, coarse_search
 from thinseg.registration.features import Scene, prepare_scene
 from thinseg.registration.grids import Geometry
 from thinseg.registration.landmark_io import LandmarkPairs, read_landmarks
 from thinseg.registration.landmarks import LandmarkFit, fit_landmarks
+from thinseg.registration.output import OutputPaths, load_transform, write_outputs
 from thinseg.registration.ppxp import align_xp_to_pp, estimate_xp_offset
-from thinseg.registration.qemscan_maps import QemscanMap, load_qemscan, read_color_table
+from thinseg.registration.qemscan_maps import QemscanMap, load_qemscan
 from thinseg.registration.refinement import RefineResult, refine
-from thinseg.registration.register import RegistrationResult, register_section
 from thinseg.registration.sitk_transforms import SectionTransform, target_registration_error
+from thinseg.registration.stages import RegistrationResult, register_section
 from thinseg.registration.warp import resample_labels
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "Geometry",
     "LandmarkFit",
     "LandmarkPairs",
+    "OutputPaths",
     "QemscanMap",
     "RefineResult",
     "RegistrationResult",
@@ -40,6 +44,7 @@ __all__ = [
     "estimate_xp_offset",
     "fit_landmarks",
     "load_qemscan",
+    "load_transform",
     "prepare_scene",
     "read_color_table",
     "read_landmarks",
@@ -49,10 +54,3 @@ __all__ = [
     "target_registration_error",
     "write_outputs",
 ]
-
-
-def write_outputs(*args, **kwargs):
-    """See `thinseg.registration.output.write_outputs` (imported lazily: netCDF4, tifffile)."""
-    from thinseg.registration.output import write_outputs as _write
-
-    return _write(*args, **kwargs)

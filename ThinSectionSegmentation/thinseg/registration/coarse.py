@@ -37,6 +37,10 @@ class SearchRange:
     translation: float = 0.05  # fraction of the image width
 
 
+#: The default search range (immutable, so one shared instance).
+DEFAULT_SEARCH = SearchRange()
+
+
 @dataclass
 class CoarseResult:
     transform: SectionTransform
@@ -73,7 +77,8 @@ def _mi_per_shift(joint: np.ndarray) -> np.ndarray:
     pc = p.sum(axis=0, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 1e-12, p * np.log2(p / (pr * pc + 1e-300)), 0.0)
-    return terms.sum(axis=(0, 1)).reshape(joint.shape[2:])
+    mi: np.ndarray = terms.sum(axis=(0, 1)).reshape(joint.shape[2:])
+    return mi
 
 
 def _label_channels(labels: np.ndarray, n_labels: int) -> tuple[np.ndarray, list[list[int]]]:
@@ -148,7 +153,7 @@ def coarse_search(
     scores = np.array([r[0] for r in results])
     med = float(np.median(scores))
     mad = float(np.median(np.abs(scores - med))) * 1.4826 + 1e-9
-    chosen: list[tuple] = []
+    chosen: list[tuple[float, float, float, float, float]] = []
     for r in results:  # distinct peaks only: a neighbour of a chosen hypothesis is the same peak
         if not any(
             abs(r[1] - c[1]) <= 1.01 * rot_step
@@ -189,7 +194,8 @@ def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     # np.take of whole rows is ~10x faster than fancy indexing here
     top = np.take(flat, i00, axis=0) * (1 - fx) + np.take(flat, i00 + 1, axis=0) * fx
     bottom = np.take(flat, i00 + w, axis=0) * (1 - fx) + np.take(flat, i00 + w + 1, axis=0) * fx
-    return top * (1 - fy) + bottom * fy
+    samples: np.ndarray = top * (1 - fy) + bottom * fy
+    return samples
 
 
 def _steps(half_range: float, step: float) -> np.ndarray:

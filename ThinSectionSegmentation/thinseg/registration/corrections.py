@@ -8,7 +8,11 @@ are scaled so that one unit moves points by about one QEMSCAN pixel (well-condit
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
+from scipy import sparse
+
+FloatArray = npt.NDArray[np.float64]
 
 
 class LinearCorrection:
@@ -82,18 +86,17 @@ class BSplineCorrection:
         self.spacing = self.extent / np.array(self.mesh)
         self.nodes = (self.mesh[0] + 3, self.mesh[1] + 3)
         self.size = 2 * self.nodes[0] * self.nodes[1]
-        self._cache: tuple | None = None
+        # (points, basis, transposed basis) of the last points seen
+        self._cache: tuple[np.ndarray, sparse.csr_matrix, sparse.csr_matrix] | None = None
 
     def identity(self) -> np.ndarray:
         return np.zeros(self.size)
 
-    def _basis(self, q1: np.ndarray):
-        """Sparse (P, nodes) matrix of B-spline weights of the points q1 (cached: q1 is fixed
-        during a climb, so apply/gradient are two sparse products)."""
-        from scipy import sparse
-
+    def _bases(self, q1: np.ndarray) -> tuple[sparse.csr_matrix, sparse.csr_matrix]:
+        """Sparse (P, nodes) matrix of B-spline weights of the points q1, and its transpose
+        (cached: q1 is fixed during a climb, so apply/gradient are two sparse products)."""
         if self._cache is not None and self._cache[0] is q1:
-            return self._cache[1]
+            return self._cache[1], self._cache[2]
         u = (q1 - self.box_min) / self.spacing + 1.0  # continuous index into the node grid
         u = np.clip(u, 1.0, np.array(self.mesh) + 1.0 - 1e-9)
         f = np.floor(u)
@@ -106,22 +109,23 @@ class BSplineCorrection:
         rows = np.repeat(np.arange(len(q1)), 16)
         basis = sparse.csr_matrix((w.ravel(), (rows, idx.ravel())), shape=(len(q1), self.size // 2))
         self._cache = (q1, basis, basis.T.tocsr())
-        return basis
+        return basis, self._cache[2]
 
-    def apply(self, theta: np.ndarray, q1: np.ndarray) -> np.ndarray:
+    def apply(self, theta: np.ndarray, q1: np.ndarray) -> FloatArray:
         n = self.size // 2
-        return q1 + self._basis(q1) @ np.ascontiguousarray(theta.reshape(2, n).T)
+        out: FloatArray = q1 + self._bases(q1)[0] @ np.ascontiguousarray(theta.reshape(2, n).T)
+        return out
 
-    def gradient(self, q1: np.ndarray, gq: np.ndarray) -> np.ndarray:
-        self._basis(q1)
-        return (self._cache[2] @ gq).T.ravel()
+    def gradient(self, q1: np.ndarray, gq: np.ndarray) -> FloatArray:
+        out: FloatArray = (self._bases(q1)[1] @ gq).T.ravel()
+        return out
 
     def to_itk(self, theta: np.ndarray, qemscan_mm: float) -> sitk.BSplineTransform:
         """The same displacement as an ITK transform acting on QEMSCAN mm."""
-        tx = sitk.BSplineTransform(2, 3)
-        tx.SetTransformDomainOrigin(tuple(self.box_min * qemscan_mm))
-        tx.SetTransformDomainPhysicalDimensions(tuple(self.extent * qemscan_mm))
-        tx.SetTransformDomainMeshSize(list(self.mesh))
-        tx.SetTransformDomainDirection((1.0, 0.0, 0.0, 1.0))
-        tx.SetParameters(tuple(float(v) for v in np.asarray(theta) * qemscan_mm))
+        tx = sitk.BSplineTransform(2, 3)  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
+        tx.SetTransformDomainOrigin(tuple(self.box_min * qemscan_mm))  # type: ignore[no-untyped-call]
+        tx.SetTransformDomainPhysicalDimensions(tuple(self.extent * qemscan_mm))  # type: ignore[no-untyped-call]
+        tx.SetTransformDomainMeshSize(list(self.mesh))  # type: ignore[no-untyped-call]
+        tx.SetTransformDomainDirection((1.0, 0.0, 0.0, 1.0))  # type: ignore[no-untyped-call]
+        tx.SetParameters(tuple(float(v) for v in np.asarray(theta) * qemscan_mm))  # type: ignore[no-untyped-call]
         return tx

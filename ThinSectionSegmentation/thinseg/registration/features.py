@@ -12,8 +12,12 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
+from PIL import Image
 from scipy.cluster.vq import kmeans2
+
+from thinseg.io.images import RasterSource
 
 #: Working-grid pixels per QEMSCAN pixel (about): finer gains no accuracy, coarser loses some.
 WORK_PER_QEMSCAN = 2.5
@@ -41,8 +45,8 @@ class WorkGrid:
     def image(self, array: np.ndarray) -> sitk.Image:
         """A scalar sitk image of `array` (shape == self.shape) placed on this grid."""
         img = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
-        img.SetSpacing((self.spacing_mm, self.spacing_mm))
-        img.SetOrigin((self.origin_mm, self.origin_mm))
+        img.SetSpacing((self.spacing_mm, self.spacing_mm))  # type: ignore[no-untyped-call]  # SimpleITK: no hints
+        img.SetOrigin((self.origin_mm, self.origin_mm))  # type: ignore[no-untyped-call]
         return img
 
 
@@ -60,16 +64,17 @@ def choose_grid(
     return WorkGrid(f, (max(1, h // f), max(1, w // f)), image_mm)
 
 
-def block_mean(image, factor: int, band_rows: int = 2048) -> np.ndarray:
+def block_mean(image: np.ndarray | RasterSource, factor: int, band_rows: int = 2048) -> npt.NDArray[np.float32]:
     """float32 block means of an (H, W[, C]) array or a RasterSource (`read(y0, y1)`), by bands.
 
     uint8 RGB bands go through Pillow's box reduction (C speed; means rounded to integers)."""
-    from PIL import Image
-
     h, w = image.shape[:2]
     oh, ow = h // factor, w // factor
-    read = (lambda y0, y1: image[y0:y1]) if isinstance(image, np.ndarray) else (lambda y0, y1: image.read(y0, y1))
-    out = None
+
+    def read(y0: int, y1: int) -> np.ndarray:
+        return image[y0:y1] if isinstance(image, np.ndarray) else image.read(y0, y1)
+
+    out: npt.NDArray[np.float32] | None = None
     rows = max(1, band_rows // factor)
     for i0 in range(0, oh, rows):
         i1 = min(oh, i0 + rows)
@@ -83,6 +88,8 @@ def block_mean(image, factor: int, band_rows: int = 2048) -> np.ndarray:
         if out is None:
             out = np.empty((oh, ow) + small.shape[2:], dtype=np.float32)
         out[i0:i1] = small
+    if out is None:
+        raise ValueError(f"an image of {h} rows has no whole {factor}-row block")
     return out
 
 
@@ -93,7 +100,8 @@ def colour_features(pp_small: np.ndarray, xp_small: np.ndarray | None) -> np.nda
     flat = feats.reshape(-1, feats.shape[2])
     mean = flat.mean(axis=0)
     std = flat.std(axis=0) + 1e-3
-    return (feats - mean) / std
+    out: np.ndarray = (feats - mean) / std
+    return out
 
 
 def quantise(features: np.ndarray, clusters: int = 24, seed: int = 0, sample: int = 25_000) -> np.ndarray:
@@ -110,7 +118,7 @@ def quantise(features: np.ndarray, clusters: int = 24, seed: int = 0, sample: in
     index = np.empty(len(flat), dtype=np.int16)
     for start in range(0, len(flat), 500_000):
         block = flat[start : start + 500_000]
-        # argmin |x - c|^2 = argmin (|c|^2 - 2 x.c); einsum, not a BLAS product (threads, see optimize)
+        # argmin |x - c|^2 = argmin (|c|^2 - 2 x.c); einsum, not a threaded BLAS product (slow on thin products)
         index[start : start + 500_000] = np.argmin(c_norm[None, :] - 2.0 * np.einsum("nd,kd->nk", block, c), axis=1)
     return index.reshape(features.shape[:2])
 
@@ -135,8 +143,8 @@ class Scene:
 
 
 def prepare_scene(
-    pp,
-    xp,
+    pp: np.ndarray | RasterSource,
+    xp: np.ndarray | RasterSource | None,
     labels: np.ndarray,
     image_mm: float,
     qemscan_mm: float,

@@ -82,7 +82,7 @@ def _read_csv(path: Path) -> LandmarkPairs:
         raise ThinSegError(f"cannot read the landmark CSV: {error}", path) from None
     if not rows:
         raise ThinSegError("the landmark CSV has no rows", path)
-    keys = {k.strip().lower(): k for k in rows[0].keys() if k is not None}
+    keys = {k.strip().lower(): k for k in rows[0] if k is not None}
     cols = {}
     for want, options in _COLUMNS.items():
         found = next((keys[o] for o in options if o in keys), None)
@@ -108,7 +108,8 @@ def _read_markups(path: Path) -> list[tuple[np.ndarray, list[str]]]:
     out = []
     for m in markups:
         system = str(m.get("coordinateSystem", "LPS")).upper()
-        points, labels = [], []
+        points: list[tuple[float, float]] = []
+        labels: list[str] = []
         for p in m.get("controlPoints", []):
             pos = p.get("position")
             if pos is None or len(pos) < 2:

@@ -7,9 +7,12 @@ pixels and a leave-one-out check that names the click that disagrees with the ot
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
 from thinseg.errors import ThinSegError
 from thinseg.registration.grids import Geometry, inside
@@ -22,8 +25,13 @@ from thinseg.registration.sitk_transforms import (
 )
 from thinseg.registration.tps import ThinPlateSpline, tps_to_itk
 
-#: Fewest pairs accepted per kind (as the issue asks: >= 3, >= 4 for affine). With 3 pairs a
-#: thin-plate spline is an exact fit: residuals are 0 and no click can be checked (no outliers).
+FloatArray = npt.NDArray[np.float64]
+#: A fitted landmark map image px -> QEMSCAN px: a 3x3 matrix or a thin-plate spline.
+PxModel: TypeAlias = "FloatArray | ThinPlateSpline"
+
+#: Fewest pairs accepted per kind (>= 3; >= 4 for affine, so that one wrong click can still be
+#: detected). With 3 pairs a thin-plate spline is an exact fit: residuals are 0 and no click
+#: can be checked (no outliers).
 MIN_PAIRS = {"similarity": 3, "affine": 4, "tps": 3}
 #: Pairs that determine each kind exactly (used for leave-one-out fits).
 EXACT_PAIRS = {"similarity": 2, "affine": 3, "tps": 3}
@@ -45,7 +53,8 @@ class LandmarkFit:
     tolerance_px: float
     names: list[str] = field(default_factory=list)
 
-    def report(self) -> list[dict]:
+    def report(self) -> list[dict[str, Any]]:
+        """Per landmark: name, residual, leave-one-out error and outlier flag (JSON-ready)."""
         return [
             {
                 "index": i,
@@ -58,7 +67,7 @@ class LandmarkFit:
         ]
 
 
-def fit_px(src: np.ndarray, dst: np.ndarray, kind: str):
+def fit_px(src: np.ndarray, dst: np.ndarray, kind: str) -> PxModel:
     """Least-squares map of (n, 2) image px -> QEMSCAN px: a 3x3 matrix or a ThinPlateSpline."""
     if kind == "tps":
         return ThinPlateSpline.fit(src, dst)
@@ -88,20 +97,22 @@ def fit_px(src: np.ndarray, dst: np.ndarray, kind: str):
     raise ThinSegError(f"unknown transform kind {kind!r} (choose from {', '.join(KINDS)})")
 
 
-def _apply(model, pts: np.ndarray) -> np.ndarray:
+def _apply(model: PxModel, pts: np.ndarray) -> FloatArray:
     if isinstance(model, ThinPlateSpline):
         return model(pts)
-    return pts @ model[:2, :2].T + model[:2, 2]
+    out: FloatArray = pts @ model[:2, :2].T + model[:2, 2]
+    return out
 
 
-def _jacobian(model) -> np.ndarray:
+def _jacobian(model: PxModel) -> FloatArray:
     return model.affine_matrix()[:2, :2] if isinstance(model, ThinPlateSpline) else model[:2, :2]
 
 
-def _residuals_image_px(model, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+def _residuals_image_px(model: PxModel, src: np.ndarray, dst: np.ndarray) -> FloatArray:
     """Misfit (QEMSCAN px) brought back to image px through the local linear part."""
     inv = np.linalg.inv(_jacobian(model))
-    return np.linalg.norm((_apply(model, src) - dst) @ inv.T, axis=1)
+    out: FloatArray = np.linalg.norm((_apply(model, src) - dst) @ inv.T, axis=1)
+    return out
 
 
 def find_outliers(src: np.ndarray, dst: np.ndarray, kind: str, tolerance_px: float) -> tuple[list[int], np.ndarray]:
@@ -134,9 +145,12 @@ def find_outliers(src: np.ndarray, dst: np.ndarray, kind: str, tolerance_px: flo
     return sorted(flagged), loo
 
 
-def _leave_one_out(src: np.ndarray, dst: np.ndarray, kind: str, active: list[int]) -> tuple[dict, dict]:
+def _leave_one_out(
+    src: np.ndarray, dst: np.ndarray, kind: str, active: list[int]
+) -> tuple[dict[int, float], dict[int, float]]:
     """Per landmark i: prediction error of the fit without i, and that fit's rms misfit (image px)."""
-    pred, rms = {}, {}
+    pred: dict[int, float] = {}
+    rms: dict[int, float] = {}
     for i in active:
         rest = [j for j in active if j != i]
         try:
@@ -153,9 +167,9 @@ def check_landmarks(
     image_px: np.ndarray,
     kind: str,
     geometry: Geometry,
-    path=None,
+    path: str | os.PathLike[str] | None = None,
     names: list[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[FloatArray, FloatArray]:
     """Validate shapes, count and positions; raise ThinSegError naming the offending landmarks
     (by their names where the file gives them, else by number)."""
     if kind not in KINDS:
@@ -173,7 +187,7 @@ def check_landmarks(
     bad_q = np.flatnonzero(~inside(q, geometry.qemscan_shape))
     bad_p = np.flatnonzero(~inside(p, geometry.image_shape))
 
-    def label(i: int) -> str:
+    def label(i: int | np.integer[Any]) -> str:
         return str(names[i]) if names and i < len(names) and names[i] else str(i + 1)
 
     if len(bad_q):
@@ -199,7 +213,7 @@ def fit_landmarks(
     *,
     tolerance_px: float | None = None,
     names: list[str] | None = None,
-    path=None,
+    path: str | os.PathLike[str] | None = None,
 ) -> LandmarkFit:
     """Fit image -> QEMSCAN from pairs of (x, y) pixel points (QEMSCAN click, image click).
 
@@ -209,15 +223,15 @@ def fit_landmarks(
     q, p = check_landmarks(qemscan_px, image_px, kind, geometry, path, names)
     tol = 1.5 * geometry.ratio if tolerance_px is None else float(tolerance_px)
     model = fit_px(p, q, kind)
-    if kind != "tps" and np.linalg.det(model[:2, :2]) <= 0:
+    if not isinstance(model, ThinPlateSpline) and np.linalg.det(model[:2, :2]) <= 0:
         raise ThinSegError("the landmarks imply a mirrored QEMSCAN map: check that the pairs match", path)
     residuals = _residuals_image_px(model, p, q)
     outliers, loo = find_outliers(p, q, kind, tol)
-    details = {
+    details: dict[str, Any] = {
         "landmarks": {"qemscan_px": q.tolist(), "image_px": p.tolist(), "names": list(names or [])},
     }
     g = geometry
-    if kind == "tps":
+    if isinstance(model, ThinPlateSpline):  # kind "tps"
         spline_mm = ThinPlateSpline.fit(g.image_px_to_mm(p), g.qemscan_px_to_mm(q))
         itk, _ = tps_to_itk(spline_mm, g.image_shape, g.image_mm_per_pixel)
         details["tps_mm"] = spline_mm.to_dict()

@@ -10,6 +10,7 @@ can then optimise with gradients.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
 
 from thinseg.registration.features import Scene, WorkGrid
@@ -21,9 +22,10 @@ CONTRAST_SHIFT = 15.0
 OUTSIDE = 255  # work pixels whose QEMSCAN position falls off the map
 
 
-def qemscan_image(labels: np.ndarray, qemscan_mm: float, dtype=np.uint8) -> sitk.Image:
+def qemscan_image(labels: np.ndarray, qemscan_mm: float, dtype: npt.DTypeLike = np.uint8) -> sitk.Image:
+    """The label map as a SimpleITK image with QEMSCAN pixel spacing (origin at pixel (0, 0))."""
     img = sitk.GetImageFromArray(np.ascontiguousarray(labels.astype(dtype)))
-    img.SetSpacing((qemscan_mm, qemscan_mm))
+    img.SetSpacing((qemscan_mm, qemscan_mm))  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
     return img
 
 
@@ -32,7 +34,8 @@ def warp_labels(labels: np.ndarray, transform: SectionTransform, grid: WorkGrid)
     moving = qemscan_image(labels, transform.geometry.qemscan_mm_per_pixel)
     ref = grid.image(np.zeros(grid.shape, np.float32))
     out = sitk.Resample(moving, ref, transform.itk, sitk.sitkNearestNeighbor, OUTSIDE, sitk.sitkUInt8)
-    return sitk.GetArrayViewFromImage(out).copy()
+    warped: npt.NDArray[np.uint8] = sitk.GetArrayViewFromImage(out).copy()
+    return warped
 
 
 def contingency(clusters: np.ndarray, warped: np.ndarray, n_clusters: int, n_labels: int) -> np.ndarray:
@@ -91,6 +94,7 @@ def match_contrast(scene: Scene, transform: SectionTransform, shift: float = CON
     s = shift * transform.geometry.qemscan_mm_per_pixel
     values = []
     for dx, dy in ((s, 0.0), (-s, 0.0), (0.0, s), (0.0, -s)):
-        moved = sitk.CompositeTransform([sitk.TranslationTransform(2, (dx, dy)), transform.itk])
+        shift_tx = sitk.TranslationTransform(2, (dx, dy))  # type: ignore[no-untyped-call]  # SimpleITK: no hints
+        moved = sitk.CompositeTransform([shift_tx, transform.itk])  # type: ignore[no-untyped-call]
         values.append(measure(scene, SectionTransform(transform.kind, moved, transform.geometry))[0])
     return float(here / max(float(np.median(values)), 1e-6))

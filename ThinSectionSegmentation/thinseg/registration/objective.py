@@ -25,7 +25,8 @@ def pmi_table(counts: np.ndarray, alpha: float = 0.5, clip: float = 6.0) -> np.n
     p = counts + alpha
     p = p / p.sum()
     pmi = np.log(p) - np.log(p.sum(axis=1, keepdims=True)) - np.log(p.sum(axis=0, keepdims=True))
-    return np.clip(pmi, -clip, clip)
+    out: np.ndarray = np.clip(pmi, -clip, clip)
+    return out
 
 
 def blurred_channels(labels: np.ndarray, n_labels: int, sigma_px: float) -> np.ndarray:
@@ -44,7 +45,8 @@ def blurred_channels(labels: np.ndarray, n_labels: int, sigma_px: float) -> np.n
 
 def score_maps(channels: np.ndarray, pmi: np.ndarray) -> np.ndarray:
     """(K, h', w') float32 per-cluster score maps G_j = sum_k PMI[j, k] * channel_k."""
-    return np.einsum("kl,lhw->khw", pmi.astype(np.float32), channels)
+    maps: np.ndarray = np.einsum("kl,lhw->khw", pmi.astype(np.float32), channels)
+    return maps
 
 
 class Sampler:

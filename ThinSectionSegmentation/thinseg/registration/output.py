@@ -7,27 +7,33 @@ Per section (stem S, folder F):
 - S_registered.nc      GeoSlicer netCDF: PP, XP (aligned) and the registered labelmap with
                        its mineral names and colours (the training input of retraining)
 - S_overlay_before.png / S_overlay_after.png  label boundaries over PP, start and result
-Every file is written under a hidden temporary name and only renamed once all are complete.
+Every file is written under a hidden temporary name (`thinseg.io.atomic.AtomicOutput`) and
+only renamed once all are complete; on any failure all of them are removed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
+from PIL import Image
 
 import thinseg
 from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
-from thinseg.jsonio import json_default
+from thinseg.io.atomic import AtomicOutput
+from thinseg.io.netcdf import NetcdfWriter
+from thinseg.jsonio import dumps, finite
 from thinseg.registration.grids import Geometry
-from thinseg.registration.register import RegistrationResult
-from thinseg.registration.sitk_transforms import SectionTransform, linear_matrix
+from thinseg.registration.sitk_transforms import SectionTransform, composite_parts, downcast, linear_matrix
+from thinseg.registration.stages import RegistrationResult
 from thinseg.registration.warp import resample_labels
 
 FORMAT = "thinseg-registration/1"
@@ -35,12 +41,15 @@ CONVENTION = (
     "maps IMAGE (PP) physical points to QEMSCAN physical points (ITK fixed -> moving); physical = "
     "mm_per_pixel * (column, row) from the centre of pixel (0, 0), identity direction, LPS"
 )
+NO_LABELS = "the registration result has no resampled labels (register with resample=True)"
 #: Longest side of the overlay pictures.
 OVERLAY_SIDE = 2048
 
 
 @dataclass
 class OutputPaths:
+    """The files `write_outputs` wrote (None: not written)."""
+
     tfm: Path
     json: Path
     labels_tif: Path
@@ -49,22 +58,17 @@ class OutputPaths:
     overlay_after: Path
 
 
-def transform_json(transform: SectionTransform, result: RegistrationResult | None = None) -> dict:
+def transform_json(transform: SectionTransform, result: RegistrationResult | None = None) -> dict[str, Any]:
     """JSON record of a transform (and of the registration that produced it); NaN -> None."""
     g = transform.geometry
-    itk = transform.itk.Downcast()
     parts = []
-    for sub in (
-        (itk.GetNthTransform(i).Downcast() for i in range(itk.GetNumberOfTransforms()))
-        if isinstance(itk, sitk.CompositeTransform)
-        else [itk]
-    ):
-        entry = {"class": sub.GetName()}
+    for sub in composite_parts(transform.itk) or [downcast(transform.itk)]:
+        entry: dict[str, Any] = {"class": sub.GetName()}  # type: ignore[no-untyped-call]  # SimpleITK: no hints
         if isinstance(sub, sitk.DisplacementFieldTransform):
             entry["parameters"] = "sampled field, see the .tfm file"
         else:
-            entry["parameters"] = list(sub.GetParameters())
-            entry["fixed_parameters"] = list(sub.GetFixedParameters())
+            entry["parameters"] = list(sub.GetParameters())  # type: ignore[no-untyped-call]
+            entry["fixed_parameters"] = list(sub.GetFixedParameters())  # type: ignore[no-untyped-call]
         parts.append(entry)
     doc = {
         "format": FORMAT,
@@ -82,7 +86,8 @@ def transform_json(transform: SectionTransform, result: RegistrationResult | Non
         doc["matrix_image_mm_to_qemscan_mm"] = m.tolist()
     if result is not None:
         doc["registration"] = result.summary()
-    return _finite(doc)
+    record: dict[str, Any] = finite(doc)
+    return record
 
 
 def load_transform(json_path: str | os.PathLike[str]) -> SectionTransform:
@@ -101,19 +106,21 @@ def load_transform(json_path: str | os.PathLike[str]) -> SectionTransform:
         raise ThinSegError(f"not a thinseg registration record ({error})", json_path) from None
     tfm = json_path.with_suffix(".tfm")
     try:
-        itk = sitk.ReadTransform(str(tfm))
+        itk = sitk.ReadTransform(str(tfm))  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
     except RuntimeError:
         raise ThinSegError("cannot read the ITK transform next to the record", tfm) from None
     return SectionTransform(kind, itk, g, doc.get("details", {}))
 
 
-def boundary_overlay(pp_preview: np.ndarray, labels: np.ndarray, table: ClassTable) -> np.ndarray:
+def boundary_overlay(
+    pp_preview: npt.NDArray[np.uint8], labels: npt.NDArray[np.uint8], table: ClassTable
+) -> npt.NDArray[np.uint8]:
     """PP with the outline of every label region drawn in its class colour (white for 0)."""
     lut = np.array(table.lut(background=(255, 255, 255)), dtype=np.uint8)
     edge = np.zeros(labels.shape, dtype=bool)
     edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
     edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
-    out = pp_preview.copy()
+    out: npt.NDArray[np.uint8] = pp_preview.copy()
     out[edge] = lut[np.minimum(labels[edge], len(lut) - 1)]
     return out
 
@@ -121,8 +128,6 @@ def boundary_overlay(pp_preview: np.ndarray, labels: np.ndarray, table: ClassTab
 def _write_overlay(
     path: Path, pp: np.ndarray, qemscan: np.ndarray, transform: SectionTransform, table: ClassTable
 ) -> None:
-    from PIL import Image
-
     step = max(1, int(np.ceil(max(pp.shape[:2]) / OVERLAY_SIDE)))
     preview = np.ascontiguousarray(pp[::step, ::step])
     labels = resample_labels(qemscan, transform, step=step)[: preview.shape[0], : preview.shape[1]]
@@ -130,7 +135,7 @@ def _write_overlay(
 
 
 def _write_labels_tif(path: Path, labels: np.ndarray, table: ClassTable, mm_per_pixel: float) -> None:
-    import tifffile
+    import tifffile  # deferred: tifffile costs ~70 ms and is needed only here
 
     cmap = np.zeros((3, 256), dtype=np.uint16)
     for k, rgb in enumerate(table.lut()):
@@ -162,7 +167,7 @@ def write_outputs(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if result.labels is None:
-        raise ValueError("the registration result has no resampled labels (register with resample=True)")
+        raise ValueError(NO_LABELS)
     refined = result.refinement is not None
     paths = OutputPaths(
         tfm=folder / f"{stem}_registration.tfm",
@@ -181,37 +186,41 @@ def write_outputs(
         taken = [p.name for p in finals if p.exists()]
         if taken:
             raise ThinSegError(f"output exists already ({', '.join(taken)}); remove it or allow overwriting", folder)
-    token = secrets.token_hex(4)
-    temps = {p: p.with_name(f".{p.stem}.{token}.partial{p.suffix}") for p in finals}
+    outputs = {p: AtomicOutput(p) for p in finals}
+    tmp = {p: out.tmp for p, out in outputs.items()}
     g = result.geometry
     try:
-        sitk.WriteTransform(result.transform.itk, str(temps[paths.tfm]))
+        tmp[paths.tfm].write_bytes(transform_bytes(result.transform.itk))
         doc = transform_json(result.transform, result)
         doc["files"] = {k: (v.name if v else None) for k, v in vars(paths).items()}
-        temps[paths.json].write_text(
-            json.dumps(_finite(doc), indent=2, default=json_default, allow_nan=False), encoding="utf-8"
-        )
-        _write_labels_tif(temps[paths.labels_tif], result.labels, result.table, g.image_mm_per_pixel)
+        tmp[paths.json].write_text(dumps(doc, indent=2), encoding="utf-8")
+        _write_labels_tif(tmp[paths.labels_tif], result.labels, result.table, g.image_mm_per_pixel)
         if paths.overlay_before is not None:
-            _write_overlay(temps[paths.overlay_before], pp, qemscan, result.initial, result.table)
-        _write_overlay(temps[paths.overlay_after], pp, qemscan, result.transform, result.table)
+            _write_overlay(tmp[paths.overlay_before], pp, qemscan, result.initial, result.table)
+        _write_overlay(tmp[paths.overlay_after], pp, qemscan, result.transform, result.table)
         if paths.netcdf is not None:
-            _write_netcdf(temps[paths.netcdf], stem, pp, result)
-        for final, tmp in temps.items():
-            os.replace(tmp, final)
+            _write_netcdf(tmp[paths.netcdf], stem, pp, result)
+        for out in outputs.values():
+            out.commit()
     except BaseException:
-        for tmp in temps.values():
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
+        for out in outputs.values():
+            out.discard()
         raise
     return paths
 
 
-def _write_netcdf(path: Path, stem: str, pp: np.ndarray, result: RegistrationResult) -> None:
-    from thinseg.io.netcdf import NetcdfWriter
+def transform_bytes(itk: sitk.Transform) -> bytes:
+    """The ITK text (.tfm) form of a transform (SimpleITK picks the format by file extension,
+    so it is written under a .tfm name in a scratch folder)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "transform.tfm"
+        sitk.WriteTransform(itk, str(path))  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
+        return path.read_bytes()
 
+
+def _write_netcdf(path: Path, stem: str, pp: np.ndarray, result: RegistrationResult) -> None:
+    if result.labels is None:
+        raise ValueError(NO_LABELS)
     mm = result.geometry.image_mm_per_pixel
     attrs = {"thinseg_version": thinseg.__version__, "thinseg_registration": FORMAT}
     with NetcdfWriter(path, attrs=attrs) as writer:
@@ -226,14 +235,3 @@ def _write_netcdf(path: Path, stem: str, pp: np.ndarray, result: RegistrationRes
             reference=pp_name,
             attrs={"registration": f"{result.transform.kind}; mutual information {result.metric_final:.3f} bits"},
         )
-
-
-def _finite(value):
-    """NaN/inf -> None, recursively: JSON has no NaN."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
-        return None
-    return value

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import fft, ndimage
 
+from thinseg.errors import ThinSegError
+
 #: Side of the central window used for the estimate (shifts up to about a third of it are found).
 WINDOW = 2048
 #: Peak z-score above which a match is trusted (unrelated images give 3-6).
@@ -31,7 +33,8 @@ def _edges(rgb: np.ndarray) -> np.ndarray:
     gray = ndimage.gaussian_filter(gray, 1.0)
     gy, gx = np.gradient(gray)
     mag = np.hypot(gx, gy)
-    return mag - mag.mean()
+    edges: np.ndarray = mag - mag.mean()
+    return edges
 
 
 def _window(shape: tuple[int, int], size: int) -> tuple[slice, slice]:
@@ -89,7 +92,8 @@ class XpAlignment:
         turn = f", rotated {self.angle_deg:+.2f} deg" if self.angle_deg else ""
         return f"XP offset from PP by dy {self.dy:+g}, dx {self.dx:+g} px{turn} (score {self.score:.1f}); aligned to PP"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, float | bool]:
+        """JSON-ready record of the placement."""
         return {
             "dy": self.dy,
             "dx": self.dx,
@@ -119,7 +123,8 @@ def _rotate_shift(image: np.ndarray, angle_deg: float, dy: float, dx: float, ord
     centre = (np.array(image.shape[:2], float) - 1) / 2
     offset = centre - rot @ centre + np.array([dy, dx])
     if image.ndim == 2:
-        return ndimage.affine_transform(image, rot, offset, order=order, mode="constant", cval=0)
+        moved: np.ndarray = ndimage.affine_transform(image, rot, offset, order=order, mode="constant", cval=0)
+        return moved
     out = np.empty_like(image)
     for c in range(image.shape[2]):
         out[..., c] = ndimage.affine_transform(image[..., c], rot, offset, order=order, mode="constant", cval=0)
@@ -193,6 +198,4 @@ def align_xp_to_pp(pp: np.ndarray, xp: np.ndarray) -> tuple[int, int, np.ndarray
 
 def check_same_size(pp: np.ndarray, xp: np.ndarray) -> None:
     if pp.shape[:2] != xp.shape[:2]:
-        from thinseg.errors import ThinSegError
-
         raise ThinSegError(f"PP is {pp.shape[1]} x {pp.shape[0]} px but XP is {xp.shape[1]} x {xp.shape[0]} px")

@@ -9,24 +9,29 @@ the table does not know is an error: guessing would silently mislabel training d
 
 from __future__ import annotations
 
-import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
-from thinseg.classes.table import ClassTable, MineralClass, hex_to_rgb, qemscan_palette, rgb_to_hex
+from thinseg.classes.files import qemscan_palette, read_color_table
+from thinseg.classes.table import ClassTable, MineralClass, hex_to_rgb, rgb_to_hex
 from thinseg.errors import ThinSegError
+from thinseg.io.netcdf import list_variables, read_labelmap
 
 NETCDF_SUFFIXES = (".nc", ".h5", ".hdf5")
+
+Labels = npt.NDArray[np.uint8]
 
 
 @dataclass
 class QemscanMap:
     """labels (h, w) uint8: k = k-th class of `table`, 0 = outside the sample / unclassified."""
 
-    labels: np.ndarray
+    labels: Labels
     table: ClassTable
     mm_per_pixel: float | None = None
     path: Path | None = None
@@ -37,53 +42,21 @@ def default_qemscan_table() -> ClassTable:
     return ClassTable(tuple(MineralClass(en, rgb_to_hex(rgb)) for _pt, en, rgb in qemscan_palette()))
 
 
-def read_color_table(path: str | os.PathLike[str]) -> ClassTable:
-    """A colour table file: GeoSlicer's `Mineral;R;G;B[;English]` CSV, or rows `name,r,g,b`
-    or `name,#rrggbb` (optionally `name,index,#rrggbb`, the netCDF `labels` form)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as error:
-        raise ThinSegError(f"cannot read the colour table: {error.strerror or error}", path) from None
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not lines:
-        raise ThinSegError("the colour table is empty", path)
-    delimiter = ";" if lines[0].count(";") > lines[0].count(",") else ","
-    rows = [[c.strip() for c in r] for r in csv.reader(lines, delimiter=delimiter)]
-    header = [c.lower() for c in rows[0]]
-    if {"r", "g", "b"} <= set(header):
-        name_col = header.index("english") if "english" in header else 0
-        body = rows[1:]
-        try:
-            classes = [MineralClass(r[name_col], rgb_to_hex([int(r[header.index(k)]) for k in "rgb"])) for r in body]
-        except (ValueError, IndexError):
-            raise ThinSegError("the colour table has a row that is not name;R;G;B", path) from None
-    else:
-        body = rows[1:] if header[-1] in ("color", "colour") else rows
-        classes = []
-        for r in body:
-            try:
-                if r[-1].startswith("#"):
-                    classes.append(MineralClass(r[0], rgb_to_hex(hex_to_rgb(r[-1]))))
-                else:
-                    classes.append(MineralClass(r[0], rgb_to_hex([int(v) for v in r[-3:]])))
-            except (ValueError, IndexError):
-                raise ThinSegError(
-                    f"the colour table row {','.join(r)!r} is not name,#rrggbb or name,r,g,b", path
-                ) from None
-    if not classes:
-        raise ThinSegError("the colour table lists no classes", path)
-    return ClassTable(tuple(classes))
-
-
-def _pack(rgb: np.ndarray) -> np.ndarray:
-    rgb = rgb.astype(np.uint32)
-    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+def _pack(rgb: npt.NDArray[np.integer]) -> npt.NDArray[np.integer]:
+    """(..., 3) colours -> (...) 0xRRGGBB integers, so a colour compares as one number."""
+    wide = rgb.astype(np.uint32)
+    packed: npt.NDArray[np.integer] = (wide[..., 0] << 16) | (wide[..., 1] << 8) | wide[..., 2]
+    return packed
 
 
 def labels_from_colors(
-    rgb: np.ndarray, table: ClassTable, *, background: str | None = None, compact: bool = False, path=None
-) -> tuple[np.ndarray, ClassTable]:
+    rgb: npt.NDArray[np.integer],
+    table: ClassTable,
+    *,
+    background: str | None = None,
+    compact: bool = False,
+    path: str | os.PathLike[str] | None = None,
+) -> tuple[Labels, ClassTable]:
     """Label image from an RGB mineral map; every colour must be in `table` (or be `background`).
 
     compact: keep only the classes present (in table order), numbered 1..N.
@@ -101,19 +74,24 @@ def labels_from_colors(
         listed = ", ".join(f"#{int(v):06x} ({counts[idx[int(v)]]} px)" for v in worst)
         raise ThinSegError(f"the QEMSCAN map has {len(unknown)} colour(s) not in its colour table, e.g. {listed}", path)
     per_value = np.array([lookup[int(v)] for v in values], dtype=np.uint8)
-    labels = per_value[inverse].reshape(packed.shape)
+    labels: Labels = per_value[inverse].reshape(packed.shape)
     return _compact(labels, table) if compact else (labels, table)
 
 
-def _compact(labels: np.ndarray, table: ClassTable) -> tuple[np.ndarray, ClassTable]:
+def _compact(labels: Labels, table: ClassTable) -> tuple[Labels, ClassTable]:
+    """Keep only the classes present, renumbered 1..N in table order."""
     present = [k for k in range(1, len(table) + 1) if np.any(labels == k)]
     remap = np.zeros(max(len(table) + 1, 256), dtype=np.uint8)
     for new, old in enumerate(present, 1):
         remap[old] = new
-    return remap[labels], ClassTable(tuple(table.classes[k - 1] for k in present))
+    compacted: Labels = remap[labels]
+    return compacted, ClassTable(tuple(table.classes[k - 1] for k in present))
 
 
-def check_label_values(labels: np.ndarray, table: ClassTable, path=None) -> np.ndarray:
+def check_label_values(
+    labels: npt.NDArray[np.integer], table: ClassTable, path: str | os.PathLike[str] | None = None
+) -> Labels:
+    """`labels` as uint8, refused (one line) when a value is past the table's classes."""
     top = int(labels.max()) if labels.size else 0
     if labels.min() < 0 or top > len(table):
         raise ThinSegError(f"the QEMSCAN map has label value {top} but its table lists {len(table)} classes", path)
@@ -127,7 +105,8 @@ def load_qemscan(
     variable: str | None = None,
     background: str | None = None,
 ) -> QemscanMap:
-    """Read a QEMSCAN map file (see module doc). `background`: a #rrggbb colour meaning "outside
+    """Read a QEMSCAN map file (see module doc). `table`: a ClassTable or a colour table file
+    (see `thinseg.classes.files.read_color_table`). `background`: a #rrggbb colour meaning "outside
     the sample" (label 0) in RGB/paletted maps."""
     path = Path(path)
     if not path.is_file():
@@ -167,7 +146,7 @@ def load_qemscan(
     return QemscanMap(check_label_values(array, table, path), table, None, path)
 
 
-def _palette_is_table(palette: np.ndarray, table: ClassTable) -> bool:
+def _palette_is_table(palette: npt.NDArray[np.uint8], table: ClassTable) -> bool:
     """True when palette entries 1..N are the table's colours: indices are then label values
     (as in the maps this package writes), whatever colour entry 0 (outside) has."""
     n = len(table)
@@ -176,8 +155,6 @@ def _palette_is_table(palette: np.ndarray, table: ClassTable) -> bool:
 
 def _table_from_description(text: str | None) -> ClassTable | None:
     """The class table that `output` stores in a TIFF description (JSON {"classes": [...]})."""
-    import json
-
     try:
         doc = json.loads(text or "")
         return ClassTable.from_geoslicer_labels([str(v) for v in doc["classes"]])
@@ -185,12 +162,12 @@ def _table_from_description(text: str | None) -> ClassTable | None:
         return None
 
 
-def _read_raster(path: Path) -> tuple[np.ndarray, np.ndarray | None, ClassTable | None]:
+def _read_raster(path: Path) -> tuple[npt.NDArray[np.integer], npt.NDArray[np.uint8] | None, ClassTable | None]:
     """(array, palette (n, 3) uint8 or None, embedded class table or None) of a TIFF/PNG."""
     suffix = path.suffix.lower()
     try:
         if suffix in (".tif", ".tiff"):
-            import tifffile
+            import tifffile  # deferred: tifffile costs ~35 ms, paid only for TIFF maps
 
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
@@ -201,7 +178,7 @@ def _read_raster(path: Path) -> tuple[np.ndarray, np.ndarray | None, ClassTable 
                     palette = (cmap.T >> 8).astype(np.uint8) if cmap.max() > 255 else cmap.T.astype(np.uint8)
                 own = _table_from_description(page.description)
             return np.asarray(array), palette, own
-        from PIL import Image
+        from PIL import Image  # deferred: Pillow costs ~25 ms, paid only for PNG maps
 
         with Image.open(path) as image:
             if image.mode == "P":
@@ -218,8 +195,6 @@ def _read_raster(path: Path) -> tuple[np.ndarray, np.ndarray | None, ClassTable 
 
 
 def _load_netcdf(path: Path, variable: str | None, table: ClassTable | None) -> QemscanMap:
-    from thinseg.io.netcdf import list_variables, read_labelmap
-
     if variable is None:
         candidates = [v.name for v in list_variables(path) if v.kind in ("labelmap", "segmentation")]
         if len(candidates) != 1:

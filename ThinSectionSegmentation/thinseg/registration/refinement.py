@@ -3,23 +3,27 @@
 Starting from any transform T0 (landmarks, coarse search), a correction C is fitted so that
 T = C o T0 maximises the mutual information between PP/XP colour clusters and QEMSCAN labels
 (`objective`). Levels go from blurred label maps (wide capture range) to sharp ones (accuracy);
-within a level, PMI is re-estimated from the current alignment and L-BFGS climbs the smooth
-score. The result is checked on the full working grid with hard nearest-neighbour labels, the
-same measure as the starting value, and a fit that got worse is refused.
+within a level, PMI is re-estimated from the current alignment and L-BFGS (scipy's L-BFGS-B
+without bounds) climbs the smooth score. The result is checked on the full working grid with
+hard nearest-neighbour labels, the same measure as the starting value, and a fit that got
+worse is refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
+from scipy.optimize import minimize
 
 from thinseg.errors import ThinSegError
 from thinseg.registration.corrections import BSplineCorrection, LinearCorrection
 from thinseg.registration.features import Scene
 from thinseg.registration.metric import OUTSIDE, contingency, measure
 from thinseg.registration.objective import Sampler, blurred_channels, pmi_table, score_maps
-from thinseg.registration.optimize import lbfgs
 from thinseg.registration.sitk_transforms import (
     SectionTransform,
     change_summary,
@@ -30,12 +34,21 @@ from thinseg.registration.sitk_transforms import (
     map_grid_mm,
 )
 
-#: (label-map blur in QEMSCAN px, sample points, EM rounds) per level, coarse to fine.
-LINEAR_LEVELS = ((2.0, 30_000, 3), (1.0, 80_000, 2), (0.5, 150_000, 2))
-BSPLINE_LEVELS = ((1.0, 40_000, 2), (0.5, 80_000, 1))
+FloatArray = npt.NDArray[np.float64]
+#: One refinement level: (label-map blur in QEMSCAN px, sample points, EM rounds).
+Level = tuple[float, int, int]
+
+#: Levels of the linear stage, coarse to fine.
+LINEAR_LEVELS: tuple[Level, ...] = ((2.0, 30_000, 3), (1.0, 80_000, 2), (0.5, 150_000, 2))
+BSPLINE_LEVELS: tuple[Level, ...] = ((1.0, 40_000, 2), (0.5, 80_000, 1))
 #: L2 penalty per B-spline coefficient (QEMSCAN px^2, against a score in nats): keeps the
 #: free-form stage from fitting noise where the section has no local distortion.
 BSPLINE_PENALTY = 1e-4
+#: Stopping rule of each L-BFGS climb: at most 40 iterations, 8 stored corrections, and stop
+#: once an iteration lowers the objective by no more than 1e-10 relative or the largest
+#: gradient component is below 1e-8. Parameters are in units of about one QEMSCAN pixel, so
+#: L-BFGS-B's first step (unit length along the steepest descent) is a sensible first move.
+LBFGS_OPTIONS: dict[str, float | int] = {"maxiter": 40, "maxcor": 8, "ftol": 1e-10, "gtol": 1e-8}
 #: A refined fit whose mutual information drops by more than this (bits) counts as diverged.
 DIVERGENCE_TOLERANCE = 0.005
 
@@ -43,13 +56,13 @@ DIVERGENCE_TOLERANCE = 0.005
 @dataclass
 class RefineResult:
     """transform: refined; metric_*: mutual information (bits) of colour clusters and labels on
-    the working grid; change: how far the mapping moved (see transforms.change_summary)."""
+    the working grid; change: how far the mapping moved (see sitk_transforms.change_summary)."""
 
     transform: SectionTransform
     metric_initial: float
     metric_final: float
     change: dict[str, float]
-    history: list[dict] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _work_points_q(scene: Scene, transform: SectionTransform) -> np.ndarray:
@@ -69,14 +82,49 @@ def _nearest_labels(labels: np.ndarray, q: np.ndarray) -> np.ndarray:
     return out
 
 
+class Correction(Protocol):
+    """A parametrised correction of QEMSCAN points (see `corrections`)."""
+
+    def identity(self) -> FloatArray:
+        """Parameters of the identity correction."""
+        ...
+
+    def apply(self, theta: FloatArray, q: FloatArray) -> FloatArray:
+        """The corrected points (P, 2)."""
+        ...
+
+    def gradient(self, q: FloatArray, gq: FloatArray) -> FloatArray:
+        """d(sum of scores)/d(theta) from the per-point score gradients gq (P, 2)."""
+        ...
+
+
+def _objective(
+    theta: FloatArray, sampler: Sampler, model: Correction, base: FloatArray, penalty: float
+) -> tuple[float, FloatArray]:
+    """Minus the mean score of the points `base` under correction `theta`, plus the L2
+    penalty, and its gradient."""
+    value, grad_q = sampler(model.apply(theta, base))
+    n = len(value)
+    f = -value.sum() / n + penalty * float(theta @ theta)
+    g = -model.gradient(base, grad_q) / n + 2 * penalty * theta
+    return float(f), g
+
+
 def climb(
-    scene: Scene, q0_all: np.ndarray, model, theta: np.ndarray, levels, *, seed: int = 0, penalty: float = 0.0
-) -> tuple[np.ndarray, list[dict]]:
+    scene: Scene,
+    q0_all: FloatArray,
+    model: Correction,
+    theta: FloatArray,
+    levels: Sequence[Level],
+    *,
+    seed: int = 0,
+    penalty: float = 0.0,
+) -> tuple[FloatArray, list[dict[str, Any]]]:
     """EM climb of `model` (a correction of the points q0) over `levels`; returns the
     parameters and a log. Each level draws its own random subset of work pixels."""
     rng = np.random.default_rng(seed)
     clusters_all = scene.clusters.ravel()
-    history = []
+    history: list[dict[str, Any]] = []
     for sigma, n_points, rounds in levels:
         pick = rng.choice(len(q0_all), size=min(n_points, len(q0_all)), replace=False)
         pick = pick[np.lexsort((pick, clusters_all[pick]))]  # by cluster, then raster: cache-friendly reads
@@ -88,18 +136,20 @@ def climb(
                 cl, _nearest_labels(scene.labels, model.apply(theta, base)), scene.n_clusters, scene.n_labels
             )
             sampler = Sampler(score_maps(channels, pmi_table(table)), cl)
-
-            def objective(t: np.ndarray) -> tuple[float, np.ndarray]:
-                value, grad_q = sampler(model.apply(t, base))
-                n = len(value)
-                f = -value.sum() / n + penalty * float(t @ t)
-                g = -model.gradient(base, grad_q) / n + 2 * penalty * t
-                return f, g
-
             before = model.apply(theta, base)
-            theta, value, _evals = lbfgs(objective, theta, max_iter=40)
+            fit = minimize(
+                _objective,
+                theta,
+                args=(sampler, model, base, penalty),
+                jac=True,
+                method="L-BFGS-B",
+                options=LBFGS_OPTIONS,
+            )
+            theta = np.asarray(fit.x, dtype=np.float64)
             moved = float(np.abs(model.apply(theta, base) - before).max())
-            history.append({"sigma_qemscan_px": sigma, "points": len(pick), "score": float(-value), "moved_px": moved})
+            history.append(
+                {"sigma_qemscan_px": sigma, "points": len(pick), "score": float(-fit.fun), "moved_px": moved}
+            )
             if moved < 0.01:
                 break
     return theta, history
@@ -126,7 +176,7 @@ def refine(
     kind: str | None = None,
     bspline: bool = False,
     bspline_mesh: int = 6,
-    levels=LINEAR_LEVELS,
+    levels: Sequence[Level] = LINEAR_LEVELS,
     check: bool = True,
     seed: int = 0,
 ) -> RefineResult:
@@ -159,7 +209,9 @@ def refine(
     return RefineResult(result, metric_initial, metric_final, change_summary(initial, result), history)
 
 
-def _bspline_stage(scene: Scene, linear: SectionTransform, mesh: int, seed: int) -> tuple[SectionTransform, list[dict]]:
+def _bspline_stage(
+    scene: Scene, linear: SectionTransform, mesh: int, seed: int
+) -> tuple[SectionTransform, list[dict[str, Any]]]:
     """Free-form B-spline correction on the QEMSCAN side: T = B o linear."""
     g = linear.geometry
     q1_all = _work_points_q(scene, linear)

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
 
 from thinseg.registration.grids import Geometry, grid_points
+
+FloatArray = npt.NDArray[np.float64]
 
 LINEAR_KINDS = ("similarity", "affine")
 KINDS = ("similarity", "affine", "tps")
@@ -51,21 +54,27 @@ class SectionTransform:
         g = self.geometry
         to_mm = np.diag([g.image_mm_per_pixel, g.image_mm_per_pixel, 1.0])
         to_px = np.diag([1 / g.qemscan_mm_per_pixel, 1 / g.qemscan_mm_per_pixel, 1.0])
-        return to_px @ m @ to_mm
+        out: FloatArray = to_px @ m @ to_mm
+        return out
 
 
-def linear_matrix(tx: sitk.Transform) -> np.ndarray | None:
+def downcast(tx: sitk.Transform) -> Any:
+    """The transform as its concrete SimpleITK class (known only at run time, hence Any)."""
+    return tx.Downcast() if hasattr(tx, "Downcast") else tx  # type: ignore[no-untyped-call]  # SimpleITK: no hints
+
+
+def linear_matrix(tx: sitk.Transform) -> FloatArray | None:
     """3x3 homogeneous matrix (mm -> mm) of a linear ITK transform, None if not linear."""
-    tx = tx.Downcast() if hasattr(tx, "Downcast") else tx
-    if isinstance(tx, sitk.TranslationTransform):
+    sub = downcast(tx)
+    if isinstance(sub, sitk.TranslationTransform):
         m = np.eye(3)
-        m[:2, 2] = tx.GetOffset()
+        m[:2, 2] = sub.GetOffset()  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
         return m
-    if not hasattr(tx, "GetMatrix") or not hasattr(tx, "GetCenter"):
+    if not hasattr(sub, "GetMatrix") or not hasattr(sub, "GetCenter"):
         return None
-    a = np.array(tx.GetMatrix(), dtype=np.float64).reshape(2, 2)
-    c = np.array(tx.GetCenter(), dtype=np.float64)
-    t = np.array(tx.GetTranslation(), dtype=np.float64)
+    a = np.array(sub.GetMatrix(), dtype=np.float64).reshape(2, 2)
+    c = np.array(sub.GetCenter(), dtype=np.float64)
+    t = np.array(sub.GetTranslation(), dtype=np.float64)
     m = np.eye(3)
     m[:2, :2] = a
     m[:2, 2] = t + c - a @ c
@@ -74,22 +83,32 @@ def linear_matrix(tx: sitk.Transform) -> np.ndarray | None:
 
 def first_linear(tx: sitk.Transform) -> sitk.Transform:
     """The outermost linear transform of a composite (the one applied last)."""
-    tx = tx.Downcast()
-    if isinstance(tx, sitk.CompositeTransform):
-        for i in range(tx.GetNumberOfTransforms()):
-            sub = tx.GetNthTransform(i).Downcast()
-            if linear_matrix(sub) is not None:
-                return sub
-    return tx
+    for sub in composite_parts(tx):
+        if linear_matrix(sub) is not None:
+            return sub
+    whole: sitk.Transform = downcast(tx)
+    return whole
 
 
-def map_points_mm(tx: sitk.Transform, pts_mm: np.ndarray) -> np.ndarray:
+def composite_parts(tx: sitk.Transform) -> list[sitk.Transform]:
+    """The transforms of a composite, each as its concrete class (application order is right
+    to left); [] for a transform that is not a composite."""
+    tx = downcast(tx)
+    if not isinstance(tx, sitk.CompositeTransform):
+        return []
+    count = tx.GetNumberOfTransforms()  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
+    return [downcast(tx.GetNthTransform(i)) for i in range(count)]  # type: ignore[no-untyped-call]
+
+
+def map_points_mm(tx: sitk.Transform, pts_mm: npt.ArrayLike) -> FloatArray:
     """Apply an ITK transform to (n, 2) points; vectorised for linear transforms."""
     pts = np.asarray(pts_mm, dtype=np.float64).reshape(-1, 2)
     m = linear_matrix(tx)
     if m is not None:
-        return pts @ m[:2, :2].T + m[:2, 2]
-    return np.array([tx.TransformPoint((float(x), float(y))) for x, y in pts], dtype=np.float64).reshape(-1, 2)
+        out: FloatArray = pts @ m[:2, :2].T + m[:2, 2]
+        return out
+    mapped = [tx.TransformPoint((float(x), float(y))) for x, y in pts]  # type: ignore[no-untyped-call]  # SimpleITK
+    return np.array(mapped, dtype=np.float64).reshape(-1, 2)
 
 
 def make_linear(kind: str, m_mm: np.ndarray, center_mm: np.ndarray) -> sitk.Transform:
@@ -104,13 +123,15 @@ def make_linear(kind: str, m_mm: np.ndarray, center_mm: np.ndarray) -> sitk.Tran
     if kind == "similarity":
         scale = math.sqrt(abs(np.linalg.det(a)))
         angle = math.atan2(a[1, 0], a[0, 0])
-        tx = sitk.Similarity2DTransform(scale, angle, tuple(translation), tuple(c))
-        return tx
-    tx = sitk.AffineTransform(2)
-    tx.SetCenter(tuple(c))
-    tx.SetMatrix(tuple(a.ravel()))
-    tx.SetTranslation(tuple(translation))
-    return tx
+        similarity: sitk.Transform = sitk.Similarity2DTransform(  # type: ignore[no-untyped-call]  # SimpleITK
+            scale, angle, tuple(translation), tuple(c)
+        )
+        return similarity
+    affine = sitk.AffineTransform(2)  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
+    affine.SetCenter(tuple(c))  # type: ignore[no-untyped-call]
+    affine.SetMatrix(tuple(a.ravel()))  # type: ignore[no-untyped-call]
+    affine.SetTranslation(tuple(translation))  # type: ignore[no-untyped-call]
+    return affine
 
 
 def px_matrix_to_mm(m_px: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -140,7 +161,8 @@ def from_qemscan_to_image(qemscan_to_image: np.ndarray, geometry: Geometry) -> S
 def displacement_px(a: SectionTransform, b: SectionTransform, n: int = 64) -> np.ndarray:
     """Distances (QEMSCAN px) between where `a` and `b` send an n x n lattice over the image."""
     pts = grid_points(a.geometry.image_shape, n)
-    return np.linalg.norm(a.map_image_px(pts) - b.map_image_px(pts), axis=1)
+    out: FloatArray = np.linalg.norm(a.map_image_px(pts) - b.map_image_px(pts), axis=1)
+    return out
 
 
 def target_registration_error(estimate: SectionTransform, qemscan_to_image: np.ndarray, n: int = 64) -> float:
@@ -188,25 +210,26 @@ def map_grid_mm(tx: sitk.Transform, shape: tuple[int, int], origin_mm: float, sp
             origin_mm + spacing_mm * np.arange(h), origin_mm + spacing_mm * np.arange(w), indexing="ij"
         )
         return np.stack([m[0, 0] * xs + m[0, 1] * ys + m[0, 2], m[1, 0] * xs + m[1, 1] * ys + m[1, 2]], axis=-1)
-    field = sitk.TransformToDisplacementField(
+    field = sitk.TransformToDisplacementField(  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
         tx, sitk.sitkVectorFloat64, [w, h], [origin_mm, origin_mm], [spacing_mm, spacing_mm], [1, 0, 0, 1]
     )
     disp = sitk.GetArrayFromImage(field)
     ys, xs = np.meshgrid(origin_mm + spacing_mm * np.arange(h), origin_mm + spacing_mm * np.arange(w), indexing="ij")
-    return disp + np.stack([xs, ys], axis=-1)
+    out: FloatArray = disp + np.stack([xs, ys], axis=-1)
+    return out
 
 
 def compose(outer: sitk.Transform, inner: sitk.Transform) -> sitk.Transform:
     """outer o inner as ONE flat ITK transform: nested composites are flattened and neighbouring
     linear parts multiplied together, so the .tfm stays simple and `first_linear` finds the
     whole linear part (e.g. a refinement's correction times a thin-plate spline's affine)."""
-    parts = []
+    parts: list[sitk.Transform] = []
     for tx in (outer, inner):
-        tx = tx.Downcast()
+        tx = downcast(tx)
         if isinstance(tx, sitk.CompositeTransform):
-            flat = sitk.CompositeTransform(tx)
-            flat.FlattenTransform()
-            parts += [flat.GetNthTransform(i).Downcast() for i in range(flat.GetNumberOfTransforms())]
+            flat = sitk.CompositeTransform(tx)  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
+            flat.FlattenTransform()  # type: ignore[no-untyped-call]
+            parts += composite_parts(flat)
         else:
             parts.append(tx)
     merged: list[sitk.Transform] = []
@@ -221,4 +244,7 @@ def compose(outer: sitk.Transform, inner: sitk.Transform) -> sitk.Transform:
             merged[-1] = make_linear(kind, prev @ m, center)
         else:
             merged.append(tx)
-    return merged[0] if len(merged) == 1 else sitk.CompositeTransform(merged)
+    if len(merged) == 1:
+        return merged[0]
+    composite: sitk.Transform = sitk.CompositeTransform(merged)  # type: ignore[no-untyped-call]  # SimpleITK
+    return composite

@@ -1,77 +1,104 @@
 """Thin-plate spline between landmark sets, and its ITK form (affine + sampled displacement).
 
-SimpleITK has no thin-plate-spline transform class, so the spline is stored for resampling as
-``Composite([affine, displacement field])``: the affine part exactly, the bending part sampled on
-a grid over the image (linear interpolation between nodes). The analytic spline is kept in the
-JSON sidecar so that it can be rebuilt exactly.
+The spline is solved and evaluated by scipy's `RBFInterpolator` (thin-plate kernel with a
+degree-1 polynomial, which is exactly the thin-plate spline). SimpleITK has no thin-plate-spline
+transform class, so for resampling the spline is stored as ``Composite([affine, displacement
+field])``: the affine part exactly, the bending part sampled on a grid over the image (linear
+interpolation between nodes). The analytic spline is kept in the JSON sidecar (`to_dict`) so
+that it can be rebuilt exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
+from scipy.interpolate import RBFInterpolator
 
 from thinseg.errors import ThinSegError
+
+FloatArray = npt.NDArray[np.float64]
 
 #: Longest side, in nodes, of the displacement grid that samples the spline's bending part.
 MAX_FIELD_NODES = 512
 
 
-def _kernel(r2: np.ndarray) -> np.ndarray:
-    """U(r) = r^2 log r^2 (0 at r = 0): the 2-D thin-plate bending-energy kernel."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = r2 * np.log(r2)
-    return np.where(r2 > 0, out, 0.0)
+def _polynomial_part(rbf: RBFInterpolator) -> FloatArray:
+    """(3, 2) affine part of a fitted degree-1 interpolant: rows for x, y, 1 (its own units).
+
+    scipy does not publish the fitted coefficients; they are the private ``_coeffs`` (kernel
+    weights, then one row per monomial of ``powers``, evaluated at ``(p - _shift) / _scale``),
+    part of the interpolator's pickled state since scipy 1.7.
+    """
+    coeffs = np.asarray(rbf._coeffs, dtype=np.float64)
+    shift = np.asarray(rbf._shift, dtype=np.float64)
+    scale = np.asarray(rbf._scale, dtype=np.float64)
+    powers = np.asarray(rbf.powers)
+    if powers.shape != (3, 2) or coeffs.shape[0] != len(rbf.y) + 3:
+        raise RuntimeError("unexpected scipy RBFInterpolator layout: expected a degree-1 polynomial in 2-D")
+    affine = np.zeros((3, coeffs.shape[1]))
+    for power, c in zip(powers.tolist(), coeffs[len(rbf.y) :]):
+        if power == [0, 0]:
+            affine[2] += c
+        else:
+            axis = power.index(1)
+            affine[axis] += c / scale[axis]
+            affine[2] -= c * shift[axis] / scale[axis]
+    return affine
 
 
 @dataclass(frozen=True)
 class ThinPlateSpline:
-    """f(p) = A p + t + sum_i w_i U(|p - c_i|), interpolating `centers` -> targets (2-D)."""
+    """f(p) = A p + t + sum_i w_i U(|p - c_i|), interpolating `centers` -> targets (2-D).
 
-    centers: np.ndarray  # (n, 2) source points, normalised units
-    weights: np.ndarray  # (n, 2)
-    affine: np.ndarray  # (3, 2): rows for x, y, 1
-    shift: np.ndarray  # (2,) normalisation: p_norm = (p - shift) / scale
+    U(r) = r^2 log r^2, in normalised units p_norm = (p - shift) / scale. `interpolant` is the
+    scipy interpolator (kernel r^2 log r, so its kernel weights are 2 w); `weights` and
+    `affine` are read from it once, at fitting.
+    """
+
+    interpolant: RBFInterpolator
+    centers: FloatArray  # (n, 2) source points, normalised units
+    weights: FloatArray  # (n, 2)
+    affine: FloatArray  # (3, 2): rows for x, y, 1
+    shift: FloatArray  # (2,) normalisation: p_norm = (p - shift) / scale
     scale: float
 
     @classmethod
-    def fit(cls, src: np.ndarray, dst: np.ndarray, regularization: float = 0.0) -> ThinPlateSpline:
+    def fit(cls, src: npt.ArrayLike, dst: npt.ArrayLike, regularization: float = 0.0) -> ThinPlateSpline:
+        """The spline through the pairs src -> dst ((n, 2) each); `regularization` is added to
+        the diagonal of the U kernel matrix (0: exact interpolation)."""
         src = np.asarray(src, dtype=np.float64).reshape(-1, 2)
         dst = np.asarray(dst, dtype=np.float64).reshape(-1, 2)
-        n = len(src)
         shift = src.mean(axis=0)
         scale = float(np.abs(src - shift).max()) or 1.0
         c = (src - shift) / scale
-        k = _kernel(((c[:, None, :] - c[None, :, :]) ** 2).sum(-1)) + regularization * np.eye(n)
-        p = np.hstack([c, np.ones((n, 1))])
-        system = np.zeros((n + 3, n + 3))
-        system[:n, :n], system[:n, n:], system[n:, :n] = k, p, p.T
-        rhs = np.zeros((n + 3, 2))
-        rhs[:n] = dst
-        if np.linalg.matrix_rank(p) < 3:
+        if np.linalg.matrix_rank(np.hstack([c, np.ones((len(c), 1))])) < 3:
             raise ThinSegError("the landmarks are collinear: a thin-plate spline needs them spread over the image")
-        sol = np.linalg.solve(system, rhs)
-        return cls(c, sol[:n], sol[n:], shift, scale)
+        # scipy's kernel r^2 log r is U / 2, so its smoothing is half the U-matrix regularisation
+        rbf = RBFInterpolator(c, dst, kernel="thin_plate_spline", degree=1, smoothing=regularization / 2)
+        weights = np.asarray(rbf._coeffs[: len(c)], dtype=np.float64) / 2
+        return cls(rbf, c, weights, _polynomial_part(rbf), shift, scale)
 
-    def __call__(self, pts: np.ndarray) -> np.ndarray:
-        return self.affine_part(pts) + self.bending_part(pts)
+    def _normalise(self, pts: npt.ArrayLike) -> FloatArray:
+        return (np.asarray(pts, dtype=np.float64).reshape(-1, 2) - self.shift) / self.scale
 
-    def affine_part(self, pts: np.ndarray) -> np.ndarray:
-        q = (np.asarray(pts, dtype=np.float64).reshape(-1, 2) - self.shift) / self.scale
-        return q @ self.affine[:2] + self.affine[2]
+    def __call__(self, pts: npt.ArrayLike) -> FloatArray:
+        """f at (m, 2) points."""
+        return np.asarray(self.interpolant(self._normalise(pts)), dtype=np.float64)
 
-    def bending_part(self, pts: np.ndarray) -> np.ndarray:
-        q = (np.asarray(pts, dtype=np.float64).reshape(-1, 2) - self.shift) / self.scale
-        out = np.zeros((len(q), 2))
-        for start in range(0, len(q), 65536):  # bounded memory on dense grids
-            block = q[start : start + 65536]
-            u = _kernel(((block[:, None, :] - self.centers[None, :, :]) ** 2).sum(-1))
-            out[start : start + 65536] = u @ self.weights
-        return out
+    def affine_part(self, pts: npt.ArrayLike) -> FloatArray:
+        """A p + t at (m, 2) points."""
+        q = self._normalise(pts)
+        return np.asarray(q @ self.affine[:2] + self.affine[2], dtype=np.float64)
 
-    def affine_matrix(self) -> np.ndarray:
+    def bending_part(self, pts: npt.ArrayLike) -> FloatArray:
+        """f - (A p + t) at (m, 2) points: the non-affine part."""
+        return self(pts) - self.affine_part(pts)
+
+    def affine_matrix(self) -> FloatArray:
         """3x3 matrix of the affine part in the ORIGINAL (un-normalised) units."""
         a = self.affine[:2].T / self.scale
         m = np.eye(3)
@@ -79,7 +106,8 @@ class ThinPlateSpline:
         m[:2, 2] = self.affine[2] - a @ self.shift
         return m
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """JSON record: enough to rebuild the spline exactly (U(r) = r^2 log r^2)."""
         return {
             "centers": self.centers.tolist(),
             "weights": self.weights.tolist(),
@@ -91,16 +119,16 @@ class ThinPlateSpline:
 
 def tps_to_itk(
     spline_mm: ThinPlateSpline, image_shape: tuple[int, int], image_mm_per_pixel: float
-) -> tuple[sitk.Transform, np.ndarray]:
+) -> tuple[sitk.Transform, FloatArray]:
     """ITK ``Composite([affine, displacement])`` of a spline acting in mm (image -> QEMSCAN).
 
     With T = A(p + d(p)), the field holds d = A^-1 (bending part). Returns the transform and
     the affine part's 3x3 matrix. The field covers the image plus one node of margin.
     """
     m = spline_mm.affine_matrix()
-    affine = sitk.AffineTransform(2)
-    affine.SetMatrix(tuple(m[:2, :2].ravel()))
-    affine.SetTranslation(tuple(m[:2, 2]))
+    affine = sitk.AffineTransform(2)  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
+    affine.SetMatrix(tuple(m[:2, :2].ravel()))  # type: ignore[no-untyped-call]
+    affine.SetTranslation(tuple(m[:2, 2]))  # type: ignore[no-untyped-call]
     h, w = image_shape
     extent = np.array([w - 1, h - 1], dtype=np.float64) * image_mm_per_pixel
     step = max(float(extent.max()) / (MAX_FIELD_NODES - 3), 4 * image_mm_per_pixel)
@@ -112,7 +140,7 @@ def tps_to_itk(
     pts = np.stack([gx.ravel(), gy.ravel()], axis=1)
     bend = spline_mm.bending_part(pts) @ np.linalg.inv(m[:2, :2]).T
     field = sitk.GetImageFromArray(bend.reshape(nodes[1], nodes[0], 2), isVector=True)
-    field.SetOrigin(tuple(origin))
-    field.SetSpacing((step, step))
-    disp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-    return sitk.CompositeTransform([affine, disp]), m
+    field.SetOrigin(tuple(origin))  # type: ignore[no-untyped-call]
+    field.SetSpacing((step, step))  # type: ignore[no-untyped-call]
+    disp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))  # type: ignore[no-untyped-call]
+    return sitk.CompositeTransform([affine, disp]), m  # type: ignore[no-untyped-call]

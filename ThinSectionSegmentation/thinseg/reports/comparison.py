@@ -12,16 +12,22 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
+from matplotlib.artist import Artist
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from scipy import ndimage
 
 from thinseg.classes.table import ClassTable, hex_to_rgb
 from thinseg.metrics.evaluator import _SUMMARY_ROWS, EvaluationReport
 from thinseg.reports.plots import PathLike, _class_handles, _figure, _model_colors, _save, colorize
+from thinseg.reports.preview import RegionSliceable
 
 DISAGREEMENT_OUTLINE = "#ff00ff"
 #: Differences-panel categories other than "only model k is right" (which uses the model's colour).
@@ -124,7 +130,7 @@ def _difference_image(codes: np.ndarray, model_colors: Sequence[str], pp: np.nda
         lut[code] = hex_to_rgb(colour)
     for k, colour in enumerate(model_colors):
         lut[_ONLY_BASE + k] = hex_to_rgb(colour)
-    out = lut[codes]
+    out: npt.NDArray[np.uint8] = lut[codes]
     if pp is not None:  # agreeing-and-right pixels show faded PP texture
         grey = pp[..., :3].astype(np.float32).mean(axis=-1)
         faded = (150 + grey * (100 / 255)).astype(np.uint8)
@@ -134,7 +140,7 @@ def _difference_image(codes: np.ndarray, model_colors: Sequence[str], pp: np.nda
 
 
 def compare_sheet(
-    pp: np.ndarray | None,
+    pp: RegionSliceable | None,
     truth: np.ndarray,
     preds_by_model: Mapping[str, np.ndarray],
     table: ClassTable,
@@ -209,10 +215,7 @@ def compare_sheet(
     return regions
 
 
-def _legends(fig, table: ClassTable, models: Sequence[str], colors: Sequence[str]) -> None:
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
+def _legends(fig: Figure, table: ClassTable, models: Sequence[str], colors: Sequence[str]) -> None:
     fig.legend(
         handles=_class_handles(table),
         loc="lower left",
@@ -223,7 +226,7 @@ def _legends(fig, table: ClassTable, models: Sequence[str], colors: Sequence[str
         title="classes",
         title_fontsize=9,
     )
-    handles = [
+    handles: list[Artist] = [
         Patch(facecolor=colour, edgecolor="0.25", label=f"only {m[:20]} right") for m, colour in zip(models, colors)
     ]
     for code in (1, 2, 3, 4, 0, 5):
@@ -265,34 +268,37 @@ def comparison_html(
         return "".join(out)
 
     rows = [f"<tr><th></th>{''.join(f'<th>{esc(m)}</th>' for m in models)}</tr>"]
-    for label, getter in (
-        ("IoU", lambda r, i: r.metrics.iou[i]),
-        ("F1", lambda r, i: r.metrics.f1[i]),
-        ("fraction R²", lambda r, i: r.fraction_stats.r2[i]),
-    ):
+    per_class: tuple[tuple[str, Callable[[EvaluationReport, int], float]], ...] = (
+        ("IoU", lambda r, i: float(r.metrics.iou[i])),
+        ("F1", lambda r, i: float(r.metrics.f1[i])),
+        ("fraction R²", lambda r, i: float(r.fraction_stats.r2[i])),
+    )
+    for label, getter in per_class:
         rows.append(f"<tr class='group'><th colspan='{len(models) + 1}'>{label} per class</th></tr>")
         for i, name in enumerate(names):
             rows.append(
                 f"<tr><td class='name'>{esc(name)}</td>{cells([float(getter(reports[m], i)) for m in models], 3)}</tr>"
             )
     rows.append(f"<tr class='group'><th colspan='{len(models) + 1}'>dataset</th></tr>")
-    for label, getter, digits, higher in _SUMMARY_ROWS:
-        rows.append(
-            f"<tr><td class='name'>{esc(label)}</td>{cells([float(getter(reports[m])) for m in models], digits, higher)}</tr>"
-        )
+    for label, summary, digits, higher in _SUMMARY_ROWS:
+        values = cells([float(summary(reports[m])) for m in models], digits, higher)
+        rows.append(f"<tr><td class='name'>{esc(label)}</td>{values}</tr>")
     figures = []
     for caption, image_path in images:
         data = base64.b64encode(Path(image_path).read_bytes()).decode("ascii")
         figures.append(
-            f"<figure><img src='data:image/png;base64,{data}' alt='{esc(caption)}'><figcaption>{esc(caption)}</figcaption></figure>"
+            f"<figure><img src='data:image/png;base64,{data}' alt='{esc(caption)}'>"
+            f"<figcaption>{esc(caption)}</figcaption></figure>"
         )
     style = (
         "body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin-bottom:2em}"
         "td,th{padding:3px 10px;text-align:right;border-bottom:1px solid #ddd}td.name{text-align:left}"
-        "tr.group th{text-align:left;background:#f0f0f0}figure{margin:0 0 2em 0}img{max-width:100%;border:1px solid #ccc}"
+        "tr.group th{text-align:left;background:#f0f0f0}figure{margin:0 0 2em 0}"
+        "img{max-width:100%;border:1px solid #ccc}"
     )
     return (
-        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{style}</style></head><body>\n"
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<style>{style}</style></head><body>\n"
         f"<h1>{esc(title)}</h1>\n<p>Best value of each row in bold; &ndash; = undefined.</p>\n"
         f"<table>\n{chr(10).join(rows)}\n</table>\n{chr(10).join(figures)}\n</body></html>\n"
     )

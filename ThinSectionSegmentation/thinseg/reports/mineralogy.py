@@ -11,10 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from thinseg.classes.table import ClassTable
+from thinseg.io.atomic import atomic_output, free_output_path
+from thinseg.metrics.fractions import class_pixel_counts
 
 
 @dataclass(frozen=True)
 class ClassArea:
+    """One class of a section: its pixels, % of the classified area and area in mm^2."""
+
     name: str
     pixels: int
     percent: float  # of classified pixels (label != 0)
@@ -23,6 +27,8 @@ class ClassArea:
 
 @dataclass(frozen=True)
 class ModalMineralogy:
+    """The class areas of one section at its pixel size."""
+
     section: str
     mm_per_pixel: float
     areas: tuple[ClassArea, ...]
@@ -32,18 +38,8 @@ class ModalMineralogy:
         return sum(a.pixels for a in self.areas)
 
 
-def class_pixel_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Pixels per label value 1..n_classes (index 0 of the result = unclassified)."""
-    counts = np.zeros(n_classes + 1, np.int64)
-    flat = labels.reshape(-1)
-    step = 1 << 24  # bincount in chunks: no int64 copy of a gigapixel label map
-    for i in range(0, flat.size, step):
-        part = np.bincount(flat[i : i + step], minlength=n_classes + 1)
-        counts += part[: n_classes + 1]
-    return counts
-
-
 def modal_mineralogy(section: str, labels: np.ndarray, table: ClassTable, mm_per_pixel: float) -> ModalMineralogy:
+    """Area of each class of `table` in `labels` (label k = k-th class, 0 = unclassified)."""
     counts = class_pixel_counts(labels, len(table))
     classified = int(counts[1:].sum())
     pixel_area = mm_per_pixel * mm_per_pixel
@@ -83,5 +79,10 @@ def format_table(result: ModalMineralogy) -> str:
     return "\n".join(lines)
 
 
-def write_fractions_csv(path: Path, results: Sequence[ModalMineralogy]) -> None:
-    path.write_text(fractions_csv_text(results), encoding="utf-8")
+def write_mineralogy_csv(path: Path, results: Sequence[ModalMineralogy], *, overwrite: bool = False) -> Path:
+    """Write `fractions_csv_text(results)` all or nothing; an existing file is kept and a free
+    numbered name used instead unless `overwrite`. Returns the path written."""
+    target = path if overwrite else free_output_path(path)
+    with atomic_output(target) as tmp:
+        tmp.write_text(fractions_csv_text(results), encoding="utf-8")
+    return target

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from thinseg.classes.table import ClassTable
 from thinseg.inference.resample import labels_to_grid
@@ -13,14 +14,11 @@ from thinseg.inference.resample import labels_to_grid
 MAX_OVERLAY_SIDE = 4096
 
 
-def colorize(labels: np.ndarray, table: ClassTable) -> np.ndarray:
+def colorize(labels: np.ndarray, table: ClassTable) -> npt.NDArray[np.uint8]:
+    """(H, W, 3) class colours of a label image (the table's colour for 0 as well)."""
     lut = np.array(table.lut(), dtype=np.uint8)
-    return lut[np.minimum(labels, len(lut) - 1)]
-
-
-def preview_shape(shape: tuple[int, int], max_side: int = MAX_OVERLAY_SIDE) -> tuple[int, int]:
-    scale = min(1.0, max_side / max(shape))
-    return max(1, int(round(shape[0] * scale))), max(1, int(round(shape[1] * scale)))
+    colours: npt.NDArray[np.uint8] = lut[np.minimum(labels, len(lut) - 1)]
+    return colours
 
 
 def blend(pp: np.ndarray, labels: np.ndarray, table: ClassTable, alpha: float = 0.45) -> np.ndarray:
@@ -29,7 +27,8 @@ def blend(pp: np.ndarray, labels: np.ndarray, table: ClassTable, alpha: float = 
     out = pp.astype(np.float32)
     mask = labels > 0
     out[mask] = (1 - alpha) * out[mask] + alpha * colours[mask]
-    return out.round().astype(np.uint8)
+    blended: npt.NDArray[np.uint8] = out.round().astype(np.uint8)
+    return blended
 
 
 def write_overlay_png(
@@ -41,13 +40,15 @@ def write_overlay_png(
     title: str = "",
 ) -> None:
     """Save `pp_preview` (already at preview size) with `labels` (any size) blended and a legend."""
+    # deferred: matplotlib costs about 0.5 s, and `thinseg segment` imports this module at start-up
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
+    import matplotlib.pyplot as plt  # deferred as above; after use("Agg"), so no GUI backend starts
+    from matplotlib.patches import Patch  # deferred as above
 
-    small = labels_to_grid(labels, pp_preview.shape[:2]) if labels.shape != pp_preview.shape[:2] else labels
+    height, width = pp_preview.shape[:2]
+    small = labels_to_grid(labels, (height, width)) if labels.shape != (height, width) else labels
     image = blend(pp_preview, small, table)
     h, w = image.shape[:2]
     dpi = 100

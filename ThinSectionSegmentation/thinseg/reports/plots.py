@@ -12,16 +12,20 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from typing import Union
+from typing import TypeAlias
 
 import numpy as np
+import numpy.typing as npt
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
 
 from thinseg.classes.table import ClassTable, hex_to_rgb
 from thinseg.metrics.evaluator import EvaluationReport
 from thinseg.metrics.fractions import FractionStats, fraction_agreement
 from thinseg.metrics.scores import SegmentationMetrics, metrics_from_confusion
+from thinseg.reports.preview import shrink
 
-PathLike = Union[str, os.PathLike]
+PathLike: TypeAlias = "str | os.PathLike[str]"
 
 #: Label 0 in truth/prediction panels (no truth / not classified): a neutral grey with a name.
 UNCLASSIFIED_COLOR = "#8c8c8c"
@@ -36,32 +40,19 @@ ERROR_CATEGORIES = {
 DPI = 110
 
 
-def _figure(width_in: float, height_in: float):
-    from matplotlib.figure import Figure
-
+def _figure(width_in: float, height_in: float) -> Figure:
     return Figure(figsize=(width_in, height_in), dpi=DPI)
 
 
-def _save(fig, path: PathLike) -> None:
+def _save(fig: Figure, path: PathLike) -> None:
     fig.savefig(path, format="png", dpi=DPI, facecolor="white")
-
-
-def preview(array: np.ndarray, max_side: int) -> np.ndarray:
-    """Nearest-neighbour downsample so the longer side is at most `max_side` (no copy if small)."""
-    h, w = array.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
-    if scale >= 1.0:
-        return array
-    oh, ow = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-    rows = np.minimum(((np.arange(oh) + 0.5) * (h / oh)).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(ow) + 0.5) * (w / ow)).astype(np.int64), w - 1)
-    return array[np.ix_(rows, cols)]
 
 
 def colorize(labels: np.ndarray, table: ClassTable, unclassified: str = UNCLASSIFIED_COLOR) -> np.ndarray:
     """(H, W, 3) uint8 class colours; 0 in the neutral grey (Pores are black in QEMSCAN)."""
     lut = np.array([hex_to_rgb(unclassified)] + [c.rgb for c in table.classes], np.uint8)
-    return lut[np.minimum(labels, len(lut) - 1)]
+    colours: npt.NDArray[np.uint8] = lut[np.minimum(labels, len(lut) - 1)]
+    return colours
 
 
 def error_codes(truth: np.ndarray, pred: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
@@ -76,7 +67,7 @@ def error_codes(truth: np.ndarray, pred: np.ndarray, keep: np.ndarray | None = N
 def error_image(codes: np.ndarray, pp: np.ndarray | None = None) -> np.ndarray:
     """Colour the error codes; correct pixels show a faded grey PP so the texture stays readable."""
     lut = np.array([hex_to_rgb(c) for _, c in (ERROR_CATEGORIES[k] for k in range(5))], np.uint8)
-    out = lut[codes]
+    out: npt.NDArray[np.uint8] = lut[codes]
     if pp is not None:
         grey = pp[..., :3].astype(np.float32).mean(axis=-1)
         faded = (150 + grey * (100 / 255)).astype(np.uint8)  # light: errors stand out against it
@@ -85,9 +76,7 @@ def error_image(codes: np.ndarray, pp: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def _class_handles(table: ClassTable, zero_label: str = "0: no truth / not classified"):
-    from matplotlib.patches import Patch
-
+def _class_handles(table: ClassTable, zero_label: str = "0: no truth / not classified") -> list[Patch]:
     handles = [Patch(facecolor=c.color, edgecolor="0.25", label=c.name) for c in table.classes]
     handles.append(Patch(facecolor=UNCLASSIFIED_COLOR, edgecolor="0.25", label=zero_label))
     return handles
@@ -141,21 +130,20 @@ def plot_confusion(cm: np.ndarray, table: ClassTable, path: PathLike, title: str
     metrics = metrics_from_confusion(cm, table)
     heading = title or "Confusion matrix"
     fig.suptitle(
-        f"{heading}\nrow-normalised %   mean IoU {metrics.mean_iou:.3f}   accuracy {100 * metrics.pixel_accuracy:.2f}%   {int(cm[1:].sum()):,} px",
+        f"{heading}\nrow-normalised %   mean IoU {metrics.mean_iou:.3f}   "
+        f"accuracy {100 * metrics.pixel_accuracy:.2f}%   {int(cm[1:].sum()):,} px",
         fontsize=11,
     )
     _save(fig, path)
 
 
-def _hatched_cell(row: int, ncol: int):
-    from matplotlib.patches import Rectangle
-
+def _hatched_cell(row: int, ncol: int) -> Rectangle:
     return Rectangle((-0.5, row - 0.5), ncol, 1, facecolor="0.92", hatch="//", edgecolor="0.7", linewidth=0)
 
 
 # --- per-class bars --------------------------------------------------------------------------
 
-MetricSource = Union[EvaluationReport, SegmentationMetrics]
+MetricSource: TypeAlias = "EvaluationReport | SegmentationMetrics"
 
 
 def _metrics_of(source: MetricSource, void_excluded: bool) -> SegmentationMetrics:
@@ -231,8 +219,6 @@ def plot_per_class_bars(
         ax.grid(axis="y", color="0.9")
         ax.set_axisbelow(True)
     if len(models) > 1:
-        from matplotlib.patches import Patch
-
         fig.legend(
             handles=[Patch(facecolor=palette[k], label=m) for k, m in enumerate(models)],
             loc="upper right",
@@ -247,6 +233,7 @@ def plot_per_class_bars(
 
 
 def _model_colors(count: int) -> list[str]:
+    """One colour per model: matplotlib's tab10 colours, red last (cycled beyond ten models)."""
     base = [
         "#1f77b4",
         "#ff7f0e",
@@ -304,7 +291,8 @@ def plot_fractions_scatter(
     ax.legend(loc="upper left", bbox_to_anchor=(1.03, 1.0), frameon=False, fontsize=9)
     overall = f"R² {stats.r2_overall:.3f}" if np.isfinite(stats.r2_overall) else "R² n/a"
     fig.suptitle(
-        f"{title or 'Mineral fractions per section'}\n{overall}   RMSE {100 * stats.rmse_overall:.2f} % points   {stats.n_sections} section(s)",
+        f"{title or 'Mineral fractions per section'}\n{overall}   "
+        f"RMSE {100 * stats.rmse_overall:.2f} % points   {stats.n_sections} section(s)",
         fontsize=11,
     )
     _save(fig, path)
@@ -331,9 +319,9 @@ def plot_section_overlay(
     if truth.shape != pred.shape:
         raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in size")
     full_codes_counts = _code_counts(truth, pred, keep)
-    small_truth, small_pred = preview(truth, max_side), preview(pred, max_side)
-    small_keep = preview(np.asarray(keep, bool), max_side) if keep is not None else None
-    small_pp = preview(pp, max_side) if pp is not None else None
+    small_truth, small_pred = shrink(truth, max_side), shrink(pred, max_side)
+    small_keep = shrink(np.asarray(keep, bool), max_side) if keep is not None else None
+    small_pp = shrink(pp, max_side) if pp is not None else None
     codes = error_codes(small_truth, small_pred, small_keep)
     panels = []
     if small_pp is not None:
@@ -360,8 +348,6 @@ def plot_section_overlay(
         ax.set_yticks([])
         for spine in ax.spines.values():
             spine.set_color("0.5")
-
-    from matplotlib.patches import Patch
 
     fig.legend(
         handles=_class_handles(table),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from scipy.ndimage import gaussian_filter
 
 from thinseg.synth.noise import smooth_noise
@@ -223,16 +224,19 @@ def _body_key_strip(xw: np.ndarray, yw: np.ndarray, gid: np.ndarray, grains: Gra
         a, b = uu / ee * c, vv * ee * s
         key.ravel()[rhomb] = np.maximum(np.abs(a + b), np.abs(a - b)) * _RHOMB_AREA_MATCH
     key /= grains.radius[gid]
-    return key
+    result: npt.NDArray[np.float32] = key
+    return result
 
 
 def _body_threshold(key: np.ndarray, inter_fraction: float) -> np.float32:
     """Key value below which a pixel is grain, chosen so that `inter_fraction` of the area is left over."""
     sample = key.ravel()[:: max(1, key.size // 400_000)]
+    threshold: np.float32
     if inter_fraction <= 0:
-        return np.float32(sample.max() * 1.05 + 1e-6)
-    inter_fraction = min(inter_fraction, 0.98)
-    return np.float32(np.quantile(sample, 1.0 - inter_fraction))
+        threshold = np.float32(sample.max() * 1.05 + 1e-6)
+    else:
+        threshold = np.float32(np.quantile(sample, 1.0 - min(inter_fraction, 0.98)))
+    return threshold
 
 
 def _fill_intergranular(

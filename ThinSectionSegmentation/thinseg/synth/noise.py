@@ -8,6 +8,7 @@ bilinearly: cost stays proportional to the number of output pixels whatever the 
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 from scipy.ndimage import gaussian_filter
 
 
@@ -44,7 +45,8 @@ def white_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     out += raw[1]
     out -= 255.0
     out *= np.float32(1.0 / 104.5)
-    return out.reshape(shape)
+    noise: npt.NDArray[np.float32] = out.reshape(shape)
+    return noise
 
 
 def blur(image: np.ndarray, sigma: float) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import numpy.typing as npt
 
 #: Standard thin-section thickness (nm).
 THICKNESS_NM = 30_000.0
@@ -67,7 +68,8 @@ def interference_lut() -> np.ndarray:
     # photographs of real charts are less saturated than the ideal colorimetric result
     grey = rgb @ np.array([0.2126, 0.7152, 0.0722])
     rgb = 0.75 * rgb + 0.25 * grey[:, None]
-    return rgb.astype(np.float32)
+    lut: npt.NDArray[np.float32] = rgb.astype(np.float32)
+    return lut
 
 
 @lru_cache(maxsize=1)
@@ -79,7 +81,7 @@ def interference_colour(retardation_nm: np.ndarray, extinction_angle: np.ndarray
     """(3, n) linear colour of n pixels from their retardation (nm) and vibration angle (rad)."""
     index = np.clip(retardation_nm, 0, MAX_RETARDATION_NM).astype(np.intp)
     brightness = np.sin(2.0 * extinction_angle, dtype=np.float32) ** 2
-    out = np.take(_lut_channels_first(), index, axis=1)
+    out: npt.NDArray[np.float32] = np.take(_lut_channels_first(), index, axis=1)
     out *= brightness
     return out
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
-from thinseg.classes.table import ClassTable, qemscan_palette, rgb_to_hex
+from thinseg.classes.files import qemscan_palette
+from thinseg.classes.table import ClassTable, rgb_to_hex
 from thinseg.synth.grains import CALCITE, CLAY, DOLOMITE, FELDSPAR, OTHERS, PORE, QUARTZ
 
 #: QEMSCAN minerals in map-value order (1, 2, ...) and the class (label value) each belongs to.
@@ -55,7 +57,7 @@ def fine_qemscan_values(labels: np.ndarray, gid: np.ndarray, subtype: np.ndarray
     for value, (_name, cls) in enumerate(QEMSCAN_MINERALS, 1):
         if value != _K_FELDSPAR:
             lut[cls] = value
-    out = lut[labels]
+    out: npt.NDArray[np.uint8] = lut[labels]
     others = np.flatnonzero(labels.ravel() == OTHERS)
     feldspar = subtype[gid.ravel()[others]] == FELDSPAR
     out.ravel()[others[feldspar]] = _K_FELDSPAR

@@ -13,13 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from thinseg.synth.grains import CALCITE, CLAY, DOLOMITE, FELDSPAR, OPAQUE, OTHERS, PORE, QUARTZ, Geometry
 from thinseg.synth.noise import blur, blur_reach, smooth_noise, white_noise
 from thinseg.synth.optics import BIREFRINGENCE, THICKNESS_NM, interference_colour, linear_to_srgb255
 
+#: Colour channels as a float32 (3, n) array, one column per pixel.
+Channels = npt.NDArray[np.float32]
+
 #: PP base colours (sRGB).
-PP_COLOUR = {
+PP_COLOUR: dict[int | str, tuple[float, ...]] = {
     CALCITE: (226, 220, 209),
     DOLOMITE: (219, 209, 190),
     CLAY: (178, 166, 126),
@@ -87,14 +91,15 @@ class GrainOptics:
     core: np.ndarray  # dolomite cloudy-core size (key units)
     cloud: np.ndarray  # cloudiness strength
     rim_at: np.ndarray  # quartz dust-rim position (key units), 0 = none
-    palette: dict  # this section's PP base colours: PP_COLOUR with a small random cast
+    palette: dict[int | str, tuple[float, ...]]  # this section's PP base colours: PP_COLOUR with a small random cast
 
 
 def draw_optics(rng: np.random.Generator, n: int, res: float) -> GrainOptics:
     """`res` = pixels per reference pixel (1.32 um): keeps twin and cleavage spacings physical."""
 
-    def u(lo: float, hi: float, size=n) -> np.ndarray:
-        return rng.uniform(lo, hi, size).astype(np.float32)
+    def u(lo: float, hi: float, size: int | tuple[int, int] = n) -> npt.NDArray[np.float32]:
+        values: npt.NDArray[np.float32] = rng.uniform(lo, hi, size).astype(np.float32)
+        return values
 
     return GrainOptics(
         ext=u(0, np.pi),
@@ -120,11 +125,11 @@ def draw_optics(rng: np.random.Generator, n: int, res: float) -> GrainOptics:
 
 #: Per-section colour-cast spread of each PP base colour: dyes and clays vary between
 #: laboratories, colourless minerals only with the light.
-_HUE_SPREAD = {PORE: 0.05, CLAY: 0.04, "feldspar": 0.015}
+_HUE_SPREAD: dict[int | str, float] = {PORE: 0.05, CLAY: 0.04, "feldspar": 0.015}
 
 
-def _draw_palette(rng: np.random.Generator) -> dict:
-    palette = {}
+def _draw_palette(rng: np.random.Generator) -> dict[int | str, tuple[float, ...]]:
+    palette: dict[int | str, tuple[float, ...]] = {}
     for name, colour in PP_COLOUR.items():
         factor = rng.normal(1.0, 0.03) * rng.normal(1.0, _HUE_SPREAD.get(name, 0.006), 3)
         palette[name] = tuple(np.clip(np.asarray(colour) * factor, 0, 255))
@@ -148,7 +153,7 @@ def render(rng: np.random.Generator, geom: Geometry, res: float) -> tuple[np.nda
         strip_labels = geom.labels[r0 : r0 + rows].ravel()
         for cls, fn in _RENDERERS.items():
             idx = np.flatnonzero(strip_labels == cls) + r0 * w
-            if cls == OTHERS:
+            if fn is None:  # Others: opaque grains and K-feldspar are drawn differently
                 sub = geom.grains.subtype[geom.gid.ravel()[idx]]
                 for kind, fn_kind in ((OPAQUE, _opaque), (FELDSPAR, _feldspar)):
                     _paint(fn_kind, idx[sub == kind], geom, optics, fields, res, pp, xp)
@@ -168,7 +173,7 @@ def render(rng: np.random.Generator, geom: Geometry, res: float) -> tuple[np.nda
     return pp_u8, _finish(rng, xp, camera, encode=True)
 
 
-Renderer = Callable[["Pixels", Geometry, GrainOptics, Fields, float], tuple[np.ndarray, np.ndarray]]
+Renderer = Callable[["Pixels", Geometry, GrainOptics, Fields, float], tuple[Channels, Channels]]
 
 
 def _paint(
@@ -201,46 +206,49 @@ def _paint(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _base(colour: tuple[int, int, int], px: Pixels, optics: GrainOptics) -> np.ndarray:
-    out = np.take(optics.tint, px.g, axis=1)
+def _base(colour: tuple[float, ...], px: Pixels, optics: GrainOptics) -> Channels:
+    out: Channels = np.take(optics.tint, px.g, axis=1)
     out *= _col(colour)
     return out
 
 
-def _flat(colour: tuple[int, int, int], n: int) -> np.ndarray:
+def _flat(colour: tuple[float, ...], n: int) -> Channels:
     return np.repeat(_col(colour), n, axis=1)
 
 
-def _edge_thinning(px: Pixels, geom: Geometry, res: float) -> np.ndarray:
+def _edge_thinning(px: Pixels, geom: Geometry, res: float) -> npt.NDArray[np.float32]:
     """Relative section thickness: grains wedge out over a few microns at their free edges,
     which lowers the retardation there (coloured fringes around carbonates)."""
     width_key = (3.0 * res) / geom.grains.radius[px.g]
-    return np.clip((1.0 - px.key) / width_key, 0.15, 1.0)
+    thickness: npt.NDArray[np.float32] = np.clip((1.0 - px.key) / width_key, 0.15, 1.0)
+    return thickness
 
 
 def _retardation(mineral: str, sin2phi: np.ndarray) -> np.ndarray:
     return (THICKNESS_NM * BIREFRINGENCE[mineral]) * sin2phi
 
 
-def _sweep(px: Pixels, geom: Geometry, optics: GrainOptics) -> np.ndarray:
+def _sweep(px: Pixels, geom: Geometry, optics: GrainOptics) -> npt.NDArray[np.float32]:
     """Undulose extinction: the vibration direction rotates across strained grains."""
     gr = geom.grains
     d = optics.sweep_dir[px.g]
     along = ((px.x - gr.cx[px.g]) * np.cos(d) + (px.y - gr.cy[px.g]) * np.sin(d)) / gr.radius[px.g]
-    return optics.undulose[px.g] * along
+    sweep: npt.NDArray[np.float32] = optics.undulose[px.g] * along
+    return sweep
 
 
-def _hash01(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _hash01(a: np.ndarray, b: np.ndarray) -> npt.NDArray[np.float32]:
     """Reproducible pseudo-random [0, 1) from two integer arrays (no float trigonometry)."""
     v = (a * 73856093) ^ (b * 19349663)
     v = (v ^ (v >> 13)) * 1274126177
-    return ((v >> 7) & 1023).astype(np.float32) / 1024.0
+    unit: npt.NDArray[np.float32] = ((v >> 7) & 1023).astype(np.float32) / 1024.0
+    return unit
 
 
 # ----------------------------------------------------------------------------- minerals
 
 
-def _calcite(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float):
+def _calcite(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float) -> tuple[Channels, Channels]:
     """Clear PP with rhombohedral cleavage traces; XP high-order creamy white with pastel
     fringes and polysynthetic twin lamellae (one or two sets) at a grain-specific angle."""
     g = px.g
@@ -262,7 +270,7 @@ def _calcite(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: fl
     return pp, xp
 
 
-def _lamellae(px: Pixels, k: int, optics: GrainOptics, wobble: np.ndarray) -> np.ndarray:
+def _lamellae(px: Pixels, k: int, optics: GrainOptics, wobble: np.ndarray) -> npt.NDArray[np.bool_]:
     """Twin set k: straight parallel lamellae of irregular width and spacing (some slots empty),
     from an integer hash of (slot, grain) so the pattern is exactly reproducible."""
     g = px.g
@@ -271,10 +279,11 @@ def _lamellae(px: Pixels, k: int, optics: GrainOptics, wobble: np.ndarray) -> np
     slot = np.floor(s)
     h = _hash01(slot.astype(np.int64), g.astype(np.int64) * 2 + k)
     width = optics.twin_duty[k][g] * (0.3 + 1.4 * h)
-    return ((s - slot) < width) & (h > 0.3) & (optics.twin[k][g] > 0)
+    inside: npt.NDArray[np.bool_] = ((s - slot) < width) & (h > 0.3) & (optics.twin[k][g] > 0)
+    return inside
 
 
-def _cleavage(px: Pixels, optics: GrainOptics, f: Fields) -> np.ndarray:
+def _cleavage(px: Pixels, optics: GrainOptics, f: Fields) -> npt.NDArray[np.float32]:
     """Anti-aliased thin lines (two rhombohedral sets 75 deg apart), interrupted by `medium` noise."""
     out = np.zeros(px.n, np.float32)
     for offset in (0.0, 1.309):
@@ -283,10 +292,11 @@ def _cleavage(px: Pixels, optics: GrainOptics, f: Fields) -> np.ndarray:
         s = (px.x * np.cos(angle) + px.y * np.sin(angle)) / period
         dist = np.abs(s - np.round(s)) * period
         np.maximum(out, np.clip(1.0 - dist / 0.9, 0.0, 1.0), out=out)
-    return out * (f.medium[px.idx] > -0.1)
+    lines: npt.NDArray[np.float32] = out * (f.medium[px.idx] > -0.1)
+    return lines
 
 
-def _dolomite(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float):
+def _dolomite(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float) -> tuple[Channels, Channels]:
     """Rhombs with a cloudy (inclusion-rich) brownish core and clear rim, faint growth zoning;
     XP high-order like calcite but without twins, some with sweeping extinction."""
     g = px.g
@@ -302,7 +312,7 @@ def _dolomite(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: f
     return pp, xp
 
 
-def _quartz(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float):
+def _quartz(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float) -> tuple[Channels, Channels]:
     """Clear, low relief, a few fluid inclusions, some with a dusty rim under an overgrowth;
     XP first-order grey to white/pale yellow, extinct grains dark, some undulose."""
     g = px.g
@@ -317,7 +327,7 @@ def _quartz(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: flo
     return pp, xp
 
 
-def _clay(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float):
+def _clay(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float) -> tuple[Channels, Channels]:
     """Mg-clay (stevensite/kerolite-like) matrix and peloids: pale brown-green, mottled; XP a dim
     speckled aggregate of first-order colours (many tiny crystals)."""
     pp = _flat(optics.palette[CLAY], px.n)
@@ -332,21 +342,21 @@ def _clay(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float
     return pp, xp
 
 
-def _pore(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float):
+def _pore(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float) -> tuple[Channels, Channels]:
     """Blue-dyed epoxy: blue in PP, isotropic hence black between crossed polars."""
     pp = _flat(optics.palette[PORE], px.n)
     pp += (5.0 * f.large[px.idx] + 1.5 * f.fine[px.idx]) * _col((0.6, 0.8, 1.0))
     return pp, np.full((3, px.n), 0.002, np.float32)
 
 
-def _opaque(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float):
+def _opaque(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float) -> tuple[Channels, Channels]:
     """Opaque grains (pyrite, oxides): black in both PP and XP."""
     pp = _flat(optics.palette["opaque"], px.n)
     pp += 3.0 * f.fine[px.idx]
     return pp, np.full((3, px.n), 0.001, np.float32)
 
 
-def _feldspar(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float):
+def _feldspar(px: Pixels, geom: Geometry, optics: GrainOptics, f: Fields, res: float) -> tuple[Channels, Channels]:
     """K-feldspar: turbid brownish-grey PP (clay alteration), first-order grey XP, simple twin
     splitting the grain in two halves with different extinction."""
     g = px.g

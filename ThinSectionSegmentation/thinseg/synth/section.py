@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from thinseg.classes.table import ClassTable
 from thinseg.synth.grains import build_geometry
@@ -34,7 +35,7 @@ REFERENCE_MM_PER_PIXEL = 0.00132
 
 @dataclass
 class SyntheticSection:
-    """A generated section. `labels` use the class order of `thinseg.classes.table.default_class_table()`.
+    """A generated section. `labels` use the class order of `thinseg.classes.files.default_class_table()`.
 
     qemscan_to_image is the 3x3 matrix A with [x_img, y_img, 1]^T = A @ [x_q, y_q, 1]^T in
     pixel-centre coordinates (pixel (i, j) centre: x = j, y = i); see `thinseg.synth.qemscan_like`.
@@ -125,4 +126,5 @@ def render_labels_rgb(
 ) -> np.ndarray:
     """(H, W, 3) uint8 colour picture of a label map (value k -> colour of class k, 0 -> background)."""
     lut = np.array(table.lut(background), np.uint8)
-    return lut[np.minimum(labels, len(lut) - 1)]
+    picture: npt.NDArray[np.uint8] = lut[np.minimum(labels, len(lut) - 1)]
+    return picture

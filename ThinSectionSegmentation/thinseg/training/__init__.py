@@ -1,11 +1,12 @@
-"""Training of thin-section segmentation U-Nets (issue 3): sections -> GeoSlicer bundle.
+"""Training of thin-section segmentation U-Nets: labelled sections in, a GeoSlicer model bundle out.
 
     from thinseg.training import TrainConfig, train, synthetic_sections
     result = train(TrainConfig(output_dir=..., train_sections=..., val_sections=...))
 
-Modules: sections (data sources), mapping (QEMSCAN names -> classes), prepare/cache (targets
-and patch maps), sampler (class balance), augment, dataset (patch streams), losses, model,
-validate, export, checkpoint, curves, split, loop (the run).
+Modules: config (settings and results), prepare/cache (targets and patch maps), sampler (class
+balance), augment, dataset (patch streams), losses, model, validate, export, checkpoint, curves,
+split, loop (the run). Sections and the QEMSCAN-name-to-class mapping come from `thinseg.data`
+and are re-exported here for convenience.
 """
 
 from thinseg.data.mapping import build_mapping, default_mapping, load_mapping_csv

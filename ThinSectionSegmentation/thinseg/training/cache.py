@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+
+from thinseg.io.atomic import atomic_output
 
 #: Bump when the meaning of cached arrays changes.
 CACHE_VERSION = 2
@@ -46,26 +48,28 @@ class ArrayCache:
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
-    def load_array(self, key: str, mmap: bool = True) -> np.ndarray | None:
+    def load_array(self, key: str, mmap: bool = True) -> npt.NDArray[Any] | None:
         """A cached (H, W) array, memory-mapped so that big label maps stay on disk."""
         path = self._path(key, ".npy")
         if path is None or not path.is_file():
             return None
         try:
-            return np.load(path, mmap_mode="r" if mmap else None)
+            array: npt.NDArray[Any] = np.load(path, mmap_mode="r" if mmap else None)
         except (OSError, ValueError):
-            return None  # truncated by a crash: recompute
+            return None  # truncated or unreadable: recompute
+        return array
 
-    def save_array(self, key: str, array: np.ndarray) -> None:
+    def save_array(self, key: str, array: npt.NDArray[Any]) -> None:
+        """Store one array as `<key>.npy`, all or nothing (readers never see half a file)."""
         path = self._path(key, ".npy")
         if path is None:
             return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        # a file object, not a name: np.save would append ".npy" to the temporary name
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
             np.save(f, array)
-        os.replace(tmp, path)
 
-    def load_arrays(self, key: str) -> dict[str, np.ndarray] | None:
+    def load_arrays(self, key: str) -> dict[str, npt.NDArray[Any]] | None:
+        """The arrays of a `save_arrays` entry, read into memory; None if absent or unreadable."""
         path = self._path(key, ".npz")
         if path is None or not path.is_file():
             return None
@@ -75,13 +79,15 @@ class ArrayCache:
         except (OSError, ValueError):
             return None
 
-    def save_arrays(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+    def save_arrays(self, key: str, arrays: Mapping[str, npt.NDArray[Any]]) -> None:
+        """Store named arrays as `<key>.npz`, all or nothing."""
         path = self._path(key, ".npz")
         if path is None:
             return
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        # a file object: np.savez would append ".npz" to the temporary name; allow_pickle is numpy's
+        # default, named so that the type checker does not take an array for it
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, allow_pickle=True, **arrays)
 
     def _path(self, key: str, suffix: str) -> Path | None:
         return None if self.folder is None else self.folder / f"{key}{suffix}"

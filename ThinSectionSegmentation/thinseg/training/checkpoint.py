@@ -1,35 +1,32 @@
 """Per-epoch checkpoints: everything needed to continue a run exactly where it stopped.
 
-Written to a temporary file and renamed, so Ctrl-C or a killed process mid-write leaves the
-previous checkpoint intact: an interruption costs at most the epoch in progress. Contents are
-tensors and plain values only, so it loads with `weights_only=True`.
+Written all or nothing (a temporary file renamed at the end), so Ctrl-C or a killed process
+mid-write leaves the previous checkpoint intact: an interruption costs at most the epoch in
+progress. Contents are tensors and plain values only, so it loads with `weights_only=True`.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from thinseg.errors import ThinSegError
+from thinseg.io.atomic import atomic_output
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """`torch.save(state)` to `path`; an interrupted write leaves the previous file as it was."""
+    with atomic_output(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by `save_checkpoint`, loaded with `weights_only=True` onto the CPU."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure means the file is unusable
@@ -42,13 +39,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
+    """The torch (and CUDA) random generator states, so a resumed run draws what it would have."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back what `rng_state` saved (CUDA states only where CUDA is available)."""
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from thinseg.classes.table import ClassTable, default_class_table
+from thinseg.classes.files import default_class_table
+from thinseg.classes.table import ClassTable
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 

@@ -5,25 +5,25 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from thinseg.io.atomic import atomic_output
+
 
 def write_log_csv(path: Path, history: Sequence[dict[str, Any]]) -> Path:
+    """One row per epoch, columns in order of first appearance; written all or nothing."""
     columns: list[str] = []
     for row in history:
         for key in row:
             if key not in columns:
                 columns.append(key)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in history:
             writer.writerow({k: _fmt(row.get(k)) for k in columns})
-    os.replace(tmp, path)
     return path
 
 
@@ -39,6 +39,7 @@ def plot_curves(path: Path, history: Sequence[dict[str, Any]]) -> Path | None:
     """Loss (left) and validation mean IoU (right) against epoch."""
     if not history:
         return None
+    # deferred: matplotlib costs ~0.4 s at import, paid only once the first epoch has ended
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -59,7 +60,6 @@ def plot_curves(path: Path, history: Sequence[dict[str, Any]]) -> Path | None:
     ax_iou.set_ylabel("validation mean IoU")
     ax_iou.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")  # the temporary name has no ".png" to tell matplotlib
     return path

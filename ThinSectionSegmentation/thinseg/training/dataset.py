@@ -13,14 +13,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from thinseg.errors import ThinSegError
 from thinseg.inference.resample import nearest_index
 from thinseg.training.augment import PatchAugment, apply_geometry, draw_augment
 from thinseg.training.config import AugmentConfig
-from thinseg.training.prepare import PreparedSection
 from thinseg.training.sampler import BalancedSampler
+from thinseg.training.targets import PreparedSection
+
+#: One training sample: image uint8 (C, P, P), target uint8 (P, P), colour jitter (n_images, 6).
+Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -31,7 +35,7 @@ class StreamStats:
     drawn_for: np.ndarray  # how many patches were drawn for each class (index 0 = uniform)
 
 
-class PatchStream(IterableDataset):
+class PatchStream(IterableDataset[Sample]):
     """Yields (image uint8 (C, P, P), target uint8 (P, P), jitter float32 (n_images, 6)) with
     C = 3 x len(roles); the jitter is applied batch-wise by `augment.colour_jitter`."""
 
@@ -76,14 +80,15 @@ class PatchStream(IterableDataset):
     def worker_batches(self, worker: int, n_workers: int) -> int:
         return len(range(worker, self.steps, n_workers))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         yield from self.stream(worker, n_workers)
 
-    def stream(self, worker: int = 0, n_workers: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def stream(self, worker: int = 0, n_workers: int = 1) -> Iterator[Sample]:
         rng = np.random.default_rng([self.seed, self.epoch, worker])
-        sampler = BalancedSampler([s.index for s in self.sections], self.strength, rng)  # type: ignore[misc]
+        indexes = [s.index for s in self.sections if s.index is not None]  # all of them: checked in __init__
+        sampler = BalancedSampler(indexes, self.strength, rng)
         drawn = np.zeros(self.n_classes + 1, np.int64)
         try:
             for _ in range(self.worker_batches(worker, n_workers) * self.batch_size):
@@ -100,14 +105,19 @@ class PatchStream(IterableDataset):
         """Read the window at (y, x) (zoomed about its centre), resize to the patch size, rotate/flip."""
         p = self.patch_size
         h, w = prepared.target.shape
-        footprint = prepared.index.footprint  # type: ignore[union-attr]
+        assert prepared.index is not None  # checked in __init__
+        footprint = prepared.index.footprint
         size = int(round(footprint * aug.zoom))
         size = max(8, min(size, h, w))
         cy, cx = y + footprint / 2.0, x + footprint / 2.0
         y0 = int(min(max(round(cy - size / 2.0), 0), h - size))
         x0 = int(min(max(round(cx - size / 2.0), 0), w - size))
         target = np.asarray(prepared.target[y0 : y0 + size, x0 : x0 + size])
-        images = [prepared.section.source(r).read(y0, y0 + size, x0, x0 + size) for r in self.roles]  # type: ignore[union-attr]
+        images = []
+        for role in self.roles:
+            source = prepared.section.source(role)
+            assert source is not None  # checked in __init__
+            images.append(source.read(y0, y0 + size, x0, x0 + size))
         if size != p:
             rows, cols = nearest_index(p, size), nearest_index(p, size)
             target = target[rows][:, cols]
@@ -122,12 +132,10 @@ class PatchStream(IterableDataset):
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of a uint8 (h, w, 3) image to size x size (PIL widens the filter when
     shrinking, i.e. antialiases, and works on uint8 directly: ~10x faster than float torch)."""
-    from PIL import Image
-
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 
 
-def make_loader(stream: PatchStream, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+def make_loader(stream: PatchStream, num_workers: int = 0, pin_memory: bool = False) -> DataLoader[Sample]:
     """Batches of `stream`; each batch comes whole from one worker (reproducible order)."""
     return DataLoader(
         stream,

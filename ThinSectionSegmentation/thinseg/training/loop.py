@@ -8,12 +8,11 @@ last finished epoch and redoes at most one.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from thinseg.data.sections import Section, canonical_role, open_sections
 from thinseg.errors import ThinSegError
 from thinseg.inference.device import cpu_has_native_bf16, select_device
+from thinseg.jsonio import finite, write_json
 from thinseg.model.bundle import load_bundle
 from thinseg.training.augment import colour_jitter
 from thinseg.training.cache import ArrayCache
@@ -34,8 +34,8 @@ from thinseg.training.dataset import PatchStream, make_loader
 from thinseg.training.export import bundle_input_names, export_bundle
 from thinseg.training.losses import dice_ce_loss
 from thinseg.training.model import ModelSpec, model_from_bundle, new_model
-from thinseg.training.prepare import PreparedSection, prepare_sections
 from thinseg.training.split import apply_split, load_split, save_split, split_names
+from thinseg.training.targets import PreparedSection, prepare_sections
 from thinseg.training.validate import ValSection, make_val_sections, validate
 
 LOG_FILE = "training_log.csv"
@@ -89,19 +89,6 @@ def make_optimizer(network: torch.nn.Module, lr: float, weight_decay: float) -> 
         return torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> None so meta.json stays strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.integer, np.floating)):
-        return _json_safe(value.item())
-    return value
 
 
 class TrainingRun:
@@ -218,7 +205,7 @@ class TrainingRun:
             val_fraction=c.val_fraction,
             test_fraction=c.test_fraction,
         )
-        return parts  # type: ignore[return-value]
+        return parts
 
     def _pixels_per_mm(self) -> float:
         c = self.config
@@ -244,7 +231,7 @@ class TrainingRun:
             cell=c.sampler_cell,
             cache=self.cache,
         )
-        total = sum(p.class_pixels for p in prepared)
+        total = sum((p.class_pixels for p in prepared), np.zeros(len(self.class_table), np.int64))
         if not np.any(total):
             raise ThinSegError("the training label maps hold no pixel of any model class (check the mapping table)")
         absent = [n for n, k in zip(self.class_table.names, total) if k == 0]
@@ -273,7 +260,7 @@ class TrainingRun:
         c = self.config
         net = self.spec.network.to(self.device)
         if c.channels_last:
-            net = net.to(memory_format=torch.channels_last)
+            net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stub
         self.network = net.train()
         self.optimizer = make_optimizer(net, c.lr, c.weight_decay)
         total = c.epochs * c.steps_per_epoch
@@ -351,7 +338,8 @@ class TrainingRun:
             test_metrics=test_metrics,
         )
 
-    def _autocast(self):
+    def _autocast(self) -> AbstractContextManager[Any]:
+        """Mixed precision around the forward pass when a reduced precision was chosen."""
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -413,7 +401,7 @@ class TrainingRun:
         if not torch.isfinite(loss):
             self.scheduler.step()
             return float("nan")
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
         if c.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), c.grad_clip)
@@ -453,25 +441,26 @@ class TrainingRun:
     def _keep_best(self, row: dict[str, Any]) -> bool:
         """Export when validation improved (or every epoch without validation); True = stop early."""
         c = self.config
-        iou = row.get("val_mean_iou")
-        has_val = iou is not None and math.isfinite(iou)
+        value = row.get("val_mean_iou")
+        iou = float(value) if value is not None and math.isfinite(value) else None
+        has_val = iou is not None
         best = self.best["mean_iou"]
-        improved = (not has_val) or best is None or iou > best + c.min_delta
+        improved = iou is None or best is None or iou > best + c.min_delta
         summary = (
             f"epoch {row['epoch']}/{c.epochs}: loss {row['train_loss']:.4f}, {row['train_samples_per_s']:.1f} samples/s"
         )
         if has_val:
             summary += f", val mean IoU {iou:.4f}"
         if improved:
-            metrics = _json_safe(self._last_metrics) if has_val else None
+            metrics = finite(self._last_metrics) if has_val else None
             if metrics is not None:
                 metrics = {
                     "epoch": row["epoch"],
                     "sections": [v.prepared.name for v in self.val_sections],
                     **metrics,
-                    "per_class_iou": {n: _json_safe(row[f"val_iou_{n}"]) for n in self.class_table.names},
+                    "per_class_iou": {n: finite(row[f"val_iou_{n}"]) for n in self.class_table.names},
                 }
-            self.best = {"epoch": row["epoch"], "mean_iou": float(iou) if has_val else None, "metrics": metrics}
+            self.best = {"epoch": row["epoch"], "mean_iou": iou, "metrics": metrics}
             self.bad_epochs = 0
             self.model_dir = self._export()
             summary += " (best: exported)"
@@ -483,8 +472,8 @@ class TrainingRun:
     def _export(self) -> Path:
         c = self.config
         parts = self.parts
-        class_pixels = sum(p.class_pixels for p in self.train_sections)
-        training = _json_safe(
+        class_pixels = sum((p.class_pixels for p in self.train_sections), np.zeros(len(self.class_table), np.int64))
+        training = finite(
             {
                 "data": {
                     "train_sections": [s.name for s in parts["train"]],
@@ -555,7 +544,7 @@ class TrainingRun:
             precision=_precision_name(self.amp_dtype),
             first_label=bundle.first_label,
         )
-        record = _json_safe(
+        record: dict[str, Any] = finite(
             {
                 "model": str(self.model_dir),
                 "epoch": self.best["epoch"],
@@ -563,7 +552,7 @@ class TrainingRun:
                 **metrics.to_dict(),
             }
         )
-        (self.out / TEST_METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_json(self.out / TEST_METRICS_FILE, record)
         self.log(f"test mean IoU {metrics.mean_iou:.4f} on {len(prepared)} held-out section(s)")
         return record
 
@@ -578,8 +567,8 @@ class TrainingRun:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "history": _json_safe(self.history),
-                "best": _json_safe(self.best),
+                "history": finite(self.history),
+                "best": finite(self.best),
                 "bad_epochs": self.bad_epochs,
                 "stopped_early": stopped,
                 "rng": rng_state(),
@@ -599,7 +588,7 @@ class TrainingRun:
 
     def _resume(self) -> dict[str, Any]:
         state = load_checkpoint(self.checkpoint_path)
-        if state.get("identity") != _json_safe(self._identity()):
+        if state.get("identity") != finite(self._identity()):
             raise ThinSegError(
                 "cannot resume: the network, classes, inputs or patch size differ from the checkpoint",
                 self.checkpoint_path,

@@ -1,9 +1,11 @@
-"""The network to train: the seed paper's MONAI residual U-Net, or a bundle to fine-tune.
+"""The network to train: MONAI's residual U-Net (the network of GeoSlicer's thin-section
+segmentation models), or an existing bundle to fine-tune.
 
 Default (depth 5, base 16): channels 16-32-64-128-256, strides 2, 2 residual units per block,
 batch norm. Outputs are N + 1: channel 0 = "not classified" (never a training target), channel
-k = class k, the layout thinseg bundles use (ArgmaxTransform first_label 0). Parameters are kept as plain values so the bundle's config can rebuild the network
-in GeoSlicer (`monai.networks.nets.UNet(**params)`).
+k = class k, the layout thinseg bundles use (ArgmaxTransform first_label 0). Parameters are kept
+as plain values so the bundle's config can rebuild the network in GeoSlicer
+(`monai.networks.nets.UNet(**params)`).
 """
 
 from __future__ import annotations

@@ -11,12 +11,16 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from thinseg.errors import ThinSegError
+from thinseg.jsonio import write_json
 
 PARTS = ("train", "val", "test")
+
+SectionT = TypeVar("SectionT")
 
 
 def split_names(
@@ -50,13 +54,10 @@ def split_names(
 
 
 def save_split(path: str | os.PathLike[str], split: dict[str, list[str]], **info: object) -> Path:
-    path = Path(path)
-    record = {part: list(split.get(part, [])) for part in PARTS}
+    """Write split.json (the three name lists, then `info` such as the seed), all or nothing."""
+    record: dict[str, object] = {part: list(split.get(part, [])) for part in PARTS}
     record.update(info)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, record)
 
 
 def load_split(path: str | os.PathLike[str]) -> dict[str, list[str]]:
@@ -70,7 +71,7 @@ def load_split(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     return {p: [str(n) for n in record.get(p, [])] for p in PARTS}
 
 
-def apply_split(sections: Sequence[object], split: dict[str, list[str]]) -> dict[str, list[object]]:
+def apply_split(sections: Sequence[SectionT], split: dict[str, list[str]]) -> dict[str, list[SectionT]]:
     """Sections grouped by a saved split (matched by name); every name must be found."""
     by_name = {getattr(s, "name", str(s)): s for s in sections}
     missing = [n for p in PARTS for n in split[p] if n not in by_name]

@@ -11,11 +11,13 @@ import numpy as np
 import torch
 
 from thinseg.classes.table import ClassTable
-from thinseg.inference.engine import InferenceOptions, Segmenter
-from thinseg.inference.resample import ResampledSource, labels_to_grid
+from thinseg.data.sections import Section
+from thinseg.errors import ThinSegError
+from thinseg.inference.engine import InferenceOptions, Segmenter, Source
+from thinseg.inference.resample import segment_at_model_resolution
 from thinseg.metrics import ConfusionAccumulator, SegmentationMetrics, metrics_from_confusion, void_border_mask
 from thinseg.model.transforms import MinMaxTransform
-from thinseg.training.prepare import PreparedSection
+from thinseg.training.targets import PreparedSection
 
 
 @dataclass
@@ -87,13 +89,18 @@ def validate(
     try:
         for val in sections:
             section = val.prepared.section
-            sources = [section.source(r) for r in roles]
-            if val.prepared.scale != 1.0:
-                sources = [ResampledSource(s, 1.0 / val.prepared.scale) for s in sources]
-            labels = segmenter.segment(sources).labels
-            if labels.shape != val.truth.shape:
-                labels = labels_to_grid(labels, val.truth.shape)
+            sources = [_source(section, r) for r in roles]
+            factor = None if val.prepared.scale == 1.0 else 1.0 / val.prepared.scale
+            labels = segment_at_model_resolution(segmenter, sources, factor).labels
             acc.update(np.asarray(val.truth), labels, val.mask)
     finally:
         network.train(was_training)
     return metrics_from_confusion(acc.matrix, class_table)
+
+
+def _source(section: Section, role: str) -> Source:
+    """The section's `role` image (sections are checked for the model's inputs before training)."""
+    source = section.source(role)
+    if source is None:
+        raise ThinSegError(f"validation section {section.name!r} has no {role} image")
+    return source

@@ -1,70 +1,72 @@
-"""Registration and training jobs described by plain JSON, run by `worker.py` in a separate
-process (or in-process from the console). Imports only the core and the standard library: no
-Slicer, no VTK, no Qt, so Slicer's Python can run it as a script.
+"""Registration and training jobs described by a plain JSON file (`job.json`).
 
-A job folder holds `job.json`, the inputs the panel exported (GeoSlicer netCDF) and, when done,
-the outputs; the panel imports them only after the process exits with status 0, so a failed or
-cancelled job leaves the scene as it was.
+A job folder holds `job.json`, the inputs the Slicer panel exported (GeoSlicer netCDF) and,
+when done, the outputs and `summary.json`; the panel imports them only after the process exits
+with status 0, so a failed or cancelled job leaves the scene as it was. Progress goes to stdout
+as "@thinseg {json}" event lines (parsed by the panel's output parser).
+
+Start-up stays light: SimpleITK (registration) and torch (training) are imported by the job
+that needs them, so the Slicer panel can import this module before they are installed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
-from thinseg.jsonio import json_default
+from thinseg.classes.table import ClassTable
+from thinseg.errors import ThinSegError
+from thinseg.io.atomic import write_bytes_atomic
+from thinseg.io.netcdf import NetcdfImageSource, NetcdfWriter, open_netcdf_image, read_labelmap
+from thinseg.jsonio import dumps, write_json
 
+if TYPE_CHECKING:
+    from thinseg.registration.landmark_io import LandmarkPairs
+    from thinseg.registration.stages import RegistrationResult
+    from thinseg.training.config import TrainConfig
+
+#: A job's event sink: `emit(event, **data)`.
 Emit = Callable[..., None]
+#: A job as read from job.json.
+Job = dict[str, Any]
+#: A finished job's summary (also written to summary.json).
+Summary = dict[str, Any]
+
+#: Prefix of the event lines on stdout.
+EVENT_PREFIX = "@thinseg "
 
 
 def emit_stdout(event: str, **data: Any) -> None:
-    """One "@thinseg {json}" line on stdout (parsed by process.OutputParser)."""
-    print("@thinseg " + json.dumps({"event": event, **data}, default=json_default), flush=True)
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf -> None so the JSON is standard."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2, default=json_default), encoding="utf-8")
-    os.replace(tmp, path)
+    """One "@thinseg {json}" line on stdout (standard JSON: NaN/inf as null)."""
+    print(EVENT_PREFIX + dumps({"event": event, **data}), flush=True)
 
 
 # -- registration -------------------------------------------------------------------------------
 
 
 def register_arrays(
-    pp,
-    xp,
-    qemscan_labels,
-    table,
+    pp: npt.NDArray[np.uint8],
+    xp: npt.NDArray[np.uint8] | None,
+    qemscan_labels: npt.NDArray[np.uint8],
+    table: ClassTable,
     *,
     image_mm_per_pixel: float,
     qemscan_mm_per_pixel: float,
-    landmarks=None,
+    landmarks: LandmarkPairs | None = None,
     kind: str = "similarity",
     refine: bool = True,
     bspline: bool = False,
     progress: Callable[[str], None] | None = None,
-):
+) -> RegistrationResult:
     """`thinseg.registration.register_section` with the panel's options."""
-    from thinseg.registration import register_section
+    from thinseg.registration import register_section  # deferred: SimpleITK is loaded only by registration jobs
 
     return register_section(
         pp,
@@ -81,10 +83,11 @@ def register_arrays(
     )
 
 
-def landmark_pairs(job_landmarks: dict | None):
+def landmark_pairs(job_landmarks: dict[str, Any] | None) -> LandmarkPairs | None:
+    """The job's landmark pixels ({"qemscan_px", "image_px", "names"}) as LandmarkPairs."""
     if not job_landmarks:
         return None
-    from thinseg.registration import LandmarkPairs
+    from thinseg.registration import LandmarkPairs  # deferred: the registration package loads SimpleITK
 
     return LandmarkPairs(
         np.asarray(job_landmarks["qemscan_px"], dtype=np.float64).reshape(-1, 2),
@@ -93,43 +96,48 @@ def landmark_pairs(job_landmarks: dict | None):
     )
 
 
-def write_transform(folder: Path, stem: str, result) -> Path:
+def write_transform(folder: Path, stem: str, result: RegistrationResult) -> Path:
     """`<stem>.tfm` (ITK) and `<stem>.json` (thinseg record), readable by output.load_transform."""
-    import SimpleITK as sitk
-
-    from thinseg.registration.output import transform_json
+    # deferred: imports SimpleITK, which only registration jobs need
+    from thinseg.registration.output import transform_bytes, transform_json
 
     tfm, record = folder / f"{stem}.tfm", folder / f"{stem}.json"
-    tmp = folder / f".{stem}.partial.tfm"
-    sitk.WriteTransform(result.transform.itk, str(tmp))
-    os.replace(tmp, tfm)
+    write_bytes_atomic(tfm, transform_bytes(result.transform.itk))
     write_json(record, transform_json(result.transform, result))
     return record
 
 
-def run_register_job(job: dict, folder: Path, emit: Emit = emit_stdout) -> dict:
+def _read_rgb(path: Path, variable: str | None) -> tuple[npt.NDArray[np.uint8] | None, NetcdfImageSource | None]:
+    """The whole RGB image `variable` of a netCDF file and its source (for spacing/origin)."""
+    if not variable:
+        return None, None
+    image = open_netcdf_image(path, variable)
+    try:
+        return image.read(0, image.shape[0]), image
+    finally:
+        image.close()
+
+
+def _pixel_size(value: float | str | None, what: str, source: Path) -> float:
+    """A pixel size in mm from job.json or the file; an error naming the image when unknown."""
+    if value is None:
+        raise ThinSegError(f"the pixel size of the {what} is unknown", source)
+    return float(value)
+
+
+def run_register_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary:
     """Register the QEMSCAN labelmap of `job["input"]` onto its PP image; writes
     `job["output"]` (the registered labelmap on the PP grid, GeoSlicer netCDF), the transform
     (`transform.tfm` + `transform.json`) and `summary.json`."""
-    from thinseg.io.netcdf import NetcdfWriter, open_netcdf_image, read_labelmap
-
     source = folder / job["input"]
-
-    def read_rgb(var: str | None):
-        if not var:
-            return None, None
-        image = open_netcdf_image(source, var)
-        try:
-            return image.read(0, image.shape[0]), image
-        finally:
-            image.close()
-
     emit("stage", text="reading the images")
-    pp, pp_info = read_rgb(job["pp"])
-    xp, _ = read_rgb(job.get("xp"))
+    pp, pp_info = _read_rgb(source, job["pp"])
+    if pp is None or pp_info is None:
+        raise ThinSegError("the job names no PP image", folder / "job.json")
+    xp, _ = _read_rgb(source, job.get("xp"))
     labels, table, q_mm, _origin = read_labelmap(source, job["qemscan"])
-    image_mm = float(job.get("image_mm_per_pixel") or pp_info.mm_per_pixel)
-    qemscan_mm = float(job.get("qemscan_mm_per_pixel") or q_mm)
+    image_mm = _pixel_size(job.get("image_mm_per_pixel") or pp_info.mm_per_pixel, "PP image", source)
+    qemscan_mm = _pixel_size(job.get("qemscan_mm_per_pixel") or q_mm, "QEMSCAN map", source)
     result = register_arrays(
         pp,
         xp,
@@ -147,12 +155,14 @@ def run_register_job(job: dict, folder: Path, emit: Emit = emit_stdout) -> dict:
     out = folder / job["output"]
     origin = pp_info.origin_mm or (0.0, 0.0, 0.0)
     xp_aligned_variable = None
+    if result.labels is None:
+        raise ThinSegError("the registration produced no labelmap", folder)
     with NetcdfWriter(out) as writer:
         writer.add_labelmap(job.get("name") or "QEMSCAN_registered", result.labels, result.table, image_mm, origin)
-        if result.xp_was_aligned:  # XP was offset from PP: the scene gets the aligned copy
+        if result.xp_was_aligned and result.xp is not None:  # XP was offset from PP: the scene gets the aligned copy
             xp_aligned_variable = writer.add_rgb_image("XP_aligned", result.xp, image_mm, origin)
     write_transform(folder, "transform", result)
-    summary = {
+    summary: Summary = {
         "xp_aligned_variable": xp_aligned_variable,
         "warnings": result.warnings,
         "landmarks": result.landmark_fit.report() if result.landmark_fit else None,
@@ -172,10 +182,25 @@ def run_register_job(job: dict, folder: Path, emit: Emit = emit_stdout) -> dict:
 
 # -- training -----------------------------------------------------------------------------------
 
+#: Integer options of job.json passed on to TrainConfig when given.
+_INT_OPTIONS = (
+    "patch_size",
+    "batch_size",
+    "steps_per_epoch",
+    "base_channels",
+    "depth",
+    "num_res_units",
+    "warmup_steps",
+    "val_tile",
+    "val_overlap",
+    "patience",
+    "seed",
+)
 
-def train_config(job: dict, folder: Path):
+
+def train_config(job: Job, folder: Path) -> TrainConfig:
     """A TrainConfig from the panel's options (sections: netCDF files in or outside `folder`)."""
-    from thinseg.training import TrainConfig
+    from thinseg.training import TrainConfig  # deferred: the training package imports torch
 
     sections = [str((folder / s) if not os.path.isabs(s) else s) for s in job["sections"]]
     kwargs: dict[str, Any] = dict(
@@ -190,19 +215,7 @@ def train_config(job: dict, folder: Path):
         overwrite=True,
         progress=True,
     )
-    for key in (
-        "patch_size",
-        "batch_size",
-        "steps_per_epoch",
-        "base_channels",
-        "depth",
-        "num_res_units",
-        "warmup_steps",
-        "val_tile",
-        "val_overlap",
-        "patience",
-        "seed",
-    ):
+    for key in _INT_OPTIONS:
         if job.get(key) is not None:
             kwargs[key] = int(job[key])
     if job.get("lr") is not None:
@@ -214,18 +227,17 @@ def train_config(job: dict, folder: Path):
     return TrainConfig(**kwargs)
 
 
-def run_train_job(job: dict, folder: Path, emit: Emit = emit_stdout) -> dict:
+def _log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_train_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary:
     """Train, then move the exported bundle to `job["model_dir"]` (a new folder under a model
     root's ThinSectionEnv/, where the model selector and GeoSlicer find it)."""
-    from thinseg.errors import ThinSegError
-    from thinseg.training import train
+    from thinseg.training import train  # deferred: torch costs 1-2 s at start-up
 
     config = train_config(job, folder)
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    result = train(config, log=log)
+    result = train(config, log=_log_stderr)
     if result.model_dir is None or not Path(result.model_dir).is_dir():
         raise ThinSegError("training finished without exporting a model", config.output_dir)
     target = Path(job["model_dir"])
@@ -239,7 +251,7 @@ def run_train_job(job: dict, folder: Path, emit: Emit = emit_stdout) -> dict:
     for extra in ("training_log.csv", "training_curves.png", "split.json"):
         if (config.output_dir / extra).is_file():
             shutil.copy2(config.output_dir / extra, target / extra)
-    summary = {
+    summary: Summary = {
         "model_dir": str(target),
         "best_epoch": result.best_epoch,
         "best_mean_iou": result.best_mean_iou,
@@ -249,3 +261,7 @@ def run_train_job(job: dict, folder: Path, emit: Emit = emit_stdout) -> dict:
     write_json(folder / "summary.json", summary)
     emit("model", path=str(target))
     return summary
+
+
+#: The tasks `python -m thinseg.jobs TASK job.json` runs.
+TASKS: dict[str, Callable[[Job, Path], Summary]] = {"register": run_register_job, "train": run_train_job}

@@ -20,7 +20,7 @@ from thinseg.data.mapping import ClassMapping, mapping_for
 from thinseg.data.sections import Section
 from thinseg.errors import ThinSegError
 from thinseg.inference.resample import needs_resampling
-from thinseg.metrics import void_border_mask
+from thinseg.metrics import class_pixel_counts, void_border_mask
 from thinseg.training.cache import ArrayCache, cache_key
 from thinseg.training.sampler import PatchIndex, build_patch_index, index_cache_params
 
@@ -93,17 +93,10 @@ def prepare_target(
         target[~void_border_mask(target, void_px * scale)] = 0
     if cache is not None and cache.folder is not None:
         cache.save_array(key, target)
-        return cache.load_array(key), key, mapping  # type: ignore[return-value]
+        stored = cache.load_array(key)  # memory-mapped: a big map leaves the RAM
+        if stored is not None:
+            return stored, key, mapping
     return target, key, mapping
-
-
-def class_pixel_counts(target: np.ndarray, n_classes: int, band_rows: int = 2048) -> np.ndarray:
-    counts = np.zeros(n_classes + 1, np.int64)
-    for y0 in range(0, target.shape[0], band_rows):
-        counts += np.bincount(np.asarray(target[y0 : y0 + band_rows]).reshape(-1), minlength=n_classes + 1)[
-            : n_classes + 1
-        ]
-    return counts[1:]
 
 
 def prepare_section(
@@ -123,7 +116,7 @@ def prepare_section(
         section, class_table, mapping_csv=mapping_csv, void_px=void_px, scale=scale, cache=cache
     )
     n = len(class_table)
-    prepared = PreparedSection(section, target, key, scale, mapping, class_pixel_counts(target, n))
+    prepared = PreparedSection(section, target, key, scale, mapping, class_pixel_counts(target, n)[1:])
     if patch_size is not None:
         footprint = int(round(patch_size * scale))
         cell_px = max(1, int(round((cell or max(1, patch_size // 8)) * scale)))

@@ -12,12 +12,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
-from thinseg.registration.coarse import CoarseResult, SearchRange, coarse_search
+from thinseg.registration.coarse import DEFAULT_SEARCH, CoarseResult, SearchRange, coarse_search
 from thinseg.registration.features import Scene, prepare_scene
 from thinseg.registration.grids import Geometry, grid_points
 from thinseg.registration.landmark_io import LandmarkPairs
@@ -65,9 +67,9 @@ class RegistrationResult:
         """True when `xp` is a moved copy of the XP given (the photographs were offset)."""
         return self.xp_alignment is not None and not self.xp_alignment.is_identity
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """JSON-friendly report (the transform's own parameters are in output.transform_json)."""
-        out = {
+        out: dict[str, Any] = {
             "kind": self.transform.kind,
             "metric": "mutual information (bits) of PP/XP colour clusters and QEMSCAN labels",
             "metric_initial": self.metric_initial,
@@ -141,7 +143,7 @@ def register_section(
     refine: bool = True,
     bspline: bool = False,
     bspline_mesh: int = 6,
-    search: SearchRange = SearchRange(),
+    search: SearchRange = DEFAULT_SEARCH,
     align_xp: bool = True,
     min_overlap: float = MIN_OVERLAP,
     resample: bool = True,
@@ -206,6 +208,7 @@ def register_section(
         )
     seconds["features"] = time.perf_counter() - t
     if landmarks is None:
+        assert scene is not None  # prepared above: without landmarks refinement is required
         t = time.perf_counter()
         say("searching rotation, scale and translation")
         coarse = coarse_search(scene, geometry, search)
@@ -228,6 +231,7 @@ def register_section(
         seconds=seconds,
     )
     if refine:
+        assert scene is not None  # prepared above whenever refining
         t = time.perf_counter()
         say("refining automatically")
         result.refinement, result.initial, result.contrast = _refine(
@@ -277,7 +281,9 @@ def _refine(
     return best, initial, contrast
 
 
-def _landmark_arrays(landmarks) -> tuple[np.ndarray, np.ndarray, list[str], object]:
+def _landmark_arrays(
+    landmarks: LandmarkPairs | tuple[np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, list[str], Path | None]:
     if isinstance(landmarks, LandmarkPairs):
         return landmarks.qemscan_px, landmarks.image_px, landmarks.names, landmarks.path
     q_px, img_px = landmarks

@@ -1,0 +1,193 @@
+"""The PP and XP photographs of one thin section, opened from an image pair or a GeoSlicer netCDF file.
+
+Segmentation, evaluation, registration and section preparation all start from the same two
+images: the plane-polarised (PP) one, which fixes the pixel grid, and optionally the
+cross-polarised (XP) one. They come either as two image files (PNG/JPEG/TIFF) or as two RGB
+variables of a netCDF file, found by their affixes ("S12_PP", "S12_XP") or named outright.
+`open_ppxp` is the one way to open them: lazily, for region reads, with the pixel size and
+origin a netCDF file records. `read_ppxp` reads both whole for registration, which works on
+complete images, and finds an XP image file beside its PP image by affix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import cast
+
+import numpy as np
+import numpy.typing as npt
+
+from thinseg.errors import ThinSegError
+from thinseg.io.images import RasterSource, open_image
+from thinseg.io.netcdf import find_image_variable, open_netcdf_image
+from thinseg.io.pairing import NETCDF_SUFFIXES, SectionInput, pair_inputs, section_base_name
+
+#: Pixel size (mm) assumed for PNG/JPEG/TIFF inputs, which record none: the default of the
+#: GeoSlicer thin-section tools the bundled model was trained with.
+DEFAULT_MM_PER_PIXEL = 0.00132
+
+
+def is_netcdf(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` names a netCDF file (by its suffix)."""
+    return Path(path).suffix.lower() in NETCDF_SUFFIXES
+
+
+@dataclass
+class PpXpSources:
+    """A section's PP image and optional XP image, open for region reads until `close()`.
+
+    `pp_variable`/`xp_variable` name the netCDF variables they came from (None for image
+    files). The pixel size and RAS origin are the PP image's: known for netCDF variables only.
+    """
+
+    path: Path
+    pp: RasterSource
+    xp: RasterSource | None
+    pp_variable: str | None = None
+    xp_variable: str | None = None
+
+    @property
+    def mm_per_pixel(self) -> float | None:
+        return self.pp.mm_per_pixel
+
+    @property
+    def origin_mm(self) -> tuple[float, float, float] | None:
+        return self.pp.origin_mm
+
+    def close(self) -> None:
+        for source in (self.xp, self.pp):
+            if source is not None:
+                source.close()
+
+    def __enter__(self) -> PpXpSources:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def open_ppxp(
+    pp: str | os.PathLike[str],
+    xp: str | os.PathLike[str] | None = None,
+    *,
+    pp_pattern: str = "PP",
+    xp_pattern: str | None = "XP",
+    variables: Mapping[str, str] | None = None,
+    with_xp: bool = True,
+) -> PpXpSources:
+    """Open the PP image `pp` (an image file or a netCDF file) and, if `with_xp`, its XP image.
+
+    The XP image is the file `xp` when given; otherwise, in a netCDF file, the RGB variable named
+    `variables["XP"]` or, without `variables`, the one whose name carries `xp_pattern` (and is
+    not the PP variable). It is None when there is none: whether that is an error is the
+    caller's to say. The PP variable is `variables["PP"]` or found by `pp_pattern`; a netCDF
+    file without one is refused. Sizes are not compared here (callers word that themselves).
+    """
+    path = Path(pp)
+    pp_var = xp_var = None
+    if is_netcdf(path):
+        named = dict(variables or {})
+        pp_var = named.get("PP") or find_image_variable(path, pp_pattern)
+        if pp_var is None:
+            raise ThinSegError(f"no PP image: no RGB variable whose name contains '{pp_pattern}'", path)
+        if with_xp and xp is None:
+            if variables is not None:
+                xp_var = named.get("XP")
+            elif xp_pattern:
+                xp_var = find_image_variable(path, xp_pattern)
+            if xp_var == pp_var:
+                xp_var = None
+    with ExitStack() as stack:
+        pp_source = _open_variable(path, pp_var) if pp_var is not None else open_image(path, role="PP image")
+        stack.callback(pp_source.close)
+        xp_source: RasterSource | None = None
+        if with_xp and xp is not None:
+            xp_source = open_image(xp, role="XP image")
+        elif xp_var is not None:
+            xp_source = _open_variable(path, xp_var)
+        stack.pop_all()  # opened: the caller closes them
+    return PpXpSources(path, pp_source, xp_source, pp_var, xp_var)
+
+
+def _open_variable(path: Path, variable: str) -> RasterSource:
+    """An RGB netCDF variable as a RasterSource. (The cast only restates that NetcdfImageSource
+    implements the protocol: mypy objects to its `path` being declared `Path`, not `Path | None`.)"""
+    return cast(RasterSource, open_netcdf_image(path, variable))
+
+
+def output_stem(pp_path: str | os.PathLike[str], pp_pattern: str) -> str:
+    """'ABC_3200.5_PP.tif' -> 'ABC_3200.5': the section name that output files start with."""
+    path = Path(pp_path)
+    return section_base_name(SectionInput(name=path.stem, pp=path), pp_pattern)
+
+
+@dataclass
+class PpXpImages:
+    """A section's PP and optional XP read whole (registration works on complete images).
+
+    `mm_per_pixel` is the pixel size to use (given, else the file's, else the default);
+    `origin_mm` the PP image's RAS origin when a netCDF file records it; `xp_note` one line
+    saying where the XP image came from, or why there is none.
+    """
+
+    pp: npt.NDArray[np.uint8]
+    xp: npt.NDArray[np.uint8] | None
+    mm_per_pixel: float
+    origin_mm: tuple[float, float, float] | None
+    xp_note: str | None
+
+
+def read_ppxp(
+    pp: str | os.PathLike[str],
+    xp: str | os.PathLike[str] | None = None,
+    *,
+    pp_pattern: str = "PP",
+    xp_pattern: str = "XP",
+    mm_per_pixel: float | None = None,
+) -> PpXpImages:
+    """Read PP and XP whole. Without `xp`, the XP is the netCDF variable carrying `xp_pattern`,
+    or the image file named like PP with `xp_pattern` for its affix, beside it; a section
+    without one is read with PP alone (`xp_note` says why). XP must be the size of PP."""
+    path = Path(pp)
+    if not path.exists():
+        raise ThinSegError("PP image file not found", path)
+    xp_path = Path(xp) if xp is not None else None
+    note = None
+    if xp_path is None and not is_netcdf(path):
+        xp_path, why = _xp_beside(path, pp_pattern, xp_pattern)
+        if xp_path is None:
+            note = f"XP: none found ({why}); registering with PP alone"
+    with open_ppxp(path, xp_path, pp_pattern=pp_pattern, xp_pattern=xp_pattern) as images:
+        if xp_path is not None:
+            note = f"XP: {xp_path}"
+        elif images.xp_variable is not None:
+            note = f"XP: variable {images.xp_variable} of {path.name}"
+        elif is_netcdf(path):
+            note = f"XP: none (no RGB variable of {path.name} contains '{xp_pattern}'); registering with PP alone"
+        if images.xp is not None and tuple(images.xp.shape) != tuple(images.pp.shape):
+            (h, w), (hx, wx) = images.pp.shape, images.xp.shape
+            raise ThinSegError(f"PP is {w}x{h} px but XP is {wx}x{hx} px; they must be the same size", xp_path or path)
+        pp_array = _read_whole(images.pp)
+        xp_array = _read_whole(images.xp) if images.xp is not None else None
+        file_mm, origin = images.mm_per_pixel, images.origin_mm
+    return PpXpImages(pp_array, xp_array, float(mm_per_pixel or file_mm or DEFAULT_MM_PER_PIXEL), origin, note)
+
+
+def _xp_beside(path: Path, pp_pattern: str, xp_pattern: str) -> tuple[Path | None, str]:
+    """The XP image file paired with the PP image `path` by affix, or (None, why not)."""
+    sections, problems = pair_inputs([path], pp_pattern=pp_pattern, xp_pattern=xp_pattern, needs_xp=True)
+    found = sections[0] if sections else None
+    if found is not None and found.pp is not None and found.xp is not None and found.pp.resolve() == path.resolve():
+        return found.xp, ""
+    return None, problems[0].problem if problems else f"{path.name} is not named as a PP image"
+
+
+def _read_whole(source: RasterSource) -> npt.NDArray[np.uint8]:
+    return np.asarray(source.read(0, source.shape[0], 0, source.shape[1]), dtype=np.uint8)
