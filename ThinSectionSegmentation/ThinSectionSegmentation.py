@@ -6,11 +6,15 @@ on a real MRML scene with slicer-core), image work in the `thinseg` core library
 file only starts it, polls it with a timer, and shows progress, results and errors.
 """
 
+import json
 import logging
 import os
+import tempfile
 import time
+import traceback
 from contextlib import contextmanager
 
+import numpy as np
 import qt
 import slicer
 import vtk
@@ -21,9 +25,18 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, dependencies, models, process
+from ThinSectionSegmentationLib import (
+    ThinSectionSegmentationLogic,
+    dependencies,
+    models,
+    process,
+    registration_nodes,
+    volumes,
+)
 from ThinSectionSegmentationLib.netcdf_nodes import find_pp_xp
 from ThinSectionSegmentationLib.parameters import Parameters
+from thinseg.errors import ThinSegError  # plain Python: importable before anything is installed
+from thinseg.resources import default_model_dir, sample_dir
 
 SETTINGS_MODEL_ROOTS = "ThinSectionSegmentation/ModelRoots"
 TRANSFORM_KINDS = ("similarity", "affine", "tps")
@@ -367,13 +380,9 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
         try:
             yield
         except Exception as error:
-            from thinseg.errors import ThinSegError
-
             message = str(error) if isinstance(error, ThinSegError) else f"{type(error).__name__}: {error}"
             logging.error(f"{title}: {message}")
             if not isinstance(error, ThinSegError):
-                import traceback
-
                 logging.error(traceback.format_exc())
             self.ui.statusLabel.text = f"{title}: {message}"
             slicer.util.errorDisplay(f"{title}\n\n{message}", windowTitle="Thin Section Segmentation")
@@ -391,8 +400,6 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
                 "...). Reload the module to be asked again."
             )
             return False
-        from thinseg.errors import ThinSegError  # plain Python: importable before anything is installed
-
         try:
             with slicer.util.WaitCursor():
                 ok = dependencies.ensure_installed(confirm=lambda text: slicer.util.confirmOkCancelDisplay(text))
@@ -562,8 +569,6 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservation
             qemscanPoints = self.ui.qemscanLandmarksSelector.currentNode()
             landmarks = None
             if (imagePoints is None) != (qemscanPoints is None):  # half a pair of lists is a mistake, not "automatic"
-                from thinseg.errors import ThinSegError
-
                 raise ThinSegError(
                     "choose both landmark lists (PP points and QEMSCAN points), or neither for the automatic search"
                 )
@@ -703,11 +708,8 @@ class ThinSectionSegmentationTest(ScriptedLoadableModuleTest):
 
     # helpers
     def _sample(self):
-        import numpy as np
-
-        from ThinSectionSegmentationLib import volumes
+        # deferred: PIL may be missing until the module's requirements are installed
         from thinseg.io.images import open_image
-        from thinseg.resources import sample_dir
 
         nodes = []
         for role in ("PP", "XP"):
@@ -725,10 +727,6 @@ class ThinSectionSegmentationTest(ScriptedLoadableModuleTest):
         slicer.app.processEvents()
 
     def test_logic_round_trip(self):
-        import tempfile
-
-        from ThinSectionSegmentationLib import volumes
-
         logic = ThinSectionSegmentationLogic()
         pp, xp = self._sample()
         path = os.path.join(tempfile.mkdtemp(), "sample.nc")
@@ -740,13 +738,6 @@ class ThinSectionSegmentationTest(ScriptedLoadableModuleTest):
         self.delayDisplay("netCDF round trip passed")
 
     def test_widget_end_to_end(self):
-        import json
-
-        import numpy as np
-
-        from ThinSectionSegmentationLib import registration_nodes, volumes
-        from thinseg.resources import default_model_dir, sample_dir
-
         self.assertTrue(default_model_dir().is_dir(), "the bundled model is missing")
         slicer.util.selectModule("ThinSectionSegmentation")
         widget = slicer.modules.thinsectionsegmentation.widgetRepresentation().self()
@@ -805,8 +796,6 @@ class ThinSectionSegmentationTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Registration done")
 
         # Export and import
-        import tempfile
-
         path = os.path.join(tempfile.mkdtemp(), "sample_result.nc")
         widget.logic.exportNetcdf([pp, xp, labelmap], path)
         nodes = widget.logic.importNetcdf(path)

@@ -1,5 +1,5 @@
 """`thinseg segment` end to end: real PNG/JPEG/TIFF/netCDF files, real model folders, in-process
-`main([...])` runs (and one real `python -m thinseg` process), checked against the issue text:
+`main([...])` runs (and one real `python -m thinseg` process), checked against what the command promises:
 inputs and pairing, GeoSlicer netCDF layout, spacing, numbered outputs, overlay, modal
 mineralogy CSV, confidence map, progress, resampling, bad input, exit codes and interrupts.
 

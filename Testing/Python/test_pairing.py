@@ -1,4 +1,4 @@
-"""PP/XP pairing by file-name affix, as the seed tool did it."""
+"""PP/XP pairing by file-name affix, the convention of thin-section photo collections."""
 
 from pathlib import Path
 

@@ -9,10 +9,13 @@ Checking is plain Python (tested). Installing needs Slicer: one question for eve
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
+
+from thinseg.errors import ThinSegError
 
 #: The core's requirements file: pyproject.toml reads it for pip, this module for Slicer's Python.
 REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "thinseg" / "requirements.txt"
@@ -44,6 +47,7 @@ def _satisfied(import_name: str, requirement: str) -> bool:
     if importlib.util.find_spec(import_name) is None:
         return False
     try:
+        # deferred: `packaging` is optional here (Slicer ships it; a bare Python may not)
         from packaging.requirements import Requirement
     except ImportError:  # no `packaging`: presence is all we can check
         return True
@@ -76,6 +80,7 @@ def describe(missing: Sequence[str], torch_needed: bool) -> str:
 def _slicer_pip_ensure():
     """`slicer.packaging.pip_ensure` (Slicer 5.9+; a submodule, so it must be imported), or None."""
     try:
+        # deferred: Slicer's installer exists only inside Slicer; the checks run anywhere
         from slicer import packaging  # type: ignore[attr-defined]
     except ImportError:
         return None
@@ -84,9 +89,7 @@ def _slicer_pip_ensure():
 
 def _call_pip_ensure(pip_ensure, requirements: Sequence[str]) -> None:
     """pip_ensure without its own question (the user was asked once already)."""
-    import inspect
-
-    from packaging.requirements import Requirement
+    from packaging.requirements import Requirement  # deferred: only pip_ensure hosts (Slicer 5.9+) get here
 
     kwargs: dict = {"requester": REQUESTER}
     try:
@@ -104,9 +107,7 @@ def ensure_installed(confirm: Callable[[str], bool] | None = None) -> bool:
     """Install what is missing (inside Slicer). `confirm(text)` asks the user ONCE, for everything
     (PyTorch included); the installers are then told not to ask again. True when all is there.
     An installer that fails (or that the user stops) raises ThinSegError with its message."""
-    import slicer
-
-    from thinseg.errors import ThinSegError
+    import slicer  # deferred: installing needs Slicer; the checks above run anywhere
 
     missing = missing_requirements()
     torch_needed = torch_missing()
@@ -118,7 +119,8 @@ def ensure_installed(confirm: Callable[[str], bool] | None = None) -> bool:
     try:
         if torch_needed:
             try:
-                import PyTorchUtils  # the PyTorch extension: picks the CUDA/CPU build for this machine
+                # deferred, optional: the PyTorch extension picks the CUDA/CPU build for this machine
+                import PyTorchUtils
             except ImportError:
                 PyTorchUtils = None
             if PyTorchUtils is not None:

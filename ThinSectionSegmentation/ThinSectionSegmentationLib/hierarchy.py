@@ -6,10 +6,11 @@ tests) has no such observer, so items are created here when missing. Both behave
 
 from __future__ import annotations
 
+import slicer
+import vtk
+
 
 def _sh(scene):
-    import slicer
-
     return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
 
 
@@ -45,8 +46,6 @@ def place_beside(node, reference) -> None:
 
 def children_nodes(scene, parent: int) -> list:
     """Data nodes directly under a folder item, in hierarchy order."""
-    import vtk
-
     sh = _sh(scene)
     ids = vtk.vtkIdList()
     sh.GetItemChildren(parent, ids, False)

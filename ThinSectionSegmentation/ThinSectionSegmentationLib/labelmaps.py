@@ -10,6 +10,7 @@ become empty segments), and the label values.
 from __future__ import annotations
 
 import numpy as np
+import slicer
 import vtk
 
 from thinseg.classes.table import ClassTable, MineralClass, rgb_to_hex
@@ -162,8 +163,6 @@ def set_reference(node, pp_node=None, xp_node=None) -> None:
 
 
 def _segmentations_logic():
-    import slicer
-
     return slicer.vtkSlicerSegmentationsModuleLogic
 
 
@@ -237,8 +236,6 @@ def segmentation_to_labelmap(segmentation_node, labelmap_node=None, reference=No
     segmentation = segmentation_node.GetSegmentation()
     for i in range(segmentation.GetNumberOfSegments()):
         ids.InsertNextValue(segmentation.GetNthSegmentID(i))
-    import slicer
-
     ok = _segmentations_logic().ExportSegmentsToLabelmapNode(
         segmentation_node, ids, labelmap_node, reference, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, color
     )

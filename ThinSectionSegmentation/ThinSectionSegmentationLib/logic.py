@@ -27,13 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import slicer
 
 from thinseg import jobs
 from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL
 from thinseg.errors import ThinSegError
-from thinseg.io.pairing import find_affix
+from thinseg.io.atomic import ensure_writable_dir
+from thinseg.io.netcdf import list_variables, open_netcdf_image, read_labelmap
+from thinseg.io.pairing import find_affix, pair_inputs
 from thinseg.jsonio import write_json
 from thinseg.pipelines.outputs import safe_file_name
+from thinseg.resources import default_model_dir
 
 from . import hierarchy, models, netcdf_nodes, process, results
 from .labelmaps import (
@@ -116,8 +120,6 @@ class ThinSectionSegmentationLogic:
     def scene(self):
         if self._scene is not None:
             return self._scene
-        import slicer
-
         return slicer.mrmlScene
 
     # -- parameters and models ------------------------------------------------------------------
@@ -132,8 +134,6 @@ class ThinSectionSegmentationLogic:
         return models.model_card(modelDir)
 
     def defaultModelDir(self) -> Path:
-        from thinseg.resources import default_model_dir
-
         return default_model_dir()
 
     # -- shared helpers -------------------------------------------------------------------------
@@ -197,6 +197,7 @@ class ThinSectionSegmentationLogic:
         """Segment PP (+ XP) in this process; returns the labelmap node (named after the input,
         colour table of the class names, in the input's folder, shown over PP). The area
         fractions table/chart and optional segmentation are in `self.lastSegmentation`."""
+        # deferred: these import torch (1-2 s), which the panel loads only when it segments
         from thinseg.inference.engine import InferenceOptions, Segmenter
         from thinseg.inference.resample import resampling_factor, segment_at_model_resolution
         from thinseg.io.images import ArraySource
@@ -309,8 +310,6 @@ class ThinSectionSegmentationLogic:
 
     def finishSegmentation(self, job: Job, outputNode=None, createSegmentation: bool = False, show: bool = True):
         """Import the labelmap (and confidence map) written by the job; returns the labelmap."""
-        from thinseg.io.netcdf import list_variables, read_labelmap
-
         out = job.folder / "output.nc"
         variables = [v for v in list_variables(out) if v.name not in job.info["inputs"]]
         labelmap_var = next((v for v in variables if v.kind in ("labelmap", "segmentation")), None)
@@ -352,9 +351,8 @@ class ThinSectionSegmentationLogic:
         """Batch: segment image files / netCDF files / folders into `outputDir`, like `thinseg
         segment` (one netCDF per section + modal_mineralogy.csv). Returns (results, failures);
         with load=True each result file is imported into the scene."""
+        # deferred: these import torch (1-2 s), which the panel loads only when it segments
         from thinseg.inference.engine import InferenceOptions, Segmenter
-        from thinseg.io.atomic import ensure_writable_dir
-        from thinseg.io.pairing import pair_inputs
         from thinseg.model.bundle import load_bundle
         from thinseg.pipelines.segment import (
             SegmentOptions,
@@ -402,6 +400,7 @@ class ThinSectionSegmentationLogic:
         """A QEMSCAN map (RGB/paletted/label TIFF or PNG, or netCDF) as a labelmap with its mineral
         colour table (GeoSlicer's QEMSCAN colours when none is given). Pixel size: `mmPerPixel`,
         else the file's, else 0.01 mm (GeoSlicer's QEMSCAN default)."""
+        # deferred: thinseg.registration imports SimpleITK, loaded only when registration is used
         from thinseg.registration import load_qemscan
 
         qemscan = load_qemscan(path, colorTable, background=background)
@@ -414,6 +413,7 @@ class ThinSectionSegmentationLogic:
         """(imagePoints, qemscanPoints) markups, LandmarkPairs or (qemscan_px, image_px) arrays."""
         if landmarks is None:
             return None
+        # deferred: thinseg.registration imports SimpleITK, loaded only when registration is used
         from thinseg.registration import LandmarkPairs
 
         if isinstance(landmarks, LandmarkPairs):
@@ -583,7 +583,7 @@ class ThinSectionSegmentationLogic:
 
     def finishRegistration(self, job: Job):
         """Import the job's transform and registered labelmap; returns (transform, labelmap)."""
-        from thinseg.io.netcdf import read_labelmap
+        # deferred: thinseg.registration imports SimpleITK, loaded only when registration is used
         from thinseg.registration.output import load_transform
 
         transform = load_transform(job.folder / "transform.json")
@@ -595,8 +595,6 @@ class ThinSectionSegmentationLogic:
             raise ThinSegError("the PP image or the QEMSCAN map was removed from the scene while registering")
         aligned = None
         if summary.get("xp_aligned_variable"):
-            from thinseg.io.netcdf import open_netcdf_image
-
             image = open_netcdf_image(out, summary["xp_aligned_variable"])
             try:
                 aligned = image.read(0, image.shape[0])

@@ -140,6 +140,7 @@ class ImportedFile:
 
 
 def _read_scalar(path: Path, name: str) -> np.ndarray:
+    # deferred: netCDF4/HDF5 load only when a file is imported; the panel opens without them
     import netCDF4
 
     with NC_LOCK:

@@ -10,7 +10,9 @@ directions are all honoured.
 from __future__ import annotations
 
 import numpy as np
+import slicer
 import vtk
+from vtk.util import numpy_support
 
 from thinseg.errors import ThinSegError
 
@@ -60,6 +62,7 @@ def markup_points(markups) -> tuple[np.ndarray, list[str]]:
 
 def landmarks_from_markups(image_markups, qemscan_markups, pp_node, qemscan_node):
     """Pairs (k-th image point <-> k-th QEMSCAN point) in pixels, as the core's LandmarkPairs."""
+    # deferred: thinseg.registration imports SimpleITK (~0.5 s), needed only once landmarks are used
     from thinseg.registration import LandmarkPairs
 
     if image_markups is None or qemscan_markups is None:
@@ -77,6 +80,7 @@ def landmarks_from_markups(image_markups, qemscan_markups, pp_node, qemscan_node
 def ras_matrix(section_transform, pp_node, qemscan_node) -> np.ndarray:
     """4x4 PP RAS -> QEMSCAN RAS matrix of a linear core transform (Slicer's "from parent"
     matrix of a transform node put above the QEMSCAN volume)."""
+    # deferred: SimpleITK is loaded only once a transform is shown
     from thinseg.registration.sitk_transforms import linear_matrix
 
     m = linear_matrix(section_transform.itk)
@@ -105,8 +109,6 @@ def create_transform_node(scene, name: str, section_transform, pp_node, qemscan_
 
 
 def _grid_transform_node(scene, name, section_transform, pp_node, qemscan_node, n: int):
-    import slicer
-    from vtk.util import numpy_support
 
     dims = pp_node.GetImageData().GetDimensions()
     width, height = dims[0], dims[1]

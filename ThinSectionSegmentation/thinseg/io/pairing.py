@@ -1,7 +1,7 @@
 """Turn the command line's INPUT list into sections: PP/XP image pairs or netCDF files.
 
 A thin section's PP and XP photographs share a name and differ by an affix (`_pp`/`_xp`,
-`_PP`/`_PX`, `_c1`/`_c2` ...). Pairing follows the seed tool: the affix decides the role, and
+`_PP`/`_PX`, `_c1`/`_c2` ...). Pairing follows the usual lab convention: the affix decides the role, and
 the counterpart is the same name with the other affix, in the same folder.
 """
 

@@ -41,9 +41,9 @@ def plot_curves(path: Path, history: Sequence[dict[str, Any]]) -> Path | None:
         return None
     # deferred: matplotlib costs ~0.4 s at import, paid only once the first epoch has ended
     import matplotlib
+    from matplotlib.figure import Figure
 
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
 
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(9, 3.6), dpi=100)
