@@ -8,7 +8,6 @@ model) in PNG and one HTML page. The files appear all together or not at all.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from thinseg.data.inputs import open_data
 from thinseg.data.sections import Section
 from thinseg.errors import ThinSegError
 from thinseg.inference.engine import InferenceOptions
+from thinseg.jsonio import dumps
 from thinseg.metrics import comparison_dict, format_comparison_table
 from thinseg.metrics.evaluator import EvaluationReport
 from thinseg.model.bundle import ModelBundle, load_bundle
@@ -152,7 +152,7 @@ def compare_files(
             {"section": name, "file": final, "regions_yx": [[r.y0, r.x0, r.height, r.width] for r in regions]}
             for (name, _tmp, regions), final in zip(sheets, sheet_names)
         ]
-        files["json"].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        files["json"].write_text(dumps(doc, indent=2) + "\n", encoding="utf-8")
         files["table"].write_text(text + "\n", encoding="utf-8")
         void = options.void_border_px > 0
         plots.plot_per_class_bars(reports, files["bars"], void_excluded=void, title=" vs ".join(reports))

@@ -23,7 +23,6 @@ one section. Image files are opened per section and closed when it is done.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,6 +42,7 @@ from thinseg.errors import ThinSegError
 from thinseg.inference.engine import CancelFn, InferenceOptions, Segmenter
 from thinseg.inference.resample import resampling_factor, segment_at_model_resolution
 from thinseg.io.images import RasterSource
+from thinseg.jsonio import dumps
 from thinseg.metrics.borders import void_border_mask
 from thinseg.metrics.evaluator import EvaluationReport, Evaluator
 from thinseg.model.bundle import ModelBundle, load_bundle
@@ -440,7 +440,7 @@ def evaluate_files(
         doc["model_folder"] = str(model_dir)
         doc["mapping_csv"] = str(options.mapping) if options.mapping else None
         doc["section_files"] = [str(section_path(s) or s.name) for s in sections]
-        files["json"].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        files["json"].write_text(dumps(doc, indent=2) + "\n", encoding="utf-8")
         files["table"].write_text(text + "\n", encoding="utf-8")
         n = len(report.sections)
         excluded = report.confusion_void_excluded

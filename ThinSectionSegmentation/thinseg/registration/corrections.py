@@ -122,10 +122,10 @@ class BSplineCorrection:
 
     def to_itk(self, theta: np.ndarray, qemscan_mm: float) -> sitk.BSplineTransform:
         """The same displacement as an ITK transform acting on QEMSCAN mm."""
-        tx = sitk.BSplineTransform(2, 3)  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
-        tx.SetTransformDomainOrigin(tuple(self.box_min * qemscan_mm))  # type: ignore[no-untyped-call]
-        tx.SetTransformDomainPhysicalDimensions(tuple(self.extent * qemscan_mm))  # type: ignore[no-untyped-call]
-        tx.SetTransformDomainMeshSize(list(self.mesh))  # type: ignore[no-untyped-call]
-        tx.SetTransformDomainDirection((1.0, 0.0, 0.0, 1.0))  # type: ignore[no-untyped-call]
-        tx.SetParameters(tuple(float(v) for v in np.asarray(theta) * qemscan_mm))  # type: ignore[no-untyped-call]
+        tx = sitk.BSplineTransform(2, 3)
+        tx.SetTransformDomainOrigin(tuple(self.box_min * qemscan_mm))
+        tx.SetTransformDomainPhysicalDimensions(tuple(self.extent * qemscan_mm))
+        tx.SetTransformDomainMeshSize(list(self.mesh))
+        tx.SetTransformDomainDirection((1.0, 0.0, 0.0, 1.0))
+        tx.SetParameters(tuple(float(v) for v in np.asarray(theta) * qemscan_mm))
         return tx

@@ -45,8 +45,8 @@ class WorkGrid:
     def image(self, array: np.ndarray) -> sitk.Image:
         """A scalar sitk image of `array` (shape == self.shape) placed on this grid."""
         img = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
-        img.SetSpacing((self.spacing_mm, self.spacing_mm))  # type: ignore[no-untyped-call]  # SimpleITK: no hints
-        img.SetOrigin((self.origin_mm, self.origin_mm))  # type: ignore[no-untyped-call]
+        img.SetSpacing((self.spacing_mm, self.spacing_mm))
+        img.SetOrigin((self.origin_mm, self.origin_mm))
         return img
 
 

@@ -25,7 +25,7 @@ OUTSIDE = 255  # work pixels whose QEMSCAN position falls off the map
 def qemscan_image(labels: np.ndarray, qemscan_mm: float, dtype: npt.DTypeLike = np.uint8) -> sitk.Image:
     """The label map as a SimpleITK image with QEMSCAN pixel spacing (origin at pixel (0, 0))."""
     img = sitk.GetImageFromArray(np.ascontiguousarray(labels.astype(dtype)))
-    img.SetSpacing((qemscan_mm, qemscan_mm))  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
+    img.SetSpacing((qemscan_mm, qemscan_mm))
     return img
 
 
@@ -94,7 +94,7 @@ def match_contrast(scene: Scene, transform: SectionTransform, shift: float = CON
     s = shift * transform.geometry.qemscan_mm_per_pixel
     values = []
     for dx, dy in ((s, 0.0), (-s, 0.0), (0.0, s), (0.0, -s)):
-        shift_tx = sitk.TranslationTransform(2, (dx, dy))  # type: ignore[no-untyped-call]  # SimpleITK: no hints
-        moved = sitk.CompositeTransform([shift_tx, transform.itk])  # type: ignore[no-untyped-call]
+        shift_tx = sitk.TranslationTransform(2, (dx, dy))
+        moved = sitk.CompositeTransform([shift_tx, transform.itk])
         values.append(measure(scene, SectionTransform(transform.kind, moved, transform.geometry))[0])
     return float(here / max(float(np.median(values)), 1e-6))

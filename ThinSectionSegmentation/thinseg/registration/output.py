@@ -63,12 +63,12 @@ def transform_json(transform: SectionTransform, result: RegistrationResult | Non
     g = transform.geometry
     parts = []
     for sub in composite_parts(transform.itk) or [downcast(transform.itk)]:
-        entry: dict[str, Any] = {"class": sub.GetName()}  # type: ignore[no-untyped-call]  # SimpleITK: no hints
+        entry: dict[str, Any] = {"class": sub.GetName()}
         if isinstance(sub, sitk.DisplacementFieldTransform):
             entry["parameters"] = "sampled field, see the .tfm file"
         else:
-            entry["parameters"] = list(sub.GetParameters())  # type: ignore[no-untyped-call]
-            entry["fixed_parameters"] = list(sub.GetFixedParameters())  # type: ignore[no-untyped-call]
+            entry["parameters"] = list(sub.GetParameters())
+            entry["fixed_parameters"] = list(sub.GetFixedParameters())
         parts.append(entry)
     doc = {
         "format": FORMAT,
@@ -106,7 +106,7 @@ def load_transform(json_path: str | os.PathLike[str]) -> SectionTransform:
         raise ThinSegError(f"not a thinseg registration record ({error})", json_path) from None
     tfm = json_path.with_suffix(".tfm")
     try:
-        itk = sitk.ReadTransform(str(tfm))  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
+        itk = sitk.ReadTransform(str(tfm))
     except RuntimeError:
         raise ThinSegError("cannot read the ITK transform next to the record", tfm) from None
     return SectionTransform(kind, itk, g, doc.get("details", {}))
@@ -214,7 +214,7 @@ def transform_bytes(itk: sitk.Transform) -> bytes:
     so it is written under a .tfm name in a scratch folder)."""
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "transform.tfm"
-        sitk.WriteTransform(itk, str(path))  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
+        sitk.WriteTransform(itk, str(path))
         return path.read_bytes()
 
 

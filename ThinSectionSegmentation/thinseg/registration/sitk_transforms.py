@@ -60,7 +60,7 @@ class SectionTransform:
 
 def downcast(tx: sitk.Transform) -> Any:
     """The transform as its concrete SimpleITK class (known only at run time, hence Any)."""
-    return tx.Downcast() if hasattr(tx, "Downcast") else tx  # type: ignore[no-untyped-call]  # SimpleITK: no hints
+    return tx.Downcast() if hasattr(tx, "Downcast") else tx
 
 
 def linear_matrix(tx: sitk.Transform) -> FloatArray | None:
@@ -68,7 +68,7 @@ def linear_matrix(tx: sitk.Transform) -> FloatArray | None:
     sub = downcast(tx)
     if isinstance(sub, sitk.TranslationTransform):
         m = np.eye(3)
-        m[:2, 2] = sub.GetOffset()  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
+        m[:2, 2] = sub.GetOffset()
         return m
     if not hasattr(sub, "GetMatrix") or not hasattr(sub, "GetCenter"):
         return None
@@ -96,8 +96,8 @@ def composite_parts(tx: sitk.Transform) -> list[sitk.Transform]:
     tx = downcast(tx)
     if not isinstance(tx, sitk.CompositeTransform):
         return []
-    count = tx.GetNumberOfTransforms()  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
-    return [downcast(tx.GetNthTransform(i)) for i in range(count)]  # type: ignore[no-untyped-call]
+    count = tx.GetNumberOfTransforms()
+    return [downcast(tx.GetNthTransform(i)) for i in range(count)]
 
 
 def map_points_mm(tx: sitk.Transform, pts_mm: npt.ArrayLike) -> FloatArray:
@@ -107,7 +107,7 @@ def map_points_mm(tx: sitk.Transform, pts_mm: npt.ArrayLike) -> FloatArray:
     if m is not None:
         out: FloatArray = pts @ m[:2, :2].T + m[:2, 2]
         return out
-    mapped = [tx.TransformPoint((float(x), float(y))) for x, y in pts]  # type: ignore[no-untyped-call]  # SimpleITK
+    mapped = [tx.TransformPoint((float(x), float(y))) for x, y in pts]
     return np.array(mapped, dtype=np.float64).reshape(-1, 2)
 
 
@@ -123,14 +123,12 @@ def make_linear(kind: str, m_mm: np.ndarray, center_mm: np.ndarray) -> sitk.Tran
     if kind == "similarity":
         scale = math.sqrt(abs(np.linalg.det(a)))
         angle = math.atan2(a[1, 0], a[0, 0])
-        similarity: sitk.Transform = sitk.Similarity2DTransform(  # type: ignore[no-untyped-call]  # SimpleITK
-            scale, angle, tuple(translation), tuple(c)
-        )
+        similarity: sitk.Transform = sitk.Similarity2DTransform(scale, angle, tuple(translation), tuple(c))
         return similarity
-    affine = sitk.AffineTransform(2)  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
-    affine.SetCenter(tuple(c))  # type: ignore[no-untyped-call]
-    affine.SetMatrix(tuple(a.ravel()))  # type: ignore[no-untyped-call]
-    affine.SetTranslation(tuple(translation))  # type: ignore[no-untyped-call]
+    affine = sitk.AffineTransform(2)
+    affine.SetCenter(tuple(c))
+    affine.SetMatrix(tuple(a.ravel()))
+    affine.SetTranslation(tuple(translation))
     return affine
 
 
@@ -210,7 +208,7 @@ def map_grid_mm(tx: sitk.Transform, shape: tuple[int, int], origin_mm: float, sp
             origin_mm + spacing_mm * np.arange(h), origin_mm + spacing_mm * np.arange(w), indexing="ij"
         )
         return np.stack([m[0, 0] * xs + m[0, 1] * ys + m[0, 2], m[1, 0] * xs + m[1, 1] * ys + m[1, 2]], axis=-1)
-    field = sitk.TransformToDisplacementField(  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
+    field = sitk.TransformToDisplacementField(
         tx, sitk.sitkVectorFloat64, [w, h], [origin_mm, origin_mm], [spacing_mm, spacing_mm], [1, 0, 0, 1]
     )
     disp = sitk.GetArrayFromImage(field)
@@ -227,8 +225,8 @@ def compose(outer: sitk.Transform, inner: sitk.Transform) -> sitk.Transform:
     for tx in (outer, inner):
         tx = downcast(tx)
         if isinstance(tx, sitk.CompositeTransform):
-            flat = sitk.CompositeTransform(tx)  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
-            flat.FlattenTransform()  # type: ignore[no-untyped-call]
+            flat = sitk.CompositeTransform(tx)
+            flat.FlattenTransform()
             parts += composite_parts(flat)
         else:
             parts.append(tx)
@@ -246,5 +244,5 @@ def compose(outer: sitk.Transform, inner: sitk.Transform) -> sitk.Transform:
             merged.append(tx)
     if len(merged) == 1:
         return merged[0]
-    composite: sitk.Transform = sitk.CompositeTransform(merged)  # type: ignore[no-untyped-call]  # SimpleITK
+    composite: sitk.Transform = sitk.CompositeTransform(merged)
     return composite

@@ -126,9 +126,9 @@ def tps_to_itk(
     the affine part's 3x3 matrix. The field covers the image plus one node of margin.
     """
     m = spline_mm.affine_matrix()
-    affine = sitk.AffineTransform(2)  # type: ignore[no-untyped-call]  # SimpleITK has no type hints
-    affine.SetMatrix(tuple(m[:2, :2].ravel()))  # type: ignore[no-untyped-call]
-    affine.SetTranslation(tuple(m[:2, 2]))  # type: ignore[no-untyped-call]
+    affine = sitk.AffineTransform(2)
+    affine.SetMatrix(tuple(m[:2, :2].ravel()))
+    affine.SetTranslation(tuple(m[:2, 2]))
     h, w = image_shape
     extent = np.array([w - 1, h - 1], dtype=np.float64) * image_mm_per_pixel
     step = max(float(extent.max()) / (MAX_FIELD_NODES - 3), 4 * image_mm_per_pixel)
@@ -140,7 +140,7 @@ def tps_to_itk(
     pts = np.stack([gx.ravel(), gy.ravel()], axis=1)
     bend = spline_mm.bending_part(pts) @ np.linalg.inv(m[:2, :2]).T
     field = sitk.GetImageFromArray(bend.reshape(nodes[1], nodes[0], 2), isVector=True)
-    field.SetOrigin(tuple(origin))  # type: ignore[no-untyped-call]
-    field.SetSpacing((step, step))  # type: ignore[no-untyped-call]
-    disp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))  # type: ignore[no-untyped-call]
-    return sitk.CompositeTransform([affine, disp]), m  # type: ignore[no-untyped-call]
+    field.SetOrigin(tuple(origin))
+    field.SetSpacing((step, step))
+    disp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    return sitk.CompositeTransform([affine, disp]), m
