@@ -240,18 +240,20 @@ class TrainingRun:
         self.log(f"prepared {len(prepared)} training sections in {time.perf_counter() - t:.1f} s")
         return prepared
 
-    def _prepare_val(self) -> list[ValSection]:
-        c = self.config
-        prepared = prepare_sections(
-            self.parts["val"],
+    def _prepare_whole(self, part: str) -> list[PreparedSection]:
+        """Targets of whole sections (no patch maps, no void) for scoring: validation or test."""
+        return prepare_sections(
+            self.parts[part],
             self.class_table,
             patch_size=None,
             model_mm_per_pixel=1.0 / self.pixels_per_mm,
-            mapping_csv=c.mapping_csv,
+            mapping_csv=self.config.mapping_csv,
             void_px=0.0,
             cache=self.cache,
         )
-        return make_val_sections(prepared, c.void_border_px)
+
+    def _prepare_val(self) -> list[ValSection]:
+        return make_val_sections(self._prepare_whole("val"), self.config.void_border_px)
 
     # -- training ------------------------------------------------------------------------------
 
@@ -522,15 +524,7 @@ class TrainingRun:
         if not self.parts["test"] or self.model_dir is None:
             return None
         c = self.config
-        prepared = prepare_sections(
-            self.parts["test"],
-            self.class_table,
-            patch_size=None,
-            model_mm_per_pixel=1.0 / self.pixels_per_mm,
-            mapping_csv=c.mapping_csv,
-            void_px=0.0,
-            cache=self.cache,
-        )
+        prepared = self._prepare_whole("test")
         bundle = load_bundle(self.model_dir)
         metrics = validate(
             bundle.network,
