@@ -32,9 +32,8 @@ import slicer
 from thinseg import jobs
 from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL
 from thinseg.errors import ThinSegError
-from thinseg.io.atomic import ensure_writable_dir
 from thinseg.io.netcdf import list_variables, open_netcdf_image, read_labelmap
-from thinseg.io.pairing import find_affix, pair_inputs
+from thinseg.io.pairing import find_affix
 from thinseg.jsonio import write_json
 from thinseg.pipelines.outputs import safe_file_name
 from thinseg.resources import default_model_dir
@@ -352,22 +351,9 @@ class ThinSectionSegmentationLogic:
         segment` (one netCDF per section + modal_mineralogy.csv). Returns (results, failures);
         with load=True each result file is imported into the scene."""
         # deferred: these import torch (1-2 s), which the panel loads only when it segments
-        from thinseg.inference.engine import InferenceOptions, Segmenter
-        from thinseg.model.bundle import load_bundle
-        from thinseg.pipelines.segment import (
-            SegmentOptions,
-            check_thin_section_model,
-            segment_sections,
-            write_modal_mineralogy,
-        )
+        from thinseg.inference.engine import InferenceOptions
+        from thinseg.pipelines.segment import SegmentOptions, segment_files
 
-        bundle = load_bundle(modelDir or self.defaultModelDir())
-        check_thin_section_model(bundle)
-        output = Path(outputDir)
-        ensure_writable_dir(output)
-        sections, problems = pair_inputs(
-            list(paths), pp_pattern=ppPattern, xp_pattern=xpPattern, needs_xp=len(bundle.input_names) > 1
-        )
         options = SegmentOptions(
             pp_pattern=ppPattern,
             xp_pattern=xpPattern,
@@ -377,11 +363,10 @@ class ThinSectionSegmentationLogic:
             overlay=overlay,
             inference=InferenceOptions(device=device, with_confidence=probabilities),
         )
-        segmenter = Segmenter(bundle, options.inference)
-        done, failures = segment_sections(sections, segmenter, options, output, progress)
-        failures = [(p.path, p.problem) for p in problems] + [(s.primary, e.problem) for s, e in failures]
-        if done:
-            write_modal_mineralogy(done, output, overwrite)
+        run = segment_files(
+            list(paths), options, Path(outputDir), modelDir or self.defaultModelDir(), progress=progress
+        )
+        done, failures = run.results, run.failed
         if load:
             for r in done:
                 self.importNetcdf(r.netcdf)

@@ -9,20 +9,10 @@ from pathlib import Path
 from thinseg.cli.progress import TileProgress
 from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL
 from thinseg.errors import ThinSegError
-from thinseg.inference.engine import DEFAULT_OVERLAP, InferenceOptions, Segmenter
-from thinseg.io.atomic import ensure_writable_dir
-from thinseg.io.pairing import SectionInput, pair_inputs
-from thinseg.model.bundle import load_bundle
-from thinseg.pipelines.segment import (
-    SectionResult,
-    SegmentOptions,
-    check_thin_section_model,
-    is_single_file,
-    segment_sections,
-    write_modal_mineralogy,
-)
+from thinseg.inference.engine import DEFAULT_OVERLAP, InferenceOptions
+from thinseg.io.pairing import SectionInput
+from thinseg.pipelines.segment import SectionResult, SegmentOptions, SegmentRun, segment_files
 from thinseg.reports.mineralogy import format_table
-from thinseg.resources import default_model_dir
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -104,23 +94,7 @@ def _positive_float(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    model_dir = args.model or default_model_dir()
-    bundle = load_bundle(model_dir)
-    check_thin_section_model(bundle)
-    needs_xp = len(bundle.input_names) > 1
     output: Path = args.output
-    single_file = is_single_file(output)
-    ensure_writable_dir(output.parent if single_file else output)
-
-    sections, problems = pair_inputs(
-        args.inputs, pp_pattern=args.pp_pattern, xp_pattern=args.xp_pattern, needs_xp=needs_xp
-    )
-    for problem in problems:
-        print(f"thinseg: error: {problem.path}: {problem.problem}", file=sys.stderr)
-    if not sections:
-        print("thinseg: nothing to segment", file=sys.stderr)
-        return 2
-
     options = SegmentOptions(
         pp_pattern=args.pp_pattern,
         xp_pattern=args.xp_pattern,
@@ -137,15 +111,20 @@ def run(args: argparse.Namespace) -> int:
             with_confidence=args.probabilities,
         ),
     )
-    segmenter = Segmenter(bundle, options.inference)
-    for message in segmenter.messages:
-        print(f"thinseg: {message}", file=sys.stderr)
-    print(f"model: {bundle.title} ({model_dir})", file=sys.stderr)
     progress = TileProgress(enabled=not args.quiet)
+    startup_messages: list[str] = []
+
+    def on_start(run: SegmentRun) -> None:
+        report_refused(run)
+        assert run.segmenter is not None
+        startup_messages.extend(run.segmenter.messages)
+        for message in run.segmenter.messages:
+            print(f"thinseg: {message}", file=sys.stderr)
+        print(f"model: {run.bundle.title} ({run.model_dir})", file=sys.stderr)
 
     def on_result(result: SectionResult) -> None:
         progress.close()
-        for message in result.messages[len(segmenter.messages) :]:
+        for message in result.messages[len(startup_messages) :]:
             print(f"thinseg: {message}", file=sys.stderr)
         print(
             f"\n{result.section.name}: {result.megapixels:.1f} MPix in {result.seconds:.1f} s "
@@ -162,19 +141,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"thinseg: error: {where}: {error.problem}", file=sys.stderr)
 
     try:
-        results, failures = segment_sections(
-            sections, segmenter, options, output, progress, None, on_result, on_failure
+        run = segment_files(
+            args.inputs,
+            options,
+            output,
+            args.model,
+            on_start=on_start,
+            progress=progress,
+            on_result=on_result,
+            on_failure=on_failure,
         )
     finally:
         progress.close()
 
-    if results:
-        csv_path = write_modal_mineralogy(results, output, args.overwrite)
-        print(f"\nmodal mineralogy (area fractions): {csv_path}")
-    failed = [(p.path, p.problem) for p in problems] + [(s.primary, e.problem) for s, e in failures]
-    print(f"\n{len(results)} section(s) segmented, {len(failed)} failed", file=sys.stderr)
+    if run.segmenter is None:
+        report_refused(run)
+        print("thinseg: nothing to segment", file=sys.stderr)
+        return 2
+    if run.mineralogy_csv is not None:
+        print(f"\nmodal mineralogy (area fractions): {run.mineralogy_csv}")
+    failed = run.failed
+    print(f"\n{len(run.results)} section(s) segmented, {len(failed)} failed", file=sys.stderr)
     for path, why in failed:
         print(f"  failed: {path}: {why}", file=sys.stderr)
-    if not results:
+    if not run.results:
         return 2
     return 1 if failed else 0
+
+
+def report_refused(run: SegmentRun) -> None:
+    """One line per input that pairing refused (the batch goes on without it)."""
+    for problem in run.problems:
+        print(f"thinseg: error: {problem.path}: {problem.problem}", file=sys.stderr)

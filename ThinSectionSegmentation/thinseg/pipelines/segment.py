@@ -19,14 +19,15 @@ from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL, open_ppxp
 from thinseg.errors import ThinSegError
 from thinseg.inference.engine import CancelFn, InferenceOptions, Segmenter, Source
 from thinseg.inference.resample import resampled_shape, resampling_factor, segment_at_model_resolution
-from thinseg.io.atomic import AtomicOutput, atomic_output, free_output_path
+from thinseg.io.atomic import AtomicOutput, atomic_output, ensure_writable_dir, free_output_path
 from thinseg.io.images import RasterSource
 from thinseg.io.netcdf import NetcdfWriter, RgbRowWriter, list_variables
-from thinseg.io.pairing import SectionInput, section_base_name
-from thinseg.model.bundle import ModelBundle
+from thinseg.io.pairing import PairingProblem, SectionInput, pair_inputs, section_base_name
+from thinseg.model.bundle import ModelBundle, load_bundle
 from thinseg.reports.mineralogy import ModalMineralogy, modal_mineralogy, write_mineralogy_csv
 from thinseg.reports.overlay import MAX_OVERLAY_SIDE, write_overlay_png
 from thinseg.reports.preview import read_preview
+from thinseg.resources import default_model_dir
 
 #: Name of a batch's modal mineralogy table in an output folder.
 MINERALOGY_CSV = "modal_mineralogy.csv"
@@ -345,3 +346,63 @@ def write_modal_mineralogy(results: Sequence[SectionResult], output: Path, overw
     else:
         path = output / MINERALOGY_CSV
     return write_mineralogy_csv(path, [r.mineralogy for r in results], overwrite=overwrite)
+
+
+@dataclass
+class SegmentRun:
+    """A batch run of `segment_files`: the model, what pairing refused, and what was made.
+
+    `segmenter` is None when pairing left nothing to segment (then nothing was written)."""
+
+    bundle: ModelBundle
+    model_dir: Path
+    sections: list[SectionInput]
+    problems: list[PairingProblem]
+    segmenter: Segmenter | None = None
+    results: list[SectionResult] = field(default_factory=list)
+    failures: list[tuple[SectionInput, ThinSegError]] = field(default_factory=list)
+    mineralogy_csv: Path | None = None
+
+    @property
+    def failed(self) -> list[tuple[Path, str]]:
+        """(file, problem) for every input that produced nothing: refused by pairing or failed."""
+        refused = [(p.path, p.problem) for p in self.problems]
+        return refused + [(section.primary, error.problem) for section, error in self.failures]
+
+
+def segment_files(
+    inputs: Sequence[str | Path],
+    options: SegmentOptions,
+    output: Path,
+    model_dir: Path | None = None,
+    *,
+    on_start: Callable[[SegmentRun], None] | None = None,
+    progress: ProgressFactory | None = None,
+    cancel: CancelFn | None = None,
+    on_result: Callable[[SectionResult], None] | None = None,
+    on_failure: Callable[[SectionInput, ThinSegError], None] | None = None,
+) -> SegmentRun:
+    """Segment image/netCDF files or folders with a model (the bundled one by default): the use
+    case behind `thinseg segment` and the Slicer logic's batch call. Pairs the inputs, builds one
+    segmenter, segments every section (a bad one is reported and the batch goes on) and writes
+    the batch's modal mineralogy table. `on_start` sees the run once the segmenter is built,
+    before the first section."""
+    model_dir = model_dir or default_model_dir()
+    bundle = load_bundle(model_dir)
+    check_thin_section_model(bundle)
+    ensure_writable_dir(output.parent if is_single_file(output) else output)
+    sections, problems = pair_inputs(
+        inputs, pp_pattern=options.pp_pattern, xp_pattern=options.xp_pattern, needs_xp=len(bundle.input_names) > 1
+    )
+    run = SegmentRun(bundle, Path(model_dir), sections, problems)
+    if not sections:
+        return run
+    run.segmenter = Segmenter(bundle, options.inference)
+    if on_start is not None:
+        on_start(run)
+    run.results, run.failures = segment_sections(
+        sections, run.segmenter, options, output, progress, cancel, on_result, on_failure
+    )
+    if run.results:
+        run.mineralogy_csv = write_modal_mineralogy(run.results, output, options.overwrite)
+    return run
