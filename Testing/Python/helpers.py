@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -252,18 +253,29 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("thinseg: error:")]
 
 
-#: The ten real sandstone fields in the shared data folder beside the checkout
-#: (GPL-3.0: read there, never copied here).
-REAL_DATA = REPO.parent / "shared" / "data" / "sandstone-ppl-xpl"
+#: Set this to the folder of the ten real sandstone fields (ppl/, xpl/, masks/) when the shared
+#: data is not beside the checkout.
+REAL_DATA_VARIABLE = "THINSEG_REAL_DATA"
+#: Where the real sandstone fields are looked for: the variable above when it is set (and then
+#: only there), else the shared data folder beside the checkout, or one inside it (GPL-3.0:
+#: read there, never copied here).
+REAL_DATA_CANDIDATES = (
+    [Path(os.environ[REAL_DATA_VARIABLE])]
+    if os.environ.get(REAL_DATA_VARIABLE)
+    else [REPO.parent / "shared" / "data" / "sandstone-ppl-xpl", REPO / "shared" / "data" / "sandstone-ppl-xpl"]
+)
+REAL_DATA = next((p for p in REAL_DATA_CANDIDATES if (p / "ppl").is_dir()), REAL_DATA_CANDIDATES[0])
 REAL_CLASSES = REPO / "Resources" / "ClassTables" / "sandstone_ppl_xpl.csv"
 
 
 def real_field(field: str) -> dict[str, Path]:
-    """Paths of one real field: PPL, XPL and the hand-drawn mask (skips when the data is absent)."""
+    """Paths of one real field: PPL, XPL and the hand-drawn mask (skips, saying where it looked
+    and how to point the tests at the data, when the data is absent)."""
     import pytest
 
-    if not REAL_DATA.is_dir():
-        pytest.skip(f"real sandstone data not found at {REAL_DATA}")
+    if not (REAL_DATA / "ppl").is_dir():
+        looked = ", ".join(str(p) for p in REAL_DATA_CANDIDATES)
+        pytest.skip(f"real sandstone data not found (looked in: {looked}); set {REAL_DATA_VARIABLE}=FOLDER")
     masks = sorted((REAL_DATA / "masks").glob(f"{field}_mascara*.tif*"))
     return {
         "pp": REAL_DATA / "ppl" / f"{field}_paralelos.jpg",
