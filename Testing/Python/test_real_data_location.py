@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REAL_DATA, REAL_DATA_VARIABLE
 
 HERE = Path(__file__).resolve().parent
