@@ -385,3 +385,22 @@ def test_diverging_refinement_is_refused_and_nothing_is_written(tmp_path, capsys
     assert code == 2 and len(error_lines(stderr)) == 1 and "diverged" in stderr, stderr
     no_traceback(stderr)
     assert files_in(tmp_path / "out") == set()
+
+
+def test_transform_kinds_are_named_alike_everywhere():
+    """The command line and the panel list the fits without loading SimpleITK, so they name the
+    kinds themselves: their lists must be the registration's own."""
+    import ast
+
+    from helpers import MODULE_DIR
+
+    from thinseg.pipelines.register import TRANSFORM_KINDS
+    from thinseg.registration.sitk_transforms import KINDS
+
+    module = ast.parse((MODULE_DIR / "ThinSectionSegmentation.py").read_text(encoding="utf-8"))
+    panel = next(
+        ast.literal_eval(node.value)
+        for node in module.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TRANSFORM_KINDS" for t in node.targets)
+    )
+    assert TRANSFORM_KINDS == KINDS == panel

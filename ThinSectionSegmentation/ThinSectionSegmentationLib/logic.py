@@ -432,7 +432,10 @@ class ThinSectionSegmentationLogic:
         xp = rgb_array(xpNode, "XP image") if xpNode is not None else None
         table = labelmap_class_table(qemscanNode)
         q_geometry = require_thin_section_geometry(qemscanNode, "QEMSCAN map")
-        result = jobs.register_arrays(
+        # deferred: thinseg.registration imports SimpleITK, loaded only when registration is used
+        from thinseg.registration import register_section
+
+        result = register_section(
             pp,
             xp,
             label_array(qemscanNode, "QEMSCAN map"),

@@ -17,7 +17,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -105,21 +104,15 @@ def open_ppxp(
             if xp_var == pp_var:
                 xp_var = None
     with ExitStack() as stack:
-        pp_source = _open_variable(path, pp_var) if pp_var is not None else open_image(path, role="PP image")
+        pp_source = open_netcdf_image(path, pp_var) if pp_var is not None else open_image(path, role="PP image")
         stack.callback(pp_source.close)
         xp_source: RasterSource | None = None
         if with_xp and xp is not None:
             xp_source = open_image(xp, role="XP image")
         elif xp_var is not None:
-            xp_source = _open_variable(path, xp_var)
+            xp_source = open_netcdf_image(path, xp_var)
         stack.pop_all()  # opened: the caller closes them
     return PpXpSources(path, pp_source, xp_source, pp_var, xp_var)
-
-
-def _open_variable(path: Path, variable: str) -> RasterSource:
-    """An RGB netCDF variable as a RasterSource. (The cast only restates that NetcdfImageSource
-    implements the protocol: mypy objects to its `path` being declared `Path`, not `Path | None`.)"""
-    return cast(RasterSource, open_netcdf_image(path, variable))
 
 
 def output_stem(pp_path: str | os.PathLike[str], pp_pattern: str) -> str:

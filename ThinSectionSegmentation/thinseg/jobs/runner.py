@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 from thinseg.io.atomic import write_bytes_atomic
 from thinseg.io.netcdf import NetcdfImageSource, NetcdfWriter, open_netcdf_image, read_labelmap
@@ -49,38 +48,6 @@ def emit_stdout(event: str, **data: Any) -> None:
 
 
 # -- registration -------------------------------------------------------------------------------
-
-
-def register_arrays(
-    pp: npt.NDArray[np.uint8],
-    xp: npt.NDArray[np.uint8] | None,
-    qemscan_labels: npt.NDArray[np.uint8],
-    table: ClassTable,
-    *,
-    image_mm_per_pixel: float,
-    qemscan_mm_per_pixel: float,
-    landmarks: LandmarkPairs | None = None,
-    kind: str = "similarity",
-    refine: bool = True,
-    bspline: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> RegistrationResult:
-    """`thinseg.registration.register_section` with the panel's options."""
-    from thinseg.registration import register_section  # deferred: SimpleITK is loaded only by registration jobs
-
-    return register_section(
-        pp,
-        xp,
-        qemscan_labels,
-        table,
-        image_mm_per_pixel=image_mm_per_pixel,
-        qemscan_mm_per_pixel=qemscan_mm_per_pixel,
-        landmarks=landmarks,
-        kind=kind,
-        refine=refine,
-        bspline=bspline,
-        progress=progress,
-    )
 
 
 def landmark_pairs(job_landmarks: dict[str, Any] | None) -> LandmarkPairs | None:
@@ -138,7 +105,9 @@ def run_register_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summar
     labels, table, q_mm, _origin = read_labelmap(source, job["qemscan"])
     image_mm = _pixel_size(job.get("image_mm_per_pixel") or pp_info.mm_per_pixel, "PP image", source)
     qemscan_mm = _pixel_size(job.get("qemscan_mm_per_pixel") or q_mm, "QEMSCAN map", source)
-    result = register_arrays(
+    from thinseg.registration import register_section  # deferred: SimpleITK is loaded only by registration jobs
+
+    result = register_section(
         pp,
         xp,
         labels,
