@@ -210,13 +210,17 @@ def _check_pillow_mode(image: Any, path: Path, role: str) -> None:
     if frames > 1:
         raise ThinSegError(f"{role} has {frames} frames; a single RGB image is expected", path)
     mode = image.mode
+    # the raw mode of each tile (codec, extents, offset, args): a plain tuple before Pillow 10.3
+    raw_modes = [str(tile[3]) for tile in (image.tile or []) if len(tile) > 3]
+    if mode == "I" and any(raw.startswith("I;16") for raw in raw_modes):
+        mode = "I;16"  # Pillow before 10 opens 16-bit grayscale PNGs as 32-bit "I"
     if mode in _PIL_REFUSED:
         raise _refuse(path, role, _PIL_REFUSED[mode], _EIGHT_BIT if mode in _PIL_DEEP else "an RGB image")
     if mode == "P" and "transparency" in image.info:
         raise _refuse(path, role, "has a transparency channel (palette with alpha)")
     if mode not in ("RGB", "P", "YCbCr"):
         raise _refuse(path, role, f"has colour mode {mode}")
-    if mode == "RGB" and any(";16" in str(getattr(tile, "args", "")) for tile in (image.tile or [])):
+    if mode == "RGB" and any(";16" in raw for raw in raw_modes):
         # Pillow silently truncates 48-bit PNGs to 8 bits; refuse rather than guess the scaling.
         raise _refuse(path, role, "is 16-bit per channel (48-bit RGB)", _EIGHT_BIT)
 

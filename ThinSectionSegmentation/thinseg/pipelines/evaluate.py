@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,6 +52,9 @@ from thinseg.reports import plots
 from thinseg.reports.preview import read_preview
 from thinseg.resources import default_model_dir
 from thinseg.training.targets import section_scale as _section_scale
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeAlias  # typing has it from Python 3.10 only
 
 #: Where messages go (a line each), e.g. printed by the command line.
 Log = Callable[[str], None]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +24,9 @@ from thinseg.registration.sitk_transforms import (
     px_matrix_to_mm,
 )
 from thinseg.registration.tps import ThinPlateSpline, tps_to_itk
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeAlias  # typing has it from Python 3.10 only
 
 FloatArray = npt.NDArray[np.float64]
 #: A fitted landmark map image px -> QEMSCAN px: a 3x3 matrix or a thin-plate spline.

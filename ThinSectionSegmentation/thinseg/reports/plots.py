@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from typing import TypeAlias
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +24,9 @@ from thinseg.metrics.evaluator import EvaluationReport
 from thinseg.metrics.fractions import FractionStats, fraction_agreement
 from thinseg.metrics.scores import SegmentationMetrics, metrics_from_confusion
 from thinseg.reports.preview import shrink
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeAlias  # typing has it from Python 3.10 only
 
 PathLike: TypeAlias = "str | os.PathLike[str]"
 

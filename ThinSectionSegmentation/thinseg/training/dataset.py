@@ -137,11 +137,13 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
 
 def make_loader(stream: PatchStream, num_workers: int = 0, pin_memory: bool = False) -> DataLoader[Sample]:
     """Batches of `stream`; each batch comes whole from one worker (reproducible order)."""
+    if num_workers == 0:  # torch < 2.0 refuses any prefetch_factor without workers, even None
+        return DataLoader(stream, batch_size=stream.batch_size, pin_memory=pin_memory)
     return DataLoader(
         stream,
         batch_size=stream.batch_size,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,
-        prefetch_factor=2 if num_workers > 0 else None,
+        prefetch_factor=2,
     )
