@@ -1,6 +1,6 @@
 """Train the bundled default model on generated sections and write its model card.
 
-The shipped model under Resources/Models/ThinSectionEnv/thinseg-synthetic-unet is exactly what
+The shipped model under Resources/Models/ThinSectionEnv/Multiphase/thinseg-synthetic-unet is exactly what
 this script produces (same seeds, same settings), so anyone can reproduce or improve it:
 
     .venv/bin/python scripts/train_bundled_model.py                    # about 50 minutes on a 2-core CPU

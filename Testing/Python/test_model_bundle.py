@@ -1,15 +1,21 @@
-"""GeoSlicer model bundles: round trips, GeoSlicer-format bundles, and every refusal path.
+"""GeoSlicer model bundles: round trips, GeoSlicer-format bundles, safe loading on every torch,
+transform chains, and every refusal path.
 
-Networks are tiny (a few hundred weights, 16 px inputs) so the whole file runs in seconds.
+Networks are tiny (a few hundred weights, 16 px inputs) so the whole file runs in seconds. It
+runs on both stacks: torch 2.x (which restricts loading itself) and GeoSlicer's torch 1.12
+(whose torch.load has no `weights_only`: the restricted unpickler is all there is).
 """
 
 from __future__ import annotations
 
+import builtins
 import json
+import os
 from collections import OrderedDict
 from pathlib import Path
 
 import monai
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +24,15 @@ from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 from thinseg.model import build_network, find_bundles, load_bundle, save_bundle
 from thinseg.model.bundle import WEIGHTS_FILE
+from thinseg.model.discovery import find_geoslicer_models, find_thin_section_models, multiphase_model_dir
+from thinseg.model.safe_load import (
+    NUMPY_SCALAR_GLOBALS,
+    allowed_globals,
+    load_torch_file,
+    numpy_globals,
+    torch_restricts_loading,
+)
+from thinseg.training.checkpoint import load_checkpoint, save_checkpoint
 
 torch.manual_seed(0)
 
@@ -58,7 +73,7 @@ def _save_tiny(tmp_path: Path, name: str = "tiny", **kw) -> tuple[Path, torch.nn
     params = kw.pop("network_params", TINY_UNET)
     net = build_network(kw.pop("network_name", "UNet"), params)
     folder = save_bundle(
-        tmp_path / "ThinSectionEnv" / name,
+        multiphase_model_dir(tmp_path, name),
         net,
         network_name=kw.pop("save_name", "UNet"),
         network_params=params,
@@ -223,7 +238,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     assert bundle.class_table == _classes() and bundle.first_label == 0
     assert bundle.pixels_per_mm == 200.0 and bundle.roi_shape == (16, 16)
     assert bundle.input_range == (0.0, 255.0, 0.0, 1.0)
-    assert bundle.tag == "ThinSectionEnv"
+    assert bundle.tag == "Multiphase"
     assert not bundle.network.training
     x = bundle.prepare(_images())
     with torch.no_grad():
@@ -232,7 +247,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
 
 def test_saved_files_follow_geoslicer_format_and_are_plain(tmp_path):
     folder, _ = _save_tiny(tmp_path, extra_meta={"model_type": "Multiphase"})
-    saved = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    saved = load_torch_file(folder / WEIGHTS_FILE)
 
     def plain(value):
         if isinstance(value, dict):
@@ -328,7 +343,14 @@ def test_logits_to_labels_adds_first_label(tmp_path):
 
 
 def test_find_bundles_in_tag_folders(tmp_path):
-    for tag, name in [("ThinSectionEnv", "b"), ("ThinSectionEnv", "a"), ("MicroCTEnv", "c")]:
+    for tag, name in [
+        ("ThinSectionEnv", "b"),
+        ("ThinSectionEnv", "a"),
+        ("MicroCTEnv", "c"),
+        ("ThinSectionEnv/Multiphase", "d"),
+        ("ThinSectionEnv/PoreStats", "e"),
+        ("Elsewhere/Multiphase", "f"),
+    ]:
         folder = tmp_path / tag / name
         folder.mkdir(parents=True)
         (folder / "meta.json").write_text("{}")
@@ -339,7 +361,10 @@ def test_find_bundles_in_tag_folders(tmp_path):
     (tmp_path / "ThinSectionEnv" / ".a.x.tmp" / "meta.json").write_text("{}")
     (tmp_path / "ThinSectionEnv" / ".a.x.tmp" / "model.pth").write_bytes(b"")
     assert find_bundles(tmp_path) == [
+        tmp_path / "Elsewhere" / "Multiphase" / "f",
         tmp_path / "MicroCTEnv" / "c",
+        tmp_path / "ThinSectionEnv" / "Multiphase" / "d",
+        tmp_path / "ThinSectionEnv" / "PoreStats" / "e",
         tmp_path / "ThinSectionEnv" / "a",
         tmp_path / "ThinSectionEnv" / "b",
     ]
@@ -347,6 +372,18 @@ def test_find_bundles_in_tag_folders(tmp_path):
         tmp_path / "ThinSectionEnv" / "a",
         tmp_path / "ThinSectionEnv" / "b",
     ]
+    # GeoSlicer's layout and the older one; GeoSlicer's own search: the Multiphase tag anywhere
+    assert find_thin_section_models(tmp_path) == [
+        tmp_path / "Elsewhere" / "Multiphase" / "f",
+        tmp_path / "ThinSectionEnv" / "Multiphase" / "d",
+        tmp_path / "ThinSectionEnv" / "a",
+        tmp_path / "ThinSectionEnv" / "b",
+    ]
+    assert find_geoslicer_models(tmp_path) == [
+        tmp_path / "Elsewhere" / "Multiphase" / "f",
+        tmp_path / "ThinSectionEnv" / "Multiphase" / "d",
+    ]
+    assert multiphase_model_dir(tmp_path, "d") == tmp_path / "ThinSectionEnv" / "Multiphase" / "d"
     assert find_bundles(tmp_path / "missing") == []
 
 
@@ -379,21 +416,136 @@ def test_save_refuses_weights_that_do_not_fit_params(tmp_path):
 # -- refusals ----------------------------------------------------------------------------------
 
 
-def test_pickled_object_is_refused_not_executed(tmp_path):
+class _Payload:
+    """Pickles as a call of `function(*args)`: what a malicious model.pth carries."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return (self.function, self.args)
+
+
+def _payloads(marker: Path) -> dict[str, tuple[_Payload, str]]:
+    """Each writes `marker` when unpickled the ordinary way; with the global a refusal names."""
+    return {
+        "open": (_Payload(open, str(marker), "w"), "io.open"),
+        "os.system": (_Payload(os.system, f"touch '{marker}'"), f"{os.system.__module__}.system"),
+        "builtins.exec": (_Payload(builtins.exec, f"open({str(marker)!r}, 'w').write('ran')"), "builtins.exec"),
+    }
+
+
+#: None: whatever this torch supports (its own restricted loader from torch 2.6); True: the
+#: restricted unpickler that torch 1.12 gets, on this torch too.
+LOADERS = [pytest.param(None, id="this-torch"), pytest.param(True, id="restricted-unpickler")]
+
+
+@pytest.mark.parametrize("restricted", LOADERS)
+@pytest.mark.parametrize("payload", ["open", "os.system", "builtins.exec"])
+def test_a_model_that_would_run_code_is_refused_and_runs_nothing(tmp_path, monkeypatch, payload, restricted):
     marker = tmp_path / "marker-was-written"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
+    evil, name = _payloads(marker)[payload]
     folder, _ = _save_tiny(tmp_path)
-    saved = torch.load(folder / WEIGHTS_FILE, weights_only=True)
-    saved["config"]["evil"] = Payload()
+    saved = load_torch_file(folder / WEIGHTS_FILE)
+    saved["config"]["meta"]["evil"] = evil
     torch.save(saved, folder / WEIGHTS_FILE)
-    with pytest.raises(ThinSegError, match=r"could not be loaded safely \(weights_only=True\)") as info:
+    original = load_torch_file
+    monkeypatch.setattr(
+        "thinseg.model.bundle.load_torch_file", lambda path: original(path, restricted=restricted), raising=True
+    )
+    with pytest.raises(ThinSegError) as info:
         load_bundle(folder)
     assert not marker.exists()
-    assert "\n" not in str(info.value)
+    assert info.value.path == folder / WEIGHTS_FILE and "\n" not in str(info.value)
+    assert info.value.problem == (
+        f"model.pth could not be loaded safely: it names {name}, which is not a tensor, a plain value or a number "
+        "(nothing in the file was run)"
+    )
+
+
+@pytest.mark.parametrize("restricted", LOADERS)
+def test_numpy_scalars_in_a_bundle_load_as_plain_values(tmp_path, restricted):
+    """GeoSlicer's saved dicts can hold numpy numbers; they load safely and come back as Python's."""
+    folder, net = _save_tiny(tmp_path)
+    saved = load_torch_file(folder / WEIGHTS_FILE)
+    cmeta = saved["config"]["meta"]
+    cmeta["pixels_per_mm"] = np.float64(200.0)
+    cmeta["input_roi_shape"] = [np.int64(16), np.int32(16)]
+    cmeta["inputs"]["PP"]["n_channels"] = np.uint8(3)
+    cmeta["is_segmentation_model"] = np.bool_(True)
+    saved["config"]["extra"] = {"float32": np.float32(0.25), "complex": np.complex128(1 - 2j), "int16": np.int16(-7)}
+    torch.save(saved, folder / WEIGHTS_FILE)
+    loaded = load_torch_file(folder / WEIGHTS_FILE, restricted=restricted)
+    plain = loaded["config"]
+    assert plain["extra"] == {"float32": 0.25, "complex": 1 - 2j, "int16": -7}
+    assert [type(v) for v in plain["extra"].values()] == [float, complex, int]
+    assert type(plain["meta"]["pixels_per_mm"]) is float and type(plain["meta"]["input_roi_shape"][0]) is int
+    assert plain["meta"]["is_segmentation_model"] is True
+    bundle = load_bundle(folder)
+    assert bundle.pixels_per_mm == 200.0 and bundle.roi_shape == (16, 16) and bundle.input_channels == [3, 3]
+    x = bundle.prepare(_images())
+    with torch.no_grad():
+        assert torch.equal(bundle.network(x), net.eval()(x))
+
+
+@pytest.mark.parametrize("restricted", LOADERS)
+def test_numpy_arrays_and_object_dtypes_are_refused(tmp_path, restricted):
+    path = tmp_path / "array.pth"
+    torch.save({"a": np.arange(3)}, path)
+    with pytest.raises(ThinSegError, match=r"it names numpy\.(_core|core)\.multiarray\._reconstruct"):
+        load_torch_file(path, restricted=restricted)
+    torch.save({"a": np.dtype(object)}, path)
+    with pytest.raises(ThinSegError, match=r"it names numpy\.dtype\('O8'\), which is not"):
+        load_torch_file(path, restricted=restricted)
+    torch.save({"a": np.str_("text")}, path)
+    with pytest.raises(ThinSegError, match=r"it names numpy\.dtype\('U4'\), which is not"):
+        load_torch_file(path, restricted=restricted)
+
+
+def test_one_allow_list_for_both_loaders():
+    """The restricted unpickler's list is the one torch's own loader gets: its torch entries are
+    among what torch allows by itself, the numpy entries are added for the load."""
+    names = set(allowed_globals())
+    assert set(numpy_globals()) == {*NUMPY_SCALAR_GLOBALS, "numpy.dtype"}
+    assert {"torch._utils._rebuild_tensor_v2", "collections.OrderedDict", "_codecs.encode", "torch.float32"} <= names
+    assert not {n for n in names if n.startswith(("os.", "posix.", "subprocess.")) or n == "builtins.exec"}
+    if torch_restricts_loading():
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        assert names - set(numpy_globals()) <= set(_get_allowed_globals())
+
+
+@pytest.mark.parametrize("restricted", LOADERS)
+def test_a_training_checkpoint_loads_safely_with_every_loader(tmp_path, monkeypatch, restricted):
+    net = build_network("UNet", TINY_UNET)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.rand(1, 6, 16, 16)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5**epoch)
+    state = {
+        "epoch": 3,
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "history": [{"epoch": 1, "loss": 0.5, "val": None}],
+        "rng": {"torch": torch.get_rng_state()},
+        "identity": {"network": "UNet", "params": TINY_UNET, "roles": ["PP", "XP"]},
+    }
+    path = save_checkpoint(tmp_path / "checkpoint.pt", state)
+    original = load_torch_file
+    monkeypatch.setattr("thinseg.training.checkpoint.load_torch_file", lambda p: original(p, restricted=restricted))
+    back = load_checkpoint(path)
+    assert back["epoch"] == 3 and back["history"] == state["history"] and back["identity"] == state["identity"]
+    assert all(torch.equal(back["model"][k], v) for k, v in state["model"].items())
+    assert torch.equal(back["rng"]["torch"], state["rng"]["torch"])
+    fresh = torch.optim.Adam(build_network("UNet", TINY_UNET).parameters(), lr=1e-3)
+    fresh.load_state_dict(back["optimizer"])
+    assert fresh.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    marker = tmp_path / "marker"
+    torch.save({**state, "evil": _payloads(marker)["builtins.exec"][0]}, path)
+    with pytest.raises(ThinSegError, match=r"checkpoint cannot be loaded: checkpoint.pt could not be loaded safely"):
+        load_checkpoint(path)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
@@ -428,7 +580,7 @@ def test_invalid_meta_json(tmp_path):
 
 def _edit_saved(folder: Path, edit) -> None:
     pth = folder / WEIGHTS_FILE
-    saved = torch.load(pth, weights_only=True)
+    saved = load_torch_file(pth)
     edit(saved)
     torch.save(saved, pth)
 
@@ -448,10 +600,16 @@ def test_unknown_transform_name(tmp_path):
     _edit_saved(
         folder,
         lambda s: s["config"]["transforms"]["pre_processing_transforms"].append(
-            {"name": "QuantileTransform", "params": {"key": "x"}}
+            {"name": "SharpenTransform", "params": {"key": "x"}}
         ),
     )
-    with pytest.raises(ThinSegError, match="unsupported pre-processing transform 'QuantileTransform'"):
+    with pytest.raises(ThinSegError, match="unsupported pre-processing transform 'SharpenTransform'"):
+        load_bundle(folder)
+    _edit_saved(folder, lambda s: s["config"]["transforms"].update(pre_processing_transforms="ConcatenateTransform"))
+    with pytest.raises(
+        ThinSegError,
+        match="model.pth config.transforms.pre_processing_transforms: 'ConcatenateTransform' is not of type",
+    ):
         load_bundle(folder)
 
 
@@ -561,3 +719,169 @@ def test_a_geoslicer_unetact_model_segments_a_geoslicer_file_through_the_command
         labelmap = next(v for v in ds.variables.values() if getattr(v, "type", None) == "labelmap")
         labels = labelmap[0]
     assert np.array_equal(labels, _geoslicer_inference(net.eval(), pp, px).numpy().astype(np.uint8) + 1)
+
+
+# -- transform chains -----------------------------------------------------------------------------
+
+ARGMAX = {"name": "ArgmaxTransform", "params": {"key": "y", "dim": 1, "dtype": "int8", "keepdim": True}}
+PLUS_ONE = {"name": "AddConstantTransform", "params": {"keys": ["y"], "constant": 1}}
+
+
+def _chain_bundle(tmp_path: Path, name: str, *, pre=None, post=None) -> Path:
+    """A GeoSlicer-style bundle (UNetAct, 6 outputs for 6 classes) with other transform chains."""
+    net = _GeoSlicerUNetAct(**GEOSLICER_UNETACT)
+    saved, meta = _geoslicer_saved_model(net, "UNetAct", GEOSLICER_UNETACT)
+    transforms = saved["config"]["transforms"]
+    if pre is not None:
+        transforms["pre_processing_transforms"] = pre
+    if post is not None:
+        transforms["post_processing_transforms"] = post
+    return _write(multiphase_model_dir(tmp_path, name), saved, meta)
+
+
+def test_geoslicer_2_8_bundles_label_with_argmax_then_add_constant(tmp_path):
+    """GeoSlicer 2.8's ArgmaxTransform has no first_label: its models add 1 afterwards."""
+    torch.manual_seed(5)
+    net = _GeoSlicerUNetAct(**GEOSLICER_UNETACT)
+    saved, meta = _geoslicer_saved_model(net, "UNetAct", GEOSLICER_UNETACT)
+    saved["config"]["transforms"]["post_processing_transforms"] = [ARGMAX, PLUS_ONE]
+    bundle = load_bundle(_write(multiphase_model_dir(tmp_path, "gs28"), saved, meta))
+    assert bundle.first_label == 1
+    pp, px = _images(batch=1, size=16)
+    with torch.no_grad():
+        logits = bundle.network(bundle.prepare([pp, px]))
+    labels = bundle.logits_to_labels(logits)
+    assert torch.equal(labels[0], _geoslicer_inference(net, pp[0], px[0]).to(torch.uint8) + 1)
+    assert torch.equal(labels, bundle.post_process(logits)[:, 0].to(torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "post",
+    [
+        [
+            {"name": "ArgmaxTransform", "params": {"key": "y", "keepdim": False}},
+            {"name": "AddAxisTransform", "params": {"keys": ["y"], "axis": 1}},
+            PLUS_ONE,
+        ],
+        [
+            {"name": "argmaxtransform", "params": {"key": "y", "dtype": "uint8"}},
+            {
+                "name": "MapLabelValued",
+                "params": {"keys": "y", "orig_labels": list(range(6)), "target_labels": list(range(1, 7))},
+            },
+        ],
+        [
+            {"name": "MinMaxTransform", "params": {"key": "y", "move_from": [-10, 10], "move_to": [0, 1]}},
+            {"name": "AddConstantTransform", "params": {"keys": ["y"], "constant": 5}},
+            {"name": "RenameTransform", "params": {"renames": {"y": "scores"}}},
+            {"name": "ArgmaxTransform", "params": {"key": "scores", "dtype": "uint8"}},
+            {"name": "RenameTransform", "params": {"renames": {"scores": "y"}}},
+            {"name": "ToTensorTransform", "params": {"keys": {"y": "float32"}}},
+            {"name": "IdentityTransform", "params": {}},
+            PLUS_ONE,
+        ],
+        [{"name": "ArgmaxTransform", "params": {"key": "y", "dim": 0, "batch_dim": False, "first_label": 1}}],
+    ],
+    ids=["keepdim-false-add-axis", "map-label-valued", "rescale-rename-cast", "first-label"],
+)
+def test_post_processing_chains_that_label_channel_plus_one(tmp_path, post):
+    bundle = load_bundle(_chain_bundle(tmp_path, "chain", post=post))
+    assert bundle.first_label == 1 and [type(t).__name__.lower() for t in bundle.post_transforms] == [
+        s["name"].lower() for s in post
+    ]
+    logits = torch.randn(2, 6, 5, 7)
+    expected = bundle.post_process(logits.clone())
+    assert expected.shape == (2, 1, 5, 7)
+    assert torch.equal(bundle.logits_to_labels(logits), expected[:, 0].to(torch.uint8))
+
+
+def _t(name: str, **params) -> dict:
+    return {"name": name, "params": params}
+
+
+@pytest.mark.parametrize(
+    ("post", "message"),
+    [
+        (
+            [_t("TakeChannelsTransform", key="y", channels=[1, 2, 3, 4, 5]), ARGMAX, PLUS_ONE],
+            "post-processing TakeChannelsTransform before the ArgmaxTransform is not supported",
+        ),
+        (
+            [_t("MinMaxTransform", key="y", move_from=[0, 1], move_to=[1, 0]), ARGMAX, PLUS_ONE],
+            "post-processing MinMaxTransform before the ArgmaxTransform is not supported",
+        ),
+        ([ARGMAX, _t("BinarizerTransform", key="y")], "BinarizerTransform after the ArgmaxTransform is not supported"),
+        (
+            [ARGMAX, _t("MapLabelValued", keys="y", orig_labels=[0, 1, 2, 3, 4, 5], target_labels=[2, 1, 3, 4, 5, 6])],
+            r"labels output channels 0..5 as \[2, 1, 3, 4, 5, 6\]; supported: channel \+ a constant",
+        ),
+        (
+            [_t("ArgmaxTransform", key="y", keepdim=False), PLUS_ONE],
+            r"gives \(1, 1, 6\) for a \(1, 6, 1, 6\) output, not the \(B, 1, H, W\) label map",
+        ),
+        ([PLUS_ONE], "post-processing has no ArgmaxTransform on the model output 'y'"),
+        ([ARGMAX, ARGMAX], "more than one ArgmaxTransform"),
+        ([ARGMAX], "6 outputs with first_label 0 but the bundle names 6 classes"),
+        ([ARGMAX, _t("AddConstantTransform", keys=["y"], constant=-1)], r"as \[-1, 0, 1, 2, 3, 4\]"),
+        ([ARGMAX, _t("AddConstantTransform", keys=["z"], constant=1)], "AddConstantTransform needs 'z'"),
+        ([ARGMAX, PLUS_ONE, _t("RenameTransform", renames={"y": "labels"})], "leaves no model output 'y'"),
+        ([_t("ArgmaxTransform", key="y", dtype="int8", first_label=200)], r"as \[-56, -55"),
+    ],
+)
+def test_post_processing_that_is_not_channel_plus_a_constant_is_refused(tmp_path, post, message):
+    with pytest.raises(ThinSegError, match=message) as info:
+        load_bundle(_chain_bundle(tmp_path, "chain", post=post))
+    assert info.value.path.name == "model.pth" and "\n" not in str(info.value)
+
+
+CONCAT = _t("ConcatenateTransform", key_groups={"pre_processed_input_1": ["PP", "PX"]}, axis=0)
+
+
+def test_pre_processing_chains_run_as_geoslicer_runs_them(tmp_path):
+    pre = [
+        _t("ToTensorTransform", keys={"PP": "float32"}),
+        _t("AddConstantTransform", keys=["PP", "PX"], constant=-127.5),
+        CONCAT,
+        _t("QuantileTransform", key="pre_processed_input_1", quantile_values=[-127.5, 127.5], move_to=[0, 1]),
+        _t("IdentityTransform"),
+    ]
+    bundle = load_bundle(_chain_bundle(tmp_path, "pre", pre=pre))
+    assert bundle.fused_pre_processing() is None and bundle.input_range is None
+    pp, px = _images(batch=2, size=8)
+    x = bundle.prepare([pp, px])
+    joined = torch.cat([pp, px], dim=1).float() - 127.5
+    assert torch.equal(x, (joined - -127.5) / 255.0 * 1 + 0)
+    simple = load_bundle(_chain_bundle(tmp_path, "simple", pre=[_t("IdentityTransform"), *_chain_pre_default()]))
+    assert simple.fused_pre_processing() == ([0, 1], simple.pre_transforms[2:]) and simple.input_range == (
+        0.0,
+        255.0,
+        0.0,
+        1.0,
+    )
+
+
+def _chain_pre_default() -> list[dict]:
+    return [CONCAT, _t("MinMaxTransform", key="pre_processed_input_1", move_from=[0, 255], move_to=[0, 1])]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            _t("TakeChannelsTransform", key="pre_processed_input_1", channels=[0, 1, 2]),
+            r"turns 4 x 7 images into a \(6, 3, 7\) network input",
+        ),
+        (
+            _t("SwapAxesTransform", keys=["pre_processed_input_1"], axis_0=-1, axis_1=-2),
+            r"turns 3 x 5 images into a \(6, 5, 3\) network input",
+        ),
+        (_t("AddAxisTransform", keys=["pre_processed_input_1"], axis=0), r"into a \(1, 6, 3, 5\) network input"),
+        (_t("ToTensorTransform", keys={"pre_processed_input_1": "uint8"}), "gives a torch.uint8 network input"),
+        (_t("RenameTransform", renames={"pre_processed_input_1": "x"}), "does not produce the network input"),
+        (_t("AddConstantTransform", keys=["PP"], constant=1), "AddConstantTransform needs 'PP'"),
+    ],
+)
+def test_pre_processing_that_leaves_the_image_grid_is_refused(tmp_path, extra, message):
+    with pytest.raises(ThinSegError, match=message) as info:
+        load_bundle(_chain_bundle(tmp_path, "pre", pre=[*_chain_pre_default(), extra]))
+    assert info.value.path.name == "model.pth" and "\n" not in str(info.value)

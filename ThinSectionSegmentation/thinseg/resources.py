@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-#: The bundled model: <models root>/<tag>/<name>, GeoSlicer's tag-folder layout.
-BUNDLED_MODEL_TAG = "ThinSectionEnv"
+#: The bundled model: <models root>/<environment>/<tag>/<name>, GeoSlicer's tag-folder layout.
+BUNDLED_MODEL_ENV = "ThinSectionEnv"
+BUNDLED_MODEL_TAG = "Multiphase"
 BUNDLED_MODEL_NAME = "thinseg-synthetic-unet"
 
 
@@ -26,13 +27,13 @@ def resources_dir() -> Path:
 
 
 def models_root() -> Path:
-    """The bundled models' root (holding ThinSectionEnv/)."""
+    """The bundled models' root (holding ThinSectionEnv/Multiphase/)."""
     return resources_dir() / "Models"
 
 
 def default_model_dir() -> Path:
     """The bundled model's folder."""
-    return models_root() / BUNDLED_MODEL_TAG / BUNDLED_MODEL_NAME
+    return models_root() / BUNDLED_MODEL_ENV / BUNDLED_MODEL_TAG / BUNDLED_MODEL_NAME
 
 
 def sample_dir() -> Path:

@@ -1,8 +1,9 @@
 """GeoSlicer model bundles (meta.json + model.pth): load, run-prepare, save, discover.
 
-`bundle` (loading and saving) and `networks` import torch; `discovery` (finding model folders)
-and `meta` (checking their descriptions) do not, so model selectors list folders at start-up
-without it. The names below are resolved on first use for the same reason.
+`bundle` (loading and saving), `networks` and `safe_load` (reading torch files) import torch;
+`discovery` (finding model folders) and `meta` (checking their descriptions) do not, so model
+selectors list folders at start-up without it. The names below are resolved on first use for
+the same reason.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "THIN_SECTION_TAG": "thinseg.model.discovery",
+    "MULTIPHASE_TAG": "thinseg.model.discovery",
+    "THIN_SECTION_ENV": "thinseg.model.discovery",
     "ModelBundle": "thinseg.model.bundle",
     "find_bundles": "thinseg.model.discovery",
+    "find_thin_section_models": "thinseg.model.discovery",
+    "multiphase_model_dir": "thinseg.model.discovery",
+    "load_torch_file": "thinseg.model.safe_load",
     "load_bundle": "thinseg.model.bundle",
     "save_bundle": "thinseg.model.bundle",
     "SUPPORTED_NETWORKS": "thinseg.model.networks",

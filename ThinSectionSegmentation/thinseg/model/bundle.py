@@ -3,17 +3,17 @@
 network, its parameters, the pre/post-processing transforms, and `meta`, the model's description
 that meta.json repeats with a title). This is the layout GeoSlicer's AI Segmenter saves and loads.
 
-Loading never unpickles arbitrary objects (`weights_only=True`) and checks every part a
-GeoSlicer model can get wrong (the descriptions against the schema in `thinseg.model.meta`, the
-weights against the network they name, the transforms against the inputs), so a bad file costs
-the user one clear line, not a traceback halfway through a section. Saving writes exactly what
-GeoSlicer's AI Segmenter loads, and loads it back before the folder appears.
+Loading never calls what a file names beyond tensors, plain values and numbers
+(`thinseg.model.safe_load`, on every torch) and checks every part a GeoSlicer model can get wrong
+(the descriptions against the schema in `thinseg.model.meta`, the weights against the network
+they name, the transforms against the inputs and outputs), so a bad file costs the user one
+clear line, not a traceback halfway through a section. Saving writes exactly what GeoSlicer's AI
+Segmenter loads, and loads it back before the folder appears.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,33 +25,50 @@ from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 from thinseg.io.atomic import atomic_directory
 from thinseg.jsonio import dumps
-from thinseg.model.discovery import META_FILE, THIN_SECTION_TAG, WEIGHTS_FILE, find_bundles
-from thinseg.model.meta import check_config_meta, check_meta, check_pixels_per_mm, check_roi_shape, read_meta
+from thinseg.model.discovery import META_FILE, WEIGHTS_FILE, find_bundles
+from thinseg.model.meta import (
+    check_config_meta,
+    check_meta,
+    check_pixels_per_mm,
+    check_roi_shape,
+    check_transforms,
+    read_meta,
+)
 from thinseg.model.networks import (
     SUPPORTED_NETWORKS,
     build_network,
     canonical_network_name,
     network_channels,
 )
+from thinseg.model.safe_load import load_torch_file
 from thinseg.model.transforms import (
+    AddAxisTransform,
+    AddConstantTransform,
     ArgmaxTransform,
     ConcatenateTransform,
+    IdentityTransform,
+    MapLabelValued,
     MinMaxTransform,
-    PreTransform,
+    QuantileTransform,
+    RenameTransform,
+    ToTensorTransform,
+    Transform,
     parse_post_transforms,
     parse_pre_transforms,
-    run_pre_transforms,
+    run_transforms,
 )
 
 #: Names save_bundle gives the concatenated network input and the output.
 NETWORK_INPUT = "x"
 OUTPUT = "y"
 IDENTITY_RANGE = (0.0, 1.0, 0.0, 1.0)
+#: Image sizes (height, width) the pre-processing is tried on at load: two, so that no step that
+#: picks fixed rows or columns, transposes or reshapes can keep both on the input grid by chance.
+_TRIAL_SIZES = ((3, 5), (4, 7))
 _EXISTS = "a model folder already exists here (pass overwrite=True to replace it)"
 
 __all__ = [
     "SUPPORTED_NETWORKS",
-    "THIN_SECTION_TAG",
     "ModelBundle",
     "build_network",
     "find_bundles",
@@ -75,11 +92,13 @@ class ModelBundle:
     first_label: int
     pixels_per_mm: float | None
     roi_shape: tuple[int, int]
-    input_range: tuple[float, float, float, float]
+    input_range: tuple[float, float, float, float] | None  # None: more than concatenation + one rescale
     meta: dict[str, Any]
     config: dict[str, Any]
     network_input: str = field(default=NETWORK_INPUT, repr=False)
-    pre_transforms: list[PreTransform] = field(default_factory=list, repr=False)
+    output: str = field(default=OUTPUT, repr=False)  # the segmentation output's name
+    pre_transforms: list[Transform] = field(default_factory=list, repr=False)
+    post_transforms: list[Transform] = field(default_factory=list, repr=False)
 
     @property
     def tag(self) -> str:
@@ -88,18 +107,21 @@ class ModelBundle:
 
     def prepare(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """One (B, c, H, W) uint8/float tensor per input, in `input_names` order -> float32
-        network input (B, C, H, W), via the bundle's own Concatenate/MinMax steps."""
+        network input (B, C, H, W), via the bundle's own pre-processing. As in GeoSlicer, each
+        image of the batch is one float32 sample {input name: (c, H, W)}."""
         if len(images) != len(self.input_names):
             raise ThinSegError(
                 f"model {self.title!r} needs {len(self.input_names)} images "
                 f"({', '.join(self.input_names)}) but {len(images)} were given"
             )
-        sample: dict[str, torch.Tensor] = {}
         for name, channels, image in zip(self.input_names, self.input_channels, images):
             if image.ndim != 4 or image.shape[1] != channels:
                 raise ThinSegError(f"input {name!r} must be (B, {channels}, H, W), not {tuple(image.shape)}")
-            sample[name] = image.to(torch.float32)
-        return run_pre_transforms(self.pre_transforms, sample)[self.network_input]
+        batch = []
+        for b in range(images[0].shape[0]):
+            sample = {name: image[b].to(torch.float32) for name, image in zip(self.input_names, images)}
+            batch.append(run_transforms(self.pre_transforms, sample)[self.network_input])
+        return torch.stack(batch)
 
     def fused_pre_processing(self) -> tuple[list[int], list[MinMaxTransform]] | None:
         """The pre-processing as (order of the inputs along the network's channels, rescales
@@ -109,29 +131,42 @@ class ModelBundle:
         network input with one uint8 -> float pass plus in-place rescales (same arithmetic,
         same bits as `prepare`) instead of a copy per step.
         """
-        keys: dict[str, tuple[list[int], list[MinMaxTransform]]] = {
-            name: ([i], []) for i, name in enumerate(self.input_names)
-        }
-        for step in self.pre_transforms:
-            if isinstance(step, ConcatenateTransform):
-                for new_key, old_keys in step.key_groups.items():
-                    if any(k not in keys for k in old_keys):
-                        return None
-                    parts = [keys.pop(k) for k in old_keys]
-                    if any(ops for _, ops in parts):  # rescaled before joining: channels may differ
-                        return None
-                    keys[new_key] = ([i for order, _ in parts for i in order], [])
-            elif isinstance(step, MinMaxTransform) and step.key in keys:
-                keys[step.key][1].append(step)
-            else:
-                return None
-        return keys.get(self.network_input)
+        return fuse_pre_processing(self.pre_transforms, self.input_names, self.network_input)
 
     def logits_to_labels(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B, classes, H, W) scores -> (B, H, W) uint8 labels, value k = k-th class."""
+        """(B, classes, H, W) scores -> (B, H, W) uint8 labels, value k = k-th class: what the
+        bundle's post-processing gives (checked at load to be the argmax + `first_label`)."""
         if isinstance(logits, (list, tuple)):
             logits = logits[0]
         return (torch.argmax(logits, dim=1) + self.first_label).to(torch.uint8)
+
+    def post_process(self, logits: torch.Tensor) -> torch.Tensor:
+        """The bundle's post-processing chain itself on {output: (B, classes, H, W) logits}, as
+        GeoSlicer runs it: the (B, 1, H, W) label map GeoSlicer writes."""
+        return run_transforms(self.post_transforms, {self.output: logits})[self.output]
+
+
+def fuse_pre_processing(
+    pre: Sequence[Transform], input_names: Sequence[str], network_input: str
+) -> tuple[list[int], list[MinMaxTransform]] | None:
+    """`ModelBundle.fused_pre_processing` for a chain `pre` over `input_names`."""
+    keys: dict[str, tuple[list[int], list[MinMaxTransform]]] = {name: ([i], []) for i, name in enumerate(input_names)}
+    for step in pre:
+        if isinstance(step, IdentityTransform):
+            continue
+        if isinstance(step, ConcatenateTransform):
+            for new_key, old_keys in step.key_groups.items():
+                if any(k not in keys for k in old_keys):
+                    return None
+                parts = [keys.pop(k) for k in old_keys]
+                if any(ops for _, ops in parts):  # rescaled before joining: channels may differ
+                    return None
+                keys[new_key] = ([i for order, _ in parts for i in order], [])
+        elif isinstance(step, MinMaxTransform) and step.key in keys:
+            keys[step.key][1].append(step)
+        else:
+            return None
+    return keys.get(network_input)
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -158,8 +193,10 @@ def load_bundle(model_dir: Path | str) -> ModelBundle:
 
     network = _network(config, saved, pth_path)
     in_ch, out_ch = network_channels(network)
-    pre, network_input, first_label, input_range = _pipeline(config, cmeta, inputs, declared.output, pth_path)
-    _check_channels(inputs, pre, network_input, in_ch, out_ch, shown.class_table, first_label, pth_path)
+    pre, post, network_input = _pipeline(config, cmeta, pth_path)
+    _check_pre_processing(inputs, pre, network_input, in_ch, pth_path)
+    first_label = _first_label(post, declared.output, out_ch, pth_path)
+    _check_labels(out_ch, shown.class_table, first_label, pth_path)
 
     return ModelBundle(
         path=folder,
@@ -173,11 +210,13 @@ def load_bundle(model_dir: Path | str) -> ModelBundle:
         first_label=first_label,
         pixels_per_mm=pixels_per_mm,
         roi_shape=declared.roi_shape,
-        input_range=input_range,
+        input_range=_input_range(pre, network_input, [name for name, _ in inputs]),
         meta=meta,
         config=config,
         network_input=network_input,
+        output=declared.output,
         pre_transforms=pre,
+        post_transforms=post,
     )
 
 
@@ -192,11 +231,8 @@ def _bundle_files(folder: Path) -> tuple[Path, Path]:
 
 
 def _read_weights(pth_path: Path) -> dict[str, Any]:
-    """torch.load with weights_only=True: tensors and plain containers only, nothing executed."""
-    try:
-        saved = torch.load(pth_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for bad files; all mean "unusable"
-        raise ThinSegError(_load_failure(exc), pth_path) from None
+    """model.pth through `load_torch_file`: tensors, plain values and numbers only, nothing run."""
+    saved = load_torch_file(pth_path)
     if not isinstance(saved, dict):
         raise ThinSegError(f"model.pth holds a {type(saved).__name__}, not GeoSlicer's saved-model dict", pth_path)
     if "models_to_compose" in saved:
@@ -205,25 +241,6 @@ def _read_weights(pth_path: Path) -> dict[str, Any]:
         if not isinstance(saved.get(key), Mapping):
             raise ThinSegError(f"model.pth has no {key!r} entry", pth_path)
     return saved
-
-
-def _load_failure(exc: Exception) -> str:
-    message = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in message:
-        start = message.index("Unsupported global")
-        what = message[start:].split(" was not", 1)[0].replace("Unsupported global: GLOBAL ", "")
-        return f"model.pth could not be loaded safely (weights_only=True): it would run {what.strip()}"
-    if isinstance(exc, pickle.UnpicklingError) and "WeightsUnpickler error:" in message:
-        reason = _first_line(message.split("WeightsUnpickler error:", 1)[1])
-        return f"model.pth is corrupt, truncated or not loadable with weights_only=True ({reason})"
-    reason = _first_line(message) or "unexpected end of file"
-    return f"model.pth is corrupt or truncated ({type(exc).__name__}: {reason})"
-
-
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    first = lines[0] if lines else ""
-    return first.split(". ", 1)[0] if len(first) > 120 else first
 
 
 def _config(saved: Mapping[str, Any], pth_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -303,85 +320,141 @@ def _some(items: list[str], limit: int = 3) -> str:
 
 
 def _pipeline(
-    config: Mapping[str, Any], cmeta: Mapping[str, Any], inputs: list[tuple[str, int]], output_name: str, pth_path: Path
-) -> tuple[list[PreTransform], str, int, tuple[float, float, float, float]]:
-    """Parse the transforms; return (pre steps, network-input key, first label, input range)."""
+    config: Mapping[str, Any], cmeta: Mapping[str, Any], pth_path: Path
+) -> tuple[list[Transform], list[Transform], str]:
+    """Parse the transforms; return (pre-processing, post-processing, network-input key)."""
     transforms = config.get("transforms") or {}
-    if not isinstance(transforms, Mapping):
-        raise ThinSegError("model.pth config.transforms must be a mapping", pth_path)
+    check_transforms(transforms, pth_path)
     try:
         pre = parse_pre_transforms(transforms.get("pre_processing_transforms"))
         post = parse_post_transforms(transforms.get("post_processing_transforms"))
     except ThinSegError as exc:
         raise ThinSegError(exc.problem, pth_path) from None
-
     pre_processed = cmeta.get("pre_processed_inputs") or dict(cmeta["inputs"])
     if not isinstance(pre_processed, Mapping) or not pre_processed:
         raise ThinSegError("model.pth config.meta.pre_processed_inputs is empty", pth_path)
-    network_input = str(next(iter(pre_processed)))  # GeoSlicer feeds the first one to the network
-
-    return (
-        pre,
-        network_input,
-        _first_label(post, output_name, pth_path),
-        _input_range(pre, network_input, inputs, pth_path),
-    )
+    return pre, post, str(next(iter(pre_processed)))  # GeoSlicer feeds the first one to the network
 
 
-def _first_label(post: list[ArgmaxTransform], output_name: str, pth_path: Path) -> int:
-    if len(post) != 1:
-        raise ThinSegError(
-            f"expected one ArgmaxTransform in post_processing_transforms, found {len(post)} transforms", pth_path
-        )
-    argmax = post[0]
-    if argmax.key != output_name:
-        raise ThinSegError(f"ArgmaxTransform key {argmax.key!r} is not the model output {output_name!r}", pth_path)
-    return argmax.first_label
-
-
-def _input_range(
-    pre: list[PreTransform], network_input: str, inputs: list[tuple[str, int]], pth_path: Path
-) -> tuple[float, float, float, float]:
-    """The one MinMax rescale applied to the whole network input (identity if none)."""
-    minmax = [t for t in pre if isinstance(t, MinMaxTransform)]
-    if not minmax:
-        return IDENTITY_RANGE
-    if len(minmax) > 1:
-        raise ThinSegError("more than one MinMaxTransform is not supported", pth_path)
-    whole = {network_input} | ({inputs[0][0]} if len(inputs) == 1 else set())
-    if minmax[0].key not in whole:
-        raise ThinSegError(
-            f"MinMaxTransform on {minmax[0].key!r} is not supported: "
-            f"it must rescale the network input {network_input!r}",
-            pth_path,
-        )
-    return tuple(float(v) for v in minmax[0].range)  # type: ignore[return-value]
-
-
-def _check_channels(
-    inputs: list[tuple[str, int]],
-    pre: list[PreTransform],
-    network_input: str,
-    in_ch: int,
-    out_ch: int,
-    classes: ClassTable,
-    first_label: int,
-    pth_path: Path,
+def _check_pre_processing(
+    inputs: list[tuple[str, int]], pre: list[Transform], network_input: str, in_ch: int, pth_path: Path
 ) -> None:
-    """Dry-run the pre-processing on a tiny sample so key/channel mistakes show up at load time."""
-    sample = {name: torch.zeros(1, channels, 2, 2) for name, channels in inputs}
+    """Run the pre-processing on small samples, as GeoSlicer would on a section, so that key,
+    channel and shape mistakes show up at load time: the network input must be float32
+    (channels, H, W) on the input grid."""
+    for height, width in _TRIAL_SIZES:
+        sample = {name: torch.rand(channels, height, width) * 255 for name, channels in inputs}
+        try:
+            sample = run_transforms(pre, sample)
+        except ThinSegError as exc:
+            raise ThinSegError(f"pre-processing does not fit the model inputs: {exc.problem}", pth_path) from None
+        except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ThinSegError(f"pre-processing fails on the model inputs ({reason})", pth_path) from None
+        if network_input not in sample:
+            raise ThinSegError(
+                f"pre-processing does not produce the network input {network_input!r} (it gives {', '.join(sample)})",
+                pth_path,
+            )
+        x = sample[network_input]
+        if x.ndim != 3 or tuple(x.shape[1:]) != (height, width):
+            raise ThinSegError(
+                f"pre-processing turns {height} x {width} images into a {tuple(x.shape)} network input, "
+                f"not (channels, {height}, {width}) on the same pixels",
+                pth_path,
+            )
+        if x.dtype != torch.float32:
+            raise ThinSegError(f"pre-processing gives a {x.dtype} network input; the network takes float32", pth_path)
+        if x.shape[0] != in_ch:
+            raise ThinSegError(f"the inputs give {x.shape[0]} channels but the network takes {in_ch}", pth_path)
+
+
+#: Post-processing steps that keep which output channel has the highest score (argmax unchanged).
+_ORDER_KEEPING = (IdentityTransform, RenameTransform, AddConstantTransform, MinMaxTransform, QuantileTransform)
+#: Post-processing steps that only relabel the argmax (per pixel, from its value).
+_RELABELLING = (IdentityTransform, RenameTransform, AddConstantTransform, MapLabelValued, ToTensorTransform)
+
+
+def _first_label(post: list[Transform], output: str, channels: int, pth_path: Path) -> int:
+    """The post-processing as "label = winning output channel + first_label", or a refusal.
+
+    Before its one ArgmaxTransform the chain may only change the scores in ways that keep their
+    order; after it, only relabel (add a constant, map values, cast, put the channel axis back).
+    What each channel then becomes is read by running the chain on one pixel per channel, each
+    won by its own channel; GeoSlicer writes `[0, 0]` of a (B, 1, H, W) result.
+    """
+    key, argmax = output, None
+    for step in post:
+        if isinstance(step, RenameTransform):
+            key = step.renames.get(key, key)
+        elif isinstance(step, ArgmaxTransform) and step.key == key:
+            if argmax is not None:
+                raise ThinSegError("post-processing has more than one ArgmaxTransform", pth_path)
+            argmax = step
+        elif _touches(step, key) and not _allowed_post_step(step, after_argmax=argmax is not None):
+            where = "after" if argmax is not None else "before"
+            raise ThinSegError(
+                f"post-processing {step.NAME} {where} the ArgmaxTransform is not supported "
+                f"(before it only order-keeping rescales, after it only relabelling)",
+                pth_path,
+            )
+    if argmax is None:
+        raise ThinSegError(f"post-processing has no ArgmaxTransform on the model output {output!r}", pth_path)
+    probe = torch.eye(channels).reshape(1, channels, 1, channels)  # pixel j: channel j wins
     try:
-        sample = run_pre_transforms(pre, sample)
+        result = run_transforms(post, {output: probe})
     except ThinSegError as exc:
-        raise ThinSegError(f"pre-processing does not fit the model inputs: {exc.problem}", pth_path) from None
-    if network_input not in sample:
+        raise ThinSegError(f"post-processing does not fit the model output: {exc.problem}", pth_path) from None
+    except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ThinSegError(f"post-processing fails on the model output ({reason})", pth_path) from None
+    if output not in result:
         raise ThinSegError(
-            f"pre-processing does not produce the network input {network_input!r} (it gives {', '.join(sample)})",
+            f"post-processing leaves no model output {output!r} (it gives {', '.join(result)})", pth_path
+        )
+    labels = result[output]
+    if tuple(labels.shape) != (1, 1, 1, channels):
+        raise ThinSegError(
+            f"post-processing gives {tuple(labels.shape)} for a (1, {channels}, 1, {channels}) output, "
+            f"not the (B, 1, H, W) label map GeoSlicer writes",
             pth_path,
         )
-    produced = sample[network_input].shape[1]
-    if produced != in_ch:
-        raise ThinSegError(f"the inputs give {produced} channels but the network takes {in_ch}", pth_path)
+    values = [float(v) for v in labels.reshape(-1).tolist()]
+    first = values[0]
+    if first != int(first) or not 0 <= first <= 255 or values != [first + c for c in range(channels)]:
+        shown = [int(v) if v == int(v) else v for v in values]
+        raise ThinSegError(
+            f"post-processing labels output channels 0..{channels - 1} as {shown}; "
+            "supported: channel + a constant, within 0..255",
+            pth_path,
+        )
+    return int(first)
+
+
+def _touches(step: Transform, key: str) -> bool:
+    """True when `step` works on the entry `key` (steps naming other entries change nothing here)."""
+    keys = getattr(step, "keys", None)
+    if isinstance(keys, Mapping):
+        return key in keys
+    if isinstance(keys, tuple):
+        return key in keys
+    single = getattr(step, "key", None)
+    return single == key if single is not None else True
+
+
+def _allowed_post_step(step: Transform, *, after_argmax: bool) -> bool:
+    if after_argmax:
+        if isinstance(step, AddAxisTransform):
+            return True
+        return isinstance(step, _RELABELLING)
+    if isinstance(step, (MinMaxTransform, QuantileTransform)):
+        return step.increasing
+    if isinstance(step, ToTensorTransform):
+        return all(dtype in (None, "float32", "float64") for dtype in step.keys.values())
+    return isinstance(step, _ORDER_KEEPING)
+
+
+def _check_labels(out_ch: int, classes: ClassTable, first_label: int, pth_path: Path) -> None:
     n = len(classes)
     if not ((out_ch == n and first_label == 1) or (out_ch == n + 1 and first_label == 0)):
         raise ThinSegError(
@@ -389,8 +462,17 @@ def _check_channels(
             f"(expected {n} outputs with first_label 1, or {n + 1} with output 0 = not classified)",
             pth_path,
         )
-    if first_label + len(classes) - 1 > 255:
-        raise ThinSegError(f"labels up to {first_label + len(classes) - 1} do not fit uint8 label maps", pth_path)
+
+
+def _input_range(
+    pre: list[Transform], network_input: str, input_names: list[str]
+) -> tuple[float, float, float, float] | None:
+    """The one rescale applied to the whole network input (identity if none), or None when the
+    pre-processing is more than concatenating the inputs and one rescale."""
+    fused = fuse_pre_processing(pre, input_names, network_input)
+    if fused is None or len(fused[1]) > 1:
+        return None
+    return tuple(float(v) for v in fused[1][0].range) if fused[1] else IDENTITY_RANGE  # type: ignore[return-value]
 
 
 # -- saving ------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ package reads and what each may hold. It is used two ways:
 * strictly when a bundle is loaded (`check_meta`, `check_config_meta`): the first field that breaks the schema is
   refused with a one-line `ThinSegError` naming it;
 * leniently when models are listed (`summarize`): a field that breaks the schema is left out,
-  so a damaged folder still shows in the list.
+  so a damaged folder still shows in the list; `cannot_run` tells the models of other kinds
+  (3-D, not torch, other inputs) found in GeoSlicer's folders from thin-section ones.
+
+The schema also describes model.pth's `config.transforms` (`check_transforms`): two lists of
+{name, params}, whose names and parameters thinseg.model.transforms checks.
 
 What a schema cannot say is checked here in code: only the first output is the segmentation,
 its class lists must hold one colour per class and indices 1..N, and `pixels_per_mm` must be
@@ -39,9 +43,13 @@ if TYPE_CHECKING:
 
 #: The schema file, shipped in the package beside this module.
 SCHEMA_FILE = Path(__file__).resolve().with_name("meta.schema.json")
-#: How messages name the two documents.
+#: How messages name the documents.
 META_JSON = "meta.json"
 CONFIG_META = "model.pth config.meta"
+CONFIG_TRANSFORMS = "model.pth config.transforms"
+#: Channels of each image a thin-section model takes (RGB), and how many images (PP, then XP).
+IMAGE_CHANNELS = 3
+MAX_IMAGES = 2
 
 #: Top-level fields in the order they are checked, so that a description with several problems
 #: is always refused for the same one; the first output's classes are checked after "outputs".
@@ -132,6 +140,15 @@ def _check(meta: Mapping[str, Any], where: str, path: Path, *, config: bool) -> 
         raise ThinSegError(problems[0][1], path)
     inputs = [(str(name), int((spec or {}).get("n_channels", 1))) for name, spec in meta["inputs"].items()]
     return ModelMeta(inputs, output, table)
+
+
+def check_transforms(transforms: Any, path: Path) -> None:
+    """Check model.pth's config.transforms: two lists of {name, params} (what each name may hold
+    is checked by thinseg.model.transforms)."""
+    errors = _errors("transforms", transforms)
+    if errors:
+        where = ".".join(str(p) for p in _path(errors[0]))
+        raise ThinSegError(f"{CONFIG_TRANSFORMS}{'.' + where if where else ''}: {errors[0].message}", path)
 
 
 def check_pixels_per_mm(value: Any, path: str | os.PathLike[str] | None = None) -> float | None:
@@ -225,6 +242,30 @@ def summarize(meta: Mapping[str, Any]) -> MetaSummary:
         class_colors=strings("class_colors"),
         pixels_per_mm=_float_or_none(ppm) if ppm_ok else None,
     )
+
+
+def cannot_run(meta: Mapping[str, Any]) -> str | None:
+    """Why a model described by this meta.json is not a thin-section segmentation this package
+    runs (another kind, 3-D, not segmentation, inputs that are not one or two RGB images), or
+    None. Only fields that are present and well-formed count: a damaged description is left to
+    loading, which names what is wrong."""
+    kind = meta.get("kind")
+    if isinstance(kind, str) and kind != "torch":
+        return f"a {kind} model (only torch models run here)"
+    if meta.get("is_segmentation_model") is False:
+        return "not a segmentation model"
+    dims = meta.get("spatial_dims")
+    if isinstance(dims, int) and not isinstance(dims, bool) and dims != 2:
+        return f"a {dims}-D model (thin sections are 2-D)"
+    inputs = meta.get("inputs")
+    if isinstance(inputs, Mapping) and inputs:
+        channels = [
+            (spec or {}).get("n_channels", 1) if isinstance(spec, (Mapping, type(None))) else None
+            for spec in inputs.values()
+        ]
+        if len(inputs) > MAX_IMAGES or any(isinstance(c, int) and c != IMAGE_CHANNELS for c in channels):
+            return f"its inputs are not one or two RGB images ({', '.join(str(name) for name in inputs)})"
+    return None
 
 
 def _broken_fields(definition: str, instance: Any) -> set[str]:

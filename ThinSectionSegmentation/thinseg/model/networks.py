@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,7 @@ from thinseg.model.plain_unet import PlainUNet, plain_unet_supports
 if TYPE_CHECKING:
     from monai.networks.blocks.convolutions import ResidualUnit
     from monai.networks.nets.unet import UNet as MonaiUNet
+    from typing_extensions import TypeGuard  # typing has it from Python 3.10 only
 
 
 def _unet(**params: Any) -> torch.nn.Module:

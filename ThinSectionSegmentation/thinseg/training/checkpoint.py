@@ -2,7 +2,8 @@
 
 Written all or nothing (a temporary file renamed at the end), so Ctrl-C or a killed process
 mid-write leaves the previous checkpoint intact: an interruption costs at most the epoch in
-progress. Contents are tensors and plain values only, so it loads with `weights_only=True`.
+progress. Contents are tensors and plain values only, so it loads through
+`thinseg.model.safe_load` (nothing it names beyond those is called, on every torch).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from thinseg.errors import ThinSegError
 from thinseg.io.atomic import atomic_output
+from thinseg.model.safe_load import load_torch_file
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -26,13 +28,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by `save_checkpoint`, loaded with `weights_only=True` onto the CPU."""
+    """A checkpoint written by `save_checkpoint`, loaded safely onto the CPU."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any failure means the file is unusable
-        raise ThinSegError(
-            f"checkpoint cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", path
-        ) from None
+        state = load_torch_file(path)
+    except ThinSegError as exc:
+        raise ThinSegError(f"checkpoint cannot be loaded: {exc.problem}", path) from None
     if not isinstance(state, dict) or "epoch" not in state or "model" not in state:
         raise ThinSegError("not a thinseg training checkpoint", path)
     return state
