@@ -70,3 +70,165 @@ def load_reference_module(relative: str, name: str | None = None) -> types.Modul
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------------------------------------
+# GeoSlicer's netCDF import/export on a real MRML scene
+
+NETCDF_REFERENCE = "src/ltrace/ltrace/slicer/netcdf.py"
+#: The version string GeoSlicer's exporter records as `geoslicer_version`.
+GEOSLICER_VERSION = "2.8.9"
+
+
+def _module(name: str, **attrs: object) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    return module
+
+
+def _unused(what: str):
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError(f"stand-in {what} was called; the test needs a fuller stand-in")
+
+    return fail
+
+
+def _geoslicer_netcdf_stand_ins(scene) -> dict[str, types.ModuleType]:
+    """The host modules GeoSlicer's netcdf.py imports, as small as its thin-section paths need.
+
+    Labelmaps get their colour tables the way GeoSlicer builds them (entry 0 = background,
+    entry k = class k), `labels` entries are "name,index,#rrggbb" per colour entry from 1, and
+    `reference` follows the reference-image-geometry role: what the exporter and importer read
+    and write. Temporary nodes live in the scene until removeTemporaryNodes, as in GeoSlicer.
+    """
+    import slicer  # deferred: slicer-core loads VTK and MRML, only for the tests that use a scene
+
+    temporary: list[object] = []
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+
+    def create_color_table(name, colors, color_names, add_background=False):
+        table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+        table.SetTypeToUser()
+        entries = ([("Background", (0.0, 0.0, 0.0))] if add_background else []) + list(zip(color_names, colors))
+        table.SetNumberOfColors(len(entries))
+        for index, (entry_name, rgb) in enumerate(entries):
+            alpha = 0.0 if add_background and index == 0 else 1.0
+            table.SetColor(index, entry_name, *rgb[:3], alpha)
+        return table
+
+    def create_temporary_volume_node(cls, name, uniqueName=True):
+        node = scene.AddNewNodeByClass(cls.__name__, scene.GenerateUniqueName(name) if uniqueName else name)
+        node.CreateDefaultDisplayNodes()
+        temporary.append(node)
+        return node
+
+    def make_temporary_node_permanent(node, show=False):
+        if node in temporary:
+            temporary.remove(node)
+
+    def remove_temporary_nodes() -> None:
+        while temporary:
+            scene.RemoveNode(temporary.pop())
+
+    def update_segmentation_from_label_map(segmentation, labelmap, includeEmptySegments=False):
+        logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        logic.SetMRMLScene(scene)
+        logic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+
+    def labels_csv(node, withColor=False):
+        colors = node.GetDisplayNode().GetColorNode()
+        rows = []
+        for index in range(1, colors.GetNumberOfColors()):
+            row = f"{colors.GetColorName(index)},{index}"
+            if withColor:
+                rgba = [0.0] * 4
+                colors.GetColor(index, rgba)
+                row += "," + "#" + "".join(f"{int(channel * 255):02x}" for channel in rgba[:3])
+            rows.append(row)
+        return rows
+
+    def get_metadata(_node_or_item) -> dict:
+        return {}
+
+    class Callback:
+        def __init__(self, on_update=None) -> None:
+            self.on_update = on_update or (lambda *args, **kwargs: None)
+
+    ltrace = _module("ltrace")
+    ltrace.__path__ = []  # a package, so that submodule imports resolve through sys.modules
+    ltrace_slicer = _module("ltrace.slicer")
+    ltrace_slicer.__path__ = []
+    return {
+        "ltrace": ltrace,
+        "ltrace.slicer": ltrace_slicer,
+        "ltrace.readers": _module("ltrace.readers", __path__=[]),
+        "ltrace.readers.microtom": _module("ltrace.readers.microtom"),
+        "ltrace.utils": _module("ltrace.utils", __path__=[]),
+        "ltrace.utils.callback": _module("ltrace.utils.callback", Callback=Callback),
+        "ltrace.slicer.export": _module("ltrace.slicer.export", getLabelMapLabelsCSV=labels_csv),
+        "ltrace.slicer.metadata": _module(
+            "ltrace.slicer.metadata",
+            get_node_metadata=get_metadata,
+            set_node_metadata=lambda node, attrs: None,
+            get_item_metadata=get_metadata,
+            set_item_metadata=lambda item, attrs: None,
+        ),
+        "ltrace.slicer.helpers": _module(
+            "ltrace.slicer.helpers",
+            autoDetectColumnType=lambda node: None,
+            create_color_table=create_color_table,
+            createTemporaryVolumeNode=create_temporary_volume_node,
+            makeTemporaryNodePermanent=make_temporary_node_permanent,
+            removeTemporaryNodes=remove_temporary_nodes,
+            updateSegmentationFromLabelMap=update_segmentation_from_label_map,
+            getSourceVolume=lambda node: node.GetNodeReference(role),
+            safe_convert_array=_unused("safe_convert_array"),
+        ),
+        "ltrace.slicer.data_utils": _module(
+            "ltrace.slicer.data_utils",
+            dataFrameToTableNode=_unused("dataFrameToTableNode"),
+            tableNodeToDataFrame=_unused("tableNodeToDataFrame"),
+        ),
+    }
+
+
+def _missing_packages() -> dict[str, types.ModuleType]:
+    """Packages GeoSlicer imports for other file kinds (HDF5 beamline files, TOML metadata):
+    stand-ins only where they are not installed."""
+    wanted = {
+        "h5py": {"File": _unused("h5py.File")},
+        "pint": {"UnitRegistry": _unused("pint.UnitRegistry")},
+        "tomli": {"loads": _unused("tomli.loads")},
+        "tomli_w": {"dumps": _unused("tomli_w.dumps")},
+    }
+    return {name: _module(name, **attrs) for name, attrs in wanted.items() if importlib.util.find_spec(name) is None}
+
+
+@contextmanager
+def geoslicer_netcdf(scene) -> Iterator[types.ModuleType]:
+    """GeoSlicer's own netcdf.py (exportNetcdf, import_file) working on `scene`, a real MRML
+    scene: `slicer.mrmlScene` is the scene, `slicer.app` only carries the version, and showing
+    volumes in views (there are none) only creates their display nodes."""
+    import slicer  # deferred: slicer-core loads VTK and MRML, only for the tests that use a scene
+    import slicer.util  # deferred: as above
+
+    def show_in_views(background=None, foreground=None, label=None, **_options):
+        for node in (background, foreground, label):
+            if node is not None and not isinstance(node, str) and node.GetDisplayNode() is None:
+                node.CreateDefaultDisplayNodes()
+
+    saved = {name: getattr(slicer, name, None) for name in ("mrmlScene", "app")}
+    saved_show = slicer.util.setSliceViewerLayers
+    slicer.mrmlScene = scene
+    slicer.app = types.SimpleNamespace(applicationVersion=GEOSLICER_VERSION)
+    slicer.util.setSliceViewerLayers = show_in_views
+    try:
+        with stand_ins({**_geoslicer_netcdf_stand_ins(scene), **_missing_packages()}):
+            yield load_reference_module(NETCDF_REFERENCE, "geoslicer_reference_netcdf")
+    finally:
+        slicer.util.setSliceViewerLayers = saved_show
+        for name, value in saved.items():
+            if value is None:
+                delattr(slicer, name)
+            else:
+                setattr(slicer, name, value)

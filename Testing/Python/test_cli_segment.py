@@ -39,6 +39,7 @@ from thinseg.inference.engine import InferenceOptions, Segmenter, _Plan
 from thinseg.inference.resample import ResampledSource, labels_to_grid
 from thinseg.io.images import ArraySource
 from thinseg.model.bundle import load_bundle
+from thinseg.model.safe_load import load_torch_file
 from thinseg.resources import default_model_dir
 
 H, W = 100, 140  # small, not a multiple of the 64 px tile: exercises padding and blending
@@ -792,7 +793,7 @@ def _bad_model(kind: str, folder: Path) -> tuple[Path, str, str]:
     if kind == "channel mismatch":
         # meta.json and model.pth say PP+PX (6 channels); the network in model.pth takes 3
         three = make_bundle(folder / "net3", inputs=("PP",))
-        small = torch.load(three / "model.pth", map_location="cpu", weights_only=True)
+        small = load_torch_file(three / "model.pth")
 
         def swap(saved):
             saved["model_state_dict"] = small["model_state_dict"]

@@ -18,10 +18,14 @@ from thinseg.errors import ThinSegError
 from thinseg.io.atomic import atomic_output, ensure_writable_dir, free_output_path
 from thinseg.io.images import open_image
 from thinseg.io.netcdf import (
+    Geometry,
     NetcdfWriter,
+    Window,
     find_image_variable,
+    labels_problem,
     list_variables,
     open_netcdf_image,
+    padding_window,
     read_labelmap,
     sanitize_name,
 )
@@ -374,3 +378,151 @@ def test_readers_of_one_file_share_one_handle(tmp_path, section):
     assert np.array_equal(b.read(10, 20), image[::-1][10:20])  # still open for the other reader
     b.close()
     assert handles() == 0 and a._ds is None and b._ds is None
+
+
+# ------------------------------------------------------------------------------ geometry, padding, labels
+
+
+ROTATED = np.array(
+    [[-0.0086, 0.0100, 0, 4.25], [-0.0050, -0.0173, 0, -1.5], [0, 0, 0.5, 0.75], [0, 0, 0, 1]], dtype=np.float64
+)  # 30 degrees in plane, 0.01 x 0.02 mm pixels
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [Geometry.thin_section(0.01, (1.0, 2.0, 0.5), mm_per_row=0.02).matrix, np.diag([0.01, 0.01, 1.0, 1.0]), ROTATED],
+    ids=["non-square", "slicer-directions", "rotated"],
+)
+def test_any_ijk_to_ras_is_written_and_read_back_exactly(tmp_path, section, matrix):
+    image, labels, table = section
+    grid = Geometry(matrix)
+    path = tmp_path / "g.nc"
+    with NetcdfWriter(path) as writer:
+        pp = writer.add_rgb_image("G_PP", image, geometry=grid)
+        seg = writer.add_labelmap("G_Segmentation", labels, table, reference=pp, geometry=grid)
+    infos = {v.name: v for v in list_variables(path)}
+    for name in (pp, seg):
+        assert infos[name].geometry is not None and infos[name].geometry.allclose(grid, atol=0)
+        assert not infos[name].on_shared_grid
+    source = open_netcdf_image(path, pp)
+    assert source.geometry.allclose(grid, atol=0) and source.origin_mm == pytest.approx(grid.origin)
+    sx, sy, _ = grid.spacing
+    assert source.mm_per_pixel == pytest.approx(np.sqrt(sx * sy))  # the same pixel area
+    source.close()
+    with xr.open_dataset(path) as ds:  # coordinates as GeoSlicer writes them: origin x/y negated, steps > 0
+        ox, oy, oz = grid.origin
+        np.testing.assert_allclose(ds[f"x_{seg}"].values, -ox + sx * np.arange(90), atol=1e-15)
+        np.testing.assert_allclose(ds[f"y_{seg}"].values, -oy + sy * np.arange(70), atol=1e-15)
+        np.testing.assert_allclose(ds[f"z_{seg}"].values, [oz])
+        np.testing.assert_array_equal(ds[seg].attrs["transform"], matrix.ravel())
+
+
+def test_geometry_of_a_crop_and_of_square_pixels():
+    grid = Geometry.thin_section(0.01, (1.0, 2.0, 0.0), mm_per_row=0.02)
+    assert grid.spacing == pytest.approx((0.01, 0.02, 0.01)) and not grid.is_square
+    assert grid.mm_per_pixel == pytest.approx(np.sqrt(0.01 * 0.02))
+    crop = grid.shifted(rows=5, cols=3)  # pixel (row 5, col 3) becomes the origin
+    assert crop.origin == pytest.approx((1.0 - 0.03, 2.0 - 0.10, 0.0))
+    np.testing.assert_array_equal(crop.matrix[:3, :3], grid.matrix[:3, :3])
+    assert Geometry.thin_section(0.002).is_square
+    with pytest.raises(ValueError):
+        Geometry(np.diag([0.01, 0.0, 1.0, 1.0]))
+
+
+def _shared_grid_file(path: Path, image: np.ndarray, labels: np.ndarray, table: ClassTable, pad: int) -> None:
+    """A "same coordinate system" export as xarray writes it: shared z/y/x, no `transform`,
+    the image padded with 255 and the labels with 0 on every side."""
+    spacing = 0.01
+    padded = np.pad(image, ((pad, pad + 1), (pad + 2, pad), (0, 0)), constant_values=255)
+    padded_labels = np.pad(labels, ((pad, pad + 1), (pad + 2, pad)))
+    h, w = padded.shape[:2]
+    coords = {
+        "z": [0.0],
+        "y": np.linspace(-3.0, -3.0 + spacing * (h - 1), h),
+        "x": np.linspace(-2.0, -2.0 + spacing * (w - 1), w),
+        "c": ["r", "g", "b"],
+    }
+    arrays = {
+        "S_PP": xr.DataArray(padded[None], dims=("z", "y", "x", "c")),
+        "S_labels": xr.DataArray(
+            padded_labels[None], dims=("z", "y", "x"), attrs={"type": "labelmap", "labels": table.geoslicer_labels()}
+        ),
+    }
+    xr.Dataset(arrays, coords=coords).to_netcdf(path, format="NETCDF4")
+
+
+def test_padding_of_a_shared_grid_is_cropped_and_the_origin_follows(tmp_path, section):
+    image, labels, table = section
+    labels = labels.copy()
+    labels[0, :] = labels[:, 0] = 1  # data on the first row and column: nothing of it is cropped
+    path = tmp_path / "shared.nc"
+    _shared_grid_file(path, image, labels, table, pad=4)
+    window = padding_window(path, "S_PP")
+    assert window == Window(4, 74, 6, 96)
+    source = open_netcdf_image(path, "S_PP", crop_padding=True)
+    assert source.shape == (70, 90) and source.window == window and source.full_shape == (79, 100)
+    np.testing.assert_array_equal(source.read(0, 70), image)
+    # GeoSlicer's origin: (-x, -y) of the first pixel kept, as stored (not recomputed)
+    with xr.open_dataset(path) as ds:
+        expected = (-float(ds["x"].values[6]), -float(ds["y"].values[4]), 0.0)
+    assert source.origin_mm == expected and source.mm_per_pixel == pytest.approx(0.01)
+    source.close()
+    whole = open_netcdf_image(path, "S_PP")  # without crop_padding: the stored array
+    assert whole.shape == (79, 100) and whole.origin_mm == pytest.approx((2.0, 3.0, 0.0))
+    whole.close()
+    read, _table, _mm, origin = read_labelmap(path, "S_labels", crop_padding=True)
+    np.testing.assert_array_equal(read, labels)
+    assert origin == expected
+
+    with NetcdfWriter(tmp_path / "copy.nc") as writer:  # a copy of the window: coordinates follow
+        copied = writer.copy_variable(path, "S_PP", window=window)
+    with xr.open_dataset(path) as a, xr.open_dataset(tmp_path / "copy.nc") as b:
+        np.testing.assert_array_equal(b[copied].values[0], image)
+        np.testing.assert_array_equal(b[f"x_{copied}"].values, a["x"].values[6:96])
+        np.testing.assert_array_equal(b[f"y_{copied}"].values, a["y"].values[4:74])
+    assert padding_window(tmp_path / "copy.nc", copied) == Window(0, 70, 0, 90)  # nothing left to crop
+
+
+def test_padding_is_found_without_reading_the_whole_image(tmp_path, monkeypatch):
+    import thinseg.io.netcdf as nc
+
+    big = np.full((2000, 1500, 3), 120, np.uint8)
+    path = tmp_path / "big.nc"
+    _shared_grid_file(path, big, np.zeros((2000, 1500), np.uint8), default_class_table(), pad=3)
+    read_bytes = []
+    real_raw = nc._raw
+
+    def counting(variable, attrs, index):
+        data = real_raw(variable, attrs, index)
+        read_bytes.append(data.nbytes)
+        return data
+
+    monkeypatch.setattr(nc, "_raw", counting)
+    assert padding_window(path, "S_PP") == Window(3, 2003, 5, 1505)
+    assert sum(read_bytes) < 0.05 * (2004 * 1508 * 3)  # edges only: a few bands and strips
+
+
+def test_window_copy_of_a_variable_with_transform_moves_its_origin(tmp_path, section):
+    image, labels, table = section
+    first = tmp_path / "first.nc"
+    _write_section(first, image, labels, table)
+    with NetcdfWriter(tmp_path / "second.nc") as writer:
+        name = writer.copy_variable(first, "S1_Segmentation", window=Window(10, 30, 20, 50))
+    read, _table, spacing, origin = read_labelmap(tmp_path / "second.nc", name)
+    np.testing.assert_array_equal(read, labels[10:30, 20:50])
+    assert spacing == pytest.approx(SPACING)
+    assert origin == pytest.approx((ORIGIN[0] - 20 * SPACING, ORIGIN[1] - 10 * SPACING, ORIGIN[2]))
+
+
+def test_class_names_geoslicer_would_misread_are_refused(tmp_path, section):
+    _, labels, _ = section
+    comma = ClassTable.from_names_colors(["Quartz", "Mica, white", "Pores"], ["#ffffff", "#00ff00", "#000000"])
+    assert "class 2 'Mica, white' has a comma" in (labels_problem(comma) or "")
+    bad_color = ClassTable.from_names_colors(["Quartz"], ["red"])
+    assert "GeoSlicer needs '#rrggbb'" in (labels_problem(bad_color) or "")
+    assert labels_problem(default_class_table()) is None
+    path = tmp_path / "out.nc"
+    with pytest.raises(ThinSegError) as error, NetcdfWriter(path) as writer:
+        writer.add_labelmap("S_labels", np.minimum(labels, 3), comma, SPACING)
+    assert error.value.path == path and "labelmap 'S_labels'" in error.value.problem
+    assert list(tmp_path.iterdir()) == []  # nothing half-written

@@ -63,3 +63,30 @@ def test_modal_mineralogy_percent_and_area():
     text = fractions_csv_text([result])
     assert text.splitlines()[0] == "section,class,pixels,percent,area_mm2"
     assert "s,Calcite,50,66.667,0.005000" in text
+
+
+def test_resampling_factors_per_axis():
+    from thinseg.inference.resample import resampling_factors
+
+    assert resampling_factors((0.00132, 0.00132), 0.00132) is None
+    assert resampling_factors((0.001325, 0.00131), 0.00132) is None  # both within the tolerance
+    assert resampling_factors((0.01, 0.02), 0.01) == (2.0, 1.0)  # (rows, columns); x kept as it is
+    assert resampling_factors((0.02, 0.01), 0.01) == (1.0, 2.0)
+    assert resampling_factors((0.02, 0.04), 0.01) == (4.0, 2.0)
+    assert resampling_factors((0.01, 0.02), None) is None
+    assert resampling_factors(None, 0.01) is None
+
+
+def test_non_square_pixels_are_resampled_per_axis_keeping_geometry():
+    image = np.zeros((100, 200, 3), np.uint8)  # pixels twice as tall as wide: 100 rows cover 200 columns' length
+    image[25:75, 80:120] = 255
+    source = ResampledSource(ArrayLike(image), (2.0, 1.0))
+    assert source.shape == (200, 200)
+    square = source.read(0, 200, 0, 200)
+    ys, xs = np.nonzero(square[..., 0] > 127)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (50, 149, 80, 119)
+    bands = np.concatenate([source.read(y, min(200, y + 33), 0, 200) for y in range(0, 200, 33)]).astype(int)
+    assert np.abs(bands - square.astype(int)).max() <= 2
+    labels = (square[..., 0] > 127).astype(np.uint8)
+    back = labels_to_grid(labels, (100, 200))  # nearest neighbour onto the input grid
+    assert np.array_equal(back, (image[..., 0] > 127).astype(np.uint8))

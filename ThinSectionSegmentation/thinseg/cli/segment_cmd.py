@@ -42,6 +42,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="affix marking XP images/variables, e.g. XP, PX or c2 (default XP)",
     )
     p.add_argument(
+        "--section",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="in netCDF files holding several sections, segment only this one (its name, e.g. S2 for S2_PP, "
+        "or its PP variable); repeat for more. Default: every section, each into its own output",
+    )
+    p.add_argument(
         "--overwrite", action="store_true", help="replace existing outputs (default: write a new numbered file)"
     )
     p.add_argument(
@@ -102,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         probabilities=args.probabilities,
         overlay=args.overlay,
+        sections=tuple(args.section),
         inference=InferenceOptions(
             tile=args.tile,
             overlap=args.overlap,

@@ -4,9 +4,12 @@ Segmentation, evaluation, registration and section preparation all start from th
 images: the plane-polarised (PP) one, which fixes the pixel grid, and optionally the
 cross-polarised (XP) one. They come either as two image files (PNG/JPEG/TIFF) or as two RGB
 variables of a netCDF file, found by their affixes ("S12_PP", "S12_XP") or named outright.
-`open_ppxp` is the one way to open them: lazily, for region reads, with the pixel size and
-origin a netCDF file records. `read_ppxp` reads both whole for registration, which works on
-complete images, and finds an XP image file beside its PP image by affix.
+`open_ppxp` is the one way to open them: lazily, for region reads, with the grid (pixel size,
+origin, axis directions) a netCDF file records. `read_ppxp` reads both whole for registration,
+which works on complete images, and finds an XP image file beside its PP image by affix.
+
+A netCDF file may hold several sections ("S1_PP", "S1_XP", "S2_PP", ...): `netcdf_sections`
+lists them, so that none is left out because another came first.
 """
 
 from __future__ import annotations
@@ -23,8 +26,15 @@ import numpy.typing as npt
 
 from thinseg.errors import ThinSegError
 from thinseg.io.images import RasterSource, open_image
-from thinseg.io.netcdf import find_image_variable, open_netcdf_image
-from thinseg.io.pairing import NETCDF_SUFFIXES, SectionInput, pair_inputs, section_base_name
+from thinseg.io.netcdf import (
+    Geometry,
+    NetcdfImageSource,
+    Window,
+    find_image_variable,
+    list_variables,
+    open_netcdf_image,
+)
+from thinseg.io.pairing import NETCDF_SUFFIXES, SectionInput, find_affix, pair_inputs, section_base_name
 
 #: Pixel size (mm) assumed for PNG/JPEG/TIFF inputs, which record none: the default of the
 #: GeoSlicer thin-section tools the bundled model was trained with.
@@ -41,7 +51,8 @@ class PpXpSources:
     """A section's PP image and optional XP image, open for region reads until `close()`.
 
     `pp_variable`/`xp_variable` name the netCDF variables they came from (None for image
-    files). The pixel size and RAS origin are the PP image's: known for netCDF variables only.
+    files). The grid (pixel size, RAS origin, axes) is the PP image's: known for netCDF
+    variables only.
     """
 
     path: Path
@@ -57,6 +68,16 @@ class PpXpSources:
     @property
     def origin_mm(self) -> tuple[float, float, float] | None:
         return self.pp.origin_mm
+
+    @property
+    def geometry(self) -> Geometry | None:
+        """The PP image's IJK-to-RAS grid (netCDF variables only): what outputs lie on."""
+        return self.pp.geometry if isinstance(self.pp, NetcdfImageSource) else None
+
+    @property
+    def pp_window(self) -> Window | None:
+        """Where the PP image lies in its stored array (netCDF only; smaller when padding was cropped)."""
+        return self.pp.window if isinstance(self.pp, NetcdfImageSource) else None
 
     def close(self) -> None:
         for source in (self.xp, self.pp):
@@ -80,6 +101,7 @@ def open_ppxp(
     xp_pattern: str | None = "XP",
     variables: Mapping[str, str] | None = None,
     with_xp: bool = True,
+    crop_padding: bool = False,
 ) -> PpXpSources:
     """Open the PP image `pp` (an image file or a netCDF file) and, if `with_xp`, its XP image.
 
@@ -88,6 +110,11 @@ def open_ppxp(
     not the PP variable). It is None when there is none: whether that is an error is the
     caller's to say. The PP variable is `variables["PP"]` or found by `pp_pattern`; a netCDF
     file without one is refused. Sizes are not compared here (callers word that themselves).
+
+    `crop_padding` reads a netCDF PP image the way GeoSlicer imports it: without a `transform`
+    (a "same coordinate system" export) its padding rows and columns are left out and its grid
+    starts at the first pixel kept (see `padding_window`). An XP image stored on the same grid
+    is read over the same rows and columns, so it stays on the PP grid pixel for pixel.
     """
     path = Path(pp)
     pp_var = xp_var = None
@@ -104,15 +131,82 @@ def open_ppxp(
             if xp_var == pp_var:
                 xp_var = None
     with ExitStack() as stack:
-        pp_source = open_netcdf_image(path, pp_var) if pp_var is not None else open_image(path, role="PP image")
-        stack.callback(pp_source.close)
+        pp_source: RasterSource
+        if pp_var is not None:
+            pp_nc = open_netcdf_image(path, pp_var, crop_padding=crop_padding)
+            stack.callback(pp_nc.close)
+            pp_source = pp_nc
+        else:
+            pp_source = open_image(path, role="PP image")
+            stack.callback(pp_source.close)
         xp_source: RasterSource | None = None
         if with_xp and xp is not None:
             xp_source = open_image(xp, role="XP image")
         elif xp_var is not None:
-            xp_source = open_netcdf_image(path, xp_var)
+            shared = crop_padding and _same_stored_grid(path, pp_var, xp_var)
+            window = pp_nc.window if shared else None
+            xp_source = open_netcdf_image(path, xp_var, window=window, crop_padding=crop_padding)
         stack.pop_all()  # opened: the caller closes them
     return PpXpSources(path, pp_source, xp_source, pp_var, xp_var)
+
+
+def _same_stored_grid(path: Path, first: str | None, second: str) -> bool:
+    """Whether two variables share one stored grid without `transform` (the shared z/y/x of a
+    "same coordinate system" export): then the same rows and columns are the same place."""
+    infos = {v.name: v for v in list_variables(path)}
+    a, b = infos.get(first or ""), infos.get(second)
+    if a is None or b is None or not (a.on_shared_grid and b.on_shared_grid):
+        return False
+    return a.dims[:3] == b.dims[:3] and a.shape[:3] == b.shape[:3]
+
+
+@dataclass(frozen=True)
+class NetcdfSection:
+    """One thin section stored in a netCDF file: its PP image variable and XP one, if any.
+
+    `name` is the PP variable without its affix ("S2_PP" -> "S2")."""
+
+    name: str
+    pp: str
+    xp: str | None
+
+
+def netcdf_sections(
+    path: str | os.PathLike[str], pp_pattern: str = "PP", xp_pattern: str | None = "XP"
+) -> list[NetcdfSection]:
+    """Every section of a netCDF file, in file order.
+
+    Each RGB variable carrying `pp_pattern` as a token ("S1_PP", not "APPLE") is a section; its
+    XP image is the RGB variable named the same with `xp_pattern` instead ("S1_XP"). A lone PP
+    image without such a counterpart takes the first XP image left, as does a single unpaired
+    PP with a single unpaired XP. Without any token match, the first RGB variable containing
+    `pp_pattern` is the only section. Empty when the file has no PP image.
+    """
+    path = Path(path)
+    rgb = [v.name for v in list_variables(path) if v.kind == "rgb"]
+    pps = [name for name in rgb if find_affix(name, pp_pattern) is not None]
+    if not pps:
+        pp = find_image_variable(path, pp_pattern)
+        if pp is None:
+            return []
+        xp = find_image_variable(path, xp_pattern) if xp_pattern else None
+        return [NetcdfSection(_section_name(pp, pp_pattern), pp, xp if xp != pp else None)]
+    xps = [name for name in rgb if name not in pps and xp_pattern and find_affix(name, xp_pattern) is not None]
+    by_lower = {name.lower(): name for name in xps}
+    paired: dict[str, str | None] = {}
+    for pp in pps:
+        match = find_affix(pp, pp_pattern)
+        wanted = pp[: match.start()] + xp_pattern + pp[match.end() :] if match is not None and xp_pattern else None
+        paired[pp] = by_lower.get(wanted.lower()) if wanted is not None else None
+    left = [name for name in xps if name not in paired.values()]
+    unpaired = [pp for pp in pps if paired[pp] is None]
+    if left and (len(pps) == 1 or len(unpaired) == len(left) == 1):
+        paired[unpaired[0]] = left[0]
+    return [NetcdfSection(_section_name(pp, pp_pattern), pp, paired[pp]) for pp in pps]
+
+
+def _section_name(variable: str, pp_pattern: str) -> str:
+    return section_base_name(SectionInput(name=variable), pp_pattern)
 
 
 def output_stem(pp_path: str | os.PathLike[str], pp_pattern: str) -> str:

@@ -3,7 +3,8 @@
 A network trained at 0.00132 mm/px sees grains of a certain size in pixels; feeding it 0.002
 mm/px images shrinks every grain and degrades the result. The section is resampled lazily, band
 by band, to the model's grid, and the labels are mapped back to the original grid by nearest
-neighbour, so outputs always match the input pixels.
+neighbour, so outputs always match the input pixels. Pixels that are not square (e.g. 0.01 mm
+wide and 0.02 mm tall) are resampled per axis, so the model sees square pixels of its own size.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +22,9 @@ from thinseg.inference.engine import Bundle, CancelFn, ProgressFn, SegmentationR
 
 #: Relative spacing difference below which resampling would only blur the image.
 RESAMPLE_TOLERANCE = 0.01
+
+#: Model pixels per input pixel: one factor for both axes, or (rows, columns).
+Factor = Union[float, tuple[float, float]]
 
 
 def needs_resampling(input_mm_per_pixel: float, model_mm_per_pixel: float | None) -> bool:
@@ -39,13 +44,43 @@ def resampling_factor(input_mm_per_pixel: float | None, model_mm_per_pixel: floa
     return input_mm_per_pixel / model_mm_per_pixel
 
 
-def resampled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
+def resampling_factors(
+    spacing_xy: tuple[float, float] | None, model_mm_per_pixel: float | None
+) -> tuple[float, float] | None:
+    """(rows, columns) model pixels per input pixel for pixels `spacing_xy` = (width, height) mm,
+    or None when the input is used as it is (both within the tolerance, or a spacing unknown).
+    An axis within the tolerance keeps its pixels (factor 1)."""
+    if spacing_xy is None or model_mm_per_pixel is None:
+        return None
+    sx, sy = (float(v) for v in spacing_xy)
+    if not (sx > 0 and sy > 0):
+        return None
+    if not needs_resampling(sx, model_mm_per_pixel) and not needs_resampling(sy, model_mm_per_pixel):
+        return None
+
+    def axis(spacing: float) -> float:
+        return spacing / model_mm_per_pixel if needs_resampling(spacing, model_mm_per_pixel) else 1.0
+
+    return axis(sy), axis(sx)
+
+
+def factor_pair(factor: Factor) -> tuple[float, float]:
+    """(rows, columns) of a factor given for both axes or per axis."""
+    if isinstance(factor, tuple):
+        fy, fx = factor
+        return float(fy), float(fx)
+    return float(factor), float(factor)
+
+
+def resampled_shape(shape: tuple[int, int], factor: Factor) -> tuple[int, int]:
     """The (H, W) of an image seen at `factor` times its resolution (at least one pixel)."""
-    return max(1, int(round(shape[0] * factor))), max(1, int(round(shape[1] * factor)))
+    fy, fx = factor_pair(factor)
+    return max(1, int(round(shape[0] * fy))), max(1, int(round(shape[1] * fx)))
 
 
 class ResampledSource:
-    """A source seen at `factor` times its resolution (factor = input spacing / model spacing).
+    """A source seen at `factor` times its resolution (factor = input spacing / model spacing,
+    one for both axes or (rows, columns)).
 
     Pixel edges map exactly: output column u covers input columns [u/f, (u+1)/f). Each read
     pulls the matching input region plus a margin and resizes it with an antialiasing filter.
@@ -53,11 +88,11 @@ class ResampledSource:
 
     MARGIN = 4
 
-    def __init__(self, source: Source, factor: float) -> None:
+    def __init__(self, source: Source, factor: Factor) -> None:
         self.source = source
-        self.factor = float(factor)
+        self.factors = factor_pair(factor)
         h, w = source.shape
-        self.shape = resampled_shape((h, w), self.factor)
+        self.shape = resampled_shape((h, w), self.factors)
         # exact per-axis factors so that the last output pixel ends at the last input pixel
         self._fy = self.shape[0] / h
         self._fx = self.shape[1] / w
@@ -76,7 +111,7 @@ class ResampledSource:
         box = (sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0)
         resized = image.resize(
             (x1 - x0, y1 - y0),
-            resample=Image.Resampling.BILINEAR if self.factor > 1 else Image.Resampling.LANCZOS,
+            resample=Image.Resampling.BILINEAR if min(self.factors) > 1 else Image.Resampling.LANCZOS,
             box=box,
         )
         return np.array(resized)  # a writable array the caller owns (Pillow's buffer is read-only)
@@ -101,14 +136,15 @@ def labels_to_grid(labels: np.ndarray, shape: tuple[int, int], band_rows: int = 
 def segment_at_model_resolution(
     segmenter: Segmenter[Bundle],
     sources: Sequence[Source],
-    factor: float | None,
+    factor: Factor | None,
     *,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
 ) -> SegmentationResult:
     """Segment `sources` seen at `factor` times their resolution (None: as they are) and return
     labels and confidence on the sources' own grid (nearest neighbour), so outputs always match
-    the input pixels. `factor` is usually `resampling_factor(section spacing, model spacing)`."""
+    the input pixels. `factor` is usually `resampling_factors(section spacing, model spacing)`
+    (per axis) or `resampling_factor(...)` (square pixels)."""
     height, width = sources[0].shape
     run = list(sources) if factor is None else [ResampledSource(s, factor) for s in sources]
     result = segmenter.segment(run, progress=progress, cancel=cancel)

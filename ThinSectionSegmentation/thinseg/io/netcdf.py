@@ -11,6 +11,12 @@ GeoSlicer exactly like its own files, and GeoSlicer exports open here:
 - labelmaps: `type="labelmap"`, `labels` = list of "name,index,#rrggbb" after a header, and
   `reference` = the source image's variable name.
 
+Geometry is a whole IJK-to-RAS matrix (`Geometry`): spacing per axis, axis directions and flips
+travel from an input image to everything written on its grid. A variable without `transform`
+(GeoSlicer's "same coordinate system" export, several images on one grid) is read the way
+GeoSlicer imports it: edge rows and columns entirely of the padding value (255 for images, 0
+for labels) are cropped and the origin moves with them (`padding_window`).
+
 The writer uses netCDF4 directly (not xarray) so that a 20k x 30k RGB image is copied band by
 band from a `RasterSource` instead of being held in memory; the file it produces is the one
 xarray would write for the same dataset (checked by the tests with `xr.open_dataset`). Large
@@ -28,14 +34,15 @@ import os
 import re
 import threading
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
@@ -77,19 +84,129 @@ def sanitize_name(name: str) -> str:
 
 
 def ijk_to_ras(mm_per_pixel: float, origin_mm: Sequence[float], z_spacing: float | None = None) -> np.ndarray:
-    """GeoSlicer's IJK-to-RAS for an image: directions diag(-1, -1, 1), isotropic spacing."""
-    s = float(mm_per_pixel)
-    sz = s if z_spacing is None else float(z_spacing)
-    ox, oy, oz = (float(v) for v in origin_mm)
-    return np.array([[-s, 0, 0, ox], [0, -s, 0, oy], [0, 0, sz, oz], [0, 0, 0, 1]], dtype=np.float64)
+    """GeoSlicer's IJK-to-RAS for an image: directions diag(-1, -1, 1), square pixels."""
+    return Geometry.thin_section(mm_per_pixel, origin_mm, z_spacing=z_spacing).matrix
 
 
 def grid_coordinates(shape_zyx: Sequence[int], mm_per_pixel: float, origin_mm: Sequence[float]) -> list[np.ndarray]:
     """The z, y, x coordinate values GeoSlicer stores: linspace from (oz, -oy, -ox)."""
-    s = float(mm_per_pixel)
-    ox, oy, oz = (float(v) for v in origin_mm)
-    starts = (oz, -oy, -ox)
-    return [np.linspace(start, start + s * (n - 1), n) for start, n in zip(starts, shape_zyx)]
+    return Geometry.thin_section(mm_per_pixel, origin_mm).coordinates(shape_zyx)
+
+
+class Window(NamedTuple):
+    """Rows y0:y1 and columns x0:x1 of a stored (1, H, W[, c]) array."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.y1 - self.y0, self.x1 - self.x0
+
+    @classmethod
+    def whole(cls, shape: Sequence[int]) -> Window:
+        return cls(0, int(shape[0]), 0, int(shape[1]))
+
+
+class Geometry:
+    """Where a single-slice array lies: its 4x4 IJK-to-RAS matrix (mm), as a GeoSlicer node
+    holds it and a `transform` attribute stores it. Column 0 is the RAS step of one column
+    (i), column 1 of one row (j), column 2 of one slice (k): spacing per axis, axis directions
+    and flips are kept together, so whatever is written on an image's grid lies on it exactly."""
+
+    __slots__ = ("matrix",)
+
+    def __init__(self, matrix: npt.ArrayLike) -> None:
+        m = np.array(matrix, dtype=np.float64).reshape(4, 4)
+        if not np.all(np.isfinite(m)) or np.any(np.linalg.norm(m[:3, :3], axis=0) == 0):
+            raise ValueError(f"not an IJK-to-RAS matrix (a zero or non-finite axis): {m.ravel().tolist()}")
+        self.matrix = m
+
+    @classmethod
+    def thin_section(
+        cls,
+        mm_per_pixel: float,
+        origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
+        mm_per_row: float | None = None,
+        z_spacing: float | None = None,
+    ) -> Geometry:
+        """GeoSlicer's default grid: directions diag(-1, -1, 1), `mm_per_pixel` along x and
+        (unless `mm_per_row` is given) along y."""
+        sx = _check_spacing(mm_per_pixel)
+        sy = sx if mm_per_row is None else _check_spacing(mm_per_row)
+        sz = sx if z_spacing is None else float(z_spacing)
+        ox, oy, oz = _check_origin(origin_mm)
+        return cls(np.array([[-sx, 0, 0, ox], [0, -sy, 0, oy], [0, 0, sz, oz], [0, 0, 0, 1]], dtype=np.float64))
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Millimetres per step along x (columns), y (rows) and z."""
+        sx, sy, sz = (float(v) for v in np.linalg.norm(self.matrix[:3, :3], axis=0))
+        return sx, sy, sz
+
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        """RAS position (mm) of the first pixel's centre."""
+        ox, oy, oz = (float(v) for v in self.matrix[:3, 3])
+        return ox, oy, oz
+
+    @property
+    def mm_per_pixel(self) -> float:
+        """The pixel size; for non-square pixels the side of a square of the same area (so
+        areas computed from it are exact)."""
+        sx, sy, _ = self.spacing
+        return float(np.sqrt(sx * sy))
+
+    @property
+    def is_square(self) -> bool:
+        """Whether pixels are as tall as they are wide (to a relative 1e-6)."""
+        sx, sy, _ = self.spacing
+        return abs(sx - sy) <= 1e-6 * max(sx, sy)
+
+    def shifted(self, rows: int, cols: int) -> Geometry:
+        """The grid of a crop starting at (rows, cols): same axes, origin at that pixel."""
+        m = self.matrix.copy()
+        m[:3, 3] = (self.matrix @ np.array([cols, rows, 0.0, 1.0]))[:3]
+        return Geometry(m)
+
+    def coordinates(self, shape_zyx: Sequence[int]) -> list[np.ndarray]:
+        """The z, y, x coordinate values GeoSlicer writes beside the matrix: from the origin
+        (x and y negated) in steps of the spacing."""
+        sx, sy, sz = self.spacing
+        ox, oy, oz = self.origin
+        starts, steps = (oz, -oy, -ox), (sz, sy, sx)
+        return [np.linspace(a, a + d * (n - 1), n) for a, d, n in zip(starts, steps, shape_zyx)]
+
+    def transform(self) -> list[float]:
+        """The `transform` attribute: the matrix row-major, 16 floats."""
+        return [float(v) for v in self.matrix.ravel()]
+
+    def allclose(self, other: Geometry, rtol: float = 1e-9, atol: float = 1e-12) -> bool:
+        return bool(np.allclose(self.matrix, other.matrix, rtol=rtol, atol=atol))
+
+    def __repr__(self) -> str:
+        sx, sy, _ = self.spacing
+        return f"Geometry(spacing {sx:g} x {sy:g} mm, origin {self.origin}, matrix {self.matrix.ravel().tolist()})"
+
+
+def labels_problem(table: ClassTable) -> str | None:
+    """Why GeoSlicer would misread `table` in a `labels` attribute, or None.
+
+    GeoSlicer splits each "Name,Index,Color" entry at every comma and skips an entry that does
+    not give three fields, so a comma in a class name drops that class and gives every later
+    label value the next class's name and colour; a colour must be "#rrggbb"."""
+    for k, mineral in enumerate(table.classes, 1):
+        if "," in mineral.name:
+            return (
+                f"class {k} {mineral.name!r} has a comma in its name: GeoSlicer reads labels as "
+                f"'Name,Index,Color' and would give label {k} and every later label the wrong class; "
+                "rename the class without commas"
+            )
+        if re.fullmatch(r"#[0-9A-Fa-f]{6}", mineral.color) is None:
+            return f"class {k} {mineral.name!r} has the colour {mineral.color!r}; GeoSlicer needs '#rrggbb'"
+    return None
 
 
 def _check_spacing(mm_per_pixel: float) -> float:
@@ -302,17 +419,19 @@ class NetcdfWriter:
         self,
         name: str,
         source: RasterSource | np.ndarray,
-        mm_per_pixel: float,
+        mm_per_pixel: float | None = None,
         origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
         band_rows: int = CHUNK,
         attrs: Mapping[str, Any] | None = None,
         compress: bool = False,
+        *,
+        geometry: Geometry | None = None,
     ) -> str:
         """An RGB image (uint8, (1, H, W, 3)), copied from `source` band by band."""
         if isinstance(source, np.ndarray):
             source = ArraySource(source, name=name)
         height, width = (int(v) for v in source.shape)
-        image = self.begin_rgb_image(name, (height, width), mm_per_pixel, origin_mm, attrs, compress)
+        image = self.begin_rgb_image(name, (height, width), mm_per_pixel, origin_mm, attrs, compress, geometry=geometry)
         step = max(1, int(band_rows))
         for y0 in range(0, height, step):
             y1 = min(height, y0 + step)
@@ -323,20 +442,25 @@ class NetcdfWriter:
         self,
         name: str,
         shape: tuple[int, int],
-        mm_per_pixel: float,
+        mm_per_pixel: float | None = None,
         origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
         attrs: Mapping[str, Any] | None = None,
         compress: bool = False,
+        *,
+        geometry: Geometry | None = None,
     ) -> RgbRowWriter:
         """Create an RGB variable now and fill it later, row band by row band (e.g. while the
-        same bands are being segmented, so that a compressed input is decoded only once)."""
-        spacing, origin = _check_spacing(mm_per_pixel), _check_origin(origin_mm)
+        same bands are being segmented, so that a compressed input is decoded only once).
+
+        The grid is `geometry` when given (an input image's, kept exactly), else GeoSlicer's
+        default directions with `mm_per_pixel` and `origin_mm`."""
+        grid = _grid(mm_per_pixel, origin_mm, geometry)
         height, width = (int(v) for v in shape)
         with NC_LOCK:
             var = self.unique_name(name)
-            dims = self._add_grid(var, grid_coordinates((1, height, width), spacing, origin))
+            dims = self._add_grid(var, grid.coordinates((1, height, width)))
             self._ensure_color_dim()
-            fixed = {"transform": ijk_to_ras(spacing, origin).ravel().tolist()}
+            fixed = {"transform": grid.transform()}
             variable = self._create(
                 var, "u1", dims + (COLOR_DIM,), (1, height, width, 3), compress, self._merge_attrs(fixed, attrs)
             )
@@ -347,33 +471,40 @@ class NetcdfWriter:
         name: str,
         labels: np.ndarray,
         table: ClassTable,
-        mm_per_pixel: float,
+        mm_per_pixel: float | None = None,
         origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
         reference: str | None = None,
         attrs: Mapping[str, Any] | None = None,
         band_rows: int = CHUNK,
         kind: str = "labelmap",
+        *,
+        geometry: Geometry | None = None,
     ) -> str:
         """A labelmap (uint8 (1, H, W), zlib): value k = k-th class of `table`, 0 = none.
 
-        `reference` names the source image variable (GeoSlicer uses it as reference geometry).
+        `reference` names the source image variable (GeoSlicer uses it as reference geometry);
+        `geometry` is that image's grid (else GeoSlicer's default from `mm_per_pixel`).
         `kind` is the `type` attribute: "labelmap" (GeoSlicer imports a labelmap volume) or
-        "segmentation" (GeoSlicer imports a segmentation node).
+        "segmentation" (GeoSlicer imports a segmentation node). Class names GeoSlicer would
+        misread (see `labels_problem`) are refused: its labels would shift in silence.
         """
         if kind not in ("labelmap", "segmentation"):
             raise ValueError(f"kind must be 'labelmap' or 'segmentation', got {kind!r}")
+        problem = labels_problem(table)
+        if problem is not None:
+            raise ThinSegError(f"labelmap '{name}': {problem}", self.path)
         array = _as_2d(labels, "labels")
         if array.dtype.kind not in "iub":
             raise ValueError(f"labels must be integers, got {array.dtype}")
-        spacing, origin = _check_spacing(mm_per_pixel), _check_origin(origin_mm)
+        grid = _grid(mm_per_pixel, origin_mm, geometry)
         height, width = array.shape
         fixed: dict[str, Any] = {"type": kind, "labels": table.geoslicer_labels()}
         if reference is not None:
             fixed["reference"] = reference
-        fixed["transform"] = ijk_to_ras(spacing, origin).ravel().tolist()
+        fixed["transform"] = grid.transform()
         with NC_LOCK:
             var = self.unique_name(name)
-            dims = self._add_grid(var, grid_coordinates((1, height, width), spacing, origin))
+            dims = self._add_grid(var, grid.coordinates((1, height, width)))
             variable = self._create(var, "u1", dims, (1, height, width), True, self._merge_attrs(fixed, attrs))
         for y0 in range(0, height, max(1, int(band_rows))):
             y1 = min(height, y0 + max(1, int(band_rows)))
@@ -386,11 +517,13 @@ class NetcdfWriter:
         self,
         name: str,
         array: np.ndarray,
-        mm_per_pixel: float,
+        mm_per_pixel: float | None = None,
         origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
         attrs: Mapping[str, Any] | None = None,
         compress: bool = True,
         band_rows: int = CHUNK,
+        *,
+        geometry: Geometry | None = None,
     ) -> str:
         """A single-channel image ((1, H, W), any numeric dtype), e.g. a confidence map."""
         data = _as_2d(array, "array")
@@ -398,12 +531,12 @@ class NetcdfWriter:
             data = data.view(np.uint8)
         if data.dtype.kind not in "iuf":
             raise ValueError(f"scalar images must be numeric, got {data.dtype}")
-        spacing, origin = _check_spacing(mm_per_pixel), _check_origin(origin_mm)
+        grid = _grid(mm_per_pixel, origin_mm, geometry)
         height, width = data.shape
-        fixed = {"transform": ijk_to_ras(spacing, origin).ravel().tolist()}
+        fixed = {"transform": grid.transform()}
         with NC_LOCK:
             var = self.unique_name(name)
-            dims = self._add_grid(var, grid_coordinates((1, height, width), spacing, origin))
+            dims = self._add_grid(var, grid.coordinates((1, height, width)))
             variable = self._create(
                 var, data.dtype, dims, (1, height, width), compress, self._merge_attrs(fixed, attrs)
             )
@@ -413,12 +546,20 @@ class NetcdfWriter:
                 variable[0, y0:y1, :] = np.ascontiguousarray(data[y0:y1])
         return var
 
-    def copy_variable(self, src_path: str | os.PathLike[str], var_name: str, name: str | None = None) -> str:
+    def copy_variable(
+        self,
+        src_path: str | os.PathLike[str],
+        var_name: str,
+        name: str | None = None,
+        *,
+        window: Window | None = None,
+    ) -> str:
         """Copy an image/labelmap/segmentation from another GeoSlicer netCDF file, streaming.
 
         Data, dtype, coordinate values and attributes are kept unchanged; the dimensions are
         renamed after the (sanitised, de-duplicated) new name, which also turns a
-        "same coordinate system" variable (shared z/y/x) into the per-image layout.
+        "same coordinate system" variable (shared z/y/x) into the per-image layout. `window`
+        copies only those rows and columns (coordinates and `transform` follow them).
         """
         src_path = Path(src_path)
         with NC_LOCK, _open_dataset(src_path) as src:
@@ -434,6 +575,14 @@ class NetcdfWriter:
             fill = source.getncattr("_FillValue") if "_FillValue" in source.ncattrs() else None
             compress = bool((source.filters() or {}).get("zlib")) or "labels" in attrs
             values, dtypes, coord_attrs = _source_grid(src, source)
+            if window is not None:
+                window = _check_window(window, shape[1:3], var_name)
+                values = [values[0], values[1][window.y0 : window.y1], values[2][window.x0 : window.x1]]
+                shape = (shape[0], *window.shape, *shape[3:])
+                stored = _transform_attr(attrs)
+                if stored is not None:
+                    attrs["transform"] = stored.shifted(window.y0, window.x0).transform()
+            y_off, x_off = (window.y0, window.x0) if window is not None else (0, 0)
             var = self.unique_name(name or var_name)
             out_dims = self._add_grid(var, values, dtypes, coord_attrs)
             if len(shape) == 4:
@@ -449,8 +598,24 @@ class NetcdfWriter:
             for z in range(shape[0]):
                 for y0 in range(0, shape[1], rows):
                     y1 = min(shape[1], y0 + rows)
-                    target[z, y0:y1] = source[z, y0:y1]
+                    target[z, y0:y1] = source[z, y_off + y0 : y_off + y1, x_off : x_off + shape[2]]
         return var
+
+
+def _grid(mm_per_pixel: float | None, origin_mm: Sequence[float], geometry: Geometry | None) -> Geometry:
+    if geometry is not None:
+        return geometry
+    if mm_per_pixel is None:
+        raise ValueError("give mm_per_pixel or geometry")
+    return Geometry.thin_section(mm_per_pixel, origin_mm)
+
+
+def _check_window(window: Window, shape_hw: Sequence[int], var_name: str) -> Window:
+    y0, y1, x0, x1 = (int(v) for v in window)
+    height, width = (int(v) for v in shape_hw)
+    if not (0 <= y0 <= y1 <= height and 0 <= x0 <= x1 <= width):
+        raise ValueError(f"window {tuple(window)} is outside variable '{var_name}' ({height}x{width})")
+    return Window(y0, y1, x0, x1)
 
 
 class RgbRowWriter:
@@ -596,37 +761,54 @@ def _kind(variable: Any, attrs: Mapping[str, Any]) -> VariableKind:
     return "other"
 
 
-def _coordinate_start_step(ds: Any, dim: str) -> tuple[float, float] | None:
-    """First value and step of a coordinate variable (step 1 when it has one entry)."""
+def _coordinate_start_step(ds: Any, dim: str, start: int = 0) -> tuple[float, float] | None:
+    """The value at index `start` and the step (first two values; 1 when there is one) of a
+    coordinate variable."""
     if dim not in ds.variables or not _is_coordinate(ds, dim):
         return None
     coord = ds.variables[dim]
     n = coord.shape[0]
-    if n == 0 or coord.dtype == str:
+    if n == 0 or coord.dtype == str or not 0 <= start < n:
         return None
     values = np.asarray(coord[: min(n, 2)], dtype=np.float64)
-    return float(values[0]), float(values[1] - values[0]) if n > 1 else 1.0
+    first = float(values[0]) if start == 0 else float(np.asarray(coord[start], dtype=np.float64))
+    return first, float(values[1] - values[0]) if n > 1 else 1.0
 
 
-def _geometry(
-    ds: Any, variable: Any, attrs: Mapping[str, Any]
-) -> tuple[np.ndarray | None, tuple[float, float, float] | None]:
-    """(spacing x, y, z; RAS origin) from `transform` if valid, else from the coordinates."""
+def _transform_attr(attrs: Mapping[str, Any]) -> Geometry | None:
+    """The `transform` attribute as a Geometry, None when absent or unusable."""
     transform = attrs.get("transform")
-    if transform is not None and not isinstance(transform, str):
-        flat = np.asarray(transform, dtype=np.float64).ravel()
-        if flat.size == 16 and np.all(np.isfinite(flat)):
-            matrix = flat.reshape(4, 4)
-            spacing = np.linalg.norm(matrix[:3, :3], axis=0)
-            return spacing, tuple(float(v) for v in matrix[:3, 3])  # type: ignore[return-value]
+    if transform is None or isinstance(transform, str):
+        return None
+    flat = np.asarray(transform, dtype=np.float64).ravel()
+    if flat.size != 16:
+        return None
+    try:
+        return Geometry(flat)
+    except ValueError:
+        return None
+
+
+def _geometry(ds: Any, variable: Any, attrs: Mapping[str, Any], window: Window | None = None) -> Geometry | None:
+    """The grid GeoSlicer's importer gives the array (from `window`'s first row and column):
+    the `transform` matrix when there is one, else spacing = coordinate steps of the whole
+    axis (signed, as GeoSlicer takes them), origin = (-x, -y, z) at the first pixel kept and
+    directions diag(-1, -1, 1)."""
+    y_start, x_start = (window.y0, window.x0) if window is not None else (0, 0)
+    stored = _transform_attr(attrs)
+    if stored is not None:
+        return stored.shifted(y_start, x_start) if (y_start, x_start) != (0, 0) else stored
     dims = tuple(variable.dimensions)[:3]
     if len(dims) < 3:
-        return None, None
-    parts = [_coordinate_start_step(ds, d) for d in dims]
+        return None
+    parts = [_coordinate_start_step(ds, d, start) for d, start in zip(dims, (0, y_start, x_start))]
     if any(p is None for p in parts):
-        return None, None
-    (z0, sz), (y0, sy), (x0, sx) = parts  # type: ignore[misc]
-    return np.array([abs(sx), abs(sy), abs(sz)]), (-x0, -y0, z0)
+        return None
+    (z0, sz), (y0, sy), (x0, sx) = (p for p in parts if p is not None)
+    try:
+        return Geometry(np.array([[-sx, 0, 0, -x0], [0, -sy, 0, -y0], [0, 0, sz, z0], [0, 0, 0, 1]], dtype=np.float64))
+    except ValueError:  # repeated coordinate values: no usable grid
+        return None
 
 
 def _source_grid(ds: Any, variable: Any) -> tuple[list[np.ndarray], list[Any], list[dict[str, Any]]]:
@@ -636,7 +818,6 @@ def _source_grid(ds: Any, variable: Any) -> tuple[list[np.ndarray], list[Any], l
     values: list[np.ndarray | None] = []
     dtypes: list[Any] = []
     attrs: list[dict[str, Any]] = []
-    missing = False
     for dim in dims:
         if dim in ds.variables and _is_coordinate(ds, dim) and ds.variables[dim].dtype != str:
             coord = ds.variables[dim]
@@ -644,25 +825,79 @@ def _source_grid(ds: Any, variable: Any) -> tuple[list[np.ndarray], list[Any], l
             dtypes.append(np.dtype(coord.dtype))
             attrs.append({k: coord.getncattr(k) for k in coord.ncattrs() if k != "_FillValue"})
         else:
-            missing = True
             values.append(None)
             dtypes.append(np.dtype("f8"))
             attrs.append({})
-    if missing:
-        spacing, origin = _geometry(ds, variable, _attrs(variable))
-        spacing = np.ones(3) if spacing is None else spacing
-        origin = (0.0, 0.0, 0.0) if origin is None else origin
-        starts = (origin[2], -origin[1], -origin[0])
-        steps = (spacing[2], spacing[1], spacing[0])
-        for i, n in enumerate(shape):
-            if values[i] is None:
-                values[i] = np.linspace(starts[i], starts[i] + steps[i] * (n - 1), n)
+    if any(v is None for v in values):
+        geometry = _geometry(ds, variable, _attrs(variable)) or Geometry.thin_section(1.0)
+        rebuilt = geometry.coordinates(shape)
+        values = [v if v is not None else r for v, r in zip(values, rebuilt)]
     return [v for v in values if v is not None], dtypes, attrs  # every axis has values now
+
+
+def _raw(variable: Any, attrs: Mapping[str, Any], index: Any) -> np.ndarray:
+    """Stored values, with netCDF's `_Unsigned` bytes read as uint8 (as xarray decodes them)."""
+    data = np.asarray(variable[index])
+    if data.dtype == np.int8 and str(attrs.get("_Unsigned", "")).lower() == "true":
+        data = data.view(np.uint8)
+    return data
+
+
+def _padding_window(variable: Any, attrs: Mapping[str, Any]) -> Window:
+    """GeoSlicer's import crop of a variable without `transform` (see `padding_window`).
+
+    Reads only what it must: row bands from each end until a row holds data, then column
+    strips of the rows kept, from each side; bands grow, so wide padding costs few reads."""
+    shape = tuple(int(v) for v in variable.shape)
+    whole = Window.whole(shape[1:3]) if len(shape) >= 3 else Window(0, 0, 0, 0)
+    if "transform" in attrs or len(shape) < 3 or shape[0] != 1 or 0 in shape:
+        return whole
+    fill = 0 if "labels" in attrs else 255
+    height, width = shape[1], shape[2]
+    pixel_bytes = int(np.prod(shape[3:])) * np.dtype(variable.dtype).itemsize
+
+    def rows_fill(y0: int, y1: int) -> np.ndarray:
+        block = _raw(variable, attrs, (0, slice(y0, y1)))
+        return np.asarray((block == fill).reshape(y1 - y0, -1).all(axis=1))
+
+    top = _first_kept(height, rows_fill, False, COPY_BAND_BYTES // max(1, width * pixel_bytes))
+    if top is None:
+        return whole  # all padding: GeoSlicer keeps the whole array
+    bottom = _first_kept(height, rows_fill, True, COPY_BAND_BYTES // max(1, width * pixel_bytes))
+    y0, y1 = top, int(bottom if bottom is not None else top) + 1
+
+    def cols_fill(x0: int, x1: int) -> np.ndarray:
+        block = _raw(variable, attrs, (0, slice(y0, y1), slice(x0, x1)))
+        return np.asarray((block == fill).swapaxes(0, 1).reshape(x1 - x0, -1).all(axis=1))
+
+    strip = COPY_BAND_BYTES // max(1, (y1 - y0) * pixel_bytes)
+    left = _first_kept(width, cols_fill, False, strip)
+    right = _first_kept(width, cols_fill, True, strip)
+    x0 = int(left) if left is not None else 0
+    x1 = int(right) + 1 if right is not None else width
+    return Window(y0, y1, x0, x1)
+
+
+def _first_kept(n: int, is_fill: Callable[[int, int], np.ndarray], from_end: bool, max_step: int) -> int | None:
+    """Index of the first (from_end: last) of n rows/columns that is not all padding, or None."""
+    step, done, cap = 8, 0, max(8, int(max_step))
+    while done < n:
+        size = min(step, n - done)
+        a, b = (n - done - size, n - done) if from_end else (done, done + size)
+        kept = np.flatnonzero(~is_fill(a, b))
+        if kept.size:
+            return a + int(kept[-1] if from_end else kept[0])
+        done += size
+        step = min(2 * step, cap)
+    return None
 
 
 @dataclass
 class VariableInfo:
-    """One data variable of a netCDF file, classified the way GeoSlicer imports it."""
+    """One data variable of a netCDF file, classified the way GeoSlicer imports it.
+
+    `geometry` is the stored array's grid (before any padding crop); `mm_per_pixel` and
+    `origin_mm` are read from it (`Geometry.mm_per_pixel` for non-square pixels)."""
 
     name: str
     kind: VariableKind
@@ -671,21 +906,31 @@ class VariableInfo:
     origin_mm: tuple[float, float, float] | None
     attrs: dict[str, Any] = field(default_factory=dict)
     dtype: str = ""
+    geometry: Geometry | None = None
+    dims: tuple[str, ...] = ()
 
     @property
     def image_shape(self) -> tuple[int, int] | None:
         """(H, W) for image-like variables."""
         return (self.shape[1], self.shape[2]) if len(self.shape) >= 3 else None
 
+    @property
+    def on_shared_grid(self) -> bool:
+        """Whether the variable has no `transform`: GeoSlicer's "same coordinate system"
+        export, where images of different extents are padded onto one grid."""
+        return self.kind not in ("table", "other") and "transform" not in self.attrs
+
 
 def _info(ds: Any, name: str) -> VariableInfo:
     variable = ds.variables[name]
     attrs = _attrs(variable)
     kind = _kind(variable, attrs)
-    spacing, origin = _geometry(ds, variable, attrs) if kind not in ("table", "other") else (None, None)
+    geometry = _geometry(ds, variable, attrs) if kind not in ("table", "other") else None
     dtype = "str" if variable.dtype == str else str(np.dtype(variable.dtype))
-    mm = float(spacing[0]) if spacing is not None else None
-    return VariableInfo(name, kind, tuple(int(v) for v in variable.shape), mm, origin, attrs, dtype)
+    mm = geometry.mm_per_pixel if geometry is not None else None
+    origin = geometry.origin if geometry is not None else None
+    shape = tuple(int(v) for v in variable.shape)
+    return VariableInfo(name, kind, shape, mm, origin, attrs, dtype, geometry, tuple(variable.dimensions))
 
 
 def list_variables(path: str | os.PathLike[str]) -> list[VariableInfo]:
@@ -693,6 +938,21 @@ def list_variables(path: str | os.PathLike[str]) -> list[VariableInfo]:
     path = Path(path)
     with _open_dataset(path) as ds:
         return [_info(ds, name) for name in ds.variables if not _is_coordinate(ds, name)]
+
+
+def padding_window(path: str | os.PathLike[str], var_name: str) -> Window:
+    """The rows and columns of a variable that GeoSlicer keeps when it imports it.
+
+    A variable without `transform` comes from a "same coordinate system" export: every image
+    was resampled onto one grid covering them all and padded with 255 (images) or 0 (labels).
+    GeoSlicer's importer then drops the edge rows and columns made only of that value (real
+    data included, if an edge row happens to be all white) and moves the origin to the first
+    row and column kept; an array that is all padding is kept whole. With `transform`, the
+    whole array."""
+    path = Path(path)
+    with _open_dataset(path) as ds:
+        variable = _data_variable(ds, var_name, path)
+        return _padding_window(variable, _attrs(variable))
 
 
 def _affix_is_token(name: str, affix: str) -> bool:
@@ -719,9 +979,20 @@ def find_image_variable(path: str | os.PathLike[str], affix: str | None) -> str 
 
 
 class NetcdfImageSource:
-    """An RGB variable of a netCDF file read by region (netCDF slicing reads only that part)."""
+    """An RGB variable of a netCDF file read by region (netCDF slicing reads only that part).
 
-    def __init__(self, path: str | os.PathLike[str], var_name: str) -> None:
+    `window` limits it to those stored rows and columns; `crop_padding` to the ones GeoSlicer
+    keeps on import (`padding_window`). `shape`, `geometry`, `mm_per_pixel` and `origin_mm`
+    are the window's; `window` and `full_shape` say where it lies in the stored array."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        var_name: str,
+        *,
+        window: Window | None = None,
+        crop_padding: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.name = var_name
         with NC_LOCK:
@@ -739,23 +1010,33 @@ class NetcdfImageSource:
                         "a single-slice thin-section image is expected",
                         self.path,
                     )
+                full = (info.shape[1], info.shape[2])
+                if window is None:
+                    window = _padding_window(variable, info.attrs) if crop_padding else Window.whole(full)
+                window = _check_window(window, full, var_name)
+                geometry = _geometry(self._ds, variable, info.attrs, window)
             except BaseException:
                 _release(self._key, self._ds)
                 self._ds = None
                 raise
         self._variable = variable
-        self.shape = (info.shape[1], info.shape[2])
-        self.mm_per_pixel = info.mm_per_pixel
-        self.origin_mm = info.origin_mm
+        self.full_shape = full
+        self.window = window
+        self.dims: tuple[str, ...] = info.dims
+        self.shape = window.shape
+        self.geometry = geometry
+        self.mm_per_pixel = self.geometry.mm_per_pixel if self.geometry is not None else None
+        self.origin_mm = self.geometry.origin if self.geometry is not None else None
         self.attrs = info.attrs
 
     def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray:
         if self._ds is None:
             raise ValueError(f"{self.path} is closed")
         y0, y1, x0, x1 = check_region(self.shape, y0, y1, x0, x1)
+        dy, dx = self.window.y0, self.window.x0
         try:
             with NC_LOCK:
-                data = self._variable[0, y0:y1, x0:x1, :]
+                data = self._variable[0, dy + y0 : dy + y1, dx + x0 : dx + x1, :]
         except (RuntimeError, OSError) as error:
             raise ThinSegError(
                 f"variable '{self.name}' could not be read at rows {y0}-{y1}: {error}", self.path
@@ -783,15 +1064,21 @@ def _describe(info: VariableInfo) -> str:
     return words.get(info.kind, f"of shape {info.shape}")
 
 
-def open_netcdf_image(path: str | os.PathLike[str], var_name: str) -> NetcdfImageSource:
-    """A lazy RasterSource over an RGB variable, with spacing/origin from `transform` or coords."""
-    return NetcdfImageSource(path, var_name)
+def open_netcdf_image(
+    path: str | os.PathLike[str], var_name: str, *, window: Window | None = None, crop_padding: bool = False
+) -> NetcdfImageSource:
+    """A lazy RasterSource over an RGB variable, with its grid from `transform` or coordinates;
+    `window` / `crop_padding` as in NetcdfImageSource."""
+    return NetcdfImageSource(path, var_name, window=window, crop_padding=crop_padding)
 
 
 def read_labelmap(
-    path: str | os.PathLike[str], var_name: str
+    path: str | os.PathLike[str], var_name: str, *, window: Window | None = None, crop_padding: bool = False
 ) -> tuple[np.ndarray, ClassTable, float | None, tuple[float, float, float] | None]:
-    """(labels uint8 (H, W), class table, mm_per_pixel, RAS origin) of a labelmap/segmentation."""
+    """(labels uint8 (H, W), class table, mm_per_pixel, RAS origin) of a labelmap/segmentation.
+
+    `window` reads only those stored rows and columns, `crop_padding` the ones GeoSlicer keeps
+    on import; the origin is then the window's."""
     path = Path(path)
     with _open_dataset(path) as ds:
         variable = _data_variable(ds, var_name, path)
@@ -804,16 +1091,19 @@ def read_labelmap(
             raise ThinSegError(
                 f"variable '{var_name}' has {info.shape[0]} slices; a single-slice labelmap is expected", path
             )
-        data = np.asarray(variable[0])
-        if np.dtype(variable.dtype) == np.int8 and str(info.attrs.get("_Unsigned", "")).lower() == "true":
-            data = data.view(np.uint8)
+        if window is None:
+            window = _padding_window(variable, info.attrs) if crop_padding else Window.whole(info.shape[1:3])
+        window = _check_window(window, info.shape[1:3], var_name)
+        data = _raw(variable, info.attrs, (0, slice(window.y0, window.y1), slice(window.x0, window.x1)))
+        geometry = _geometry(ds, variable, info.attrs, window) if info.geometry is not None else None
     table = _class_table(info.attrs.get("labels"), path, var_name)
     if data.dtype != np.uint8:
         low, high = (int(data.min()), int(data.max())) if data.size else (0, 0)
         if low < 0 or high > 255:
             raise ThinSegError(f"variable '{var_name}' has label values {low}..{high}; 0..255 are supported", path)
         data = data.astype(np.uint8)
-    return np.ascontiguousarray(data), table, info.mm_per_pixel, info.origin_mm
+    mm = geometry.mm_per_pixel if geometry is not None else None
+    return np.ascontiguousarray(data), table, mm, geometry.origin if geometry is not None else None
 
 
 def _class_table(labels: Any, path: Path, var_name: str) -> ClassTable:

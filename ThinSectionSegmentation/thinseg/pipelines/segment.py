@@ -2,6 +2,12 @@
 
 This is the library call behind `thinseg segment` and the Slicer logic's batch mode. Each
 section either produces all of its files or none (temporary names, renamed at the end).
+
+Outputs lie on the input's grid exactly as GeoSlicer would show the input: the PP image's
+IJK-to-RAS matrix (spacing per axis, directions, flips) is written with the labels; padding of a
+"same coordinate system" export is left out as GeoSlicer's importer crops it; non-square pixels
+are resampled to the model's square ones and the labels brought back. Every section of a
+netCDF file holding several is segmented into its own output.
 """
 
 from __future__ import annotations
@@ -15,13 +21,23 @@ from pathlib import Path
 import numpy as np
 
 import thinseg
-from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL, open_ppxp
+from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL, NetcdfSection, netcdf_sections, open_ppxp
 from thinseg.errors import ThinSegError
 from thinseg.inference.engine import CancelFn, InferenceOptions, Segmenter, Source
-from thinseg.inference.resample import resampled_shape, resampling_factor, segment_at_model_resolution
+from thinseg.inference.resample import resampled_shape, resampling_factors, segment_at_model_resolution
 from thinseg.io.atomic import AtomicOutput, atomic_output, ensure_writable_dir, free_output_path
 from thinseg.io.images import RasterSource
-from thinseg.io.netcdf import NetcdfWriter, RgbRowWriter, list_variables
+from thinseg.io.netcdf import (
+    Geometry,
+    NetcdfImageSource,
+    NetcdfWriter,
+    RgbRowWriter,
+    VariableInfo,
+    Window,
+    labels_problem,
+    list_variables,
+    padding_window,
+)
 from thinseg.io.pairing import PairingProblem, SectionInput, pair_inputs, section_base_name
 from thinseg.model.bundle import ModelBundle, load_bundle
 from thinseg.reports.mineralogy import ModalMineralogy, modal_mineralogy, write_mineralogy_csv
@@ -35,7 +51,10 @@ MINERALOGY_CSV = "modal_mineralogy.csv"
 
 @dataclass
 class SegmentOptions:
-    """How sections are found, segmented and written (the options of `thinseg segment`)."""
+    """How sections are found, segmented and written (the options of `thinseg segment`).
+
+    `sections` names the sections (or their PP variables) to segment in netCDF files holding
+    several; empty: every section."""
 
     pp_pattern: str = "PP"
     xp_pattern: str | None = "XP"
@@ -44,6 +63,18 @@ class SegmentOptions:
     probabilities: bool = False
     overlay: bool = False
     inference: InferenceOptions = field(default_factory=InferenceOptions)
+    sections: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NetcdfSectionInput(SectionInput):
+    """A section of a netCDF file, pinned to its PP (and XP) variables; `notes` are lines for
+    the user about the file's other PP images (e.g. one left out for want of an XP image)."""
+
+    pp_variable: str | None = None
+    xp_variable: str | None = None
+    notes: tuple[str, ...] = ()
+    one_of_several: bool = False
 
 
 @dataclass
@@ -66,7 +97,12 @@ ProgressFactory = Callable[[str, int], Callable[[int, int], None]]
 
 def check_thin_section_model(bundle: ModelBundle) -> None:
     """Refuse, naming the model, a bundle whose inputs are not one RGB PP image and optionally one
-    RGB XP image (what a thin section provides), before any section is read."""
+    RGB XP image (what a thin section provides), or whose class names GeoSlicer would misread in
+    a labelmap's `labels` attribute, before any section is read."""
+    problem = labels_problem(bundle.class_table)
+    if problem is not None:
+        meta = bundle.path / "meta.json" if bundle.path.is_dir() else bundle.path
+        raise ThinSegError(f"model {bundle.title!r}: {problem}", meta)
     inputs = list(zip(bundle.input_names, bundle.input_channels))
     if 1 <= len(inputs) <= 2 and all(channels == 3 for _, channels in inputs):
         return
@@ -86,9 +122,17 @@ def model_mm_per_pixel(bundle: ModelBundle) -> float | None:
 @dataclass
 class _OpenedSection:
     sources: list[RasterSource]  # in the model's input order
-    mm_per_pixel: float
-    origin_mm: tuple[float, float, float]
-    netcdf_variables: list[str]  # variables to copy unchanged (netCDF inputs)
+    geometry: Geometry  # the PP image's grid: every output lies on it
+    copies: list[tuple[str, Window | None]]  # netCDF variables to copy (rows/columns kept)
+    notes: list[str]  # what the user should know about how the input was read
+
+    @property
+    def mm_per_pixel(self) -> float:
+        return self.geometry.mm_per_pixel
+
+    @property
+    def origin_mm(self) -> tuple[float, float, float]:
+        return self.geometry.origin
 
 
 def _open_inputs(
@@ -99,8 +143,18 @@ def _open_inputs(
     if section.netcdf is not None:
         path = section.netcdf
         variables = list_variables(path)
+        named = None
+        if isinstance(section, NetcdfSectionInput) and section.pp_variable is not None:
+            named = {"PP": section.pp_variable, **({"XP": section.xp_variable} if section.xp_variable else {})}
         images = stack.enter_context(
-            open_ppxp(path, pp_pattern=options.pp_pattern, xp_pattern=options.xp_pattern, with_xp=needs_xp)
+            open_ppxp(
+                path,
+                pp_pattern=options.pp_pattern,
+                xp_pattern=options.xp_pattern,
+                variables=named,
+                with_xp=needs_xp,
+                crop_padding=True,
+            )
         )
         if needs_xp and images.xp is None:
             raise ThinSegError(f"no XP image: no RGB variable whose name contains '{options.xp_pattern}'", path)
@@ -108,9 +162,9 @@ def _open_inputs(
             raise ThinSegError(
                 f"PP variable {images.pp_variable} and XP variable {images.xp_variable} differ in size", path
             )
-        spacing = images.mm_per_pixel if images.mm_per_pixel else options.mm_per_pixel
-        origin = images.origin_mm if images.origin_mm is not None else (0.0, 0.0, 0.0)
-        keep = [v.name for v in variables if v.kind in ("rgb", "labelmap", "segmentation", "scalar")]
+        geometry = images.geometry or Geometry.thin_section(options.mm_per_pixel)
+        copies = _netcdf_copies(section, variables, images.pp, images.xp)
+        notes = _padding_notes(path, images.pp, images.pp_variable, images.xp, images.xp_variable)
     else:
         assert section.pp is not None
         images = stack.enter_context(open_ppxp(section.pp, section.xp, with_xp=needs_xp))
@@ -122,9 +176,54 @@ def _open_inputs(
                 f"PP is {w}x{h} px but XP {section.xp.name} is {wx}x{hx} px; they must be the same size",
                 section.pp,
             )
-        spacing, origin, keep = options.mm_per_pixel, (0.0, 0.0, 0.0), []
+        geometry, copies, notes = Geometry.thin_section(options.mm_per_pixel), [], []
     sources = [images.pp] + ([images.xp] if images.xp is not None else [])
-    return _OpenedSection(sources, float(spacing), origin, keep)
+    if isinstance(section, NetcdfSectionInput):
+        notes = list(section.notes) + notes
+    return _OpenedSection(sources, geometry, copies, notes)
+
+
+def _netcdf_copies(
+    section: SectionInput, variables: Sequence[VariableInfo], pp: RasterSource, xp: RasterSource | None
+) -> list[tuple[str, Window | None]]:
+    """The input variables an output carries, each over the rows and columns GeoSlicer keeps
+    when it imports them (see `padding_window`), so that GeoSlicer shows the copies as it shows
+    the input. A section of a file holding several carries its own images and the variables
+    that name them as `reference`; otherwise every image, labelmap and segmentation."""
+    assert section.netcdf is not None
+    kinds = ("rgb", "labelmap", "segmentation", "scalar")
+    keep = [v for v in variables if v.kind in kinds]
+    if isinstance(section, NetcdfSectionInput) and section.one_of_several:
+        own = {s.name for s in (pp, xp) if s is not None}
+        keep = [v for v in keep if v.name in own or str(v.attrs.get("reference", "")) in own]
+    copies: list[tuple[str, Window | None]] = []
+    for v in keep:
+        shape = v.image_shape
+        window = padding_window(section.netcdf, v.name) if v.on_shared_grid and shape is not None else None
+        copies.append((v.name, None if window is None or window == Window.whole(shape or (0, 0)) else window))
+    return copies
+
+
+def _padding_notes(
+    path: Path, pp: RasterSource, pp_variable: str | None, xp: RasterSource | None, xp_variable: str | None
+) -> list[str]:
+    """What the padding crop of a "same coordinate system" export left out, and whether the XP
+    image has padding inside the PP field (the model then sees white there)."""
+    if not isinstance(pp, NetcdfImageSource) or pp.window == Window.whole(pp.full_shape):
+        return []
+    (h, w), (full_h, full_w) = pp.shape, pp.full_shape
+    notes = [
+        f"{path.name}: {pp_variable}: {full_h * full_w - h * w} pixels of padding (a 'same coordinate system' "
+        f"export) left out as GeoSlicer does on import; {w}x{h} px of {full_w}x{full_h} segmented"
+    ]
+    if isinstance(xp, NetcdfImageSource) and xp_variable is not None:
+        own, field = padding_window(path, xp_variable), pp.window
+        if not (own.y0 <= field.y0 and own.x0 <= field.x0 and own.y1 >= field.y1 and own.x1 >= field.x1):
+            notes.append(
+                f"{path.name}: {xp_variable} does not cover all of {pp_variable}: where it is padding the model "
+                "sees white XP pixels"
+            )
+    return notes
 
 
 def output_paths(section: SectionInput, output: Path, overwrite: bool, single_file: bool) -> Path:
@@ -162,20 +261,17 @@ def segment_section(
         stack.callback(_discard_all, outputs)  # no-op once committed
         with NetcdfWriter(outputs[0].tmp, attrs=attrs) as writer:
             reference, run_sources, tees = _start_images(writer, section, opened)
-            model_spacing = model_mm_per_pixel(bundle)
-            factor = resampling_factor(opened.mm_per_pixel, model_spacing)
-            if factor is not None:
-                run_h, run_w = resampled_shape((height, width), factor)
-                messages.append(
-                    f"{section.primary.name}: resampling from {opened.mm_per_pixel:g} to the model's "
-                    f"{model_spacing:g} mm/px ({run_w}x{run_h} px) and back"
-                )
+            messages.extend(opened.notes)
+            factor, note = _model_resolution(section.primary.name, opened.geometry, (height, width), bundle)
+            if note:
+                messages.append(note)
             callback = progress(section.name, height * width) if progress is not None else None
             result = segment_at_model_resolution(segmenter, run_sources, factor, progress=callback, cancel=cancel)
             for tee in tees:
                 tee.finish()
             labels, confidence = result.labels, result.confidence
             _add_outputs(writer, bundle, opened, base, reference, labels, confidence)
+        # the geometric mean pixel size: exact areas also for non-square pixels
         mineralogy = modal_mineralogy(section.name, labels, bundle.class_table, opened.mm_per_pixel)
         if overlay_path is not None:
             _write_overlay(outputs[1].tmp, sources[0], labels, bundle, mineralogy, section.name)
@@ -190,6 +286,35 @@ def segment_section(
         tiles=result.tiles,
         megapixels=height * width / 1e6,
         messages=segmenter.messages + messages,
+    )
+
+
+def _model_resolution(
+    what: str, geometry: Geometry, shape: tuple[int, int], bundle: ModelBundle
+) -> tuple[tuple[float, float] | None, str | None]:
+    """(rows, columns) resampling factors to the model's pixel size, and the line that says so
+    (both spacings when pixels are not square)."""
+    sx, sy, _ = geometry.spacing
+    model_spacing = model_mm_per_pixel(bundle)
+    factors = resampling_factors((sx, sy), model_spacing)
+    if model_spacing is None:
+        if geometry.is_square:
+            return None, None
+        return None, (
+            f"{what}: pixels are {sx:g} x {sy:g} mm (width x height), not square, and the model records no "
+            "pixel size: it sees them as they are"
+        )
+    if factors is None:
+        return None, None
+    run_h, run_w = resampled_shape(shape, factors)
+    if geometry.is_square:
+        return factors, (
+            f"{what}: resampling from {sx:g} to the model's {model_spacing:g} mm/px ({run_w}x{run_h} px) and back"
+        )
+    return factors, (
+        f"{what}: pixels are {sx:g} x {sy:g} mm (width x height), not square: resampling to the model's "
+        f"{model_spacing:g} x {model_spacing:g} mm ({run_w}x{run_h} px) and the labels back onto the "
+        f"{shape[1]}x{shape[0]} px input grid"
     )
 
 
@@ -234,15 +359,14 @@ def _start_images(
 ) -> tuple[str | None, list[Source], list[_TeeSource]]:
     """Put the input images in the output: copies of a netCDF input's variables, or PP/XP
     variables filled while they are segmented. Returns (reference name, sources, tees)."""
-    spacing, origin = opened.mm_per_pixel, opened.origin_mm
     if section.netcdf is not None:
-        names = [writer.copy_variable(section.netcdf, name) for name in opened.netcdf_variables]
+        names = [writer.copy_variable(section.netcdf, name, window=window) for name, window in opened.copies]
         return _reference_name(opened, names), list(opened.sources), []
     tees = []
     paths = [section.pp, section.xp]
     for source, path in zip(opened.sources, paths):
         assert path is not None  # an image section has a file for each opened source
-        image = writer.begin_rgb_image(path.stem, source.shape, spacing, origin)
+        image = writer.begin_rgb_image(path.stem, source.shape, geometry=opened.geometry)
         tees.append(_TeeSource(source, image))
     return tees[0].sink.name, list(tees), tees
 
@@ -256,30 +380,27 @@ def _add_outputs(
     labels: np.ndarray,
     confidence: np.ndarray | None,
 ) -> None:
-    spacing, origin = opened.mm_per_pixel, opened.origin_mm
     writer.add_labelmap(
         f"{base}_Segmentation",
         labels,
         bundle.class_table,
-        spacing,
-        origin,
         reference=reference,
         attrs={"thinseg_model": bundle.title},
+        geometry=opened.geometry,
     )
     if confidence is not None:
         writer.add_scalar_image(
             f"{base}_Confidence",
             confidence,
-            spacing,
-            origin,
             attrs={"description": "max softmax probability x 255", "reference": reference or ""},
+            geometry=opened.geometry,
         )
 
 
 def _reference_name(opened: _OpenedSection, copied_names: list[str]) -> str | None:
     """The copied variable that is the PP image (its original name is the source's name)."""
     pp_name = opened.sources[0].name
-    for original, copied in zip(opened.netcdf_variables, copied_names):
+    for (original, _window), copied in zip(opened.copies, copied_names):
         if original == pp_name:
             return copied
     return copied_names[0] if copied_names else None
@@ -307,13 +428,29 @@ def segment_sections(
     on_result: Callable[[SectionResult], None] | None = None,
     on_failure: Callable[[SectionInput, ThinSegError], None] | None = None,
 ) -> tuple[list[SectionResult], list[tuple[SectionInput, ThinSegError]]]:
-    """Segment many sections; a bad section is reported and the batch goes on."""
+    """Segment many sections; a bad section is reported and the batch goes on. A netCDF file
+    holding several sections gives one output per section (see `plan_sections`)."""
     single_file = is_single_file(output)
     if single_file and len(sections) > 1:
         raise ThinSegError(f"--output is one file but {len(sections)} sections were given; give a folder", output)
     results: list[SectionResult] = []
     failures: list[tuple[SectionInput, ThinSegError]] = []
+    planned: list[SectionInput] = []
     for section in sections:
+        try:
+            planned.extend(plan_sections(section, options, segmenter.bundle))
+        except ThinSegError as error:
+            failures.append((section, error))
+            if on_failure is not None:
+                on_failure(section, error)
+    if single_file and len(planned) > 1:
+        names = ", ".join(s.name for s in planned)
+        raise ThinSegError(
+            f"--output is one file but {planned[0].primary.name} holds {len(planned)} sections ({names}); "
+            "give a folder, or choose one with --section",
+            output,
+        )
+    for section in planned:
         try:
             target = output_paths(section, output, options.overwrite, single_file)
             result = segment_section(section, segmenter, options, target, progress, cancel)
@@ -329,6 +466,60 @@ def segment_sections(
         if on_result is not None:
             on_result(result)
     return results, failures
+
+
+def plan_sections(section: SectionInput, options: SegmentOptions, bundle: ModelBundle) -> list[SectionInput]:
+    """The sections to segment for one input: an image pair as it is; a netCDF file once per
+    section it holds (`netcdf_sections`), or the ones `options.sections` names.
+
+    A file with one section keeps the file's name for its output; with several, each section
+    is named after itself ("S2" for "S2_PP"). For a model that needs XP, a PP image without an
+    XP image is left out with a note when the file has other, complete sections."""
+    path = section.netcdf
+    if path is None:
+        return [section]
+    try:
+        found = netcdf_sections(path, options.pp_pattern, options.xp_pattern)
+    except ThinSegError:
+        return [section]  # opening it again fails with the same message, reported for this section
+    needs_xp = len(bundle.input_names) > 1
+    complete = [s for s in found if s.xp is not None] if needs_xp else list(found)
+    several = len(complete) > 1
+    names = dict(zip([s.pp for s in complete], _unique_names([s.name for s in complete])))
+    notes = tuple(
+        f"{path.name}: {s.pp} not segmented: model {bundle.title!r} needs an XP image and none is named like it"
+        for s in found
+        if s not in complete
+    )
+    if options.sections:
+        wanted = set(options.sections)
+        chosen = [s for s in found if s.name in wanted or s.pp in wanted]
+        if not chosen:
+            every = ", ".join(f"{s.name} ({s.pp})" for s in found)
+            raise ThinSegError(f"no section named {', '.join(sorted(wanted))} here (sections: {every or 'none'})", path)
+        found, complete, notes = chosen, [s for s in complete if s in chosen], ()
+    if not found:
+        return [section]
+    if not complete or not several:
+        first: NetcdfSection = complete[0] if complete else found[0]
+        return [_pinned(section.name, path, first, notes, False)]
+    return [_pinned(names[s.pp], path, s, notes if k == 0 else (), True) for k, s in enumerate(complete)]
+
+
+def _pinned(name: str, path: Path, found: NetcdfSection, notes: tuple[str, ...], several: bool) -> NetcdfSectionInput:
+    return NetcdfSectionInput(
+        name=name, netcdf=path, pp_variable=found.pp, xp_variable=found.xp, notes=notes, one_of_several=several
+    )
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in out:
+            candidate, n = f"{name}_{n}", n + 1
+        out.append(candidate)
+    return out
 
 
 def is_single_file(output: Path) -> bool:
