@@ -84,7 +84,8 @@ def test_export_then_import_round_trips_exactly(scene, tmp_path):
 
     other = slicer.vtkMRMLScene()
     logic2 = ThinSectionSegmentationLogic(other)
-    nodes = logic2.importNetcdf(tmp_path / "S1.nc")
+    result = logic2.importNetcdf(tmp_path / "S1.nc")
+    nodes = result.nodes
     by_name = {n.GetName(): n for n in nodes}
     assert set(by_name) == {"S1_PP", "S1_XP", "S1_Segmentation", "S1_Segments"}
     assert by_name["S1_PP"].IsA("vtkMRMLVectorVolumeNode")
@@ -100,10 +101,10 @@ def test_export_then_import_round_trips_exactly(scene, tmp_path):
     assert labelmaps.segmentation_class_table(by_name["S1_Segments"]) == default_class_table()
     assert np.array_equal(volumes.label_array(labelmaps.segmentation_to_labelmap(by_name["S1_Segments"])), labels)
     # PP/XP found by affix, references restored, everything in a folder named after the file
-    assert logic2.lastImport.pp is by_name["S1_PP"] and logic2.lastImport.xp is by_name["S1_XP"]
+    assert result.pp is by_name["S1_PP"] and result.xp is by_name["S1_XP"]
     assert imported.GetNodeReference(labelmaps.PP_REFERENCE) is by_name["S1_PP"]
     assert imported.GetNodeReference(labelmaps.XP_REFERENCE) is by_name["S1_XP"]
-    folder = logic2.lastImport.folder
+    folder = result.folder
     assert hierarchy.item_name(other, folder) == "S1"
     assert all(hierarchy.parent_item(n) == folder for n in nodes)
 
@@ -121,12 +122,12 @@ def test_geoslicer_files_with_px_naming_and_scalars_import(scene, tmp_path):
         origin_mm=(2.0, 3.0, 0.0),
     )
     logic = ThinSectionSegmentationLogic(scene)
-    nodes = logic.importNetcdf(path)
-    assert logic.lastImport.pp.GetName() == "ABC_3200_PP" and logic.lastImport.xp.GetName() == "ABC_3200_PX"
-    scalar = next(n for n in nodes if n.GetName() == "porosity")
+    result = logic.importNetcdf(path)
+    assert result.pp.GetName() == "ABC_3200_PP" and result.xp.GetName() == "ABC_3200_PX"
+    scalar = next(n for n in result.nodes if n.GetName() == "porosity")
     assert scalar.IsA("vtkMRMLScalarVolumeNode") and volumes.scalar_array(scalar).dtype == np.float32
-    assert np.array_equal(volumes.rgb_array(logic.lastImport.xp), px)
-    assert volumes.node_geometry(logic.lastImport.pp).origin == (2.0, 3.0, 0.0)
+    assert np.array_equal(volumes.rgb_array(result.xp), px)
+    assert volumes.node_geometry(result.pp).origin == (2.0, 3.0, 0.0)
 
 
 def test_a_bad_file_leaves_the_scene_unchanged(scene, tmp_path):
@@ -142,9 +143,14 @@ def test_a_bad_file_leaves_the_scene_unchanged(scene, tmp_path):
 
 def test_export_refuses_what_geoslicer_cannot_store_and_leaves_no_file(scene, tmp_path):
     pp, _xp, _lab, _labels = section(scene)
-    pp.SetIJKToRASDirections(1, 0, 0, 0, 1, 0, 0, 0, 1)
-    with pytest.raises(ThinSegError, match="rotated or flipped"):
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    pp.SetIJKToRASDirections(c, -s, 0, s, c, 0, 0, 0, 1)  # flips and transpositions export; a tilt cannot
+    with pytest.raises(ThinSegError, match="'S1_PP' is rotated off the R/A/S axes"):
         ThinSectionSegmentationLogic(scene).exportNetcdf([pp], tmp_path / "x.nc")
+    stack = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "stack")
+    volumes.update_volume(stack, np.zeros((3, 4, 5, 3), np.uint8))
+    with pytest.raises(ThinSegError, match="'stack' has 3 slices"):
+        ThinSectionSegmentationLogic(scene).exportNetcdf([stack], tmp_path / "x.nc")
     model = scene.AddNewNodeByClass("vtkMRMLModelNode", "surface")
     with pytest.raises(ThinSegError, match="cannot be exported"):
         ThinSectionSegmentationLogic(scene).exportNetcdf([model], tmp_path / "x.nc")

@@ -6,7 +6,7 @@ import pytest
 import slicer
 
 from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, base_name, hierarchy, labelmaps, volumes
-from ThinSectionSegmentationLib.parameters import DEFAULTS, Parameters, find_parameter_node
+from ThinSectionSegmentationLib.parameters import Device, ThinSectionSegmentationParameters, find_parameter_node, typed
 from thinseg.classes.files import default_class_table
 from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
@@ -65,12 +65,12 @@ def test_images_the_core_cannot_use_are_refused_with_one_clear_message(scene):
     with pytest.raises(ThinSegError, match="3 slices"):
         volumes.rgb_array(stack)
     rotated = volumes.create_rgb_volume(scene, "rot", rgb(), 0.01)
-    rotated.SetIJKToRASDirections(1, 0, 0, 0, -1, 0, 0, 0, 1)
-    with pytest.raises(ThinSegError, match="rotated or flipped"):
+    rotated.SetIJKToRASDirections(0.8, -0.6, 0, 0.6, 0.8, 0, 0, 0, 1)  # flips are fine, a tilt is not
+    with pytest.raises(ThinSegError, match="'rot' is rotated off the R/A/S axes"):
         volumes.require_thin_section_geometry(rotated)
     skewed = volumes.create_rgb_volume(scene, "aniso", rgb(), 0.01)
     skewed.SetSpacing(0.01, 0.02, 0.01)
-    with pytest.raises(ThinSegError, match="square pixels"):
+    with pytest.raises(ThinSegError, match="'aniso' has 0.01 x 0.02 mm pixels .* needs square pixels"):
         volumes.require_thin_section_geometry(skewed)
     empty = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "empty")
     with pytest.raises(ThinSegError, match="no image data"):
@@ -156,24 +156,23 @@ def test_results_are_placed_in_the_folder_of_their_image(scene):
 
 def test_parameter_node_is_saved_with_the_scene(scene, tmp_path):
     logic = ThinSectionSegmentationLogic(scene)
-    node = logic.getParameterNode()
-    assert logic.getParameterNode() is node  # one per scene
-    params = Parameters(node)
-    assert {k: params.get(k) for k in DEFAULTS} == DEFAULTS
+    params = logic.getParameterNode()
+    assert logic.getParameterNode().parameterNode is params.parameterNode  # one per scene
+    assert params.values() == ThinSectionSegmentationParameters()
     pp = volumes.create_rgb_volume(scene, "S_PP", rgb(), 0.01)
-    params.set("Epochs", 7)
-    params.set("Confidence", True)
-    params.set("TrainFiles", "/a.nc\n/b.nc")
-    params.set_node_ref("PPVolume", pp)
+    params.epochs = 7
+    params.confidence = True
+    params.trainFiles = ["/a.nc", "/b.nc"]
+    params.ppVolume = pp
     scene.SetURL(str(tmp_path / "scene.mrml"))
     assert scene.Commit()
     loaded = slicer.vtkMRMLScene()
     loaded.SetURL(str(tmp_path / "scene.mrml"))
     assert loaded.Connect()
-    again = Parameters(find_parameter_node(loaded))
-    assert again.int("Epochs") == 7 and again.bool("Confidence") and again.get("Device") == "auto"
-    assert again.lines("TrainFiles") == ["/a.nc", "/b.nc"]
-    assert again.node_ref("PPVolume").GetName() == "S_PP"
+    again = typed(find_parameter_node(loaded))
+    assert again.epochs == 7 and again.confidence and again.device is Device.auto
+    assert again.trainFiles == ["/a.nc", "/b.nc"]
+    assert again.ppVolume.GetName() == "S_PP"
 
 
 def test_results_are_named_after_the_input_without_its_pp_affix(scene):
@@ -185,3 +184,24 @@ def test_results_are_named_after_the_input_without_its_pp_affix(scene):
     ):
         node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", name)
         assert base_name(node) == base
+
+
+def test_results_that_do_not_fit_their_image_are_refused_and_leave_nothing(scene):
+    pp = volumes.create_rgb_volume(scene, "S_PP", rgb(5, 7), 0.01)
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(ThinSegError, match="the result is 6x5 px but 'S_PP' is 7x5 px"):
+        labelmaps.create_labelmap(scene, "bad", np.zeros((5, 6), np.uint8), default_class_table(), reference=pp)
+    with pytest.raises(ThinSegError, match="the result is 7x4 px but 'S_PP' is 7x5 px"):
+        volumes.create_scalar_volume(scene, "conf", np.zeros((4, 7), np.uint8), reference=pp)
+    assert scene.GetNumberOfNodes() == before
+
+
+def test_greyscale_volumes_read_as_pictures_but_not_as_photographs(scene):
+    grey = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "grey")
+    grey.SetIJKToRASDirections(1, 0, 0, 0, 1, 0, 0, 0, 1)  # as slicer.util.addVolumeFromArray makes it
+    values = np.arange(12, dtype=np.uint16).reshape(1, 3, 4)
+    volumes.update_volume(grey, values)
+    assert np.array_equal(volumes.scalar_array(grey), values[0, ::-1, ::-1])  # what Slicer shows
+    assert np.array_equal(volumes.label_array(grey), values[0, ::-1, ::-1].astype(np.uint8))
+    with pytest.raises(ThinSegError, match="PP image 'grey' is not an RGB image"):
+        volumes.rgb_array(grey, "PP image")

@@ -16,7 +16,7 @@ import vtk
 from thinseg.classes.table import ClassTable, MineralClass, rgb_to_hex
 from thinseg.errors import ThinSegError
 
-from .volumes import copy_geometry, label_array, set_thin_section_geometry, update_volume
+from .volumes import label_array, set_thin_section_geometry, update_volume, write_picture
 
 BACKGROUND_NAME = "Background"
 #: Node attribute marking colour tables made from a ClassTable (every entry is a class).
@@ -102,9 +102,11 @@ def create_labelmap(
     reference=None,
     node=None,
 ):
-    """A labelmap volume (1, H, W) uint8 showing `table`'s names and colours.
+    """A uint8 labelmap volume showing `table`'s names and colours.
 
-    Geometry: `reference`'s (a volume on the same grid) if given, else spacing/origin. An existing
+    With `reference` (the PP image), `labels` is its picture (H, W) as Slicer shows it, and the
+    labelmap gets exactly the reference's grid (IJK-to-RAS, extent, parent transform), voxel for
+    voxel; without one it is (1, H, W) with GeoSlicer geometry from spacing/origin. An existing
     `node` is filled in place (its old colour table is replaced, not modified)."""
     data = np.asarray(labels)
     data = data[np.newaxis] if data.ndim == 2 else data
@@ -112,15 +114,21 @@ def create_labelmap(
         raise ValueError(f"labels must be (H, W) or (1, H, W), got {data.shape}")
     if data.size and int(data.max()) > len(table):
         raise ThinSegError(f"label value {int(data.max())} has no class: the table lists {len(table)} classes")
+    if reference is None and mm_per_pixel is None:
+        raise ValueError("give mm_per_pixel or a reference volume")
+    created = node is None
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
     if reference is not None:
-        copy_geometry(reference, node)
+        try:
+            write_picture(node, data[0].astype(np.uint8, copy=False), reference)
+        except BaseException:
+            if created:
+                scene.RemoveNode(node)
+            raise
     else:
-        if mm_per_pixel is None:
-            raise ValueError("give mm_per_pixel or a reference volume")
         set_thin_section_geometry(node, mm_per_pixel, origin_mm)
-    update_volume(node, data.astype(np.uint8, copy=False))
+        update_volume(node, data.astype(np.uint8, copy=False))
     display = node.GetDisplayNode()
     old = display.GetColorNode() if display is not None else None
     color = create_color_table(scene, f"{node.GetName()}_ColorTable", table)

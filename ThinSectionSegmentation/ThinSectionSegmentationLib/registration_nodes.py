@@ -2,9 +2,9 @@
 a transform node, landmark residuals -> a table node (no Qt).
 
 The core's transform maps PP image mm to QEMSCAN mm, with mm = spacing * (column, row) from
-the centre of pixel (0, 0). Scene nodes may sit anywhere in RAS, so every conversion goes
-through each volume's own IJK<->RAS matrix: origins, spacings and GeoSlicer's flipped
-directions are all honoured.
+the centre of pixel (0, 0) of each picture (the photograph as Slicer shows it). Scene nodes may
+sit anywhere in RAS, flipped or transposed, so every conversion goes through each volume's
+picture-to-RAS matrix (`volumes.SectionGrid`): origins, spacings and directions are honoured.
 """
 
 from __future__ import annotations
@@ -16,11 +16,7 @@ from vtk.util import numpy_support
 
 from thinseg.errors import ThinSegError
 
-from .volumes import require_thin_section_geometry
-
-
-def _matrix(vtk_matrix) -> np.ndarray:
-    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+from .volumes import SectionGrid, require_thin_section_geometry, section_grid
 
 
 def _vtk_matrix(array: np.ndarray):
@@ -32,14 +28,14 @@ def _vtk_matrix(array: np.ndarray):
 
 
 def ijk_to_ras(volume) -> np.ndarray:
-    m = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(m)
-    return _matrix(m)
+    """Picture (column, row, 0, 1) -> RAS of a single-slice volume (its IJK-to-RAS matrix for
+    GeoSlicer's thin-section nodes)."""
+    return section_grid(volume).picture_to_ras
 
 
 def world_to_pixel(volume, points_ras: np.ndarray) -> np.ndarray:
-    """(n, 3) world RAS points -> (n, 2) (column, row) pixel positions on `volume` (through its
-    parent transform, if any)."""
+    """(n, 3) world RAS points -> (n, 2) (column, row) positions on `volume`'s picture (through
+    its parent transform, if any)."""
     points = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3)
     parent = volume.GetParentTransformNode()
     if parent is not None:
@@ -92,8 +88,23 @@ def ras_matrix(section_transform, pp_node, qemscan_node) -> np.ndarray:
     to_mm = np.diag([g.image_mm_per_pixel, g.image_mm_per_pixel, 1.0, 1.0])
     to_px = np.diag([1.0 / g.qemscan_mm_per_pixel, 1.0 / g.qemscan_mm_per_pixel, 1.0, 1.0])
     full = ijk_to_ras(qemscan_node) @ to_px @ t4 @ to_mm @ np.linalg.inv(ijk_to_ras(pp_node))
-    full[2, :] = (0.0, 0.0, 1.0, 0.0)  # the transform is in-plane: S is left as it is
+    normal = _normal_axis(section_grid(pp_node, "PP image"))
+    full[normal, :] = np.eye(4)[normal]  # the transform is in-plane: the slice's own axis is left as it is
     return full
+
+
+def _normal_axis(grid: SectionGrid) -> int:
+    """The RAS axis (0 = R, 1 = A, 2 = S) a picture's plane is normal to."""
+    return int(np.argmax(np.abs(grid.ijk_to_ras[:3, grid.slice_axis])))
+
+
+def _same_plane(pp_node, qemscan_node) -> None:
+    pp, qemscan = section_grid(pp_node, "PP image"), section_grid(qemscan_node, "QEMSCAN map")
+    if pp.view != qemscan.view:
+        raise ThinSegError(
+            f"PP image '{pp.name}' is a {pp.view} slice but QEMSCAN map '{qemscan.name}' is a {qemscan.view} one; "
+            "put both in the same plane"
+        )
 
 
 def create_transform_node(scene, name: str, section_transform, pp_node, qemscan_node, grid_points: int = 64):
@@ -101,6 +112,7 @@ def create_transform_node(scene, name: str, section_transform, pp_node, qemscan_
     on the PP image (grid_points x grid_points). Put the QEMSCAN volume under it to see it on PP."""
     require_thin_section_geometry(pp_node, "PP image")
     require_thin_section_geometry(qemscan_node, "QEMSCAN map")
+    _same_plane(pp_node, qemscan_node)
     if section_transform.is_linear:
         node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
         node.SetMatrixTransformFromParent(_vtk_matrix(ras_matrix(section_transform, pp_node, qemscan_node)))
@@ -109,40 +121,42 @@ def create_transform_node(scene, name: str, section_transform, pp_node, qemscan_
 
 
 def _grid_transform_node(scene, name, section_transform, pp_node, qemscan_node, n: int):
-
-    dims = pp_node.GetImageData().GetDimensions()
-    width, height = dims[0], dims[1]
+    grid = section_grid(pp_node, "PP image")
+    height, width = grid.shape
     nx, ny = max(2, min(n, width)), max(2, min(n, height))
     cols, rows = np.linspace(0, width - 1, nx), np.linspace(0, height - 1, ny)
     jj, ii = np.meshgrid(rows, cols, indexing="ij")
     pixels = np.stack([ii.ravel(), jj.ravel()], axis=1)
     q_px = section_transform.map_image_px(pixels)
-    to_ras_pp, to_ras_q = ijk_to_ras(pp_node), ijk_to_ras(qemscan_node)
+    to_ras_pp, to_ras_q = grid.picture_to_ras, ijk_to_ras(qemscan_node)
     world = (to_ras_pp @ np.c_[pixels, np.zeros(len(pixels)), np.ones(len(pixels))].T).T[:, :3]
     local = (to_ras_q @ np.c_[q_px, np.zeros(len(q_px)), np.ones(len(q_px))].T).T[:, :3]
     displacement = local - world
-    displacement[:, 2] = 0.0
-    # two identical slices, so that interpolation along S is defined
+    displacement[:, _normal_axis(grid)] = 0.0
+    # two identical slices, one either side of the picture's plane, so that interpolation
+    # across it is defined; the grid's axes are the picture's (right, down, normal)
     field = np.concatenate([displacement, displacement]).astype(np.float64)
+    sy, sx = grid.spacing_yx
+    right, down = to_ras_pp[:3, 0] / sx, to_ras_pp[:3, 1] / sy
+    normal = np.cross(right, down)
+    origin = to_ras_pp[:3, 3] - 0.5 * normal
     image = vtk.vtkImageData()
-    spacing_pp = pp_node.GetSpacing()
-    step_x = spacing_pp[0] * (width - 1) / (nx - 1)
-    step_y = spacing_pp[1] * (height - 1) / (ny - 1)
-    origin = pp_node.GetOrigin()
-    image.SetOrigin(origin[0], origin[1], origin[2] - 0.5)
-    image.SetSpacing(step_x, step_y, 1.0)
+    image.SetOrigin(*(float(v) for v in origin))
+    image.SetSpacing(sx * (width - 1) / (nx - 1), sy * (height - 1) / (ny - 1), 1.0)
     image.SetDimensions(nx, ny, 2)
     vectors = numpy_support.numpy_to_vtk(field, deep=True)
     vectors.SetNumberOfComponents(3)
     image.GetPointData().SetScalars(vectors)
-    grid = slicer.vtkOrientedGridTransform()
+    transform = slicer.vtkOrientedGridTransform()
     directions = vtk.vtkMatrix4x4()
-    pp_node.GetIJKToRASDirectionMatrix(directions)
-    grid.SetGridDirectionMatrix(directions)
-    grid.SetDisplacementGridData(image)
-    grid.SetInterpolationModeToCubic()
+    for r in range(3):
+        for c, axis in enumerate((right, down, normal)):
+            directions.SetElement(r, c, float(axis[r]))
+    transform.SetGridDirectionMatrix(directions)
+    transform.SetDisplacementGridData(image)
+    transform.SetInterpolationModeToCubic()
     node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
-    node.SetAndObserveTransformFromParent(grid)
+    node.SetAndObserveTransformFromParent(transform)
     return node
 
 

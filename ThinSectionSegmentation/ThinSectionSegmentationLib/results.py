@@ -10,16 +10,17 @@ from thinseg.classes.table import ClassTable
 from thinseg.reports.mineralogy import ModalMineralogy, modal_mineralogy
 
 from .labelmaps import labelmap_class_table
-from .volumes import label_array, node_geometry
+from .volumes import label_array, section_grid
 
 FRACTIONS_COLUMNS = ("Mineral", "Area (%)", "Area (mm2)", "Pixels")
 CURVE_COLUMNS = ("Epoch", "Training loss", "Validation mean IoU")
 
 
 def mineralogy_of(labelmap_node, table: ClassTable | None = None) -> ModalMineralogy:
+    """Areas per class; a non-square pixel counts as the square of the same area."""
     table = table or labelmap_class_table(labelmap_node)
     return modal_mineralogy(
-        labelmap_node.GetName(), label_array(labelmap_node), table, node_geometry(labelmap_node).mm_per_pixel
+        labelmap_node.GetName(), label_array(labelmap_node), table, section_grid(labelmap_node).mm_per_pixel
     )
 
 
@@ -111,7 +112,7 @@ def training_curve(scene, epochs, table_node=None, chart_node=None, name: str = 
         vtable.InsertNextBlankRow()
         r = vtable.GetNumberOfRows() - 1
         vtable.SetValue(r, 0, vtk.vtkVariant(float(e.epoch)))
-        vtable.SetValue(r, 1, vtk.vtkVariant(float(e.loss)))
+        vtable.SetValue(r, 1, vtk.vtkVariant(float("nan") if e.loss is None else float(e.loss)))
         vtable.SetValue(r, 2, vtk.vtkVariant(float("nan") if e.val_mean_iou is None else float(e.val_mean_iou)))
     vtable.Modified()
     table_node.Modified()

@@ -1,18 +1,24 @@
-"""Volume nodes <-> numpy arrays with GeoSlicer's thin-section geometry (no Qt).
+"""Volume nodes <-> numpy arrays, for thin sections placed anywhere in the scene (no Qt).
 
-GeoSlicer keeps a thin section as a single-slice volume:
-- PP/XP: vtkMRMLVectorVolumeNode, uint8, array (1, H, W, 3) (slicer.util.arrayFromVolume order
-  K, J, I, C), isotropic spacing in mm;
-- labelmaps: vtkMRMLLabelMapVolumeNode, uint8 (1, H, W);
-- IJK-to-RAS directions diag(-1, -1, 1) (identity in LPS), so pixel (i, j) lies at
-  RAS = origin + (-i * s, -j * s, 0).
+A thin section is a single-slice volume: a PP/XP photograph (RGB vector volume, uint8), a
+labelmap (uint8) or a scalar image. GeoSlicer builds them as arrays (1, H, W[, 3]) (order K, J,
+I[, C], as slicer.util.arrayFromVolume) with IJK-to-RAS directions diag(-1, -1, 1), so that
+pixel (i, j) lies at RAS origin + (-i * s, -j * s, 0) and the axial view shows the array as it
+is. Volumes made otherwise (slicer.util.addVolumeFromArray gives identity directions; a
+GeoSlicer image may be a single slice along J) show the same photograph flipped, transposed or
+in another view.
 
-These helpers copy data in and out exactly (deep copies, no resampling) and refuse volumes the
-core cannot use with one clear message (`ThinSegError`), never a VTK warning.
+The core works on the *picture*: the photograph as Slicer shows it in the view looking at the
+slice (axial, coronal or sagittal), rows going down the screen and columns to the right. A
+`SectionGrid` maps a node's voxels to that picture and back exactly (a transpose and flips,
+no resampling), so results written back with `write_picture` land voxel for voxel on the
+node's own grid (same IJK-to-RAS, same extent). Volumes that are not single axis-aligned
+slices are refused with one clear message (`ThinSegError`), never a VTK warning.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +33,17 @@ THIN_SECTION_DIRECTIONS = np.diag([-1.0, -1.0, 1.0])
 UNKNOWN_SPACING_MM = 1.0
 _TOLERANCE = 1e-6
 
+#: Slicer's default slice views by the RAS axis (0 = R, 1 = A, 2 = S) a slice is normal to:
+#: (view name, RAS direction of the screen's right, RAS direction of the screen's down). These
+#: are the columns of vtkMRMLSliceNode's Axial/Coronal/Sagittal slice-to-RAS presets (x to the
+#: right, y up), so a section looks here as it looks in Slicer.
+SLICE_VIEWS = {
+    2: ("axial", (-1.0, 0.0, 0.0), (0.0, -1.0, 0.0)),
+    1: ("coronal", (-1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+    0: ("sagittal", (0.0, -1.0, 0.0), (0.0, 0.0, -1.0)),
+}
+_RAS = "RAS"
+
 
 @dataclass(frozen=True)
 class NodeGeometry:
@@ -40,13 +57,16 @@ class NodeGeometry:
     def mm_per_pixel(self) -> float:
         return float(self.spacing[0])
 
-    @property
-    def is_isotropic_xy(self) -> bool:
-        return abs(self.spacing[0] - self.spacing[1]) <= _TOLERANCE * max(self.spacing[0], 1e-12)
 
-    @property
-    def is_thin_section_oriented(self) -> bool:
-        return bool(np.allclose(self.directions, THIN_SECTION_DIRECTIONS, atol=1e-9))
+def _vtk_to_numpy(matrix) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def ijk_to_ras_matrix(node) -> np.ndarray:
+    """The node's 4x4 IJK-to-RAS matrix."""
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return _vtk_to_numpy(m)
 
 
 def node_geometry(node) -> NodeGeometry:
@@ -56,21 +76,194 @@ def node_geometry(node) -> NodeGeometry:
     return NodeGeometry(tuple(float(v) for v in node.GetSpacing()), tuple(float(v) for v in node.GetOrigin()), m)
 
 
-def require_thin_section_geometry(node, what: str = "volume") -> NodeGeometry:
-    """The node's geometry, if it is a GeoSlicer-style single-slice image (else ThinSegError)."""
-    geometry = node_geometry(node)
-    name = node.GetName()
-    if not geometry.is_isotropic_xy:
+# -- the picture of a single-slice volume -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SectionGrid:
+    """How a single-slice volume's voxels form the picture Slicer shows (rows down, columns right).
+
+    `row_axis`, `column_axis`, `slice_axis` are IJK axes (0 = I, 1 = J, 2 = K); `flip_rows` /
+    `flip_columns` say whether picture rows/columns run against them. `picture_to_ras` maps
+    (column, row, 0, 1) of the picture to RAS, like an IJK-to-RAS matrix of the picture.
+    """
+
+    name: str
+    dimensions: tuple[int, int, int]  # I, J, K sizes
+    ijk_to_ras: np.ndarray
+    view: str  # "axial" | "coronal" | "sagittal"
+    row_axis: int
+    column_axis: int
+    slice_axis: int
+    flip_rows: bool
+    flip_columns: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the picture."""
+        return self.dimensions[self.row_axis], self.dimensions[self.column_axis]
+
+    @property
+    def picture_to_ijk(self) -> np.ndarray:
+        m = np.zeros((4, 4))
+        m[self.column_axis, 0] = -1.0 if self.flip_columns else 1.0
+        m[self.column_axis, 3] = self.dimensions[self.column_axis] - 1.0 if self.flip_columns else 0.0
+        m[self.row_axis, 1] = -1.0 if self.flip_rows else 1.0
+        m[self.row_axis, 3] = self.dimensions[self.row_axis] - 1.0 if self.flip_rows else 0.0
+        m[self.slice_axis, 2] = 1.0
+        m[3, 3] = 1.0
+        return m
+
+    @property
+    def picture_to_ras(self) -> np.ndarray:
+        return self.ijk_to_ras @ self.picture_to_ijk
+
+    @property
+    def spacing_yx(self) -> tuple[float, float]:
+        """Pixel size (mm) down the rows and across the columns of the picture."""
+        spacing = np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0)
+        return float(spacing[self.row_axis]), float(spacing[self.column_axis])
+
+    @property
+    def is_square(self) -> bool:
+        sy, sx = self.spacing_yx
+        return abs(sy - sx) <= _TOLERANCE * max(sx, sy, 1e-12)
+
+    @property
+    def mm_per_pixel(self) -> float:
+        """The pixel size of square pixels (for others: the side of a square of the same area)."""
+        sy, sx = self.spacing_yx
+        return sx if self.is_square else math.sqrt(sx * sy)
+
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        """RAS position of the centre of picture pixel (0, 0)."""
+        x, y, z = (float(v) for v in self.picture_to_ras[:3, 3])
+        return x, y, z
+
+    def _numpy_axes(self) -> tuple[int, int, int]:
+        # arrays are (K, J, I[, C]): IJK axis a is numpy axis 2 - a
+        return 2 - self.row_axis, 2 - self.column_axis, 2 - self.slice_axis
+
+    def picture(self, voxels: np.ndarray) -> np.ndarray:
+        """(K, J, I[, C]) voxels -> (H, W[, C]) picture (a copy)."""
+        expected = tuple(reversed(self.dimensions))
+        if tuple(voxels.shape[:3]) != expected:
+            raise ValueError(f"'{self.name}': voxels {voxels.shape[:3]} do not match the grid {expected}")
+        picture = np.moveaxis(voxels, self._numpy_axes(), (0, 1, 2))[:, :, 0]
+        if self.flip_rows:
+            picture = picture[::-1]
+        if self.flip_columns:
+            picture = picture[:, ::-1]
+        return np.ascontiguousarray(picture)
+
+    def voxels(self, picture: np.ndarray) -> np.ndarray:
+        """(H, W[, C]) picture -> (K, J, I[, C]) voxels of this grid (a copy)."""
+        data = np.asarray(picture)
+        if tuple(data.shape[:2]) != self.shape:
+            raise ValueError(
+                f"'{self.name}': a {data.shape[1]}x{data.shape[0]} picture does not fit its "
+                f"{self.shape[1]}x{self.shape[0]} grid"
+            )
+        if self.flip_rows:
+            data = data[::-1]
+        if self.flip_columns:
+            data = data[:, ::-1]
+        return np.ascontiguousarray(np.moveaxis(data[:, :, np.newaxis], (0, 1, 2), self._numpy_axes()))
+
+
+def _ras_axes(directions: np.ndarray, name: str, what: str) -> list[int]:
+    """The RAS axis each IJK direction runs along; ThinSegError for oblique directions."""
+    axes = []
+    for c in range(3):
+        column = directions[:, c]
+        r = int(np.argmax(np.abs(column)))
+        off = np.delete(np.abs(column), r)
+        if abs(abs(column[r]) - 1.0) > _TOLERANCE or np.any(off > _TOLERANCE):
+            raise ThinSegError(
+                f"{what} '{name}' is rotated off the R/A/S axes (oblique IJK-to-RAS directions); its pixels "
+                "cannot be read as a photograph without resampling: resample it onto an axis-aligned grid "
+                "(e.g. Resample Scalar/Vector/DWI Volume) or reset its orientation first"
+            )
+        axes.append(r)
+    if len(set(axes)) != 3:
+        raise ThinSegError(f"{what} '{name}' has degenerate IJK-to-RAS directions (two axes along {_RAS[axes[0]]})")
+    return axes
+
+
+def section_grid(node, what: str = "image") -> SectionGrid:
+    """How `node`'s voxels form its picture; ThinSegError if it holds no image, several slices
+    or oblique directions."""
+    image = node.GetImageData() if node is not None else None
+    name = node.GetName() if node is not None else None
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise ThinSegError(f"{what} '{name}' holds no image data")
+    ni, nj, nk = (int(v) for v in image.GetDimensions())
+    dims = (ni, nj, nk)
+    matrix = ijk_to_ras_matrix(node)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    if not np.all(spacing > 0) or not np.all(np.isfinite(matrix)):
+        raise ThinSegError(f"{what} '{name}' has a zero or invalid pixel size ({', '.join(f'{v:g}' for v in spacing)})")
+    ras_axes = _ras_axes(matrix[:3, :3] / spacing, name, what)
+    flat = [a for a in (2, 1, 0) if dims[a] == 1]  # K first: GeoSlicer's usual single slice
+    if not flat:
         raise ThinSegError(
-            f"{what} '{name}' has different x and y pixel sizes ({geometry.spacing[0]:g} and "
-            f"{geometry.spacing[1]:g} mm); thin sections need square pixels"
+            f"{what} '{name}' has {dims[2]} slices of {dims[0]}x{dims[1]} px; a thin section is a single slice"
         )
-    if not geometry.is_thin_section_oriented:
+    slice_axis = flat[0]
+    view, right, down = SLICE_VIEWS[ras_axes[slice_axis]]
+    in_plane = [a for a in range(3) if a != slice_axis]
+    column_axis = next(a for a in in_plane if ras_axes[a] == int(np.argmax(np.abs(right))))
+    row_axis = next(a for a in in_plane if a != column_axis)
+    column_sign = matrix[ras_axes[column_axis], column_axis] * sum(right)
+    row_sign = matrix[ras_axes[row_axis], row_axis] * sum(down)
+    return SectionGrid(
+        name=name,
+        dimensions=dims,
+        ijk_to_ras=matrix,
+        view=view,
+        row_axis=row_axis,
+        column_axis=column_axis,
+        slice_axis=slice_axis,
+        flip_rows=bool(row_sign < 0),
+        flip_columns=bool(column_sign < 0),
+    )
+
+
+def require_square_pixels(grid: SectionGrid, what: str, purpose: str) -> SectionGrid:
+    if not grid.is_square:
+        sy, sx = grid.spacing_yx
         raise ThinSegError(
-            f"{what} '{name}' is rotated or flipped (IJK-to-RAS directions are not diag(-1, -1, 1)); "
-            "harden or reset its orientation first"
+            f"{what} '{grid.name}' has {sx:g} x {sy:g} mm pixels (width x height); {purpose} needs square pixels"
         )
-    return geometry
+    return grid
+
+
+def require_thin_section_geometry(node, what: str = "volume") -> SectionGrid:
+    """The node's picture grid, if it is a single axis-aligned slice with square pixels (else
+    ThinSegError); any flip, transposition, view and origin is accepted."""
+    return require_square_pixels(section_grid(node, what), what, "this step")
+
+
+def resampling_messages(
+    name: str, spacing_y: float, spacing_x: float, model_mm_per_pixel: float | None, resampled: object
+) -> list[str]:
+    """What to tell the user about the pixel size a section is segmented at (`resampled`: the
+    resampling factor(s), None when the picture is used as it is)."""
+    square = abs(spacing_y - spacing_x) <= _TOLERANCE * max(spacing_x, spacing_y)
+    if not square and model_mm_per_pixel:
+        return [
+            f"'{name}' has {spacing_x:g} x {spacing_y:g} mm pixels (width x height): resampled to the model's "
+            f"square {model_mm_per_pixel:g} mm pixels and the labels mapped back onto its own grid"
+        ]
+    if not square:
+        return [
+            f"'{name}' has {spacing_x:g} x {spacing_y:g} mm pixels (width x height) and the model gives no pixel "
+            "size: it sees them as square pixels, stretched"
+        ]
+    if resampled is not None and model_mm_per_pixel:
+        return [f"resampled from {spacing_x:g} to the model's {model_mm_per_pixel:g} mm/px and back"]
+    return []
 
 
 def set_thin_section_geometry(
@@ -106,15 +299,15 @@ def volume_array(node) -> np.ndarray:
     return np.array(data.reshape(shape), copy=True)
 
 
-def _single_slice(array: np.ndarray, node, what: str) -> np.ndarray:
-    if array.shape[0] != 1:
-        raise ThinSegError(f"{what} '{node.GetName()}' has {array.shape[0]} slices; a thin section is a single slice")
-    return array[0]
+def picture_array(node, what: str = "image") -> np.ndarray:
+    """The node's picture (H, W) or (H, W, C), as Slicer shows it (a copy)."""
+    grid = section_grid(node, what)
+    return grid.picture(volume_array(node))
 
 
 def rgb_array(node, what: str = "image") -> np.ndarray:
-    """(H, W, 3) uint8 of an RGB(A) vector volume (alpha dropped)."""
-    array = _single_slice(volume_array(node), node, what)
+    """(H, W, 3) uint8 picture of an RGB(A) volume (alpha dropped)."""
+    array = picture_array(node, what)
     if array.ndim != 3 or array.shape[2] not in (3, 4):
         raise ThinSegError(
             f"{what} '{node.GetName()}' is not an RGB image (it has {1 if array.ndim == 2 else array.shape[2]} "
@@ -126,8 +319,8 @@ def rgb_array(node, what: str = "image") -> np.ndarray:
 
 
 def label_array(node, what: str = "labelmap") -> np.ndarray:
-    """(H, W) uint8 of a labelmap volume (values 0..255)."""
-    array = _single_slice(volume_array(node), node, what)
+    """(H, W) uint8 picture of a labelmap (or integer scalar) volume (values 0..255)."""
+    array = picture_array(node, what)
     if array.ndim != 2:
         raise ThinSegError(f"{what} '{node.GetName()}' has {array.shape[-1]} components; a labelmap has one")
     if array.dtype != np.uint8:
@@ -138,8 +331,8 @@ def label_array(node, what: str = "labelmap") -> np.ndarray:
 
 
 def scalar_array(node, what: str = "image") -> np.ndarray:
-    """(H, W) of a single-component volume, dtype kept."""
-    array = _single_slice(volume_array(node), node, what)
+    """(H, W) picture of a single-component volume, dtype kept."""
+    array = picture_array(node, what)
     if array.ndim != 2:
         raise ThinSegError(f"{what} '{node.GetName()}' has several components; a single-channel image is expected")
     return np.ascontiguousarray(array)
@@ -163,6 +356,21 @@ def update_volume(node, array: np.ndarray) -> None:
     node.Modified()
 
 
+def write_picture(node, picture: np.ndarray, reference) -> None:
+    """Give `node` `reference`'s grid (IJK-to-RAS, extent, parent transform) and voxels holding
+    `picture` ((H, W[, C]) as `reference` is shown), so that voxel (i, j, k) of `node` is the
+    picture pixel that voxel (i, j, k) of `reference` shows."""
+    grid = section_grid(reference, "reference image")
+    data = np.asarray(picture)
+    if tuple(data.shape[:2]) != grid.shape:
+        raise ThinSegError(
+            f"the result is {data.shape[1]}x{data.shape[0]} px but '{grid.name}' is {grid.shape[1]}x{grid.shape[0]} px"
+        )
+    copy_geometry(reference, node)
+    node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
+    update_volume(node, grid.voxels(data))
+
+
 def _as_slices(array: np.ndarray, components: int | None) -> np.ndarray:
     data = np.asarray(array)
     expected = 2 if components is None else 3
@@ -175,24 +383,28 @@ def _as_slices(array: np.ndarray, components: int | None) -> np.ndarray:
     return data
 
 
-def create_rgb_volume(scene, name: str, rgb: np.ndarray, mm_per_pixel: float, origin_mm=(0.0, 0.0, 0.0)):
-    """A vtkMRMLVectorVolumeNode (1, H, W, 3) uint8 with GeoSlicer geometry and a display node."""
+def create_rgb_volume(
+    scene, name: str, rgb: np.ndarray, mm_per_pixel: float | None = None, origin_mm=(0.0, 0.0, 0.0), reference=None
+):
+    """A vtkMRMLVectorVolumeNode, uint8 RGB, with a display node: on `reference`'s grid (`rgb`
+    is then its picture) or, without one, (1, H, W, 3) with GeoSlicer geometry."""
     data = _as_slices(rgb, 3)
     if data.dtype != np.uint8:
         raise ValueError(f"RGB images must be uint8, got {data.dtype}")
     node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", name)
-    set_thin_section_geometry(node, mm_per_pixel, origin_mm)
-    update_volume(node, data)
+    _fill(node, data, mm_per_pixel, origin_mm, reference)
     node.CreateDefaultDisplayNodes()
     return node
 
 
-def create_scalar_volume(scene, name: str, array: np.ndarray, mm_per_pixel: float, origin_mm=(0.0, 0.0, 0.0)):
-    """A vtkMRMLScalarVolumeNode (1, H, W) with GeoSlicer geometry and a grey display."""
+def create_scalar_volume(
+    scene, name: str, array: np.ndarray, mm_per_pixel: float | None = None, origin_mm=(0.0, 0.0, 0.0), reference=None
+):
+    """A vtkMRMLScalarVolumeNode with a grey display: on `reference`'s grid (`array` is then its
+    picture) or, without one, (1, H, W) with GeoSlicer geometry."""
     data = _as_slices(array, None)
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    set_thin_section_geometry(node, mm_per_pixel, origin_mm)
-    update_volume(node, data)
+    _fill(node, data, mm_per_pixel, origin_mm, reference)
     display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
     grey = scene.GetNodeByID("vtkMRMLColorTableNodeGrey")
     if grey is not None:
@@ -200,6 +412,23 @@ def create_scalar_volume(scene, name: str, array: np.ndarray, mm_per_pixel: floa
     display.AutoWindowLevelOn()
     node.SetAndObserveDisplayNodeID(display.GetID())
     return node
+
+
+def _fill(node, slices: np.ndarray, mm_per_pixel: float | None, origin_mm, reference) -> None:
+    """Voxels and geometry of a new node from a (1, H, W[, C]) array; the node is removed again
+    if the array does not fit `reference`."""
+    if reference is not None:
+        try:
+            write_picture(node, slices[0], reference)
+        except BaseException:
+            node.GetScene().RemoveNode(node)
+            raise
+        return
+    if mm_per_pixel is None:
+        node.GetScene().RemoveNode(node)
+        raise ValueError("give mm_per_pixel or a reference volume")
+    set_thin_section_geometry(node, mm_per_pixel, origin_mm)
+    update_volume(node, slices)
 
 
 def is_rgb_volume(node) -> bool:
