@@ -35,6 +35,24 @@ LAYERS: list[set[str]] = [
 ]
 LAYER_OF = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}
 
+LIB = MODULE_DIR / "ThinSectionSegmentationLib"
+#: The Lib modules that use Qt (the panel). Every other Lib module, and the core, stays Qt-free.
+QT_LIB_MODULES = {"panel"}
+#: What a Qt-free module may not import: Qt bindings, and Slicer's Qt-side Python.
+QT_IMPORTS = (
+    "qt",
+    "ctk",
+    "PythonQt",
+    "PySide2",
+    "PySide6",
+    "PyQt5",
+    "PyQt6",
+    "slicer.util",
+    "slicer.ScriptedLoadableModule",
+)
+#: What the core may not import at all: it runs without Slicer.
+HOST_IMPORTS = ("slicer", "vtk", "mrml", "ltrace", *QT_IMPORTS)
+
 
 def _package(module: str) -> str:
     parts = module.split(".")
@@ -107,3 +125,43 @@ def test_imports_inside_functions_are_commented_deferrals():
             if "deferred" not in block.lower():
                 undocumented.append(f"{module} line {node.lineno}")
     assert not undocumented, f"imports inside functions without a '# deferred: why' comment: {undocumented}"
+
+
+def _names(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted module) of every import in `path`, relative ones resolved within the Lib."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # `from . import panel`, `from .panel import X`
+                targets = [f"ThinSectionSegmentationLib.{module}"] if module else []
+                targets += [f"ThinSectionSegmentationLib.{a.name}" for a in node.names if not module]
+                found += [(node.lineno, t) for t in targets]
+            else:
+                found.append((node.lineno, module))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+    return found
+
+
+def _matches(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize(("path", "module"), _core_modules(), ids=lambda value: str(value))
+def test_the_core_imports_no_host(path: Path, module: str):
+    bad = [f"line {line}: {name}" for line, name in _names(path) if _matches(name, HOST_IMPORTS)]
+    assert not bad, f"{module} imports Slicer, VTK or Qt: {bad}"
+
+
+def test_only_the_panel_uses_qt_and_only_the_module_file_imports_the_panel():
+    qt_modules = tuple(f"ThinSectionSegmentationLib.{m}" for m in QT_LIB_MODULES)
+    assert {p.stem for p in LIB.glob("*.py")} >= QT_LIB_MODULES
+    for path in sorted(LIB.glob("*.py")):
+        if path.stem in QT_LIB_MODULES:
+            continue
+        names = _names(path)
+        qt = [f"line {line}: {name}" for line, name in names if _matches(name, QT_IMPORTS)]
+        assert not qt, f"{path.name} is Qt-free but imports {qt}"
+        panel = [f"line {line}: {name}" for line, name in names if _matches(name, qt_modules)]
+        assert not panel, f"{path.name} is Qt-free but imports the Qt part {panel}"

@@ -388,8 +388,8 @@ def test_diverging_refinement_is_refused_and_nothing_is_written(tmp_path, capsys
 
 
 def test_transform_kinds_are_named_alike_everywhere():
-    """The command line and the panel list the fits without loading SimpleITK, so they name the
-    kinds themselves: their lists must be the registration's own."""
+    """The command line and the panel's parameter node list the fits without loading SimpleITK, so
+    they name the kinds themselves: their lists must be the registration's own."""
     import ast
 
     from helpers import MODULE_DIR
@@ -397,10 +397,9 @@ def test_transform_kinds_are_named_alike_everywhere():
     from thinseg.pipelines.register import TRANSFORM_KINDS
     from thinseg.registration.sitk_transforms import KINDS
 
-    module = ast.parse((MODULE_DIR / "ThinSectionSegmentation.py").read_text(encoding="utf-8"))
-    panel = next(
-        ast.literal_eval(node.value)
-        for node in module.body
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TRANSFORM_KINDS" for t in node.targets)
+    parameters = ast.parse((MODULE_DIR / "ThinSectionSegmentationLib" / "parameters.py").read_text(encoding="utf-8"))
+    enum_class = next(
+        node for node in parameters.body if isinstance(node, ast.ClassDef) and node.name == "TransformKind"
     )
+    panel = tuple(ast.literal_eval(node.value) for node in enum_class.body if isinstance(node, ast.Assign))
     assert TRANSFORM_KINDS == KINDS == panel

@@ -1,6 +1,7 @@
 """MRML logic on a real scene: QEMSCAN maps as labelmaps, landmark point lists -> pixel pairs,
 register() -> (transform node, QEMSCAN labelmap on the PP grid) with residuals, on the bundled
-sample whose true QEMSCAN -> image transform is known; the background worker gives the same."""
+sample whose true QEMSCAN -> image transform is known; the background worker gives the same.
+Every call returns its RegistrationOutput (transform, labelmap, residuals, warnings)."""
 
 import json
 import sys
@@ -14,6 +15,7 @@ from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, 
 from ThinSectionSegmentationLib.registration_nodes import ijk_to_ras, world_to_pixel
 from thinseg.errors import ThinSegError
 from thinseg.io.images import open_image
+from thinseg.jobs import StageEvent, WarningEvent
 from thinseg.registration import load_qemscan
 
 SAMPLE = REPO / "Resources" / "Sample"
@@ -86,7 +88,8 @@ def test_qemscan_map_loads_with_its_colour_table(setup):
 
 def test_register_with_landmarks_gives_the_true_transform_and_the_map_on_the_pp_grid(setup, truth):
     scene, logic, pp, xp, qemscan, image_points, qemscan_points, folder = setup
-    transform, registered = logic.register(pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp)
+    out = logic.register(pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp)
+    transform, registered = out.transform, out.labelmap
     assert transform.IsA("vtkMRMLLinearTransformNode")
     probe = np.array([[0.0, 0.0], [500.0, 700.0], [2047.0, 1535.0]])
     truth_px = (np.linalg.inv(np.array(truth["qemscan_to_image"])) @ np.c_[probe, np.ones(3)].T).T[:, :2]
@@ -109,17 +112,17 @@ def test_register_with_landmarks_gives_the_true_transform_and_the_map_on_the_pp_
     )
     assert (labels == expected).mean() > 0.999
     # residuals table: one row per landmark, ~0 for exact clicks
-    residuals = logic.lastRegistration.residuals.GetTable()
+    residuals = out.residuals.GetTable()
     assert residuals.GetNumberOfRows() == 4
     assert [residuals.GetValue(r, 0).ToString() for r in range(4)] == [f"PP points-{k}" for k in range(1, 5)]
     assert max(residuals.GetValue(r, 1).ToDouble() for r in range(4)) < 1e-6
-    for node in (transform, registered, logic.lastRegistration.residuals):
+    for node in (transform, registered, out.residuals):
         assert hierarchy.parent_item(node) == folder
 
 
 def test_thin_plate_spline_becomes_a_grid_transform_that_maps_like_the_core(setup, truth):
     scene, logic, pp, _xp, qemscan, image_points, qemscan_points, _ = setup
-    transform, _registered = logic.register(pp, qemscan, (image_points, qemscan_points), refine=False, kind="tps")
+    transform = logic.register(pp, qemscan, (image_points, qemscan_points), refine=False, kind="tps").transform
     assert transform.IsA("vtkMRMLGridTransformNode")
     probe = np.array([[300.0, 400.0], [1000.0, 800.0], [1700.0, 1200.0]])
     truth_px = (np.linalg.inv(np.array(truth["qemscan_to_image"])) @ np.c_[probe, np.ones(3)].T).T[:, :2]
@@ -157,26 +160,27 @@ def test_background_registration_matches_the_in_process_one(setup):
         pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp, python=sys.executable
     )
     try:
-        proc = job.start()
+        proc = logic.startJob(job)
         events = proc.wait(timeout=180)
-        proc.check()
+        result = proc.check()
         assert scene.GetNumberOfNodes() == before
-        stages = [e.data["text"] for e in events if getattr(e, "kind", None) == "stage"]
-        assert "fitting the landmarks" in stages
-        transform, registered = logic.finishRegistration(job)
+        stages = [e.text for e in events if isinstance(e, StageEvent)]
+        assert stages[0] == "reading the images" and "fitting the landmarks" in stages
+        assert stages[-1] == "writing the results"
+        out = logic.finishRegistration(job)
     finally:
         logic.discardJob(job)
-    reference_transform, reference = logic.register(
-        pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp
-    )
-    assert np.array_equal(volumes.label_array(registered), volumes.label_array(reference))
+    assert result.task == "register" and result.summary["kind"] == "similarity"
+    assert result.summary["landmarks"] == out.summary["landmarks"]  # the event carries summary.json
+    reference = logic.register(pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp)
+    assert np.array_equal(volumes.label_array(out.labelmap), volumes.label_array(reference.labelmap))
     probe = np.array([[10.0, 20.0], [1900.0, 1400.0]])
     assert np.allclose(
-        mapped_qemscan_px(transform, pp, qemscan, probe),
-        mapped_qemscan_px(reference_transform, pp, qemscan, probe),
+        mapped_qemscan_px(out.transform, pp, qemscan, probe),
+        mapped_qemscan_px(reference.transform, pp, qemscan, probe),
         atol=1e-9,
     )
-    assert logic.lastRegistration.residuals.GetTable().GetNumberOfRows() == 4
+    assert out.residuals.GetTable().GetNumberOfRows() == 4
 
 
 def test_refined_registration_of_an_offset_xp_gives_training_an_aligned_xp(setup, truth, sample_images):
@@ -195,21 +199,26 @@ def test_refined_registration_of_an_offset_xp_gives_training_an_aligned_xp(setup
         pp, qemscan, (image_points, qemscan_points), refine=True, xpNode=offset_xp, python=sys.executable
     )
     try:
-        job.start().wait(timeout=300)
-        transform, registered = logic.finishRegistration(job)
+        proc = logic.startJob(job)
+        events = proc.wait(timeout=300)
+        proc.check()
+        out = logic.finishRegistration(job)
     finally:
         logic.discardJob(job)
+    transform, registered = out.transform, out.labelmap
     probe = np.array([[100.0, 100.0], [1000.0, 800.0], [1900.0, 1400.0]])
     truth_px = (np.linalg.inv(np.array(truth["qemscan_to_image"])) @ np.c_[probe, np.ones(3)].T).T[:, :2]
     assert np.abs(mapped_qemscan_px(transform, pp, qemscan, probe) - truth_px).max() < 0.5
-    aligned = logic.lastRegistration.xpAligned
+    aligned = out.xpAligned
     assert aligned is not None and aligned.GetName() == "offset_XP_aligned"
     assert np.array_equal(volumes.rgb_array(aligned)[:-4, :-9], sample_images[1][:-4, :-9])
     assert np.allclose(ijk_to_ras(aligned), ijk_to_ras(pp))
     assert hierarchy.parent_item(aligned) == folder
     assert logic.trainingSectionNodes(registered) == (pp, aligned, registered)
-    assert any("aligned to PP" in w for w in logic.lastRegistration.warnings)
+    assert any("aligned to PP" in w for w in out.warnings)
+    # the warnings came as warning events while the job ran, in the same words
+    assert [e.text for e in events if isinstance(e, WarningEvent)] == out.warnings == proc.warnings
     # an XP that needs no alignment gets no copy
-    logic.register(pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp)
-    assert logic.lastRegistration.xpAligned is None
-    assert logic.lastRegistration.labelmap.GetNodeReference(labelmaps.XP_REFERENCE) is xp
+    plain = logic.register(pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp)
+    assert plain.xpAligned is None
+    assert plain.labelmap.GetNodeReference(labelmaps.XP_REFERENCE) is xp

@@ -45,9 +45,8 @@ def pair(scene, name="S1", h=80, w=96):
 def test_segment_returns_a_labelmap_named_after_the_input_with_its_results(scene, model_root):
     pp, xp, folder = pair(scene)
     logic = ThinSectionSegmentationLogic(scene)
-    labelmap = logic.segment(
-        pp, xp, model_root / "ThinSectionEnv" / "tiny-ppxp", confidence=True, createSegmentation=True
-    )
+    out = logic.segment(pp, xp, model_root / "ThinSectionEnv" / "tiny-ppxp", confidence=True, createSegmentation=True)
+    labelmap = out.labelmap
     from thinseg.model.bundle import load_bundle
 
     table = load_bundle(model_root / "ThinSectionEnv" / "tiny-ppxp").class_table
@@ -58,7 +57,6 @@ def test_segment_returns_a_labelmap_named_after_the_input_with_its_results(scene
     assert volumes.node_geometry(labelmap).spacing == volumes.node_geometry(pp).spacing
     assert labelmap.GetNodeReference(labelmaps.PP_REFERENCE) is pp
     assert labelmap.GetNodeReference(labelmaps.XP_REFERENCE) is xp
-    out = logic.lastSegmentation
     # everything lands in the input's folder
     for node in (labelmap, out.table, out.chart, out.confidence, out.segmentation):
         assert hierarchy.parent_item(node) == folder, node.GetName()
@@ -87,18 +85,17 @@ def test_existing_output_node_is_filled_and_results_are_reused(scene, model_root
     logic = ThinSectionSegmentationLogic(scene)
     output = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "my result")
     first = logic.segment(pp, xp, model_root / "ThinSectionEnv" / "tiny-ppxp", outputNode=output)
-    table_node = logic.lastSegmentation.table
     again = logic.segment(pp, xp, model_root / "ThinSectionEnv" / "tiny-ppxp", outputNode=output)
-    assert first is output and again is output and output.GetName() == "my result"
-    assert logic.lastSegmentation.table is table_node  # the area table is updated, not duplicated
+    assert first.labelmap is output and again.labelmap is output and output.GetName() == "my result"
+    assert again.table is first.table and again.chart is first.chart  # updated, not duplicated
     assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
 
 
 def test_pp_only_models_need_no_xp_and_pp_xp_models_say_so(scene, model_root):
     pp, _xp, _ = pair(scene)
     logic = ThinSectionSegmentationLogic(scene)
-    labelmap = logic.segment(pp, None, model_root / "ThinSectionEnv" / "tiny-pp")
-    assert volumes.label_array(labelmap).shape == (80, 96)
+    out = logic.segment(pp, None, model_root / "ThinSectionEnv" / "tiny-pp")
+    assert volumes.label_array(out.labelmap).shape == (80, 96) and out.confidence is None and out.segmentation is None
     before = scene.GetNumberOfNodes()
     with pytest.raises(ThinSegError, match="needs an XP image"):
         logic.segment(pp, None, model_root / "ThinSectionEnv" / "tiny-ppxp")
@@ -157,6 +154,9 @@ def test_model_list_shows_bundled_and_user_models_with_cards(model_root, tmp_pat
     assert "carded" in listed and "broken" in listed and ".partial-write" not in listed
     assert models.model_card(listed["carded"]).startswith("# Carded model")
     assert listed["broken"].problem and "unreadable" in listed["broken"].label
+    fresh = models.new_model_dir(tmp_path, "carded")  # new models go where GeoSlicer lists them
+    assert fresh.relative_to(tmp_path).parts == ("ThinSectionEnv", "Multiphase", "carded")
+    fresh.mkdir(parents=True)
     assert models.new_model_dir(tmp_path, "carded").name == "carded_1"
 
 
@@ -166,12 +166,11 @@ def test_segment_files_batch_from_the_console(scene, model_root, tmp_path):
     write_pair(inputs, "B_PP", "B_XP", height=64, width=80, seed=2)
     (inputs / "lonely_PP.png").write_bytes(b"\x89PNG broken")
     logic = ThinSectionSegmentationLogic(scene)
-    done, failures = logic.segmentFiles(
-        [inputs], tmp_path / "out", model_root / "ThinSectionEnv" / "tiny-ppxp", load=True
-    )
-    assert sorted(r.netcdf.name for r in done) == ["A_PP.nc", "B_PP.nc"]
-    assert len(failures) == 1 and "lonely_PP" in str(failures[0][0])
+    batch = logic.segmentFiles([inputs], tmp_path / "out", model_root / "ThinSectionEnv" / "tiny-ppxp", load=True)
+    assert sorted(r.netcdf.name for r in batch.results) == ["A_PP.nc", "B_PP.nc"]
+    assert len(batch.failures) == 1 and "lonely_PP" in str(batch.failures[0][0])
     assert (tmp_path / "out" / "modal_mineralogy.csv").is_file()
     names = {scene.GetNthNode(i).GetName() for i in range(scene.GetNumberOfNodes())}
     assert {"A_PP", "A_XP", "B_PP"} <= names
-    assert logic.lastImport.pp.GetName() == "B_PP"
+    assert sorted(f.pp.GetName() for f in batch.imported) == ["A_PP", "B_PP"]
+    assert [f.path.name for f in batch.imported] == [r.netcdf.name for r in batch.results]

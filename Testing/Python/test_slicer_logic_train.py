@@ -1,18 +1,20 @@
 """MRML logic on a real scene: training sections from registered labelmap nodes and netCDF
-files, the background training process with its live curve, and the new model folder that the
-model list then shows and segment() can use."""
+files, the background training process with its typed epoch and progress events and the live
+curve, and the new model folder that the model list then shows and segment() can use."""
 
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
 import slicer
 from helpers import write_geoslicer_netcdf
 
-from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, process, volumes
+from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, volumes
 from thinseg.classes.files import default_class_table
 from thinseg.errors import ThinSegError
+from thinseg.jobs import EpochEvent, MessageEvent, ProgressEvent, ResultEvent
 from thinseg.synth import generate_section
 
 TINY = dict(
@@ -75,35 +77,49 @@ def test_background_training_streams_epochs_and_adds_a_model(tmp_path):
     job = logic.prepareTraining(sections + [str(nc)], "well A model", modelsRoot=root, python=sys.executable, **TINY)
     try:
         spec = json.loads((job.folder / "job.json").read_text())
-        assert spec["model_dir"] == str(root / "ThinSectionEnv" / "well A model") and spec["epochs"] == 2
+        assert spec["model_dir"] == str(models.multiphase_model_dir(root, "well A model")) and spec["epochs"] == 2
         exported = [job.folder / f for f in spec["sections"][:2]]
         section = NetcdfSection(exported[0])  # what the trainer reads: PP, XP and labels found by name
         assert set(section.vars) == {"PP", "XP"} and section.labels_var == "A_labels"
         assert np.array_equal(section.read_labels(), volumes.label_array(sections[0]))
 
-        proc = job.start()
-        epochs, bars = [], []
+        proc = logic.startJob(job)
+        epochs, bars, messages = [], [], []
         table = chart = None
         while not proc.finished:
             for event in proc.poll():
-                if isinstance(event, process.Epoch):
+                if isinstance(event, EpochEvent):
                     epochs.append(event)
                     table, chart = logic.trainingCurve(epochs, table, chart, name="well A")  # the live curve
-                elif isinstance(event, process.Progress):
+                elif isinstance(event, ProgressEvent):
                     bars.append(event)
-        proc.check()
-        model_dir = logic.finishTraining(job)
+                elif isinstance(event, MessageEvent):
+                    messages.append(event.text)
+            time.sleep(0.05)
+        result = proc.check()
+        output = logic.finishTraining(job)
     finally:
         logic.discardJob(job)
-    assert [e.epoch for e in epochs] == [1, 2] and all(e.val_mean_iou is not None for e in epochs)
-    assert bars and bars[-1].fraction == pytest.approx(1.0)
+    assert [(e.epoch, e.epochs) for e in epochs] == [(1, 2), (2, 2)] and all(e.val_mean_iou is not None for e in epochs)
+    assert epochs[0].best and all(e.loss is not None and e.lr is not None and e.seconds > 0 for e in epochs)
+    assert [(b.name, b.done, b.total) for b in bars if b.done == b.total] == [("epoch 1/2", 2, 2), ("epoch 2/2", 2, 2)]
+    assert bars[-1].fraction == pytest.approx(1.0) and bars[0].epoch == 1 and bars[0].unit == "batches"
+    assert any(m.startswith("prepared 2 training sections") for m in messages)  # the trainer's log lines
     assert table.GetTable().GetNumberOfRows() == 2 and chart.GetNumberOfPlotSeriesNodes() == 2
     assert table.GetTable().GetValue(1, 1).ToDouble() == pytest.approx(epochs[1].loss)
-    assert model_dir == root / "ThinSectionEnv" / "well A model"
+    model_dir = output.modelDir
+    assert model_dir == models.multiphase_model_dir(root, "well A model")
+    assert result == ResultEvent("train", output.summary) and output.summary["best_epoch"] in (1, 2)
+    best = max((e for e in epochs if e.best), key=lambda e: e.epoch)
+    assert output.summary["best_epoch"] == best.epoch and output.summary["best_mean_iou"] == pytest.approx(
+        best.val_mean_iou
+    )
     assert (model_dir / "meta.json").is_file() and (model_dir / "training_log.csv").is_file()
     listed = {m.path: m for m in models.list_models([root])}
     assert model_dir in listed and listed[model_dir].title == "well A model"
     # the new model segments straight away
     pp = logic.trainingSectionNodes(sections[0])[0]
-    labelmap = logic.segment(pp, logic.trainingSectionNodes(sections[0])[1], model_dir, device="cpu", show=False)
+    labelmap = logic.segment(
+        pp, logic.trainingSectionNodes(sections[0])[1], model_dir, device="cpu", show=False
+    ).labelmap
     assert volumes.label_array(labelmap).shape == (128, 128)

@@ -3,7 +3,6 @@ PP-only models, split by section, fine-tuning. Tiny networks and patches keep it
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from thinseg.inference.device import cpu_has_native_bf16
 from thinseg.inference.engine import InferenceOptions, Segmenter
 from thinseg.model.bundle import load_bundle, save_bundle
 from thinseg.model.networks import build_network
+from thinseg.model.safe_load import load_torch_file
 from thinseg.training import AugmentConfig, TrainConfig, load_split, synthetic_sections, train
 from thinseg.training.checkpoint import load_checkpoint
 from thinseg.training.loop import TrainingRun, lr_factor, resolve_precision
@@ -242,7 +242,7 @@ def _write_geoslicer_n_output_bundle(folder: Path, net: torch.nn.Module, params:
         description="",
     )
     meta = json.loads((tmp / "meta.json").read_text())
-    saved = torch.load(tmp / "model.pth", weights_only=True)
+    saved = load_torch_file(tmp / "model.pth")
     saved["model_state_dict"] = net.state_dict()
     saved["config"]["model"]["params"] = params
     for t in saved["config"]["transforms"]["post_processing_transforms"]:
@@ -260,4 +260,4 @@ def test_precision_and_schedule_choices():
         resolve_precision("fp16", cpu)
     factors = [lr_factor(s, 100, 10, "cosine") for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in itertools.pairwise(factors[9:])) and factors[-1] < 0.05
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:])) and factors[-1] < 0.05

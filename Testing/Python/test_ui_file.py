@@ -13,7 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "ThinSectionSegmentation"
 UI = MODULE / "Resources" / "UI" / "ThinSectionSegmentation.ui"
-WIDGET_CODE = MODULE / "ThinSectionSegmentation.py"
+#: The code that uses the .ui file's widgets: the panel, and the module file's in-Slicer test.
+WIDGET_CODE = (MODULE / "ThinSectionSegmentationLib" / "panel.py", MODULE / "ThinSectionSegmentation.py")
 #: Slicer/CTK widget base classes that are themselves declared in Slicer's own Designer plugins.
 SLICER_PREFIXES = ("qMRML", "qSlicer", "ctk")
 
@@ -37,7 +38,7 @@ def test_ui_is_a_designer_file_for_the_module(root):
 
 
 def test_every_widget_the_code_uses_exists(root):
-    code = WIDGET_CODE.read_text(encoding="utf-8")
+    code = "\n".join(path.read_text(encoding="utf-8") for path in WIDGET_CODE)
     used = set(re.findall(r"\bui\.([A-Za-z_]\w*)", code))
     assert used, "the widget code uses no ui.* names?"
     missing = used - set(widget_names(root))

@@ -4,16 +4,17 @@ Console use (slicer.mrmlScene) or any vtkMRMLScene:
 
     from ThinSectionSegmentationLib import ThinSectionSegmentationLogic
     logic = ThinSectionSegmentationLogic()
-    labelmap = logic.segment(ppNode, xpNode)                      # in-process, returns the labelmap
-    transform, registered = logic.register(ppNode, qemscanNode, (ppPoints, qemscanPoints))
-    logic.exportNetcdf([ppNode, xpNode, labelmap], "/data/S12.nc")
-    nodes = logic.importNetcdf("/data/S12.nc")
-    results, failures = logic.segmentFiles(["/data/well-A"], "/data/results")
+    result = logic.segment(ppNode, xpNode)          # in-process: result.labelmap, .table, .chart, ...
+    registration = logic.register(ppNode, qemscanNode, (ppPoints, qemscanPoints))
+    logic.exportNetcdf([ppNode, xpNode, result.labelmap], "/data/S12.nc")
+    imported = logic.importNetcdf("/data/S12.nc")   # imported.nodes, .pp, .xp
+    batch = logic.segmentFiles(["/data/well-A"], "/data/results")
 
-The panel runs the same work in a separate process: prepareX() exports the inputs and builds
-the command (nothing in the scene changes), the widget runs it with process.BackgroundProcess
-and a timer, and finishX() imports the outputs. Cancelling is discardJob(): the scene is left
-exactly as it was.
+Every operation returns what it made (a typed result); the logic keeps no "last result" state.
+The panel runs the same work in a separate process: prepareX() exports the inputs and writes the
+job (nothing in the scene changes), startJob() runs `python -m thinseg.jobs` with
+process.BackgroundProcess, and finishX() imports the outputs. Cancelling is discardJob(): the
+scene is left exactly as it was.
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ from .parameters import get_parameter_node
 from .registration_nodes import create_transform_node, landmarks_from_markups, residual_table
 from .volumes import (
     UNKNOWN_SPACING_MM,
-    copy_geometry,
     create_rgb_volume,
     create_scalar_volume,
     label_array,
     require_thin_section_geometry,
+    resampling_messages,
     rgb_array,
+    section_grid,
 )
 
 MODEL_ATTRIBUTE = "ThinSectionSegmentation.Model"
@@ -75,6 +77,9 @@ def base_name(node, pp_pattern: str = "PP") -> str:
 
 @dataclass
 class SegmentationOutput:
+    """What a segmentation made: the labelmap (named after the input, with the class colours),
+    the area fractions table and bar chart, and the confidence map / segmentation when asked for."""
+
     labelmap: object
     table: object
     chart: object
@@ -84,12 +89,34 @@ class SegmentationOutput:
 
 @dataclass
 class RegistrationOutput:
+    """What a registration made: the transform node, the QEMSCAN labelmap on the PP grid, the
+    landmark residual table (with landmarks), the warnings and the core's summary."""
+
     transform: object
     labelmap: object
     residuals: object | None = None
     warnings: list[str] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     xpAligned: object | None = None  # XP moved onto the PP grid, when the two photographs were offset
+
+
+@dataclass
+class TrainingOutput:
+    """A finished training: the new model folder (listed by availableModels from now on) and
+    the training summary (best epoch and its validation mean IoU, epochs run, early stop)."""
+
+    modelDir: Path
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class BatchOutput:
+    """A batch segmentation of files: the sections segmented, (file, problem) for each that was
+    not, and the files imported into the scene (with load=True)."""
+
+    results: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+    imported: list[netcdf_nodes.ImportedFile] = field(default_factory=list)
 
 
 @dataclass
@@ -102,6 +129,7 @@ class Job:
     info: dict = field(default_factory=dict)
 
     def start(self) -> process.BackgroundProcess:
+        """Run the job's command in the background (see process.BackgroundProcess)."""
         return process.BackgroundProcess(self.command, cwd=self.folder).start()
 
 
@@ -111,9 +139,6 @@ class ThinSectionSegmentationLogic:
     def __init__(self, scene=None) -> None:
         self._scene = scene
         self.messages: list[str] = []
-        self.lastSegmentation: SegmentationOutput | None = None
-        self.lastRegistration: RegistrationOutput | None = None
-        self.lastImport: netcdf_nodes.ImportedFile | None = None
 
     @property
     def scene(self):
@@ -124,10 +149,33 @@ class ThinSectionSegmentationLogic:
     # -- parameters and models ------------------------------------------------------------------
 
     def getParameterNode(self):
+        """The scene's typed parameter node (see parameters.py), created with its defaults."""
         return get_parameter_node(self.scene)
 
-    def availableModels(self, userRoots: Iterable[str] = ()) -> list[models.ModelInfo]:
-        return models.list_models(userRoots)
+    def chooseInputImages(self, params) -> None:
+        """Fill in PP (and XP) when none is chosen yet: the RGB volumes whose names carry the PP
+        and XP affixes, else the first RGB volume as PP."""
+        if params.ppVolume is not None:
+            return
+        images = [
+            self.scene.GetNthNodeByClass(i, "vtkMRMLVectorVolumeNode")
+            for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLVectorVolumeNode"))
+        ]
+        pp, xp = find_pp_xp(images, params.ppPattern, (params.xpPattern, "PX"))
+        pp = pp or (images[0] if images else None)
+        if pp is not None:
+            params.ppVolume = pp
+        if xp is not None and params.xpVolume is None:
+            params.xpVolume = xp
+
+    def modelInfo(self, modelDir) -> models.ModelInfo:
+        return models.read_model_info(modelDir)
+
+    def availableModels(
+        self, userRoots: Iterable[str] = (), geoslicerRoots: Iterable[str] = ()
+    ) -> list[models.ModelInfo]:
+        """The model list; `geoslicerRoots`: GeoSlicer's model roots (its "AIModelsPaths" setting)."""
+        return models.list_models(userRoots, geoslicerRoots)
 
     def modelCard(self, modelDir) -> str:
         return models.model_card(modelDir)
@@ -138,17 +186,29 @@ class ThinSectionSegmentationLogic:
     # -- shared helpers -------------------------------------------------------------------------
 
     def imageSpacing(self, node, mmPerPixel: float | None = None) -> float:
-        """Pixel size (mm) of an image node: `mmPerPixel` if given, the node's spacing, or the
-        core's default when the node has Slicer's 1 mm placeholder (a file without pixel size)."""
+        """Pixel size (mm) of an image node with square pixels: `mmPerPixel` if given, the
+        node's spacing, or the core's default when the node has Slicer's 1 mm placeholder (a
+        file without pixel size). Non-square pixels are refused (see imageSpacingYX)."""
         if mmPerPixel:
             return float(mmPerPixel)
-        geometry = require_thin_section_geometry(node, "image")
-        if abs(geometry.mm_per_pixel - UNKNOWN_SPACING_MM) < 1e-12:
+        spacing_y, spacing_x = self.imageSpacingYX(node)
+        if abs(spacing_y - spacing_x) > 1e-6 * max(spacing_x, spacing_y):
+            require_thin_section_geometry(node, "image")  # says which pixel sizes it has
+        return spacing_x
+
+    def imageSpacingYX(self, node, mmPerPixel: float | None = None) -> tuple[float, float]:
+        """Pixel size (mm) down the rows and across the columns of an image node's picture (as
+        Slicer shows it): `mmPerPixel` (square) if given, the node's, or the core's default when
+        the node has Slicer's 1 mm placeholder."""
+        if mmPerPixel:
+            return float(mmPerPixel), float(mmPerPixel)
+        spacing_y, spacing_x = section_grid(node, "image").spacing_yx
+        if abs(spacing_x - UNKNOWN_SPACING_MM) < 1e-12 and abs(spacing_y - UNKNOWN_SPACING_MM) < 1e-12:
             self.messages.append(
                 f"'{node.GetName()}' has no pixel size (1 mm is Slicer's placeholder); using {DEFAULT_MM_PER_PIXEL} mm"
             )
-            return DEFAULT_MM_PER_PIXEL
-        return geometry.mm_per_pixel
+            return DEFAULT_MM_PER_PIXEL, DEFAULT_MM_PER_PIXEL
+        return spacing_y, spacing_x
 
     def _check_xp(self, ppNode, xpNode, needs_xp: bool, model_title: str) -> None:
         if ppNode is None:
@@ -156,19 +216,22 @@ class ThinSectionSegmentationLogic:
         if needs_xp and xpNode is None:
             raise ThinSegError(f"model '{model_title}' needs an XP image as well as PP: choose one")
         if needs_xp:
-            pp_dims = ppNode.GetImageData().GetDimensions() if ppNode.GetImageData() else None
-            xp_dims = xpNode.GetImageData().GetDimensions() if xpNode.GetImageData() else None
-            if pp_dims != xp_dims:
+            pp_h, pp_w = section_grid(ppNode, "PP image").shape
+            xp_h, xp_w = section_grid(xpNode, "XP image").shape
+            if (pp_h, pp_w) != (xp_h, xp_w):
                 raise ThinSegError(
-                    f"PP '{ppNode.GetName()}' is {pp_dims[0]}x{pp_dims[1]} px but XP '{xpNode.GetName()}' is "
-                    f"{xp_dims[0]}x{xp_dims[1]} px; they must be the same size"
-                    if pp_dims and xp_dims
-                    else "the PP or XP volume holds no image"
+                    f"PP '{ppNode.GetName()}' is {pp_w}x{pp_h} px but XP '{xpNode.GetName()}' is "
+                    f"{xp_w}x{xp_h} px; they must be the same size"
                 )
 
     @staticmethod
     def _new_job_folder(kind: str, workDir=None) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"thinseg-{kind}-", dir=workDir))
+
+    @staticmethod
+    def startJob(job: Job) -> process.BackgroundProcess:
+        """Start a prepared job in a separate process; poll it, then finishX(job) once it is done."""
+        return job.start()
 
     @staticmethod
     def discardJob(job: Job | None) -> None:
@@ -192,13 +255,13 @@ class ThinSectionSegmentationLogic:
         cancel: Callable[[], bool] | None = None,
         show: bool = True,
         tile: int | None = None,
-    ):
-        """Segment PP (+ XP) in this process; returns the labelmap node (named after the input,
-        colour table of the class names, in the input's folder, shown over PP). The area
-        fractions table/chart and optional segmentation are in `self.lastSegmentation`."""
+    ) -> SegmentationOutput:
+        """Segment PP (+ XP) in this process: a labelmap named after the input, with the colour
+        table of the class names, in the input's folder, shown over PP, plus the area fractions
+        table and chart (and the confidence map / segmentation when asked for)."""
         # deferred: these import torch (1-2 s), which the panel loads only when it segments
         from thinseg.inference.engine import InferenceOptions, Segmenter
-        from thinseg.inference.resample import resampling_factor, segment_at_model_resolution
+        from thinseg.inference.resample import resampling_factors, segment_at_model_resolution
         from thinseg.io.images import ArraySource
         from thinseg.model.bundle import load_bundle
         from thinseg.pipelines.segment import check_thin_section_model, model_mm_per_pixel
@@ -207,7 +270,7 @@ class ThinSectionSegmentationLogic:
         check_thin_section_model(bundle)
         needs_xp = len(bundle.input_names) > 1
         self._check_xp(ppNode, xpNode, needs_xp, bundle.title)
-        spacing = self.imageSpacing(ppNode, mmPerPixel)
+        spacing_y, spacing_x = self.imageSpacingYX(ppNode, mmPerPixel)
         sources = [ArraySource(rgb_array(ppNode, "PP image"), name=ppNode.GetName())]
         if needs_xp:
             sources.append(ArraySource(rgb_array(xpNode, "XP image"), name=xpNode.GetName()))
@@ -215,9 +278,8 @@ class ThinSectionSegmentationLogic:
         segmenter = Segmenter(bundle, options)
         self.messages += segmenter.messages
         model_spacing = model_mm_per_pixel(bundle)
-        factor = resampling_factor(spacing, model_spacing)
-        if factor is not None:
-            self.messages.append(f"resampled from {spacing:g} to the model's {model_spacing:g} mm/px and back")
+        factor = resampling_factors((spacing_x, spacing_y), model_spacing)
+        self.messages += resampling_messages(ppNode.GetName(), spacing_y, spacing_x, model_spacing, factor)
         result = segment_at_model_resolution(segmenter, sources, factor, progress=progress, cancel=cancel)
         labels, conf = result.labels, result.confidence
         return self._store_segmentation(
@@ -226,7 +288,7 @@ class ThinSectionSegmentationLogic:
 
     def _store_segmentation(
         self, ppNode, xpNode, labels, conf, table, model_title, outputNode, createSegmentation, show
-    ):
+    ) -> SegmentationOutput:
         scene = self.scene
         base = base_name(ppNode)
         name = outputNode.GetName() if outputNode is not None else scene.GenerateUniqueName(f"{base}_Segmentation")
@@ -236,8 +298,7 @@ class ThinSectionSegmentationLogic:
         hierarchy.place_beside(labelmap, ppNode)
         confidence_node = None
         if conf is not None:
-            confidence_node = create_scalar_volume(scene, f"{base}_Confidence", conf, 1.0)
-            copy_geometry(ppNode, confidence_node)
+            confidence_node = create_scalar_volume(scene, f"{base}_Confidence", conf, reference=ppNode)
             hierarchy.place_beside(confidence_node, ppNode)
         table_node = results.fractions_table(scene, labelmap, labelmap.GetNodeReference(FRACTIONS_REFERENCE), table)
         chart_node = results.fractions_chart(scene, table_node, labelmap, labelmap.GetNodeReference(CHART_REFERENCE))
@@ -251,8 +312,7 @@ class ThinSectionSegmentationLogic:
             hierarchy.place_beside(segmentation, ppNode)
         if show:
             results.show_labelmap(scene, ppNode, labelmap)
-        self.lastSegmentation = SegmentationOutput(labelmap, table_node, chart_node, confidence_node, segmentation)
-        return labelmap
+        return SegmentationOutput(labelmap, table_node, chart_node, confidence_node, segmentation)
 
     def prepareSegmentation(
         self,
@@ -266,14 +326,17 @@ class ThinSectionSegmentationLogic:
         python: str | None = None,
         tile: int | None = None,
     ) -> Job:
-        """Export PP (+ XP) to a job folder and build the `thinseg segment` command; the scene is
-        not changed. Run with job.start(), then finishSegmentation(job)."""
+        """Export PP (+ XP) to a job folder and write its segmentation job; the scene is not
+        changed. Run with startJob(job), then finishSegmentation(job)."""
         model_dir = Path(modelDir) if modelDir else self.defaultModelDir()
         info = models.read_model_info(model_dir)
         if info.problem:
             raise ThinSegError(f"not a usable model folder: {info.problem}", model_dir)
         self._check_xp(ppNode, xpNode, info.needs_xp, info.title)
-        spacing = self.imageSpacing(ppNode, mmPerPixel)
+        spacing_y, spacing_x = self.imageSpacingYX(ppNode, mmPerPixel)
+        if abs(spacing_y - spacing_x) > 1e-6 * max(spacing_x, spacing_y):
+            model_mm = 1.0 / info.pixels_per_mm if info.pixels_per_mm else None
+            self.messages += resampling_messages(ppNode.GetName(), spacing_y, spacing_x, model_mm, True)
         folder = self._new_job_folder("segment", workDir)
         try:
             base = base_name(ppNode)
@@ -282,16 +345,22 @@ class ThinSectionSegmentationLogic:
             if info.needs_xp:
                 names[xpNode.GetID()] = f"{base}_XP"
             source = folder / f"{safe_file_name(base)}.nc"  # the file stem names the section in the progress
-            written = netcdf_nodes.export_nodes(nodes, source, names=names, spacing={n.GetID(): spacing for n in nodes})
-            command = process.segment_command(
-                [source],
-                folder / "output.nc",
-                model_dir,
-                device=device,
-                probabilities=confidence,
-                python=python,
-                extra=["--tile", str(tile)] if tile else (),
-            )
+            # the pictures go with the PP's pixel size: its own (square or not), or the one given
+            square = spacing_x if spacing_x == spacing_y else None
+            spacing = {n.GetID(): square for n in nodes} if square is not None else None
+            written = netcdf_nodes.export_nodes(nodes, source, names=names, spacing=spacing)
+            job = {
+                "inputs": [source.name],
+                "output": "output.nc",
+                "model_dir": str(model_dir),
+                "device": device,
+                "probabilities": bool(confidence),
+                "tile": int(tile) if tile else None,
+                "pp_pattern": "PP",
+                "xp_pattern": "XP",
+            }
+            write_json(folder / "job.json", job)
+            command = process.worker_command("segment", folder / "job.json", python=python)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -307,8 +376,10 @@ class ThinSectionSegmentationLogic:
             },
         )
 
-    def finishSegmentation(self, job: Job, outputNode=None, createSegmentation: bool = False, show: bool = True):
-        """Import the labelmap (and confidence map) written by the job; returns the labelmap."""
+    def finishSegmentation(
+        self, job: Job, outputNode=None, createSegmentation: bool = False, show: bool = True
+    ) -> SegmentationOutput:
+        """Import the labelmap (and confidence map) written by the job, with its table and chart."""
         out = job.folder / "output.nc"
         variables = [v for v in list_variables(out) if v.name not in job.info["inputs"]]
         labelmap_var = next((v for v in variables if v.kind in ("labelmap", "segmentation")), None)
@@ -346,10 +417,10 @@ class ThinSectionSegmentationLogic:
         overwrite: bool = False,
         load: bool = False,
         progress=None,
-    ):
+    ) -> BatchOutput:
         """Batch: segment image files / netCDF files / folders into `outputDir`, like `thinseg
-        segment` (one netCDF per section + modal_mineralogy.csv). Returns (results, failures);
-        with load=True each result file is imported into the scene."""
+        segment` (one netCDF per section + modal_mineralogy.csv); with load=True each result
+        file is imported into the scene."""
         # deferred: these import torch (1-2 s), which the panel loads only when it segments
         from thinseg.inference.engine import InferenceOptions
         from thinseg.pipelines.segment import SegmentOptions, segment_files
@@ -366,11 +437,8 @@ class ThinSectionSegmentationLogic:
         run = segment_files(
             list(paths), options, Path(outputDir), modelDir or self.defaultModelDir(), progress=progress
         )
-        done, failures = run.results, run.failed
-        if load:
-            for r in done:
-                self.importNetcdf(r.netcdf)
-        return done, failures
+        imported = [self.importNetcdf(r.netcdf) for r in run.results] if load else []
+        return BatchOutput(list(run.results), list(run.failed), imported)
 
     # -- registration ---------------------------------------------------------------------------
 
@@ -421,10 +489,11 @@ class ThinSectionSegmentationLogic:
         bspline: bool = False,
         mmPerPixel: float | None = None,
         progress: Callable[[str], None] | None = None,
-    ):
+    ) -> RegistrationOutput:
         """Register a QEMSCAN labelmap to PP in this process. `landmarks`: None (automatic search),
         (PP point list, QEMSCAN point list) markups pairing by order, or the core's LandmarkPairs.
-        Returns (transform node, QEMSCAN labelmap resampled onto the PP grid)."""
+        The result holds the transform node, the QEMSCAN labelmap resampled onto the PP grid and
+        the landmark residuals."""
         if ppNode is None or qemscanNode is None:
             raise ThinSegError("choose a PP image and a QEMSCAN map")
         pairs = self._landmarks(landmarks, ppNode, qemscanNode)
@@ -472,7 +541,7 @@ class ThinSectionSegmentationLogic:
         report,
         summary,
         alignedXp: np.ndarray | None = None,
-    ):
+    ) -> RegistrationOutput:
         """Transform node, registered labelmap (referring to PP and to the XP that matches it
         pixel for pixel: a new aligned XP volume when the photographs were offset), residual table."""
         scene = self.scene
@@ -486,9 +555,8 @@ class ThinSectionSegmentationLogic:
         xp_aligned = None
         if alignedXp is not None and xpNode is not None:
             xp_aligned = create_rgb_volume(
-                scene, scene.GenerateUniqueName(f"{xpNode.GetName()}_aligned"), alignedXp, self.imageSpacing(ppNode)
+                scene, scene.GenerateUniqueName(f"{xpNode.GetName()}_aligned"), alignedXp, reference=ppNode
             )
-            copy_geometry(ppNode, xp_aligned)
             hierarchy.place_beside(xp_aligned, ppNode)
         set_reference(labelmap, ppNode, xp_aligned or xpNode)
         for node in (transform_node, labelmap):
@@ -497,10 +565,9 @@ class ThinSectionSegmentationLogic:
         if report:
             residuals = residual_table(scene, f"{base} landmark residuals", report, self.imageSpacing(ppNode))
             hierarchy.place_beside(residuals, ppNode)
-        self.lastRegistration = RegistrationOutput(
+        return RegistrationOutput(
             transform_node, labelmap, residuals, list(summary.get("warnings") or []), summary, xp_aligned
         )
-        return transform_node, labelmap
 
     def prepareRegistration(
         self,
@@ -569,8 +636,8 @@ class ThinSectionSegmentationLogic:
             {"pp": ppNode.GetID(), "xp": xpNode.GetID() if xpNode else None, "qemscan": qemscanNode.GetID()},
         )
 
-    def finishRegistration(self, job: Job):
-        """Import the job's transform and registered labelmap; returns (transform, labelmap)."""
+    def finishRegistration(self, job: Job) -> RegistrationOutput:
+        """Import the job's transform, registered labelmap and landmark residuals."""
         # deferred: thinseg.registration imports SimpleITK, loaded only when registration is used
         from thinseg.registration.output import load_transform
 
@@ -625,7 +692,8 @@ class ThinSectionSegmentationLogic:
         **options,
     ) -> Job:
         """Sections: registered labelmap nodes (their PP/XP found via references) and/or GeoSlicer
-        netCDF files. The new model goes to <modelsRoot>/ThinSectionEnv/<modelName> (numbered if taken)."""
+        netCDF files. The new model goes to <modelsRoot>/ThinSectionEnv/Multiphase/<modelName>
+        (numbered if taken), where GeoSlicer lists it too."""
         if not sections:
             raise ThinSegError("choose at least one registered section (a labelmap on a PP image, or a netCDF file)")
         root = Path(modelsRoot) if modelsRoot else models.default_user_models_root()
@@ -673,17 +741,17 @@ class ThinSectionSegmentationLogic:
             raise
         return Job("train", folder, command, {"model_dir": str(model_dir)})
 
-    def finishTraining(self, job: Job) -> Path:
-        """The new model's folder (it is now listed by availableModels)."""
+    def finishTraining(self, job: Job) -> TrainingOutput:
+        """The new model's folder (it is now listed by availableModels) and the training summary."""
         summary = json.loads((job.folder / "summary.json").read_text(encoding="utf-8"))
-        return Path(summary["model_dir"])
+        return TrainingOutput(Path(summary["model_dir"]), summary)
 
-    def train(self, sections: Sequence, modelName: str, modelsRoot=None, **options) -> Path:
-        """Train in this process (blocking; for the console); returns the new model folder."""
+    def train(self, sections: Sequence, modelName: str, modelsRoot=None, **options) -> TrainingOutput:
+        """Train in this process (blocking; for the console)."""
         job = self.prepareTraining(sections, modelName, modelsRoot, **options)
         try:
             spec = json.loads((job.folder / "job.json").read_text(encoding="utf-8"))
-            jobs.run_train_job(spec, job.folder, emit=lambda *a, **k: None)
+            jobs.run_train_job(spec, job.folder, emit=jobs.emit_nothing)
             return self.finishTraining(job)
         finally:
             self.discardJob(job)
@@ -698,8 +766,9 @@ class ThinSectionSegmentationLogic:
         node ID -> variable name."""
         return netcdf_nodes.export_nodes(nodes, path)
 
-    def importNetcdf(self, path, ppPattern: str = "PP", xpPatterns: Sequence[str] = ("XP", "PX")) -> list:
-        """Create nodes for the file's variables (in a folder named after it); returns them. The
-        PP/XP images found by affix are in `self.lastImport.pp` / `.xp`."""
-        self.lastImport = netcdf_nodes.import_netcdf(self.scene, path, ppPattern, xpPatterns)
-        return list(self.lastImport.nodes)
+    def importNetcdf(
+        self, path, ppPattern: str = "PP", xpPatterns: Sequence[str] = ("XP", "PX")
+    ) -> netcdf_nodes.ImportedFile:
+        """Create nodes for the file's variables (in a folder named after it): the result lists
+        them (`nodes`), the PP/XP images found by affix (`pp`, `xp`) and what was skipped."""
+        return netcdf_nodes.import_netcdf(self.scene, path, ppPattern, xpPatterns)

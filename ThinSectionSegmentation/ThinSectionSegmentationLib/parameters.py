@@ -1,119 +1,351 @@
-"""The module's parameter node: the panel's state, saved with the scene (no Qt).
+"""The module's parameter node: the panel's state, typed, saved with the scene (no Qt).
 
-A vtkMRMLScriptedModuleNode tagged with ModuleName = "ThinSectionSegmentation" (what
-ScriptedLoadableModuleLogic.getParameterNode finds), holding string parameters and node
-references. `Parameters` gives typed access; the widget copies between it and the GUI.
+`ThinSectionSegmentationParameters` lists every setting once: name, type and default. Inside
+Slicer 5.4+ the same annotations become a `slicer.parameterNodeWrapper` class, which stores
+them in the scene's vtkMRMLScriptedModuleNode and binds them to the widgets named by the
+`SlicerParameterName` property in the .ui file. Where Slicer has no wrapper (older builds,
+the slicer-core test scene) `PlainParameterNode` gives the same typed access and writes the
+same layout: booleans as "True"/"False", numbers and text as strings, enums by member name,
+nodes as a reference under the field's name (with an empty parameter marking it present),
+lists as "<name>.len" and "<name>.<i>".
+
+Scenes saved before the typed node (parameters "PPVolume", "Epochs", "true"/"false", ...) are
+converted on load by `migrate`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+import functools
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Annotated, Any
+
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLVectorVolumeNode
 
 MODULE_NAME = "ThinSectionSegmentation"
 
-#: name -> default (stored as strings, as vtkMRMLScriptedModuleNode does).
-DEFAULTS: dict[str, str] = {
+
+class Device(enum.Enum):
+    """Where the network runs."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class TransformKind(enum.Enum):
+    """The landmark transform of a registration (names as the core spells them)."""
+
+    similarity = "similarity"
+    affine = "affine"
+    tps = "tps"
+
+    def label(self) -> str:
+        """What the transform combo box shows."""
+        return {"similarity": "Similarity", "affine": "Affine", "tps": "Thin-plate spline"}[self.value]
+
+
+@dataclass
+class ThinSectionSegmentationParameters:
+    """Every setting of the panel with its type and default. Node fields may hold None (no node
+    chosen), as Slicer's wrapper allows for node types."""
+
     # Segment
-    "ModelPath": "",
-    "Device": "auto",
-    "Confidence": "false",
-    "CreateSegmentation": "false",
-    "PpPattern": "PP",
-    "XpPattern": "XP",
+    ppVolume: vtkMRMLVectorVolumeNode = None
+    xpVolume: vtkMRMLVectorVolumeNode = None
+    outputLabelmap: vtkMRMLLabelMapVolumeNode = None
+    modelPath: str = ""
+    device: Device = Device.auto
+    confidence: bool = False
+    createSegmentation: bool = False
+    ppPattern: str = "PP"
+    xpPattern: str = "XP"
     # Register
-    "TransformKind": "similarity",
-    "Refine": "true",
-    "QemscanMmPerPixel": "0.01",
+    qemscanVolume: vtkMRMLLabelMapVolumeNode = None
+    qemscanColorTablePath: str = ""
+    qemscanMmPerPixel: float = 0.01
+    imageLandmarks: vtkMRMLMarkupsFiducialNode = None
+    qemscanLandmarks: vtkMRMLMarkupsFiducialNode = None
+    transformKind: TransformKind = TransformKind.similarity
     # Train
-    "Epochs": "20",
-    "PatchSize": "256",
-    "BatchSize": "8",
-    "StepsPerEpoch": "200",
-    "ValFraction": "0.2",
-    "FineTune": "true",
-    "ModelName": "my-thin-section-model",
-    "UserModelsRoot": "",
-    "TrainFiles": "",  # netCDF files, one per line
+    trainFiles: list[str] = field(default_factory=list)  # netCDF files of registered sections
+    modelName: str = "my-thin-section-model"
+    userModelsRoot: str = ""
+    epochs: int = 20
+    patchSize: int = 256
+    batchSize: int = 8
+    stepsPerEpoch: int = 200
+    valFraction: float = 0.2
+    fineTune: bool = True
     # Export / import
-    "ExportPath": "",
-    "ImportPath": "",
+    exportPath: str = ""
+    importPath: str = ""
+
+
+#: Field name -> its annotation as written above (what the codecs and the .ui check go by).
+FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(ThinSectionSegmentationParameters)}
+
+#: The allowed range of each number (inclusive): the spin boxes' limits in the .ui file, which
+#: Slicer's wrapper sets on them and enforces on every write, as PlainParameterNode does.
+RANGES: dict[str, tuple[float, float]] = {
+    "qemscanMmPerPixel": (0.00001, 10.0),
+    "epochs": (1, 1000),
+    "patchSize": (32, 2048),
+    "batchSize": (1, 256),
+    "stepsPerEpoch": (1, 100000),
+    "valFraction": (0.0, 0.9),
 }
 
-#: node reference roles the panel uses.
-REFERENCES = (
-    "PPVolume",
-    "XPVolume",
-    "OutputLabelmap",
-    "QemscanVolume",
-    "ImageLandmarks",
-    "QemscanLandmarks",
-    "TransformNode",
-    "RegisteredLabelmap",
-)
+#: Parameter names of scenes saved before the typed node -> the field that replaces them.
+OLD_NAMES: dict[str, str] = {
+    "PPVolume": "ppVolume",
+    "XPVolume": "xpVolume",
+    "OutputLabelmap": "outputLabelmap",
+    "ModelPath": "modelPath",
+    "Device": "device",
+    "Confidence": "confidence",
+    "CreateSegmentation": "createSegmentation",
+    "PpPattern": "ppPattern",
+    "XpPattern": "xpPattern",
+    "QemscanVolume": "qemscanVolume",
+    "QemscanMmPerPixel": "qemscanMmPerPixel",
+    "ImageLandmarks": "imageLandmarks",
+    "QemscanLandmarks": "qemscanLandmarks",
+    "TransformKind": "transformKind",
+    "TrainFiles": "trainFiles",
+    "ModelName": "modelName",
+    "UserModelsRoot": "userModelsRoot",
+    "Epochs": "epochs",
+    "PatchSize": "patchSize",
+    "BatchSize": "batchSize",
+    "StepsPerEpoch": "stepsPerEpoch",
+    "ValFraction": "valFraction",
+    "FineTune": "fineTune",
+    "ExportPath": "exportPath",
+    "ImportPath": "importPath",
+}
+#: Old parameters and node references nothing reads any more (removed by `migrate`).
+OLD_UNUSED = ("Refine", "TransformNode", "RegisteredLabelmap")
+
+ENUMS: dict[str, type[enum.Enum]] = {"Device": Device, "TransformKind": TransformKind}
+
+
+def is_node_field(name: str) -> bool:
+    return FIELD_TYPES[name].startswith("vtkMRML")
+
+
+def node_class(name: str) -> type:
+    """The MRML class of a node field."""
+    return {
+        "vtkMRMLVectorVolumeNode": vtkMRMLVectorVolumeNode,
+        "vtkMRMLLabelMapVolumeNode": vtkMRMLLabelMapVolumeNode,
+        "vtkMRMLMarkupsFiducialNode": vtkMRMLMarkupsFiducialNode,
+    }[FIELD_TYPES[name]]
+
+
+def default_value(name: str) -> Any:
+    spec = next(f for f in fields(ThinSectionSegmentationParameters) if f.name == name)
+    return spec.default_factory() if spec.default is MISSING and spec.default_factory is not MISSING else spec.default
+
+
+# -- the stored layout (the one Slicer's parameterNodeWrapper serializers use) -----------------
+
+
+def _write(node, name: str, value: Any) -> None:
+    kind = FIELD_TYPES[name]
+    if is_node_field(name):
+        node.SetParameter(name, "")  # marks the parameter present even when no node is chosen
+        node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+    elif kind == "bool":
+        node.SetParameter(name, "True" if value else "False")
+    elif kind in ENUMS:
+        node.SetParameter(name, ENUMS[kind](value).name)
+    elif kind == "list[str]":
+        old = int(node.GetParameter(f"{name}.len") or 0) if node.HasParameter(f"{name}.len") else 0
+        items = [str(item) for item in value]
+        for i, item in enumerate(items):
+            node.SetParameter(f"{name}.{i}", item)
+        node.SetParameter(f"{name}.len", str(len(items)))
+        for i in range(len(items), old):
+            node.UnsetParameter(f"{name}.{i}")
+    else:
+        node.SetParameter(name, str(value))
+
+
+def _read(node, name: str) -> Any:
+    kind = FIELD_TYPES[name]
+    if is_node_field(name):
+        return node.GetNodeReference(name)
+    if kind == "list[str]":
+        return [node.GetParameter(f"{name}.{i}") for i in range(int(node.GetParameter(f"{name}.len")))]
+    text = node.GetParameter(name)
+    if kind == "bool":
+        return text == "True"
+    if kind in ENUMS:
+        return ENUMS[kind][text]
+    return {"int": int, "float": float, "str": str}[kind](text)
+
+
+def _is_in(node, name: str) -> bool:
+    return node.HasParameter(f"{name}.len" if FIELD_TYPES[name] == "list[str]" else name)
+
+
+# -- saved scenes of earlier versions ----------------------------------------------------------
+
+
+def _in_range(name: str, value: float) -> Any:
+    low, high = RANGES[name]
+    return type(value)(min(max(value, low), high))
+
+
+def _old_value(name: str, text: str) -> Any:
+    """An old string parameter as the field's value (its default when it does not parse; a
+    number outside its range becomes the nearest limit)."""
+    kind = FIELD_TYPES[name]
+    text = text.strip()
+    try:
+        if kind == "bool":
+            return text.lower() in ("true", "1", "yes", "on")
+        if kind == "int":
+            return _in_range(name, int(float(text)))
+        if kind == "float":
+            return _in_range(name, float(text))
+        if kind in ENUMS:
+            return ENUMS[kind][text.lower()]
+        if kind == "list[str]":
+            return [line.strip() for line in text.splitlines() if line.strip()]
+    except (KeyError, ValueError):
+        return default_value(name)
+    return text
+
+
+def migrate(node) -> list[str]:
+    """Convert a parameter node saved by an earlier version (capitalised names, "true"/"false",
+    files one per line) to the typed layout; returns the fields it filled. A field already
+    present is kept, so running it twice changes nothing."""
+    migrated = []
+    for old, name in OLD_NAMES.items():
+        if _is_in(node, name):
+            continue
+        if is_node_field(name):
+            reference = node.GetNodeReferenceID(old)
+            if reference is None and not node.HasParameter(old):
+                continue
+            node.SetParameter(name, "")
+            node.SetNodeReferenceID(name, reference)
+            node.RemoveNodeReferenceIDs(old)
+            node.UnsetParameter(old)
+        elif node.HasParameter(old):
+            _write(node, name, _old_value(name, node.GetParameter(old)))
+            node.UnsetParameter(old)
+        else:
+            continue
+        migrated.append(name)
+    for old in OLD_UNUSED:
+        node.UnsetParameter(old)
+        node.RemoveNodeReferenceIDs(old)
+    return migrated
+
+
+# -- typed access without Slicer's wrapper -----------------------------------------------------
+
+
+class PlainParameterNode:
+    """Typed attribute access to the parameter node (`params.epochs`, `params.ppVolume = node`)
+    in the layout of Slicer's parameterNodeWrapper, for Slicer builds without it and for tests.
+    Missing parameters are written with their defaults, as the wrapper does."""
+
+    def __init__(self, parameterNode) -> None:
+        object.__setattr__(self, "parameterNode", parameterNode)
+        for name in FIELD_TYPES:
+            if not _is_in(parameterNode, name):
+                _write(parameterNode, name, default_value(name))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in FIELD_TYPES:
+            return _read(self.parameterNode, name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in FIELD_TYPES:
+            raise AttributeError(f"no parameter {name!r}")
+        if name in RANGES and not RANGES[name][0] <= value <= RANGES[name][1]:  # as Slicer's WithinRange says
+            raise ValueError(f"Value must be within range [{RANGES[name][0]}, {RANGES[name][1]}], is {value}")
+        wasModifying = self.parameterNode.StartModify()
+        try:
+            _write(self.parameterNode, name, value)
+        finally:
+            self.parameterNode.EndModify(wasModifying)
+
+    def values(self) -> ThinSectionSegmentationParameters:
+        """A snapshot of every field (plain values, for logging or comparison)."""
+        return ThinSectionSegmentationParameters(**{name: getattr(self, name) for name in FIELD_TYPES})
+
+
+# -- Slicer's wrapper, where Slicer provides it -----------------------------------------------
+
+
+def _slicer_wrapper() -> Any:
+    """The slicer.parameterNodeWrapper package, or None on builds without it (and in the
+    slicer-core test scene)."""
+    try:
+        import slicer.parameterNodeWrapper as wrapper  # deferred: absent before Slicer 5.4
+    except ImportError:
+        return None
+    return wrapper
+
+
+@functools.cache
+def wrapper_class() -> type | None:
+    """The parameterNodeWrapper class made from ThinSectionSegmentationParameters' annotations
+    (a separate class: the wrapper turns the fields of the class it decorates into properties),
+    or None where Slicer has no wrapper."""
+    wrapper = _slicer_wrapper()
+    if wrapper is None:
+        return None
+    annotations: dict[str, Any] = dict(ThinSectionSegmentationParameters.__annotations__)
+    for name, (low, high) in RANGES.items():  # without a range Slicer opens the spin boxes to any value
+        annotations[name] = Annotated[{"int": int, "float": float}[FIELD_TYPES[name]], wrapper.WithinRange(low, high)]
+    namespace: dict[str, Any] = {
+        "__module__": __name__,  # the string annotations are resolved in this module
+        "__annotations__": annotations,
+        "__doc__": ThinSectionSegmentationParameters.__doc__,
+    }
+    for spec in fields(ThinSectionSegmentationParameters):
+        if spec.default is not MISSING:
+            namespace[spec.name] = spec.default
+    return wrapper.parameterNodeWrapper(type("ThinSectionSegmentationParameterNode", (), namespace))
+
+
+def typed(parameterNode):
+    """The typed parameter node: Slicer's wrapper where there is one, else PlainParameterNode."""
+    cls = wrapper_class()
+    return cls(parameterNode) if cls is not None else PlainParameterNode(parameterNode)
+
+
+# -- the scene's node --------------------------------------------------------------------------
 
 
 def find_parameter_node(scene):
+    """The module's node (the last one when a loaded scene brought a second), or None."""
+    found = None
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode")):
         node = scene.GetNthNodeByClass(i, "vtkMRMLScriptedModuleNode")
         if node.GetAttribute("ModuleName") == MODULE_NAME:
-            return node
-    return None
+            found = node
+    return found
 
 
 def get_parameter_node(scene):
-    """The scene's parameter node (created with defaults if missing; missing values filled)."""
+    """The scene's typed parameter node: found (an old one converted by `migrate`) or created,
+    missing values filled with their defaults."""
     node = find_parameter_node(scene)
     if node is None:
         node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
         node.UnRegister(None)  # CreateNodeByClass returns a new reference in Python
         node.SetAttribute("ModuleName", MODULE_NAME)
+        node.SetSingletonTag(MODULE_NAME)  # a scene loaded later updates this node, not a second one
         node.SetName(scene.GenerateUniqueName(MODULE_NAME))
         node = scene.AddNode(node)
-    set_defaults(node)
-    return node
-
-
-def set_defaults(node) -> None:
-    for key, value in DEFAULTS.items():
-        if not node.GetParameter(key):
-            node.SetParameter(key, value)
-
-
-@dataclass
-class Parameters:
-    """Typed view of the parameter node."""
-
-    node: object
-
-    def get(self, key: str) -> str:
-        value = self.node.GetParameter(key)
-        return value if value else DEFAULTS.get(key, "")
-
-    def set(self, key: str, value) -> None:
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        self.node.SetParameter(key, str(value))
-
-    def bool(self, key: str) -> bool:
-        return self.get(key).strip().lower() in ("true", "1", "yes", "on")
-
-    def int(self, key: str) -> int:
-        try:
-            return int(float(self.get(key)))
-        except ValueError:
-            return int(DEFAULTS[key])
-
-    def float(self, key: str) -> float:
-        try:
-            return float(self.get(key))
-        except ValueError:
-            return float(DEFAULTS[key])
-
-    def lines(self, key: str) -> list[str]:
-        return [line.strip() for line in self.get(key).splitlines() if line.strip()]
-
-    def node_ref(self, role: str):
-        return self.node.GetNodeReference(role)
-
-    def set_node_ref(self, role: str, node) -> None:
-        self.node.SetNodeReferenceID(role, node.GetID() if node is not None else None)
+    migrate(node)
+    return typed(node)

@@ -1,20 +1,20 @@
-"""Long work in a separate process: command lines, output parsing and cancel (no Qt).
+"""Long work in a separate process: the command line, its typed events, cancel (no Qt).
 
-The panel runs the `thinseg` command (and, for registration and training, the core's job
-runner `python -m thinseg.jobs`) with Slicer's own Python, so the GUI never freezes. Everything
-but the Qt timer that polls lives here and is tested with real processes:
+The panel runs the core's job runner `python -m thinseg.jobs TASK job.json` with Slicer's own
+Python, so the GUI never freezes. Everything but the Qt timer that polls lives here and is
+tested with real processes:
 
-- `segment_command` / `worker_command`: the argument lists (`thinseg` importable through
-  PYTHONPATH, see `process_environment`);
-- `OutputParser`: turns stderr/stdout text (tqdm bars written with carriage returns, "epoch"
-  summaries, "thinseg: error: ..." lines, the job runner's "@thinseg {json}" events) into events;
-- `BackgroundProcess`: subprocess.Popen with reader threads, non-blocking `poll()`, `cancel()`
-  (Ctrl-C first so the core removes partial files, then kill), and the core's error message.
+- `worker_command`: the argument list (`thinseg` importable through PYTHONPATH, see
+  `process_environment`);
+- `BackgroundProcess`: subprocess.Popen with reader threads, a non-blocking `poll()` that
+  returns the job's typed events (thinseg.jobs.events) and its other output as plain
+  `OutputLine`s for the log, `cancel()` (Ctrl-C first so the core removes partial files, then
+  kill), and `check()`, which raises the job's error event message. Output text is never
+  parsed: stderr is kept only to explain a process that died without an error event.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -24,12 +24,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 from thinseg.errors import ThinSegError
-from thinseg.jobs import EVENT_PREFIX
+from thinseg.jobs import TASKS, ErrorEvent, EventError, JobEvent, ResultEvent, WarningEvent, parse_event
 
 #: The module folder (holds `thinseg/` and `ThinSectionSegmentationLib/`).
 MODULE_DIR = Path(__file__).resolve().parents[1]
@@ -72,169 +74,55 @@ def _base_environment() -> dict:
 
 def process_environment(base: dict | None = None) -> dict:
     """Environment for the child: `thinseg` importable from the module folder, unbuffered UTF-8
-    output, progress bars refreshed at most twice a second."""
+    output (events arrive as they are written)."""
     env = dict(_base_environment() if base is None else base)
     paths = [str(MODULE_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
-    env.setdefault("TQDM_MININTERVAL", "0.5")
     return env
 
 
-def segment_command(
-    inputs: Sequence[str | os.PathLike[str]],
-    output: str | os.PathLike[str],
-    model_dir: str | os.PathLike[str] | None = None,
-    device: str = "auto",
-    probabilities: bool = False,
-    pp_pattern: str = "PP",
-    xp_pattern: str = "XP",
-    overwrite: bool = True,
-    python: str | None = None,
-    extra: Iterable[str] = (),
-) -> list[str]:
-    """`python -m thinseg segment INPUT... --output OUT ...` as an argument list."""
-    if not inputs:
-        raise ValueError("segment_command needs at least one input")
-    cmd = [python or python_executable(), "-m", "thinseg", "segment", *[str(p) for p in inputs]]
-    cmd += ["--output", str(output), "--device", device, "--pp-pattern", pp_pattern, "--xp-pattern", xp_pattern]
-    if model_dir is not None:
-        cmd += ["--model", str(model_dir)]
-    if probabilities:
-        cmd.append("--probabilities")
-    if overwrite:
-        cmd.append("--overwrite")
-    return cmd + [str(e) for e in extra]
-
-
 def worker_command(task: str, job_file: str | os.PathLike[str], python: str | None = None) -> list[str]:
-    """`python -m thinseg.jobs TASK JOB.json` (registration and training jobs) as an argument list."""
-    if task not in ("register", "train"):
+    """`python -m thinseg.jobs TASK JOB.json` (segmentation, registration, training) as an argument list."""
+    if task not in TASKS:
         raise ValueError(f"unknown worker task {task!r}")
     return [python or python_executable(), "-m", "thinseg.jobs", task, str(job_file)]
 
 
-# -- parsing ------------------------------------------------------------------------------------
+# -- output -------------------------------------------------------------------------------------
 
 
-@dataclass
-class Progress:
-    """A progress-bar update: `done` of `total` steps of `name` (tiles of a section, batches of
-    an epoch); `fraction` overall in 0..1 (epochs counted in for training)."""
+@dataclass(frozen=True)
+class OutputLine:
+    """A line of the process's output that is not an event (a library's warning, a traceback):
+    for the log only."""
 
-    name: str
-    done: int
-    total: int
-    fraction: float
-    rate: str = ""
-    epoch: int | None = None
-    epochs: int | None = None
-
-
-@dataclass
-class Epoch:
-    """A finished training epoch (one point of the live curve)."""
-
-    epoch: int
-    epochs: int
-    loss: float
-    val_mean_iou: float | None = None
-    best: bool = False
-
-
-@dataclass
-class Message:
+    stream: str  # "stdout" | "stderr"
     text: str
 
 
-@dataclass
-class ErrorLine:
-    """A one-line error from the core ("thinseg: error: ...")."""
+#: What `poll()` returns: the job's events and its other output lines, in arrival order per stream.
+ProcessOutput = Union[JobEvent, OutputLine]
 
-    text: str
-
-
-@dataclass
-class Event:
-    """A structured event from the job runner ("@thinseg {...}")."""
-
-    kind: str
-    data: dict = field(default_factory=dict)
+#: Lines of stderr kept to explain a crash.
+STDERR_TAIL = 20
 
 
-_TQDM = re.compile(
-    r"^(?:(?P<name>.*?):\s*)?(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)\s*(?:\[(?P<info>[^\]]*)\]?)?"
-)
-_EPOCH_NAME = re.compile(r"epoch\s+(?P<epoch>\d+)\s*/\s*(?P<epochs>\d+)", re.IGNORECASE)
-_EPOCH_SUMMARY = re.compile(
-    r"^epoch\s+(?P<epoch>\d+)\s*/\s*(?P<epochs>\d+):\s*loss\s+(?P<loss>[-+0-9.eE]+|nan)"
-    r"(?:.*?val mean IoU\s+(?P<iou>[-+0-9.eE]+|nan))?(?P<rest>.*)$"
-)
-_ERROR = re.compile(r"^thinseg:\s*error:\s*(?P<text>.*)$")
-_MPIX = re.compile(r"(?P<rate>[0-9.]+\s*MPix/s)")
-
-
-def parse_line(line: str):
-    """One line (or carriage-return segment) of output -> an event, or None for blank lines."""
-    text = line.strip()
-    if not text:
-        return None
-    if text.startswith(EVENT_PREFIX.strip()):
-        try:
-            data = json.loads(text[len(EVENT_PREFIX.strip()) :].strip())
-            return Event(str(data.pop("event", "message")), data)
-        except ValueError:
-            return Message(text)
-    m = _ERROR.match(text)
-    if m:
-        return ErrorLine(m.group("text").strip())
-    m = _TQDM.match(text)
-    if m:
-        name = (m.group("name") or "").strip()
-        done, total = int(m.group("done")), int(m.group("total"))
-        fraction = done / total if total else 0.0
-        info = m.group("info") or ""
-        rate = _MPIX.search(info)
-        progress = Progress(name, done, total, fraction, rate.group("rate") if rate else "")
-        e = _EPOCH_NAME.search(name)
-        if e:
-            progress.epoch, progress.epochs = int(e.group("epoch")), int(e.group("epochs"))
-            if progress.epochs:
-                progress.fraction = (progress.epoch - 1 + fraction) / progress.epochs
-        return progress
-    m = _EPOCH_SUMMARY.match(text)
-    if m:
-        iou = m.group("iou")
-        return Epoch(
-            int(m.group("epoch")),
-            int(m.group("epochs")),
-            float(m.group("loss")),
-            float(iou) if iou is not None else None,
-            "best" in (m.group("rest") or ""),
-        )
-    return Message(text)
-
-
-class OutputParser:
-    """Feed it chunks as they arrive; it returns the events of every complete line.
-
-    tqdm redraws its bar with "\\r" and no newline, so both "\\r" and "\\n" end a line; a
-    partial line is kept until the rest arrives (or `flush()`)."""
+class _Lines:
+    """Splits text chunks into lines as they arrive (a partial line waits for its end)."""
 
     def __init__(self) -> None:
         self._partial = ""
 
-    def feed(self, text: str) -> list:
-        data = self._partial + text
-        parts = re.split(r"\r\n|\r|\n", data)
+    def feed(self, text: str) -> list[str]:
+        parts = re.split(r"\r\n|\r|\n", self._partial + text)
         self._partial = parts.pop()
-        return [e for e in (parse_line(p) for p in parts) if e is not None]
+        return parts
 
-    def flush(self) -> list:
+    def flush(self) -> list[str]:
         rest, self._partial = self._partial, ""
-        event = parse_line(rest)
-        return [event] if event is not None else []
+        return [rest] if rest else []
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -246,11 +134,12 @@ def _default_sigint() -> None:
 
 
 class BackgroundProcess:
-    """A child process whose stdout and stderr are parsed as they arrive.
+    """A job process whose output is read as it arrives.
 
-    `poll()` never blocks: it returns the events received since the last call. `finished`
-    turns True once the process has exited and both pipes are drained. `cancel()` asks the
-    child to stop (SIGINT: the core discards partial files), then kills it after `grace` s.
+    `poll()` never blocks: it returns the events and output lines received since the last call.
+    `finished` turns True once the process has exited and both pipes are drained. `cancel()`
+    asks the child to stop (SIGINT: the core discards partial files), then kills it after
+    `grace` s. `error` and `result` hold the job's error or result event once received.
     """
 
     def __init__(
@@ -261,14 +150,16 @@ class BackgroundProcess:
         self.cwd = str(cwd) if cwd is not None else None
         self.returncode: int | None = None
         self.cancelled = False
+        self.error: ErrorEvent | None = None
+        self.result: ResultEvent | None = None
+        self.warnings: list[str] = []
+        self.invalid_events: list[str] = []  # event lines that did not parse (a bug, kept for the message)
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
         self._kill_at = 0.0
-        self.errors: list[str] = []
-        self.messages: list[str] = []
-        self.log: list[str] = []  # every line, for the Slicer log
         self._queue: queue.Queue = queue.Queue()
         self._process: subprocess.Popen | None = None
         self._threads: list[threading.Thread] = []
-        self._parsers = {"stdout": OutputParser(), "stderr": OutputParser()}
+        self._lines = {"stdout": _Lines(), "stderr": _Lines()}
 
     # lifecycle
     def start(self) -> BackgroundProcess:
@@ -331,19 +222,17 @@ class BackgroundProcess:
     def finished(self) -> bool:
         return self.returncode is not None
 
-    def poll(self) -> list:
-        """Events since the last call; sets `returncode` once the child is done and drained."""
-        events = []
+    def poll(self) -> list[ProcessOutput]:
+        """Events and output lines since the last call; sets `returncode` once the child is
+        done and drained."""
+        received: list[ProcessOutput] = []
         while True:
             try:
                 name, text = self._queue.get_nowait()
             except queue.Empty:
                 break
-            parser = self._parsers[name]
-            new = parser.feed(text) if text is not None else parser.flush()
-            for event in new:
-                self._record(event)
-            events += new
+            lines = self._lines[name].feed(text) if text is not None else self._lines[name].flush()
+            received += [item for item in (self._take(name, line) for line in lines) if item is not None]
         self._kill_if_overdue()
         if (
             self._process is not None
@@ -353,32 +242,38 @@ class BackgroundProcess:
             and self._queue.empty()
         ):
             self.returncode = self._process.returncode
-        return events
+        return received
 
-    def _record(self, event) -> None:
-        if isinstance(event, ErrorLine):
-            self.errors.append(event.text)
-            self.log.append(f"thinseg: error: {event.text}")
-        elif isinstance(event, Message):
-            self.messages.append(event.text)
-            self.log.append(event.text)
-        elif isinstance(event, Epoch):
-            self.log.append(
-                f"epoch {event.epoch}/{event.epochs}: loss {event.loss:.4f}"
-                + (f", val mean IoU {event.val_mean_iou:.4f}" if event.val_mean_iou is not None else "")
-            )
-        elif isinstance(event, Event) and event.kind == "error":
-            self.errors.append(str(event.data.get("message", "")))
-            self.log.append(f"error: {event.data.get('message', '')}")
+    def _take(self, stream: str, line: str) -> ProcessOutput | None:
+        """One line -> its event (stdout event lines) or an output line; None for blank lines."""
+        if not line.strip():
+            return None
+        if stream == "stderr":
+            self.stderr_tail.append(line.rstrip())
+            return OutputLine(stream, line.rstrip())
+        try:
+            event = parse_event(line)
+        except EventError as error:
+            self.invalid_events.append(f"{error}: {line.strip()[:200]}")
+            return OutputLine(stream, line.rstrip())
+        if event is None:
+            return OutputLine(stream, line.rstrip())
+        if isinstance(event, ErrorEvent):
+            self.error = event
+        elif isinstance(event, ResultEvent):
+            self.result = event
+        elif isinstance(event, WarningEvent):
+            self.warnings.append(event.text)
+        return event
 
-    def wait(self, timeout: float | None = None, interval: float = 0.05) -> list:
-        """Block until done (tests and console use); returns every event received meanwhile."""
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> list[ProcessOutput]:
+        """Block until done (tests and console use); returns everything received meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        events = []
+        received: list[ProcessOutput] = []
         while True:
-            events += self.poll()
+            received += self.poll()
             if self.finished:
-                return events
+                return received
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{' '.join(self.command[:4])} did not finish within {timeout} s")
             time.sleep(interval)
@@ -410,6 +305,8 @@ class BackgroundProcess:
     def _kill(self) -> None:
         """Kill the whole process group (the launcher and its Python)."""
         process = self._process
+        if process is None:
+            return
         try:
             if os.name == "nt":
                 subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True, check=False)
@@ -425,19 +322,27 @@ class BackgroundProcess:
 
     # results
     def error_message(self) -> str:
-        """What went wrong, in the core's words: its error lines, else the last output lines."""
+        """What went wrong: the job's error event, else (a crash) the exit status and the last
+        lines of stderr."""
         if self.cancelled:
             return "cancelled"
-        if self.errors:
-            unique = list(dict.fromkeys(self.errors))
-            return "\n".join(unique[-5:])
-        tail = [line for line in self.log if line.strip()][-5:]
-        detail = "\n".join(tail) if tail else "no output"
-        return f"the process stopped with exit status {self.returncode}:\n{detail}"
+        if self.error is not None:
+            return self.error.message
+        code = self.returncode
+        if code is not None and code < 0:
+            status = f"the process was stopped by signal {-code}"
+        elif code == 0:
+            status = "the process finished without reporting a result"
+        else:
+            status = f"the process stopped with exit status {code}"
+        detail = list(self.stderr_tail)[-5:] + self.invalid_events[-3:]
+        return f"{status}:\n" + "\n".join(detail) if detail else f"{status} and wrote no error message"
 
-    def check(self) -> None:
-        """Raise ThinSegError unless the process finished with exit status 0."""
+    def check(self) -> ResultEvent:
+        """The job's result event; ThinSegError (the job's message) unless it finished with
+        exit status 0 and a result."""
         if self.cancelled:
             raise ThinSegError("cancelled")
-        if self.returncode != 0:
+        if self.returncode != 0 or self.result is None or self.error is not None:
             raise ThinSegError(self.error_message())
+        return self.result

@@ -1,19 +1,19 @@
-"""Registration and training jobs described by a plain JSON file (`job.json`).
+"""Segmentation, registration and training jobs described by a plain JSON file (`job.json`).
 
 A job folder holds `job.json`, the inputs the Slicer panel exported (GeoSlicer netCDF) and,
 when done, the outputs and `summary.json`; the panel imports them only after the process exits
-with status 0, so a failed or cancelled job leaves the scene as it was. Progress goes to stdout
-as "@thinseg {json}" event lines (parsed by the panel's output parser).
+with status 0, so a failed or cancelled job leaves the scene as it was. While it runs, a job
+reports through typed events (thinseg.jobs.events): progress, stages, epochs, warnings.
 
-Start-up stays light: SimpleITK (registration) and torch (training) are imported by the job
-that needs them, so the Slicer panel can import this module before they are installed.
+Start-up stays light: torch (segmentation, training) and SimpleITK (registration) are imported
+by the job that needs them, so the Slicer panel can import this module before they are installed.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,27 +24,127 @@ import numpy.typing as npt
 from thinseg.errors import ThinSegError
 from thinseg.io.atomic import write_bytes_atomic
 from thinseg.io.netcdf import NetcdfImageSource, NetcdfWriter, open_netcdf_image, read_labelmap
-from thinseg.jsonio import dumps, write_json
+from thinseg.jobs.events import (
+    Emit,
+    EpochEvent,
+    MessageEvent,
+    ProgressEvent,
+    StageEvent,
+    WarningEvent,
+    emit_stdout,
+    finite_or_none,
+)
+from thinseg.jsonio import write_json
 
 if TYPE_CHECKING:
+    from thinseg.pipelines.segment import SectionResult, SegmentRun
     from thinseg.registration.landmark_io import LandmarkPairs
     from thinseg.registration.stages import RegistrationResult
     from thinseg.training.config import TrainConfig
 
-#: A job's event sink: `emit(event, **data)`.
-Emit = Callable[..., None]
 #: A job as read from job.json.
 Job = dict[str, Any]
 #: A finished job's summary (also written to summary.json).
 Summary = dict[str, Any]
+#: Seconds between two progress events of the same work (the first and the last always go out).
+PROGRESS_INTERVAL = 0.25
 
-#: Prefix of the event lines on stdout.
-EVENT_PREFIX = "@thinseg "
+
+class _Throttle:
+    """Lets a progress event through at the start, at the end, and every PROGRESS_INTERVAL s."""
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+
+    def due(self, done: int, total: int) -> bool:
+        now = time.monotonic()
+        if self._last is not None and done < total and now - self._last < PROGRESS_INTERVAL:
+            return False
+        self._last = now
+        return True
 
 
-def emit_stdout(event: str, **data: Any) -> None:
-    """One "@thinseg {json}" line on stdout (standard JSON: NaN/inf as null)."""
-    print(EVENT_PREFIX + dumps({"event": event, **data}), flush=True)
+# -- segmentation -------------------------------------------------------------------------------
+
+
+def _tile_progress(emit: Emit) -> Callable[[str, int], Callable[[int, int], None]]:
+    """The pipeline's progress factory: per section, tile progress events with MPix/s."""
+
+    def factory(name: str, pixels: int) -> Callable[[int, int], None]:
+        start, throttle = time.perf_counter(), _Throttle()
+        emit(StageEvent(f"segmenting {name}"))
+
+        def update(done: int, total: int) -> None:
+            if throttle.due(done, total):
+                seconds = max(time.perf_counter() - start, 1e-9)
+                rate = pixels * done / max(total, 1) / seconds / 1e6
+                emit(ProgressEvent(name, done, total, unit="tiles", rate=rate, rate_unit="MPix/s"))
+
+        return update
+
+    return factory
+
+
+def _section_summary(result: SectionResult) -> Summary:
+    return {
+        "section": result.section.name,
+        "netcdf": result.netcdf.name,
+        "seconds": result.seconds,
+        "megapixels": result.megapixels,
+        "tiles": result.tiles,
+        "percent": {area.name: area.percent for area in result.mineralogy.areas},
+    }
+
+
+def run_segment_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary:
+    """Segment the job's section (`job["inputs"]`: GeoSlicer netCDF files in the folder) with
+    `job["model_dir"]` into `job["output"]` (netCDF: the inputs, the labelmap, the confidence
+    map when asked for) and `summary.json`."""
+    # deferred: the segmentation pipeline imports torch (1-2 s), loaded only by segmentation jobs
+    from thinseg.inference.engine import InferenceOptions
+    from thinseg.pipelines.segment import SegmentOptions, segment_files
+
+    probabilities = bool(job.get("probabilities", False))
+    options = SegmentOptions(
+        pp_pattern=str(job.get("pp_pattern", "PP")),
+        xp_pattern=str(job.get("xp_pattern", "XP")),
+        overwrite=True,
+        probabilities=probabilities,
+        inference=InferenceOptions(
+            device=str(job.get("device", "auto")),
+            with_confidence=probabilities,
+            tile=int(job["tile"]) if job.get("tile") else None,
+        ),
+    )
+
+    def on_start(run: SegmentRun) -> None:
+        emit(MessageEvent(f"model: {run.bundle.title} ({run.model_dir})"))
+        for message in run.segmenter.messages if run.segmenter is not None else []:
+            emit(MessageEvent(message))
+
+    emit(StageEvent("loading the model"))
+    model_dir = Path(job["model_dir"]) if job.get("model_dir") else None
+    run = segment_files(
+        [folder / name for name in job["inputs"]],
+        options,
+        folder / job["output"],
+        model_dir,
+        on_start=on_start,
+        progress=_tile_progress(emit),
+    )
+    if run.problems:
+        raise ThinSegError(run.problems[0].problem, run.problems[0].path)
+    if run.failures:
+        raise run.failures[0][1]
+    if not run.results:
+        raise ThinSegError("nothing to segment", folder / "job.json")
+    sections = [_section_summary(r) for r in run.results]
+    for result in run.results:
+        for message in result.messages[len(run.segmenter.messages) if run.segmenter else 0 :]:
+            emit(MessageEvent(message))
+    summary: Summary = {"output": job["output"], "model": run.bundle.title, "sections": sections}
+    write_json(folder / "summary.json", summary)
+    return summary
 
 
 # -- registration -------------------------------------------------------------------------------
@@ -97,7 +197,7 @@ def run_register_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summar
     `job["output"]` (the registered labelmap on the PP grid, GeoSlicer netCDF), the transform
     (`transform.tfm` + `transform.json`) and `summary.json`."""
     source = folder / job["input"]
-    emit("stage", text="reading the images")
+    emit(StageEvent("reading the images"))
     pp, pp_info = _read_rgb(source, job["pp"])
     if pp is None or pp_info is None:
         raise ThinSegError("the job names no PP image", folder / "job.json")
@@ -118,9 +218,9 @@ def run_register_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summar
         kind=job.get("kind", "similarity"),
         refine=bool(job.get("refine", True)),
         bspline=bool(job.get("bspline", False)),
-        progress=lambda text: emit("stage", text=text),
+        progress=lambda text: emit(StageEvent(text)),
     )
-    emit("stage", text="writing the results")
+    emit(StageEvent("writing the results"))
     out = folder / job["output"]
     origin = pp_info.origin_mm or (0.0, 0.0, 0.0)
     xp_aligned_variable = None
@@ -145,7 +245,7 @@ def run_register_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summar
     }
     write_json(folder / "summary.json", summary)
     for warning in result.warnings:
-        emit("warning", text=warning)
+        emit(WarningEvent(warning))
     return summary
 
 
@@ -182,7 +282,7 @@ def train_config(job: Job, folder: Path) -> TrainConfig:
         description=str(job.get("description", "")),
         device=str(job.get("device", "auto")),
         overwrite=True,
-        progress=True,
+        progress=False,  # no progress bars: the job reports through events
     )
     for key in _INT_OPTIONS:
         if job.get(key) is not None:
@@ -196,17 +296,38 @@ def train_config(job: Job, folder: Path) -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
-def _log_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def run_train_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary:
     """Train, then move the exported bundle to `job["model_dir"]` (a new folder under a model
-    root's ThinSectionEnv/, where the model selector and GeoSlicer find it)."""
+    root's ThinSectionEnv/Multiphase/, where the model selector and GeoSlicer find it). Batches and
+    epochs are reported as progress and epoch events, the trainer's log lines as messages."""
     from thinseg.training import train  # deferred: torch costs 1-2 s at start-up
 
     config = train_config(job, folder)
-    result = train(config, log=_log_stderr)
+    epochs, current, throttle = config.epochs, [1], _Throttle()
+
+    def on_step(done: int, total: int) -> None:
+        if throttle.due(done, total):
+            name = f"epoch {current[0]}/{epochs}"
+            emit(ProgressEvent(name, done, total, unit="batches", epoch=current[0], epochs=epochs))
+
+    def on_epoch(row: dict[str, Any], best: bool) -> None:
+        current[0] = int(row["epoch"]) + 1
+        seconds = float(row.get("train_seconds") or 0.0) + float(row.get("val_seconds") or 0.0)
+        emit(
+            EpochEvent(
+                epoch=int(row["epoch"]),
+                epochs=epochs,
+                loss=finite_or_none(row.get("train_loss")),
+                val_mean_iou=finite_or_none(row.get("val_mean_iou")),
+                best=best,
+                lr=finite_or_none(row.get("lr")),
+                samples_per_s=finite_or_none(row.get("train_samples_per_s")),
+                seconds=seconds,
+            )
+        )
+
+    emit(StageEvent("preparing the training sections"))
+    result = train(config, log=lambda text: emit(MessageEvent(text)), on_step=on_step, on_epoch=on_epoch)
     if result.model_dir is None or not Path(result.model_dir).is_dir():
         raise ThinSegError("training finished without exporting a model", config.output_dir)
     target = Path(job["model_dir"])
@@ -228,9 +349,12 @@ def run_train_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary:
         "stopped_early": result.stopped_early,
     }
     write_json(folder / "summary.json", summary)
-    emit("model", path=str(target))
     return summary
 
 
 #: The tasks `python -m thinseg.jobs TASK job.json` runs.
-TASKS: dict[str, Callable[[Job, Path], Summary]] = {"register": run_register_job, "train": run_train_job}
+TASKS: dict[str, Callable[[Job, Path], Summary]] = {
+    "segment": run_segment_job,
+    "register": run_register_job,
+    "train": run_train_job,
+}

@@ -44,6 +44,10 @@ SPLIT_FILE = "split.json"
 TEST_METRICS_FILE = "test_metrics.json"
 
 Log = Callable[[str], None]
+#: Called after each training batch with (batches done, batches per epoch).
+StepHook = Callable[[int, int], None]
+#: Called after each epoch with its history row and whether it is the best (exported) so far.
+EpochHook = Callable[[dict[str, Any], bool], None]
 
 
 def _stderr(message: str) -> None:
@@ -91,6 +95,13 @@ def make_optimizer(network: torch.nn.Module, lr: float, weight_decay: float) -> 
         return torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
 
 
+def _grad_scaler(enabled: bool) -> torch.amp.GradScaler:
+    """fp16 loss scaling (CUDA only): torch.amp's scaler from torch 2.3, torch.cuda.amp's before."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3 (GeoSlicer 2.8 ships 1.12)
+
+
 class TrainingRun:
     """State of one training run: `TrainingRun(config).fit()` is what `train(config)` does.
 
@@ -98,9 +109,12 @@ class TrainingRun:
     optimiser and data stream in `start()`, so benchmarks can drive single epochs.
     """
 
-    def __init__(self, config: TrainConfig, log: Log) -> None:
+    def __init__(
+        self, config: TrainConfig, log: Log, on_step: StepHook | None = None, on_epoch: EpochHook | None = None
+    ) -> None:
         self.config = config
         self.log = log
+        self.on_step, self.on_epoch = on_step, on_epoch
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.out / CHECKPOINT_FILE
@@ -269,7 +283,7 @@ class TrainingRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, total, c.warmup_steps, c.schedule)
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scaler = _grad_scaler(enabled=self.amp_dtype == torch.float16)
         self.stream = PatchStream(
             self.train_sections,
             self.roles,
@@ -308,6 +322,8 @@ class TrainingRun:
                 write_log_csv(self.out / LOG_FILE, self.history)
                 plot_curves(self.out / CURVES_FILE, self.history)
                 stopped = self._keep_best(row)
+                if self.on_epoch is not None:
+                    self.on_epoch(row, self.best["epoch"] == row["epoch"])
                 if not stopped and c.max_minutes is not None and self.epoch < c.epochs:
                     elapsed = time.monotonic() - started
                     if elapsed + elapsed / epochs_here > 60 * c.max_minutes:  # the next epoch would not fit
@@ -363,12 +379,14 @@ class TrainingRun:
             leave=False,
         )
         try:
-            for images, target, jitter in self.loader:
+            for done, (images, target, jitter) in enumerate(self.loader, 1):
                 loss = self.step(images, target, jitter)
                 if math.isfinite(loss):
                     losses.append(loss)
                 seen += images.shape[0]
                 bar.update(1)
+                if self.on_step is not None:
+                    self.on_step(done, c.steps_per_epoch)
                 bar.set_postfix(
                     loss=f"{np.mean(losses[-20:]) if losses else float('nan'):.4f}",
                     samples_s=f"{seen / (time.perf_counter() - start):.1f}",
@@ -596,8 +614,10 @@ class TrainingRun:
         return state
 
 
-def train(config: TrainConfig, log: Log | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, log: Log | None = None, on_step: StepHook | None = None, on_epoch: EpochHook | None = None
+) -> TrainResult:
     """Train (or resume) a run described by `config`; the best model is exported as a GeoSlicer
     bundle at config.output_dir / config.model_name."""
     logger = log or (_stderr if config.progress else (lambda _m: None))
-    return TrainingRun(config, logger).fit()
+    return TrainingRun(config, logger, on_step, on_epoch).fit()
