@@ -25,7 +25,6 @@ from helpers import make_bundle
 
 from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, labelmaps, netcdf_nodes, results, volumes
 from thinseg.classes.files import default_class_table
-from thinseg.errors import ThinSegError
 from thinseg.synth import generate_section
 
 MM = 0.00132
@@ -528,22 +527,35 @@ def test_registration_on_a_turned_pp_lands_the_map_on_its_grid(scene, kind):
     assert np.array_equal(slicer.util.arrayFromVolume(labelmap), voxels_showing(registered, m, dims))
 
 
-# -- what cannot be read as a picture ------------------------------------------------------------
+# -- volumes turned off the R/A/S axes --------------------------------------------------------------
 
 
-def test_oblique_volumes_are_refused_naming_the_node(scene, section, model_dir, tmp_path):
+def test_turned_volumes_segment_as_the_nearest_view_on_their_own_voxels(scene, section, model_dir, tmp_path):
+    """A PP turned by 30 degrees is read as the axial view nearest to it shows it: its labels are
+    those of the same voxels unturned, written on the turned grid, and survive a netCDF round trip."""
+    straight, dims = layout(np.eye(3), 2, section.pp.shape)
     angle = np.radians(30)
-    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    m, dims = layout(np.eye(3), 2, section.pp.shape)
-    m[:3, :3] = rotation * MM
-    pp = add_volume(scene, "Tilted_PP", voxels_showing(section.pp, layout(np.eye(3), 2, section.pp.shape)[0], dims), m)
+    turned = straight.copy()
+    turned[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]) * MM
     logic = ThinSectionSegmentationLogic(scene)
-    before = scene.GetNumberOfNodes()
-    with pytest.raises(ThinSegError, match="'Tilted_PP' is rotated off the R/A/S axes"):
-        logic.segment(pp, pp, model_dir, device="cpu")
-    with pytest.raises(ThinSegError, match="'Tilted_PP' is rotated off the R/A/S axes"):
-        netcdf_nodes.export_nodes([pp], tmp_path / "tilted.nc")
-    assert scene.GetNumberOfNodes() == before and not list(tmp_path.iterdir())
+    outputs = {}
+    for name, m in (("Straight", straight), ("Turned", turned)):
+        pp = add_volume(scene, f"{name}_PP", voxels_showing(section.pp, straight, dims), m)
+        xp = add_volume(scene, f"{name}_XP", voxels_showing(section.xp, straight, dims), m)
+        out = logic.segment(pp, xp, model_dir, device="cpu")
+        assert np.array_equal(matrix_of(out.labelmap), m)
+        outputs[name] = (pp, out.labelmap)
+    assert np.array_equal(
+        slicer.util.arrayFromVolume(outputs["Turned"][1]), slicer.util.arrayFromVolume(outputs["Straight"][1])
+    )
+    pp, labelmap = outputs["Turned"]
+    netcdf_nodes.export_nodes([pp, labelmap], tmp_path / "turned.nc")
+    imported = ThinSectionSegmentationLogic(scene).importNetcdf(tmp_path / "turned.nc")
+    labels_back = next(node for node in imported.nodes if node.IsA("vtkMRMLLabelMapVolumeNode"))
+    # every voxel keeps its RAS position: the same picture on the same picture-to-RAS matrix
+    for original, back in ((pp, imported.pp), (labelmap, labels_back)):
+        assert np.allclose(volumes.section_grid(back).picture_to_ras, volumes.section_grid(original).picture_to_ras)
+        assert np.array_equal(volumes.picture_array(back), volumes.picture_array(original))
 
 
 def test_results_follow_the_pp_under_a_parent_transform(scene, section, model_dir):

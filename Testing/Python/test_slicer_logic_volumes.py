@@ -65,9 +65,12 @@ def test_images_the_core_cannot_use_are_refused_with_one_clear_message(scene):
     with pytest.raises(ThinSegError, match="3 slices"):
         volumes.rgb_array(stack)
     rotated = volumes.create_rgb_volume(scene, "rot", rgb(), 0.01)
-    rotated.SetIJKToRASDirections(0.8, -0.6, 0, 0.6, 0.8, 0, 0, 0, 1)  # flips are fine, a tilt is not
-    with pytest.raises(ThinSegError, match="'rot' is rotated off the R/A/S axes"):
-        volumes.require_thin_section_geometry(rotated)
+    rotated.SetIJKToRASDirections(0.8, -0.6, 0, 0.6, 0.8, 0, 0, 0, 1)  # a turn is read as the nearest view
+    assert volumes.require_thin_section_geometry(rotated).shape == rgb().shape[:2]
+    degenerate = volumes.create_rgb_volume(scene, "flat", rgb(), 0.01)
+    degenerate.SetIJKToRASDirections(1, 1, 0, 0, 0, 0, 0, 0, 1)
+    with pytest.raises(ThinSegError, match="'flat' has degenerate IJK-to-RAS directions"):
+        volumes.require_thin_section_geometry(degenerate)
     skewed = volumes.create_rgb_volume(scene, "aniso", rgb(), 0.01)
     skewed.SetSpacing(0.01, 0.02, 0.01)
     with pytest.raises(ThinSegError, match="'aniso' has 0.01 x 0.02 mm pixels .* needs square pixels"):

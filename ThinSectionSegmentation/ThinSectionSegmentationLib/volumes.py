@@ -12,12 +12,15 @@ The core works on the *picture*: the photograph as Slicer shows it in the view l
 slice (axial, coronal or sagittal), rows going down the screen and columns to the right. A
 `SectionGrid` maps a node's voxels to that picture and back exactly (a transpose and flips,
 no resampling), so results written back with `write_picture` land voxel for voxel on the
-node's own grid (same IJK-to-RAS, same extent). Volumes that are not single axis-aligned
-slices are refused with one clear message (`ThinSegError`), never a VTK warning.
+node's own grid (same IJK-to-RAS, same extent). A volume turned off the R/A/S axes gives the
+picture of the slice view nearest to it, and its results too lie on its own voxels. Volumes
+that are not single slices are refused with one clear message (`ThinSegError`), never a VTK
+warning.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -173,27 +176,18 @@ class SectionGrid:
 
 
 def _ras_axes(directions: np.ndarray, name: str, what: str) -> list[int]:
-    """The RAS axis each IJK direction runs along; ThinSegError for oblique directions."""
-    axes = []
-    for c in range(3):
-        column = directions[:, c]
-        r = int(np.argmax(np.abs(column)))
-        off = np.delete(np.abs(column), r)
-        if abs(abs(column[r]) - 1.0) > _TOLERANCE or np.any(off > _TOLERANCE):
-            raise ThinSegError(
-                f"{what} '{name}' is rotated off the R/A/S axes (oblique IJK-to-RAS directions); its pixels "
-                "cannot be read as a photograph without resampling: resample it onto an axis-aligned grid "
-                "(e.g. Resample Scalar/Vector/DWI Volume) or reset its orientation first"
-            )
-        axes.append(r)
-    if len(set(axes)) != 3:
-        raise ThinSegError(f"{what} '{name}' has degenerate IJK-to-RAS directions (two axes along {_RAS[axes[0]]})")
-    return axes
+    """The RAS axis each IJK direction runs along, or runs closest to for a volume turned off the
+    R/A/S axes: its picture is then the one Slicer's nearest slice view shows, and results still
+    land on its own voxels. ThinSegError for degenerate directions."""
+    magnitude = np.abs(directions)
+    if np.linalg.matrix_rank(directions, tol=_TOLERANCE) < 3:
+        raise ThinSegError(f"{what} '{name}' has degenerate IJK-to-RAS directions (two axes point the same way)")
+    best = max(itertools.permutations(range(3)), key=lambda axes: sum(magnitude[r, c] for c, r in enumerate(axes)))
+    return list(best)
 
 
 def section_grid(node, what: str = "image") -> SectionGrid:
-    """How `node`'s voxels form its picture; ThinSegError if it holds no image, several slices
-    or oblique directions."""
+    """How `node`'s voxels form its picture; ThinSegError if it holds no image or several slices."""
     image = node.GetImageData() if node is not None else None
     name = node.GetName() if node is not None else None
     if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
@@ -240,8 +234,8 @@ def require_square_pixels(grid: SectionGrid, what: str, purpose: str) -> Section
 
 
 def require_thin_section_geometry(node, what: str = "volume") -> SectionGrid:
-    """The node's picture grid, if it is a single axis-aligned slice with square pixels (else
-    ThinSegError); any flip, transposition, view and origin is accepted."""
+    """The node's picture grid, if it is a single slice with square pixels (else ThinSegError);
+    any flip, transposition, rotation, view and origin is accepted."""
     return require_square_pixels(section_grid(node, what), what, "this step")
 
 
