@@ -176,7 +176,9 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
         wasBlocked = selector.blockSignals(True)
         try:
             selector.clear()
-            geoslicerRoots = models.geoslicer_model_roots(slicer.app.settings().value(models.GEOSLICER_MODEL_PATHS_SETTING))
+            geoslicerRoots = models.geoslicer_model_roots(
+                slicer.app.settings().value(models.GEOSLICER_MODEL_PATHS_SETTING)
+            )
             for info in self.logic.availableModels(self._userModelRoots(), geoslicerRoots):
                 selector.addItem(info.label, str(info.path))
                 selector.setItemData(selector.count - 1, info.description or str(info.path), qt.Qt.ToolTipRole)
