@@ -20,8 +20,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-#: Set this to the GeoSlicer reference folder (holding `src/`) when it is neither beside the
-#: checkout (`../shared/reference/geoslicer-2.8.9`) nor inside it (`shared/...`).
+#: Set this to the GeoSlicer reference folder (holding `src/`) when there is no
+#: `shared/reference/geoslicer-2.8.9` folder beside or inside the checkout.
 REFERENCE_ENV = "THINSEG_GEOSLICER_REFERENCE"
 _RELATIVE = Path("reference") / "geoslicer-2.8.9"
 
@@ -135,17 +135,20 @@ def _geoslicer_netcdf_stand_ins(scene) -> dict[str, types.ModuleType]:
         logic.SetMRMLScene(scene)
         logic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
 
+    def hex_colour(rgba) -> str:
+        """#rrggbb, each 0..1 channel scaled by 255 and truncated."""
+        return "#" + bytes(int(channel * 255) for channel in rgba[:3]).hex()
+
     def labels_csv(node, withColor=False):
-        colors = node.GetDisplayNode().GetColorNode()
-        rows = []
-        for index in range(1, colors.GetNumberOfColors()):
-            row = f"{colors.GetColorName(index)},{index}"
-            if withColor:
-                rgba = [0.0] * 4
-                colors.GetColor(index, rgba)
-                row += "," + "#" + "".join(f"{int(channel * 255):02x}" for channel in rgba[:3])
-            rows.append(row)
-        return rows
+        """ "name,index[,#rrggbb]" for every colour entry but the background (entry 0)."""
+        table = node.GetDisplayNode().GetColorNode()
+        lookup = table.GetLookupTable()
+
+        def fields(index: int) -> list[str]:
+            colour = [hex_colour(lookup.GetTableValue(index))] if withColor else []
+            return [table.GetColorName(index), str(index), *colour]
+
+        return [",".join(fields(index)) for index in range(1, table.GetNumberOfColors())]
 
     def get_metadata(_node_or_item) -> dict:
         return {}

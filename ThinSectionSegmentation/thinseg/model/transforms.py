@@ -16,8 +16,9 @@ checked when a bundle is loaded (thinseg.model.bundle).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, Union
 
 import numpy as np
@@ -83,6 +84,36 @@ def _set(obj: object, name: str, value: object) -> None:
     object.__setattr__(obj, name, value)
 
 
+def _converted(value: Any, dtype_name: str | None) -> torch.Tensor:
+    """`value` as a tensor (sharing memory where torch can), then cast when a dtype is named."""
+    tensor = torch.as_tensor(value)
+    return tensor.to(dtype=TORCH_DTYPES[dtype_name]) if dtype_name is not None else tensor
+
+
+def _rescaled(x: torch.Tensor, source: tuple[float, float], target: tuple[float, float]) -> torch.Tensor:
+    """`x` mapped linearly from the range `source` onto `target`, out of place.
+
+    Shift, divide by the source width, multiply by the target width, shift: one torch operation
+    each, in that order, so float32 rounding is the same as GeoSlicer's arithmetic.
+    """
+    source_width = source[1] - source[0]
+    target_width = target[1] - target[0]
+    shifted = torch.sub(x, source[0])
+    return torch.add(torch.mul(torch.div(shifted, source_width), target_width), target[0])
+
+
+def _update_each(
+    sample: Sample, names: Sequence[str], change: Callable[[torch.Tensor], torch.Tensor], required_by: str = ""
+) -> Sample:
+    """Replace each named entry by `change(entry)`, one name after another (a name listed twice is
+    changed twice). Absent names are passed over, unless `required_by` names the transform that
+    needs them."""
+    for name in names:
+        if required_by or name in sample:
+            sample[name] = change(_need(sample, name, required_by))
+    return sample
+
+
 class SampleTransform:
     """A step of the chain: takes the sample dict, returns it (changed in place, as GeoSlicer's)."""
 
@@ -120,11 +151,8 @@ class ToTensorTransform(SampleTransform):
         _set(self, "keys", dict(keys))
 
     def __call__(self, sample: Sample) -> Sample:
-        for key, dtype in self.keys.items():
-            if key not in sample:
-                continue
-            tensor = torch.as_tensor(sample[key])
-            sample[key] = tensor if dtype is None else tensor.to(TORCH_DTYPES[dtype])
+        present = [name for name in self.keys if name in sample]
+        sample.update({name: _converted(sample[name], self.keys[name]) for name in present})
         return sample
 
 
@@ -167,10 +195,9 @@ class QuantileTransform(SampleTransform):
         return (hi - lo > 0) == (new_hi - new_lo > 0) and new_hi != new_lo
 
     def __call__(self, sample: Sample) -> Sample:
-        x = _need(sample, self.key, self.NAME)
-        min_q, max_q = self.quantile_values
-        min_moved, max_moved = self.move_to
-        x[...] = (x - min_q) / (max_q - min_q) * (max_moved - min_moved) + min_moved
+        # GeoSlicer writes the result back into the entry's own storage (and its dtype).
+        entry = _need(sample, self.key, self.NAME)
+        entry.copy_(_rescaled(entry, _pair(self.quantile_values, ""), _pair(self.move_to, "")))
         return sample
 
 
@@ -188,10 +215,7 @@ class AddAxisTransform(SampleTransform):
         _axis(self.axis, f"{self.NAME} axis")
 
     def __call__(self, sample: Sample) -> Sample:
-        for key in self.keys:
-            if key in sample:
-                sample[key] = torch.unsqueeze(sample[key], self.axis)
-        return sample
+        return _update_each(sample, self.keys, partial(torch.unsqueeze, dim=self.axis))
 
 
 @dataclass(frozen=True)
@@ -210,9 +234,7 @@ class SwapAxesTransform(SampleTransform):
         _axis(self.axis_1, f"{self.NAME} axis_1")
 
     def __call__(self, sample: Sample) -> Sample:
-        for key in self.keys:
-            sample[key] = torch.swapaxes(_need(sample, key, self.NAME), self.axis_0, self.axis_1)
-        return sample
+        return _update_each(sample, self.keys, lambda t: t.transpose(self.axis_0, self.axis_1), self.NAME)
 
 
 @dataclass(frozen=True)
@@ -231,10 +253,7 @@ class PermuteTransform(SampleTransform):
         _set(self, "axes", tuple(_axis(a, f"{self.NAME} axes") for a in self.axes))
 
     def __call__(self, sample: Sample) -> Sample:
-        for key in self.keys:
-            if key in sample:
-                sample[key] = sample[key].permute(*self.axes)
-        return sample
+        return _update_each(sample, self.keys, lambda t: t.permute(self.axes))
 
 
 @dataclass(frozen=True)
@@ -254,15 +273,22 @@ class ConcatenateTransform(SampleTransform):
         )
         if not ok or not self.key_groups:
             raise ThinSegError(f"{self.NAME} key_groups must map a name to input names, not {self.key_groups!r}")
+        twice = sorted({n for parts in self.key_groups.values() for n in parts if list(parts).count(n) > 1})
+        if twice:  # GeoSlicer fails on these when it removes the joined entries
+            raise ThinSegError(f"{self.NAME} key_groups name {', '.join(twice)} twice in one group")
         if self.axis not in (0, -3):
             raise ThinSegError(f"{self.NAME} along axis {self.axis} is not supported (only the channel axis 0)")
 
     def __call__(self, sample: Sample) -> Sample:
-        for new_key, old_keys in self.key_groups.items():
-            joined = torch.cat([_need(sample, k, self.NAME) for k in old_keys], dim=self.axis)
-            for k in old_keys:
-                del sample[k]
-            sample[new_key] = joined
+        # Groups run in turn (a later group may join an earlier one's result). The joined entries
+        # leave the sample before the result is stored, so a result may reuse a part's name; it
+        # then moves to the end, like any new entry.
+        for target, parts in self.key_groups.items():
+            joined = torch.cat(tuple(_need(sample, part, self.NAME) for part in parts), self.axis)
+            kept = [(name, value) for name, value in sample.items() if name not in parts]
+            sample.clear()
+            sample.update(kept)
+            sample[target] = joined
         return sample
 
     def to_config(self) -> dict[str, Any]:
@@ -290,10 +316,13 @@ class RenameTransform(SampleTransform):
         _set(self, "renames", dict(self.renames))
 
     def __call__(self, sample: Sample) -> Sample:
-        for old, new in self.renames.items():
-            if old in sample:
-                sample[new] = sample[old]
-                del sample[old]
+        # One rename after another, so {"a": "b", "b": "c"} takes `a` on to `c`.
+        for source, target in self.renames.items():
+            if source not in sample:
+                continue
+            value = sample.pop(source)
+            if target != source:  # a rename onto itself only drops the entry
+                sample[target] = value
         return sample
 
 
@@ -399,9 +428,7 @@ class AddConstantTransform(SampleTransform):
             raise ThinSegError(f"{self.NAME} constant must be a number, not {self.constant!r}")
 
     def __call__(self, sample: Sample) -> Sample:
-        for key in self.keys:
-            sample[key] = _need(sample, key, self.NAME) + self.constant
-        return sample
+        return _update_each(sample, self.keys, lambda t: t + self.constant, self.NAME)
 
 
 @dataclass(frozen=True)
