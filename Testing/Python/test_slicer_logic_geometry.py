@@ -482,8 +482,40 @@ def screen_ras(ijk_to_ras, dims, col, row):
     return plane + right * x + down * y
 
 
-@pytest.mark.parametrize("kind", ["similarity", "tps"])
-def test_registration_on_a_turned_pp_lands_the_map_on_its_grid(scene, kind):
+def rotation(axis, degrees):
+    """3x3 rotation by `degrees` about RAS axis `axis` (0 = R, 1 = A, 2 = S)."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    i, j = (a for a in range(3) if a != axis)
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+#: How a PP is placed in RAS relative to its axis-aligned layout: (rotation about its origin,
+#: mm added to its origin's S). Every placement keeps the same voxels, so Slicer's nearest view
+#: shows the same picture.
+PLACEMENTS = {
+    "axis-aligned": (np.eye(3), 0.0),
+    "turned-30": (rotation(2, 30), 0.0),
+    "tilted-R-20": (rotation(0, 20), 0.0),
+    "turned-30-tilted-R-20-A-15": (rotation(1, 15) @ rotation(0, 20) @ rotation(2, 30), 0.0),
+    "raised-0.4mm": (np.eye(3), 0.4),
+}
+
+
+def placed(straight, placement):
+    """The IJK-to-RAS matrix of `straight` turned about its origin and raised as `placement` says."""
+    turn, lift = PLACEMENTS[placement]
+    m = straight.copy()
+    m[:3, :3] = turn @ straight[:3, :3]
+    m[2, 3] += lift
+    return m
+
+
+@pytest.fixture(scope="module")
+def registration_sample():
+    """The bundled sample: its true QEMSCAN -> image pixel transform, the PP picture, and four
+    landmark pairs (QEMSCAN px, image px) placed by that transform."""
     import json
 
     from helpers import REPO
@@ -494,56 +526,97 @@ def test_registration_on_a_turned_pp_lands_the_map_on_its_grid(scene, kind):
     truth = json.loads((sample / "sample_truth_transform.json").read_text())
     source = open_image(sample / "sample_PP.jpg")
     picture = np.asarray(source.read(0, source.shape[0]))
+    qemscan_px = np.array([[60, 60], [250, 50], [80, 200], [240, 210]], float)
+    image_px = (np.array(truth["qemscan_to_image"]) @ np.c_[qemscan_px, np.ones(4)].T).T[:, :2]
+    return sample, truth, picture, qemscan_px, image_px
+
+
+@pytest.fixture(scope="module")
+def straight_registered(registration_sample):
+    """kind -> the registered labels of the sample on a GeoSlicer PP node (the known answer
+    every placement of the PP must give on its own voxels)."""
+    from thinseg.registration import LandmarkPairs
+
+    sample, truth, picture, qemscan_px, image_px = registration_sample
+    labels = {}
+    for kind in ("similarity", "tps"):
+        logic = ThinSectionSegmentationLogic(slicer.vtkMRMLScene())
+        pp = volumes.create_rgb_volume(logic.scene, "PP", picture, truth["image_mm_per_pixel"])
+        qemscan = logic.loadQemscan(
+            sample / "sample_QEMSCAN.tif", sample / "sample_QEMSCAN.csv", mmPerPixel=truth["qemscan_mm_per_pixel"]
+        )
+        out = logic.register(pp, qemscan, LandmarkPairs(qemscan_px, image_px), refine=False, kind=kind)
+        labels[kind] = volumes.label_array(out.labelmap)
+    # a picture that a flip or a transposition would change: the test can see mistakes
+    assert len(np.unique(labels["similarity"])) >= 3
+    assert not np.array_equal(labels["similarity"], labels["similarity"][::-1])
+    return labels
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+@pytest.mark.parametrize("kind", ["similarity", "tps"])
+def test_registration_on_a_pp_placed_any_way_lands_the_map_on_its_grid(
+    scene, registration_sample, straight_registered, kind, placement
+):
+    """Landmarks clicked on a PP flipped, turned in its plane, tilted out of it or lifted off the
+    QEMSCAN map's plane: the transform node sends every PP pixel onto the QEMSCAN map's plane,
+    where the true transform sends it, and the labelmap lies on the PP's own voxels."""
+    sample, truth, picture, qemscan_px, image_px = registration_sample
     spacing = truth["image_mm_per_pixel"]
     logic = ThinSectionSegmentationLogic(scene)
     qemscan = logic.loadQemscan(
         sample / "sample_QEMSCAN.tif", sample / "sample_QEMSCAN.csv", mmPerPixel=truth["qemscan_mm_per_pixel"]
     )
-    qemscan_px = np.array([[60, 60], [250, 50], [80, 200], [240, 210]], float)
-    image_px = (np.array(truth["qemscan_to_image"]) @ np.c_[qemscan_px, np.ones(4)].T).T[:, :2]
     q_matrix = matrix_of(qemscan)
-    outputs = {}
+    probe = np.array([[300.0, 400.0], [1000.0, 800.0], [1700.0, 1200.0]])
+    expected_px = (np.linalg.inv(np.array(truth["qemscan_to_image"])) @ np.c_[probe, np.ones(3)].T).T[:, :2]
     for name, directions in (("GeoSlicer", volumes.THIN_SECTION_DIRECTIONS), ("identity", np.eye(3))):
-        m, dims = layout(directions, 2, picture.shape, (spacing, spacing, spacing), (3.0, -1.0, 0.0))
-        pp = add_volume(scene, f"{name}_PP", voxels_showing(picture, m, dims), m)
+        straight, dims = layout(directions, 2, picture.shape, (spacing, spacing, spacing), (3.0, -1.0, 0.0))
+        m = placed(straight, placement)
+
+        def pixel_ras(x, y, straight=straight, m=m, dims=dims):
+            # where picture pixel (x, y) of the axis-aligned layout went: the same voxel, moved
+            return (m @ np.linalg.inv(straight) @ [*screen_ras(straight, dims, x, y), 1.0])[:3]
+
+        pp = add_volume(scene, f"{name}_PP", voxels_showing(picture, straight, dims), m)
         points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{name} points")
         for x, y in image_px:
-            points.AddControlPoint(*screen_ras(m, dims, x, y))
+            points.AddControlPoint(*pixel_ras(x, y))
         q_points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{name} QEMSCAN points")
         for x, y in qemscan_px:
             q_points.AddControlPoint(*(q_matrix @ [x, y, 0, 1])[:3])
         out = logic.register(pp, qemscan, (points, q_points), refine=False, kind=kind)
-        assert np.array_equal(matrix_of(out.labelmap), m)
-        # the transform node sends the RAS of PP picture pixels where the true transform sends them
-        probe = np.array([[300.0, 400.0], [1000.0, 800.0], [1700.0, 1200.0]])
-        expected_px = (np.linalg.inv(np.array(truth["qemscan_to_image"])) @ np.c_[probe, np.ones(3)].T).T[:, :2]
+        assert np.allclose(matrix_of(pp), m, rtol=0, atol=1e-15)
+        assert np.array_equal(matrix_of(out.labelmap), matrix_of(pp))
+        assert np.array_equal(
+            slicer.util.arrayFromVolume(out.labelmap), voxels_showing(straight_registered[kind], straight, dims)
+        )
+        # the transform node sends the RAS of PP picture pixels where the true transform sends
+        # them, on the QEMSCAN map's plane (its slice index 0)
         from_parent = out.transform.GetTransformFromParent()
         for (x, y), q in zip(probe, expected_px):
-            local = from_parent.TransformPoint(*screen_ras(m, dims, x, y))
-            assert np.allclose((np.linalg.inv(q_matrix) @ [*local, 1.0])[:2], q, atol=0.05)
-        outputs[name] = (out.labelmap, m, dims)
-    registered = volumes.label_array(outputs["GeoSlicer"][0])
-    labelmap, m, dims = outputs["identity"]
-    assert np.array_equal(slicer.util.arrayFromVolume(labelmap), voxels_showing(registered, m, dims))
+            local = from_parent.TransformPoint(*pixel_ras(x, y))
+            assert np.allclose((np.linalg.inv(q_matrix) @ [*local, 1.0])[:3], [*q, 0.0], atol=0.05)
 
 
 # -- volumes turned off the R/A/S axes --------------------------------------------------------------
 
 
-def test_turned_volumes_segment_as_the_nearest_view_on_their_own_voxels(scene, section, model_dir, tmp_path):
-    """A PP turned by 30 degrees is read as the axial view nearest to it shows it: its labels are
-    those of the same voxels unturned, written on the turned grid, and survive a netCDF round trip."""
+@pytest.mark.parametrize("placement", ["turned-30", "tilted-R-20"])
+def test_turned_volumes_segment_as_the_nearest_view_on_their_own_voxels(scene, section, model_dir, tmp_path, placement):
+    """A PP turned by 30 degrees in its plane, or tilted 20 degrees out of it about R, is read as
+    the axial view nearest to it shows it: its labels are those of the same voxels unturned,
+    written on the turned grid, and survive a netCDF round trip."""
     straight, dims = layout(np.eye(3), 2, section.pp.shape)
-    angle = np.radians(30)
-    turned = straight.copy()
-    turned[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]) * MM
+    turned = placed(straight, placement)
     logic = ThinSectionSegmentationLogic(scene)
     outputs = {}
     for name, m in (("Straight", straight), ("Turned", turned)):
         pp = add_volume(scene, f"{name}_PP", voxels_showing(section.pp, straight, dims), m)
         xp = add_volume(scene, f"{name}_XP", voxels_showing(section.xp, straight, dims), m)
         out = logic.segment(pp, xp, model_dir, device="cpu")
-        assert np.array_equal(matrix_of(out.labelmap), m)
+        assert np.allclose(matrix_of(pp), m, rtol=0, atol=1e-15)
+        assert np.array_equal(matrix_of(out.labelmap), matrix_of(pp))
         outputs[name] = (pp, out.labelmap)
     assert np.array_equal(
         slicer.util.arrayFromVolume(outputs["Turned"][1]), slicer.util.arrayFromVolume(outputs["Straight"][1])

@@ -16,7 +16,7 @@ from vtk.util import numpy_support
 
 from thinseg.errors import ThinSegError
 
-from .volumes import SectionGrid, require_thin_section_geometry, section_grid
+from .volumes import require_thin_section_geometry, section_grid
 
 
 def _vtk_matrix(array: np.ndarray):
@@ -75,7 +75,9 @@ def landmarks_from_markups(image_markups, qemscan_markups, pp_node, qemscan_node
 
 def ras_matrix(section_transform, pp_node, qemscan_node) -> np.ndarray:
     """4x4 PP RAS -> QEMSCAN RAS matrix of a linear core transform (Slicer's "from parent"
-    matrix of a transform node put above the QEMSCAN volume)."""
+    matrix of a transform node put above the QEMSCAN volume). It sends the PP's plane onto the
+    QEMSCAN map's plane, whatever way either is turned, tilted or placed, and a step off the PP's
+    plane to the same step off the QEMSCAN map's, so that the map shows on the PP."""
     # deferred: SimpleITK is loaded only once a transform is shown
     from thinseg.registration.sitk_transforms import linear_matrix
 
@@ -87,15 +89,23 @@ def ras_matrix(section_transform, pp_node, qemscan_node) -> np.ndarray:
     t4[:2, :2], t4[:2, 3] = m[:2, :2], m[:2, 2]
     to_mm = np.diag([g.image_mm_per_pixel, g.image_mm_per_pixel, 1.0, 1.0])
     to_px = np.diag([1.0 / g.qemscan_mm_per_pixel, 1.0 / g.qemscan_mm_per_pixel, 1.0, 1.0])
-    full = ijk_to_ras(qemscan_node) @ to_px @ t4 @ to_mm @ np.linalg.inv(ijk_to_ras(pp_node))
-    normal = _normal_axis(section_grid(pp_node, "PP image"))
-    full[normal, :] = np.eye(4)[normal]  # the transform is in-plane: the slice's own axis is left as it is
-    return full
+    pp = _plane_frame(section_grid(pp_node, "PP image").picture_to_ras)
+    qemscan = _plane_frame(section_grid(qemscan_node, "QEMSCAN map").picture_to_ras)
+    return qemscan @ to_px @ t4 @ to_mm @ np.linalg.inv(pp)
 
 
-def _normal_axis(grid: SectionGrid) -> int:
-    """The RAS axis (0 = R, 1 = A, 2 = S) a picture's plane is normal to."""
-    return int(np.argmax(np.abs(grid.ijk_to_ras[:3, grid.slice_axis])))
+def _unit_normal(picture_to_ras: np.ndarray) -> np.ndarray:
+    """Unit normal of a picture's plane, on the viewer's side (right x down), in RAS."""
+    normal = np.cross(picture_to_ras[:3, 0], picture_to_ras[:3, 1])
+    return normal / np.linalg.norm(normal)
+
+
+def _plane_frame(picture_to_ras: np.ndarray) -> np.ndarray:
+    """(column, row, mm along the plane's unit normal, 1) -> RAS: the picture-to-RAS matrix with
+    the slice axis replaced by the plane's true unit normal."""
+    frame = picture_to_ras.copy()
+    frame[:3, 2] = _unit_normal(picture_to_ras)
+    return frame
 
 
 def _same_plane(pp_node, qemscan_node) -> None:
@@ -131,14 +141,16 @@ def _grid_transform_node(scene, name, section_transform, pp_node, qemscan_node, 
     to_ras_pp, to_ras_q = grid.picture_to_ras, ijk_to_ras(qemscan_node)
     world = (to_ras_pp @ np.c_[pixels, np.zeros(len(pixels)), np.ones(len(pixels))].T).T[:, :3]
     local = (to_ras_q @ np.c_[q_px, np.zeros(len(q_px)), np.ones(len(q_px))].T).T[:, :3]
+    # on the PP's plane each pixel goes exactly onto the QEMSCAN map's plane (any turn, tilt or
+    # offset between the two); a step t off it goes t off the map's plane, as in ras_matrix.
+    # Two slices, at t = -0.5 and +0.5 mm, so that interpolation across the plane is defined;
+    # the grid's axes are the picture's (right, down, normal)
     displacement = local - world
-    displacement[:, _normal_axis(grid)] = 0.0
-    # two identical slices, one either side of the picture's plane, so that interpolation
-    # across it is defined; the grid's axes are the picture's (right, down, normal)
-    field = np.concatenate([displacement, displacement]).astype(np.float64)
+    normal = _unit_normal(to_ras_pp)
+    tilt = _unit_normal(to_ras_q) - normal
+    field = np.concatenate([displacement - 0.5 * tilt, displacement + 0.5 * tilt]).astype(np.float64)
     sy, sx = grid.spacing_yx
     right, down = to_ras_pp[:3, 0] / sx, to_ras_pp[:3, 1] / sy
-    normal = np.cross(right, down)
     origin = to_ras_pp[:3, 3] - 0.5 * normal
     image = vtk.vtkImageData()
     image.SetOrigin(*(float(v) for v in origin))
