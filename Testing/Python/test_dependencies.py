@@ -268,6 +268,23 @@ def test_the_cores_requirements_are_met_here_and_nothing_would_be_installed():
     assert dependencies.missing_requirements(wanted) == ["numpy>=9999", "surely-not-installed-xyz>=1"]
 
 
+def test_pip_runs_in_pythonslicer_next_to_the_application_not_in_the_application(monkeypatch, tmp_path):
+    from ThinSectionSegmentationLib import dependencies, process
+
+    assert dependencies.host_python() == sys.executable  # outside Slicer: this Python
+    application = tmp_path / "Slicer-5.8" / "bin" / "SlicerApp-real"
+    application.parent.mkdir(parents=True)
+    application.write_text("")
+    launcher = application.parent / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
+    launcher.write_text("")
+    slicer = types.ModuleType("slicer")
+    slicer.app = object()  # inside the application, whose binary is sys.executable
+    monkeypatch.setitem(sys.modules, "slicer", slicer)
+    monkeypatch.setattr(sys, "executable", str(application))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # not on PATH: found beside the application
+    assert dependencies.host_python() == str(launcher) == process.python_executable()
+
+
 def test_requirements_are_one_list_for_pip_and_for_slicer():
     """pip's metadata of the installed core and the Slicer installer's list come from one file."""
     import re

@@ -296,6 +296,26 @@ def test_one_section_of_a_file_can_be_chosen(scene, tmp_path, models, capsys):
     assert f"{path}: no section named S9 here (sections: S1 (S1_PP), S2 (S2_PP))" in stderr
 
 
+def test_an_xp_image_without_its_pp_image_is_left_out_with_a_note(scene, tmp_path, models, capsys):
+    """S1_PP, S1_XP and a spare S2_XP: S1 is segmented with its own XP, S2_XP named as left out."""
+    pp, xp = section_images(24, 36, seed=30)
+    _, spare = section_images(24, 36, seed=31)
+    nodes = [
+        rgb_node(scene, "S1_PP", pp, thin_section_matrix()),
+        rgb_node(scene, "S1_XP", xp, thin_section_matrix()),
+        rgb_node(scene, "S2_XP", spare, thin_section_matrix()),
+    ]
+    path = geoslicer_export(scene, tmp_path / "in" / "spare.nc", nodes, nodes[0])
+    code, stdout, stderr = run_main(capsys, "segment", path, "--model", models["ppxp"], "--output", tmp_path / "out")
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    assert "thinseg: spare.nc: S2_XP not segmented: no PP image is named like it" in stderr.splitlines()
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nc")) == ["spare.nc"]
+    with open_nc(tmp_path / "out" / "spare.nc") as ds:
+        labels = np.asarray(ds.variables["spare_Segmentation"][0])  # one section: named after its file
+    np.testing.assert_array_equal(labels, engine_labels(models, "ppxp", (pp, xp)))
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. class names GeoSlicer's labels parser would misread
 

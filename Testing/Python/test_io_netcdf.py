@@ -14,6 +14,7 @@ import xarray as xr
 
 from thinseg.classes.files import default_class_table
 from thinseg.classes.table import ClassTable
+from thinseg.data.section_images import netcdf_layout, netcdf_sections
 from thinseg.errors import ThinSegError
 from thinseg.io.atomic import atomic_output, ensure_writable_dir, free_output_path
 from thinseg.io.images import open_image
@@ -246,6 +247,44 @@ def test_find_image_variable_prefers_the_affix_as_a_token(tmp_path, section):
     assert find_image_variable(path, "PP") == "s1_pp"
     assert find_image_variable(path, "xp") == "s1_XP"
     assert find_image_variable(path, "c1") == "APPLE_c1"
+
+
+@pytest.mark.parametrize(
+    "variables, sections, spare",
+    [
+        # a spare XP beside a complete section: S1 as it is, S2_XP left over (no IndexError)
+        (["S1_PP", "S1_XP", "S2_XP"], [("S1", "S1_PP", "S1_XP")], ["S2_XP"]),
+        (
+            ["S1_PP", "S1_XP", "S2_PP", "S2_XP", "S3_XP"],
+            [("S1", "S1_PP", "S1_XP"), ("S2", "S2_PP", "S2_XP")],
+            ["S3_XP"],
+        ),
+        # a lone PP takes the first XP left
+        (["S1_PP", "A_XP", "B_XP"], [("S1", "S1_PP", "A_XP")], ["B_XP"]),
+        (["S1_PP", "A_XP"], [("S1", "S1_PP", "A_XP")], []),
+        # one unpaired PP and one XP left: paired
+        (["S1_PP", "S1_XP", "S2_PP", "X_XP"], [("S1", "S1_PP", "S1_XP"), ("S2", "S2_PP", "X_XP")], []),
+        # ambiguous: two PPs without XP, or one PP among several with two XPs left: nothing guessed
+        (["S1_PP", "S2_PP", "X_XP"], [("S1", "S1_PP", None), ("S2", "S2_PP", None)], ["X_XP"]),
+        (
+            ["S1_PP", "S2_PP", "S2_XP", "A_XP", "B_XP"],
+            [("S1", "S1_PP", None), ("S2", "S2_PP", "S2_XP")],
+            ["A_XP", "B_XP"],
+        ),
+        # no PP image at all: no section
+        (["S2_XP"], [], []),
+    ],
+)
+def test_netcdf_sections_pair_pp_and_xp_variables(tmp_path, section, variables, sections, spare):
+    image, _, _ = section
+    path = tmp_path / "sections.nc"
+    with NetcdfWriter(path) as writer:
+        for name in variables:
+            writer.add_rgb_image(name, image, SPACING)
+    layout = netcdf_layout(path)
+    assert [(s.name, s.pp, s.xp) for s in layout.sections] == sections
+    assert layout.spare_xp == spare
+    assert netcdf_sections(path) == layout.sections
 
 
 # ------------------------------------------------------------------------------ names

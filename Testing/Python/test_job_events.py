@@ -79,6 +79,18 @@ def test_progress_fraction_counts_earlier_epochs_in():
 def test_plain_output_is_not_an_event():
     for text in ("", "model: tiny (/m)", "S1:  42%|####      | 5/12", "thinseg: error: x", '{"kind": "progress"}'):
         assert parse_event(text) is None
+    # the prefix must be whole, its space included: a word that merely starts like it is output
+    stage = StageEvent("x").to_json()
+    for text in (
+        "@thinseg",
+        "@thinseg ",
+        "@thinsegfoo",
+        "@thinsegfoo " + stage,
+        "@thinseg" + stage,
+        "@thinseg:" + stage,
+    ):
+        assert parse_event(text) is None, text
+    assert parse_event("@thinseg " + stage) == StageEvent("x")
 
 
 @pytest.mark.parametrize(

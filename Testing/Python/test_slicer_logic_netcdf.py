@@ -4,12 +4,14 @@ The file layout is checked against GeoSlicer's netCDF layout with xarray/netCDF4
 (per-variable z/y/x dims, shared `c`, x/y origins negated, `transform`, `labels`, `type`,
 `reference`); the round trip is exact for pixels, geometry, names and colours."""
 
+import netCDF4
 import numpy as np
 import pytest
 import slicer
+import vtk
 from helpers import open_nc, write_geoslicer_netcdf
 
-from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, volumes
+from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, netcdf_nodes, volumes
 from thinseg.classes.files import default_class_table
 from thinseg.errors import ThinSegError
 
@@ -127,7 +129,7 @@ def test_geoslicer_files_with_px_naming_and_scalars_import(scene, tmp_path):
     scalar = next(n for n in result.nodes if n.GetName() == "porosity")
     assert scalar.IsA("vtkMRMLScalarVolumeNode") and volumes.scalar_array(scalar).dtype == np.float32
     assert np.array_equal(volumes.rgb_array(result.xp), px)
-    assert volumes.node_geometry(result.pp).origin == (2.0, 3.0, 0.0)
+    assert result.pp.GetOrigin() == (2.0, 3.0, 0.0)
 
 
 def test_a_bad_file_leaves_the_scene_unchanged(scene, tmp_path):
@@ -139,6 +141,60 @@ def test_a_bad_file_leaves_the_scene_unchanged(scene, tmp_path):
     with pytest.raises(ThinSegError, match="file not found"):
         ThinSectionSegmentationLogic(scene).importNetcdf(tmp_path / "missing.nc")
     assert scene.GetNumberOfNodes() == before
+
+
+def test_label_values_past_the_labels_list_are_refused_before_any_node_is_made(scene, tmp_path):
+    labels = np.zeros((5, 6), np.uint8)
+    labels[1:3, 2:] = 6
+    path = write_geoslicer_netcdf(
+        tmp_path / "short.nc", {"S1_PP": np.full((5, 6, 3), 90, np.uint8)}, labelmaps={"S1_labels": labels}
+    )
+    with netCDF4.Dataset(path, "a") as ds:  # a colour table of one class, as a hand-edited file may have
+        ds.variables["S1_labels"].setncattr("labels", ["Name,Index,Color", "Quartz,1,#ff0000"])
+    hierarchy.create_folder(scene, "already there")  # the scene's own subject hierarchy, as in Slicer
+    before, items = scene.GetNumberOfNodes(), subject_items(scene)
+    with pytest.raises(ThinSegError) as error:
+        ThinSectionSegmentationLogic(scene).importNetcdf(path)
+    assert str(error.value) == (
+        f"{path}: variable 'S1_labels' holds label value 6 but its 'labels' attribute lists 1 class"
+    )
+    assert scene.GetNumberOfNodes() == before and subject_items(scene) == items
+
+
+def test_a_failure_while_making_nodes_removes_the_nodes_already_made(scene, tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    labels = np.zeros((5, 6), np.uint8)
+    labels[2:, :3] = 3
+    path = write_geoslicer_netcdf(
+        tmp_path / "gs.nc",
+        {"S1_PP": rng.integers(0, 256, (5, 6, 3), np.uint8), "S1_XP": rng.integers(0, 256, (5, 6, 3), np.uint8)},
+        labelmaps={"S1_labels": labels},
+    )
+    section(scene)  # nodes that must stay
+    hierarchy.create_folder(scene, "already there")
+    before, ids, items = scene.GetNumberOfNodes(), node_ids(scene), subject_items(scene)
+    real = netcdf_nodes.set_reference
+    # a fault after every node and the folder are made
+    monkeypatch.setattr(netcdf_nodes, "set_reference", lambda *a: (real(*a), 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        ThinSectionSegmentationLogic(scene).importNetcdf(path)
+    assert scene.GetNumberOfNodes() == before and node_ids(scene) == ids and subject_items(scene) == items
+    monkeypatch.undo()
+    result = ThinSectionSegmentationLogic(scene).importNetcdf(path)  # the same file imports once the fault is gone
+    assert [n.GetName() for n in result.nodes] == ["S1_PP", "S1_XP", "S1_labels"]
+    assert np.array_equal(volumes.label_array(result.nodes[2]), labels)
+
+
+def node_ids(scene) -> list[str]:
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def subject_items(scene) -> list[str]:
+    """Names of every subject-hierarchy item, folders included."""
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), ids, True)
+    return [sh.GetItemName(ids.GetId(i)) for i in range(ids.GetNumberOfIds())]
 
 
 def test_export_refuses_what_geoslicer_cannot_store_and_leaves_no_file(scene, tmp_path):

@@ -54,7 +54,7 @@ def test_segment_returns_a_labelmap_named_after_the_input_with_its_results(scene
     labels = volumes.label_array(labelmap)
     assert labels.shape == (80, 96) and labels.max() <= len(table)
     assert labelmaps.labelmap_class_table(labelmap) == table
-    assert volumes.node_geometry(labelmap).spacing == volumes.node_geometry(pp).spacing
+    assert labelmap.GetSpacing() == pp.GetSpacing()
     assert labelmap.GetNodeReference(labelmaps.PP_REFERENCE) is pp
     assert labelmap.GetNodeReference(labelmaps.XP_REFERENCE) is xp
     # everything lands in the input's folder

@@ -25,9 +25,7 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -191,11 +189,12 @@ def write_constraints(pins: Sequence[tuple[str, str]], folder: Path) -> Path:
 
 
 def host_python() -> str:
-    """The interpreter that installs into this Python: inside the Slicer application the
-    `PythonSlicer` launcher (sys.executable is the application there), else this one."""
-    app = getattr(sys.modules.get("slicer"), "app", None)  # set only inside the Slicer application
-    launcher = shutil.which("PythonSlicer") if app is not None else None
-    return launcher or sys.executable
+    """The interpreter that installs into this Python: the one the module's jobs run in (inside
+    the Slicer application the `PythonSlicer` launcher, as sys.executable is the application)."""
+    # deferred: this file also runs alone, outside its package, to plan installs in a bare Python
+    from .process import python_executable
+
+    return python_executable()
 
 
 def _pip(python: str, arguments: Sequence[str]) -> subprocess.CompletedProcess[str]:

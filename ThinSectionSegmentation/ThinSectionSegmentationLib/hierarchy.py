@@ -34,6 +34,18 @@ def create_folder(scene, name: str, parent: int | None = None) -> int:
     return sh.CreateFolderItem(parent if parent is not None else sh.GetSceneItemID(), name)
 
 
+def remove_items(scene, nodes, folder: int = 0) -> None:
+    """Remove the items of `nodes` (the nodes stay in the scene) and the item `folder` (0: none),
+    before the nodes themselves are removed: a bare scene keeps the item of a removed node."""
+    sh = _sh(scene)
+    for node in nodes:
+        item = sh.GetItemByDataNode(node)
+        if item:
+            sh.RemoveItem(item, False, False)
+    if folder:
+        sh.RemoveItem(folder, False, True)
+
+
 def place(node, parent: int) -> None:
     sh = _sh(node.GetScene())
     sh.SetItemParent(item_of(node), parent)

@@ -117,7 +117,7 @@ def export_nodes(
     unique = list({n.GetID(): n for n in nodes}.values())
     kinds = {n.GetID(): _kind(n) for n in unique}
     order = sorted(unique, key=lambda n: {"rgb": 0, "scalar": 1, "labelmap": 2, "segmentation": 2}[kinds[n.GetID()]])
-    for node in order:  # geometry problems (several slices, oblique) before the file is started
+    for node in order:  # geometry problems (no image, several slices, degenerate axes) before the file is started
         if kinds[node.GetID()] != "segmentation":
             section_grid(node, "image" if kinds[node.GetID()] in ("rgb", "scalar") else "labelmap")
     names = {}
@@ -204,7 +204,8 @@ def import_netcdf(
 ) -> ImportedFile:
     """Create nodes for every image, labelmap and segmentation of a GeoSlicer netCDF file.
 
-    All data is read before any node is created, so a bad file leaves the scene unchanged."""
+    All data is read and checked before any node is created, and the nodes made before a
+    failure are removed, so a bad file leaves the scene unchanged."""
     path = Path(path)
     variables = list_variables(path)
     loaded = []  # (info, voxels, class table, grid) read first: nothing is added if a read fails
@@ -235,12 +236,25 @@ def import_netcdf(
             voxels, grid = labels[np.newaxis], _cropped_geometry(path, info)
         else:
             voxels, grid = _read_scalar(path, info.name, crop_padding=True)[np.newaxis], _cropped_geometry(path, info)
+        if table is not None:
+            _check_label_values(path, info.name, voxels, table)
         loaded.append((info, voxels, table, grid or Geometry.thin_section(1.0)))
     if not loaded:
         raise ThinSegError("holds no image, labelmap or segmentation to import", path)
 
     result = ImportedFile(path, skipped=skipped)
-    result.folder = hierarchy.create_folder(scene, folder_name or path.stem)
+    existing = _node_ids(scene)
+    try:
+        _create_nodes(scene, path, loaded, result, folder_name or path.stem, pp_pattern, xp_patterns)
+    except BaseException:
+        _remove_added_nodes(scene, existing, result.folder)
+        raise
+    return result
+
+
+def _create_nodes(
+    scene, path: Path, loaded: list, result: ImportedFile, folder: str, pp_pattern: str, xp_patterns: Sequence[str]
+) -> None:
     by_var: dict[str, object] = {}
     references = []
     created: dict[int, object] = {}
@@ -260,6 +274,7 @@ def import_netcdf(
         node.SetAttribute(SOURCE_ATTRIBUTE, str(path))
         by_var[info.name] = node
         created[index] = node
+    result.folder = hierarchy.create_folder(scene, folder)
     for index in range(len(loaded)):  # the folder and the result list in file order
         hierarchy.place(created[index], result.folder)
         result.nodes.append(created[index])
@@ -270,7 +285,34 @@ def import_netcdf(
             set_reference(node, pp_node, result.xp if pp_node is result.pp else None)
             if node.IsA("vtkMRMLSegmentationNode"):
                 node.SetReferenceImageGeometryParameterFromVolumeNode(pp_node)
-    return result
+
+
+def _node_ids(scene) -> set[str]:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def _remove_added_nodes(scene, existing: set[str], folder: int) -> None:
+    """Remove every node added since `existing` (the nodes made, their display and colour
+    nodes), newest first, with their subject-hierarchy items and `folder`, so that a failed
+    import leaves the scene as it was."""
+
+    def added() -> list:
+        nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        return [n for n in nodes if n.GetID() not in existing]
+
+    hierarchy.remove_items(scene, added(), folder)
+    for node in reversed(added()):  # again: a subject-hierarchy node may have been made meanwhile
+        if node.GetScene() is scene:
+            scene.RemoveNode(node)
+
+
+def _check_label_values(path: Path, name: str, labels: np.ndarray, table: ClassTable) -> None:
+    """Every label value must name a class of the variable's `labels` list (value k = class k):
+    checked while reading, before any node exists."""
+    top = int(labels.max()) if labels.size else 0
+    if top > len(table):
+        listed = f"{len(table)} class{'es' if len(table) != 1 else ''}"
+        raise ThinSegError(f"variable '{name}' holds label value {top} but its 'labels' attribute lists {listed}", path)
 
 
 def _create_node(scene, info: VariableInfo, voxels: np.ndarray, table, grid: Geometry, reference):

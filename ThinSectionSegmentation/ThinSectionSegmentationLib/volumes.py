@@ -48,19 +48,6 @@ SLICE_VIEWS = {
 _RAS = "RAS"
 
 
-@dataclass(frozen=True)
-class NodeGeometry:
-    """Spacing (x, y, z) in mm, RAS origin, 3x3 IJK-to-RAS directions of a volume node."""
-
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    directions: np.ndarray
-
-    @property
-    def mm_per_pixel(self) -> float:
-        return float(self.spacing[0])
-
-
 def _vtk_to_numpy(matrix) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
@@ -70,13 +57,6 @@ def ijk_to_ras_matrix(node) -> np.ndarray:
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     return _vtk_to_numpy(m)
-
-
-def node_geometry(node) -> NodeGeometry:
-    directions = vtk.vtkMatrix4x4()
-    node.GetIJKToRASDirectionMatrix(directions)
-    m = np.array([[directions.GetElement(r, c) for c in range(3)] for r in range(3)])
-    return NodeGeometry(tuple(float(v) for v in node.GetSpacing()), tuple(float(v) for v in node.GetOrigin()), m)
 
 
 # -- the picture of a single-slice volume -------------------------------------------------------

@@ -171,16 +171,32 @@ class NetcdfSection:
     xp: str | None
 
 
+@dataclass(frozen=True)
+class NetcdfLayout:
+    """The sections of a netCDF file and the XP images none of them takes ("S2_XP" without an
+    "S2_PP"): those cannot be segmented, and saying so spares the user looking for them."""
+
+    sections: list[NetcdfSection]
+    spare_xp: list[str]
+
+
 def netcdf_sections(
     path: str | os.PathLike[str], pp_pattern: str = "PP", xp_pattern: str | None = "XP"
 ) -> list[NetcdfSection]:
-    """Every section of a netCDF file, in file order.
+    """Every section of a netCDF file, in file order (see `netcdf_layout`)."""
+    return netcdf_layout(path, pp_pattern, xp_pattern).sections
+
+
+def netcdf_layout(path: str | os.PathLike[str], pp_pattern: str = "PP", xp_pattern: str | None = "XP") -> NetcdfLayout:
+    """Every section of a netCDF file, in file order, and the XP images left over.
 
     Each RGB variable carrying `pp_pattern` as a token ("S1_PP", not "APPLE") is a section; its
-    XP image is the RGB variable named the same with `xp_pattern` instead ("S1_XP"). A lone PP
-    image without such a counterpart takes the first XP image left, as does a single unpaired
-    PP with a single unpaired XP. Without any token match, the first RGB variable containing
-    `pp_pattern` is the only section. Empty when the file has no PP image.
+    XP image is the RGB variable named the same with `xp_pattern` instead ("S1_XP"). When
+    exactly one PP image has no such counterpart, it takes the first XP image left over if it
+    is the file's only PP image or that XP image is the only one left. Other XP images carrying
+    `xp_pattern` that no section takes are `spare_xp`. Without any token match, the first RGB
+    variable containing `pp_pattern` is the only section. No sections when the file has no PP
+    image.
     """
     path = Path(path)
     rgb = [v.name for v in list_variables(path) if v.kind == "rgb"]
@@ -188,9 +204,9 @@ def netcdf_sections(
     if not pps:
         pp = find_image_variable(path, pp_pattern)
         if pp is None:
-            return []
+            return NetcdfLayout([], [])
         xp = find_image_variable(path, xp_pattern) if xp_pattern else None
-        return [NetcdfSection(_section_name(pp, pp_pattern), pp, xp if xp != pp else None)]
+        return NetcdfLayout([NetcdfSection(_section_name(pp, pp_pattern), pp, xp if xp != pp else None)], [])
     xps = [name for name in rgb if name not in pps and xp_pattern and find_affix(name, xp_pattern) is not None]
     by_lower = {name.lower(): name for name in xps}
     paired: dict[str, str | None] = {}
@@ -200,9 +216,10 @@ def netcdf_sections(
         paired[pp] = by_lower.get(wanted.lower()) if wanted is not None else None
     left = [name for name in xps if name not in paired.values()]
     unpaired = [pp for pp in pps if paired[pp] is None]
-    if left and (len(pps) == 1 or len(unpaired) == len(left) == 1):
-        paired[unpaired[0]] = left[0]
-    return [NetcdfSection(_section_name(pp, pp_pattern), pp, paired[pp]) for pp in pps]
+    if left and len(unpaired) == 1 and (len(pps) == 1 or len(left) == 1):
+        paired[unpaired[0]] = left.pop(0)
+    sections = [NetcdfSection(_section_name(pp, pp_pattern), pp, paired[pp]) for pp in pps]
+    return NetcdfLayout(sections, left)
 
 
 def _section_name(variable: str, pp_pattern: str) -> str:

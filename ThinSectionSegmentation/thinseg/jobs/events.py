@@ -202,11 +202,13 @@ def event_from_json(text: str) -> JobEvent:
 
 
 def parse_event(line: str) -> JobEvent | None:
-    """The event on `line`, or None when the line is plain output (not an event line)."""
+    """The event on `line`, or None when the line is plain output (not an event line): only a
+    line starting with the whole EVENT_PREFIX, its space included, is an event ("@thinsegfoo"
+    is output)."""
     text = line.strip()
-    if not text.startswith(EVENT_PREFIX.strip()):
+    if not text.startswith(EVENT_PREFIX):
         return None
-    return event_from_json(text[len(EVENT_PREFIX.strip()) :])
+    return event_from_json(text[len(EVENT_PREFIX) :])
 
 
 def finite_or_none(value: float | None) -> float | None:

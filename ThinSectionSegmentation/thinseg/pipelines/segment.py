@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import thinseg
-from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL, NetcdfSection, netcdf_sections, open_ppxp
+from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL, NetcdfSection, netcdf_layout, open_ppxp
 from thinseg.errors import ThinSegError
 from thinseg.inference.engine import CancelFn, InferenceOptions, Segmenter, Source
 from thinseg.inference.resample import resampled_shape, resampling_factors, segment_at_model_resolution
@@ -470,18 +470,20 @@ def segment_sections(
 
 def plan_sections(section: SectionInput, options: SegmentOptions, bundle: ModelBundle) -> list[SectionInput]:
     """The sections to segment for one input: an image pair as it is; a netCDF file once per
-    section it holds (`netcdf_sections`), or the ones `options.sections` names.
+    section it holds (`netcdf_layout`), or the ones `options.sections` names.
 
     A file with one section keeps the file's name for its output; with several, each section
     is named after itself ("S2" for "S2_PP"). For a model that needs XP, a PP image without an
-    XP image is left out with a note when the file has other, complete sections."""
+    XP image is left out with a note when the file has other, complete sections; so is an XP
+    image that no PP image is named like."""
     path = section.netcdf
     if path is None:
         return [section]
     try:
-        found = netcdf_sections(path, options.pp_pattern, options.xp_pattern)
+        layout = netcdf_layout(path, options.pp_pattern, options.xp_pattern)
     except ThinSegError:
         return [section]  # opening it again fails with the same message, reported for this section
+    found = layout.sections
     needs_xp = len(bundle.input_names) > 1
     complete = [s for s in found if s.xp is not None] if needs_xp else list(found)
     several = len(complete) > 1
@@ -490,7 +492,7 @@ def plan_sections(section: SectionInput, options: SegmentOptions, bundle: ModelB
         f"{path.name}: {s.pp} not segmented: model {bundle.title!r} needs an XP image and none is named like it"
         for s in found
         if s not in complete
-    )
+    ) + tuple(f"{path.name}: {xp} not segmented: no PP image is named like it" for xp in layout.spare_xp)
     if options.sections:
         wanted = set(options.sections)
         chosen = [s for s in found if s.name in wanted or s.pp in wanted]
