@@ -1,6 +1,7 @@
 """The Python stacks the module must run on: requirements that GeoSlicer 2.8's pins already meet,
 the GeoSlicer stack itself (Python 3.9, torch 1.12, ... in .venv-geoslicer) kept exactly at its pins,
-and sources free of Python 3.10+ constructs (GeoSlicer 2.8 and Slicer 5.8 run Python 3.9)."""
+sources free of Python 3.10+ constructs (GeoSlicer 2.8 and Slicer 5.8 run Python 3.9), and the
+parameter node's annotations evaluated on Python 3.9 as Slicer's parameterNodeWrapper evaluates them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,8 @@ REQUIREMENTS = REPO / "ThinSectionSegmentation" / "thinseg" / "requirements.txt"
 GEOSLICER_PINS = REPO / "constraints" / "geoslicer-2.8.txt"
 DEV_PINS = REPO / "constraints" / "dev.txt"
 CHECK_PINS = REPO / "constraints" / "check_pins.py"
+CHECK_TYPE_HINTS = REPO / "Testing" / "Python" / "geoslicer_stack" / "check_type_hints.py"
+PARAMETERS_LIB = REPO / "ThinSectionSegmentation" / "ThinSectionSegmentationLib"
 #: Every Python file that GeoSlicer's / Slicer's Python 3.9 may run or that the suite runs there.
 SOURCE_ROOTS = ("ThinSectionSegmentation", "Testing/Python", "scripts", "bench", "constraints")
 
@@ -316,3 +320,103 @@ def test_the_310_scan_finds_each_construct(tmp_path):
             "sample.py:12: `X | Y` annotation evaluated at runtime (add `from __future__ import annotations`)",
         ]
     )
+
+
+# --- the parameter node's annotations, evaluated on Python 3.9 ------------------------------------
+# `from __future__ import annotations` keeps `int | None` a string at import, so the scan above lets
+# it pass; Slicer's parameterNodeWrapper then evaluates it (typing.get_type_hints) and 3.9 fails.
+
+#: typing.get_type_hints of ThinSectionSegmentationParameters, as check_type_hints.py writes types.
+PARAMETER_HINTS = {
+    "ppVolume": "slicer.vtkMRMLVectorVolumeNode",
+    "xpVolume": "slicer.vtkMRMLVectorVolumeNode",
+    "outputLabelmap": "slicer.vtkMRMLLabelMapVolumeNode",
+    "modelPath": "builtins.str",
+    "device": "ThinSectionSegmentationLib.parameters.Device",
+    "confidence": "builtins.bool",
+    "createSegmentation": "builtins.bool",
+    "ppPattern": "builtins.str",
+    "xpPattern": "builtins.str",
+    "qemscanVolume": "slicer.vtkMRMLLabelMapVolumeNode",
+    "qemscanColorTablePath": "builtins.str",
+    "qemscanMmPerPixel": "builtins.float",
+    "imageLandmarks": "slicer.vtkMRMLMarkupsFiducialNode",
+    "qemscanLandmarks": "slicer.vtkMRMLMarkupsFiducialNode",
+    "transformKind": "ThinSectionSegmentationLib.parameters.TransformKind",
+    "trainFiles": "builtins.list[builtins.str]",
+    "modelName": "builtins.str",
+    "userModelsRoot": "builtins.str",
+    "epochs": "builtins.int",
+    "patchSize": "builtins.int",
+    "batchSize": "builtins.int",
+    "stepsPerEpoch": "builtins.int",
+    "valFraction": "builtins.float",
+    "fineTune": "builtins.bool",
+    "exportPath": "builtins.str",
+    "importPath": "builtins.str",
+}
+#: The class wrapper_class() hands to Slicer's wrapper: the same, numbers limited to their spin box ranges.
+WRAPPER_HINTS = {
+    **PARAMETER_HINTS,
+    "qemscanMmPerPixel": "Annotated[builtins.float, WithinRange(1e-05, 10.0)]",
+    "epochs": "Annotated[builtins.int, WithinRange(1, 1000)]",
+    "patchSize": "Annotated[builtins.int, WithinRange(32, 2048)]",
+    "batchSize": "Annotated[builtins.int, WithinRange(1, 256)]",
+    "stepsPerEpoch": "Annotated[builtins.int, WithinRange(1, 100000)]",
+    "valFraction": "Annotated[builtins.float, WithinRange(0.0, 0.9)]",
+}
+
+
+def _type_hints(python: Path, lib: Path = PARAMETERS_LIB) -> tuple[int, dict[str, Any]]:
+    result = _run(python, str(CHECK_TYPE_HINTS), "--lib", str(lib))
+    assert result.stdout, result.stderr  # the modules imported and the report was written
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_the_parameter_node_annotations_evaluate_on_python_39(geoslicer_python):
+    returncode, report = _type_hints(geoslicer_python)
+    assert report["python"] == [3, 9]
+    assert report["errors"] == {}
+    assert returncode == 0
+    hints = report["hints"]
+    assert hints["ThinSectionSegmentationParameters"] == PARAMETER_HINTS
+    assert hints["ThinSectionSegmentationParameterNode"] == WRAPPER_HINTS
+    # every other class of parameters.py and guibinding.py evaluates too (none declares fields today)
+    assert {name: fields for name, fields in hints.items() if not name.startswith("ThinSectionSegmentationParam")} == {
+        "Device": {},
+        "TransformKind": {},
+        "PlainParameterNode": {},
+        "GuiBinding": {},
+    }
+
+
+#: One field written with a Python 3.10 union, as parameters.py might be edited (old line -> new line).
+UNION_FIELDS = {
+    "int | None": ('    importPath: str = ""\n', '    importPath: str = ""\n    retries: int | None = None\n'),
+    "node | None": (
+        "    ppVolume: vtkMRMLVectorVolumeNode = None\n",
+        "    ppVolume: vtkMRMLVectorVolumeNode | None = None\n",
+    ),
+    "int | str": ('    importPath: str = ""\n', '    importPath: str = ""\n    seed: int | str = 0\n'),
+}
+
+
+@pytest.mark.parametrize("union", sorted(UNION_FIELDS))
+def test_the_annotation_check_fails_on_a_310_union(geoslicer_python, tmp_path, union):
+    """A copy of parameters.py with one `X | Y` field: it imports on 3.9 and the scan of runtime
+    constructs stays silent (the annotation is a string), but its hints do not evaluate."""
+    old, new = UNION_FIELDS[union]
+    lib = tmp_path / "ThinSectionSegmentationLib"
+    lib.mkdir()
+    (lib / "guibinding.py").write_text((PARAMETERS_LIB / "guibinding.py").read_text(encoding="utf-8"), encoding="utf-8")
+    source = (PARAMETERS_LIB / "parameters.py").read_text(encoding="utf-8")
+    assert source.count(old) == 1
+    (lib / "parameters.py").write_text(source.replace(old, new), encoding="utf-8")
+    assert runtime_310_problems(lib / "parameters.py", tmp_path) == []
+
+    returncode, report = _type_hints(geoslicer_python, lib)
+    assert returncode == 1
+    assert report["python"] == [3, 9]
+    assert sorted(report["errors"]) == ["ThinSectionSegmentationParameterNode", "ThinSectionSegmentationParameters"]
+    assert all(error.startswith("TypeError: unsupported operand type(s) for |") for error in report["errors"].values())
+    assert sorted(report["hints"]) == ["Device", "GuiBinding", "PlainParameterNode", "TransformKind"]
