@@ -23,8 +23,8 @@ from slicer.ScriptedLoadableModule import (
 from ThinSectionSegmentationLib import Job, ThinSectionSegmentationLogic, registration_nodes, volumes
 from ThinSectionSegmentationLib.host import module_base
 from ThinSectionSegmentationLib.panel import ThinSectionSegmentationPanel
+from ThinSectionSegmentationLib.scripted_process import ScriptedProcess
 from thinseg.classes.files import default_class_table
-from thinseg.errors import ThinSegError  # plain Python: importable before anything is installed
 from thinseg.jobs import ErrorEvent, ProgressEvent, ResultEvent, StageEvent
 from thinseg.resources import default_model_dir, sample_dir
 
@@ -89,28 +89,6 @@ class ThinSectionSegmentationWidget(ScriptedLoadableModuleWidget):
 # -----------------------------------------------------------------------------------------------
 
 
-class _FakeProcess:
-    """Stands in for a job process: hands out one batch of events per poll, then finishes."""
-
-    def __init__(self, batches, error=None):
-        self.batches, self.error, self.cancelled = list(batches), error, False
-
-    @property
-    def finished(self):
-        return not self.batches
-
-    def poll(self):
-        return self.batches.pop(0) if self.batches else []
-
-    def cancel(self, grace=5.0, wait=True):
-        self.cancelled = True
-
-    def check(self):
-        if self.error is not None:
-            raise ThinSegError(self.error)
-        return ResultEvent("segment", {})
-
-
 class _FakeJobLogic(ThinSectionSegmentationLogic):
     """The real logic with its background jobs replaced by scripted events."""
 
@@ -124,7 +102,7 @@ class _FakeJobLogic(ThinSectionSegmentationLogic):
 
     def startJob(self, job):
         self.calls.append("start")
-        return _FakeProcess(self.batches, self.error)
+        return ScriptedProcess(self.batches, self.error)
 
     def finishSegmentation(self, job, outputNode=None, createSegmentation=False, show=True):
         self.calls.append("finish")

@@ -14,6 +14,7 @@ from helpers import make_bundle, section_images
 
 from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, process, volumes
 from ThinSectionSegmentationLib.protocols import JobProcess, PanelLogic
+from ThinSectionSegmentationLib.scripted_process import ScriptedProcess
 from ThinSectionSegmentationLib.session import JobSession, Status, status_of
 from thinseg.errors import ThinSegError
 from thinseg.jobs import (
@@ -25,32 +26,6 @@ from thinseg.jobs import (
     StageEvent,
     WarningEvent,
 )
-
-
-class FakeProcess:
-    """Hands out one batch of what a job reports per poll; finished after the last batch."""
-
-    def __init__(self, batches, error=None):
-        self.batches, self.error, self.cancelled = list(batches), error, False
-
-    @property
-    def finished(self):
-        return not self.batches
-
-    def poll(self):
-        return self.batches.pop(0) if self.batches else []
-
-    def cancel(self, grace=5.0, wait=True):
-        self.cancelled = True
-        if wait:
-            self.batches = []
-
-    def check(self):
-        if self.cancelled:
-            raise ThinSegError("cancelled")
-        if self.error:
-            raise ThinSegError(self.error)
-        return ResultEvent("segment", {})
 
 
 class FakeLogic:
@@ -78,7 +53,7 @@ def drain(session):
 
 def test_a_finished_job_is_imported_and_its_folder_removed():
     epoch = EpochEvent(1, 2, 0.5, val_mean_iou=0.4, best=True)
-    fake = FakeLogic(FakeProcess([[ProgressEvent("epoch 1/2", 1, 2)], [epoch], [ResultEvent("train", {})]]))
+    fake = FakeLogic(ScriptedProcess([[ProgressEvent("epoch 1/2", 1, 2)], [epoch], [ResultEvent("train", {})]]))
     imported = []
     session = JobSession(fake, "job", lambda job: imported.append(job) or "model folder").start()
     assert session.poll() == [ProgressEvent("epoch 1/2", 1, 2)] and not session.finished
@@ -92,7 +67,7 @@ def test_a_finished_job_is_imported_and_its_folder_removed():
 
 
 def test_a_failed_job_reports_its_message_imports_nothing_and_removes_its_folder():
-    fake = FakeLogic(FakeProcess([[ErrorEvent("S1.nc: no PP image")]], error="S1.nc: no PP image"))
+    fake = FakeLogic(ScriptedProcess([[ErrorEvent("S1.nc: no PP image")]], error="S1.nc: no PP image"))
     session = JobSession(fake, "job", lambda job: pytest.fail("nothing may be imported")).start()
     drain(session)
     with pytest.raises(ThinSegError, match="^S1.nc: no PP image$"):
@@ -101,13 +76,13 @@ def test_a_failed_job_reports_its_message_imports_nothing_and_removes_its_folder
 
 
 def test_cancel_and_stop_import_nothing_and_remove_the_folder():
-    fake = FakeLogic(FakeProcess([[StageEvent("x")], [StageEvent("y")]]))
+    fake = FakeLogic(ScriptedProcess([[StageEvent("x")], [StageEvent("y")]]))
     session = JobSession(fake, "job", lambda job: pytest.fail("nothing may be imported")).start()
     session.cancel(wait=False)
     assert session.cancelled and not session.finished
     drain(session)
     assert session.complete() is None and fake.calls[-1] == ("discard", "job")
-    closing = FakeLogic(FakeProcess([[StageEvent("x")]]))
+    closing = FakeLogic(ScriptedProcess([[StageEvent("x")]]))
     JobSession(closing, "job", lambda job: pytest.fail("nothing may be imported")).start().stop()
     assert closing.process.cancelled and closing.calls == [("start", "job"), ("discard", "job")]
     failing = FakeLogic(ThinSegError("cannot start PythonSlicer: not found"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Union, get_args
 
 import numpy as np
 import torch
@@ -569,25 +569,7 @@ Transform = Union[
     MapLabelValued,
 ]
 #: Every transform a thin-section bundle may name, by GeoSlicer's name.
-TRANSFORMS: dict[str, type[Transform]] = {
-    cls.NAME: cls
-    for cls in (
-        IdentityTransform,
-        ToTensorTransform,
-        QuantileTransform,
-        AddAxisTransform,
-        SwapAxesTransform,
-        PermuteTransform,
-        ConcatenateTransform,
-        RenameTransform,
-        BinarizerTransform,
-        MinMaxTransform,
-        AddConstantTransform,
-        TakeChannelsTransform,
-        ArgmaxTransform,
-        MapLabelValued,
-    )
-}
+TRANSFORMS: dict[str, type[Transform]] = {cls.NAME: cls for cls in get_args(Transform)}
 #: Transforms GeoSlicer's runner knows that cannot take part in a thin-section segmentation, and why.
 REFUSED: dict[str, str] = {
     "ComposedTransform": "takes transform objects, which a saved model cannot hold",
