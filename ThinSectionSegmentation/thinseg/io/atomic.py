@@ -3,7 +3,12 @@
 A segmentation of a gigapixel section takes minutes; if it is interrupted (error, Ctrl-C,
 closed Slicer) the user must never find a half-written netCDF under the final name, and an
 existing result is never replaced unless the caller asked for it. Files go through
-`AtomicOutput`; folders that must appear whole (a model bundle) through `atomic_directory`.
+`AtomicOutput`; folders that must appear whole (a model bundle) through `atomic_directory`;
+an output folder a failed command created is removed again by `removed_on_failure`.
+
+Outputs get the ordinary permissions of the user's umask (0644 files, 0755 folders under
+umask 022): `tempfile.mkdtemp` makes private 0700 folders, which would lock colleagues out of a
+shared model or result, so every temporary gets its final mode before it is renamed.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -59,6 +64,7 @@ class AtomicOutput:
         if not self.tmp.exists():
             raise RuntimeError(f"atomic_output: nothing was written to {self.tmp}")
         try:
+            apply_umask(self.tmp)
             os.replace(self.tmp, self.path)
         except OSError as error:
             _remove(self.tmp)
@@ -103,6 +109,7 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        apply_umask(tmp)
         _swap_into_place(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -124,6 +131,95 @@ def _swap_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
         os.rename(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc allows; else set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike[str]) -> None:
+    """Give `path` (and, for a folder, everything in it) the modes a plain `open`/`mkdir` would:
+    0o666 or 0o777 less the umask. Links are left alone."""
+    mask = current_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    root = Path(path)
+    if root.is_symlink():
+        return
+    if not root.is_dir():
+        _chmod(root, file_mode)
+        return
+    _chmod(root, dir_mode)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            _chmod(Path(folder, name), dir_mode)
+        for name in files:
+            _chmod(Path(folder, name), file_mode)
+
+
+def _chmod(path: Path, mode: int) -> None:
+    # best effort: a share that refuses chmod (SMB, FAT) must not fail a finished run
+    if not path.is_symlink():
+        with contextlib.suppress(OSError):
+            os.chmod(path, mode)
+
+
+def _topmost_missing(path: Path) -> Path | None:
+    """The highest folder of `path` (itself included) that does not exist yet, or None."""
+    missing = None
+    for candidate in (path, *path.parents):
+        if _exists(candidate):
+            break
+        missing = candidate
+    return missing
+
+
+@contextlib.contextmanager
+def removed_on_failure(
+    folder: str | os.PathLike[str] | None, *, keep: Callable[[], bool] | None = None
+) -> Iterator[Callable[[], None]]:
+    """Remove `folder` (and parents) again if they did not exist before and the block fails.
+
+    A failed command must leave nothing behind, not even the empty output folder it made;
+    a folder that existed before is never touched. The block fails by raising, or by calling
+    the yielded `failed()` (a command that reports failure by its exit code). `keep()` can
+    spare a folder worth keeping (a training run's checkpoint, to resume). After success only
+    the folders left empty are removed (every input failed).
+    """
+    created = _topmost_missing(Path(folder)) if folder is not None else None
+    state = {"failed": False}
+
+    def failed() -> None:
+        state["failed"] = True
+
+    try:
+        yield failed
+    except BaseException:
+        _remove_created(created, Path(folder) if folder is not None else None, True, keep)
+        raise
+    _remove_created(created, Path(folder) if folder is not None else None, state["failed"], keep)
+
+
+def _remove_created(created: Path | None, folder: Path | None, failed: bool, keep: Callable[[], bool] | None) -> None:
+    if created is None or folder is None or not created.is_dir() or created.is_symlink():
+        return
+    if failed and not (keep is not None and keep()):
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for candidate in (folder, *folder.parents):  # empty leftovers, innermost first
+        with contextlib.suppress(OSError):
+            candidate.rmdir()
+        if candidate == created:
+            break
 
 
 def _remove(path: Path) -> None:
