@@ -573,7 +573,7 @@ def test_train_refusals(tmp_path, capsys, data, case):
         problem = "no labelmap variable"
     else:
         args += ["--patch-size", "65"]
-        problem = "patch_size 65 must be a multiple of 2"
+        problem = "patch size 65 (--patch-size) must be a multiple of 2"
     code, _, stderr = run_main(capsys, *args)
     assert code == 2, stderr
     no_traceback(stderr)

@@ -124,12 +124,14 @@ def test_size_mismatch_and_wrong_input_count_are_clear_errors(pointwise_bundle):
         seg.segment([ArraySource(pp)])
 
 
-def test_fp16_on_cpu_is_refused_and_cuda_falls_back_with_a_message(pointwise_bundle):
+def test_fp16_on_cpu_is_refused_cuda_without_gpu_refused_and_auto_falls_back(pointwise_bundle, monkeypatch):
     with pytest.raises(ThinSegError, match="fp16"):
         Segmenter(pointwise_bundle, InferenceOptions(precision="fp16", device="cpu"))
-    if not torch.cuda.is_available():
-        seg = Segmenter(pointwise_bundle, InferenceOptions(device="cuda", overlap=16))
-        assert seg.device.type == "cpu" and "falling back to the CPU" in seg.messages[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ThinSegError, match="device cuda needs a CUDA GPU"):
+        Segmenter(pointwise_bundle, InferenceOptions(device="cuda", overlap=16))
+    seg = Segmenter(pointwise_bundle, InferenceOptions(device="auto", overlap=16))
+    assert seg.device.type == "cpu" and seg.messages[0] == "no CUDA GPU found: running on the CPU (device auto)"
 
 
 def test_default_tile_grows_only_for_tile_independent_networks(pointwise_bundle):

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         void_border_px=args.void_border_px,
         mapping=args.mapping,
         device=args.device,
+        precision=args.precision,
         sheets=args.sheets,
         overwrite=args.overwrite,
     )

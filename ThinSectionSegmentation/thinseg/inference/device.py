@@ -10,17 +10,40 @@ from thinseg.errors import ThinSegError
 
 
 def select_device(requested: str = "auto") -> tuple[torch.device, str | None]:
-    """Return the device to run on and, when we fell back or chose for the user, a message saying so."""
+    """Return the device to run on and, when "auto" chose the CPU, a note saying so.
+
+    "cuda" (or "cuda:N") without that GPU is an error rather than a silent fall-back: whoever asked
+    for the GPU would otherwise wait hours on the CPU without knowing it.
+    """
     requested = (requested or "auto").lower()
     if requested not in {"auto", "cpu", "cuda"} and not requested.startswith("cuda:"):
         raise ThinSegError(f"unknown device {requested!r} (use auto, cpu or cuda)")
     if requested == "cpu":
         return torch.device("cpu"), None
-    if torch.cuda.is_available():
-        return torch.device("cuda" if requested == "auto" else requested), None
+    available = torch.cuda.is_available()
     if requested == "auto":
-        return torch.device("cpu"), "no CUDA GPU found: running on the CPU"
-    return torch.device("cpu"), f"{requested} requested but no CUDA GPU is available: falling back to the CPU"
+        if available:
+            return torch.device("cuda"), None
+        return torch.device("cpu"), "no CUDA GPU found: running on the CPU (device auto)"
+    if not available:
+        raise ThinSegError(
+            f"device {requested} needs a CUDA GPU but {_no_gpu_reason()}; choose device auto (the CPU when "
+            "there is no GPU) or cpu"
+        )
+    device = torch.device(requested)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ThinSegError(
+            f"device {requested}: there is no such GPU (this machine has {torch.cuda.device_count()}, "
+            "numbered from cuda:0)"
+        )
+    return device, None
+
+
+def _no_gpu_reason() -> str:
+    """Why torch sees no GPU, in the words a user can act on."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    return "torch finds none on this machine"
 
 
 def cpu_has_native_bf16() -> bool:

@@ -65,7 +65,7 @@ IDENTITY_RANGE = (0.0, 1.0, 0.0, 1.0)
 #: Image sizes (height, width) the pre-processing is tried on at load: two, so that no step that
 #: picks fixed rows or columns, transposes or reshapes can keep both on the input grid by chance.
 _TRIAL_SIZES = ((3, 5), (4, 7))
-_EXISTS = "a model folder already exists here (pass overwrite=True to replace it)"
+_EXISTS = "a model folder already exists here: choose another folder or remove this one"
 
 __all__ = [
     "SUPPORTED_NETWORKS",

@@ -16,7 +16,8 @@ from pathlib import Path
 from thinseg.data.inputs import open_data
 from thinseg.data.sections import Section
 from thinseg.errors import ThinSegError
-from thinseg.inference.engine import InferenceOptions
+from thinseg.inference.device import select_device
+from thinseg.inference.engine import InferenceOptions, Precision
 from thinseg.jsonio import dumps
 from thinseg.metrics import comparison_dict, format_comparison_table
 from thinseg.metrics.evaluator import EvaluationReport
@@ -44,6 +45,7 @@ class CompareOptions:
     """Several models on the same labelled sections; the defaults are those of `thinseg compare`.
 
     `sheets`: comparison sheets for the first N sections. `void_border_px` 0: no void-border scores.
+    `precision` as for segmenting ("auto": bf16 where the hardware runs it natively, "fp32": exact).
     """
 
     models: Sequence[Path]
@@ -52,6 +54,7 @@ class CompareOptions:
     void_border_px: float = 2.0
     mapping: Path | None = None
     device: str = "auto"
+    precision: Precision = "auto"
     sheets: int = 3
     overwrite: bool = False
 
@@ -88,8 +91,9 @@ def compare_files(
     on_start: Callable[[Mapping[str, ModelBundle], list[Section]], None] | None = None,
 ) -> ComparisonFiles:
     """Score every model and write comparison.json, comparison.txt, per-class bars, the sheets and
-    comparison.html, all or none. Everything is checked (models, mapping table, sections,
+    comparison.html, all or none. Everything is checked (device, models, mapping table, sections,
     existing files) before a model runs; then `on_start(models by name, sections)` is told."""
+    select_device(options.device)
     if not options.data:
         raise ThinSegError("no DATA given: list the labelled netCDF files or folders after the model folders")
     if len(options.models) < 2:
@@ -139,7 +143,7 @@ def compare_files(
             sections,
             options.void_border_px,
             mapping_csv=options.mapping,
-            options=InferenceOptions(device=options.device),
+            options=InferenceOptions(device=options.device, precision=options.precision),
             progress=progress,
             on_section=on_section,
             log=log,

@@ -39,7 +39,8 @@ from thinseg.data.mapping import build_mapping, load_mapping_csv, mapping_for
 from thinseg.data.section_images import open_ppxp
 from thinseg.data.sections import Section, canonical_role, open_sections
 from thinseg.errors import ThinSegError
-from thinseg.inference.engine import CancelFn, InferenceOptions, Segmenter
+from thinseg.inference.device import select_device
+from thinseg.inference.engine import CancelFn, InferenceOptions, Precision, Segmenter
 from thinseg.inference.resample import resampling_factor, segment_at_model_resolution
 from thinseg.io.images import RasterSource
 from thinseg.jsonio import dumps
@@ -336,7 +337,8 @@ class EvaluateOptions:
     """One model on labelled sections; the defaults are those of `thinseg evaluate`.
 
     `model` None: the bundled model. `overlays`: pictures truth | prediction | errors for the
-    first N sections. `void_border_px` 0: no void-border scores.
+    first N sections. `void_border_px` 0: no void-border scores. `precision` as for segmenting
+    ("auto": bf16 where the hardware runs it natively, "fp32": exact).
     """
 
     data: Sequence[str | os.PathLike[str]]
@@ -345,6 +347,7 @@ class EvaluateOptions:
     void_border_px: float = 2.0
     mapping: Path | None = None
     device: str = "auto"
+    precision: Precision = "auto"
     overlays: int = 3
     overwrite: bool = False
 
@@ -379,8 +382,9 @@ def evaluate_files(
 ) -> EvaluationFiles:
     """Score one model and write evaluation.json, evaluation.txt, the confusion matrices, per-class
     bars, the fractions scatter and the first sections' overlays, all or none. Everything is
-    checked (model, mapping table, sections, existing files) before the model runs; then
+    checked (device, model, mapping table, sections, existing files) before the model runs; then
     `on_start(bundle, model folder, sections)` is told what is about to run."""
+    select_device(options.device)
     model_dir = options.model or default_model_dir()
     bundle = load_bundle(model_dir)
     name = bundle.title
@@ -433,7 +437,7 @@ def evaluate_files(
             options.void_border_px,
             name=name,
             mapping_csv=options.mapping,
-            options=InferenceOptions(device=options.device),
+            options=InferenceOptions(device=options.device, precision=options.precision),
             progress=progress,
             on_section=on_section,
             log=log,

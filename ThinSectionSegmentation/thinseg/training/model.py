@@ -33,7 +33,7 @@ def unet_params(
     if depth < 2:
         raise ThinSegError(f"U-Net depth must be at least 2, got {depth}")
     if base_channels < 1:
-        raise ThinSegError(f"base_channels must be positive, got {base_channels}")
+        raise ThinSegError(f"--base-channels must be positive, got {base_channels}")
     return {
         "spatial_dims": 2,
         "in_channels": int(in_channels),
@@ -68,7 +68,7 @@ def new_model(
     norm: str = "batch",
 ) -> ModelSpec:
     if name != "UNet":
-        raise ThinSegError(f"new models are MONAI UNets; {name!r} can only be fine-tuned with init_from")
+        raise ThinSegError(f"new models are MONAI UNets; {name!r} can only be fine-tuned (--init-from)")
     params = unet_params(
         3 * len(roles),
         len(class_table) + 1,

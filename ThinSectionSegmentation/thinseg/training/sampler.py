@@ -125,7 +125,7 @@ class BalancedSampler:
 
     def __init__(self, indexes: Sequence[PatchIndex], balancing_strength: float, rng: np.random.Generator) -> None:
         if not 0.0 <= balancing_strength <= 1.0:
-            raise ThinSegError(f"balancing_strength must be in [0, 1], got {balancing_strength}")
+            raise ThinSegError(f"--balancing-strength must be in [0, 1], got {balancing_strength}")
         if not indexes:
             raise ThinSegError("no training sections to sample patches from")
         self.indexes = list(indexes)

@@ -44,7 +44,8 @@ def split_names(
     n_val, n_test = count(val_fraction), count(test_fraction)
     if n_val + n_test >= n:
         raise ThinSegError(
-            f"{n} sections are too few for val_fraction={val_fraction} and test_fraction={test_fraction}"
+            f"{n} sections are too few to hold out {n_val} for validation (--val-fraction {val_fraction:g}) "
+            f"and {n_test} for testing (--test-fraction {test_fraction:g}): at least one must stay for training"
         )
     return {
         "val": sorted(order[:n_val]),
