@@ -45,7 +45,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     xp = p.add_mutually_exclusive_group()
     xp.add_argument(
-        "--xp", type=Path, default=None, metavar="XP_IMAGE", help="the XP image (default: found beside PP by its affix)"
+        "--xp",
+        type=Path,
+        default=None,
+        metavar="XP_IMAGE",
+        help="the XP image (default: found by its affix beside PP, else in the folders beside PP's folder)",
     )
     xp.add_argument(
         "--xp-pattern", default="XP", metavar="XP", help="affix of the XP counterpart, e.g. XP, PX or c2 (default XP)"
