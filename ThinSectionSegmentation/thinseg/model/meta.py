@@ -11,6 +11,10 @@ package reads and what each may hold. It is used two ways:
   so a damaged folder still shows in the list; `cannot_run` tells the models of other kinds
   (3-D, not torch, other inputs) found in GeoSlicer's folders from thin-section ones.
 
+meta.json may also hold `confidence_reference` (written by training: the confidence the model
+showed on its validation sections, see thinseg.inference.confidence); it is checked with the
+rest when a bundle is loaded, and GeoSlicer, which reads only the keys it knows, ignores it.
+
 The schema also describes model.pth's `config.transforms` (`check_transforms`): two lists of
 {name, params}, whose names and parameters thinseg.model.transforms checks.
 

@@ -33,13 +33,18 @@ def export_bundle(
     description: str,
     training: dict[str, Any],
     metrics: dict[str, Any] | None,
+    confidence_reference: dict[str, Any] | None = None,
 ) -> Path:
     """Write (atomically, replacing an older export of the same run) meta.json + model.pth.
 
     meta.json gets `training` (data, split, settings, epochs) and `metrics` (validation scores
     of the exported epoch) next to GeoSlicer's own keys, which already carry the classes,
-    colours, inputs/channels and pixels_per_mm.
+    colours, inputs/channels and pixels_per_mm; and `confidence_reference` (the model's confidence
+    on the validation sections of that epoch, `ConfidenceReference.to_meta()`) when there is one.
     """
+    extra: dict[str, Any] = {"training": training, "metrics": metrics}
+    if confidence_reference is not None:
+        extra["confidence_reference"] = confidence_reference
     was_training = network.training
     network.eval()
     try:
@@ -54,7 +59,7 @@ def export_bundle(
             roi_shape=roi_shape,
             title=title,
             description=description,
-            extra_meta={"training": training, "metrics": metrics},
+            extra_meta=extra,
             overwrite=True,
         )
     finally:

@@ -1,6 +1,8 @@
 """Validation: the model runs tile-wise over WHOLE validation sections (as at inference, with
 the same sliding-window engine) and one confusion matrix is accumulated over the whole set,
-void bands excluded, so the score is the one users will see, not a patch-level proxy."""
+void bands excluded, so the score is the one users will see, not a patch-level proxy. The same
+pass measures the model's confidence on these sections (`validate_with_confidence`): the
+reference that later sections are compared with (thinseg.inference.confidence)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from thinseg.classes.table import ClassTable
 from thinseg.data.sections import Section
 from thinseg.errors import ThinSegError
+from thinseg.inference.confidence import ConfidenceReference
 from thinseg.inference.engine import InferenceOptions, Segmenter, Source
 from thinseg.inference.resample import segment_at_model_resolution
 from thinseg.metrics import ConfusionAccumulator, SegmentationMetrics, metrics_from_confusion, void_border_mask
@@ -74,6 +77,36 @@ def validate(
     precision: str = "fp32",
     first_label: int = 0,
 ) -> SegmentationMetrics:
+    """The scores of `network` over whole validation sections (see validate_with_confidence)."""
+    return validate_with_confidence(
+        network,
+        sections,
+        roles,
+        class_table,
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        first_label=first_label,
+    )[0]
+
+
+def validate_with_confidence(
+    network: torch.nn.Module,
+    sections: Sequence[ValSection],
+    roles: Sequence[str],
+    class_table: ClassTable,
+    *,
+    tile: int = 512,
+    overlap: int = 32,
+    batch_size: int = 4,
+    device: str = "cpu",
+    precision: str = "fp32",
+    first_label: int = 0,
+) -> tuple[SegmentationMetrics, ConfidenceReference | None]:
+    """The scores of `network` over whole validation sections, and its confidence on them (the
+    meta.json `confidence_reference` of a bundle exported from it; None without sections)."""
     was_training = network.training
     bundle = NetworkAsBundle(network, list(roles), class_table, (tile, tile), first_label)
     options = InferenceOptions(
@@ -86,16 +119,19 @@ def validate(
     )
     segmenter = Segmenter(bundle, options)
     acc = ConfusionAccumulator(len(class_table))
+    histograms = []
     try:
         for val in sections:
             section = val.prepared.section
             sources = [_source(section, r) for r in roles]
             factor = None if val.prepared.scale == 1.0 else 1.0 / val.prepared.scale
-            labels = segment_at_model_resolution(segmenter, sources, factor).labels
-            acc.update(np.asarray(val.truth), labels, val.mask)
+            result = segment_at_model_resolution(segmenter, sources, factor)
+            acc.update(np.asarray(val.truth), result.labels, val.mask)
+            if result.confidence_histogram is not None:
+                histograms.append(result.confidence_histogram)
     finally:
         network.train(was_training)
-    return metrics_from_confusion(acc.matrix, class_table)
+    return metrics_from_confusion(acc.matrix, class_table), ConfidenceReference.from_histograms(histograms)
 
 
 def _source(section: Section, role: str) -> Source:
