@@ -57,12 +57,14 @@ def test_modal_mineralogy_percent_and_area():
     labels[5:, :5] = 5  # 25 px quartz, 25 px unclassified
     result = modal_mineralogy("s", labels, table, mm_per_pixel=0.01)
     by_name = {a.name: a for a in result.areas}
-    assert by_name["Calcite"].pixels == 50 and abs(by_name["Calcite"].percent - 200 / 3) < 1e-9
+    assert by_name["Calcite"].pixels == 50 and by_name["Calcite"].percent == 50.0  # % of the section
     assert abs(by_name["Quartz"].area_mm2 - 25 * 1e-4) < 1e-12
-    assert result.classified_pixels == 75
+    assert result.classified_pixels == 75 and result.section_pixels == 100
+    assert (result.unclassified.pixels, result.unclassified.percent) == (25, 25.0)
     text = fractions_csv_text([result])
     assert text.splitlines()[0] == "section,class,pixels,percent,area_mm2"
-    assert "s,Calcite,50,66.667,0.005000" in text
+    assert "s,Calcite,50,50.000,0.005000" in text
+    assert text.splitlines()[-1] == "s,not classified,25,25.000,0.002500"
 
 
 def test_resampling_factors_per_axis():

@@ -36,7 +36,8 @@ def _set_columns(table, columns):
 
 
 def fractions_table(scene, labelmap_node, table_node=None, table: ClassTable | None = None):
-    """A table node: one row per class (name, area %, mm2, pixels), in class order."""
+    """A table node: one row per class (name, area %, mm2, pixels), in class order, then the
+    "not classified" row, so the % column sums to 100 of the section's pixels."""
     mineralogy = mineralogy_of(labelmap_node, table)
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{labelmap_node.GetName()}_Fractions")
@@ -50,7 +51,7 @@ def fractions_table(scene, labelmap_node, table_node=None, table: ClassTable | N
             (FRACTIONS_COLUMNS[3], vtk.vtkDoubleArray),
         ],
     )
-    for area in mineralogy.areas:
+    for area in mineralogy.rows:
         vtable.InsertNextBlankRow()
         r = vtable.GetNumberOfRows() - 1
         vtable.SetValue(r, 0, vtk.vtkVariant(area.name))
@@ -74,9 +75,8 @@ def fractions_chart(scene, table_node, labelmap_node=None, chart_node=None):
     if labelmap_node is not None:
         colors = labelmap_class_table(labelmap_node).classes
         if colors:  # one series colour: the most abundant class's, bars stay readable
-            fractions = [
-                table_node.GetTable().GetValue(r, 1).ToDouble() for r in range(table_node.GetTable().GetNumberOfRows())
-            ]
+            rows = min(len(colors), table_node.GetTable().GetNumberOfRows())  # not the "not classified" row
+            fractions = [table_node.GetTable().GetValue(r, 1).ToDouble() for r in range(rows)]
             top = int(np.argmax(fractions)) if fractions else 0
             series.SetColor(*(v / 255.0 for v in colors[top].rgb))
     if chart_node is None:
