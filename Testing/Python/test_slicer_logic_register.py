@@ -222,3 +222,40 @@ def test_refined_registration_of_an_offset_xp_gives_training_an_aligned_xp(setup
     plain = logic.register(pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp)
     assert plain.xpAligned is None
     assert plain.labelmap.GetNodeReference(labelmaps.XP_REFERENCE) is xp
+
+
+def test_residual_table_shows_the_fit_and_the_refined_transform(setup):
+    """With one click 6 px off, the table gives each landmark's residual of the landmark fit and of
+    the refined transform (px and um); the refined ones are recomputed here from the transform
+    node in the scene: PP click -> QEMSCAN px, misfit brought back to PP px by its linear part."""
+    scene, logic, pp, xp, qemscan, image_points, qemscan_points, _folder = setup
+    moved = list(image_points.GetNthControlPointPositionWorld(1))
+    image_points.SetNthControlPointPositionWorld(1, moved[0] + 6 * pp.GetSpacing()[0], moved[1], moved[2])
+    fit = logic.register(pp, qemscan, (image_points, qemscan_points), refine=False, xpNode=xp).residuals.GetTable()
+    out = logic.register(pp, qemscan, (image_points, qemscan_points), refine=True, xpNode=xp)
+    table = out.residuals.GetTable()
+    names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert names == [
+        "Landmark",
+        "Fit residual (px)",
+        "Fit residual (um)",
+        "Final residual (px)",
+        "Final residual (um)",
+        "Leave-one-out (px)",
+        "Outlier",
+    ]
+    clicks = world_to_pixel(pp, np.array([image_points.GetNthControlPointPositionWorld(i) for i in range(4)]))
+    mapped = mapped_qemscan_px(out.transform, pp, qemscan, clicks)
+    base = mapped_qemscan_px(out.transform, pp, qemscan, np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    jacobian = np.stack([base[1] - base[0], base[2] - base[0]], axis=1)
+    expected = np.linalg.norm((mapped - QEMSCAN_PX) @ np.linalg.inv(jacobian).T, axis=1)
+    um = pp.GetSpacing()[0] * 1000
+    value = lambda t, r, c: t.GetValue(r, c).ToDouble()  # noqa: E731
+    for r in range(4):
+        assert value(table, r, 1) == pytest.approx(value(fit, r, 1), abs=1e-9)  # the same landmark fit
+        assert value(table, r, 2) == pytest.approx(value(fit, r, 1) * um, abs=1e-9)
+        assert value(table, r, 3) == pytest.approx(expected[r], abs=1e-5)
+        assert value(table, r, 4) == pytest.approx(expected[r] * um, abs=1e-5)
+        assert value(fit, r, 3) == value(fit, r, 1)  # not refined: the final transform is the fit
+    # the refinement goes back to the true map: away from the wrong click, onto the right ones
+    assert value(table, 1, 3) > value(table, 1, 1) and value(table, 1, 3) > 4.0

@@ -173,8 +173,10 @@ def _grid_transform_node(scene, name, section_transform, pp_node, qemscan_node, 
 
 
 def residual_table(scene, name: str, report, mm_per_pixel: float, table_node=None):
-    """A table of per-landmark residuals (image px and um), leave-one-out and outlier flags;
-    `report`: LandmarkFit.report() rows (or the LandmarkFit)."""
+    """A table of per-landmark residuals (image px and um) of the landmark fit and of the final
+    (refined) transform side by side, so that a move away from the clicks shows, then leave-one-out
+    and outlier flags. `report`: the rows of `thinseg.registration.output.landmark_residuals`,
+    or LandmarkFit.report() rows (or the LandmarkFit), whose final residuals are the fit's."""
     rows = report.report() if hasattr(report, "report") else list(report)
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
@@ -182,23 +184,27 @@ def residual_table(scene, name: str, report, mm_per_pixel: float, table_node=Non
     table.Initialize()
     columns = [
         ("Landmark", vtk.vtkStringArray()),
-        ("Residual (px)", vtk.vtkDoubleArray()),
-        ("Residual (um)", vtk.vtkDoubleArray()),
+        ("Fit residual (px)", vtk.vtkDoubleArray()),
+        ("Fit residual (um)", vtk.vtkDoubleArray()),
+        ("Final residual (px)", vtk.vtkDoubleArray()),
+        ("Final residual (um)", vtk.vtkDoubleArray()),
         ("Leave-one-out (px)", vtk.vtkDoubleArray()),
         ("Outlier", vtk.vtkStringArray()),
     ]
     for title, array in columns:
         array.SetName(title)
         table.AddColumn(array)
+    um = mm_per_pixel * 1000.0
     for row in rows:
         loo = row["leave_one_out_px"]
+        fit = float(row.get("residual_fit_px", row["residual_px"]))
+        final = float(row.get("residual_final_px", fit))
         table.InsertNextBlankRow()
         r = table.GetNumberOfRows() - 1
-        table.SetValue(r, 0, vtk.vtkVariant(str(row["name"])))
-        table.SetValue(r, 1, vtk.vtkVariant(float(row["residual_px"])))
-        table.SetValue(r, 2, vtk.vtkVariant(float(row["residual_px"]) * mm_per_pixel * 1000.0))
-        table.SetValue(r, 3, vtk.vtkVariant(float("nan") if loo is None else float(loo)))
-        table.SetValue(r, 4, vtk.vtkVariant("yes" if row["outlier"] else ""))
+        values = [str(row["name"]), fit, fit * um, final, final * um, float("nan") if loo is None else float(loo)]
+        for c, value in enumerate(values):
+            table.SetValue(r, c, vtk.vtkVariant(value))
+        table.SetValue(r, 6, vtk.vtkVariant("yes" if row["outlier"] else ""))
     table.Modified()
     table_node.Modified()
     return table_node

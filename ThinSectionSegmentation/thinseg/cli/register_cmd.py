@@ -45,7 +45,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     xp = p.add_mutually_exclusive_group()
     xp.add_argument(
-        "--xp", type=Path, default=None, metavar="XP_IMAGE", help="the XP image (default: found beside PP by its affix)"
+        "--xp",
+        type=Path,
+        default=None,
+        metavar="XP_IMAGE",
+        help="the XP image (default: found by its affix beside PP, else in the folders beside PP's folder)",
     )
     xp.add_argument(
         "--xp-pattern",
@@ -191,24 +195,42 @@ def format_result(result: RegistrationResult, xp_given: bool) -> str:
     metric before/after, how far refinement moved the map, the XP offset, the overlap.
     (The true registration error is unknown for real data and is not shown.)"""
     # deferred: SimpleITK and scipy cost about 0.6 s at start-up
-    from thinseg.registration.sitk_transforms import describe_linear
+    from thinseg.registration.output import landmark_residuals
+    from thinseg.registration.sitk_transforms import describe_linear  # deferred as above
 
     lines = []
     fit = result.landmark_fit
-    if fit is not None:
-        rows = fit.report()
+    rows = landmark_residuals(result)
+    if fit is not None and rows is not None:
         width = max(8, *(len(r["name"]) for r in rows))
+        final = "refined" if result.refinement is not None else "final"
         lines.append(
-            f"landmarks: {len(rows)} pairs, {fit.transform.kind} fit; residuals in PP pixels "
+            f"landmarks: {len(rows)} pairs, {fit.transform.kind} fit; residuals in PP pixels and um, of the "
+            f"landmark fit and of the {final} transform "
             f"(leave-one-out: against a fit without that pair; tolerance {fit.tolerance_px:.1f} px)"
         )
-        lines.append(f"  {'landmark':<{width}} {'residual':>9} {'leave-one-out':>14}")
+        lines.append(
+            f"  {'landmark':<{width}} {'fit px':>8} {'fit um':>8} {final + ' px':>11} {final + ' um':>11} "
+            f"{'leave-one-out':>14}"
+        )
         for r in rows:
             loo = "-" if r["leave_one_out_px"] is None else f"{r['leave_one_out_px']:.2f}"
             flag = "   <- OUTLIER: disagrees with the other clicks, check it" if r["outlier"] else ""
-            lines.append(f"  {r['name']:<{width}} {r['residual_px']:>9.2f} {loo:>14}{flag}")
+            lines.append(
+                f"  {r['name']:<{width}} {r['residual_fit_px']:>8.2f} {r['residual_fit_um']:>8.2f} "
+                f"{r['residual_final_px']:>11.2f} {r['residual_final_um']:>11.2f} {loo:>14}{flag}"
+            )
         if fit.outliers:
             lines.append(f"  {len(fit.outliers)} outlier(s): correct or remove the flagged click(s) and register again")
+        if result.refinement is not None:
+            # more than half a QEMSCAN pixel further from a click than the landmark fit was
+            step = 0.5 * result.geometry.ratio
+            moved = [r["name"] for r in rows if r["residual_final_px"] - r["residual_fit_px"] > step]
+            if moved:
+                lines.append(
+                    f"  the refinement moved away from click(s) {', '.join(moved)} (by more than half a QEMSCAN "
+                    "pixel): check them on the overlays"
+                )
     if result.coarse is not None:
         c = result.coarse
         lines.append(

@@ -6,7 +6,9 @@ Per section (stem S, folder F):
 - S_qemscan_on_pp.tif  the QEMSCAN map resampled onto the PP grid (paletted, zlib)
 - S_registered.nc      GeoSlicer netCDF: PP, XP (aligned) and the registered labelmap with
                        its mineral names and colours (the training input of retraining)
-- S_overlay_before.png / S_overlay_after.png  label boundaries over PP, start and result
+- S_overlay_before.png / S_overlay_after.png  label boundaries over PP, start and result, each
+                       titled (section, transform, stage, metric) with a legend of the minerals
+                       and of the landmark markers
 Every file is written under a hidden temporary name (`thinseg.io.atomic.AtomicOutput`) and
 only renamed once all are complete; on any failure all of them are removed.
 """
@@ -18,12 +20,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
-from PIL import Image
 
 import thinseg
 from thinseg.classes.table import ClassTable
@@ -32,9 +33,13 @@ from thinseg.io.atomic import AtomicOutput
 from thinseg.io.netcdf import NetcdfWriter
 from thinseg.jsonio import dumps, finite
 from thinseg.registration.grids import Geometry
+from thinseg.registration.landmarks import FloatArray, LandmarkFit
 from thinseg.registration.sitk_transforms import SectionTransform, composite_parts, downcast, linear_matrix
 from thinseg.registration.stages import RegistrationResult
 from thinseg.registration.warp import resample_labels
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FORMAT = "thinseg-registration/1"
 CONVENTION = (
@@ -86,6 +91,9 @@ def transform_json(transform: SectionTransform, result: RegistrationResult | Non
         doc["matrix_image_mm_to_qemscan_mm"] = m.tolist()
     if result is not None:
         doc["registration"] = result.summary()
+        rows = landmark_residuals(result)
+        if rows is not None:
+            doc["registration"]["landmarks"] = rows
     record: dict[str, Any] = finite(doc)
     return record
 
@@ -125,13 +133,187 @@ def boundary_overlay(
     return out
 
 
+def transform_residuals_px(transform: SectionTransform, qemscan_px: np.ndarray, image_px: np.ndarray) -> FloatArray:
+    """Per pair, how far (image px) `transform` puts the QEMSCAN click from the image click: the
+    misfit in QEMSCAN px brought back through the transform's linear part (for a linear transform
+    exactly the image-px distance between the image click and the mapped-back QEMSCAN click)."""
+    p = np.asarray(image_px, dtype=np.float64).reshape(-1, 2)
+    q = np.asarray(qemscan_px, dtype=np.float64).reshape(-1, 2)
+    inv = np.linalg.inv(transform.linear_px()[:2, :2])
+    out: FloatArray = np.linalg.norm((transform.map_image_px(p) - q) @ inv.T, axis=1)
+    return out
+
+
+def landmark_residuals(result: RegistrationResult) -> list[dict[str, Any]] | None:
+    """The landmark fit's report rows with the residuals of the landmark fit AND of the final
+    (refined) transform side by side, in image px and um, so that a person sees whether the
+    refinement moved away from the clicks (None without landmarks). `residual_px` stays the
+    fit's residual (what the outlier check is based on)."""
+    fit = result.landmark_fit
+    if fit is None:
+        return None
+    marks = fit.transform.details["landmarks"]
+    q, p = np.asarray(marks["qemscan_px"], dtype=np.float64), np.asarray(marks["image_px"], dtype=np.float64)
+    if result.transform is fit.transform:
+        final = np.asarray(fit.residuals_px, dtype=np.float64)
+    else:
+        final = transform_residuals_px(result.transform, q, p)
+    um = 1000.0 * result.geometry.image_mm_per_pixel
+    rows = fit.report()
+    for row, f, image_xy, qemscan_xy in zip(rows, final, p, q):
+        row["image_px"] = [float(v) for v in image_xy]
+        row["qemscan_px"] = [float(v) for v in qemscan_xy]
+        row["residual_fit_px"] = row["residual_px"]
+        row["residual_fit_um"] = row["residual_px"] * um
+        row["residual_final_px"] = float(f)
+        row["residual_final_um"] = float(f) * um
+    return rows
+
+
+def _inverse_points(transform: SectionTransform, qemscan_px: np.ndarray, steps: int = 20) -> FloatArray:
+    """Image px that `transform` maps onto `qemscan_px` (Newton steps with its linear part, exact
+    at once for a linear transform)."""
+    m = transform.linear_px()
+    inv = np.linalg.inv(m[:2, :2])
+    x: FloatArray = (qemscan_px - m[:2, 2]) @ inv.T
+    if not transform.is_linear:
+        for _ in range(steps):
+            x = x - (transform.map_image_px(x) - qemscan_px) @ inv.T
+    return x
+
+
+@dataclass
+class OverlayTexts:
+    """What a registration overlay says: title lines and what its landmark markers mean."""
+
+    title: str
+    subtitle: str
+    legend_title: str = "QEMSCAN classes (outline colour)"
+
+
+def overlay_texts(stem: str, result: RegistrationResult, stage: str) -> OverlayTexts:
+    """Title of the overlay of `stage` ("start" or "final") of `result`."""
+    refined = result.refinement is not None
+    if stage == "start":
+        transform = result.initial
+        what = "landmark fit" if result.landmark_fit is not None else "automatic start (coarse search)"
+        subtitle = f"before refinement; mutual information {_bits(result.metric_initial)} bits"
+    else:
+        transform = result.transform
+        if refined:
+            what = "after refinement"
+            subtitle = (
+                f"mutual information {_bits(result.metric_initial)} -> {_bits(result.metric_final)} bits; "
+                f"match contrast {result.contrast:.2f} (about 1 = no match)"
+            )
+        else:
+            what = "landmark fit (not refined)"
+            subtitle = f"mutual information {_bits(result.metric_final)} bits"
+    return OverlayTexts(f"{stem}: {transform.kind} transform, {what}", subtitle)
+
+
+def _bits(value: float) -> str:
+    return f"{value:.3f}" if np.isfinite(value) else "-"
+
+
+def overlay_figure(
+    preview: np.ndarray,
+    labels: np.ndarray,
+    table: ClassTable,
+    texts: OverlayTexts,
+    landmarks: tuple[np.ndarray, np.ndarray] | None = None,
+    scale: float = 1.0,
+) -> Figure:
+    """The overlay picture as a matplotlib Figure: PP (`preview`) with the outlines of `labels`
+    in class colours, a two-line title, and a legend of the classes present (and, with
+    `landmarks` = (image clicks, where the transform puts the QEMSCAN clicks) in full-size image
+    px, of the two markers). `scale`: preview px per image px."""
+    # deferred: matplotlib costs about 0.5 s and only the overlays need it
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D  # deferred as above
+    from matplotlib.patches import Patch  # deferred as above
+
+    image = boundary_overlay(preview, labels, table)
+    h, w = image.shape[:2]
+    u = max(1.0, max(h, w) / 900)  # text and markers grow with the picture, to stay readable
+    dpi = 100
+    legend_w, title_h = round(320 * u), round(70 * u)
+    fig_w, fig_h = w + legend_w, max(h, round(360 * u)) + title_h
+    fig = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")
+    ax = fig.add_axes((0, (fig_h - title_h - h) / fig_h, w / fig_w, h / fig_h))
+    ax.imshow(image, interpolation="nearest")
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.set_axis_off()
+    ax.set_title(f"{texts.title}\n{texts.subtitle}", fontsize=12 * u, loc="left", pad=8 * u)
+    present = set(np.unique(labels).tolist())
+    handles: list[Patch | Line2D] = [
+        Patch(facecolor=cls.color, edgecolor="0.3", label=cls.name)
+        for k, cls in enumerate(table.classes, start=1)
+        if k in present
+    ]
+    if landmarks is not None:
+        clicks, mapped = (np.asarray(a, dtype=np.float64) * scale for a in landmarks)
+        size, width = 9 * u, 2 * u
+        click_style = {"marker": "o", "markersize": size, "markerfacecolor": "none", "markeredgewidth": width}
+        mapped_style = {"marker": "x", "markersize": size, "markeredgewidth": width}
+        for (x0, y0), (x1, y1) in zip(clicks, mapped):
+            ax.plot([x0, x1], [y0, y1], color="black", linewidth=u)
+        # a white halo under each marker keeps it visible on dark grains and pores
+        ax.plot(
+            clicks[:, 0],
+            clicks[:, 1],
+            linestyle="",
+            **{**click_style, "markeredgewidth": 2 * width},
+            markeredgecolor="white",
+        )
+        ax.plot(clicks[:, 0], clicks[:, 1], linestyle="", markeredgecolor="black", **click_style)
+        ax.plot(
+            mapped[:, 0], mapped[:, 1], linestyle="", color="white", **{**mapped_style, "markeredgewidth": 2 * width}
+        )
+        ax.plot(mapped[:, 0], mapped[:, 1], linestyle="", color="magenta", **mapped_style)
+        handles += [
+            Line2D([], [], linestyle="", markeredgecolor="black", label="landmark clicked on PP", **click_style),
+            Line2D(
+                [],
+                [],
+                linestyle="",
+                color="magenta",
+                label="its QEMSCAN click, placed\nby this transform",
+                **mapped_style,
+            ),
+        ]
+    fig.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=((w + 10 * u) / fig_w, (fig_h - title_h) / fig_h),
+        frameon=False,
+        fontsize=10 * u,
+        title=texts.legend_title,
+        title_fontsize=10 * u,
+    )
+    return fig
+
+
 def _write_overlay(
-    path: Path, pp: np.ndarray, qemscan: np.ndarray, transform: SectionTransform, table: ClassTable
+    path: Path,
+    pp: np.ndarray,
+    qemscan: np.ndarray,
+    transform: SectionTransform,
+    table: ClassTable,
+    texts: OverlayTexts,
+    fit: LandmarkFit | None,
 ) -> None:
     step = max(1, int(np.ceil(max(pp.shape[:2]) / OVERLAY_SIDE)))
     preview = np.ascontiguousarray(pp[::step, ::step])
     labels = resample_labels(qemscan, transform, step=step)[: preview.shape[0], : preview.shape[1]]
-    Image.fromarray(boundary_overlay(preview, labels, table)).save(path, format="PNG")
+    marks = None
+    if fit is not None:
+        d = fit.transform.details["landmarks"]
+        q, p = np.asarray(d["qemscan_px"], dtype=np.float64), np.asarray(d["image_px"], dtype=np.float64)
+        marks = (p, _inverse_points(transform, q))
+    fig = overlay_figure(preview, labels, table, texts, marks, scale=1.0 / step)
+    fig.savefig(path, dpi=fig.dpi, format="png", facecolor="white")
 
 
 def _write_labels_tif(path: Path, labels: np.ndarray, table: ClassTable, mm_per_pixel: float) -> None:
@@ -195,9 +377,12 @@ def write_outputs(
         doc["files"] = {k: (v.name if v else None) for k, v in vars(paths).items()}
         tmp[paths.json].write_text(dumps(doc, indent=2), encoding="utf-8")
         _write_labels_tif(tmp[paths.labels_tif], result.labels, result.table, g.image_mm_per_pixel)
+        fit = result.landmark_fit
         if paths.overlay_before is not None:
-            _write_overlay(tmp[paths.overlay_before], pp, qemscan, result.initial, result.table)
-        _write_overlay(tmp[paths.overlay_after], pp, qemscan, result.transform, result.table)
+            texts = overlay_texts(stem, result, "start")
+            _write_overlay(tmp[paths.overlay_before], pp, qemscan, result.initial, result.table, texts, fit)
+        texts = overlay_texts(stem, result, "final")
+        _write_overlay(tmp[paths.overlay_after], pp, qemscan, result.transform, result.table, texts, fit)
         if paths.netcdf is not None:
             _write_netcdf(tmp[paths.netcdf], stem, pp, result)
         for out in outputs.values():
