@@ -125,15 +125,15 @@ def check_labelmap(ds, var: str, reference: str, shape_hw, mm_per_pixel: float, 
 def check_csv_matches(csv_path: Path, sections: dict[str, tuple[np.ndarray, float]]) -> None:
     """modal mineralogy CSV == pixel counts of the labelmaps actually written."""
     rows = read_csv(csv_path)
-    assert [r["section"] for r in rows] == [s for s in sections for _ in TABLE.names]
+    assert [r["section"] for r in rows] == [s for s in sections for _ in range(len(TABLE) + 1)]
     for name, (labels, mm) in sections.items():
         counts = np.bincount(labels.ravel(), minlength=len(TABLE) + 1)
-        classified = counts[1:].sum()
+        counts = np.append(counts[1:], counts[0])  # the classes, then "not classified" (label 0)
         mine = [r for r in rows if r["section"] == name]
-        assert [r["class"] for r in mine] == TABLE.names
-        for k, row in enumerate(mine, start=1):
+        assert [r["class"] for r in mine] == TABLE.names + ["not classified"]
+        for k, row in enumerate(mine):
             assert int(row["pixels"]) == counts[k]
-            assert float(row["percent"]) == pytest.approx(100 * counts[k] / classified, abs=5e-4)
+            assert float(row["percent"]) == pytest.approx(100 * counts[k] / labels.size, abs=5e-4)
             assert float(row["area_mm2"]) == pytest.approx(counts[k] * mm * mm, abs=5e-7)
         assert sum(float(r["percent"]) for r in mine) == pytest.approx(100, abs=0.01)
 
@@ -492,13 +492,20 @@ def test_progress_bar_on_stderr_and_quiet_hides_it(tmp_path, capsys, models):
     assert "MPix/s" not in stderr and "/12" not in stderr and "%|" not in stderr
 
 
-def test_device_cuda_without_gpu_falls_back_to_cpu(tmp_path, capsys, models):
+def test_device_cuda_without_gpu_is_an_error_and_auto_falls_back_to_cpu(tmp_path, capsys, models, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     pp_path, _ = write_pair(tmp_path, "D_PP", "D_XP")
     code, _, stderr = run_main(
         capsys, "segment", pp_path, "--device", "cuda", "--model", models["rgb6"], "--output", tmp_path / "out", "-q"
     )
+    assert code == 2, stderr
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("thinseg: error: device cuda needs a CUDA GPU"), stderr
+    assert not (tmp_path / "out" / "D_PP.nc").exists()
+    code, _, stderr = run_main(
+        capsys, "segment", pp_path, "--device", "auto", "--model", models["rgb6"], "--output", tmp_path / "out", "-q"
+    )
     assert code == 0, stderr
-    assert "thinseg: cuda requested but no CUDA GPU is available: falling back to the CPU" in stderr.splitlines()
+    assert "no CUDA GPU found: running on the CPU (device auto)" in stderr
     assert (tmp_path / "out" / "D_PP.nc").is_file()
 
 
@@ -533,35 +540,19 @@ def test_existing_outputs_are_kept_and_new_ones_numbered(tmp_path, capsys, model
     assert run_main(capsys, *args)[0] == 0
     for name, data in old.items():
         assert (out / name).read_bytes() == data
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        list(old)
-        + [
-            "E_PP_1.nc",
-            "E_PP_1_overlay.png",
-            "modal_mineralogy_1.csv",
-            "E_PP_2.nc",
-            "E_PP_2_overlay.png",
-            "modal_mineralogy_2.csv",
-        ]
-    )
+    # the foreign modal_mineralogy.csv is kept: both runs add to ONE table beside it
+    made = ["E_PP_1.nc", "E_PP_1_overlay.png", "E_PP_2.nc", "E_PP_2_overlay.png", "modal_mineralogy_1.csv"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(list(old) + made)
     with open_nc(out / "E_PP_2.nc") as ds:
         labels = np.asarray(ds.variables["E_Segmentation"][0])
-    check_csv_matches(out / "modal_mineralogy_2.csv", {"E_PP": (labels, MM_PER_PIXEL)})
+    check_csv_matches(
+        out / "modal_mineralogy_1.csv", {"E_PP_1": (labels, MM_PER_PIXEL), "E_PP_2": (labels, MM_PER_PIXEL)}
+    )
 
     # --overwrite replaces them in place
     code, stdout, stderr = run_main(capsys, *args, "--overwrite")
     assert code == 0, stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(  # nothing new, nothing hidden
-        list(old)
-        + [
-            "E_PP_1.nc",
-            "E_PP_1_overlay.png",
-            "modal_mineralogy_1.csv",
-            "E_PP_2.nc",
-            "E_PP_2_overlay.png",
-            "modal_mineralogy_2.csv",
-        ]
-    )
+    assert sorted(p.name for p in out.iterdir()) == sorted(list(old) + made)  # nothing new, nothing hidden
     with open_nc(out / "E_PP.nc") as ds:
         assert np.array_equal(ds.variables["E_Segmentation"][0], labels)
     assert (out / "E_PP_overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -952,7 +943,7 @@ def test_unexpected_exception_mid_write_leaves_no_partial_file(tmp_path, capsys,
         run_main(
             capsys, "segment", pp_path, "--model", models["rgb6"], "--output", tmp_path / "out", "--probabilities", "-q"
         )
-    assert list((tmp_path / "out").iterdir()) == []  # ...but leaves no file behind
+    assert not (tmp_path / "out").exists()  # ...but leaves nothing behind, not even the folder it made
 
 
 # ---------------------------------------------------------------------------------------------

@@ -352,6 +352,11 @@ PARAMETER_HINTS = {
     "stepsPerEpoch": "builtins.int",
     "valFraction": "builtins.float",
     "fineTune": "builtins.bool",
+    "trainClassesPath": "builtins.str",
+    "trainColorTable": "slicer.vtkMRMLColorTableNode",
+    "trainMappingPath": "builtins.str",
+    "modelMmPerPixel": "builtins.float",
+    "ppOnly": "builtins.bool",
     "exportPath": "builtins.str",
     "importPath": "builtins.str",
 }
@@ -364,6 +369,7 @@ WRAPPER_HINTS = {
     "batchSize": "Annotated[builtins.int, WithinRange(1, 256)]",
     "stepsPerEpoch": "Annotated[builtins.int, WithinRange(1, 100000)]",
     "valFraction": "Annotated[builtins.float, WithinRange(0.0, 0.9)]",
+    "modelMmPerPixel": "Annotated[builtins.float, WithinRange(0.0, 10.0)]",
 }
 
 

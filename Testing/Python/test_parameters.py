@@ -33,7 +33,12 @@ SLICER_CONNECTORS = {
     "QDoubleSpinBox": {"float"},
     "QLineEdit": {"str"},
     "QComboBox": set(parameters.ENUMS),
-    "qMRMLNodeComboBox": {"vtkMRMLVectorVolumeNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLMarkupsFiducialNode"},
+    "qMRMLNodeComboBox": {
+        "vtkMRMLVectorVolumeNode",
+        "vtkMRMLLabelMapVolumeNode",
+        "vtkMRMLMarkupsFiducialNode",
+        "vtkMRMLColorTableNode",
+    },
 }
 #: Widgets bound by guibinding.py (Slicer has no connector for these pairs).
 OUR_CONNECTORS = {"ctkPathLineEdit": {"str"}, "QListWidget": {"list[str]"}}
@@ -67,6 +72,11 @@ def test_fields_types_and_defaults():
         "stepsPerEpoch": "int",
         "valFraction": "float",
         "fineTune": "bool",
+        "trainClassesPath": "str",
+        "trainColorTable": "vtkMRMLColorTableNode",
+        "trainMappingPath": "str",
+        "modelMmPerPixel": "float",
+        "ppOnly": "bool",
         "exportPath": "str",
         "importPath": "str",
     }

@@ -9,7 +9,7 @@ import pytest
 import slicer
 from helpers import make_bundle, section_images, write_pair
 
-from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, volumes
+from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, results, volumes
 from thinseg.errors import ThinSegError
 from thinseg.inference.engine import Cancelled
 
@@ -60,15 +60,16 @@ def test_segment_returns_a_labelmap_named_after_the_input_with_its_results(scene
     # everything lands in the input's folder
     for node in (labelmap, out.table, out.chart, out.confidence, out.segmentation):
         assert hierarchy.parent_item(node) == folder, node.GetName()
-    # area fractions: one row per class, percentages of the classified area
+    # area fractions: one row per class, then "not classified"; percentages of the section
     vtable = out.table.GetTable()
-    assert vtable.GetNumberOfRows() == len(table)
-    assert [vtable.GetValue(r, 0).ToString() for r in range(len(table))] == table.names
-    counts = np.bincount(labels.ravel(), minlength=len(table) + 1)[1:]
-    percent = [vtable.GetValue(r, 1).ToDouble() for r in range(len(table))]
-    assert percent == pytest.approx(100 * counts / counts.sum())
+    assert vtable.GetNumberOfRows() == len(table) + 1
+    assert [vtable.GetValue(r, 0).ToString() for r in range(len(table) + 1)] == table.names + ["not classified"]
+    counts = np.bincount(labels.ravel(), minlength=len(table) + 1)
+    counts = np.append(counts[1:], counts[0])
+    percent = [vtable.GetValue(r, 1).ToDouble() for r in range(len(table) + 1)]
+    assert percent == pytest.approx(100 * counts / labels.size)
     assert sum(percent) == pytest.approx(100)
-    assert [vtable.GetValue(r, 3).ToDouble() for r in range(len(table))] == list(counts)
+    assert [vtable.GetValue(r, 3).ToDouble() for r in range(len(table) + 1)] == list(counts)
     series = scene.GetNodeByID(out.chart.GetNthPlotSeriesNodeID(0))
     assert series.GetPlotType() == series.PlotTypeBar and series.GetTableNode() is out.table
     # shown over PP in the slice views
@@ -78,6 +79,30 @@ def test_segment_returns_a_labelmap_named_after_the_input_with_its_results(scene
     conf = volumes.scalar_array(out.confidence)
     assert conf.shape == labels.shape and conf.dtype == np.uint8 and conf.max() > 0
     assert labelmaps.segmentation_class_table(out.segmentation) == table
+
+
+def test_area_table_counts_unclassified_pixels_of_the_section(scene):
+    """Known labels with zeros: the table and chart show "not classified", % of the section."""
+    from thinseg.classes.files import default_class_table
+
+    table = default_class_table()
+    labels = np.zeros((4, 10), np.uint8)  # 40 px: 6 Calcite, 4 Quartz, 30 label 0
+    labels.flat[:6] = 1
+    labels.flat[6:10] = 5
+    labelmap = labelmaps.create_labelmap(scene, "K_Segmentation", labels, table, mm_per_pixel=0.01)
+    node = results.fractions_table(scene, labelmap)
+    vtable = node.GetTable()
+    rows = [[vtable.GetValue(r, c).ToString() for c in range(1)] for r in range(vtable.GetNumberOfRows())]
+    assert [r[0] for r in rows] == table.names + ["not classified"]
+    values = [[vtable.GetValue(r, c).ToDouble() for c in (1, 2, 3)] for r in range(vtable.GetNumberOfRows())]
+    assert values[0] == pytest.approx([15.0, 0.0006, 6])
+    assert values[4] == pytest.approx([10.0, 0.0004, 4])
+    assert values[-1] == pytest.approx([75.0, 0.003, 30])
+    assert sum(v[0] for v in values) == pytest.approx(100.0) and sum(v[2] for v in values) == labels.size
+    # the chart takes its colour from the most abundant CLASS, not from the larger "not classified" row
+    chart = results.fractions_chart(scene, node, labelmap)
+    series = scene.GetNodeByID(chart.GetNthPlotSeriesNodeID(0))
+    assert series.GetColor() == pytest.approx([v / 255.0 for v in table.classes[0].rgb])
 
 
 def test_existing_output_node_is_filled_and_results_are_reused(scene, model_root):
@@ -174,3 +199,21 @@ def test_segment_files_batch_from_the_console(scene, model_root, tmp_path):
     assert {"A_PP", "A_XP", "B_PP"} <= names
     assert sorted(f.pp.GetName() for f in batch.imported) == ["A_PP", "B_PP"]
     assert [f.path.name for f in batch.imported] == [r.netcdf.name for r in batch.results]
+
+
+def test_segment_warns_when_the_rock_is_out_of_the_models_depth(scene):
+    """The bundled synthetic model on a real sandstone field: the result's messages say the map is
+    unreliable; on its own synthetic sample they do not."""
+    from helpers import REPO, read_rgb, real_field
+
+    logic = ThinSectionSegmentationLogic(scene)
+    files = real_field("2a")
+    pp = volumes.create_rgb_volume(scene, "2a_PP", read_rgb(files["pp"]), MM)
+    xp = volumes.create_rgb_volume(scene, "2a_XP", read_rgb(files["xp"]), MM)
+    out = logic.segment(pp, xp, show=False)
+    assert len(out.messages) == 1 and out.messages[0].startswith("warning: 2a_PP: the map is unreliable")
+    assert out.messages[0] in logic.messages
+    sample = REPO / "Resources" / "Sample"
+    pp = volumes.create_rgb_volume(scene, "sample_PP", read_rgb(sample / "sample_PP.jpg"), MM)
+    xp = volumes.create_rgb_volume(scene, "sample_XP", read_rgb(sample / "sample_XP.jpg"), MM)
+    assert logic.segment(pp, xp, show=False).messages == []

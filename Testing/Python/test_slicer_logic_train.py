@@ -13,8 +13,11 @@ from helpers import write_geoslicer_netcdf
 
 from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, volumes
 from thinseg.classes.files import default_class_table
+from thinseg.classes.table import ClassTable
+from thinseg.cli import train_cmd
+from thinseg.cli.main import build_parser, main
 from thinseg.errors import ThinSegError
-from thinseg.jobs import EpochEvent, MessageEvent, ProgressEvent, ResultEvent
+from thinseg.jobs import EpochEvent, MessageEvent, ProgressEvent, ResultEvent, runner
 from thinseg.synth import generate_section
 
 TINY = dict(
@@ -123,3 +126,208 @@ def test_background_training_streams_epochs_and_adds_a_model(tmp_path):
         pp, logic.trainingSectionNodes(sections[0])[1], model_dir, device="cpu", show=False
     ).labelmap
     assert volumes.label_array(labelmap).shape == (128, 128)
+
+
+# -- the choices `thinseg train` has: classes, mineral mapping, the model's pixel size, PP only ----------
+
+#: The classes of a new model and the mapping of the sections' QEMSCAN minerals onto them (Quartz
+#: and Others by name; Mg-Clay minerals left out of the loss).
+NEW_CLASSES = ClassTable.from_names_colors(
+    ["Carbonate", "Porosity", "Quartz", "Others"], ["#00ffff", "#000000", "#ffff00", "#ffffff"]
+)
+MAPPING = "mineral,class\nCalcite,Carbonate\nDolomite,Carbonate\nPores,Porosity\nMg-Clay minerals,ignore\n"
+MODEL_MM = 0.002  # the sections' pixel is 0.00132 mm: the model works at 0.66x their resolution
+
+
+def class_file(tmp_path):
+    path = tmp_path / "classes.csv"
+    path.write_text("name,color\n" + "".join(f"{n},{c}\n" for n, c in zip(NEW_CLASSES.names, NEW_CLASSES.colors)))
+    return path
+
+
+def mapping_file(tmp_path, text=MAPPING, name="mapping.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def netcdf_sections(folder, seeds=(11, 12, 13)):
+    files = []
+    for seed in seeds:
+        s = generate_section(128, 128, seed=seed)
+        files.append(
+            write_geoslicer_netcdf(
+                folder / f"S{seed}.nc",
+                {f"S{seed}_PP": s.pp, f"S{seed}_XP": s.xp},
+                labelmaps={f"S{seed}_labels": s.labels.astype(np.uint8)},
+                mm_per_pixel=s.mm_per_pixel,
+            )
+        )
+    return files
+
+
+def cli_config(argv):
+    return train_cmd.train_config(build_parser().parse_args(["train", *map(str, argv)]))
+
+
+def test_each_choice_reaches_the_trainer_as_thinseg_train_gives_it(tmp_path):
+    """job.json -> TrainConfig equals the command line's TrainConfig for the same options: a class
+    file or a colour table node (--classes), a mapping (--mapping), the model's pixel size
+    (--model-mm-per-pixel) and PP only (--pp-only)."""
+    scene = slicer.vtkMRMLScene()
+    logic = ThinSectionSegmentationLogic(scene)
+    section = scene_section(scene, "A", 1)[2]
+    colors = labelmaps.create_color_table(scene, "new classes", NEW_CLASSES)
+    classes, mapping = class_file(tmp_path), mapping_file(tmp_path)
+    data = netcdf_sections(tmp_path, seeds=(11,))[0]  # the command line wants its DATA to exist
+    cli = cli_config(
+        [data, "-o", tmp_path / "run"]
+        + ["--classes", classes, "--mapping", mapping, "--model-mm-per-pixel", MODEL_MM, "--pp-only"]
+    )
+    fields = ("class_table", "mapping_csv", "pixels_per_mm", "inputs", "init_from")
+    for chosen in (classes, colors):
+        job = logic.prepareTraining(
+            [section],
+            "m",
+            tmp_path / "models",
+            classes=chosen,
+            mappingCsv=mapping,
+            modelMmPerPixel=MODEL_MM,
+            ppOnly=True,
+            workDir=tmp_path,
+        )
+        try:
+            spec = json.loads((job.folder / "job.json").read_text())
+            assert spec["classes"] == {"names": NEW_CLASSES.names, "colors": NEW_CLASSES.colors}
+            assert spec["mapping_csv"] == str(mapping.resolve()) and spec["inputs"] == ["PP"]
+            assert spec["pixels_per_mm"] == pytest.approx(1 / MODEL_MM)
+            config = runner.train_config(spec, job.folder)
+        finally:
+            logic.discardJob(job)
+        assert {f: getattr(config, f) for f in fields} == {f: getattr(cli, f) for f in fields}
+    # nothing chosen: the defaults of both, and a section without XP still makes a PP-only model
+    plain = cli_config([data, "-o", tmp_path / "run"])
+    job = logic.prepareTraining([section], "m", tmp_path / "models", workDir=tmp_path)
+    try:
+        spec = json.loads((job.folder / "job.json").read_text())
+        assert not {"classes", "mapping_csv", "pixels_per_mm", "inputs"} & set(spec)
+        config = runner.train_config(spec, job.folder)
+    finally:
+        logic.discardJob(job)
+    assert {f: getattr(config, f) for f in fields} == {f: getattr(plain, f) for f in fields}
+    lonely_pp = volumes.create_rgb_volume(scene, "B_PP", generate_section(64, 64, seed=4).pp, 0.00132)
+    no_xp = labelmaps.create_labelmap(
+        scene, "B_registered", np.ones((64, 64), np.uint8), default_class_table(), reference=lonely_pp
+    )
+    labelmaps.set_reference(no_xp, lonely_pp)
+    job = logic.prepareTraining([no_xp], "m", tmp_path / "models", workDir=tmp_path)
+    try:
+        assert json.loads((job.folder / "job.json").read_text())["inputs"] == ["PP"]
+    finally:
+        logic.discardJob(job)
+    assert logic.messages[-1] == "a section has no XP image: the new model takes the PP image only"
+
+
+def test_a_choice_that_cannot_work_fails_before_anything_is_written(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    logic = ThinSectionSegmentationLogic(scene)
+    section = scene_section(scene, "A", 1)[2]
+    work, root = tmp_path / "work", tmp_path / "models"
+    work.mkdir()
+    bundled = logic.defaultModelDir()
+    empty = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "empty")
+    empty.SetTypeToUser()
+    empty.SetNumberOfColors(1)
+    missing = tmp_path / "no-such-classes.csv"
+    bad_mapping = mapping_file(tmp_path, "Calcite,Feldspar\n", "bad-mapping.csv")
+    cases = [
+        (dict(classes=missing), f"{missing}: class file not found"),
+        (dict(classes=class_file(tmp_path), initFrom=bundled), "keeps the classes of the model it starts from"),
+        (dict(ppOnly=True, initFrom=bundled), "keeps the inputs of the model it starts from"),
+        (dict(classes=empty), "colour table 'empty' lists no classes"),
+        (dict(classes=42), "a class file or a colour table node, not int"),
+        (
+            dict(classes=class_file(tmp_path), mappingCsv=bad_mapping),
+            f"{bad_mapping}: mapping table sends 'calcite' to 'Feldspar', which is not a model class "
+            "(Carbonate, Porosity, Quartz, Others)",
+        ),
+        (dict(mappingCsv=bad_mapping), "which is not a model class (Calcite, Dolomite, Mg-Clay minerals,"),
+        (dict(mappingCsv=bad_mapping, initFrom=bundled), "which is not a model class (Calcite, Dolomite,"),
+        (dict(mappingCsv=tmp_path / "none.csv"), str(tmp_path / "none.csv")),
+        (dict(modelMmPerPixel=-0.01), "the model's pixel size must be positive, not -0.01 mm"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ThinSegError) as caught:
+            logic.prepareTraining([section], "m", root, workDir=work, **options)
+        assert message in str(caught.value), (options, str(caught.value))
+    assert list(work.iterdir()) == [] and not root.exists()
+    # job.json written by hand: the same conflicts as the command line, named after the file
+    with pytest.raises(ThinSegError, match="job.json: 'inputs' and 'init_from'"):
+        runner.train_config({"sections": [], "run_dir": "r", "inputs": ["PP"], "init_from": str(bundled)}, work)
+    with pytest.raises(ThinSegError, match="job.json: 'classes' needs names and #rrggbb colours"):
+        runner.train_config({"sections": [], "run_dir": "r", "classes": {"names": ["A"]}}, work)
+
+
+def test_a_model_trained_on_scene_sections_with_a_colour_table_has_its_classes_and_resolution(tmp_path):
+    """Colour table node + mapping + the model's pixel size + PP only, trained from labelmap nodes:
+    meta.json says so, and the model segments a PP image alone into those classes."""
+    scene = slicer.vtkMRMLScene()
+    logic = ThinSectionSegmentationLogic(scene)
+    sections = [scene_section(scene, name, seed)[2] for name, seed in (("A", 1), ("B", 2), ("C", 3))]
+    colors = labelmaps.create_color_table(scene, "new classes", NEW_CLASSES)
+    mapping = mapping_file(tmp_path)
+    options = dict(TINY, epochs=1)
+    output = logic.train(
+        sections,
+        "carbonates",
+        tmp_path / "models",
+        classes=colors,
+        mappingCsv=mapping,
+        modelMmPerPixel=MODEL_MM,
+        ppOnly=True,
+        **options,
+    )
+    meta = json.loads((output.modelDir / "meta.json").read_text())
+    y = meta["outputs"]["y"]
+    assert (y["class_names"], y["class_colors"]) == (NEW_CLASSES.names, [c.upper() for c in NEW_CLASSES.colors])
+    assert meta["pixels_per_mm"] == pytest.approx(1 / MODEL_MM) and list(meta["inputs"]) == ["PP"]
+    assert meta["training"]["data"]["mapping_csv"] == str(mapping.resolve())
+    counts = meta["training"]["data"]["train_class_pixels"]
+    assert list(counts) == NEW_CLASSES.names and counts["Carbonate"] > 0 and counts["Porosity"] > 0
+    pp = logic.trainingSectionNodes(sections[0])[0]
+    labelmap = logic.segment(pp, None, output.modelDir, device="cpu", show=False).labelmap
+    assert volumes.label_array(labelmap).shape == (128, 128)
+    assert labelmaps.labelmap_class_table(labelmap).names == NEW_CLASSES.names
+
+
+def test_the_logic_and_thinseg_train_make_the_same_model_for_the_same_choices(tmp_path):
+    """Class file + mapping + the model's pixel size + PP only, on the same netCDF sections: the
+    model meta.json of the logic and of `thinseg train` agree on classes, colours, resolution,
+    inputs, split and the mapped class pixels."""
+    files = netcdf_sections(tmp_path / "data")
+    classes, mapping = class_file(tmp_path), mapping_file(tmp_path)
+    logic = ThinSectionSegmentationLogic(slicer.vtkMRMLScene())
+    output = logic.train(
+        [str(f) for f in files],
+        "from the panel",
+        tmp_path / "models",
+        classes=str(classes),
+        mappingCsv=str(mapping),
+        modelMmPerPixel=MODEL_MM,
+        ppOnly=True,
+        **dict(TINY, epochs=1),
+    )
+    argv = ["train", *map(str, files), "-o", str(tmp_path / "run"), "--quiet", "--device", "cpu"]
+    argv += ["--epochs", "1", "--steps-per-epoch", "2", "--patch-size", "64", "--batch-size", "2"]
+    argv += ["--val-fraction", "0.34", "--base-channels", "4", "--depth", "3", "--val-tile", "128"]
+    argv += ["--classes", str(classes), "--mapping", str(mapping), "--model-mm-per-pixel", str(MODEL_MM), "--pp-only"]
+    assert main(argv) == 0
+    panel = json.loads((output.modelDir / "meta.json").read_text())
+    cli = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())
+    for key in ("pixels_per_mm", "inputs", "outputs", "input_roi_shape"):
+        assert panel[key] == cli[key], key
+    assert panel["outputs"]["y"]["class_names"] == NEW_CLASSES.names and list(panel["inputs"]) == ["PP"]
+    assert panel["pixels_per_mm"] == pytest.approx(1 / MODEL_MM)
+    for key in ("train_sections", "val_sections", "train_class_pixels", "mapping_csv"):
+        assert panel["training"]["data"][key] == cli["training"]["data"][key], key
+    assert panel["training"]["channels"] == cli["training"]["channels"] == ["PP"]

@@ -31,6 +31,9 @@ import numpy as np
 import slicer
 
 from thinseg import jobs
+from thinseg.classes.files import default_class_table, read_model_classes
+from thinseg.classes.table import ClassTable
+from thinseg.data.mapping import build_mapping, load_mapping_csv
 from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL
 from thinseg.errors import ThinSegError
 from thinseg.io.netcdf import list_variables, open_netcdf_image, read_labelmap
@@ -41,6 +44,7 @@ from thinseg.resources import default_model_dir
 
 from . import hierarchy, models, netcdf_nodes, process, results
 from .labelmaps import (
+    class_table_from_color_node,
     create_labelmap,
     labelmap_class_table,
     labelmap_to_segmentation,
@@ -78,13 +82,15 @@ def base_name(node, pp_pattern: str = "PP") -> str:
 @dataclass
 class SegmentationOutput:
     """What a segmentation made: the labelmap (named after the input, with the class colours),
-    the area fractions table and bar chart, and the confidence map / segmentation when asked for."""
+    the area fractions table and bar chart, and the confidence map / segmentation when asked for;
+    `messages`: what the user should read about this result (e.g. that the map is unreliable)."""
 
     labelmap: object
     table: object
     chart: object
     confidence: object | None = None
     segmentation: object | None = None
+    messages: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -255,16 +261,24 @@ class ThinSectionSegmentationLogic:
         cancel: Callable[[], bool] | None = None,
         show: bool = True,
         tile: int | None = None,
+        alignXp: bool = True,
     ) -> SegmentationOutput:
         """Segment PP (+ XP) in this process: a labelmap named after the input, with the colour
         table of the class names, in the input's folder, shown over PP, plus the area fractions
-        table and chart (and the confidence map / segmentation when asked for)."""
+        table and chart (and the confidence map / segmentation when asked for). XP is checked
+        against PP first as `thinseg segment` does (alignXp=False: used as it is)."""
         # deferred: these import torch (1-2 s), which the panel loads only when it segments
+        from thinseg.inference.confidence import ConfidenceReference, out_of_depth_warning
         from thinseg.inference.engine import InferenceOptions, Segmenter
         from thinseg.inference.resample import resampling_factors, segment_at_model_resolution
         from thinseg.io.images import ArraySource
         from thinseg.model.bundle import load_bundle
-        from thinseg.pipelines.segment import check_thin_section_model, model_mm_per_pixel
+        from thinseg.pipelines.segment import (
+            AlignedXpSource,
+            check_thin_section_model,
+            check_xp_alignment,
+            model_mm_per_pixel,
+        )
 
         bundle = load_bundle(modelDir or self.defaultModelDir())
         check_thin_section_model(bundle)
@@ -273,7 +287,13 @@ class ThinSectionSegmentationLogic:
         spacing_y, spacing_x = self.imageSpacingYX(ppNode, mmPerPixel)
         sources = [ArraySource(rgb_array(ppNode, "PP image"), name=ppNode.GetName())]
         if needs_xp:
-            sources.append(ArraySource(rgb_array(xpNode, "XP image"), name=xpNode.GetName()))
+            xp_source = ArraySource(rgb_array(xpNode, "XP image"), name=xpNode.GetName())
+            # the core's PP/XP check: an XP offset or turned by the stage is moved onto the PP grid
+            alignment = check_xp_alignment(sources[0], xp_source) if alignXp else None
+            if alignment is not None and not alignment.is_identity:
+                xp_source = AlignedXpSource(xp_source, alignment)
+                self.messages.append(f"{ppNode.GetName()}: {alignment.describe()}")
+            sources.append(xp_source)
         options = InferenceOptions(device=device, with_confidence=confidence, tile=tile)
         segmenter = Segmenter(bundle, options)
         self.messages += segmenter.messages
@@ -282,9 +302,16 @@ class ThinSectionSegmentationLogic:
         self.messages += resampling_messages(ppNode.GetName(), spacing_y, spacing_x, model_spacing, factor)
         result = segment_at_model_resolution(segmenter, sources, factor, progress=progress, cancel=cancel)
         labels, conf = result.labels, result.confidence
-        return self._store_segmentation(
+        warning = out_of_depth_warning(
+            ppNode.GetName(), result.confidence_histogram, ConfidenceReference.from_meta(bundle.meta)
+        )
+        output = self._store_segmentation(
             ppNode, xpNode, labels, conf, bundle.class_table, bundle.title, outputNode, createSegmentation, show
         )
+        if warning:
+            self.messages.append(warning)
+            output.messages.append(warning)
+        return output
 
     def _store_segmentation(
         self, ppNode, xpNode, labels, conf, table, model_title, outputNode, createSegmentation, show
@@ -503,6 +530,7 @@ class ThinSectionSegmentationLogic:
         q_geometry = require_thin_section_geometry(qemscanNode, "QEMSCAN map")
         # deferred: thinseg.registration imports SimpleITK, loaded only when registration is used
         from thinseg.registration import register_section
+        from thinseg.registration.output import landmark_residuals  # deferred as above
 
         result = register_section(
             pp,
@@ -517,7 +545,7 @@ class ThinSectionSegmentationLogic:
             bspline=bspline,
             progress=progress,
         )
-        report = result.landmark_fit.report() if result.landmark_fit is not None else None
+        report = landmark_residuals(result)  # fit and final (refined) residuals side by side
         summary = {
             "warnings": result.warnings,
             "landmarks": report,
@@ -687,15 +715,25 @@ class ThinSectionSegmentationLogic:
         batchSize: int = 8,
         stepsPerEpoch: int = 200,
         valFraction: float = 0.2,
+        classes=None,
+        mappingCsv=None,
+        modelMmPerPixel: float | None = None,
+        ppOnly: bool = False,
         workDir=None,
         python: str | None = None,
         **options,
     ) -> Job:
         """Sections: registered labelmap nodes (their PP/XP found via references) and/or GeoSlicer
         netCDF files. The new model goes to <modelsRoot>/ThinSectionEnv/Multiphase/<modelName>
-        (numbered if taken), where GeoSlicer lists it too."""
+        (numbered if taken), where GeoSlicer lists it too.
+
+        As `thinseg train`: `classes` (a class file or a colour table node; --classes), `mappingCsv`
+        (mineral,class rows; --mapping), `modelMmPerPixel` (the model's pixel size, sections are
+        resampled to it; --model-mm-per-pixel) and `ppOnly` (--pp-only). Every choice is checked
+        here, before anything is written."""
         if not sections:
             raise ThinSegError("choose at least one registered section (a labelmap on a PP image, or a netCDF file)")
+        choices = self._training_choices(initFrom, classes, mappingCsv, modelMmPerPixel, ppOnly)
         root = Path(modelsRoot) if modelsRoot else models.default_user_models_root()
         model_dir = models.new_model_dir(root, modelName)
         folder = self._new_job_folder("train", workDir)
@@ -731,8 +769,10 @@ class ThinSectionSegmentationLogic:
                 "init_from": str(initFrom) if initFrom else None,
                 "description": f"Trained in Thin Section Segmentation on {len(files)} section(s).",
             }
-            if not initFrom and not have_xp:
+            if not ppOnly and not initFrom and not have_xp:
+                self.messages.append("a section has no XP image: the new model takes the PP image only")
                 job["inputs"] = ["PP"]
+            job.update(choices)
             job.update(options)
             write_json(folder / "job.json", job)
             command = process.worker_command("train", folder / "job.json", python=python)
@@ -740,6 +780,58 @@ class ThinSectionSegmentationLogic:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         return Job("train", folder, command, {"model_dir": str(model_dir)})
+
+    @staticmethod
+    def _training_choices(initFrom, classes, mappingCsv, modelMmPerPixel: float | None, ppOnly: bool) -> dict:
+        """job.json entries for the model's classes, mapping, pixel size and inputs (none for
+        what is not chosen); a choice that cannot work fails here, naming the file at fault."""
+        choices: dict = {}
+        table = None
+        if classes is not None and classes != "":
+            if initFrom:
+                raise ThinSegError(
+                    "a fine-tuned model keeps the classes of the model it starts from: clear the classes, "
+                    "or train a new model (not from the selected one)"
+                )
+            if isinstance(classes, (str, os.PathLike)):
+                table = read_model_classes(Path(classes))
+            elif hasattr(classes, "GetNumberOfColors"):
+                table = class_table_from_color_node(classes)
+                if not len(table):
+                    raise ThinSegError(
+                        f"colour table '{classes.GetName()}' lists no classes (entry 0 is 'not classified')"
+                    )
+            else:
+                raise ThinSegError(f"the classes are a class file or a colour table node, not {type(classes).__name__}")
+            choices["classes"] = {"names": table.names, "colors": table.colors}
+        if ppOnly:
+            if initFrom:
+                raise ThinSegError(
+                    "a fine-tuned model keeps the inputs of the model it starts from: untick PP only, "
+                    "or train a new model (not from the selected one)"
+                )
+            choices["inputs"] = ["PP"]
+        if mappingCsv:
+            path = Path(mappingCsv).resolve()
+            rows = load_mapping_csv(path)
+            target = table
+            if target is None and initFrom:
+                info = models.read_model_info(initFrom)
+                target = ClassTable.from_names_colors(info.classes, ["#000000"] * len(info.classes)) or None
+            elif target is None:
+                target = default_class_table()
+            if target is not None:  # every class the table names is one of the model's
+                minerals = ClassTable.from_names_colors(list(rows), ["#000000"] * len(rows))
+                try:
+                    build_mapping(minerals, target, rows)
+                except ThinSegError as error:
+                    raise ThinSegError(error.problem, path) from None
+            choices["mapping_csv"] = str(path)
+        if modelMmPerPixel:
+            if not modelMmPerPixel > 0:
+                raise ThinSegError(f"the model's pixel size must be positive, not {modelMmPerPixel} mm")
+            choices["pixels_per_mm"] = 1.0 / float(modelMmPerPixel)
+        return choices
 
     def finishTraining(self, job: Job) -> TrainingOutput:
         """The new model's folder (it is now listed by availableModels) and the training summary."""

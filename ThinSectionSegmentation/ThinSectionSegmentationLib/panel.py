@@ -462,6 +462,8 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
         p = self.params
         with self._errors("Cannot start the training"):
             sections = list(self.ui.trainSectionsSelector.checkedNodes()) + list(p.trainFiles)
+            if p.trainClassesPath and p.trainColorTable is not None:
+                raise ThinSegError("take the classes from a class file or from a colour table, not both: clear one")
             job = self.logic.prepareTraining(
                 sections,
                 p.modelName,
@@ -473,6 +475,10 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
                 batchSize=p.batchSize,
                 stepsPerEpoch=p.stepsPerEpoch,
                 valFraction=p.valFraction,
+                classes=p.trainClassesPath or p.trainColorTable,
+                mappingCsv=p.trainMappingPath or None,
+                modelMmPerPixel=p.modelMmPerPixel or None,
+                ppOnly=p.ppOnly,
             )
             self._curveNodes = (None, None)
             self._start(job, self.ui.trainButton, self.logic.finishTraining, self._showTraining)

@@ -20,7 +20,12 @@ import functools
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Annotated, Any
 
-from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLVectorVolumeNode
+from slicer import (
+    vtkMRMLColorTableNode,
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLVectorVolumeNode,
+)
 
 MODULE_NAME = "ThinSectionSegmentation"
 
@@ -77,6 +82,13 @@ class ThinSectionSegmentationParameters:
     stepsPerEpoch: int = 200
     valFraction: float = 0.2
     fineTune: bool = True
+    # the classes, mapping, resolution and inputs of a new model (`thinseg train` --classes,
+    # --mapping, --model-mm-per-pixel, --pp-only); a class file wins over a colour table node
+    trainClassesPath: str = ""
+    trainColorTable: vtkMRMLColorTableNode = None
+    trainMappingPath: str = ""
+    modelMmPerPixel: float = 0.0  # 0: the training sections' own pixel size
+    ppOnly: bool = False
     # Export / import
     exportPath: str = ""
     importPath: str = ""
@@ -94,6 +106,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "batchSize": (1, 256),
     "stepsPerEpoch": (1, 100000),
     "valFraction": (0.0, 0.9),
+    "modelMmPerPixel": (0.0, 10.0),
 }
 
 #: Parameter names of scenes saved before the typed node -> the field that replaces them.
@@ -140,6 +153,7 @@ def node_class(name: str) -> type:
         "vtkMRMLVectorVolumeNode": vtkMRMLVectorVolumeNode,
         "vtkMRMLLabelMapVolumeNode": vtkMRMLLabelMapVolumeNode,
         "vtkMRMLMarkupsFiducialNode": vtkMRMLMarkupsFiducialNode,
+        "vtkMRMLColorTableNode": vtkMRMLColorTableNode,
     }[FIELD_TYPES[name]]
 
 

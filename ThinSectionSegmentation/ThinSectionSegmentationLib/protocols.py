@@ -84,6 +84,10 @@ class PanelLogic(Protocol):
         batchSize: int = 8,
         stepsPerEpoch: int = 200,
         valFraction: float = 0.2,
+        classes: Any = None,
+        mappingCsv: Any = None,
+        modelMmPerPixel: float | None = None,
+        ppOnly: bool = False,
     ) -> Any: ...
 
     def finishTraining(self, job: Any) -> Any: ...

@@ -15,7 +15,7 @@ wrapper. It prints one JSON object:
 and exits 1 when a class's hints do not evaluate. Types are written `module.qualname`,
 `origin[args]` and `Annotated[type, metadata]`.
 
-Only what Slicer alone provides is stood in for: `slicer` with the three MRML classes the fields
+Only what Slicer alone provides is stood in for: `slicer` with the MRML classes the fields
 name, and `slicer.parameterNodeWrapper` with `WithinRange` and a `parameterNodeWrapper` that hands
 back the class unchanged (the real one evaluates the same hints, then builds properties). The
 package's `__init__` (the whole MRML logic) is not run: a bare package stands for it.
@@ -33,7 +33,12 @@ from pathlib import Path
 from typing import Any
 
 LIB = Path(__file__).resolve().parents[3] / "ThinSectionSegmentation" / "ThinSectionSegmentationLib"
-MRML_CLASSES = ("vtkMRMLVectorVolumeNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLMarkupsFiducialNode")
+MRML_CLASSES = (
+    "vtkMRMLVectorVolumeNode",
+    "vtkMRMLLabelMapVolumeNode",
+    "vtkMRMLMarkupsFiducialNode",
+    "vtkMRMLColorTableNode",
+)
 
 
 class WithinRange:

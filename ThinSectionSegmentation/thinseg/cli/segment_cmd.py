@@ -42,6 +42,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="affix marking XP images/variables, e.g. XP, PX or c2 (default XP)",
     )
     p.add_argument(
+        "--xp",
+        type=Path,
+        default=None,
+        metavar="XP_IMAGE",
+        help="the XP image of the one PP image given as INPUT, whatever the two are named",
+    )
+    p.add_argument(
+        "--xp-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder holding the XP images (default: the XP image is looked for beside its PP image, "
+        "then in the folders beside the PP image's folder, e.g. ppl/ and xpl/)",
+    )
+    p.add_argument(
         "--section",
         action="append",
         default=[],
@@ -67,6 +82,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="also store a confidence map (max softmax probability, uint8 0-255)",
     )
     p.add_argument("--overlay", action="store_true", help="also write a PNG of the labels over PP with a legend")
+    p.add_argument(
+        "--no-align",
+        dest="align_xp",
+        action="store_false",
+        help="segment XP as it is: skip the PP/XP check (by default an XP image offset or turned by the stage is "
+        "moved onto the PP grid, and kept so in the output, and an XP image that does not match PP is refused)",
+    )
     tuning = p.add_argument_group("inference tuning")
     tuning.add_argument(
         "--tile",
@@ -106,11 +128,14 @@ def run(args: argparse.Namespace) -> int:
     options = SegmentOptions(
         pp_pattern=args.pp_pattern,
         xp_pattern=args.xp_pattern,
+        xp=args.xp,
+        xp_dir=args.xp_dir,
         mm_per_pixel=args.mm_per_pixel,
         overwrite=args.overwrite,
         probabilities=args.probabilities,
         overlay=args.overlay,
         sections=tuple(args.section),
+        align_xp=args.align_xp,
         inference=InferenceOptions(
             tile=args.tile,
             overlap=args.overlap,
@@ -168,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         print("thinseg: nothing to segment", file=sys.stderr)
         return 2
     if run.mineralogy_csv is not None:
-        print(f"\nmodal mineralogy (area fractions): {run.mineralogy_csv}")
+        print(f"\nmodal mineralogy (% of each section, not classified included): {run.mineralogy_csv}")
     failed = run.failed
     print(f"\n{len(run.results)} section(s) segmented, {len(failed)} failed", file=sys.stderr)
     for path, why in failed:

@@ -173,7 +173,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--overwrite", action="store_true", help="start again in a RUN_DIR that holds a run (default: refuse)"
     )
     out.add_argument("--quiet", "-q", action="store_true", help="no progress bars (epoch summaries are still printed)")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, keep_output=resumable)
 
 
 def _positive_int(text: str) -> int:
@@ -286,6 +286,14 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def resumable(args: argparse.Namespace) -> bool:
+    """A run folder holding a finished epoch's checkpoint outlives a failure: --resume continues it."""
+    # deferred: the training package loads torch (1-2 s at start-up)
+    from thinseg.training.checkpoint import CHECKPOINT_FILE
+
+    return (Path(args.output) / CHECKPOINT_FILE).is_file()
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -318,6 +326,19 @@ def _score(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4f}"
 
 
+def _how_it_ended(result: TrainResult) -> str:
+    """Why training stopped where it did, so that a short run is not taken for a finished one."""
+    planned = result.epochs_planned or result.epochs_run
+    if result.stopped_by_time:
+        return (
+            f"stopped by the --max-minutes time budget after {result.epochs_run} of {planned} planned epochs; "
+            "run the same command with --resume to continue"
+        )
+    if result.stopped_early:
+        return f"early stop: no better validation mean IoU for --patience epochs; {planned} were planned"
+    return f"all {planned} planned epochs"
+
+
 def format_result(result: TrainResult, void_border_px: float = 0.0) -> str:
     """Where the model is, which epoch it is, and its validation (and test) scores."""
     lines = []
@@ -325,9 +346,8 @@ def format_result(result: TrainResult, void_border_px: float = 0.0) -> str:
         lines.append("no model was exported (no epoch finished)")
     else:
         lines.append(f"model: {result.model_dir}")
-    stop = "early stop" if result.stopped_early else "all epochs"
     best = result.best_epoch if result.best_epoch is not None else "-"
-    lines.append(f"best epoch: {best} of {result.epochs_run} run ({stop})")
+    lines.append(f"best epoch: {best} of {result.epochs_run} run ({_how_it_ended(result)})")
     m = result.metrics
     if m:
         void = f", void borders of {void_border_px:g} px excluded" if void_border_px > 0 else ""

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from thinseg.classes.files import read_model_classes
+from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 from thinseg.io.atomic import write_bytes_atomic
 from thinseg.io.netcdf import NetcdfImageSource, NetcdfWriter, open_netcdf_image, read_labelmap
@@ -206,6 +208,7 @@ def run_register_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summar
     image_mm = _pixel_size(job.get("image_mm_per_pixel") or pp_info.mm_per_pixel, "PP image", source)
     qemscan_mm = _pixel_size(job.get("qemscan_mm_per_pixel") or q_mm, "QEMSCAN map", source)
     from thinseg.registration import register_section  # deferred: SimpleITK is loaded only by registration jobs
+    from thinseg.registration.output import landmark_residuals  # deferred as above
 
     result = register_section(
         pp,
@@ -234,7 +237,7 @@ def run_register_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summar
     summary: Summary = {
         "xp_aligned_variable": xp_aligned_variable,
         "warnings": result.warnings,
-        "landmarks": result.landmark_fit.report() if result.landmark_fit else None,
+        "landmarks": landmark_residuals(result),  # fit and final (refined) residuals side by side
         "metric_initial": result.metric_initial,
         "metric_final": result.metric_final,
         "overlap": result.overlap,
@@ -267,8 +270,27 @@ _INT_OPTIONS = (
 )
 
 
+def _job_path(folder: Path, name: str) -> Path:
+    return Path(name) if os.path.isabs(name) else folder / name
+
+
+def _job_classes(value: Any, folder: Path) -> ClassTable:
+    """The new model's classes: {"names", "colors"} (what the panel writes) or a class file
+    (as `thinseg train --classes` reads it)."""
+    if isinstance(value, dict):
+        try:
+            return ClassTable.from_names_colors([str(n) for n in value["names"]], [str(c) for c in value["colors"]])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ThinSegError(
+                f"'classes' needs names and #rrggbb colours of equal number ({error})", folder / "job.json"
+            ) from None
+    return read_model_classes(_job_path(folder, str(value)))
+
+
 def train_config(job: Job, folder: Path) -> TrainConfig:
-    """A TrainConfig from the panel's options (sections: netCDF files in or outside `folder`)."""
+    """A TrainConfig from the panel's options (sections: netCDF files in or outside `folder`).
+    `classes`, `mapping_csv`, `pixels_per_mm` and `inputs` are `thinseg train`'s --classes,
+    --mapping, --model-mm-per-pixel (as its inverse) and --pp-only, with the same conflicts."""
     from thinseg.training import TrainConfig  # deferred: the training package imports torch
 
     sections = [str((folder / s) if not os.path.isabs(s) else s) for s in job["sections"]]
@@ -293,6 +315,21 @@ def train_config(job: Job, folder: Path) -> TrainConfig:
         kwargs["inputs"] = tuple(job["inputs"])
     if job.get("init_from"):
         kwargs["init_from"] = Path(job["init_from"])
+        for key, what in (("classes", "classes"), ("inputs", "inputs")):
+            if job.get(key):
+                raise ThinSegError(
+                    f"'{key}' and 'init_from': a fine-tuned model keeps the {what} of the model it starts from",
+                    folder / "job.json",
+                )
+    if job.get("classes"):
+        kwargs["class_table"] = _job_classes(job["classes"], folder)
+    if job.get("mapping_csv"):
+        kwargs["mapping_csv"] = _job_path(folder, str(job["mapping_csv"]))
+    if job.get("pixels_per_mm") is not None:
+        pixels_per_mm = float(job["pixels_per_mm"])
+        if not pixels_per_mm > 0:
+            raise ThinSegError(f"'pixels_per_mm' must be positive, not {job['pixels_per_mm']}", folder / "job.json")
+        kwargs["pixels_per_mm"] = pixels_per_mm
     return TrainConfig(**kwargs)
 
 

@@ -12,21 +12,25 @@ netCDF file holding several is segmented into its own output.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
 
 import thinseg
 from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL, NetcdfSection, netcdf_layout, open_ppxp
 from thinseg.errors import ThinSegError
+from thinseg.inference.confidence import ConfidenceReference, out_of_depth_warning
 from thinseg.inference.engine import CancelFn, InferenceOptions, Segmenter, Source
 from thinseg.inference.resample import resampled_shape, resampling_factors, segment_at_model_resolution
 from thinseg.io.atomic import AtomicOutput, atomic_output, ensure_writable_dir, free_output_path
-from thinseg.io.images import RasterSource
+from thinseg.io.images import RasterSource, check_region
 from thinseg.io.netcdf import (
     Geometry,
     NetcdfImageSource,
@@ -40,7 +44,13 @@ from thinseg.io.netcdf import (
 )
 from thinseg.io.pairing import PairingProblem, SectionInput, pair_inputs, section_base_name
 from thinseg.model.bundle import ModelBundle, load_bundle
-from thinseg.reports.mineralogy import ModalMineralogy, modal_mineralogy, write_mineralogy_csv
+from thinseg.registration.ppxp import MIN_SCORE, WINDOW, XpAlignment, estimate_xp_alignment, estimate_xp_offset
+from thinseg.reports.mineralogy import (
+    ModalMineralogy,
+    modal_mineralogy,
+    update_mineralogy_table,
+    write_mineralogy_csv,
+)
 from thinseg.reports.overlay import MAX_OVERLAY_SIDE, write_overlay_png
 from thinseg.reports.preview import read_preview
 from thinseg.resources import default_model_dir
@@ -54,16 +64,22 @@ class SegmentOptions:
     """How sections are found, segmented and written (the options of `thinseg segment`).
 
     `sections` names the sections (or their PP variables) to segment in netCDF files holding
-    several; empty: every section."""
+    several; empty: every section. `xp` pairs the one PP image input with this XP image whatever
+    their names; `xp_dir` is where XP images are looked for when not beside their PP image.
+    `align_xp` checks XP against PP first (`check_xp_alignment`): an offset or turned XP is
+    segmented, and written, on the PP grid; a pair that does not match is refused."""
 
     pp_pattern: str = "PP"
     xp_pattern: str | None = "XP"
+    xp: Path | None = None
+    xp_dir: Path | None = None
     mm_per_pixel: float = DEFAULT_MM_PER_PIXEL
     overwrite: bool = False
     probabilities: bool = False
     overlay: bool = False
     inference: InferenceOptions = field(default_factory=InferenceOptions)
     sections: tuple[str, ...] = ()
+    align_xp: bool = True
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,7 @@ class _OpenedSection:
     geometry: Geometry  # the PP image's grid: every output lies on it
     copies: list[tuple[str, Window | None]]  # netCDF variables to copy (rows/columns kept)
     notes: list[str]  # what the user should know about how the input was read
+    xp_alignment: XpAlignment | None = None  # where XP sat on the PP grid (None: not checked)
 
     @property
     def mm_per_pixel(self) -> float:
@@ -180,7 +197,14 @@ def _open_inputs(
     sources = [images.pp] + ([images.xp] if images.xp is not None else [])
     if isinstance(section, NetcdfSectionInput):
         notes = list(section.notes) + notes
-    return _OpenedSection(sources, geometry, copies, notes)
+    alignment = None
+    if options.align_xp and needs_xp and images.xp is not None:
+        alignment = check_xp_alignment(images.pp, images.xp, section.primary)
+        if alignment is None:
+            notes.append(f"{section.name}: under {MIN_CHECK_SIDE} px a side: XP not checked against PP")
+        elif not alignment.is_identity:
+            sources[1] = AlignedXpSource(images.xp, alignment)
+    return _OpenedSection(sources, geometry, copies, notes, alignment)
 
 
 def _netcdf_copies(
@@ -262,6 +286,8 @@ def segment_section(
         with NetcdfWriter(outputs[0].tmp, attrs=attrs) as writer:
             reference, run_sources, tees = _start_images(writer, section, opened)
             messages.extend(opened.notes)
+            if opened.xp_alignment is not None:
+                messages.append(f"{section.name}: {opened.xp_alignment.describe()}")
             factor, note = _model_resolution(section.primary.name, opened.geometry, (height, width), bundle)
             if note:
                 messages.append(note)
@@ -270,6 +296,11 @@ def segment_section(
             for tee in tees:
                 tee.finish()
             labels, confidence = result.labels, result.confidence
+            warning = out_of_depth_warning(
+                section.name, result.confidence_histogram, ConfidenceReference.from_meta(bundle.meta)
+            )
+            if warning:
+                messages.append(warning)
             _add_outputs(writer, bundle, opened, base, reference, labels, confidence)
         # the geometric mean pixel size: exact areas also for non-square pixels
         mineralogy = modal_mineralogy(section.name, labels, bundle.class_table, opened.mm_per_pixel)
@@ -323,6 +354,131 @@ def _discard_all(outputs: Sequence[AtomicOutput]) -> None:
         output.discard()
 
 
+#: Columns resampled at a time when a turned XP is read (bounds the memory of one read).
+_ALIGN_COLUMNS = 512
+#: Smallest image side (px) on which the PP/XP check is made: on smaller images chance
+#: correlation peaks are as strong as real ones.
+MIN_CHECK_SIDE = 256
+
+
+def check_xp_alignment(pp: RasterSource, xp: RasterSource, where: Path | None = None) -> XpAlignment | None:
+    """Where XP sits on the PP grid (`estimate_xp_alignment`), measured on the central window
+    (at most `WINDOW` px square) of both images so that a gigapixel section is never read whole;
+    None for images under `MIN_CHECK_SIDE` px a side, too small for the check to tell.
+
+    A pair whose match is too weak to trust, or whose two halves disagree once aligned, is
+    refused, naming `where`: an XP photograph of another section (a pairing slip) would
+    otherwise be segmented in silence."""
+    (h, w), (hx, wx) = pp.shape, xp.shape
+    if (h, w) != (hx, wx):
+        raise ThinSegError(f"PP is {w}x{h} px but XP {xp.name} is {wx}x{hx} px; they must be the same size", where)
+    if min(h, w) < MIN_CHECK_SIDE:
+        return None
+    sh, sw = min(h, WINDOW), min(w, WINDOW)
+    y0, x0 = (h - sh) // 2, (w - sw) // 2
+    pp_window, xp_window = pp.read(y0, y0 + sh, x0, x0 + sw), xp.read(y0, y0 + sh, x0, x0 + sw)
+    found = estimate_xp_alignment(pp_window, xp_window)
+    why = None
+    if not found.reliable:
+        why = f"score {found.score:.1f}, below {MIN_SCORE:g}"
+    elif not _halves_agree(pp_window, found.apply(xp_window)):
+        why = f"score {found.score:.1f}, but the left and right halves do not line up alike"
+    if why is not None:
+        raise ThinSegError(
+            f"PP {pp.name} and XP {xp.name} do not match ({why}): is this XP image of the same section? "
+            "(--no-align segments them as they are)",
+            where,
+        )
+    if found.angle_deg == 0 or (sh, sw) == (h, w):
+        return found
+    # the window's turn is about its own centre: move it to the image centre c (see XpAlignment)
+    rot = _rotation(found.angle_deg)
+    centre = (np.array([h, w], float) - 1) / 2
+    window_centre = np.array([y0, x0], float) + (np.array([sh, sw], float) - 1) / 2
+    dy, dx = np.array([found.dy, found.dx]) + (rot - np.eye(2)) @ (centre - window_centre)
+    return replace(found, dy=round(float(dy), 2), dx=round(float(dx), 2))
+
+
+def _halves_agree(pp: np.ndarray, aligned_xp: np.ndarray) -> bool:
+    """Whether the left and right halves of an aligned XP each sit on PP within a pixel: a real
+    match holds everywhere, a chance correlation peak of unrelated images does not."""
+    half = pp.shape[1] // 2
+    for cols in (slice(0, half), slice(half, None)):
+        dy, dx, _peak = estimate_xp_offset(pp[:, cols], aligned_xp[:, cols])
+        if abs(dy) > 1 or abs(dx) > 1:
+            return False
+    return True
+
+
+def _rotation(angle_deg: float) -> np.ndarray:
+    """The (y, x) rotation matrix of `XpAlignment`."""
+    theta = np.deg2rad(angle_deg)
+    return np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+
+
+class AlignedXpSource:
+    """An XP image read onto the PP grid region by region: what `XpAlignment.apply` gives for
+    the whole image (uncovered pixels black), without holding the whole XP in memory. A shift
+    reads the shifted region; a turn reads, per block of columns, the bounding box of the
+    turned region and resamples it bilinearly."""
+
+    def __init__(self, source: RasterSource, alignment: XpAlignment) -> None:
+        self.source, self.alignment = source, alignment
+        self.shape: tuple[int, int] = (int(source.shape[0]), int(source.shape[1]))
+        self.name = source.name
+        self.mm_per_pixel = source.mm_per_pixel
+        self.origin_mm = source.origin_mm
+
+    @property
+    def path(self) -> Path | None:
+        return self.source.path
+
+    def close(self) -> None:
+        self.source.close()
+
+    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> npt.NDArray[np.uint8]:
+        y0, y1, x0, x1 = check_region(self.shape, y0, y1, x0, x1)
+        a = self.alignment
+        out = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+        if a.angle_deg == 0:
+            self._shifted(out, y0, x0, int(a.dy), int(a.dx))
+            return out
+        for cx0 in range(x0, x1, _ALIGN_COLUMNS):
+            cx1 = min(x1, cx0 + _ALIGN_COLUMNS)
+            out[:, cx0 - x0 : cx1 - x0] = self._turned(y0, y1, cx0, cx1)
+        return out
+
+    def _shifted(self, out: np.ndarray, y0: int, x0: int, dy: int, dx: int) -> None:
+        h, w = self.shape
+        th, tw = out.shape[:2]
+        sy0, sy1 = max(0, y0 + dy), min(h, y0 + th + dy)
+        sx0, sx1 = max(0, x0 + dx), min(w, x0 + tw + dx)
+        if sy0 < sy1 and sx0 < sx1:
+            out[sy0 - y0 - dy : sy1 - y0 - dy, sx0 - x0 - dx : sx1 - x0 - dx] = self.source.read(sy0, sy1, sx0, sx1)
+
+    def _turned(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """out[p] = xp[R (p - c) + c + d] over rows y0:y1, columns x0:x1 (p, c, d in (y, x))."""
+        a, (h, w) = self.alignment, self.shape
+        rot = _rotation(a.angle_deg)
+        centre = (np.array([h, w], float) - 1) / 2
+        shift = centre - rot @ centre + np.array([a.dy, a.dx])
+        corners = np.array([[y, x] for y in (y0, y1 - 1) for x in (x0, x1 - 1)], float)
+        mapped = corners @ rot.T + shift
+        sy0, sx0 = (max(0, int(np.floor(v)) - 1) for v in mapped.min(axis=0))
+        sy1, sx1 = min(h, int(np.ceil(mapped[:, 0].max())) + 2), min(w, int(np.ceil(mapped[:, 1].max())) + 2)
+        out = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+        if sy0 >= sy1 or sx0 >= sx1:
+            return out
+        region = self.source.read(sy0, sy1, sx0, sx1)
+        # out[q] = region[R q + offset] with q local to the target block
+        offset = rot @ np.array([y0, x0], float) + shift - np.array([sy0, sx0], float)
+        for c in range(3):
+            out[..., c] = ndimage.affine_transform(
+                region[..., c], rot, offset, output_shape=out.shape[:2], order=1, mode="constant", cval=0
+            )
+        return out
+
+
 class _TeeSource:
     """Passes reads through and hands rows not seen before to a netCDF row writer.
 
@@ -359,16 +515,42 @@ def _start_images(
 ) -> tuple[str | None, list[Source], list[_TeeSource]]:
     """Put the input images in the output: copies of a netCDF input's variables, or PP/XP
     variables filled while they are segmented. Returns (reference name, sources, tees)."""
+    aligned = opened.sources[-1] if isinstance(opened.sources[-1], AlignedXpSource) else None
     if section.netcdf is not None:
-        names = [writer.copy_variable(section.netcdf, name, window=window) for name, window in opened.copies]
-        return _reference_name(opened, names), list(opened.sources), []
+        # an aligned XP replaces the input's XP variable (same name) on the PP grid
+        names: list[str] = []
+        sources: list[Source] = list(opened.sources)
+        tees: list[_TeeSource] = []
+        for name, window in opened.copies:
+            if aligned is not None and name == aligned.name:
+                tees.append(_TeeSource(aligned, _begin_aligned_xp(writer, name, aligned, opened.geometry)))
+                names.append(tees[-1].sink.name)
+            else:
+                names.append(writer.copy_variable(section.netcdf, name, window=window))
+        if aligned is not None and not tees:
+            tees.append(_TeeSource(aligned, _begin_aligned_xp(writer, aligned.name, aligned, opened.geometry)))
+        if tees:
+            sources[-1] = tees[0]
+        return _reference_name(opened, names), sources, tees
     tees = []
     paths = [section.pp, section.xp]
     for source, path in zip(opened.sources, paths):
         assert path is not None  # an image section has a file for each opened source
-        image = writer.begin_rgb_image(path.stem, source.shape, geometry=opened.geometry)
+        if isinstance(source, AlignedXpSource):
+            image = _begin_aligned_xp(writer, path.stem, source, opened.geometry)
+        else:
+            image = writer.begin_rgb_image(path.stem, source.shape, geometry=opened.geometry)
         tees.append(_TeeSource(source, image))
     return tees[0].sink.name, list(tees), tees
+
+
+def _begin_aligned_xp(writer: NetcdfWriter, name: str, xp: AlignedXpSource, geometry: Geometry) -> RgbRowWriter:
+    """The output's XP variable: the XP image as the model saw it, moved onto the PP grid, with
+    an attribute saying how far it was moved."""
+    a = xp.alignment
+    moved = f"dy {a.dy:+g}, dx {a.dx:+g} px, angle {a.angle_deg:+g} deg, score {a.score:.1f}"
+    attrs = {"thinseg_xp_alignment": f"{moved}: resampled onto the PP grid (uncovered pixels black)"}
+    return writer.begin_rgb_image(name, xp.shape, attrs=attrs, geometry=geometry)
 
 
 def _add_outputs(
@@ -530,15 +712,17 @@ def is_single_file(output: Path) -> bool:
 
 
 def write_modal_mineralogy(results: Sequence[SectionResult], output: Path, overwrite: bool = False) -> Path:
-    """The batch's modal mineralogy CSV: OUTPUT/modal_mineralogy.csv for a folder, or
-    <file>_fractions.csv beside a single .nc output; an existing table gets a free numbered
-    name unless `overwrite`. Returns the path written."""
+    """The batch's modal mineralogy CSV. A folder keeps one table, OUTPUT/modal_mineralogy.csv,
+    that every run updates (`update_mineralogy_table`), one row block per netCDF written, named
+    after it: a section written again with `overwrite` replaces its rows; without, its new
+    numbered netCDF (S_1.nc) adds rows "S_1". A single .nc output gets <file>_fractions.csv
+    beside it (an existing one a free numbered name unless `overwrite`). Returns the path written."""
     if is_single_file(output):
         netcdf = results[0].netcdf
         path = netcdf.with_name(netcdf.stem + "_fractions.csv")
-    else:
-        path = output / MINERALOGY_CSV
-    return write_mineralogy_csv(path, [r.mineralogy for r in results], overwrite=overwrite)
+        return write_mineralogy_csv(path, [r.mineralogy for r in results], overwrite=overwrite)
+    named = [dataclasses.replace(r.mineralogy, section=r.netcdf.stem) for r in results]
+    return update_mineralogy_table(output / MINERALOGY_CSV, named, overwrite=overwrite)
 
 
 @dataclass
@@ -585,7 +769,12 @@ def segment_files(
     check_thin_section_model(bundle)
     ensure_writable_dir(output.parent if is_single_file(output) else output)
     sections, problems = pair_inputs(
-        inputs, pp_pattern=options.pp_pattern, xp_pattern=options.xp_pattern, needs_xp=len(bundle.input_names) > 1
+        inputs,
+        pp_pattern=options.pp_pattern,
+        xp_pattern=options.xp_pattern,
+        needs_xp=len(bundle.input_names) > 1,
+        xp=options.xp,
+        xp_dir=options.xp_dir,
     )
     run = SegmentRun(bundle, Path(model_dir), sections, problems)
     if not sections:

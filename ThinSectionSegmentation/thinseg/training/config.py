@@ -144,3 +144,5 @@ class TrainResult:
     curves_png: Path | None
     split_file: Path
     test_metrics: dict[str, Any] | None = None  # best model on the held-out test sections
+    epochs_planned: int = 0  # the `epochs` asked for
+    stopped_by_time: bool = False  # `max_minutes` ran out before `epochs_planned`

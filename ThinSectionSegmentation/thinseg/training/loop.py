@@ -36,7 +36,7 @@ from thinseg.training.losses import dice_ce_loss
 from thinseg.training.model import ModelSpec, model_from_bundle, new_model
 from thinseg.training.split import apply_split, load_split, save_split, split_names
 from thinseg.training.targets import PreparedSection, prepare_sections
-from thinseg.training.validate import ValSection, make_val_sections, validate
+from thinseg.training.validate import ValSection, make_val_sections, validate, validate_with_confidence
 
 LOG_FILE = "training_log.csv"
 CURVES_FILE = "training_curves.png"
@@ -115,11 +115,11 @@ class TrainingRun:
         self.config = config
         self.log = log
         self.on_step, self.on_epoch = on_step, on_epoch
+        self.device, message = select_device(config.device)  # before anything is made or cleared
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.out / CHECKPOINT_FILE
         self._check_output()
-        self.device, message = select_device(config.device)
         if message:
             log(message)
         self.amp_dtype = resolve_precision(config.precision, self.device)
@@ -143,8 +143,7 @@ class TrainingRun:
         c = self.config
         if self.checkpoint_path.exists() and not c.resume and not c.overwrite:
             raise ThinSegError(
-                "a training run already exists here: resume it (resume=True / --resume) "
-                "or start again (overwrite=True)",
+                "a training run already exists here: continue it with --resume or start again with --overwrite",
                 self.out,
             )
         if c.overwrite and not c.resume:
@@ -177,7 +176,7 @@ class TrainingRun:
         multiple = int(np.prod(self.spec.params.get("strides") or [1]))
         size = self.config.patch_size
         if size < multiple or size % multiple:
-            raise ThinSegError(f"patch_size {size} must be a multiple of {multiple} for this network")
+            raise ThinSegError(f"patch size {size} (--patch-size) must be a multiple of {multiple} for this network")
 
     def _check_inputs(self, part: str) -> None:
         for section in self.parts[part]:
@@ -229,7 +228,7 @@ class TrainingRun:
             return float(self.spec.pixels_per_mm)
         spacings = [s.mm_per_pixel for s in self.parts["train"] if s.mm_per_pixel]
         if not spacings:
-            raise ThinSegError("the training sections carry no pixel size: set pixels_per_mm")
+            raise ThinSegError("the training sections carry no pixel size: give the model's with --model-mm-per-pixel")
         return 1.0 / float(np.median(spacings))
 
     def _prepare_train(self) -> list[PreparedSection]:
@@ -329,14 +328,14 @@ class TrainingRun:
                     if elapsed + elapsed / epochs_here > 60 * c.max_minutes:  # the next epoch would not fit
                         self.log(
                             f"time budget of {c.max_minutes:g} min reached after {elapsed / 60:.1f} min: stopping "
-                            "(--resume continues)"
+                            f"after epoch {self.epoch} of {c.epochs} (--resume continues)"
                         )
                         out_of_time = True
                 self._checkpoint(stopped)  # a run stopped by the clock can be resumed; an early stop cannot
         except KeyboardInterrupt:
             self.log(
                 f"interrupted: {self.epoch} finished epoch(s) are checkpointed in {self.checkpoint_path}; "
-                "continue with resume=True (--resume)"
+                "continue with --resume"
             )
             raise
         test_metrics = self._evaluate_test()
@@ -354,6 +353,8 @@ class TrainingRun:
             curves_png=self.out / CURVES_FILE if self.history else None,
             split_file=self.out / SPLIT_FILE,
             test_metrics=test_metrics,
+            epochs_planned=c.epochs,
+            stopped_by_time=out_of_time,
         )
 
     def _autocast(self) -> AbstractContextManager[Any]:
@@ -435,7 +436,7 @@ class TrainingRun:
             return {}
         c = self.config
         start = time.perf_counter()
-        metrics = validate(
+        metrics, confidence = validate_with_confidence(
             self.network,
             self.val_sections,
             self.roles,
@@ -456,6 +457,7 @@ class TrainingRun:
             row[f"val_iou_{name}"] = float(iou)
         row["val_seconds"] = time.perf_counter() - start
         self._last_metrics = metrics.to_dict()
+        self._last_confidence = confidence.to_meta() if confidence is not None else None
         return row
 
     def _keep_best(self, row: dict[str, Any]) -> bool:
@@ -480,7 +482,12 @@ class TrainingRun:
                     **metrics,
                     "per_class_iou": {n: finite(row[f"val_iou_{n}"]) for n in self.class_table.names},
                 }
-            self.best = {"epoch": row["epoch"], "mean_iou": iou, "metrics": metrics}
+            self.best = {
+                "epoch": row["epoch"],
+                "mean_iou": iou,
+                "metrics": metrics,
+                "confidence_reference": self._last_confidence if has_val else None,
+            }
             self.bad_epochs = 0
             self.model_dir = self._export()
             summary += " (best: exported)"
@@ -535,6 +542,7 @@ class TrainingRun:
             description=description,
             training=training,
             metrics=self.best["metrics"],
+            confidence_reference=self.best.get("confidence_reference"),  # absent in older checkpoints
         )
 
     def _evaluate_test(self) -> dict[str, Any] | None:
