@@ -217,3 +217,29 @@ def test_segment_warns_when_the_rock_is_out_of_the_models_depth(scene):
     pp = volumes.create_rgb_volume(scene, "sample_PP", read_rgb(sample / "sample_PP.jpg"), MM)
     xp = volumes.create_rgb_volume(scene, "sample_XP", read_rgb(sample / "sample_XP.jpg"), MM)
     assert logic.segment(pp, xp, show=False).messages == []
+
+
+def test_the_background_job_sends_the_out_of_depth_warning_as_a_warning_event(scene):
+    """The panel runs segmentation as a job: the warning reaches it as a typed warning event (shown
+    on the status line), not only as a log message."""
+    import sys
+
+    from helpers import read_rgb, real_field
+
+    from ThinSectionSegmentationLib import process
+    from thinseg.jobs import WarningEvent
+
+    logic = ThinSectionSegmentationLogic(scene)
+    files = real_field("2a")
+    pp = volumes.create_rgb_volume(scene, "2a_PP", read_rgb(files["pp"]), MM)
+    xp = volumes.create_rgb_volume(scene, "2a_XP", read_rgb(files["xp"]), MM)
+    job = logic.prepareSegmentation(pp, xp, device="cpu", python=sys.executable)
+    try:
+        proc = logic.startJob(job)
+        received = proc.wait(timeout=300)
+        proc.check()
+    finally:
+        logic.discardJob(job)
+    warnings = [e.text for e in received if isinstance(e, WarningEvent)]
+    assert any("the map is unreliable" in text for text in warnings), warnings
+    assert not any(isinstance(e, process.OutputLine) and "unreliable" in e.text for e in received)

@@ -141,9 +141,9 @@ def run_segment_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary
     if not run.results:
         raise ThinSegError("nothing to segment", folder / "job.json")
     sections = [_section_summary(r) for r in run.results]
-    for result in run.results:
+    for result in run.results:  # what `thinseg segment` prints as warnings (out of depth, XP offset, ...)
         for message in result.messages[len(run.segmenter.messages) if run.segmenter else 0 :]:
-            emit(MessageEvent(message))
+            emit(WarningEvent(message))
     summary: Summary = {"output": job["output"], "model": run.bundle.title, "sections": sections}
     write_json(folder / "summary.json", summary)
     return summary
