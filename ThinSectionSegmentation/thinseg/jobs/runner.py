@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from thinseg.registration.stages import RegistrationResult
     from thinseg.training.config import TrainConfig
 
+#: How section messages that are warnings begin (as the command line prints them).
+WARNING_PREFIX = "warning: "
 #: A job as read from job.json.
 Job = dict[str, Any]
 #: A finished job's summary (also written to summary.json).
@@ -141,9 +143,10 @@ def run_segment_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary
     if not run.results:
         raise ThinSegError("nothing to segment", folder / "job.json")
     sections = [_section_summary(r) for r in run.results]
-    for result in run.results:  # what `thinseg segment` prints as warnings (out of depth, XP offset, ...)
+    for result in run.results:  # notes; those `thinseg segment` prints as warnings (out of depth) are warnings
         for message in result.messages[len(run.segmenter.messages) if run.segmenter else 0 :]:
-            emit(WarningEvent(message))
+            text = message.removeprefix(WARNING_PREFIX)
+            emit(WarningEvent(text) if text != message else MessageEvent(message))
     summary: Summary = {"output": job["output"], "model": run.bundle.title, "sections": sections}
     write_json(folder / "summary.json", summary)
     return summary
