@@ -14,6 +14,7 @@ One PP image can also be given with its XP image explicitly (`--xp FILE`): then 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class _Folders:
 
     def sibling_folders(self, path: Path) -> list[Path] | None:
         """The folders beside `path`'s folder; None when there are more than MAX_SIBLING_FOLDERS."""
-        folder = path.parent.resolve()
+        folder = Path(os.path.abspath(path.parent))  # not resolve(): paths keep the links the user gave
         if folder not in self.siblings:
             try:
                 found = sorted(
