@@ -38,19 +38,24 @@ def clicks(s, bad: int | None = None, offset: float = 3.0):
     return qemscan, image
 
 
+def register_clicks(s, qemscan_px, image_px, xp=None, **options):
+    """Register the synthetic section `s` from the given click pairs."""
+    return register_section(
+        s.pp,
+        xp,
+        s.qemscan,
+        s.qemscan_table,
+        image_mm_per_pixel=s.mm_per_pixel,
+        qemscan_mm_per_pixel=s.qemscan_mm_per_pixel,
+        landmarks=(qemscan_px, image_px),
+        **options,
+    )
+
+
 @pytest.fixture(scope="module")
 def refined(sec):
     q, p = clicks(sec, bad=1)
-    result = register_section(
-        sec.pp,
-        sec.xp,
-        sec.qemscan,
-        sec.qemscan_table,
-        image_mm_per_pixel=sec.mm_per_pixel,
-        qemscan_mm_per_pixel=sec.qemscan_mm_per_pixel,
-        landmarks=(q, p),
-        kind="affine",
-    )
+    result = register_clicks(sec, q, p, xp=sec.xp, kind="affine")
     return result, q, p
 
 
@@ -98,16 +103,7 @@ def test_the_printed_table_and_the_record_show_both(refined, tmp_path, sec):
 
 def test_without_refinement_both_columns_are_the_fit(sec):
     q, p = clicks(sec, bad=1)
-    result = register_section(
-        sec.pp,
-        None,
-        sec.qemscan,
-        sec.qemscan_table,
-        image_mm_per_pixel=sec.mm_per_pixel,
-        qemscan_mm_per_pixel=sec.qemscan_mm_per_pixel,
-        landmarks=(q, p),
-        refine=False,
-    )
+    result = register_clicks(sec, q, p, refine=False)
     rows = landmark_residuals(result)
     assert [r["residual_final_px"] for r in rows] == [r["residual_fit_px"] for r in rows]
     assert max(r["residual_fit_px"] for r in rows) > 1.0
@@ -158,16 +154,7 @@ def test_overlay_pngs_have_title_and_legend_room(refined, sec, tmp_path):
 
 def test_a_click_the_refinement_moved_far_from_is_named(sec):
     q, p = clicks(sec, bad=1, offset=7.0)
-    result = register_section(
-        sec.pp,
-        sec.xp,
-        sec.qemscan,
-        sec.qemscan_table,
-        image_mm_per_pixel=sec.mm_per_pixel,
-        qemscan_mm_per_pixel=sec.qemscan_mm_per_pixel,
-        landmarks=(q, p),
-        kind="affine",
-    )
+    result = register_clicks(sec, q, p, xp=sec.xp, kind="affine")
     rows = landmark_residuals(result)
     assert not any(r["outlier"] for r in rows)  # the leave-one-out check lets it pass
     moved = [r["name"] for r in rows if r["residual_final_px"] - r["residual_fit_px"] > 0.5 * result.geometry.ratio]
