@@ -16,7 +16,7 @@ CORE = MODULE_DIR / "thinseg"
 
 #: Lowest first. A package may import its own modules and any package of an earlier layer.
 LAYERS: list[set[str]] = [
-    {"errors", "resources"},
+    {"errors", "resources", "limits"},
     {"__init__"},  # the version and ThinSegError
     {"classes"},
     {"io"},

@@ -1,0 +1,127 @@
+"""The hostile-input harness: run `thinseg` as a user would, in a fresh process, and check the
+promises a failure must keep.
+
+Every case of the fuzz suite (`test_hostile_*.py`) runs the real console entry point and asserts
+its exit code, that stderr holds exactly one `thinseg: error:` line and no traceback, that nothing
+was left behind (no temporary, no partial result, no new file where none was asked for) and,
+where the point is a bomb, that the peak memory of the process stayed bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers import MODULE_DIR
+
+#: Peak resident memory of a `thinseg` process that imports torch and refuses its input at once
+#: (about 400-500 MB on Linux with torch 2.x): a bomb that allocated its declared size would
+#: need gigabytes.
+REFUSAL_PEAK_MB = 1200
+
+
+@dataclass
+class Run:
+    """One finished `thinseg` process."""
+
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_mb: float
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("thinseg: error:")]
+
+    def describe(self) -> str:
+        return (
+            f"thinseg {' '.join(self.args)} -> {self.returncode}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+        )
+
+
+def thinseg(*args: object, cwd: Path | None = None, env: Mapping[str, str] | None = None, timeout: float = 300) -> Run:
+    """`python -m thinseg ARGS` in a fresh interpreter, with its own peak memory (ru_maxrss)."""
+    environment = dict(os.environ)
+    environment.update(env or {})
+    environment["PYTHONPATH"] = str(MODULE_DIR) + os.pathsep + environment.get("PYTHONPATH", "")
+    environment.setdefault("CUDA_VISIBLE_DEVICES", "")
+    argv = [a if isinstance(a, (str, bytes)) else os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "thinseg", *argv], cwd=cwd, env=environment, stdout=out, stderr=err
+        )
+        try:
+            _, status, usage = _wait4(process, timeout)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        text = [arg.decode("utf-8", "backslashreplace") if isinstance(arg, bytes) else arg for arg in argv]
+        return Run(
+            text,
+            process.returncode,
+            out.read().decode("utf-8", "backslashreplace"),
+            err.read().decode("utf-8", "backslashreplace"),
+            usage.ru_maxrss / 1024.0,  # kB on Linux
+        )
+
+
+def _wait4(process: subprocess.Popen, timeout: float):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            return pid, status, usage
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(process.args, timeout)
+        time.sleep(0.05)
+
+
+def assert_refused(run: Run, *, code: int = 2, mentions: Iterable[str] = ()) -> str:
+    """The run failed with `code`, one `thinseg: error:` line, no traceback; the line holds every
+    text in `mentions` (a file name, the bound, the option). Returns the line."""
+    assert run.returncode == code, run.describe()
+    assert "Traceback" not in run.stderr, run.describe()
+    lines = run.error_lines()
+    assert len(lines) == 1, run.describe()
+    for text in mentions:
+        assert text in lines[0], f"{text!r} not in {lines[0]!r}\n{run.describe()}"
+    return lines[0]
+
+
+def assert_batch_partial(run: Run, failed: Iterable[str]) -> list[str]:
+    """A batch where some sections failed: exit 1, no traceback, each failed name listed once on
+    stderr. Returns stderr's lines naming a failure."""
+    assert run.returncode == 1, run.describe()
+    assert "Traceback" not in run.stderr, run.describe()
+    for name in failed:
+        assert name in run.stderr, f"{name!r} not reported\n{run.describe()}"
+    return [line for line in run.stderr.splitlines() if line.strip()]
+
+
+def snapshot(folder: Path) -> set[str]:
+    """Every path under `folder` (relative), to compare before and after a run."""
+    folder = Path(folder)
+    if not folder.exists():
+        return set()
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def assert_nothing_left(folder: Path, before: set[str] | None = None) -> None:
+    """No temporaries (hidden or *.partial) under `folder`, and no path that was not there
+    `before` (None: the folder must not exist or be empty)."""
+    now = snapshot(folder)
+    temporaries = sorted(p for p in now if Path(p).name.startswith(".") or p.endswith(".partial"))
+    assert not temporaries, f"temporaries left in {folder}: {temporaries}"
+    new = sorted(now - (before or set()))
+    assert not new, f"new files left in {folder}: {new}"
