@@ -44,17 +44,51 @@ class Run:
         )
 
 
-def thinseg(*args: object, cwd: Path | None = None, env: Mapping[str, str] | None = None, timeout: float = 300) -> Run:
-    """`python -m thinseg ARGS` in a fresh interpreter, with its own peak memory (ru_maxrss)."""
+def start(
+    *args: object,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    max_file_bytes: int | None = None,
+    stdout: object = subprocess.PIPE,
+    stderr: object = subprocess.PIPE,
+) -> subprocess.Popen:
+    """Start `python -m thinseg ARGS` (to race two runs, or signal one). `max_file_bytes` caps
+    the size of any file the process writes (RLIMIT_FSIZE): a write beyond it fails with EFBIG,
+    as a full disk fails with ENOSPC, from the kernel and not from a mock."""
     environment = dict(os.environ)
     environment.update(env or {})
     environment["PYTHONPATH"] = str(MODULE_DIR) + os.pathsep + environment.get("PYTHONPATH", "")
     environment.setdefault("CUDA_VISIBLE_DEVICES", "")
     argv = [a if isinstance(a, (str, bytes)) else os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args]
+
+    def limit_file_size() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "thinseg", *argv],
+        cwd=cwd,
+        env=environment,
+        stdout=stdout,
+        stderr=stderr,
+        preexec_fn=limit_file_size if max_file_bytes is not None else None,
+    )
+
+
+def thinseg(
+    *args: object,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300,
+    max_file_bytes: int | None = None,
+) -> Run:
+    """`python -m thinseg ARGS` in a fresh interpreter, with its own peak memory (ru_maxrss)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "thinseg", *argv], cwd=cwd, env=environment, stdout=out, stderr=err
-        )
+        process = start(*args, cwd=cwd, env=env, max_file_bytes=max_file_bytes, stdout=out, stderr=err)
+        argv = list(process.args[3:])
         try:
             _, status, usage = _wait4(process, timeout)
         except BaseException:
