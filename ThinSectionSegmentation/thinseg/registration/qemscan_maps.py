@@ -9,7 +9,6 @@ the table does not know is an error: guessing would silently mislabel training d
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,9 @@ import numpy.typing as npt
 from thinseg.classes.files import qemscan_palette, read_color_table
 from thinseg.classes.table import ClassTable, MineralClass, hex_to_rgb, rgb_to_hex
 from thinseg.errors import ThinSegError
+from thinseg.io.images import check_tiff_page_size, pillow_image
 from thinseg.io.netcdf import list_variables, read_labelmap
+from thinseg.jsonio import loads
 
 NETCDF_SUFFIXES = (".nc", ".h5", ".hdf5")
 
@@ -156,7 +157,7 @@ def _palette_is_table(palette: npt.NDArray[np.uint8], table: ClassTable) -> bool
 def _table_from_description(text: str | None) -> ClassTable | None:
     """The class table that `output` stores in a TIFF description (JSON {"classes": [...]})."""
     try:
-        doc = json.loads(text or "")
+        doc = loads(text or "")
         return ClassTable.from_geoslicer_labels([str(v) for v in doc["classes"]])
     except (ValueError, KeyError, TypeError):
         return None
@@ -171,6 +172,7 @@ def _read_raster(path: Path) -> tuple[npt.NDArray[np.integer], npt.NDArray[np.ui
 
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
+                check_tiff_page_size(page, path)
                 array = page.asarray()
                 palette = None
                 if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
@@ -178,9 +180,7 @@ def _read_raster(path: Path) -> tuple[npt.NDArray[np.integer], npt.NDArray[np.ui
                     palette = (cmap.T >> 8).astype(np.uint8) if cmap.max() > 255 else cmap.T.astype(np.uint8)
                 own = _table_from_description(page.description)
             return np.asarray(array), palette, own
-        from PIL import Image  # deferred: Pillow costs ~25 ms, paid only for PNG maps
-
-        with Image.open(path) as image:
+        with pillow_image(path, "QEMSCAN map") as image:
             if image.mode == "P":
                 raw = image.getpalette() or []
                 palette = np.array(raw, dtype=np.uint8).reshape(-1, 3)
