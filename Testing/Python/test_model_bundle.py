@@ -458,8 +458,8 @@ def test_a_model_that_would_run_code_is_refused_and_runs_nothing(tmp_path, monke
     assert not marker.exists()
     assert info.value.path == folder / WEIGHTS_FILE and "\n" not in str(info.value)
     assert info.value.problem == (
-        f"model.pth could not be loaded safely: it names {name}, which is not a tensor, a plain value or a number "
-        "(nothing in the file was run)"
+        f"model.pth is refused as unsafe: it names {name}, a global that is not allowed (only tensors, plain values "
+        "and numbers are read; nothing in the file was run)"
     )
 
 
@@ -495,10 +495,10 @@ def test_numpy_arrays_and_object_dtypes_are_refused(tmp_path, restricted):
     with pytest.raises(ThinSegError, match=r"it names numpy\.(_core|core)\.multiarray\._reconstruct"):
         load_torch_file(path, restricted=restricted)
     torch.save({"a": np.dtype(object)}, path)
-    with pytest.raises(ThinSegError, match=r"it names numpy\.dtype\('O8'\), which is not"):
+    with pytest.raises(ThinSegError, match=r"it names numpy\.dtype\('O8'\), a global that is not"):
         load_torch_file(path, restricted=restricted)
     torch.save({"a": np.str_("text")}, path)
-    with pytest.raises(ThinSegError, match=r"it names numpy\.dtype\('U4'\), which is not"):
+    with pytest.raises(ThinSegError, match=r"it names numpy\.dtype\('U4'\), a global that is not"):
         load_torch_file(path, restricted=restricted)
 
 
@@ -543,7 +543,7 @@ def test_a_training_checkpoint_loads_safely_with_every_loader(tmp_path, monkeypa
     assert fresh.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
     marker = tmp_path / "marker"
     torch.save({**state, "evil": _payloads(marker)["builtins.exec"][0]}, path)
-    with pytest.raises(ThinSegError, match=r"checkpoint cannot be loaded: checkpoint.pt could not be loaded safely"):
+    with pytest.raises(ThinSegError, match=r"checkpoint cannot be loaded: checkpoint.pt is refused as unsafe"):
         load_checkpoint(path)
     assert not marker.exists()
 

@@ -36,9 +36,12 @@ from thinseg.model.meta import (
 )
 from thinseg.model.networks import (
     SUPPORTED_NETWORKS,
+    NetworkShape,
     build_network,
     canonical_network_name,
+    describe_network,
     network_channels,
+    stored_values,
 )
 from thinseg.model.safe_load import load_torch_file
 from thinseg.model.transforms import (
@@ -65,6 +68,9 @@ IDENTITY_RANGE = (0.0, 1.0, 0.0, 1.0)
 #: Image sizes (height, width) the pre-processing is tried on at load: two, so that no step that
 #: picks fixed rows or columns, transposes or reshapes can keep both on the input grid by chance.
 _TRIAL_SIZES = ((3, 5), (4, 7))
+#: How many more convolution weights than model.pth holds a described network may have and still
+#: be built to compare layer by layer (4 MB in float32): beyond it the weights cannot be its own.
+_BUILD_SLACK = 1_000_000
 _EXISTS = "a model folder already exists here: choose another folder or remove this one"
 
 __all__ = [
@@ -191,12 +197,15 @@ def load_bundle(model_dir: Path | str) -> ModelBundle:
     else:
         pixels_per_mm = check_pixels_per_mm(meta.get("pixels_per_mm"), meta_path)
 
-    network = _network(config, saved, pth_path)
-    in_ch, out_ch = network_channels(network)
+    # everything the description says is checked before the network is built
+    name, params, shape = _network_description(config, pth_path)
+    in_ch, out_ch = shape.in_channels, shape.out_channels
     pre, post, network_input = _pipeline(config, cmeta, pth_path)
     _check_pre_processing(inputs, pre, network_input, in_ch, pth_path)
+    _check_output_count(out_ch, shown.class_table, pth_path)
     first_label = _first_label(post, declared.output, out_ch, pth_path)
     _check_labels(out_ch, shown.class_table, first_label, pth_path)
+    network = _network(name, params, shape, saved, pth_path)
 
     return ModelBundle(
         path=folder,
@@ -274,19 +283,48 @@ def _same_classes(from_pth: ClassTable, from_meta: ClassTable, folder: Path) -> 
         )
 
 
-def _network(config: Mapping[str, Any], saved: Mapping[str, Any], pth_path: Path) -> torch.nn.Module:
+def _network_description(config: Mapping[str, Any], pth_path: Path) -> tuple[str, dict[str, Any], NetworkShape]:
+    """config.model's network name and parameters, checked within bounds, and the shape they give."""
     spec = config.get("model")
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
         raise ThinSegError("model.pth config has no model name", pth_path)
     try:
-        network = build_network(spec["name"], spec.get("params") or {})
+        name = canonical_network_name(spec["name"])
+        params = spec.get("params") or {}
+        shape = describe_network(name, params)
     except ThinSegError as exc:
-        raise ThinSegError(exc.problem, pth_path) from None
+        raise ThinSegError(
+            exc.problem if exc.problem.startswith("unsupported") else f"config.model.params: {exc.problem}", pth_path
+        ) from None
+    return name, dict(params), shape
+
+
+def _network(
+    name: str, params: dict[str, Any], shape: NetworkShape, saved: Mapping[str, Any], pth_path: Path
+) -> torch.nn.Module:
+    """The network built and loaded, once the weights are known to be tensors that hold about
+    what the described network needs: nothing much larger than the file is built. (A network
+    within `_BUILD_SLACK` of the weights is built, to name the layers that differ.)"""
     state = saved["model_state_dict"]
-    problem = _state_dict_problem(network, state, canonical_network_name(spec["name"]))
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ThinSegError("model_state_dict holds values that are not tensors", pth_path)
+    held = stored_values(state)
+    if shape.min_weights > held + _BUILD_SLACK:
+        raise ThinSegError(
+            f"model weights do not match network {name!r} built from config.model.params: model_state_dict holds"
+            f" {held:,} values but that network has {shape.min_weights:,} convolution weights alone",
+            pth_path,
+        )
+    try:
+        network = build_network(name, params)
+    except ThinSegError as exc:
+        raise ThinSegError(f"config.model.params: {exc.problem}", pth_path) from None
+    problem = _state_dict_problem(network, state, name)
     if problem:
         raise ThinSegError(problem, pth_path)
     network.load_state_dict(state, strict=True)
+    if network_channels(network) != (shape.in_channels, shape.out_channels):
+        raise ThinSegError(f"config.model.params of network {name!r} do not say its channels plainly", pth_path)
     return network.eval()
 
 
@@ -452,6 +490,16 @@ def _allowed_post_step(step: Transform, *, after_argmax: bool) -> bool:
     if isinstance(step, ToTensorTransform):
         return all(dtype in (None, "float32", "float64") for dtype in step.keys.values())
     return isinstance(step, _ORDER_KEEPING)
+
+
+def _check_output_count(out_ch: int, classes: ClassTable, pth_path: Path) -> None:
+    """One output per class, or one more for "not classified": checked before the
+    post-processing is tried on one pixel per output."""
+    n = len(classes)
+    if out_ch not in (n, n + 1):
+        raise ThinSegError(
+            f"the network has {out_ch} outputs but the bundle names {n} classes (expected {n} or {n + 1})", pth_path
+        )
 
 
 def _check_labels(out_ch: int, classes: ClassTable, first_label: int, pth_path: Path) -> None:

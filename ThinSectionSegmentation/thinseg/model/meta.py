@@ -38,8 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from thinseg import limits
 from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
+from thinseg.jsonio import read_json
 
 if TYPE_CHECKING:
     from jsonschema.exceptions import ValidationError
@@ -54,6 +56,14 @@ CONFIG_TRANSFORMS = "model.pth config.transforms"
 #: Channels of each image a thin-section model takes (RGB), and how many images (PP, then XP).
 IMAGE_CHANNELS = 3
 MAX_IMAGES = 2
+#: Most classes a model may name: label maps are uint8, 0 = not classified.
+MAX_CLASSES = 255
+#: Most images a model may take (thin-section models take one or two), and the largest tile side.
+MAX_INPUTS = 16
+MAX_ROI_SIDE = 8192
+#: Largest meta.json read (GeoSlicer's hold a few kilobytes) and its deepest nesting (they nest 4 deep).
+MAX_META_BYTES = 4 * 1024 * 1024
+MAX_META_DEPTH = 32
 
 #: Top-level fields in the order they are checked, so that a description with several problems
 #: is always refused for the same one; the first output's classes are checked after "outputs".
@@ -100,16 +110,10 @@ class MetaSummary:
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON object in `path`; a one-line ThinSegError when it cannot be read or is not one."""
+    """The JSON object in `path`; a one-line ThinSegError when it cannot be read or is not one
+    (also when it is larger, deeper or holds longer integers than a model description can)."""
     path = Path(path)
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ThinSegError(f"{path.name} cannot be read: {exc.strerror or exc}", path) from None
-    except UnicodeDecodeError:
-        raise ThinSegError(f"{path.name} is not UTF-8 text", path) from None
-    except json.JSONDecodeError as exc:
-        raise ThinSegError(f"{path.name} is not valid JSON ({exc})", path) from None
+    meta = read_json(path, max_bytes=MAX_META_BYTES, max_depth=MAX_META_DEPTH)
     if not isinstance(meta, dict):
         raise ThinSegError(f"{path.name} must hold a JSON object", path)
     return meta
@@ -126,9 +130,14 @@ def check_meta(meta: Mapping[str, Any], path: Path, where: str = META_JSON) -> M
 def check_config_meta(cmeta: Mapping[str, Any], path: Path, where: str = CONFIG_META) -> ConfigMeta:
     """Check model.pth's config.meta, which also holds what loading the weights needs."""
     checked = _check(cmeta, where, path, config=True)
-    ppm = cmeta.get("pixels_per_mm")
+    ppm = _float_or_none(cmeta.get("pixels_per_mm"))
+    roi = _bounded_roi(_roi(cmeta["input_roi_shape"]), path)
     return ConfigMeta(
-        checked.inputs, checked.output, checked.class_table, _roi(cmeta["input_roi_shape"]), _float_or_none(ppm)
+        checked.inputs,
+        checked.output,
+        checked.class_table,
+        roi,
+        None if ppm is None else limits.check_pixels_per_mm(ppm, path),
     )
 
 
@@ -143,6 +152,13 @@ def _check(meta: Mapping[str, Any], where: str, path: Path, *, config: bool) -> 
     if problems:
         raise ThinSegError(problems[0][1], path)
     inputs = [(str(name), int((spec or {}).get("n_channels", 1))) for name, spec in meta["inputs"].items()]
+    if len(inputs) > MAX_INPUTS or any(channels > limits.MAX_NETWORK_CHANNELS for _, channels in inputs):
+        shown = ", ".join(f"{n}({c})" for n, c in inputs[:MAX_INPUTS]) + ", ..." * (len(inputs) > MAX_INPUTS)
+        raise ThinSegError(
+            f"{where} inputs {shown} exceed the bounds: at most {MAX_INPUTS} images of at most"
+            f" {limits.MAX_NETWORK_CHANNELS} channels each",
+            path,
+        )
     return ModelMeta(inputs, output, table)
 
 
@@ -159,14 +175,25 @@ def check_pixels_per_mm(value: Any, path: str | os.PathLike[str] | None = None) 
     """`value` as a pixel size (None = unknown), refused unless a positive finite number."""
     if _errors("pixels_per_mm", value) or _not_finite(value):
         raise ThinSegError(_MESSAGES["pixels_per_mm"]("", value), path)
-    return _float_or_none(value)
+    ppm = _float_or_none(value)
+    return None if ppm is None else limits.check_pixels_per_mm(ppm, path)
 
 
 def check_roi_shape(value: Any, path: str | os.PathLike[str] | None = None) -> tuple[int, int]:
     """`value` (one side, or [height, width]) as (height, width), refused unless positive integers."""
     if _errors("input_roi_shape", value):
         raise ThinSegError(_MESSAGES["input_roi_shape"]("", value), path)
-    return _roi(value)
+    return _bounded_roi(_roi(value), path)
+
+
+def _bounded_roi(roi: tuple[int, int], path: str | os.PathLike[str] | None) -> tuple[int, int]:
+    """The tile a model was trained on is the tile some models must run on: at most MAX_ROI_SIDE."""
+    if max(roi) > MAX_ROI_SIDE:
+        raise ThinSegError(
+            f"input_roi_shape {list(roi)} is larger than {MAX_ROI_SIDE} px a side, more than a model's tile can be",
+            path,
+        )
+    return roi
 
 
 def _definition(config: bool) -> str:
@@ -201,6 +228,10 @@ def _check_first_output(outputs: Mapping[Any, Any], where: str, path: Path) -> t
     if any(where_[0] == "class_names" for where_, _ in errors):
         raise ThinSegError(f"{where} output {name!r} has no class_names", path)
     names = output["class_names"]
+    if isinstance(names, (list, tuple)) and len(names) > MAX_CLASSES:
+        raise ThinSegError(
+            f"{where} output {name!r} names {len(names)} classes; label maps hold at most {MAX_CLASSES}", path
+        )
     if any(where_ == ("class_colors",) for where_, _ in errors) or len(output["class_colors"]) != len(names):
         raise ThinSegError(f"{where} output {name!r} needs one class_colors entry per class ({len(names)})", path)
     colours = [error.instance for where_, error in errors if where_[0] == "class_colors"]

@@ -5,16 +5,24 @@ AI Segmenter builds, so GeoSlicer's `model_state_dict` loads here with `strict=T
 loads there: `UNetAct` keeps the MONAI UNet in `.unet` (keys `unet.model.…`), and
 `UNetActWithBoundarySupervision` also registers `.segmentation_head`, `.boundary_head` and a
 `.main_model` Sequential that re-registers the UNet and the head (so its keys appear twice).
+
+A bundle's parameters are checked before anything is built (`describe_network`): 2-D, every
+channel count, stride, kernel size, depth and residual-unit count within sane bounds, and the
+convolution weights they imply (a lower bound of the network's size, counted without building
+it) within `limits.MAX_NETWORK_PARAMETERS`; a few bytes of description could otherwise ask for
+terabytes of weights.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from thinseg import limits
 from thinseg.errors import ThinSegError
 from thinseg.model.plain_unet import PlainUNet, plain_unet_supports
 
@@ -198,11 +206,141 @@ def canonical_network_name(name: str) -> str:
     raise ThinSegError(f"unsupported network {name!r} (supported: {', '.join(SUPPORTED_NETWORKS)})")
 
 
-def build_network(name: str, params: Mapping[str, Any]) -> torch.nn.Module:
-    """Instantiate `name(**params)` as GeoSlicer does; bad names/params become ThinSegError."""
-    builder = NETWORKS[canonical_network_name(name)]
+#: Most resolution levels (entries of `channels`, or `scales`) a network may have.
+MAX_NETWORK_DEPTH = 12
+#: Largest stride of one level, and largest convolution kernel side.
+MAX_STRIDE = 8
+MAX_KERNEL_SIZE = 15
+#: Most residual units per block.
+MAX_RESIDUAL_UNITS = 16
+
+
+@dataclass(frozen=True)
+class NetworkShape:
+    """What a checked network description says without building it: input and output channels
+    and how many convolution weights the network has at least."""
+
+    in_channels: int
+    out_channels: int
+    min_weights: int
+
+
+def _count(value: Any, what: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ThinSegError(f"{what} must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise ThinSegError(f"{what} {value} is outside the sane range {low} to {high}")
+    return value
+
+
+def _kernel_area(value: Any, what: str) -> int:
+    sides = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(sides) not in (1, 2):
+        raise ThinSegError(f"{what} must be one side or two, not {value!r}")
+    areas = [_count(side, what, 1, MAX_KERNEL_SIZE) for side in sides]
+    return areas[0] * areas[-1]
+
+
+def _unet_shape(params: Mapping[str, Any], heads: int = 0) -> NetworkShape:
+    """Check MONAI UNet parameters; count the weights of its convolutions (biases, norms and
+    activations left out, so a lower bound) level by level, as the UNet nests them."""
+    dims = params.get("spatial_dims", params.get("dimensions"))
+    if dims != 2:
+        raise ThinSegError(f"the network is {dims}-D (spatial_dims {dims!r}); thin sections need a 2-D network")
+    cmax = limits.MAX_NETWORK_CHANNELS
+    cin = _count(params.get("in_channels"), "in_channels", 1, cmax)
+    cout = _count(params.get("out_channels"), "out_channels", 1, cmax)
+    channels, strides = params.get("channels"), params.get("strides")
+    if not isinstance(channels, (list, tuple)) or not 2 <= len(channels) <= MAX_NETWORK_DEPTH:
+        raise ThinSegError(f"channels must list 2 to {MAX_NETWORK_DEPTH} levels, not {str(channels)[:80]}")
+    chans = [_count(c, "a channel count", 1, cmax) for c in channels]
+    if not isinstance(strides, (list, tuple)) or len(strides) != len(chans) - 1:
+        raise ThinSegError(f"strides must give one stride per level but the last ({len(chans) - 1}), not {strides!r}")
+    steps = [_count(s, "a stride", 1, MAX_STRIDE) for s in strides]
+    k = _kernel_area(params.get("kernel_size", 3), "kernel_size")
+    ku = _kernel_area(params.get("up_kernel_size", 3), "up_kernel_size")
+    units = _count(params.get("num_res_units", 0), "num_res_units", 0, MAX_RESIDUAL_UNITS)
+
+    def down(a: int, b: int, stride: int) -> int:
+        if units == 0:
+            return a * b * k
+        residual = 0 if stride == 1 and a == b else a * b * (k if stride != 1 else 1)
+        return a * b * k + (units - 1) * b * b * k + residual
+
+    def up(a: int, b: int) -> int:
+        return a * b * ku + (b * b * k if units else 0)
+
+    total = down(chans[-2], chans[-1], 1)  # the bottom
+    for level, (width, stride) in enumerate(zip(chans, steps)):
+        outer = cin if level == 0 else chans[level - 1]
+        inner = 2 * width if level < len(chans) - 2 else width + chans[-1]
+        total += down(outer, width, stride) + up(inner, cout if level == 0 else outer)
+    for head in [cout, 1][:heads]:  # the boundary model's heads: 3 x 3 residual units on the input count
+        total += cin * head * 9 + (max(1, units) - 1) * head * head * 9 + (cin * head if cin != head else 0)
+    return NetworkShape(cin, cout, total)
+
+
+def describe_network(name: str, params: Mapping[str, Any]) -> NetworkShape:
+    """Check the description `name(**params)` within the bounds, building nothing; its shape, or
+    a one-line ThinSegError naming the parameter out of bounds."""
+    known = canonical_network_name(name)
     if not isinstance(params, Mapping):
         raise ThinSegError(f"network parameters for {name!r} must be a mapping, not {type(params).__name__}")
+    if known == "UNet":
+        shape = _unet_shape(params)
+    else:
+        cmax = limits.MAX_NETWORK_CHANNELS
+        cin = _count(params.get("in_channels", 1), "in_channels", 1, cmax)
+        base = params.get("base_channels")
+        base = cin if base is None else _count(base, "base_channels", 1, cmax)
+        scales = _count(params.get("scales", 3), "scales", 2, MAX_NETWORK_DEPTH)
+        multiplier = _count(params.get("channel_multiplier", 2), "channel_multiplier", 1, cmax)
+        widest = base * multiplier ** (scales - 1)
+        if widest > cmax:
+            raise ThinSegError(
+                f"base_channels {base} x channel_multiplier {multiplier} ^ {scales - 1} gives {widest} channels,"
+                f" more than the {cmax} a layer may have"
+            )
+        unet = {
+            **_scaled_unet_params(
+                params.get("spatial_dims", 3),
+                cin,
+                params.get("out_channels"),
+                base,
+                scales,
+                params.get("stride", 2),
+                multiplier,
+                params.get("num_res_units", 0),
+            ),
+        }
+        shape = _unet_shape(unet, heads=2 if known == "UNetActWithBoundarySupervision" else 0)
+    if shape.min_weights > limits.MAX_NETWORK_PARAMETERS:
+        raise ThinSegError(
+            f"network {known!r} as described would have at least {shape.min_weights:,} weights, more than the"
+            f" {limits.MAX_NETWORK_PARAMETERS:,} a model may have"
+        )
+    return shape
+
+
+def stored_values(state: Mapping[str, Any]) -> int:
+    """How many values the storages under a state dict's tensors hold, each counted once (the
+    boundary model's re-registered layers share theirs): what the file really carries, whatever
+    shapes its tensors claim."""
+    seen: dict[tuple[int, int], int] = {}
+    for tensor in state.values():
+        if isinstance(tensor, torch.Tensor) and tensor.numel():
+            # torch 2 names a tensor's bytes `untyped_storage`; torch 1.12 only has `storage`
+            storage_of: Any = tensor.untyped_storage if hasattr(tensor, "untyped_storage") else tensor.storage
+            storage = storage_of()
+            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes() // tensor.element_size()
+    return sum(seen.values())
+
+
+def build_network(name: str, params: Mapping[str, Any]) -> torch.nn.Module:
+    """Instantiate `name(**params)` as GeoSlicer does, once `describe_network` has found the
+    description within bounds; bad names/params become ThinSegError."""
+    builder = NETWORKS[canonical_network_name(name)]
+    describe_network(name, params)
     try:
         return builder(**dict(params))
     except (TypeError, ValueError, AssertionError, KeyError) as exc:

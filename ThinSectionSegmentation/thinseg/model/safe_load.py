@@ -12,6 +12,15 @@ One list, two ways to enforce it. Torch 2.6 and later restrict the load themselv
 torch entries are among what torch allows already. Older torch (GeoSlicer 2.8 runs 1.12, whose
 `torch.load` has no `weights_only`) is given a pickle module whose Unpickler finds only the
 globals of the same list.
+
+Before either loader runs, `inspect_torch_file` goes through the file without building anything:
+it must be the zip archive torch has written since 1.6 (not TorchScript, nothing compressed, no
+entry larger than the file), and its pickle is unpickled against the same list with stand-ins
+for the tensor and storage calls, so that a global outside the list, a storage declaring more
+bytes than its entry holds, a tensor reaching past its storage, or a call that would allocate
+more than the file holds (`bytearray(10**10)`, a memo index in the billions) is refused before
+any memory is taken for it. torch's own `weights_only` list is wider than this one (it admits
+`torch.FloatTensor(n)`, for one), so the inspection is what bounds both loaders.
 """
 
 from __future__ import annotations
@@ -20,7 +29,11 @@ import _compat_pickle
 import codecs
 import functools
 import inspect
+import io
+import math
 import pickle
+import pickletools
+import zipfile
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import IO, Any
@@ -40,6 +53,28 @@ TORCH_RESTRICTS_FROM = (2, 6)
 _TORCH_REFUSALS = ("Unsupported global: GLOBAL ", "Trying to load unsupported GLOBAL ")
 #: How RefusedGlobal says it (torch's own loader passes the message on).
 _OWN_REFUSAL = "not allowed: "
+#: Bytes per element of the storage classes a torch pickle names (`torch.FloatStorage`, ...).
+STORAGE_ITEMSIZES = {
+    "DoubleStorage": 8,
+    "FloatStorage": 4,
+    "HalfStorage": 2,
+    "BFloat16Storage": 2,
+    "LongStorage": 8,
+    "IntStorage": 4,
+    "ShortStorage": 2,
+    "CharStorage": 1,
+    "ByteStorage": 1,
+    "BoolStorage": 1,
+    "ComplexFloatStorage": 8,
+    "ComplexDoubleStorage": 16,
+    "UntypedStorage": 1,
+}
+#: Largest memo index a pickle may use: torch's pickles number their memo 0, 1, 2, ...; Python's C
+#: unpickler sizes its memo table by the largest index it meets.
+_MAX_MEMO_INDEX = 1 << 24
+_MEMO_OPCODES = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_REBUILD_TENSOR = ("torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2")
+_REBUILD_PARAMETER = ("torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state")
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -75,6 +110,17 @@ def _numpy_scalar(dtype: object, data: object = None) -> bool | int | float | co
     return value
 
 
+def _bytearray(source: object = b"", encoding: object = None, errors: object = None) -> bytearray:
+    """`bytearray` as a pickle calls it, from bytes or text only: `bytearray(n)` would allocate
+    and zero n bytes that the file does not hold."""
+    if isinstance(source, (bytes, bytearray)) and encoding is None and errors is None:
+        return bytearray(source)
+    if isinstance(source, str) and isinstance(encoding, str) and isinstance(errors, (str, type(None))):
+        return bytearray(source, encoding, errors or "strict")
+    shown = source if isinstance(source, int) else type(source).__name__
+    raise RefusedGlobal(f"builtins.bytearray({shown!r})")
+
+
 @functools.cache
 def allowed_globals() -> dict[str, object]:
     """Every global a torch file may name ("module.name" -> what it stands for).
@@ -97,7 +143,7 @@ def allowed_globals() -> dict[str, object]:
             "torch.device": torch.device,
             "_codecs.encode": codecs.encode,
             "builtins.set": set,
-            "builtins.bytearray": bytearray,
+            "builtins.bytearray": _bytearray,
             "builtins.complex": complex,
         }
     )
@@ -148,6 +194,126 @@ class RestrictedPickle:
         return _RestrictedUnpickler(file, **kwargs).load()
 
 
+class UnsafeFile(ValueError):
+    """A torch file that would take far more memory than it holds, or is not a plain torch zip
+    archive of tensors; nothing of it was built."""
+
+
+class _Storage:
+    """What a storage reference stands for during the inspection: its declared size, no bytes."""
+
+    def __init__(self, key: str, elements: int) -> None:
+        self.key, self.elements = key, elements
+
+
+class _StorageClass:
+    """A `torch.*Storage` name met during the inspection: only ever a label inside a storage reference."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.itemsize = name, STORAGE_ITEMSIZES[name]
+
+
+class _Tensor:
+    """What a tensor stands for during the inspection: how many values it has."""
+
+    def __init__(self, elements: int) -> None:
+        self.elements = elements
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _inspect_tensor(storage: object, offset: object, size: object, stride: object, *_: object) -> _Tensor:
+    """`_rebuild_tensor(_v2)` without building: the tensor must lie inside its storage."""
+    if not isinstance(storage, _Storage):
+        raise UnsafeFile("a tensor is not built over a storage of the file")
+    if not (_int(offset) and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)):
+        raise UnsafeFile("a tensor has no valid size and stride")
+    if not all(_int(v) for v in (*size, *stride)):
+        raise UnsafeFile(f"a tensor has a negative or non-integer size or stride ({size}, {stride})")
+    elements = math.prod(size)
+    if elements:
+        last = offset + sum((n - 1) * step for n, step in zip(size, stride))
+        if last >= storage.elements or elements > storage.elements:
+            raise UnsafeFile(
+                f"a tensor of shape {list(size)} needs more values than its storage holds ({storage.elements})"
+            )
+    return _Tensor(elements)
+
+
+def _inspect_parameter(data: object, *_: object) -> object:
+    if not isinstance(data, _Tensor):
+        raise UnsafeFile("a parameter is not built over a tensor of the file")
+    return data
+
+
+class _InspectingUnpickler(_RestrictedUnpickler):
+    """The restricted unpickler with stand-ins for tensors and storages: it checks every size the
+    file declares against the bytes it holds and builds nothing of torch's."""
+
+    def __init__(self, file: IO[bytes], records: dict[str, int]) -> None:
+        super().__init__(file)
+        self.records = records
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in STORAGE_ITEMSIZES:
+            return _StorageClass(name)
+        found = super().find_class(module, name)
+        full = f"{module}.{name}"
+        if full in _REBUILD_TENSOR:
+            return _inspect_tensor
+        if full in _REBUILD_PARAMETER:
+            return _inspect_parameter
+        return found
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise UnsafeFile(f"an unknown kind of reference {str(pid)[:40]!r}")
+        _, kind, key, _location, elements = pid
+        if not isinstance(kind, _StorageClass) or not isinstance(key, str) or not _int(elements):
+            raise UnsafeFile("a storage reference that torch does not write")
+        held = self.records.get(f"data/{key}")
+        if held is None:
+            raise UnsafeFile(f"storage {key!r} is missing")
+        if elements * kind.itemsize > held:
+            raise UnsafeFile(f"storage {key!r} declares {elements * kind.itemsize:,} bytes but holds {held:,}")
+        return _Storage(key, elements)
+
+
+def inspect_torch_file(path: str | Path) -> None:
+    """Check that `path` is a torch zip archive whose pickle names only `allowed_globals()` and
+    declares no more than it holds, without building anything (see the module's description).
+    Raises RefusedGlobal or UnsafeFile; a damaged file raises zipfile's or pickle's errors."""
+    path = Path(path)
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):
+        raise pickle.UnpicklingError(
+            "not a complete zip archive (torch has saved zip archives since 1.6; older files are not read)"
+        )
+    with zipfile.ZipFile(path) as archive:
+        entries = archive.infolist()
+        prefixes = {info.filename.split("/", 1)[0] for info in entries}
+        if len(prefixes) != 1 or any("/" not in info.filename for info in entries):
+            raise pickle.UnpicklingError("its zip entries are not in one folder, as torch writes them")
+        (prefix,) = prefixes
+        records = {info.filename.split("/", 1)[1]: info for info in entries}
+        if "constants.pkl" in records or "code/" in {name[:5] for name in records}:
+            raise UnsafeFile("a TorchScript archive (code), not saved tensors and values")
+        if "data.pkl" not in records:
+            raise pickle.UnpicklingError("the zip archive has no data.pkl")
+        if (
+            any(info.compress_type != zipfile.ZIP_STORED for info in entries)
+            or sum(info.file_size for info in entries) > size
+        ):
+            raise UnsafeFile("its entries are compressed or larger than the file, which torch never writes")
+        data = archive.read(f"{prefix}/data.pkl")
+    for seen, (opcode, argument, _) in enumerate(pickletools.genops(data)):
+        if opcode.name in _MEMO_OPCODES and not (_int(argument) and argument <= min(seen, _MAX_MEMO_INDEX)):  # type: ignore[operator]
+            raise UnsafeFile(f"its pickle stores a value at memo index {argument}, far beyond its length")
+    _InspectingUnpickler(io.BytesIO(data), {name: info.file_size for name, info in records.items()}).load()
+
+
 def torch_restricts_loading() -> bool:
     """True where this torch's own `weights_only` loader takes the numpy entries by their file names."""
     release = torch.__version__.split("+", 1)[0].split(".")
@@ -170,6 +336,7 @@ def load_torch_file(path: str | Path, *, restricted: bool | None = None) -> Any:
     path = Path(path)
     use_torch = torch_restricts_loading() if restricted is None else not restricted
     try:
+        inspect_torch_file(path)
         if use_torch:
             extra: list[Any] = [(value, name) for name, value in numpy_globals().items()]
             with torch.serialization.safe_globals(extra + _numpy_dtype_classes()):
@@ -181,17 +348,23 @@ def load_torch_file(path: str | Path, *, restricted: bool | None = None) -> Any:
 
 
 def load_failure(exc: BaseException, file: str) -> str:
-    """One line saying why `file` could not be loaded."""
+    """One line saying why `file` could not be loaded: refused as unsafe (it names a global outside
+    the list, or declares more than it holds) or damaged. Never torch's advice to load it
+    another way."""
     message = str(exc)
     refused = exc.name if isinstance(exc, RefusedGlobal) else _torch_refused(message)
     if refused:
         return (
-            f"{file} could not be loaded safely: it names {refused}, which is not a tensor, a plain value "
-            "or a number (nothing in the file was run)"
+            f"{file} is refused as unsafe: it names {refused}, a global that is not allowed (only tensors, plain "
+            "values and numbers are read; nothing in the file was run)"
         )
+    if isinstance(exc, UnsafeFile):
+        return f"{file} is refused as unsafe: {_first_line(message)} (nothing in the file was built or run)"
     if "WeightsUnpickler error:" in message:
         message = message.split("WeightsUnpickler error:", 1)[1]
-    reason = _first_line(message) or "unexpected end of file"
+    reason = _first_line(message)
+    if not reason or "weights_only" in reason:
+        reason = "unexpected end of file" if not reason else type(exc).__name__
     return f"{file} is corrupt, truncated or not a torch file of tensors and plain values ({reason})"
 
 
@@ -217,7 +390,9 @@ __all__ = [
     "NUMPY_SCALAR_GLOBALS",
     "RefusedGlobal",
     "RestrictedPickle",
+    "UnsafeFile",
     "allowed_globals",
+    "inspect_torch_file",
     "load_failure",
     "load_torch_file",
     "numpy_globals",

@@ -16,6 +16,7 @@ checked when a bundle is loaded (thinseg.model.bundle).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,7 +42,9 @@ _LABEL_KINDS = "biuf"
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: NaN or infinity in a rescale or a label would turn every pixel into
+    NaN, and NaN scores into one arbitrary class or none."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _pair(value: Any, what: str) -> tuple[float, float]:
@@ -49,7 +52,19 @@ def _pair(value: Any, what: str) -> tuple[float, float]:
         raise ThinSegError(f"{what} must be a pair [low, high], not {value!r}")
     lo, hi = value
     if not (_number(lo) and _number(hi)):
-        raise ThinSegError(f"{what} must hold numbers, not {value!r}")
+        raise ThinSegError(f"{what} must hold finite numbers, not {value!r}")
+    return lo, hi
+
+
+def _range(value: Any, what: str) -> tuple[float, float]:
+    """A pair of finite numbers whose width is finite and not zero (a rescale from or to an
+    empty range divides by zero or maps every value onto one). It may run high to low: an
+    inverting rescale before the argmax is refused where the chain is checked."""
+    lo, hi = _pair(value, what)
+    if hi == lo:
+        raise ThinSegError(f"{what} {list(value)} is an empty range")
+    if not math.isfinite(float(hi) - float(lo)):
+        raise ThinSegError(f"{what} {list(value)} is wider than a float can say")
     return lo, hi
 
 
@@ -182,10 +197,8 @@ class QuantileTransform(SampleTransform):
                 f"{self.NAME} without quantile_values takes its quantiles from random pixels of a 3-D volume "
                 "or from sample entries a thin section does not have; give quantile_values [low, high]"
             )
-        lo, hi = _pair(self.quantile_values, f"{self.NAME} quantile_values")
-        _pair(self.move_to, f"{self.NAME} move_to")
-        if hi == lo:
-            raise ThinSegError(f"{self.NAME} quantile_values {list(self.quantile_values)} are an empty range")
+        _range(self.quantile_values, f"{self.NAME} quantile_values")
+        _range(self.move_to, f"{self.NAME} move_to")
 
     @property
     def increasing(self) -> bool:
@@ -359,10 +372,8 @@ class MinMaxTransform(SampleTransform):
     def __post_init__(self) -> None:
         if not isinstance(self.key, str):
             raise ThinSegError(f"{self.NAME} key must be a name, not {self.key!r}")
-        lo, hi = _pair(self.move_from, f"{self.NAME} move_from")
-        _pair(self.move_to, f"{self.NAME} move_to")
-        if hi == lo:
-            raise ThinSegError(f"{self.NAME} move_from {list(self.move_from)} is an empty range")
+        _range(self.move_from, f"{self.NAME} move_from")
+        _range(self.move_to, f"{self.NAME} move_to")
 
     @property
     def range(self) -> tuple[float, float, float, float]:

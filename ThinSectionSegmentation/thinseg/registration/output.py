@@ -29,9 +29,9 @@ import SimpleITK as sitk
 import thinseg
 from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
-from thinseg.io.atomic import AtomicOutput
+from thinseg.io.atomic import AtomicOutput, commit_unique
 from thinseg.io.netcdf import NetcdfWriter
-from thinseg.jsonio import dumps, finite
+from thinseg.jsonio import dumps, finite, loads
 from thinseg.registration.grids import Geometry
 from thinseg.registration.landmarks import FloatArray, LandmarkFit
 from thinseg.registration.sitk_transforms import SectionTransform, composite_parts, downcast, linear_matrix
@@ -102,7 +102,7 @@ def load_transform(json_path: str | os.PathLike[str]) -> SectionTransform:
     """Read back a transform written by `write_outputs` (the .tfm next to the JSON)."""
     json_path = Path(json_path)
     try:
-        doc = json.loads(json_path.read_text(encoding="utf-8"))
+        doc = loads(json_path.read_text(encoding="utf-8"))
         g = Geometry(
             tuple(doc["image"]["shape"]),
             doc["image"]["mm_per_pixel"],
@@ -385,8 +385,11 @@ def write_outputs(
         _write_overlay(tmp[paths.overlay_after], pp, qemscan, result.transform, result.table, texts, fit)
         if paths.netcdf is not None:
             _write_netcdf(tmp[paths.netcdf], stem, pp, result)
-        for out in outputs.values():
-            out.commit()
+        if overwrite:
+            for out in outputs.values():
+                out.commit()
+        else:  # another run may have written the same files meanwhile: refused, never replaced
+            commit_unique(list(outputs.values()), lambda _n: finals, tries=1)
     except BaseException:
         for out in outputs.values():
             out.discard()

@@ -7,7 +7,6 @@ names, written to split.json so that a run (or a later comparison) can reproduce
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import TypeVar
 import numpy as np
 
 from thinseg.errors import ThinSegError
-from thinseg.jsonio import write_json
+from thinseg.jsonio import loads, write_json
 
 PARTS = ("train", "val", "test")
 
@@ -64,8 +63,8 @@ def save_split(path: str | os.PathLike[str], split: dict[str, list[str]], **info
 def load_split(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     path = Path(path)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        record = loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise ThinSegError(f"cannot read the split file: {exc}", path) from None
     if not isinstance(record, dict) or not all(isinstance(record.get(p, []), list) for p in PARTS):
         raise ThinSegError("split file must hold lists 'train', 'val' and 'test'", path)
