@@ -35,6 +35,7 @@ from thinseg.io.netcdf import (
     open_netcdf_image,
 )
 from thinseg.io.pairing import NETCDF_SUFFIXES, SectionInput, find_affix, pair_inputs, section_base_name
+from thinseg.limits import check_mm_per_pixel
 
 #: Pixel size (mm) assumed for PNG/JPEG/TIFF inputs, which record none: the default of the
 #: GeoSlicer thin-section tools the bundled model was trained with.
@@ -258,8 +259,11 @@ def read_ppxp(
 ) -> PpXpImages:
     """Read PP and XP whole. Without `xp`, the XP is the netCDF variable carrying `xp_pattern`,
     or the image file named like PP with `xp_pattern` for its affix, beside it; a section
-    without one is read with PP alone (`xp_note` says why). XP must be the size of PP."""
+    without one is read with PP alone (`xp_note` says why). XP must be the size of PP. A given
+    `mm_per_pixel` outside the sane range is refused before anything is read."""
     path = Path(pp)
+    if mm_per_pixel is not None:
+        check_mm_per_pixel(mm_per_pixel, "--mm-per-pixel")
     if not path.exists():
         raise ThinSegError("PP image file not found", path)
     xp_path = Path(xp) if xp is not None else None

@@ -20,8 +20,15 @@ import numpy.typing as npt
 from thinseg.classes.files import default_class_table, read_class_csv
 from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
-from thinseg.io.images import ArraySource, RasterSource, open_image
-from thinseg.io.netcdf import VariableInfo, find_image_variable, list_variables, open_netcdf_image, read_labelmap
+from thinseg.io.images import ArraySource, RasterSource, check_tiff_page_size, open_image, pillow_image
+from thinseg.io.netcdf import (
+    VariableInfo,
+    check_image_variable,
+    find_image_variable,
+    list_variables,
+    open_netcdf_image,
+    read_labelmap,
+)
 from thinseg.io.pairing import IMAGE_SUFFIXES, find_affix
 
 #: Role names a section answers to; "PX" is GeoSlicer's name for the cross-polarised image.
@@ -181,6 +188,7 @@ class NetcdfSection:
             )
         if xp_var is not None and info[xp_var].image_shape != self.shape:
             raise ThinSegError(f"XP image {xp_var!r} is not on the PP grid", self.path)
+        check_image_variable(self.path, pp_var)  # size and grid, before any pixel is read
         self.mm_per_pixel = info[pp_var].mm_per_pixel
         self.vars = {PP: pp_var, **({XP: xp_var} if xp_var else {})}
         path_ = self.path
@@ -307,16 +315,16 @@ class FileSection:
 
 def read_label_image(path: Path) -> Labels:
     """A single-channel 8-bit (or small 16-bit) label image as uint8 (H, W)."""
-    from PIL import Image  # deferred: Pillow costs ~25 ms, paid only by folder sections
-
     if not path.is_file():
         raise ThinSegError("label image not found", path)
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile  # deferred: tifffile costs ~35 ms, paid only for TIFF label images
 
-        data = np.asarray(tifffile.imread(path))
+        with tifffile.TiffFile(path) as tif:
+            check_tiff_page_size(tif.pages[0], path)
+            data = np.asarray(tif.pages[0].asarray())
     else:
-        with Image.open(path) as image:
+        with pillow_image(path, "label image") as image:
             if image.mode not in ("L", "P", "I", "I;16"):
                 raise ThinSegError(f"label image must be single-channel (mode {image.mode})", path)
             data = np.asarray(image)

@@ -5,12 +5,17 @@ mm/px images shrinks every grain and degrades the result. The section is resampl
 by band, to the model's grid, and the labels are mapped back to the original grid by nearest
 neighbour, so outputs always match the input pixels. Pixels that are not square (e.g. 0.01 mm
 wide and 0.02 mm tall) are resampled per axis, so the model sees square pixels of its own size.
+
+A factor beyond `limits.MAX_RESAMPLING_FACTOR` either way is refused before anything is
+allocated: a section 1 mm/px against a 0.00132 mm/px model would be upsampled 758 times per
+axis, which is a wrong spacing (index coordinates, a typo), not a scan to segment.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from typing import Union
 
@@ -19,6 +24,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from thinseg.inference.engine import Bundle, CancelFn, ProgressFn, SegmentationResult, Segmenter, Source
+from thinseg.limits import check_resampling
 
 #: Relative spacing difference below which resampling would only blur the image.
 RESAMPLE_TOLERANCE = 0.01
@@ -34,22 +40,38 @@ def needs_resampling(input_mm_per_pixel: float, model_mm_per_pixel: float | None
     return abs(input_mm_per_pixel / model_mm_per_pixel - 1.0) > RESAMPLE_TOLERANCE
 
 
-def resampling_factor(input_mm_per_pixel: float | None, model_mm_per_pixel: float | None) -> float | None:
+def resampling_factor(
+    input_mm_per_pixel: float | None,
+    model_mm_per_pixel: float | None,
+    path: str | os.PathLike[str] | None = None,
+) -> float | None:
     """Model pixels per input pixel (input spacing / model spacing), or None when the input is
-    used as it is: spacings within the tolerance, or either one unknown."""
+    used as it is: spacings within the tolerance, or either one unknown. A factor beyond the
+    resampling bound is refused naming `path` and both spacings."""
     if not input_mm_per_pixel or model_mm_per_pixel is None:
         return None
     if not needs_resampling(input_mm_per_pixel, model_mm_per_pixel):
         return None
-    return input_mm_per_pixel / model_mm_per_pixel
+    factor = input_mm_per_pixel / model_mm_per_pixel
+    return check_resampling(factor, path, _what(input_mm_per_pixel, model_mm_per_pixel))
+
+
+def _what(spacing: float, model_mm_per_pixel: float, side: str = "") -> str:
+    """The section as a resampling refusal names it: its spacing and the model's."""
+    if side:
+        return f"section, with pixels {spacing:g} mm {side} (the model's {model_mm_per_pixel:g} mm),"
+    return f"section at {spacing:g} mm/px (the model's is {model_mm_per_pixel:g} mm/px)"
 
 
 def resampling_factors(
-    spacing_xy: tuple[float, float] | None, model_mm_per_pixel: float | None
+    spacing_xy: tuple[float, float] | None,
+    model_mm_per_pixel: float | None,
+    path: str | os.PathLike[str] | None = None,
 ) -> tuple[float, float] | None:
     """(rows, columns) model pixels per input pixel for pixels `spacing_xy` = (width, height) mm,
     or None when the input is used as it is (both within the tolerance, or a spacing unknown).
-    An axis within the tolerance keeps its pixels (factor 1)."""
+    An axis within the tolerance keeps its pixels (factor 1); a factor beyond the resampling
+    bound is refused naming `path` and the spacing."""
     if spacing_xy is None or model_mm_per_pixel is None:
         return None
     sx, sy = (float(v) for v in spacing_xy)
@@ -58,10 +80,14 @@ def resampling_factors(
     if not needs_resampling(sx, model_mm_per_pixel) and not needs_resampling(sy, model_mm_per_pixel):
         return None
 
-    def axis(spacing: float) -> float:
-        return spacing / model_mm_per_pixel if needs_resampling(spacing, model_mm_per_pixel) else 1.0
+    model = model_mm_per_pixel
 
-    return axis(sy), axis(sx)
+    def axis(spacing: float, side: str) -> float:
+        if not needs_resampling(spacing, model):
+            return 1.0
+        return check_resampling(spacing / model, path, _what(spacing, model, "" if sx == sy else side))
+
+    return axis(sy, "high"), axis(sx, "wide")
 
 
 def factor_pair(factor: Factor) -> tuple[float, float]:
@@ -91,6 +117,8 @@ class ResampledSource:
     def __init__(self, source: Source, factor: Factor) -> None:
         self.source = source
         self.factors = factor_pair(factor)
+        for f in self.factors:  # before the resampled size is worked out or anything allocated
+            check_resampling(f, getattr(source, "path", None), "image")
         h, w = source.shape
         self.shape = resampled_shape((h, w), self.factors)
         # exact per-axis factors so that the last output pixel ends at the last input pixel

@@ -24,12 +24,19 @@ arrays are chunked (1, 512, 512[, 3]) so readers can stream tiles; label data is
 zlib-compressed (it shrinks ~50x). Every file is written to a temporary name and renamed when
 complete.
 
+Readers refuse, before reading any data, a variable that declares more pixels than the section
+bound (a few KB of file can declare 100k x 100k px) and a grid that cannot be a thin section's
+(NaN or infinite coordinates, repeated or back-and-forth coordinates, a pixel size outside the
+sane range); a write that fails (a full disk, a file-size limit) is one `ThinSegError` naming
+the output, and the temporary file is removed.
+
 All netCDF4/HDF5 calls hold one process-wide lock: HDF5 is usually built without thread
 safety, and the inference engine reads the next band in a background thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -48,6 +55,7 @@ from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 from thinseg.io.atomic import AtomicOutput
 from thinseg.io.images import ArraySource, RasterSource, check_region
+from thinseg.limits import check_mm_per_pixel, check_section_size
 
 #: Guards every netCDF4 call (HDF5 is not thread-safe); re-entrant for nested use.
 NC_LOCK = threading.RLock()
@@ -265,13 +273,23 @@ class NetcdfWriter:
 
     The file is built under a hidden temporary name next to `path` and renamed onto `path` by
     `close()`; on an exception inside the `with` block (or `abort()`), it is removed and `path`
-    is left untouched. Each `add_*` returns the sanitised, de-duplicated variable name.
+    is left untouched. A write that fails (netCDF4 raises RuntimeError for a full disk or a file
+    size limit) becomes a `ThinSegError` naming `shown_as` (default `path`): the file the user
+    asked for when `path` is itself a temporary name. Each `add_*` returns the sanitised,
+    de-duplicated variable name.
     """
 
-    def __init__(self, path: str | os.PathLike[str], attrs: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        attrs: Mapping[str, Any] | None = None,
+        *,
+        shown_as: str | os.PathLike[str] | None = None,
+    ) -> None:
         import netCDF4  # deferred: netCDF4 costs ~35 ms, and the CLI starts without it
 
         self.path = Path(path)
+        self.shown_as = Path(shown_as) if shown_as is not None else self.path
         self._output = AtomicOutput(self.path)
         self._ds: netCDF4.Dataset | None = None
         try:
@@ -279,12 +297,12 @@ class NetcdfWriter:
                 dataset = netCDF4.Dataset(self._output.tmp, "w", format="NETCDF4")
                 dataset.set_fill_off()  # every value is written; pre-filling would double the I/O
                 self._ds = dataset
-        except OSError as error:
+        except (OSError, RuntimeError) as error:
             self._output.discard()
-            raise ThinSegError(f"cannot create the netCDF file: {error.strerror or error}", self.path) from None
+            raise self._failed(error, "cannot create the netCDF file") from None
         try:
             for key, value in (attrs or {}).items():
-                with NC_LOCK:
+                with self._writing():
                     _set_attr(self._ds, key, value)
         except BaseException:
             self.abort()
@@ -309,12 +327,34 @@ class NetcdfWriter:
             try:
                 with NC_LOCK:
                     self._ds.close()
-            except BaseException:
+            except BaseException as error:
                 self._ds = None
                 self._output.discard()
+                if isinstance(error, (OSError, RuntimeError)):
+                    raise self._failed(error) from None
                 raise
             self._ds = None
         return self._output.commit()
+
+    def _failed(self, error: BaseException, what: str = "cannot write the output") -> ThinSegError:
+        """A failed netCDF4 call as one line naming the output: the system's reason when there
+        is one, else the likely causes (netCDF4 reports a full disk or a file size limit as a
+        bare RuntimeError "HDF error")."""
+        reason = getattr(error, "strerror", None)
+        if reason:
+            return ThinSegError(f"{what}: {reason}", self.shown_as)
+        detail = str(error) or type(error).__name__
+        return ThinSegError(f"{what} (disk full or file too large?): {detail}", self.shown_as)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the netCDF lock around writer calls; turn their failures (not a caller's) into
+        one `ThinSegError`, the file then being dropped by `abort` as for any exception."""
+        try:
+            with NC_LOCK:
+                yield
+        except (OSError, RuntimeError) as error:
+            raise self._failed(error) from None
 
     def abort(self) -> None:
         """Drop the partial file; `path` is left as it was."""
@@ -456,7 +496,7 @@ class NetcdfWriter:
         default directions with `mm_per_pixel` and `origin_mm`."""
         grid = _grid(mm_per_pixel, origin_mm, geometry)
         height, width = (int(v) for v in shape)
-        with NC_LOCK:
+        with self._writing():
             var = self.unique_name(name)
             dims = self._add_grid(var, grid.coordinates((1, height, width)))
             self._ensure_color_dim()
@@ -464,7 +504,7 @@ class NetcdfWriter:
             variable = self._create(
                 var, "u1", dims + (COLOR_DIM,), (1, height, width, 3), compress, self._merge_attrs(fixed, attrs)
             )
-        return RgbRowWriter(var, variable, height, width)
+        return RgbRowWriter(var, variable, height, width, self._writing)
 
     def add_labelmap(
         self,
@@ -502,14 +542,14 @@ class NetcdfWriter:
         if reference is not None:
             fixed["reference"] = reference
         fixed["transform"] = grid.transform()
-        with NC_LOCK:
+        with self._writing():
             var = self.unique_name(name)
             dims = self._add_grid(var, grid.coordinates((1, height, width)))
             variable = self._create(var, "u1", dims, (1, height, width), True, self._merge_attrs(fixed, attrs))
         for y0 in range(0, height, max(1, int(band_rows))):
             y1 = min(height, y0 + max(1, int(band_rows)))
             band = _label_band(array[y0:y1], len(table))
-            with NC_LOCK:
+            with self._writing():
                 variable[0, y0:y1, :] = band
         return var
 
@@ -534,7 +574,7 @@ class NetcdfWriter:
         grid = _grid(mm_per_pixel, origin_mm, geometry)
         height, width = data.shape
         fixed = {"transform": grid.transform()}
-        with NC_LOCK:
+        with self._writing():
             var = self.unique_name(name)
             dims = self._add_grid(var, grid.coordinates((1, height, width)))
             variable = self._create(
@@ -542,7 +582,7 @@ class NetcdfWriter:
             )
         for y0 in range(0, height, max(1, int(band_rows))):
             y1 = min(height, y0 + max(1, int(band_rows)))
-            with NC_LOCK:
+            with self._writing():
                 variable[0, y0:y1, :] = np.ascontiguousarray(data[y0:y1])
         return var
 
@@ -569,6 +609,7 @@ class NetcdfWriter:
                 raise ThinSegError(
                     f"variable '{var_name}' (dimensions {dims}) is not an image, labelmap or segmentation", src_path
                 )
+            _check_declared_size(shape, var_name, src_path, allow_empty=True)
             if source.dtype == str or np.dtype(source.dtype).kind not in "iufb":
                 raise ThinSegError(f"variable '{var_name}' has non-numeric data ({source.dtype})", src_path)
             attrs = {key: source.getncattr(key) for key in source.ncattrs() if key != "_FillValue"}
@@ -583,22 +624,25 @@ class NetcdfWriter:
                 if stored is not None:
                     attrs["transform"] = stored.shifted(window.y0, window.x0).transform()
             y_off, x_off = (window.y0, window.x0) if window is not None else (0, 0)
-            var = self.unique_name(name or var_name)
-            out_dims = self._add_grid(var, values, dtypes, coord_attrs)
-            if len(shape) == 4:
-                if shape[3] != 3:
-                    raise ThinSegError(
-                        f"variable '{var_name}' has {shape[3]} colour channels; only RGB (3) can be copied", src_path
-                    )
-                self._ensure_color_dim()
-                out_dims = out_dims + (COLOR_DIM,)
-            target = self._create(var, source.dtype, out_dims, shape, compress, attrs, fill_value=fill)
+            if len(shape) == 4 and shape[3] != 3:
+                raise ThinSegError(
+                    f"variable '{var_name}' has {shape[3]} colour channels; only RGB (3) can be copied", src_path
+                )
+            with self._writing():
+                var = self.unique_name(name or var_name)
+                out_dims = self._add_grid(var, values, dtypes, coord_attrs)
+                if len(shape) == 4:
+                    self._ensure_color_dim()
+                    out_dims = out_dims + (COLOR_DIM,)
+                target = self._create(var, source.dtype, out_dims, shape, compress, attrs, fill_value=fill)
             row_bytes = int(np.prod(shape[2:])) * np.dtype(source.dtype).itemsize
             rows = max(1, min(shape[1], COPY_BAND_BYTES // max(1, row_bytes)))
             for z in range(shape[0]):
                 for y0 in range(0, shape[1], rows):
                     y1 = min(shape[1], y0 + rows)
-                    target[z, y0:y1] = source[z, y_off + y0 : y_off + y1, x_off : x_off + shape[2]]
+                    band = source[z, y_off + y0 : y_off + y1, x_off : x_off + shape[2]]
+                    with self._writing():
+                        target[z, y0:y1] = band
         return var
 
 
@@ -618,11 +662,25 @@ def _check_window(window: Window, shape_hw: Sequence[int], var_name: str) -> Win
     return Window(y0, y1, x0, x1)
 
 
+@contextmanager
+def _locked() -> Iterator[None]:
+    with NC_LOCK:
+        yield
+
+
 class RgbRowWriter:
     """Writes rows of one RGB variable created by `NetcdfWriter.begin_rgb_image`."""
 
-    def __init__(self, name: str, variable: Any, height: int, width: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        variable: Any,
+        height: int,
+        width: int,
+        writing: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+    ) -> None:
         self.name, self._variable, self.height, self.width = name, variable, height, width
+        self._writing = writing or _locked  # the writer's: a failed write names its output
 
     def write_rows(self, y0: int, band: np.ndarray) -> None:
         y1 = y0 + band.shape[0]
@@ -630,7 +688,7 @@ class RgbRowWriter:
             raise ValueError(
                 f"rows {y0}:{y1} of {band.dtype} {band.shape} do not fit uint8 ({self.height}, {self.width}, 3)"
             )
-        with NC_LOCK:
+        with self._writing():
             self._variable[0, y0:y1, :, :] = band
 
 
@@ -744,6 +802,94 @@ def _data_variable(ds: Any, name: str, path: Path) -> Any:
 
 def _attrs(variable: Any) -> dict[str, Any]:
     return {key: variable.getncattr(key) for key in variable.ncattrs()}
+
+
+#: Coordinate values read at a time when a grid is checked (bounds the memory of one read).
+_COORDINATE_BLOCK = 1 << 20
+
+
+def _check_declared_size(shape: Sequence[int], var_name: str, path: Path, *, allow_empty: bool = False) -> None:
+    """Refuse a (z, y, x[, c]) variable declaring more pixels than the section bound, before any
+    of its data is read (the file itself can be a few KB: chunks never written cost nothing)."""
+    if len(shape) < 3 or (allow_empty and 0 in tuple(shape)[1:3]):
+        return
+    try:
+        check_section_size(int(shape[1]), int(shape[2]), path)
+    except ThinSegError as error:
+        raise ThinSegError(f"variable '{var_name}': {error.problem}", path) from None
+
+
+def _check_coordinate(ds: Any, dim: str, axis: str, where: str, path: Path) -> None:
+    """Refuse a coordinate variable with NaN/inf values, a repeated value (a pixel of size 0) or
+    values that go back and forth; read a block at a time."""
+    if dim not in ds.variables or not _is_coordinate(ds, dim) or ds.variables[dim].dtype == str:
+        return
+    coord = ds.variables[dim]
+    n = int(coord.shape[0])
+    direction = 0.0
+    for a in range(0, n, _COORDINATE_BLOCK):
+        values = np.asarray(coord[a : min(n, a + _COORDINATE_BLOCK + 1)], dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ThinSegError(f"{where}: its {axis} coordinates are not finite (NaN or infinite values)", path)
+        signs = np.sign(np.diff(values))
+        if np.any(signs == 0):
+            raise ThinSegError(f"{where}: its {axis} coordinates repeat a value (a pixel of size 0)", path)
+        if signs.size:
+            direction = direction or float(signs[0])
+            if np.any(signs != direction):
+                raise ThinSegError(f"{where}: its {axis} coordinates are not monotonic (they go back and forth)", path)
+
+
+def _checked_geometry(
+    ds: Any, variable: Any, attrs: Mapping[str, Any], var_name: str, path: Path, window: Window | None = None
+) -> Geometry | None:
+    """`_geometry`, refusing a grid no thin section has: a `transform` that is not 16 finite
+    numbers with non-zero axes, x/y coordinates that are not finite or not strictly monotonic,
+    a pixel width or height outside the sane range. None when the file records no grid."""
+    where = f"variable '{var_name}'"
+    transform = attrs.get("transform")
+    if transform is not None and not isinstance(transform, str):
+        try:
+            flat = np.asarray(transform, dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            raise ThinSegError(f"{where}: its transform attribute is not a list of numbers", path) from None
+        if flat.size != 16:
+            raise ThinSegError(f"{where}: its transform attribute has {flat.size} values, not 16 (a 4x4 matrix)", path)
+        if not np.all(np.isfinite(flat)):
+            raise ThinSegError(
+                f"{where}: its transform attribute holds NaN or infinite values: coordinates are not finite", path
+            )
+        if np.any(np.linalg.norm(flat.reshape(4, 4)[:3, :3], axis=0) == 0):
+            raise ThinSegError(f"{where}: its transform attribute has a zero axis (a pixel of size 0)", path)
+        source = "transform attribute"
+    else:
+        for axis, dim in zip("yx", tuple(variable.dimensions)[1:3]):
+            _check_coordinate(ds, dim, axis, where, path)
+        source = "x/y coordinates"
+    geometry = _geometry(ds, variable, attrs, window)
+    if geometry is None:
+        return None
+    sx, sy, _ = geometry.spacing
+    for side, value in (("width", sx), ("height", sy)):
+        try:
+            check_mm_per_pixel(value, f"{where}: pixel {side}", path)
+        except ThinSegError as error:
+            raise ThinSegError(
+                f"{error.problem} (from its {source}): the file's spacing is most likely wrong; the variable "
+                "must give its pixel size in mm in its 'transform' attribute or its x/y coordinates",
+                path,
+            ) from None
+    return geometry
+
+
+def check_image_variable(path: str | os.PathLike[str], var_name: str) -> Geometry | None:
+    """Check a stored image or labelmap before it is read: its declared size within the section
+    bound and its grid usable (see `_checked_geometry`); returns that grid (None: none recorded)."""
+    path = Path(path)
+    with _open_dataset(path) as ds:
+        variable = _data_variable(ds, var_name, path)
+        _check_declared_size(tuple(int(v) for v in variable.shape), var_name, path)
+        return _checked_geometry(ds, variable, _attrs(variable), var_name, path)
 
 
 def _kind(variable: Any, attrs: Mapping[str, Any]) -> VariableKind:
@@ -952,6 +1098,7 @@ def padding_window(path: str | os.PathLike[str], var_name: str) -> Window:
     path = Path(path)
     with _open_dataset(path) as ds:
         variable = _data_variable(ds, var_name, path)
+        _check_declared_size(tuple(int(v) for v in variable.shape), var_name, path, allow_empty=True)
         return _padding_window(variable, _attrs(variable))
 
 
@@ -1010,11 +1157,12 @@ class NetcdfImageSource:
                         "a single-slice thin-section image is expected",
                         self.path,
                     )
+                _check_declared_size(info.shape, var_name, self.path)  # before the padding scan reads data
                 full = (info.shape[1], info.shape[2])
                 if window is None:
                     window = _padding_window(variable, info.attrs) if crop_padding else Window.whole(full)
                 window = _check_window(window, full, var_name)
-                geometry = _geometry(self._ds, variable, info.attrs, window)
+                geometry = _checked_geometry(self._ds, variable, info.attrs, var_name, self.path, window)
             except BaseException:
                 _release(self._key, self._ds)
                 self._ds = None
@@ -1091,11 +1239,12 @@ def read_labelmap(
             raise ThinSegError(
                 f"variable '{var_name}' has {info.shape[0]} slices; a single-slice labelmap is expected", path
             )
+        _check_declared_size(info.shape, var_name, path)
         if window is None:
             window = _padding_window(variable, info.attrs) if crop_padding else Window.whole(info.shape[1:3])
         window = _check_window(window, info.shape[1:3], var_name)
+        geometry = _checked_geometry(ds, variable, info.attrs, var_name, path, window)
         data = _raw(variable, info.attrs, (0, slice(window.y0, window.y1), slice(window.x0, window.x1)))
-        geometry = _geometry(ds, variable, info.attrs, window) if info.geometry is not None else None
     table = _class_table(info.attrs.get("labels"), path, var_name)
     if data.dtype != np.uint8:
         low, high = (int(data.min()), int(data.max())) if data.size else (0, 0)

@@ -20,6 +20,7 @@ from thinseg.data.mapping import ClassMapping, mapping_for
 from thinseg.data.sections import Section
 from thinseg.errors import ThinSegError
 from thinseg.inference.resample import needs_resampling
+from thinseg.limits import check_resampling
 from thinseg.metrics import class_pixel_counts, void_border_mask
 from thinseg.training.cache import ArrayCache, cache_key
 from thinseg.training.sampler import PatchIndex, build_patch_index, index_cache_params
@@ -43,10 +44,13 @@ class PreparedSection:
 
 
 def section_scale(section: Section, model_mm_per_pixel: float | None) -> float:
-    """Section pixels per model pixel; 1.0 when within the resampling tolerance or unknown."""
+    """Section pixels per model pixel; 1.0 when within the resampling tolerance or unknown. A
+    ratio beyond the resampling bound is refused (the section's spacing is most likely wrong)."""
     mm = section.mm_per_pixel
     if mm is None or model_mm_per_pixel is None or not needs_resampling(mm, model_mm_per_pixel):
         return 1.0
+    what = f"section {section.name!r} ({mm:g} mm/px; the model's {model_mm_per_pixel:g} mm/px)"
+    check_resampling(mm / model_mm_per_pixel, getattr(section, "path", None), what)
     return float(model_mm_per_pixel / mm)
 
 
