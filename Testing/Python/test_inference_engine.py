@@ -215,3 +215,34 @@ def test_the_automatic_tile_shrinks_to_overlap_by_about_the_overlap(pointwise_bu
     assert (seg.plan_for(16384, 500).tile_h, seg.plan_for(500, 500).tile_w) == (LARGE_TILE, 512)
     chosen = Segmenter(pointwise_bundle, InferenceOptions(device="cpu", tile=1024))  # the user's tile stays
     assert chosen.plan_for(8192, 3000).tile_h == 1024
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (70, 200)])
+def test_a_deep_network_pads_small_sections_to_its_own_multiple(tmp_path, shape):
+    """Six levels of stride 2 need sides divisible by 32, not 16: a section smaller than the
+    tile is padded to a multiple of 32 (16 would fail inside the network on 40 x 50)."""
+    table = default_class_table()
+    params = dict(
+        spatial_dims=2, in_channels=6, out_channels=len(table) + 1, channels=[4] * 6, strides=[2] * 5, num_res_units=0
+    )
+    torch.manual_seed(0)
+    folder = save_bundle(
+        tmp_path / "deep",
+        build_network("UNet", params).eval(),
+        network_name="UNet",
+        network_params=params,
+        class_table=table,
+        input_names=("PP", "PX"),
+        pixels_per_mm=1 / 0.00132,
+        roi_shape=(256, 256),
+        title="deep",
+        description="six levels",
+    )
+    segmenter = Segmenter(load_bundle(folder), InferenceOptions(device="cpu", precision="fp32"))
+    assert segmenter.multiple == 32
+    rng = np.random.default_rng(1)
+    pp, xp = (rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for _ in range(2))
+    result = segmenter.segment([ArraySource(pp), ArraySource(xp)])
+    assert result.labels.shape == shape
+    plan = segmenter.plan_for(*shape)
+    assert plan.tile_h % 32 == 0 and plan.tile_w % 32 == 0

@@ -78,11 +78,20 @@ def check_section_size(height: int, width: int, path: str | os.PathLike[str] | N
     bound = max_section_pixels()
     if height * width > bound:
         raise ThinSegError(
-            f"the image declares {width} x {height} px ({height * width / 1e6:,.0f} Mpx), more than the"
-            f" {bound / 1e6:,.0f} Mpx limit (raise it with --max-pixels or {MAX_PIXELS_VARIABLE} if the"
+            f"the image declares {width} x {height} px ({_pixels(height * width)}), more than the"
+            f" {_pixels(bound)} limit (raise it with --max-pixels or {MAX_PIXELS_VARIABLE} if the"
             " machine has the memory)",
             path,
         )
+
+
+def _pixels(count: int) -> str:
+    """A pixel count as people read it: 1,200 Mpx, 6.1 Mpx, 1,000 px."""
+    if count >= 10_000_000:
+        return f"{count / 1e6:,.0f} Mpx"
+    if count >= 1_000_000:
+        return f"{count / 1e6:.1f} Mpx"
+    return f"{count:,} px"
 
 
 def check_mm_per_pixel(value: float, what: str = "pixel size", path: str | os.PathLike[str] | None = None) -> float:
@@ -127,3 +136,26 @@ def path_text(path: str | os.PathLike[str]) -> str:
     """A path as printable text, whatever bytes its name holds (undecodable bytes as \\xNN)."""
     raw = os.fsencode(Path(path))
     return raw.decode("utf-8", errors="backslashreplace")
+
+
+#: Tile sides a run may ask for, in px: below 16 no U-Net level fits, and one 4096 px tile of the
+#: bundled network already takes about 3 GB in a forward pass.
+MIN_TILE = 16
+MAX_TILE = 4096
+#: Most tile (or training patch) pixels in one forward pass: 16 times the default pass.
+MAX_PASS_PIXELS = 16 * 1024 * 1024
+
+
+def check_tiling(tile: tuple[int, int], multiple: int, batch_size: int, what: str = "tile") -> None:
+    """Refuse a tile the network cannot take (outside MIN_TILE..MAX_TILE, or not a multiple of
+    its total stride `multiple`) or a batch whose pixels per forward pass exceed the bound."""
+    for side in tile:
+        if not MIN_TILE <= side <= MAX_TILE:
+            raise ThinSegError(f"{what} {side} px is outside {MIN_TILE} to {MAX_TILE} px")
+        if multiple > 1 and side % multiple:
+            raise ThinSegError(f"{what} {side} px must be a multiple of {multiple} px for this model")
+    if batch_size < 1 or batch_size * tile[0] * tile[1] > MAX_PASS_PIXELS:
+        raise ThinSegError(
+            f"a batch of {batch_size} x {tile[0]} x {tile[1]} px is more than the {MAX_PASS_PIXELS // 2**20} MPix a"
+            " forward pass may take: give a smaller batch size or tile"
+        )

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from thinseg.cli.evaluate_cmd import _count, add_scoring_options, log
+from thinseg.cli import options as types
+from thinseg.cli.evaluate_cmd import add_scoring_options, log
 from thinseg.cli.progress import TileProgress
 
 if TYPE_CHECKING:
@@ -38,7 +39,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     add_scoring_options(p)
     p.add_argument(
-        "--sheets", type=_count, default=3, metavar="N", help="comparison sheets for the first N sections (default 3)"
+        "--sheets",
+        type=types.count,
+        default=3,
+        metavar="N",
+        help=f"comparison sheets for the first N sections (default 3; 0: none; at most {types.MAX_COUNT:,})",
     )
     p.add_argument("--overwrite", action="store_true", help="replace comparison files that exist (default: refuse)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

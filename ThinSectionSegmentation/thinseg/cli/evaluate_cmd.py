@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from thinseg.cli import options as types
 from thinseg.cli.progress import TileProgress
 
 if TYPE_CHECKING:
@@ -36,10 +37,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add_scoring_options(p)
     p.add_argument(
         "--overlays",
-        type=_count,
+        type=types.count,
         default=3,
         metavar="N",
-        help="per-section pictures truth | prediction | errors for the first N sections (default 3; 0: none)",
+        help="per-section pictures truth | prediction | errors for the first N sections (default 3; 0: none; "
+        f"at most {types.MAX_COUNT:,})",
     )
     p.add_argument("--overwrite", action="store_true", help="replace report files that exist (default: refuse)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -50,12 +52,13 @@ def add_scoring_options(p: argparse.ArgumentParser) -> None:
     """Options `evaluate` and `compare` share (device and precision as for `thinseg segment`)."""
     p.add_argument(
         "--void-border-px",
-        type=_non_negative_float,
+        type=types.void_border_px,
         default=2.0,
         metavar="PX",
         help="also score without a band of PX model pixels around truth class boundaries, where QEMSCAN "
-        "truth is unreliable (default 2; 0: no such scores)",
+        f"truth is unreliable (default 2; 0: no such scores; at most {types.MAX_VOID_BORDER_PX:g})",
     )
+    types.add_max_pixels(p)
     p.add_argument(
         "--mapping",
         type=Path,
@@ -77,20 +80,6 @@ def add_scoring_options(p: argparse.ArgumentParser) -> None:
         help="auto (default): bf16 on GPUs and on CPUs with AVX512-BF16/AMX (under 0.5%% of labels "
         "change), else fp32; fp32: exact; fp16: GPU only",
     )
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
 
 
 def log(message: str) -> None:

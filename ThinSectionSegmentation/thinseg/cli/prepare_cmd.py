@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from thinseg.classes.table import ClassTable
+from thinseg.cli import options as types
 from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL, PpXpImages
 from thinseg.metrics.fractions import class_pixel_counts
 
@@ -60,10 +61,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--name", default=None, help="section name (default: the PP file name without its affix)")
     p.add_argument(
         "--mm-per-pixel",
-        type=float,
+        type=types.mm_per_pixel,
         default=None,
-        help=f"pixel size in mm (default: from a netCDF file, else {DEFAULT_MM_PER_PIXEL})",
+        help=f"pixel size in mm, 0.0001 to 1 (default: from a netCDF file, else {DEFAULT_MM_PER_PIXEL})",
     )
+    types.add_max_pixels(p)
     p.add_argument(
         "--output", "-o", type=Path, default=Path("results"), help="folder for the section (default results/)"
     )

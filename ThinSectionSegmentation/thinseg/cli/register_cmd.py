@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from thinseg.cli import options as types
 from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL
 from thinseg.pipelines.register import (
     DEFAULT_QEMSCAN_MM_PER_PIXEL,
@@ -70,6 +71,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument(
         "--background",
+        type=types.colour,
         default=None,
         metavar="#RRGGBB",
         help="colour meaning 'outside the sample' in an RGB/paletted map",
@@ -110,29 +112,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--bspline", action="store_true", help="add a free-form (B-spline) stage for local distortion")
     p.add_argument(
         "--mm-per-pixel",
-        type=_positive_float,
+        type=types.mm_per_pixel,
         default=None,
-        help=f"PP pixel size in mm (default: from a netCDF file, else {DEFAULT_MM_PER_PIXEL})",
+        help=f"PP pixel size in mm, 0.0001 to 1 (default: from a netCDF file, else {DEFAULT_MM_PER_PIXEL})",
     )
     p.add_argument(
         "--qemscan-mm-per-pixel",
-        type=_positive_float,
+        type=types.mm_per_pixel,
         default=None,
-        help=f"nominal QEMSCAN pixel size in mm (default: from a netCDF file, else {DEFAULT_QEMSCAN_MM_PER_PIXEL})",
+        help="nominal QEMSCAN pixel size in mm, 0.0001 to 1 (default: from a netCDF file, else "
+        f"{DEFAULT_QEMSCAN_MM_PER_PIXEL})",
     )
+    types.add_max_pixels(p)
     p.add_argument(
         "--output", "-o", type=Path, default=Path("results"), help="folder for the outputs (default results/)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist (default: refuse)")
     p.add_argument("--quiet", "-q", action="store_true", help="no step messages")
     p.set_defaults(run=run)
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
 
 
 def options_from(args: argparse.Namespace) -> RegisterOptions:

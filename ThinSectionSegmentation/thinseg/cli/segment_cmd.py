@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from thinseg import limits
+from thinseg.cli import options as types
 from thinseg.cli.progress import TileProgress
 from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL
-from thinseg.errors import ThinSegError
-from thinseg.inference.engine import DEFAULT_OVERLAP, InferenceOptions
+from thinseg.errors import ThinSegError, debugging
 from thinseg.io.pairing import SectionInput
-from thinseg.pipelines.segment import SectionResult, SegmentOptions, SegmentRun, segment_files
 from thinseg.reports.mineralogy import format_table
+
+if TYPE_CHECKING:
+    from thinseg.pipelines.segment import SectionResult, SegmentRun
+
+#: Overlap of neighbouring tiles when none is given, as the engine's DEFAULT_OVERLAP (which
+#: imports torch: a usage error must not wait for it); a test keeps the two equal.
+DEFAULT_OVERLAP_PX = 64
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -69,10 +78,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument(
         "--mm-per-pixel",
-        type=_positive_float,
+        type=types.mm_per_pixel,
         default=DEFAULT_MM_PER_PIXEL,
-        help=f"pixel size of PNG/JPEG/TIFF inputs in mm (default {DEFAULT_MM_PER_PIXEL})",
+        help=f"pixel size of PNG/JPEG/TIFF inputs in mm (default {DEFAULT_MM_PER_PIXEL}; 0.0001 to 1)",
     )
+    types.add_max_pixels(p)
     p.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default auto)"
     )
@@ -92,18 +102,23 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     tuning = p.add_argument_group("inference tuning")
     tuning.add_argument(
         "--tile",
-        type=int,
+        type=types.tile,
         default=None,
-        help="tile size in px (default: 1024 for BatchNorm networks, else the model's input_roi_shape)",
+        help="tile size in px, 16 to 4096 and a multiple of the network's total stride (16 for 5-level U-Nets); "
+        "default: 1024 for BatchNorm networks, else the model's input_roi_shape",
     )
     tuning.add_argument(
         "--overlap",
-        type=int,
+        type=types.overlap,
         default=None,
-        help=f"overlap of neighbouring tiles in px (default {DEFAULT_OVERLAP}, at most a quarter of the tile)",
+        help=f"overlap of neighbouring tiles in px, 0 to {limits.MAX_TILE // 2} (default "
+        f"{DEFAULT_OVERLAP_PX}, at most a quarter of the tile)",
     )
     tuning.add_argument(
-        "--batch-size", type=int, default=None, help="tiles per forward pass (default: about 1 MPix of tiles)"
+        "--batch-size",
+        type=types.batch_size,
+        default=None,
+        help="tiles per forward pass, at most 16 MPix of tiles (default: about 1 MPix of tiles)",
     )
     tuning.add_argument(
         "--precision",
@@ -116,14 +131,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.set_defaults(run=run)
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
+    # deferred: the engine and the pipeline import torch (1-2 s); option errors are reported before
+    from thinseg.inference.engine import InferenceOptions
+    from thinseg.pipelines.segment import SegmentOptions, segment_files  # deferred as above
+
     output: Path = args.output
     options = SegmentOptions(
         pp_pattern=args.pp_pattern,
@@ -171,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
 
     def on_failure(section: SectionInput, error: ThinSegError) -> None:
         progress.close()
+        if debugging():  # THINSEG_DEBUG=1: where it went wrong, before the line
+            cause = error.__cause__ or error
+            traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
         where = error.path if error.path is not None else section.primary  # always name a file
         print(f"thinseg: error: {where}: {error.problem}", file=sys.stderr)
 

@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from thinseg import limits
 from thinseg.classes.files import read_model_classes
+from thinseg.cli import options as types
+from thinseg.console import Terminated, interrupt_exit_code
 from thinseg.data.inputs import section_items
 from thinseg.errors import ThinSegError
 
@@ -45,13 +48,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     split.add_argument(
         "--val-fraction",
-        type=_fraction,
+        type=types.fraction,
         default=None,
         help="share of DATA sections held out for validation (default 0.2)",
     )
     split.add_argument(
         "--test-fraction",
-        type=_fraction,
+        type=types.fraction,
         default=None,
         help="share of DATA sections held out as a test set, scored once at the end (default 0)",
     )
@@ -88,47 +91,60 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="fine-tune this model folder (its network, classes and inputs)",
     )
     opt = p.add_argument_group("training")
-    opt.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default 50)")
-    opt.add_argument("--steps-per-epoch", type=_positive_int, default=None, help="batches per epoch (default 200)")
+    opt.add_argument("--epochs", type=types.positive_count, default=None, help="epochs (default 50)")
+    opt.add_argument(
+        "--steps-per-epoch", type=types.positive_count, default=None, help="batches per epoch (default 200)"
+    )
     opt.add_argument(
         "--patch-size",
-        type=_positive_int,
+        type=types.tile,
         default=None,
-        help="training patch side in px (default 256; a multiple of 2^(depth-1))",
+        help="training patch side in px, 16 to 4096 (default 256; a multiple of 2^(depth-1))",
     )
-    opt.add_argument("--batch-size", type=_positive_int, default=None, help="patches per batch (default 8)")
+    opt.add_argument(
+        "--batch-size",
+        type=types.batch_size,
+        default=None,
+        help="patches per batch, at most 16 MPix of patches (default 8)",
+    )
     opt.add_argument(
         "--balancing-strength",
-        type=_unit,
+        type=types.unit,
         default=None,
         help="0: uniform random patches ... 1: always class-driven (default 0.75)",
     )
     opt.add_argument(
         "--void-border-px",
-        type=_non_negative,
+        type=types.void_border_px,
         default=None,
-        help="band (px) around class boundaries left out of the loss and of the validation scores (default 2)",
+        help="band (px) around class boundaries left out of the loss and of the validation scores (default 2; "
+        f"at most {types.MAX_VOID_BORDER_PX:g})",
     )
-    opt.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default 1e-3)")
+    opt.add_argument(
+        "--lr", type=types.learning_rate, default=None, help="peak learning rate, above 0 and at most 1 (default 1e-3)"
+    )
     opt.add_argument(
         "--patience",
-        type=_non_negative_int,
+        type=types.count,
         default=None,
         help="stop after this many epochs without a better validation mean IoU (default 10; 0: never)",
     )
     opt.add_argument(
         "--max-minutes",
-        type=_positive_float,
+        type=types.minutes,
         default=None,
         metavar="MIN",
-        help="time budget: stop before an epoch that would end past it (default: none)",
+        help="time budget: stop before an epoch that would end past it (default: none; at most a year)",
     )
     opt.add_argument(
-        "--seed", type=int, default=None, help="random seed of split, sampling and initialisation (default 0)"
+        "--seed",
+        type=types.seed,
+        default=None,
+        help="random seed of split, sampling and initialisation, 0 to 2^32-1 (default 0)",
     )
     opt.add_argument(
         "--workers",
-        type=_non_negative_int,
+        type=types.workers,
         default=None,
         help="data-loading processes (default 0: in the training process)",
     )
@@ -141,12 +157,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     net = p.add_argument_group("network (new models)")
     net.add_argument(
-        "--base-channels", type=_positive_int, default=None, help="channels of the first U-Net level (default 16)"
+        "--base-channels",
+        type=types.channels,
+        default=None,
+        help=f"channels of the first U-Net level (default 16; the deepest level has at most "
+        f"{limits.MAX_NETWORK_CHANNELS})",
     )
-    net.add_argument("--depth", type=_positive_int, default=None, help="U-Net levels (default 5)")
+    net.add_argument(
+        "--depth", type=types.depth, default=None, help=f"U-Net levels, 2 to {types.MAX_DEPTH} (default 5)"
+    )
     net.add_argument(
         "--model-mm-per-pixel",
-        type=_positive_float,
+        type=types.mm_per_pixel,
         default=None,
         metavar="MM",
         help="pixel size the model works at (sections are resampled to it; segment and evaluate "
@@ -154,10 +176,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     net.add_argument(
         "--val-tile",
-        type=_positive_int,
+        type=types.tile,
         default=None,
-        help="tile size for validation and the model's input_roi_shape (default 512)",
+        help="tile size for validation and the model's input_roi_shape, 16 to 4096 (default 512; a multiple "
+        "of 2^(depth-1))",
     )
+    types.add_max_pixels(data)
     out = p.add_argument_group("run and model")
     out.add_argument(
         "--model-name",
@@ -174,48 +198,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     out.add_argument("--quiet", "-q", action="store_true", help="no progress bars (epoch summaries are still printed)")
     p.set_defaults(run=run, keep_output=resumable)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError("must be in [0, 1)")
-    return value
-
-
-def _unit(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError("must be in [0, 1]")
-    return value
 
 
 #: Command-line option -> TrainConfig field, for options passed only when given (so the
@@ -274,6 +256,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         kwargs["patience"] = args.patience or None
     if args.val_tile is not None:
         kwargs["val_overlap"] = min(32, args.val_tile // 4)
+    check_sizes(TrainConfig(output_dir=args.output, **kwargs))  # before any section is looked at
     data = section_items(args.data)
     if args.val is not None:
         kwargs.update(train_sections=data, val_sections=section_items(args.val))
@@ -284,6 +267,35 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         output_dir=args.output, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, **kwargs
     )
+
+
+def check_sizes(config: TrainConfig) -> None:
+    """Refuse, before any work, option combinations whose values are each in range but together
+    exceed what one forward pass or one network may take, or that a new network cannot tile."""
+    patch_pixels = config.patch_size**2 * config.batch_size
+    if patch_pixels > limits.MAX_PASS_PIXELS:
+        raise ThinSegError(
+            f"--patch-size {config.patch_size} with --batch-size {config.batch_size} is {patch_pixels / 2**20:.0f} MPix"
+            f" per batch, more than the {limits.MAX_PASS_PIXELS // 2**20} MPix a pass may take: give smaller ones"
+        )
+    if config.val_tile**2 * config.val_batch_size > limits.MAX_PASS_PIXELS:
+        raise ThinSegError(
+            f"--val-tile {config.val_tile}: {config.val_batch_size} such tiles per validation pass are more than"
+            f" the {limits.MAX_PASS_PIXELS // 2**20} MPix a pass may take: give a smaller one"
+        )
+    if config.init_from is not None:  # the network is the bundle's: the training loop checks its tiles
+        return
+    widest = config.base_channels * 2 ** (config.depth - 1)
+    if widest > limits.MAX_NETWORK_CHANNELS:
+        raise ThinSegError(
+            f"--base-channels {config.base_channels} with --depth {config.depth} gives {widest} channels in the deepest"
+            f" level, more than {limits.MAX_NETWORK_CHANNELS}"
+        )
+    multiple = 2 ** (config.depth - 1)  # the patch size is checked with the network, by the training loop
+    if config.val_tile % multiple:
+        raise ThinSegError(
+            f"validation tile {config.val_tile} (--val-tile) must be a multiple of {multiple} for this network"
+        )
 
 
 def resumable(args: argparse.Namespace) -> bool:
@@ -306,16 +318,17 @@ def run(args: argparse.Namespace) -> int:
     config = train_config(args)
     try:
         result = train(config, log=log)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated)
+        stopped = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
         if (config.output_dir / CHECKPOINT_FILE).is_file():
             print(
-                f"thinseg: interrupted; finished epochs are kept in {config.output_dir}: run the same command "
+                f"thinseg: {stopped}; finished epochs are kept in {config.output_dir}: run the same command "
                 "with --resume to continue",
                 file=sys.stderr,
             )
         else:
-            print("thinseg: interrupted before the first epoch finished; nothing to resume", file=sys.stderr)
-        return 130
+            print(f"thinseg: {stopped} before the first epoch finished; nothing to resume", file=sys.stderr)
+        return interrupt_exit_code(interrupt)
     print(format_result(result, config.void_border_px))
     if result.model_dir is None:
         return 1

@@ -22,6 +22,7 @@ import numpy.typing as npt
 import torch
 from typing_extensions import TypeVar  # a default for the bundle type (typing has it from Python 3.13)
 
+from thinseg import limits
 from thinseg.errors import ThinSegError
 from thinseg.inference.device import auto_precision, select_device
 from thinseg.inference.rewrites import prepare_network
@@ -130,6 +131,19 @@ def default_tile(network: torch.nn.Module, roi: tuple[int, int]) -> tuple[int, i
     return (max(roi[0], LARGE_TILE), max(roi[1], LARGE_TILE))
 
 
+def size_multiple(network: torch.nn.Module) -> int:
+    """What a tile side must be a multiple of for `network`: the product of its U-Net's strides
+    (each stride-2 level halves the tile, and the skips need the halves to add up again)."""
+    for module in network.modules():
+        strides = getattr(module, "strides", None)
+        if isinstance(strides, (list, tuple)) and strides:
+            multiple = 1
+            for stride in strides:
+                multiple *= int(max(stride) if isinstance(stride, (list, tuple)) else stride)
+            return multiple
+    return 1
+
+
 def default_overlap(tile: int) -> int:
     """The default overlap for `tile` px tiles: 64 px, but at most a quarter of the tile, so that
     models with small input_roi_shape (e.g. 64 or 128) run without tuning options."""
@@ -191,6 +205,10 @@ class Segmenter(Generic[BundleT]):
         else:
             roi = (self.options.tile, self.options.tile)
         self.tile = (int(roi[0]), int(roi[1]))
+        what = "tile (--tile)" if self.options.tile is not None else "the model's tile (input_roi_shape)"
+        limits.check_tiling(self.tile, size_multiple(bundle.network), self.options.batch_size or 1, what)
+        #: what a tile cut to a small section is padded to: 16, or more for a deeper network
+        self.multiple = math.lcm(SIZE_MULTIPLE, size_multiple(bundle.network))
         self.overlap = self.options.overlap if self.options.overlap is not None else default_overlap(min(self.tile))
         self.batch_size = self.options.batch_size or max(1, BATCH_PIXELS // (self.tile[0] * self.tile[1]))
         self._fused = bundle.fused_pre_processing()
@@ -252,8 +270,11 @@ class Segmenter(Generic[BundleT]):
         to compute). A tile given by the user, or the model's own tile, is kept as it is."""
         tile = self.tile
         if self._shrinkable:
-            tile = (_snug_tile(height, tile[0], self.overlap), _snug_tile(width, tile[1], self.overlap))
-        return _Plan.make(height, width, tile, self.overlap)
+            tile = (
+                _snug_tile(height, tile[0], self.overlap, self.multiple),
+                _snug_tile(width, tile[1], self.overlap, self.multiple),
+            )
+        return _Plan.make(height, width, tile, self.overlap, self.multiple)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -373,14 +394,14 @@ class _LabelWriter:
         self.histogram += torch.bincount(bins, minlength=CONFIDENCE_BINS).to(self.histogram.device)
 
 
-def _snug_tile(length: int, tile: int, overlap: int) -> int:
-    """The smallest tile (multiple of SIZE_MULTIPLE, at most `tile`) that covers `length` with
+def _snug_tile(length: int, tile: int, overlap: int, multiple: int = SIZE_MULTIPLE) -> int:
+    """The smallest tile (a multiple of `multiple`, at most `tile`) that covers `length` with
     as many tiles as `tile` needs, overlapping by at least `overlap`."""
     if length <= tile:
         return tile
     n = math.ceil((length - tile) / (tile - overlap)) + 1
-    snug = math.ceil((length + (n - 1) * overlap) / n / SIZE_MULTIPLE) * SIZE_MULTIPLE
-    return max(min(tile, snug), 2 * overlap + SIZE_MULTIPLE)
+    snug = math.ceil((length + (n - 1) * overlap) / n / multiple) * multiple
+    return max(min(tile, snug), math.ceil((2 * overlap + multiple) / multiple) * multiple)
 
 
 def _coverage(starts: list[int], tile: int, length: int) -> npt.NDArray[np.int32]:
@@ -421,9 +442,9 @@ class _Plan:
     shared_cols: list[tuple[int, int]]  # column runs covered by more than one tile
 
     @classmethod
-    def make(cls, height: int, width: int, tile: tuple[int, int], overlap: int) -> _Plan:
-        th = padded_size(height, tile[0], SIZE_MULTIPLE)
-        tw = padded_size(width, tile[1], SIZE_MULTIPLE)
+    def make(cls, height: int, width: int, tile: tuple[int, int], overlap: int, multiple: int = SIZE_MULTIPLE) -> _Plan:
+        th = padded_size(height, tile[0], multiple)
+        tw = padded_size(width, tile[1], multiple)
         ys = tile_starts(max(height, th), th, overlap)
         xs = tile_starts(max(width, tw), tw, overlap)
         cy, cx = _coverage(ys, th, height), _coverage(xs, tw, width)

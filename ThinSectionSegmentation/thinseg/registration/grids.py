@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from thinseg.errors import ThinSegError
+from thinseg import limits
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,9 @@ class Geometry:
     qemscan_mm_per_pixel: float
 
     def __post_init__(self) -> None:
-        if self.image_mm_per_pixel <= 0 or self.qemscan_mm_per_pixel <= 0:
-            raise ThinSegError(
-                f"pixel sizes must be positive (image {self.image_mm_per_pixel} mm, "
-                f"QEMSCAN {self.qemscan_mm_per_pixel} mm)"
-            )
+        # finite and sane, whoever passes them (command line, job file, a registration record)
+        limits.check_mm_per_pixel(self.image_mm_per_pixel, "PP image pixel size")
+        limits.check_mm_per_pixel(self.qemscan_mm_per_pixel, "QEMSCAN pixel size")
 
     @property
     def ratio(self) -> float:

@@ -10,7 +10,6 @@ direction). Pairs are matched by order: the k-th image point goes with the k-th 
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from thinseg.errors import ThinSegError
+from thinseg.jsonio import read_json
+
+#: Largest landmark file read (bytes): thousands of clicks fit in a few hundred kilobytes.
+MAX_LANDMARK_FILE_BYTES = 10 * 1024 * 1024
 
 _COLUMNS = {
     "qemscan_x": ("qemscan_x", "moving_x"),
@@ -48,8 +51,7 @@ def read_landmarks(
     `.mrk.json` holding two point lists (the first on the image, the second on the QEMSCAN map).
     Spacings/origins (LPS mm) only matter for markups, whose positions are physical."""
     path = Path(path)
-    if not path.is_file():
-        raise ThinSegError("no such landmark file", path)
+    _check_file(path)
     if path.suffix.lower() == ".csv":
         return _read_csv(path)
     if not path.name.lower().endswith(".json"):
@@ -57,8 +59,7 @@ def read_landmarks(
     lists = _read_markups(path)
     if qemscan_path is not None:
         qemscan_path = Path(qemscan_path)
-        if not qemscan_path.is_file():
-            raise ThinSegError("no such landmark file", qemscan_path)
+        _check_file(qemscan_path)
         lists = lists[:1] + _read_markups(qemscan_path)[:1]
     if len(lists) != 2:
         raise ThinSegError(
@@ -72,6 +73,17 @@ def read_landmarks(
     image_px = (img_mm - np.asarray(image_origin_mm)) / image_mm_per_pixel
     qemscan_px = (q_mm - np.asarray(qemscan_origin_mm)) / qemscan_mm_per_pixel
     return LandmarkPairs(qemscan_px, image_px, names, path)
+
+
+def _check_file(path: Path) -> None:
+    """Refuse a landmark file that is missing, not a file, or too large to be clicks."""
+    if not path.is_file():
+        raise ThinSegError("no such landmark file", path)
+    size = path.stat().st_size
+    if size > MAX_LANDMARK_FILE_BYTES:
+        raise ThinSegError(
+            f"the landmark file holds {size:,} bytes, more than the {MAX_LANDMARK_FILE_BYTES:,} landmarks take", path
+        )
 
 
 def _read_csv(path: Path) -> LandmarkPairs:
@@ -101,21 +113,26 @@ def _read_csv(path: Path) -> LandmarkPairs:
 def _read_markups(path: Path) -> list[tuple[np.ndarray, list[str]]]:
     """Each point list of a markups file as ((n, 2) LPS mm, labels)."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = read_json(path, max_bytes=MAX_LANDMARK_FILE_BYTES)
         markups = doc["markups"]
     except (OSError, ValueError, KeyError, TypeError):
         raise ThinSegError("not a Slicer markups file (no `markups` list)", path) from None
     out = []
-    for m in markups:
-        system = str(m.get("coordinateSystem", "LPS")).upper()
-        points: list[tuple[float, float]] = []
-        labels: list[str] = []
-        for p in m.get("controlPoints", []):
-            pos = p.get("position")
-            if pos is None or len(pos) < 2:
-                continue
-            x, y = float(pos[0]), float(pos[1])
-            points.append((-x, -y) if system == "RAS" else (x, y))
-            labels.append(str(p.get("label", len(labels) + 1)))
-        out.append((np.array(points, dtype=np.float64).reshape(-1, 2), labels))
+    try:
+        for m in markups:
+            system = str(m.get("coordinateSystem", "LPS")).upper()
+            points: list[tuple[float, float]] = []
+            labels: list[str] = []
+            for p in m.get("controlPoints", []):
+                pos = p.get("position")
+                if pos is None or len(pos) < 2:
+                    continue
+                x, y = float(pos[0]), float(pos[1])
+                points.append((-x, -y) if system == "RAS" else (x, y))
+                labels.append(str(p.get("label", len(labels) + 1)))
+            out.append((np.array(points, dtype=np.float64).reshape(-1, 2), labels))
+    except (AttributeError, TypeError, ValueError):
+        raise ThinSegError(
+            "a markups point list or control point is malformed (positions must be numbers)", path
+        ) from None
     return out

@@ -38,6 +38,11 @@ PxModel: TypeAlias = "FloatArray | ThinPlateSpline"
 MIN_PAIRS = {"similarity": 3, "affine": 4, "tps": 3}
 #: Pairs that determine each kind exactly (used for leave-one-out fits).
 EXACT_PAIRS = {"similarity": 2, "affine": 3, "tps": 3}
+#: Most pairs accepted: far more than anyone clicks, and the leave-one-out check of a thin-plate
+#: spline costs n fits of an n x n system per flagged click.
+MAX_PAIRS = 500
+#: Two clicks closer than this (px) are the same point: a thin-plate spline through both is singular.
+SAME_POINT_PX = 1e-6
 
 
 @dataclass
@@ -183,8 +188,10 @@ def check_landmarks(
         raise ThinSegError(f"landmarks must be matching (n, 2) point lists, got {q.shape} and {p.shape}", path)
     if len(q) < MIN_PAIRS[kind]:
         raise ThinSegError(
-            f"{len(q)} landmark pair(s) given, a {kind} transform needs at least {MIN_PAIRS[kind]}", path
+            f"{len(q)} landmark pair(s) given, {_article(kind)} {kind} transform needs at least {MIN_PAIRS[kind]}", path
         )
+    if len(q) > MAX_PAIRS:
+        raise ThinSegError(f"{len(q)} landmark pairs given, more than the {MAX_PAIRS} a fit accepts", path)
     if not (np.isfinite(q).all() and np.isfinite(p).all()):
         raise ThinSegError("landmark coordinates must be finite numbers", path)
     bad_q = np.flatnonzero(~inside(q, geometry.qemscan_shape))
@@ -205,7 +212,46 @@ def check_landmarks(
             f"({geometry.image_shape[1]} x {geometry.image_shape[0]} px)",
             path,
         )
+    for points, where in ((p, "PP image"), (q, "QEMSCAN map")):
+        same = same_points(points)
+        if same is not None:
+            i, j = same
+            x, y = points[i]
+            raise ThinSegError(
+                f"landmarks {label(i)} and {label(j)} are the same point ({x:g}, {y:g}) of the {where}: "
+                "remove one of them or move it to its own feature",
+                path,
+            )
+        if kind != "similarity" and _collinear(points):
+            raise ThinSegError(
+                f"the landmarks' points on the {where} are collinear: {_article(kind)} {kind} fit needs them"
+                " spread over the section (or use --transform similarity)",
+                path,
+            )
     return q, p
+
+
+def _article(kind: str) -> str:
+    return "an" if kind == "affine" else "a"
+
+
+def same_points(points: np.ndarray) -> tuple[int, int] | None:
+    """The first two indices of `points` ((n, 2) px) that are the same point, or None."""
+    keys = np.round(np.asarray(points, dtype=np.float64) / SAME_POINT_PX)
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    repeated = np.flatnonzero(first[inverse] != np.arange(len(keys)))
+    if not len(repeated):
+        return None
+    j = int(repeated[0])
+    return int(first[inverse[j]]), j
+
+
+def _collinear(points: np.ndarray) -> bool:
+    """Whether (n, 2) points lie on one line (or one point): no affine map is fixed by them."""
+    centred = points - points.mean(axis=0)
+    scale = float(np.abs(centred).max())
+    return scale == 0 or int(np.linalg.matrix_rank(centred / scale, tol=1e-9)) < 2
 
 
 def fit_landmarks(
@@ -225,15 +271,32 @@ def fit_landmarks(
     """
     q, p = check_landmarks(qemscan_px, image_px, kind, geometry, path, names)
     tol = 1.5 * geometry.ratio if tolerance_px is None else float(tolerance_px)
+    try:
+        return _fit_checked(q, p, geometry, kind, tol, list(names or []), path)
+    except ThinSegError as error:
+        raise ThinSegError.from_exception(error, path) from None
+    except np.linalg.LinAlgError:
+        raise ThinSegError(
+            f"the landmarks do not determine a {kind} transform (they are too close together or on one line)", path
+        ) from None
+
+
+def _fit_checked(
+    q: FloatArray,
+    p: FloatArray,
+    g: Geometry,
+    kind: str,
+    tol: float,
+    names: list[str],
+    path: str | os.PathLike[str] | None,
+) -> LandmarkFit:
+    """The fit of landmarks that passed `check_landmarks`."""
     model = fit_px(p, q, kind)
     if not isinstance(model, ThinPlateSpline) and np.linalg.det(model[:2, :2]) <= 0:
         raise ThinSegError("the landmarks imply a mirrored QEMSCAN map: check that the pairs match", path)
     residuals = _residuals_image_px(model, p, q)
     outliers, loo = find_outliers(p, q, kind, tol)
-    details: dict[str, Any] = {
-        "landmarks": {"qemscan_px": q.tolist(), "image_px": p.tolist(), "names": list(names or [])},
-    }
-    g = geometry
+    details: dict[str, Any] = {"landmarks": {"qemscan_px": q.tolist(), "image_px": p.tolist(), "names": names}}
     if isinstance(model, ThinPlateSpline):  # kind "tps"
         spline_mm = ThinPlateSpline.fit(g.image_px_to_mm(p), g.qemscan_px_to_mm(q))
         itk, _ = tps_to_itk(spline_mm, g.image_shape, g.image_mm_per_pixel)
@@ -241,4 +304,4 @@ def fit_landmarks(
     else:
         itk = make_linear(kind, px_matrix_to_mm(model, g), image_center_mm(g))
     transform = SectionTransform(kind, itk, g, details)
-    return LandmarkFit(transform, residuals, loo, outliers, tol, list(names or []))
+    return LandmarkFit(transform, residuals, loo, outliers, tol, names)

@@ -78,7 +78,12 @@ class ThinPlateSpline:
         if np.linalg.matrix_rank(np.hstack([c, np.ones((len(c), 1))])) < 3:
             raise ThinSegError("the landmarks are collinear: a thin-plate spline needs them spread over the image")
         # scipy's kernel r^2 log r is U / 2, so its smoothing is half the U-matrix regularisation
-        rbf = RBFInterpolator(c, dst, kernel="thin_plate_spline", degree=1, smoothing=regularization / 2)
+        try:
+            rbf = RBFInterpolator(c, dst, kernel="thin_plate_spline", degree=1, smoothing=regularization / 2)
+        except np.linalg.LinAlgError:
+            raise ThinSegError(
+                "the landmarks do not determine a thin-plate spline: two of them are the same point"
+            ) from None
         weights = np.asarray(rbf._coeffs[: len(c)], dtype=np.float64) / 2
         return cls(rbf, c, weights, _polynomial_part(rbf), shift, scale)
 
