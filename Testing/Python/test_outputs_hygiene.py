@@ -24,6 +24,7 @@ from thinseg.io.atomic import (
     atomic_output,
     current_umask,
     removed_on_failure,
+    write_bytes_atomic,
     write_text_atomic,
 )
 from thinseg.synth import generate_section
@@ -137,7 +138,7 @@ def test_removed_on_failure_removes_only_what_the_block_created(tmp_path):
 
     with pytest.raises(ThinSegError), removed_on_failure(new):
         new.mkdir(parents=True)
-        (new / "half.nc").write_bytes(b"x")
+        write_bytes_atomic(new / "half.nc", b"x")  # what the block committed goes
         raise ThinSegError("bad second input")
     absent(tmp_path / "a")
 
@@ -153,7 +154,7 @@ def test_removed_on_failure_removes_only_what_the_block_created(tmp_path):
 
     with removed_on_failure(new) as failed:  # failure by exit code
         new.mkdir(parents=True)
-        (new / "x").write_text("x")
+        write_bytes_atomic(new / "x", b"x")
         failed()
     absent(tmp_path / "a")
 

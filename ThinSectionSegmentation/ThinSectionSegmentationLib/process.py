@@ -9,12 +9,13 @@ tested with real processes:
 - `BackgroundProcess`: subprocess.Popen with reader threads, a non-blocking `poll()` that
   returns the job's typed events (thinseg.jobs.events) and its other output as plain
   `OutputLine`s for the log, `cancel()` (Ctrl-C first so the core removes partial files, then
-  kill), and `check()`, which raises the job's error event message. Output text is never
+  SIGTERM, then kill), and `check()`, which raises the job's error event message. Output text is never
   parsed: stderr is kept only to explain a process that died without an error event.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -107,6 +108,10 @@ ProcessOutput = Union[JobEvent, OutputLine]
 
 #: Lines of stderr kept to explain a crash.
 STDERR_TAIL = 20
+#: Seconds between the second request to stop (SIGTERM) and the kill: a run that did not stop
+#: on Ctrl-C within `grace` is in one long native call (a forward pass, a file write) and stops at
+#: its end. What a kill leaves (hidden `.partial` files) is removed by the next run into the folder.
+TERM_GRACE = 10.0
 
 
 class _Lines:
@@ -155,7 +160,9 @@ class BackgroundProcess:
         self.warnings: list[str] = []
         self.invalid_events: list[str] = []  # event lines that did not parse (a bug, kept for the message)
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
+        self._term_at = 0.0
         self._kill_at = 0.0
+        self._termed = False
         self._queue: queue.Queue = queue.Queue()
         self._process: subprocess.Popen | None = None
         self._threads: list[threading.Thread] = []
@@ -279,15 +286,18 @@ class BackgroundProcess:
             time.sleep(interval)
 
     def cancel(self, grace: float = 5.0, wait: bool = True) -> None:
-        """Stop the child: interrupt it (the core then removes its partial files), and kill it
-        if it is still running `grace` seconds later. With wait=False this returns at once and
-        `poll()` does the kill when the time is up (the GUI never blocks). Safe to call twice."""
+        """Stop the child: interrupt it (the core then removes its partial files); if it is
+        still running `grace` seconds later, ask again with SIGTERM (which the core handles like
+        Ctrl-C), and kill it `TERM_GRACE` seconds after that. With wait=False this returns at
+        once and `poll()` sends the later signals when their time is up (the GUI never blocks).
+        Safe to call twice."""
         process = self._process
         if process is None or process.poll() is not None:
             return
         if not self.cancelled:
             self.cancelled = True
-            self._kill_at = time.monotonic() + grace
+            self._term_at = time.monotonic() + grace
+            self._kill_at = self._term_at + TERM_GRACE
             try:
                 if os.name == "nt":
                     process.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
@@ -296,11 +306,24 @@ class BackgroundProcess:
             except OSError:
                 pass
         if wait:
-            try:
-                process.wait(timeout=max(0.0, self._kill_at - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self._kill()
-                process.wait()
+            for deadline, step in ((self._term_at, self._terminate), (self._kill_at, self._kill)):
+                try:
+                    process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                    return
+                except subprocess.TimeoutExpired:
+                    step()
+            process.wait()
+
+    def _terminate(self) -> None:
+        """The second request to stop: SIGTERM to the process group (POSIX; Windows has no
+        gentle second signal, the kill follows)."""
+        process = self._process
+        if process is None or self._termed:
+            return
+        self._termed = True
+        if os.name != "nt":
+            with contextlib.suppress(OSError):
+                os.killpg(process.pid, signal.SIGTERM)
 
     def _kill(self) -> None:
         """Kill the whole process group (the launcher and its Python)."""
@@ -317,8 +340,13 @@ class BackgroundProcess:
 
     def _kill_if_overdue(self) -> None:
         process = self._process
-        if self.cancelled and process is not None and process.poll() is None and time.monotonic() > self._kill_at:
+        if not self.cancelled or process is None or process.poll() is not None:
+            return
+        now = time.monotonic()
+        if now > self._kill_at:
             self._kill()
+        elif now > self._term_at:
+            self._terminate()
 
     # results
     def error_message(self) -> str:

@@ -2,8 +2,10 @@
 
 `thinseg evaluate`, `compare` and `prepare` write several files per run; either all of them
 appear or none does, so a failed or interrupted run never leaves a half-written report that
-looks complete. Section names become file-name parts through `safe_file_name`, the one
-sanitiser the command line and the Slicer logic share.
+looks complete. Without overwrite nothing existing is replaced, also when another run writes
+the same files meanwhile: the later run is refused at commit and the earlier run's files stay.
+Section names become file-name parts through `safe_file_name`, the one sanitiser the command
+line and the Slicer logic share.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from thinseg.errors import ThinSegError
-from thinseg.io.atomic import AtomicOutput, ensure_writable_dir
+from thinseg.io.atomic import AtomicOutput, commit_unique, ensure_writable_dir, sweep_stale_temporaries
 
 
 def safe_file_name(name: str) -> str:
@@ -39,14 +41,16 @@ def unique_names(names: Sequence[str]) -> list[str]:
 class OutputSet:
     """Files of one run, written under temporary names and renamed together at the end.
 
-    `check()` refuses, before any work, targets that exist (unless overwrite); on any exception
-    (Ctrl-C included) `discard()` removes every temporary and the targets stay as they were.
+    `check()` refuses, before any work, targets that exist (unless overwrite) and clears the
+    temporaries of interrupted runs (`notes` says what it found); on any exception (Ctrl-C
+    included) `discard()` removes every temporary and the targets stay as they were.
     """
 
     def __init__(self, folder: Path, overwrite: bool) -> None:
         self.folder = Path(folder)
         self.overwrite = overwrite
         self._outputs: dict[Path, AtomicOutput] = {}
+        self.notes: list[str] = []
 
     def add(self, name: str) -> Path:
         """Reserve `folder/name`; returns the temporary path to write."""
@@ -58,6 +62,7 @@ class OutputSet:
     def check(self) -> None:
         """Make sure the folder is writable and, unless overwrite, that no target exists yet."""
         ensure_writable_dir(self.folder)
+        self.notes = sweep_stale_temporaries(self.folder).notes(self.folder)
         if self.overwrite:
             return
         taken = [p.name for p in self._outputs if p.exists() or p.is_symlink()]
@@ -70,14 +75,18 @@ class OutputSet:
         return self.folder / name
 
     def commit(self) -> list[Path]:
-        """Rename every written temporary onto its target (reserved files never written are dropped)."""
-        done = []
+        """Rename every written temporary onto its target (reserved files never written are
+        dropped). Without overwrite, a target another run made meanwhile refuses the whole set
+        (ThinSegError, nothing of this run kept) rather than replacing it."""
+        written = [output for output in self._outputs.values() if output.tmp.exists()]
         for output in self._outputs.values():
-            if output.tmp.exists():
-                done.append(output.commit())
-            else:
+            if output not in written:
                 output.discard()
-        return done
+        if self.overwrite:
+            return [output.commit() for output in written]
+        if not written:
+            return []
+        return commit_unique(written, lambda _n: [output.path for output in written], tries=1)
 
     def discard(self) -> None:
         """Remove every temporary; the targets stay as they were."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
-from thinseg.io.atomic import atomic_output, free_output_path
+from thinseg.io.atomic import atomic_output
 from thinseg.metrics.fractions import class_pixel_counts
 
 #: The row of the pixels no class was given to (label 0).
@@ -114,10 +114,10 @@ def format_table(result: ModalMineralogy) -> str:
 def write_mineralogy_csv(path: Path, results: Sequence[ModalMineralogy], *, overwrite: bool = False) -> Path:
     """Write `fractions_csv_text(results)` all or nothing; an existing file is kept and a free
     numbered name used instead unless `overwrite`. Returns the path written."""
-    target = path if overwrite else free_output_path(path)
-    with atomic_output(target) as tmp:
+    output = atomic_output(path, unique=not overwrite)  # the free name is taken at commit, atomically
+    with output as tmp:
         tmp.write_text(fractions_csv_text(results), encoding="utf-8")
-    return target
+    return output.path
 
 
 def read_mineralogy_table(path: Path) -> dict[str, list[list[str]]] | None:
@@ -156,7 +156,7 @@ def update_mineralogy_table(path: Path, results: Sequence[ModalMineralogy], *, o
     under a temporary name and renamed, so a reader (or a crash) sees the old or the new table,
     never a mix. A file at `path` that is not such a table is replaced only with `overwrite`;
     otherwise the first numbered name (`stem_1.csv`, ...) that is free or holds such a table is
-    used. Two runs updating one table at the same moment may lose one's rows (not locked).
+    used. Runs in parallel hold `thinseg.io.locks.file_lock(path)` around the update.
     Returns the path written."""
     target, n = Path(path), 0
     while True:

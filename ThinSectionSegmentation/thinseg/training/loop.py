@@ -20,9 +20,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from thinseg import limits
 from thinseg.data.sections import Section, canonical_role, open_sections
 from thinseg.errors import ThinSegError
 from thinseg.inference.device import cpu_has_native_bf16, select_device
+from thinseg.io.atomic import sweep_stale_temporaries
+from thinseg.io.locks import run_folder_lock
 from thinseg.jsonio import finite, write_json
 from thinseg.model.bundle import load_bundle
 from thinseg.training.augment import colour_jitter
@@ -177,6 +180,10 @@ class TrainingRun:
         size = self.config.patch_size
         if size < multiple or size % multiple:
             raise ThinSegError(f"patch size {size} (--patch-size) must be a multiple of {multiple} for this network")
+        # sizes and pixels per pass in bounds, whoever set them (command line or job file)
+        limits.check_tiling((size, size), multiple, self.config.batch_size, "patch size (--patch-size)")
+        val_tile = (self.config.val_tile, self.config.val_tile)
+        limits.check_tiling(val_tile, multiple, self.config.val_batch_size, "validation tile (--val-tile)")
 
     def _check_inputs(self, part: str) -> None:
         for section in self.parts[part]:
@@ -311,6 +318,7 @@ class TrainingRun:
         self.start()
         stopped = self.stopped
         started, epochs_here, out_of_time = time.monotonic(), 0, False
+        checkpointed = self.epoch
         try:
             while self.epoch < c.epochs and not stopped and not out_of_time:
                 row = self.train_epoch()
@@ -318,11 +326,7 @@ class TrainingRun:
                 self.epoch += 1
                 epochs_here += 1
                 self.history.append(row)
-                write_log_csv(self.out / LOG_FILE, self.history)
-                plot_curves(self.out / CURVES_FILE, self.history)
                 stopped = self._keep_best(row)
-                if self.on_epoch is not None:
-                    self.on_epoch(row, self.best["epoch"] == row["epoch"])
                 if not stopped and c.max_minutes is not None and self.epoch < c.epochs:
                     elapsed = time.monotonic() - started
                     if elapsed + elapsed / epochs_here > 60 * c.max_minutes:  # the next epoch would not fit
@@ -332,9 +336,15 @@ class TrainingRun:
                         )
                         out_of_time = True
                 self._checkpoint(stopped)  # a run stopped by the clock can be resumed; an early stop cannot
+                checkpointed = self.epoch
+                # the log and curves follow the checkpoint, so they never show an epoch a resume would redo
+                write_log_csv(self.out / LOG_FILE, self.history)
+                plot_curves(self.out / CURVES_FILE, self.history)
+                if self.on_epoch is not None:
+                    self.on_epoch(row, self.best["epoch"] == row["epoch"])
         except KeyboardInterrupt:
             self.log(
-                f"interrupted: {self.epoch} finished epoch(s) are checkpointed in {self.checkpoint_path}; "
+                f"interrupted: {checkpointed} finished epoch(s) are checkpointed in {self.checkpoint_path}; "
                 "continue with --resume"
             )
             raise
@@ -626,6 +636,13 @@ def train(
     config: TrainConfig, log: Log | None = None, on_step: StepHook | None = None, on_epoch: EpochHook | None = None
 ) -> TrainResult:
     """Train (or resume) a run described by `config`; the best model is exported as a GeoSlicer
-    bundle at config.output_dir / config.model_name."""
+    bundle at config.output_dir / config.model_name. The run folder belongs to this run until it
+    returns (`run_folder_lock`): a second run into it is refused, a killed run's lock and
+    temporaries are cleared."""
     logger = log or (_stderr if config.progress else (lambda _m: None))
-    return TrainingRun(config, logger, on_step, on_epoch).fit()
+    out = Path(config.output_dir)
+    with run_folder_lock(out, log=logger):
+        for folder in (out, Path(config.cache_dir) if config.cache_dir else out / "cache"):
+            for note in sweep_stale_temporaries(folder).notes(folder):
+                logger(note)
+        return TrainingRun(config, logger, on_step, on_epoch).fit()
