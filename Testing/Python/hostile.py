@@ -19,6 +19,24 @@ from pathlib import Path
 
 from helpers import MODULE_DIR
 
+#: Run `thinseg` as `python -m thinseg` does, then write the process's peak resident memory
+#: (VmHWM, in kB) to the file named by $THINSEG_TEST_PEAK_FILE. VmHWM belongs to the process's own
+#: address space, so unlike ru_maxrss it does not inherit the size of the (large) test process
+#: that forked it.
+_MEASURED_MAIN = """
+import atexit, os, runpy, sys
+
+def _peak():
+    with open("/proc/self/status") as status:
+        kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["THINSEG_TEST_PEAK_FILE"], "w") as out:
+        out.write(kb)
+
+atexit.register(_peak)
+sys.argv[0] = "thinseg"
+runpy.run_module("thinseg", run_name="__main__", alter_sys=True)
+"""
+
 #: Peak resident memory of a `thinseg` process that imports torch and refuses its input at once
 #: (about 400-500 MB on Linux with torch 2.x): a bomb that allocated its declared size would
 #: need gigabytes.
@@ -68,8 +86,13 @@ def start(
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
 
+    command = (
+        [sys.executable, "-c", _MEASURED_MAIN]
+        if "THINSEG_TEST_PEAK_FILE" in environment
+        else [sys.executable, "-m", "thinseg"]
+    )
     return subprocess.Popen(
-        [sys.executable, "-m", "thinseg", *argv],
+        [*command, *argv],
         cwd=cwd,
         env=environment,
         stdout=stdout,
@@ -85,9 +108,12 @@ def thinseg(
     timeout: float = 300,
     max_file_bytes: int | None = None,
 ) -> Run:
-    """`python -m thinseg ARGS` in a fresh interpreter, with its own peak memory (ru_maxrss)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = start(*args, cwd=cwd, env=env, max_file_bytes=max_file_bytes, stdout=out, stderr=err)
+    """`python -m thinseg ARGS` in a fresh interpreter, with its own peak memory (VmHWM; NaN when
+    the process died before it could say)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as scratch:
+        peak_file = Path(scratch, "peak_kb")
+        environment = {**(env or {}), "THINSEG_TEST_PEAK_FILE": str(peak_file)}
+        process = start(*args, cwd=cwd, env=environment, max_file_bytes=max_file_bytes, stdout=out, stderr=err)
         argv = list(process.args[3:])
         try:
             _, status, usage = _wait4(process, timeout)
@@ -104,8 +130,15 @@ def thinseg(
             process.returncode,
             out.read().decode("utf-8", "backslashreplace"),
             err.read().decode("utf-8", "backslashreplace"),
-            usage.ru_maxrss / 1024.0,  # kB on Linux
+            _peak_mb(peak_file),
         )
+
+
+def _peak_mb(peak_file: Path) -> float:
+    try:
+        return int(peak_file.read_text()) / 1024.0
+    except (OSError, ValueError):
+        return float("nan")
 
 
 def _wait4(process: subprocess.Popen, timeout: float):

@@ -1,22 +1,28 @@
 """`thinseg` entry point: sub-commands, one-line errors, exit codes.
 
 Exit codes: 0 success, 1 some inputs failed (the rest were processed), 2 bad usage or a
-problem that stopped everything, 130 interrupted.
+problem that stopped everything, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Every
+failure is one `thinseg: error:` line; THINSEG_DEBUG=1 prints the traceback too.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from thinseg import __version__
 from thinseg.cli import compare_cmd, evaluate_cmd, prepare_cmd, register_cmd, segment_cmd, train_cmd
-from thinseg.errors import ThinSegError
+from thinseg.cli.options import CommandParser
+from thinseg.console import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, printable_output, sigterm_as_interrupt
+from thinseg.errors import ThinSegError, debugging
 from thinseg.io.atomic import removed_on_failure
+from thinseg.limits import section_pixel_limit
 
-EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_TERMINATED", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Thin-section (PP/XP) mineral segmentation, GeoSlicer-compatible.",
     )
     parser.add_argument("--version", action="version", version=f"thinseg {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
     for module in (segment_cmd, register_cmd, prepare_cmd, train_cmd, evaluate_cmd, compare_cmd):
         module.register(commands)
     return parser
@@ -43,25 +49,42 @@ def output_folder(args: argparse.Namespace) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line `argv` (default: sys.argv); returns the exit code."""
+    """Run the command line `argv` (default: sys.argv); returns the exit code. SIGTERM stops it
+    as Ctrl-C does, and printing a file name never fails, for the duration of the call."""
+    with printable_output(), sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     keep = getattr(args, "keep_output", None)
     try:
-        with removed_on_failure(output_folder(args), keep=None if keep is None else lambda: bool(keep(args))) as failed:
-            code = int(args.run(args) or EXIT_OK)
-            if code >= EXIT_ERROR:
-                failed()
+        with section_pixel_limit(getattr(args, "max_pixels", None)):
+            folder = output_folder(args)
+            with removed_on_failure(folder, keep=None if keep is None else lambda: bool(keep(args))) as failed:
+                code = int(args.run(args) or EXIT_OK)
+                if code >= EXIT_ERROR:
+                    failed()
         return code
-    except ThinSegError as error:
-        print(f"thinseg: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as error:  # a full disk or a vanished folder: outputs are written atomically, so none is partial
-        print(f"thinseg: error: {ThinSegError.from_os_error(error)}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        if isinstance(interrupt, Terminated):
+            print("thinseg: terminated; no partial output was kept", file=sys.stderr)
+            return EXIT_TERMINATED
         print("thinseg: interrupted; no partial output was kept", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as error:  # one line for every failure; outputs are atomic, so none is partial
+        return report_failure(error, output_folder(args))
+
+
+def report_failure(error: Exception, output: Path | None = None) -> int:
+    """Print `error` as one `thinseg: error:` line (after its traceback with THINSEG_DEBUG=1); a
+    system error that names no file was writing into `output`."""
+    if debugging():
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    where = output if isinstance(error, OSError) else None
+    print(f"thinseg: error: {ThinSegError.from_exception(error, where)}", file=sys.stderr, flush=True)
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -2,23 +2,29 @@
 
 Everything the panel needs goes to stdout as event lines: progress while it runs, then a result
 event (exit status 0) or an error event with the message the user reads (exit status 2 for a
-problem the user can fix, 1 for a bug, whose traceback also goes to stderr). Interrupted
-(Cancel): exit status 130 and no event, the panel knows it asked. stderr gets one human line
-per problem, for people running a job by hand.
+problem the user can fix, a system error or a lack of memory; 1 for any other failure, whose
+traceback the event carries as `detail` for the log). Interrupted (Cancel, SIGINT): exit status
+130 and no event, the panel knows it asked. Terminated (SIGTERM, not asked by the panel): an
+error event and exit status 143. Partial outputs are removed in every case. stderr gets one
+human line per problem, for people running a job by hand (the traceback too with THINSEG_DEBUG=1).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
-from thinseg.errors import ThinSegError
+from thinseg.console import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, printable_output, sigterm_as_interrupt
+from thinseg.errors import ThinSegError, debugging
 from thinseg.jobs.events import ErrorEvent, ResultEvent, emit_stdout
 from thinseg.jobs.runner import TASKS
+from thinseg.jsonio import loads
+from thinseg.limits import section_pixel_limit
 
-EXIT_OK, EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_BUG, EXIT_ERROR = 0, 1, 2
+__all__ = ["EXIT_BUG", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "main"]
 
 
 def _user_error(error: ThinSegError) -> int:
@@ -28,31 +34,62 @@ def _user_error(error: ThinSegError) -> int:
     return EXIT_ERROR
 
 
+def _failure(error: Exception) -> int:
+    """Any other exception: one error event (its traceback as `detail`, for the log) and one line."""
+    detail = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    if isinstance(error, (MemoryError, OSError)):  # the machine, not the code: the user can act on it
+        if debugging():
+            print(detail, file=sys.stderr, flush=True)
+        return _user_error(ThinSegError.from_exception(error))
+    message = str(ThinSegError.from_exception(error))
+    emit_stdout(ErrorEvent(message, detail=detail))
+    if debugging():
+        print(detail, file=sys.stderr, flush=True)
+    print(f"thinseg: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_BUG
+
+
+def _max_pixels(job: dict[str, Any], job_file: Path) -> int | None:
+    """The job's section-size bound (`max_pixels`, as --max-pixels), if it gives one."""
+    value = job.get("max_pixels")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ThinSegError(f"'max_pixels' must be a number of pixels, not {value!r}", job_file)
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the job `argv` names ([TASK, JOB.json]); returns the exit status."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or args[0] not in TASKS:
         print(f"usage: python -m thinseg.jobs {{{','.join(TASKS)}}} JOB.json", file=sys.stderr)
         return EXIT_ERROR
-    task, job_file = args[0], Path(args[1])
+    with printable_output(), sigterm_as_interrupt():
+        return _run(args[0], Path(args[1]))
+
+
+def _run(task: str, job_file: Path) -> int:
     try:
         try:
-            job = json.loads(job_file.read_text(encoding="utf-8"))
+            job = loads(job_file.read_text(encoding="utf-8"))
         except ValueError as error:
             raise ThinSegError(f"not a job description: {error}", job_file) from None
-        summary = TASKS[task](job, job_file.parent)
+        if not isinstance(job, dict):
+            raise ThinSegError("not a job description: not a JSON object", job_file)
+        with section_pixel_limit(_max_pixels(job, job_file)):
+            summary = TASKS[task](job, job_file.parent)
     except ThinSegError as error:
         return _user_error(error)
-    except OSError as error:
-        return _user_error(ThinSegError.from_os_error(error))
+    except Terminated:
+        emit_stdout(ErrorEvent("terminated; no partial output was kept", problem="terminated"))
+        print("thinseg: terminated; no partial output was kept", file=sys.stderr, flush=True)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("thinseg: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
-    except Exception as error:  # a bug: the panel shows the message, the log keeps the traceback
-        detail = traceback.format_exc()
-        emit_stdout(ErrorEvent(f"{type(error).__name__}: {error}", detail=detail))
-        print(detail, file=sys.stderr, flush=True)
-        return EXIT_BUG
+    except Exception as error:  # every failure becomes one error event
+        return _failure(error)
     emit_stdout(ResultEvent(task, summary))
     return EXIT_OK
 

@@ -37,6 +37,7 @@ from thinseg.jobs.events import (
     finite_or_none,
 )
 from thinseg.jsonio import write_json
+from thinseg.limits import check_mm_per_pixel
 
 if TYPE_CHECKING:
     from thinseg.pipelines.segment import SectionResult, SegmentRun
@@ -191,10 +192,15 @@ def _read_rgb(path: Path, variable: str | None) -> tuple[npt.NDArray[np.uint8] |
 
 
 def _pixel_size(value: float | str | None, what: str, source: Path) -> float:
-    """A pixel size in mm from job.json or the file; an error naming the image when unknown."""
+    """A pixel size in mm from job.json or the file; an error naming the image when unknown or
+    outside the sane range."""
     if value is None:
         raise ThinSegError(f"the pixel size of the {what} is unknown", source)
-    return float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ThinSegError(f"the pixel size of the {what} is not a number: {value!r}", source) from None
+    return check_mm_per_pixel(number, f"the pixel size of the {what},", source)
 
 
 def run_register_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary:

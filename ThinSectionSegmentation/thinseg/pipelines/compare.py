@@ -15,7 +15,7 @@ from pathlib import Path
 
 from thinseg.data.inputs import open_data
 from thinseg.data.sections import Section
-from thinseg.errors import ThinSegError
+from thinseg.errors import ThinSegError, failures_named
 from thinseg.inference.device import select_device
 from thinseg.inference.engine import InferenceOptions, Precision
 from thinseg.jsonio import dumps
@@ -126,15 +126,16 @@ def compare_files(
     def on_section(sp: SectionPrediction) -> None:
         if len(sheets) < len(sheet_tmps):
             path = sheet_tmps[len(sheets)]
-            regions = compare_sheet(
-                RegionImage(sp.images["PP"]),
-                sp.truth,
-                sp.preds,
-                table,
-                path,
-                size=REGION_SIDE,
-                title=f"{sp.name}: {' vs '.join(sp.preds)}",
-            )
+            with failures_named(outputs.path(sheet_names[len(sheets)]), "cannot write the output"):
+                regions = compare_sheet(
+                    RegionImage(sp.images["PP"]),
+                    sp.truth,
+                    sp.preds,
+                    table,
+                    path,
+                    size=REGION_SIDE,
+                    title=f"{sp.name}: {' vs '.join(sp.preds)}",
+                )
             sheets.append((sp.name, path, regions))
 
     try:
@@ -169,6 +170,9 @@ def compare_files(
         images += [(f"{name}: regions {', '.join(str(r) for r in regions)}", tmp) for name, tmp, regions in sheets]
         write_comparison_html(files["html"], reports, images, title=f"thinseg compare: {' vs '.join(reports)}")
         written = outputs.commit()
+    except OSError as error:  # sections fail as ThinSegError: this is writing the comparison
+        outputs.discard()
+        raise ThinSegError.from_os_error(error, "cannot write the comparison", options.output) from error
     except BaseException:
         outputs.discard()
         raise

@@ -38,7 +38,7 @@ from thinseg.data.inputs import open_data
 from thinseg.data.mapping import build_mapping, load_mapping_csv, mapping_for
 from thinseg.data.section_images import open_ppxp
 from thinseg.data.sections import Section, canonical_role, open_sections
-from thinseg.errors import ThinSegError
+from thinseg.errors import ThinSegError, failures_named
 from thinseg.inference.device import select_device
 from thinseg.inference.engine import CancelFn, InferenceOptions, Precision, Segmenter
 from thinseg.inference.resample import resampling_factor, segment_at_model_resolution
@@ -197,7 +197,7 @@ def predict_section(
     messages: list[str] = []
     model_mm = model_mm_per_pixel(bundle)
     mm = section.mm_per_pixel
-    factor = resampling_factor(mm, model_mm)
+    factor = resampling_factor(mm, model_mm, section_path(section))
     if factor is not None:
         messages.append(f"{section.name}: resampling from {mm:g} to the model's {model_mm:g} mm/px and back")
     present = [source for source in sources if source is not None]
@@ -281,31 +281,33 @@ def evaluate_models(
             say(f"{name}: {message}" if len(bundles) > 1 else message)
     evaluators = {name: Evaluator(table, void_border_px) for name in bundles}
     for section in opened:  # every section has truth before any model runs (labelmaps are cheap)
-        section_truth(section, table, mapping_csv)
+        with failures_named(section_path(section)):
+            section_truth(section, table, mapping_csv)
     roles = list(dict.fromkeys(["PP"] + [r for b in bundles.values() for r in model_roles(b)]))
     for section in opened:
-        truth = section_truth(section, table, mapping_csv)  # read before the images are opened
-        preds: dict[str, np.ndarray] = {}
-        seconds: dict[str, float] = {}
-        keep_by_scale: dict[float, np.ndarray | None] = {}
-        with open_images(section, roles) as images:
-            for name, segmenter in segmenters.items():
-                label = f"{name}: {section.name}" if len(bundles) > 1 else section.name
-                callback = progress(label, section.shape[0] * section.shape[1]) if progress is not None else None
-                start = time.perf_counter()
-                pred, messages = predict_section(segmenter, section, images, progress=callback, cancel=cancel)
-                seconds[name] = time.perf_counter() - start
-                for message in messages:
-                    say(message)
-                scale = section_scale(section, bundles[name])
-                if scale not in keep_by_scale:
-                    keep_by_scale[scale] = section_keep(truth, void_border_px, scale)
-                evaluators[name].add_section(section.name, truth, pred, keep_by_scale[scale])
-                preds[name] = pred
-            if on_section is not None:
-                keep = next(iter(keep_by_scale.values()))
-                on_section(SectionPrediction(section.name, section, truth, preds, keep, images, seconds))
-        del truth, preds
+        with failures_named(section_path(section)):
+            truth = section_truth(section, table, mapping_csv)  # read before the images are opened
+            preds: dict[str, np.ndarray] = {}
+            seconds: dict[str, float] = {}
+            keep_by_scale: dict[float, np.ndarray | None] = {}
+            with open_images(section, roles) as images:
+                for name, segmenter in segmenters.items():
+                    label = f"{name}: {section.name}" if len(bundles) > 1 else section.name
+                    callback = progress(label, section.shape[0] * section.shape[1]) if progress is not None else None
+                    start = time.perf_counter()
+                    pred, messages = predict_section(segmenter, section, images, progress=callback, cancel=cancel)
+                    seconds[name] = time.perf_counter() - start
+                    for message in messages:
+                        say(message)
+                    scale = section_scale(section, bundles[name])
+                    if scale not in keep_by_scale:
+                        keep_by_scale[scale] = section_keep(truth, void_border_px, scale)
+                    evaluators[name].add_section(section.name, truth, pred, keep_by_scale[scale])
+                    preds[name] = pred
+                if on_section is not None:
+                    keep = next(iter(keep_by_scale.values()))
+                    on_section(SectionPrediction(section.name, section, truth, preds, keep, images, seconds))
+            del truth, preds
     return {name: evaluator.report(model=name) for name, evaluator in evaluators.items()}
 
 
@@ -418,17 +420,18 @@ def evaluate_files(
         index = done[0]
         done[0] += 1
         if index < len(overlay_tmps):
-            pp = read_preview(sp.images["PP"], OVERLAY_SIDE)
-            plots.plot_section_overlay(
-                pp,
-                sp.truth,
-                sp.preds[name],
-                bundle.class_table,
-                overlay_tmps[index],
-                keep=sp.keep,
-                title=f"{sp.name}: {name}",
-                max_side=OVERLAY_SIDE,
-            )
+            with failures_named(outputs.path(overlay_names[index]), "cannot write the output"):
+                pp = read_preview(sp.images["PP"], OVERLAY_SIDE)
+                plots.plot_section_overlay(
+                    pp,
+                    sp.truth,
+                    sp.preds[name],
+                    bundle.class_table,
+                    overlay_tmps[index],
+                    keep=sp.keep,
+                    title=f"{sp.name}: {name}",
+                    max_side=OVERLAY_SIDE,
+                )
 
     try:
         report = evaluate_model(
@@ -481,6 +484,9 @@ def evaluate_files(
             title=f"{name}: mineral fractions per section",
         )
         written = outputs.commit()
+    except OSError as error:  # sections fail as ThinSegError: this is writing the report
+        outputs.discard()
+        raise ThinSegError.from_os_error(error, "cannot write the report", options.output) from error
     except BaseException:
         outputs.discard()
         raise

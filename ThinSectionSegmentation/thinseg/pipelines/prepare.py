@@ -23,8 +23,9 @@ from thinseg.classes.files import read_value_classes
 from thinseg.classes.table import ClassTable
 from thinseg.data.section_images import PpXpImages, output_stem, read_ppxp
 from thinseg.data.sections import read_label_image
-from thinseg.errors import ThinSegError
+from thinseg.errors import ThinSegError, failures_named
 from thinseg.io.netcdf import NetcdfWriter
+from thinseg.limits import path_text
 from thinseg.pipelines.outputs import OutputSet, safe_file_name
 from thinseg.registration.output import boundary_overlay
 from thinseg.registration.ppxp import XpAlignment, estimate_xp_alignment
@@ -73,11 +74,18 @@ def prepare_files(
     options: PrepareOptions, *, on_inputs: Callable[[PpXpImages, bool], None] | None = None
 ) -> PreparedFiles:
     """Check, read, align and write (see the module doc). Existing outputs are refused before any
-    work unless overwrite. `on_inputs(images, has_xp)` sees PP/XP before XP is aligned."""
+    work unless overwrite. `on_inputs(images, has_xp)` sees PP/XP before XP is aligned. Any
+    failure is a ThinSegError (naming the PP image when nothing more precise is known)."""
+    with failures_named(options.pp):
+        return _prepare_files(options, on_inputs)
+
+
+def _prepare_files(options: PrepareOptions, on_inputs: Callable[[PpXpImages, bool], None] | None) -> PreparedFiles:
     if options.mm_per_pixel is not None and not options.mm_per_pixel > 0:
         raise ThinSegError(f"--mm-per-pixel must be > 0, got {options.mm_per_pixel}")
     classes = read_value_classes(options.classes)
-    name = options.name or output_stem(options.pp, options.pp_pattern)
+    # text: bytes of a file name that are not UTF-8 become \\xNN in the variable names
+    name = path_text(options.name or output_stem(options.pp, options.pp_pattern))
     stem = safe_file_name(name)
     outputs = OutputSet(options.output, options.overwrite)
     nc_tmp, png_tmp = outputs.add(f"{stem}.nc"), outputs.add(f"{stem}_prepared.png")
@@ -115,7 +123,8 @@ def prepare_files(
         xp = alignment.apply(xp)
     try:
         _write_section(nc_tmp, name, pp, xp, labels, classes.table, images.mm_per_pixel, alignment, options)
-        _write_preview(png_tmp, pp, xp, labels, classes.table)
+        with failures_named(outputs.path(f"{stem}_prepared.png"), "cannot write the output"):
+            _write_preview(png_tmp, pp, xp, labels, classes.table)
         written = outputs.commit()
     except BaseException:
         outputs.discard()
@@ -142,7 +151,8 @@ def _write_section(
         "xp_alignment": alignment.as_dict() if alignment else None,
     }
     attrs = {"thinseg_version": thinseg.__version__, "thinseg_prepare": json.dumps(record)}
-    with NetcdfWriter(path, attrs=attrs) as writer:
+    shown_as = options.output / f"{safe_file_name(name)}.nc"  # what a failed write names: not the temporary
+    with NetcdfWriter(path, attrs=attrs, shown_as=shown_as) as writer:
         pp_var = writer.add_rgb_image(f"{name}_PP", pp, mm_per_pixel)
         if xp is not None:
             writer.add_rgb_image(f"{name}_XP", xp, mm_per_pixel)

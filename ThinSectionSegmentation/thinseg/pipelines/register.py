@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from thinseg.data.section_images import PpXpImages, is_netcdf, output_stem, read_ppxp
-from thinseg.errors import ThinSegError
+from thinseg.errors import ThinSegError, failures_named
 from thinseg.io.atomic import ensure_writable_dir
 from thinseg.io.netcdf import list_variables
+from thinseg.limits import check_mm_per_pixel
 
 if TYPE_CHECKING:
     from thinseg.registration import LandmarkPairs, QemscanMap, RegistrationResult
@@ -135,7 +136,17 @@ def register_files(
     progress: Callable[[str], None] | None = None,
 ) -> RegisterOutcome:
     """Check, read, register and write (see the module doc). `on_inputs` sees what was read
-    before the registration starts; `progress` gets a word per registration step."""
+    before the registration starts; `progress` gets a word per registration step. Any failure
+    is a ThinSegError (naming the PP image when nothing more precise is known)."""
+    with failures_named(options.pp):
+        return _register_files(options, on_inputs, progress)
+
+
+def _register_files(
+    options: RegisterOptions,
+    on_inputs: Callable[[RegisterInputs], None] | None,
+    progress: Callable[[str], None] | None,
+) -> RegisterOutcome:
     # deferred: SimpleITK and scipy cost about 0.6 s, and `thinseg --help` imports this module
     from thinseg.registration import load_qemscan, read_landmarks, register_section
     from thinseg.registration.output import write_outputs
@@ -155,6 +166,7 @@ def register_files(
         options.qemscan, options.colors, variable=options.qemscan_variable, background=options.background
     )
     q_mm = options.qemscan_mm_per_pixel or qemscan.mm_per_pixel or DEFAULT_QEMSCAN_MM_PER_PIXEL
+    check_mm_per_pixel(q_mm, "QEMSCAN pixel size", options.qemscan)
     landmarks = None
     if options.landmarks is not None:
         q_origin = (
@@ -185,5 +197,6 @@ def register_files(
         bspline=options.bspline,
         progress=progress,
     )
-    paths = write_outputs(result, options.output, stem, images.pp, qemscan.labels, overwrite=options.overwrite)
+    with failures_named(options.output, "cannot write the output"):  # not the inputs: they were read
+        paths = write_outputs(result, options.output, stem, images.pp, qemscan.labels, overwrite=options.overwrite)
     return RegisterOutcome(inputs, result, paths)

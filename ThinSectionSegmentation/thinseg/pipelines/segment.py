@@ -29,8 +29,16 @@ from thinseg.errors import ThinSegError
 from thinseg.inference.confidence import ConfidenceReference, out_of_depth_warning
 from thinseg.inference.engine import CancelFn, InferenceOptions, Segmenter, Source
 from thinseg.inference.resample import resampled_shape, resampling_factors, segment_at_model_resolution
-from thinseg.io.atomic import AtomicOutput, atomic_output, ensure_writable_dir, free_output_path
+from thinseg.io.atomic import (
+    AtomicOutput,
+    atomic_output,
+    commit_unique,
+    ensure_writable_dir,
+    numbered,
+    sweep_stale_temporaries,
+)
 from thinseg.io.images import RasterSource, check_region
+from thinseg.io.locks import file_lock
 from thinseg.io.netcdf import (
     Geometry,
     NetcdfImageSource,
@@ -43,6 +51,7 @@ from thinseg.io.netcdf import (
     padding_window,
 )
 from thinseg.io.pairing import PairingProblem, SectionInput, pair_inputs, section_base_name
+from thinseg.limits import check_mm_per_pixel, path_text
 from thinseg.model.bundle import ModelBundle, load_bundle
 from thinseg.registration.ppxp import MIN_SCORE, WINDOW, XpAlignment, estimate_xp_alignment, estimate_xp_offset
 from thinseg.reports.mineralogy import (
@@ -194,6 +203,8 @@ def _open_inputs(
                 section.pp,
             )
         geometry, copies, notes = Geometry.thin_section(options.mm_per_pixel), [], []
+    # a spacing far from the model's is refused here, before any pixel is read or written
+    _model_resolution(section.primary.name, geometry, images.pp.shape, bundle, section.primary)
     sources = [images.pp] + ([images.xp] if images.xp is not None else [])
     if isinstance(section, NetcdfSectionInput):
         notes = list(section.notes) + notes
@@ -251,9 +262,10 @@ def _padding_notes(
 
 
 def output_paths(section: SectionInput, output: Path, overwrite: bool, single_file: bool) -> Path:
-    """Where this section's netCDF goes; an existing file gets a free numbered name unless overwrite."""
-    target = output if single_file else output / f"{section.name}.nc"
-    return target if overwrite else free_output_path(target)
+    """The name this section's netCDF is wanted under. Unless overwrite, a taken name gives the
+    first free numbered one (S_1.nc, ...) when the section is committed (`segment_section`), so
+    runs in parallel never write over each other."""
+    return output if single_file else output / f"{section.name}.nc"
 
 
 def segment_section(
@@ -272,23 +284,22 @@ def segment_section(
         opened = _open_inputs(section, bundle, options, stack)
         sources = opened.sources
         height, width = sources[0].shape
-        base = section_base_name(section, options.pp_pattern)
+        # names inside the files are text: bytes of a file name that are not UTF-8 become \\xNN
+        base = path_text(section_base_name(section, options.pp_pattern))
         attrs = {"thinseg_version": thinseg.__version__, "thinseg_model": bundle.title}
-        overlay_path = None
-        if options.overlay:
-            overlay_path = target.with_name(target.stem + "_overlay.png")
-            if not options.overwrite:
-                overlay_path = free_output_path(overlay_path)
+        overlay_path = _overlay_name(target) if options.overlay else None
         # Every file of the section is written under a temporary name and renamed only when all
         # are complete: an error or Ctrl-C while writing the overlay must not leave the netCDF.
         outputs = [atomic_output(target)] + ([atomic_output(overlay_path)] if overlay_path is not None else [])
         stack.callback(_discard_all, outputs)  # no-op once committed
-        with NetcdfWriter(outputs[0].tmp, attrs=attrs) as writer:
+        with NetcdfWriter(outputs[0].tmp, attrs=attrs, shown_as=target) as writer:
             reference, run_sources, tees = _start_images(writer, section, opened)
             messages.extend(opened.notes)
             if opened.xp_alignment is not None:
                 messages.append(f"{section.name}: {opened.xp_alignment.describe()}")
-            factor, note = _model_resolution(section.primary.name, opened.geometry, (height, width), bundle)
+            factor, note = _model_resolution(
+                section.primary.name, opened.geometry, (height, width), bundle, section.primary
+            )
             if note:
                 messages.append(note)
             callback = progress(section.name, height * width) if progress is not None else None
@@ -303,11 +314,10 @@ def segment_section(
                 messages.append(warning)
             _add_outputs(writer, bundle, opened, base, reference, labels, confidence)
         # the geometric mean pixel size: exact areas also for non-square pixels
-        mineralogy = modal_mineralogy(section.name, labels, bundle.class_table, opened.mm_per_pixel)
+        mineralogy = modal_mineralogy(path_text(section.name), labels, bundle.class_table, opened.mm_per_pixel)
         if overlay_path is not None:
-            _write_overlay(outputs[1].tmp, sources[0], labels, bundle, mineralogy, section.name)
-        for output in outputs:
-            output.commit()
+            _write_overlay(outputs[1].tmp, sources[0], labels, bundle, mineralogy, path_text(section.name))
+        target, overlay_path = _commit_section(outputs, target, options.overwrite)
     return SectionResult(
         section=section,
         netcdf=target,
@@ -321,13 +331,14 @@ def segment_section(
 
 
 def _model_resolution(
-    what: str, geometry: Geometry, shape: tuple[int, int], bundle: ModelBundle
+    what: str, geometry: Geometry, shape: tuple[int, int], bundle: ModelBundle, path: Path | None = None
 ) -> tuple[tuple[float, float] | None, str | None]:
     """(rows, columns) resampling factors to the model's pixel size, and the line that says so
-    (both spacings when pixels are not square)."""
+    (both spacings when pixels are not square); a factor beyond the resampling bound is
+    refused naming `path` (a wrong spacing, not a scan to resample hundreds of times)."""
     sx, sy, _ = geometry.spacing
     model_spacing = model_mm_per_pixel(bundle)
-    factors = resampling_factors((sx, sy), model_spacing)
+    factors = resampling_factors((sx, sy), model_spacing, path)
     if model_spacing is None:
         if geometry.is_square:
             return None, None
@@ -347,6 +358,23 @@ def _model_resolution(
         f"{model_spacing:g} x {model_spacing:g} mm ({run_w}x{run_h} px) and the labels back onto the "
         f"{shape[1]}x{shape[0]} px input grid"
     )
+
+
+def _overlay_name(netcdf: Path) -> Path:
+    return netcdf.with_name(netcdf.stem + "_overlay.png")
+
+
+def _commit_section(outputs: Sequence[AtomicOutput], target: Path, overwrite: bool) -> tuple[Path, Path | None]:
+    """Give a section's files their final names, together: the netCDF and its overlay keep
+    matching names (S_2.nc, S_2_overlay.png). Without overwrite nothing is replaced: the first
+    number whose names are all free is taken, atomically against other runs."""
+    if overwrite:
+        names = [output.commit() for output in outputs]
+    else:
+        names = commit_unique(
+            outputs, lambda n: [numbered(target, n), _overlay_name(numbered(target, n))][: len(outputs)]
+        )
+    return names[0], (names[1] if len(names) > 1 else None)
 
 
 def _discard_all(outputs: Sequence[AtomicOutput]) -> None:
@@ -537,9 +565,9 @@ def _start_images(
     for source, path in zip(opened.sources, paths):
         assert path is not None  # an image section has a file for each opened source
         if isinstance(source, AlignedXpSource):
-            image = _begin_aligned_xp(writer, path.stem, source, opened.geometry)
+            image = _begin_aligned_xp(writer, path_text(path.stem), source, opened.geometry)
         else:
-            image = writer.begin_rgb_image(path.stem, source.shape, geometry=opened.geometry)
+            image = writer.begin_rgb_image(path_text(path.stem), source.shape, geometry=opened.geometry)
         tees.append(_TeeSource(source, image))
     return tees[0].sink.name, list(tees), tees
 
@@ -621,10 +649,11 @@ def segment_sections(
     for section in sections:
         try:
             planned.extend(plan_sections(section, options, segmenter.bundle))
-        except ThinSegError as error:
-            failures.append((section, error))
+        except Exception as error:  # the section boundary: whatever one section raises
+            failure = _with_cause(ThinSegError.from_exception(error, section.primary), error)
+            failures.append((section, failure))
             if on_failure is not None:
-                on_failure(section, error)
+                on_failure(section, failure)
     if single_file and len(planned) > 1:
         names = ", ".join(s.name for s in planned)
         raise ThinSegError(
@@ -636,18 +665,35 @@ def segment_sections(
         try:
             target = output_paths(section, output, options.overwrite, single_file)
             result = segment_section(section, segmenter, options, target, progress, cancel)
-        except (ThinSegError, OSError) as error:  # OSError: a full disk, a vanished folder, ...
-            if isinstance(error, OSError):
-                fallback = output if single_file else output / f"{section.name}.nc"
-                error = ThinSegError.from_os_error(error, "cannot write the output", fallback)
-            failures.append((section, error))
+        except Exception as error:  # the section boundary: the batch goes on without it
+            # (its files were written under temporary names, removed on the way out)
+            target = output if single_file else output / f"{section.name}.nc"
+            failure = _with_cause(_section_failure(error, section, target), error)
+            failures.append((section, failure))
             if on_failure is not None:
-                on_failure(section, error)
+                on_failure(section, failure)
             continue
         results.append(result)
         if on_result is not None:
             on_result(result)
     return results, failures
+
+
+def _with_cause(failure: ThinSegError, error: Exception) -> ThinSegError:
+    """`failure` remembering the exception it stands for (its traceback, for THINSEG_DEBUG)."""
+    if failure is not error:
+        failure.__cause__ = error
+    return failure
+
+
+def _section_failure(error: Exception, section: SectionInput, target: Path) -> ThinSegError:
+    """One line for whatever stopped a section, naming a file: a system error while writing
+    names the output, any other failure the section's input."""
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+        filename = getattr(error, "filename", None)
+        if filename is None or Path(filename).parent == target.parent:
+            return ThinSegError.from_os_error(error, "cannot write the output", target)
+    return ThinSegError.from_exception(error, section.primary)
 
 
 def plan_sections(section: SectionInput, options: SegmentOptions, bundle: ModelBundle) -> list[SectionInput]:
@@ -721,8 +767,9 @@ def write_modal_mineralogy(results: Sequence[SectionResult], output: Path, overw
         netcdf = results[0].netcdf
         path = netcdf.with_name(netcdf.stem + "_fractions.csv")
         return write_mineralogy_csv(path, [r.mineralogy for r in results], overwrite=overwrite)
-    named = [dataclasses.replace(r.mineralogy, section=r.netcdf.stem) for r in results]
-    return update_mineralogy_table(output / MINERALOGY_CSV, named, overwrite=overwrite)
+    named = [dataclasses.replace(r.mineralogy, section=path_text(r.netcdf.stem)) for r in results]
+    with file_lock(output / MINERALOGY_CSV):  # runs in parallel each add their rows
+        return update_mineralogy_table(output / MINERALOGY_CSV, named, overwrite=overwrite)
 
 
 @dataclass
@@ -765,6 +812,7 @@ def segment_files(
     the batch's modal mineralogy table. `on_start` sees the run once the segmenter is built,
     before the first section."""
     model_dir = model_dir or default_model_dir()
+    check_mm_per_pixel(options.mm_per_pixel, "--mm-per-pixel")  # image files' pixel size, before any work
     bundle = load_bundle(model_dir)
     check_thin_section_model(bundle)
     ensure_writable_dir(output.parent if is_single_file(output) else output)
@@ -780,6 +828,8 @@ def segment_files(
     if not sections:
         return run
     run.segmenter = Segmenter(bundle, options.inference)
+    folder = output.parent if is_single_file(output) else output
+    run.segmenter.messages.extend(sweep_stale_temporaries(folder).notes(folder))
     if on_start is not None:
         on_start(run)
     run.results, run.failures = segment_sections(
