@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import MODULE_DIR, REPO, make_bundle, section_images, write_image
 from hostile import Run, assert_batch_partial, assert_nothing_left, assert_refused, snapshot, start, thinseg
 
@@ -104,6 +105,10 @@ def test_a_full_disk_fails_the_big_section_and_the_small_ones_finish(tmp_path, k
     assert folder_files(out) == {b"a_PP.nc", b"c_PP.nc", b"modal_mineralogy.csv"}
 
 
+@pytest.mark.skipif(
+    int(torch.__version__.split(".")[0]) < 2,
+    reason="the address-space cap is sized for torch 2; torch 1.12 reserves more address space at import",
+)
 def test_a_section_too_big_for_the_memory_fails_and_the_small_one_finishes(tmp_path, kit):
     """Under a memory cap (RLIMIT_AS) torch's allocator fails deep inside the big section's
     inference (a RuntimeError, not a ThinSegError): that section is listed, the small one is written."""

@@ -19,6 +19,7 @@ from thinseg.cli.options import CommandParser
 from thinseg.console import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, printable_output, sigterm_as_interrupt
 from thinseg.errors import ThinSegError, debugging
 from thinseg.io.atomic import removed_on_failure
+from thinseg.io.netcdf import end_process_if_files_left_open
 from thinseg.limits import section_pixel_limit
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
@@ -50,9 +51,14 @@ def output_folder(args: argparse.Namespace) -> Path | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv); returns the exit code. SIGTERM stops it
-    as Ctrl-C does, and printing a file name never fails, for the duration of the call."""
+    as Ctrl-C does, and printing a file name never fails, for the duration of the call. Run as
+    the process's command line (no `argv`), it ends the process itself where HDF5 could not
+    close a file (`end_process_if_files_left_open`)."""
     with printable_output(), sigterm_as_interrupt():
-        return _main(argv)
+        code = _main(argv)
+    if argv is None:
+        end_process_if_files_left_open(code)
+    return code
 
 
 def _main(argv: Sequence[str] | None) -> int:

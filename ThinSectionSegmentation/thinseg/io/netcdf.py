@@ -37,8 +37,11 @@ safety, and the inference engine reads the next band in a background thread.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import re
+import sys
 import threading
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -59,6 +62,52 @@ from thinseg.limits import check_mm_per_pixel, check_section_size
 
 #: Guards every netCDF4 call (HDF5 is not thread-safe); re-entrant for nested use.
 NC_LOCK = threading.RLock()
+_HDF5_QUIET = threading.local()
+#: Files HDF5 could not close (a write failed on a full disk): it retries at process exit.
+_LEFT_OPEN: list[Path] = []
+
+
+@functools.lru_cache(maxsize=1)
+def _hdf5_libraries() -> tuple[Any, ...]:
+    """The HDF5 libraries netCDF4 loaded (found in /proc/self/maps; none elsewhere)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split()[-1] for line in maps if "/libhdf5" in line}
+    except OSError:
+        return ()
+    libraries = []
+    for path in sorted(paths):
+        name = os.path.basename(path)
+        if name.startswith(("libhdf5-", "libhdf5.so")):  # not libhdf5_hl
+            with contextlib.suppress(OSError):
+                libraries.append(ctypes.CDLL(path))
+    return tuple(libraries)
+
+
+def _quiet_hdf5() -> None:
+    """Silence HDF5's own printing of its error stack in the calling thread. A failed write (a
+    full disk) otherwise prints dozens of HDF5-DIAG lines to stderr: thread-safe HDF5 builds
+    (GeoSlicer's netCDF4 1.5) keep that setting per thread and netCDF-C turns it off only in the
+    thread that first used it. The failure still reaches the user, as one line."""
+    if getattr(_HDF5_QUIET, "done", False):
+        return
+    _HDF5_QUIET.done = True
+    for library in _hdf5_libraries():
+        with contextlib.suppress(AttributeError, OSError):
+            library.H5Eset_auto2(ctypes.c_int64(0), None, None)  # H5E_DEFAULT, no printing
+
+
+def end_process_if_files_left_open(code: int) -> None:
+    """End the process now with `code` if HDF5 holds a file it could not close. At normal exit
+    HDF5 would try again, print its error stack and, in HDF5 1.10 (GeoSlicer's), crash with a
+    segmentation fault after the one-line error was given. Only for a process's own end."""
+    if not _LEFT_OPEN:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
 
 RGB_COORDS = ("r", "g", "b")
 COLOR_DIM = "c"
@@ -295,6 +344,7 @@ class NetcdfWriter:
         try:
             with NC_LOCK:
                 dataset = netCDF4.Dataset(self._output.tmp, "w", format="NETCDF4")
+                _quiet_hdf5()
                 dataset.set_fill_off()  # every value is written; pre-filling would double the I/O
                 self._ds = dataset
         except (OSError, RuntimeError) as error:
@@ -326,9 +376,11 @@ class NetcdfWriter:
         if self._ds is not None:
             try:
                 with NC_LOCK:
+                    _quiet_hdf5()
                     self._ds.close()
             except BaseException as error:
                 self._ds = None
+                _LEFT_OPEN.append(self.path)
                 self._output.discard()
                 if isinstance(error, (OSError, RuntimeError)):
                     raise self._failed(error) from None
@@ -352,6 +404,7 @@ class NetcdfWriter:
         one `ThinSegError`, the file then being dropped by `abort` as for any exception."""
         try:
             with NC_LOCK:
+                _quiet_hdf5()
                 yield
         except (OSError, RuntimeError) as error:
             raise self._failed(error) from None
@@ -361,9 +414,10 @@ class NetcdfWriter:
         if self._ds is not None:
             try:
                 with NC_LOCK:
+                    _quiet_hdf5()
                     self._ds.close()
             except Exception:
-                pass
+                _LEFT_OPEN.append(self.path)
             self._ds = None
         self._output.discard()
 

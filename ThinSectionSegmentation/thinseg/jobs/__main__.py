@@ -18,6 +18,7 @@ from typing import Any
 
 from thinseg.console import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, printable_output, sigterm_as_interrupt
 from thinseg.errors import ThinSegError, debugging
+from thinseg.io.netcdf import end_process_if_files_left_open
 from thinseg.jobs.events import ErrorEvent, ResultEvent, emit_stdout
 from thinseg.jobs.runner import TASKS
 from thinseg.jsonio import loads
@@ -66,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m thinseg.jobs {{{','.join(TASKS)}}} JOB.json", file=sys.stderr)
         return EXIT_ERROR
     with printable_output(), sigterm_as_interrupt():
-        return _run(args[0], Path(args[1]))
+        code = _run(args[0], Path(args[1]))
+    if argv is None:  # the process's own run: HDF5 must not retry a failed close at exit
+        end_process_if_files_left_open(code)
+    return code
 
 
 def _run(task: str, job_file: Path) -> int:
