@@ -214,18 +214,18 @@ def _our_bound_only(image_module: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def pillow_image(path: Path, role: str = "image") -> Iterator[Any]:
-    """`PIL.Image.open(path)` for readers of other rasters (label images, QEMSCAN maps): its
+def pillow_image(path: Path, role: str = "image", expected: str = "") -> Iterator[Any]:
+    """`PIL.Image.open(path)` for every Pillow reader (PP/XP, label images, QEMSCAN maps): its
     declared size checked against the section bound before anything is decoded, and Pillow's
     own bomb check (which would refuse a legitimate 20k x 30k mask at 179 Mpx) off while the
-    block decodes it. Unreadable files are one-line ThinSegErrors."""
+    block decodes it. Unreadable files are one-line ThinSegErrors (`expected` says what would do)."""
     from PIL import Image, UnidentifiedImageError  # deferred: Pillow costs ~25 ms at start-up
 
     with _our_bound_only(Image):
         try:
             image = Image.open(path)  # reads the header only
         except UnidentifiedImageError:
-            raise ThinSegError(f"{role} is not a readable image", path) from None
+            raise ThinSegError(" ".join(filter(None, (f"{role} is not a readable image", expected))), path) from None
         except OSError as error:
             raise ThinSegError(f"{role} cannot be read: {error}", path) from None
         with image:
@@ -243,30 +243,19 @@ def check_tiff_page_size(page: Any, path: Path) -> None:
 
 
 def _open_pillow(path: Path, role: str) -> PillowSource:
-    from PIL import Image, UnidentifiedImageError  # deferred: Pillow costs ~25 ms at start-up
-
-    with _our_bound_only(Image):
+    with pillow_image(path, role, "(PNG, JPEG or TIFF expected)") as image:
+        _check_pillow_mode(image, path, role)
+        if image.format == "PNG":
+            _check_png_can_hold_its_rows(path, role)
         try:
-            image = Image.open(path)  # reads the header only
-        except UnidentifiedImageError:
-            raise ThinSegError(f"{role} is not a readable image (PNG, JPEG or TIFF expected)", path) from None
-        except OSError as error:
-            raise ThinSegError(f"{role} cannot be read: {error}", path) from None
-        with image:
-            width, height = image.size
-            limits.check_section_size(height, width, path)
-            _check_pillow_mode(image, path, role)
-            if image.format == "PNG":
-                _check_png_can_hold_its_rows(path, role)
-            try:
-                image.load()  # decodes everything: a truncated file fails here, not mid-run
-            except (OSError, SyntaxError, ValueError, struct.error, zlib.error) as error:
-                raise ThinSegError(f"{role} is truncated or corrupt ({error})", path) from None
-            _check_rows_present(image, path, role)
-            orientation = _pillow_orientation(image)
-            # palette / YCbCr: lossless colour expansion
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
-            return PillowSource(path, _pillow_to_array(rgb, orientation))
+            image.load()  # decodes everything: a truncated file fails here, not mid-run
+        except (OSError, SyntaxError, ValueError, struct.error, zlib.error) as error:
+            raise ThinSegError(f"{role} is truncated or corrupt ({error})", path) from None
+        _check_rows_present(image, path, role)
+        orientation = _pillow_orientation(image)
+        # palette / YCbCr: lossless colour expansion
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return PillowSource(path, _pillow_to_array(rgb, orientation))
 
 
 def _check_pillow_mode(image: Any, path: Path, role: str) -> None:
