@@ -422,3 +422,30 @@ def test_sigterm_during_a_job_is_an_error_event_and_keeps_nothing(tmp_path, kit)
     assert isinstance(events[-1], ErrorEvent) and events[-1].problem == "terminated", run.describe()
     assert run.stderr.strip().splitlines()[-1] == "thinseg: terminated; no partial output was kept"
     assert_nothing_left(tmp_path, before)
+
+
+@pytest.mark.parametrize("name", ["prepare", "evaluate"])
+def test_a_dead_runs_temporaries_are_swept_and_reported_by_the_next_command(tmp_path, kit, capsys, name):
+    """A run killed outright (kill -9, out of memory) leaves its hidden temporaries; the next
+    command writing into that folder removes those of dead processes on this machine and says so,
+    and leaves a live process's alone."""
+    from helpers import run_main
+
+    from thinseg.io import locks
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / f".S.nc.{locks.HOST}.{dead.pid}.0000dead.partial"
+    stale.write_bytes(b"half a result")
+    alive = out / f".T.nc.{locks.HOST}.{os.getpid()}.0000a11e.partial"
+    alive.write_bytes(b"being written")
+    args = {
+        "prepare": ["prepare", kit["pp"], kit["mask"], "--classes", kit["classes"], "--xp", kit["xp"], "-o", out],
+        "evaluate": ["evaluate", "--model", kit["model"], kit["A"], "-o", out, *QUICK],
+    }[name]
+    code, _, err = run_main(capsys, *args)
+    assert code == 0, err
+    assert not stale.exists() and alive.read_bytes() == b"being written"
+    assert "removed 1 stale temporar" in err and str(out) in err, err

@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
             print(images.xp_note, file=sys.stderr)
 
     prepared = prepare_files(options, on_inputs=show_inputs)
+    for note in prepared.notes:
+        print(f"thinseg: {note}", file=sys.stderr)
     print(format_summary(prepared.name, prepared.labels, prepared.table, prepared.alignment, prepared.has_xp))
     print()
     for path in prepared.written:

@@ -119,6 +119,9 @@ def compare_files(
     sheet_names = [f"compare_{n}.png" for n in unique_names([s.name for s in sections])][: options.sheets]
     sheet_tmps = [outputs.add(n) for n in sheet_names]
     outputs.check()
+    if log is not None:
+        for note in outputs.notes:  # temporaries of interrupted runs swept from the output folder
+            log(note)
     if on_start is not None:
         on_start(bundles, sections)
     sheets: list[tuple[str, Path, list[Region]]] = []

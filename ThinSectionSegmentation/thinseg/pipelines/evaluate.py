@@ -412,6 +412,9 @@ def evaluate_files(
     overlay_names = [f"overlay_{n}.png" for n in unique_names([s.name for s in sections])][: options.overlays]
     overlay_tmps = [outputs.add(n) for n in overlay_names]
     outputs.check()
+    if log is not None:
+        for note in outputs.notes:  # temporaries of interrupted runs swept from the output folder
+            log(note)
     if on_start is not None:
         on_start(bundle, Path(model_dir), sections)
     done = [0]

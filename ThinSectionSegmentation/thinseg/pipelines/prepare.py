@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,7 @@ class PreparedFiles:
     alignment: XpAlignment | None
     has_xp: bool
     written: list[Path]
+    notes: list[str] = field(default_factory=list)  # e.g. temporaries of interrupted runs swept
 
 
 def prepare_files(
@@ -129,7 +130,7 @@ def _prepare_files(options: PrepareOptions, on_inputs: Callable[[PpXpImages, boo
     except BaseException:
         outputs.discard()
         raise
-    return PreparedFiles(name, labels, classes.table, alignment, xp is not None, written)
+    return PreparedFiles(name, labels, classes.table, alignment, xp is not None, written, outputs.notes)
 
 
 def _write_section(
