@@ -370,3 +370,20 @@ def test_trained_model_and_run_folder_have_ordinary_modes(tmp_path, capsys, data
     assert {"meta.json", "model.pth"} <= {p.name for p in (run / "model").iterdir()}
     assert modes(run / "model")["."] == 0o755
     check_modes(tmp_path / "new", 0o022)
+
+
+@pytest.mark.parametrize("unique", [False, True])
+def test_an_interrupt_in_the_middle_of_a_commit_leaves_no_temporary(tmp_path, monkeypatch, unique):
+    """SIGTERM (raised as a KeyboardInterrupt) may land inside the commit itself, after the file
+    is written and before it has its name: the temporary goes, and nothing half-named stays."""
+    import thinseg.io.atomic as atomic
+
+    def interrupted(_path):
+        raise KeyboardInterrupt
+
+    output = atomic.AtomicOutput(tmp_path / "S.nc", unique=unique)
+    output.tmp.write_bytes(b"a whole result")
+    monkeypatch.setattr(atomic, "apply_umask", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        output.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

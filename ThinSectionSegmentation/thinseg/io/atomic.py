@@ -116,6 +116,9 @@ class AtomicOutput:
         except OSError as error:
             _remove(self.tmp)
             raise ThinSegError(f"cannot write the output file: {error.strerror or error}", self.path) from error
+        except BaseException:  # Ctrl-C or SIGTERM in the middle of the commit: no temporary stays
+            _remove(self.tmp)
+            raise
         _record(self.path)
         return self.path
 
@@ -170,6 +173,10 @@ def commit_unique(
             output.discard()
         where = getattr(error, "filename", None) or outputs[0].path
         raise ThinSegError(f"cannot write the output file: {error.strerror or error}", where) from error
+    except BaseException:  # Ctrl-C or SIGTERM mid-commit: names already placed hold whole files
+        for output in outputs:
+            output.discard()
+        raise
     for output in outputs:
         output.discard()
     if tries == 1:

@@ -343,13 +343,15 @@ class NetcdfWriter:
         self._ds: netCDF4.Dataset | None = None
         try:
             with NC_LOCK:
-                dataset = netCDF4.Dataset(self._output.tmp, "w", format="NETCDF4")
+                self._ds = netCDF4.Dataset(self._output.tmp, "w", format="NETCDF4")
                 _quiet_hdf5()
-                dataset.set_fill_off()  # every value is written; pre-filling would double the I/O
-                self._ds = dataset
+                self._ds.set_fill_off()  # every value is written; pre-filling would double the I/O
         except (OSError, RuntimeError) as error:
-            self._output.discard()
+            self.abort()
             raise self._failed(error, "cannot create the netCDF file") from None
+        except BaseException:  # Ctrl-C or SIGTERM while the file is being created: it goes too
+            self.abort()
+            raise
         try:
             for key, value in (attrs or {}).items():
                 with self._writing():
