@@ -462,3 +462,15 @@ def test_label_images_and_qemscan_maps_answer_to_the_section_bound_not_pillows(t
             with pytest.raises(ThinSegError) as refused:
                 read(path)
             assert refused.value.path == path and "40 x 30 px" in str(refused.value)
+
+
+def test_a_planar_tiff_label_image_is_bounded_by_its_height_and_width_not_its_samples(tmp_path):
+    """A planar TIFF's first axis is its samples: the bound applies to the declared height x
+    width from the tags (here 3 x 40 x 30, refused under a 1,000 px bound)."""
+    from thinseg import limits
+    from thinseg.registration.qemscan_maps import _read_raster
+
+    path = tmp_path / "planar.tif"
+    tifffile.imwrite(path, np.zeros((3, 40, 30), np.uint8), planarconfig="separate", photometric="rgb")
+    with limits.section_pixel_limit(1000), pytest.raises(ThinSegError, match="30 x 40 px"):
+        _read_raster(path)

@@ -433,3 +433,18 @@ def test_cli_max_pixels_bounds_the_section_and_overrides_the_environment(kit, tm
     run = thinseg("segment", kit["pp"], "--model", kit["model"], "-o", out, "--max-pixels", "1e6", *QUICK, env=small)
     assert run.returncode == 0, run.describe()
     assert (out / "S1_PP.nc").is_file()
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "nan", "-5", "0", "2.5", "lots", float("nan"), float("inf"), True])
+def test_every_way_to_give_the_section_bound_refuses_the_same_values(monkeypatch, value):
+    """--max-pixels, THINSEG_MAX_PIXELS and a job's max_pixels go through one parser: a value
+    that is not a finite whole number of pixels from 1 up is one line, never an OverflowError."""
+    from thinseg import limits
+
+    with pytest.raises(ThinSegError, match="pixels"):
+        limits.parse_max_pixels(value, "--max-pixels")
+    if isinstance(value, str):
+        monkeypatch.setenv(limits.MAX_PIXELS_VARIABLE, value)
+        with pytest.raises(ThinSegError, match=limits.MAX_PIXELS_VARIABLE):
+            limits.max_section_pixels()
+    assert limits.parse_max_pixels("1e9", "--max-pixels") == 10**9

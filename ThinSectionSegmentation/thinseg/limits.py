@@ -46,14 +46,28 @@ def max_section_pixels() -> int:
         return _override[-1]
     text = os.environ.get(MAX_PIXELS_VARIABLE, "").strip()
     if text:
-        try:
-            value = int(float(text))
-        except ValueError:
-            raise ThinSegError(f"{MAX_PIXELS_VARIABLE}={text!r} is not a number of pixels") from None
-        if value <= 0:
-            raise ThinSegError(f"{MAX_PIXELS_VARIABLE}={text!r} must be a positive number of pixels")
-        return value
+        return parse_max_pixels(text, f"{MAX_PIXELS_VARIABLE}={text!r}")
     return DEFAULT_MAX_SECTION_PIXELS
+
+
+#: The largest section bound anyone may ask for: a million gigapixels, beyond any memory (the
+#: bound is the machine's to set).
+MAX_PIXELS_BOUND = 10**15
+
+
+def parse_max_pixels(value: object, source: str) -> int:
+    """A section bound given as text or a number (`1e9` accepted): a finite whole number of
+    pixels from 1 to MAX_PIXELS_BOUND, else one line naming `source` (the option, variable or
+    file field it came from)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]  # any text or number; others refused below
+    except (TypeError, ValueError, OverflowError):
+        raise ThinSegError(f"{source} is not a number of pixels") from None
+    if isinstance(value, bool) or not math.isfinite(number) or number != int(number):
+        raise ThinSegError(f"{source} is not a whole number of pixels")
+    if not 1 <= number <= MAX_PIXELS_BOUND:
+        raise ThinSegError(f"{source} is outside 1 to {MAX_PIXELS_BOUND:.0e} pixels")
+    return int(number)
 
 
 @contextlib.contextmanager

@@ -35,8 +35,6 @@ MAX_MINUTES = 525_600.0
 MAX_WORKERS = 256
 #: U-Net levels a new model may have (each halves the resolution).
 MAX_DEPTH = 10
-#: Largest --max-pixels: a million gigapixels, beyond any memory (the bound is the machine's to set).
-MAX_PIXELS = 10**15
 #: numpy and torch seeds are unsigned 32-bit numbers.
 MAX_SEED = 2**32 - 1
 
@@ -105,14 +103,9 @@ def mm_per_pixel(text: str) -> float:
 def max_pixels(text: str) -> int:
     """An argparse type: a positive whole number of pixels (`1e9` is accepted)."""
     try:
-        value = _number(text, float)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of pixels") from None
-    if value != int(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a whole number of pixels")
-    if not 1 <= value <= MAX_PIXELS:
-        raise argparse.ArgumentTypeError(f"{text} is outside 1 to {MAX_PIXELS:.0e} pixels")
-    return int(value)
+        return limits.parse_max_pixels(text, repr(text))
+    except ThinSegError as error:
+        raise argparse.ArgumentTypeError(error.problem) from None
 
 
 def tile(text: str) -> int:

@@ -235,11 +235,11 @@ def pillow_image(path: Path, role: str = "image", expected: str = "") -> Iterato
 
 
 def check_tiff_page_size(page: Any, path: Path) -> None:
-    """Refuse a TIFF page (tifffile) whose declared height x width is above the section bound,
-    before its data is read."""
-    shape = tuple(int(n) for n in page.shape)
-    if len(shape) >= 2:
-        limits.check_section_size(shape[0], shape[1], path)
+    """Refuse a TIFF page (tifffile) whose declared height x width (times its slices, for a
+    volume) is above the section bound, before its data is read: the tags, not `page.shape`,
+    whose first axis is the samples of a planar image."""
+    depth = max(1, int(getattr(page, "imagedepth", 1) or 1))
+    limits.check_section_size(int(page.imagelength) * depth, int(page.imagewidth), path)
 
 
 def _open_pillow(path: Path, role: str) -> PillowSource:

@@ -37,7 +37,6 @@ safety, and the inference engine reads the next band in a background thread.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
 import re
@@ -70,6 +69,8 @@ _LEFT_OPEN: list[Path] = []
 @functools.lru_cache(maxsize=1)
 def _hdf5_libraries() -> tuple[Any, ...]:
     """The HDF5 libraries netCDF4 loaded (found in /proc/self/maps; none elsewhere)."""
+    import ctypes  # deferred: needed only where HDF5's error printing is switched off
+
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             paths = {line.split()[-1] for line in maps if "/libhdf5" in line}
@@ -92,6 +93,8 @@ def _quiet_hdf5() -> None:
     if getattr(_HDF5_QUIET, "done", False):
         return
     _HDF5_QUIET.done = True
+    import ctypes  # deferred: needed only where a netCDF file is written
+
     for library in _hdf5_libraries():
         with contextlib.suppress(AttributeError, OSError):
             library.H5Eset_auto2(ctypes.c_int64(0), None, None)  # H5E_DEFAULT, no printing

@@ -22,7 +22,7 @@ from thinseg.io.netcdf import end_process_if_files_left_open
 from thinseg.jobs.events import ErrorEvent, ResultEvent, emit_stdout
 from thinseg.jobs.runner import TASKS
 from thinseg.jsonio import loads
-from thinseg.limits import section_pixel_limit
+from thinseg.limits import parse_max_pixels, section_pixel_limit
 
 EXIT_OK, EXIT_BUG, EXIT_ERROR = 0, 1, 2
 __all__ = ["EXIT_BUG", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "main"]
@@ -55,9 +55,12 @@ def _max_pixels(job: dict[str, Any], job_file: Path) -> int | None:
     value = job.get("max_pixels")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not isinstance(value, (int, float)):
         raise ThinSegError(f"'max_pixels' must be a number of pixels, not {value!r}", job_file)
-    return int(value)
+    try:
+        return parse_max_pixels(value, f"'max_pixels' {value!r}")
+    except ThinSegError as error:
+        raise ThinSegError(error.problem, job_file) from None
 
 
 def main(argv: list[str] | None = None) -> int:
