@@ -16,7 +16,14 @@ from pathlib import Path
 from thinseg import __version__
 from thinseg.cli import compare_cmd, evaluate_cmd, prepare_cmd, register_cmd, segment_cmd, train_cmd
 from thinseg.cli.options import CommandParser
-from thinseg.console import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, printable_output, sigterm_as_interrupt
+from thinseg.console import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    Terminated,
+    interrupt_exit_code,
+    printable_output,
+    sigterm_as_interrupt,
+)
 from thinseg.errors import ThinSegError, debugging
 from thinseg.io.atomic import removed_on_failure
 from thinseg.io.netcdf import end_process_if_files_left_open
@@ -74,11 +81,9 @@ def _main(argv: Sequence[str] | None) -> int:
                     failed()
         return code
     except KeyboardInterrupt as interrupt:
-        if isinstance(interrupt, Terminated):
-            print("thinseg: terminated; no partial output was kept", file=sys.stderr)
-            return EXIT_TERMINATED
-        print("thinseg: interrupted; no partial output was kept", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        stopped = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
+        print(f"thinseg: {stopped}; no partial output was kept", file=sys.stderr)
+        return interrupt_exit_code(interrupt)
     except Exception as error:  # one line for every failure; outputs are atomic, so none is partial
         return report_failure(error, output_folder(args))
 
