@@ -127,7 +127,8 @@ def test_a_segment_run_killed_mid_run_leaves_nothing_after_the_next_run(tmp_path
     out = tmp_path / "res"
     out.mkdir()
     victim = _segment(model, inputs / "big_PP.png", out)
-    _wait_for(lambda: any(p.name.endswith(".partial") for p in out.iterdir()))
+    # the netCDF's temporary, not the folder's write probe (created and removed at once)
+    _wait_for(lambda: any(".big_PP.nc." in p.name and p.name.endswith(".partial") for p in out.iterdir()))
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
     left = _temporaries(out)
