@@ -154,6 +154,7 @@ EVAL_FILES = {
     "confusion_matrix_all_pixels.png",
     "per_class_scores.png",
     "fractions.png",
+    "reliability.png",
 }
 
 
@@ -248,7 +249,7 @@ def test_existing_reports_are_refused_unless_overwrite(tmp_path, capsys, data, m
     code, _, stderr = run_main(capsys, *args)
     assert code == 2 and error_lines(stderr) == [
         f"thinseg: error: {out}: output exists already (evaluation.json, evaluation.txt, confusion_matrix.png, "
-        "per_class_scores.png and 1 more); use --overwrite or another --output"
+        "per_class_scores.png and 2 more); use --overwrite or another --output"
     ]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     code, _, stderr = run_main(capsys, *args, "--overwrite")

@@ -35,6 +35,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="folder for the report files (default results/evaluation)",
     )
     add_scoring_options(p)
+    types.add_tta(p)
     p.add_argument(
         "--overlays",
         type=types.count,
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         overlays=args.overlays,
         overwrite=args.overwrite,
+        tta=args.tta,
     )
 
     def on_start(bundle: ModelBundle, model_dir: Path, sections: list[Section]) -> None:

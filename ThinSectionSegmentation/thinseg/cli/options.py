@@ -147,3 +147,20 @@ def add_max_pixels(parser: argparse.ArgumentParser | argparse._ArgumentGroup) ->
         f"or ${limits.MAX_PIXELS_VARIABLE}; 1e9 is accepted): a bigger section costs about 3 bytes of memory per "
         "pixel for each image a command holds whole (PP, XP), plus its labels",
     )
+
+
+#: --tta values, as thinseg.inference.tta.CHOICES (which imports torch: a usage error must not
+#: wait for it); a test keeps the two equal.
+TTA_CHOICES = ("auto", "none", "flips", "dihedral")
+
+
+def add_tta(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--tta MODE` (stored as args.tta) for a command that runs a model over sections."""
+    parser.add_argument(
+        "--tta",
+        default="auto",
+        choices=TTA_CHOICES,
+        help="test-time augmentation: average the class probabilities of the network over flipped (flips: 4 "
+        "passes) or flipped and 90-degree-rotated (dihedral: 8 passes) copies of each tile, at 4x or 8x the "
+        "network time; auto (default): what the model's meta.json recommends (test_time_augmentation), else none",
+    )

@@ -127,6 +127,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="auto (default): bf16 on GPUs and on CPUs with AVX512-BF16/AMX (under 0.5%% of labels "
         "change), else fp32; fp32: exact; fp16: GPU only",
     )
+    types.add_tta(tuning)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -155,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
             precision=args.precision,
             device=args.device,
             with_confidence=args.probabilities,
+            tta=args.tta,
         ),
     )
     progress = TileProgress(enabled=not args.quiet)
@@ -167,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         for message in run.segmenter.messages:
             print(f"thinseg: {message}", file=sys.stderr)
         print(f"model: {run.bundle.title} ({run.model_dir})", file=sys.stderr)
+        print(f"test-time augmentation: {run.segmenter.tta}", file=sys.stderr)
 
     def on_result(result: SectionResult) -> None:
         progress.close()

@@ -27,6 +27,7 @@ from thinseg.errors import ThinSegError
 from thinseg.inference.device import auto_precision, select_device
 from thinseg.inference.rewrites import prepare_network
 from thinseg.inference.tiling import blend_weights, padded_size, tile_starts
+from thinseg.inference.tta import average_probabilities, describe, log_probabilities, resolve_mode
 from thinseg.model.bundle import ModelBundle
 from thinseg.model.networks import network_channels
 
@@ -90,6 +91,9 @@ class InferenceOptions:
     fold_batchnorm: bool = True
     with_confidence: bool = False
     prefetch: bool = True
+    #: test-time augmentation (thinseg.inference.tta): "none", "flips", "dihedral", or "auto": what
+    #: the model bundle recommends (meta.json `test_time_augmentation`; "none" for other bundles)
+    tta: str = "auto"
 
 
 DEFAULT_OVERLAP = 64
@@ -212,6 +216,12 @@ class Segmenter(Generic[BundleT]):
         self.overlap = self.options.overlap if self.options.overlap is not None else default_overlap(min(self.tile))
         self.batch_size = self.options.batch_size or max(1, BATCH_PIXELS // (self.tile[0] * self.tile[1]))
         self._fused = bundle.fused_pre_processing()
+        recommended = bundle.test_time_augmentation if isinstance(bundle, ModelBundle) else "none"
+        #: the test-time augmentation this segmenter runs ("auto" resolved)
+        self.tta = resolve_mode(self.options.tta, recommended)
+        self._stride = size_multiple(bundle.network)  # what a turned (transposed) tile's sides must be multiples of
+        if self.tta != "none":
+            self.messages.append(describe(self.tta))
         if min(self.tile) <= 2 * self.overlap:
             raise ThinSegError(f"overlap {self.overlap} px is too large for {self.tile[0]} px tiles")
 
@@ -290,7 +300,9 @@ class Segmenter(Generic[BundleT]):
 
     def _forward(self, bands: list[torch.Tensor], cols: list[int], tw: int) -> torch.Tensor:
         """Logits (B, C, th, tw), in the network's output dtype, for the tiles starting at the
-        column offsets `cols` of this tile row (`bands`: one (th, W, c) uint8 band per input)."""
+        column offsets `cols` of this tile row (`bands`: one (th, W, c) uint8 band per input).
+        With test-time augmentation: float32 log-probabilities of the augmentations' averaged
+        probabilities (so argmax and max softmax downstream are those of the average)."""
         if self._fused is not None:
             x = self._fused_input(bands, cols, tw)
         else:
@@ -298,6 +310,13 @@ class Segmenter(Generic[BundleT]):
                 torch.stack([b[:, c : c + tw] for c in cols]).to(self.device).permute(0, 3, 1, 2) for b in bands
             ]
             x = self.bundle.prepare(per_input)
+        if self.tta != "none":
+            with torch.inference_mode():
+                return log_probabilities(average_probabilities(self._run_network, x, self.tta, self._stride))
+        return self._run_network(x)
+
+    def _run_network(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's logits for the float batch `x` (B, C, H, W)."""
         x = x.contiguous(memory_format=torch.channels_last if self.options.channels_last else torch.contiguous_format)
         with torch.inference_mode(), self._autocast():
             out = self.network(x)

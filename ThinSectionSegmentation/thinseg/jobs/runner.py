@@ -119,6 +119,7 @@ def run_segment_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary
             device=str(job.get("device", "auto")),
             with_confidence=probabilities,
             tile=int(job["tile"]) if job.get("tile") else None,
+            tta=str(job.get("tta", "auto")),
         ),
     )
 
@@ -149,6 +150,7 @@ def run_segment_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary
             text = message.removeprefix(WARNING_PREFIX)
             emit(WarningEvent(text) if text != message else MessageEvent(message))
     summary: Summary = {"output": job["output"], "model": run.bundle.title, "sections": sections}
+    summary["test_time_augmentation"] = run.segmenter.tta if run.segmenter is not None else None
     write_json(folder / "summary.json", summary)
     return summary
 

@@ -83,6 +83,10 @@ __all__ = [
 ]
 
 
+#: Test-time augmentation modes a bundle may recommend (see ModelBundle.test_time_augmentation).
+TTA_MODES = ("none", "flips", "dihedral")
+
+
 @dataclass
 class ModelBundle:
     """A loaded model: network (eval, CPU), what it expects as input, and what its labels mean."""
@@ -105,6 +109,14 @@ class ModelBundle:
     output: str = field(default=OUTPUT, repr=False)  # the segmentation output's name
     pre_transforms: list[Transform] = field(default_factory=list, repr=False)
     post_transforms: list[Transform] = field(default_factory=list, repr=False)
+
+    @property
+    def test_time_augmentation(self) -> str:
+        """The flips/rotations to average at inference that the model was evaluated with:
+        "none", "flips" (4) or "dihedral" (8 = flips x 90-degree rotations); meta.json
+        `test_time_augmentation`, written by training recipes that measured a gain."""
+        value = self.meta.get("test_time_augmentation", "none")
+        return value if value in TTA_MODES else "none"
 
     @property
     def tag(self) -> str:

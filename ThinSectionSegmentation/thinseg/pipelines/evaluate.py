@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +40,9 @@ from thinseg.data.section_images import open_ppxp
 from thinseg.data.sections import Section, canonical_role, open_sections
 from thinseg.errors import ThinSegError, failures_named
 from thinseg.inference.device import select_device
-from thinseg.inference.engine import CancelFn, InferenceOptions, Precision, Segmenter
+from thinseg.inference.engine import CancelFn, InferenceOptions, Precision, SegmentationResult, Segmenter
 from thinseg.inference.resample import resampling_factor, segment_at_model_resolution
+from thinseg.inference.tta import resolve_mode
 from thinseg.io.images import RasterSource
 from thinseg.jsonio import dumps
 from thinseg.metrics.borders import void_border_mask
@@ -50,7 +51,7 @@ from thinseg.model.bundle import ModelBundle, load_bundle
 from thinseg.pipelines.outputs import OutputSet, unique_names
 from thinseg.pipelines.segment import ProgressFactory, check_thin_section_model, model_mm_per_pixel
 from thinseg.reports import plots
-from thinseg.reports.preview import read_preview
+from thinseg.reports.errors import MAX_PANEL_SIDE, draw_error_overlay
 from thinseg.resources import default_model_dir
 from thinseg.training.targets import section_scale as _section_scale
 
@@ -184,6 +185,20 @@ def predict_section(
     """(labels on the section grid, messages): the model over the whole section (`images`: role
     -> region reader, see `open_images`), at the model's resolution when the section's pixel
     size differs (labels mapped back by nearest neighbour)."""
+    result, messages = predict_section_result(segmenter, section, images, roles, progress, cancel)
+    return result.labels, messages
+
+
+def predict_section_result(
+    segmenter: Segmenter,
+    section: Section,
+    images: Mapping[str, RasterSource | None],
+    roles: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: CancelFn | None = None,
+) -> tuple[SegmentationResult, list[str]]:
+    """As `predict_section`, with the engine's whole result on the section grid (labels, and the
+    confidence map when the segmenter's options ask for it)."""
     bundle = segmenter.bundle
     roles = list(roles or model_roles(bundle))
     sources = [images.get(r) for r in roles]
@@ -202,7 +217,7 @@ def predict_section(
         messages.append(f"{section.name}: resampling from {mm:g} to the model's {model_mm:g} mm/px and back")
     present = [source for source in sources if source is not None]
     result = segment_at_model_resolution(segmenter, present, factor, progress=progress, cancel=cancel)
-    return result.labels, messages
+    return result, messages
 
 
 def check_models(bundles: Mapping[str, ModelBundle]) -> None:
@@ -275,7 +290,9 @@ def evaluate_models(
     check_sections(opened, bundles)
     first = next(iter(bundles.values()))
     table = first.class_table
-    segmenters = {name: Segmenter(bundle, options or InferenceOptions()) for name, bundle in bundles.items()}
+    # the confidence map (winning-class probability) feeds the calibration (ECE) of each report
+    scoring = replace(options or InferenceOptions(), with_confidence=True)
+    segmenters = {name: Segmenter(bundle, scoring) for name, bundle in bundles.items()}
     for name, segmenter in segmenters.items():
         for message in segmenter.messages:
             say(f"{name}: {message}" if len(bundles) > 1 else message)
@@ -295,14 +312,20 @@ def evaluate_models(
                     label = f"{name}: {section.name}" if len(bundles) > 1 else section.name
                     callback = progress(label, section.shape[0] * section.shape[1]) if progress is not None else None
                     start = time.perf_counter()
-                    pred, messages = predict_section(segmenter, section, images, progress=callback, cancel=cancel)
+                    result, messages = predict_section_result(
+                        segmenter, section, images, progress=callback, cancel=cancel
+                    )
+                    pred = result.labels
                     seconds[name] = time.perf_counter() - start
                     for message in messages:
                         say(message)
                     scale = section_scale(section, bundles[name])
                     if scale not in keep_by_scale:
                         keep_by_scale[scale] = section_keep(truth, void_border_px, scale)
-                    evaluators[name].add_section(section.name, truth, pred, keep_by_scale[scale])
+                    evaluators[name].add_section(
+                        section.name, truth, pred, keep_by_scale[scale], confidence=result.confidence
+                    )
+                    del result
                     preds[name] = pred
                 if on_section is not None:
                     keep = next(iter(keep_by_scale.values()))
@@ -330,8 +353,8 @@ def _silent(_message: str) -> None:
 
 # --- `thinseg evaluate`: one model, report files -------------------------------------------
 
-#: Longest side of the per-section overlay panels.
-OVERLAY_SIDE = 1000
+#: Longest side of each panel of the per-section overlays (truth | prediction | errors).
+OVERLAY_SIDE = MAX_PANEL_SIDE
 
 
 @dataclass
@@ -351,6 +374,7 @@ class EvaluateOptions:
     device: str = "auto"
     precision: Precision = "auto"
     overlays: int = 3
+    tta: str = "auto"  # test-time augmentation; "auto": the model's meta.json recommendation
     overwrite: bool = False
 
 
@@ -383,14 +407,15 @@ def evaluate_files(
     on_start: Callable[[ModelBundle, Path, list[Section]], None] | None = None,
 ) -> EvaluationFiles:
     """Score one model and write evaluation.json, evaluation.txt, the confusion matrices, per-class
-    bars, the fractions scatter and the first sections' overlays, all or none. Everything is
-    checked (device, model, mapping table, sections, existing files) before the model runs; then
-    `on_start(bundle, model folder, sections)` is told what is about to run."""
+    bars, the fractions scatter, the reliability diagram and the first sections' overlays, all or
+    none. Everything is checked (device, model, mapping table, sections, existing files) before
+    the model runs; then `on_start(bundle, model folder, sections)` is told what is about to run."""
     select_device(options.device)
     model_dir = options.model or default_model_dir()
     bundle = load_bundle(model_dir)
     name = bundle.title
     check_models({name: bundle})
+    tta = resolve_mode(options.tta, bundle.test_time_augmentation)  # as the segmenter will resolve it
     check_mapping(options.mapping, bundle.class_table)
     sections = open_data(options.data)
     check_sections(sections, {name: bundle})
@@ -405,6 +430,7 @@ def evaluate_files(
             ("confusion", "confusion_matrix.png"),
             ("bars", "per_class_scores.png"),
             ("fractions", "fractions.png"),
+            ("reliability", "reliability.png"),
         )
     }
     if void:
@@ -424,16 +450,15 @@ def evaluate_files(
         done[0] += 1
         if index < len(overlay_tmps):
             with failures_named(outputs.path(overlay_names[index]), "cannot write the output"):
-                pp = read_preview(sp.images["PP"], OVERLAY_SIDE)
-                plots.plot_section_overlay(
-                    pp,
+                draw_error_overlay(
+                    overlay_tmps[index],
                     sp.truth,
                     sp.preds[name],
                     bundle.class_table,
-                    overlay_tmps[index],
+                    sp.images["PP"],  # read band by band at panel size
                     keep=sp.keep,
                     title=f"{sp.name}: {name}",
-                    max_side=OVERLAY_SIDE,
+                    max_panel_side=OVERLAY_SIDE,
                 )
 
     try:
@@ -443,7 +468,7 @@ def evaluate_files(
             options.void_border_px,
             name=name,
             mapping_csv=options.mapping,
-            options=InferenceOptions(device=options.device, precision=options.precision),
+            options=InferenceOptions(device=options.device, precision=options.precision, tta=tta),
             progress=progress,
             on_section=on_section,
             log=log,
@@ -453,6 +478,7 @@ def evaluate_files(
         doc["model_folder"] = str(model_dir)
         doc["mapping_csv"] = str(options.mapping) if options.mapping else None
         doc["section_files"] = [str(section_path(s) or s.name) for s in sections]
+        doc["test_time_augmentation"] = tta  # which mode every prediction (and so every score) used
         files["json"].write_text(dumps(doc, indent=2) + "\n", encoding="utf-8")
         files["table"].write_text(text + "\n", encoding="utf-8")
         n = len(report.sections)
@@ -486,6 +512,8 @@ def evaluate_files(
             report.fraction_stats,
             title=f"{name}: mineral fractions per section",
         )
+        if report.calibration is not None:  # evaluate_models always asks the engine for confidence
+            plots.plot_reliability(report.calibration, files["reliability"], title=f"{name}: reliability")
         written = outputs.commit()
     except OSError as error:  # sections fail as ThinSegError: this is writing the report
         outputs.discard()

@@ -287,6 +287,7 @@ def segment_section(
         # names inside the files are text: bytes of a file name that are not UTF-8 become \\xNN
         base = path_text(section_base_name(section, options.pp_pattern))
         attrs = {"thinseg_version": thinseg.__version__, "thinseg_model": bundle.title}
+        attrs["thinseg_test_time_augmentation"] = segmenter.tta  # what the labels were averaged over
         overlay_path = _overlay_name(target) if options.overlay else None
         # Every file of the section is written under a temporary name and renamed only when all
         # are complete: an error or Ctrl-C while writing the overlay must not leave the netCDF.

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from thinseg.classes.table import ClassTable, hex_to_rgb
+from thinseg.metrics.calibration import CalibrationStats
 from thinseg.metrics.evaluator import EvaluationReport
 from thinseg.metrics.fractions import FractionStats, fraction_agreement
 from thinseg.metrics.scores import SegmentationMetrics, metrics_from_confusion
@@ -396,3 +397,61 @@ def _code_counts(truth: np.ndarray, pred: np.ndarray, keep: np.ndarray | None, b
         codes = error_codes(truth[band], pred[band], None if keep is None else keep[band])
         counts += np.bincount(codes.reshape(-1), minlength=5)[:5]
     return counts
+
+
+# --- reliability diagram ---------------------------------------------------------------------
+
+
+def plot_reliability(stats: CalibrationStats, path: PathLike, title: str = "") -> None:
+    """Accuracy against mean confidence per confidence bin (bars on the bins, the diagonal = a
+    perfectly calibrated model), and below it how many pixels fall in each bin."""
+    edges = np.linspace(0.0, 1.0, stats.bins + 1)
+    centres, width = (edges[:-1] + edges[1:]) / 2, 1.0 / stats.bins
+    rows = stats.reliability()
+    accuracy = np.array([r[1] for r in rows], np.float64)
+    confidence = np.array([r[0] for r in rows], np.float64)
+    pixels = np.array([r[2] for r in rows], np.float64)
+    filled = pixels > 0
+    fig = _figure(6.4, 7.0)
+    ax = fig.add_axes((0.13, 0.36, 0.82, 0.54))
+    ax.plot([0, 1], [0, 1], color="0.3", linestyle="--", linewidth=1, label="perfectly calibrated", zorder=3)
+    ax.bar(
+        centres[filled],
+        accuracy[filled],
+        width=width,
+        color="#4c9be8",
+        edgecolor="0.15",
+        linewidth=0.6,
+        label="accuracy of the bin",
+    )
+    gap_low = np.minimum(accuracy, confidence)[filled]
+    ax.bar(
+        centres[filled],
+        np.abs(confidence - accuracy)[filled],
+        bottom=gap_low,
+        width=width,
+        color="#e41a1c",
+        alpha=0.35,
+        edgecolor="#e41a1c",
+        linewidth=0.6,
+        label="gap to mean confidence",
+    )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy", fontsize=10)
+    ax.tick_params(labelbottom=False)
+    ax.set_axisbelow(True)
+    ax.grid(color="0.92")
+    ax.legend(loc="upper left", frameon=False, fontsize=9)
+    counts = fig.add_axes((0.13, 0.08, 0.82, 0.24))
+    share = 100 * pixels / max(pixels.sum(), 1.0)
+    counts.bar(centres, share, width=width, color="0.55", edgecolor="0.15", linewidth=0.6)
+    counts.set_xlim(0, 1)
+    counts.set_xlabel("confidence (probability of the winning class)", fontsize=10)
+    counts.set_ylabel("% of pixels", fontsize=10)
+    counts.set_axisbelow(True)
+    counts.grid(color="0.92")
+    ece = f"ECE {stats.ece:.3f}" if math.isfinite(stats.ece) else "ECE n/a"
+    scope = f"{stats.bins} equal-width bins   {int(stats.pixels.sum()):,} labelled pixels"
+    fig.suptitle(f"{title or 'Reliability'}\n{ece}   {scope}", fontsize=11)
+    _save(fig, path)
