@@ -39,6 +39,7 @@ ZERO_ALLOWED = {
     "--patience",
     "--seed",
     "--workers",
+    "--average-last",
 }
 #: Each command's numeric options, with a value each accepts.
 NUMERIC = {
@@ -65,6 +66,7 @@ NUMERIC = {
         "--depth": "5",
         "--model-mm-per-pixel": "0.00132",
         "--val-tile": "512",
+        "--average-last": "3",
     },
 }
 for _options in NUMERIC.values():

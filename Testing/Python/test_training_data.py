@@ -292,9 +292,40 @@ def test_colour_jitter_matches_its_stepwise_definition():
     assert torch.equal(colour_jitter(x, ident), x)
 
 
+def test_gamma_and_blur_follow_their_definitions():
+    from scipy.ndimage import gaussian_filter1d
+
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.uniform(0, 255, (1, 6, 40, 40)).astype(np.float32))
+    params = torch.from_numpy(np.tile(IDENTITY_JITTER, (1, 2, 1)))
+    params[0, 0, 6] = 1.3  # gamma on PP only
+    out = colour_jitter(x.clone(), params).numpy()
+    assert np.allclose(out[0, :3], 255.0 * (x[0, :3].numpy() / 255.0) ** 1.3, atol=1e-2)
+    assert np.allclose(out[0, 3:], x[0, 3:].numpy(), atol=1e-4)
+    params = torch.from_numpy(np.tile(IDENTITY_JITTER, (1, 2, 1)))
+    params[0, 1, 7] = 0.8  # blur on XP only
+    out = colour_jitter(x.clone(), params).numpy()
+    assert np.allclose(out[0, :3], x[0, :3].numpy(), atol=1e-4)
+    reach = int(np.ceil(2.5 * float(np.float32(0.8))))  # the kernel's reach, as the float32 sigma gives it
+    ref = gaussian_filter1d(
+        x[0, 3:].numpy().astype(np.float64), 0.8, axis=1, truncate=(reach + 0.4) / 0.8, mode="mirror"
+    )
+    ref = gaussian_filter1d(ref, 0.8, axis=2, truncate=(reach + 0.4) / 0.8, mode="mirror")
+    assert np.allclose(out[0, 3:], ref, atol=1e-2)
+    # six colour parameters alone still work (older callers), and draws without gamma/blur stay identity
+    assert torch.equal(colour_jitter(x, torch.from_numpy(np.tile(IDENTITY_JITTER[:6], (1, 2, 1)))), x)
+    plain = draw_augment(np.random.default_rng(0), AugmentConfig(), 2)
+    assert np.all(plain.jitter[:, 6] == 1.0) and np.all(plain.jitter[:, 7] == 0.0)
+    drawn = [draw_augment(np.random.default_rng(s), AugmentConfig(gamma=0.2, blur=1.0), 2) for s in range(20)]
+    gammas = np.array([d.jitter[:, 6] for d in drawn])
+    sigmas = np.array([d.jitter[:, 7] for d in drawn])
+    assert gammas.min() >= 0.8 - 1e-6 and gammas.max() <= 1.2 + 1e-6 and gammas.std() > 0.05
+    assert 0.2 < np.mean(sigmas > 0) < 0.8 and sigmas.max() <= 1.0
+
+
 def test_pp_only_stream_feeds_three_channels(prepared):
     image, target, jitter = next(iter(_stream(prepared, roles=("PP",)).stream()))
-    assert image.shape == (3, 64, 64) and jitter.shape == (1, 6)
+    assert image.shape == (3, 64, 64) and jitter.shape == (1, 8)
 
 
 def test_missing_xp_is_refused_for_pp_xp_models():

@@ -91,6 +91,28 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="fine-tune this model folder (its network, classes and inputs)",
     )
     opt = p.add_argument_group("training")
+    opt.add_argument(
+        "--recipe",
+        default="unet",
+        choices=["unet", "small-data"],
+        help="preset of the settings below, which still override it: unet (default) trains the MONAI U-Net "
+        "that GeoSlicer runs; small-data, for a few real sections, trains a U-Net with an ImageNet-pretrained "
+        "EfficientNet-Lite0 encoder, averaged checkpoints and test-time augmentation (about 25 min on 2 CPU "
+        "cores; the model needs thinseg, not GeoSlicer 2.8 alone)",
+    )
+    opt.add_argument(
+        "--no-pretrained",
+        action="store_true",
+        help="small-data recipe: start the encoder from random weights instead of ImageNet's",
+    )
+    opt.add_argument(
+        "--average-last",
+        type=types.averaged_epochs,
+        default=None,
+        metavar="N",
+        help="export the average of the last N epochs' weights when it validates no worse than the best epoch "
+        f"(0 to {types.MAX_AVERAGED_EPOCHS}; default 0: off; small-data: 3)",
+    )
     opt.add_argument("--epochs", type=types.positive_count, default=None, help="epochs (default 50)")
     opt.add_argument(
         "--steps-per-epoch", type=types.positive_count, default=None, help="batches per epoch (default 200)"
@@ -225,6 +247,7 @@ _PASSED = {
     "val_tile": "val_tile",
     "model_name": "model_name",
     "title": "title",
+    "average_last": "average_last",
 }
 
 
@@ -232,6 +255,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of a command line (sections as paths; TrainConfig's defaults otherwise)."""
     # deferred: the training package loads torch (1-2 s at start-up)
     from thinseg.training import TrainConfig
+    from thinseg.training.recipes import recipe_settings
 
     if args.resume and args.overwrite:
         raise ThinSegError("--resume continues the run in RUN_DIR and --overwrite starts it again: give one of them")
@@ -247,7 +271,14 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         raise ThinSegError(
             "--classes and --init-from: a fine-tuned model keeps the classes of the model it starts from"
         )
-    kwargs = {field: getattr(args, option) for option, field in _PASSED.items() if getattr(args, option) is not None}
+    kwargs = recipe_settings(args.recipe)
+    kwargs.update(
+        {field: getattr(args, option) for option, field in _PASSED.items() if getattr(args, option) is not None}
+    )
+    if args.no_pretrained:
+        if kwargs.get("network") != "LiteUNet":
+            raise ThinSegError("--no-pretrained applies to the small-data recipe's pre-trained encoder")
+        kwargs["pretrained"] = False
     if args.classes is not None:
         kwargs["class_table"] = read_model_classes(args.classes)
     if args.model_mm_per_pixel is not None:
@@ -284,6 +315,12 @@ def check_sizes(config: TrainConfig) -> None:
             f" the {limits.MAX_PASS_PIXELS // 2**20} MPix a pass may take: give a smaller one"
         )
     if config.init_from is not None:  # the network is the bundle's: the training loop checks its tiles
+        return
+    if config.network == "LiteUNet":  # five halvings
+        if config.val_tile % 32:
+            raise ThinSegError(
+                f"validation tile {config.val_tile} (--val-tile) must be a multiple of 32 for this network"
+            )
         return
     widest = config.base_channels * 2 ** (config.depth - 1)
     if widest > limits.MAX_NETWORK_CHANNELS:

@@ -303,13 +303,15 @@ def train_config(job: Job, folder: Path) -> TrainConfig:
     `classes`, `mapping_csv`, `pixels_per_mm` and `inputs` are `thinseg train`'s --classes,
     --mapping, --model-mm-per-pixel (as its inverse) and --pp-only, with the same conflicts."""
     from thinseg.training import TrainConfig  # deferred: the training package imports torch
+    from thinseg.training.recipes import recipe_settings  # deferred: with the training package
 
     sections = [str((folder / s) if not os.path.isabs(s) else s) for s in job["sections"]]
-    kwargs: dict[str, Any] = dict(
+    kwargs: dict[str, Any] = recipe_settings(str(job.get("recipe", "unet")))  # `thinseg train --recipe`
+    kwargs.update(
         output_dir=Path(job["run_dir"]),
         sections=sections,
         val_fraction=float(job.get("val_fraction", 0.2)),
-        epochs=int(job.get("epochs", 20)),
+        epochs=int(job.get("epochs", kwargs.get("epochs", 20))),
         model_name=str(job.get("model_name", "model")),
         title=str(job.get("title") or job.get("model_name", "model")),
         description=str(job.get("description", "")),

@@ -32,6 +32,7 @@ from thinseg.model.meta import (
     check_pixels_per_mm,
     check_roi_shape,
     check_transforms,
+    newer_thinseg_needed,
     read_meta,
 )
 from thinseg.model.networks import (
@@ -41,6 +42,7 @@ from thinseg.model.networks import (
     canonical_network_name,
     describe_network,
     network_channels,
+    network_requirements,
     stored_values,
 )
 from thinseg.model.safe_load import load_torch_file
@@ -200,6 +202,9 @@ def load_bundle(model_dir: Path | str) -> ModelBundle:
 
     declared = check_config_meta(cmeta, pth_path)
     shown = check_meta(meta, meta_path)
+    too_old = newer_thinseg_needed(meta)
+    if too_old is not None:
+        raise ThinSegError(too_old, meta_path)
     _same_inputs(declared.inputs, shown.inputs, folder)
     _same_classes(declared.class_table, shown.class_table, folder)
     inputs = declared.inputs
@@ -576,6 +581,9 @@ def save_bundle(
     ppm = check_pixels_per_mm(pixels_per_mm, target)
 
     cmeta = _config_meta(names, class_table, roi, ppm)
+    requires = network_requirements(name)
+    if requires is not None:  # a network GeoSlicer cannot build: say what can
+        extra_meta = {**(extra_meta or {}), "requires": requires}
     meta = _meta_json(title, description, cmeta, extra_meta)
     saved = {
         "title": str(title),

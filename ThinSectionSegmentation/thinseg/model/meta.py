@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from thinseg import limits
+from thinseg import __version__, limits
 from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 from thinseg.jsonio import read_json
@@ -279,11 +279,33 @@ def summarize(meta: Mapping[str, Any]) -> MetaSummary:
     )
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("+", 1)[0].split(".")[:3] if part.isdigit())
+
+
+def newer_thinseg_needed(meta: Mapping[str, Any]) -> str | None:
+    """Why this thinseg is too old for the model (meta.json `requires.thinseg`), or None: a
+    bundle of a network added later says so, instead of failing while it is built."""
+    requires = meta.get("requires")
+    needed = requires.get("thinseg") if isinstance(requires, Mapping) else None
+    if not isinstance(needed, str) or not _version(needed):
+        return None
+    if _version(needed) <= _version(__version__):
+        return None
+    return (
+        f"the model needs thinseg {needed} or newer (this is {__version__}): "
+        "update the ThinSectionSegmentation extension"
+    )
+
+
 def cannot_run(meta: Mapping[str, Any]) -> str | None:
     """Why a model described by this meta.json is not a thin-section segmentation this package
     runs (another kind, 3-D, not segmentation, inputs that are not one or two RGB images), or
     None. Only fields that are present and well-formed count: a damaged description is left to
     loading, which names what is wrong."""
+    too_old = newer_thinseg_needed(meta)
+    if too_old is not None:
+        return too_old
     kind = meta.get("kind")
     if isinstance(kind, str) and kind != "torch":
         return f"a {kind} model (only torch models run here)"

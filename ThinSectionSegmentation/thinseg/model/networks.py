@@ -188,12 +188,39 @@ def _monai_unet(**params: Any) -> torch.nn.Module:
     return _unet(**params)
 
 
+def _lite_unet(**params: Any) -> torch.nn.Module:
+    """LiteUNet(**params): its encoder's code comes from the efficientnet-lite-pytorch package."""
+    from thinseg.model.lite_unet import LiteUNet  # deferred: imports MONAI's decoder (about 3 s)
+
+    try:
+        return LiteUNet(**params)
+    except ImportError as exc:
+        raise ThinSegError(
+            f"the LiteUNet network needs the {exc.name or 'efficientnet_lite_pytorch'} package "
+            "(pip install efficientnet-lite-pytorch)"
+        ) from None
+
+
 #: Network names GeoSlicer's model loader knows, mapped to their builders.
-NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {
+GEOSLICER_NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {
     "UNet": _monai_unet,
     "UNetAct": UNetAct,
     "UNetActWithBoundarySupervision": UNetActWithBoundarySupervision,
 }
+#: Every network a bundle may name: GeoSlicer's, and networks only thinseg builds (their bundles
+#: say in meta.json `requires` which thinseg version they need).
+NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {**GEOSLICER_NETWORKS, "LiteUNet": _lite_unet}
+#: What runs a network GeoSlicer cannot build: the first thinseg version and the pip packages.
+_REQUIREMENTS: dict[str, dict[str, Any]] = {
+    "LiteUNet": {"thinseg": "0.2.0", "python_packages": ["efficientnet-lite-pytorch>=0.1"]},
+}
+
+
+def network_requirements(name: str) -> dict[str, Any] | None:
+    """meta.json `requires` for a bundle of network `name`; None for networks GeoSlicer builds."""
+    needs = _REQUIREMENTS.get(canonical_network_name(name))
+    return {key: list(value) if isinstance(value, list) else value for key, value in needs.items()} if needs else None
+
 
 SUPPORTED_NETWORKS: tuple[str, ...] = tuple(NETWORKS)
 
@@ -280,6 +307,32 @@ def _unet_shape(params: Mapping[str, Any], heads: int = 0) -> NetworkShape:
     return NetworkShape(cin, cout, total)
 
 
+#: Convolution weights of EfficientNet-Lite0 up to its last feature map (no classifier).
+LITE0_ENCODER_WEIGHTS = 2_919_392
+
+
+def _lite_unet_shape(params: Mapping[str, Any]) -> NetworkShape:
+    """Check LiteUNet parameters: one or two RGB images, five decoder levels, the Lite0 encoder;
+    count the encoder's weights and the decoder's convolutions."""
+    allowed = {"in_images", "out_channels", "decoder_channels", "encoder", "drop_connect_rate"}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ThinSegError(f"unknown LiteUNet parameter {unknown[0]!r}")
+    images = _count(params.get("in_images"), "in_images", 1, 2)
+    cout = _count(params.get("out_channels"), "out_channels", 1, limits.MAX_NETWORK_CHANNELS)
+    if params.get("encoder", "efficientnet-lite0") != "efficientnet-lite0":
+        raise ThinSegError(f"unknown LiteUNet encoder {params.get('encoder')!r} (only 'efficientnet-lite0')")
+    decoder = params.get("decoder_channels", [128, 64, 32, 24, 16])
+    if not isinstance(decoder, (list, tuple)) or len(decoder) != 5:
+        raise ThinSegError(f"decoder_channels must list 5 levels, not {str(decoder)[:80]}")
+    widths = [_count(c, "a decoder channel count", 1, limits.MAX_NETWORK_CHANNELS) for c in decoder]
+    skips = [images * c for c in (112, 40, 24, 16)] + [0]
+    total = LITE0_ENCODER_WEIGHTS + widths[-1] * cout * 9  # encoder and head
+    for skip, width in zip(skips, widths):  # each level's skip and second convolution (a lower bound)
+        total += skip * width * 9 + width * width * 9
+    return NetworkShape(3 * images, cout, total)
+
+
 def describe_network(name: str, params: Mapping[str, Any]) -> NetworkShape:
     """Check the description `name(**params)` within the bounds, building nothing; its shape, or
     a one-line ThinSegError naming the parameter out of bounds."""
@@ -288,6 +341,8 @@ def describe_network(name: str, params: Mapping[str, Any]) -> NetworkShape:
         raise ThinSegError(f"network parameters for {name!r} must be a mapping, not {type(params).__name__}")
     if known == "UNet":
         shape = _unet_shape(params)
+    elif known == "LiteUNet":
+        shape = _lite_unet_shape(params)
     else:
         cmax = limits.MAX_NETWORK_CHANNELS
         cin = _count(params.get("in_channels", 1), "in_channels", 1, cmax)
@@ -349,6 +404,9 @@ def build_network(name: str, params: Mapping[str, Any]) -> torch.nn.Module:
 
 def network_channels(network: torch.nn.Module) -> tuple[int, int]:
     """(input channels, output channels) of a supported network, read from its MONAI UNet."""
+    if type(network).__name__ == "LiteUNet":  # its own counts (not imported here: MONAI is slow to import)
+        lite: Any = network
+        return int(lite.in_channels), int(lite.out_channels)
     unet = network if _is_unet(network) else getattr(network, "unet", None)
     if not _is_unet(unet):
         raise ThinSegError(f"cannot tell the channel counts of a {type(network).__name__} network")

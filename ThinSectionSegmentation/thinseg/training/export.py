@@ -34,17 +34,21 @@ def export_bundle(
     training: dict[str, Any],
     metrics: dict[str, Any] | None,
     confidence_reference: dict[str, Any] | None = None,
+    test_time_augmentation: str = "none",
 ) -> Path:
     """Write (atomically, replacing an older export of the same run) meta.json + model.pth.
 
     meta.json gets `training` (data, split, settings, epochs) and `metrics` (validation scores
     of the exported epoch) next to GeoSlicer's own keys, which already carry the classes,
     colours, inputs/channels and pixels_per_mm; and `confidence_reference` (the model's confidence
-    on the validation sections of that epoch, `ConfidenceReference.to_meta()`) when there is one.
+    on the validation sections of that epoch, `ConfidenceReference.to_meta()`) when there is one;
+    and `test_time_augmentation`, what segment and evaluate then use unless told otherwise.
     """
     extra: dict[str, Any] = {"training": training, "metrics": metrics}
     if confidence_reference is not None:
         extra["confidence_reference"] = confidence_reference
+    if test_time_augmentation != "none":  # the inference default the recipe was measured with
+        extra["test_time_augmentation"] = test_time_augmentation
     was_training = network.training
     network.eval()
     try:

@@ -9,6 +9,7 @@ last finished epoch and redoes at most one.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from thinseg import limits
 from thinseg.data.sections import Section, canonical_role, open_sections
 from thinseg.errors import ThinSegError
 from thinseg.inference.device import cpu_has_native_bf16, select_device
+from thinseg.inference.engine import size_multiple
 from thinseg.io.atomic import sweep_stale_temporaries
 from thinseg.io.locks import run_folder_lock
 from thinseg.jsonio import finite, write_json
@@ -90,12 +92,25 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def make_optimizer(network: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW, fused (one kernel over all parameters, CPU and CUDA) where this torch has it."""
+def make_optimizer(
+    network: torch.nn.Module, lr: float, weight_decay: float, encoder_lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel over all parameters, CPU and CUDA) where this torch has it. A
+    pre-trained encoder (a network with `encoder_parameters()`) may learn at a scaled rate, so
+    that the decoder catches up before the ImageNet features are disturbed much."""
+    groups: Any = network.parameters()
+    encoder_of = getattr(network, "encoder_parameters", None)
+    if callable(encoder_of) and encoder_lr_scale != 1.0:
+        encoder = list(encoder_of())
+        ids = {id(p) for p in encoder}
+        rest = [p for p in network.parameters() if id(p) not in ids]
+        groups = [{"params": rest}, {"params": encoder, "lr": lr * encoder_lr_scale}]
     try:
-        return torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
+        if not isinstance(groups, list):
+            groups = network.parameters()  # the generator was used up by the failed attempt
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def _grad_scaler(enabled: bool) -> torch.amp.GradScaler:
@@ -172,11 +187,13 @@ class TrainingRun:
             depth=c.depth,
             num_res_units=c.num_res_units,
             norm=c.norm,
+            pretrained=c.pretrained,
+            decoder_channels=tuple(c.decoder_channels),
         )
 
     def _check_patch_size(self) -> None:
         """U-Net skips need sides divisible by the product of the strides (16 for depth 5)."""
-        multiple = int(np.prod(self.spec.params.get("strides") or [1]))
+        multiple = size_multiple(self.spec.network)
         size = self.config.patch_size
         if size < multiple or size % multiple:
             raise ThinSegError(f"patch size {size} (--patch-size) must be a multiple of {multiple} for this network")
@@ -284,7 +301,7 @@ class TrainingRun:
         if c.channels_last:
             net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stub
         self.network = net.train()
-        self.optimizer = make_optimizer(net, c.lr, c.weight_decay)
+        self.optimizer = make_optimizer(net, c.lr, c.weight_decay, c.encoder_lr_scale)
         total = c.epochs * c.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, total, c.warmup_steps, c.schedule)
@@ -307,6 +324,7 @@ class TrainingRun:
         self.history: list[dict[str, Any]] = list(state["history"]) if state else []
         self.best = state["best"] if state else {"epoch": None, "mean_iou": None, "metrics": None}
         self.bad_epochs = int(state["bad_epochs"]) if state else 0
+        self.recent: list[dict[str, torch.Tensor]] = []  # the last epochs' weights, for averaging
         self.stopped = bool(state["stopped_early"]) if state else False
         self.model_dir: Path | None = (
             (self.out / c.model_name) if (self.out / c.model_name).exists() and state else None
@@ -322,6 +340,7 @@ class TrainingRun:
         try:
             while self.epoch < c.epochs and not stopped and not out_of_time:
                 row = self.train_epoch()
+                self._remember_weights()
                 row.update(self._validate())
                 self.epoch += 1
                 epochs_here += 1
@@ -348,6 +367,7 @@ class TrainingRun:
                 "continue with --resume"
             )
             raise
+        self._export_average()
         test_metrics = self._evaluate_test()
         return TrainResult(
             output_dir=self.out,
@@ -366,6 +386,93 @@ class TrainingRun:
             epochs_planned=c.epochs,
             stopped_by_time=out_of_time,
         )
+
+    # -- checkpoint averaging ----------------------------------------------------------------
+
+    def _remember_weights(self) -> None:
+        keep = self.config.average_last
+        if keep >= 2:
+            self.recent.append({k: v.detach().to("cpu", copy=True) for k, v in self.network.state_dict().items()})
+            del self.recent[:-keep]
+
+    def _export_average(self) -> None:
+        """Average the last epochs' weights (their batch-norm statistics re-estimated on training
+        patches) and export the average instead of the best epoch when it validates no worse:
+        an average of nearby points of a noisy descent usually generalises better than any one."""
+        if len(self.recent) < 2 or not self.val_sections or self.best["mean_iou"] is None:
+            return
+        current = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+        averaged = {}
+        for key, value in self.recent[-1].items():
+            if value.is_floating_point():
+                total = torch.stack([state[key].double() for state in self.recent]).sum(dim=0)
+                averaged[key] = total.div(len(self.recent)).to(value.dtype)
+            else:
+                averaged[key] = value.clone()
+        self.network.load_state_dict(averaged)
+        self._reestimate_norms()
+        row = self._validate()
+        first = self.epoch - len(self.recent) + 1
+        iou = row.get("val_mean_iou")
+        if iou is not None and math.isfinite(iou) and iou >= self.best["mean_iou"]:
+            if self.config.keep_best_epoch and self.model_dir is not None:  # for measuring what averaging gives
+                kept = self.out / f"{self.config.model_name}-best-epoch"
+                shutil.rmtree(kept, ignore_errors=True)
+                shutil.copytree(self.model_dir, kept)
+            self.log(
+                f"average of epochs {first}-{self.epoch}: val mean IoU {iou:.4f} "
+                f"(best single epoch {self.best['mean_iou']:.4f}): exported"
+            )
+            self.best = {
+                "epoch": self.epoch,
+                "averaged_epochs": [first, self.epoch],
+                "mean_iou": iou,
+                "metrics": finite(
+                    {
+                        "epoch": self.epoch,
+                        "averaged_epochs": [first, self.epoch],
+                        "sections": [v.prepared.name for v in self.val_sections],
+                        **self._last_metrics,
+                        "per_class_iou": {n: finite(row[f"val_iou_{n}"]) for n in self.class_table.names},
+                    }
+                ),
+                "confidence_reference": self._last_confidence,
+            }
+            self.model_dir = self._export()
+        else:
+            self.log(f"average of epochs {first}-{self.epoch}: val mean IoU {iou}: the best single epoch is kept")
+            self.network.load_state_dict(current)
+
+    def _reestimate_norms(self, batches: int = 16) -> None:
+        """Batch-norm running statistics of the averaged weights, measured on training batches.
+        Only norms that learn their statistics are reset (a frozen pre-trained encoder keeps
+        ImageNet's), which torch.optim.swa_utils.update_bn cannot be told."""
+        norms = [m for m in self.network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.network.train()
+        live = [m for m in norms if m.training and m.track_running_stats]
+        momenta = [m.momentum for m in live]
+        for m in live:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+        self.stream.set_epoch(self.epoch)
+        with torch.no_grad():
+            for done, (images, _target, jitter) in enumerate(self.loader):
+                if done >= batches:
+                    break
+                with self._autocast():
+                    self.network(self._network_input(images, jitter))
+        for m, momentum in zip(live, momenta):
+            m.momentum = momentum
+
+    def _network_input(self, images: torch.Tensor, jitter: torch.Tensor | None) -> torch.Tensor:
+        """A uint8 batch as the network sees it: colour-jittered, 0..1, channels-last if asked."""
+        x = images.to(self.device, non_blocking=True).float()
+        if jitter is not None:
+            x = colour_jitter(x, jitter)
+        x = x.div_(255.0)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def _autocast(self) -> AbstractContextManager[Any]:
         """Mixed precision around the forward pass when a reduced precision was chosen."""
@@ -416,12 +523,7 @@ class TrainingRun:
     def step(self, images: torch.Tensor, target: torch.Tensor, jitter: torch.Tensor | None = None) -> float:
         """One optimisation step on a uint8 batch (+ its colour jitter); returns the loss."""
         c = self.config
-        x = images.to(self.device, non_blocking=True).float()
-        if jitter is not None:
-            x = colour_jitter(x, jitter)
-        x = x.div_(255.0)
-        if c.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._network_input(images, jitter)
         y = target.to(self.device, non_blocking=True)
         with self._autocast():
             logits = self.network(x)
@@ -522,6 +624,8 @@ class TrainingRun:
                     "mapping_csv": str(c.mapping_csv) if c.mapping_csv else "QEMSCAN default",
                 },
                 "epoch": self.best["epoch"],
+                "averaged_epochs": self.best.get("averaged_epochs"),
+                "recipe": c.recipe,
                 "epochs_planned": c.epochs,
                 "patch_size": c.patch_size,
                 "batch_size": c.batch_size,
@@ -553,6 +657,7 @@ class TrainingRun:
             training=training,
             metrics=self.best["metrics"],
             confidence_reference=self.best.get("confidence_reference"),  # absent in older checkpoints
+            test_time_augmentation=c.test_time_augmentation,
         )
 
     def _evaluate_test(self) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ import torch
 from thinseg.classes.table import ClassTable
 from thinseg.errors import ThinSegError
 from thinseg.model.bundle import ModelBundle, build_network, load_bundle
+from thinseg.model.lite_unet import lite_unet_params, load_pretrained_encoder
 
 
 def unet_params(
@@ -66,9 +67,19 @@ def new_model(
     depth: int = 5,
     num_res_units: int = 2,
     norm: str = "batch",
+    pretrained: bool = True,
+    decoder_channels: tuple[int, ...] | None = None,
 ) -> ModelSpec:
+    """A new network: MONAI's UNet (what GeoSlicer runs) or a LiteUNet, whose encoder starts
+    from ImageNet weights when `pretrained`."""
+    if name == "LiteUNet":
+        lite = lite_unet_params(len(roles), len(class_table) + 1, decoder_channels)
+        network = build_network(name, lite)
+        if pretrained:
+            load_pretrained_encoder(network)  # type: ignore[arg-type]  # build_network's LiteUNet
+        return ModelSpec(network, name, lite, class_table, roles, None, "new")
     if name != "UNet":
-        raise ThinSegError(f"new models are MONAI UNets; {name!r} can only be fine-tuned (--init-from)")
+        raise ThinSegError(f"new models are MONAI UNets or LiteUNets; {name!r} can only be fine-tuned (--init-from)")
     params = unet_params(
         3 * len(roles),
         len(class_table) + 1,

@@ -1,0 +1,240 @@
+"""LiteUNet (EfficientNet-Lite0 encoder pre-trained on ImageNet + MONAI decoder) and the
+`small-data` training recipe: the network, its bundles (which say that they need thinseg), the
+pre-trained weights, inference through the engine, and a tiny training run of the recipe."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import error_lines, rewrite_bundle, run_main
+
+from thinseg.classes.files import default_class_table
+from thinseg.errors import ThinSegError
+from thinseg.inference.engine import InferenceOptions, Segmenter
+from thinseg.io.images import ArraySource
+from thinseg.model.bundle import load_bundle, save_bundle
+from thinseg.model.lite_unet import LiteUNet, load_pretrained_encoder, pretrained_weights_file
+from thinseg.model.meta import cannot_run
+from thinseg.model.networks import build_network, describe_network, network_requirements
+from thinseg.model.safe_load import load_packaged_weights
+from thinseg.training import TrainConfig, synthetic_sections, train
+from thinseg.training.loop import make_optimizer
+from thinseg.training.recipes import RECIPE_NAMES, recipe_settings
+
+TABLE = default_class_table()
+
+
+def lite(in_images: int = 2, seed: int = 0) -> LiteUNet:
+    torch.manual_seed(seed)
+    net = build_network("LiteUNet", {"in_images": in_images, "out_channels": len(TABLE) + 1})
+    assert isinstance(net, LiteUNet)
+    return net
+
+
+def test_pp_and_xp_go_through_one_shared_encoder():
+    one, two = lite(1), lite(2)
+    enc = sum(p.numel() for p in one.encoder.parameters())
+    assert enc == sum(p.numel() for p in two.encoder.parameters())  # one encoder, whatever the image count
+    x = torch.rand(2, 6, 64, 96)
+    two.eval()
+    with torch.no_grad():
+        out = two(x)
+        assert out.shape == (2, 7, 64, 96)
+        # the same image as PP and as XP gives the same features in both halves of every level
+        same = torch.cat([x[:, :3], x[:, :3]], dim=1)
+        features = two.encode(same.reshape(4, 3, 64, 96))
+        for f in features:
+            pairs = f.reshape(2, 2, *f.shape[1:])
+            assert torch.equal(pairs[:, 0], pairs[:, 1])
+    with pytest.raises(ThinSegError, match="multiples of 32"):
+        two(torch.rand(1, 6, 48, 64))
+
+
+def test_imagenet_weights_come_from_the_installed_wheel_exactly():
+    net = lite(2)
+    assert load_pretrained_encoder(net) == 288
+    stored = load_packaged_weights(pretrained_weights_file())
+    for key, value in net.encoder.state_dict().items():
+        assert torch.equal(value, stored[key]), key
+    assert not any(key.startswith("_fc") for key in net.encoder.state_dict())  # the classifier is dropped
+
+
+def test_training_keeps_the_encoder_norms_at_their_imagenet_statistics():
+    net = lite(2)
+    load_pretrained_encoder(net)
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running_mean" in k}
+    net.train()
+    net(torch.rand(2, 6, 64, 64))
+    after = net.state_dict()
+    encoder = [k for k in before if k.startswith("encoder.")]
+    decoder = [k for k in before if not k.startswith("encoder.")]
+    assert encoder and decoder
+    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(not torch.equal(before[k], after[k]) for k in decoder)
+
+
+def test_the_encoder_can_learn_at_a_scaled_rate():
+    net = lite(2)
+    groups = make_optimizer(net, 1e-3, 1e-4, encoder_lr_scale=0.3).param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 3e-4])
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+    assert len(make_optimizer(net, 1e-3, 1e-4).param_groups) == 1
+
+
+def test_description_bounds_and_weight_count():
+    params = {"in_images": 2, "out_channels": 7}
+    shape = describe_network("LiteUNet", params)
+    assert (shape.in_channels, shape.out_channels) == (6, 7)
+    assert shape.min_weights <= sum(v.numel() for v in lite(2).state_dict().values())
+    for bad, words in [
+        ({"in_images": 3, "out_channels": 7}, "in_images 3"),
+        ({"in_images": 2, "out_channels": 7, "decoder_channels": [8, 8]}, "5 levels"),
+        ({"in_images": 2, "out_channels": 7, "encoder": "efficientnet-b7"}, "encoder"),
+        ({"in_images": 2, "out_channels": 7, "layers": 3}, "unknown LiteUNet parameter"),
+    ]:
+        with pytest.raises(ThinSegError, match=words):
+            describe_network("LiteUNet", bad)
+
+
+def save_lite(folder, net: LiteUNet):
+    return save_bundle(
+        folder,
+        net.eval(),
+        network_name="LiteUNet",
+        network_params={"in_images": net.in_images, "out_channels": net.out_channels},
+        class_table=TABLE,
+        input_names=("PP", "PX")[: net.in_images],
+        pixels_per_mm=1 / 0.00132,
+        roi_shape=(128, 128),
+        title="lite",
+        description="test",
+    )
+
+
+def test_bundle_round_trip_says_which_thinseg_it_needs(tmp_path):
+    net = lite(2, seed=3)
+    folder = save_lite(tmp_path / "lite", net)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["requires"] == {"thinseg": "0.2.0", "python_packages": ["efficientnet-lite-pytorch>=0.1"]}
+    assert network_requirements("UNet") is None  # what GeoSlicer builds needs nothing more
+    bundle = load_bundle(folder)
+    x = torch.rand(1, 6, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(bundle.network(x), net(x), atol=1e-6)
+    assert cannot_run(meta) is None
+
+
+def test_a_bundle_for_a_newer_thinseg_is_refused_in_one_line(tmp_path, capsys):
+    folder = save_lite(tmp_path / "lite", lite(2))
+    rewrite_bundle(folder, edit_meta=lambda m: m.update(requires={"thinseg": "99.1"}))
+    reason = cannot_run(json.loads((folder / "meta.json").read_text()))
+    assert reason is not None and "thinseg 99.1 or newer" in reason  # the Slicer model list says why
+    with pytest.raises(ThinSegError, match="needs thinseg 99.1 or newer"):
+        load_bundle(folder)
+    image = tmp_path / "s_PP.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    code, _, err = run_main(capsys, "segment", image, "--model", folder, "--output", tmp_path / "out")
+    assert code == 2 and len(error_lines(err)) == 1 and "99.1" in err and "Traceback" not in err
+
+
+def test_the_engine_runs_a_lite_bundle_as_the_network_itself(tmp_path):
+    net = lite(2, seed=5)
+    with torch.no_grad():  # non-trivial decoder statistics, so that folding them must be exact
+        for name, buffer in net.named_buffers():
+            if name.startswith("decoder.") and name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+    bundle = load_bundle(save_lite(tmp_path / "lite", net))
+    rng = np.random.default_rng(0)
+    pp, xp = (rng.integers(0, 256, (96, 128, 3), dtype=np.uint8) for _ in range(2))
+    result = Segmenter(bundle, InferenceOptions(tile=96, overlap=0, tta="none", precision="fp32")).segment(
+        [ArraySource(pp), ArraySource(xp)]
+    )
+    x = torch.from_numpy(np.concatenate([pp, xp], axis=2)).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        expected = (net.eval()(torch.nn.functional.pad(x, (0, 32, 0, 0), mode="reflect"))[..., :128]).argmax(1)[0]
+    agree = np.mean(result.labels == expected.numpy().astype(np.uint8))
+    assert agree > 0.98  # tiles are 96 x 96 with padding at the edge: the borders may differ
+
+
+def test_recipes_are_named_settings_of_train_config():
+    assert RECIPE_NAMES == ("unet", "small-data")
+    assert recipe_settings("unet") == {"recipe": "unet"}
+    small = recipe_settings("small-data")
+    TrainConfig(output_dir=".", **small)  # every key is a TrainConfig field
+    small["augment"].gamma = 0.9
+    assert recipe_settings("small-data")["augment"].gamma == 0.15  # a fresh copy each time
+    with pytest.raises(ThinSegError, match="unknown training recipe"):
+        recipe_settings("big-data")
+
+
+def test_a_tiny_small_data_run_exports_an_averaged_model_with_its_inference_default(tmp_path):
+    settings = recipe_settings("small-data")
+    settings.update(epochs=2, steps_per_epoch=2, warmup_steps=1, patch_size=64, batch_size=2, average_last=2)
+    config = TrainConfig(
+        output_dir=tmp_path / "run",
+        train_sections=synthetic_sections(1, 128, seed=0),
+        val_sections=synthetic_sections(1, 96, seed=9),
+        val_tile=96,
+        val_overlap=16,
+        progress=False,
+        precision="fp32",
+        **settings,
+    )
+    messages: list[str] = []
+    result = train(config, log=messages.append)
+    meta = json.loads((result.model_dir / "meta.json").read_text())
+    assert meta["test_time_augmentation"] == "dihedral"
+    assert meta["training"]["recipe"] == "small-data"
+    assert meta["requires"]["thinseg"] == "0.2.0"
+    averaged = [m for m in messages if m.startswith("average of epochs 1-2")]
+    assert len(averaged) == 1
+    assert (meta["training"]["averaged_epochs"] == [1, 2]) == averaged[0].endswith("exported")
+    assert load_bundle(result.model_dir).test_time_augmentation == "dihedral"
+
+
+def test_train_command_line_recipe_and_overrides(tmp_path):
+    from thinseg.cli.main import build_parser
+    from thinseg.cli.train_cmd import train_config
+
+    parser = build_parser()
+    (tmp_path / "s.nc").write_bytes(b"")  # named only: the config is built, no section is read
+    args = parser.parse_args(["train", str(tmp_path), "-o", str(tmp_path / "r"), "--recipe", "small-data"])
+    assert (train_config(args).network, train_config(args).epochs) == ("LiteUNet", 7)
+    args = parser.parse_args(
+        [
+            "train",
+            str(tmp_path),
+            "-o",
+            str(tmp_path / "r"),
+            "--recipe",
+            "small-data",
+            "--epochs",
+            "3",
+            "--no-pretrained",
+            "--average-last",
+            "0",
+        ]
+    )
+    config = train_config(args)
+    assert (config.epochs, config.pretrained, config.average_last) == (3, False, 0)
+    args = parser.parse_args(["train", str(tmp_path), "-o", str(tmp_path / "r"), "--no-pretrained"])
+    with pytest.raises(ThinSegError, match="small-data"):
+        train_config(args)
+
+
+def test_a_training_job_takes_the_recipe_and_its_own_settings_win(tmp_path):
+    from thinseg.jobs.runner import train_config as job_train_config
+
+    job = {"sections": ["a.nc"], "run_dir": str(tmp_path / "run"), "recipe": "small-data"}
+    config = job_train_config(job, tmp_path)
+    assert (config.network, config.epochs, config.recipe) == ("LiteUNet", 7, "small-data")
+    config = job_train_config({**job, "epochs": 2, "patch_size": 128}, tmp_path)
+    assert (config.epochs, config.patch_size, config.average_last) == (2, 128, 3)
+    assert job_train_config({"sections": ["a.nc"], "run_dir": str(tmp_path)}, tmp_path).network == "UNet"
+    with pytest.raises(ThinSegError, match="unknown training recipe 'huge'"):
+        job_train_config({**job, "recipe": "huge"}, tmp_path)

