@@ -19,10 +19,13 @@ from ThinSectionSegmentationLib.parameters import (
     Device,
     PlainParameterNode,
     ThinSectionSegmentationParameters,
+    TrainingRecipe,
     TransformKind,
+    choose_recipe,
     get_parameter_node,
     migrate,
 )
+from thinseg.training.recipes import RECIPE_NAMES, recipe_settings
 
 UI = Path(__file__).resolve().parents[2] / "ThinSectionSegmentation" / "Resources" / "UI" / "ThinSectionSegmentation.ui"
 
@@ -66,6 +69,7 @@ def test_fields_types_and_defaults():
         "trainFiles": "list[str]",
         "modelName": "str",
         "userModelsRoot": "str",
+        "trainingRecipe": "TrainingRecipe",
         "epochs": "int",
         "patchSize": "int",
         "batchSize": "int",
@@ -90,6 +94,8 @@ def test_fields_types_and_defaults():
     assert set(parameters.RANGES) == {n for n, kind in FIELD_TYPES.items() if kind in ("int", "float")}
     assert all(low <= parameters.default_value(n) <= high for n, (low, high) in parameters.RANGES.items())
     assert [k.value for k in TransformKind] == ["similarity", "affine", "tps"]  # the core's names
+    assert d.trainingRecipe is TrainingRecipe.unet
+    assert [r.value for r in TrainingRecipe] == list(RECIPE_NAMES)  # `thinseg train --recipe`'s names, in order
     # without Slicer's wrapper (slicer-core) the typed node is the plain one
     assert parameters.wrapper_class() is None
 
@@ -163,6 +169,13 @@ def test_the_stored_layout_is_the_one_slicers_wrapper_reads():
     with pytest.raises(ValueError, match=r"^Value must be within range \[1, 1000\], is 0$"):
         params.epochs = 0
     assert node.GetParameter("epochs") == "7"
+    params.trainingRecipe = TrainingRecipe.small_data
+    assert node.GetParameter("trainingRecipe") == "small_data"  # by member name, as Slicer's wrapper stores enums
+    params.trainingRecipe = "unet"  # a recipe name is accepted as the member it names
+    assert params.trainingRecipe is TrainingRecipe.unet and node.GetParameter("trainingRecipe") == "unet"
+    with pytest.raises(ValueError, match="'fast' is not a valid TrainingRecipe"):
+        params.trainingRecipe = "fast"
+    assert node.GetParameter("trainingRecipe") == "unet"
     with pytest.raises(AttributeError, match="no parameter 'epoch'"):
         params.epoch = 3
     with pytest.raises(AttributeError):
@@ -238,6 +251,7 @@ def test_a_scene_saved_before_the_typed_node_is_read(tmp_path):
         exportPath="/out/S1.nc",
         importPath="",
     )
+    assert params.trainingRecipe is TrainingRecipe.unet  # the only recipe there was
     node = params.parameterNode
     names = set(node.GetParameterNamesAsCommaSeparatedList().split(","))
     assert not {n for n in names if n[:1].isupper()}  # the old names are gone
@@ -261,6 +275,46 @@ def test_the_typed_node_survives_saving_and_loading(tmp_path):
     assert again.qemscanVolume.GetName() == "QEMSCAN" and again.qemscanVolume is not labelmap
     again.qemscanVolume = saved.qemscanVolume
     assert again == saved
+
+
+def test_a_typed_scene_saved_before_the_recipe_existed_trains_the_unet_and_keeps_its_epochs(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    params = get_parameter_node(scene)
+    params.epochs, params.stepsPerEpoch = 35, 120
+    params.parameterNode.UnsetParameter("trainingRecipe")  # as the module wrote it before the recipe
+    scene.SetURL(str(tmp_path / "before-recipe.mrml"))
+    assert scene.Commit()
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetURL(str(tmp_path / "before-recipe.mrml"))
+    assert loaded.Import()
+    assert "trainingRecipe" not in (tmp_path / "before-recipe.mrml").read_text()
+    again = get_parameter_node(loaded)
+    assert (again.trainingRecipe, again.epochs, again.stepsPerEpoch) == (TrainingRecipe.unet, 35, 120)
+    assert again.parameterNode.GetParameter("trainingRecipe") == "unet"  # written, as Slicer's wrapper does
+
+
+def test_choosing_a_recipe_sets_its_epochs_and_sizes_which_stay_editable():
+    scene = slicer.vtkMRMLScene()
+    params = get_parameter_node(scene)
+    small = recipe_settings("small-data")
+    events = []
+    params.parameterNode.AddObserver("ModifiedEvent", lambda caller, event: events.append(event))
+    choose_recipe(params, TrainingRecipe.small_data)
+    assert len(events) == 1  # one change for the panel to redraw
+    chosen = (params.trainingRecipe, params.epochs, params.stepsPerEpoch, params.patchSize, params.batchSize)
+    expected = (small["epochs"], small["steps_per_epoch"], small["patch_size"], small["batch_size"])
+    assert chosen == (TrainingRecipe.small_data, *expected)
+    assert (params.epochs, params.stepsPerEpoch) != (20, 200)  # the recipe's, not the panel's defaults
+    params.epochs = 12  # the user's own number is kept: the job gets it
+    assert (params.trainingRecipe, params.epochs) == (TrainingRecipe.small_data, 12)
+    choose_recipe(params, TrainingRecipe.unet)  # "unet" has TrainConfig's sizes and the panel's 20 epochs
+    chosen = (params.trainingRecipe, params.epochs, params.stepsPerEpoch, params.patchSize, params.batchSize)
+    assert chosen == (TrainingRecipe.unet, 20, 200, 256, 8)
+    assert parameters.recipe_values(TrainingRecipe.unet) == {
+        name: parameters.default_value(name) for name in parameters.RECIPE_FIELDS
+    }
+    assert all(label for label in (r.label() for r in TrainingRecipe))
+    assert "do not run in GeoSlicer's own AI Segmenter" in TrainingRecipe.small_data.description()
 
 
 def test_the_logic_fills_in_pp_and_xp_by_their_names():

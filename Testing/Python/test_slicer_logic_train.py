@@ -11,7 +11,7 @@ import pytest
 import slicer
 from helpers import write_geoslicer_netcdf
 
-from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, volumes
+from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, parameters, volumes
 from thinseg.classes.files import default_class_table
 from thinseg.classes.table import ClassTable
 from thinseg.cli import train_cmd
@@ -255,6 +255,7 @@ def test_a_choice_that_cannot_work_fails_before_anything_is_written(tmp_path):
         (dict(mappingCsv=bad_mapping, initFrom=bundled), "which is not a model class (Calcite, Dolomite,"),
         (dict(mappingCsv=tmp_path / "none.csv"), str(tmp_path / "none.csv")),
         (dict(modelMmPerPixel=-0.01), "the model's pixel size must be positive, not -0.01 mm"),
+        (dict(recipe="fast"), "unknown training recipe 'fast' (known: unet, small-data)"),
     ]
     for options, message in cases:
         with pytest.raises(ThinSegError) as caught:
@@ -266,6 +267,80 @@ def test_a_choice_that_cannot_work_fails_before_anything_is_written(tmp_path):
         runner.train_config({"sections": [], "run_dir": "r", "inputs": ["PP"], "init_from": str(bundled)}, work)
     with pytest.raises(ThinSegError, match="job.json: 'classes' needs names and #rrggbb colours"):
         runner.train_config({"sections": [], "run_dir": "r", "classes": {"names": ["A"]}}, work)
+
+
+#: The TrainConfig fields a recipe sets (recipes.py), and the sizes the panel sends with every job.
+RECIPE_FIELDS = (
+    "recipe",
+    "network",
+    "pretrained",
+    "encoder_lr_scale",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "schedule",
+    "balancing_strength",
+    "patience",
+    "average_last",
+    "test_time_augmentation",
+    "augment",
+    "epochs",
+    "steps_per_epoch",
+    "patch_size",
+    "batch_size",
+)
+
+
+def test_the_panel_recipe_reaches_the_trainer_as_thinseg_train_recipe_gives_it(tmp_path):
+    """The job written with the panel's values after choosing a recipe makes the TrainConfig of
+    `thinseg train --recipe` (no training is run: the small-data network is slow to train)."""
+    scene = slicer.vtkMRMLScene()
+    logic = ThinSectionSegmentationLogic(scene)
+    section = scene_section(scene, "A", 1)[2]
+    data = netcdf_sections(tmp_path, seeds=(11,))[0]
+    configs = {}
+    for recipe in parameters.TrainingRecipe:
+        params = parameters.get_parameter_node(slicer.vtkMRMLScene())
+        parameters.choose_recipe(params, recipe)  # what picking it in the panel does
+        job = logic.prepareTraining(
+            [section],
+            "m",
+            tmp_path / "models",
+            epochs=params.epochs,
+            patchSize=params.patchSize,
+            batchSize=params.batchSize,
+            stepsPerEpoch=params.stepsPerEpoch,
+            recipe=params.trainingRecipe.value,
+            workDir=tmp_path,
+        )
+        try:
+            spec = json.loads((job.folder / "job.json").read_text())
+            configs[recipe.value] = runner.train_config(spec, job.folder)
+        finally:
+            logic.discardJob(job)
+        assert spec["recipe"] == recipe.value
+        cli = cli_config([data, "-o", tmp_path / "run", "--recipe", recipe.value])
+        cli_epochs = cli.epochs if recipe.value != "unet" else 20  # unet: the panel's 20, TrainConfig's 50
+        assert configs[recipe.value].epochs == cli_epochs
+        fields = [f for f in RECIPE_FIELDS if f != "epochs"]
+        assert {f: getattr(configs[recipe.value], f) for f in fields} == {f: getattr(cli, f) for f in fields}
+    small, unet = configs["small-data"], configs["unet"]
+    assert (small.network, small.pretrained, small.recipe, unet.network, unet.recipe) == (
+        "LiteUNet",
+        True,
+        "small-data",
+        "UNet",
+        "unet",
+    )
+    # the user's own epochs win over the recipe's; a job without "recipe" (an older panel) is the U-Net
+    job = logic.prepareTraining([section], "m", tmp_path / "models", epochs=3, recipe="small-data", workDir=tmp_path)
+    try:
+        spec = json.loads((job.folder / "job.json").read_text())
+        assert (spec["recipe"], runner.train_config(spec, job.folder).epochs) == ("small-data", 3)
+        del spec["recipe"]
+        assert runner.train_config(spec, job.folder).network == "UNet"
+    finally:
+        logic.discardJob(job)
 
 
 def test_a_model_trained_on_scene_sections_with_a_colour_table_has_its_classes_and_resolution(tmp_path):

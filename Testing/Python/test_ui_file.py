@@ -73,6 +73,7 @@ def test_sections_and_controls_of_the_issue_are_there(root):
         "refineButton",
         "trainSectionsSelector",
         "trainFilesList",
+        "trainingRecipeComboBox",
         "epochsSpinBox",
         "trainButton",
         "exportTreeView",
@@ -85,6 +86,33 @@ def test_sections_and_controls_of_the_issue_are_there(root):
     assert texts["exportButton"] == "Export to netCDF"
     pp_types = [s.text for s in by_name["ppSelector"].findall("property[@name='nodeTypes']/stringlist/string")]
     assert pp_types == ["vtkMRMLVectorVolumeNode"]
+
+
+def _form_rows(layout):
+    """Row number -> {column: widget name} of a QFormLayout."""
+    rows = {}
+    for item in layout.findall("item"):
+        widget = item.find("widget")
+        if widget is not None:
+            rows.setdefault(int(item.get("row")), {})[int(item.get("column"))] = widget.get("name")
+    return rows
+
+
+def test_the_recipe_is_chosen_above_the_epochs_it_sets_and_says_where_its_models_run(root):
+    combo = next(w for w in root.iter("widget") if w.get("name") == "trainingRecipeComboBox")
+    assert combo.get("class") == "QComboBox"
+    bound = combo.find("property[@name='SlicerParameterName']")
+    assert bound.get("stdset") == "0" and bound.findtext("string") == "trainingRecipe"
+    items = [i.findtext("property/string") for i in combo.findall("item")]
+    assert items == ["U-Net (runs in GeoSlicer)", "Small data: pre-trained encoder (needs this extension)"]
+    tip = combo.findtext("property[@name='toolTip']/string")
+    assert "do not run in GeoSlicer's own AI Segmenter" in tip and "ImageNet" in tip
+    rows = _form_rows(next(layout for layout in root.iter("layout") if layout.get("name") == "trainFormLayout"))
+    recipe_row = next(r for r, row in rows.items() if row.get(1) == "trainingRecipeComboBox")
+    assert rows[recipe_row][0] == "trainingRecipeLabel" and rows[recipe_row + 1][1] == "epochsSpinBox"
+    assert sorted(rows) == list(range(len(rows)))  # no two widgets share a row, none is skipped
+    texts = {w.get("name"): w.findtext("property[@name='text']/string") for w in root.iter("widget")}
+    assert texts["trainingRecipeLabel"] == "Recipe:"
 
 
 def test_custom_classes_are_declared_with_header_and_a_qt_base(root):

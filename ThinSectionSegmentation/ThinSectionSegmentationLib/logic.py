@@ -51,7 +51,7 @@ from .labelmaps import (
     set_reference,
 )
 from .netcdf_nodes import find_pp_xp, referenced_images
-from .parameters import get_parameter_node
+from .parameters import TrainingRecipe, get_parameter_node
 from .registration_nodes import create_transform_node, landmarks_from_markups, residual_table
 from .volumes import (
     UNKNOWN_SPACING_MM,
@@ -719,6 +719,7 @@ class ThinSectionSegmentationLogic:
         mappingCsv=None,
         modelMmPerPixel: float | None = None,
         ppOnly: bool = False,
+        recipe: str = "unet",
         workDir=None,
         python: str | None = None,
         **options,
@@ -729,10 +730,14 @@ class ThinSectionSegmentationLogic:
 
         As `thinseg train`: `classes` (a class file or a colour table node; --classes), `mappingCsv`
         (mineral,class rows; --mapping), `modelMmPerPixel` (the model's pixel size, sections are
-        resampled to it; --model-mm-per-pixel) and `ppOnly` (--pp-only). Every choice is checked
-        here, before anything is written."""
+        resampled to it; --model-mm-per-pixel), `ppOnly` (--pp-only) and `recipe` (--recipe: "unet" or
+        "small-data"; the job's epochs and sizes given here still win over the recipe's). Every choice
+        is checked here, before anything is written."""
         if not sections:
             raise ThinSegError("choose at least one registered section (a labelmap on a PP image, or a netCDF file)")
+        known = [r.value for r in TrainingRecipe]
+        if recipe not in known:
+            raise ThinSegError(f"unknown training recipe {recipe!r} (known: {', '.join(known)})")
         choices = self._training_choices(initFrom, classes, mappingCsv, modelMmPerPixel, ppOnly)
         root = Path(modelsRoot) if modelsRoot else models.default_user_models_root()
         model_dir = models.new_model_dir(root, modelName)
@@ -766,6 +771,7 @@ class ThinSectionSegmentationLogic:
                 "batch_size": int(batchSize),
                 "steps_per_epoch": int(stepsPerEpoch),
                 "val_fraction": float(valFraction),
+                "recipe": recipe,
                 "init_from": str(initFrom) if initFrom else None,
                 "description": f"Trained in Thin Section Segmentation on {len(files)} section(s).",
             }

@@ -21,7 +21,7 @@ from slicer.util import VTKObservationMixin
 from thinseg.errors import ThinSegError
 from thinseg.jobs import EpochEvent
 
-from . import dependencies, models
+from . import dependencies, models, parameters
 from .guibinding import SLICER_PROPERTY, THINSEG_PROPERTY, GuiBinding, named_widgets
 from .logic import ThinSectionSegmentationLogic
 from .session import JobSession, status_of
@@ -83,6 +83,8 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
         ui.refreshModelsButton.connect("clicked(bool)", lambda _checked=False: self.refreshModels())
         ui.addTrainFilesButton.connect("clicked(bool)", self.onAddTrainFiles)
         ui.removeTrainFilesButton.connect("clicked(bool)", self.onRemoveTrainFiles)
+        # activated: the user's choice only, not a scene load or the binding filling the combo box
+        ui.trainingRecipeComboBox.connect("activated(int)", self.onRecipeChosen)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -145,6 +147,8 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
         else:
             bound_here = named_widgets(widgets, [SLICER_PROPERTY, THINSEG_PROPERTY])
         self._binding = GuiBinding(params, bound_here).connect()
+        for index, recipe in enumerate(parameters.TrainingRecipe):  # binding refills the items: tips after it
+            self.ui.trainingRecipeComboBox.setItemData(index, recipe.description(), qt.Qt.ToolTipRole)
         self._paramObserver = params.parameterNode.AddObserver(
             vtk.vtkCommand.ModifiedEvent, lambda caller, event: self._onParametersModified()
         )
@@ -454,6 +458,13 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
         selected = {item.text() for item in self.ui.trainFilesList.selectedItems()}
         self.params.trainFiles = [f for f in self.params.trainFiles if f not in selected]
 
+    def onRecipeChosen(self, index):
+        """Set the epochs and sizes to the chosen recipe's (the user may change them again)."""
+        if self.params is None or not self._ensureDependencies():  # the recipes live with the training code
+            return
+        with self._errors("Cannot apply the recipe"):
+            parameters.choose_recipe(self.params, list(parameters.TrainingRecipe)[index])
+
     def onTrainButton(self):
         if self._running():
             return self.onCancel()
@@ -479,6 +490,7 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
                 mappingCsv=p.trainMappingPath or None,
                 modelMmPerPixel=p.modelMmPerPixel or None,
                 ppOnly=p.ppOnly,
+                recipe=p.trainingRecipe.value,
             )
             self._curveNodes = (None, None)
             self._start(job, self.ui.trainButton, self.logic.finishTraining, self._showTraining)

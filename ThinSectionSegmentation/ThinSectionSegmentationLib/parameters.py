@@ -50,6 +50,30 @@ class TransformKind(enum.Enum):
         return {"similarity": "Similarity", "affine": "Affine", "tps": "Thin-plate spline"}[self.value]
 
 
+class TrainingRecipe(enum.Enum):
+    """The training preset, as `thinseg train --recipe` names it (the values are thinseg's
+    RECIPE_NAMES; the members are spelled as Python names, which is how the scene stores them)."""
+
+    unet = "unet"
+    small_data = "small-data"
+
+    def label(self) -> str:
+        """What the recipe combo box shows."""
+        return {
+            "unet": "U-Net (runs in GeoSlicer)",
+            "small-data": "Small data: pre-trained encoder (needs this extension)",
+        }[self.value]
+
+    def description(self) -> str:
+        """The combo box item's tooltip: what the recipe trains and where its models run."""
+        return {
+            "unet": "A MONAI U-Net trained from scratch: the network GeoSlicer's own AI Segmenter runs.",
+            "small-data": "For a few registered sections: a U-Net whose encoder starts from ImageNet weights, "
+            "sized to train in under 30 minutes on 2 CPU cores. Its models need this extension (thinseg 0.2 "
+            "or later): they do not run in GeoSlicer's own AI Segmenter.",
+        }[self.value]
+
+
 @dataclass
 class ThinSectionSegmentationParameters:
     """Every setting of the panel with its type and default. Node fields may hold None (no node
@@ -76,6 +100,7 @@ class ThinSectionSegmentationParameters:
     trainFiles: list[str] = field(default_factory=list)  # netCDF files of registered sections
     modelName: str = "my-thin-section-model"
     userModelsRoot: str = ""
+    trainingRecipe: TrainingRecipe = TrainingRecipe.unet  # `thinseg train --recipe`
     epochs: int = 20
     patchSize: int = 256
     batchSize: int = 8
@@ -140,7 +165,16 @@ OLD_NAMES: dict[str, str] = {
 #: Old parameters and node references nothing reads any more (removed by `migrate`).
 OLD_UNUSED = ("Refine", "TransformNode", "RegisteredLabelmap")
 
-ENUMS: dict[str, type[enum.Enum]] = {"Device": Device, "TransformKind": TransformKind}
+ENUMS: dict[str, type[enum.Enum]] = {"Device": Device, "TransformKind": TransformKind, "TrainingRecipe": TrainingRecipe}
+
+#: The panel's fields a recipe sets when it is chosen -> the recipe's (TrainConfig's) setting.
+#: The job always gets the panel's values, so these must follow the recipe or they override it.
+RECIPE_FIELDS: dict[str, str] = {
+    "epochs": "epochs",
+    "stepsPerEpoch": "steps_per_epoch",
+    "patchSize": "patch_size",
+    "batchSize": "batch_size",
+}
 
 
 def is_node_field(name: str) -> bool:
@@ -160,6 +194,28 @@ def node_class(name: str) -> type:
 def default_value(name: str) -> Any:
     spec = next(f for f in fields(ThinSectionSegmentationParameters) if f.name == name)
     return spec.default_factory() if spec.default is MISSING and spec.default_factory is not MISSING else spec.default
+
+
+def recipe_values(recipe: TrainingRecipe) -> dict[str, int]:
+    """The values of RECIPE_FIELDS that `recipe` trains with: its own, else the panel's defaults."""
+    from thinseg.training.recipes import recipe_settings  # deferred: the training package loads torch
+
+    settings = recipe_settings(recipe.value)
+    return {name: int(settings.get(key, default_value(name))) for name, key in RECIPE_FIELDS.items()}
+
+
+def choose_recipe(params: Any, recipe: TrainingRecipe) -> None:
+    """What picking a recipe in the panel does: the recipe is stored and the epochs, steps per
+    epoch, patch and batch sizes are set to the recipe's values, which the user may then edit.
+    One modification of the node, so observers see one change."""
+    values = recipe_values(recipe)
+    wasModifying = params.parameterNode.StartModify()
+    try:
+        params.trainingRecipe = recipe
+        for name, value in values.items():
+            setattr(params, name, value)
+    finally:
+        params.parameterNode.EndModify(wasModifying)
 
 
 # -- the stored layout (the one Slicer's parameterNodeWrapper serializers use) -----------------

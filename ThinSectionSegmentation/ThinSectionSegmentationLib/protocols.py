@@ -88,6 +88,7 @@ class PanelLogic(Protocol):
         mappingCsv: Any = None,
         modelMmPerPixel: float | None = None,
         ppOnly: bool = False,
+        recipe: str = "unet",
     ) -> Any: ...
 
     def finishTraining(self, job: Any) -> Any: ...
