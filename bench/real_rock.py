@@ -88,6 +88,7 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     ),
     "aug-none": ("small-data", {"augment": "none"}, "no augmentation at all"),
     "balance-0": ("small-data", {"balancing_strength": 0.0}, "uniform random patches (no class balancing)"),
+    "balance-0.25": ("small-data", {"balancing_strength": 0.25}, "weaker class balancing (the old recipe's)"),
     "balance-0.75": ("small-data", {"balancing_strength": 0.75}, "stronger class balancing (train's default)"),
     "ce-only": ("small-data", {"dice_weight": 0.0}, "cross-entropy only, no Dice term"),
     "constant-lr": ("small-data", {"schedule": "constant"}, "constant learning rate after warm-up (no cosine)"),
@@ -189,7 +190,7 @@ def run_one(
     run_dir = args.work / result_name
     if args.smoke:  # a few steps, to check the whole path
         changes = {**changes, "epochs": 2, "steps_per_epoch": 3, "warmup_steps": 1}
-    changes = {**changes, "precision": args.precision, "keep_best_epoch": True}
+    changes = {**changes, "precision": args.precision, "keep_best_epoch": args.score_best_epoch}
     config = train_config(recipe, changes, run_dir, sections, train, val, args.device)
     start = time.perf_counter()
     result = run_training(config, log=lambda m: print(f"[{result_name}] {m}", file=sys.stderr, flush=True))
@@ -229,6 +230,63 @@ def run_one(
     return record
 
 
+def _interval(score: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3) -> str:
+    pair = (score.get("intervals") or {}).get(key)
+    if not pair or pair[0] is None:
+        return ""
+    return f" [{pair[0] * scale:.{digits}f}, {pair[1] * scale:.{digits}f}]"
+
+
+def summary_table(records: list[dict[str, Any]], tta: str) -> str:
+    """A Markdown table of the test scores of `records` (one column each) with test-time
+    augmentation `tta`: per-class IoU, mean IoU, accuracy, fraction R^2/RMSE with their 95%
+    intervals over the test fields, calibration, training time."""
+    columns = [r for r in records if tta in r["scores"]]
+    if not columns:
+        return ""
+    first = columns[0]["scores"][tta]
+    names = [c["name"] for c in first["metrics"]["classes"]]
+    rows = [
+        f"| test fields {', '.join(columns[0]['test'])}, TTA {tta} | "
+        + " | ".join(c["experiment"] if c["experiment"] != "lofo" else f"LOFO {c['test'][0]}" for c in columns)
+        + " |"
+    ]
+    rows.append("|---" * (len(columns) + 1) + "|")
+
+    def row(label: str, cell: Any) -> None:
+        rows.append(f"| {label} | " + " | ".join(cell(c["scores"][tta], c) for c in columns) + " |")
+
+    for index, name in enumerate(names):
+        row(f"IoU {name}", lambda s, _c, i=index: f"{s['metrics']['classes'][i]['iou']:.3f}")
+    row("**mean IoU**", lambda s, _c: f"**{s['metrics']['mean_iou']:.3f}**{_interval(s, 'mean_iou')}")
+    row(
+        "**pixel accuracy**",
+        lambda s, _c: f"**{100 * s['metrics']['pixel_accuracy']:.1f}%**{_interval(s, 'pixel_accuracy', 100, 1)}",
+    )
+    row("**fraction R^2**", lambda s, _c: f"**{s['fractions']['r2_overall']:.2f}**{_interval(s, 'fraction_r2', 1, 2)}")
+    row(
+        "fraction RMSE (points)",
+        lambda s, _c: f"{100 * s['fractions']['rmse_overall']:.1f}{_interval(s, 'fraction_rmse', 100, 1)}",
+    )
+    row("calibration ECE", lambda s, _c: f"{s['calibration']['ece']:.3f}")
+    row("training (min)", lambda _s, c: f"{c['training_seconds'] / 60:.1f}")
+    return "\n".join(rows)
+
+
+def read_records(paths: list[Path]) -> list[dict[str, Any]]:
+    records = []
+    for path in paths:
+        files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+        for file in files:
+            text = file.read_text()
+            records += (
+                [json.loads(line) for line in text.splitlines() if line.strip()]
+                if file.suffix == ".jsonl"
+                else [json.loads(text)]
+            )
+    return records
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sandstone-ppl-xpl")
@@ -243,10 +301,21 @@ def main() -> int:
     p.add_argument("--tta", default="none,dihedral", help="test-time augmentation modes to score with")
     p.add_argument("--precision", default="fp32", help="training and scoring precision (fp32: as on CPUs)")
     p.add_argument("--jsonl", type=Path, default=None, help="also append each result as one line here")
+    p.add_argument(
+        "--score-best-epoch",
+        action="store_true",
+        help="also score the best single epoch when the averaged weights were exported (what averaging gives)",
+    )
+    p.add_argument("--summarize", nargs="+", type=Path, default=None, metavar="JSON", help="print tables of results")
     p.add_argument("--list", action="store_true")
     p.add_argument("--smoke", action="store_true", help="2 epochs of 3 steps: checks the path, measures nothing")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.summarize:
+        records = read_records(args.summarize)
+        for tta in args.tta.split(","):
+            print(summary_table(records, tta) + "\n")
+        return 0
     if args.list:
         for name, (recipe, _changes, text) in EXPERIMENTS.items():
             print(f"{name:18s} {recipe:10s} {text}")

@@ -195,6 +195,8 @@ def test_a_tiny_small_data_run_exports_an_averaged_model_with_its_inference_defa
     assert len(averaged) == 1
     assert (meta["training"]["averaged_epochs"] == [1, 2]) == averaged[0].endswith("exported")
     assert load_bundle(result.model_dir).test_time_augmentation == "dihedral"
+    temperature = meta["training"]["temperature"]
+    assert 0.05 <= temperature <= 20 and any(m.startswith("confidence calibrated") for m in messages)
 
 
 def test_train_command_line_recipe_and_overrides(tmp_path):
@@ -238,3 +240,21 @@ def test_a_training_job_takes_the_recipe_and_its_own_settings_win(tmp_path):
     assert job_train_config({"sections": ["a.nc"], "run_dir": str(tmp_path)}, tmp_path).network == "UNet"
     with pytest.raises(ThinSegError, match="unknown training recipe 'huge'"):
         job_train_config({**job, "recipe": "huge"}, tmp_path)
+
+
+def test_the_fitted_temperature_undoes_an_over_confident_scaling():
+    from thinseg.training.calibration import fit_temperature, fold_temperature
+
+    generator = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(20000, 5, generator=generator) * 1.5
+    target = torch.multinomial(torch.softmax(true_logits, dim=1), 1, generator=generator)[:, 0]
+    assert fit_temperature(true_logits * 3.0, target) == pytest.approx(3.0, rel=0.05)
+    assert fit_temperature(true_logits, target) == pytest.approx(1.0, rel=0.05)
+    net = lite(1, seed=2).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = net(x)
+        fold_temperature(net, 2.5)
+        after = net(x)
+    assert torch.allclose(after, before / 2.5, atol=1e-5)
+    assert torch.equal(after.argmax(1), before.argmax(1))

@@ -32,6 +32,7 @@ from thinseg.jsonio import finite, write_json
 from thinseg.model.bundle import load_bundle
 from thinseg.training.augment import colour_jitter
 from thinseg.training.cache import ArrayCache
+from thinseg.training.calibration import fit_temperature, fold_temperature, sample_logits
 from thinseg.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from thinseg.training.config import TrainConfig, TrainResult
 from thinseg.training.curves import plot_curves, write_log_csv
@@ -368,6 +369,7 @@ class TrainingRun:
             )
             raise
         self._export_average()
+        self._calibrate()
         test_metrics = self._evaluate_test()
         return TrainResult(
             output_dir=self.out,
@@ -442,6 +444,30 @@ class TrainingRun:
         else:
             self.log(f"average of epochs {first}-{self.epoch}: val mean IoU {iou}: the best single epoch is kept")
             self.network.load_state_dict(current)
+
+    def _calibrate(self) -> None:
+        """Fit the confidence's temperature on the validation sections and export the exported
+        model again with it folded in (its labels do not change)."""
+        c = self.config
+        if not c.calibrate_temperature or not self.val_sections or self.model_dir is None:
+            return
+        exported = load_bundle(self.model_dir).network.state_dict()
+        self.network.load_state_dict(exported)
+        logits, target = sample_logits(
+            self.network,
+            self.val_sections,
+            self.roles,
+            first_label=self.spec.first_label,
+            multiple=size_multiple(self.network),
+            device=self.device,
+            seed=c.seed,
+        )
+        temperature = fit_temperature(logits, target)
+        fold_temperature(self.network, temperature)
+        self._validate()  # the same labels; the confidence reference moves with the temperature
+        self.best = {**self.best, "temperature": temperature, "confidence_reference": self._last_confidence}
+        self.model_dir = self._export()
+        self.log(f"confidence calibrated on the validation sections: temperature {temperature:.2f}")
 
     def _reestimate_norms(self, batches: int = 16) -> None:
         """Batch-norm running statistics of the averaged weights, measured on training batches.
@@ -625,6 +651,7 @@ class TrainingRun:
                 },
                 "epoch": self.best["epoch"],
                 "averaged_epochs": self.best.get("averaged_epochs"),
+                "temperature": self.best.get("temperature"),
                 "recipe": c.recipe,
                 "epochs_planned": c.epochs,
                 "patch_size": c.patch_size,
