@@ -230,6 +230,33 @@ def run_one(
     return record
 
 
+def draw_figure(model_dir: Path, field: str, data: Path, out: Path, title: str | None, panel_side: int = 640) -> None:
+    """truth | prediction | errors of one field by one model (its own test-time augmentation),
+    the README's picture."""
+    from thinseg.inference.engine import InferenceOptions, Segmenter
+    from thinseg.metrics.borders import void_border_mask
+    from thinseg.model.bundle import load_bundle
+    from thinseg.reports.errors import write_error_overlay
+
+    bundle = load_bundle(model_dir)
+    section = load_fields(data, (field,))[field]
+    roles = ["PP", "XP"][: len(bundle.input_names)]
+    result = Segmenter(bundle, InferenceOptions(device="cpu")).segment([section.source(r) for r in roles])
+    truth = section.read_labels()
+    shown = write_error_overlay(
+        out,
+        truth,
+        result.labels,
+        bundle.class_table,
+        pp=section.source("PP").read(0, truth.shape[0]),
+        keep=void_border_mask(truth, 2.0),
+        title=f"{field} (never trained on): {title or bundle.title}",
+        max_panel_side=panel_side,
+        overwrite=True,
+    )
+    print(f"{out}: {shown}")
+
+
 def _interval(score: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3) -> str:
     pair = (score.get("intervals") or {}).get(key)
     if not pair or pair[0] is None:
@@ -307,10 +334,21 @@ def main() -> int:
         help="also score the best single epoch when the averaged weights were exported (what averaging gives)",
     )
     p.add_argument("--summarize", nargs="+", type=Path, default=None, metavar="JSON", help="print tables of results")
+    p.add_argument(
+        "--figure",
+        nargs=3,
+        default=None,
+        metavar=("MODEL_DIR", "FIELD", "PNG"),
+        help="draw truth | prediction | errors of one field",
+    )
+    p.add_argument("--figure-title", default=None, help="the model's name in the figure (default: its title)")
     p.add_argument("--list", action="store_true")
     p.add_argument("--smoke", action="store_true", help="2 epochs of 3 steps: checks the path, measures nothing")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.figure:
+        draw_figure(Path(args.figure[0]), args.figure[1], args.data, Path(args.figure[2]), args.figure_title)
+        return 0
     if args.summarize:
         records = read_records(args.summarize)
         for tta in args.tta.split(","):

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Reproduces README "Results on real thin sections" with the project's own commands:
-# prepare the ten real sandstone fields (XP aligned to PP, masks named by a class file), train a
-# PP+XP and a PP-only model on fields 2a-8a (one of them held out for validation), evaluate both
-# on 9a-11a, and compare them.
+# prepare the ten real sandstone fields (XP aligned to PP, masks named by a class file), train
+# PP+XP and PP-only models on fields 2a-8a (4a held out by the seeded split to pick checkpoints)
+# with both recipes (unet: the MONAI U-Net GeoSlicer runs; small-data: the ImageNet-pretrained
+# LiteUNet), evaluate all four on 9a-11a (95% intervals over the fields, calibration), compare.
+# The leave-one-field-out spread: python bench/real_rock.py --lofo --experiments "" (ten trainings).
 #   bash scripts/real_sandstone.sh [DATA_DIR] [OUT_DIR]
 # DATA_DIR defaults to ../shared/data/sandstone-ppl-xpl (GPL-3.0: read its README; the trained
 # models are not shipped), OUT_DIR to results/real.
@@ -28,18 +30,26 @@ done
 # that resolution so that a 256 px patch holds several grains.
 TRAIN=(--classes "$CLASSES" --model-mm-per-pixel 0.00264 --epochs "$EPOCHS" --steps-per-epoch 100
        --balancing-strength "$BALANCING" --patience "$PATIENCE" --val-fraction 0.15 --seed 0 --quiet --overwrite)
-SECONDS=0
-"$THINSEG" train "$OUT/sections/train" --output "$OUT/runs/pp-xp" --model-name sandstone-pp-xp \
-    --title "Sandstone U-Net (PP+XP)" "${TRAIN[@]}"
-echo "PP+XP training: ${SECONDS} s" | tee "$OUT/training_time.txt"
-SECONDS=0
-"$THINSEG" train "$OUT/sections/train" --output "$OUT/runs/pp-only" --model-name sandstone-pp-only \
-    --title "Sandstone U-Net (PP only)" --pp-only "${TRAIN[@]}"
-echo "PP-only training: ${SECONDS} s" | tee -a "$OUT/training_time.txt"
+# The small-data recipe works at the fields' own resolution and sets its own schedule.
+SMALL=(--recipe small-data --classes "$CLASSES" --val-fraction 0.15 --seed 0 --quiet --overwrite)
+: > "$OUT/training_time.txt"
+train() {  # run folder, model name, title, options...
+    local run=$1 name=$2 title=$3
+    shift 3
+    SECONDS=0
+    "$THINSEG" train "$OUT/sections/train" --output "$OUT/runs/$run" --model-name "$name" --title "$title" "$@"
+    echo "$run training: ${SECONDS} s" | tee -a "$OUT/training_time.txt"
+}
+train pp-xp sandstone-pp-xp "Sandstone U-Net (PP+XP)" "${TRAIN[@]}"
+train pp-only sandstone-pp-only "Sandstone U-Net (PP only)" --pp-only "${TRAIN[@]}"
+train small-data-pp-xp sandstone-small-data-pp-xp "Sandstone LiteUNet (PP+XP)" "${SMALL[@]}"
+train small-data-pp-only sandstone-small-data-pp-only "Sandstone LiteUNet (PP only)" --pp-only "${SMALL[@]}"
 
-"$THINSEG" evaluate --model "$OUT/runs/pp-xp/sandstone-pp-xp" "$OUT/sections/test" \
-    --output "$OUT/evaluation/pp-xp" --overwrite --quiet
-"$THINSEG" evaluate --model "$OUT/runs/pp-only/sandstone-pp-only" "$OUT/sections/test" \
-    --output "$OUT/evaluation/pp-only" --overwrite --quiet
-"$THINSEG" compare --models "$OUT/runs/pp-xp/sandstone-pp-xp" "$OUT/runs/pp-only/sandstone-pp-only" \
-    "$OUT/sections/test" --output "$OUT/comparison" --overwrite --quiet
+MODELS=()
+for run in pp-xp pp-only small-data-pp-xp small-data-pp-only; do
+    model="$OUT/runs/$run/sandstone-$run"
+    MODELS+=("$model")
+    # test-time augmentation: auto = what each model's meta.json says (neither recipe asks for it)
+    "$THINSEG" evaluate --model "$model" "$OUT/sections/test" --output "$OUT/evaluation/$run" --overwrite --quiet
+done
+"$THINSEG" compare --models "${MODELS[@]}" "$OUT/sections/test" --output "$OUT/comparison" --overwrite --quiet

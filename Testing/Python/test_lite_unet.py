@@ -175,6 +175,7 @@ def test_recipes_are_named_settings_of_train_config():
 def test_a_tiny_small_data_run_exports_an_averaged_model_with_its_inference_default(tmp_path):
     settings = recipe_settings("small-data")
     settings.update(epochs=2, steps_per_epoch=2, warmup_steps=1, patch_size=64, batch_size=2, average_last=2)
+    settings["test_time_augmentation"] = "dihedral"  # what a recipe may record as the inference default
     config = TrainConfig(
         output_dir=tmp_path / "run",
         train_sections=synthetic_sections(1, 128, seed=0),

@@ -97,7 +97,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         choices=["unet", "small-data"],
         help="preset of the settings below, which still override it: unet (default) trains the MONAI U-Net "
         "that GeoSlicer runs; small-data, for a few real sections, trains a U-Net with an ImageNet-pretrained "
-        "EfficientNet-Lite0 encoder, averaged checkpoints and test-time augmentation (about 25 min on 2 CPU "
+        "EfficientNet-Lite0 encoder, averaged checkpoints and a calibrated confidence (about 25 min on 2 CPU "
         "cores; the model needs thinseg, not GeoSlicer 2.8 alone)",
     )
     opt.add_argument(
