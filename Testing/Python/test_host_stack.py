@@ -346,6 +346,7 @@ PARAMETER_HINTS = {
     "trainFiles": "builtins.list[builtins.str]",
     "modelName": "builtins.str",
     "userModelsRoot": "builtins.str",
+    "trainingRecipe": "ThinSectionSegmentationLib.parameters.TrainingRecipe",
     "epochs": "builtins.int",
     "patchSize": "builtins.int",
     "batchSize": "builtins.int",
@@ -391,6 +392,7 @@ def test_the_parameter_node_annotations_evaluate_on_python_39(geoslicer_python):
     assert {name: fields for name, fields in hints.items() if not name.startswith("ThinSectionSegmentationParam")} == {
         "Device": {},
         "TransformKind": {},
+        "TrainingRecipe": {},
         "PlainParameterNode": {},
         "GuiBinding": {},
     }
@@ -425,4 +427,4 @@ def test_the_annotation_check_fails_on_a_310_union(geoslicer_python, tmp_path, u
     assert report["python"] == [3, 9]
     assert sorted(report["errors"]) == ["ThinSectionSegmentationParameterNode", "ThinSectionSegmentationParameters"]
     assert all(error.startswith("TypeError: unsupported operand type(s) for |") for error in report["errors"].values())
-    assert sorted(report["hints"]) == ["Device", "GuiBinding", "PlainParameterNode", "TransformKind"]
+    assert sorted(report["hints"]) == ["Device", "GuiBinding", "PlainParameterNode", "TrainingRecipe", "TransformKind"]
