@@ -50,33 +50,21 @@ def _augment(**changes: Any) -> Any:
     return replace(base, **changes)
 
 
+#: The previous recipe's settings (scripts/real_sandstone.sh before the small-data recipe).
+PREVIOUS: dict[str, Any] = {
+    "pixels_per_mm": 1 / HALF_RES_MM,
+    "epochs": 10,
+    "steps_per_epoch": 100,
+    "balancing_strength": 0.25,
+    "patience": 6,
+}
+
 #: experiment -> (recipe, TrainConfig changes, one-line description)
 EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "small-data": ("small-data", {}, "the small-data recipe as shipped"),
     "small-data-pp": ("small-data", {"inputs": ("PP",)}, "small-data, PP only"),
-    "old-unet": (
-        "unet",
-        {
-            "pixels_per_mm": 1 / HALF_RES_MM,
-            "epochs": 10,
-            "steps_per_epoch": 100,
-            "balancing_strength": 0.25,
-            "patience": 6,
-        },
-        "the previous recipe (MONAI U-Net from scratch, half resolution, 10 x 100 steps)",
-    ),
-    "old-unet-pp": (
-        "unet",
-        {
-            "pixels_per_mm": 1 / HALF_RES_MM,
-            "epochs": 10,
-            "steps_per_epoch": 100,
-            "balancing_strength": 0.25,
-            "patience": 6,
-            "inputs": ("PP",),
-        },
-        "the previous recipe, PP only",
-    ),
+    "old-unet": ("unet", PREVIOUS, "the previous recipe (MONAI U-Net from scratch, half resolution, 10 x 100 steps)"),
+    "old-unet-pp": ("unet", {**PREVIOUS, "inputs": ("PP",)}, "the previous recipe, PP only"),
     "scratch-encoder": ("small-data", {"pretrained": False}, "encoder from random weights, not ImageNet"),
     "frozen-encoder": ("small-data", {"encoder_lr_scale": 0.0}, "ImageNet encoder frozen (decoder only learns)"),
     "encoder-full-lr": ("small-data", {"encoder_lr_scale": 1.0}, "encoder at the decoder's learning rate"),

@@ -79,6 +79,49 @@ def make_bundle(
     )
 
 
+#: Stride 1 and 1x1 kernels make the UNet pointwise: each pixel's answer depends on that pixel
+#: alone, so any tiling reproduces the whole-image forward exactly and the network commutes with
+#: every flip and rotation of the grid.
+POINTWISE_UNET = dict(
+    spatial_dims=2,
+    in_channels=6,
+    out_channels=7,
+    channels=[8, 8],
+    strides=[1],
+    kernel_size=1,
+    up_kernel_size=1,
+    num_res_units=0,
+    norm="batch",
+)
+
+
+def make_pointwise_bundle(folder: Path):
+    """Save and load a pointwise UNet bundle (random non-trivial weights, seed 1)."""
+    import torch
+
+    from thinseg.classes.files import default_class_table
+    from thinseg.model.bundle import load_bundle, save_bundle
+    from thinseg.model.networks import build_network
+
+    torch.manual_seed(1)
+    net = build_network("UNet", POINTWISE_UNET)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 1)
+    save_bundle(
+        folder,
+        net,
+        network_name="UNet",
+        network_params=POINTWISE_UNET,
+        class_table=default_class_table(),
+        pixels_per_mm=757.6,
+        roi_shape=(64, 64),
+        title="pointwise",
+        description="test",
+    )
+    return load_bundle(folder)
+
+
 def rewrite_bundle(folder: Path, edit_meta=None, edit_saved=None) -> None:
     """Edit a saved bundle in place: `edit_meta(meta_dict)` for meta.json, `edit_saved(saved)`
     for the dict in model.pth (both edit in place), to build bundles save_bundle would refuse."""

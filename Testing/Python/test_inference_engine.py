@@ -3,26 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from helpers import make_pointwise_bundle
 
 from thinseg.classes.files import default_class_table
 from thinseg.errors import ThinSegError
 from thinseg.inference import Cancelled, InferenceOptions, Segmenter
 from thinseg.model.bundle import load_bundle, save_bundle
 from thinseg.model.networks import build_network
-
-# Stride 1 and 1x1 kernels make the UNet pointwise: any tiling must reproduce the whole-image
-# forward exactly, so every row, column and blend weight of the rolling buffer is checked.
-POINTWISE_UNET = dict(
-    spatial_dims=2,
-    in_channels=6,
-    out_channels=7,
-    channels=[8, 8],
-    strides=[1],
-    kernel_size=1,
-    up_kernel_size=1,
-    num_res_units=0,
-    norm="batch",
-)
 
 
 class ArraySource:
@@ -35,24 +22,7 @@ class ArraySource:
 
 @pytest.fixture(scope="module")
 def pointwise_bundle(tmp_path_factory):
-    torch.manual_seed(1)
-    net = build_network("UNet", POINTWISE_UNET)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 1)
-    folder = tmp_path_factory.mktemp("models") / "ThinSectionEnv" / "pointwise"
-    save_bundle(
-        folder,
-        net,
-        network_name="UNet",
-        network_params=POINTWISE_UNET,
-        class_table=default_class_table(),
-        pixels_per_mm=757.6,
-        roi_shape=(64, 64),
-        title="pointwise",
-        description="test",
-    )
-    return load_bundle(folder)
+    return make_pointwise_bundle(tmp_path_factory.mktemp("models") / "ThinSectionEnv" / "pointwise")
 
 
 def images(h, w, seed=0):

@@ -13,6 +13,7 @@ import torch
 from helpers import (
     error_lines,
     make_bundle,
+    make_pointwise_bundle,
     open_nc,
     rewrite_bundle,
     run_main,
@@ -27,22 +28,8 @@ from thinseg.errors import ThinSegError
 from thinseg.inference import InferenceOptions, Segmenter, tta
 from thinseg.io.images import ArraySource
 from thinseg.model import bundle as bundle_module
-from thinseg.model.bundle import load_bundle, save_bundle
-from thinseg.model.networks import build_network
+from thinseg.model.bundle import load_bundle
 
-#: 1x1 kernels and stride 1: each pixel's answer depends on that pixel alone, so the network
-#: commutes with every flip and rotation of the grid.
-POINTWISE_UNET = dict(
-    spatial_dims=2,
-    in_channels=6,
-    out_channels=7,
-    channels=[8, 8],
-    strides=[1],
-    kernel_size=1,
-    up_kernel_size=1,
-    num_res_units=0,
-    norm="batch",
-)
 EXACT = dict(device="cpu", precision="fp32")
 
 
@@ -53,24 +40,7 @@ def no_gpu(monkeypatch):
 
 @pytest.fixture(scope="module")
 def pointwise_bundle(tmp_path_factory):
-    torch.manual_seed(1)
-    net = build_network("UNet", POINTWISE_UNET)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 1)
-    folder = tmp_path_factory.mktemp("models") / "ThinSectionEnv" / "pointwise"
-    save_bundle(
-        folder,
-        net,
-        network_name="UNet",
-        network_params=POINTWISE_UNET,
-        class_table=default_class_table(),
-        pixels_per_mm=757.6,
-        roi_shape=(64, 64),
-        title="pointwise",
-        description="test",
-    )
-    return load_bundle(folder)
+    return make_pointwise_bundle(tmp_path_factory.mktemp("models") / "ThinSectionEnv" / "pointwise")
 
 
 @pytest.fixture(scope="module")
