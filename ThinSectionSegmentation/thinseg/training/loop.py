@@ -429,20 +429,13 @@ class TrainingRun:
                 "epoch": self.epoch,
                 "averaged_epochs": [first, self.epoch],
                 "mean_iou": iou,
-                "metrics": finite(
-                    {
-                        "epoch": self.epoch,
-                        "averaged_epochs": [first, self.epoch],
-                        "sections": [v.prepared.name for v in self.val_sections],
-                        **self._last_metrics,
-                        "per_class_iou": {n: finite(row[f"val_iou_{n}"]) for n in self.class_table.names},
-                    }
-                ),
+                "metrics": self._validation_record(row, self.epoch, averaged_epochs=[first, self.epoch]),
                 "confidence_reference": self._last_confidence,
             }
             self.model_dir = self._export()
         else:
-            self.log(f"average of epochs {first}-{self.epoch}: val mean IoU {iou}: the best single epoch is kept")
+            shown = f"{iou:.4f}" if iou is not None else "none"
+            self.log(f"average of epochs {first}-{self.epoch}: val mean IoU {shown}: the best single epoch is kept")
             self.network.load_state_dict(current)
 
     def _calibrate(self) -> None:
@@ -612,14 +605,7 @@ class TrainingRun:
         if has_val:
             summary += f", val mean IoU {iou:.4f}"
         if improved:
-            metrics = finite(self._last_metrics) if has_val else None
-            if metrics is not None:
-                metrics = {
-                    "epoch": row["epoch"],
-                    "sections": [v.prepared.name for v in self.val_sections],
-                    **metrics,
-                    "per_class_iou": {n: finite(row[f"val_iou_{n}"]) for n in self.class_table.names},
-                }
+            metrics = self._validation_record(row, row["epoch"]) if has_val else None
             self.best = {
                 "epoch": row["epoch"],
                 "mean_iou": iou,
@@ -633,6 +619,19 @@ class TrainingRun:
             self.bad_epochs += 1
         self.log(summary)
         return bool(has_val and c.patience is not None and self.bad_epochs >= c.patience)
+
+    def _validation_record(self, row: dict[str, Any], epoch: int, **extra: Any) -> dict[str, Any]:
+        """The exported model's validation scores (meta.json `metrics`) from the last validation."""
+        record: dict[str, Any] = finite(
+            {
+                "epoch": epoch,
+                **extra,
+                "sections": [v.prepared.name for v in self.val_sections],
+                **self._last_metrics,
+                "per_class_iou": {n: row[f"val_iou_{n}"] for n in self.class_table.names},
+            }
+        )
+        return record
 
     def _export(self) -> Path:
         c = self.config
