@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
     {"model"},
     {"inference"},
     {"metrics"},
+    {"analysis"},  # grains of labelmaps: sizes, shapes, contacts
     {"registration"},
     {"training"},
     {"reports"},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -135,6 +136,19 @@ learning_rate = float_range(0.0, MAX_LEARNING_RATE, low_open=True)
 minutes = float_range(0.0, MAX_MINUTES, low_open=True)
 workers = int_range(0, MAX_WORKERS)
 seed = int_range(0, MAX_SEED)
+neck_ratio = float_range(0.05, 0.99)
+min_grain_pixels = int_range(1, 1_000_000)
+analysis_workers = int_range(1, 64)
+
+
+def default_workers() -> int:
+    """Processes for work split into bands: the CPUs this process may use, at most 2 (more
+    rarely pays off against the memory each needs)."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        available = os.cpu_count() or 1
+    return max(1, min(2, available))
 channels = int_range(1, limits.MAX_NETWORK_CHANNELS)
 depth = int_range(2, MAX_DEPTH)
 

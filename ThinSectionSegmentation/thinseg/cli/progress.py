@@ -12,8 +12,9 @@ from tqdm import tqdm
 class TileProgress:
     """Creates one bar per section; used as the library's ProgressFactory."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, unit: str = "tile") -> None:
         self.enabled = enabled
+        self.unit = unit
         self._bar: tqdm | None = None
 
     def __call__(self, name: str, pixels: int) -> Callable[[int, int], None]:
@@ -24,7 +25,9 @@ class TileProgress:
             if not self.enabled:
                 return
             if self._bar is None:
-                self._bar = tqdm(total=total, desc=name, unit="tile", file=sys.stderr, dynamic_ncols=True, leave=True)
+                self._bar = tqdm(
+                    total=total, desc=name, unit=self.unit, file=sys.stderr, dynamic_ncols=True, leave=True
+                )
             elapsed = max(time.perf_counter() - start, 1e-9)
             self._bar.set_postfix_str(f"{pixels * done / total / elapsed / 1e6:.2f} MPix/s", refresh=False)
             self._bar.update(done - self._bar.n)

@@ -1,0 +1,253 @@
+"""A whole labelmap analysed band by band, in bounded memory, on one or more processes.
+
+Bands of rows are read from the source one at a time (a gigapixel netCDF never lies in memory
+whole), each with a halo of extra rows that grows until the grains the band owns lie whole in
+it (`band_grains`). Workers get the rows themselves, so any source works with processes; at
+most workers + 1 bands are in flight. The bands' grains are merged into one table numbered in
+raster order of their first pixels, which makes the result independent of band size and of
+the number of workers.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from thinseg.analysis.band_grains import BandGrains, BandRequest, analyze_band
+from thinseg.analysis.labelmap_input import LabelmapSource
+from thinseg.analysis.options import ClassRoles, GrainOptions, class_roles
+from thinseg.errors import ThinSegError
+
+#: Longest side of the report's overview picture (pixels).
+OVERVIEW_SIDE = 1600
+#: Blocks along the shorter side for the modal mineralogy's block bootstrap.
+BLOCKS_ACROSS = 16
+#: First halo (rows above and below a band); doubled while a grain does not fit.
+FIRST_HALO = 256
+
+Progress = Callable[[int, int], None]
+
+
+class Cancelled(Exception):
+    """The caller asked to stop (its `cancelled()` returned True between bands)."""
+
+
+@dataclass
+class GrainScan:
+    """Everything measured on a labelmap, in pixels of it (statistics convert to mm)."""
+
+    shape: tuple[int, int]
+    mm_per_pixel: float
+    roles: ClassRoles
+    grains: dict[str, npt.NDArray[np.float64]]  # one row per grain, raster order of first pixels
+    neighbours: list[npt.NDArray[np.int64]]  # per grain, the row numbers (0-based) of grains it touches
+    class_pixels: npt.NDArray[np.int64]  # per label value 0..N
+    small_grain_pixels: npt.NDArray[np.int64]  # per label value, pixels of grains under the minimum size
+    contacts_px: npt.NDArray[np.float64]  # (N+1, N+1) Crofton boundary length in pixels
+    block_counts: npt.NDArray[np.int64]  # (blocks down, blocks across, N+1)
+    block_px: int
+    overview_labels: npt.NDArray[np.uint8]
+    overview_outlines: npt.NDArray[np.bool_]
+    overview_factor: int
+    split_regions: int = 0
+    halo_growths: int = 0
+    cut_grains: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def overview_factor(shape: tuple[int, int]) -> int:
+    """How many times smaller the report's overview is than the labelmap."""
+    return max(1, math.ceil(max(shape) / OVERVIEW_SIDE))
+
+
+def block_size(shape: tuple[int, int]) -> int:
+    """Side of the bootstrap's square blocks: BLOCKS_ACROSS along the shorter side."""
+    return max(8, math.ceil(min(shape) / BLOCKS_ACROSS))
+
+
+def band_rows(shape: tuple[int, int], band_pixels: int) -> int:
+    """Own rows per band (even, so every band's every-second-row grid is the section's)."""
+    rows = max(64, band_pixels // max(shape[1], 1))
+    return min(rows + rows % 2, shape[0] + shape[0] % 2)
+
+
+def _requests(
+    source: LabelmapSource, options: GrainOptions, roles: ClassRoles, y0: int, y1: int, halo: int
+) -> BandRequest:
+    height, width = source.shape
+    first = max(0, y0 - halo)
+    first -= first % 2
+    last = min(height, y1 + halo)
+    labels = np.ascontiguousarray(source.read_rows(first, last))
+    return BandRequest(
+        labels=labels,
+        first_row=first,
+        own_rows=(y0, y1),
+        section_shape=(height, width),
+        grain_classes=roles.grains,
+        n_classes=len(source.classes),
+        neck_ratio=options.neck_ratio,
+        split=options.split,
+        min_pixels=options.min_pixels,
+        block_px=block_size(source.shape),
+        overlay_factor=overview_factor(source.shape),
+    )
+
+
+class _Serial(Executor):
+    """Runs each band in this process (one worker; the Slicer logic)."""
+
+    def submit(self, fn: Callable[..., BandGrains], /, *args: object, **kwargs: object) -> Future[BandGrains]:  # type: ignore[override]
+        future: Future[BandGrains] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # handed to the caller through the future
+            future.set_exception(error)
+        return future
+
+
+def _executor(workers: int) -> Executor:
+    if workers <= 1:
+        return _Serial()
+    # spawn: a fork of a process holding threads (Slicer, HDF5) can deadlock
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _band_starts(height: int, rows: int) -> Iterator[tuple[int, int]]:
+    for y0 in range(0, height, rows):
+        yield y0, min(height, y0 + rows)
+
+
+def scan_labelmap(
+    source: LabelmapSource,
+    options: GrainOptions | None = None,
+    *,
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> GrainScan:
+    """Find, split and measure every grain of `source` (see the module's docstring)."""
+    options = options or GrainOptions()
+    roles = class_roles(source.classes, options)
+    height, width = source.shape
+    if height < 1 or width < 1:
+        raise ThinSegError("the labelmap is empty", source.path)
+    rows = band_rows(source.shape, options.band_pixels)
+    bands = list(_band_starts(height, rows))
+    results: dict[int, BandGrains] = {}
+    halos = dict.fromkeys(range(len(bands)), FIRST_HALO)
+    growths = 0
+    cut = 0
+    pending: dict[Future[BandGrains], int] = {}
+    queue = list(range(len(bands)))
+    done_rows = 0
+    with _executor(options.workers) as pool:
+        while queue or pending:
+            while queue and len(pending) <= options.workers:
+                if cancelled is not None and cancelled():
+                    raise Cancelled()
+                i = queue.pop(0)
+                y0, y1 = bands[i]
+                pending[pool.submit(analyze_band, _requests(source, options, roles, y0, y1, halos[i]))] = i
+            future = next(iter(wait(pending, return_when=FIRST_COMPLETED).done))
+            i = pending.pop(future)
+            result = future.result()
+            if result.needs_more_rows:
+                if halos[i] >= min(options.max_halo_rows, height):
+                    cut += 1
+                    request = _requests(source, options, roles, *bands[i], halos[i])
+                    result = _accept_cut(request)
+                else:
+                    halos[i] *= 2
+                    growths += 1
+                    queue.insert(0, i)
+                    continue
+            results[i] = result
+            done_rows += bands[i][1] - bands[i][0]
+            if progress is not None:
+                progress(done_rows, height)
+    return _merge(source, roles, [results[i] for i in range(len(bands))], growths, cut)
+
+
+def _accept_cut(request: BandRequest) -> BandGrains:
+    """A band whose grains still reach past its largest halo: analysed as read, its cut grains
+    flagged (they leave the size statistics like grains at the section's edge)."""
+    return analyze_band(_as_section_end(request))
+
+
+def _as_section_end(request: BandRequest) -> BandRequest:
+    """The same band, told that its last row read is the section's last (no further growth)."""
+    rows = request.labels.shape[0]
+    return BandRequest(
+        labels=request.labels,
+        first_row=request.first_row,
+        own_rows=request.own_rows,
+        section_shape=(request.first_row + rows, request.section_shape[1]),
+        grain_classes=request.grain_classes,
+        n_classes=request.n_classes,
+        neck_ratio=request.neck_ratio,
+        split=request.split,
+        min_pixels=request.min_pixels,
+        block_px=request.block_px,
+        overlay_factor=request.overlay_factor,
+    )
+
+
+def _merge(source: LabelmapSource, roles: ClassRoles, bands: list[BandGrains], growths: int, cut: int) -> GrainScan:
+    names = list(bands[0].columns) if bands and bands[0].columns else []
+    columns = {k: np.concatenate([b.columns[k] for b in bands]) for k in names}
+    order = np.argsort(columns["key"], kind="stable") if names else np.zeros(0, np.int64)
+    columns = {k: v[order] for k, v in columns.items()}
+    keys = columns["key"].astype(np.int64) if names else np.zeros(0, np.int64)
+    pairs = np.concatenate([b.neighbour_pairs for b in bands]) if bands else np.zeros((0, 2), np.int64)
+    neighbours = _neighbour_lists(keys, pairs)
+    block_px = block_size(source.shape)
+    row_blocks = np.concatenate([b.block_counts for b in bands])
+    down = -(-source.shape[0] // block_px)
+    blocks = np.add.reduceat(row_blocks, np.arange(0, row_blocks.shape[0], block_px), axis=0)
+    assert blocks.shape[0] == down
+    factor = overview_factor(source.shape)
+    outlines_rows = np.concatenate([b.overlay_outlines for b in bands])
+    outlines = np.logical_or.reduceat(outlines_rows, np.arange(0, outlines_rows.shape[0], factor), axis=0)
+    notes = []
+    if cut:
+        notes.append(f"{cut} band(s) held grains taller than the largest halo: those grains are flagged as cut")
+    return GrainScan(
+        shape=source.shape,
+        mm_per_pixel=source.mm_per_pixel,
+        roles=roles,
+        grains=columns,
+        neighbours=neighbours,
+        class_pixels=np.sum([b.class_pixels for b in bands], axis=0).astype(np.int64),
+        small_grain_pixels=np.sum([b.small_grains for b in bands], axis=0).astype(np.int64),
+        contacts_px=np.sum([b.contacts for b in bands], axis=0),
+        block_counts=blocks,
+        block_px=block_px,
+        overview_labels=np.concatenate([b.overlay_labels for b in bands]),
+        overview_outlines=outlines,
+        overview_factor=factor,
+        split_regions=sum(b.split_regions for b in bands),
+        halo_growths=growths,
+        cut_grains=cut,
+        notes=notes,
+    )
+
+
+def _neighbour_lists(keys: npt.NDArray[np.int64], pairs: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
+    """Per grain, the sorted row numbers of the grains it touches (pairs name grains by key)."""
+    if keys.size == 0:
+        return []
+    both = np.concatenate([pairs, pairs[:, ::-1]]) if pairs.size else np.zeros((0, 2), np.int64)
+    a = np.searchsorted(keys, both[:, 0])
+    b = np.searchsorted(keys, both[:, 1])
+    a_ok = (a < keys.size) & (keys[np.minimum(a, keys.size - 1)] == both[:, 0])
+    b_ok = (b < keys.size) & (keys[np.minimum(b, keys.size - 1)] == both[:, 1])
+    ok = a_ok & b_ok
+    links = np.unique(np.stack([a[ok], b[ok]], axis=1), axis=0) if ok.any() else np.zeros((0, 2), np.int64)
+    splits = np.searchsorted(links[:, 0], np.arange(keys.size + 1))
+    return [links[splits[i] : splits[i + 1], 1].astype(np.int64) for i in range(keys.size)]
