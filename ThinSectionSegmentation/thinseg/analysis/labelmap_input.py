@@ -37,10 +37,18 @@ class LabelmapSource(Protocol):
     """What the analysis reads: rows of labels, their classes and pixel size."""
 
     name: str
-    path: Path | None
     classes: ClassTable
-    shape: tuple[int, int]
     mm_per_pixel: float
+
+    @property
+    def path(self) -> Path | None:
+        """The file read, if any (error messages name it)."""
+        ...
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns)."""
+        ...
 
     def read_rows(self, y0: int, y1: int) -> npt.NDArray[np.uint8]: ...
 
@@ -192,7 +200,8 @@ def image_labelmap(
         raise ThinSegError(
             f"the PP image is {source.shape[1]}x{source.shape[0]}, the labelmap {labels.shape[1]}x{labels.shape[0]}", pp
         )
-    return ArrayLabelmap(np.ascontiguousarray(labels), table, spacing, path.stem, path, source)
+    name = path.stem[: -len(".ome")] if path.stem.lower().endswith(".ome") else path.stem
+    return ArrayLabelmap(np.ascontiguousarray(labels), table, spacing, name, path, source)
 
 
 def open_labelmap(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+import SimpleITK as sitk
 
 from thinseg.analysis.band_grains import BandGrains, BandRequest, analyze_band
 from thinseg.analysis.labelmap_input import LabelmapSource
@@ -68,7 +69,8 @@ def overview_factor(shape: tuple[int, int]) -> int:
 
 def block_size(shape: tuple[int, int]) -> int:
     """Side of the bootstrap's square blocks: BLOCKS_ACROSS along the shorter side."""
-    return max(8, math.ceil(min(shape) / BLOCKS_ACROSS))
+    side = max(8, math.ceil(min(shape) / BLOCKS_ACROSS))
+    return side + side % 2  # even: counted on every second row and column
 
 
 def band_rows(shape: tuple[int, int], band_pixels: int) -> int:
@@ -81,8 +83,7 @@ def _requests(
     source: LabelmapSource, options: GrainOptions, roles: ClassRoles, y0: int, y1: int, halo: int
 ) -> BandRequest:
     height, width = source.shape
-    first = max(0, y0 - halo)
-    first -= first % 2
+    first = max(0, y0 - 2)  # two rows above: regions reaching them started above (even: the seed grid)
     last = min(height, y1 + halo)
     labels = np.ascontiguousarray(source.read_rows(first, last))
     return BandRequest(
@@ -116,7 +117,14 @@ def _executor(workers: int) -> Executor:
     if workers <= 1:
         return _Serial()
     # spawn: a fork of a process holding threads (Slicer, HDF5) can deadlock
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread_each
+    )
+
+
+def _one_thread_each() -> None:
+    """Workers already fill the CPUs: SimpleITK's own threads would only contend."""
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
 
 
 def _band_starts(height: int, rows: int) -> Iterator[tuple[int, int]]:
@@ -165,6 +173,8 @@ def scan_labelmap(
                 else:
                     halos[i] *= 2
                     growths += 1
+                    for later in queue:  # the next bands start from the grown halo
+                        halos[later] = max(halos[later], halos[i])
                     queue.insert(0, i)
                     continue
             results[i] = result
@@ -207,9 +217,9 @@ def _merge(source: LabelmapSource, roles: ClassRoles, bands: list[BandGrains], g
     pairs = np.concatenate([b.neighbour_pairs for b in bands]) if bands else np.zeros((0, 2), np.int64)
     neighbours = _neighbour_lists(keys, pairs)
     block_px = block_size(source.shape)
-    row_blocks = np.concatenate([b.block_counts for b in bands])
+    row_blocks = np.concatenate([b.block_counts for b in bands])  # every second row
     down = -(-source.shape[0] // block_px)
-    blocks = np.add.reduceat(row_blocks, np.arange(0, row_blocks.shape[0], block_px), axis=0)
+    blocks = np.add.reduceat(row_blocks, np.arange(0, row_blocks.shape[0], block_px // 2), axis=0)
     assert blocks.shape[0] == down
     factor = overview_factor(source.shape)
     outlines_rows = np.concatenate([b.overlay_outlines for b in bands])

@@ -30,12 +30,12 @@ def hull_vertices(points: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return vertices
 
 
-def pixel_corners(rows: npt.NDArray[np.int64], cols: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-    """The corners of the given pixels as (4N, 2) row/column points (duplicates removed)."""
+def pixel_corners(rows: npt.ArrayLike, cols: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """The corners of the given pixels as (4N, 2) row/column points (shared corners repeat,
+    which the hull does not mind)."""
     centres = np.stack([rows, cols], axis=1).astype(np.float64)
-    corners = (centres[:, None, :] + _CORNERS[None, :, :]).reshape(-1, 2)
-    unique: npt.NDArray[np.float64] = np.unique(corners, axis=0)
-    return unique
+    corners: npt.NDArray[np.float64] = (centres[:, None, :] + _CORNERS[None, :, :]).reshape(-1, 2)
+    return corners
 
 
 def feret_diameters(rows: npt.NDArray[np.int64], cols: npt.NDArray[np.int64]) -> tuple[float, float, float]:
@@ -43,7 +43,9 @@ def feret_diameters(rows: npt.NDArray[np.int64], cols: npt.NDArray[np.int64]) ->
 
     Pass the boundary pixels (the hull of a region is the hull of its boundary). The angle is
     counter-clockwise from the image's x axis (rows grow downwards), in (-90, 90]."""
-    vertices = hull_vertices(pixel_corners(rows, cols))
+    # the hull of the pixel squares is the hull of the corners of the pixels on the centres' hull
+    centres = hull_vertices(np.stack([rows, cols], axis=1).astype(np.float64))
+    vertices = hull_vertices(pixel_corners(centres[:, 0], centres[:, 1]))
     diff = vertices[:, None, :] - vertices[None, :, :]
     dist2 = (diff**2).sum(axis=2)
     i, j = np.unravel_index(int(np.argmax(dist2)), dist2.shape)
