@@ -223,6 +223,17 @@ class ThinSectionSegmentationTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(segmentation.chart)
         self.delayDisplay("Segmentation done")
 
+        # Grain analysis of the segmentation (in this process; the click returns when it is done)
+        panel.ui.grainLabelmapSelector.setCurrentNode(segmentation.labelmap)
+        panel.ui.grainPpSelector.setCurrentNode(pp)
+        panel.ui.analyzeGrainsButton.click()
+        grains = panel.completedResult
+        self.assertGreater(grains.grainCount, 0)
+        self.assertEqual(grains.grains.GetTable().GetNumberOfRows(), grains.grainCount)
+        self.assertEqual(grains.grains.GetName(), "sample_Segmentation grains")
+        self.assertEqual(panel.ui.analyzeGrainsButton.text, "Analyze")
+        self.delayDisplay("Grain analysis done")
+
         # Register with landmarks taken from the sample's true transform
         truth = json.loads((sample_dir() / "sample_truth_transform.json").read_text())
         qemscan = panel.logic.loadQemscan(

@@ -358,6 +358,10 @@ PARAMETER_HINTS = {
     "trainMappingPath": "builtins.str",
     "modelMmPerPixel": "builtins.float",
     "ppOnly": "builtins.bool",
+    "grainLabelmap": "slicer.vtkMRMLLabelMapVolumeNode",
+    "grainPpVolume": "slicer.vtkMRMLVectorVolumeNode",
+    "grainNeckRatio": "builtins.float",
+    "grainMinPixels": "builtins.int",
     "exportPath": "builtins.str",
     "importPath": "builtins.str",
 }
@@ -371,6 +375,8 @@ WRAPPER_HINTS = {
     "stepsPerEpoch": "Annotated[builtins.int, WithinRange(1, 100000)]",
     "valFraction": "Annotated[builtins.float, WithinRange(0.0, 0.9)]",
     "modelMmPerPixel": "Annotated[builtins.float, WithinRange(0.0, 10.0)]",
+    "grainNeckRatio": "Annotated[builtins.float, WithinRange(0.05, 0.99)]",
+    "grainMinPixels": "Annotated[builtins.int, WithinRange(1, 1000000)]",
 }
 
 

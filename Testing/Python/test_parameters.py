@@ -81,6 +81,10 @@ def test_fields_types_and_defaults():
         "trainMappingPath": "str",
         "modelMmPerPixel": "float",
         "ppOnly": "bool",
+        "grainLabelmap": "vtkMRMLLabelMapVolumeNode",
+        "grainPpVolume": "vtkMRMLVectorVolumeNode",
+        "grainNeckRatio": "float",
+        "grainMinPixels": "int",
         "exportPath": "str",
         "importPath": "str",
     }

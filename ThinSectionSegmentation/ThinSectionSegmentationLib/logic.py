@@ -9,6 +9,7 @@ Console use (slicer.mrmlScene) or any vtkMRMLScene:
     logic.exportNetcdf([ppNode, xpNode, result.labelmap], "/data/S12.nc")
     imported = logic.importNetcdf("/data/S12.nc")   # imported.nodes, .pp, .xp
     batch = logic.segmentFiles(["/data/well-A"], "/data/results")
+    grains = logic.analyzeGrains(result.labelmap)   # grains.grains, .summary, .contacts, .sizeChart, ...
 
 Every operation returns what it made (a typed result); the logic keeps no "last result" state.
 The panel runs the same work in a separate process: prepareX() exports the inputs and writes the
@@ -123,6 +124,25 @@ class BatchOutput:
     results: list = field(default_factory=list)
     failures: list = field(default_factory=list)
     imported: list[netcdf_nodes.ImportedFile] = field(default_factory=list)
+
+
+@dataclass
+class GrainAnalysisOutput:
+    """What a grain analysis made, in one subject-hierarchy folder (`folder`) beside its input:
+    the grain table (one row per grain), the per-class summary, the class contact table, the
+    cumulative grain-size chart and the modal mineralogy chart; `grainCount` grains in all,
+    `statistics` the core's summary (summary.json's content), `nodes` every node made."""
+
+    grains: object
+    summary: object
+    contacts: object
+    sizeChart: object
+    modalChart: object
+    folder: int
+    grainCount: int
+    statistics: dict = field(default_factory=dict)
+    nodes: list = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -856,6 +876,46 @@ class ThinSectionSegmentationLogic:
 
     def trainingCurve(self, epochs, tableNode=None, chartNode=None, name: str = "Training"):
         return results.training_curve(self.scene, epochs, tableNode, chartNode, name)
+
+    # -- grain analysis -------------------------------------------------------------------------
+
+    def analyzeGrains(
+        self,
+        labelmapNode,
+        ppNode=None,
+        neckRatio: float = 0.7,
+        minGrainPixels: int = 12,
+        split: bool = True,
+        options=None,
+        progress: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> GrainAnalysisOutput:
+        """Grains of a labelmap (or segmentation) node, as `thinseg analyze` finds them, in this
+        process: tables (grains, per-class summary, contacts) and charts (cumulative grain size,
+        modal mineralogy) in a folder beside the input. `options`: a thinseg.analysis.GrainOptions
+        (then neckRatio, minGrainPixels and split are its own). Cancelling (`cancelled` returns
+        True) raises thinseg.analysis.Cancelled and leaves the scene as it was."""
+        # deferred: the analysis imports scipy, scikit-image and SimpleITK, loaded when it is used
+        from thinseg.analysis import GrainOptions
+
+        from . import grain_nodes  # deferred: imports thinseg.analysis (as above)
+
+        if options is None:
+            options = GrainOptions(split=bool(split), neck_ratio=float(neckRatio), min_pixels=int(minGrainPixels))
+        analysis, made, messages = grain_nodes.analyze_node(labelmapNode, ppNode, options, progress, cancelled)
+        self.messages += messages
+        return GrainAnalysisOutput(
+            made.grains,
+            made.summary,
+            made.contacts,
+            made.sizeChart,
+            made.modalChart,
+            made.folder,
+            len(analysis.table),
+            analysis.summary,
+            made.nodes,
+            messages,
+        )
 
     # -- netCDF ---------------------------------------------------------------------------------
 

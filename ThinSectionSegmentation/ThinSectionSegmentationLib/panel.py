@@ -52,6 +52,7 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
         self._dependenciesChecked = False
         self._declinedInstall = False
         self._entered = False
+        self._grainCancel = None  # [cancel asked] while a grain analysis runs
 
         self.widget = slicer.util.loadUI(str(UI_FILE))
         self.ui = slicer.util.childWidgetVariables(self.widget)
@@ -78,6 +79,7 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
         ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         ui.exportButton.connect("clicked(bool)", self.onExportButton)
         ui.importButton.connect("clicked(bool)", self.onImportButton)
+        ui.analyzeGrainsButton.connect("clicked(bool)", self.onAnalyzeGrainsButton)
         ui.loadQemscanButton.connect("clicked(bool)", self.onLoadQemscan)
         ui.addModelFolderButton.connect("clicked(bool)", self.onAddModelFolder)
         ui.refreshModelsButton.connect("clicked(bool)", lambda _checked=False: self.refreshModels())
@@ -160,11 +162,12 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
         self._updateButtons()
 
     def _updateButtons(self):
-        running = self.session is not None
+        running = self.session is not None or self._grainCancel is not None
         for button in (self.ui.segmentButton, self.ui.registerButton, self.ui.refineButton, self.ui.trainButton):
             button.enabled = (not running) or button is self._jobButton
         self.ui.exportButton.enabled = not running
         self.ui.importButton.enabled = not running
+        self.ui.analyzeGrainsButton.enabled = self.session is None  # it is the Cancel button while grains run
 
     # -- models ---------------------------------------------------------------------------------
 
@@ -304,6 +307,8 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
 
     def cancelJob(self):
         """Stop a running job now (scene closing, module cleanup); nothing is imported."""
+        if self._grainCancel is not None:  # a grain analysis stops at its next band, adding nothing
+            self._grainCancel[0] = True
         if self.session is not None:
             self._timer.stop()
             self.session.stop(grace=3.0)
@@ -498,6 +503,58 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
     def _showTraining(self, result):
         self.refreshModels(select=result.modelDir)
         self.ui.statusLabel.text = f"New model: {result.modelDir}"
+
+    # -- grain analysis -------------------------------------------------------------------------
+
+    def onAnalyzeGrainsButton(self):
+        """Analyse the chosen labelmap in this process (as `thinseg analyze`, one worker); the
+        button is the Cancel button while it runs (the analysis stops between bands of rows)."""
+        if self._grainCancel is not None:
+            self._grainCancel[0] = True
+            self.ui.statusLabel.text = "Cancelling..."
+            return
+        if not self._ensureDependencies():
+            return
+        from thinseg.analysis import Cancelled  # deferred: the analysis loads scipy and scikit-image
+
+        p = self.params
+        cancel = self._grainCancel = [False]
+        button = self.ui.analyzeGrainsButton
+        text, button.text = button.text, "Cancel"
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = "Analysing grains..."
+        self._updateButtons()
+
+        def progress(done, total):
+            self.ui.progressBar.value = int(1000 * done / max(total, 1))
+            slicer.app.processEvents()  # draws the bar and lets a click on Cancel through
+
+        try:
+            with self._errors("Grain analysis failed"):
+                try:
+                    result = self.logic.analyzeGrains(
+                        p.grainLabelmap,
+                        p.grainPpVolume,
+                        neckRatio=p.grainNeckRatio,
+                        minGrainPixels=p.grainMinPixels,
+                        progress=progress,
+                        cancelled=lambda: cancel[0],
+                    )
+                except Cancelled:
+                    self.ui.progressBar.value = 0
+                    self.ui.statusLabel.text = "Cancelled; nothing was changed."
+                    return
+                self.ui.progressBar.value = 1000
+                self.completedResult = result
+                self._showChart(result.sizeChart, result.summary)
+                notes = "; ".join(result.messages)
+                self.ui.statusLabel.text = f"Done: {result.grainCount} grains in {result.grains.GetName()}" + (
+                    f". Note: {notes}" if notes else ""
+                )
+        finally:
+            self._grainCancel = None
+            button.text = text
+            self._updateButtons()
 
     # -- export / import ------------------------------------------------------------------------
 

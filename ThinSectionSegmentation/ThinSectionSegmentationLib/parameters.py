@@ -114,6 +114,12 @@ class ThinSectionSegmentationParameters:
     trainMappingPath: str = ""
     modelMmPerPixel: float = 0.0  # 0: the training sections' own pixel size
     ppOnly: bool = False
+    # Grain analysis (`thinseg analyze`): the labelmap, its PP image (optional), the neck ratio
+    # below which touching grains of one mineral are split, the smallest grain counted (pixels)
+    grainLabelmap: vtkMRMLLabelMapVolumeNode = None
+    grainPpVolume: vtkMRMLVectorVolumeNode = None
+    grainNeckRatio: float = 0.7
+    grainMinPixels: int = 12
     # Export / import
     exportPath: str = ""
     importPath: str = ""
@@ -132,6 +138,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "stepsPerEpoch": (1, 100000),
     "valFraction": (0.0, 0.9),
     "modelMmPerPixel": (0.0, 10.0),
+    "grainNeckRatio": (0.05, 0.99),  # thinseg.analysis.GrainOptions' limits
+    "grainMinPixels": (1, 1000000),
 }
 
 #: Parameter names of scenes saved before the typed node -> the field that replaces them.

@@ -8,7 +8,7 @@ process.BackgroundProcess is.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from thinseg.jobs import ResultEvent
@@ -100,6 +100,18 @@ class PanelLogic(Protocol):
     def startJob(self, job: Any) -> JobProcess: ...
 
     def discardJob(self, job: Any) -> None: ...
+
+    def analyzeGrains(
+        self,
+        labelmapNode: Any,
+        ppNode: Any = None,
+        neckRatio: float = 0.7,
+        minGrainPixels: int = 12,
+        split: bool = True,
+        options: Any = None,
+        progress: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Any: ...
 
     def exportNetcdf(self, nodes: Sequence[Any], path: Any) -> dict: ...
 
