@@ -312,7 +312,7 @@ def analyze_band(request: BandRequest) -> BandGrains:
     is_grain_class[list(request.grain_classes)] = True
     region, region_class = regions(labels, request.n_classes, is_grain_class)
     n_regions = region_class.size - 1
-    boxes = ndi.find_objects(region)
+    boxes = ndi.find_objects(region, max_label=n_regions)  # absent cells too (None)
     box_rows = np.array([[b[0].start, b[0].stop] if b is not None else [rows, rows] for b in boxes], np.int64)
     box_rows = box_rows.reshape(-1, 2)
     is_grain = is_grain_class[region_class[1:]]
@@ -342,6 +342,11 @@ def analyze_band(request: BandRequest) -> BandGrains:
     crofton = np.zeros(n_cells + 1)
     for pair, weight in zip(pairs, DIRECTION_WEIGHTS):
         crofton += weight * (np.bincount(pair.a, minlength=n_cells + 1) + np.bincount(pair.b, minlength=n_cells + 1))
+    # the section's edge closes the outline of a grain cut by it (one crossing per direction there)
+    border = [grains[:, 0], grains[:, -1]] + ([grains[0]] if top == 0 else []) + ([grains[-1]] if not cut_below else [])
+    crofton += (DIRECTION_WEIGHTS[0] + 2 * DIRECTION_WEIGHTS[2]) * np.bincount(
+        np.concatenate(border), minlength=n_cells + 1
+    )
     listed = is_grain & (area >= request.min_pixels)
     measured = np.flatnonzero(owned & listed) + 1
     small = owned & is_grain & (area < request.min_pixels)

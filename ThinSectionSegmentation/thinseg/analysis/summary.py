@@ -217,7 +217,7 @@ def summarize(
         },
         "classes": per_class,
         "grains": {
-            "count": len(table),
+            "count": int(solid_grains.sum()),
             "measured": int((measurable & solid_grains).sum()),
             "at_edge": int((~measurable & solid_grains).sum()),
             "size": size_distribution(c["equivalent_diameter_mm"][measurable & solid_grains]),
