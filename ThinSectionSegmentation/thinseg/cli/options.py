@@ -149,6 +149,8 @@ def default_workers() -> int:
     except AttributeError:  # macOS, Windows
         available = os.cpu_count() or 1
     return max(1, min(2, available))
+
+
 channels = int_range(1, limits.MAX_NETWORK_CHANNELS)
 depth = int_range(2, MAX_DEPTH)
 
