@@ -67,7 +67,7 @@ class BandGrains:
     columns: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
     neighbour_pairs: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros((0, 2), np.int64))
     class_pixels: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    contacts: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros((0, 0)))
+    contacts: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros((4, 0, 0), np.int64))
     block_counts: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros((0, 0, 0), np.int64))
     overlay_labels: npt.NDArray[np.uint8] = field(default_factory=lambda: np.zeros((0, 0), np.uint8))
     overlay_outlines: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros((0, 0), bool))
@@ -126,9 +126,15 @@ def split_markers(
     )
     distance = sitk.Log(sitk.Maximum(distance, 0.0) + 1.0)
     depth = math.log(1.0 / neck_ratio)
-    domes = sitk.HConvex(distance, depth)
-    tops = sitk.ConnectedComponent(domes >= depth * 0.999, True)
-    markers: npt.NDArray[np.int32] = sitk.GetArrayFromImage(tops).astype(np.int32)
+    # f - hmax(f): each dome of height >= depth keeps a cap above its flattened level, one
+    # connected cap however many equal peaks it holds; shallower domes' caps never reach depth
+    domes = sitk.GetArrayFromImage(sitk.HConvex(distance, depth))
+    caps = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((domes > 0).view(np.uint8)), True))
+    deep = np.zeros(int(caps.max()) + 1, np.int32)
+    deep[np.unique(caps[domes >= depth * 0.999])] = 1
+    deep[0] = 0
+    numbers = np.cumsum(deep, dtype=np.int32) * deep
+    markers: npt.NDArray[np.int32] = numbers[caps]
     markers[~inner] = 0
     landscape: npt.NDArray[np.float32] = sitk.GetArrayFromImage(distance).astype(np.float32)
     return markers, landscape
@@ -162,7 +168,7 @@ def split_regions(
     pairs = np.unique(owner << 32 | seeds.astype(np.int64))
     ids, counts = np.unique(pairs >> 32, return_counts=True)
     several = ids[counts >= 2]
-    out = region.copy()
+    out = region  # renumbered in place: other regions' pixels never change
     boxes = list(boxes)
     parents = list(range(1, len(boxes) + 1))
     if several.size == 0:
@@ -181,15 +187,16 @@ def split_regions(
         pick = by_owner[lo:hi]
         seed_img = np.zeros(mask_half.shape, np.int32)
         seed_img[ys[pick] - hy0, xs[pick] - hx0] = seeds[pick]
-        pieces_half = watershed(-landscape_half[hy0:hy1, hx0:hx1], seed_img, mask=mask_half)  # type: ignore[no-untyped-call]
-        pieces_half = _merge_wide_contacts(pieces_half, landscape_half[hy0:hy1, hx0:hx1])
-        if pieces_half.max() <= 1:
-            continue  # every cut was through a wide contact: one grain
+        land_half = landscape_half[hy0:hy1, hx0:hx1]
+        pieces_half = watershed(-land_half, seed_img, mask=mask_half)  # type: ignore[no-untyped-call]
         mask = region[box] == rid
         pieces = pieces_half[np.ix_(np.arange(y0, y1) // 2 - hy0, np.arange(x0, x1) // 2 - hx0)]
         pieces[~mask] = 0
         _fill_missed(pieces, mask)
+        _recut_at_full_resolution(pieces, mask, land_half, (y0 - 2 * hy0, x0 - 2 * hx0))
         values = np.unique(pieces[mask])
+        if values.size < 2:
+            continue
         local = np.zeros(int(values.max()) + 1, np.int32)
         local[values] = np.arange(1, len(values) + 1)
         local_pieces = local[pieces]
@@ -211,40 +218,38 @@ def split_regions(
     return out, int(several.size), boxes, parents
 
 
-def _merge_wide_contacts(pieces: npt.NDArray[np.int32], landscape: npt.NDArray[np.float32]) -> npt.NDArray[np.int32]:
-    """Pieces renumbered 1..k after joining those whose contact is longer than the smaller
-    piece's inscribed diameter: such a piece is a strip lying along the other (a cut along a
-    thin arm or a crack of the mask), not a grain touching it at a neck."""
-    values = np.unique(pieces)
-    values = values[values > 0]
-    local = np.zeros(int(pieces.max()) + 1, np.int64)
-    local[values] = np.arange(1, values.size + 1)
-    numbered = local[pieces]
-    k = int(values.size)
-    if k < 2:
-        return numbered.astype(np.int32)
-    radius = np.expm1([float(landscape[numbered == i].max()) for i in range(1, k + 1)])
-    contact = np.zeros((k + 1) * (k + 1), np.int64)
-    for a, b in ((numbered[:, :-1], numbered[:, 1:]), (numbered[:-1], numbered[1:])):
-        cut = (a != b) & (a > 0) & (b > 0)
-        lo, hi = np.minimum(a[cut], b[cut]), np.maximum(a[cut], b[cut])
-        contact += np.bincount(lo * (k + 1) + hi, minlength=(k + 1) * (k + 1))
-    root = np.arange(k + 1)
+#: Pixels on either side of a cut made on the coarse grid that are flooded again at full
+#: resolution, so that the cut is a line of the pixel grid, not a staircase of 2-pixel steps.
+_RECUT_PX = 2
 
-    def find(i: int) -> int:
-        while root[i] != i:
-            root[i] = root[root[i]]
-            i = int(root[i])
-        return i
 
-    for index in np.flatnonzero(contact):
-        p, q = divmod(int(index), k + 1)
-        if contact[index] >= 2 * min(radius[p - 1], radius[q - 1]):
-            root[find(p)] = find(q)
-    roots = np.array([find(i) for i in range(k + 1)])
-    _, renumbered = np.unique(roots, return_inverse=True)
-    out: npt.NDArray[np.int32] = renumbered.astype(np.int32)[numbered]
-    return out
+def _recut_at_full_resolution(
+    pieces: npt.NDArray[np.int32],
+    mask: npt.NDArray[np.bool_],
+    land_half: npt.NDArray[np.float32],
+    offset: tuple[int, int],
+) -> None:
+    """Flood the pixels near the cuts between pieces again, on the landscape interpolated to
+    full resolution (bilinear); `offset` places the crop's pixel (0, 0) at half-grid
+    coordinates offset / 2."""
+    cut = np.zeros(pieces.shape, bool)
+    for a, b, first, second in (
+        (pieces[:, :-1], pieces[:, 1:], cut[:, :-1], cut[:, 1:]),
+        (pieces[:-1], pieces[1:], cut[:-1], cut[1:]),
+    ):
+        differ = (a != b) & (a > 0) & (b > 0)
+        first |= differ
+        second |= differ
+    if not cut.any():
+        return
+    near = ndi.binary_dilation(cut, structure=_FOUR, iterations=_RECUT_PX) & mask
+    ys, xs = np.nonzero(near)
+    landscape = np.zeros(pieces.shape, np.float32)
+    landscape[ys, xs] = ndi.map_coordinates(
+        land_half, [(ys + offset[0]) / 2.0, (xs + offset[1]) / 2.0], order=1, mode="nearest"
+    )
+    seeds = np.where(near, 0, pieces)
+    pieces[...] = watershed(-landscape, seeds, mask=mask)  # type: ignore[no-untyped-call]
 
 
 def _fill_missed(pieces: npt.NDArray[np.int32], mask: npt.NDArray[np.bool_]) -> None:
@@ -337,7 +342,7 @@ def analyze_band(request: BandRequest) -> BandGrains:
     grain_class = region_class[pid + 1]
     n_cells = len(boxes)
     pairs = transitions(grains, labels)
-    area = np.bincount(grains.ravel(), minlength=n_cells + 1)[1:]
+    area = _counts(grains, n_cells + 1)[1:]
     keys = _first_pixel_keys(grains, boxes, top, width)
     crofton = np.zeros(n_cells + 1)
     for pair, weight in zip(pairs, DIRECTION_WEIGHTS):
@@ -357,11 +362,23 @@ def analyze_band(request: BandRequest) -> BandGrains:
     own = slice(own0 - top, own1 - top)
     result.block_counts = _row_block_counts(labels[own], request.block_px, request.n_classes)
     result.class_pixels = _class_pixels(labels[own], request.n_classes)
-    result.contacts = _contacts(pairs, own0 - top, own1 - top, request.n_classes)
+    region_of = np.concatenate([[0], pid + 1])
+    result.contacts = _contacts(
+        pairs, (own0 - top, own1 - top), request.n_classes, region_of, np.concatenate([[False], owned])
+    )
     result.overlay_labels, result.overlay_outlines = _overlay(
         labels, pairs, np.concatenate([[False], is_grain]), (own0 - top, own1 - top), top, request.overlay_factor
     )
     return result
+
+
+def _counts(cells: npt.NDArray[np.int32], size: int, rows: int = 256) -> npt.NDArray[np.int64]:
+    """Pixels per cell number, counted a few rows at a time (a whole band cast to 64-bit
+    integers at once would take 8 bytes per pixel)."""
+    out = np.zeros(size, np.int64)
+    for y in range(0, cells.shape[0], rows):
+        out += np.bincount(cells[y : y + rows].ravel(), minlength=size)
+    return out
 
 
 def _touching(region: npt.NDArray[np.int32], owned: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
@@ -495,20 +512,37 @@ def _neighbour_pairs(
     return out
 
 
-def _contacts(pairs: list[Transitions], own0: int, own1: int, n_classes: int) -> npt.NDArray[np.float64]:
-    """Crofton boundary length (pixels) between each pair of classes, over the band's own rows.
+def _contacts(
+    pairs: list[Transitions],
+    own: tuple[int, int],
+    n_classes: int,
+    region_of: npt.NDArray[np.int64],
+    owned: npt.NDArray[np.bool_],
+) -> npt.NDArray[np.int64]:
+    """Transitions between each pair of classes, per direction: (4, classes + 1, classes + 1)
+    counts over the band's own rows, upper triangle (the caller weighs and mirrors them).
 
-    The diagonal holds the boundaries between touching grains of one class."""
+    The diagonal holds the boundaries between touching grains of one class. Those inside a
+    region split into grains are counted whole by the band that owns the region, wherever their
+    rows lie: no other band splits it alike."""
+    own0, own1 = own
     side = n_classes + 1
-    out = np.zeros((side, side))
-    for pair, weight in zip(pairs, DIRECTION_WEIGHTS):
-        keep = (pair.row >= own0) & (pair.row < own1)
+    out = np.zeros((4, side, side), np.int64)
+    for k, pair in enumerate(pairs):
+        inside = region_of[pair.a] == region_of[pair.b]
+        keep = np.where(inside, owned[pair.a], (pair.row >= own0) & (pair.row < own1))
         la = pair.class_a[keep].astype(np.int64)
         lb = pair.class_b[keep].astype(np.int64)
         counts = np.bincount(np.minimum(la, lb) * side + np.maximum(la, lb), minlength=side * side)
-        out += weight * counts.reshape(side, side)
-    symmetric: npt.NDArray[np.float64] = np.triu(out) + np.triu(out, 1).T
-    return symmetric
+        out[k] = counts.reshape(side, side)
+    return out
+
+
+def contact_lengths(counts: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """Crofton boundary lengths (pixels) from summed transition counts, made symmetric."""
+    upper = np.tensordot(DIRECTION_WEIGHTS, counts.astype(np.float64), axes=1)
+    lengths: npt.NDArray[np.float64] = np.triu(upper) + np.triu(upper, 1).T
+    return lengths
 
 
 def _row_block_counts(labels: npt.NDArray[np.uint8], block_px: int, n_classes: int) -> npt.NDArray[np.int64]:

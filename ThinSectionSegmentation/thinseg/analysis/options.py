@@ -30,7 +30,7 @@ class GrainOptions:
     pore_classes: tuple[str, ...] | None = None  # None: by name (PORE_PATTERN)
     workers: int = 1  # processes analysing bands at once
     band_pixels: int = 16_000_000  # pixels of a band's own rows (memory per worker ~ 40 bytes each)
-    max_halo_rows: int = 8192  # grains taller than this are left out as cut
+    max_read_pixels: int = 96_000_000  # a band's rows read, halo included, at most; taller grains are flagged as cut
     resamples: int = 2000  # block bootstrap of the modal mineralogy
     seed: int = 0
 

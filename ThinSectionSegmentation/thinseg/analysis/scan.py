@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 
-from thinseg.analysis.band_grains import BandGrains, BandRequest, analyze_band
+from thinseg.analysis.band_grains import BandGrains, BandRequest, analyze_band, contact_lengths
 from thinseg.analysis.labelmap_input import LabelmapSource
 from thinseg.analysis.options import ClassRoles, GrainOptions, class_roles
 from thinseg.errors import ThinSegError
@@ -166,7 +166,8 @@ def scan_labelmap(
             i = pending.pop(future)
             result = future.result()
             if result.needs_more_rows:
-                if halos[i] >= min(options.max_halo_rows, height):
+                band_top, band_end = bands[i]
+                if halos[i] >= height or (band_end - band_top + 2 * halos[i]) * width > options.max_read_pixels:
                     cut += 1
                     request = _requests(source, options, roles, *bands[i], halos[i])
                     result = _accept_cut(request)
@@ -235,7 +236,7 @@ def _merge(source: LabelmapSource, roles: ClassRoles, bands: list[BandGrains], g
         neighbours=neighbours,
         class_pixels=np.sum([b.class_pixels for b in bands], axis=0).astype(np.int64),
         small_grain_pixels=np.sum([b.small_grains for b in bands], axis=0).astype(np.int64),
-        contacts_px=np.sum([b.contacts for b in bands], axis=0),
+        contacts_px=contact_lengths(np.sum([b.contacts for b in bands], axis=0)),
         block_counts=blocks,
         block_px=block_px,
         overview_labels=np.concatenate([b.overlay_labels for b in bands]),
