@@ -73,6 +73,7 @@ class BandGrains:
     overlay_outlines: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros((0, 0), bool))
     small_grains: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
     split_regions: int = 0
+    tallest: int = 0  # rows of the tallest region the band owns or holds next to one it owns
 
 
 def regions(
@@ -93,7 +94,7 @@ def regions(
         numbered = sitk.GetArrayViewFromImage(image)  # a view: `image` must outlive it
         n = int(components.GetObjectCount())
         if n:
-            np.add(out, numbered, out=out, casting="unsafe")
+            out += numbered.view(np.int32)  # values < 2**31: the same bits
             np.add(out, np.int32(total), out=out, where=mask)
             total += n
             classes.append(np.full(n, value, np.uint8))
@@ -136,7 +137,7 @@ def split_markers(
     numbers = np.cumsum(deep, dtype=np.int32) * deep
     markers: npt.NDArray[np.int32] = numbers[caps]
     markers[~inner] = 0
-    landscape: npt.NDArray[np.float32] = sitk.GetArrayFromImage(distance).astype(np.float32)
+    landscape: npt.NDArray[np.float32] = sitk.GetArrayFromImage(distance).astype(np.float32, copy=False)
     return markers, landscape
 
 
@@ -240,16 +241,25 @@ def _recut_at_full_resolution(
         differ = (a != b) & (a > 0) & (b > 0)
         first |= differ
         second |= differ
-    if not cut.any():
+    rows, cols = np.nonzero(cut)
+    if rows.size == 0:
         return
-    near = ndi.binary_dilation(cut, structure=_FOUR, iterations=_RECUT_PX) & mask
+    # only the cut's surroundings: a box around it, _RECUT_PX + 1 wider (seeds on its rim)
+    pad = _RECUT_PX + 1
+    height, width = pieces.shape
+    y0, y1 = max(0, int(rows.min()) - pad), min(height, int(rows.max()) + pad + 1)
+    x0, x1 = max(0, int(cols.min()) - pad), min(width, int(cols.max()) + pad + 1)
+    box = (slice(y0, y1), slice(x0, x1))
+    sub_mask = mask[box]
+    near = ndi.binary_dilation(cut[box], structure=_FOUR, iterations=_RECUT_PX) & sub_mask
     ys, xs = np.nonzero(near)
-    landscape = np.zeros(pieces.shape, np.float32)
+    landscape = np.zeros(near.shape, np.float32)
     landscape[ys, xs] = ndi.map_coordinates(
-        land_half, [(ys + offset[0]) / 2.0, (xs + offset[1]) / 2.0], order=1, mode="nearest"
+        land_half, [(ys + y0 + offset[0]) / 2.0, (xs + x0 + offset[1]) / 2.0], order=1, mode="nearest"
     )
-    seeds = np.where(near, 0, pieces)
-    pieces[...] = watershed(-landscape, seeds, mask=mask)  # type: ignore[no-untyped-call]
+    sub = pieces[box]
+    seeds = np.where(near, 0, sub)
+    sub[...] = watershed(-landscape, seeds, mask=sub_mask)  # type: ignore[no-untyped-call]
 
 
 def _fill_missed(pieces: npt.NDArray[np.int32], mask: npt.NDArray[np.bool_]) -> None:
@@ -331,6 +341,8 @@ def analyze_band(request: BandRequest) -> BandGrains:
     if ((owned | near) & ~whole).any():
         return BandGrains(needs_more_rows=True)
     result = BandGrains()
+    heights = box_rows[:, 1] - box_rows[:, 0]
+    result.tallest = int(heights[owned | near].max()) if (owned | near).any() else 0
     parents: list[int] = list(range(1, n_regions + 1))
     if request.split and owned.any():
         markers, landscape = split_markers(labels, is_grain_class[labels], request.neck_ratio)

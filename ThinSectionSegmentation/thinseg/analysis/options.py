@@ -29,8 +29,9 @@ class GrainOptions:
     matrix_classes: tuple[str, ...] | None = None  # None: by name (MATRIX_PATTERN)
     pore_classes: tuple[str, ...] | None = None  # None: by name (PORE_PATTERN)
     workers: int = 1  # processes analysing bands at once
-    band_pixels: int = 16_000_000  # pixels of a band's own rows (memory per worker ~ 40 bytes each)
-    max_read_pixels: int = 96_000_000  # a band's rows read, halo included, at most; taller grains are flagged as cut
+    band_pixels: int = 12_000_000  # pixels of a band's own rows
+    # a band's rows read, halo included (about 12 bytes each in a worker); grains reaching past it are flagged as cut
+    max_read_pixels: int = 40_000_000
     resamples: int = 2000  # block bootstrap of the modal mineralogy
     seed: int = 0
 
