@@ -232,7 +232,10 @@ def _merge(source: LabelmapSource, roles: ClassRoles, bands: list[BandGrains], g
     outlines = np.logical_or.reduceat(outlines_rows, np.arange(0, outlines_rows.shape[0], factor), axis=0)
     notes = []
     if cut:
-        notes.append(f"{cut} band(s) held grains taller than the largest halo: those grains are flagged as cut")
+        notes.append(
+            f"{cut} band(s) held regions (touching grains of one class) taller than the largest read allows: "
+            "they were cut there, their grains at the cut are flagged as cut and those below it are not listed"
+        )
     return GrainScan(
         shape=source.shape,
         mm_per_pixel=source.mm_per_pixel,
