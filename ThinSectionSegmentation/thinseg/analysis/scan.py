@@ -148,9 +148,11 @@ def scan_labelmap(
     rows = band_rows(source.shape, options.band_pixels)
     bands = list(_band_starts(height, rows))
     results: dict[int, BandGrains] = {}
-    halos = dict.fromkeys(range(len(bands)), FIRST_HALO)
+    # the largest halo a band's read may have (rows below its own), and each band's next one
+    most = {i: max(2, (options.max_read_pixels // width - (y1 - y0) - 2) // 2 * 2) for i, (y0, y1) in enumerate(bands)}
+    halos = {i: min(FIRST_HALO, most[i]) for i in range(len(bands))}
+    final: set[int] = set()  # bands read with their largest halo: analysed as read
     growths = 0
-    cut = 0
     pending: dict[Future[BandGrains], int] = {}
     queue = list(range(len(bands)))
     done_rows = 0
@@ -160,44 +162,37 @@ def scan_labelmap(
                 if cancelled is not None and cancelled():
                     raise Cancelled()
                 i = queue.pop(0)
-                y0, y1 = bands[i]
-                pending[pool.submit(analyze_band, _requests(source, options, roles, y0, y1, halos[i]))] = i
+                request = _requests(source, options, roles, *bands[i], halos[i])
+                pending[pool.submit(analyze_band, _as_section_end(request) if i in final else request)] = i
             future = next(iter(wait(pending, return_when=FIRST_COMPLETED).done))
             i = pending.pop(future)
             result = future.result()
             if result.needs_more_rows:
-                band_top, band_end = bands[i]
-                if halos[i] >= height or (band_end - band_top + 2 * halos[i]) * width > options.max_read_pixels:
-                    cut += 1
-                    request = _requests(source, options, roles, *bands[i], halos[i])
-                    result = _accept_cut(request)
+                if halos[i] >= min(most[i], height):
+                    final.add(i)  # grains reach past the largest read: cut there, flagged
                 else:
-                    halos[i] *= 2
+                    halos[i] = min(2 * halos[i], most[i])
                     growths += 1
                     for later in queue:  # the next bands start from the grown halo
-                        halos[later] = max(halos[later], halos[i])
-                    queue.insert(0, i)
-                    continue
+                        halos[later] = min(max(halos[later], halos[i]), most[later])
+                queue.insert(0, i)
+                continue
             results[i] = result
             # grains are alike across a section: later bands start with a halo that fits the
             # tallest grain seen so far (a fifth more), instead of growing it again by retries
             fitting = int(1.2 * result.tallest) + 2
             for later in queue:
-                halos[later] = max(halos[later], fitting + fitting % 2)
+                halos[later] = min(max(halos[later], fitting + fitting % 2), most[later])
             done_rows += bands[i][1] - bands[i][0]
             if progress is not None:
                 progress(done_rows, height)
-    return _merge(source, roles, [results[i] for i in range(len(bands))], growths, cut)
-
-
-def _accept_cut(request: BandRequest) -> BandGrains:
-    """A band whose grains still reach past its largest halo: analysed as read, its cut grains
-    flagged (they leave the size statistics like grains at the section's edge)."""
-    return analyze_band(_as_section_end(request))
+    return _merge(source, roles, [results[i] for i in range(len(bands))], growths, len(final))
 
 
 def _as_section_end(request: BandRequest) -> BandRequest:
-    """The same band, told that its last row read is the section's last (no further growth)."""
+    """The same band, told that its last row read is the section's last: analysed as read, the
+    grains at that row flagged as cut (they leave the size statistics like grains at the
+    section's edge)."""
     rows = request.labels.shape[0]
     return BandRequest(
         labels=request.labels,
