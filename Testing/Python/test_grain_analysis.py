@@ -362,7 +362,7 @@ def test_bands_and_workers_give_identical_results():
     banded = run(labels, band_pixels=400 * 64)
     assert one.scan.halo_growths == 0
     assert banded.scan.halo_growths >= 2  # the tall grain needs halos of 512 and 1024 rows
-    assert banded.scan.cut_grains == 0
+    assert banded.scan.cut_bands == 0
     _same(one, banded)
     assert len(one.table) == n_grains and one.scan.split_regions == 6
     # the tall grain: measured once, whole
@@ -380,7 +380,7 @@ def test_a_grain_taller_than_the_largest_read_is_flagged_as_cut():
     labels = np.full(shape, MATRIX, np.uint8)
     labels[20:580, 20:40] = QUARTZ
     result = run(labels, band_pixels=60 * 64, max_read_pixels=60 * 400)  # reads of 400 rows at most
-    assert result.scan.cut_grains >= 1 and result.summary["notes"]
+    assert result.scan.cut_bands >= 1 and result.summary["notes"]
     assert result.table.columns["touches_edge"].all()
     assert result.summary["grains"]["measured"] == 0
 

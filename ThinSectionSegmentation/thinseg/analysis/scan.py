@@ -1,9 +1,11 @@
 """A whole labelmap analysed band by band, in bounded memory, on one or more processes.
 
 Bands of rows are read from the source one at a time (a gigapixel netCDF never lies in memory
-whole), each with a halo of extra rows that grows until the grains the band owns lie whole in
-it (`band_grains`). Workers get the rows themselves, so any source works with processes; at
-most workers + 1 bands are in flight. The bands' grains are merged into one table numbered in
+whole), each with a halo of extra rows below that grows until the regions the band owns lie
+whole in it (`band_grains`), up to a read limit (`GrainOptions.max_read_pixels`): a band read
+at the limit is analysed as read, its regions cut there. A later band starts with a halo that
+fits the tallest region seen so far. Workers get the rows themselves, so any source works with
+processes; at most workers + 1 bands are in flight. The bands' grains are merged into one table numbered in
 raster order of their first pixels, which makes the result independent of band size and of
 the number of workers.
 """
@@ -29,7 +31,7 @@ from thinseg.errors import ThinSegError
 OVERVIEW_SIDE = 1600
 #: Blocks along the shorter side for the modal mineralogy's block bootstrap.
 BLOCKS_ACROSS = 16
-#: First halo (rows above and below a band); doubled while a grain does not fit.
+#: First halo (rows below a band's own rows); doubled while a region does not fit.
 FIRST_HALO = 256
 
 Progress = Callable[[int, int], None]
@@ -58,7 +60,7 @@ class GrainScan:
     overview_factor: int
     split_regions: int = 0
     halo_growths: int = 0
-    cut_grains: int = 0
+    cut_bands: int = 0  # bands analysed as read at the read limit (their tallest regions cut)
     notes: list[str] = field(default_factory=list)
 
 
@@ -79,7 +81,7 @@ def band_rows(shape: tuple[int, int], band_pixels: int) -> int:
     return min(rows + rows % 2, shape[0] + shape[0] % 2)
 
 
-def _requests(
+def _request(
     source: LabelmapSource, options: GrainOptions, roles: ClassRoles, y0: int, y1: int, halo: int
 ) -> BandRequest:
     height, width = source.shape
@@ -162,7 +164,7 @@ def scan_labelmap(
                 if cancelled is not None and cancelled():
                     raise Cancelled()
                 i = queue.pop(0)
-                request = _requests(source, options, roles, *bands[i], halos[i])
+                request = _request(source, options, roles, *bands[i], halos[i])
                 pending[pool.submit(analyze_band, _as_section_end(request) if i in final else request)] = i
             future = next(iter(wait(pending, return_when=FIRST_COMPLETED).done))
             i = pending.pop(future)
@@ -247,7 +249,7 @@ def _merge(source: LabelmapSource, roles: ClassRoles, bands: list[BandGrains], g
         overview_factor=factor,
         split_regions=sum(b.split_regions for b in bands),
         halo_growths=growths,
-        cut_grains=cut,
+        cut_bands=cut,
         notes=notes,
     )
 

@@ -128,7 +128,7 @@ def analyze_files(
             with failures_named(folder, "cannot write the output"):
                 run.written.append((analysis, write_result(analysis, folder, options.overwrite)))
         except ThinSegError as error:
-            run.failed.append((str(path), error.problem if hasattr(error, "problem") else str(error)))
+            run.failed.append((str(path), error.problem))
             if log is not None:
                 log(f"error: {error}")
     return run
