@@ -212,12 +212,12 @@ def _as_section_end(request: BandRequest) -> BandRequest:
 
 
 def _merge(source: LabelmapSource, roles: ClassRoles, bands: list[BandGrains], growths: int, cut: int) -> GrainScan:
-    names = list(bands[0].columns) if bands and bands[0].columns else []
-    columns = {k: np.concatenate([b.columns[k] for b in bands]) for k in names}
-    order = np.argsort(columns["key"], kind="stable") if names else np.zeros(0, np.int64)
+    # a section has at least one band, and every band has every column (`band_grains._measure`)
+    columns = {k: np.concatenate([b.columns[k] for b in bands]) for k in bands[0].columns}
+    order = np.argsort(columns["key"], kind="stable")
     columns = {k: v[order] for k, v in columns.items()}
-    keys = columns["key"].astype(np.int64) if names else np.zeros(0, np.int64)
-    pairs = np.concatenate([b.neighbour_pairs for b in bands]) if bands else np.zeros((0, 2), np.int64)
+    keys = columns["key"].astype(np.int64)
+    pairs = np.concatenate([b.neighbour_pairs for b in bands])
     neighbours = _neighbour_lists(keys, pairs)
     block_px = block_size(source.shape)
     row_blocks = np.concatenate([b.block_counts for b in bands])  # every second row

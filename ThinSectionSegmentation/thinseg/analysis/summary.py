@@ -81,33 +81,28 @@ def grain_table(scan: GrainScan, classes: ClassTable) -> GrainTable:
     """The scan's grains converted to mm (orientation of the long axis from the second moments)."""
     g = scan.grains
     mm = scan.mm_per_pixel
-    n = int(g["key"].size) if "key" in g else 0
-    area_px = g.get("area_px", np.zeros(0))
+    area_px = g["area_px"]
     diameter = 2 * np.sqrt(area_px / math.pi) * mm
-    perimeter = g.get("perimeter_px", np.zeros(0)) * mm
+    perimeter = g["perimeter_px"] * mm
     with np.errstate(divide="ignore", invalid="ignore"):
         circularity = np.where(perimeter > 0, 4 * math.pi * area_px * mm * mm / perimeter**2, np.nan)
-        aspect = np.where(
-            g.get("feret_max_px", np.zeros(0)) > 0,
-            g.get("feret_min_px", np.zeros(0)) / g.get("feret_max_px", np.ones(0)),
-            np.nan,
-        )
+        aspect = np.where(g["feret_max_px"] > 0, g["feret_min_px"] / g["feret_max_px"], np.nan)
         phis = -np.log2(diameter)
     columns: dict[str, npt.NDArray[Any]] = {
-        "grain": np.arange(1, n + 1),
-        "class": g.get("class", np.zeros(0)).astype(np.int64),
+        "grain": np.arange(1, area_px.size + 1),
+        "class": g["class"].astype(np.int64),
         "area_mm2": area_px * mm * mm,
         "equivalent_diameter_mm": diameter,
         "phi": phis,
-        "feret_max_mm": g.get("feret_max_px", np.zeros(0)) * mm,
-        "feret_min_mm": g.get("feret_min_px", np.zeros(0)) * mm,
+        "feret_max_mm": g["feret_max_px"] * mm,
+        "feret_min_mm": g["feret_min_px"] * mm,
         "aspect_ratio": aspect,
         "perimeter_mm": perimeter,
         "circularity": np.minimum(circularity, 1.0),
-        "orientation_deg": g.get("orientation_deg", np.zeros(0)),
-        "centroid_x_mm": (g.get("col", np.zeros(0)) + 0.5) * mm,
-        "centroid_y_mm": (g.get("row", np.zeros(0)) + 0.5) * mm,
-        "touches_edge": g.get("touches_edge", np.zeros(0)).astype(np.int64),
+        "orientation_deg": g["orientation_deg"],
+        "centroid_x_mm": (g["col"] + 0.5) * mm,
+        "centroid_y_mm": (g["row"] + 0.5) * mm,
+        "touches_edge": g["touches_edge"].astype(np.int64),
     }
     return GrainTable(classes, columns, scan.neighbours)
 
