@@ -79,8 +79,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--mm-per-pixel",
         type=types.mm_per_pixel,
-        default=DEFAULT_MM_PER_PIXEL,
-        help=f"pixel size of PNG/JPEG/TIFF inputs in mm (default {DEFAULT_MM_PER_PIXEL}; 0.0001 to 1)",
+        default=None,
+        help="pixel size of PNG/JPEG/TIFF inputs in mm, 0.0001 to 1 (default: the one an OME-TIFF records, "
+        f"else {DEFAULT_MM_PER_PIXEL})",
     )
     types.add_max_pixels(p)
     p.add_argument(

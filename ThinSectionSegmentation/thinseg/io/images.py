@@ -19,6 +19,7 @@ applied (a quarter turn swaps height and width).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import struct
 import threading
@@ -26,6 +27,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+from xml.etree import ElementTree
 
 import numpy as np
 import numpy.typing as npt
@@ -44,7 +46,8 @@ class RasterSource(Protocol):
     """An RGB image that can be read region by region.
 
     `path` is None for in-memory sources. `mm_per_pixel` and `origin_mm` (RAS, mm) are known
-    only for netCDF variables; image files carry no trustworthy spacing.
+    for netCDF variables; of image files only OME-TIFFs record a trustworthy pixel size
+    (`mm_per_pixel`: PhysicalSizeX/Y), the others none.
     """
 
     name: str
@@ -614,10 +617,46 @@ def _open_tiff(path: Path, role: str) -> TiffSource:
         limits.check_section_size(height, width, path)
         _check_tiff_extents(level, path, role)
         orientation = _orientation_value(_tag_value(level.keyframe, _ORIENTATION_TAG, 1))
-        return TiffSource(path, tiff, series, level, axes, colormap, role, orientation)
+        source = TiffSource(path, tiff, series, level, axes, colormap, role, orientation)
+        source.mm_per_pixel = ome_mm_per_pixel(tiff)
+        return source
     except BaseException:
         tiff.close()
         raise
+
+
+#: OME length units -> millimetres (PhysicalSizeX/Y are in micrometres when no unit is given).
+_OME_UNIT_MM = {"µm": 1e-3, "μm": 1e-3, "um": 1e-3, "nm": 1e-6, "mm": 1.0, "cm": 10.0, "m": 1000.0}
+
+
+def ome_mm_per_pixel(tiff: Any) -> float | None:
+    """The pixel size (mm) an OME-TIFF records for its first image: PhysicalSizeX/Y with their
+    units, the geometric mean when they differ, the one given when only one is. None for other
+    TIFFs and for sizes missing, unparsable or outside the sane range. The plain TIFF
+    X/YResolution tags are not read: cameras write 72 dpi whatever the optics."""
+    text = getattr(tiff, "ome_metadata", None)
+    if not text:
+        return None
+    try:
+        root = ElementTree.fromstring(text)
+    except (ElementTree.ParseError, ValueError):
+        return None
+    pixels = next((e for e in root.iter() if str(e.tag).rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    sizes = []
+    for axis in "XY":
+        unit = pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        try:
+            size = float(pixels.get(f"PhysicalSize{axis}", "")) * _OME_UNIT_MM[unit]
+        except (ValueError, KeyError):
+            continue
+        if math.isfinite(size) and size > 0:
+            sizes.append(size)
+    if not sizes:
+        return None
+    mm = sizes[0] if len(sizes) == 1 else math.sqrt(sizes[0] * sizes[1])
+    return mm if limits.MIN_MM_PER_PIXEL <= mm <= limits.MAX_MM_PER_PIXEL else None
 
 
 def _tiff_level(tiff: Any, path: Path, role: str) -> tuple[Any, Any, str, np.ndarray | None]:

@@ -76,13 +76,15 @@ class SegmentOptions:
     several; empty: every section. `xp` pairs the one PP image input with this XP image whatever
     their names; `xp_dir` is where XP images are looked for when not beside their PP image.
     `align_xp` checks XP against PP first (`check_xp_alignment`): an offset or turned XP is
-    segmented, and written, on the PP grid; a pair that does not match is refused."""
+    segmented, and written, on the PP grid; a pair that does not match is refused.
+    `mm_per_pixel` is the pixel size of image files; None: the one an OME-TIFF records, else
+    DEFAULT_MM_PER_PIXEL (netCDF files keep their own grid)."""
 
     pp_pattern: str = "PP"
     xp_pattern: str | None = "XP"
     xp: Path | None = None
     xp_dir: Path | None = None
-    mm_per_pixel: float = DEFAULT_MM_PER_PIXEL
+    mm_per_pixel: float | None = None
     overwrite: bool = False
     probabilities: bool = False
     overlay: bool = False
@@ -188,7 +190,7 @@ def _open_inputs(
             raise ThinSegError(
                 f"PP variable {images.pp_variable} and XP variable {images.xp_variable} differ in size", path
             )
-        geometry = images.geometry or Geometry.thin_section(options.mm_per_pixel)
+        geometry = images.geometry or Geometry.thin_section(options.mm_per_pixel or DEFAULT_MM_PER_PIXEL)
         copies = _netcdf_copies(section, variables, images.pp, images.xp)
         notes = _padding_notes(path, images.pp, images.pp_variable, images.xp, images.xp_variable)
     else:
@@ -202,7 +204,8 @@ def _open_inputs(
                 f"PP is {w}x{h} px but XP {section.xp.name} is {wx}x{hx} px; they must be the same size",
                 section.pp,
             )
-        geometry, copies, notes = Geometry.thin_section(options.mm_per_pixel), [], []
+        mm_per_pixel = options.mm_per_pixel or images.mm_per_pixel or DEFAULT_MM_PER_PIXEL  # given, file's, default
+        geometry, copies, notes = Geometry.thin_section(mm_per_pixel), [], []
     # a spacing far from the model's is refused here, before any pixel is read or written
     _model_resolution(section.primary.name, geometry, images.pp.shape, bundle, section.primary)
     sources = [images.pp] + ([images.xp] if images.xp is not None else [])
@@ -813,7 +816,8 @@ def segment_files(
     the batch's modal mineralogy table. `on_start` sees the run once the segmenter is built,
     before the first section."""
     model_dir = model_dir or default_model_dir()
-    check_mm_per_pixel(options.mm_per_pixel, "--mm-per-pixel")  # image files' pixel size, before any work
+    if options.mm_per_pixel is not None:
+        check_mm_per_pixel(options.mm_per_pixel, "--mm-per-pixel")  # image files' pixel size, before any work
     bundle = load_bundle(model_dir)
     check_thin_section_model(bundle)
     ensure_writable_dir(output.parent if is_single_file(output) else output)
