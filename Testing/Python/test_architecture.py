@@ -28,6 +28,7 @@ LAYERS: list[set[str]] = [
     {"inference"},
     {"metrics"},
     {"analysis"},  # grains of labelmaps: sizes, shapes, contacts
+    {"stitching"},  # microscope tiles -> panoramas
     {"registration"},
     {"training"},
     {"reports"},

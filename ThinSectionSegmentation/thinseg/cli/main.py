@@ -14,7 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from thinseg import __version__
-from thinseg.cli import analyze_cmd, compare_cmd, evaluate_cmd, prepare_cmd, register_cmd, segment_cmd, train_cmd
+from thinseg.cli import (
+    analyze_cmd,
+    compare_cmd,
+    evaluate_cmd,
+    prepare_cmd,
+    register_cmd,
+    segment_cmd,
+    stitch_cmd,
+    train_cmd,
+)
 from thinseg.cli.options import CommandParser
 from thinseg.console import (
     EXIT_INTERRUPTED,
@@ -41,7 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"thinseg {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
-    for module in (segment_cmd, register_cmd, prepare_cmd, train_cmd, evaluate_cmd, compare_cmd, analyze_cmd):
+    for module in (
+        segment_cmd,
+        register_cmd,
+        prepare_cmd,
+        train_cmd,
+        evaluate_cmd,
+        compare_cmd,
+        analyze_cmd,
+        stitch_cmd,
+    ):
         module.register(commands)
     return parser
 

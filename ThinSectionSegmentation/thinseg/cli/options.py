@@ -139,6 +139,9 @@ seed = int_range(0, MAX_SEED)
 neck_ratio = float_range(0.05, 0.99)
 min_grain_pixels = int_range(1, 1_000_000)
 analysis_workers = int_range(1, 64)
+tile_overlap = float_range(0.0, 0.9, high_open=True)
+stage_error = float_range(0.0, 0.5, low_open=True)
+columns = int_range(1, 100_000)
 
 
 def default_workers() -> int:

@@ -1,0 +1,196 @@
+"""Vignetting: the gain of each camera pixel, from the tiles themselves or a blank-field image.
+
+A microscope lights the middle of a field more than its corners, so every tile carries the same
+smooth dark rim and a panorama built from raw tiles shows a grid of darker lines. Dividing each
+tile by the field's relative gain removes it. The gain is a low-order 2-D polynomial in the
+logarithm (illumination is smooth), scaled to a mean of 1 so the panorama keeps its brightness.
+It is found in one of three ways:
+
+- from the overlaps (`OverlapGainFit`): a rock point seen by two tiles at two places of the
+  field differs only by the gain at those places, so log(a) - log(b) over all shared pixels fixes
+  the polynomial (Goldman's vignetting estimate); exact with a dozen tiles, since the rock cancels;
+- from the per-pixel median of many tiles (`estimate_flat_field`), the rock averaging out: when
+  the tiles share too little to fit;
+- from a photograph of a blank field (`flat_field_from_reference`), as a mirror or empty-slide
+  calibration gives, dust and all left out by the polynomial.
+ (BaSiC would also estimate a dark field, but it needs JAX, which GeoSlicer's
+Python 3.9 cannot run; a bright-field photograph's dark offset is negligible.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+#: The fit runs on this many rows/columns (the tile reduced by block means): gains are smooth.
+FIT_SIDE = 96
+#: Degree of the polynomial in (x, y): enough for a cos^4-like fall-off with an off-centre lamp.
+DEGREE = 4
+
+
+@dataclass(frozen=True)
+class FlatField:
+    """Relative gain (h, w, 3), mean 1 per channel: a tile divided by it is evenly lit."""
+
+    gain: npt.NDArray[np.float32]
+
+    def correct(self, tile: npt.NDArray[np.uint8], rows: slice = slice(None)) -> npt.NDArray[np.float32]:
+        """`tile` (or its `rows`) divided by the gain, as float32 grey levels (may exceed 255)."""
+        return np.asarray(tile, dtype=np.float32) / self.gain[rows]
+
+    @property
+    def strength(self) -> float:
+        """Darkest corner relative to the brightest point (0 = even light), for the report."""
+        lum = self.gain.mean(axis=2)
+        return float(1.0 - lum.min() / lum.max())
+
+
+def _reduced(image: npt.NDArray[np.uint8], factor: int) -> npt.NDArray[np.float32]:
+    h, w = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
+    blocks = np.asarray(image[:h, :w], dtype=np.float32).reshape(h // factor, factor, w // factor, factor, -1)
+    return np.asarray(blocks.mean(axis=(1, 3)), dtype=np.float32)
+
+
+def _factor(shape: tuple[int, int]) -> int:
+    return max(1, max(shape) // FIT_SIDE)
+
+
+def _design(shape: tuple[int, int], degree: int = DEGREE) -> npt.NDArray[np.float64]:
+    """Polynomial terms x^a y^b (a + b <= degree) at the given grid's cell centres, in [-1, 1]."""
+    y = (np.arange(shape[0]) + 0.5) / shape[0] * 2 - 1
+    x = (np.arange(shape[1]) + 0.5) / shape[1] * 2 - 1
+    yy, xx = np.meshgrid(y, x, indexing="ij")
+    terms = [xx**a * yy**b for a in range(degree + 1) for b in range(degree + 1 - a)]
+    return np.stack([t.ravel() for t in terms], axis=1)
+
+
+def _fitted_gain(reduced: npt.NDArray[np.float32], shape: tuple[int, int]) -> FlatField:
+    """Fit log(reduced) per channel with the polynomial and evaluate it on the full tile grid."""
+    log = np.log(np.maximum(reduced.astype(np.float64), 1.0))
+    design = _design(reduced.shape[:2])
+    coefficients = np.linalg.lstsq(design, log.reshape(-1, log.shape[2]), rcond=None)[0]
+    full = np.empty((shape[0], shape[1], log.shape[2]), dtype=np.float32)
+    yv = (np.arange(shape[0]) + 0.5) / shape[0] * 2 - 1
+    xv = (np.arange(shape[1]) + 0.5) / shape[1] * 2 - 1
+    for channel in range(log.shape[2]):  # term by term: no (h*w, terms) matrix at full size
+        value = np.zeros(shape, dtype=np.float64)
+        k = 0
+        for a in range(DEGREE + 1):
+            for b in range(DEGREE + 1 - a):
+                value += coefficients[k, channel] * np.outer(yv**b, xv**a)
+                k += 1
+        full[..., channel] = np.exp(value - np.log(np.mean(np.exp(value))))
+    return FlatField(full)
+
+
+def estimate_flat_field(tiles: Iterable[npt.NDArray[np.uint8]], shape: tuple[int, int]) -> FlatField | None:
+    """The gain from the per-pixel median of `tiles` (reduced copies are kept, not the tiles);
+    None for fewer than 3 tiles, whose median is mostly rock."""
+    factor = _factor(shape)
+    reduced = [_reduced(tile, factor) for tile in tiles]
+    if len(reduced) < 3:
+        return None
+    median = np.median(np.stack(reduced), axis=0).astype(np.float32)
+    return _fitted_gain(median, shape)
+
+
+def flat_field_from_reference(image: npt.NDArray[np.uint8], shape: tuple[int, int]) -> FlatField:
+    """The gain from a photograph of a blank field (an empty slide, a mirror) of the tiles' size."""
+    return _fitted_gain(_reduced(image, _factor(shape)), shape)
+
+
+def _terms(y: npt.NDArray[np.float64], x: npt.NDArray[np.float64], degree: int = DEGREE) -> npt.NDArray[np.float64]:
+    """The polynomial's terms without the constant (which overlaps cannot see) at points (y, x) in [-1, 1]."""
+    xs, ys = [np.ones_like(x)], [np.ones_like(y)]
+    for _ in range(degree):  # powers by repeated products: float ** int is slow
+        xs.append(xs[-1] * x)
+        ys.append(ys[-1] * y)
+    return np.stack([xs[a] * ys[b] for a in range(degree + 1) for b in range(degree + 1 - a) if a or b], axis=1)
+
+
+#: Pixels darker or brighter than this say little about the gain (noise floor, clipping).
+_DARKEST, _BRIGHTEST = 12.0, 243.0
+#: Fewest shared pixel pairs for an overlap fit (else the median of the tiles is used).
+MIN_FIT_SAMPLES = 5000
+#: Shared pixels sampled per pair of tiles.
+PAIR_SAMPLES = 20000
+
+
+@dataclass
+class OverlapGainFit:
+    """Accumulates, pair of tiles by pair, the least-squares equations of the log-gain polynomial
+    from the pixels two tiles share; `flat_field()` solves them. Memory: a few small matrices."""
+
+    shape: tuple[int, int]
+    step: int = 3
+    samples: int = 0
+    normal: npt.NDArray[np.float64] = field(init=False)
+    rhs: npt.NDArray[np.float64] = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = _terms(np.zeros(1), np.zeros(1)).shape[1]
+        self.normal = np.zeros((n, n))
+        self.rhs = np.zeros(n)
+
+    def _unit(self, values: npt.NDArray[np.float64], size: int) -> npt.NDArray[np.float64]:
+        return np.asarray((values + 0.5) / size * 2 - 1, dtype=np.float64)
+
+    def add(
+        self,
+        a: npt.NDArray[np.uint8],
+        origin_a: tuple[int, int],
+        b: npt.NDArray[np.uint8],
+        origin_b: tuple[int, int],
+        offset: tuple[int, int],
+    ) -> None:
+        """Grey crops `a` of tile a (top-left `origin_a` in that tile) and `b` of tile b, b lying at
+        integer `offset` (dy, dx) from a: their shared pixels enter the fit."""
+        h, w = self.shape
+        at_y = offset[0] + origin_b[0] - origin_a[0]
+        at_x = offset[1] + origin_b[1] - origin_a[1]
+        ya0, ya1 = max(0, at_y), min(a.shape[0], at_y + b.shape[0])
+        xa0, xa1 = max(0, at_x), min(a.shape[1], at_x + b.shape[1])
+        if ya1 - ya0 < self.step or xa1 - xa0 < self.step:
+            return
+        # Sample a grid of at most ~PAIR_SAMPLES shared pixels: the gain is smooth, more add nothing.
+        step = max(self.step, int(np.sqrt((ya1 - ya0) * (xa1 - xa0) / PAIR_SAMPLES)) + 1)
+        rows = np.arange(ya0, ya1, step)
+        cols = np.arange(xa0, xa1, step)
+        va = a[np.ix_(rows, cols)].astype(np.float64)
+        vb = b[np.ix_(rows - at_y, cols - at_x)].astype(np.float64)
+        keep = (va > _DARKEST) & (va < _BRIGHTEST) & (vb > _DARKEST) & (vb < _BRIGHTEST)
+        if not keep.any():
+            return
+        rr, cc = np.meshgrid(rows, cols, indexing="ij")
+        ty_a = self._unit(rr[keep] + origin_a[0], h)
+        tx_a = self._unit(cc[keep] + origin_a[1], w)
+        ty_b = self._unit(rr[keep] - at_y + origin_b[0], h)
+        tx_b = self._unit(cc[keep] - at_x + origin_b[1], w)
+        design = _terms(ty_a, tx_a) - _terms(ty_b, tx_b)
+        target = np.log(va[keep]) - np.log(vb[keep])
+        self.normal += design.T @ design
+        self.rhs += design.T @ target
+        self.samples += int(keep.sum())
+
+    def flat_field(self) -> FlatField | None:
+        """The fitted gain (the same on the three channels: vignetting is grey), or None when too
+        few shared pixels were seen."""
+        if self.samples < MIN_FIT_SAMPLES:
+            return None
+        ridge = 1e-6 * np.trace(self.normal) / len(self.rhs)
+        coefficients = np.linalg.solve(self.normal + ridge * np.eye(len(self.rhs)), self.rhs)
+        h, w = self.shape
+        yv = self._unit(np.arange(h, dtype=np.float64), h)
+        xv = self._unit(np.arange(w, dtype=np.float64), w)
+        value = np.zeros((h, w), dtype=np.float64)
+        k = 0
+        for a in range(DEGREE + 1):
+            for b in range(DEGREE + 1 - a):
+                if a or b:
+                    value += coefficients[k] * np.outer(yv**b, xv**a)
+                    k += 1
+        gain = np.exp(value - np.log(np.mean(np.exp(value)))).astype(np.float32)
+        return FlatField(np.repeat(gain[:, :, None], 3, axis=2))
