@@ -48,7 +48,8 @@ class ThinSectionSegmentation(LTracePlugin):
             "cross-polarised (XP) image pair with a U-Net into a labelmap of Calcite, Dolomite, Mg-Clay "
             "minerals, Pores, Quartz and Others, with the mineral area fractions as a table and chart. "
             "<b>Register</b> a QEMSCAN map onto PP from landmark pairs and/or automatically. <b>Train</b> "
-            "a new model on registered sections. <b>Export/Import</b> GeoSlicer netCDF files.<br>"
+            "a new model on registered sections. <b>Stitch</b> overlapping microscope tiles into one PP and one "
+            "XP panorama. <b>Export/Import</b> GeoSlicer netCDF files.<br>"
             "Long work runs in the background; the Segment/Register/Train button becomes Cancel meanwhile.<br>"
             "See the README of the ThinSectionSegmentation extension for the command line and the Python API."
         )
@@ -269,4 +270,33 @@ class ThinSectionSegmentationTest(ScriptedLoadableModuleTest):
         imported = panel.logic.importNetcdf(path)
         labelmap = next(n for n in imported.nodes if n.IsA("vtkMRMLLabelMapVolumeNode"))
         self.assertTrue((volumes.label_array(labelmap) == volumes.label_array(segmentation.labelmap)).all())
+
+        # Stitch 2 x 2 tiles cut from the sample (in this process; the click returns when it is done)
+        tiles, output = self._sampleTiles(pp, xp)
+        panel.ui.stitchTileFolderPathLineEdit.currentPath = str(tiles)
+        panel.ui.stitchOutputFolderPathLineEdit.currentPath = str(output)
+        panel.ui.stitchOverlapSpinBox.value = 0.2
+        panel.ui.stitchButton.click()
+        stitched = panel.completedResult
+        self.assertEqual((stitched.ppNode.GetName(), stitched.xpNode.GetName()), ("tiles_PP", "tiles_XP"))
+        self.assertEqual(stitched.tableNode.GetTable().GetNumberOfRows(), 4)
+        self.assertEqual(volumes.rgb_array(stitched.ppNode).shape, (1080, 1440, 3))  # exact crops: exact positions
+        self.assertTrue((volumes.rgb_array(stitched.ppNode) == volumes.rgb_array(pp)[:1080, :1440]).all())
+        self.assertIs(panel.params.ppVolume, stitched.ppNode)  # ready to segment
+        self.assertEqual(panel.ui.stitchButton.text, "Stitch")
         self.delayDisplay("Test passed")
+
+    def _sampleTiles(self, pp, xp):
+        """2 x 2 tiles of 800 x 600 px, 20 % overlap, cut from the sample: tiles_r<row>_c<col>_PP/XP.png."""
+        from PIL import Image  # deferred: Pillow may be missing until the module's requirements are installed
+
+        folder = Path(tempfile.mkdtemp())
+        tiles = folder / "tiles"
+        tiles.mkdir()
+        for role, node in (("PP", pp), ("XP", xp)):
+            picture = volumes.rgb_array(node)
+            for row in range(2):
+                for col in range(2):
+                    tile = picture[row * 480 : row * 480 + 600, col * 640 : col * 640 + 800]
+                    Image.fromarray(tile).save(tiles / f"tiles_r{row:02d}_c{col:02d}_{role}.png")
+        return tiles, folder / "stitched"

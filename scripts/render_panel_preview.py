@@ -122,6 +122,8 @@ def _fill(panel, find) -> None:
     find("qemscanColorTablePathLineEdit").setText("sample_QEMSCAN.csv")
     find("modelsRootPathLineEdit").setText(str(Path("~") / "ThinSectionSegmentation" / "Models"))
     find("exportPathLineEdit").setText("results/sample.nc")
+    find("stitchTileFolderPathLineEdit").setText(str(Path("wellA") / "S1_tiles"))
+    find("stitchOutputFolderPathLineEdit").setText(str(Path("wellA") / "S1_stitched"))
     find("trainFilesList").addItems(["wellA_S1_registered.nc", "wellA_S2_registered.nc"])
 
     residuals = QStandardItemModel(0, 4)

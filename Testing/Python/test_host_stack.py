@@ -362,6 +362,11 @@ PARAMETER_HINTS = {
     "grainPpVolume": "slicer.vtkMRMLVectorVolumeNode",
     "grainNeckRatio": "builtins.float",
     "grainMinPixels": "builtins.int",
+    "stitchTileFolder": "builtins.str",
+    "stitchOutputFolder": "builtins.str",
+    "stitchOverlap": "builtins.float",
+    "stitchFlatField": "builtins.str",
+    "stitchLayout": "builtins.str",
     "exportPath": "builtins.str",
     "importPath": "builtins.str",
 }
@@ -377,6 +382,7 @@ WRAPPER_HINTS = {
     "modelMmPerPixel": "Annotated[builtins.float, WithinRange(0.0, 10.0)]",
     "grainNeckRatio": "Annotated[builtins.float, WithinRange(0.05, 0.99)]",
     "grainMinPixels": "Annotated[builtins.int, WithinRange(1, 1000000)]",
+    "stitchOverlap": "Annotated[builtins.float, WithinRange(0.0, 0.89)]",
 }
 
 

@@ -85,6 +85,11 @@ def test_fields_types_and_defaults():
         "grainPpVolume": "vtkMRMLVectorVolumeNode",
         "grainNeckRatio": "float",
         "grainMinPixels": "int",
+        "stitchTileFolder": "str",
+        "stitchOutputFolder": "str",
+        "stitchOverlap": "float",
+        "stitchFlatField": "str",
+        "stitchLayout": "str",
         "exportPath": "str",
         "importPath": "str",
     }
@@ -124,7 +129,8 @@ def test_every_parameter_name_in_the_ui_names_a_field_of_a_type_its_widget_shows
     bindings = _ui_bindings()
     fields = [field for _prop, _widget, field in bindings]
     assert len(fields) == len(set(fields)), "a field bound twice"
-    assert set(FIELD_TYPES) - set(fields) == {"modelPath", "ppPattern", "xpPattern"}  # model list; no widget
+    # model list; no widget; the stitch combo boxes (a choice or a file) the panel keeps in step
+    assert set(FIELD_TYPES) - set(fields) == {"modelPath", "ppPattern", "xpPattern", "stitchFlatField", "stitchLayout"}
     for prop, widget, field in bindings:
         cls, name = widget.get("class"), widget.get("name")
         assert field in FIELD_TYPES, f"{name} names no field: {field}"

@@ -10,6 +10,7 @@ Console use (slicer.mrmlScene) or any vtkMRMLScene:
     imported = logic.importNetcdf("/data/S12.nc")   # imported.nodes, .pp, .xp
     batch = logic.segmentFiles(["/data/well-A"], "/data/results")
     grains = logic.analyzeGrains(result.labelmap)   # grains.grains, .summary, .contacts, .sizeChart, ...
+    stitched = logic.stitchTiles(["/data/S1_tiles"], "/data/S1_stitched")  # .ppNode, .xpNode, .tableNode
 
 Every operation returns what it made (a typed result); the logic keeps no "last result" state.
 The panel runs the same work in a separate process: prepareX() exports the inputs and writes the
@@ -143,6 +144,26 @@ class GrainAnalysisOutput:
     statistics: dict = field(default_factory=dict)
     nodes: list = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StitchOutput:
+    """What a stitch made: the PP and XP panoramas (vector volumes "<name>_PP", "<name>_XP", read
+    from the netCDF written), the tile table "<name> tiles", all in the subject-hierarchy folder
+    `hierarchyFolder`; `folder` the output folder on disk and `files` its files by kind (pp_tiff,
+    xp_tiff, netcdf, positions, tile_map, summary), `summary` stitch.json's content, `warnings`
+    what the user should read, `nodes` every node made."""
+
+    ppNode: object
+    xpNode: object | None
+    tableNode: object
+    folder: Path
+    files: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    nodes: list = field(default_factory=list)
+    name: str = ""
+    hierarchyFolder: int = 0
 
 
 @dataclass
@@ -915,6 +936,75 @@ class ThinSectionSegmentationLogic:
             analysis.summary,
             made.nodes,
             messages,
+        )
+
+    # -- stitching -------------------------------------------------------------------------------
+
+    def stitchTiles(
+        self,
+        tilePaths: Sequence,
+        outputFolder,
+        name: str | None = None,
+        ppPattern: str = "PP",
+        xpPattern: str | None = "XP",
+        layout: str | None = None,
+        overlap: float = 0.15,
+        flatField: str = "auto",
+        pixelSize: float | None = None,
+        overwrite: bool = False,
+        options=None,
+        progress: Callable[[str, int], Callable[[int, int], None]] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> StitchOutput:
+        """Stitch microscope tiles (files or folders; PP and XP by affix) as `thinseg stitch` does,
+        in this process, into `outputFolder`, and load the PP and XP panoramas and a tile table
+        into a folder of the scene. `layout`: None (grid from the names, else from the images),
+        "grid", "auto" or a TileConfiguration file; `flatField`: "auto", "none" or a blank-field
+        image; `pixelSize` in mm (None: the tiles' own). `options`: a thinseg StitchOptions (then
+        the other settings are its own; its formats must include netcdf). `progress(stage, pixels)`
+        returns the update(done, total) of that stage. Cancelling (`cancelled` returns True)
+        raises thinseg.stitching.Cancelled, leaving the scene as it was and nothing on disk."""
+        # deferred: stitching imports scipy, scikit-image, tifffile and netCDF4, loaded when it is used
+        from thinseg.pipelines.stitch import StitchOptions
+        from thinseg.stitching.placement import PlacementOptions
+
+        from . import stitch_nodes  # deferred: imports the stitching pipeline (as above)
+
+        if options is None:
+            if not tilePaths:
+                raise ThinSegError("choose the tiles to stitch (files or a folder)")
+            if not str(outputFolder or "").strip():
+                raise ThinSegError("choose the output folder of the stitch")
+            placement = PlacementOptions(
+                layout=layout or None,
+                overlap=float(overlap),
+                flat_field=flatField or "auto",
+                workers=max(1, min(4, os.cpu_count() or 1)),  # threads reading tiles, not processes
+            )
+            options = StitchOptions(
+                inputs=[str(p) for p in tilePaths],
+                output=Path(outputFolder),
+                name=name or None,
+                pp_pattern=ppPattern,
+                xp_pattern=xpPattern or None,
+                placement=placement,
+                mm_per_pixel=pixelSize,
+                overwrite=bool(overwrite),
+            )
+        run = stitch_nodes.stitch_into_scene(self.scene, options, progress, cancelled)
+        self.messages += run.messages
+        made, result = run.made, run.result
+        return StitchOutput(
+            made.pp,
+            made.xp,
+            made.table,
+            result.folder,
+            dict(result.files),
+            result.summary,
+            run.messages,
+            made.nodes,
+            result.name,
+            made.folder,
         )
 
     # -- netCDF ---------------------------------------------------------------------------------

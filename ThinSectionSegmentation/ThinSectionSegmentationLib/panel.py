@@ -29,6 +29,24 @@ from .session import JobSession, status_of
 UI_FILE = Path(__file__).resolve().parents[1] / "Resources" / "UI" / "ThinSectionSegmentation.ui"
 SETTINGS_MODEL_ROOTS = "ThinSectionSegmentation/ModelRoots"
 TITLE = "Thin Section Segmentation"
+#: Field -> (combo box, the choices before the file row, the file row's text, the file dialog's
+#: title and filter).
+STITCH_CHOICES = {
+    "stitchFlatField": (
+        "stitchFlatFieldComboBox",
+        parameters.STITCH_FLAT_FIELDS,
+        "Reference image...",
+        "Blank-field reference image",
+        "Images (*.png *.jpg *.jpeg *.tif *.tiff)",
+    ),
+    "stitchLayout": (
+        "stitchLayoutComboBox",
+        parameters.STITCH_LAYOUTS,
+        "Tile-position file...",
+        "Tile positions (Fiji TileConfiguration)",
+        "Tile configurations (*.txt);;All files (*)",
+    ),
+}
 
 
 class ThinSectionSegmentationPanel(VTKObservationMixin):
@@ -53,6 +71,7 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
         self._declinedInstall = False
         self._entered = False
         self._grainCancel = None  # [cancel asked] while a grain analysis runs
+        self._stitchCancel = None  # [cancel asked] while a stitch runs
 
         self.widget = slicer.util.loadUI(str(UI_FILE))
         self.ui = slicer.util.childWidgetVariables(self.widget)
@@ -80,6 +99,9 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
         ui.exportButton.connect("clicked(bool)", self.onExportButton)
         ui.importButton.connect("clicked(bool)", self.onImportButton)
         ui.analyzeGrainsButton.connect("clicked(bool)", self.onAnalyzeGrainsButton)
+        ui.stitchButton.connect("clicked(bool)", self.onStitchButton)
+        ui.stitchFlatFieldComboBox.connect("activated(int)", lambda row: self.onStitchChoice("stitchFlatField", row))
+        ui.stitchLayoutComboBox.connect("activated(int)", lambda row: self.onStitchChoice("stitchLayout", row))
         ui.loadQemscanButton.connect("clicked(bool)", self.onLoadQemscan)
         ui.addModelFolderButton.connect("clicked(bool)", self.onAddModelFolder)
         ui.refreshModelsButton.connect("clicked(bool)", lambda _checked=False: self.refreshModels())
@@ -159,15 +181,17 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
     def _onParametersModified(self):
         if self.params is not None and self.params.modelPath and self.params.modelPath != self._currentModel():
             self._selectModel(self.params.modelPath)
+        self._showStitchChoices()
         self._updateButtons()
 
     def _updateButtons(self):
-        running = self.session is not None or self._grainCancel is not None
+        running = self.session is not None or self._grainCancel is not None or self._stitchCancel is not None
         for button in (self.ui.segmentButton, self.ui.registerButton, self.ui.refineButton, self.ui.trainButton):
             button.enabled = (not running) or button is self._jobButton
         self.ui.exportButton.enabled = not running
         self.ui.importButton.enabled = not running
-        self.ui.analyzeGrainsButton.enabled = self.session is None  # it is the Cancel button while grains run
+        self.ui.analyzeGrainsButton.enabled = self.session is None and self._stitchCancel is None  # Cancel meanwhile
+        self.ui.stitchButton.enabled = self.session is None and self._grainCancel is None  # Cancel while stitching
 
     # -- models ---------------------------------------------------------------------------------
 
@@ -309,6 +333,8 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
         """Stop a running job now (scene closing, module cleanup); nothing is imported."""
         if self._grainCancel is not None:  # a grain analysis stops at its next band, adding nothing
             self._grainCancel[0] = True
+        if self._stitchCancel is not None:  # a stitch stops at its next tile or band, writing nothing
+            self._stitchCancel[0] = True
         if self.session is not None:
             self._timer.stop()
             self.session.stop(grace=3.0)
@@ -553,6 +579,102 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
                 )
         finally:
             self._grainCancel = None
+            button.text = text
+            self._updateButtons()
+
+    # -- stitching -------------------------------------------------------------------------------
+
+    def _showStitchChoices(self):
+        """The flat-field and layout combo boxes show their fields: a choice, or the file row
+        titled with the file's name."""
+        if self.params is None:
+            return
+        for name, (combo_name, choices, file_row, _title, _filter) in STITCH_CHOICES.items():
+            combo, value = getattr(self.ui, combo_name), getattr(self.params, name)
+            is_file = value not in choices
+            combo.setItemText(len(choices), f"{Path(value).name}..." if is_file else file_row)
+            combo.setItemData(len(choices), value if is_file else "", qt.Qt.ToolTipRole)
+            combo.currentIndex = len(choices) if is_file else choices.index(value)
+
+    def onStitchChoice(self, name, row):
+        """A choice sets the field; the file row asks for the file (keeping the field on cancel)."""
+        _combo, choices, _file_row, title, filters = STITCH_CHOICES[name]
+        if row < len(choices):
+            setattr(self.params, name, choices[row])
+        else:
+            path = qt.QFileDialog.getOpenFileName(self.widget, title, self.params.stitchTileFolder, filters)
+            if path:
+                setattr(self.params, name, str(path))
+        self._showStitchChoices()
+
+    def onStitchButton(self):
+        """Stitch the tile folder in this process (threads read the tiles) and load the panoramas;
+        the button is the Cancel button while it runs (the stitch stops between tiles and bands)."""
+        if self._stitchCancel is not None:
+            self._stitchCancel[0] = True
+            self.ui.statusLabel.text = "Cancelling..."
+            return
+        if not self._ensureDependencies():
+            return
+        from thinseg.stitching import Cancelled  # deferred: stitching loads scipy and scikit-image
+
+        p = self.params
+        overwrite = False
+        if p.stitchOutputFolder and Path(p.stitchOutputFolder).exists():
+            question = f"{p.stitchOutputFolder} exists. Replace it with the new stitch?"
+            if not (self.showDialogs and slicer.util.confirmYesNoDisplay(question, windowTitle=TITLE)):
+                self.ui.statusLabel.text = f"Stitch not started: {p.stitchOutputFolder} exists"
+                return
+            overwrite = True
+        cancel = self._stitchCancel = [False]
+        button = self.ui.stitchButton
+        text, button.text = button.text, "Cancel"
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = "Stitching..."
+        self._updateButtons()
+
+        def progress(stage, _pixels):
+            start, share = (0, 300) if stage.endswith("positions") else (300, 700)
+            self.ui.statusLabel.text = f"Stitching {stage}"
+
+            def update(done, total):
+                self.ui.progressBar.value = start + int(share * done / max(total, 1))
+                slicer.app.processEvents()  # draws the bar and lets a click on Cancel through
+
+            return update
+
+        try:
+            with self._errors("Stitch failed"):
+                try:
+                    result = self.logic.stitchTiles(
+                        [p.stitchTileFolder] if p.stitchTileFolder else [],
+                        p.stitchOutputFolder,
+                        ppPattern=p.ppPattern,
+                        xpPattern=p.xpPattern,
+                        layout=p.stitchLayout or None,
+                        overlap=p.stitchOverlap,
+                        flatField=p.stitchFlatField,
+                        overwrite=overwrite,
+                        progress=progress,
+                        cancelled=lambda: cancel[0],
+                    )
+                except Cancelled:
+                    self.ui.progressBar.value = 0
+                    self.ui.statusLabel.text = "Cancelled; nothing was changed."
+                    return
+                self.ui.progressBar.value = 1000
+                self.completedResult = result
+                p.ppVolume, p.xpVolume = result.ppNode, result.xpNode  # ready to segment
+                if slicer.app.layoutManager() is not None:
+                    slicer.util.setSliceViewerLayers(background=result.ppNode, fit=True)
+                height, width = result.summary["shape"]
+                notes = "; ".join(result.warnings)
+                self.ui.statusLabel.text = (
+                    f"Done: {result.summary['tiles_used']} tiles -> {width} x {height} px in {result.folder}"
+                    + (f". Note: {notes}" if notes else "")
+                )
+        finally:
+            self._stitchCancel = None
             button.text = text
             self._updateButtons()
 

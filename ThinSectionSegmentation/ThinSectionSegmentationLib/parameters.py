@@ -120,6 +120,14 @@ class ThinSectionSegmentationParameters:
     grainPpVolume: vtkMRMLVectorVolumeNode = None
     grainNeckRatio: float = 0.7
     grainMinPixels: int = 12
+    # Stitch tiles (`thinseg stitch`): the tile folder, the output folder, the nominal overlap of
+    # neighbours, the flat field ("auto", "none" or a blank-field image) and the layout ("": grid
+    # from the names, else from the images; "grid", "auto" or a TileConfiguration file)
+    stitchTileFolder: str = ""
+    stitchOutputFolder: str = ""
+    stitchOverlap: float = 0.15
+    stitchFlatField: str = "auto"
+    stitchLayout: str = ""
     # Export / import
     exportPath: str = ""
     importPath: str = ""
@@ -140,7 +148,13 @@ RANGES: dict[str, tuple[float, float]] = {
     "modelMmPerPixel": (0.0, 10.0),
     "grainNeckRatio": (0.05, 0.99),  # thinseg.analysis.GrainOptions' limits
     "grainMinPixels": (1, 1000000),
+    "stitchOverlap": (0.0, 0.89),  # `thinseg stitch --overlap` takes [0, 0.9); the spin box shows 2 decimals
 }
+
+#: stitchFlatField and stitchLayout values other than a file, in their combo boxes' order (a
+#: file is the row after them): `thinseg stitch --flat-field` and `--layout` ("": the default).
+STITCH_FLAT_FIELDS = ("auto", "none")
+STITCH_LAYOUTS = ("", "grid", "auto")
 
 #: Parameter names of scenes saved before the typed node -> the field that replaces them.
 OLD_NAMES: dict[str, str] = {

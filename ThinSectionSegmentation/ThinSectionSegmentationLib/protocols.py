@@ -113,6 +113,23 @@ class PanelLogic(Protocol):
         cancelled: Callable[[], bool] | None = None,
     ) -> Any: ...
 
+    def stitchTiles(
+        self,
+        tilePaths: Sequence[Any],
+        outputFolder: Any,
+        name: str | None = None,
+        ppPattern: str = "PP",
+        xpPattern: str | None = "XP",
+        layout: str | None = None,
+        overlap: float = 0.15,
+        flatField: str = "auto",
+        pixelSize: float | None = None,
+        overwrite: bool = False,
+        options: Any = None,
+        progress: Callable[[str, int], Callable[[int, int], None]] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Any: ...
+
     def exportNetcdf(self, nodes: Sequence[Any], path: Any) -> dict: ...
 
     def importNetcdf(
