@@ -82,6 +82,29 @@ class ArraySink:
         self.array[y0 : y0 + band.shape[0]] = band
 
 
+class _Held:
+    """A decoded tile (PP, and XP when there is one) from row `first` on: as the bands move down,
+    the rows above them are let go, so the tiles held take about half a row of tiles on average."""
+
+    def __init__(self, images: TileImages) -> None:
+        self.first = 0
+        self.pp, self.xp = images
+
+    def rows(self, r0: int, r1: int) -> Rgb:
+        return self.pp[r0 - self.first : r1 - self.first]
+
+    def xp_rows(self, r0: int, r1: int) -> Rgb | None:
+        return self.xp[r0 - self.first : r1 - self.first] if self.xp is not None else None
+
+    def drop_above(self, row: int, least: int) -> None:
+        """Let go of the rows above `row` once at least `least` of them can go (each drop copies)."""
+        if row - self.first >= least:
+            cut = row - self.first
+            self.pp = self.pp[cut:].copy()
+            self.xp = self.xp[cut:].copy() if self.xp is not None else None
+            self.first = row
+
+
 #: Width (px) of the means compared across a seam line.
 STEP_WIDTH = 4
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -108,38 +131,60 @@ class _SeamMeter:
         values = image.astype(np.float32) if gain is None else image / gain
         return np.asarray(values @ _LUMA, dtype=np.float32)
 
-    def measure_ready(self, cache: dict[int, TileImages]) -> None:
+    def measure_ready(self, cache: dict[int, _Held]) -> None:
         left = []
         for a, b, axis in self.pending:
             if a in cache and b in cache:
-                self._pair(cache[a][0], cache[b][0], self.positions[b] - self.positions[a], axis)
+                self._pair(cache[a], cache[b], self.positions[b] - self.positions[a], axis)
             else:
                 left.append((a, b, axis))
         self.pending = left
 
-    def _pair(self, image_a: Rgb, image_b: Rgb, offset: npt.NDArray[np.int64], axis: int) -> None:
+    def _step(
+        self, held: _Held, rows: tuple[int, int], cols: tuple[int, int], axis: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None:
+        """Means of the first and second halves (along `axis`) of a tile's grey region, or None
+        when rows above it were already dropped."""
+        if rows[0] < held.first:
+            return None
+        region = held.rows(rows[0], rows[1])[:, cols[0] : cols[1]]
+        gain = self.flat.gain[rows[0] : rows[1], cols[0] : cols[1]] if self.flat is not None else None
+        grey = self._grey(region, gain)
+        k = STEP_WIDTH
+        if axis == 1:
+            return grey[:, :k].mean(axis=1), grey[:, k:].mean(axis=1)
+        return grey[:k].mean(axis=0), grey[k:].mean(axis=0)
+
+    def _pair(self, a: _Held, b: _Held, offset: npt.NDArray[np.int64], axis: int) -> None:
         """Steps across the two edges of the overlap of a and b (b after a along `axis`), each line
         `STEP_WIDTH` px inside the overlap so both tiles cover both sides of it."""
-        gain = self.flat.gain if self.flat is not None else None
-        if axis == 0:  # work in columns: transpose so b lies to the right
-            image_a, image_b = image_a.transpose(1, 0, 2), image_b.transpose(1, 0, 2)
-            gain = gain.transpose(1, 0, 2) if gain is not None else None
-            offset = offset[::-1]
-        h, w = image_a.shape[:2]
+        h, w = self.tile_shape
         dy, dx = int(offset[0]), int(offset[1])
         k = STEP_WIDTH
-        r0, r1 = max(0, dy), min(h, dy + h)  # a's rows that b shares
-        if r1 - r0 < 8:
-            return
-        for line in (dx + k, w - k):  # in a's columns: b's left edge, a's right edge
-            cut_a = (slice(r0, r1), slice(line - k, line + k))
-            cut_b = (slice(r0 - dy, r1 - dy), slice(line - dx - k, line - dx + k))
-            a = self._grey(image_a[cut_a], gain[cut_a] if gain is not None else None)
-            b = self._grey(image_b[cut_b], gain[cut_b] if gain is not None else None)
-            a_before, a_after = a[:, :k].mean(axis=1), a[:, k:].mean(axis=1)
-            b_before, b_after = b[:, :k].mean(axis=1), b[:, k:].mean(axis=1)
-            # what pasting shows: a up to the line and b after it at b's edge, b before it and a after at a's
-            pasted = b_after - a_before if line == dx + k else a_after - b_before
+        if axis == 1:  # b to the right: vertical lines through the rows both hold
+            r0, r1 = max(0, dy, a.first, b.first + dy), min(h, dy + h)
+            if r1 - r0 < 8:
+                return
+            lines = [
+                ((r0, r1), (line - k, line + k), (r0 - dy, r1 - dy), (line - dx - k, line - dx + k))
+                for line in (dx + k, w - k)
+            ]
+        else:  # b below: horizontal lines through the columns both hold
+            c0, c1 = max(0, dx), min(w, dx + w)
+            if c1 - c0 < 8:
+                return
+            lines = [
+                ((line - k, line + k), (c0, c1), (line - dy - k, line - dy + k), (c0 - dx, c1 - dx))
+                for line in (dy + k, h - k)
+            ]
+        for number, (rows_a, cols_a, rows_b, cols_b) in enumerate(lines):
+            steps_a = self._step(a, rows_a, cols_a, axis)
+            steps_b = self._step(b, rows_b, cols_b, axis)
+            if steps_a is None or steps_b is None:
+                continue
+            (a_before, a_after), (b_before, b_after) = steps_a, steps_b
+            # what pasting shows: a before the line and b after it at b's edge; b before, a after at a's edge
+            pasted = b_after - a_before if number == 0 else a_after - b_before
             self._add("seam", pasted)
             self._add("inside", a_after - a_before)
             self._add("inside", b_after - b_before)
@@ -181,7 +226,7 @@ def compose(
     overview = np.zeros((-(-height // factor), -(-width // factor), 3), dtype=np.uint8)
     meter = _SeamMeter(positions, tile_shape, flat_pp)
     order = np.argsort(positions[:, 0], kind="stable")
-    cache: dict[int, TileImages] = {}
+    cache: dict[int, _Held] = {}
     covered_pixels = 0
     bands = list(range(0, height, band_rows))
     with_xp = bool(xp_sinks)
@@ -199,17 +244,19 @@ def compose(
                 del cache[k]
         for k in crossing:
             if k not in cache:
-                cache[k] = read(k)
+                cache[k] = _Held(read(k))
         meter.measure_ready(cache)
         for k in crossing:
             ty, tx = (int(v) for v in positions[k])
             r0, r1 = max(y0, ty) - ty, min(y1, ty + h) - ty
             out = slice(r0 + ty - y0, r1 + ty - y0)
-            pp, xp = cache[k]
-            acc_pp[out, tx : tx + w] += pp[r0:r1] * scale_pp[r0:r1]
-            if acc_xp is not None and xp is not None:
-                acc_xp[out, tx : tx + w] += xp[r0:r1] * scale_xp[r0:r1]
+            held = cache[k]
+            acc_pp[out, tx : tx + w] += held.rows(r0, r1) * scale_pp[r0:r1]
+            xp_rows = held.xp_rows(r0, r1)
+            if acc_xp is not None and xp_rows is not None:
+                acc_xp[out, tx : tx + w] += xp_rows * scale_xp[r0:r1]
             wsum[out, tx : tx + w] += weights[r0:r1]
+            held.drop_above(r1, h // 4)
         covered = wsum > 0
         covered_pixels += int(covered.sum())
         scale = np.where(covered, 1.0 / np.maximum(wsum, 1e-12), 0.0).astype(np.float32)[:, :, None]
