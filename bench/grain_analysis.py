@@ -35,6 +35,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ThinSectionSegmentation"))
 
+from process_tree import tree_rss  # noqa: E402
+
 from thinseg.classes.files import read_value_classes  # noqa: E402
 from thinseg.io.netcdf import NetcdfWriter  # noqa: E402
 
@@ -126,29 +128,13 @@ def _fit(rows: int, side: int, tiles: list[np.ndarray], rng: np.random.Generator
     return out
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (Linux /proc)."""
-    total = 0
-    stack = [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        stack += [int(c) for c in children]
-    return total
-
-
 def measure(code: str) -> dict[str, float]:
     """Run `code` in a fresh interpreter; its JSON line plus the peak resident memory of its tree."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
+        peak = max(peak, tree_rss(proc.pid))
         time.sleep(0.02)
     out, err = proc.communicate()
     if proc.returncode != 0:

@@ -252,8 +252,10 @@ def write_tile(path: Path, tile: np.ndarray, quality: int = 95) -> None:
         return
     from PIL import Image  # deferred: Pillow is imported by the readers anyway
 
-    options = {"quality": quality} if path.suffix == ".jpg" else {"compress_level": 1}
-    Image.fromarray(tile).save(path, **options)
+    if path.suffix == ".jpg":
+        Image.fromarray(tile).save(path, quality=quality)
+    else:
+        Image.fromarray(tile).save(path, compress_level=1)
 
 
 def read_tile(path: Path) -> np.ndarray:
