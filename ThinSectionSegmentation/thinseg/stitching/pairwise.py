@@ -12,32 +12,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
+
+from thinseg.io.netcdf import Window
 
 FloatImage = npt.NDArray[np.float32]
 
 #: Fewest shared pixels for a pair's NCC to count (a sliver of overlap correlates by chance).
 MIN_SHARED_PIXELS = 2000
-
-
-class Window(NamedTuple):
-    """Rows y0:y1 and columns x0:x1 of a tile."""
-
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-
-    @property
-    def origin(self) -> npt.NDArray[np.float64]:
-        return np.array([self.y0, self.x0], dtype=np.float64)
-
-    @property
-    def size(self) -> int:
-        return max(0, self.y1 - self.y0) * max(0, self.x1 - self.x0)
 
 
 @dataclass(frozen=True)
@@ -124,7 +108,7 @@ def measure_shift(
         return (float(nominal_yx[0]), float(nominal_yx[1])), -1.0, 0
     peak = phase_peak(_padded(crop_a, shape), _padded(crop_b, shape))
     # b's (0, 0) lies at `at` in crop a <=> b's tile origin lies at win_a + at - win_b in tile a.
-    to_offset = win_a.origin - win_b.origin
+    to_offset = np.array([win_a.y0 - win_b.y0, win_a.x0 - win_b.x0], dtype=np.float64)
     best: tuple[float, int, tuple[int, int]] = (-2.0, 0, (0, 0))
     for ky, kx in itertools.product((-1, 0, 1), repeat=2):
         at = (int(round(peak[0])) + ky * shape[0], int(round(peak[1])) + kx * shape[1])

@@ -23,13 +23,13 @@ import numpy.typing as npt
 
 from thinseg.errors import ThinSegError
 from thinseg.io.images import open_image
+from thinseg.io.netcdf import Window
 from thinseg.stitching.compose import Cancelled
 from thinseg.stitching.flatfield import FlatField, OverlapGainFit, estimate_flat_field, flat_field_from_reference
 from thinseg.stitching.layout import grid_positions, read_tile_configuration
 from thinseg.stitching.pairwise import (
     FloatImage,
     PairShift,
-    Window,
     gray,
     measure_shift,
     overlap_windows,
@@ -376,7 +376,7 @@ def measure_all_pairs(
         b[: small_shape[0], : small_shape[1]] = small[j] - small[j].mean()
         peak = phase_peak(a, b)
         rough = np.array([_unwrap(peak[0], padded_shape[0]), _unwrap(peak[1], padded_shape[1])])
-        low_window = (Window(0, small_shape[0], 0, small_shape[1]), Window(0, small_shape[0], 0, small_shape[1]))
+        low_window = (Window.whole(small_shape), Window.whole(small_shape))
         low_offset, low_score, _ = measure_shift(small[i], small[j], low_window, rough, 2, least)
         if low_score >= min_score:
             nominal = np.asarray(low_offset) * factor
