@@ -63,7 +63,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--mm-per-pixel",
         type=types.mm_per_pixel,
         default=None,
-        help=f"pixel size in mm, 0.0001 to 1 (default: from a netCDF file, else {DEFAULT_MM_PER_PIXEL})",
+        help=f"pixel size in mm, 0.0001 to 1 (default: from a netCDF file or an OME-TIFF, else {DEFAULT_MM_PER_PIXEL})",
     )
     types.add_max_pixels(p)
     p.add_argument(

@@ -114,7 +114,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--mm-per-pixel",
         type=types.mm_per_pixel,
         default=None,
-        help=f"PP pixel size in mm, 0.0001 to 1 (default: from a netCDF file, else {DEFAULT_MM_PER_PIXEL})",
+        help="PP pixel size in mm, 0.0001 to 1 "
+        f"(default: from a netCDF file or an OME-TIFF, else {DEFAULT_MM_PER_PIXEL})",
     )
     p.add_argument(
         "--qemscan-mm-per-pixel",
