@@ -201,6 +201,23 @@ def test_segment_files_batch_from_the_console(scene, model_root, tmp_path):
     assert [f.path.name for f in batch.imported] == [r.netcdf.name for r in batch.results]
 
 
+def test_segment_files_batch_on_a_dask_cluster_from_the_console(scene, model_root, tmp_path):
+    """`cluster=` runs each section as a task on a LocalCluster: the same results, failures and
+    imported nodes as a batch in the console's own process."""
+    pytest.importorskip("distributed")
+    inputs = tmp_path / "in"
+    write_pair(inputs, "A_PP", "A_XP", height=64, width=80, seed=1)
+    (inputs / "lonely_PP.png").write_bytes(b"\x89PNG broken")
+    logic = ThinSectionSegmentationLogic(scene)
+    model = model_root / "ThinSectionEnv" / "tiny-ppxp"
+    batch = logic.segmentFiles([inputs], tmp_path / "out", model, load=True, cluster="local:1")
+    assert [r.netcdf.name for r in batch.results] == ["A_PP.nc"]
+    assert len(batch.failures) == 1 and "lonely_PP" in str(batch.failures[0][0])
+    assert [f.pp.GetName() for f in batch.imported] == ["A_PP"]
+    here = logic.segmentFiles([inputs / "A_PP.png"], tmp_path / "local", model)
+    assert here.results[0].mineralogy == batch.results[0].mineralogy
+
+
 def test_segment_warns_when_the_rock_is_out_of_the_models_depth(scene):
     """The bundled synthetic model on a real sandstone field: the result's messages say the map is
     unreliable; on its own synthetic sample they do not."""

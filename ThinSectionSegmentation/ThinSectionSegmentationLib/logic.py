@@ -485,10 +485,12 @@ class ThinSectionSegmentationLogic:
         overwrite: bool = False,
         load: bool = False,
         progress=None,
+        cluster: str | None = None,
     ) -> BatchOutput:
         """Batch: segment image files / netCDF files / folders into `outputDir`, like `thinseg
         segment` (one netCDF per section + modal_mineralogy.csv); with load=True each result
-        file is imported into the scene."""
+        file is imported into the scene. `cluster` ("local:N", "tcp://HOST:PORT" or a scheduler
+        file) runs each section as one task on a Dask cluster (`thinseg segment --cluster`)."""
         # deferred: these import torch (1-2 s), which the panel loads only when it segments
         from thinseg.inference.engine import InferenceOptions
         from thinseg.pipelines.segment import SegmentOptions, segment_files
@@ -500,6 +502,7 @@ class ThinSectionSegmentationLogic:
             overwrite=overwrite,
             probabilities=probabilities,
             overlay=overlay,
+            cluster=cluster,
             inference=InferenceOptions(device=device, with_confidence=probabilities),
         )
         run = segment_files(

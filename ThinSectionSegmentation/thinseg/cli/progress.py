@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -29,10 +30,18 @@ class TileProgress:
                     total=total, desc=name, unit=self.unit, file=sys.stderr, dynamic_ncols=True, leave=True
                 )
             elapsed = max(time.perf_counter() - start, 1e-9)
-            self._bar.set_postfix_str(f"{pixels * done / total / elapsed / 1e6:.2f} MPix/s", refresh=False)
+            if pixels:  # 0: pixels unknown (a bar over sections)
+                self._bar.set_postfix_str(f"{pixels * done / total / elapsed / 1e6:.2f} MPix/s", refresh=False)
             self._bar.update(done - self._bar.n)
 
         return update
+
+    def write(self, text: str, file: TextIO | None = None) -> None:
+        """Print `text` above the open bar (which stays), or plainly when none is open."""
+        if self._bar is not None:
+            tqdm.write(text, file=file or sys.stdout)
+        else:
+            print(text, file=file or sys.stdout)
 
     def close(self) -> None:
         if self._bar is not None:

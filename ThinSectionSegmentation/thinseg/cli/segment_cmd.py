@@ -6,7 +6,7 @@ import argparse
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from thinseg import limits
 from thinseg.cli import options as types
@@ -129,6 +129,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "change), else fp32; fp32: exact; fp16: GPU only",
     )
     types.add_tta(tuning)
+    p.add_argument(
+        "--cluster",
+        default=None,
+        metavar="SPEC",
+        help="run each section as one task on a Dask cluster: local:N (N worker processes here), "
+        "tcp://HOST:PORT (a running scheduler) or a scheduler file (.json); needs pip install thinseg[cluster]",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -150,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         overlay=args.overlay,
         sections=tuple(args.section),
         align_xp=args.align_xp,
+        cluster=args.cluster,
         inference=InferenceOptions(
             tile=args.tile,
             overlap=args.overlap,
@@ -160,38 +168,47 @@ def run(args: argparse.Namespace) -> int:
             tta=args.tta,
         ),
     )
-    progress = TileProgress(enabled=not args.quiet)
+    # on a cluster one bar counts the sections done; results are printed above it
+    progress = TileProgress(enabled=not args.quiet, unit="section" if args.cluster else "tile")
     startup_messages: list[str] = []
+
+    def say(text: str, file: TextIO = sys.stdout) -> None:
+        if args.cluster is None:
+            progress.close()
+        progress.write(text, file)
 
     def on_start(run: SegmentRun) -> None:
         report_refused(run)
-        assert run.segmenter is not None
-        startup_messages.extend(run.segmenter.messages)
-        for message in run.segmenter.messages:
-            print(f"thinseg: {message}", file=sys.stderr)
+        if run.segmenter is not None:  # a cluster's workers build theirs; their messages come with results
+            startup_messages.extend(run.segmenter.messages)
+            for message in run.segmenter.messages:
+                print(f"thinseg: {message}", file=sys.stderr)
         print(f"model: {run.bundle.title} ({run.model_dir})", file=sys.stderr)
-        print(f"test-time augmentation: {run.segmenter.tta}", file=sys.stderr)
+        if run.segmenter is not None:
+            print(f"test-time augmentation: {run.segmenter.tta}", file=sys.stderr)
+        else:
+            print(f"cluster: {args.cluster}", file=sys.stderr)
 
     def on_result(result: SectionResult) -> None:
-        progress.close()
         for message in result.messages[len(startup_messages) :]:
-            print(f"thinseg: {message}", file=sys.stderr)
-        print(
+            say(f"thinseg: {message}", sys.stderr)
+        say(
             f"\n{result.section.name}: {result.megapixels:.1f} MPix in {result.seconds:.1f} s "
             f"({result.megapixels / max(result.seconds, 1e-9):.2f} MPix/s)"
         )
-        print(format_table(result.mineralogy))
-        print(f"  -> {result.netcdf}")
+        say(format_table(result.mineralogy))
+        say(f"  -> {result.netcdf}")
         if result.overlay is not None:
-            print(f"  -> {result.overlay}")
+            say(f"  -> {result.overlay}")
 
     def on_failure(section: SectionInput, error: ThinSegError) -> None:
-        progress.close()
+        if args.cluster is None:
+            progress.close()
         if debugging():  # THINSEG_DEBUG=1: where it went wrong, before the line
             cause = error.__cause__ or error
             traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
         where = error.path if error.path is not None else section.primary  # always name a file
-        print(f"thinseg: error: {where}: {error.problem}", file=sys.stderr)
+        say(f"thinseg: error: {where}: {error.problem}", sys.stderr)
 
     try:
         run = segment_files(
@@ -207,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
 
-    if run.segmenter is None:
+    if not run.sections:
         report_refused(run)
         print("thinseg: nothing to segment", file=sys.stderr)
         return 2

@@ -1314,6 +1314,13 @@ def read_labelmap(
     return np.ascontiguousarray(data), table, mm, geometry.origin if geometry is not None else None
 
 
+def global_attribute(path: str | os.PathLike[str], name: str) -> str | None:
+    """The file's global attribute `name` as text (None when it has none)."""
+    path = Path(path)
+    with _open_dataset(path) as ds:
+        return str(ds.getncattr(name)) if name in ds.ncattrs() else None
+
+
 def _class_table(labels: Any, path: Path, var_name: str) -> ClassTable:
     """Parse `labels`; a single string means "no labels" in GeoSlicer (so does a lone header)."""
     if labels is None or isinstance(labels, str):

@@ -66,6 +66,8 @@ from thinseg.resources import default_model_dir
 
 #: Name of a batch's modal mineralogy table in an output folder.
 MINERALOGY_CSV = "modal_mineralogy.csv"
+#: Global netCDF attribute naming the run that wrote an output (cluster runs only).
+RUN_ATTRIBUTE = "thinseg_run"
 
 
 @dataclass
@@ -78,7 +80,9 @@ class SegmentOptions:
     `align_xp` checks XP against PP first (`check_xp_alignment`): an offset or turned XP is
     segmented, and written, on the PP grid; a pair that does not match is refused.
     `mm_per_pixel` is the pixel size of image files; None: the one an OME-TIFF records, else
-    DEFAULT_MM_PER_PIXEL (netCDF files keep their own grid)."""
+    DEFAULT_MM_PER_PIXEL (netCDF files keep their own grid). `cluster`: run each section as one
+    task on a Dask cluster ("local:N", "tcp://HOST:PORT" or a scheduler file; see
+    `thinseg.pipelines.cluster`), the same outputs as without."""
 
     pp_pattern: str = "PP"
     xp_pattern: str | None = "XP"
@@ -91,6 +95,7 @@ class SegmentOptions:
     inference: InferenceOptions = field(default_factory=InferenceOptions)
     sections: tuple[str, ...] = ()
     align_xp: bool = True
+    cluster: str | None = None
 
 
 @dataclass(frozen=True)
@@ -278,8 +283,10 @@ def segment_section(
     target: Path,
     progress: ProgressFactory | None = None,
     cancel: CancelFn | None = None,
+    run_id: str | None = None,
 ) -> SectionResult:
-    """Segment one section and write its netCDF (and overlay) atomically."""
+    """Segment one section and write its netCDF (and overlay) atomically. `run_id`, stored as the
+    netCDF's `thinseg_run` attribute, lets a retried cluster task recognise its own output."""
     bundle = segmenter.bundle
     start = time.perf_counter()
     messages: list[str] = []
@@ -291,6 +298,8 @@ def segment_section(
         base = path_text(section_base_name(section, options.pp_pattern))
         attrs = {"thinseg_version": thinseg.__version__, "thinseg_model": bundle.title}
         attrs["thinseg_test_time_augmentation"] = segmenter.tta  # what the labels were averaged over
+        if run_id is not None:
+            attrs[RUN_ATTRIBUTE] = run_id
         overlay_path = _overlay_name(target) if options.overlay else None
         # Every file of the section is written under a temporary name and renamed only when all
         # are complete: an error or Ctrl-C while writing the overlay must not leave the netCDF.
@@ -644,15 +653,39 @@ def segment_sections(
 ) -> tuple[list[SectionResult], list[tuple[SectionInput, ThinSegError]]]:
     """Segment many sections; a bad section is reported and the batch goes on. A netCDF file
     holding several sections gives one output per section (see `plan_sections`)."""
+    planned, failures = plan_batch(sections, options, segmenter.bundle, output, on_failure)
+    results: list[SectionResult] = []
+    for section in planned:
+        result, failure = run_section(section, segmenter, options, output, progress, cancel)
+        if failure is not None:
+            failures.append((section, failure))
+            if on_failure is not None:
+                on_failure(section, failure)
+        elif result is not None:
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    return results, failures
+
+
+def plan_batch(
+    sections: Sequence[SectionInput],
+    options: SegmentOptions,
+    bundle: ModelBundle,
+    output: Path,
+    on_failure: Callable[[SectionInput, ThinSegError], None] | None = None,
+) -> tuple[list[SectionInput], list[tuple[SectionInput, ThinSegError]]]:
+    """The sections a batch segments (`plan_sections` of each input) and the inputs that could
+    not be planned (reported, the batch goes on); an output file given for several sections is
+    refused."""
     single_file = is_single_file(output)
     if single_file and len(sections) > 1:
         raise ThinSegError(f"--output is one file but {len(sections)} sections were given; give a folder", output)
-    results: list[SectionResult] = []
     failures: list[tuple[SectionInput, ThinSegError]] = []
     planned: list[SectionInput] = []
     for section in sections:
         try:
-            planned.extend(plan_sections(section, options, segmenter.bundle))
+            planned.extend(plan_sections(section, options, bundle))
         except Exception as error:  # the section boundary: whatever one section raises
             failure = _with_cause(ThinSegError.from_exception(error, section.primary), error)
             failures.append((section, failure))
@@ -665,22 +698,26 @@ def segment_sections(
             "give a folder, or choose one with --section",
             output,
         )
-    for section in planned:
-        try:
-            target = output_paths(section, output, options.overwrite, single_file)
-            result = segment_section(section, segmenter, options, target, progress, cancel)
-        except Exception as error:  # the section boundary: the batch goes on without it
-            # (its files were written under temporary names, removed on the way out)
-            target = output if single_file else output / f"{section.name}.nc"
-            failure = _with_cause(_section_failure(error, section, target), error)
-            failures.append((section, failure))
-            if on_failure is not None:
-                on_failure(section, failure)
-            continue
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
-    return results, failures
+    return planned, failures
+
+
+def run_section(
+    section: SectionInput,
+    segmenter: Segmenter,
+    options: SegmentOptions,
+    output: Path,
+    progress: ProgressFactory | None = None,
+    cancel: CancelFn | None = None,
+    run_id: str | None = None,
+) -> tuple[SectionResult | None, ThinSegError | None]:
+    """One planned section of a batch into `output` (a folder, or the one .nc file): its result,
+    or the one-line failure that stopped it (the section boundary: the batch goes on)."""
+    target = output_paths(section, output, options.overwrite, is_single_file(output))
+    try:
+        return segment_section(section, segmenter, options, target, progress, cancel, run_id), None
+    except Exception as error:  # the section boundary: the batch goes on without it
+        # (its files were written under temporary names, removed on the way out)
+        return None, _with_cause(_section_failure(error, section, target), error)
 
 
 def _with_cause(failure: ThinSegError, error: Exception) -> ThinSegError:
@@ -814,7 +851,44 @@ def segment_files(
     case behind `thinseg segment` and the Slicer logic's batch call. Pairs the inputs, builds one
     segmenter, segments every section (a bad one is reported and the batch goes on) and writes
     the batch's modal mineralogy table. `on_start` sees the run once the segmenter is built,
-    before the first section."""
+    before the first section. With `options.cluster` every section runs as one task on that Dask
+    cluster (`thinseg.pipelines.cluster.segment_on_cluster`), with the same callbacks."""
+    if options.cluster is not None:
+        # deferred: the cluster path needs dask (an optional extra) and imports this module
+        from thinseg.pipelines.cluster import segment_on_cluster
+
+        return segment_on_cluster(
+            inputs,
+            options,
+            output,
+            model_dir,
+            on_start=on_start,
+            progress=progress,
+            cancel=cancel,
+            on_result=on_result,
+            on_failure=on_failure,
+        )
+    run = prepare_run(inputs, options, output, model_dir)
+    if not run.sections:
+        return run
+    run.segmenter = Segmenter(run.bundle, options.inference)
+    folder = output.parent if is_single_file(output) else output
+    run.segmenter.messages.extend(sweep_stale_temporaries(folder).notes(folder))
+    if on_start is not None:
+        on_start(run)
+    run.results, run.failures = segment_sections(
+        run.sections, run.segmenter, options, output, progress, cancel, on_result, on_failure
+    )
+    if run.results:
+        run.mineralogy_csv = write_modal_mineralogy(run.results, output, options.overwrite)
+    return run
+
+
+def prepare_run(
+    inputs: Sequence[str | Path], options: SegmentOptions, output: Path, model_dir: Path | None = None
+) -> SegmentRun:
+    """What a batch starts from: the model (the bundled one by default) loaded and checked, the
+    output folder proven writable, and the inputs paired into sections (no segmenter yet)."""
     model_dir = model_dir or default_model_dir()
     if options.mm_per_pixel is not None:
         check_mm_per_pixel(options.mm_per_pixel, "--mm-per-pixel")  # image files' pixel size, before any work
@@ -829,17 +903,4 @@ def segment_files(
         xp=options.xp,
         xp_dir=options.xp_dir,
     )
-    run = SegmentRun(bundle, Path(model_dir), sections, problems)
-    if not sections:
-        return run
-    run.segmenter = Segmenter(bundle, options.inference)
-    folder = output.parent if is_single_file(output) else output
-    run.segmenter.messages.extend(sweep_stale_temporaries(folder).notes(folder))
-    if on_start is not None:
-        on_start(run)
-    run.results, run.failures = segment_sections(
-        sections, run.segmenter, options, output, progress, cancel, on_result, on_failure
-    )
-    if run.results:
-        run.mineralogy_csv = write_modal_mineralogy(run.results, output, options.overwrite)
-    return run
+    return SegmentRun(bundle, Path(model_dir), sections, problems)

@@ -1,0 +1,345 @@
+"""Many sections on a Dask cluster: one task per section, the same outputs as a local run.
+
+`segment_on_cluster` pairs and plans the inputs as `segment_files` does, then submits one
+task per section to a `dask.distributed` cluster: a LocalCluster of N worker processes on this
+machine ("local:N"), or any running scheduler ("tcp://HOST:PORT", or the scheduler file that
+dask-jobqueue, dask-mpi or a `dask scheduler` given one writes). A task segments its section
+with the same `run_section` the local path calls, with a Segmenter built once per worker process
+(`worker_segmenter`), so the labels equal a local run's bit for bit (on the same kind of machine,
+with as many torch threads as a worker has). Results come back as sections finish, to the same
+callbacks; the modal mineralogy table is written by the client at the end.
+
+Workers need thinseg (and the model folder, and the inputs and output folder under the same
+paths): a shared file system, as on any HPC cluster. Dask is an optional extra
+(`pip install thinseg[cluster]`): it is imported only here, when a cluster is asked for.
+
+Exactly once. A worker that dies (killed, out of memory, node lost) takes its running task
+with it; the scheduler runs the task again on another worker (up to
+`distributed.scheduler.allowed-failures` times, then the section is reported failed).
+A task that died before its commit left only a temporary (swept at the end of the run, its
+process being gone); one that died after committing but before its result reached the client
+would, run again, write the section a second time (S_1.nc) or fail. So every output of a run
+carries the run's id as the netCDF attribute `thinseg_run`, inside the file, committed with it
+in the same rename: a task that finds its section's output already carrying this run's id
+reads the result back from that file (`committed_output`) instead of segmenting it again. No
+marker beside the file can do this, as a kill could fall between the file and its marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from thinseg.errors import ThinSegError
+from thinseg.inference.engine import CancelFn, Cancelled, InferenceOptions, Segmenter
+from thinseg.io.atomic import MAX_NUMBERED, numbered, sweep_stale_temporaries
+from thinseg.io.netcdf import global_attribute, read_labelmap
+from thinseg.io.pairing import SectionInput, section_base_name
+from thinseg.limits import path_text
+from thinseg.model.bundle import load_bundle
+from thinseg.pipelines.segment import (
+    RUN_ATTRIBUTE,
+    ProgressFactory,
+    SectionResult,
+    SegmentOptions,
+    SegmentRun,
+    _overlay_name,
+    is_single_file,
+    output_paths,
+    plan_batch,
+    prepare_run,
+    run_section,
+    write_modal_mineralogy,
+)
+from thinseg.reports.mineralogy import modal_mineralogy
+
+if TYPE_CHECKING:
+    from distributed import Client, Future
+
+#: Most worker processes "local:N" starts (a typo such as local:400 must not fork 400 processes).
+MAX_LOCAL_WORKERS = 256
+#: Seconds to wait for a remote scheduler to answer before giving up.
+CONNECT_TIMEOUT_S = 30.0
+_LOCAL = re.compile(r"local:(\d+)")
+_ADDRESS = re.compile(r"(tcp|tls|ucx|ws|wss|inproc)://\S+")
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """A parsed --cluster value: `workers` for a LocalCluster, else a scheduler `address` or a
+    `scheduler_file`."""
+
+    text: str
+    workers: int | None = None
+    address: str | None = None
+    scheduler_file: Path | None = None
+
+
+def parse_cluster(spec: str) -> ClusterSpec:
+    """`local:N`, a scheduler address (tcp://HOST:PORT, tls://...) or an existing scheduler file
+    (.json); anything else is refused in one line before any work."""
+    text = spec.strip()
+    local = _LOCAL.fullmatch(text)
+    if local is not None:
+        workers = int(local.group(1))
+        if not 1 <= workers <= MAX_LOCAL_WORKERS:
+            raise ThinSegError(f"--cluster {text}: give 1 to {MAX_LOCAL_WORKERS} local workers")
+        return ClusterSpec(text, workers=workers)
+    if _ADDRESS.fullmatch(text):
+        return ClusterSpec(text, address=text)
+    if text.lower().endswith(".json"):
+        path = Path(text)
+        if not path.is_file():
+            raise ThinSegError("--cluster: scheduler file not found", path)
+        return ClusterSpec(text, scheduler_file=path)
+    raise ThinSegError(f"--cluster {text}: give local:N, tcp://HOST:PORT or a scheduler file")
+
+
+def _distributed() -> None:
+    """One line, saying how to install it, where dask.distributed is missing."""
+    try:
+        import distributed  # noqa: F401  # deferred: dask is an optional extra (thinseg[cluster])
+    except ImportError as error:
+        raise ThinSegError(
+            f"--cluster needs dask.distributed, which is not installed ({error}): pip install thinseg[cluster]"
+        ) from None
+
+
+@contextlib.contextmanager
+def connect(spec: str, timeout_s: float | None = None) -> Iterator[Client]:
+    """A Dask client for `spec` (see `parse_cluster`). "local:N" starts a LocalCluster of N
+    worker processes of one thread each (no dashboard), closed on the way out; otherwise the
+    running scheduler is joined and left running. A scheduler that does not answer within
+    `timeout_s` (default CONNECT_TIMEOUT_S) is one line."""
+    timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
+    parsed = parse_cluster(spec)
+    _distributed()  # the one-line error when dask is missing
+    from distributed import Client, LocalCluster  # deferred: optional extra, checked just above
+
+    with contextlib.ExitStack() as stack:
+        if parsed.workers is not None:
+            cluster = stack.enter_context(
+                LocalCluster(n_workers=parsed.workers, threads_per_worker=1, processes=True, dashboard_address=None)
+            )
+            client = stack.enter_context(Client(cluster))
+        else:
+            try:
+                if parsed.scheduler_file is not None:
+                    client = Client(scheduler_file=str(parsed.scheduler_file), timeout=timeout_s)
+                else:
+                    client = Client(parsed.address, timeout=timeout_s)
+            except (OSError, TimeoutError, ValueError) as error:
+                where = parsed.scheduler_file
+                detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise ThinSegError(f"--cluster {parsed.text}: no scheduler answers ({detail})", where) from None
+            stack.enter_context(client)
+        yield client
+
+
+# -- the worker side ------------------------------------------------------------------------------
+
+_SEGMENTERS: dict[tuple[str, str], Segmenter] = {}
+
+
+def worker_segmenter(model_dir: Path, inference: InferenceOptions) -> Segmenter:
+    """The Segmenter of this worker process for the model and inference options, built on the
+    first task that needs it and kept for every later one (a model is loaded once per worker)."""
+    key = (str(Path(model_dir).resolve()), repr(inference))
+    segmenter = _SEGMENTERS.get(key)
+    if segmenter is None:
+        segmenter = _SEGMENTERS[key] = Segmenter(load_bundle(model_dir), inference)
+    return segmenter
+
+
+def loaded_models() -> int:
+    """How many Segmenters this process has built (one per model and options)."""
+    return len(_SEGMENTERS)
+
+
+@dataclass
+class TaskOutcome:
+    """What a section's task sends back: its result, or its failure as (problem, file); the
+    worker's Segmenter messages apart, so the client shows them once."""
+
+    result: SectionResult | None = None
+    problem: str | None = None
+    path: Path | None = None
+    segmenter_messages: list[str] = field(default_factory=list)
+
+
+def segment_task(
+    section: SectionInput, options: SegmentOptions, output: Path, model_dir: Path, run_id: str
+) -> TaskOutcome:
+    """One section on a worker: its output of this run if a lost worker committed it already,
+    else `run_section` with the worker's Segmenter. Never raises for a section's own problem."""
+    try:
+        segmenter = worker_segmenter(model_dir, options.inference)
+    except Exception as error:  # the section boundary: a model that does not load here
+        refused = ThinSegError.from_exception(error, model_dir)
+        return TaskOutcome(problem=refused.problem, path=refused.path)
+    shared = list(segmenter.messages)
+    result = committed_output(section, segmenter, options, output, run_id)
+    if result is None:
+        result, failure = run_section(section, segmenter, options, output, run_id=run_id)
+        if failure is not None:
+            return TaskOutcome(problem=failure.problem, path=failure.path, segmenter_messages=shared)
+    assert result is not None
+    if result.messages[: len(shared)] == shared:
+        result.messages = result.messages[len(shared) :]
+    return TaskOutcome(result=result, segmenter_messages=shared)
+
+
+def committed_output(
+    section: SectionInput, segmenter: Segmenter, options: SegmentOptions, output: Path, run_id: str
+) -> SectionResult | None:
+    """The section's output this run committed already (its `thinseg_run` attribute is
+    `run_id`), read back as a result: a task run again after its worker died between the commit
+    and the client hearing of it. None when this run has not written the section."""
+    start = time.perf_counter()
+    target = output_paths(section, output, options.overwrite, is_single_file(output))
+    found = None
+    for n in range(1 if options.overwrite else MAX_NUMBERED):
+        candidate = numbered(target, n)
+        if not candidate.exists() and not _overlay_name(candidate).exists():
+            break  # commit_unique takes the first number whose names are all free
+        with contextlib.suppress(ThinSegError, OSError):
+            if candidate.exists() and global_attribute(candidate, RUN_ATTRIBUTE) == run_id:
+                found = candidate
+                break
+    if found is None:
+        return None
+    base = path_text(section_base_name(section, options.pp_pattern))
+    labels, _table, mm_per_pixel, _origin = read_labelmap(found, f"{base}_Segmentation")
+    bundle = segmenter.bundle
+    assert mm_per_pixel is not None  # our outputs always record their grid
+    overlay = _overlay_name(found)
+    return SectionResult(
+        section=section,
+        netcdf=found,
+        overlay=overlay if options.overlay and overlay.exists() else None,
+        mineralogy=modal_mineralogy(path_text(section.name), labels, bundle.class_table, mm_per_pixel),
+        seconds=time.perf_counter() - start,
+        tiles=0,
+        megapixels=labels.size / 1e6,
+        messages=[f"{section.name}: written before its worker was lost; result read back from {found.name}"],
+    )
+
+
+# -- the client side ------------------------------------------------------------------------------
+
+
+def segment_on_cluster(
+    inputs: Sequence[str | Path],
+    options: SegmentOptions,
+    output: Path,
+    model_dir: Path | None = None,
+    *,
+    on_start: Callable[[SegmentRun], None] | None = None,
+    progress: ProgressFactory | None = None,
+    cancel: CancelFn | None = None,
+    on_result: Callable[[SectionResult], None] | None = None,
+    on_failure: Callable[[SectionInput, ThinSegError], None] | None = None,
+) -> SegmentRun:
+    """`segment_files` with every section one task on the cluster `options.cluster`.
+
+    The client loads the model's description to pair and plan the inputs but builds no
+    Segmenter (`run.segmenter` stays None): the workers do. `progress` is called once, for all
+    sections, and its callback gets (sections done, sections planned). Results are passed to
+    `on_result` as sections finish and listed in input order; a failed section is reported
+    and the others finish."""
+    spec = options.cluster or "local:1"
+    parse_cluster(spec)  # a bad value is refused before the model is read
+    _distributed()
+    run = prepare_run(inputs, options, output, model_dir)
+    if not run.sections:
+        return run
+    folder = output.parent if is_single_file(output) else output
+    notes = sweep_stale_temporaries(folder).notes(folder)
+    planned, run.failures = plan_batch(run.sections, options, run.bundle, output, on_failure)
+    if on_start is not None:
+        on_start(run)
+    run_id = uuid.uuid4().hex
+    done: dict[int, SectionResult] = {}
+    try:
+        with connect(spec) as client:
+            _run_tasks(
+                client, planned, options, output, run, run_id, notes, done, progress, cancel, on_result, on_failure
+            )
+    finally:
+        sweep_stale_temporaries(folder)  # what workers killed mid-section left
+    run.results = [done[k] for k in sorted(done)]
+    if run.results:
+        run.mineralogy_csv = write_modal_mineralogy(run.results, output, options.overwrite)
+    return run
+
+
+def _run_tasks(
+    client: Client,
+    planned: Sequence[SectionInput],
+    options: SegmentOptions,
+    output: Path,
+    run: SegmentRun,
+    run_id: str,
+    notes: list[str],
+    done: dict[int, SectionResult],
+    progress: ProgressFactory | None,
+    cancel: CancelFn | None,
+    on_result: Callable[[SectionResult], None] | None,
+    on_failure: Callable[[SectionInput, ThinSegError], None] | None,
+) -> None:
+    from distributed import as_completed  # deferred: optional extra, present once connected
+
+    model_dir = Path(os.path.abspath(run.model_dir))
+    futures: dict[Future[TaskOutcome], int] = {}
+    for k, section in enumerate(planned):
+        key = f"thinseg-segment-{k}-{run_id}"
+        future = client.submit(segment_task, section, options, output, model_dir, run_id, key=key, pure=False)
+        futures[future] = k
+    update = progress(f"{len(planned)} sections", 0) if progress is not None and planned else None
+    shown = set(notes)
+    pending_notes = list(notes)
+    finished = 0
+    try:
+        for future in as_completed(list(futures)):
+            k = futures[future]
+            section = planned[k]
+            try:
+                outcome: TaskOutcome = future.result()
+            except Exception as error:  # the task itself was lost (its workers died) or failed to run
+                outcome = TaskOutcome(problem=_lost_task(error), path=section.primary)
+            new = [m for m in outcome.segmenter_messages if m not in shown]
+            shown.update(new)
+            if outcome.result is not None:
+                result = outcome.result
+                result.messages = pending_notes + new + result.messages
+                pending_notes = []
+                done[k] = result
+                if on_result is not None:
+                    on_result(result)
+            else:
+                failure = ThinSegError(outcome.problem or "failed", outcome.path or section.primary)
+                run.failures.append((section, failure))
+                if on_failure is not None:
+                    on_failure(section, failure)
+            finished += 1
+            if update is not None:
+                update(finished, len(planned))
+            if cancel is not None and cancel():
+                raise Cancelled()
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+
+
+def _lost_task(error: Exception) -> str:
+    """One line for a task that did not come back (not a section's own problem)."""
+    detail = str(error).splitlines()[0] if str(error) else ""
+    if type(error).__name__ == "KilledWorker":
+        return "the workers running it died (out of memory?); the section was not written"
+    return f"its task failed on the cluster: {type(error).__name__}: {detail}".rstrip(": ")
