@@ -885,14 +885,15 @@ def test_ctrl_c_mid_write_leaves_no_partial_file(tmp_path, capsys, models, monke
     out.mkdir()
     (out / "I_PP.nc").write_bytes(b"previous result")  # --overwrite must not lose it either
     import thinseg.pipelines.segment as segment_module
-    from thinseg.io.netcdf import NetcdfWriter
 
     if where == "labelmap":
 
         def interrupted(self, *args, **kwargs):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(NetcdfWriter, "add_labelmap", interrupted)
+        from thinseg.io.netcdf import BandRowWriter  # labels go to the file band by band while segmenting
+
+        monkeypatch.setattr(BandRowWriter, "write_rows", interrupted)
     elif where == "xp image":  # Ctrl-C while the images are being read, segmented and copied
         from thinseg.io.images import PillowSource
 
@@ -938,7 +939,7 @@ def test_unexpected_exception_mid_write_leaves_no_partial_file(tmp_path, capsys,
     def broken(self, *args, **kwargs):
         raise RuntimeError("simulated crash while writing")
 
-    monkeypatch.setattr(NetcdfWriter, "add_scalar_image", broken)
+    monkeypatch.setattr(NetcdfWriter, "begin_scalar_image", broken)
     code, _, stderr = run_main(
         capsys, "segment", pp_path, "--model", models["rgb6"], "--output", tmp_path / "out", "--probabilities", "-q"
     )
@@ -1006,14 +1007,14 @@ def test_a_full_disk_fails_that_section_in_one_line_and_the_batch_goes_on(tmp_pa
     folder = tmp_path / "well"
     write_pair(folder, "S1_PP", "S1_XP", seed=0)
     write_pair(folder, "S2_PP", "S2_XP", seed=1)
-    real_add_labelmap = NetcdfWriter.add_labelmap
+    real_begin_labelmap = NetcdfWriter.begin_labelmap
 
     def disk_full_for_s1(self, name, *args, **kwargs):
         if name.startswith("S1"):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_add_labelmap(self, name, *args, **kwargs)
+        return real_begin_labelmap(self, name, *args, **kwargs)
 
-    monkeypatch.setattr(NetcdfWriter, "add_labelmap", disk_full_for_s1)
+    monkeypatch.setattr(NetcdfWriter, "begin_labelmap", disk_full_for_s1)
     out = tmp_path / "out"
     code, _, stderr = run_main(capsys, "segment", folder, "--model", models["rgb6"], "--output", out, "--quiet")
     assert code == 1 and "Traceback" not in stderr

@@ -3,8 +3,9 @@
 Why strips: a 20k x 30k section as float logits would need tens of GB. Tiles are processed one
 tile-row at a time. Pixels that only one tile covers (most of them) become labels straight
 from that tile; the overlaps are blended in a ring buffer one tile high and become labels as
-soon as no later tile can touch them. Peak memory is therefore O(classes x tile x width) plus
-the uint8 outputs, whatever the section's height, and the blending costs only the overlaps.
+soon as no later tile can touch them; each finished band of rows goes to a row sink (the
+output file, or whole maps for callers that want them in memory). Peak memory is therefore
+O(classes x tile x width) whatever the section's height, and the blending costs only the overlaps.
 """
 
 from __future__ import annotations
@@ -174,6 +175,39 @@ class SegmentationResult:
         return self.labels.size / 1e6 / max(self.seconds, 1e-9)
 
 
+@dataclass
+class RunStats:
+    """How a streamed run went (`Segmenter.stream`): everything of a SegmentationResult but the maps."""
+
+    shape: tuple[int, int]  # (H, W) of the section the engine saw
+    tiles: int
+    seconds: float
+    device: str
+    messages: list[str] = field(default_factory=list)
+    confidence_histogram: npt.NDArray[np.int64] | None = None
+
+
+class RowSink(Protocol):
+    """Receives the finished rows of a section, top to bottom, each row exactly once: (h, W)
+    uint8 labels from row `y0`, and their confidence (max softmax x 255) when it was asked for.
+    The arrays are the engine's band buffers, valid only during the call: copy what is kept."""
+
+    def write_rows(self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None) -> None: ...
+
+
+class ArraySink:
+    """Keeps whole (H, W) maps: for callers that want the section's labels in memory."""
+
+    def __init__(self, height: int, width: int, with_confidence: bool) -> None:
+        self.labels = np.zeros((height, width), np.uint8)
+        self.confidence = np.zeros((height, width), np.uint8) if with_confidence else None
+
+    def write_rows(self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None) -> None:
+        self.labels[y0 : y0 + labels.shape[0]] = labels
+        if self.confidence is not None and confidence is not None:
+            self.confidence[y0 : y0 + confidence.shape[0]] = confidence
+
+
 ProgressFn = Callable[[int, int], None]  # (tiles done, tiles total)
 CancelFn = Callable[[], bool]
 
@@ -233,7 +267,30 @@ class Segmenter(Generic[BundleT]):
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
     ) -> SegmentationResult:
-        """Segment one section given one source per model input (e.g. PP then XP), same size."""
+        """Segment one section given one source per model input (e.g. PP then XP), same size;
+        the labels (and confidence) come back as whole maps (`stream` hands them on by rows)."""
+        height, width = sources[0].shape
+        sink = ArraySink(height, width, self.options.with_confidence)
+        stats = self.stream(sources, sink, progress, cancel)
+        return SegmentationResult(
+            labels=sink.labels,
+            confidence=sink.confidence,
+            tiles=stats.tiles,
+            seconds=stats.seconds,
+            device=stats.device,
+            messages=stats.messages,
+            confidence_histogram=stats.confidence_histogram,
+        )
+
+    def stream(
+        self,
+        sources: Sequence[Source],
+        sink: RowSink,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> RunStats:
+        """Segment one section and hand its rows to `sink` as they are finished (one band of at
+        most a tile's height at a time), so no map of the whole section is ever held."""
         if len(sources) != len(self.bundle.input_names):
             raise ThinSegError(
                 f"the model needs {len(self.bundle.input_names)} images "
@@ -242,13 +299,14 @@ class Segmenter(Generic[BundleT]):
         height, width = sources[0].shape
         start = time.perf_counter()
         plan = self.plan_for(height, width)
-        out = _LabelWriter(height, width, self.bundle.first_label, self.options.with_confidence, self.device)
+        out = _LabelWriter(plan, self.bundle.first_label, self.options.with_confidence, sink, self.device)
         done = 0
         order = self._fused[0] if self._fused is not None else list(range(len(sources)))
         reader = _BandReader([sources[i] for i in order], plan, prefetch=self.options.prefetch)
         try:
             blend = _BlendRing(plan, self._n_outputs(), self.device)
             for row, bands in reader:
+                out.begin(row)
                 for batch in plan.batches(self.batch_size):
                     if cancel is not None and cancel():
                         raise Cancelled()
@@ -260,11 +318,11 @@ class Segmenter(Generic[BundleT]):
                         progress(done, plan.n_tiles)
                 for (y0, y1), (x0, x1) in plan.shared_regions_final_after(row):
                     out.write(blend.take(y0, y1, x0, x1), y0, x0)
+                out.finish()
         finally:
             reader.close()
-        return SegmentationResult(
-            labels=out.labels,
-            confidence=out.confidence,
+        return RunStats(
+            shape=(height, width),
             tiles=plan.n_tiles,
             seconds=time.perf_counter() - start,
             device=str(self.device),
@@ -365,26 +423,60 @@ class Segmenter(Generic[BundleT]):
 
 
 class _LabelWriter:
-    """Turns logits of any region into labels (+ confidence) in the section's uint8 maps."""
+    """Turns logits of any region into labels (+ confidence) in uint8 band buffers and hands
+    each band to the sink once it is complete.
+
+    Everything written while tile row `row` is processed (its own pixels and the blended
+    regions that become final after it) lies in the section rows [ys[row], ys[row + 1]), so one
+    buffer a tile high holds the open band, whatever the section's height.
+    """
 
     def __init__(
-        self, height: int, width: int, first_label: int, with_confidence: bool, device: torch.device | None = None
+        self, plan: _Plan, first_label: int, with_confidence: bool, sink: RowSink, device: torch.device | None = None
     ) -> None:
-        self.labels = np.zeros((height, width), np.uint8)
+        self.plan, self.sink = plan, sink
+        self.height, self.width = plan.height, plan.width
+        rows = max(1, min(plan.tile_h, plan.height))
+        self._labels = np.zeros((rows, plan.width), np.uint8)
+        self._confidence = np.zeros((rows, plan.width), np.uint8) if with_confidence else None
         self.histogram = torch.zeros(CONFIDENCE_BINS, dtype=torch.int64, device=device)
-        self.confidence = np.zeros((height, width), np.uint8) if with_confidence else None
         self.first_label = first_label
-        self._labels_t = torch.from_numpy(self.labels)
-        self._confidence_t = torch.from_numpy(self.confidence) if self.confidence is not None else None
+        self._labels_t = torch.from_numpy(self._labels)
+        self._confidence_t = torch.from_numpy(self._confidence) if self._confidence is not None else None
+        self.band = (0, 0)
+
+    def begin(self, row: int) -> None:
+        """Open the band of section rows that tile row `row` finishes."""
+        ys = self.plan.ys
+        y0 = min(ys[row], self.height)
+        y1 = min(ys[row + 1], self.height) if row + 1 < len(ys) else self.height
+        if y1 - y0 > self._labels.shape[0]:
+            raise AssertionError(f"band {y0}:{y1} is higher than the {self._labels.shape[0]}-row buffer")
+        self.band = (y0, y1)
+        self._labels[: y1 - y0] = 0  # every pixel is written; zero as the whole-section maps were
+        if self._confidence is not None:
+            self._confidence[: y1 - y0] = 0
+
+    def finish(self) -> None:
+        """Hand the open band, now complete, to the sink."""
+        y0, y1 = self.band
+        if y1 > y0:
+            n = y1 - y0
+            self.sink.write_rows(y0, self._labels[:n], self._confidence[:n] if self._confidence is not None else None)
+        self.band = (y1, y1)
 
     def write(self, logits: torch.Tensor, y0: int, x0: int) -> None:
-        """`logits` (C, h, w) for the pixels from (y0, x0); parts outside the section are dropped."""
-        height, width = self.labels.shape
+        """`logits` (C, h, w) for the pixels from (y0, x0), inside the open band; parts outside
+        the section are dropped."""
+        height, width = self.height, self.width
         h, w = min(logits.shape[1], height - y0), min(logits.shape[2], width - x0)
         if h <= 0 or w <= 0:
             return
+        b0, b1 = self.band
+        if y0 < b0 or y0 + h > b1:
+            raise AssertionError(f"rows {y0}:{y0 + h} written outside the open band {b0}:{b1}")
         logits = logits[:, :h, :w]
-        target = self._labels_t[y0 : y0 + h, x0 : x0 + w]
+        target = self._labels_t[y0 - b0 : y0 - b0 + h, x0 : x0 + w]
         target.copy_(logits.argmax(dim=0))  # int64 -> uint8 in the copy (classes < 256: checked at load)
         if self.first_label:
             target.add_(self.first_label)
@@ -397,7 +489,7 @@ class _LabelWriter:
                 b = min(h, a + CONFIDENCE_ROWS)
                 part = logits[:, a:b].float()
                 prob = 1.0 / (part - part.amax(dim=0, keepdim=True)).exp_().sum(dim=0)
-                self._confidence_t[y0 + a : y0 + b, x0 : x0 + w] = (
+                self._confidence_t[y0 - b0 + a : y0 - b0 + b, x0 : x0 + w] = (
                     (prob * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu()
                 )
 

@@ -23,7 +23,16 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from thinseg.inference.engine import Bundle, CancelFn, ProgressFn, SegmentationResult, Segmenter, Source
+from thinseg.inference.engine import (
+    Bundle,
+    CancelFn,
+    ProgressFn,
+    RowSink,
+    RunStats,
+    SegmentationResult,
+    Segmenter,
+    Source,
+)
 from thinseg.limits import check_resampling
 
 #: Relative spacing difference below which resampling would only blur the image.
@@ -184,3 +193,44 @@ def segment_at_model_resolution(
             confidence=labels_to_grid(confidence, (height, width)) if confidence is not None else None,
         )
     return result
+
+
+class GridSink:
+    """Maps rows finished on the model's grid (run_h x run_w) onto the section's grid (height x
+    width) by nearest neighbour, as `labels_to_grid` does for whole maps, and passes them on:
+    the picked model rows only grow down the section, so each output row is sent once, in order."""
+
+    def __init__(self, sink: RowSink, shape: tuple[int, int], run_shape: tuple[int, int]) -> None:
+        self.sink = sink
+        self.rows = nearest_index(shape[0], run_shape[0])
+        self.cols = nearest_index(shape[1], run_shape[1])
+
+    def write_rows(self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None) -> None:
+        y1 = y0 + labels.shape[0]
+        a, b = (int(v) for v in np.searchsorted(self.rows, (y0, y1), side="left"))
+        if b <= a:
+            return
+        pick = self.rows[a:b] - y0
+        self.sink.write_rows(
+            a,
+            np.ascontiguousarray(labels[pick][:, self.cols]),
+            np.ascontiguousarray(confidence[pick][:, self.cols]) if confidence is not None else None,
+        )
+
+
+def stream_at_model_resolution(
+    segmenter: Segmenter[Bundle],
+    sources: Sequence[Source],
+    factor: Factor | None,
+    sink: RowSink,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> RunStats:
+    """`segment_at_model_resolution` with the rows (on the sources' own grid) handed to `sink`
+    as they are finished, so no map of the whole section is held."""
+    height, width = sources[0].shape
+    if factor is None:
+        return segmenter.stream(list(sources), sink, progress=progress, cancel=cancel)
+    run = [ResampledSource(s, factor) for s in sources]
+    return segmenter.stream(run, GridSink(sink, (height, width), run[0].shape), progress=progress, cancel=cancel)

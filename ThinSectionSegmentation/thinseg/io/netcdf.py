@@ -645,6 +645,60 @@ class NetcdfWriter:
                 variable[0, y0:y1, :] = np.ascontiguousarray(data[y0:y1])
         return var
 
+    def begin_labelmap(
+        self,
+        name: str,
+        shape: tuple[int, int],
+        table: ClassTable,
+        reference: str | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        kind: str = "labelmap",
+        *,
+        geometry: Geometry,
+    ) -> BandRowWriter:
+        """`add_labelmap`'s variable, created now and filled row band by row band (e.g. while a
+        section is segmented, so that its labels never exist whole in memory)."""
+        if kind not in ("labelmap", "segmentation"):
+            raise ValueError(f"kind must be 'labelmap' or 'segmentation', got {kind!r}")
+        problem = labels_problem(table)
+        if problem is not None:
+            raise ThinSegError(f"labelmap '{name}': {problem}", self.path)
+        height, width = (int(v) for v in shape)
+        fixed: dict[str, Any] = {"type": kind, "labels": table.geoslicer_labels()}
+        if reference is not None:
+            fixed["reference"] = reference
+        fixed["transform"] = geometry.transform()
+        with self._writing():
+            var = self.unique_name(name)
+            dims = self._add_grid(var, geometry.coordinates((1, height, width)))
+            variable = self._create(var, "u1", dims, (1, height, width), True, self._merge_attrs(fixed, attrs))
+        n_classes = len(table)
+        return BandRowWriter(
+            var, variable, height, width, np.dtype(np.uint8), self._writing, lambda band: _label_band(band, n_classes)
+        )
+
+    def begin_scalar_image(
+        self,
+        name: str,
+        shape: tuple[int, int],
+        dtype: npt.DTypeLike,
+        attrs: Mapping[str, Any] | None = None,
+        compress: bool = True,
+        *,
+        geometry: Geometry,
+    ) -> BandRowWriter:
+        """`add_scalar_image`'s variable, created now and filled row band by row band."""
+        data_type = np.dtype(dtype)
+        if data_type.kind not in "iuf":
+            raise ValueError(f"scalar images must be numeric, got {data_type}")
+        height, width = (int(v) for v in shape)
+        fixed = {"transform": geometry.transform()}
+        with self._writing():
+            var = self.unique_name(name)
+            dims = self._add_grid(var, geometry.coordinates((1, height, width)))
+            variable = self._create(var, data_type, dims, (1, height, width), compress, self._merge_attrs(fixed, attrs))
+        return BandRowWriter(var, variable, height, width, data_type, self._writing)
+
     def copy_variable(
         self,
         src_path: str | os.PathLike[str],
@@ -749,6 +803,61 @@ class RgbRowWriter:
             )
         with self._writing():
             self._variable[0, y0:y1, :, :] = band
+
+
+class BandRowWriter:
+    """Writes the rows of one (1, H, W) variable in order, gathered into CHUNK-row bands: each
+    compressed chunk is then written once, whatever the height of the bands handed in."""
+
+    def __init__(
+        self,
+        name: str,
+        variable: Any,
+        height: int,
+        width: int,
+        dtype: np.dtype[Any],
+        writing: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+        check: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        self.name, self._variable, self.height, self.width = name, variable, height, width
+        self._writing = writing or _locked
+        self._check = check
+        self._buffer = np.empty((min(CHUNK, max(height, 1)), width), dtype)
+        self._start = 0  # first row of the buffer
+        self.next_row = 0  # rows before it have been handed in
+
+    def write_rows(self, y0: int, band: np.ndarray) -> None:
+        """Rows `y0`.. (the next ones: rows come in order, each once)."""
+        rows = np.asarray(band)
+        if self._check is not None:
+            rows = self._check(rows)
+        y1 = y0 + rows.shape[0]
+        if y0 != self.next_row or rows.ndim != 2 or rows.shape[1] != self.width or y1 > self.height:
+            raise ValueError(
+                f"rows {y0}:{y1} of shape {rows.shape} do not follow row {self.next_row} "
+                f"of ({self.height}, {self.width})"
+            )
+        done = 0
+        while done < rows.shape[0]:
+            at = self.next_row - self._start
+            n = min(rows.shape[0] - done, self._buffer.shape[0] - at)
+            self._buffer[at : at + n] = rows[done : done + n]
+            done += n
+            self.next_row += n
+            if self.next_row - self._start == self._buffer.shape[0] or self.next_row == self.height:
+                self._flush()
+
+    def _flush(self) -> None:
+        n = self.next_row - self._start
+        if n > 0:
+            with self._writing():
+                self._variable[0, self._start : self.next_row, :] = self._buffer[:n]
+        self._start = self.next_row
+
+    def finish(self) -> None:
+        """Check that every row was written."""
+        if self.next_row != self.height:
+            raise ValueError(f"{self.name}: only {self.next_row} of {self.height} rows were written")
 
 
 def _as_2d(array: np.ndarray, what: str) -> np.ndarray:

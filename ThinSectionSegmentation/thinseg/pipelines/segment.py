@@ -28,7 +28,7 @@ from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL, NetcdfSection, net
 from thinseg.errors import ThinSegError
 from thinseg.inference.confidence import ConfidenceReference, out_of_depth_warning
 from thinseg.inference.engine import CancelFn, InferenceOptions, Segmenter, Source
-from thinseg.inference.resample import resampled_shape, resampling_factors, segment_at_model_resolution
+from thinseg.inference.resample import nearest_index, resampled_shape, resampling_factors, stream_at_model_resolution
 from thinseg.io.atomic import (
     AtomicOutput,
     atomic_output,
@@ -40,6 +40,7 @@ from thinseg.io.atomic import (
 from thinseg.io.images import RasterSource, check_region
 from thinseg.io.locks import file_lock
 from thinseg.io.netcdf import (
+    BandRowWriter,
     Geometry,
     NetcdfImageSource,
     NetcdfWriter,
@@ -52,16 +53,17 @@ from thinseg.io.netcdf import (
 )
 from thinseg.io.pairing import PairingProblem, SectionInput, pair_inputs, section_base_name
 from thinseg.limits import check_mm_per_pixel, path_text
+from thinseg.metrics.fractions import class_pixel_counts
 from thinseg.model.bundle import ModelBundle, load_bundle
 from thinseg.registration.ppxp import MIN_SCORE, WINDOW, XpAlignment, estimate_xp_alignment, estimate_xp_offset
 from thinseg.reports.mineralogy import (
     ModalMineralogy,
-    modal_mineralogy,
+    mineralogy_from_counts,
     update_mineralogy_table,
     write_mineralogy_csv,
 )
 from thinseg.reports.overlay import MAX_OVERLAY_SIDE, write_overlay_png
-from thinseg.reports.preview import read_preview
+from thinseg.reports.preview import preview_shape, read_preview
 from thinseg.resources import default_model_dir
 
 #: Name of a batch's modal mineralogy table in an output folder.
@@ -316,20 +318,24 @@ def segment_section(
             if note:
                 messages.append(note)
             callback = progress(section.name, height * width) if progress is not None else None
-            result = segment_at_model_resolution(segmenter, run_sources, factor, progress=callback, cancel=cancel)
+            sink = _begin_outputs(writer, bundle, opened, base, reference, segmenter.options.with_confidence)
+            if overlay_path is not None:
+                sink.keep_preview(preview_shape((height, width), MAX_OVERLAY_SIDE))
+            result = stream_at_model_resolution(segmenter, run_sources, factor, sink, progress=callback, cancel=cancel)
             for tee in tees:
                 tee.finish()
-            labels, confidence = result.labels, result.confidence
+            sink.finish()
             warning = out_of_depth_warning(
                 section.name, result.confidence_histogram, ConfidenceReference.from_meta(bundle.meta)
             )
             if warning:
                 messages.append(warning)
-            _add_outputs(writer, bundle, opened, base, reference, labels, confidence)
         # the geometric mean pixel size: exact areas also for non-square pixels
-        mineralogy = modal_mineralogy(path_text(section.name), labels, bundle.class_table, opened.mm_per_pixel)
-        if overlay_path is not None:
-            _write_overlay(outputs[1].tmp, sources[0], labels, bundle, mineralogy, path_text(section.name))
+        mineralogy = mineralogy_from_counts(
+            path_text(section.name), sink.counts, height * width, bundle.class_table, opened.mm_per_pixel
+        )
+        if overlay_path is not None and sink.preview is not None:
+            _write_overlay(outputs[1].tmp, sources[0], sink.preview, bundle, mineralogy, path_text(section.name))
         target, overlay_path = _commit_section(outputs, target, options.overwrite)
     return SectionResult(
         section=section,
@@ -594,30 +600,70 @@ def _begin_aligned_xp(writer: NetcdfWriter, name: str, xp: AlignedXpSource, geom
     return writer.begin_rgb_image(name, xp.shape, attrs=attrs, geometry=geometry)
 
 
-def _add_outputs(
+class _SectionSink:
+    """Where a section's finished rows go while it is segmented: the labelmap (and confidence)
+    variables of the output, the class counts of the modal mineralogy, and, for the overlay,
+    the rows and columns its preview picks. Nothing the size of the section is kept."""
+
+    def __init__(
+        self, labels: BandRowWriter, confidence: BandRowWriter | None, n_classes: int, shape: tuple[int, int]
+    ) -> None:
+        self.labels, self.confidence, self.n_classes, self.shape = labels, confidence, n_classes, shape
+        self.counts = np.zeros(n_classes + 1, np.int64)
+        self.preview: npt.NDArray[np.uint8] | None = None
+        self._rows = self._cols = np.zeros(0, np.int64)
+
+    def keep_preview(self, shape: tuple[int, int]) -> None:
+        """Also keep the labels at `shape`, picked as `labels_to_grid` picks them (nearest)."""
+        self.preview = np.zeros(shape, np.uint8)
+        self._rows = nearest_index(shape[0], self.shape[0])
+        self._cols = nearest_index(shape[1], self.shape[1])
+
+    def write_rows(self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None) -> None:
+        self.labels.write_rows(y0, labels)
+        if self.confidence is not None and confidence is not None:
+            self.confidence.write_rows(y0, confidence)
+        self.counts += class_pixel_counts(labels, self.n_classes)
+        if self.preview is not None:
+            a, b = (int(v) for v in np.searchsorted(self._rows, (y0, y0 + labels.shape[0]), side="left"))
+            if b > a:
+                self.preview[a:b] = labels[self._rows[a:b] - y0][:, self._cols]
+
+    def finish(self) -> None:
+        """Check that every row arrived."""
+        self.labels.finish()
+        if self.confidence is not None:
+            self.confidence.finish()
+
+
+def _begin_outputs(
     writer: NetcdfWriter,
     bundle: ModelBundle,
     opened: _OpenedSection,
     base: str,
     reference: str | None,
-    labels: np.ndarray,
-    confidence: np.ndarray | None,
-) -> None:
-    writer.add_labelmap(
+    with_confidence: bool,
+) -> _SectionSink:
+    """The labelmap (and confidence) variables, created now and filled as rows are finished."""
+    shape = (int(opened.sources[0].shape[0]), int(opened.sources[0].shape[1]))
+    labels = writer.begin_labelmap(
         f"{base}_Segmentation",
-        labels,
+        shape,
         bundle.class_table,
         reference=reference,
         attrs={"thinseg_model": bundle.title},
         geometry=opened.geometry,
     )
-    if confidence is not None:
-        writer.add_scalar_image(
+    confidence = None
+    if with_confidence:
+        confidence = writer.begin_scalar_image(
             f"{base}_Confidence",
-            confidence,
+            shape,
+            np.uint8,
             attrs={"description": "max softmax probability x 255", "reference": reference or ""},
             geometry=opened.geometry,
         )
+    return _SectionSink(labels, confidence, len(bundle.class_table), shape)
 
 
 def _reference_name(opened: _OpenedSection, copied_names: list[str]) -> str | None:

@@ -68,8 +68,16 @@ class ModalMineralogy:
 def modal_mineralogy(section: str, labels: np.ndarray, table: ClassTable, mm_per_pixel: float) -> ModalMineralogy:
     """Area of each class of `table` in `labels` (label k = k-th class); every other value
     (0, or one the table lacks) counts as "not classified"."""
-    counts = class_pixel_counts(labels, len(table))
-    total = int(np.asarray(labels).size)
+    return mineralogy_from_counts(
+        section, class_pixel_counts(labels, len(table)), int(np.asarray(labels).size), table, mm_per_pixel
+    )
+
+
+def mineralogy_from_counts(
+    section: str, counts: np.ndarray, total: int, table: ClassTable, mm_per_pixel: float
+) -> ModalMineralogy:
+    """`modal_mineralogy` from (len(table) + 1,) pixel counts of the values 0..N (summed over
+    the bands of a section streamed row by row) and the section's pixel total."""
     unclassified = total - int(counts[1:].sum())
     pixel_area = mm_per_pixel * mm_per_pixel
 

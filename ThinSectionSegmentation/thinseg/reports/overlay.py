@@ -21,13 +21,19 @@ def colorize(labels: np.ndarray, table: ClassTable) -> npt.NDArray[np.uint8]:
     return colours
 
 
-def blend(pp: np.ndarray, labels: np.ndarray, table: ClassTable, alpha: float = 0.45) -> np.ndarray:
-    """PP with class colours on top; unclassified pixels (0) show PP unchanged."""
-    colours = colorize(labels, table).astype(np.float32)
-    out = pp.astype(np.float32)
-    mask = labels > 0
-    out[mask] = (1 - alpha) * out[mask] + alpha * colours[mask]
-    blended: npt.NDArray[np.uint8] = out.round().astype(np.uint8)
+def blend(
+    pp: np.ndarray, labels: np.ndarray, table: ClassTable, alpha: float = 0.45, band_rows: int = 256
+) -> np.ndarray:
+    """PP with class colours on top; unclassified pixels (0) show PP unchanged. Worked out
+    `band_rows` rows at a time: the float temporaries of a whole 4096 px preview are about 1 GB."""
+    blended: npt.NDArray[np.uint8] = np.empty(np.shape(pp), np.uint8)
+    for y0 in range(0, blended.shape[0], max(1, band_rows)):
+        y1 = min(blended.shape[0], y0 + max(1, band_rows))
+        colours = colorize(labels[y0:y1], table).astype(np.float32)
+        out = np.asarray(pp[y0:y1]).astype(np.float32)
+        mask = labels[y0:y1] > 0
+        out[mask] = (1 - alpha) * out[mask] + alpha * colours[mask]
+        blended[y0:y1] = out.round().astype(np.uint8)
     return blended
 
 
