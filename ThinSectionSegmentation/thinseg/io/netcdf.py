@@ -587,30 +587,14 @@ class NetcdfWriter:
         "segmentation" (GeoSlicer imports a segmentation node). Class names GeoSlicer would
         misread (see `labels_problem`) are refused: its labels would shift in silence.
         """
-        if kind not in ("labelmap", "segmentation"):
-            raise ValueError(f"kind must be 'labelmap' or 'segmentation', got {kind!r}")
-        problem = labels_problem(table)
-        if problem is not None:
-            raise ThinSegError(f"labelmap '{name}': {problem}", self.path)
         array = _as_2d(labels, "labels")
         if array.dtype.kind not in "iub":
             raise ValueError(f"labels must be integers, got {array.dtype}")
-        grid = _grid(mm_per_pixel, origin_mm, geometry)
-        height, width = array.shape
-        fixed: dict[str, Any] = {"type": kind, "labels": table.geoslicer_labels()}
-        if reference is not None:
-            fixed["reference"] = reference
-        fixed["transform"] = grid.transform()
-        with self._writing():
-            var = self.unique_name(name)
-            dims = self._add_grid(var, grid.coordinates((1, height, width)))
-            variable = self._create(var, "u1", dims, (1, height, width), True, self._merge_attrs(fixed, attrs))
-        for y0 in range(0, height, max(1, int(band_rows))):
-            y1 = min(height, y0 + max(1, int(band_rows)))
-            band = _label_band(array[y0:y1], len(table))
-            with self._writing():
-                variable[0, y0:y1, :] = band
-        return var
+        writer = self.begin_labelmap(
+            name, array.shape, table, reference, attrs, kind, geometry=_grid(mm_per_pixel, origin_mm, geometry)
+        )
+        _write_bands(writer, array, band_rows)
+        return writer.name
 
     def add_scalar_image(
         self,
@@ -630,20 +614,11 @@ class NetcdfWriter:
             data = data.view(np.uint8)
         if data.dtype.kind not in "iuf":
             raise ValueError(f"scalar images must be numeric, got {data.dtype}")
-        grid = _grid(mm_per_pixel, origin_mm, geometry)
-        height, width = data.shape
-        fixed = {"transform": grid.transform()}
-        with self._writing():
-            var = self.unique_name(name)
-            dims = self._add_grid(var, grid.coordinates((1, height, width)))
-            variable = self._create(
-                var, data.dtype, dims, (1, height, width), compress, self._merge_attrs(fixed, attrs)
-            )
-        for y0 in range(0, height, max(1, int(band_rows))):
-            y1 = min(height, y0 + max(1, int(band_rows)))
-            with self._writing():
-                variable[0, y0:y1, :] = np.ascontiguousarray(data[y0:y1])
-        return var
+        writer = self.begin_scalar_image(
+            name, data.shape, data.dtype, attrs, compress, geometry=_grid(mm_per_pixel, origin_mm, geometry)
+        )
+        _write_bands(writer, data, band_rows)
+        return writer.name
 
     def begin_labelmap(
         self,
@@ -858,6 +833,14 @@ class BandRowWriter:
         """Check that every row was written."""
         if self.next_row != self.height:
             raise ValueError(f"{self.name}: only {self.next_row} of {self.height} rows were written")
+
+
+def _write_bands(writer: BandRowWriter, array: np.ndarray, band_rows: int) -> None:
+    """A whole (H, W) array through a row writer, `band_rows` rows at a time."""
+    step = max(1, int(band_rows))
+    for y0 in range(0, array.shape[0], step):
+        writer.write_rows(y0, np.ascontiguousarray(array[y0 : y0 + step]))
+    writer.finish()
 
 
 def _as_2d(array: np.ndarray, what: str) -> np.ndarray:
