@@ -58,32 +58,46 @@ def _factor(shape: tuple[int, int]) -> int:
     return max(1, max(shape) // FIT_SIDE)
 
 
-def _design(shape: tuple[int, int], degree: int = DEGREE) -> npt.NDArray[np.float64]:
-    """Polynomial terms x^a y^b (a + b <= degree) at the given grid's cell centres, in [-1, 1]."""
-    y = (np.arange(shape[0]) + 0.5) / shape[0] * 2 - 1
-    x = (np.arange(shape[1]) + 0.5) / shape[1] * 2 - 1
-    yy, xx = np.meshgrid(y, x, indexing="ij")
-    terms = [xx**a * yy**b for a in range(degree + 1) for b in range(degree + 1 - a)]
-    return np.stack([t.ravel() for t in terms], axis=1)
+def _unit(size: int) -> npt.NDArray[np.float64]:
+    """The centres of `size` cells spread over [-1, 1]: where the polynomial is evaluated."""
+    return np.asarray((np.arange(size) + 0.5) / size * 2 - 1, dtype=np.float64)
+
+
+def _exponents(constant: bool, degree: int = DEGREE) -> list[tuple[int, int]]:
+    """(a, b) of the terms x^a y^b, a + b <= degree, in the one order fits and evaluations share."""
+    return [(a, b) for a in range(degree + 1) for b in range(degree + 1 - a) if constant or a or b]
+
+
+def _terms(
+    y: npt.NDArray[np.float64], x: npt.NDArray[np.float64], constant: bool = True, degree: int = DEGREE
+) -> npt.NDArray[np.float64]:
+    """The polynomial's terms x^a y^b (a + b <= degree) at points (y, x) in [-1, 1], one column
+    each; without the constant for the overlap fit, which cannot see it."""
+    xs, ys = [np.ones_like(x)], [np.ones_like(y)]
+    for _ in range(degree):  # powers by repeated products: float ** int is slow
+        xs.append(xs[-1] * x)
+        ys.append(ys[-1] * y)
+    return np.stack([xs[a] * ys[b] for a, b in _exponents(constant, degree)], axis=1)
+
+
+def _gain(coefficients: npt.NDArray[np.float64], shape: tuple[int, int], constant: bool) -> npt.NDArray[np.float32]:
+    """exp(polynomial) on every pixel of a tile, scaled to mean 1; evaluated term by term as outer
+    products of a column and a row, so no (h * w, terms) matrix is built at full size."""
+    yv, xv = _unit(shape[0]), _unit(shape[1])
+    value = np.zeros(shape, dtype=np.float64)
+    for coefficient, (a, b) in zip(coefficients, _exponents(constant)):
+        value += coefficient * np.outer(yv**b, xv**a)
+    return np.asarray(np.exp(value - np.log(np.mean(np.exp(value)))), dtype=np.float32)
 
 
 def _fitted_gain(reduced: npt.NDArray[np.float32], shape: tuple[int, int]) -> FlatField:
     """Fit log(reduced) per channel with the polynomial and evaluate it on the full tile grid."""
     log = np.log(np.maximum(reduced.astype(np.float64), 1.0))
-    design = _design(reduced.shape[:2])
-    coefficients = np.linalg.lstsq(design, log.reshape(-1, log.shape[2]), rcond=None)[0]
-    full = np.empty((shape[0], shape[1], log.shape[2]), dtype=np.float32)
-    yv = (np.arange(shape[0]) + 0.5) / shape[0] * 2 - 1
-    xv = (np.arange(shape[1]) + 0.5) / shape[1] * 2 - 1
-    for channel in range(log.shape[2]):  # term by term: no (h*w, terms) matrix at full size
-        value = np.zeros(shape, dtype=np.float64)
-        k = 0
-        for a in range(DEGREE + 1):
-            for b in range(DEGREE + 1 - a):
-                value += coefficients[k, channel] * np.outer(yv**b, xv**a)
-                k += 1
-        full[..., channel] = np.exp(value - np.log(np.mean(np.exp(value))))
-    return FlatField(full)
+    yy, xx = np.meshgrid(_unit(reduced.shape[0]), _unit(reduced.shape[1]), indexing="ij")
+    design = _terms(yy.ravel(), xx.ravel())
+    coefficients = np.asarray(np.linalg.lstsq(design, log.reshape(-1, log.shape[2]), rcond=None)[0], dtype=np.float64)
+    channels = [_gain(coefficients[:, channel], shape, constant=True) for channel in range(log.shape[2])]
+    return FlatField(np.stack(channels, axis=2))
 
 
 def estimate_flat_field(tiles: Iterable[npt.NDArray[np.uint8]], shape: tuple[int, int]) -> FlatField | None:
@@ -100,15 +114,6 @@ def estimate_flat_field(tiles: Iterable[npt.NDArray[np.uint8]], shape: tuple[int
 def flat_field_from_reference(image: npt.NDArray[np.uint8], shape: tuple[int, int]) -> FlatField:
     """The gain from a photograph of a blank field (an empty slide, a mirror) of the tiles' size."""
     return _fitted_gain(_reduced(image, _factor(shape)), shape)
-
-
-def _terms(y: npt.NDArray[np.float64], x: npt.NDArray[np.float64], degree: int = DEGREE) -> npt.NDArray[np.float64]:
-    """The polynomial's terms without the constant (which overlaps cannot see) at points (y, x) in [-1, 1]."""
-    xs, ys = [np.ones_like(x)], [np.ones_like(y)]
-    for _ in range(degree):  # powers by repeated products: float ** int is slow
-        xs.append(xs[-1] * x)
-        ys.append(ys[-1] * y)
-    return np.stack([xs[a] * ys[b] for a in range(degree + 1) for b in range(degree + 1 - a) if a or b], axis=1)
 
 
 #: Pixels darker or brighter than this say little about the gain (noise floor, clipping).
@@ -131,12 +136,9 @@ class OverlapGainFit:
     rhs: npt.NDArray[np.float64] = field(init=False)
 
     def __post_init__(self) -> None:
-        n = _terms(np.zeros(1), np.zeros(1)).shape[1]
+        n = _terms(np.zeros(1), np.zeros(1), constant=False).shape[1]
         self.normal = np.zeros((n, n))
         self.rhs = np.zeros(n)
-
-    def _unit(self, values: npt.NDArray[np.float64], size: int) -> npt.NDArray[np.float64]:
-        return np.asarray((values + 0.5) / size * 2 - 1, dtype=np.float64)
 
     def add(
         self,
@@ -165,11 +167,10 @@ class OverlapGainFit:
         if not keep.any():
             return
         rr, cc = np.meshgrid(rows, cols, indexing="ij")
-        ty_a = self._unit(rr[keep] + origin_a[0], h)
-        tx_a = self._unit(cc[keep] + origin_a[1], w)
-        ty_b = self._unit(rr[keep] - at_y + origin_b[0], h)
-        tx_b = self._unit(cc[keep] - at_x + origin_b[1], w)
-        design = _terms(ty_a, tx_a) - _terms(ty_b, tx_b)
+        ys, xs = _unit(h), _unit(w)
+        ty_a, tx_a = ys[rr[keep] + origin_a[0]], xs[cc[keep] + origin_a[1]]
+        ty_b, tx_b = ys[rr[keep] - at_y + origin_b[0]], xs[cc[keep] - at_x + origin_b[1]]
+        design = _terms(ty_a, tx_a, constant=False) - _terms(ty_b, tx_b, constant=False)
         target = np.log(va[keep]) - np.log(vb[keep])
         self.normal += design.T @ design
         self.rhs += design.T @ target
@@ -182,15 +183,5 @@ class OverlapGainFit:
             return None
         ridge = 1e-6 * np.trace(self.normal) / len(self.rhs)
         coefficients = np.linalg.solve(self.normal + ridge * np.eye(len(self.rhs)), self.rhs)
-        h, w = self.shape
-        yv = self._unit(np.arange(h, dtype=np.float64), h)
-        xv = self._unit(np.arange(w, dtype=np.float64), w)
-        value = np.zeros((h, w), dtype=np.float64)
-        k = 0
-        for a in range(DEGREE + 1):
-            for b in range(DEGREE + 1 - a):
-                if a or b:
-                    value += coefficients[k] * np.outer(yv**b, xv**a)
-                    k += 1
-        gain = np.exp(value - np.log(np.mean(np.exp(value)))).astype(np.float32)
+        gain = _gain(coefficients, self.shape, constant=False)
         return FlatField(np.repeat(gain[:, :, None], 3, axis=2))
