@@ -6,7 +6,10 @@ them): tiles of the real sandstone masks, turned and mirrored, when the shared d
 statistics as `thinseg analyze` computes them (no report files), while this script samples the
 resident memory of that process AND its workers every 20 ms: the peak is the sum over the
 process tree, what the machine has to hold. MPix/s is labelmap pixels over the analysis's wall
-time (the interpreter's start and the file's opening excluded).
+time (the interpreter's start and the file's opening excluded); MPix per CPU second is over the
+CPU time of the process and its workers (their start included), which other programs on a
+shared machine disturb less than the wall time; the load average at the end of each setting is
+printed with it.
 
 `--baseline` also times the library way on the smallest size: scikit-image's `label` and
 `regionprops_table` with the same measures (area, centroid, Crofton perimeter, Feret max,
@@ -45,15 +48,19 @@ CLASSES = REPO / "Resources" / "ClassTables" / "sandstone_ppl_xpl.csv"
 MM_PER_PIXEL = 0.001
 
 CHILD = """
-import json, sys, time
+import json, resource, sys, time
 sys.path.insert(0, {module!r})
 from thinseg.analysis import GrainOptions, analyze, open_labelmap
+def cpu():
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
 source = open_labelmap({path!r})
-start = time.perf_counter()
+start, start_cpu = time.perf_counter(), cpu()
 result = analyze(source, GrainOptions(workers={workers}))
 seconds = time.perf_counter() - start
-print(json.dumps({{"seconds": seconds, "grains": len(result.table), "split_regions": result.scan.split_regions,
-                  "halo_growths": result.scan.halo_growths}}))
+print(json.dumps({{"seconds": seconds, "cpu_seconds": cpu() - start_cpu, "grains": len(result.table),
+                  "split_regions": result.scan.split_regions, "halo_growths": result.scan.halo_growths,
+                  "cut_bands": result.scan.cut_bands}}))
 """
 
 BASELINE = """
@@ -175,20 +182,28 @@ def main() -> None:
         for workers in args.workers:
             runs = [measure(CHILD.format(module=module, path=str(path), workers=workers)) for _ in range(args.repeats)]
             seconds = statistics.median(r["seconds"] for r in runs)
+            cpu_s = statistics.median(r["cpu_seconds"] for r in runs)
             row = {
                 "side": side,
                 "workers": workers,
                 "seconds": seconds,
                 "mpix_per_s": mpix / seconds,
+                "seconds_each": [r["seconds"] for r in runs],
+                "cpu_seconds": cpu_s,
+                "mpix_per_cpu_s": mpix / cpu_s,
+                "load_average": os.getloadavg()[0],
                 "peak_mb": max(r["peak_mb"] for r in runs),
                 "grains": runs[0]["grains"],
                 "split_regions": runs[0]["split_regions"],
                 "halo_growths": runs[0]["halo_growths"],
+                "cut_bands": runs[0]["cut_bands"],
             }
             results.append(row)
             print(
                 f"{side:>6} x {side:<6} workers {workers}: {seconds:7.1f} s  {row['mpix_per_s']:6.1f} MPix/s  "
-                f"peak {row['peak_mb']:6.0f} MB  {row['grains']} grains ({row['split_regions']} regions split)"
+                f"{cpu_s:7.1f} CPU s ({row['mpix_per_cpu_s']:.1f} MPix per CPU s)  peak {row['peak_mb']:6.0f} MB  "
+                f"{row['grains']} grains ({row['split_regions']} regions split, {row['cut_bands']} bands cut)  "
+                f"load {row['load_average']:.1f}"
             )
         if args.baseline and side == min(args.sizes):
             base = measure(BASELINE.format(module=module, path=str(path)))

@@ -29,9 +29,9 @@ class GrainOptions:
     matrix_classes: tuple[str, ...] | None = None  # None: by name (MATRIX_PATTERN)
     pore_classes: tuple[str, ...] | None = None  # None: by name (PORE_PATTERN)
     workers: int = 1  # processes analysing bands at once
-    band_pixels: int = 12_000_000  # pixels of a band's own rows
-    # a band's rows read, halo included (about 12 bytes each in a worker); grains reaching past it are flagged as cut
-    max_read_pixels: int = 40_000_000
+    band_pixels: int = 0  # pixels of a band's own rows; 0: automatic (`scan.band_rows`)
+    # a band's rows read, halo included (about 5 bytes each in a worker); grains reaching past it are flagged as cut
+    max_read_pixels: int = 120_000_000
     resamples: int = 2000  # block bootstrap of the modal mineralogy
     seed: int = 0
 
@@ -42,6 +42,8 @@ class GrainOptions:
             raise ThinSegError(f"minimum grain size {self.min_pixels} px is outside 1..1000000")
         if not 1 <= self.workers <= 64:
             raise ThinSegError(f"workers {self.workers} is outside 1..64")
+        if self.band_pixels < 0:
+            raise ThinSegError(f"band size {self.band_pixels} px is negative")
 
 
 @dataclass(frozen=True)
