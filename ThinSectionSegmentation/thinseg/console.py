@@ -58,6 +58,30 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM wait; at its end they act as they would have. For
+    the first import of C extensions (matplotlib's pybind11 modules): an interrupt raised while
+    an extension initialises turns into an ImportError ("initialization failed") instead of a
+    clean stop, and leaves the extension half made at exit. Main thread only, as signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, _frame: FrameType | None) -> None:
+        held.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
+
+
 #: Encoding error handler that writes undecodable file-name bytes (surrogate escapes) as \xNN.
 ESCAPE_ERRORS = "thinseg-escape"
 

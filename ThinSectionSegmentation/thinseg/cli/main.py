@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # as typed, for commands that start copies
     keep = getattr(args, "keep_output", None)
     try:
         with section_pixel_limit(getattr(args, "max_pixels", None)):

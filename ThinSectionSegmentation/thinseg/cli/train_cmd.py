@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thinseg import limits
 from thinseg.classes.files import read_model_classes
 from thinseg.cli import options as types
-from thinseg.console import Terminated, interrupt_exit_code
+from thinseg.console import EXIT_TERMINATED, Terminated, interrupt_exit_code
 from thinseg.data.inputs import section_items
 from thinseg.errors import ThinSegError
 
@@ -127,7 +129,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--batch-size",
         type=types.batch_size,
         default=None,
-        help="patches per batch, at most 16 MPix of patches (default 8)",
+        help="patches per batch of each training process, at most 16 MPix of patches (default 8); with --nproc N "
+        "a step learns from N times as many",
     )
     opt.add_argument(
         "--balancing-strength",
@@ -171,6 +174,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="data-loading processes (default 0: in the training process)",
     )
     opt.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="where to train (default auto)")
+    opt.add_argument(
+        "--nproc",
+        type=types.int_range(1, types.MAX_WORKERS),
+        default=None,
+        metavar="N",
+        help="training processes on this machine, their gradients averaged at every step (PyTorch "
+        "DistributedDataParallel: gloo on the CPU, one GPU each with nccl); each draws its own patches, the "
+        "learning rate stays as given, the first alone writes the run folder (default 1; torchrun "
+        "--nproc_per_node N -m thinseg train ... starts the same)",
+    )
     opt.add_argument(
         "--precision",
         default=None,
@@ -347,29 +360,96 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+#: How long a failed rank other than 0 waits to be stopped (rank 0 failed as well) before it
+#: reports its own problem.
+PEER_GRACE_S = 3.0
+#: Exit status of a rank stopped because another one ended (a failure, not an interruption).
+EXIT_PEER_ENDED = 2
+#: Abbreviations argparse accepts for --nproc (no other option of `train` starts with --np).
+_NPROC = ("--np", "--npr", "--npro", "--nproc")
+
+
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """The command line `argv` without its --nproc option: what each training process runs."""
+    out: list[str] = []
+    skip = False
+    for i, token in enumerate(argv):
+        if token == "--":
+            return out + list(argv[i:])
+        if skip:
+            skip = False
+        elif token in _NPROC:
+            skip = True
+        elif token.split("=", 1)[0] not in _NPROC or "=" not in token:
+            out.append(token)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     # deferred: the training package loads torch (1-2 s at start-up)
-    from thinseg.training import train
-    from thinseg.training.checkpoint import CHECKPOINT_FILE
+    from thinseg.training import distributed
 
-    config = train_config(args)
+    nproc = args.nproc or 1
+    if nproc > 1 and distributed.launched_world() > 1:
+        raise ThinSegError("--nproc starts the training processes itself: leave it out under torchrun")
+    config = train_config(args)  # refuses bad options once, before any process starts
+    if nproc > 1:
+        distributed.check_processes(nproc, config.device)
+        return distributed.launch(nproc, without_nproc(args.command_line))
+    with distributed.joined(config.device) as ranks:
+        try:
+            return _train(config, ranks.main)
+        except Exception as error:
+            if not ranks.distributed:
+                raise
+            stop = distributed.stop_signal()  # the signal stopped a peer while this rank waited on it
+            if stop is not None:
+                interrupt = Terminated(stop) if stop == signal.SIGTERM else KeyboardInterrupt()
+                return _interrupted(config, interrupt) if ranks.main else interrupt_exit_code(interrupt)
+            if distributed.peer_failure(error):  # the rank that ended, or the launcher, says why
+                if ranks.main:
+                    _say_kept(config, "stopped because another training process ended")
+                return EXIT_PEER_ENDED
+            if not ranks.main and distributed.stopped_within(PEER_GRACE_S):
+                return EXIT_TERMINATED  # rank 0 failed too and says so
+            raise
+
+
+def _train(config: TrainConfig, main: bool) -> int:
+    """Train, print the result (rank 0 only: the other ranks are quiet) and return the exit status."""
+    # deferred: the training package loads torch (1-2 s at start-up)
+    from thinseg.training import train
+
     try:
         result = train(config, log=log)
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated)
-        stopped = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
-        if (config.output_dir / CHECKPOINT_FILE).is_file():
-            print(
-                f"thinseg: {stopped}; finished epochs are kept in {config.output_dir}: run the same command "
-                "with --resume to continue",
-                file=sys.stderr,
-            )
-        else:
-            print(f"thinseg: {stopped} before the first epoch finished; nothing to resume", file=sys.stderr)
-        return interrupt_exit_code(interrupt)
-    print(format_result(result, config.void_border_px))
+        return _interrupted(config, interrupt) if main else interrupt_exit_code(interrupt)
+    if main:
+        print(format_result(result, config.void_border_px))
     if result.model_dir is None:
         return 1
     return 0
+
+
+def _interrupted(config: TrainConfig, interrupt: KeyboardInterrupt) -> int:
+    """Say what an interrupted run kept; returns the exit status of the interruption."""
+    _say_kept(config, "terminated" if isinstance(interrupt, Terminated) else "interrupted")
+    return interrupt_exit_code(interrupt)
+
+
+def _say_kept(config: TrainConfig, stopped: str) -> None:
+    """`thinseg: <stopped>`, and whether finished epochs are kept for --resume."""
+    # deferred: the training package loads torch (1-2 s at start-up)
+    from thinseg.training.checkpoint import CHECKPOINT_FILE
+
+    if (config.output_dir / CHECKPOINT_FILE).is_file():
+        print(
+            f"thinseg: {stopped}; finished epochs are kept in {config.output_dir}: run the same command "
+            "with --resume to continue",
+            file=sys.stderr,
+        )
+    else:
+        print(f"thinseg: {stopped} before the first epoch finished; nothing to resume", file=sys.stderr)
 
 
 def _score(value: Any) -> str:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from thinseg.console import signals_held
 from thinseg.io.atomic import atomic_output
 
 
@@ -39,6 +40,11 @@ def plot_curves(path: Path, history: Sequence[dict[str, Any]]) -> Path | None:
     """Loss (left) and validation mean IoU (right) against epoch."""
     if not history:
         return None
+    with signals_held():  # matplotlib's C extensions load in here (the import, the first drawing)
+        return _plot_curves(path, history)
+
+
+def _plot_curves(path: Path, history: Sequence[dict[str, Any]]) -> Path:
     # deferred: matplotlib costs ~0.4 s at import, paid only once the first epoch has ended
     import matplotlib
     from matplotlib.figure import Figure

@@ -37,9 +37,11 @@ from thinseg.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, restor
 from thinseg.training.config import TrainConfig, TrainResult
 from thinseg.training.curves import plot_curves, write_log_csv
 from thinseg.training.dataset import PatchStream, make_loader
+from thinseg.training.distributed import Ranks, current
 from thinseg.training.export import bundle_input_names, export_bundle
 from thinseg.training.losses import dice_ce_loss
 from thinseg.training.model import ModelSpec, model_from_bundle, new_model
+from thinseg.training.sampler import rank_seed
 from thinseg.training.split import apply_split, load_split, save_split, split_names
 from thinseg.training.targets import PreparedSection, prepare_sections
 from thinseg.training.validate import ValSection, make_val_sections, validate, validate_with_confidence
@@ -54,6 +56,10 @@ Log = Callable[[str], None]
 StepHook = Callable[[int, int], None]
 #: Called after each epoch with its history row and whether it is the best (exported) so far.
 EpochHook = Callable[[dict[str, Any], bool], None]
+
+
+def _quiet(_message: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def _stderr(message: str) -> None:
@@ -132,7 +138,8 @@ class TrainingRun:
         self, config: TrainConfig, log: Log, on_step: StepHook | None = None, on_epoch: EpochHook | None = None
     ) -> None:
         self.config = config
-        self.log = log
+        self.ranks: Ranks = current()
+        self.log = log if self.ranks.main else _quiet  # one voice: rank 0's
         self.on_step, self.on_epoch = on_step, on_epoch
         self.device, message = select_device(config.device)  # before anything is made or cleared
         self.out = Path(config.output_dir)
@@ -165,7 +172,7 @@ class TrainingRun:
                 "a training run already exists here: continue it with --resume or start again with --overwrite",
                 self.out,
             )
-        if c.overwrite and not c.resume:
+        if c.overwrite and not c.resume and self.ranks.main:
             for name in (CHECKPOINT_FILE, LOG_FILE, CURVES_FILE):
                 (self.out / name).unlink(missing_ok=True)
 
@@ -236,6 +243,8 @@ class TrainingRun:
         names = [s.name for p in parts.values() for s in p]
         if len(set(names)) != len(names):
             raise ThinSegError("section names must be unique across train/val/test")
+        if not self.ranks.main:  # rank 0 wrote the same split
+            return parts
         save_split(
             split_path,
             {p: [s.name for s in parts[p]] for p in parts},
@@ -317,7 +326,7 @@ class TrainingRun:
             steps=c.steps_per_epoch,
             balancing_strength=c.balancing_strength,
             augment=c.augment,
-            seed=c.seed,
+            seed=rank_seed(c.seed, self.ranks.rank),  # each rank its own patches
         )
         self.loader = make_loader(self.stream, c.num_workers, pin_memory=self.device.type == "cuda")
         state = self._resume() if c.resume and self.checkpoint_path.exists() else None
@@ -330,6 +339,13 @@ class TrainingRun:
         self.model_dir: Path | None = (
             (self.out / c.model_name) if (self.out / c.model_name).exists() and state else None
         )
+        self.trainer = self.ranks.wrap(net, self.device)  # after the resume: every rank starts equal
+        if self.ranks.distributed:
+            self.log(
+                f"training on {self.ranks.world} processes ({self.ranks.backend}): {c.batch_size} patches per "
+                f"process and step, {c.batch_size * self.ranks.world} in all"
+                + (f", {torch.get_num_threads()} thread(s) each" if self.device.type == "cpu" else "")
+            )
 
     def fit(self) -> TrainResult:
         """Train until `epochs`, early stop or Ctrl-C (the last finished epoch stays checkpointed)."""
@@ -337,37 +353,62 @@ class TrainingRun:
         self.start()
         stopped = self.stopped
         started, epochs_here, out_of_time = time.monotonic(), 0, False
-        checkpointed = self.epoch
+        self.checkpointed = self.epoch
         try:
             while self.epoch < c.epochs and not stopped and not out_of_time:
                 row = self.train_epoch()
-                self._remember_weights()
-                row.update(self._validate())
-                self.epoch += 1
                 epochs_here += 1
-                self.history.append(row)
-                stopped = self._keep_best(row)
-                if not stopped and c.max_minutes is not None and self.epoch < c.epochs:
-                    elapsed = time.monotonic() - started
-                    if elapsed + elapsed / epochs_here > 60 * c.max_minutes:  # the next epoch would not fit
-                        self.log(
-                            f"time budget of {c.max_minutes:g} min reached after {elapsed / 60:.1f} min: stopping "
-                            f"after epoch {self.epoch} of {c.epochs} (--resume continues)"
-                        )
-                        out_of_time = True
-                self._checkpoint(stopped)  # a run stopped by the clock can be resumed; an early stop cannot
-                checkpointed = self.epoch
-                # the log and curves follow the checkpoint, so they never show an epoch a resume would redo
-                write_log_csv(self.out / LOG_FILE, self.history)
-                plot_curves(self.out / CURVES_FILE, self.history)
-                if self.on_epoch is not None:
-                    self.on_epoch(row, self.best["epoch"] == row["epoch"])
+                decided = (False, False)
+                if self.ranks.main:
+                    with self.ranks.main_work():
+                        decided = self._end_epoch(row, started, epochs_here)
+                stopped, out_of_time = self.ranks.from_main(decided)  # every rank goes on, or stops, with rank 0
+                self.epoch = self.checkpointed = int(row["epoch"])
         except KeyboardInterrupt:
             self.log(
-                f"interrupted: {checkpointed} finished epoch(s) are checkpointed in {self.checkpoint_path}; "
+                f"interrupted: {self.checkpointed} finished epoch(s) are checkpointed in {self.checkpoint_path}; "
                 "continue with --resume"
             )
             raise
+        if not self.ranks.distributed:
+            return self._finish(stopped, out_of_time)
+        result = None
+        if self.ranks.main:
+            with self.ranks.main_work():
+                result = self._finish(stopped, out_of_time)
+        shared = self.ranks.from_main(result)
+        assert shared is not None  # rank 0's result
+        return shared
+
+    def _end_epoch(self, row: dict[str, Any], started: float, epochs_here: int) -> tuple[bool, bool]:
+        """Validate, export if better, checkpoint, log (rank 0's work); returns (stop early, out of time)."""
+        c = self.config
+        self._remember_weights()
+        row.update(self._validate())
+        self.epoch += 1
+        self.history.append(row)
+        stopped = self._keep_best(row)
+        out_of_time = False
+        if not stopped and c.max_minutes is not None and self.epoch < c.epochs:
+            elapsed = time.monotonic() - started
+            if elapsed + elapsed / epochs_here > 60 * c.max_minutes:  # the next epoch would not fit
+                self.log(
+                    f"time budget of {c.max_minutes:g} min reached after {elapsed / 60:.1f} min: stopping "
+                    f"after epoch {self.epoch} of {c.epochs} (--resume continues)"
+                )
+                out_of_time = True
+        self._checkpoint(stopped)  # a run stopped by the clock can be resumed; an early stop cannot
+        self.checkpointed = self.epoch
+        # the log and curves follow the checkpoint, so they never show an epoch a resume would redo
+        write_log_csv(self.out / LOG_FILE, self.history)
+        plot_curves(self.out / CURVES_FILE, self.history)
+        if self.on_epoch is not None:
+            self.on_epoch(row, self.best["epoch"] == row["epoch"])
+        return stopped, out_of_time
+
+    def _finish(self, stopped: bool, out_of_time: bool) -> TrainResult:
+        """After the last epoch: the averaged weights, the calibration, the test scores."""
+        c = self.config
         self._export_average()
         self._calibrate()
         test_metrics = self._evaluate_test()
@@ -510,7 +551,7 @@ class TrainingRun:
             total=c.steps_per_epoch,
             desc=f"epoch {self.epoch + 1}/{c.epochs}",
             unit="batch",
-            disable=not c.progress,
+            disable=not c.progress or not self.ranks.main,
             file=sys.stderr,
             dynamic_ncols=True,
             leave=False,
@@ -531,12 +572,14 @@ class TrainingRun:
         finally:
             bar.close()
         seconds = time.perf_counter() - start
+        # the loss of all ranks' batches, the samples per second of all ranks together
+        loss_sum, loss_count, rate = self.ranks.sums([float(np.sum(losses)), len(losses), seen / max(seconds, 1e-9)])
         return {
             "epoch": self.epoch + 1,
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_loss": loss_sum / loss_count if loss_count else float("nan"),
             "lr": float(self.scheduler.get_last_lr()[0]),
             "train_seconds": seconds,
-            "train_samples_per_s": seen / max(seconds, 1e-9),
+            "train_samples_per_s": rate,
         }
 
     def step(self, images: torch.Tensor, target: torch.Tensor, jitter: torch.Tensor | None = None) -> float:
@@ -545,12 +588,12 @@ class TrainingRun:
         x = self._network_input(images, jitter)
         y = target.to(self.device, non_blocking=True)
         with self._autocast():
-            logits = self.network(x)
+            logits = self.trainer(x)
         loss = dice_ce_loss(
             logits, y, dice_weight=c.dice_weight, ce_weight=c.ce_weight, first_label=self.spec.first_label
         )
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if not self.ranks.all_true(bool(torch.isfinite(loss))):  # every rank skips, or none
             self.scheduler.step()
             return float("nan")
         self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
@@ -659,6 +702,7 @@ class TrainingRun:
                 "balancing_strength": c.balancing_strength,
                 "precision": _precision_name(self.amp_dtype),
                 "seed": c.seed,
+                **({"processes": self.ranks.world} if self.ranks.distributed else {}),
                 "fine_tuned_from": None if self.spec.source == "new" else self.spec.source,
                 "channels": list(bundle_input_names(self.roles)),
                 "pixels_per_mm": self.pixels_per_mm,
@@ -772,8 +816,15 @@ def train(
     temporaries are cleared."""
     logger = log or (_stderr if config.progress else (lambda _m: None))
     out = Path(config.output_dir)
+    ranks = current()
+    if not ranks.main:  # rank 0 holds the folder for all ranks and sweeps it before they start
+        with ranks.main_first():
+            run = TrainingRun(config, logger, on_step, on_epoch)
+        return run.fit()
     with run_folder_lock(out, log=logger):
         for folder in (out, Path(config.cache_dir) if config.cache_dir else out / "cache"):
             for note in sweep_stale_temporaries(folder).notes(folder):
                 logger(note)
-        return TrainingRun(config, logger, on_step, on_epoch).fit()
+        with ranks.main_first():  # the others then read the prepared sections from the cache
+            run = TrainingRun(config, logger, on_step, on_epoch)
+        return run.fit()

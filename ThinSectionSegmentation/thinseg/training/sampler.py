@@ -115,6 +115,16 @@ def build_patch_index(target: np.ndarray, n_classes: int, footprint: int, cell: 
     return PatchIndex(cell, footprint, (gh, gw), (h, w), weights, row_cdf)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The patch stream seed of training process `rank` (of several): `seed` itself for rank 0,
+    so one process draws what it always drew, and a different, reproducible seed for each other
+    rank (hashed with numpy's SeedSequence), so ranks never draw the same patches."""
+    if rank == 0:
+        return int(seed)
+    state = np.random.SeedSequence([int(seed), int(rank)]).generate_state(2, np.uint32)
+    return int(state[0]) | int(state[1]) << 32
+
+
 def index_cache_params(target_key: str, n_classes: int, footprint: int, cell: int) -> dict[str, Any]:
     """Everything a PatchIndex depends on (the target key covers section, classes, mapping, void)."""
     return {"target": target_key, "n_classes": n_classes, "footprint": footprint, "cell": cell}
