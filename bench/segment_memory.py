@@ -8,7 +8,8 @@ memory of its process tree (bench/process_tree.py), with and without `--probabil
 Usage:
   python bench/segment_memory.py --sizes 8192 16384 --workdir /tmp/segmem
   python bench/segment_memory.py --sizes 8192 --plain-only      # without the --probabilities --overlay runs
-Results are printed and written (atomically) to bench/out/segment_memory.json.
+Results are printed and written (atomically) to bench/out/segment_memory.json, with the ratio of
+the largest size's peak to the smallest's (flat memory: close to 1).
 """
 
 from __future__ import annotations
@@ -106,12 +107,18 @@ def main() -> None:
         for full in (False,) if args.plain_only else (False, True):
             out = args.workdir / f"out_{size}_{'full' if full else 'plain'}.nc"
             row = {"size": size, "megapixels": size * size / 1e6, **measure(pp, out, full, args.package)}
-            row["bytes_per_pixel"] = round(float(row["peak_mb"]) * 2**20 / (size * size), 3)  # type: ignore[arg-type]
+            row["bytes_per_pixel"] = round(float(str(row["peak_mb"])) * 2**20 / (size * size), 3)
             print(json.dumps(row), flush=True)
             rows.append(row)
             if not args.keep_outputs:
                 for f in (out, out.with_name(out.stem + "_overlay.png")):
                     f.unlink(missing_ok=True)
+    for full in (False, True):  # flat memory: the largest section's peak against the smallest's
+        runs = sorted((r for r in rows if r["full_outputs"] == full), key=lambda r: int(str(r["size"])))
+        if len(runs) > 1:
+            ratio = float(str(runs[-1]["peak_mb"])) / float(str(runs[0]["peak_mb"]))
+            kind = "--probabilities --overlay" if full else "plain"
+            print(f"{kind}: {runs[-1]['size']} px peak / {runs[0]['size']} px peak = {ratio:.3f}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_name(args.json.name + ".part")
     tmp.write_text(json.dumps({"runs": rows}, indent=2) + "\n")

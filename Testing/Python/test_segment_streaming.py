@@ -4,20 +4,25 @@ modal mineralogy and overlay from those rows exactly as from whole in-memory map
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
 from helpers import MM_PER_PIXEL, decoded, make_bundle, open_nc, read_csv, run_main, write_pair
 
+import thinseg.inference.engine as engine_module
 from thinseg.classes.files import default_class_table
-from thinseg.inference.engine import ArraySink, InferenceOptions, Segmenter
+from thinseg.inference.engine import ArraySink, InferenceOptions, Segmenter, tile_row_groups
 from thinseg.inference.resample import segment_at_model_resolution, stream_at_model_resolution
+from thinseg.inference.tiling import blend_weights
 from thinseg.io.images import ArraySource
 from thinseg.io.netcdf import Geometry, NetcdfWriter
 from thinseg.model.bundle import load_bundle
+from thinseg.model.networks import network_channels
 from thinseg.reports.mineralogy import modal_mineralogy
 from thinseg.reports.overlay import MAX_OVERLAY_SIDE, write_overlay_png
-from thinseg.reports.preview import read_preview
+from thinseg.reports.preview import read_preview, shrink
 
 TABLE = default_class_table()
 H, W = 700, 190  # 700 rows: more than one 512-row netCDF chunk, and many 64 px tile rows
@@ -68,6 +73,34 @@ def test_rows_arrive_in_order_once_each_at_most_a_tile_high_and_equal_the_whole_
     assert np.array_equal(np.concatenate([b[2] for b in sink.bands]), whole.confidence)
     assert stats.shape == shape and stats.tiles == whole.tiles
     assert np.array_equal(stats.confidence_histogram, whole.confidence_histogram)
+
+
+@pytest.mark.parametrize("rows_per_part", [1, 2, 3, 100])
+def test_a_section_run_in_parts_of_tile_rows_equals_the_whole_run_bit_for_bit(model, rows_per_part):
+    seg = Segmenter(load_bundle(model), InferenceOptions(tile=64, overlap=16, device="cpu", with_confidence=True))
+    sources = images(700, 190, seed=3)
+    whole = seg.segment(sources)
+    n_rows = len(seg.plan_for(700, 190).ys)
+    assert n_rows > 10 and seg.plan_for(700, 190).shared_rows.any()  # tile rows that share rows
+    parts = tile_row_groups(n_rows, rows_per_part)
+    assert parts[0][0] == 0 and parts[-1][1] == n_rows and len(parts) == -(-n_rows // rows_per_part)
+    sink, histogram = Recorder(), np.zeros_like(whole.confidence_histogram)
+    for part in parts:
+        stats = seg.stream(sources, sink, tile_rows=part)
+        histogram += stats.confidence_histogram
+    ys = [y0 for y0, _, _ in sink.bands]
+    assert ys == sorted(set(ys)) and ys[0] == 0  # each band once, in order, from the top
+    assert np.array_equal(np.concatenate([b[1] for b in sink.bands]), whole.labels)
+    assert np.array_equal(np.concatenate([b[2] for b in sink.bands]), whole.confidence)
+    assert np.array_equal(histogram, whole.confidence_histogram)  # the extra tile row is not counted
+
+
+def test_a_part_of_tile_rows_outside_the_plan_is_refused(model):
+    seg = engine(model)
+    n_rows = len(seg.plan_for(700, 190).ys)
+    for bad in [(0, 0), (-1, 2), (2, n_rows + 1), (3, 2)]:
+        with pytest.raises(ValueError, match="not a part"):
+            seg.stream(images(700, 190), Recorder(), tile_rows=bad)
 
 
 @pytest.mark.parametrize("factor", [0.5, 0.73, 1.6, (0.8, 1.3)])
@@ -141,3 +174,246 @@ def test_segment_outputs_equal_those_made_from_whole_label_maps(tmp_path, capsys
     percents = [a.percent for a in mineralogy.areas]
     write_overlay_png(tmp_path / "whole.png", read_preview(pp, MAX_OVERLAY_SIDE), whole.labels, TABLE, percents, "T_PP")
     assert (tmp_path / "out" / "T_PP_overlay.png").read_bytes() == (tmp_path / "whole.png").read_bytes()
+
+
+# -- bounded memory: blend storage, input windows, overlay -----------------------------------
+
+
+def reference_blend(seg, sources):
+    """Labels and confidence of the plain algorithm, with nothing bounded: one float buffer over
+    the whole section takes every tile's weighted logits in placement order (tile rows top to
+    bottom, tiles left to right); pixels only one tile covers keep that tile's logits as they
+    are; the shared ones are the sums divided by the summed weights."""
+    plan = seg.plan_for(*sources[0].shape)
+    assert plan.height >= plan.tile_h and plan.width >= plan.tile_w  # no padding in this reference
+    n = network_channels(seg.bundle.network)[1]
+    window = blend_weights(plan.tile_h, plan.tile_w, plan.ramp)
+    sums = torch.zeros((plan.height, plan.width, n)).permute(2, 0, 1)  # classes innermost, as the network gives them
+    raw = torch.zeros((plan.height, plan.width, n)).permute(2, 0, 1)
+    weights = torch.zeros((plan.height, plan.width))
+    alone = torch.zeros((plan.height, plan.width), dtype=torch.bool)
+    order = seg._fused[0] if seg._fused is not None else list(range(len(sources)))
+    for row, y in enumerate(plan.ys):
+        bands = [torch.from_numpy(sources[i].read(y, y + plan.tile_h)) for i in order]
+        for batch in plan.batches(seg.batch_size):
+            for logits, x in zip(seg._forward(bands, batch, plan.tile_w), batch):
+                (r0, r1), (c0, c1) = plan.row_own[row], plan.col_own[x]
+                logits = logits.float()
+                raw[:, y + r0 : y + r1, x + c0 : x + c1] = logits[:, r0:r1, c0:c1]
+                alone[y + r0 : y + r1, x + c0 : x + c1] = True
+                shared = torch.ones((plan.tile_h, plan.tile_w), dtype=torch.bool)
+                shared[r0:r1, c0:c1] = False
+                tile_sums = sums[:, y : y + plan.tile_h, x : x + plan.tile_w]
+                tile_weights = weights[y : y + plan.tile_h, x : x + plan.tile_w]
+                tile_sums.copy_(torch.where(shared, tile_sums.addcmul(logits, window), tile_sums))
+                tile_weights.copy_(torch.where(shared, tile_weights + window, tile_weights))
+    logits = torch.where(alone, raw, sums / weights.clamp_min(1e-30))
+    labels = (logits.argmax(dim=0) + seg.bundle.first_label).to(torch.uint8).numpy()
+    prob = 1.0 / (logits - logits.amax(dim=0, keepdim=True)).exp_().sum(dim=0)
+    confidence = (prob * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+    return labels, confidence
+
+
+# (shape, tile, overlap, batch): a long section, a wide one, and tiles that overlap three deep
+# (rows and columns covered by three tiles, tiles with no pixel of their own)
+BLEND_CASES = [((300, 410), 64, 16, 1), ((170, 700), 96, 24, 3), ((100, 100), 64, 30, 2), ((240, 150), 48, 12, 4)]
+
+
+@pytest.mark.parametrize(("shape", "tile", "overlap", "batch"), BLEND_CASES)
+def test_blended_labels_equal_one_whole_section_blend_bit_for_bit(model, shape, tile, overlap, batch):
+    seg = Segmenter(
+        load_bundle(model),
+        InferenceOptions(tile=tile, overlap=overlap, batch_size=batch, device="cpu", with_confidence=True),
+    )
+    sources = images(*shape, seed=5)
+    plan = seg.plan_for(*shape)
+    assert plan.shared_rows.any() and plan.shared_cols  # there is something to blend
+    labels, confidence = reference_blend(seg, sources)
+    result = seg.segment(sources)
+    assert np.array_equal(result.labels, labels)
+    assert np.array_equal(result.confidence, confidence)
+
+
+class HeldBlend(engine_module._Blend):
+    """The engine's blend storage, recording the most bytes it held at once."""
+
+    instances: ClassVar[list[HeldBlend]] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.peak = 0
+        HeldBlend.instances.append(self)
+
+    def held(self):
+        """Bytes of sums and of contributions kept for a later sum."""
+        total = 0
+        for entry in list(self._rows.values()) + list(self._seams.values()):
+            if isinstance(entry, engine_module._Pending):
+                total += sum(logits.element_size() * logits.numel() for logits, _, _, _ in entry.parts)
+            else:
+                total += 4 * (entry.logits.numel() + entry.weights.numel())
+        return total
+
+    def add_rows(self, *args):
+        super().add_rows(*args)
+        self.peak = max(self.peak, self.held())
+
+    def add_seam(self, *args):
+        super().add_seam(*args)
+        self.peak = max(self.peak, self.held())
+
+
+@pytest.mark.parametrize("rows_per_part", [None, 2])
+def test_blend_holds_only_overlap_rows_and_open_seams_and_releases_all(model, monkeypatch, rows_per_part):
+    monkeypatch.setattr(engine_module, "_Blend", HeldBlend)
+    HeldBlend.instances = []
+    seg = Segmenter(load_bundle(model), InferenceOptions(tile=128, overlap=16, batch_size=2, device="cpu"))
+    shape = (560, 1500)
+    plan = seg.plan_for(*shape)
+    runs = engine_module._runs(plan.shared_rows)
+    run_rows = max(b - a for a, b in runs)
+    seam_cols = max(b - a for a, b in plan.shared_cols)
+    per_value = 4 * (network_channels(seg.bundle.network)[1] + 1)  # float32 classes and weight
+    parts = [None] if rows_per_part is None else tile_row_groups(len(plan.ys), rows_per_part)
+    for part in parts:
+        seg.stream(images(*shape, seed=6), Recorder(), tile_rows=part)
+    for blend in HeldBlend.instances:
+        # one run of shared rows across the width (plus the blocks of the next one being
+        # started), and the seams of the tiles being placed: not a tile-high strip
+        bound = per_value * (run_rows * (plan.width + 2 * plan.tile_w) + 2 * plan.tile_h * seam_cols)
+        assert 0 < blend.peak <= bound
+        assert blend.peak * 3 < per_value * plan.tile_h * plan.width
+        if rows_per_part is None:
+            assert blend.held() == 0  # every sum was turned into labels and released
+        else:  # a part stops with the rows it shares with the next part started, nothing more
+            assert blend.held() <= per_value * run_rows * (plan.width + plan.tile_w)
+
+
+class CountedReads:
+    """A source that records the (rows, columns) of every read."""
+
+    def __init__(self, source):
+        self.source, self.shape, self.reads = source, source.shape, []
+
+    def read(self, y0, y1, x0=0, x1=None):
+        x1 = self.shape[1] if x1 is None else x1
+        self.reads.append((y1 - y0, x1 - x0))
+        return self.source.read(y0, y1, x0, x1)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_wide_sections_are_read_in_windows_with_the_same_labels(model, monkeypatch, prefetch):
+    options = InferenceOptions(tile=64, overlap=16, batch_size=2, device="cpu", with_confidence=True, prefetch=prefetch)
+    seg = Segmenter(load_bundle(model), options)
+    sources = images(150, 900, seed=7)
+    whole_rows = seg.segment(sources)  # narrower than READ_WIDTH: whole rows at a time
+    monkeypatch.setattr(engine_module, "READ_WIDTH", 200)
+    counted = [CountedReads(s) for s in sources]
+    windowed = seg.segment(counted)
+    assert np.array_equal(windowed.labels, whole_rows.labels)
+    assert np.array_equal(windowed.confidence, whole_rows.confidence)
+    assert np.array_equal(windowed.confidence_histogram, whole_rows.confidence_histogram)
+    widths = [w for c in counted for _, w in c.reads]
+    assert max(widths) <= 200 and len(widths) > 2 * len(seg.plan_for(150, 900).ys) * 2  # several windows a row
+
+
+def test_segment_copies_pp_and_xp_whole_when_the_engine_reads_windows(tmp_path, capsys, model, monkeypatch):
+    pp_path, xp_path = write_pair(tmp_path, "V_PP", "V_XP", height=230, width=610)
+    args = ["--model", model, "--tile", 64, "--overlap", 16, "--batch-size", 2, "--probabilities", "-q"]
+    code, _, stderr = run_main(capsys, "segment", pp_path, "--output", tmp_path / "rows", *args)
+    assert code == 0, stderr
+    monkeypatch.setattr(engine_module, "READ_WIDTH", 150)
+    code, _, stderr = run_main(capsys, "segment", pp_path, "--output", tmp_path / "windows", *args)
+    assert code == 0, stderr
+    with open_nc(tmp_path / "rows" / "V_PP.nc") as a, open_nc(tmp_path / "windows" / "V_PP.nc") as b:
+        assert np.array_equal(b.variables["V_PP"][0], decoded(pp_path))  # every pixel copied once
+        assert np.array_equal(b.variables["V_XP"][0], decoded(xp_path))
+        for name in ("V_Segmentation", "V_Confidence"):
+            assert np.array_equal(a.variables[name][:], b.variables[name][:])
+
+
+def matplotlib_overlay(path, pp_preview, labels, table, percents, title):
+    """The overlay as it was drawn before: the whole picture by matplotlib (imshow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from thinseg.reports.overlay import blend
+
+    image = blend(pp_preview, labels, table)
+    h, w = image.shape[:2]
+    fig = plt.figure(figsize=((w + 260) / 100, max(h, 300) / 100), dpi=100)
+    ax = fig.add_axes((0, 0, w / (w + 260), h / max(h, 300)))
+    ax.imshow(image, interpolation="nearest")
+    ax.set_axis_off()
+    handles = [
+        Patch(facecolor=c.color, edgecolor="0.3", label=f"{c.name}  {p:.1f}%") for c, p in zip(table.classes, percents)
+    ]
+    fig.legend(handles=handles, loc="upper right", frameon=False, fontsize=11, title=title, title_fontsize=11)
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
+# taller than the legend, and shorter; widths whose figure size in inches matplotlib turns back
+# into exactly width + 260 px (3.9 makes 4.6 in x 100 dpi 459 px)
+@pytest.mark.parametrize("shape", [(420, 380), (120, 240)])
+def test_overlay_is_the_picture_matplotlib_drew_without_drawing_the_preview_with_it(tmp_path, shape):
+    from PIL import Image
+
+    rng = np.random.default_rng(8)
+    pp = (rng.random(shape + (3,)) * 255).astype(np.uint8)
+    labels = rng.integers(0, len(TABLE) + 1, shape).astype(np.uint8)
+    percents = [12.5, 30.0, 7.25, 0.0, 40.0, 10.25][: len(TABLE)]
+    write_overlay_png(tmp_path / "new.png", pp, labels, TABLE, percents, "S_PP")
+    matplotlib_overlay(tmp_path / "old.png", pp, labels, TABLE, percents, "S_PP")
+    with Image.open(tmp_path / "new.png") as new, Image.open(tmp_path / "old.png") as old:
+        assert new.size == old.size == (shape[1] + 260, max(shape[0], 300))
+        assert np.array_equal(np.asarray(new.convert("RGB")), np.asarray(old.convert("RGB")))
+
+
+def test_overlay_legend_widens_for_long_class_names_instead_of_covering_the_image(tmp_path):
+    from PIL import Image
+
+    from thinseg.classes.table import ClassTable
+
+    long_names = ClassTable.from_names_colors(
+        [f"{n} with a very long descriptive name" for n in TABLE.names], TABLE.colors
+    )
+    pp = np.full((300, 200, 3), 90, np.uint8)
+    labels = np.zeros((300, 200), np.uint8)  # PP unchanged under unclassified pixels
+    write_overlay_png(tmp_path / "o.png", pp, labels, long_names, [10.0] * len(TABLE), "S")
+    with Image.open(tmp_path / "o.png") as image:
+        picture = np.asarray(image.convert("RGB"))
+    assert picture.shape[1] > 200 + 260
+    assert np.array_equal(picture[:, :200], pp)  # the legend does not cover the image
+    ink = np.nonzero((picture[:, 200:] < 250).any(axis=(0, 2)))[0]
+    assert ink.size and ink[0] > 0 and ink[-1] < picture.shape[1] - 200 - 1  # nothing cut at either side
+
+
+def test_overlay_of_a_large_preview_stays_small_in_memory(tmp_path):
+    import tracemalloc
+
+    rng = np.random.default_rng(9)
+    pp = (rng.random((1536, 1536, 3)) * 255).astype(np.uint8)
+    labels = rng.integers(0, len(TABLE) + 1, (1536, 1536)).astype(np.uint8)
+    write_overlay_png(tmp_path / "warm.png", pp[:64, :64], labels[:64, :64], TABLE, None, "")  # imports
+    tracemalloc.start()
+    try:
+        write_overlay_png(tmp_path / "o.png", pp, labels, TABLE, [10.0] * len(TABLE), "big")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the picture and a few bands of float temporaries (about 17 B/px here), not float copies
+    # of the whole preview (drawn with imshow: about 118 B/px)
+    assert peak < 25 * pp.shape[0] * pp.shape[1]
+
+
+def test_preview_read_in_windows_picks_the_pixels_shrink_picks(tmp_path):
+    rng = np.random.default_rng(10)
+    image = (rng.random((1000, 1700, 3)) * 255).astype(np.uint8)
+    source = CountedReads(ArraySource(image))
+    preview = read_preview(source, 300, band_rows=128, band_cols=256)
+    assert np.array_equal(preview, shrink(image, 300))
+    assert max(h for h, _ in source.reads) <= 128 and max(w for _, w in source.reads) <= 256

@@ -1,11 +1,13 @@
 """Strip-wise sliding-window segmentation of whole thin sections with bounded memory.
 
 Why strips: a 20k x 30k section as float logits would need tens of GB. Tiles are processed one
-tile-row at a time. Pixels that only one tile covers (most of them) become labels straight
-from that tile; the overlaps are blended in a ring buffer one tile high and become labels as
-soon as no later tile can touch them; each finished band of rows goes to a row sink (the
-output file, or whole maps for callers that want them in memory). Peak memory is therefore
-O(classes x tile x width) whatever the section's height, and the blending costs only the overlaps.
+tile-row at a time, the input read in windows of at most READ_WIDTH columns. Pixels that only
+one tile covers (most of them) become labels straight from that tile; the overlaps are blended
+in storage for the overlaps alone (the rows two tile rows share, the column seams of the open
+tile row) and become labels as soon as no later tile can touch them; each finished band of rows
+goes to a row sink (the output file, or whole maps for callers that want them in memory). Peak
+memory is therefore a fixed part (model, a batch) plus O(overlap x width x classes) and a uint8
+band of labels, whatever the section's height, and the blending costs only the overlaps.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ DEFAULT_OVERLAP = 64
 #: Tile pixels per forward pass when no batch size is given: CPU throughput no longer rises
 #: beyond this, and activation memory grows with it.
 BATCH_PIXELS = 1024 * 1024
+#: Columns of input read at once (whole forward passes, at least one): wider sections are read
+#: in windows of the tile rows, so the input held (PP and XP, current and next window) is the
+#: same for any width; narrower ones are read in whole rows as before.
+READ_WIDTH = 8192
 #: Rows of a finished strip turned into confidence at once (bounds the softmax temporaries).
 CONFIDENCE_ROWS = 64
 #: Confidence statistics (mean, low-confidence share) come from every STATS_STRIDE-th row and
@@ -288,9 +294,16 @@ class Segmenter(Generic[BundleT]):
         sink: RowSink,
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
+        tile_rows: tuple[int, int] | None = None,
     ) -> RunStats:
         """Segment one section and hand its rows to `sink` as they are finished (one band of at
-        most a tile's height at a time), so no map of the whole section is ever held."""
+        most a tile's height at a time), so no map of the whole section is ever held.
+
+        `tile_rows` (a, b): only the rows that tile rows a..b-1 of `plan_for` finish, i.e. section
+        rows [ys[a], ys[b]) (to the bottom when b is the last), for one part of a section that
+        several processes share. Tile row a-1 is run too, unreported: the rows tile row a shares
+        with it are then blended from the same two tiles in the same order as in a whole run, so
+        every label equals the whole run's."""
         if len(sources) != len(self.bundle.input_names):
             raise ThinSegError(
                 f"the model needs {len(self.bundle.input_names)} images "
@@ -299,31 +312,40 @@ class Segmenter(Generic[BundleT]):
         height, width = sources[0].shape
         start = time.perf_counter()
         plan = self.plan_for(height, width)
+        first, last = _tile_row_range(tile_rows, len(plan.ys))
+        run_from = max(0, first - 1)
+        total = (last - run_from) * len(plan.xs)
         out = _LabelWriter(plan, self.bundle.first_label, self.options.with_confidence, sink, self.device)
+        out.report_from = first
         done = 0
         order = self._fused[0] if self._fused is not None else list(range(len(sources)))
-        reader = _BandReader([sources[i] for i in order], plan, prefetch=self.options.prefetch)
+        reader = _BandReader(
+            [sources[i] for i in order], plan, self.options.prefetch, (run_from, last), self.batch_size, READ_WIDTH
+        )
         try:
-            blend = _BlendRing(plan, self._n_outputs(), self.device)
-            for row, bands in reader:
-                out.begin(row)
-                for batch in plan.batches(self.batch_size):
+            blend = _Blend(plan, self._n_outputs(), self.device)
+            index = {x: i for i, x in enumerate(plan.xs)}
+            for window, bands in reader:
+                if window.first:
+                    out.begin(window.row)
+                for batch in window.batches:
                     if cancel is not None and cancel():
                         raise Cancelled()
-                    logits = self._forward(bands, batch, plan.tile_w)
+                    logits = self._forward(bands, [x - window.x0 for x in batch], plan.tile_w)
                     for tile_logits, col in zip(logits, batch):
-                        self._place_tile(tile_logits, plan, row, col, blend, out)
+                        self._place_tile(tile_logits, plan, window.row, col, blend, out)
+                        for blended, y0, x0 in blend.finished_by(window.row, index[col]):
+                            out.write(blended, y0, x0)
                     done += len(batch)
                     if progress is not None:
-                        progress(done, plan.n_tiles)
-                for (y0, y1), (x0, x1) in plan.shared_regions_final_after(row):
-                    out.write(blend.take(y0, y1, x0, x1), y0, x0)
-                out.finish()
+                        progress(done, total)
+                if window.last:
+                    out.finish()
         finally:
             reader.close()
         return RunStats(
             shape=(height, width),
-            tiles=plan.n_tiles,
+            tiles=total,
             seconds=time.perf_counter() - start,
             device=str(self.device),
             messages=list(self.messages),
@@ -358,7 +380,7 @@ class Segmenter(Generic[BundleT]):
 
     def _forward(self, bands: list[torch.Tensor], cols: list[int], tw: int) -> torch.Tensor:
         """Logits (B, C, th, tw), in the network's output dtype, for the tiles starting at the
-        column offsets `cols` of this tile row (`bands`: one (th, W, c) uint8 band per input).
+        column offsets `cols` of `bands` (one (th, w, c) uint8 window of the tile row per input).
         With test-time augmentation: float32 log-probabilities of the augmentations' averaged
         probabilities (so argmax and max softmax downstream are those of the average)."""
         if self._fused is not None:
@@ -408,7 +430,7 @@ class Segmenter(Generic[BundleT]):
         return x
 
     def _place_tile(
-        self, logits: torch.Tensor, plan: _Plan, row: int, col: int, blend: _BlendRing, out: _LabelWriter
+        self, logits: torch.Tensor, plan: _Plan, row: int, col: int, blend: _Blend, out: _LabelWriter
     ) -> None:
         """Pixels only this tile covers become labels now; the rest, weighted, go to the blend."""
         y, x = plan.ys[row], col
@@ -417,9 +439,12 @@ class Segmenter(Generic[BundleT]):
         if r1 > r0 and c1 > c0:
             out.write(logits[:, r0:r1, c0:c1], y + r0, x + c0)
         window = blend.window
-        for (a0, a1), (b0, b1) in (((0, r0), (0, tw)), ((r1, th), (0, tw)), ((r0, r1), (0, c0)), ((r0, r1), (c1, tw))):
+        for (a0, a1), (b0, b1) in (((0, r0), (0, tw)), ((r1, th), (0, tw))):  # rows another tile row shares
+            if a1 > a0:
+                blend.add_rows(logits[:, a0:a1, b0:b1], window[a0:a1, b0:b1], y + a0, x + b0, row)
+        for (a0, a1), (b0, b1) in (((r0, r1), (0, c0)), ((r0, r1), (c1, tw))):  # seams with the neighbours
             if a1 > a0 and b1 > b0:
-                blend.add(logits[:, a0:a1, b0:b1].float(), window[a0:a1, b0:b1], y + a0, x + b0)
+                blend.add_seam(logits[:, a0:a1, b0:b1].float(), window[a0:a1, b0:b1], y + a0, x + b0)
 
 
 class _LabelWriter:
@@ -444,6 +469,9 @@ class _LabelWriter:
         self._labels_t = torch.from_numpy(self._labels)
         self._confidence_t = torch.from_numpy(self._confidence) if self._confidence is not None else None
         self.band = (0, 0)
+        #: bands of tile rows before this one are computed only for the blend: not reported
+        self.report_from = 0
+        self._reporting = True
 
     def begin(self, row: int) -> None:
         """Open the band of section rows that tile row `row` finishes."""
@@ -453,6 +481,7 @@ class _LabelWriter:
         if y1 - y0 > self._labels.shape[0]:
             raise AssertionError(f"band {y0}:{y1} is higher than the {self._labels.shape[0]}-row buffer")
         self.band = (y0, y1)
+        self._reporting = row >= self.report_from
         self._labels[: y1 - y0] = 0  # every pixel is written; zero as the whole-section maps were
         if self._confidence is not None:
             self._confidence[: y1 - y0] = 0
@@ -460,7 +489,7 @@ class _LabelWriter:
     def finish(self) -> None:
         """Hand the open band, now complete, to the sink."""
         y0, y1 = self.band
-        if y1 > y0:
+        if y1 > y0 and self._reporting:
             n = y1 - y0
             self.sink.write_rows(y0, self._labels[:n], self._confidence[:n] if self._confidence is not None else None)
         self.band = (y1, y1)
@@ -475,6 +504,8 @@ class _LabelWriter:
         b0, b1 = self.band
         if y0 < b0 or y0 + h > b1:
             raise AssertionError(f"rows {y0}:{y0 + h} written outside the open band {b0}:{b1}")
+        if not self._reporting:
+            return
         logits = logits[:, :h, :w]
         target = self._labels_t[y0 - b0 : y0 - b0 + h, x0 : x0 + w]
         target.copy_(logits.argmax(dim=0))  # int64 -> uint8 in the copy (classes < 256: checked at load)
@@ -503,6 +534,22 @@ class _LabelWriter:
         prob = 1.0 / (part - part.amax(dim=0, keepdim=True)).exp_().sum(dim=0)
         bins = (prob * (CONFIDENCE_BINS - 1) + 0.5).clamp(0, CONFIDENCE_BINS - 1).long().flatten()
         self.histogram += torch.bincount(bins, minlength=CONFIDENCE_BINS).to(self.histogram.device)
+
+
+def _tile_row_range(tile_rows: tuple[int, int] | None, n_rows: int) -> tuple[int, int]:
+    """The checked (first, end) tile rows of a run: all of them unless a part is asked for."""
+    if tile_rows is None:
+        return 0, n_rows
+    first, last = int(tile_rows[0]), int(tile_rows[1])
+    if not 0 <= first < last <= n_rows:
+        raise ValueError(f"tile rows {first}:{last} are not a part of the section's 0:{n_rows}")
+    return first, last
+
+
+def tile_row_groups(plan_rows: int, rows_per_group: int) -> list[tuple[int, int]]:
+    """(first, end) tile rows of consecutive parts of at most `rows_per_group` tile rows."""
+    step = max(1, int(rows_per_group))
+    return [(a, min(a + step, plan_rows)) for a in range(0, plan_rows, step)]
 
 
 def _snug_tile(length: int, tile: int, overlap: int, multiple: int = SIZE_MULTIPLE) -> int:
@@ -582,70 +629,186 @@ class _Plan:
         """The column starts of one tile row in groups of at most `size` (one forward pass each)."""
         return [self.xs[i : i + size] for i in range(0, len(self.xs), size)]
 
-    def shared_regions_final_after(self, row: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-        """((y0, y1), (x0, x1)) regions covered by several tiles that no tile after tile row
-        `row` touches: whole shared rows, and the shared column runs of the other rows."""
-        y0 = self.ys[row]
-        y1 = self.ys[row + 1] if row + 1 < len(self.ys) else max(self.height, y0 + self.tile_h)
-        full = (0, max(self.width, self.tile_w))
-        regions = []
-        for a, b in _runs(self.shared_rows[y0:y1]):
-            regions.append(((y0 + a, y0 + b), full))
-        for a, b in _runs(~self.shared_rows[y0:y1]):
-            regions.extend(((y0 + a, y0 + b), cols) for cols in self.shared_cols)
-        return regions
 
+class _Sums:
+    """Weighted logit sums (C, h, w) and summed weights (h, w) of one rectangle of the section
+    from (y0, x0), the classes innermost in memory like the network's channels-last output:
+    adding a tile is then a contiguous copy, and argmax over the classes is fast (over a planar
+    layout it is about 10x slower)."""
 
-class _BlendRing:
-    """Weighted logit sums of the pixels several tiles cover, for the rows that are still open.
-
-    Rows live at (row mod tile height): the open rows always lie within one tile height, so
-    nothing is ever shifted, and only regions that were added to are read and cleared.
-    """
-
-    def __init__(self, plan: _Plan, n_classes: int, device: torch.device) -> None:
-        self.rows = plan.tile_h
-        width = max(plan.width, plan.tile_w)
-        # (C, rows, width) with the classes innermost in memory, like the network's channels-last
-        # output: adding tiles is then a contiguous copy, and argmax over the classes is fast
-        # (over a planar layout it is about 10x slower)
-        self.logits = torch.zeros((self.rows, width, n_classes), dtype=torch.float32, device=device).permute(2, 0, 1)
-        self.weights = torch.zeros((self.rows, width), dtype=torch.float32, device=device)
-        self.window = blend_weights(plan.tile_h, plan.tile_w, plan.ramp).to(device)
-
-    def _chunks(self, y0: int, y1: int) -> list[tuple[int, int, int]]:
-        """(ring row start, ring row end, offset from y0) pieces of section rows [y0, y1)."""
-        pieces, y = [], y0
-        while y < y1:
-            r = y % self.rows
-            n = min(y1 - y, self.rows - r)
-            pieces.append((r, r + n, y - y0))
-            y += n
-        return pieces
+    def __init__(self, y0: int, x0: int, h: int, w: int, n_classes: int, device: torch.device) -> None:
+        self.y0, self.x0 = y0, x0
+        self.logits = torch.zeros((h, w, n_classes), dtype=torch.float32, device=device).permute(2, 0, 1)
+        self.weights = torch.zeros((h, w), dtype=torch.float32, device=device)
 
     def add(self, logits: torch.Tensor, window: torch.Tensor, y0: int, x0: int) -> None:
         """Add `logits` (C, h, w) float weighted by `window` (h, w) at section position (y0, x0)."""
-        x1 = x0 + logits.shape[2]
-        for r0, r1, off in self._chunks(y0, y0 + logits.shape[1]):
-            w = window[off : off + r1 - r0]
-            self.logits[:, r0:r1, x0:x1].addcmul_(logits[:, off : off + r1 - r0], w)
-            self.weights[r0:r1, x0:x1].add_(w)
+        a, b = y0 - self.y0, x0 - self.x0
+        h, w = logits.shape[1], logits.shape[2]
+        self.logits[:, a : a + h, b : b + w].addcmul_(logits, window)
+        self.weights[a : a + h, b : b + w].add_(window)
 
-    def take(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
-        """Blended logits (C, y1-y0, x1-x0) of a finished region, which is then cleared."""
-        parts = []
-        for r0, r1, _ in self._chunks(y0, y1):
-            parts.append(self.logits[:, r0:r1, x0:x1] / self.weights[r0:r1, x0:x1].unsqueeze(0))
-            self.logits[:, r0:r1, x0:x1] = 0
-            self.weights[r0:r1, x0:x1] = 0
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    def take(self, y0: int, y1: int) -> torch.Tensor:
+        """Blended logits of section rows [y0, y1), all columns."""
+        a, b = y0 - self.y0, y1 - self.y0
+        return self.logits[:, a:b] / self.weights[a:b].unsqueeze(0)
+
+
+class _Pending:
+    """What one tile row added to a block of shared rows, kept as the network gave it (bf16 under
+    autocast: under half the bytes of float sums and their weights) until the next tile row adds
+    to the block; it is then summed in the order it came, exactly as if summed at once."""
+
+    def __init__(self, row: int) -> None:
+        self.row = row
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+
+    def add(self, logits: torch.Tensor, window: torch.Tensor, y0: int, x0: int) -> None:
+        """Keep a copy of `logits` (C, h, w) (a view would keep the whole batch's output) and
+        its weights `window` (a view of the fixed tile weights) for (y0, x0)."""
+        c, h, w = logits.shape
+        kept = torch.empty((h, w, c), dtype=logits.dtype, device=logits.device).permute(2, 0, 1)
+        self.parts.append((kept.copy_(logits), window, y0, x0))
+
+
+class _Blend:
+    """Weighted logit sums of the pixels several tiles cover, held only where tiles overlap.
+
+    Two kinds of overlap: rows that consecutive tile rows share (full width, kept from one tile
+    row to the next, stored in column blocks [xs[i], xs[i+1]) so that a block is released as
+    soon as tile i of the later tile row has been placed), and column seams within the rows only
+    one tile row covers (released as soon as the last tile over them is placed). Memory is thus
+    about classes x overlap rows x width, not classes x tile height x width. Every pixel gets its
+    tiles' weighted logits added in the order the tiles are placed, then one division by the
+    summed weights, as a buffer over the whole strip would: the labels are the same bit for bit.
+    """
+
+    def __init__(self, plan: _Plan, n_classes: int, device: torch.device) -> None:
+        self.plan, self.n_classes, self.device = plan, n_classes, device
+        self.width = max(plan.width, plan.tile_w)
+        self.window = blend_weights(plan.tile_h, plan.tile_w, plan.ramp).to(device)
+        self._row_runs = _runs(plan.shared_rows)
+        self._blocks = [(x, plan.xs[i + 1] if i + 1 < len(plan.xs) else self.width) for i, x in enumerate(plan.xs)]
+        #: per shared column run: the index of the last tile (left to right) that covers it
+        self._seam_last = [max(i for i, x in enumerate(plan.xs) if x < b) for _a, b in plan.shared_cols]
+        self._rows: dict[tuple[int, int], _Pending | _Sums] = {}  # (row run, block) -> what it has had
+        self._seams: dict[int, _Sums] = {}  # shared column run -> sums over the open tile row's own rows
+
+    def _row_run(self, y: int) -> int:
+        """The shared row run that holds section row `y`."""
+        for k, (a, b) in enumerate(self._row_runs):
+            if a <= y < b:
+                return k
+        raise AssertionError(f"row {y} is not shared by two tile rows")
+
+    def _col_run(self, x: int) -> int:
+        """The shared column run that holds section column `x`."""
+        for k, (a, b) in enumerate(self.plan.shared_cols):
+            if a <= x < b:
+                return k
+        raise AssertionError(f"column {x} is not shared by two tiles")
+
+    def add_rows(self, logits: torch.Tensor, window: torch.Tensor, y0: int, x0: int, row: int) -> None:
+        """Add a strip of rows that tile row `row` shares with another (`logits` (C, h, w), in
+        the network's dtype, at (y0, x0))."""
+        k = self._row_run(y0)
+        x1 = x0 + logits.shape[2]
+        for i, (b0, b1) in enumerate(self._blocks):
+            a, b = max(x0, b0), min(x1, b1)
+            if a >= b:
+                continue
+            piece, weights = logits[:, :, a - x0 : b - x0], window[:, a - x0 : b - x0]
+            entry = self._rows.get((k, i))
+            if entry is None:
+                entry = self._rows[(k, i)] = _Pending(row)
+            elif isinstance(entry, _Pending) and entry.row != row:
+                entry = self._rows[(k, i)] = self._summed(entry, k, i)
+            if isinstance(entry, _Pending):
+                entry.add(piece, weights, y0, a)
+            else:
+                entry.add(piece.float(), weights, y0, a)
+
+    def _summed(self, pending: _Pending, k: int, i: int) -> _Sums:
+        """The sums of block `i` of shared row run `k` from the contributions kept so far."""
+        (run0, run1), (b0, b1) = self._row_runs[k], self._blocks[i]
+        sums = _Sums(run0, b0, run1 - run0, b1 - b0, self.n_classes, self.device)
+        for logits, window, y0, x0 in pending.parts:
+            sums.add(logits.float(), window, y0, x0)
+        return sums
+
+    def add_seam(self, logits: torch.Tensor, window: torch.Tensor, y0: int, x0: int) -> None:
+        """Add a piece of a column seam in the open tile row's own rows (`logits` at (y0, x0))."""
+        k = self._col_run(x0)
+        sums = self._seams.get(k)
+        if sums is None:
+            c0, c1 = self.plan.shared_cols[k]
+            sums = self._seams[k] = _Sums(y0, c0, logits.shape[1], c1 - c0, self.n_classes, self.device)
+        sums.add(logits, window, y0, x0)
+
+    def finished_by(self, row: int, index: int) -> Iterator[tuple[torch.Tensor, int, int]]:
+        """(blended logits, y0, x0) of every region that tile `index` (left to right) of tile row
+        `row` was the last to touch; their sums are released."""
+        plan = self.plan
+        y0 = plan.ys[row]
+        y1 = plan.ys[row + 1] if row + 1 < len(plan.ys) else max(plan.height, y0 + plan.tile_h)
+        for k, (a, b) in enumerate(self._row_runs):
+            a, b = max(a, y0), min(b, y1)
+            entry = self._rows.get((k, index))
+            if a < b and entry is not None:
+                sums = self._summed(entry, k, index) if isinstance(entry, _Pending) else entry
+                yield sums.take(a, b), a, sums.x0
+                if self._row_runs[k][1] <= y1:  # the whole run is done
+                    del self._rows[(k, index)]
+                else:
+                    self._rows[(k, index)] = sums
+        for k, last in enumerate(self._seam_last):
+            if last == index and k in self._seams:
+                sums = self._seams.pop(k)
+                yield sums.take(sums.y0, sums.y0 + sums.weights.shape[0]), sums.y0, sums.x0
+
+
+@dataclass
+class _Window:
+    """Columns [x0, x1) of one tile row, read at once: whole forward passes (`batches`)."""
+
+    row: int
+    x0: int
+    x1: int
+    batches: list[list[int]]
+    first: bool  # the tile row's first window
+    last: bool  # the tile row's last window
+
+
+def _windows(plan: _Plan, row: int, batch_size: int, read_width: int) -> list[_Window]:
+    """The windows tile row `row` is read in: consecutive forward passes, as many as fit in
+    `read_width` columns (at least one pass each)."""
+    groups: list[list[list[int]]] = []
+    for batch in plan.batches(batch_size):
+        if groups and batch[-1] + plan.tile_w - groups[-1][0][0] <= read_width:
+            groups[-1].append(batch)
+        else:
+            groups.append([batch])
+    return [
+        _Window(row, g[0][0], g[-1][-1] + plan.tile_w, g, first=i == 0, last=i == len(groups) - 1)
+        for i, g in enumerate(groups)
+    ]
 
 
 class _BandReader:
-    """Yields (tile row index, one (tile_h, W, c) uint8 band per input) and reads the next band
-    in a background thread while the network works on the current one."""
+    """Yields (window, one (tile_h, x1 - x0, c) uint8 array per input) for the windows of the
+    tile rows in order, and reads the next window in a background thread while the network works
+    on the current one. Windows at most `read_width` wide (beyond the tiles of one pass) keep the
+    input held in memory the same for any section width."""
 
-    def __init__(self, sources: Sequence[Source], plan: _Plan, prefetch: bool) -> None:
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        plan: _Plan,
+        prefetch: bool,
+        rows: tuple[int, int] | None = None,
+        batch_size: int = 1,
+        read_width: int | None = None,
+    ) -> None:
         for s in sources[1:]:
             if tuple(s.shape) != tuple(sources[0].shape):
                 raise ThinSegError(
@@ -654,17 +817,22 @@ class _BandReader:
                 )
         self.sources = sources
         self.plan = plan
+        self.rows = rows if rows is not None else (0, len(plan.ys))
+        width = read_width if read_width is not None else max(plan.width, plan.tile_w)
+        self.windows = [w for row in range(*self.rows) for w in _windows(plan, row, batch_size, width)]
         self.pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
 
-    def _read(self, row: int) -> list[torch.Tensor]:
-        """The bands of tile row `row`: one (tile_h, W, c) uint8 tensor per input."""
+    def _read(self, window: _Window) -> list[torch.Tensor]:
+        """One (tile_h, x1 - x0, c) uint8 tensor per input: the window, padded where the whole
+        image is smaller than a tile."""
         plan = self.plan
-        y0 = plan.ys[row]
+        y0 = plan.ys[window.row]
         y1 = min(y0 + plan.tile_h, plan.height)
+        x0, x1 = window.x0, min(window.x1, plan.width)
         bands = []
         for source in self.sources:
-            band = np.asarray(source.read(y0, y1, 0, plan.width))
-            pad_h, pad_w = plan.tile_h - band.shape[0], max(plan.tile_w - plan.width, 0)
+            band = np.asarray(source.read(y0, y1, x0, x1))
+            pad_h, pad_w = plan.tile_h - band.shape[0], window.x1 - x1
             if pad_h > 0 or pad_w > 0:  # only when the whole image is smaller than a tile
                 mode: Literal["reflect", "edge"] = (
                     "reflect" if pad_h < band.shape[0] and pad_w < band.shape[1] else "edge"
@@ -673,18 +841,20 @@ class _BandReader:
             bands.append(torch.from_numpy(np.ascontiguousarray(band)))
         return bands
 
-    def __iter__(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
-        n = len(self.plan.ys)
+    def __iter__(self) -> Iterator[tuple[_Window, list[torch.Tensor]]]:
+        windows = self.windows
         if self.pool is None:
-            for row in range(n):
-                yield row, self._read(row)
+            for window in windows:
+                yield window, self._read(window)
             return
-        pending: Future[list[torch.Tensor]] = self.pool.submit(self._read, 0)
-        for row in range(n):
-            band = pending.result()
-            if row + 1 < n:
-                pending = self.pool.submit(self._read, row + 1)
-            yield row, band
+        if not windows:
+            return
+        pending: Future[list[torch.Tensor]] = self.pool.submit(self._read, windows[0])
+        for i, window in enumerate(windows):
+            bands = pending.result()
+            if i + 1 < len(windows):
+                pending = self.pool.submit(self._read, windows[i + 1])
+            yield window, bands
 
     def close(self) -> None:
         """Stop the background reader (a pending read is cancelled or waited for)."""

@@ -119,6 +119,12 @@ TABLE_DIM_PREFIX = "table__"
 CHUNK = 512
 #: Arrays at least this large are chunked even when not compressed.
 CHUNK_MIN_BYTES = 4 * 2**20
+#: HDF5 chunk cache of each variable being written (netCDF's default is 64 MiB a variable, held
+#: until the file is closed: 256 MiB for PP, XP, labels and confidence). Bands of whole rows
+#: write each compressed chunk once; the partial chunks at the edges of a band are written out
+#: and completed from the file (uncompressed RGB: cheap).
+WRITE_CACHE_BYTES = 4 * 2**20
+WRITE_CACHE_SLOTS = 101  # a prime, many times the chunks that fit
 #: zlib level for label data (xarray's default for `zlib=True` is also 4).
 ZLIB_LEVEL = 4
 #: Rows per band when copying, chosen so that one band stays under this many bytes.
@@ -499,6 +505,8 @@ class NetcdfWriter:
         if fill_value is not None:
             kwargs["fill_value"] = fill_value
         variable = self._dataset.createVariable(var, dtype, tuple(dims), **kwargs)
+        if chunks is not None:  # written once, in bands of whole rows: a few chunks of cache do
+            variable.set_var_chunk_cache(size=WRITE_CACHE_BYTES, nelems=WRITE_CACHE_SLOTS, preemption=1.0)
         for key, value in attrs.items():
             _set_attr(variable, key, value)
         return variable
@@ -725,6 +733,8 @@ class NetcdfWriter:
                 target = self._create(var, source.dtype, out_dims, shape, compress, attrs, fill_value=fill)
             row_bytes = int(np.prod(shape[2:])) * np.dtype(source.dtype).itemsize
             rows = max(1, min(shape[1], COPY_BAND_BYTES // max(1, row_bytes)))
+            if rows > CHUNK:  # whole chunk rows: each compressed chunk written once (small cache)
+                rows -= rows % CHUNK
             for z in range(shape[0]):
                 for y0 in range(0, shape[1], rows):
                     y1 = min(shape[1], y0 + rows)
@@ -778,6 +788,16 @@ class RgbRowWriter:
             )
         with self._writing():
             self._variable[0, y0:y1, :, :] = band
+
+    def write_window(self, y0: int, x0: int, window: np.ndarray) -> None:
+        """Write `window` (h, w, 3) uint8 at row `y0`, column `x0` (wide images come in windows)."""
+        y1, x1 = y0 + window.shape[0], x0 + window.shape[1]
+        if window.ndim != 3 or window.shape[2] != 3 or window.dtype != np.uint8 or min(y0, x0) < 0:
+            raise ValueError(f"a window of {window.dtype} {window.shape} is not uint8 (h, w, 3) at ({y0}, {x0})")
+        if y1 > self.height or x1 > self.width:
+            raise ValueError(f"window {y0}:{y1}, {x0}:{x1} lies outside ({self.height}, {self.width})")
+        with self._writing():
+            self._variable[0, y0:y1, x0:x1, :] = window
 
 
 class BandRowWriter:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -27,8 +28,14 @@ import thinseg
 from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL, NetcdfSection, netcdf_layout, open_ppxp
 from thinseg.errors import ThinSegError
 from thinseg.inference.confidence import ConfidenceReference, out_of_depth_warning
-from thinseg.inference.engine import CancelFn, InferenceOptions, Segmenter, Source
-from thinseg.inference.resample import nearest_index, resampled_shape, resampling_factors, stream_at_model_resolution
+from thinseg.inference.engine import CancelFn, InferenceOptions, ProgressFn, RowSink, RunStats, Segmenter, Source
+from thinseg.inference.resample import (
+    Factor,
+    nearest_index,
+    resampled_shape,
+    resampling_factors,
+    stream_at_model_resolution,
+)
 from thinseg.io.atomic import (
     AtomicOutput,
     atomic_output,
@@ -84,7 +91,10 @@ class SegmentOptions:
     `mm_per_pixel` is the pixel size of image files; None: the one an OME-TIFF records, else
     DEFAULT_MM_PER_PIXEL (netCDF files keep their own grid). `cluster`: run each section as one
     task on a Dask cluster ("local:N", "tcp://HOST:PORT" or a scheduler file; see
-    `thinseg.pipelines.cluster`), the same outputs as without."""
+    `thinseg.pipelines.cluster`), the same outputs as without. `band_rows`, on a cluster: a
+    section is shared by several tasks of about this many rows each, written into its one file
+    in order (None: sections taller than 2 x DEFAULT_BAND_ROWS when the batch has fewer sections
+    than the cluster has workers; 0: never)."""
 
     pp_pattern: str = "PP"
     xp_pattern: str | None = "XP"
@@ -98,6 +108,7 @@ class SegmentOptions:
     sections: tuple[str, ...] = ()
     align_xp: bool = True
     cluster: str | None = None
+    band_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,30 @@ class SectionResult:
 
 ProgressFactory = Callable[[str, int], Callable[[int, int], None]]
 """Given (section name, pixel count), returns the per-tile progress callback (done, total)."""
+
+
+@runtime_checkable
+class CopyingSource(Protocol):
+    """A source that also copies the rows read through it into the output."""
+
+    def copy_ahead(self) -> bool: ...
+
+
+class SectionStreamer(Protocol):
+    """Runs the segmenter over a section's sources (on the model's grid when `factor` is given)
+    and hands the finished rows to `sink` in order: `stream_at_model_resolution` in this process,
+    or the cluster's tasks sharing one section."""
+
+    def __call__(
+        self,
+        segmenter: Segmenter,
+        sources: Sequence[Source],
+        factor: Factor | None,
+        sink: RowSink,
+        *,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> RunStats: ...
 
 
 def check_thin_section_model(bundle: ModelBundle) -> None:
@@ -286,9 +321,11 @@ def segment_section(
     progress: ProgressFactory | None = None,
     cancel: CancelFn | None = None,
     run_id: str | None = None,
+    streamer: SectionStreamer = stream_at_model_resolution,
 ) -> SectionResult:
     """Segment one section and write its netCDF (and overlay) atomically. `run_id`, stored as the
-    netCDF's `thinseg_run` attribute, lets a retried cluster task recognise its own output."""
+    netCDF's `thinseg_run` attribute, lets a retried cluster task recognise its own output;
+    `streamer` makes the labels (here, or on a cluster)."""
     bundle = segmenter.bundle
     start = time.perf_counter()
     messages: list[str] = []
@@ -321,7 +358,7 @@ def segment_section(
             sink = _begin_outputs(writer, bundle, opened, base, reference, segmenter.options.with_confidence)
             if overlay_path is not None:
                 sink.keep_preview(preview_shape((height, width), MAX_OVERLAY_SIDE))
-            result = stream_at_model_resolution(segmenter, run_sources, factor, sink, progress=callback, cancel=cancel)
+            result = streamer(segmenter, run_sources, factor, sink, progress=callback, cancel=cancel)
             for tee in tees:
                 tee.finish()
             sink.finish()
@@ -529,8 +566,9 @@ class AlignedXpSource:
 class _TeeSource:
     """Passes reads through and hands rows not seen before to a netCDF row writer.
 
-    The engine reads overlapping full-width bands top to bottom, so every row passes by at
-    least once: the input is decoded once for both segmentation and the netCDF copy.
+    The engine reads overlapping bands top to bottom (a wide band in windows from left to
+    right), so every pixel passes by at least once: the input is decoded once for both
+    segmentation and the netCDF copy.
     """
 
     def __init__(self, source: RasterSource, sink: RgbRowWriter, band_rows: int = 512) -> None:
@@ -539,22 +577,36 @@ class _TeeSource:
         self.name = source.name
         self.next_row = 0
         self.band_rows = band_rows
+        self.next_col, self._band_end = 0, 0  # wide sections: the engine reads its bands in windows
 
     def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray:
         band = self.source.read(y0, y1, x0, x1)
-        full_width = x0 == 0 and (x1 is None or x1 == self.shape[1])
-        if full_width and y0 <= self.next_row < y1:
-            self.sink.write_rows(self.next_row, np.asarray(band[self.next_row - y0 :]))
-            self.next_row = y1
+        x1 = self.shape[1] if x1 is None else x1
+        # rows not copied yet, in whole rows or in windows of one band from left to right
+        if y0 <= self.next_row < y1 and x0 <= self.next_col < x1 and (self.next_col == 0 or y1 == self._band_end):
+            rows = np.asarray(band[self.next_row - y0 :, self.next_col - x0 :])
+            self.sink.write_window(self.next_row, self.next_col, rows)
+            self.next_col, self._band_end = x1, y1
+            if x1 >= self.shape[1]:
+                self.next_row, self.next_col = y1, 0
         return band
+
+    def copy_ahead(self) -> bool:
+        """Copy the next rows not yet seen (`band_rows` of them); False once every row is copied.
+        For a section whose labels are made elsewhere (on a cluster): the copy is then done while
+        waiting for them, not after."""
+        height, width = self.shape
+        if self.next_row >= height:
+            return False
+        y1 = min(height, self.next_row + self.band_rows)
+        self.sink.write_rows(self.next_row, np.asarray(self.source.read(self.next_row, y1, 0, width)))
+        self.next_row = y1
+        return True
 
     def finish(self) -> None:
         """Copy whatever rows the engine did not read (only with unusual read patterns)."""
-        height, width = self.shape
-        while self.next_row < height:
-            y1 = min(height, self.next_row + self.band_rows)
-            self.sink.write_rows(self.next_row, np.asarray(self.source.read(self.next_row, y1, 0, width)))
-            self.next_row = y1
+        while self.copy_ahead():
+            pass
 
 
 def _start_images(
@@ -755,12 +807,13 @@ def run_section(
     progress: ProgressFactory | None = None,
     cancel: CancelFn | None = None,
     run_id: str | None = None,
+    streamer: SectionStreamer = stream_at_model_resolution,
 ) -> tuple[SectionResult | None, ThinSegError | None]:
     """One planned section of a batch into `output` (a folder, or the one .nc file): its result,
     or the one-line failure that stopped it (the section boundary: the batch goes on)."""
     target = output_paths(section, output, options.overwrite, is_single_file(output))
     try:
-        return segment_section(section, segmenter, options, target, progress, cancel, run_id), None
+        return segment_section(section, segmenter, options, target, progress, cancel, run_id, streamer), None
     except Exception as error:  # the section boundary: the batch goes on without it
         # (its files were written under temporary names, removed on the way out)
         return None, _with_cause(_section_failure(error, section, target), error)

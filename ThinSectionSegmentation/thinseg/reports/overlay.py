@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,11 @@ from thinseg.inference.resample import labels_to_grid
 
 #: Longest side of an overlay PNG; gigapixel sections are shown downsampled.
 MAX_OVERLAY_SIDE = 4096
+
+#: Width of the legend column of an overlay (wider when the class names need it), px.
+LEGEND_WIDTH = 260
+#: Least height of an overlay picture, so that the legend of a small section still fits, px.
+LEGEND_MIN_HEIGHT = 300
 
 
 def colorize(labels: np.ndarray, table: ClassTable) -> npt.NDArray[np.uint8]:
@@ -45,28 +51,49 @@ def write_overlay_png(
     percents: list[float] | None = None,
     title: str = "",
 ) -> None:
-    """Save `pp_preview` (already at preview size) with `labels` (any size) blended and a legend."""
-    # deferred: matplotlib costs about 0.5 s, and `thinseg segment` imports this module at start-up
-    import matplotlib
+    """Save `pp_preview` (already at preview size) with `labels` (any size) blended and a legend.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # deferred as above; after use("Agg"), so no GUI backend starts
-    from matplotlib.patches import Patch  # deferred as above
-
+    The blended pixels are copied into the picture as they are; only the legend column is drawn
+    by matplotlib. Drawing the whole 4096 px preview with imshow would resample it through float
+    copies (about 1.9 GB), the one part of `thinseg segment --overlay` that did not stay small."""
     height, width = pp_preview.shape[:2]
     small = labels_to_grid(labels, (height, width)) if labels.shape != (height, width) else labels
-    image = blend(pp_preview, small, table)
-    h, w = image.shape[:2]
+    picture_h = max(height, LEGEND_MIN_HEIGHT)
+    legend = _legend_column(table, percents, title, picture_h)
+    picture = np.full((picture_h, width + legend.shape[1], 3), 255, np.uint8)
+    picture[picture_h - height :, :width] = blend(pp_preview, small, table)  # at the bottom, as matplotlib put it
+    picture[:, width:] = legend
+    # deferred: PIL costs start-up time, and `thinseg segment` imports this module at start
+    from PIL import Image
+
+    Image.fromarray(picture).save(path, format="PNG")
+
+
+def _legend_column(table: ClassTable, percents: list[float] | None, title: str, height: int) -> npt.NDArray[np.uint8]:
+    """(height, w, 3) white column with the class colours, names (and percents) and the title
+    at its top right; w is LEGEND_WIDTH or what the legend needs."""
+    # deferred: matplotlib costs about 0.5 s, and `thinseg segment` imports this module at start-up
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch  # deferred as above
+
     dpi = 100
-    legend_w = 260
-    fig = plt.figure(figsize=((w + legend_w) / dpi, max(h, 300) / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, w / (w + legend_w), h / max(h, 300)))
-    ax.imshow(image, interpolation="nearest")
-    ax.set_axis_off()
     handles = []
     for k, cls in enumerate(table.classes):
         label = cls.name if percents is None else f"{cls.name}  {percents[k]:.1f}%"
         handles.append(Patch(facecolor=cls.color, edgecolor="0.3", label=label))
-    fig.legend(handles=handles, loc="upper right", frameon=False, fontsize=11, title=title or None, title_fontsize=11)
-    fig.savefig(path, dpi=dpi, format="png")
-    plt.close(fig)
+    width = LEGEND_WIDTH
+    for _attempt in range(2):
+        fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
+        legend = fig.legend(
+            handles=handles, loc="upper right", frameon=False, fontsize=11, title=title or None, title_fontsize=11
+        )
+        fig.draw_without_rendering()
+        left = legend.get_window_extent().x0
+        if left >= 0:
+            break
+        width += int(np.ceil(-left)) + 10  # long class names: widen the column rather than cut them
+    raw = io.BytesIO()
+    fig.savefig(raw, dpi=dpi, format="rgba")  # Agg's pixels as they are
+    rgba = np.frombuffer(raw.getbuffer(), np.uint8).reshape(height, -1, 4)
+    column: npt.NDArray[np.uint8] = np.ascontiguousarray(rgba[:, :, :3])
+    return column

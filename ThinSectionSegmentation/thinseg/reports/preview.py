@@ -1,7 +1,7 @@
 """Small pictures of large sections: nearest-neighbour previews, read band by band from a source.
 
-A gigapixel PP image is never held whole for a picture: `read_preview` reads it in bands of
-rows and keeps only the pixels the preview shows, the same pixels `shrink` picks from an array,
+A gigapixel PP image is never held whole for a picture: `read_preview` reads it in windows
+and keeps only the pixels the preview shows, the same pixels `shrink` picks from an array,
 so a preview of a source and of its labels line up exactly.
 """
 
@@ -50,8 +50,12 @@ def shrink(array: np.ndarray, max_side: int) -> np.ndarray:
     return array[np.ix_(nearest_index(oh, h), nearest_index(ow, w))]
 
 
-def read_preview(source: RegionReader, max_side: int, band_rows: int = 2048) -> npt.NDArray[np.uint8]:
-    """The RGB image of `source` as `shrink` would shrink it (same pixels picked), read band by band."""
+def read_preview(
+    source: RegionReader, max_side: int, band_rows: int = 2048, band_cols: int = 2048
+) -> npt.NDArray[np.uint8]:
+    """The RGB image of `source` as `shrink` would shrink it (same pixels picked), read in
+    windows of `band_rows` x `band_cols`, so what is held besides the preview is the same for
+    any width of the section."""
     height, width = source.shape
     shape = preview_shape((height, width), max_side)
     if shape == (height, width):
@@ -61,8 +65,14 @@ def read_preview(source: RegionReader, max_side: int, band_rows: int = 2048) -> 
     for y0 in range(0, height, band_rows):
         y1 = min(height, y0 + band_rows)
         sel = np.nonzero((rows >= y0) & (rows < y1))[0]
-        if sel.size:
-            out[sel] = np.asarray(source.read(y0, y1, 0, width))[rows[sel] - y0][:, cols]
+        if not sel.size:
+            continue
+        for x0 in range(0, width, band_cols):
+            x1 = min(width, x0 + band_cols)
+            picked = np.nonzero((cols >= x0) & (cols < x1))[0]
+            if picked.size:
+                window = np.asarray(source.read(y0, y1, x0, x1))
+                out[sel[0] : sel[-1] + 1, picked[0] : picked[-1] + 1] = window[rows[sel] - y0][:, cols[picked] - x0]
     return out
 
 
