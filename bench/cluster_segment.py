@@ -11,9 +11,15 @@ compute time of each task from Dask's own task stream, and the overhead Dask add
 pickling the section and its result, and the idle gaps cost each section on top of segmenting it;
 and the round trip of an empty task (Dask's floor per task).
 
+One section shared by the workers (`--shared-size S`, with `--band-rows`): an S x S section
+segmented locally and then shared by the 2 workers in parts of tile rows (warm: after one
+shared run), with the tiles each path computed (a part also runs the tile row above it) and
+whether the labels are identical.
+
 Usage:
   python bench/cluster_segment.py                 # 8 sections of 1024 x 1024
   python bench/cluster_segment.py --sections 16 --size 512
+  python bench/cluster_segment.py --shared-size 4096 --band-rows 1024
 Writes bench/out/cluster_segment.json.
 """
 
@@ -52,6 +58,41 @@ def timed_batch(inputs: Path, output: Path, cluster: str | None) -> tuple[float,
     return time.perf_counter() - start, [r.seconds for r in run.results], len(run.failed)
 
 
+def shared_section(scratch: Path, size: int, band_rows: int, threads: int) -> dict[str, object]:
+    """One size x size section: local wall, then shared over local:2 (cold, warm), tiles, equality."""
+    import numpy as np
+    import torch
+
+    from thinseg.io.netcdf import read_labelmap
+    from thinseg.pipelines.cluster import connect
+    from thinseg.pipelines.segment import SegmentOptions, segment_files
+
+    inputs = scratch / "shared_in"
+    inputs.mkdir()
+    make_sections(inputs, 1, size)
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    local = segment_files([inputs], SegmentOptions(overwrite=True), scratch / "shared_local")
+    local_wall = time.perf_counter() - start
+    report: dict[str, object] = {"size": size, "band_rows": band_rows, "local_wall_s": local_wall}
+    report["local_tiles"] = local.results[0].tiles
+    with connect("local:2") as client:
+        client.wait_for_workers(2)
+        options = SegmentOptions(cluster=client.scheduler.address, band_rows=band_rows, overwrite=True)
+        for name in ("cold", "warm"):
+            start = time.perf_counter()
+            shared = segment_files([inputs], options, scratch / f"shared_{name}")
+            report[f"shared_{name}_wall_s"] = time.perf_counter() - start
+        report["shared_tiles"] = shared.results[0].tiles
+        report["parts"] = [m for m in shared.results[0].messages if "parts" in m]
+    variable = "B0_Segmentation"
+    same = np.array_equal(
+        read_labelmap(local.results[0].netcdf, variable)[0], read_labelmap(shared.results[0].netcdf, variable)[0]
+    )
+    report["labels_identical"] = bool(same)
+    return report
+
+
 def empty_task_round_trip(client, count: int = 200) -> float:
     """Seconds per task for `count` tasks that do nothing (submitted together, gathered)."""
     start = time.perf_counter()
@@ -65,7 +106,13 @@ def main() -> None:
     parser.add_argument("--sections", type=int, default=8)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the local path")
+    parser.add_argument("--shared-size", type=int, default=0, help="also one section of this side, shared")
+    parser.add_argument("--band-rows", type=int, default=1024, help="rows per part of the shared section")
+    parser.add_argument("--shared-only", action="store_true", help="only the shared section")
     args = parser.parse_args()
+    if args.shared_only:
+        run_shared_only(args)
+        return
 
     import torch
     from distributed import get_task_stream
@@ -137,10 +184,47 @@ def main() -> None:
             f"{warm['overhead_per_section_s'] * 1000:.0f} ms"
         )
     print(f"empty task round trip: {report['empty_task_round_trip_s'] * 1000:.2f} ms")
+    if args.shared_size:
+        with tempfile.TemporaryDirectory(prefix="thinseg-cluster-bench-") as scratch:
+            report["shared"] = shared = shared_section(Path(scratch), args.shared_size, args.band_rows, args.threads)
+        print(f"one {args.shared_size} x {args.shared_size} section shared in parts of {args.band_rows} rows:")
+        print_shared(shared, args.threads)
     out = REPO / "bench" / "out" / "cluster_segment.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
     print(f"-> {out}")
+
+
+def run_shared_only(args: argparse.Namespace) -> None:
+    """The shared-section measurement alone (printed and written to bench/out/cluster_shared.json)."""
+    import torch
+
+    from thinseg.jsonio import write_json
+
+    with tempfile.TemporaryDirectory(prefix="thinseg-cluster-bench-") as scratch:
+        report = shared_section(Path(scratch), args.shared_size or 4096, args.band_rows, args.threads)
+    report["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    print_shared(report, args.threads)
+    out = REPO / "bench" / "out" / "cluster_shared.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, report)
+    print(f"-> {out}")
+
+
+def print_shared(report: dict[str, object], threads: int) -> None:
+    size = report["size"]
+    assert isinstance(size, int)
+    mpix = size * size / 1e6
+    for key, name in (
+        ("local_wall_s", f"local ({threads} threads)"),
+        ("shared_cold_wall_s", "shared local:2 cold"),
+        ("shared_warm_wall_s", "shared local:2 warm"),
+    ):
+        wall = report[key]
+        assert isinstance(wall, float)
+        print(f"{name:<24} {wall:7.2f} s  {mpix / wall:5.2f} MPix/s")
+    print(f"tiles: local {report['local_tiles']}, shared {report['shared_tiles']}; {report['parts']}")
+    print(f"labels identical: {report['labels_identical']}")
 
 
 if __name__ == "__main__":

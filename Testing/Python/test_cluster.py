@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -114,16 +115,17 @@ def test_cluster_outputs_equal_a_local_runs_bit_for_bit(cluster_batch, inputs, t
 
 class KillOnce(distributed.WorkerPlugin):
     """Ends the worker process the first time (across all workers: an exclusive marker file) a
-    section's task reaches `finish`: "memory" (its output committed, the result not yet sent)
-    or, after `delay_s`, "executing" (in the middle of the section)."""
+    task whose key holds `task` (a section's, or a shared section's part) reaches `finish`:
+    "memory" (its output committed, the result not yet sent) or, after `delay_s`, "executing"
+    (in the middle of the task)."""
 
     name = "thinseg-test-kill-once"
 
-    def __init__(self, marker: str, finish: str, delay_s: float = 0.0) -> None:
-        self.marker, self.finish, self.delay_s = marker, finish, delay_s
+    def __init__(self, marker: str, finish: str, delay_s: float = 0.0, task: str = "thinseg-segment") -> None:
+        self.marker, self.finish, self.delay_s, self.task = marker, finish, delay_s, task
 
     def transition(self, key, start, finish, **kwargs):
-        if finish != self.finish or "thinseg-segment" not in str(key):
+        if finish != self.finish or self.task not in str(key):
             return
         try:
             os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -161,6 +163,111 @@ def test_a_worker_killed_during_a_run_loses_nothing_and_writes_each_section_once
     read_back = [r for r in run.results if any("written before its worker was lost" in m for m in r.messages)]
     if finish == "memory":  # the retry found the committed output and read its result back
         assert len(read_back) == 1 and read_back[0].mineralogy.section_pixels == SIDE * SIDE
+
+
+#: small tiles, so that a 640-row section has 6 tile rows and is shared in parts of 2
+SHARED = InferenceOptions(precision="fp32", with_confidence=True, tile=128, overlap=16)
+SHARED_SHAPE = (640, 200)
+
+
+@pytest.fixture(scope="module")
+def big_section(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("big")
+    write_pair(folder, "Big_PP", "Big_XP", height=SHARED_SHAPE[0], width=SHARED_SHAPE[1], seed=0)
+    return folder
+
+
+def local_run(inputs, options: SegmentOptions, out: Path):
+    """The same batch in this process with one torch thread, as each worker has."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return segment_files(inputs, options, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mm_per_pixel", [None, 0.0019], ids=["model-grid", "resampled"])
+def test_one_section_shared_by_the_workers_equals_the_local_run_bit_for_bit(
+    client, big_section, tmp_path, mm_per_pixel
+):
+    """A section shared in parts of tile rows over 2 workers, written in order into one file:
+    images, labels and confidence equal a local run's (also resampled to the model's pixel size
+    and back)."""
+    options = SegmentOptions(
+        cluster=address(client), band_rows=200, probabilities=True, mm_per_pixel=mm_per_pixel, inference=SHARED
+    )
+    bars: list[tuple[int, int]] = []
+    run = segment_files(
+        [big_section], options, tmp_path / "out", progress=lambda n, p: lambda d, t: bars.append((d, t))
+    )
+    local = local_run([big_section], replace(options, cluster=None), tmp_path / "local")
+    assert [r.section.name for r in run.results] == ["Big_PP"] and not run.failed
+    parts = [m for m in run.results[0].messages if "shared by the cluster's workers" in m]
+    assert parts == ["Big_PP: shared by the cluster's workers in 3 parts"] if mm_per_pixel is None else len(parts) == 1
+    remote, here = arrays(tmp_path / "out" / "Big_PP.nc"), arrays(tmp_path / "local" / "Big_PP.nc")
+    assert sorted(remote) == sorted(here) and {"Big_Segmentation", "Big_Confidence"} <= set(here)
+    for variable in here:
+        assert remote[variable].dtype == here[variable].dtype
+        assert np.array_equal(remote[variable], here[variable]), variable
+    assert run.results[0].mineralogy == local.results[0].mineralogy
+    assert bars[-1] == (1, 1)
+    assert leftovers(tmp_path / "out") == ["Big_PP.nc"]
+
+
+def test_sections_are_shared_when_fewer_than_the_worker_threads_or_when_asked():
+    auto, given, never = SegmentOptions(), SegmentOptions(band_rows=512), SegmentOptions(band_rows=0)
+    assert cluster.shares_sections(auto, 1, 2) == cluster.DEFAULT_BAND_ROWS
+    assert cluster.shares_sections(auto, 2, 2) == 0  # as many sections as threads: one task each
+    assert cluster.shares_sections(given, 100, 2) == 512
+    assert cluster.shares_sections(never, 1, 64) == 0
+
+
+def test_a_worker_killed_during_a_part_of_a_shared_section_changes_nothing(client, big_section, tmp_path):
+    marker = tmp_path / "killed"
+    client.register_plugin(KillOnce(str(marker), "executing", 0.05, task="thinseg-part"))
+    options = SegmentOptions(cluster=address(client), band_rows=96, inference=SHARED)
+    try:
+        run = segment_files([big_section], options, tmp_path / "out")
+    finally:
+        client.unregister_worker_plugin(KillOnce.name)
+        client.wait_for_workers(2, timeout=120)
+    assert marker.exists()  # a worker was killed
+    assert [r.section.name for r in run.results] == ["Big_PP"] and not run.failed
+    local_run([big_section], replace(options, cluster=None), tmp_path / "local")
+    remote, here = arrays(tmp_path / "out" / "Big_PP.nc"), arrays(tmp_path / "local" / "Big_PP.nc")
+    assert np.array_equal(remote["Big_Segmentation"], here["Big_Segmentation"])
+    assert leftovers(tmp_path / "out") == ["Big_PP.nc"]
+
+
+def test_shared_sections_with_a_bad_input_report_it_and_write_the_others(client, inputs, tmp_path):
+    options = SegmentOptions(cluster=address(client), band_rows=200, inference=SHARED)
+    run = segment_files([inputs], options, tmp_path / "out")
+    assert sorted(r.section.name for r in run.results) == GOOD
+    assert all(any("in 3 parts" in m for m in r.messages) for r in run.results)
+    assert [path.name for path, _ in run.failed] == ["S3_PP.png"]
+    assert leftovers(tmp_path / "out") == [f"{n}.nc" for n in GOOD]
+
+
+def test_cli_band_rows_shares_a_section_and_zero_keeps_one_task(capsys, client, big_section, tmp_path):
+    pp = big_section / "Big_PP.png"
+    code, out, err = run_main(
+        capsys, "segment", pp, "--cluster", address(client), "--band-rows", "200", "--tile", "128", "-o", tmp_path / "a"
+    )
+    assert code == 0, err
+    assert "Big_PP: shared by the cluster's workers in 4 parts" in err  # 7 tile rows of 128 px, 2 a part
+    code, out, err = run_main(
+        capsys, "segment", pp, "--cluster", address(client), "--band-rows", "0", "--tile", "128", "-o", tmp_path / "b"
+    )
+    assert code == 0, err
+    assert "shared by the cluster's workers" not in err
+    a, b = arrays(tmp_path / "a" / "Big_PP.nc"), arrays(tmp_path / "b" / "Big_PP.nc")
+    assert np.array_equal(a["Big_Segmentation"], b["Big_Segmentation"])
+    with pytest.raises(SystemExit) as refused:
+        run_main(capsys, "segment", pp, "--band-rows", "-1", "-o", tmp_path / "c")
+    assert refused.value.code == 2 and "argument --band-rows: -1 is outside 0 to 1000000" in capsys.readouterr().err
 
 
 def test_the_model_is_loaded_once_per_worker(client, inputs, tmp_path):

@@ -12,6 +12,7 @@ from helpers import make_bundle, section_images, write_pair
 from ThinSectionSegmentationLib import ThinSectionSegmentationLogic, hierarchy, labelmaps, models, results, volumes
 from thinseg.errors import ThinSegError
 from thinseg.inference.engine import Cancelled
+from thinseg.io.netcdf import read_labelmap
 
 MM = 0.00132
 
@@ -216,6 +217,25 @@ def test_segment_files_batch_on_a_dask_cluster_from_the_console(scene, model_roo
     assert [f.pp.GetName() for f in batch.imported] == ["A_PP"]
     here = logic.segmentFiles([inputs / "A_PP.png"], tmp_path / "local", model)
     assert here.results[0].mineralogy == batch.results[0].mineralogy
+
+
+def test_segment_files_shares_one_section_among_cluster_workers_from_the_console(scene, model_root, tmp_path):
+    """`bandRows=` shares a section among the workers in parts of tile rows: the labels equal a
+    run in the console's own process."""
+    pytest.importorskip("distributed")
+    inputs = tmp_path / "in"
+    write_pair(inputs, "Tall_PP", "Tall_XP", height=1400, width=64, seed=1)
+    logic = ThinSectionSegmentationLogic(scene)
+    model = model_root / "ThinSectionEnv" / "tiny-ppxp"
+    batch = logic.segmentFiles([inputs], tmp_path / "out", model, load=True, cluster="local:1", bandRows=1)
+    assert [r.netcdf.name for r in batch.results] == ["Tall_PP.nc"] and not batch.failures
+    parts = [m for m in batch.results[0].messages if "shared by the cluster's workers" in m]
+    assert len(parts) == 1 and not parts[0].endswith(" 1 part")
+    here = logic.segmentFiles([inputs], tmp_path / "local", model)
+    assert here.results[0].mineralogy == batch.results[0].mineralogy
+    shared = read_labelmap(batch.results[0].netcdf, "Tall_Segmentation")[0]
+    assert np.array_equal(shared, read_labelmap(here.results[0].netcdf, "Tall_Segmentation")[0])
+    assert [f.pp.GetName() for f in batch.imported] == ["Tall_PP"]
 
 
 def test_segment_warns_when_the_rock_is_out_of_the_models_depth(scene):

@@ -486,11 +486,14 @@ class ThinSectionSegmentationLogic:
         load: bool = False,
         progress=None,
         cluster: str | None = None,
+        bandRows: int | None = None,
     ) -> BatchOutput:
         """Batch: segment image files / netCDF files / folders into `outputDir`, like `thinseg
         segment` (one netCDF per section + modal_mineralogy.csv); with load=True each result
         file is imported into the scene. `cluster` ("local:N", "tcp://HOST:PORT" or a scheduler
-        file) runs each section as one task on a Dask cluster (`thinseg segment --cluster`)."""
+        file) runs each section as one task on a Dask cluster (`thinseg segment --cluster`), or
+        shares each section among the workers in parts of about `bandRows` rows (`--band-rows`;
+        by default when there are fewer sections than worker threads)."""
         # deferred: these import torch (1-2 s), which the panel loads only when it segments
         from thinseg.inference.engine import InferenceOptions
         from thinseg.pipelines.segment import SegmentOptions, segment_files
@@ -503,6 +506,7 @@ class ThinSectionSegmentationLogic:
             probabilities=probabilities,
             overlay=overlay,
             cluster=cluster,
+            band_rows=bandRows,
             inference=InferenceOptions(device=device, with_confidence=probabilities),
         )
         run = segment_files(

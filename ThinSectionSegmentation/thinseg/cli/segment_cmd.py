@@ -136,6 +136,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="run each section as one task on a Dask cluster: local:N (N worker processes here), "
         "tcp://HOST:PORT (a running scheduler) or a scheduler file (.json); needs pip install thinseg[cluster]",
     )
+    p.add_argument(
+        "--band-rows",
+        type=types.int_range(0, 1_000_000),
+        default=None,
+        metavar="N",
+        help="with --cluster: share each section among the workers in parts of about N rows, written "
+        "into its one file in order (default: 4096 when there are fewer sections than worker threads, "
+        "else one task per section; 0: never share)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -158,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         sections=tuple(args.section),
         align_xp=args.align_xp,
         cluster=args.cluster,
+        band_rows=args.band_rows,
         inference=InferenceOptions(
             tile=args.tile,
             overlap=args.overlap,

@@ -23,6 +23,16 @@ carries the run's id as the netCDF attribute `thinseg_run`, inside the file, com
 in the same rename: a task that finds its section's output already carrying this run's id
 reads the result back from that file (`committed_output`) instead of segmenting it again. No
 marker beside the file can do this, as a kill could fall between the file and its marker.
+
+One section over many workers. When the batch has fewer sections than the cluster has worker
+threads (or `band_rows` is given), each section is shared instead: the client opens its output
+as a local run does, and parts of whole tile rows (`band_task`, about `band_rows` rows each) run
+on the workers. Each part also runs the tile row above it, unreported, so the rows two parts
+share are blended from the same tiles in the same order as in one process: the labels equal a
+local run's bit for bit. The parts come back as they finish and are written in order into the
+one netCDF file, while the client copies the input images into it; at most a few parts are in
+flight, so the client holds a bounded number of rows. A part is only computation (it writes
+nothing), so a part whose worker died simply runs again.
 """
 
 from __future__ import annotations
@@ -37,8 +47,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import numpy.typing as npt
+
 from thinseg.errors import ThinSegError
-from thinseg.inference.engine import CancelFn, Cancelled, InferenceOptions, Segmenter
+from thinseg.inference.engine import (
+    CONFIDENCE_BINS,
+    CancelFn,
+    Cancelled,
+    InferenceOptions,
+    ProgressFn,
+    RowSink,
+    RunStats,
+    Segmenter,
+    Source,
+    tile_row_groups,
+)
+from thinseg.inference.resample import Factor, GridSink, ResampledSource
 from thinseg.io.atomic import MAX_NUMBERED, numbered, sweep_stale_temporaries
 from thinseg.io.netcdf import global_attribute, read_labelmap
 from thinseg.io.pairing import SectionInput, section_base_name
@@ -46,10 +71,12 @@ from thinseg.limits import path_text
 from thinseg.model.bundle import load_bundle
 from thinseg.pipelines.segment import (
     RUN_ATTRIBUTE,
+    CopyingSource,
     ProgressFactory,
     SectionResult,
     SegmentOptions,
     SegmentRun,
+    _open_inputs,
     _overlay_name,
     is_single_file,
     output_paths,
@@ -67,6 +94,11 @@ if TYPE_CHECKING:
 MAX_LOCAL_WORKERS = 256
 #: Seconds to wait for a remote scheduler to answer before giving up.
 CONNECT_TIMEOUT_S = 30.0
+#: Rows of a section per task when sections are shared by several workers: big enough that the
+#: extra tile row each part runs costs a few %, small enough to spread a section over workers.
+DEFAULT_BAND_ROWS = 4096
+#: Parts of a shared section in flight beyond one per worker thread (the client holds their rows).
+EXTRA_PARTS_IN_FLIGHT = 1
 _LOCAL = re.compile(r"local:(\d+)")
 _ADDRESS = re.compile(r"(tcp|tls|ucx|ws|wss|inproc)://\S+")
 
@@ -196,6 +228,66 @@ def segment_task(
     return TaskOutcome(result=result, segmenter_messages=shared)
 
 
+@dataclass
+class PartOutcome:
+    """What a part of a shared section sends back: its rows [y0, y0 + len(labels)) on the grid
+    the engine ran on, the confidence histogram of those rows, or its failure."""
+
+    y0: int = 0
+    labels: npt.NDArray[np.uint8] | None = None
+    confidence: npt.NDArray[np.uint8] | None = None
+    histogram: npt.NDArray[np.int64] | None = None
+    tiles: int = 0
+    problem: str | None = None
+    path: Path | None = None
+
+
+class _KeptRows:
+    """A row sink that keeps a part's rows (copies: the engine reuses its band buffers)."""
+
+    def __init__(self) -> None:
+        self.y0: int | None = None
+        self.labels: list[npt.NDArray[np.uint8]] = []
+        self.confidence: list[npt.NDArray[np.uint8]] = []
+
+    def write_rows(self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None) -> None:
+        if self.y0 is None:
+            self.y0 = y0
+        self.labels.append(labels.copy())
+        if confidence is not None:
+            self.confidence.append(confidence.copy())
+
+
+def band_task(
+    section: SectionInput,
+    options: SegmentOptions,
+    model_dir: Path,
+    factor: Factor | None,
+    tile_rows: tuple[int, int],
+) -> PartOutcome:
+    """Tile rows [a, b) of one section on a worker (see `Segmenter.stream`'s `tile_rows`): the
+    inputs opened as the client opened them, on the model's grid when `factor` is given."""
+    try:
+        segmenter = worker_segmenter(model_dir, options.inference)
+        with contextlib.ExitStack() as stack:
+            opened = _open_inputs(section, segmenter.bundle, options, stack)
+            sources: list[Source] = list(opened.sources)
+            if factor is not None:
+                sources = [ResampledSource(s, factor) for s in sources]
+            kept = _KeptRows()
+            stats = segmenter.stream(sources, kept, tile_rows=tile_rows)
+    except Exception as error:  # the part boundary: reported to the client, which fails the section
+        refused = ThinSegError.from_exception(error, section.primary)
+        return PartOutcome(problem=refused.problem, path=refused.path)
+    return PartOutcome(
+        y0=kept.y0 or 0,
+        labels=np.concatenate(kept.labels) if kept.labels else np.zeros((0, 0), np.uint8),
+        confidence=np.concatenate(kept.confidence) if kept.confidence else None,
+        histogram=stats.confidence_histogram,
+        tiles=stats.tiles,
+    )
+
+
 def committed_output(
     section: SectionInput, segmenter: Segmenter, options: SegmentOptions, output: Path, run_id: str
 ) -> SectionResult | None:
@@ -235,6 +327,115 @@ def committed_output(
 # -- the client side ------------------------------------------------------------------------------
 
 
+class SharedSectionStreamer:
+    """Makes one section's labels from parts run on the cluster and hands them to the section's
+    sink in order (a `SectionStreamer` for `segment_section`), copying the input images into the
+    output while it waits."""
+
+    def __init__(
+        self, client: Client, section: SectionInput, options: SegmentOptions, model_dir: Path, band_rows: int
+    ) -> None:
+        self.client, self.section, self.options, self.model_dir = client, section, options, model_dir
+        self.band_rows = band_rows
+        self.in_flight = max(1, sum(client.nthreads().values())) + EXTRA_PARTS_IN_FLIGHT
+        #: how many parts the last section was shared into
+        self.parts = 0
+
+    def __call__(
+        self,
+        segmenter: Segmenter,
+        sources: Sequence[Source],
+        factor: Factor | None,
+        sink: RowSink,
+        *,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> RunStats:
+        start = time.perf_counter()
+        shape = (int(sources[0].shape[0]), int(sources[0].shape[1]))
+        run_shape = shape if factor is None else ResampledSource(sources[0], factor).shape
+        plan = segmenter.plan_for(*run_shape)
+        stride = plan.ys[1] - plan.ys[0] if len(plan.ys) > 1 else plan.tile_h
+        parts = tile_row_groups(len(plan.ys), max(1, round(self.band_rows / max(stride, 1))))
+        self.parts = len(parts)
+        target: RowSink = sink if factor is None else GridSink(sink, shape, run_shape)
+        copying = [s for s in sources if isinstance(s, CopyingSource)]
+        histogram = np.zeros(CONFIDENCE_BINS, np.int64)
+        tiles = 0
+        futures: list[Future[PartOutcome]] = []
+        key = uuid.uuid4().hex
+
+        def submit(i: int) -> None:
+            futures.append(
+                self.client.submit(
+                    band_task,
+                    self.section,
+                    self.options,
+                    self.model_dir,
+                    factor,
+                    parts[i],
+                    key=f"thinseg-part-{i}-{key}",
+                    pure=False,
+                )
+            )
+
+        try:
+            for i in range(min(self.in_flight, len(parts))):
+                submit(i)
+            for i in range(len(parts)):
+                future = futures[i]
+                while not future.done() and _copy_ahead(copying):
+                    if cancel is not None and cancel():
+                        raise Cancelled()
+                outcome = _part_result(future, self.section)
+                if i + self.in_flight < len(parts):
+                    submit(i + self.in_flight)
+                assert outcome.labels is not None
+                target.write_rows(outcome.y0, outcome.labels, outcome.confidence)
+                if outcome.histogram is not None:
+                    histogram += outcome.histogram
+                tiles += outcome.tiles
+                if progress is not None:
+                    progress(i + 1, len(parts))
+                if cancel is not None and cancel():
+                    raise Cancelled()
+        finally:
+            self.client.cancel([f for f in futures if not f.done()])
+        return RunStats(
+            shape=run_shape,
+            tiles=tiles,
+            seconds=time.perf_counter() - start,
+            device=f"cluster ({len(parts)} parts)",
+            messages=list(segmenter.messages),
+            confidence_histogram=histogram,
+        )
+
+
+def _copy_ahead(sources: Sequence[CopyingSource]) -> bool:
+    """Copy the next rows of every image the output keeps; False once all are copied."""
+    copied = [source.copy_ahead() for source in sources]
+    return any(copied)
+
+
+def _part_result(future: Future[PartOutcome], section: SectionInput) -> PartOutcome:
+    """A part's outcome; its failure (or its task's loss) fails the section in one line."""
+    try:
+        outcome: PartOutcome = future.result()
+    except Exception as error:  # the task itself was lost (its workers died) or failed to run
+        raise ThinSegError(_lost_task(error), section.primary) from None
+    if outcome.problem is not None:
+        raise ThinSegError(outcome.problem, outcome.path or section.primary)
+    return outcome
+
+
+def shares_sections(options: SegmentOptions, sections: int, worker_threads: int) -> int:
+    """Rows per part when the batch's sections are each shared by several workers, else 0:
+    `band_rows` when given, DEFAULT_BAND_ROWS when there are fewer sections than worker threads."""
+    if options.band_rows is not None:
+        return max(0, int(options.band_rows))
+    return DEFAULT_BAND_ROWS if sections < worker_threads else 0
+
+
 def segment_on_cluster(
     inputs: Sequence[str | Path],
     options: SegmentOptions,
@@ -269,9 +470,26 @@ def segment_on_cluster(
     done: dict[int, SectionResult] = {}
     try:
         with connect(spec) as client:
-            _run_tasks(
-                client, planned, options, output, run, run_id, notes, done, progress, cancel, on_result, on_failure
-            )
+            band_rows = shares_sections(options, len(planned), sum(client.nthreads().values()))
+            if band_rows > 0:
+                _run_shared(
+                    client,
+                    planned,
+                    options,
+                    output,
+                    run,
+                    band_rows,
+                    notes,
+                    done,
+                    progress,
+                    cancel,
+                    on_result,
+                    on_failure,
+                )
+            else:
+                _run_tasks(
+                    client, planned, options, output, run, run_id, notes, done, progress, cancel, on_result, on_failure
+                )
     finally:
         sweep_stale_temporaries(folder)  # what workers killed mid-section left
     run.results = [done[k] for k in sorted(done)]
@@ -335,6 +553,50 @@ def _run_tasks(
                 raise Cancelled()
     finally:
         client.cancel([f for f in futures if not f.done()])
+
+
+def _run_shared(
+    client: Client,
+    planned: Sequence[SectionInput],
+    options: SegmentOptions,
+    output: Path,
+    run: SegmentRun,
+    band_rows: int,
+    notes: list[str],
+    done: dict[int, SectionResult],
+    progress: ProgressFactory | None,
+    cancel: CancelFn | None,
+    on_result: Callable[[SectionResult], None] | None,
+    on_failure: Callable[[SectionInput, ThinSegError], None] | None,
+) -> None:
+    """The sections one after another, each shared by the cluster's workers (`SharedSectionStreamer`);
+    the client, which writes the outputs, builds a Segmenter of its own only for the tile plan."""
+    model_dir = Path(os.path.abspath(run.model_dir))
+    segmenter = Segmenter(run.bundle, options.inference)
+    update = progress(f"{len(planned)} sections", 0) if progress is not None and planned else None
+    pending_notes = list(notes)
+    for k, section in enumerate(planned):
+        streamer = SharedSectionStreamer(client, section, options, model_dir, band_rows)
+        result, failure = run_section(section, segmenter, options, output, cancel=cancel, streamer=streamer)
+        if result is not None:
+            result.messages = pending_notes + result.messages
+            parts = f"{streamer.parts} part" + ("s" if streamer.parts != 1 else "")
+            result.messages.append(f"{section.name}: shared by the cluster's workers in {parts}")
+            pending_notes = []
+            done[k] = result
+            if on_result is not None:
+                on_result(result)
+        else:
+            assert failure is not None
+            if isinstance(failure.__cause__, Cancelled):
+                raise Cancelled()
+            run.failures.append((section, failure))
+            if on_failure is not None:
+                on_failure(section, failure)
+        if update is not None:
+            update(k + 1, len(planned))
+        if cancel is not None and cancel():
+            raise Cancelled()
 
 
 def _lost_task(error: Exception) -> str:
