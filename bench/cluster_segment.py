@@ -12,6 +12,7 @@ pickling the section and its result, and the idle gaps cost each section on top 
 and the round trip of an empty task (Dask's floor per task).
 
 One section shared by the workers (`--shared-size S`, with `--band-rows`): an S x S section
+(a tiled zlib BigTIFF pair)
 segmented locally and then shared by the 2 workers in parts of tile rows (warm: after one
 shared run), with the tiles each path computed (a part also runs the tile row above it) and
 whether the labels are identical.
@@ -19,7 +20,7 @@ whether the labels are identical.
 Usage:
   python bench/cluster_segment.py                 # 8 sections of 1024 x 1024
   python bench/cluster_segment.py --sections 16 --size 512
-  python bench/cluster_segment.py --shared-size 4096 --band-rows 1024
+  python bench/cluster_segment.py --shared-only --shared-size 8192            # parts: the default split
 Writes bench/out/cluster_segment.json.
 """
 
@@ -58,10 +59,11 @@ def timed_batch(inputs: Path, output: Path, cluster: str | None) -> tuple[float,
     return time.perf_counter() - start, [r.seconds for r in run.results], len(run.failed)
 
 
-def shared_section(scratch: Path, size: int, band_rows: int, threads: int) -> dict[str, object]:
+def shared_section(scratch: Path, size: int, band_rows: int | None, threads: int) -> dict[str, object]:
     """One size x size section: local wall, then shared over local:2 (cold, warm), tiles, equality."""
     import numpy as np
     import torch
+    from bench_segment import make_section_tiffs  # the gigapixel input: a tiled zlib BigTIFF pair
 
     from thinseg.io.netcdf import read_labelmap
     from thinseg.pipelines.cluster import connect
@@ -69,7 +71,7 @@ def shared_section(scratch: Path, size: int, band_rows: int, threads: int) -> di
 
     inputs = scratch / "shared_in"
     inputs.mkdir()
-    make_sections(inputs, 1, size)
+    make_section_tiffs(inputs, size)
     torch.set_num_threads(threads)
     start = time.perf_counter()
     local = segment_files([inputs], SegmentOptions(overwrite=True), scratch / "shared_local")
@@ -85,7 +87,7 @@ def shared_section(scratch: Path, size: int, band_rows: int, threads: int) -> di
             report[f"shared_{name}_wall_s"] = time.perf_counter() - start
         report["shared_tiles"] = shared.results[0].tiles
         report["parts"] = [m for m in shared.results[0].messages if "parts" in m]
-    variable = "B0_Segmentation"
+    variable = f"bench_{size}_Segmentation"
     same = np.array_equal(
         read_labelmap(local.results[0].netcdf, variable)[0], read_labelmap(shared.results[0].netcdf, variable)[0]
     )
@@ -107,7 +109,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the local path")
     parser.add_argument("--shared-size", type=int, default=0, help="also one section of this side, shared")
-    parser.add_argument("--band-rows", type=int, default=1024, help="rows per part of the shared section")
+    parser.add_argument("--band-rows", type=int, default=None, help="rows per part of the shared section")
     parser.add_argument("--shared-only", action="store_true", help="only the shared section")
     args = parser.parse_args()
     if args.shared_only:

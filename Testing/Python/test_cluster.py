@@ -219,10 +219,12 @@ def test_one_section_shared_by_the_workers_equals_the_local_run_bit_for_bit(
 
 def test_sections_are_shared_when_fewer_than_the_worker_threads_or_when_asked():
     auto, given, never = SegmentOptions(), SegmentOptions(band_rows=512), SegmentOptions(band_rows=0)
-    assert cluster.shares_sections(auto, 1, 2) == cluster.DEFAULT_BAND_ROWS
-    assert cluster.shares_sections(auto, 2, 2) == 0  # as many sections as threads: one task each
-    assert cluster.shares_sections(given, 100, 2) == 512
-    assert cluster.shares_sections(never, 1, 64) == 0
+    assert cluster.shares_sections(auto, 1, 2) and cluster.shares_sections(given, 100, 2)
+    assert not cluster.shares_sections(auto, 2, 2)  # as many sections as threads: one task each
+    assert not cluster.shares_sections(never, 1, 64)
+    # by default a section is split evenly over the worker threads, in parts of at least 2048 rows
+    assert cluster.part_rows(None, 20_000, 2) == 10_000 and cluster.part_rows(None, 20_000, 64) == 2048
+    assert cluster.part_rows(512, 20_000, 2) == 512
 
 
 def test_a_worker_killed_during_a_part_of_a_shared_section_changes_nothing(client, big_section, tmp_path):
@@ -268,6 +270,14 @@ def test_cli_band_rows_shares_a_section_and_zero_keeps_one_task(capsys, client, 
     with pytest.raises(SystemExit) as refused:
         run_main(capsys, "segment", pp, "--band-rows", "-1", "-o", tmp_path / "c")
     assert refused.value.code == 2 and "argument --band-rows: -1 is outside 0 to 1000000" in capsys.readouterr().err
+
+
+def test_workers_get_back_glibcs_malloc_thresholds_that_dasks_nanny_turns_off(client):
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in its workers (inference then runs 1.7x slower):
+    a worker can undo it, and its first Segmenter does."""
+    environ = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    assert set(environ.values()) == {"65536"}  # what the nanny set: the case being undone
+    assert set(client.run(cluster.undo_malloc_trim_threshold).values()) == {True}
 
 
 def test_the_model_is_loaded_once_per_worker(client, inputs, tmp_path):

@@ -493,7 +493,7 @@ class ThinSectionSegmentationLogic:
         file is imported into the scene. `cluster` ("local:N", "tcp://HOST:PORT" or a scheduler
         file) runs each section as one task on a Dask cluster (`thinseg segment --cluster`), or
         shares each section among the workers in parts of about `bandRows` rows (`--band-rows`;
-        by default when there are fewer sections than worker threads)."""
+        by default when there are fewer sections than worker threads, split evenly over them)."""
         # deferred: these import torch (1-2 s), which the panel loads only when it segments
         from thinseg.inference.engine import InferenceOptions
         from thinseg.pipelines.segment import SegmentOptions, segment_files

@@ -142,8 +142,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=None,
         metavar="N",
         help="with --cluster: share each section among the workers in parts of about N rows, written "
-        "into its one file in order (default: 4096 when there are fewer sections than worker threads, "
-        "else one task per section; 0: never share)",
+        "into its one file in order (default: when there are fewer sections than worker threads, each "
+        "section split evenly over them in parts of at least 2048 rows, else one task per section; "
+        "0: never share)",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(run=run)

@@ -26,8 +26,9 @@ marker beside the file can do this, as a kill could fall between the file and it
 
 One section over many workers. When the batch has fewer sections than the cluster has worker
 threads (or `band_rows` is given), each section is shared instead: the client opens its output
-as a local run does, and parts of whole tile rows (`band_task`, about `band_rows` rows each) run
-on the workers. Each part also runs the tile row above it, unreported, so the rows two parts
+as a local run does, and parts of whole tile rows (`band_task`, about `band_rows` rows each, by
+default the section split evenly over the worker threads in parts of at least MIN_BAND_ROWS)
+run on the workers. Each part also runs the tile row above it, unreported, so the rows two parts
 share are blended from the same tiles in the same order as in one process: the labels equal a
 local run's bit for bit. The parts come back as they finish and are written in order into the
 one netCDF file, while the client copies the input images into it; at most a few parts are in
@@ -38,6 +39,7 @@ nothing), so a part whose worker died simply runs again.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import time
@@ -94,9 +96,9 @@ if TYPE_CHECKING:
 MAX_LOCAL_WORKERS = 256
 #: Seconds to wait for a remote scheduler to answer before giving up.
 CONNECT_TIMEOUT_S = 30.0
-#: Rows of a section per task when sections are shared by several workers: big enough that the
-#: extra tile row each part runs costs a few %, small enough to spread a section over workers.
-DEFAULT_BAND_ROWS = 4096
+#: Fewest rows of a part of a shared section by default: each part also runs the tile row above
+#: it, so parts of a few tile rows would spend much of their time on it.
+MIN_BAND_ROWS = 2048
 #: Parts of a shared section in flight beyond one per worker thread (the client holds their rows).
 EXTRA_PARTS_IN_FLIGHT = 1
 _LOCAL = re.compile(r"local:(\d+)")
@@ -186,8 +188,31 @@ def worker_segmenter(model_dir: Path, inference: InferenceOptions) -> Segmenter:
     key = (str(Path(model_dir).resolve()), repr(inference))
     segmenter = _SEGMENTERS.get(key)
     if segmenter is None:
+        if not _SEGMENTERS:
+            undo_malloc_trim_threshold()
         segmenter = _SEGMENTERS[key] = Segmenter(load_bundle(model_dir), inference)
     return segmenter
+
+
+#: glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def undo_malloc_trim_threshold() -> bool:
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also turns off glibc's
+    adaptive mmap threshold: every tensor over 128 kB is then mapped and unmapped anew, and the
+    network runs 1.7x slower (16.6 s instead of 9.4 s for 45 tiles of 902 px here). Where that
+    variable is set, give glibc the thresholds its adaptation would reach (mmap from 32 MB, trim
+    above 128 MB). True when they were set (glibc only; elsewhere nothing is changed)."""
+    if not os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    mmap_set = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+    trim_set = libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024 * 1024)
+    return bool(mmap_set and trim_set)
 
 
 def loaded_models() -> int:
@@ -332,12 +357,10 @@ class SharedSectionStreamer:
     sink in order (a `SectionStreamer` for `segment_section`), copying the input images into the
     output while it waits."""
 
-    def __init__(
-        self, client: Client, section: SectionInput, options: SegmentOptions, model_dir: Path, band_rows: int
-    ) -> None:
+    def __init__(self, client: Client, section: SectionInput, options: SegmentOptions, model_dir: Path) -> None:
         self.client, self.section, self.options, self.model_dir = client, section, options, model_dir
-        self.band_rows = band_rows
-        self.in_flight = max(1, sum(client.nthreads().values())) + EXTRA_PARTS_IN_FLIGHT
+        self.threads = max(1, sum(client.nthreads().values()))
+        self.in_flight = self.threads + EXTRA_PARTS_IN_FLIGHT
         #: how many parts the last section was shared into
         self.parts = 0
 
@@ -356,7 +379,8 @@ class SharedSectionStreamer:
         run_shape = shape if factor is None else ResampledSource(sources[0], factor).shape
         plan = segmenter.plan_for(*run_shape)
         stride = plan.ys[1] - plan.ys[0] if len(plan.ys) > 1 else plan.tile_h
-        parts = tile_row_groups(len(plan.ys), max(1, round(self.band_rows / max(stride, 1))))
+        rows = part_rows(self.options.band_rows, run_shape[0], self.threads)
+        parts = tile_row_groups(len(plan.ys), max(1, round(rows / max(stride, 1))))
         self.parts = len(parts)
         target: RowSink = sink if factor is None else GridSink(sink, shape, run_shape)
         copying = [s for s in sources if isinstance(s, CopyingSource)]
@@ -428,12 +452,20 @@ def _part_result(future: Future[PartOutcome], section: SectionInput) -> PartOutc
     return outcome
 
 
-def shares_sections(options: SegmentOptions, sections: int, worker_threads: int) -> int:
-    """Rows per part when the batch's sections are each shared by several workers, else 0:
-    `band_rows` when given, DEFAULT_BAND_ROWS when there are fewer sections than worker threads."""
+def shares_sections(options: SegmentOptions, sections: int, worker_threads: int) -> bool:
+    """Whether the batch's sections are each shared by several workers: when `band_rows` is given
+    (not 0), or by default when there are fewer sections than worker threads."""
     if options.band_rows is not None:
-        return max(0, int(options.band_rows))
-    return DEFAULT_BAND_ROWS if sections < worker_threads else 0
+        return options.band_rows > 0
+    return sections < worker_threads
+
+
+def part_rows(band_rows: int | None, height: int, worker_threads: int) -> int:
+    """Rows of a section per part: `band_rows` when given, else the section split evenly over
+    the worker threads, in parts of at least MIN_BAND_ROWS."""
+    if band_rows:
+        return band_rows
+    return max(MIN_BAND_ROWS, -(-height // max(1, worker_threads)))
 
 
 def segment_on_cluster(
@@ -470,15 +502,13 @@ def segment_on_cluster(
     done: dict[int, SectionResult] = {}
     try:
         with connect(spec) as client:
-            band_rows = shares_sections(options, len(planned), sum(client.nthreads().values()))
-            if band_rows > 0:
+            if shares_sections(options, len(planned), sum(client.nthreads().values())):
                 _run_shared(
                     client,
                     planned,
                     options,
                     output,
                     run,
-                    band_rows,
                     notes,
                     done,
                     progress,
@@ -561,7 +591,6 @@ def _run_shared(
     options: SegmentOptions,
     output: Path,
     run: SegmentRun,
-    band_rows: int,
     notes: list[str],
     done: dict[int, SectionResult],
     progress: ProgressFactory | None,
@@ -576,7 +605,7 @@ def _run_shared(
     update = progress(f"{len(planned)} sections", 0) if progress is not None and planned else None
     pending_notes = list(notes)
     for k, section in enumerate(planned):
-        streamer = SharedSectionStreamer(client, section, options, model_dir, band_rows)
+        streamer = SharedSectionStreamer(client, section, options, model_dir)
         result, failure = run_section(section, segmenter, options, output, cancel=cancel, streamer=streamer)
         if result is not None:
             result.messages = pending_notes + result.messages

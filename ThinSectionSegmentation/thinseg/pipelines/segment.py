@@ -93,8 +93,8 @@ class SegmentOptions:
     task on a Dask cluster ("local:N", "tcp://HOST:PORT" or a scheduler file; see
     `thinseg.pipelines.cluster`), the same outputs as without. `band_rows`, on a cluster: a
     section is shared by several tasks of about this many rows each, written into its one file
-    in order (None: sections taller than 2 x DEFAULT_BAND_ROWS when the batch has fewer sections
-    than the cluster has workers; 0: never)."""
+    in order (None: when the batch has fewer sections than the cluster has worker threads, each
+    section split evenly over them; 0: never)."""
 
     pp_pattern: str = "PP"
     xp_pattern: str | None = "XP"
