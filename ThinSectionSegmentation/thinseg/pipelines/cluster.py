@@ -502,24 +502,13 @@ def segment_on_cluster(
     done: dict[int, SectionResult] = {}
     try:
         with connect(spec) as client:
+            batch = _Batch(
+                client, planned, options, output, run, done, list(notes), progress, cancel, on_result, on_failure
+            )
             if shares_sections(options, len(planned), sum(client.nthreads().values())):
-                _run_shared(
-                    client,
-                    planned,
-                    options,
-                    output,
-                    run,
-                    notes,
-                    done,
-                    progress,
-                    cancel,
-                    on_result,
-                    on_failure,
-                )
+                _run_shared(batch)
             else:
-                _run_tasks(
-                    client, planned, options, output, run, run_id, notes, done, progress, cancel, on_result, on_failure
-                )
+                _run_tasks(batch, run_id)
     finally:
         sweep_stale_temporaries(folder)  # what workers killed mid-section left
     run.results = [done[k] for k in sorted(done)]
@@ -528,36 +517,69 @@ def segment_on_cluster(
     return run
 
 
-def _run_tasks(
-    client: Client,
-    planned: Sequence[SectionInput],
-    options: SegmentOptions,
-    output: Path,
-    run: SegmentRun,
-    run_id: str,
-    notes: list[str],
-    done: dict[int, SectionResult],
-    progress: ProgressFactory | None,
-    cancel: CancelFn | None,
-    on_result: Callable[[SectionResult], None] | None,
-    on_failure: Callable[[SectionInput, ThinSegError], None] | None,
-) -> None:
+@dataclass
+class _Batch:
+    """A batch on the cluster: what the client reports as sections finish, whichever way they run."""
+
+    client: Client
+    planned: Sequence[SectionInput]
+    options: SegmentOptions
+    output: Path
+    run: SegmentRun
+    done: dict[int, SectionResult]
+    pending_notes: list[str]  # the run's notes, told with the first result
+    progress: ProgressFactory | None
+    cancel: CancelFn | None
+    on_result: Callable[[SectionResult], None] | None
+    on_failure: Callable[[SectionInput, ThinSegError], None] | None
+    finished: int = 0
+    _update: Callable[[int, int], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.progress is not None and self.planned:
+            self._update = self.progress(f"{len(self.planned)} sections", 0)
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(os.path.abspath(self.run.model_dir))
+
+    def succeeded(self, k: int, result: SectionResult, messages: Sequence[str] = ()) -> None:
+        result.messages = self.pending_notes + list(messages) + result.messages
+        self.pending_notes = []
+        self.done[k] = result
+        if self.on_result is not None:
+            self.on_result(result)
+        self._tick()
+
+    def failed(self, section: SectionInput, failure: ThinSegError) -> None:
+        self.run.failures.append((section, failure))
+        if self.on_failure is not None:
+            self.on_failure(section, failure)
+        self._tick()
+
+    def _tick(self) -> None:
+        """One more section finished: the bar moves, and a cancel request stops the batch."""
+        self.finished += 1
+        if self._update is not None:
+            self._update(self.finished, len(self.planned))
+        if self.cancel is not None and self.cancel():
+            raise Cancelled()
+
+
+def _run_tasks(batch: _Batch, run_id: str) -> None:
+    """Every section one task, results taken as they come."""
     from distributed import as_completed  # deferred: optional extra, present once connected
 
-    model_dir = Path(os.path.abspath(run.model_dir))
     futures: dict[Future[TaskOutcome], int] = {}
-    for k, section in enumerate(planned):
+    for k, section in enumerate(batch.planned):
         key = f"thinseg-segment-{k}-{run_id}"
-        future = client.submit(segment_task, section, options, output, model_dir, run_id, key=key, pure=False)
-        futures[future] = k
-    update = progress(f"{len(planned)} sections", 0) if progress is not None and planned else None
-    shown = set(notes)
-    pending_notes = list(notes)
-    finished = 0
+        args = (section, batch.options, batch.output, batch.model_dir, run_id)
+        futures[batch.client.submit(segment_task, *args, key=key, pure=False)] = k
+    shown = set(batch.pending_notes)
     try:
         for future in as_completed(list(futures)):
             k = futures[future]
-            section = planned[k]
+            section = batch.planned[k]
             try:
                 outcome: TaskOutcome = future.result()
             except Exception as error:  # the task itself was lost (its workers died) or failed to run
@@ -565,67 +587,31 @@ def _run_tasks(
             new = [m for m in outcome.segmenter_messages if m not in shown]
             shown.update(new)
             if outcome.result is not None:
-                result = outcome.result
-                result.messages = pending_notes + new + result.messages
-                pending_notes = []
-                done[k] = result
-                if on_result is not None:
-                    on_result(result)
+                batch.succeeded(k, outcome.result, new)
             else:
-                failure = ThinSegError(outcome.problem or "failed", outcome.path or section.primary)
-                run.failures.append((section, failure))
-                if on_failure is not None:
-                    on_failure(section, failure)
-            finished += 1
-            if update is not None:
-                update(finished, len(planned))
-            if cancel is not None and cancel():
-                raise Cancelled()
+                batch.failed(section, ThinSegError(outcome.problem or "failed", outcome.path or section.primary))
     finally:
-        client.cancel([f for f in futures if not f.done()])
+        batch.client.cancel([f for f in futures if not f.done()])
 
 
-def _run_shared(
-    client: Client,
-    planned: Sequence[SectionInput],
-    options: SegmentOptions,
-    output: Path,
-    run: SegmentRun,
-    notes: list[str],
-    done: dict[int, SectionResult],
-    progress: ProgressFactory | None,
-    cancel: CancelFn | None,
-    on_result: Callable[[SectionResult], None] | None,
-    on_failure: Callable[[SectionInput, ThinSegError], None] | None,
-) -> None:
+def _run_shared(batch: _Batch) -> None:
     """The sections one after another, each shared by the cluster's workers (`SharedSectionStreamer`);
     the client, which writes the outputs, builds a Segmenter of its own only for the tile plan."""
-    model_dir = Path(os.path.abspath(run.model_dir))
-    segmenter = Segmenter(run.bundle, options.inference)
-    update = progress(f"{len(planned)} sections", 0) if progress is not None and planned else None
-    pending_notes = list(notes)
-    for k, section in enumerate(planned):
-        streamer = SharedSectionStreamer(client, section, options, model_dir)
-        result, failure = run_section(section, segmenter, options, output, cancel=cancel, streamer=streamer)
+    segmenter = Segmenter(batch.run.bundle, batch.options.inference)
+    for k, section in enumerate(batch.planned):
+        streamer = SharedSectionStreamer(batch.client, section, batch.options, batch.model_dir)
+        result, failure = run_section(
+            section, segmenter, batch.options, batch.output, cancel=batch.cancel, streamer=streamer
+        )
         if result is not None:
-            result.messages = pending_notes + result.messages
             parts = f"{streamer.parts} part" + ("s" if streamer.parts != 1 else "")
             result.messages.append(f"{section.name}: shared by the cluster's workers in {parts}")
-            pending_notes = []
-            done[k] = result
-            if on_result is not None:
-                on_result(result)
+            batch.succeeded(k, result)
         else:
             assert failure is not None
             if isinstance(failure.__cause__, Cancelled):
                 raise Cancelled()
-            run.failures.append((section, failure))
-            if on_failure is not None:
-                on_failure(section, failure)
-        if update is not None:
-            update(k + 1, len(planned))
-        if cancel is not None and cancel():
-            raise Cancelled()
+            batch.failed(section, failure)
 
 
 def _lost_task(error: Exception) -> str:
