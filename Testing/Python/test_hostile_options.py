@@ -40,10 +40,17 @@ ZERO_ALLOWED = {
     "--seed",
     "--workers",
     "--average-last",
+    "--band-rows",
 }
 #: Each command's numeric options, with a value each accepts.
 NUMERIC = {
-    "segment": {"--mm-per-pixel": "0.00132", "--tile": "512", "--overlap": "32", "--batch-size": "4"},
+    "segment": {
+        "--mm-per-pixel": "0.00132",
+        "--tile": "512",
+        "--overlap": "32",
+        "--batch-size": "4",
+        "--band-rows": "2048",
+    },
     "register": {"--mm-per-pixel": "0.00132", "--qemscan-mm-per-pixel": "0.01"},
     "prepare": {"--mm-per-pixel": "0.00132"},
     "evaluate": {"--void-border-px": "2", "--overlays": "3"},
@@ -67,6 +74,7 @@ NUMERIC = {
         "--model-mm-per-pixel": "0.00132",
         "--val-tile": "512",
         "--average-last": "3",
+        "--nproc": "2",
     },
 }
 for _options in NUMERIC.values():
