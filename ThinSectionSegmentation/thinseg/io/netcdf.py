@@ -786,8 +786,7 @@ class RgbRowWriter:
             raise ValueError(
                 f"rows {y0}:{y1} of {band.dtype} {band.shape} do not fit uint8 ({self.height}, {self.width}, 3)"
             )
-        with self._writing():
-            self._variable[0, y0:y1, :, :] = band
+        self.write_window(y0, 0, band)
 
     def write_window(self, y0: int, x0: int, window: np.ndarray) -> None:
         """Write `window` (h, w, 3) uint8 at row `y0`, column `x0` (wide images come in windows)."""
