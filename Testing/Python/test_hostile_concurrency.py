@@ -260,6 +260,28 @@ def test_a_lock_of_another_host_or_a_live_process_is_never_broken(tmp_path):
     assert not lock.exists()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="zombies are told apart through /proc")
+def test_a_lock_of_a_killed_process_nobody_reaped_is_taken_over(tmp_path):
+    # a rank killed with its launcher is handed to init; a container init that never reaps leaves
+    # a zombie whose pid still answers kill(pid, 0)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child never ended"
+        time.sleep(0.05)
+    try:
+        os.kill(zombie.pid, 0)  # still there to kill(pid, 0): what made its lock look held
+        assert not locks.pid_alive(zombie.pid) and locks.pid_alive(os.getpid())
+        lock = tmp_path / locks.RUN_LOCK
+        lock.write_text(f'{{"host": "{locks.HOST}", "pid": {zombie.pid}, "since": "x"}}')
+        notes: list[str] = []
+        with locks.run_folder_lock(tmp_path, log=notes.append):
+            assert locks.read_owner(lock).pid == os.getpid()
+        assert notes == [f"took over the run folder from an interrupted run (pid {zombie.pid} on {locks.HOST} since x)"]
+    finally:
+        zombie.wait()
+
+
 def test_a_table_lock_waits_for_its_holder_and_breaks_a_dead_ones(tmp_path):
     table = tmp_path / "modal_mineralogy.csv"
     code = (

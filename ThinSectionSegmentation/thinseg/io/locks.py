@@ -68,7 +68,20 @@ def pid_alive(pid: int) -> bool:
         return True  # another user's process
     except OSError:
         return True  # cannot tell: assume it runs, never break a live lock
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether `pid` has ended but was not reaped yet. A killed training rank whose launcher died
+    too is handed to the machine's init, and some container inits never reap: its pid answers
+    `kill(pid, 0)` for ever, though nothing runs. Linux only (/proc); False where it cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    # "pid (command) state ...": the command may hold spaces and parentheses
+    fields = stat[stat.rfind(")") + 1 :].split()
+    return bool(fields) and fields[0] in ("Z", "X")
 
 
 def _pid_alive_windows(pid: int) -> bool:
