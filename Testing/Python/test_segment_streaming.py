@@ -46,11 +46,34 @@ def engine(model, confidence=True):
 class Recorder:
     """A sink that keeps copies of the bands it is given, as they arrive."""
 
-    def __init__(self):
+    def __init__(self, width=None):
         self.bands = []
+        self.width = width
 
-    def write_rows(self, y0, labels, confidence):
+    def write_rows(self, y0, labels, confidence, x0=0):
+        assert x0 == 0 and labels.shape[1] == (self.width or labels.shape[1])  # whole rows: narrower than a stripe
         self.bands.append((y0, labels.copy(), None if confidence is None else confidence.copy()))
+
+
+class WindowRecorder:
+    """A sink that keeps every window it is given (y0, x0, labels, confidence), as they arrive."""
+
+    def __init__(self):
+        self.windows = []
+
+    def write_rows(self, y0, labels, confidence, x0=0):
+        self.windows.append((y0, x0, labels.copy(), None if confidence is None else confidence.copy()))
+
+    def maps(self, height, width):
+        """The windows pasted into whole maps, checking that each pixel came once."""
+        labels, confidence, count = (np.zeros((height, width), np.int64) for _ in range(3))
+        for y0, x0, lab, conf in self.windows:
+            h, w = lab.shape
+            labels[y0 : y0 + h, x0 : x0 + w] = lab
+            confidence[y0 : y0 + h, x0 : x0 + w] = conf
+            count[y0 : y0 + h, x0 : x0 + w] += 1
+        assert (count == 1).all()
+        return labels, confidence
 
 
 def images(height, width, seed=0):
@@ -315,6 +338,116 @@ def test_wide_sections_are_read_in_windows_with_the_same_labels(model, monkeypat
     assert np.array_equal(windowed.confidence_histogram, whole_rows.confidence_histogram)
     widths = [w for c in counted for _, w in c.reads]
     assert max(widths) <= 200 and len(widths) > 2 * len(seg.plan_for(150, 900).ys) * 2  # several windows a row
+
+
+@pytest.mark.parametrize(
+    ("shape", "stripe", "align"),
+    [((150, 900), 200, 16), ((150, 900), 256, 64), ((90, 610), 100, 32), ((200, 130), 48, 16), ((64, 3000), 999, 16)],
+)
+def test_wide_sections_run_in_stripes_equal_one_pass_bit_for_bit(model, monkeypatch, shape, stripe, align):
+    options = InferenceOptions(tile=64, overlap=16, batch_size=3, device="cpu", with_confidence=True)
+    seg = Segmenter(load_bundle(model), options)
+    sources = images(*shape, seed=11)
+    one_pass = seg.segment(sources)  # narrower than STRIPE_WIDTH: one stripe
+    monkeypatch.setattr(engine_module, "STRIPE_WIDTH", stripe)
+    monkeypatch.setattr(engine_module, "STRIPE_ALIGN", align)
+    plan = seg.plan_for(*shape)
+    stripes = engine_module.column_stripes(plan, stripe, align)
+    assert len(stripes) == -(-shape[1] // stripe) > 1
+    assert [s.x0 for s in stripes[1:]] == [s.x1 for s in stripes[:-1]] and stripes[-1].x1 == shape[1]
+    assert all(s.x0 % align == 0 for s in stripes)
+    sink = WindowRecorder()
+    stats = seg.stream(sources, sink)
+    labels, confidence = sink.maps(*shape)
+    assert np.array_equal(labels, one_pass.labels) and np.array_equal(confidence, one_pass.confidence)
+    assert np.array_equal(stats.confidence_histogram, one_pass.confidence_histogram)
+    # stripe by stripe, left to right, each from the top down, never wider than the stripe
+    order = [(x0, y0) for y0, x0, _, _ in sink.windows]
+    assert order == sorted(order)
+    assert {x0 for x0, _ in order} == {s.x0 for s in stripes}
+    assert max(lab.shape[1] for _, _, lab, _ in sink.windows) == max(s.x1 - s.x0 for s in stripes)
+    # the tile columns over a stripe edge run twice: one, or two where the edge is in a seam
+    in_seams = sum(any(a <= s.x0 < b for a, b in plan.shared_cols) for s in stripes[1:])
+    if stripe > 2 * plan.tile_w:
+        assert plan.n_tiles < stats.tiles <= plan.n_tiles + (len(stripes) - 1 + in_seams) * len(plan.ys)
+
+
+@pytest.mark.parametrize("rows_per_part", [1, 4])
+def test_parts_of_tile_rows_in_stripes_equal_the_whole_run(model, monkeypatch, rows_per_part):
+    seg = Segmenter(load_bundle(model), InferenceOptions(tile=64, overlap=16, device="cpu", with_confidence=True))
+    sources = images(300, 500, seed=5)
+    whole = seg.segment(sources)
+    monkeypatch.setattr(engine_module, "STRIPE_WIDTH", 160)
+    monkeypatch.setattr(engine_module, "STRIPE_ALIGN", 32)
+    sink, histogram = WindowRecorder(), np.zeros_like(whole.confidence_histogram)
+    for part in tile_row_groups(len(seg.plan_for(300, 500).ys), rows_per_part):
+        histogram += seg.stream(sources, sink, tile_rows=part).confidence_histogram
+    labels, confidence = sink.maps(300, 500)
+    assert np.array_equal(labels, whole.labels) and np.array_equal(confidence, whole.confidence)
+    assert np.array_equal(histogram, whole.confidence_histogram)
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.6, (0.8, 1.3)])
+def test_a_resampled_run_in_stripes_maps_back_to_the_same_labels(model, monkeypatch, factor):
+    seg = engine(model)
+    sources = images(150, 470, seed=2)
+    whole = segment_at_model_resolution(seg, sources, factor)
+    monkeypatch.setattr(engine_module, "STRIPE_WIDTH", 128)
+    monkeypatch.setattr(engine_module, "STRIPE_ALIGN", 16)
+    sink = WindowRecorder()
+    stream_at_model_resolution(seg, sources, factor, sink)
+    labels, confidence = sink.maps(150, 470)
+    assert np.array_equal(labels, whole.labels) and np.array_equal(confidence, whole.confidence)
+
+
+def test_band_writer_takes_column_stripes_and_refuses_overlaps_or_gaps(tmp_path):
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, len(TABLE) + 1, (1100, 300)).astype(np.uint8)
+    geometry = Geometry.thin_section(MM_PER_PIXEL)
+    with NetcdfWriter(tmp_path / "stripes.nc") as writer:
+        rows = writer.begin_labelmap("L", labels.shape, TABLE, reference="PP", geometry=geometry)
+        for x0, x1 in [(0, 128), (128, 256), (256, 300)]:
+            for y0, y1 in [(0, 37), (37, 600), (600, 1100)]:
+                rows.write_rows(y0, labels[y0:y1, x0:x1], x0)
+            assert rows._open == {}  # a finished stripe's buffer is let go
+        rows.finish()
+    with open_nc(tmp_path / "stripes.nc") as nc:
+        assert np.array_equal(nc.variables["L"][0], labels)
+    geometry = Geometry.thin_section(MM_PER_PIXEL)
+    with pytest.raises(ValueError, match="not new columns"), NetcdfWriter(tmp_path / "x.nc") as writer:
+        rows = writer.begin_labelmap("L", (10, 8), TABLE, geometry=geometry)
+        rows.write_rows(0, np.ones((10, 4), np.uint8), 0)
+        rows.write_rows(0, np.ones((10, 4), np.uint8), 2)  # overlaps columns 2..3
+    with pytest.raises(ValueError, match="only 0 of 10 rows"), NetcdfWriter(tmp_path / "y.nc") as writer:
+        rows = writer.begin_labelmap("L", (10, 8), TABLE, geometry=geometry)
+        rows.write_rows(0, np.ones((10, 4), np.uint8), 0)  # columns 4..7 never come
+        rows.finish()
+    with pytest.raises(ValueError, match="do not follow row 3"), NetcdfWriter(tmp_path / "z.nc") as writer:
+        rows = writer.begin_labelmap("L", (10, 8), TABLE, geometry=geometry)
+        rows.write_rows(0, np.ones((3, 4), np.uint8), 4)
+        rows.write_rows(4, np.ones((3, 4), np.uint8), 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stripes.nc"]  # nothing half-written
+
+
+def test_segment_in_stripes_writes_the_same_file_as_one_pass(tmp_path, capsys, model, monkeypatch):
+    pp_path, xp_path = write_pair(tmp_path, "S_PP", "S_XP", height=230, width=610)
+    args = ["--model", model, "--tile", 64, "--overlap", 16, "--batch-size", 2, "--probabilities", "--overlay", "-q"]
+    code, _, stderr = run_main(capsys, "segment", pp_path, "--output", tmp_path / "one", *args)
+    assert code == 0, stderr
+    monkeypatch.setattr(engine_module, "STRIPE_WIDTH", 192)
+    monkeypatch.setattr(engine_module, "STRIPE_ALIGN", 64)
+    monkeypatch.setattr(engine_module, "READ_WIDTH", 150)
+    code, _, stderr = run_main(capsys, "segment", pp_path, "--output", tmp_path / "stripes", *args)
+    assert code == 0, stderr
+    with open_nc(tmp_path / "one" / "S_PP.nc") as a, open_nc(tmp_path / "stripes" / "S_PP.nc") as b:
+        assert np.array_equal(b.variables["S_PP"][0], decoded(pp_path))  # every pixel copied once
+        assert np.array_equal(b.variables["S_XP"][0], decoded(xp_path))
+        for name in ("S_Segmentation", "S_Confidence"):
+            assert np.array_equal(a.variables[name][:], b.variables[name][:])
+    pixels = [[r["pixels"] for r in read_csv(tmp_path / run / "modal_mineralogy.csv")] for run in ("one", "stripes")]
+    assert pixels[0] == pixels[1]
+    overlays = [(tmp_path / run / "S_PP_overlay.png").read_bytes() for run in ("one", "stripes")]
+    assert overlays[0] == overlays[1]
 
 
 def test_segment_copies_pp_and_xp_whole_when_the_engine_reads_windows(tmp_path, capsys, model, monkeypatch):

@@ -5,13 +5,18 @@ tile-row at a time, the input read in windows of at most READ_WIDTH columns. Pix
 one tile covers (most of them) become labels straight from that tile; the overlaps are blended
 in storage for the overlaps alone (the rows two tile rows share, the column seams of the open
 tile row) and become labels as soon as no later tile can touch them; each finished band of rows
-goes to a row sink (the output file, or whole maps for callers that want them in memory). Peak
-memory is therefore a fixed part (model, a batch) plus O(overlap x width x classes) and a uint8
-band of labels, whatever the section's height, and the blending costs only the overlaps.
+goes to a row sink (the output file, or whole maps for callers that want them in memory).
+
+Sections wider than STRIPE_WIDTH are run in column stripes, left to right, each from top to
+bottom; a stripe also runs the tile that straddles its edge, so every pixel is blended from the
+same tiles in the same order as in one pass. Peak memory is therefore a fixed part (model, a
+batch) plus O(overlap x stripe width x classes) and a uint8 band of labels a stripe wide,
+whatever the section's height and width, for about one extra tile per tile row and stripe edge.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -107,6 +112,12 @@ BATCH_PIXELS = 1024 * 1024
 #: in windows of the tile rows, so the input held (PP and XP, current and next window) is the
 #: same for any width; narrower ones are read in whole rows as before.
 READ_WIDTH = 8192
+#: Columns of the section one stripe owns (a multiple of 512, so that the outputs' compressed
+#: 512 x 512 chunks are each written whole): wider sections are run stripe by stripe, and what
+#: the engine and the output writers hold is then about as wide as a stripe, not the section.
+STRIPE_WIDTH = 8192
+#: Stripe edges fall on multiples of this (the outputs' chunk side).
+STRIPE_ALIGN = 512
 #: Rows of a finished strip turned into confidence at once (bounds the softmax temporaries).
 CONFIDENCE_ROWS = 64
 #: Confidence statistics (mean, low-confidence share) come from every STATS_STRIDE-th row and
@@ -194,11 +205,15 @@ class RunStats:
 
 
 class RowSink(Protocol):
-    """Receives the finished rows of a section, top to bottom, each row exactly once: (h, W)
-    uint8 labels from row `y0`, and their confidence (max softmax x 255) when it was asked for.
-    The arrays are the engine's band buffers, valid only during the call: copy what is kept."""
+    """Receives the finished pixels of a section, each exactly once: (h, w) uint8 labels at row
+    `y0`, column `x0`, and their confidence (max softmax x 255) when it was asked for. A section
+    at most STRIPE_WIDTH wide comes in bands of whole rows, top to bottom; a wider one in column
+    stripes, left to right, each stripe's bands top to bottom. The arrays are the engine's band
+    buffers, valid only during the call: copy what is kept."""
 
-    def write_rows(self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None) -> None: ...
+    def write_rows(
+        self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None, x0: int = 0
+    ) -> None: ...
 
 
 class ArraySink:
@@ -208,10 +223,13 @@ class ArraySink:
         self.labels = np.zeros((height, width), np.uint8)
         self.confidence = np.zeros((height, width), np.uint8) if with_confidence else None
 
-    def write_rows(self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None) -> None:
-        self.labels[y0 : y0 + labels.shape[0]] = labels
+    def write_rows(
+        self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None, x0: int = 0
+    ) -> None:
+        h, w = labels.shape
+        self.labels[y0 : y0 + h, x0 : x0 + w] = labels
         if self.confidence is not None and confidence is not None:
-            self.confidence[y0 : y0 + confidence.shape[0]] = confidence
+            self.confidence[y0 : y0 + h, x0 : x0 + w] = confidence
 
 
 ProgressFn = Callable[[int, int], None]  # (tiles done, tiles total)
@@ -314,42 +332,35 @@ class Segmenter(Generic[BundleT]):
         plan = self.plan_for(height, width)
         first, last = _tile_row_range(tile_rows, len(plan.ys))
         run_from = max(0, first - 1)
-        total = (last - run_from) * len(plan.xs)
-        out = _LabelWriter(plan, self.bundle.first_label, self.options.with_confidence, sink, self.device)
-        out.report_from = first
-        done = 0
+        stripes = column_stripes(plan, STRIPE_WIDTH, STRIPE_ALIGN)
+        progress_of = _Progress(progress, (last - run_from) * sum(s.end - s.first for s in stripes))
+        histogram = torch.zeros(CONFIDENCE_BINS, dtype=torch.int64, device=self.device)
         order = self._fused[0] if self._fused is not None else list(range(len(sources)))
-        reader = _BandReader(
-            [sources[i] for i in order], plan, self.options.prefetch, (run_from, last), self.batch_size, READ_WIDTH
-        )
-        try:
-            blend = _Blend(plan, self._n_outputs(), self.device)
-            index = {x: i for i, x in enumerate(plan.xs)}
-            for window, bands in reader:
-                if window.first:
-                    out.begin(window.row)
-                for batch in window.batches:
-                    if cancel is not None and cancel():
-                        raise Cancelled()
-                    logits = self._forward(bands, [x - window.x0 for x in batch], plan.tile_w)
-                    for tile_logits, col in zip(logits, batch):
-                        self._place_tile(tile_logits, plan, window.row, col, blend, out)
-                        for blended, y0, x0 in blend.finished_by(window.row, index[col]):
-                            out.write(blended, y0, x0)
-                    done += len(batch)
-                    if progress is not None:
-                        progress(done, total)
-                if window.last:
-                    out.finish()
-        finally:
-            reader.close()
+        for stripe in stripes:
+            part = plan if len(stripes) == 1 else plan.columns(stripe.first, stripe.end)
+            offset = plan.xs[stripe.first]
+            views: list[Source] = [
+                sources[i] if part is plan else _ColumnView(sources[i], offset, part.width) for i in order
+            ]
+            out = _LabelWriter(
+                part,
+                self.bundle.first_label,
+                self.options.with_confidence,
+                sink,
+                self.device,
+                owned=(stripe.x0 - offset, stripe.x1 - offset),
+                x_offset=offset,
+            )
+            out.report_from = first
+            self._run_stripe(part, views, (run_from, last), out, progress_of, cancel)
+            histogram += out.histogram
         return RunStats(
             shape=(height, width),
-            tiles=total,
+            tiles=progress_of.total,
             seconds=time.perf_counter() - start,
             device=str(self.device),
             messages=list(self.messages),
-            confidence_histogram=out.histogram.cpu().numpy(),
+            confidence_histogram=histogram.cpu().numpy(),
         )
 
     def plan_for(self, height: int, width: int) -> _Plan:
@@ -367,6 +378,37 @@ class Segmenter(Generic[BundleT]):
         return _Plan.make(height, width, tile, self.overlap, self.multiple)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _run_stripe(
+        self,
+        plan: _Plan,
+        sources: Sequence[Source],
+        rows: tuple[int, int],
+        out: _LabelWriter,
+        progress: _Progress,
+        cancel: CancelFn | None,
+    ) -> None:
+        """Tile rows [a, b) of `plan` (a section, or one stripe of it seen through column views)."""
+        reader = _BandReader(sources, plan, self.options.prefetch, rows, self.batch_size, READ_WIDTH)
+        try:
+            blend = _Blend(plan, self._n_outputs(), self.device)
+            index = {x: i for i, x in enumerate(plan.xs)}
+            for window, bands in reader:
+                if window.first:
+                    out.begin(window.row)
+                for batch in window.batches:
+                    if cancel is not None and cancel():
+                        raise Cancelled()
+                    logits = self._forward(bands, [x - window.x0 for x in batch], plan.tile_w)
+                    for tile_logits, col in zip(logits, batch):
+                        self._place_tile(tile_logits, plan, window.row, col, blend, out)
+                        for blended, y0, x0 in blend.finished_by(window.row, index[col]):
+                            out.write(blended, y0, x0)
+                    progress.add(len(batch))
+                if window.last:
+                    out.finish()
+        finally:
+            reader.close()
 
     def _n_outputs(self) -> int:
         """Network output channels: one per class, plus output 0 = not classified in our bundles."""
@@ -457,13 +499,25 @@ class _LabelWriter:
     """
 
     def __init__(
-        self, plan: _Plan, first_label: int, with_confidence: bool, sink: RowSink, device: torch.device | None = None
+        self,
+        plan: _Plan,
+        first_label: int,
+        with_confidence: bool,
+        sink: RowSink,
+        device: torch.device | None = None,
+        owned: tuple[int, int] | None = None,
+        x_offset: int = 0,
     ) -> None:
         self.plan, self.sink = plan, sink
         self.height, self.width = plan.height, plan.width
+        #: the columns of `plan` whose labels are handed on (a stripe's own), and where column 0
+        #: of `plan` lies in the section
+        self.owned = owned if owned is not None else (0, plan.width)
+        self.x_offset = x_offset
         rows = max(1, min(plan.tile_h, plan.height))
-        self._labels = np.zeros((rows, plan.width), np.uint8)
-        self._confidence = np.zeros((rows, plan.width), np.uint8) if with_confidence else None
+        columns = self.owned[1] - self.owned[0]
+        self._labels = np.zeros((rows, columns), np.uint8)
+        self._confidence = np.zeros((rows, columns), np.uint8) if with_confidence else None
         self.histogram = torch.zeros(CONFIDENCE_BINS, dtype=torch.int64, device=device)
         self.first_label = first_label
         self._labels_t = torch.from_numpy(self._labels)
@@ -491,27 +545,30 @@ class _LabelWriter:
         y0, y1 = self.band
         if y1 > y0 and self._reporting:
             n = y1 - y0
-            self.sink.write_rows(y0, self._labels[:n], self._confidence[:n] if self._confidence is not None else None)
+            confidence = self._confidence[:n] if self._confidence is not None else None
+            self.sink.write_rows(y0, self._labels[:n], confidence, self.x_offset + self.owned[0])
         self.band = (y1, y1)
 
     def write(self, logits: torch.Tensor, y0: int, x0: int) -> None:
         """`logits` (C, h, w) for the pixels from (y0, x0), inside the open band; parts outside
-        the section are dropped."""
-        height, width = self.height, self.width
-        h, w = min(logits.shape[1], height - y0), min(logits.shape[2], width - x0)
-        if h <= 0 or w <= 0:
+        the section, or outside the owned columns, are dropped."""
+        height, (o0, o1) = self.height, self.owned
+        h = min(logits.shape[1], height - y0)
+        a, b = max(x0, o0), min(x0 + logits.shape[2], o1)  # the owned columns of the region
+        if h <= 0 or b <= a:
             return
         b0, b1 = self.band
         if y0 < b0 or y0 + h > b1:
             raise AssertionError(f"rows {y0}:{y0 + h} written outside the open band {b0}:{b1}")
         if not self._reporting:
             return
-        logits = logits[:, :h, :w]
+        logits = logits[:, :h, a - x0 : b - x0]
+        x0, w = a - o0, b - a  # from here on: columns of the band buffers
         target = self._labels_t[y0 - b0 : y0 - b0 + h, x0 : x0 + w]
         target.copy_(logits.argmax(dim=0))  # int64 -> uint8 in the copy (classes < 256: checked at load)
         if self.first_label:
             target.add_(self.first_label)
-        self._sample_confidence(logits, y0, x0)
+        self._sample_confidence(logits, y0, a + self.x_offset)
         if self._confidence_t is not None:
             # max softmax probability = 1 / sum(exp(l - lmax)), a few rows at a time: the
             # temporaries of a whole strip (C x rows x section width, float) would be about 1 GB
@@ -525,8 +582,8 @@ class _LabelWriter:
                 )
 
     def _sample_confidence(self, logits: torch.Tensor, y0: int, x0: int) -> None:
-        """Add the confidence of the pixels of `logits` (C, h, w at (y0, x0)) on the section's
-        STATS_STRIDE grid to the histogram (every region is written once, so none counts twice)."""
+        """Add the confidence of the pixels of `logits` (C, h, w at section position (y0, x0)) on
+        the section's STATS_STRIDE grid to the histogram (every region is written once, so none counts twice)."""
         part = logits[:, (-y0) % STATS_STRIDE :: STATS_STRIDE, (-x0) % STATS_STRIDE :: STATS_STRIDE]
         if part.numel() == 0:
             return
@@ -628,6 +685,76 @@ class _Plan:
     def batches(self, size: int) -> list[list[int]]:
         """The column starts of one tile row in groups of at most `size` (one forward pass each)."""
         return [self.xs[i : i + size] for i in range(0, len(self.xs), size)]
+
+    def columns(self, first: int, end: int) -> _Plan:
+        """The plan of tile columns [first, end) alone, in the columns of a view of the section
+        from xs[first]: the same tiles, with what only they cover (a pixel the plan's other
+        tiles also cover comes out different, so only pixels no other tile covers are used)."""
+        x0 = self.xs[first]
+        xs = [x - x0 for x in self.xs[first:end]]
+        width = min(self.width, self.xs[end - 1] + self.tile_w) - x0
+        cx = _coverage(xs, self.tile_w, width)
+        return dataclasses.replace(
+            self,
+            width=width,
+            xs=xs,
+            col_own={x: _own_span(cx, x, self.tile_w) for x in xs},
+            shared_cols=_runs(cx[: max(width, self.tile_w)] > 1),
+        )
+
+
+@dataclass(frozen=True)
+class _Stripe:
+    """Section columns [x0, x1) and the tile columns [first, end) that cover them."""
+
+    first: int
+    end: int
+    x0: int
+    x1: int
+
+
+def column_stripes(plan: _Plan, stripe_width: int, align: int = STRIPE_ALIGN) -> list[_Stripe]:
+    """The stripes a section is run in: one for a section at most `stripe_width` wide, else
+    about equal ones whose edges fall on multiples of `align`, where one tile covers them if a
+    multiple nearby allows (an edge in a seam has both of its tiles run twice)."""
+    if plan.width <= stripe_width:
+        return [_Stripe(0, len(plan.xs), 0, plan.width)]
+    n = math.ceil(plan.width / stripe_width)
+
+    def edge(ideal: float) -> int:
+        candidates = [a for a in range(0, plan.width, align) if abs(a - ideal) <= align] or [round(ideal)]
+        return min(candidates, key=lambda a: (any(s <= a < e for s, e in plan.shared_cols), abs(a - ideal)))
+
+    edges = sorted({0, plan.width, *(edge(k * plan.width / n) for k in range(1, n))})
+    stripes = []
+    for x0, x1 in zip(edges, edges[1:]):
+        tiles = [i for i, x in enumerate(plan.xs) if x < x1 and x + plan.tile_w > x0]
+        stripes.append(_Stripe(tiles[0], tiles[-1] + 1, x0, x1))
+    return stripes
+
+
+class _ColumnView:
+    """Columns [x0, x0 + width) of a source, as a source of their own (one stripe's input)."""
+
+    def __init__(self, source: Source, x0: int, width: int) -> None:
+        self.source, self.x0 = source, x0
+        self.shape = (int(source.shape[0]), int(width))
+
+    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> npt.NDArray[np.uint8]:
+        x1 = self.shape[1] if x1 is None else x1
+        return self.source.read(y0, y1, self.x0 + x0, self.x0 + x1)
+
+
+class _Progress:
+    """Tiles done out of `total`, over every stripe of a run, handed to a progress callback."""
+
+    def __init__(self, callback: ProgressFn | None, total: int) -> None:
+        self.callback, self.total, self.done = callback, total, 0
+
+    def add(self, tiles: int) -> None:
+        self.done += tiles
+        if self.callback is not None:
+            self.callback(self.done, self.total)
 
 
 class _Sums:

@@ -198,23 +198,28 @@ def segment_at_model_resolution(
 class GridSink:
     """Maps rows finished on the model's grid (run_h x run_w) onto the section's grid (height x
     width) by nearest neighbour, as `labels_to_grid` does for whole maps, and passes them on:
-    the picked model rows only grow down the section, so each output row is sent once, in order."""
+    the picked model rows and columns only grow along the section, so each output pixel is sent
+    once, in the order the engine sends its own (bands, or bands of stripes)."""
 
     def __init__(self, sink: RowSink, shape: tuple[int, int], run_shape: tuple[int, int]) -> None:
         self.sink = sink
         self.rows = nearest_index(shape[0], run_shape[0])
         self.cols = nearest_index(shape[1], run_shape[1])
 
-    def write_rows(self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None) -> None:
-        y1 = y0 + labels.shape[0]
+    def write_rows(
+        self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None, x0: int = 0
+    ) -> None:
+        y1, x1 = y0 + labels.shape[0], x0 + labels.shape[1]
         a, b = (int(v) for v in np.searchsorted(self.rows, (y0, y1), side="left"))
-        if b <= a:
+        c, d = (int(v) for v in np.searchsorted(self.cols, (x0, x1), side="left"))
+        if b <= a or d <= c:
             return
-        pick = self.rows[a:b] - y0
+        rows, cols = self.rows[a:b] - y0, self.cols[c:d] - x0
         self.sink.write_rows(
             a,
-            np.ascontiguousarray(labels[pick][:, self.cols]),
-            np.ascontiguousarray(confidence[pick][:, self.cols]) if confidence is not None else None,
+            np.ascontiguousarray(labels[rows][:, cols]),
+            np.ascontiguousarray(confidence[rows][:, cols]) if confidence is not None else None,
+            c,
         )
 
 

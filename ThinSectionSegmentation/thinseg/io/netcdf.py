@@ -801,7 +801,11 @@ class RgbRowWriter:
 
 class BandRowWriter:
     """Writes the rows of one (1, H, W) variable in order, gathered into CHUNK-row bands: each
-    compressed chunk is then written once, whatever the height of the bands handed in."""
+    compressed chunk is then written once, whatever the height of the bands handed in.
+
+    A wide image may come in column stripes (`x0`): each stripe's rows in order, gathered into
+    its own CHUNK-row buffer, so what is held is a stripe wide, not the image. Stripes that
+    start and end on multiples of CHUNK (or at the image's edge) write whole chunks too."""
 
     def __init__(
         self,
@@ -816,42 +820,85 @@ class BandRowWriter:
         self.name, self._variable, self.height, self.width = name, variable, height, width
         self._writing = writing or _locked
         self._check = check
-        self._buffer = np.empty((min(CHUNK, max(height, 1)), width), dtype)
-        self._start = 0  # first row of the buffer
-        self.next_row = 0  # rows before it have been handed in
+        self._dtype = dtype
+        self._open: dict[tuple[int, int], _StripeBuffer] = {}  # (x0, x1) -> the stripe's rows not written yet
+        self._done: list[tuple[int, int]] = []  # stripes written to the bottom
 
-    def write_rows(self, y0: int, band: np.ndarray) -> None:
-        """Rows `y0`.. (the next ones: rows come in order, each once)."""
+    @property
+    def next_row(self) -> int:
+        """Rows before this one have been handed in, in every column."""
+        if _covered([*self._done, *self._open]) < self.width:
+            return 0  # some columns have had no rows yet
+        return min((b.next_row for b in self._open.values()), default=self.height)
+
+    def write_rows(self, y0: int, band: np.ndarray, x0: int = 0) -> None:
+        """Rows `y0`.. of columns `x0`.. (the next rows of those columns: each column's rows come
+        in order, each once)."""
         rows = np.asarray(band)
         if self._check is not None:
             rows = self._check(rows)
+        if rows.ndim != 2:
+            raise ValueError(f"rows of shape {rows.shape} are not (h, w)")
+        columns = (x0, x0 + rows.shape[1])
+        stripe = self._open.get(columns)
+        if stripe is None:
+            stripe = self._start(columns)
         y1 = y0 + rows.shape[0]
-        if y0 != self.next_row or rows.ndim != 2 or rows.shape[1] != self.width or y1 > self.height:
+        if y0 != stripe.next_row or y1 > self.height:
             raise ValueError(
-                f"rows {y0}:{y1} of shape {rows.shape} do not follow row {self.next_row} "
+                f"rows {y0}:{y1} of columns {columns[0]}:{columns[1]} do not follow row {stripe.next_row} "
                 f"of ({self.height}, {self.width})"
             )
         done = 0
         while done < rows.shape[0]:
-            at = self.next_row - self._start
-            n = min(rows.shape[0] - done, self._buffer.shape[0] - at)
-            self._buffer[at : at + n] = rows[done : done + n]
+            at = stripe.next_row - stripe.start
+            n = min(rows.shape[0] - done, stripe.buffer.shape[0] - at)
+            stripe.buffer[at : at + n] = rows[done : done + n]
             done += n
-            self.next_row += n
-            if self.next_row - self._start == self._buffer.shape[0] or self.next_row == self.height:
-                self._flush()
+            stripe.next_row += n
+            if stripe.next_row - stripe.start == stripe.buffer.shape[0] or stripe.next_row == self.height:
+                self._flush(columns, stripe)
+        if stripe.next_row == self.height:
+            del self._open[columns]
+            self._done.append(columns)
 
-    def _flush(self) -> None:
-        n = self.next_row - self._start
+    def _start(self, columns: tuple[int, int]) -> _StripeBuffer:
+        x0, x1 = columns
+        taken = [*self._done, *self._open]
+        if not 0 <= x0 < x1 <= self.width or any(a < x1 and x0 < b for a, b in taken):
+            raise ValueError(
+                f"columns {x0}:{x1} are not new columns of ({self.height}, {self.width}) "
+                f"(written or open: {sorted(taken)})"
+            )
+        stripe = _StripeBuffer(np.empty((min(CHUNK, max(self.height, 1)), x1 - x0), self._dtype))
+        self._open[columns] = stripe
+        return stripe
+
+    def _flush(self, columns: tuple[int, int], stripe: _StripeBuffer) -> None:
+        n = stripe.next_row - stripe.start
         if n > 0:
             with self._writing():
-                self._variable[0, self._start : self.next_row, :] = self._buffer[:n]
-        self._start = self.next_row
+                self._variable[0, stripe.start : stripe.next_row, columns[0] : columns[1]] = stripe.buffer[:n]
+        stripe.start = stripe.next_row
 
     def finish(self) -> None:
-        """Check that every row was written."""
+        """Check that every row of every column was written."""
         if self.next_row != self.height:
             raise ValueError(f"{self.name}: only {self.next_row} of {self.height} rows were written")
+
+
+@dataclass
+class _StripeBuffer:
+    """Rows [start, next_row) of one column stripe, not written yet."""
+
+    buffer: np.ndarray
+    start: int = 0
+    next_row: int = 0
+
+
+def _covered(stripes: Sequence[tuple[int, int]]) -> int:
+    """Columns the (non-overlapping) stripes cover together."""
+    return sum(b - a for a, b in stripes)
 
 
 def _write_bands(writer: BandRowWriter, array: np.ndarray, band_rows: int) -> None:

@@ -268,19 +268,31 @@ class PartOutcome:
 
 
 class _KeptRows:
-    """A row sink that keeps a part's rows (copies: the engine reuses its band buffers)."""
+    """A row sink that keeps a part's rows, whole (the bands of a wide section come in column
+    stripes: each is copied into place, the engine reusing its band buffers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int) -> None:
+        self.width = width
         self.y0: int | None = None
-        self.labels: list[npt.NDArray[np.uint8]] = []
+        self.labels: list[npt.NDArray[np.uint8]] = []  # one full-width array per band of the first stripe
         self.confidence: list[npt.NDArray[np.uint8]] = []
+        self._bands: dict[int, int] = {}  # first row -> index of its band
 
-    def write_rows(self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None) -> None:
+    def write_rows(
+        self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None, x0: int = 0
+    ) -> None:
         if self.y0 is None:
             self.y0 = y0
-        self.labels.append(labels.copy())
+        h, w = labels.shape
+        if y0 not in self._bands:
+            self._bands[y0] = len(self.labels)
+            self.labels.append(np.zeros((h, self.width), np.uint8))
+            if confidence is not None:
+                self.confidence.append(np.zeros((h, self.width), np.uint8))
+        i = self._bands[y0]
+        self.labels[i][:, x0 : x0 + w] = labels
         if confidence is not None:
-            self.confidence.append(confidence.copy())
+            self.confidence[i][:, x0 : x0 + w] = confidence
 
 
 def band_task(
@@ -299,7 +311,7 @@ def band_task(
             sources: list[Source] = list(opened.sources)
             if factor is not None:
                 sources = [ResampledSource(s, factor) for s in sources]
-            kept = _KeptRows()
+            kept = _KeptRows(int(sources[0].shape[1]))
             stats = segmenter.stream(sources, kept, tile_rows=tile_rows)
     except Exception as error:  # the part boundary: reported to the client, which fails the section
         refused = ThinSegError.from_exception(error, section.primary)

@@ -28,7 +28,16 @@ import thinseg
 from thinseg.data.section_images import DEFAULT_MM_PER_PIXEL, NetcdfSection, netcdf_layout, open_ppxp
 from thinseg.errors import ThinSegError
 from thinseg.inference.confidence import ConfidenceReference, out_of_depth_warning
-from thinseg.inference.engine import CancelFn, InferenceOptions, ProgressFn, RowSink, RunStats, Segmenter, Source
+from thinseg.inference.engine import (
+    READ_WIDTH,
+    CancelFn,
+    InferenceOptions,
+    ProgressFn,
+    RowSink,
+    RunStats,
+    Segmenter,
+    Source,
+)
 from thinseg.inference.resample import (
     Factor,
     nearest_index,
@@ -564,43 +573,60 @@ class AlignedXpSource:
 
 
 class _TeeSource:
-    """Passes reads through and hands rows not seen before to a netCDF row writer.
+    """Passes reads through and hands the pixels not seen before to a netCDF image writer.
 
     The engine reads overlapping bands top to bottom (a wide band in windows from left to
-    right), so every pixel passes by at least once: the input is decoded once for both
-    segmentation and the netCDF copy.
+    right; a wide section in column stripes, each top to bottom), so every pixel passes by at
+    least once: the input is decoded once for both segmentation and the netCDF copy. Each
+    column remembers how far down it has been copied.
     """
 
     def __init__(self, source: RasterSource, sink: RgbRowWriter, band_rows: int = 512) -> None:
         self.source, self.sink = source, sink
         self.shape: tuple[int, int] = (int(source.shape[0]), int(source.shape[1]))
         self.name = source.name
-        self.next_row = 0
         self.band_rows = band_rows
-        self.next_col, self._band_end = 0, 0  # wide sections: the engine reads its bands in windows
+        self._copied = np.zeros(self.shape[1], np.int64)  # per column: rows above this are copied
+
+    @property
+    def next_row(self) -> int:
+        """Rows above this one are copied in every column."""
+        return int(self._copied.min()) if self.shape[1] else self.shape[0]
 
     def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray:
         band = self.source.read(y0, y1, x0, x1)
-        x1 = self.shape[1] if x1 is None else x1
-        # rows not copied yet, in whole rows or in windows of one band from left to right
-        if y0 <= self.next_row < y1 and x0 <= self.next_col < x1 and (self.next_col == 0 or y1 == self._band_end):
-            rows = np.asarray(band[self.next_row - y0 :, self.next_col - x0 :])
-            self.sink.write_window(self.next_row, self.next_col, rows)
-            self.next_col, self._band_end = x1, y1
-            if x1 >= self.shape[1]:
-                self.next_row, self.next_col = y1, 0
+        self._copy(np.asarray(band), y0, x0)
         return band
 
+    def _copy(self, band: np.ndarray, y0: int, x0: int) -> None:
+        """Copy the pixels of `band` (read at (y0, x0)) that continue their column's copy."""
+        y1, x1 = y0 + band.shape[0], x0 + band.shape[1]
+        copied = self._copied[x0:x1]
+        go_on = (copied >= y0) & (copied < y1)
+        if not go_on.any():
+            return
+        # runs of columns copied down to the same row: one window each
+        marks = np.where(go_on, copied, -1)
+        edges = np.flatnonzero(np.diff(marks)) + 1
+        for a, b in zip([0, *edges.tolist()], [*edges.tolist(), len(marks)]):
+            start = int(marks[a])
+            if start >= 0:
+                self.sink.write_window(start, x0 + a, np.ascontiguousarray(band[start - y0 :, a:b]))
+        copied[go_on] = y1
+
     def copy_ahead(self) -> bool:
-        """Copy the next rows not yet seen (`band_rows` of them); False once every row is copied.
-        For a section whose labels are made elsewhere (on a cluster): the copy is then done while
-        waiting for them, not after."""
+        """Copy the next rows not yet seen (`band_rows` of them, in windows of at most
+        READ_WIDTH columns); False once every row is copied. For a section whose labels are made
+        elsewhere (on a cluster): the copy is then done while waiting for them, not after."""
         height, width = self.shape
-        if self.next_row >= height:
+        y0 = self.next_row
+        if y0 >= height:
             return False
-        y1 = min(height, self.next_row + self.band_rows)
-        self.sink.write_rows(self.next_row, np.asarray(self.source.read(self.next_row, y1, 0, width)))
-        self.next_row = y1
+        y1 = min(height, y0 + self.band_rows)
+        for x0 in range(0, width, READ_WIDTH):
+            x1 = min(width, x0 + READ_WIDTH)
+            if (self._copied[x0:x1] < y1).any():
+                self._copy(np.asarray(self.source.read(y0, y1, x0, x1)), y0, x0)
         return True
 
     def finish(self) -> None:
@@ -671,15 +697,19 @@ class _SectionSink:
         self._rows = nearest_index(shape[0], self.shape[0])
         self._cols = nearest_index(shape[1], self.shape[1])
 
-    def write_rows(self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None) -> None:
-        self.labels.write_rows(y0, labels)
+    def write_rows(
+        self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None, x0: int = 0
+    ) -> None:
+        self.labels.write_rows(y0, labels, x0)
         if self.confidence is not None and confidence is not None:
-            self.confidence.write_rows(y0, confidence)
+            self.confidence.write_rows(y0, confidence, x0)
         self.counts += class_pixel_counts(labels, self.n_classes)
         if self.preview is not None:
-            a, b = (int(v) for v in np.searchsorted(self._rows, (y0, y0 + labels.shape[0]), side="left"))
-            if b > a:
-                self.preview[a:b] = labels[self._rows[a:b] - y0][:, self._cols]
+            h, w = labels.shape
+            a, b = (int(v) for v in np.searchsorted(self._rows, (y0, y0 + h), side="left"))
+            c, d = (int(v) for v in np.searchsorted(self._cols, (x0, x0 + w), side="left"))
+            if b > a and d > c:
+                self.preview[a:b, c:d] = labels[self._rows[a:b] - y0][:, self._cols[c:d] - x0]
 
     def finish(self) -> None:
         """Check that every row arrived."""
