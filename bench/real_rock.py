@@ -69,6 +69,16 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "frozen-encoder": ("small-data", {"encoder_lr_scale": 0.0}, "ImageNet encoder frozen (decoder only learns)"),
     "encoder-full-lr": ("small-data", {"encoder_lr_scale": 1.0}, "encoder at the decoder's learning rate"),
     "half-res": ("small-data", {"pixels_per_mm": 1 / HALF_RES_MM}, "half resolution instead of the fields' own"),
+    "quarter-res": (
+        "small-data",
+        {"pixels_per_mm": 0.5 / HALF_RES_MM},
+        "quarter resolution instead of the fields' own",
+    ),
+    "half-res-balance-0.25": (
+        "small-data",
+        {"pixels_per_mm": 1 / HALF_RES_MM, "balancing_strength": 0.25},
+        "half resolution and weaker class balancing (0.25)",
+    ),
     "aug-colour-only": (
         "small-data",
         {"augment": _augment(gamma=0.0, blur=0.0, scale=0.1)},

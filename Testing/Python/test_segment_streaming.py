@@ -387,6 +387,23 @@ def test_parts_of_tile_rows_in_stripes_equal_the_whole_run(model, monkeypatch, r
     assert np.array_equal(histogram, whole.confidence_histogram)
 
 
+def test_a_cluster_part_run_in_stripes_is_sent_back_as_whole_rows(model, monkeypatch):
+    from thinseg.pipelines.cluster import _KeptRows
+
+    seg = Segmenter(load_bundle(model), InferenceOptions(tile=64, overlap=16, device="cpu", with_confidence=True))
+    sources = images(300, 500, seed=6)
+    whole = seg.segment(sources)
+    monkeypatch.setattr(engine_module, "STRIPE_WIDTH", 160)
+    monkeypatch.setattr(engine_module, "STRIPE_ALIGN", 32)
+    for part in tile_row_groups(len(seg.plan_for(300, 500).ys), 3):
+        kept = _KeptRows(500)
+        seg.stream(sources, kept, tile_rows=part)
+        labels, confidence = np.concatenate(kept.labels), np.concatenate(kept.confidence)
+        assert labels.shape[1] == 500 and kept.y0 == seg.plan_for(300, 500).ys[part[0]]
+        assert np.array_equal(labels, whole.labels[kept.y0 : kept.y0 + len(labels)])
+        assert np.array_equal(confidence, whole.confidence[kept.y0 : kept.y0 + len(labels)])
+
+
 @pytest.mark.parametrize("factor", [0.5, 1.6, (0.8, 1.3)])
 def test_a_resampled_run_in_stripes_maps_back_to_the_same_labels(model, monkeypatch, factor):
     seg = engine(model)
