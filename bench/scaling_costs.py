@@ -11,7 +11,8 @@ and one device (`--device cpu|cuda`), on a size x size tiled zlib TIFF PP/XP pai
 Each is reported in seconds per megapixel of section; the command's fixed cost (start Python,
 import torch, load the model) is the command's time on a 64 x 64 section. The projection to
 N sections of H x W multiplies the per-megapixel command cost (less the fixed cost, which a
-cluster worker pays once) by the pixels, and divides by the workers. On a GPU the engine part
+cluster worker pays once) by the pixels, adds the engine's cost of the extra tiles a section
+wider than one column stripe (8192 px) runs, and divides by the workers. On a GPU the engine part
 shrinks and decode/write (CPU threads) remain: the projection says which part bounds it.
 
 Usage:
@@ -82,6 +83,18 @@ def engine_seconds(images: list[np.ndarray], device: str) -> tuple[float, np.nda
     return time.perf_counter() - start, sink.labels
 
 
+def stripe_overhead(shape: tuple[int, int]) -> float:
+    """The share of extra tiles a section of `shape` costs for being run in column stripes
+    (each stripe also runs the tile column over its edge): 0 up to 8192 px wide."""
+    from thinseg.inference.engine import STRIPE_ALIGN, STRIPE_WIDTH, InferenceOptions, Segmenter, column_stripes
+    from thinseg.model.bundle import load_bundle
+    from thinseg.resources import default_model_dir
+
+    plan = Segmenter(load_bundle(default_model_dir()), InferenceOptions(device="cpu")).plan_for(*shape)
+    stripes = column_stripes(plan, STRIPE_WIDTH, STRIPE_ALIGN)
+    return sum(s.end - s.first for s in stripes) / len(plan.xs) - 1
+
+
 def write_seconds(images: list[np.ndarray], labels: np.ndarray, out: Path) -> float:
     """Seconds to write PP, XP and the labelmap into a netCDF as the command does (row bands)."""
     from thinseg.classes.files import default_class_table
@@ -135,7 +148,9 @@ def main() -> None:
         "write": write / mpix,
     }
     section_mpix = args.section_shape[0] * args.section_shape[1] / 1e6
-    section_s = per_mpix["command"] * section_mpix + fixed / max(1, args.sections)
+    # the measured size is one stripe wide; a wider section runs a few more tiles
+    extra_tiles = stripe_overhead((args.section_shape[0], args.section_shape[1]))
+    section_s = (per_mpix["command"] + per_mpix["engine"] * extra_tiles) * section_mpix + fixed / max(1, args.sections)
     total_worker_hours = section_s * args.sections / 3600
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -146,6 +161,7 @@ def main() -> None:
         "command_s": command,
         "seconds_per_mpix": per_mpix,
         "section_mpix": section_mpix,
+        "stripe_extra_tiles": extra_tiles,
         "section_s": section_s,
         "sections": args.sections,
         "worker_hours": total_worker_hours,
@@ -154,7 +170,10 @@ def main() -> None:
     print(f"fixed cost of a run (64 px section): {fixed:.2f} s")
     for part, value in per_mpix.items():
         print(f"{part:<8} {value * 1000:8.1f} ms/MPix  {1 / value:6.2f} MPix/s")
-    print(f"one {args.section_shape[0]} x {args.section_shape[1]} section: {section_s / 60:.1f} min on one worker")
+    print(
+        f"one {args.section_shape[0]} x {args.section_shape[1]} section: {section_s / 60:.1f} min on one worker "
+        f"(column stripes: {extra_tiles:.1%} more tiles than one pass)"
+    )
     print(f"{args.sections} sections: {total_worker_hours:,.0f} worker-hours")
     for workers in (16, 64, 256, 1024):
         print(f"  {workers:5d} workers: {total_worker_hours / workers:8.1f} h")
