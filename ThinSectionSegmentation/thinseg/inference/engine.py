@@ -315,7 +315,8 @@ class Segmenter(Generic[BundleT]):
         tile_rows: tuple[int, int] | None = None,
     ) -> RunStats:
         """Segment one section and hand its rows to `sink` as they are finished (one band of at
-        most a tile's height at a time), so no map of the whole section is ever held.
+        most a tile's height at a time, a column stripe wide for sections wider than
+        STRIPE_WIDTH), so no map of the whole section is ever held.
 
         `tile_rows` (a, b): only the rows that tile rows a..b-1 of `plan_for` finish, i.e. section
         rows [ys[a], ys[b]) (to the bottom when b is the last), for one part of a section that
