@@ -331,3 +331,24 @@ def test_each_process_runs_the_command_line_without_nproc():
     assert without_nproc(["train", "--nproc=3", "a.nc", "--npro", "2", "-o", "r"]) == ["train", "a.nc", "-o", "r"]
     assert without_nproc(["train", "-o", "r", "--", "--nproc"]) == ["train", "-o", "r", "--", "--nproc"]
     assert torch.distributed.is_available()
+
+
+def test_the_rank_named_is_the_one_killed_not_the_one_the_agent_stopped_after_it(tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from thinseg.training.distributed import failure_to_report
+
+    def failed(*codes: int) -> ChildFailedError:
+        files = [tmp_path / f"error-{rank}.json" for rank in range(len(codes))]  # never written: no rank wrote one
+        return ChildFailedError(
+            "thinseg",
+            {rank: ProcessFailure(rank, 1000 + rank, code, str(f)) for rank, (code, f) in enumerate(zip(codes, files))},
+        )
+
+    # rank 1 killed (out of memory, say); rank 0 ended by the agent's SIGTERM before its handler ran
+    assert failure_to_report(failed(-signal.SIGTERM, -signal.SIGKILL))[0] == 1
+    assert failure_to_report(failed(-signal.SIGKILL, -signal.SIGTERM))[0] == 0
+    assert failure_to_report(failed(-signal.SIGTERM, -signal.SIGTERM))[0] == 0  # SIGTERM alone: the first
+    assert failure_to_report(failed(1, -signal.SIGSEGV))[0] == 1  # a death by signal before a status
+    rank, failure = failure_to_report(failed(2, 0))
+    assert (rank, int(failure.exitcode)) == (0, 2)

@@ -354,12 +354,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
             run_agent(parse(launcher_arguments(nproc, free_port(), argv)))
         return 0
     except ChildFailedError as failed:
-        rank, failure = failed.get_first_failure()
-        # a rank killed by a signal is a cause (the others end with a status of their own), and
-        # failures seen in one pass of the agent can carry the same time stamp
-        killed = sorted(r for r, f in failed.failures.items() if int(f.exitcode) < 0)
-        if killed:
-            rank, failure = killed[0], failed.failures[killed[0]]
+        rank, failure = failure_to_report(failed)
         code = int(failure.exitcode)
         if code > 0:  # the rank said what went wrong itself
             return code
@@ -376,6 +371,23 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
                 signal.signal(sig, handler)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+def failure_to_report(failed: Any) -> tuple[int, Any]:
+    """(rank, ProcessFailure) of a failed run (a ChildFailedError) that caused it. A rank killed
+    by a signal is a cause (the others end with a status of their own), and failures seen in one
+    pass of the agent can carry the same time stamp. A rank ended by SIGTERM is more likely one
+    the agent stopped after another died (on a busy machine, before its handler ran), so a rank
+    killed by any other signal comes first."""
+    failures = failed.failures
+    killed = sorted(
+        (r for r, f in failures.items() if int(f.exitcode) < 0),
+        key=lambda r: (int(failures[r].exitcode) == -signal.SIGTERM, r),
+    )
+    if killed:
+        return killed[0], failures[killed[0]]
+    rank, failure = failed.get_first_failure()
+    return int(rank), failure
 
 
 def check_processes(nproc: int, device: str) -> None:
