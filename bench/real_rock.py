@@ -74,6 +74,11 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         {"pixels_per_mm": 0.5 / HALF_RES_MM},
         "quarter resolution instead of the fields' own",
     ),
+    "quarter-res-balance-0.25": (
+        "small-data",
+        {"pixels_per_mm": 0.5 / HALF_RES_MM, "balancing_strength": 0.25},
+        "quarter resolution and weaker class balancing (0.25)",
+    ),
     "half-res-balance-0.25": (
         "small-data",
         {"pixels_per_mm": 1 / HALF_RES_MM, "balancing_strength": 0.25},
