@@ -446,40 +446,29 @@ def test_band_writer_takes_column_stripes_and_refuses_overlaps_or_gaps(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stripes.nc"]  # nothing half-written
 
 
-def test_segment_in_stripes_writes_the_same_file_as_one_pass(tmp_path, capsys, model, monkeypatch):
+@pytest.mark.parametrize(
+    "patches",
+    [{"READ_WIDTH": 150}, {"READ_WIDTH": 150, "STRIPE_WIDTH": 192, "STRIPE_ALIGN": 64}],
+    ids=["read-windows", "column-stripes"],
+)
+def test_segment_read_in_windows_or_run_in_stripes_writes_the_same_files(tmp_path, capsys, model, monkeypatch, patches):
     pp_path, xp_path = write_pair(tmp_path, "S_PP", "S_XP", height=230, width=610)
     args = ["--model", model, "--tile", 64, "--overlap", 16, "--batch-size", 2, "--probabilities", "--overlay", "-q"]
     code, _, stderr = run_main(capsys, "segment", pp_path, "--output", tmp_path / "one", *args)
     assert code == 0, stderr
-    monkeypatch.setattr(engine_module, "STRIPE_WIDTH", 192)
-    monkeypatch.setattr(engine_module, "STRIPE_ALIGN", 64)
-    monkeypatch.setattr(engine_module, "READ_WIDTH", 150)
-    code, _, stderr = run_main(capsys, "segment", pp_path, "--output", tmp_path / "stripes", *args)
+    for name, value in patches.items():
+        monkeypatch.setattr(engine_module, name, value)
+    code, _, stderr = run_main(capsys, "segment", pp_path, "--output", tmp_path / "parts", *args)
     assert code == 0, stderr
-    with open_nc(tmp_path / "one" / "S_PP.nc") as a, open_nc(tmp_path / "stripes" / "S_PP.nc") as b:
+    with open_nc(tmp_path / "one" / "S_PP.nc") as a, open_nc(tmp_path / "parts" / "S_PP.nc") as b:
         assert np.array_equal(b.variables["S_PP"][0], decoded(pp_path))  # every pixel copied once
         assert np.array_equal(b.variables["S_XP"][0], decoded(xp_path))
         for name in ("S_Segmentation", "S_Confidence"):
             assert np.array_equal(a.variables[name][:], b.variables[name][:])
-    pixels = [[r["pixels"] for r in read_csv(tmp_path / run / "modal_mineralogy.csv")] for run in ("one", "stripes")]
+    pixels = [[r["pixels"] for r in read_csv(tmp_path / run / "modal_mineralogy.csv")] for run in ("one", "parts")]
     assert pixels[0] == pixels[1]
-    overlays = [(tmp_path / run / "S_PP_overlay.png").read_bytes() for run in ("one", "stripes")]
+    overlays = [(tmp_path / run / "S_PP_overlay.png").read_bytes() for run in ("one", "parts")]
     assert overlays[0] == overlays[1]
-
-
-def test_segment_copies_pp_and_xp_whole_when_the_engine_reads_windows(tmp_path, capsys, model, monkeypatch):
-    pp_path, xp_path = write_pair(tmp_path, "V_PP", "V_XP", height=230, width=610)
-    args = ["--model", model, "--tile", 64, "--overlap", 16, "--batch-size", 2, "--probabilities", "-q"]
-    code, _, stderr = run_main(capsys, "segment", pp_path, "--output", tmp_path / "rows", *args)
-    assert code == 0, stderr
-    monkeypatch.setattr(engine_module, "READ_WIDTH", 150)
-    code, _, stderr = run_main(capsys, "segment", pp_path, "--output", tmp_path / "windows", *args)
-    assert code == 0, stderr
-    with open_nc(tmp_path / "rows" / "V_PP.nc") as a, open_nc(tmp_path / "windows" / "V_PP.nc") as b:
-        assert np.array_equal(b.variables["V_PP"][0], decoded(pp_path))  # every pixel copied once
-        assert np.array_equal(b.variables["V_XP"][0], decoded(xp_path))
-        for name in ("V_Segmentation", "V_Confidence"):
-            assert np.array_equal(a.variables[name][:], b.variables[name][:])
 
 
 def matplotlib_overlay(path, pp_preview, labels, table, percents, title):
