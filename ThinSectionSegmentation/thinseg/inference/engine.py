@@ -510,7 +510,7 @@ class _LabelWriter:
         x_offset: int = 0,
     ) -> None:
         self.plan, self.sink = plan, sink
-        self.height, self.width = plan.height, plan.width
+        self.height = plan.height
         #: the columns of `plan` whose labels are handed on (a stripe's own), and where column 0
         #: of `plan` lies in the section
         self.owned = owned if owned is not None else (0, plan.width)

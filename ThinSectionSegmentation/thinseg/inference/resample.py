@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
@@ -159,6 +160,33 @@ def nearest_index(n_out: int, n_in: int) -> npt.NDArray[np.int64]:
     return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
 
 
+@dataclass(frozen=True)
+class PickedWindow:
+    """Where a window of one grid lands on a grid picked from it by `nearest_index`: output
+    pixels from (y0, x0), taken from the window's `rows` and `cols` (window-relative)."""
+
+    y0: int
+    x0: int
+    rows: npt.NDArray[np.int64]
+    cols: npt.NDArray[np.int64]
+
+    def take(self, window: np.ndarray) -> np.ndarray:
+        """The picked pixels of `window`, contiguous."""
+        return np.ascontiguousarray(window[self.rows][:, self.cols])
+
+
+def picked_window(
+    rows: npt.NDArray[np.int64], cols: npt.NDArray[np.int64], y0: int, x0: int, shape: tuple[int, int]
+) -> PickedWindow | None:
+    """The output pixels that the (sorted) picks `rows` and `cols` take from a window of
+    `shape` at (y0, x0) of the input grid; None when they take none."""
+    a, b = (int(v) for v in np.searchsorted(rows, (y0, y0 + shape[0]), side="left"))
+    c, d = (int(v) for v in np.searchsorted(cols, (x0, x0 + shape[1]), side="left"))
+    if b <= a or d <= c:
+        return None
+    return PickedWindow(a, c, rows[a:b] - y0, cols[c:d] - x0)
+
+
 def labels_to_grid(labels: np.ndarray, shape: tuple[int, int], band_rows: int = 1024) -> np.ndarray:
     """Nearest-neighbour map of a label (or uint8 confidence) image onto another grid size."""
     rows = nearest_index(shape[0], labels.shape[0])
@@ -209,18 +237,10 @@ class GridSink:
     def write_rows(
         self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None, x0: int = 0
     ) -> None:
-        y1, x1 = y0 + labels.shape[0], x0 + labels.shape[1]
-        a, b = (int(v) for v in np.searchsorted(self.rows, (y0, y1), side="left"))
-        c, d = (int(v) for v in np.searchsorted(self.cols, (x0, x1), side="left"))
-        if b <= a or d <= c:
-            return
-        rows, cols = self.rows[a:b] - y0, self.cols[c:d] - x0
-        self.sink.write_rows(
-            a,
-            np.ascontiguousarray(labels[rows][:, cols]),
-            np.ascontiguousarray(confidence[rows][:, cols]) if confidence is not None else None,
-            c,
-        )
+        picked = picked_window(self.rows, self.cols, y0, x0, labels.shape)
+        if picked is not None:
+            confidence = picked.take(confidence) if confidence is not None else None
+            self.sink.write_rows(picked.y0, picked.take(labels), confidence, picked.x0)
 
 
 def stream_at_model_resolution(

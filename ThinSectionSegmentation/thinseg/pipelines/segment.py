@@ -41,6 +41,7 @@ from thinseg.inference.engine import (
 from thinseg.inference.resample import (
     Factor,
     nearest_index,
+    picked_window,
     resampled_shape,
     resampling_factors,
     stream_at_model_resolution,
@@ -705,11 +706,10 @@ class _SectionSink:
             self.confidence.write_rows(y0, confidence, x0)
         self.counts += class_pixel_counts(labels, self.n_classes)
         if self.preview is not None:
-            h, w = labels.shape
-            a, b = (int(v) for v in np.searchsorted(self._rows, (y0, y0 + h), side="left"))
-            c, d = (int(v) for v in np.searchsorted(self._cols, (x0, x0 + w), side="left"))
-            if b > a and d > c:
-                self.preview[a:b, c:d] = labels[self._rows[a:b] - y0][:, self._cols[c:d] - x0]
+            picked = picked_window(self._rows, self._cols, y0, x0, labels.shape)
+            if picked is not None:
+                part = picked.take(labels)
+                self.preview[picked.y0 : picked.y0 + part.shape[0], picked.x0 : picked.x0 + part.shape[1]] = part
 
     def finish(self) -> None:
         """Check that every row arrived."""
