@@ -4,6 +4,7 @@ on fields it never saw, and write one JSON per experiment.
     python bench/real_rock.py --data ../shared/data/sandstone-ppl-xpl --out results/real-rock \
         --experiments small-data,old-unet [--parallel 2] [--threads 2] [--device auto]
     python bench/real_rock.py --data ... --out ... --lofo        # leave-one-field-out, ten folds
+    python bench/real_rock.py --experiments half-res,quarter-res --select 2a,8a   # choose on training fields
     python bench/real_rock.py --list                              # what each experiment changes
 
 Split: train on 2a, 3a, 5a, 6a, 7a, 8a, pick checkpoints on 4a (the field `thinseg train
@@ -17,6 +18,11 @@ the class file), held in memory, so no netCDF files are written.
 The leave-one-field-out run trains the small-data recipe ten times: each field is the test once,
 the next field (cyclically) picks checkpoints, the other eight train. It is a spread estimate
 over fields, run after the recipe was fixed, not a way to choose it.
+
+Choosing between experiments (`--select`) looks at the training fields 2a-8a only: each named
+field validates once while the other six train, and `--summarize` ranks the experiments by their
+mean validation IoU over those fields and 4a (the main split's validation field). One validation
+field is a noisy judge; three are less so.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ThinSectionSegmentation"))
 
 FIELDS = ("2a", "3a", "4a", "5a", "6a", "7a", "8a", "9a", "10a", "11a")
+TRAINING_FIELDS = ("2a", "3a", "4a", "5a", "6a", "7a", "8a")  # all a recipe may be chosen on
 TRAIN = ("2a", "3a", "5a", "6a", "7a", "8a")
 VAL = ("4a",)
 TEST = ("9a", "10a", "11a")
@@ -215,10 +222,12 @@ def run_one(
         "val_mean_iou": result.best_mean_iou,
         "history": result.history,
         "precision": args.precision,
-        "scores": {tta: score(result.model_dir, tests, tta, args.device, args.precision) for tta in args.tta},
+        "scores": {tta: score(result.model_dir, tests, tta, args.device, args.precision) for tta in args.tta}
+        if tests
+        else {},
     }
     best_epoch_dir = run_dir / "model-best-epoch"  # there when the averaged weights were exported
-    if best_epoch_dir.is_dir():
+    if best_epoch_dir.is_dir() and tests:
         record["best_single_epoch_scores"] = {
             tta: score(best_epoch_dir, tests, tta, args.device, args.precision) for tta in args.tta
         }
@@ -303,6 +312,29 @@ def summary_table(records: list[dict[str, Any]], tta: str) -> str:
     return "\n".join(rows)
 
 
+def selection_table(records: list[dict[str, Any]]) -> str:
+    """A Markdown table of validation mean IoU (the exported model's, as training chose it) per
+    experiment and validation field, and its mean over the fields: the choice of a recipe from
+    the training fields alone. Every record validated on a training field counts, tested or not."""
+    cells: dict[str, dict[str, float]] = {}
+    for record in records:
+        if record["experiment"] == "lofo" or record["val"][0] not in TRAINING_FIELDS:
+            continue
+        cells.setdefault(record["experiment"], {})[record["val"][0]] = record["val_mean_iou"]
+    fields = sorted({f for row in cells.values() for f in row}, key=FIELDS.index)
+    complete = {name: row for name, row in cells.items() if set(row) == set(fields)}
+    if not complete or len(fields) < 2:
+        return ""
+    rows = ["| experiment | " + " | ".join(f"val {f}" for f in fields) + " | **mean** |"]
+    rows.append("|---" * (len(fields) + 2) + "|")
+    for name, row in sorted(complete.items(), key=lambda item: -sum(item[1].values())):
+        values = [row[f] for f in fields]
+        rows.append(
+            f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | **{sum(values) / len(values):.3f}** |"
+        )
+    return "\n".join(rows)
+
+
 def read_records(paths: list[Path]) -> list[dict[str, Any]]:
     records = []
     for path in paths:
@@ -325,6 +357,13 @@ def main() -> int:
     p.add_argument("--experiments", default="small-data,old-unet", help="comma-separated (all: every experiment)")
     p.add_argument("--lofo", action="store_true", help="leave-one-field-out folds of the small-data recipe")
     p.add_argument("--folds", default=",".join(FIELDS), help="LOFO: the held-out fields to run")
+    p.add_argument(
+        "--select",
+        default=None,
+        metavar="FIELDS",
+        help="choose among --experiments on training fields only: each of these fields (of 2a-8a) validates "
+        "once, the other training fields train, nothing is tested",
+    )
     p.add_argument("--parallel", type=int, default=1, help="experiments at once (separate processes)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per experiment")
     p.add_argument("--device", default="auto")
@@ -355,7 +394,8 @@ def main() -> int:
     if args.summarize:
         records = read_records(args.summarize)
         for tta in args.tta.split(","):
-            print(summary_table(records, tta) + "\n")
+            print(summary_table([r for r in records if r["test"]], tta) + "\n")
+        print(selection_table(records))
         return 0
     if args.list:
         for name, (recipe, _changes, text) in EXPERIMENTS.items():
@@ -373,11 +413,21 @@ def main() -> int:
             val = (FIELDS[(index + 1) % len(FIELDS)],)
             train = tuple(f for f in FIELDS if f not in (name, val[0]))
             run_one("lofo", args, train, val, (name,), "small-data", {}, f"lofo-{name}")
+        elif kind.startswith("select:"):
+            experiment = kind.partition(":")[2]
+            recipe, changes, _text = EXPERIMENTS[experiment]
+            train = tuple(f for f in TRAINING_FIELDS if f != name)
+            run_one(experiment, args, train, (name,), (), recipe, changes, f"select-{experiment}-{name}")
         else:
             recipe, changes, _text = EXPERIMENTS[name]
             run_one(name, args, TRAIN, VAL, TEST, recipe, changes, name)
         return 0
     jobs = [name for name in args.experiments.split(",") if name]
+    if args.select:  # the same experiments, each validated on other training fields
+        fields = args.select.split(",")
+        if not set(fields) <= set(TRAINING_FIELDS):
+            p.error(f"--select takes training fields only ({', '.join(TRAINING_FIELDS)})")
+        jobs = [f"select:{name}:{field}" for field in fields for name in jobs]
     if args.lofo:  # after the experiments: each fold is a separate training
         jobs += [f"lofo:{f}" for f in args.folds.split(",")]
 
