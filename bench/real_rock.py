@@ -4,7 +4,7 @@ on fields it never saw, and write one JSON per experiment.
     python bench/real_rock.py --data ../shared/data/sandstone-ppl-xpl --out results/real-rock \
         --experiments small-data,old-unet [--parallel 2] [--threads 2] [--device auto]
     python bench/real_rock.py --data ... --out ... --lofo        # leave-one-field-out, ten folds
-    python bench/real_rock.py --experiments half-res,quarter-res --select 2a,8a   # choose on training fields
+    python bench/real_rock.py --experiments full-res,quarter-res --select 2a,8a   # choose on training fields
     python bench/real_rock.py --list                              # what each experiment changes
 
 Split: train on 2a, 3a, 5a, 6a, 7a, 8a, pick checkpoints on 4a (the field `thinseg train
@@ -75,21 +75,20 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "scratch-encoder": ("small-data", {"pretrained": False}, "encoder from random weights, not ImageNet"),
     "frozen-encoder": ("small-data", {"encoder_lr_scale": 0.0}, "ImageNet encoder frozen (decoder only learns)"),
     "encoder-full-lr": ("small-data", {"encoder_lr_scale": 1.0}, "encoder at the decoder's learning rate"),
-    "half-res": ("small-data", {"pixels_per_mm": 1 / HALF_RES_MM}, "half resolution instead of the fields' own"),
+    "full-res": (
+        "small-data",
+        {"pixels_per_mm": None},
+        "the fields' own resolution (0.00132 mm/px) instead of half (the recipe before 2026-12-05)",
+    ),
     "quarter-res": (
         "small-data",
         {"pixels_per_mm": 0.5 / HALF_RES_MM},
-        "quarter resolution instead of the fields' own",
+        "quarter resolution (0.00528 mm/px) instead of half",
     ),
     "quarter-res-balance-0.25": (
         "small-data",
         {"pixels_per_mm": 0.5 / HALF_RES_MM, "balancing_strength": 0.25},
         "quarter resolution and weaker class balancing (0.25)",
-    ),
-    "half-res-balance-0.25": (
-        "small-data",
-        {"pixels_per_mm": 1 / HALF_RES_MM, "balancing_strength": 0.25},
-        "half resolution and weaker class balancing (0.25)",
     ),
     "aug-colour-only": (
         "small-data",

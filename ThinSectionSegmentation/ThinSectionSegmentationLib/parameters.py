@@ -196,6 +196,7 @@ RECIPE_FIELDS: dict[str, str] = {
     "stepsPerEpoch": "steps_per_epoch",
     "patchSize": "patch_size",
     "batchSize": "batch_size",
+    "modelMmPerPixel": "pixels_per_mm",  # shown as mm per pixel; 0: the sections' own
 }
 
 
@@ -218,17 +219,25 @@ def default_value(name: str) -> Any:
     return spec.default_factory() if spec.default is MISSING and spec.default_factory is not MISSING else spec.default
 
 
-def recipe_values(recipe: TrainingRecipe) -> dict[str, int]:
+def recipe_values(recipe: TrainingRecipe) -> dict[str, float]:
     """The values of RECIPE_FIELDS that `recipe` trains with: its own, else the panel's defaults."""
     from thinseg.training.recipes import recipe_settings  # deferred: the training package loads torch
 
     settings = recipe_settings(recipe.value)
-    return {name: int(settings.get(key, default_value(name))) for name, key in RECIPE_FIELDS.items()}
+    values: dict[str, float] = {}
+    for name, key in RECIPE_FIELDS.items():
+        if key == "pixels_per_mm":
+            pixels_per_mm = settings.get(key)
+            values[name] = round(1.0 / pixels_per_mm, 6) if pixels_per_mm else default_value(name)
+        else:
+            values[name] = int(settings.get(key, default_value(name)))
+    return values
 
 
 def choose_recipe(params: Any, recipe: TrainingRecipe) -> None:
     """What picking a recipe in the panel does: the recipe is stored and the epochs, steps per
-    epoch, patch and batch sizes are set to the recipe's values, which the user may then edit.
+    epoch, patch and batch sizes and the model's pixel size are set to the recipe's values, which
+    the user may then edit.
     One modification of the node, so observers see one change."""
     values = recipe_values(recipe)
     wasModifying = params.parameterNode.StartModify()

@@ -99,8 +99,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         choices=["unet", "small-data"],
         help="preset of the settings below, which still override it: unet (default) trains the MONAI U-Net "
         "that GeoSlicer runs; small-data, for a few real sections, trains a U-Net with an ImageNet-pretrained "
-        "EfficientNet-Lite0 encoder, averaged checkpoints and a calibrated confidence (about 25 min on 2 CPU "
-        "cores; the model needs thinseg, not GeoSlicer 2.8 alone)",
+        "EfficientNet-Lite0 encoder at 0.00264 mm per pixel, averaged checkpoints and a calibrated confidence "
+        "(about 16 min on 2 CPU cores; the model needs thinseg, not GeoSlicer 2.8 alone)",
     )
     opt.add_argument(
         "--no-pretrained",
@@ -207,7 +207,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=None,
         metavar="MM",
         help="pixel size the model works at (sections are resampled to it; segment and evaluate "
-        "resample back); default: the sections' own",
+        "resample back); default: the recipe's (small-data: 0.00264), else the sections' own",
     )
     net.add_argument(
         "--val-tile",
