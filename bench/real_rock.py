@@ -247,12 +247,15 @@ def draw_figure(model_dir: Path, field: str, data: Path, out: Path, title: str |
     from thinseg.inference.engine import InferenceOptions, Segmenter
     from thinseg.metrics.borders import void_border_mask
     from thinseg.model.bundle import load_bundle
+    from thinseg.pipelines.evaluate import predict_section_result
     from thinseg.reports.errors import write_error_overlay
 
     bundle = load_bundle(model_dir)
     section = load_fields(data, (field,))[field]
     roles = ["PP", "XP"][: len(bundle.input_names)]
-    result = Segmenter(bundle, InferenceOptions(device="cpu")).segment([section.source(r) for r in roles])
+    segmenter = Segmenter(bundle, InferenceOptions(device="cpu"))
+    images = {role: section.source(role) for role in roles}
+    result, _ = predict_section_result(segmenter, section, images, roles)  # at the model's pixel size, as evaluate
     truth = section.read_labels()
     shown = write_error_overlay(
         out,

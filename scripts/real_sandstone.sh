@@ -30,7 +30,7 @@ done
 # that resolution so that a 256 px patch holds several grains.
 TRAIN=(--classes "$CLASSES" --model-mm-per-pixel 0.00264 --epochs "$EPOCHS" --steps-per-epoch 100
        --balancing-strength "$BALANCING" --patience "$PATIENCE" --val-fraction 0.15 --seed 0 --quiet --overwrite)
-# The small-data recipe works at the fields' own resolution and sets its own schedule.
+# The small-data recipe sets its own resolution (0.00264 mm/px) and schedule.
 SMALL=(--recipe small-data --classes "$CLASSES" --val-fraction 0.15 --seed 0 --quiet --overwrite)
 : > "$OUT/training_time.txt"
 train() {  # run folder, model name, title, options...
