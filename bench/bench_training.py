@@ -12,6 +12,7 @@ of this process (robust to other processes; meaningful with --workers 0 only, si
 processes' CPU time is not counted).
 
     .venv/bin/python bench/bench_training.py [--steps 8] [--repeats 2] [--patch 256] [--batch 8] [--workers 0]
+        [--recipe small-data] [--precision auto|fp32|bf16]
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ from thinseg.training import TrainConfig, synthetic_sections  # noqa: E402
 from thinseg.training.augment import colour_jitter  # noqa: E402
 from thinseg.training.loop import TrainingRun  # noqa: E402
 from thinseg.training.losses import dice_ce_loss  # noqa: E402
+from thinseg.training.recipes import RECIPE_NAMES, recipe_settings  # noqa: E402
+
+#: Recipe settings this benchmark sets itself (a step's cost depends on the patch and batch, not on
+#: the schedule or on the pixel size the generated sections are resampled to).
+SIZED_HERE = (
+    "epochs",
+    "steps_per_epoch",
+    "patch_size",
+    "batch_size",
+    "warmup_steps",
+    "patience",
+    "pixels_per_mm",
+    "average_last",
+    "calibrate_temperature",
+)
 
 
 class Timer:
@@ -63,6 +79,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--patch", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument(
+        "--recipe",
+        default="unet",
+        choices=RECIPE_NAMES,
+        help="the recipe's network and training settings (sizes and schedule still from the options here)",
+    )
     ap.add_argument("--base", type=int, default=16)
     ap.add_argument("--depth", type=int, default=5)
     ap.add_argument("--workers", type=int, default=0)
@@ -78,6 +100,9 @@ def main() -> None:
     sections: Sequence[ArraySection | Path] = (
         generated if args.in_memory else write_netcdf_sections(generated, out / "sections")
     )
+    settings = recipe_settings(args.recipe)
+    for sized_here in SIZED_HERE:  # this benchmark's own sizes, schedule and pixels
+        settings.pop(sized_here, None)
     try:
         config = TrainConfig(
             output_dir=out,
@@ -94,6 +119,7 @@ def main() -> None:
             device=args.device,
             precision=args.precision,
             patience=None,
+            **settings,
         )
         run = TrainingRun(config, log=lambda _m: None)
         run.start()
@@ -108,7 +134,8 @@ def main() -> None:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     print(
-        f"device {run.device}, precision {run.amp_dtype or 'fp32'}, torch threads {torch.get_num_threads()}, "
+        f"recipe {args.recipe}, device {run.device}, precision {run.amp_dtype or 'fp32'}, "
+        f"torch threads {torch.get_num_threads()}, "
         f"batch {args.batch} x {args.patch}^2, {args.steps} steps x {args.repeats} repeats, workers {args.workers}, "
         f"sections {'in memory' if args.in_memory else 'read lazily from netCDF files'}"
     )
