@@ -314,7 +314,8 @@ def test_choosing_a_recipe_sets_its_epochs_and_sizes_which_stay_editable():
     chosen = (params.trainingRecipe, params.epochs, params.stepsPerEpoch, params.patchSize, params.batchSize)
     expected = (small["epochs"], small["steps_per_epoch"], small["patch_size"], small["batch_size"])
     assert chosen == (TrainingRecipe.small_data, *expected)
-    assert params.modelMmPerPixel == pytest.approx(1 / small["pixels_per_mm"]) == pytest.approx(0.00264)
+    assert params.modelMmPerPixel == pytest.approx(1 / small["pixels_per_mm"])
+    assert params.modelMmPerPixel == pytest.approx(0.00264)
     assert (params.epochs, params.stepsPerEpoch) != (20, 200)  # the recipe's, not the panel's defaults
     params.epochs = 12  # the user's own number is kept: the job gets it
     assert (params.trainingRecipe, params.epochs) == (TrainingRecipe.small_data, 12)
