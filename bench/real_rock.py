@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -102,6 +103,8 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "ce-only": ("small-data", {"dice_weight": 0.0}, "cross-entropy only, no Dice term"),
     "constant-lr": ("small-data", {"schedule": "constant"}, "constant learning rate after warm-up (no cosine)"),
     "no-average": ("small-data", {"average_last": 0}, "best single epoch, no checkpoint averaging"),
+    "short-schedule": ("small-data", {"epochs": 4}, "4 epochs of 100 steps instead of 7 (the cosine ends sooner)"),
+    "short-schedule-pp": ("small-data", {"epochs": 4, "inputs": ("PP",)}, "short-schedule, PP only"),
 }
 
 
@@ -337,6 +340,38 @@ def selection_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def lofo_table(records: list[dict[str, Any]], tta: str) -> str:
+    """A Markdown table of the leave-one-field-out folds (one row per held-out field, each scored
+    alone) and their spread: mean, standard deviation and range over the folds."""
+    folds = sorted(
+        (r for r in records if r["experiment"] == "lofo" and tta in r["scores"]),
+        key=lambda r: FIELDS.index(r["test"][0]),
+    )
+    if not folds:
+        return ""
+    columns = {
+        "mean IoU": lambda s: s["metrics"]["mean_iou"],
+        "accuracy (%)": lambda s: 100 * s["metrics"]["pixel_accuracy"],
+        "fraction R^2": lambda s: s["fractions"]["r2_overall"],
+        "fraction RMSE (points)": lambda s: 100 * s["fractions"]["rmse_overall"],
+        "ECE": lambda s: s["calibration"]["ece"],
+    }
+    digits = {"mean IoU": 3, "accuracy (%)": 1, "fraction R^2": 2, "fraction RMSE (points)": 1, "ECE": 3}
+    values = {name: [get(r["scores"][tta]) for r in folds] for name, get in columns.items()}
+    rows = ["| held-out field (validation) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for index, record in enumerate(folds):
+        cells = " | ".join(f"{values[name][index]:.{digits[name]}f}" for name in columns)
+        rows.append(f"| {record['test'][0]} ({record['val'][0]}) | {cells} |")
+
+    def spread(label: str, text: Any) -> None:
+        rows.append(f"| {label} | " + " | ".join(text(values[name], digits[name]) for name in columns) + " |")
+
+    spread(f"**mean of {len(folds)} folds**", lambda v, d: f"**{statistics.fmean(v):.{d}f}**")
+    spread("standard deviation", lambda v, d: f"{statistics.stdev(v) if len(v) > 1 else 0.0:.{d}f}")
+    spread("range", lambda v, d: f"{min(v):.{d}f} - {max(v):.{d}f}")
+    return "\n".join(rows)
+
+
 def read_records(paths: list[Path]) -> list[dict[str, Any]]:
     records = []
     for path in paths:
@@ -359,6 +394,9 @@ def main() -> int:
     p.add_argument("--experiments", default="small-data,old-unet", help="comma-separated (all: every experiment)")
     p.add_argument("--lofo", action="store_true", help="leave-one-field-out folds of the small-data recipe")
     p.add_argument("--folds", default=",".join(FIELDS), help="LOFO: the held-out fields to run")
+    p.add_argument(
+        "--lofo-experiment", default="small-data", help="LOFO: the experiment whose settings each fold trains with"
+    )
     p.add_argument(
         "--select",
         default=None,
@@ -396,8 +434,10 @@ def main() -> int:
     if args.summarize:
         records = read_records(args.summarize)
         for tta in args.tta.split(","):
-            print(summary_table([r for r in records if r["test"]], tta) + "\n")
-        print(selection_table(records))
+            print(summary_table([r for r in records if r["test"] and r["experiment"] != "lofo"], tta) + "\n")
+        print(selection_table(records) + "\n")
+        for tta in args.tta.split(","):
+            print(lofo_table(records, tta))
         return 0
     if args.list:
         for name, (recipe, _changes, text) in EXPERIMENTS.items():
@@ -410,11 +450,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.one:
         kind, _, name = args.one.rpartition(":")
-        if kind == "lofo":
+        if kind.startswith("lofo"):
             index = FIELDS.index(name)
             val = (FIELDS[(index + 1) % len(FIELDS)],)
             train = tuple(f for f in FIELDS if f not in (name, val[0]))
-            run_one("lofo", args, train, val, (name,), "small-data", {}, f"lofo-{name}")
+            recipe, changes, _text = EXPERIMENTS[kind.partition(":")[2] or "small-data"]
+            run_one("lofo", args, train, val, (name,), recipe, changes, f"lofo-{name}")
         elif kind.startswith("select:"):
             experiment = kind.partition(":")[2]
             recipe, changes, _text = EXPERIMENTS[experiment]
@@ -431,7 +472,7 @@ def main() -> int:
             p.error(f"--select takes training fields only ({', '.join(TRAINING_FIELDS)})")
         jobs = [f"select:{name}:{field}" for field in fields for name in jobs]
     if args.lofo:  # after the experiments: each fold is a separate training
-        jobs += [f"lofo:{f}" for f in args.folds.split(",")]
+        jobs += [f"lofo:{args.lofo_experiment}:{f}" for f in args.folds.split(",")]
 
     def launch(job: str) -> int:
         command = [
