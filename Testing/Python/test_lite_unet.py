@@ -207,7 +207,7 @@ def test_train_command_line_recipe_and_overrides(tmp_path):
     parser = build_parser()
     (tmp_path / "s.nc").write_bytes(b"")  # named only: the config is built, no section is read
     args = parser.parse_args(["train", str(tmp_path), "-o", str(tmp_path / "r"), "--recipe", "small-data"])
-    assert (train_config(args).network, train_config(args).epochs) == ("LiteUNet", 7)
+    assert (train_config(args).network, train_config(args).epochs) == ("LiteUNet", 4)
     args = parser.parse_args(
         [
             "train",
@@ -235,7 +235,7 @@ def test_a_training_job_takes_the_recipe_and_its_own_settings_win(tmp_path):
 
     job = {"sections": ["a.nc"], "run_dir": str(tmp_path / "run"), "recipe": "small-data"}
     config = job_train_config(job, tmp_path)
-    assert (config.network, config.epochs, config.recipe) == ("LiteUNet", 7, "small-data")
+    assert (config.network, config.epochs, config.recipe) == ("LiteUNet", 4, "small-data")
     config = job_train_config({**job, "epochs": 2, "patch_size": 128}, tmp_path)
     assert (config.epochs, config.patch_size, config.average_last) == (2, 128, 3)
     assert job_train_config({"sections": ["a.nc"], "run_dir": str(tmp_path)}, tmp_path).network == "UNet"

@@ -100,7 +100,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="preset of the settings below, which still override it: unet (default) trains the MONAI U-Net "
         "that GeoSlicer runs; small-data, for a few real sections, trains a U-Net with an ImageNet-pretrained "
         "EfficientNet-Lite0 encoder at 0.00264 mm per pixel, averaged checkpoints and a calibrated confidence "
-        "(about 15 min on 2 CPU cores; the model needs thinseg, not GeoSlicer 2.8 alone)",
+        "(about 9 min on 2 CPU cores; the model needs thinseg, not GeoSlicer 2.8 alone)",
     )
     opt.add_argument(
         "--no-pretrained",
