@@ -340,6 +340,31 @@ def selection_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def _pooled_scores(scores: list[dict[str, Any]]) -> dict[str, float]:
+    """The folds' scores as one evaluation over every held-out field: IoU and accuracy from the
+    summed confusion matrices, fraction R^2 and RMSE over every (field, class) pair (one field's R^2
+    over its five fractions says little), ECE weighted by the fields' pixels."""
+    import numpy as np
+
+    from thinseg.metrics.fractions import fraction_agreement
+    from thinseg.metrics.scores import metrics_from_confusion
+
+    names = [c["name"] for c in scores[0]["classes"]]
+    metrics = metrics_from_confusion(sum(np.asarray(s["confusion"]) for s in scores), names)
+    sections = [section for s in scores for section in s["sections"]]
+    fractions = fraction_agreement(
+        np.array([x["true_fractions"] for x in sections]), np.array([x["pred_fractions"] for x in sections]), names
+    )
+    pixels = np.array([s["metrics"]["evaluated_pixels"] for s in scores], float)
+    return {
+        "mean IoU": metrics.mean_iou,
+        "accuracy (%)": 100 * metrics.pixel_accuracy,
+        "fraction R^2": fractions.r2_overall,
+        "fraction RMSE (points)": 100 * fractions.rmse_overall,
+        "ECE": float(np.average([s["calibration"]["ece"] for s in scores], weights=pixels)),
+    }
+
+
 def lofo_table(records: list[dict[str, Any]], tta: str) -> str:
     """A Markdown table of the leave-one-field-out folds (one row per held-out field, each scored
     alone) and their spread: mean, standard deviation and range over the folds."""
@@ -369,6 +394,8 @@ def lofo_table(records: list[dict[str, Any]], tta: str) -> str:
     spread(f"**mean of {len(folds)} folds**", lambda v, d: f"**{statistics.fmean(v):.{d}f}**")
     spread("standard deviation", lambda v, d: f"{statistics.stdev(v) if len(v) > 1 else 0.0:.{d}f}")
     spread("range", lambda v, d: f"{min(v):.{d}f} - {max(v):.{d}f}")
+    pooled = _pooled_scores([r["scores"][tta] for r in folds])
+    rows.append("| all folds pooled | " + " | ".join(f"{pooled[name]:.{digits[name]}f}" for name in columns) + " |")
     return "\n".join(rows)
 
 
