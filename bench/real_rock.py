@@ -103,8 +103,7 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "ce-only": ("small-data", {"dice_weight": 0.0}, "cross-entropy only, no Dice term"),
     "constant-lr": ("small-data", {"schedule": "constant"}, "constant learning rate after warm-up (no cosine)"),
     "no-average": ("small-data", {"average_last": 0}, "best single epoch, no checkpoint averaging"),
-    "short-schedule": ("small-data", {"epochs": 4}, "4 epochs of 100 steps instead of 7 (the cosine ends sooner)"),
-    "short-schedule-pp": ("small-data", {"epochs": 4, "inputs": ("PP",)}, "short-schedule, PP only"),
+    "long-schedule": ("small-data", {"epochs": 7}, "7 epochs of 100 steps instead of 4 (the recipe before 2026-12-05)"),
 }
 
 
@@ -419,7 +418,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "results" / "real-rock")
     p.add_argument("--work", type=Path, default=None, help="run folders (default OUT/runs)")
     p.add_argument("--experiments", default="small-data,old-unet", help="comma-separated (all: every experiment)")
-    p.add_argument("--lofo", action="store_true", help="leave-one-field-out folds of the small-data recipe")
+    p.add_argument("--lofo", action="store_true", help="leave-one-field-out folds (of --lofo-experiment)")
     p.add_argument("--folds", default=",".join(FIELDS), help="LOFO: the held-out fields to run")
     p.add_argument(
         "--lofo-experiment", default="small-data", help="LOFO: the experiment whose settings each fold trains with"
