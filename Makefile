@@ -23,7 +23,7 @@ GEO_DEMO_OUT ?= results/geoslicer-demo
 
 $(STAMP): pyproject.toml $(REQUIREMENTS) $(DEV_CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c $(DEV_CONSTRAINTS) -e ".[test,cluster]"
+	$(BIN)/python -m pip install --quiet -c $(DEV_CONSTRAINTS) -e ".[test,cluster,encoders]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""LiteUNet (EfficientNet-Lite0 encoder pre-trained on ImageNet + MONAI decoder) and the
+"""LiteUNet (EfficientNet-Lite encoder pre-trained on ImageNet + MONAI decoder) and the
 `small-data` training recipe: the network, its bundles (which say that they need thinseg), the
 pre-trained weights, inference through the engine, and a tiny training run of the recipe."""
 
@@ -16,7 +16,7 @@ from thinseg.errors import ThinSegError
 from thinseg.inference.engine import InferenceOptions, Segmenter
 from thinseg.io.images import ArraySource
 from thinseg.model.bundle import load_bundle, save_bundle
-from thinseg.model.lite_unet import LiteUNet, load_pretrained_encoder, pretrained_weights_file
+from thinseg.model.lite_unet import ENCODERS, LiteUNet, load_pretrained_encoder, pretrained_weights_file
 from thinseg.model.meta import cannot_run
 from thinseg.model.networks import build_network, describe_network, network_requirements
 from thinseg.model.safe_load import load_packaged_weights
@@ -74,6 +74,35 @@ def test_training_keeps_the_encoder_norms_at_their_imagenet_statistics():
     assert encoder and decoder
     assert all(torch.equal(before[k], after[k]) for k in encoder)
     assert any(not torch.equal(before[k], after[k]) for k in decoder)
+
+
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+def test_each_encoder_feeds_the_decoder_its_declared_levels_from_its_own_wheel(encoder):
+    spec = ENCODERS[encoder]
+    pytest.importorskip(spec.weights_module, reason=f"{spec.weights_package} is not installed")
+    net = build_network("LiteUNet", {"in_images": 2, "out_channels": 7, "encoder": encoder})
+    assert isinstance(net, LiteUNet)
+    assert load_pretrained_encoder(net) == len(net.encoder.state_dict())
+    stored = load_packaged_weights(pretrained_weights_file(encoder))
+    assert all(torch.equal(value, stored[key]) for key, value in net.encoder.state_dict().items())
+    features = net.encode(torch.rand(1, 3, 64, 64))
+    assert [f.shape[1] for f in features] == list(spec.channels)
+    assert [f.shape[-1] for f in features] == [32, 16, 8, 4, 2]
+    weights = sum(v.numel() for v in net.state_dict().values())
+    assert describe_network("LiteUNet", {"in_images": 2, "out_channels": 7, "encoder": encoder}).min_weights <= weights
+
+
+def test_the_command_line_and_the_bundle_checks_know_the_same_encoders():
+    from thinseg.cli.train_cmd import LITE_ENCODER_NAMES
+    from thinseg.model.networks import LITE_ENCODERS
+
+    assert LITE_ENCODER_NAMES == tuple(ENCODERS) == tuple(LITE_ENCODERS)
+    assert all(LITE_ENCODERS[name][1] == ENCODERS[name].channels[-2::-1] for name in ENCODERS)
+
+
+def test_an_unknown_encoder_is_named():
+    with pytest.raises(ThinSegError, match="unknown LiteUNet encoder 'efficientnet-lite9'"):
+        pretrained_weights_file("efficientnet-lite9")
 
 
 def test_the_encoder_can_learn_at_a_scaled_rate():
@@ -200,7 +229,7 @@ def test_a_tiny_small_data_run_exports_an_averaged_model_with_its_inference_defa
     assert 0.05 <= temperature <= 20 and any(m.startswith("confidence calibrated") for m in messages)
 
 
-def test_train_command_line_recipe_and_overrides(tmp_path):
+def test_train_command_line_recipe_and_overrides(tmp_path, capsys):
     from thinseg.cli.main import build_parser
     from thinseg.cli.train_cmd import train_config
 
@@ -228,6 +257,16 @@ def test_train_command_line_recipe_and_overrides(tmp_path):
     args = parser.parse_args(["train", str(tmp_path), "-o", str(tmp_path / "r"), "--no-pretrained"])
     with pytest.raises(ThinSegError, match="small-data"):
         train_config(args)
+    for encoder in ENCODERS:
+        argv = ["train", str(tmp_path), "-o", str(tmp_path / "r"), "--recipe", "small-data", "--encoder", encoder]
+        assert train_config(parser.parse_args(argv)).encoder == encoder
+    args = parser.parse_args(["train", str(tmp_path), "-o", str(tmp_path / "r"), "--encoder", "efficientnet-lite2"])
+    with pytest.raises(ThinSegError, match="--encoder applies to the small-data recipe"):
+        train_config(args)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(capsys, "train", tmp_path, "-o", tmp_path / "r", "--encoder", "efficientnet-b7")
+    [line] = error_lines(capsys.readouterr().err)
+    assert exit_info.value.code == 2 and "--encoder: invalid choice" in line and "efficientnet-b7" in line
 
 
 def test_a_training_job_takes_the_recipe_and_its_own_settings_win(tmp_path):

