@@ -12,7 +12,7 @@ of this process (robust to other processes; meaningful with --workers 0 only, si
 processes' CPU time is not counted).
 
     .venv/bin/python bench/bench_training.py [--steps 8] [--repeats 2] [--patch 256] [--batch 8] [--workers 0]
-        [--recipe small-data] [--precision auto|fp32|bf16]
+        [--recipe small-data] [--encoder efficientnet-lite2] [--precision auto|fp32|bf16]
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--encoder", default=None, help="small-data recipe: another ImageNet encoder (efficientnet-lite2)")
     ap.add_argument("--in-memory", action="store_true", help="generated sections in memory instead of netCDF files")
     args = ap.parse_args()
 
@@ -103,6 +104,8 @@ def main() -> None:
     settings = recipe_settings(args.recipe)
     for sized_here in SIZED_HERE:  # this benchmark's own sizes, schedule and pixels
         settings.pop(sized_here, None)
+    if args.encoder:
+        settings["encoder"] = args.encoder
     try:
         config = TrainConfig(
             output_dir=out,
@@ -134,7 +137,8 @@ def main() -> None:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     print(
-        f"recipe {args.recipe}, device {run.device}, precision {run.amp_dtype or 'fp32'}, "
+        f"recipe {args.recipe}{f' ({args.encoder})' if args.encoder else ''}, device {run.device}, "
+        f"precision {run.amp_dtype or 'fp32'}, "
         f"torch threads {torch.get_num_threads()}, "
         f"batch {args.batch} x {args.patch}^2, {args.steps} steps x {args.repeats} repeats, workers {args.workers}, "
         f"sections {'in memory' if args.in_memory else 'read lazily from netCDF files'}"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -103,6 +104,22 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "ce-only": ("small-data", {"dice_weight": 0.0}, "cross-entropy only, no Dice term"),
     "constant-lr": ("small-data", {"schedule": "constant"}, "constant learning rate after warm-up (no cosine)"),
     "no-average": ("small-data", {"average_last": 0}, "best single epoch, no checkpoint averaging"),
+    "lite1-encoder": (
+        "small-data",
+        {"encoder": "efficientnet-lite1"},
+        "EfficientNet-Lite1 encoder (deeper) instead of Lite0",
+    ),
+    "lite2-encoder": (
+        "small-data",
+        {"encoder": "efficientnet-lite2"},
+        "EfficientNet-Lite2 encoder (deeper, wider) instead of Lite0",
+    ),
+    "small-data-seed2": ("small-data", {"seed": 2}, "the small-data recipe with another seed (an ensemble member)"),
+    "lite2-encoder-seed2": (
+        "small-data",
+        {"encoder": "efficientnet-lite2", "seed": 2},
+        "lite2-encoder with another seed (a second ensemble member)",
+    ),
     "long-schedule": ("small-data", {"epochs": 7}, "7 epochs of 100 steps instead of 4 (the recipe before 2026-12-05)"),
 }
 
@@ -148,7 +165,7 @@ def train_config(
     from thinseg.training.config import AugmentConfig, TrainConfig
     from thinseg.training.recipes import recipe_settings
 
-    settings = recipe_settings(recipe)
+    settings = {"seed": 0, **recipe_settings(recipe)}
     settings.update(changes)
     if settings.get("augment") == "none":
         settings["augment"] = AugmentConfig.none()
@@ -158,7 +175,6 @@ def train_config(
         val_sections=[sections[n] for n in val],
         class_table=read_model_classes(CLASSES),
         val_fraction=0.15,
-        seed=0,
         device=device,
         progress=False,
         overwrite=True,
@@ -180,6 +196,55 @@ def score(model_dir: Path, sections: list[Any], tta: str, device: str, precision
     record: dict[str, Any] = json.loads(report.to_json())
     record["seconds"] = time.perf_counter() - start
     return record
+
+
+def score_ensemble(args: argparse.Namespace) -> int:
+    """Score the average of trained models (--ensemble) on --ensemble-val and the test fields."""
+    from thinseg.inference.engine import InferenceOptions
+    from thinseg.model.bundle import load_bundle
+    from thinseg.pipelines.evaluate import evaluate_model
+    from thinseg.training.ensemble import combine_members
+
+    dirs = [Path(d) for d in args.ensemble]
+    val = tuple(args.ensemble_val.split(","))
+    sections = load_fields(args.data, val + (TEST if args.ensemble_test else ()))
+    name = "ensemble:" + "+".join(d.parent.name if d.name == "model" else d.name for d in dirs)
+    folder = (args.work or args.out / "runs") / name.replace(":", "-").replace("+", "_")
+    shutil.rmtree(folder, ignore_errors=True)
+    bundle = load_bundle(combine_members(dirs, folder, title=name, description="") if len(dirs) > 1 else dirs[0])
+    options = InferenceOptions(device=args.device, tta="none", precision=args.precision)
+    reports = {}
+    for part, fields in (("val", val), ("test", TEST if args.ensemble_test else ())):
+        if not fields:
+            reports[part] = {"metrics": {"mean_iou": float("nan")}}
+            continue
+        report = evaluate_model(bundle, [sections[f] for f in fields], 2.0, options=options)
+        reports[part] = json.loads(report.to_json())
+    members_val = [  # the members alone, scored the same way
+        evaluate_model(load_bundle(d), [sections[f] for f in val], 2.0, options=options).metrics.mean_iou for d in dirs
+    ]
+    record = {
+        "experiment": name,
+        "description": f"probability average of {len(dirs)} models",
+        "members": [str(d) for d in dirs],
+        "train": [],
+        "val": list(val),
+        "test": list(TEST) if args.ensemble_test else [],
+        "val_mean_iou": reports["val"]["metrics"]["mean_iou"],
+        "members_val_mean_iou": members_val,
+        "history": [],
+        "model": str(folder) if len(dirs) > 1 else str(dirs[0]),
+        "scores": {"none": reports["test"]} if args.ensemble_test else {},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / (name.replace(":", "-").replace("+", "_") + ".json")
+    path.write_text(json.dumps(record, default=str))
+    print(
+        f"{name}: val {','.join(val)} mean IoU {record['val_mean_iou']:.3f} (members "
+        f"{', '.join(f'{v:.3f}' for v in members_val)}); test mean IoU "
+        f"{reports['test']['metrics']['mean_iou']:.3f} -> {path}"
+    )
+    return 0
 
 
 def run_one(
@@ -312,7 +377,7 @@ def summary_table(records: list[dict[str, Any]], tta: str) -> str:
         lambda s, _c: f"{100 * s['fractions']['rmse_overall']:.1f}{_interval(s, 'fraction_rmse', 100, 1)}",
     )
     row("calibration ECE", lambda s, _c: f"{s['calibration']['ece']:.3f}")
-    row("training (min)", lambda _s, c: f"{c['training_seconds'] / 60:.1f}")
+    row("training (min)", lambda _s, c: f"{c['training_seconds'] / 60:.1f}" if "training_seconds" in c else "-")
     return "\n".join(rows)
 
 
@@ -430,6 +495,12 @@ def main() -> int:
         help="choose among --experiments on training fields only: each of these fields (of 2a-8a) validates "
         "once, the other training fields train, nothing is tested",
     )
+    p.add_argument(
+        "--hold-out",
+        default="",
+        metavar="FIELDS",
+        help="--select: training fields set aside entirely (an outer validation for choices such as ensembling)",
+    )
     p.add_argument("--parallel", type=int, default=1, help="experiments at once (separate processes)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per experiment")
     p.add_argument("--device", default="auto")
@@ -450,6 +521,17 @@ def main() -> int:
         help="draw truth | prediction | errors of one field",
     )
     p.add_argument("--figure-title", default=None, help="the model's name in the figure (default: its title)")
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        default=None,
+        metavar="MODEL_DIR",
+        help="score the probability average of these trained models (on --ensemble-val and 9a-11a)",
+    )
+    p.add_argument("--ensemble-val", default="4a", help="--ensemble: the field(s) to validate the average on")
+    p.add_argument(
+        "--no-ensemble-test", dest="ensemble_test", action="store_false", help="--ensemble: do not score 9a-11a"
+    )
     p.add_argument("--list", action="store_true")
     p.add_argument("--smoke", action="store_true", help="2 epochs of 3 steps: checks the path, measures nothing")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -457,6 +539,8 @@ def main() -> int:
     if args.figure:
         draw_figure(Path(args.figure[0]), args.figure[1], args.data, Path(args.figure[2]), args.figure_title)
         return 0
+    if args.ensemble:
+        return score_ensemble(args)
     if args.summarize:
         records = read_records(args.summarize)
         for tta in args.tta.split(","):
@@ -485,8 +569,10 @@ def main() -> int:
         elif kind.startswith("select:"):
             experiment = kind.partition(":")[2]
             recipe, changes, _text = EXPERIMENTS[experiment]
-            train = tuple(f for f in TRAINING_FIELDS if f != name)
-            run_one(experiment, args, train, (name,), (), recipe, changes, f"select-{experiment}-{name}")
+            held_out = tuple(f for f in args.hold_out.split(",") if f)
+            train = tuple(f for f in TRAINING_FIELDS if f != name and f not in held_out)
+            suffix = "".join(f"-without-{f}" for f in held_out)
+            run_one(experiment, args, train, (name,), (), recipe, changes, f"select-{experiment}-{name}{suffix}")
         else:
             recipe, changes, _text = EXPERIMENTS[name]
             run_one(name, args, TRAIN, VAL, TEST, recipe, changes, name)
@@ -494,8 +580,9 @@ def main() -> int:
     jobs = [name for name in args.experiments.split(",") if name]
     if args.select:  # the same experiments, each validated on other training fields
         fields = args.select.split(",")
-        if not set(fields) <= set(TRAINING_FIELDS):
-            p.error(f"--select takes training fields only ({', '.join(TRAINING_FIELDS)})")
+        held_out = [f for f in args.hold_out.split(",") if f]
+        if not set(fields) | set(held_out) <= set(TRAINING_FIELDS) or set(fields) & set(held_out):
+            p.error(f"--select and --hold-out take distinct training fields ({', '.join(TRAINING_FIELDS)})")
         jobs = [f"select:{name}:{field}" for field in fields for name in jobs]
     if args.lofo:  # after the experiments: each fold is a separate training
         jobs += [f"lofo:{args.lofo_experiment}:{f}" for f in args.folds.split(",")]
@@ -520,8 +607,11 @@ def main() -> int:
             ",".join(args.tta),
             "--precision",
             args.precision,
+            "--hold-out",
+            args.hold_out,
         ]
         command += (["--smoke"] if args.smoke else []) + (["--jsonl", str(args.jsonl)] if args.jsonl else [])
+        command += ["--score-best-epoch"] if args.score_best_epoch else []
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         done = subprocess.run(command, env=env)
         print(f"{job}: exit {done.returncode}", file=sys.stderr, flush=True)
