@@ -74,6 +74,7 @@ NUMERIC = {
         "--model-mm-per-pixel": "0.00132",
         "--val-tile": "512",
         "--average-last": "3",
+        "--members": "2",
         "--nproc": "2",
     },
 }

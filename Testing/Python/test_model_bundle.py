@@ -590,7 +590,8 @@ def test_unknown_network_name(tmp_path):
     _edit_saved(folder, lambda s: s["config"]["model"].update(name="SegFormer"))
     with pytest.raises(
         ThinSegError,
-        match=r"unsupported network 'SegFormer' \(supported: UNet, UNetAct, UNetActWithBoundarySupervision, LiteUNet\)",
+        match=r"unsupported network 'SegFormer' \(supported: UNet, UNetAct, UNetActWithBoundarySupervision, "
+        r"LiteUNet, LiteUNetEnsemble\)",
     ):
         load_bundle(folder)
 

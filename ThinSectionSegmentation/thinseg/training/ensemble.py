@@ -29,7 +29,6 @@ Log = Callable[[str], None]
 #: Member k's run folder, inside the ensemble's run folder.
 MEMBERS_FOLDER = "members"
 SPLIT_FILE = "split.json"
-TEST_METRICS_FILE = "test_metrics.json"
 
 
 def member_folds(
@@ -55,7 +54,11 @@ def combine_members(
 ) -> Path:
     """Write the ensemble bundle of trained LiteUNet bundles (same classes, inputs, pixel size
     and architecture); meta.json `ensemble` lists each member's validation sections and score."""
-    from thinseg.model.lite_unet import LiteUNet, LiteUNetEnsemble, lite_unet_ensemble_params
+    from thinseg.model.lite_unet import (  # deferred: imports MONAI's decoder (about 3 s)
+        LiteUNet,
+        LiteUNetEnsemble,
+        lite_unet_ensemble_params,
+    )
 
     bundles = [load_bundle(d) for d in member_dirs]
     first = bundles[0]
@@ -170,6 +173,9 @@ def train_ensemble(config: TrainConfig, members: int, log: Log, train: Callable[
     )
     scores = [r.best_mean_iou for r in results if r.best_mean_iou is not None]
     log(f"ensemble of {members} written to {target} (members' val mean IoU {', '.join(f'{s:.3f}' for s in scores)})")
+    if parts["test"]:
+        names = " ".join(s.name for s in parts["test"])
+        log(f"score it on the test sections: thinseg evaluate --model {target} {names}")
     return dataclasses.replace(
         results[0],
         output_dir=out,
@@ -177,23 +183,5 @@ def train_ensemble(config: TrainConfig, members: int, log: Log, train: Callable[
         best_mean_iou=float(np.mean(scores)) if scores else None,
         history=[row for r in results for row in r.history],
         split_file=out / SPLIT_FILE if (out / SPLIT_FILE).exists() else results[0].split_file,
-        test_metrics=_score_test(config, target, parts["test"], log),
+        test_metrics=None,  # each member scored the test sections alone; the ensemble: thinseg evaluate
     )
-
-
-def _score_test(config: TrainConfig, model_dir: Path, sections: Sequence[Section], log: Log) -> dict[str, Any] | None:
-    """The ensemble's scores on the held-out test sections (RUN_DIR/test_metrics.json), void
-    borders excluded as in validation; None without test sections."""
-    if not sections:
-        return None
-    from thinseg.inference.engine import InferenceOptions  # deferred: only with test sections
-    from thinseg.jsonio import write_json
-    from thinseg.pipelines.evaluate import evaluate_model
-
-    options = InferenceOptions(device=config.device, precision=config.precision, tta=config.test_time_augmentation)
-    report = evaluate_model(load_bundle(model_dir), list(sections), config.void_border_px, options=options)
-    metrics = report.metrics_void_excluded or report.metrics
-    record = {"model": str(model_dir), "sections": [s.name for s in sections], **metrics.to_dict()}
-    write_json(Path(config.output_dir) / TEST_METRICS_FILE, record)
-    log(f"test mean IoU {metrics.mean_iou:.4f} on {len(sections)} held-out section(s)")
-    return record
