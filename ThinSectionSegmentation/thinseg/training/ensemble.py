@@ -23,7 +23,7 @@ from thinseg.data.sections import Section, open_sections
 from thinseg.errors import ThinSegError
 from thinseg.model.bundle import load_bundle, save_bundle
 from thinseg.training.config import TrainConfig, TrainResult
-from thinseg.training.split import apply_split, load_split, save_split, split_names
+from thinseg.training.split import apply_split, run_split, save_split
 
 Log = Callable[[str], None]
 #: Member k's run folder, inside the ensemble's run folder.
@@ -107,12 +107,7 @@ def _parts(config: TrainConfig) -> dict[str, list[Section]]:
     if config.sections:
         pooled = open_sections(config.sections)
         saved = Path(config.output_dir) / SPLIT_FILE
-        if config.split_file is not None:
-            split = load_split(config.split_file)
-        elif config.resume and saved.exists():
-            split = load_split(saved)
-        else:
-            split = split_names([s.name for s in pooled], config.val_fraction, config.test_fraction, config.seed)
+        split = run_split([s.name for s in pooled], config, saved)
         save_split(saved, split, seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction)
         return apply_split(pooled, split)
     return {

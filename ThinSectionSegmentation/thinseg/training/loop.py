@@ -42,7 +42,7 @@ from thinseg.training.export import bundle_input_names, export_bundle
 from thinseg.training.losses import dice_ce_loss
 from thinseg.training.model import ModelSpec, model_from_bundle, new_model
 from thinseg.training.sampler import rank_seed
-from thinseg.training.split import apply_split, load_split, save_split, split_names
+from thinseg.training.split import apply_split, run_split, save_split
 from thinseg.training.targets import PreparedSection, prepare_sections
 from thinseg.training.validate import ValSection, make_val_sections, validate, validate_with_confidence
 
@@ -226,12 +226,7 @@ class TrainingRun:
         split_path = self.out / SPLIT_FILE
         if c.sections:
             pooled = open_sections(c.sections)
-            if c.split_file is not None:
-                split = load_split(c.split_file)
-            elif c.resume and split_path.exists():
-                split = load_split(split_path)
-            else:
-                split = split_names([s.name for s in pooled], c.val_fraction, c.test_fraction, c.seed)
+            split = run_split([s.name for s in pooled], c, split_path)
             parts = apply_split(pooled, split)
         else:
             parts = {

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from thinseg.errors import ThinSegError
 from thinseg.jsonio import loads, write_json
+
+if TYPE_CHECKING:
+    from thinseg.training.config import TrainConfig
 
 PARTS = ("train", "val", "test")
 
@@ -51,6 +54,16 @@ def split_names(
         "test": sorted(order[n_val : n_val + n_test]),
         "train": sorted(order[n_val + n_test :]),
     }
+
+
+def run_split(names: Sequence[str], config: TrainConfig, saved: Path) -> dict[str, list[str]]:
+    """The split a run of `config` uses: its split file, else (resuming) the split it saved at
+    `saved`, else a new seeded split of `names`."""
+    if config.split_file is not None:
+        return load_split(config.split_file)
+    if config.resume and saved.exists():
+        return load_split(saved)
+    return split_names(names, config.val_fraction, config.test_fraction, config.seed)
 
 
 def save_split(path: str | os.PathLike[str], split: dict[str, list[str]], **info: object) -> Path:
