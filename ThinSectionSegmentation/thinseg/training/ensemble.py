@@ -3,9 +3,11 @@
 Why: with a handful of sections one training's score moves by several points from run to run,
 and every training sets a section aside to validate on (checkpoints, confidence temperature).
 Member k validates on the k-th group of sections and trains on the others, so the members
-together have learnt from every section, and their averaged probabilities are steadier than
-any one member. Member 1 is exactly the single training the same settings would run; the others
-differ from it only in which sections they validate on (same seed).
+together have learnt from every section, and their average varies less from run to run than one
+member. Whether it scores better depends on the members being about equally good: on real
+sandstone fields two members did not beat one (bench/real_rock.py --ensemble measures it).
+Member 1 is exactly the single training the same settings would run; the others differ from it
+only in the sections they validate and train on (same seed).
 """
 
 from __future__ import annotations
