@@ -188,30 +188,23 @@ def _monai_unet(**params: Any) -> torch.nn.Module:
     return _unet(**params)
 
 
-def _lite_unet(**params: Any) -> torch.nn.Module:
-    """LiteUNet(**params): its encoder's code comes from the efficientnet-lite-pytorch package."""
-    from thinseg.model.lite_unet import LiteUNet  # deferred: imports MONAI's decoder (about 3 s)
+def _lite_network(class_name: str) -> Callable[..., torch.nn.Module]:
+    """The builder of thinseg.model.lite_unet's `class_name`, whose encoder's code comes from the
+    efficientnet-lite-pytorch package."""
 
-    try:
-        return LiteUNet(**params)
-    except ImportError as exc:
-        raise ThinSegError(
-            f"the LiteUNet network needs the {exc.name or 'efficientnet_lite_pytorch'} package "
-            "(pip install efficientnet-lite-pytorch)"
-        ) from None
+    def build(**params: Any) -> torch.nn.Module:
+        from thinseg.model import lite_unet  # deferred: imports MONAI's decoder (about 3 s)
 
+        try:
+            network: torch.nn.Module = getattr(lite_unet, class_name)(**params)
+        except ImportError as exc:
+            raise ThinSegError(
+                f"the {class_name} network needs the {exc.name or 'efficientnet_lite_pytorch'} package "
+                "(pip install efficientnet-lite-pytorch)"
+            ) from None
+        return network
 
-def _lite_unet_ensemble(**params: Any) -> torch.nn.Module:
-    """LiteUNetEnsemble(**params): LiteUNets whose probabilities are averaged."""
-    from thinseg.model.lite_unet import LiteUNetEnsemble  # deferred: imports MONAI's decoder (about 3 s)
-
-    try:
-        return LiteUNetEnsemble(**params)
-    except ImportError as exc:
-        raise ThinSegError(
-            f"the LiteUNetEnsemble network needs the {exc.name or 'efficientnet_lite_pytorch'} package "
-            "(pip install efficientnet-lite-pytorch)"
-        ) from None
+    return build
 
 
 #: Network names GeoSlicer's model loader knows, mapped to their builders.
@@ -224,8 +217,8 @@ GEOSLICER_NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {
 #: say in meta.json `requires` which thinseg version they need).
 NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {
     **GEOSLICER_NETWORKS,
-    "LiteUNet": _lite_unet,
-    "LiteUNetEnsemble": _lite_unet_ensemble,
+    "LiteUNet": _lite_network("LiteUNet"),
+    "LiteUNetEnsemble": _lite_network("LiteUNetEnsemble"),
 }
 _LITE_PACKAGES = ["efficientnet-lite-pytorch>=0.1"]
 #: The first thinseg version that builds each network GeoSlicer cannot build.
@@ -339,10 +332,6 @@ LITE_ENCODERS: dict[str, tuple[int, tuple[int, ...]]] = {
 }
 
 
-#: Most members of a LiteUNetEnsemble (each is a full network, run on every tile).
-MAX_ENSEMBLE_MEMBERS = limits.MAX_ENSEMBLE_MEMBERS
-
-
 def _lite_unet_shape(params: Mapping[str, Any]) -> NetworkShape:
     """Check LiteUNet parameters: one or two RGB images, five decoder levels, a known encoder;
     count the encoder's weights and the decoder's convolutions."""
@@ -378,7 +367,7 @@ def describe_network(name: str, params: Mapping[str, Any]) -> NetworkShape:
     elif known == "LiteUNet":
         shape = _lite_unet_shape(params)
     elif known == "LiteUNetEnsemble":
-        members = _count(params.get("members"), "members", 2, MAX_ENSEMBLE_MEMBERS)
+        members = _count(params.get("members"), "members", 2, limits.MAX_ENSEMBLE_MEMBERS)
         one = _lite_unet_shape({k: v for k, v in params.items() if k != "members"})
         shape = NetworkShape(one.in_channels, one.out_channels, members * one.min_weights)
     else:
