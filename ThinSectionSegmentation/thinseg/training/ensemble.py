@@ -5,7 +5,7 @@ and every training sets a section aside to validate on (checkpoints, confidence 
 Member k validates on the k-th group of sections and trains on the others, so the members
 together have learnt from every section, and their average varies less from run to run than one
 member. Whether it scores better depends on the members being about equally good: on real
-sandstone fields two members did not beat one (bench/real_rock.py --ensemble measures it).
+sandstone fields two members did not beat one (the real-rock benchmark measures it).
 Member 1 is exactly the single training the same settings would run; the others differ from it
 only in the sections they validate and train on (same seed).
 """
