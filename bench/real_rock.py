@@ -200,49 +200,46 @@ def score(model_dir: Path, sections: list[Any], tta: str, device: str, precision
 
 def score_ensemble(args: argparse.Namespace) -> int:
     """Score the average of trained models (--ensemble) on --ensemble-val and the test fields."""
-    from thinseg.inference.engine import InferenceOptions
-    from thinseg.model.bundle import load_bundle
-    from thinseg.pipelines.evaluate import evaluate_model
     from thinseg.training.ensemble import combine_members
 
     dirs = [Path(d) for d in args.ensemble]
     val = tuple(args.ensemble_val.split(","))
-    sections = load_fields(args.data, val + (TEST if args.ensemble_test else ()))
+    tests = TEST if args.ensemble_test else ()
+    sections = load_fields(args.data, val + tests)
     name = "ensemble:" + "+".join(d.parent.name if d.name == "model" else d.name for d in dirs)
-    folder = (args.work or args.out / "runs") / name.replace(":", "-").replace("+", "_")
-    shutil.rmtree(folder, ignore_errors=True)
-    bundle = load_bundle(combine_members(dirs, folder, title=name, description="") if len(dirs) > 1 else dirs[0])
-    options = InferenceOptions(device=args.device, tta="none", precision=args.precision)
-    reports = {}
-    for part, fields in (("val", val), ("test", TEST if args.ensemble_test else ())):
-        if not fields:
-            reports[part] = {"metrics": {"mean_iou": float("nan")}}
-            continue
-        report = evaluate_model(bundle, [sections[f] for f in fields], 2.0, options=options)
-        reports[part] = json.loads(report.to_json())
-    members_val = [  # the members alone, scored the same way
-        evaluate_model(load_bundle(d), [sections[f] for f in val], 2.0, options=options).metrics.mean_iou for d in dirs
-    ]
+    stem = name.replace(":", "-").replace("+", "_")
+    model = dirs[0]
+    if len(dirs) > 1:
+        model = (args.work or args.out / "runs") / stem
+        shutil.rmtree(model, ignore_errors=True)
+        combine_members(dirs, model, title=name, description="")
+
+    def scored(model_dir: Path, fields: tuple[str, ...]) -> dict[str, Any]:
+        return score(model_dir, [sections[f] for f in fields], "none", args.device, args.precision)
+
+    val_report = scored(model, val)
+    members_val = [scored(d, val)["metrics"]["mean_iou"] for d in dirs]  # the members alone, scored the same way
+    test_report = scored(model, tests) if tests else None
     record = {
         "experiment": name,
         "description": f"probability average of {len(dirs)} models",
         "members": [str(d) for d in dirs],
         "train": [],
         "val": list(val),
-        "test": list(TEST) if args.ensemble_test else [],
-        "val_mean_iou": reports["val"]["metrics"]["mean_iou"],
+        "test": list(tests),
+        "val_mean_iou": val_report["metrics"]["mean_iou"],
         "members_val_mean_iou": members_val,
         "history": [],
-        "model": str(folder) if len(dirs) > 1 else str(dirs[0]),
-        "scores": {"none": reports["test"]} if args.ensemble_test else {},
+        "model": str(model),
+        "scores": {"none": test_report} if test_report else {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / (name.replace(":", "-").replace("+", "_") + ".json")
+    path = args.out / f"{stem}.json"
     path.write_text(json.dumps(record, default=str))
+    shown = f"{test_report['metrics']['mean_iou']:.3f}" if test_report else "not scored"
     print(
         f"{name}: val {','.join(val)} mean IoU {record['val_mean_iou']:.3f} (members "
-        f"{', '.join(f'{v:.3f}' for v in members_val)}); test mean IoU "
-        f"{reports['test']['metrics']['mean_iou']:.3f} -> {path}"
+        f"{', '.join(f'{v:.3f}' for v in members_val)}); test mean IoU {shown} -> {path}"
     )
     return 0
 

@@ -148,7 +148,8 @@ class LiteUNetEnsemble(torch.nn.Module):
     Why: trained on a handful of sections, one network's score moves by several points from one
     training to the next, and each training sets one section aside to validate on. Members that
     each validate on a different section see, together, every training section, and their average
-    is steadier than any one of them. Each member carries its own confidence temperature.
+    varies less from run to run than one of them (whether it scores better depends on the members
+    being about equally good). Each member carries its own confidence temperature.
 
     The output is the log of the averaged probabilities, so that a softmax downstream (labels,
     confidence) gives the average itself.

@@ -25,12 +25,11 @@ from thinseg.data.sections import Section, open_sections
 from thinseg.errors import ThinSegError
 from thinseg.model.bundle import load_bundle, save_bundle
 from thinseg.training.config import TrainConfig, TrainResult
-from thinseg.training.split import apply_split, run_split, save_split
+from thinseg.training.split import SPLIT_FILE, apply_split, run_split, save_split
 
 Log = Callable[[str], None]
 #: Member k's run folder, inside the ensemble's run folder.
 MEMBERS_FOLDER = "members"
-SPLIT_FILE = "split.json"
 
 
 def member_folds(
@@ -84,7 +83,7 @@ def combine_members(
         }
         for b in bundles
     ]
-    extra: dict[str, Any] = {"ensemble": record, "training": {**first.meta.get("training", {}), "members": record}}
+    extra: dict[str, Any] = {"ensemble": record, "training": first.meta.get("training", {})}
     if first.test_time_augmentation != "none":
         extra["test_time_augmentation"] = first.test_time_augmentation
     return save_bundle(

@@ -42,13 +42,12 @@ from thinseg.training.export import bundle_input_names, export_bundle
 from thinseg.training.losses import dice_ce_loss
 from thinseg.training.model import ModelSpec, model_from_bundle, new_model
 from thinseg.training.sampler import rank_seed
-from thinseg.training.split import apply_split, run_split, save_split
+from thinseg.training.split import SPLIT_FILE, apply_split, run_split, save_split
 from thinseg.training.targets import PreparedSection, prepare_sections
 from thinseg.training.validate import ValSection, make_val_sections, validate, validate_with_confidence
 
 LOG_FILE = "training_log.csv"
 CURVES_FILE = "training_curves.png"
-SPLIT_FILE = "split.json"
 TEST_METRICS_FILE = "test_metrics.json"
 
 Log = Callable[[str], None]

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from thinseg.training.config import TrainConfig
 
 PARTS = ("train", "val", "test")
+#: The split's file in a run folder.
+SPLIT_FILE = "split.json"
 
 SectionT = TypeVar("SectionT")
 
