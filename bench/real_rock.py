@@ -289,11 +289,10 @@ def run_one(
         if tests
         else {},
     }
-    best_epoch_dir = run_dir / "model-best-epoch"  # there when the averaged weights were exported
-    if best_epoch_dir.is_dir() and tests:
-        record["best_single_epoch_scores"] = {
-            tta: score(best_epoch_dir, tests, tta, args.device, args.precision) for tta in args.tta
-        }
+    # --score-best-epoch keeps the candidate averaging did not export: what averaging gives or costs
+    for folder, key in (("model-best-epoch", "best_single_epoch_scores"), ("model-average", "averaged_scores")):
+        if (run_dir / folder).is_dir() and tests:
+            record[key] = {tta: score(run_dir / folder, tests, tta, args.device, args.precision) for tta in args.tta}
     text = json.dumps(record, default=str)
     (args.out / f"{result_name}.json").write_text(text)
     if args.jsonl is not None:  # one line per experiment, appended under a lock by parallel runs
@@ -507,7 +506,8 @@ def main() -> int:
     p.add_argument(
         "--score-best-epoch",
         action="store_true",
-        help="also score the best single epoch when the averaged weights were exported (what averaging gives)",
+        help="also score the checkpoint-averaging candidate that was not exported (the best single epoch, or "
+        "the average): what averaging gives",
     )
     p.add_argument("--summarize", nargs="+", type=Path, default=None, metavar="JSON", help="print tables of results")
     p.add_argument(

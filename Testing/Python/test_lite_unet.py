@@ -213,12 +213,19 @@ def test_a_tiny_small_data_run_exports_an_averaged_model_with_its_inference_defa
         val_overlap=16,
         progress=False,
         precision="fp32",
+        keep_best_epoch=True,  # keep the candidate averaging did not export, to measure it
         **settings,
     )
     messages: list[str] = []
     result = train(config, log=messages.append)
     meta = json.loads((result.model_dir / "meta.json").read_text())
     assert meta["test_time_augmentation"] == "dihedral"
+    exported_average = meta["training"]["averaged_epochs"] == [1, 2]
+    other = result.model_dir.with_name(result.model_dir.name + ("-best-epoch" if exported_average else "-average"))
+    assert [p.name for p in result.model_dir.parent.glob(result.model_dir.name + "-*")] == [other.name]
+    other_meta = json.loads((other / "meta.json").read_text())
+    assert (other_meta["training"]["averaged_epochs"] == [1, 2]) is not exported_average
+    assert load_bundle(other).network.state_dict().keys() == load_bundle(result.model_dir).network.state_dict().keys()
     assert meta["training"]["recipe"] == "small-data"
     assert meta["requires"]["thinseg"] == "0.2.0"
     averaged = [m for m in messages if m.startswith("average of epochs 1-2")]

@@ -94,7 +94,7 @@ class TrainConfig:
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     average_last: int = 0  # export the average of the last N epochs' weights when it validates no worse
-    keep_best_epoch: bool = False  # when the average is exported, also keep the best single epoch's bundle
+    keep_best_epoch: bool = False  # also keep the candidate not exported: `<model>-best-epoch` or `<model>-average`
     calibrate_temperature: bool = False  # fit a softmax temperature on the validation sections (LiteUNet)
     test_time_augmentation: str = "none"  # none/flips/dihedral: used in validation, recorded in the bundle
     precision: Precision = "auto"

@@ -472,6 +472,15 @@ class TrainingRun:
         else:
             shown = f"{iou:.4f}" if iou is not None else "none"
             self.log(f"average of epochs {first}-{self.epoch}: val mean IoU {shown}: the best single epoch is kept")
+            if self.config.keep_best_epoch:  # for measuring what averaging would have given
+                exported = self.best
+                self.best = {
+                    **exported,
+                    "averaged_epochs": [first, self.epoch],
+                    "metrics": self._validation_record(row, self.epoch, averaged_epochs=[first, self.epoch]),
+                }
+                self._export(self.out / f"{self.config.model_name}-average")
+                self.best = exported
             self.network.load_state_dict(current)
 
     def _calibrate(self) -> None:
@@ -671,7 +680,8 @@ class TrainingRun:
         )
         return record
 
-    def _export(self) -> Path:
+    def _export(self, folder: Path | None = None) -> Path:
+        """Write the network as a bundle: the run's model, or another `folder`."""
         c = self.config
         parts = self.parts
         class_pixels = sum((p.class_pixels for p in self.train_sections), np.zeros(len(self.class_table), np.int64))
@@ -709,7 +719,7 @@ class TrainingRun:
             f"({'+'.join(bundle_input_names(self.roles))}, {self.pixels_per_mm:.1f} px/mm)"
         )
         return export_bundle(
-            self.out / c.model_name,
+            folder or self.out / c.model_name,
             self.network,
             network_name=self.spec.name,
             network_params=self.spec.params,
