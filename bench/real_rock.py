@@ -97,6 +97,11 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         {"augment": _augment(gamma=0.0, blur=0.0, scale=0.1)},
         "no gamma/blur, scale 0.1 (old set)",
     ),
+    "aug-strong-colour": (
+        "small-data",
+        {"augment": _augment(brightness=0.2, contrast=0.3, saturation=0.25, channel_gain=0.1, gamma=0.3)},
+        "colour jitter about 2.5x wider (exposure and white balance vary from session to session)",
+    ),
     "aug-none": ("small-data", {"augment": "none"}, "no augmentation at all"),
     "balance-0": ("small-data", {"balancing_strength": 0.0}, "uniform random patches (no class balancing)"),
     "balance-0.25": ("small-data", {"balancing_strength": 0.25}, "weaker class balancing (the old recipe's)"),
@@ -109,6 +114,11 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         {"encoder": "efficientnet-lite1"},
         "EfficientNet-Lite1 encoder (deeper) instead of Lite0",
     ),
+    "lite1-encoder-pp": (
+        "small-data",
+        {"encoder": "efficientnet-lite1", "inputs": ("PP",)},
+        "lite1-encoder, PP only",
+    ),
     "lite2-encoder": (
         "small-data",
         {"encoder": "efficientnet-lite2"},
@@ -119,6 +129,11 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         "small-data",
         {"encoder": "efficientnet-lite2", "seed": 2},
         "lite2-encoder with another seed (a second ensemble member)",
+    ),
+    "patch-384": (
+        "small-data",
+        {"patch_size": 384, "batch_size": 4},
+        "384 px patches (1 mm of rock at half resolution), 4 per step: more context, about the same pixels per step",
     ),
     "long-schedule": ("small-data", {"epochs": 7}, "7 epochs of 100 steps instead of 4 (the recipe before 2026-12-05)"),
 }
