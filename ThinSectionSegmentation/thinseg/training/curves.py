@@ -48,6 +48,7 @@ def _plot_curves(path: Path, history: Sequence[dict[str, Any]]) -> Path:
     # deferred: matplotlib costs ~0.4 s at import, paid only once the first epoch has ended
     import matplotlib
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     matplotlib.use("Agg", force=False)
 
@@ -65,6 +66,8 @@ def _plot_curves(path: Path, history: Sequence[dict[str, Any]]) -> Path:
     ax_iou.set_xlabel("epoch")
     ax_iou.set_ylabel("validation mean IoU")
     ax_iou.grid(alpha=0.3)
+    for ax in (ax_loss, ax_iou):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.5 or 2.5 ticks
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png")  # the temporary name has no ".png" to tell matplotlib
