@@ -221,7 +221,7 @@ NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {
     "LiteUNetEnsemble": _lite_network("LiteUNetEnsemble"),
 }
 _LITE_PACKAGES = ["efficientnet-lite-pytorch>=0.1"]
-#: The first thinseg version that builds each network GeoSlicer cannot build.
+#: The networks only thinseg builds, and the first thinseg version that builds each.
 _FIRST_THINSEG: dict[str, str] = {"LiteUNet": "0.2.0", "LiteUNetEnsemble": "0.3.0"}
 #: ... and that builds a LiteUNet around this encoder (absent: the one LiteUNet started with).
 _FIRST_THINSEG_FOR_ENCODER: dict[str, str] = {"efficientnet-lite1": "0.3.0", "efficientnet-lite2": "0.3.0"}
@@ -431,10 +431,7 @@ def build_network(name: str, params: Mapping[str, Any]) -> torch.nn.Module:
 
 def network_channels(network: torch.nn.Module) -> tuple[int, int]:
     """(input channels, output channels) of a supported network, read from its MONAI UNet."""
-    if type(network).__name__ in (
-        "LiteUNet",
-        "LiteUNetEnsemble",
-    ):  # their own counts (not imported here: MONAI is slow to import)
+    if type(network).__name__ in _FIRST_THINSEG:  # thinseg's own networks keep their counts (no MONAI UNet)
         lite: Any = network
         return int(lite.in_channels), int(lite.out_channels)
     unet = network if _is_unet(network) else getattr(network, "unet", None)
