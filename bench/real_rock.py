@@ -9,11 +9,12 @@ on fields it never saw, and write one JSON per experiment.
 
 Split: train on 2a, 3a, 5a, 6a, 7a, 8a, pick checkpoints on 4a (the field `thinseg train
 --val-fraction 0.15 --seed 0` holds out), test on 9a, 10a, 11a, which nothing is trained, tuned or
-picked on. Each experiment is the `small-data` recipe (or the old U-Net recipe) with ONE setting
-changed, so its effect is that lever's. Scores come from `thinseg.pipelines.evaluate` (what
-`thinseg evaluate` runs) without and with test-time augmentation. Fields are read from the
-photographs and masks as `thinseg prepare` reads them (XP aligned to PP, mask values mapped by
-the class file), held in memory, so no netCDF files are written.
+picked on. Each experiment is one training of the `small-data` recipe (or the old U-Net recipe)
+with ONE setting changed, so its effect is that lever's; the shipped recipe averages three such
+trainings with different seeds (`small-data-seeds`; `--ensemble` averages trained runs). Scores
+come from `thinseg.pipelines.evaluate` (what `thinseg evaluate` runs) without and with test-time
+augmentation. Fields are read from the photographs and masks as `thinseg prepare` reads them (XP
+aligned to PP, mask values mapped by the class file), held in memory, so no netCDF files are written.
 
 The leave-one-field-out run trains the small-data recipe ten times: each field is the test once,
 the next field (cyclically) picks checkpoints, the other eight train. It is a spread estimate
@@ -70,7 +71,12 @@ PREVIOUS: dict[str, Any] = {
 
 #: experiment -> (recipe, TrainConfig changes, one-line description)
 EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "small-data": ("small-data", {}, "the small-data recipe as shipped"),
+    "small-data": (
+        "small-data",
+        {},
+        "one training of the small-data recipe (seed 0: the shipped ensemble's first member)",
+    ),
+    "small-data-seeds": ("small-data", {"members": 3}, "the small-data recipe as shipped: seeds 0, 1, 2 averaged"),
     "small-data-pp": ("small-data", {"inputs": ("PP",)}, "small-data, PP only"),
     "old-unet": ("unet", PREVIOUS, "the previous recipe (MONAI U-Net from scratch, half resolution, 10 x 100 steps)"),
     "old-unet-pp": ("unet", {**PREVIOUS, "inputs": ("PP",)}, "the previous recipe, PP only"),
@@ -125,6 +131,7 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         "EfficientNet-Lite2 encoder (deeper, wider) instead of Lite0",
     ),
     "small-data-seed2": ("small-data", {"seed": 2}, "the small-data recipe with another seed (an ensemble member)"),
+    "small-data-seed3": ("small-data", {"seed": 3}, "the small-data recipe with a third seed (an ensemble member)"),
     "lite2-encoder-seed2": (
         "small-data",
         {"encoder": "efficientnet-lite2", "seed": 2},
@@ -180,7 +187,7 @@ def train_config(
     from thinseg.training.config import AugmentConfig, TrainConfig
     from thinseg.training.recipes import recipe_settings
 
-    settings = {"seed": 0, **recipe_settings(recipe)}
+    settings = {"seed": 0, **recipe_settings(recipe), "members": 1}  # one training unless an experiment asks
     settings.update(changes)
     if settings.get("augment") == "none":
         settings["augment"] = AugmentConfig.none()

@@ -1,5 +1,6 @@
-"""Cross-fitted LiteUNet ensembles: the folds, the network (averaged probabilities), a tiny
-ensemble training through `train` and the command line, and the bundle it writes."""
+"""LiteUNet ensembles: the cross-fitted folds, the network (averaged probabilities), tiny
+cross-fitted and seed ensemble trainings through `train` and the command line, and the bundle
+they write."""
 
 from __future__ import annotations
 
@@ -70,10 +71,17 @@ def test_members_of_different_architectures_are_refused():
         lite_unet_ensemble_params([a, b])
 
 
-def tiny_settings(members: int) -> dict:
+def tiny_settings(members: int, member_split: str = "cross-fitted") -> dict:
     settings = recipe_settings("small-data")
     settings.update(
-        epochs=1, steps_per_epoch=2, warmup_steps=1, patch_size=64, batch_size=2, average_last=0, members=members
+        epochs=1,
+        steps_per_epoch=2,
+        warmup_steps=1,
+        patch_size=64,
+        batch_size=2,
+        average_last=0,
+        members=members,
+        member_split=member_split,
     )
     return settings
 
@@ -102,7 +110,7 @@ def test_a_tiny_ensemble_training_writes_one_bundle_of_its_cross_fitted_members(
     assert meta["requires"]["thinseg"] == "0.3.0"
     vals = [m["val_sections"] for m in meta["ensemble"]]
     assert vals[0] == [sections[3].name] and vals[1] != vals[0] and len(vals[1]) == 1
-    assert any(m.startswith("ensemble member 2 of 2: validates on") for m in messages)
+    assert any(m.startswith("ensemble member 2 of 2: seed 0, validates on") for m in messages)
     assert any(m.startswith("member 1/2: epoch 1/1") for m in messages)
     # each member scored the test section alone; the ensemble is left to thinseg evaluate
     assert result.test_metrics is None and any(m.startswith("score it on the test sections") for m in messages)
@@ -121,6 +129,36 @@ def test_a_tiny_ensemble_training_writes_one_bundle_of_its_cross_fitted_members(
     # a second run into the same folder is refused unless asked to overwrite
     with pytest.raises(ThinSegError, match="--overwrite"):
         train(config, log=messages.append)
+
+
+def test_a_seed_ensemble_repeats_the_single_training_with_other_seeds_on_the_same_sections(tmp_path):
+    sections = synthetic_sections(4, 128, seed=3)
+    common = dict(
+        train_sections=sections[:3],
+        val_sections=sections[3:],
+        val_tile=96,
+        val_overlap=16,
+        progress=False,
+        precision="fp32",
+    )
+    config = TrainConfig(output_dir=tmp_path / "run", **common, **tiny_settings(2, "seeds"))
+    messages: list[str] = []
+    result = train(config, log=messages.append)
+    meta = json.loads((result.model_dir / "meta.json").read_text())
+    assert [m["seed"] for m in meta["ensemble"]] == [0, 1]
+    assert [m["val_sections"] for m in meta["ensemble"]] == [[sections[3].name]] * 2
+    assert "trained with their own seeds" in meta["description"]
+    assert any(m.startswith("ensemble member 2 of 2: seed 1, validates on") for m in messages)
+    members = [load_bundle(tmp_path / "run" / "members" / f"member-{k}" / "model").network for k in (1, 2)]
+    for k in (1, 2):
+        trained = json.loads((tmp_path / "run" / "members" / f"member-{k}" / "model" / "meta.json").read_text())
+        assert trained["training"]["data"]["train_sections"] == [s.name for s in sections[:3]]
+    first, second = (m.state_dict() for m in members)
+    assert any(not torch.equal(first[key], second[key]) for key in first)  # another seed, another network
+    # member 1 is the single training of the same settings, weight for weight
+    single = train(TrainConfig(output_dir=tmp_path / "single", **common, **tiny_settings(1)), log=messages.append)
+    alone = load_bundle(single.model_dir).network.state_dict()
+    assert all(torch.equal(value, alone[key]) for key, value in first.items())
 
 
 def test_only_lite_unets_of_one_kind_combine(tmp_path):

@@ -195,6 +195,7 @@ def test_recipes_are_named_settings_of_train_config():
     assert recipe_settings("unet") == {"recipe": "unet"}
     small = recipe_settings("small-data")
     TrainConfig(output_dir=".", **small)  # every key is a TrainConfig field
+    assert (small["members"], small["member_split"]) == (3, "seeds")  # three seeds averaged
     small["augment"].gamma = 0.9
     assert recipe_settings("small-data")["augment"].gamma == 0.15  # a fresh copy each time
     with pytest.raises(ThinSegError, match="unknown training recipe"):
@@ -203,7 +204,7 @@ def test_recipes_are_named_settings_of_train_config():
 
 def test_a_tiny_small_data_run_exports_an_averaged_model_with_its_inference_default(tmp_path):
     settings = recipe_settings("small-data")
-    settings.update(epochs=2, steps_per_epoch=2, warmup_steps=1, patch_size=64, batch_size=2, average_last=2)
+    settings.update(epochs=2, steps_per_epoch=2, warmup_steps=1, patch_size=64, batch_size=2, average_last=2, members=1)
     settings["test_time_augmentation"] = "dihedral"  # what a recipe may record as the inference default
     config = TrainConfig(
         output_dir=tmp_path / "run",
@@ -243,7 +244,14 @@ def test_train_command_line_recipe_and_overrides(tmp_path, capsys):
     parser = build_parser()
     (tmp_path / "s.nc").write_bytes(b"")  # named only: the config is built, no section is read
     args = parser.parse_args(["train", str(tmp_path), "-o", str(tmp_path / "r"), "--recipe", "small-data"])
-    assert (train_config(args).network, train_config(args).epochs) == ("LiteUNet", 4)
+    config = train_config(args)
+    assert (config.network, config.epochs, config.members, config.member_split) == ("LiteUNet", 4, 3, "seeds")
+    base = ["train", str(tmp_path), "-o", str(tmp_path / "r"), "--recipe", "small-data"]
+    assert train_config(parser.parse_args([*base, "--members", "1"])).members == 1
+    split = train_config(parser.parse_args([*base, "--member-split", "cross-fitted"]))
+    assert (split.members, split.member_split) == (3, "cross-fitted")
+    # fine-tuning trains one network unless more are asked for
+    assert train_config(parser.parse_args([*base, "--init-from", str(tmp_path)])).members == 1
     args = parser.parse_args(
         [
             "train",
@@ -282,6 +290,11 @@ def test_a_training_job_takes_the_recipe_and_its_own_settings_win(tmp_path):
     job = {"sections": ["a.nc"], "run_dir": str(tmp_path / "run"), "recipe": "small-data"}
     config = job_train_config(job, tmp_path)
     assert (config.network, config.epochs, config.recipe) == ("LiteUNet", 4, "small-data")
+    assert (config.members, config.member_split) == (3, "seeds")
+    assert job_train_config({**job, "init_from": str(tmp_path)}, tmp_path).members == 1
+    assert job_train_config({**job, "member_split": "cross-fitted"}, tmp_path).member_split == "cross-fitted"
+    with pytest.raises(ThinSegError, match="'member_split' is one of seeds, cross-fitted, not 'folds'"):
+        job_train_config({**job, "member_split": "folds"}, tmp_path)
     config = job_train_config({**job, "epochs": 2, "patch_size": 128}, tmp_path)
     assert (config.epochs, config.patch_size, config.average_last) == (2, 128, 3)
     assert job_train_config({"sections": ["a.nc"], "run_dir": str(tmp_path)}, tmp_path).network == "UNet"

@@ -288,6 +288,8 @@ RECIPE_FIELDS = (
     "steps_per_epoch",
     "patch_size",
     "batch_size",
+    "members",
+    "member_split",
 )
 
 

@@ -68,9 +68,10 @@ class TrainingRecipe(enum.Enum):
         """The combo box item's tooltip: what the recipe trains and where its models run."""
         return {
             "unet": "A MONAI U-Net trained from scratch: the network GeoSlicer's own AI Segmenter runs.",
-            "small-data": "For a few registered sections: a U-Net whose encoder starts from ImageNet weights, "
-            "sized to train in under 30 minutes on 2 CPU cores. Its models need this extension (thinseg 0.2 "
-            "or later): they do not run in GeoSlicer's own AI Segmenter.",
+            "small-data": "For a few registered sections: three U-Nets whose encoder starts from ImageNet weights, "
+            "each trained with its own seed and their probabilities averaged, sized to train in under 30 minutes "
+            "on 2 CPU cores. Its models need this extension (thinseg 0.3 or later): they do not run in GeoSlicer's "
+            "own AI Segmenter.",
         }[self.value]
 
 

@@ -123,8 +123,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=types.ensemble_members,
         default=None,
         metavar="K",
-        help="small-data recipe: train K networks in turn, each validated on other sections, and export their "
-        "averaged probabilities as one model (K times the training time; default: the recipe's)",
+        help="small-data recipe: train K networks in turn and export their averaged probabilities as one model "
+        "(K times the training time; default: the recipe's, small-data 3; 1: a single training)",
+    )
+    opt.add_argument(
+        "--member-split",
+        choices=("seeds", "cross-fitted"),  # training.config.MEMBER_SPLITS, without importing torch here
+        default=None,
+        help="how ensemble members differ: seeds (the same sections, each member its own seed: the recipe's) or "
+        "cross-fitted (each member validates on other sections)",
     )
     opt.add_argument(
         "--average-last",
@@ -315,6 +322,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         if kwargs.get("network") != "LiteUNet" and args.members > 1:
             raise ThinSegError("--members applies to the small-data recipe's networks")
         kwargs["members"] = args.members
+    elif args.init_from is not None:
+        kwargs["members"] = 1  # the recipe's ensemble is of new networks; fine-tuning trains one
+    if args.member_split is not None:
+        kwargs["member_split"] = args.member_split
     if args.encoder is not None:
         if kwargs.get("network") != "LiteUNet":
             raise ThinSegError("--encoder applies to the small-data recipe's pre-trained encoder")

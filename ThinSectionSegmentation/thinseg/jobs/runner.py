@@ -304,6 +304,7 @@ def train_config(job: Job, folder: Path) -> TrainConfig:
     `classes`, `mapping_csv`, `pixels_per_mm` and `inputs` are `thinseg train`'s --classes,
     --mapping, --model-mm-per-pixel (as its inverse) and --pp-only, with the same conflicts."""
     from thinseg.training import TrainConfig  # deferred: the training package imports torch
+    from thinseg.training.config import MEMBER_SPLITS
     from thinseg.training.recipes import recipe_settings  # deferred: with the training package
 
     sections = [str((folder / s) if not os.path.isabs(s) else s) for s in job["sections"]]
@@ -327,8 +328,17 @@ def train_config(job: Job, folder: Path) -> TrainConfig:
         kwargs["lr"] = float(job["lr"])
     if job.get("inputs"):
         kwargs["inputs"] = tuple(job["inputs"])
+    if job.get("member_split"):
+        split = str(job["member_split"])
+        if split not in MEMBER_SPLITS:
+            raise ThinSegError(
+                f"'member_split' is one of {', '.join(MEMBER_SPLITS)}, not {split!r}", folder / "job.json"
+            )
+        kwargs["member_split"] = split
     if job.get("init_from"):
         kwargs["init_from"] = Path(job["init_from"])
+        if job.get("members") is None:
+            kwargs["members"] = 1  # the recipe's ensemble is of new networks; fine-tuning trains one
         for key, what in (("classes", "classes"), ("inputs", "inputs")):
             if job.get(key):
                 raise ThinSegError(

@@ -14,6 +14,10 @@ from thinseg.classes.files import default_class_table
 from thinseg.classes.table import ClassTable
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+#: How ensemble members differ: "seeds" (every member trains and validates on the same sections,
+#: each with its own seed) or "cross-fitted" (each member validates on other sections).
+MemberSplit = Literal["seeds", "cross-fitted"]
+MEMBER_SPLITS: tuple[str, ...] = ("seeds", "cross-fitted")
 
 
 @dataclass
@@ -77,7 +81,10 @@ class TrainConfig:
     pretrained: bool = True  # LiteUNet: start the encoder from its ImageNet weights
     encoder_lr_scale: float = 1.0  # LiteUNet: the encoder's learning rate relative to `lr`
     decoder_channels: tuple[int, ...] = (128, 64, 32, 24, 16)  # LiteUNet
-    members: int = 1  # LiteUNet: > 1 trains a cross-fitted ensemble (training.ensemble)
+    members: int = 1  # LiteUNet: > 1 trains an ensemble (training.ensemble)
+    member_split: MemberSplit = (
+        "cross-fitted"  # members > 1: "seeds" (one split, seeds seed, seed+1, ...) or "cross-fitted"
+    )
     base_channels: int = 16
     depth: int = 5  # channels base * 2**i for i < depth
     num_res_units: int = 2
