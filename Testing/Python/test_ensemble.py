@@ -161,6 +161,25 @@ def test_a_seed_ensemble_repeats_the_single_training_with_other_seeds_on_the_sam
     assert all(torch.equal(value, alone[key]) for key, value in first.items())
 
 
+def test_an_ensemble_of_pooled_sections_splits_them_into_a_new_run_folder(tmp_path):
+    """As `thinseg train FOLDER --output NEW` does: the split is saved in a folder not yet made."""
+    config = TrainConfig(
+        output_dir=tmp_path / "new" / "run",
+        sections=synthetic_sections(5, 128, seed=4),
+        val_fraction=0.2,
+        val_tile=96,
+        val_overlap=16,
+        progress=False,
+        precision="fp32",
+        **tiny_settings(2, "seeds"),
+    )
+    result = train(config, log=lambda _m: None)
+    split = json.loads((tmp_path / "new" / "run" / "split.json").read_text())
+    assert len(split["val"]) == 1 and len(split["train"]) == 4
+    meta = json.loads((result.model_dir / "meta.json").read_text())
+    assert [m["val_sections"] for m in meta["ensemble"]] == [split["val"]] * 2
+
+
 def test_only_lite_unets_of_one_kind_combine(tmp_path):
     net = LiteUNet(2, len(TABLE) + 1).eval()
     saved = save_bundle(

@@ -133,6 +133,7 @@ def train_ensemble(config: TrainConfig, members: int, log: Log, train: Callable[
     out = Path(config.output_dir)
     if (out / config.model_name).exists() and not (config.overwrite or config.resume):
         raise ThinSegError("a model is already there (pass --overwrite to replace it)", out / config.model_name)
+    out.mkdir(parents=True, exist_ok=True)  # the split of pooled sections is saved in it
     parts = _parts(config)
     if not parts["val"]:
         raise ThinSegError("an ensemble needs validation sections (each member picks its checkpoint on them)")
