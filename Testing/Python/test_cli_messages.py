@@ -10,6 +10,7 @@ call runs in seconds on the CPU.
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -186,3 +187,37 @@ def test_device_cuda_without_gpu_in_a_real_process(tmp_path, data, models):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("thinseg: error: device cuda needs a CUDA GPU but ")
     assert result.stderr.count("\n") == 1 and not (tmp_path / "ev" / "evaluation.json").exists()
+
+
+def test_an_ensemble_summary_gives_each_training_its_score_in_a_new_run_folder(tmp_path, capsys, data):
+    """`--recipe small-data` averages trainings: the summary is theirs, not the first one's epochs."""
+    run = tmp_path / "new" / "run"  # not made yet: the split of the pooled sections is saved in it
+    tiny = ["--steps-per-epoch", "2", "--patch-size", "64", "--batch-size", "2", "--val-tile", "96"]
+    code, stdout, stderr = run_main(
+        capsys,
+        "train",
+        data,
+        "--output",
+        run,
+        "--recipe",
+        "small-data",
+        "--members",
+        "2",
+        "--epochs",
+        "1",
+        "--model-mm-per-pixel",
+        str(MM),
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "-q",
+        *tiny,
+    )
+    assert code == 0, stderr
+    [average] = [line for line in stdout.splitlines() if line.startswith("an average of")]
+    assert re.fullmatch(r"an average of 2 trainings; their validation mean IoU: [0-9.]+, [0-9.]+", average), stdout
+    assert f"members (logs, curves, models): {run / 'members'}" in stdout
+    assert "best epoch:" not in stdout and (run / "split.json").is_file()
+    meta = json.loads((run / "model" / "meta.json").read_text())
+    assert [m["seed"] for m in meta["ensemble"]] == [0, 1]

@@ -514,6 +514,12 @@ def format_result(result: TrainResult, void_border_px: float = 0.0) -> str:
         lines.append("no model was exported (no epoch finished)")
     else:
         lines.append(f"model: {result.model_dir}")
+    if result.members_dir is not None:  # an ensemble: member 1's epochs and scores are not the model's
+        scores = ", ".join(_score(s) for s in result.member_scores or [])
+        lines.append(f"an average of {len(result.member_scores or [])} trainings; their validation mean IoU: {scores}")
+        lines.append(f"members (logs, curves, models): {result.members_dir}")
+        lines.append(f"evaluate it: thinseg evaluate --model {result.model_dir or '<model>'} DATA...")
+        return "\n".join(lines)
     best = result.best_epoch if result.best_epoch is not None else "-"
     lines.append(f"best epoch: {best} of {result.epochs_run} run ({_how_it_ended(result)})")
     m = result.metrics

@@ -165,3 +165,5 @@ class TrainResult:
     test_metrics: dict[str, Any] | None = None  # best model on the held-out test sections
     epochs_planned: int = 0  # the `epochs` asked for
     stopped_by_time: bool = False  # `max_minutes` ran out before `epochs_planned`
+    member_scores: list[float] | None = None  # an ensemble: each member's validation mean IoU, in order
+    members_dir: Path | None = None  # an ensemble: the members' run folders (logs, curves, models)
