@@ -21,6 +21,7 @@ from thinseg.model.meta import cannot_run
 from thinseg.model.networks import build_network, describe_network, network_requirements
 from thinseg.model.safe_load import load_packaged_weights
 from thinseg.training import TrainConfig, synthetic_sections, train
+from thinseg.training.config import MEMBER_SPLITS
 from thinseg.training.loop import make_optimizer
 from thinseg.training.recipes import RECIPE_NAMES, recipe_settings
 
@@ -249,6 +250,9 @@ def test_train_command_line_recipe_and_overrides(tmp_path, capsys):
     base = ["train", str(tmp_path), "-o", str(tmp_path / "r"), "--recipe", "small-data"]
     assert train_config(parser.parse_args([*base, "--members", "1"])).members == 1
     split = train_config(parser.parse_args([*base, "--member-split", "cross-fitted"]))
+    train_parser = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    # the command line writes its choices out (keeping torch out of its start-up): the same ones
+    assert tuple(train_parser._option_string_actions["--member-split"].choices) == MEMBER_SPLITS
     assert (split.members, split.member_split) == (3, "cross-fitted")
     # fine-tuning trains one network unless more are asked for
     assert train_config(parser.parse_args([*base, "--init-from", str(tmp_path)])).members == 1

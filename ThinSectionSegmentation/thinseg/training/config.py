@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from thinseg.classes.files import default_class_table
 from thinseg.classes.table import ClassTable
@@ -17,7 +17,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 #: How ensemble members differ: "seeds" (every member trains and validates on the same sections,
 #: each with its own seed) or "cross-fitted" (each member validates on other sections).
 MemberSplit = Literal["seeds", "cross-fitted"]
-MEMBER_SPLITS: tuple[str, ...] = ("seeds", "cross-fitted")
+MEMBER_SPLITS: tuple[str, ...] = get_args(MemberSplit)
 
 
 @dataclass
@@ -82,9 +82,7 @@ class TrainConfig:
     encoder_lr_scale: float = 1.0  # LiteUNet: the encoder's learning rate relative to `lr`
     decoder_channels: tuple[int, ...] = (128, 64, 32, 24, 16)  # LiteUNet
     members: int = 1  # LiteUNet: > 1 trains an ensemble (training.ensemble)
-    member_split: MemberSplit = (
-        "cross-fitted"  # members > 1: "seeds" (one split, seeds seed, seed+1, ...) or "cross-fitted"
-    )
+    member_split: MemberSplit = "cross-fitted"  # members > 1: how they differ (MemberSplit)
     base_channels: int = 16
     depth: int = 5  # channels base * 2**i for i < depth
     num_res_units: int = 2

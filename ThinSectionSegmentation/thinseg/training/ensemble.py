@@ -6,7 +6,7 @@ sandstone field), and an average of trainings varies less. Two ways to make the 
 - "seeds": every member trains and validates on the same sections, member k with seed + k - 1.
   The members are about equally good by construction; the average removes seed noise. On two
   held-out sandstone fields three seeds averaged scored 0.484 mean IoU against 0.473 for seed 0
-  alone (0.426 for the members on average). This is the small-data recipe's.
+  alone (0.428 for the members on average). This is the small-data recipe's.
 - "cross-fitted": member k validates on the k-th group of sections and trains on the others, so
   the members together have learnt from every section; on the same fields two such members did
   not beat one (the second validates on another field and came out weaker).
