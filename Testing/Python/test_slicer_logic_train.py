@@ -118,6 +118,8 @@ def test_background_training_streams_epochs_and_adds_a_model(tmp_path):
         best.val_mean_iou
     )
     assert (model_dir / "meta.json").is_file() and (model_dir / "training_log.csv").is_file()
+    best_iou = output.summary["best_mean_iou"]
+    assert output.statusText == f"New model: {model_dir} (epoch {best.epoch}; validation mean IoU {best_iou:.3f})"
     listed = {m.path: m for m in models.list_models([root])}
     assert model_dir in listed and listed[model_dir].title == "well A model"
     # the new model segments straight away
@@ -408,3 +410,48 @@ def test_the_logic_and_thinseg_train_make_the_same_model_for_the_same_choices(tm
     for key in ("train_sections", "val_sections", "train_class_pixels", "mapping_csv"):
         assert panel["training"]["data"][key] == cli["training"]["data"][key], key
     assert panel["training"]["channels"] == cli["training"]["channels"] == ["PP"]
+
+
+def test_an_ensemble_trained_from_the_panel_reports_each_training(tmp_path):
+    """The small-data recipe averages several trainings: the job's summary and the panel's status
+    line give each one's validation score (not member 1's epoch as the model's), and the model
+    folder keeps every member's log and curves."""
+    scene = slicer.vtkMRMLScene()
+    logic = ThinSectionSegmentationLogic(scene)
+    sections = [scene_section(scene, name, seed)[2] for name, seed in (("A", 1), ("B", 2), ("C", 3))]
+    job = logic.prepareTraining(
+        sections,
+        "lite pair",
+        modelsRoot=tmp_path / "models",
+        recipe="small-data",
+        epochs=1,
+        patchSize=64,
+        batchSize=2,
+        stepsPerEpoch=2,
+        valFraction=0.34,
+        device="cpu",
+        workDir=tmp_path,
+    )
+    try:
+        spec = json.loads((job.folder / "job.json").read_text())
+        spec.update(members=2, warmup_steps=1, val_tile=96, val_overlap=16)
+        (job.folder / "job.json").write_text(json.dumps(spec))
+        summary = runner.run_train_job(spec, job.folder, emit=lambda _event: None)
+        output = logic.finishTraining(job)
+    finally:
+        logic.discardJob(job)
+    scores = summary["member_val_mean_iou"]
+    assert output.summary == summary and summary["best_epoch"] is None and len(scores) == 2
+    assert summary["best_mean_iou"] == pytest.approx(sum(scores) / 2)
+    meta = json.loads((output.modelDir / "meta.json").read_text())
+    assert [m["val_mean_iou"] for m in meta["ensemble"]] == pytest.approx(scores)
+    kept = sorted(p.name for p in output.modelDir.iterdir() if p.name.startswith(("training_", "split")))
+    assert kept == [
+        "split.json",
+        "training_curves_member-1.png",
+        "training_curves_member-2.png",
+        "training_log_member-1.csv",
+        "training_log_member-2.csv",
+    ]
+    shown = f"{scores[0]:.3f}, {scores[1]:.3f}"
+    assert output.statusText == f"New model: {output.modelDir} (an average of 2 trainings; validation mean IoU {shown})"

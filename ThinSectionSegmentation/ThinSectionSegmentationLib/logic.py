@@ -116,6 +116,18 @@ class TrainingOutput:
     modelDir: Path
     summary: dict = field(default_factory=dict)
 
+    @property
+    def statusText(self) -> str:
+        """One line for the panel: the new model, and how well it validated."""
+        scores = self.summary.get("member_val_mean_iou")
+        best, epoch = self.summary.get("best_mean_iou"), self.summary.get("best_epoch")
+        if scores:
+            shown = ", ".join(f"{score:.3f}" for score in scores)
+            return f"New model: {self.modelDir} (an average of {len(scores)} trainings; validation mean IoU {shown})"
+        if best is not None and epoch is not None:
+            return f"New model: {self.modelDir} (epoch {epoch}; validation mean IoU {best:.3f})"
+        return f"New model: {self.modelDir}"
+
 
 @dataclass
 class BatchOutput:

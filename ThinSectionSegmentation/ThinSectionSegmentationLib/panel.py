@@ -528,7 +528,7 @@ class ThinSectionSegmentationPanel(VTKObservationMixin):
 
     def _showTraining(self, result):
         self.refreshModels(select=result.modelDir)
-        self.ui.statusLabel.text = f"New model: {result.modelDir}"
+        self.ui.statusLabel.text = result.statusText
 
     # -- grain analysis -------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from thinseg.pipelines.segment import SectionResult, SegmentRun
     from thinseg.registration.landmark_io import LandmarkPairs
     from thinseg.registration.stages import RegistrationResult
-    from thinseg.training.config import TrainConfig
+    from thinseg.training.config import TrainConfig, TrainResult
 
 #: How section messages that are warnings begin (as the command line prints them).
 WARNING_PREFIX = "warning: "
@@ -399,9 +399,8 @@ def run_train_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary:
         os.replace(result.model_dir, target)
     except OSError:
         shutil.copytree(result.model_dir, target)
-    for extra in ("training_log.csv", "training_curves.png", "split.json"):
-        if (config.output_dir / extra).is_file():
-            shutil.copy2(config.output_dir / extra, target / extra)
+    for source, name in training_records(result):
+        shutil.copy2(source, target / name)
     summary: Summary = {
         "model_dir": str(target),
         "best_epoch": result.best_epoch,
@@ -409,8 +408,24 @@ def run_train_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary:
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
     }
+    if result.member_scores is not None:  # an ensemble: member 1's epoch is not the model's
+        summary.update(best_epoch=None, member_val_mean_iou=list(result.member_scores))
     write_json(folder / "summary.json", summary)
     return summary
+
+
+def training_records(result: TrainResult) -> list[tuple[Path, str]]:
+    """The log, curves and split of a run, as (file, its name beside the model): the model folder
+    is what the user keeps of a panel training. An ensemble's logs and curves are its members'
+    (`training_log_member-1.csv`, ...); they share the run's split."""
+    wanted = [(result.output_dir / name, name) for name in ("training_log.csv", "training_curves.png", "split.json")]
+    if result.members_dir is not None and result.members_dir.is_dir():
+        for member in sorted(p for p in result.members_dir.iterdir() if p.is_dir()):
+            wanted += [
+                (member / "training_log.csv", f"training_log_{member.name}.csv"),
+                (member / "training_curves.png", f"training_curves_{member.name}.png"),
+            ]
+    return [(source, name) for source, name in wanted if source.is_file()]
 
 
 #: The tasks `python -m thinseg.jobs TASK job.json` runs.
