@@ -93,6 +93,11 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         {"pixels_per_mm": 0.5 / HALF_RES_MM},
         "quarter resolution (0.00528 mm/px) instead of half",
     ),
+    "quarter-res-seed3": (
+        "small-data",
+        {"pixels_per_mm": 0.5 / HALF_RES_MM, "seed": 3},
+        "quarter resolution with seed 3: a member that sees twice the rock beside half-resolution members",
+    ),
     "quarter-res-balance-0.25": (
         "small-data",
         {"pixels_per_mm": 0.5 / HALF_RES_MM, "balancing_strength": 0.25},
@@ -107,6 +112,14 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         "small-data",
         {"augment": _augment(brightness=0.2, contrast=0.3, saturation=0.25, channel_gain=0.1, gamma=0.3)},
         "colour jitter about 2.5x wider (exposure and white balance vary from session to session)",
+    ),
+    "aug-strong-colour-seed3": (
+        "small-data",
+        {
+            "augment": _augment(brightness=0.2, contrast=0.3, saturation=0.25, channel_gain=0.1, gamma=0.3),
+            "seed": 3,
+        },
+        "aug-strong-colour with seed 3: a member that errs differently where exposure or white balance is off",
     ),
     "aug-none": ("small-data", {"augment": "none"}, "no augmentation at all"),
     "balance-0": ("small-data", {"balancing_strength": 0.0}, "uniform random patches (no class balancing)"),

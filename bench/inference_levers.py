@@ -1,0 +1,209 @@
+"""Inference-time levers for LiteUNet models, scored on held-out real sandstone fields with and
+without them, on the same code path (one forward pass over the whole field at the model's
+resolution, bf16 on CPUs):
+
+- `adabn`: the decoder's batch-norm statistics re-estimated on each field's own images (AdaBN),
+  the encoder keeping its ImageNet statistics;
+- `superpixels`: class probabilities averaged over SLIC superpixels of the field's PP+XP
+  (scikit-image), each superpixel taking the class of its average;
+- `average`: the probabilities of several models averaged on the section's grid, each model
+  run at its own pixel size (members of different resolutions, which an ensemble bundle cannot
+  hold).
+
+None is in the product: each lost on training fields held out of training (docs/BENCHMARKS.md).
+
+    python bench/inference_levers.py --lever adabn --field 2a --models RUN/model ...
+    python bench/inference_levers.py --lever superpixels --side 32 --compactness 0.3 --field 4a --models ...
+    python bench/inference_levers.py --lever average --field 2a --models HALF/model QUARTER/model ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real_rock  # the fields, read as the real-rock bench reads them
+
+
+def model_grid_images(bundle: Any, section: Any) -> list[np.ndarray]:
+    """The section's images for the model's inputs, resampled to the model's pixel size."""
+    from thinseg.inference.resample import ResampledSource, resampling_factor
+    from thinseg.pipelines.evaluate import model_roles, open_images
+    from thinseg.pipelines.segment import model_mm_per_pixel
+
+    roles = model_roles(bundle)
+    factor = resampling_factor(section.mm_per_pixel, model_mm_per_pixel(bundle))
+    with open_images(section, roles) as images:
+        sources = [images[r] if factor is None else ResampledSource(images[r], factor) for r in roles]
+        return [np.asarray(s.read(0, s.shape[0])) for s in sources]
+
+
+def probabilities(bundle: Any, images: list[np.ndarray], adapt_decoder_bn: bool) -> torch.Tensor:
+    """(C, H, W) class probabilities of the whole field in one forward pass (padded to the
+    network's size multiple by reflection); with `adapt_decoder_bn`, the decoder's batch norms
+    first take this field's own statistics."""
+    from thinseg.inference.engine import size_multiple
+
+    network = bundle.network.eval()
+    x = bundle.prepare([torch.from_numpy(img).permute(2, 0, 1)[None] for img in images])
+    h, w = x.shape[-2:]
+    m = size_multiple(network)
+    x = torch.nn.functional.pad(x, (0, -w % m, 0, -h % m), mode="reflect")
+    if adapt_decoder_bn:
+        norms = [
+            module
+            for name, module in network.named_modules()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and ".encoder." not in f".{name}."
+        ]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average: one batch gives its own statistics exactly
+            norm.train()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            network(x)
+        network.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = network(x).float()[0, :, :h, :w]
+    return torch.softmax(logits, dim=0)
+
+
+def superpixel_vote(probs: torch.Tensor, images: list[np.ndarray], side: int, compactness: float) -> torch.Tensor:
+    """Each SLIC superpixel of the stacked images (about side x side px) takes its mean probabilities."""
+    from skimage.segmentation import slic
+
+    stacked = np.concatenate(images, axis=-1).astype(np.float32) / 255.0
+    h, w = stacked.shape[:2]
+    regions = slic(
+        stacked,
+        n_segments=max(1, h * w // (side * side)),
+        compactness=compactness,
+        channel_axis=-1,
+        start_label=0,
+        convert2lab=False,
+    ).ravel()
+    flat = probs.reshape(probs.shape[0], -1).numpy()
+    sums = np.stack([np.bincount(regions, weights=c, minlength=regions.max() + 1) for c in flat])
+    mean = sums / np.maximum(sums.sum(0, keepdims=True), 1e-12)
+    return torch.from_numpy(mean[:, regions].reshape(probs.shape).astype(np.float32))
+
+
+def score(bundle: Any, sections: list[Any], lever: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The report of `bundle` on `sections` with `lever` ("none", "adabn", "superpixels")."""
+    from thinseg.inference.resample import labels_to_grid
+    from thinseg.metrics.evaluator import Evaluator
+    from thinseg.pipelines.evaluate import section_keep, section_scale, section_truth
+
+    evaluator = Evaluator(bundle.class_table, 2.0)
+    for section in sections:
+        saved = {k: v.clone() for k, v in bundle.network.state_dict().items()}
+        images = model_grid_images(bundle, section)
+        probs = probabilities(bundle, images, adapt_decoder_bn=lever == "adabn")
+        bundle.network.load_state_dict(saved)  # adaptation is per field
+        if lever == "superpixels":
+            probs = superpixel_vote(probs, images, args.side, args.compactness)
+        best, labels = probs.max(dim=0)
+        labels = (labels + bundle.first_label).to(torch.uint8).numpy()
+        confidence = (best * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+        truth = section_truth(section, bundle.class_table)
+        pred = labels_to_grid(labels, truth.shape)
+        keep = section_keep(truth, 2.0, section_scale(section, bundle))
+        evaluator.add_section(section.name, truth, pred, keep, confidence=labels_to_grid(confidence, truth.shape))
+    report: dict[str, Any] = json.loads(evaluator.report(model=bundle.title).to_json())
+    return report
+
+
+def score_average(bundles: list[Any], sections: list[Any]) -> dict[str, Any]:
+    """The report of the models' probabilities averaged on each section's grid (nearest neighbour
+    from each model's own grid)."""
+    from thinseg.metrics.evaluator import Evaluator
+    from thinseg.pipelines.evaluate import section_keep, section_scale, section_truth
+
+    first = bundles[0]
+    evaluator = Evaluator(first.class_table, 2.0)
+    for section in sections:
+        truth = section_truth(section, first.class_table)
+        total = None
+        for bundle in bundles:
+            probs = probabilities(bundle, model_grid_images(bundle, section), adapt_decoder_bn=False).numpy()
+            rows = np.minimum((np.arange(truth.shape[0]) + 0.5) * probs.shape[1] / truth.shape[0], probs.shape[1] - 1)
+            cols = np.minimum((np.arange(truth.shape[1]) + 0.5) * probs.shape[2] / truth.shape[1], probs.shape[2] - 1)
+            on_grid = probs[:, rows.astype(int)][:, :, cols.astype(int)]
+            total = on_grid if total is None else total + on_grid
+        assert total is not None
+        best, labels = total.max(axis=0) / len(bundles), total.argmax(axis=0)
+        pred = (labels + first.first_label).astype(np.uint8)
+        confidence = (best * 255 + 0.5).clip(0, 255).astype(np.uint8)
+        keep = section_keep(truth, 2.0, section_scale(section, first))
+        evaluator.add_section(section.name, truth, pred, keep, confidence=confidence)
+    report: dict[str, Any] = json.loads(evaluator.report(model="average").to_json())
+    return report
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=real_rock.REPO.parent / "shared" / "data" / "sandstone-ppl-xpl")
+    p.add_argument("--lever", choices=("adabn", "superpixels", "average"), required=True)
+    p.add_argument("--field", required=True, help="comma-separated fields to score on (scored together)")
+    p.add_argument("--models", nargs="+", type=Path, required=True)
+    p.add_argument("--side", type=int, default=32, help="superpixels: mean side in model pixels")
+    p.add_argument("--compactness", type=float, default=0.3, help="superpixels: SLIC compactness")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="write the scores here (JSON)")
+    args = p.parse_args()
+    from thinseg.model.bundle import load_bundle
+
+    torch.set_num_threads(args.threads)
+    fields = tuple(args.field.split(","))
+    sections = real_rock.load_fields(args.data, fields)
+    records = []
+    if args.lever == "average":
+        report = score_average([load_bundle(m) for m in args.models], [sections[f] for f in fields])
+        m = report["metrics"]
+        records.append(
+            {
+                "models": [str(x) for x in args.models],
+                "fields": list(fields),
+                "lever": "average",
+                "mean_iou": m["mean_iou"],
+                "accuracy": m["pixel_accuracy"],
+            }
+        )
+        print(
+            f"{','.join(fields)} average of {len(args.models)}: mean IoU {m['mean_iou']:.3f}, "
+            f"accuracy {m['pixel_accuracy']:.3f}"
+        )
+    for model in args.models if args.lever != "average" else []:
+        bundle = load_bundle(model)
+        row: dict[str, Any] = {"model": str(model), "fields": list(fields), "lever": args.lever}
+        if args.lever == "superpixels":
+            row.update(side=args.side, compactness=args.compactness)
+        for lever in ("none", args.lever):
+            report = score(bundle, [sections[f] for f in fields], lever, args)
+            row[lever] = {
+                "mean_iou": report["metrics"]["mean_iou"],
+                "accuracy": report["metrics"]["pixel_accuracy"],
+                "ece": (report.get("calibration") or {}).get("ece"),
+            }
+        records.append(row)
+        print(
+            f"{','.join(fields)} {model}: mean IoU {row['none']['mean_iou']:.3f} -> {row[args.lever]['mean_iou']:.3f}, "
+            f"accuracy {row['none']['accuracy']:.3f} -> {row[args.lever]['accuracy']:.3f}",
+            flush=True,
+        )
+    if args.out is not None:
+        with contextlib.suppress(FileExistsError):
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(records, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
