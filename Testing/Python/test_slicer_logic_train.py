@@ -436,10 +436,13 @@ def test_an_ensemble_trained_from_the_panel_reports_each_training(tmp_path):
         spec = json.loads((job.folder / "job.json").read_text())
         spec.update(members=2, warmup_steps=1, val_tile=96, val_overlap=16)
         (job.folder / "job.json").write_text(json.dumps(spec))
-        summary = runner.run_train_job(spec, job.folder, emit=lambda _event: None)
+        events: list = []
+        summary = runner.run_train_job(spec, job.folder, emit=events.append)
         output = logic.finishTraining(job)
     finally:
         logic.discardJob(job)
+    # the members' epochs follow one another on the panel's curve: 1 of 2, then 2 of 2
+    assert [(e.epoch, e.epochs) for e in events if isinstance(e, EpochEvent)] == [(1, 2), (2, 2)]
     scores = summary["member_val_mean_iou"]
     assert output.summary == summary and summary["best_epoch"] is None and len(scores) == 2
     assert summary["best_mean_iou"] == pytest.approx(sum(scores) / 2)
