@@ -155,6 +155,11 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         {"patch_size": 384, "batch_size": 4},
         "384 px patches (1 mm of rock at half resolution), 4 per step: more context, about the same pixels per step",
     ),
+    "patch-384-seed3": (
+        "small-data",
+        {"patch_size": 384, "batch_size": 4, "steps_per_epoch": 88, "seed": 3},
+        "384 px patches, 4 a step, 88 steps an epoch (the recipe's pixels per training), seed 3: an ensemble member",
+    ),
     "long-schedule": ("small-data", {"epochs": 7}, "7 epochs of 100 steps instead of 4 (the recipe before 2026-12-05)"),
 }
 
