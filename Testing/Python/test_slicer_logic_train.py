@@ -419,18 +419,9 @@ def test_an_ensemble_trained_from_the_panel_reports_each_training(tmp_path):
     scene = slicer.vtkMRMLScene()
     logic = ThinSectionSegmentationLogic(scene)
     sections = [scene_section(scene, name, seed)[2] for name, seed in (("A", 1), ("B", 2), ("C", 3))]
+    tiny = {key: TINY[key] for key in ("patchSize", "batchSize", "stepsPerEpoch", "valFraction", "device")}
     job = logic.prepareTraining(
-        sections,
-        "lite pair",
-        modelsRoot=tmp_path / "models",
-        recipe="small-data",
-        epochs=1,
-        patchSize=64,
-        batchSize=2,
-        stepsPerEpoch=2,
-        valFraction=0.34,
-        device="cpu",
-        workDir=tmp_path,
+        sections, "lite pair", modelsRoot=tmp_path / "models", recipe="small-data", epochs=1, workDir=tmp_path, **tiny
     )
     try:
         spec = json.loads((job.folder / "job.json").read_text())
