@@ -20,7 +20,6 @@ None is in the product: each lost on training fields held out of training (docs/
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -103,10 +102,13 @@ def score(bundle: Any, sections: list[Any], lever: str, args: argparse.Namespace
 
     evaluator = Evaluator(bundle.class_table, 2.0)
     for section in sections:
-        saved = {k: v.clone() for k, v in bundle.network.state_dict().items()}
         images = model_grid_images(bundle, section)
-        probs = probabilities(bundle, images, adapt_decoder_bn=lever == "adabn")
-        bundle.network.load_state_dict(saved)  # adaptation is per field
+        if lever == "adabn":  # adaptation is per field: the trained statistics come back afterwards
+            saved = {k: v.clone() for k, v in bundle.network.state_dict().items()}
+            probs = probabilities(bundle, images, adapt_decoder_bn=True)
+            bundle.network.load_state_dict(saved)
+        else:
+            probs = probabilities(bundle, images, adapt_decoder_bn=False)
         if lever == "superpixels":
             probs = superpixel_vote(probs, images, args.side, args.compactness)
         best, labels = probs.max(dim=0)
@@ -123,6 +125,7 @@ def score(bundle: Any, sections: list[Any], lever: str, args: argparse.Namespace
 def score_average(bundles: list[Any], sections: list[Any]) -> dict[str, Any]:
     """The report of the models' probabilities averaged on each section's grid (nearest neighbour
     from each model's own grid)."""
+    from thinseg.inference.resample import nearest_index
     from thinseg.metrics.evaluator import Evaluator
     from thinseg.pipelines.evaluate import section_keep, section_scale, section_truth
 
@@ -133,9 +136,8 @@ def score_average(bundles: list[Any], sections: list[Any]) -> dict[str, Any]:
         total = None
         for bundle in bundles:
             probs = probabilities(bundle, model_grid_images(bundle, section), adapt_decoder_bn=False).numpy()
-            rows = np.minimum((np.arange(truth.shape[0]) + 0.5) * probs.shape[1] / truth.shape[0], probs.shape[1] - 1)
-            cols = np.minimum((np.arange(truth.shape[1]) + 0.5) * probs.shape[2] / truth.shape[1], probs.shape[2] - 1)
-            on_grid = probs[:, rows.astype(int)][:, :, cols.astype(int)]
+            rows, cols = nearest_index(truth.shape[0], probs.shape[1]), nearest_index(truth.shape[1], probs.shape[2])
+            on_grid = probs[:, rows][:, :, cols]
             total = on_grid if total is None else total + on_grid
         assert total is not None
         best, labels = total.max(axis=0) / len(bundles), total.argmax(axis=0)
@@ -199,8 +201,7 @@ def main() -> int:
             flush=True,
         )
     if args.out is not None:
-        with contextlib.suppress(FileExistsError):
-            args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(records, indent=1))
     return 0
 
