@@ -94,11 +94,27 @@ def superpixel_vote(probs: torch.Tensor, images: list[np.ndarray], side: int, co
     return torch.from_numpy(mean[:, regions].reshape(probs.shape).astype(np.float32))
 
 
+def add_average(evaluator: Any, section: Any, bundle: Any, model_probs: list[torch.Tensor]) -> None:
+    """Score on `section` the average of (C, h, w) probability maps, each mapped from its model's
+    own grid onto the section's (nearest neighbour); `bundle` gives the classes and pixel size."""
+    from thinseg.inference.resample import nearest_index
+    from thinseg.pipelines.evaluate import section_keep, section_scale, section_truth
+
+    truth = section_truth(section, bundle.class_table)
+    total = np.zeros((model_probs[0].shape[0], *truth.shape), np.float32)
+    for probs in model_probs:
+        rows, cols = nearest_index(truth.shape[0], probs.shape[1]), nearest_index(truth.shape[1], probs.shape[2])
+        total += probs.numpy()[:, rows][:, :, cols]
+    best, labels = total.max(axis=0) / len(model_probs), total.argmax(axis=0)
+    pred = (labels + bundle.first_label).astype(np.uint8)
+    confidence = (best * 255 + 0.5).clip(0, 255).astype(np.uint8)
+    keep = section_keep(truth, 2.0, section_scale(section, bundle))
+    evaluator.add_section(section.name, truth, pred, keep, confidence=confidence)
+
+
 def score(bundle: Any, sections: list[Any], lever: str, args: argparse.Namespace) -> dict[str, Any]:
     """The report of `bundle` on `sections` with `lever` ("none", "adabn", "superpixels")."""
-    from thinseg.inference.resample import labels_to_grid
     from thinseg.metrics.evaluator import Evaluator
-    from thinseg.pipelines.evaluate import section_keep, section_scale, section_truth
 
     evaluator = Evaluator(bundle.class_table, 2.0)
     for section in sections:
@@ -111,40 +127,20 @@ def score(bundle: Any, sections: list[Any], lever: str, args: argparse.Namespace
             probs = probabilities(bundle, images, adapt_decoder_bn=False)
         if lever == "superpixels":
             probs = superpixel_vote(probs, images, args.side, args.compactness)
-        best, labels = probs.max(dim=0)
-        labels = (labels + bundle.first_label).to(torch.uint8).numpy()
-        confidence = (best * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
-        truth = section_truth(section, bundle.class_table)
-        pred = labels_to_grid(labels, truth.shape)
-        keep = section_keep(truth, 2.0, section_scale(section, bundle))
-        evaluator.add_section(section.name, truth, pred, keep, confidence=labels_to_grid(confidence, truth.shape))
+        add_average(evaluator, section, bundle, [probs])
     report: dict[str, Any] = json.loads(evaluator.report(model=bundle.title).to_json())
     return report
 
 
 def score_average(bundles: list[Any], sections: list[Any]) -> dict[str, Any]:
-    """The report of the models' probabilities averaged on each section's grid (nearest neighbour
-    from each model's own grid)."""
-    from thinseg.inference.resample import nearest_index
+    """The report of the models' probabilities averaged on each section's grid, each model run at
+    its own pixel size."""
     from thinseg.metrics.evaluator import Evaluator
-    from thinseg.pipelines.evaluate import section_keep, section_scale, section_truth
 
-    first = bundles[0]
-    evaluator = Evaluator(first.class_table, 2.0)
+    evaluator = Evaluator(bundles[0].class_table, 2.0)
     for section in sections:
-        truth = section_truth(section, first.class_table)
-        total = None
-        for bundle in bundles:
-            probs = probabilities(bundle, model_grid_images(bundle, section), adapt_decoder_bn=False).numpy()
-            rows, cols = nearest_index(truth.shape[0], probs.shape[1]), nearest_index(truth.shape[1], probs.shape[2])
-            on_grid = probs[:, rows][:, :, cols]
-            total = on_grid if total is None else total + on_grid
-        assert total is not None
-        best, labels = total.max(axis=0) / len(bundles), total.argmax(axis=0)
-        pred = (labels + first.first_label).astype(np.uint8)
-        confidence = (best * 255 + 0.5).clip(0, 255).astype(np.uint8)
-        keep = section_keep(truth, 2.0, section_scale(section, first))
-        evaluator.add_section(section.name, truth, pred, keep, confidence=confidence)
+        probs = [probabilities(b, model_grid_images(b, section), adapt_decoder_bn=False) for b in bundles]
+        add_average(evaluator, section, bundles[0], probs)
     report: dict[str, Any] = json.loads(evaluator.report(model="average").to_json())
     return report
 

@@ -60,6 +60,9 @@ def _augment(**changes: Any) -> Any:
     return replace(base, **changes)
 
 
+#: Colour jitter about 2.5x the recipe's (exposure and white balance vary from session to session).
+WIDE_COLOUR_JITTER = _augment(brightness=0.2, contrast=0.3, saturation=0.25, channel_gain=0.1, gamma=0.3)
+
 #: The previous recipe's settings (scripts/real_sandstone.sh before the small-data recipe).
 PREVIOUS: dict[str, Any] = {
     "pixels_per_mm": 1 / HALF_RES_MM,
@@ -110,15 +113,12 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     ),
     "aug-strong-colour": (
         "small-data",
-        {"augment": _augment(brightness=0.2, contrast=0.3, saturation=0.25, channel_gain=0.1, gamma=0.3)},
+        {"augment": WIDE_COLOUR_JITTER},
         "colour jitter about 2.5x wider (exposure and white balance vary from session to session)",
     ),
     "aug-strong-colour-seed3": (
         "small-data",
-        {
-            "augment": _augment(brightness=0.2, contrast=0.3, saturation=0.25, channel_gain=0.1, gamma=0.3),
-            "seed": 3,
-        },
+        {"augment": WIDE_COLOUR_JITTER, "seed": 3},
         "aug-strong-colour with seed 3: a member that errs differently where exposure or white balance is off",
     ),
     "aug-none": ("small-data", {"augment": "none"}, "no augmentation at all"),

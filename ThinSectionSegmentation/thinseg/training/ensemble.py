@@ -188,6 +188,6 @@ def train_ensemble(config: TrainConfig, members: int, log: Log, train: Callable[
         history=[row for r in results for row in r.history],
         split_file=out / SPLIT_FILE if (out / SPLIT_FILE).exists() else results[0].split_file,
         test_metrics=None,  # each member scored the test sections alone; the ensemble: thinseg evaluate
-        member_scores=[r.best_mean_iou for r in results if r.best_mean_iou is not None],
+        member_scores=scores,
         members_dir=out / MEMBERS_FOLDER,
     )
