@@ -45,10 +45,12 @@ def model_grid_images(bundle: Any, section: Any) -> list[np.ndarray]:
         return [np.asarray(s.read(0, s.shape[0])) for s in sources]
 
 
-def probabilities(bundle: Any, images: list[np.ndarray], adapt_decoder_bn: bool) -> torch.Tensor:
+def probabilities(
+    bundle: Any, images: list[np.ndarray], adapt_decoder_bn: bool, temperature: float = 1.0
+) -> torch.Tensor:
     """(C, H, W) class probabilities of the whole field in one forward pass (padded to the
-    network's size multiple by reflection); with `adapt_decoder_bn`, the decoder's batch norms
-    first take this field's own statistics."""
+    network's size multiple by reflection), the logits divided by `temperature`; with
+    `adapt_decoder_bn`, the decoder's batch norms first take this field's own statistics."""
     from thinseg.inference.engine import size_multiple
 
     network = bundle.network.eval()
@@ -71,7 +73,14 @@ def probabilities(bundle: Any, images: list[np.ndarray], adapt_decoder_bn: bool)
         network.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = network(x).float()[0, :, :h, :w]
-    return torch.softmax(logits, dim=0)
+    return torch.softmax(logits / temperature, dim=0)
+
+
+def uncalibrated_temperature(bundle: Any, fixed: float | None) -> float:
+    """`fixed` for a model trained without validation (no fitted temperature in meta.json), else 1
+    (a fitted temperature is already folded into the network)."""
+    fitted = (bundle.meta.get("training") or {}).get("temperature")
+    return 1.0 if fixed is None or fitted is not None else fixed
 
 
 def superpixel_vote(probs: torch.Tensor, images: list[np.ndarray], side: int, compactness: float) -> torch.Tensor:
@@ -132,14 +141,17 @@ def score(bundle: Any, sections: list[Any], lever: str, args: argparse.Namespace
     return report
 
 
-def score_average(bundles: list[Any], sections: list[Any]) -> dict[str, Any]:
+def score_average(bundles: list[Any], sections: list[Any], fixed_temperature: float | None = None) -> dict[str, Any]:
     """The report of the models' probabilities averaged on each section's grid, each model run at
-    its own pixel size."""
+    its own pixel size (and, if it was trained without validation, at `fixed_temperature`)."""
     from thinseg.metrics.evaluator import Evaluator
 
     evaluator = Evaluator(bundles[0].class_table, 2.0)
     for section in sections:
-        probs = [probabilities(b, model_grid_images(b, section), adapt_decoder_bn=False) for b in bundles]
+        probs = [
+            probabilities(b, model_grid_images(b, section), False, uncalibrated_temperature(b, fixed_temperature))
+            for b in bundles
+        ]
         add_average(evaluator, section, bundles[0], probs)
     report: dict[str, Any] = json.loads(evaluator.report(model="average").to_json())
     return report
@@ -153,6 +165,12 @@ def main() -> int:
     p.add_argument("--models", nargs="+", type=Path, required=True)
     p.add_argument("--side", type=int, default=32, help="superpixels: mean side in model pixels")
     p.add_argument("--compactness", type=float, default=0.3, help="superpixels: SLIC compactness")
+    p.add_argument(
+        "--fixed-temperature",
+        type=float,
+        default=None,
+        help="average: the temperature of models trained without validation (none fitted)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="write the scores here (JSON)")
     args = p.parse_args()
@@ -163,7 +181,9 @@ def main() -> int:
     sections = real_rock.load_fields(args.data, fields)
     records = []
     if args.lever == "average":
-        report = score_average([load_bundle(m) for m in args.models], [sections[f] for f in fields])
+        report = score_average(
+            [load_bundle(m) for m in args.models], [sections[f] for f in fields], args.fixed_temperature
+        )
         m = report["metrics"]
         records.append(
             {
@@ -172,6 +192,8 @@ def main() -> int:
                 "lever": "average",
                 "mean_iou": m["mean_iou"],
                 "accuracy": m["pixel_accuracy"],
+                "ece": (report.get("calibration") or {}).get("ece"),
+                "fixed_temperature": args.fixed_temperature,
             }
         )
         print(

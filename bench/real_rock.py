@@ -48,6 +48,8 @@ FIELDS = ("2a", "3a", "4a", "5a", "6a", "7a", "8a", "9a", "10a", "11a")
 TRAINING_FIELDS = ("2a", "3a", "4a", "5a", "6a", "7a", "8a")  # all a recipe may be chosen on
 TRAIN = ("2a", "3a", "5a", "6a", "7a", "8a")
 VAL = ("4a",)
+#: `--select none`: every training field but the held-out ones trains, and none validates.
+NO_VALIDATION = "none"
 TEST = ("9a", "10a", "11a")
 CLASSES = REPO / "Resources" / "ClassTables" / "sandstone_ppl_xpl.csv"
 HALF_RES_MM = 0.00264  # the old recipe's model pixel size: half the fields' default 0.00132 mm/px
@@ -529,7 +531,8 @@ def main() -> int:
         default=None,
         metavar="FIELDS",
         help="choose among --experiments on training fields only: each of these fields (of 2a-8a) validates "
-        "once, the other training fields train, nothing is tested",
+        f"once, the other training fields train, nothing is tested ({NO_VALIDATION}: no field validates, the last "
+        "epoch is exported; with --hold-out)",
     )
     p.add_argument(
         "--hold-out",
@@ -608,8 +611,9 @@ def main() -> int:
             recipe, changes, _text = EXPERIMENTS[experiment]
             held_out = tuple(f for f in args.hold_out.split(",") if f)
             train = tuple(f for f in TRAINING_FIELDS if f != name and f not in held_out)
+            val = () if name == NO_VALIDATION else (name,)
             suffix = "".join(f"-without-{f}" for f in held_out)
-            run_one(experiment, args, train, (name,), (), recipe, changes, f"select-{experiment}-{name}{suffix}")
+            run_one(experiment, args, train, val, (), recipe, changes, f"select-{experiment}-{name}{suffix}")
         else:
             recipe, changes, _text = EXPERIMENTS[name]
             run_one(name, args, TRAIN, VAL, TEST, recipe, changes, name)
@@ -618,8 +622,10 @@ def main() -> int:
     if args.select:  # the same experiments, each validated on other training fields
         fields = args.select.split(",")
         held_out = [f for f in args.hold_out.split(",") if f]
-        if not set(fields) | set(held_out) <= set(TRAINING_FIELDS) or set(fields) & set(held_out):
+        if not set(fields) - {NO_VALIDATION} | set(held_out) <= set(TRAINING_FIELDS) or set(fields) & set(held_out):
             p.error(f"--select and --hold-out take distinct training fields ({', '.join(TRAINING_FIELDS)})")
+        if NO_VALIDATION in fields and not held_out:
+            p.error(f"--select {NO_VALIDATION} trains on every training field: give --hold-out to score on")
         jobs = [f"select:{name}:{field}" for field in fields for name in jobs]
     if args.lofo:  # after the experiments: each fold is a separate training
         jobs += [f"lofo:{args.lofo_experiment}:{f}" for f in args.folds.split(",")]
