@@ -8,9 +8,11 @@ resolution, bf16 on CPUs):
   (scikit-image), each superpixel taking the class of its average;
 - `average`: the probabilities of several models averaged on the section's grid, each model
   run at its own pixel size (members of different resolutions, which an ensemble bundle cannot
-  hold).
+  hold); models trained without validation, which have no fitted temperature, are run at
+  `--fixed-temperature`.
 
-None is in the product: each lost on training fields held out of training (docs/BENCHMARKS.md).
+None is in the product: each lost on training fields held out of training (README, "Results on
+real thin sections").
 
     python bench/inference_levers.py --lever adabn --field 2a --models RUN/model ...
     python bench/inference_levers.py --lever superpixels --side 32 --compactness 0.3 --field 4a --models ...
