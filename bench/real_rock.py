@@ -149,6 +149,11 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     ),
     "small-data-seed2": ("small-data", {"seed": 2}, "the small-data recipe with another seed (an ensemble member)"),
     "small-data-seed3": ("small-data", {"seed": 3}, "the small-data recipe with a third seed (an ensemble member)"),
+    "small-data-seed4": (
+        "small-data",
+        {"seed": 4},
+        "the small-data recipe with a fourth seed: other three-seed draws of the recipe, to see how far they move",
+    ),
     "lite2-encoder-seed2": (
         "small-data",
         {"encoder": "efficientnet-lite2", "seed": 2},
