@@ -637,7 +637,8 @@ def main() -> int:
     if args.select:  # the same experiments, each validated on other training fields
         fields = args.select.split(",")
         held_out = [f for f in args.hold_out.split(",") if f]
-        if not set(fields) - {NO_VALIDATION} | set(held_out) <= set(TRAINING_FIELDS) or set(fields) & set(held_out):
+        named = (set(fields) - {NO_VALIDATION}) | set(held_out)
+        if not named <= set(TRAINING_FIELDS) or set(fields) & set(held_out):
             p.error(f"--select and --hold-out take distinct training fields ({', '.join(TRAINING_FIELDS)})")
         if NO_VALIDATION in fields and not held_out:
             p.error(f"--select {NO_VALIDATION} trains on every training field: give --hold-out to score on")
