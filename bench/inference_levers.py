@@ -151,7 +151,12 @@ def score_average(bundles: list[Any], sections: list[Any], fixed_temperature: fl
     evaluator = Evaluator(bundles[0].class_table, 2.0)
     for section in sections:
         probs = [
-            probabilities(b, model_grid_images(b, section), False, uncalibrated_temperature(b, fixed_temperature))
+            probabilities(
+                b,
+                model_grid_images(b, section),
+                adapt_decoder_bn=False,
+                temperature=uncalibrated_temperature(b, fixed_temperature),
+            )
             for b in bundles
         ]
         add_average(evaluator, section, bundles[0], probs)
