@@ -9,7 +9,15 @@ resolution, bf16 on CPUs):
 - `average`: the probabilities of several models averaged on the section's grid, each model
   run at its own pixel size (members of different resolutions, which an ensemble bundle cannot
   hold); models trained without validation, which have no fitted temperature, are run at
-  `--fixed-temperature`.
+  `--fixed-temperature`;
+- `draws`: every K-model subset of the models (the recipe's K seeds averaged, drawn several
+  ways) scored with and without three steps on the averaged probabilities: `multiscale` (each
+  model also run at 1/1.15 and 1.15 times its pixel size, inside the scale jitter it trained
+  with), `prior` (probabilities times the training fields' natural class shares over the shares
+  the class-balanced sampler fed the network, simulated from the model's own training fields and
+  settings) and `em` (after `prior`, each field's own class prior re-estimated from the
+  posteriors, Saerens et al. 2002), and their combinations. Paired on the same models, a step's
+  effect is read free of the draw-to-draw spread of the trainings themselves.
 
 None is in the product: each lost on training fields held out of training (README, "Results on
 real thin sections").
@@ -17,12 +25,16 @@ real thin sections").
     python bench/inference_levers.py --lever adabn --field 2a --models RUN/model ...
     python bench/inference_levers.py --lever superpixels --side 32 --compactness 0.3 --field 4a --models ...
     python bench/inference_levers.py --lever average --field 2a --models HALF/model QUARTER/model ...
+    python bench/inference_levers.py --lever draws --draw-size 3 --field 2a --models SEED0/model ... --out 2a.json
+    python bench/inference_levers.py --summarize 2a.json 8a.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -164,12 +176,186 @@ def score_average(bundles: list[Any], sections: list[Any], fixed_temperature: fl
     return report
 
 
+#: Multi-scale inference: the model's pixel size times these (the recipe trains with a scale
+#: jitter of +-15%, log-uniform).
+SCALES = (1 / 1.15, 1.0, 1.15)
+
+#: The steps `draws` scores on each draw's averaged probabilities, in this order of columns.
+VARIANTS = ("none", "multiscale", "prior", "em", "multiscale+prior", "multiscale+em")
+
+
+def scaled_probabilities(bundle: Any, section: Any, scale: float, grid: tuple[int, int] | None) -> torch.Tensor:
+    """(C, h, w) probabilities with the section resampled to `scale` times the model's pixel
+    size, resized (bilinear) onto `grid`, the model's own grid of the section, when given."""
+    from thinseg.inference.resample import ResampledSource, resampling_factor
+    from thinseg.pipelines.evaluate import model_roles, open_images
+    from thinseg.pipelines.segment import model_mm_per_pixel
+
+    roles = model_roles(bundle)
+    factor = (resampling_factor(section.mm_per_pixel, model_mm_per_pixel(bundle)) or 1.0) / scale
+    with open_images(section, roles) as images:
+        sources = [images[r] if abs(factor - 1) < 1e-6 else ResampledSource(images[r], factor) for r in roles]
+        arrays = [np.asarray(s.read(0, s.shape[0])) for s in sources]
+    probs = probabilities(bundle, arrays, adapt_decoder_bn=False)
+    if grid is not None and tuple(probs.shape[1:]) != grid:
+        probs = torch.nn.functional.interpolate(probs[None], size=grid, mode="bilinear", align_corners=False)[0]
+        probs = probs / probs.sum(0, keepdim=True)
+    return probs
+
+
+def class_shares(bundle: Any, sections: dict[str, Any], passes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(natural, sampled): the class shares of the model's training fields, and the shares the
+    class-balanced sampler emitted with the model's own settings (strength, patch size, void
+    band, patches per epoch), one fresh sampler per epoch as training draws them."""
+    from thinseg.training.sampler import BalancedSampler
+    from thinseg.training.targets import prepare_sections
+
+    training = bundle.meta["training"]
+    names = training["data"]["train_sections"]
+    prepared = prepare_sections(
+        [sections[n] for n in names],
+        bundle.class_table,
+        patch_size=int(training["patch_size"]),
+        model_mm_per_pixel=1.0 / float(training["pixels_per_mm"]),
+        void_px=float(training["data"]["void_border_px"]),
+    )
+    natural = np.sum([p.class_pixels for p in prepared], axis=0).astype(np.float64)
+    per_epoch = int(training["steps_per_epoch"]) * int(training["batch_size"])
+    emitted = np.zeros(len(natural), np.float64)
+    for epoch in range(passes):
+        rng = np.random.default_rng([int(training["seed"]), epoch, 0])
+        sampler = BalancedSampler(
+            [p.index for p in prepared if p.index is not None], float(training["balancing_strength"]), rng
+        )
+        for _ in range(per_epoch):
+            s, y, x, _ = sampler.draw()
+            footprint = prepared[s].index.footprint  # type: ignore[union-attr]
+            sampler.update(prepared[s].target[y : y + footprint, x : x + footprint])
+        emitted += sampler.emitted
+    return natural / natural.sum(), emitted / emitted.sum()
+
+
+def prior_corrected(probs: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
+    """(C, h, w) probabilities, the last len(`weights`) channels (the named classes; a leading
+    channel for label 0 stays as it is) times `weights`, renormalised per pixel."""
+    full = np.ones(probs.shape[0], np.float32)
+    full[probs.shape[0] - len(weights) :] = weights
+    out = probs * torch.from_numpy(full)[:, None, None]
+    return out / out.sum(0, keepdim=True)
+
+
+def em_adapted(probs: torch.Tensor, prior: np.ndarray, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Posteriors under the field's own class prior, re-estimated by EM from `probs`, whose named
+    classes (the last len(`prior`) channels) assume `prior` (Saerens, Latinne and Decaestecker
+    2002)."""
+    reference = prior.astype(np.float64)
+    field_prior = reference.copy()
+    named = probs.shape[0] - len(prior)
+    adapted = probs
+    for _ in range(iterations):
+        adapted = prior_corrected(probs, field_prior / reference)
+        new = adapted[named:].double().mean(dim=(1, 2)).numpy()
+        new = new / new.sum()
+        if float(np.abs(new - field_prior).max()) < tol:
+            break
+        field_prior = new
+    return adapted
+
+
+def score_probabilities(bundle: Any, section: Any, probs: torch.Tensor) -> dict[str, Any]:
+    """Mean IoU, accuracy, ECE and per-class IoU of one probability map on one section."""
+    from thinseg.metrics.evaluator import Evaluator
+
+    evaluator = Evaluator(bundle.class_table, 2.0)
+    add_average(evaluator, section, bundle, [probs])
+    report = json.loads(evaluator.report(model="draw").to_json())
+    m = report["metrics"]
+    return {
+        "mean_iou": m["mean_iou"],
+        "accuracy": m["pixel_accuracy"],
+        "ece": (report.get("calibration") or {}).get("ece"),
+        "iou": {c["name"]: c["iou"] for c in m["classes"]},
+    }
+
+
+def score_draws(
+    bundles: list[Any], seeds: list[int], section: Any, all_sections: dict[str, Any], k: int
+) -> list[dict[str, Any]]:
+    """Every k-subset of the models (and all of them), each averaged with every variant."""
+    base = probabilities(bundles[0], model_grid_images(bundles[0], section), False)
+    grid = (int(base.shape[1]), int(base.shape[2]))
+    per_model = [{s: scaled_probabilities(b, section, s, grid) for s in SCALES} for b in bundles]
+    shares = [class_shares(b, all_sections) for b in bundles]
+    records = []
+    subsets = list(itertools.combinations(range(len(bundles)), k))
+    if len(bundles) > k:
+        subsets.append(tuple(range(len(bundles))))
+    for subset in subsets:
+        natural = np.mean([shares[i][0] for i in subset], axis=0)
+        sampled = np.mean([shares[i][1] for i in subset], axis=0)
+        single = torch.stack([per_model[i][1.0] for i in subset]).mean(0)
+        multi = torch.stack([per_model[i][s] for i in subset for s in SCALES]).mean(0)
+        maps = {
+            "none": single,
+            "multiscale": multi,
+            "prior": prior_corrected(single, natural / sampled),
+            "multiscale+prior": prior_corrected(multi, natural / sampled),
+        }
+        maps["em"] = em_adapted(maps["prior"], natural)
+        maps["multiscale+em"] = em_adapted(maps["multiscale+prior"], natural)
+        for variant in VARIANTS:
+            row = {"field": section.name, "seeds": [seeds[i] for i in subset], "variant": variant}
+            row.update(score_probabilities(bundles[0], section, maps[variant]))
+            records.append(row)
+        print(
+            f"{section.name} seeds {[seeds[i] for i in subset]}: "
+            + ", ".join(f"{r['variant']} {r['mean_iou']:.3f}" for r in records[-len(VARIANTS) :]),
+            flush=True,
+        )
+    return records
+
+
+def summarize(paths: list[Path]) -> None:
+    """Per variant: each draw's mean IoU over the fields, its change against `none`, and the
+    fields' means over the draws (the draws lever's JSON files, one per field)."""
+    rows = [r for p in paths for r in json.loads(p.read_text())]
+    fields = sorted({r["field"] for r in rows})
+    draws = sorted({tuple(r["seeds"]) for r in rows}, key=lambda d: (len(d), d))
+    table = {(r["field"], tuple(r["seeds"]), r["variant"]): r for r in rows}
+    for size in sorted({len(d) for d in draws}):
+        group = [d for d in draws if len(d) == size]
+        print(f"\n{size}-seed averages over {', '.join(fields)}: mean IoU per draw (change against none)")
+        print(
+            "| variant | "
+            + " | ".join("seeds " + ",".join(map(str, d)) for d in group)
+            + " | mean | "
+            + " | ".join(fields)
+            + " | accuracy | ECE |"
+        )
+        for variant in VARIANTS:
+            means = [statistics.mean(table[(f, d, variant)]["mean_iou"] for f in fields) for d in group]
+            base = [statistics.mean(table[(f, d, "none")]["mean_iou"] for f in fields) for d in group]
+            cells = [f"{m:.3f}" if variant == "none" else f"{m:.3f} ({m - b:+.3f})" for m, b in zip(means, base)]
+            per_field = [statistics.mean(table[(f, d, variant)]["mean_iou"] for d in group) for f in fields]
+            acc = statistics.mean(table[(f, d, variant)]["accuracy"] for f in fields for d in group)
+            ece = statistics.mean(table[(f, d, variant)]["ece"] for f in fields for d in group)
+            print(
+                f"| {variant} | "
+                + " | ".join(cells)
+                + f" | {statistics.mean(means):.3f} | "
+                + " | ".join(f"{v:.3f}" for v in per_field)
+                + f" | {100 * acc:.1f}% | {ece:.3f} |"
+            )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=real_rock.REPO.parent / "shared" / "data" / "sandstone-ppl-xpl")
-    p.add_argument("--lever", choices=("adabn", "superpixels", "average"), required=True)
-    p.add_argument("--field", required=True, help="comma-separated fields to score on (scored together)")
-    p.add_argument("--models", nargs="+", type=Path, required=True)
+    p.add_argument("--lever", choices=("adabn", "superpixels", "average", "draws"))
+    p.add_argument("--field", help="comma-separated fields to score on (scored together; draws: one field)")
+    p.add_argument("--models", nargs="+", type=Path)
+    p.add_argument("--draw-size", type=int, default=3, help="draws: models averaged per draw")
+    p.add_argument("--summarize", nargs="+", type=Path, help="print the draws lever's tables from its JSON files")
     p.add_argument("--side", type=int, default=32, help="superpixels: mean side in model pixels")
     p.add_argument("--compactness", type=float, default=0.3, help="superpixels: SLIC compactness")
     p.add_argument(
@@ -181,13 +367,27 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="write the scores here (JSON)")
     args = p.parse_args()
+    if args.summarize:
+        summarize(args.summarize)
+        return 0
+    if not (args.lever and args.field and args.models):
+        p.error("--lever, --field and --models are required (or --summarize)")
     from thinseg.model.bundle import load_bundle
 
     torch.set_num_threads(args.threads)
     fields = tuple(args.field.split(","))
     sections = real_rock.load_fields(args.data, fields)
     records = []
-    if args.lever == "average":
+    if args.lever == "draws":
+        bundles = [load_bundle(m) for m in args.models]
+        seeds = [int(b.meta["training"]["seed"]) for b in bundles]
+        training = set(itertools.chain.from_iterable(b.meta["training"]["data"]["train_sections"] for b in bundles))
+        if set(fields) & training:
+            p.error(f"field(s) {sorted(set(fields) & training)} trained these models: score held-out fields only")
+        every = real_rock.load_fields(args.data, tuple(sorted(training | set(fields))))
+        for f in fields:
+            records += score_draws(bundles, seeds, every[f], every, args.draw_size)
+    elif args.lever == "average":
         report = score_average(
             [load_bundle(m) for m in args.models], [sections[f] for f in fields], args.fixed_temperature
         )
@@ -207,7 +407,7 @@ def main() -> int:
             f"{','.join(fields)} average of {len(args.models)}: mean IoU {m['mean_iou']:.3f}, "
             f"accuracy {m['pixel_accuracy']:.3f}"
         )
-    for model in args.models if args.lever != "average" else []:
+    for model in args.models if args.lever not in ("average", "draws") else []:
         bundle = load_bundle(model)
         row: dict[str, Any] = {"model": str(model), "fields": list(fields), "lever": args.lever}
         if args.lever == "superpixels":
