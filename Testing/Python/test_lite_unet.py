@@ -236,6 +236,11 @@ def test_a_tiny_small_data_run_exports_an_averaged_model_with_its_inference_defa
     assert load_bundle(result.model_dir).test_time_augmentation == "dihedral"
     temperature = meta["training"]["temperature"]
     assert 0.05 <= temperature <= 20 and any(m.startswith("confidence calibrated") for m in messages)
+    # the class shares of the training section folded in after the temperature, and recorded
+    correction = meta["training"]["prior_correction"]
+    assert set(correction) == set(TABLE.names) and all(w > 0 for w in correction.values())
+    assert any(m.startswith("class shares of the training sections restored") for m in messages)
+    assert meta["metrics"]["mean_iou"] == result.best_mean_iou  # validated as exported
 
 
 def test_train_command_line_recipe_and_overrides(tmp_path, capsys):
@@ -273,6 +278,13 @@ def test_train_command_line_recipe_and_overrides(tmp_path, capsys):
     )
     config = train_config(args)
     assert (config.epochs, config.pretrained, config.average_last) == (3, False, 0)
+    assert (
+        config.prior_correction
+        and not train_config(parser.parse_args([*base, "--no-prior-correction"])).prior_correction
+    )
+    args = parser.parse_args(["train", str(tmp_path), "-o", str(tmp_path / "r"), "--no-prior-correction"])
+    with pytest.raises(ThinSegError, match="--no-prior-correction applies to the small-data recipe"):
+        train_config(args)
     args = parser.parse_args(["train", str(tmp_path), "-o", str(tmp_path / "r"), "--no-pretrained"])
     with pytest.raises(ThinSegError, match="small-data"):
         train_config(args)

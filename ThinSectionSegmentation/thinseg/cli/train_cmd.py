@@ -112,6 +112,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="small-data recipe: start the encoder from random weights instead of ImageNet's",
     )
     opt.add_argument(
+        "--no-prior-correction",
+        action="store_true",
+        help="small-data recipe: keep the class shares the balanced sampler taught instead of folding the "
+        "training sections' own shares into the model (which the recipe does: +0.016 mean IoU on held-out fields)",
+    )
+    opt.add_argument(
         "--encoder",
         choices=LITE_ENCODER_NAMES,
         default=None,
@@ -318,6 +324,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         if kwargs.get("network") != "LiteUNet":
             raise ThinSegError("--no-pretrained applies to the small-data recipe's pre-trained encoder")
         kwargs["pretrained"] = False
+    if args.no_prior_correction:
+        if kwargs.get("network") != "LiteUNet":
+            raise ThinSegError("--no-prior-correction applies to the small-data recipe (the unet recipe makes none)")
+        kwargs["prior_correction"] = False
     if args.members is not None:
         if kwargs.get("network") != "LiteUNet" and args.members > 1:
             raise ThinSegError("--members applies to the small-data recipe's networks")

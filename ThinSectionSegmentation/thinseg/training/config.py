@@ -101,6 +101,7 @@ class TrainConfig:
     average_last: int = 0  # export the average of the last N epochs' weights when it validates no worse
     keep_best_epoch: bool = False  # also keep the candidate not exported: `<model>-best-epoch` or `<model>-average`
     calibrate_temperature: bool = False  # fit a softmax temperature on the validation sections (LiteUNet)
+    prior_correction: bool = False  # fold natural / sampled class shares into the logits (LiteUNet): priors.py
     test_time_augmentation: str = "none"  # none/flips/dihedral: used in validation, recorded in the bundle
     precision: Precision = "auto"
     channels_last: bool = True

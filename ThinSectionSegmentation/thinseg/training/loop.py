@@ -41,6 +41,7 @@ from thinseg.training.distributed import Ranks, current
 from thinseg.training.export import bundle_input_names, export_bundle
 from thinseg.training.losses import dice_ce_loss
 from thinseg.training.model import ModelSpec, model_from_bundle, new_model
+from thinseg.training.priors import fold_prior_correction, prior_weights, sampled_class_shares
 from thinseg.training.sampler import rank_seed
 from thinseg.training.split import SPLIT_FILE, apply_split, run_split, save_split
 from thinseg.training.targets import PreparedSection, prepare_sections
@@ -406,6 +407,7 @@ class TrainingRun:
         c = self.config
         self._export_average()
         self._calibrate()
+        self._correct_prior()
         test_metrics = self._evaluate_test()
         return TrainResult(
             output_dir=self.out,
@@ -506,6 +508,41 @@ class TrainingRun:
         self.best = {**self.best, "temperature": temperature, "confidence_reference": self._last_confidence}
         self.model_dir = self._export()
         self.log(f"confidence calibrated on the validation sections: temperature {temperature:.2f}")
+
+    def _correct_prior(self) -> None:
+        """Fold the training sections' natural class shares over those the balanced sampler fed
+        the network into the exported model's logits (after its temperature), so that its map
+        answers under the rock's class prior, and export it again, validated once more."""
+        c = self.config
+        if not c.prior_correction or self.model_dir is None:
+            return
+        indexes = [p.index for p in self.train_sections if p.index is not None]
+        n = len(self.class_table)
+        sampled = sampled_class_shares(
+            indexes,
+            [p.target for p in self.train_sections if p.index is not None],
+            n,
+            balancing_strength=c.balancing_strength,
+            patches_per_epoch=c.steps_per_epoch * c.batch_size,
+            epochs=c.epochs,
+            seed=c.seed,
+        )
+        natural = sum((p.class_pixels for p in self.train_sections), np.zeros(n, np.int64))
+        weights = prior_weights(natural, sampled)
+        self.network.load_state_dict(load_bundle(self.model_dir).network.state_dict())
+        fold_prior_correction(self.network, weights)
+        correction = {name: round(float(w), 4) for name, w in zip(self.class_table.names, weights)}
+        row = self._validate()
+        self.best = {**self.best, "prior_correction": correction}
+        if row:
+            self.best["mean_iou"] = row.get("val_mean_iou", self.best["mean_iou"])
+            averaged = self.best.get("averaged_epochs")
+            extra = {"averaged_epochs": averaged} if averaged else {}
+            self.best["metrics"] = self._validation_record(row, int(self.best["epoch"] or 0), **extra)
+            self.best["confidence_reference"] = self._last_confidence
+        self.model_dir = self._export()
+        shown = ", ".join(f"{name} x{w:.2f}" for name, w in correction.items())
+        self.log(f"class shares of the training sections restored (natural / sampled): {shown}")
 
     def _reestimate_norms(self, batches: int = 16) -> None:
         """Batch-norm running statistics of the averaged weights, measured on training batches.
@@ -699,6 +736,7 @@ class TrainingRun:
                 "epoch": self.best["epoch"],
                 "averaged_epochs": self.best.get("averaged_epochs"),
                 "temperature": self.best.get("temperature"),
+                "prior_correction": self.best.get("prior_correction"),
                 "recipe": c.recipe,
                 "epochs_planned": c.epochs,
                 "patch_size": c.patch_size,

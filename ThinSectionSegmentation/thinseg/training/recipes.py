@@ -55,6 +55,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "patience": None,
         "average_last": 3,
         "calibrate_temperature": True,
+        "prior_correction": True,
         "members": SMALL_DATA_MEMBERS,
         "member_split": "seeds",
         "test_time_augmentation": "none",  # measured: +0.001 mean IoU for 8x the inference time
