@@ -12,7 +12,7 @@ import torch
 
 from thinseg.classes.files import default_class_table
 from thinseg.errors import ThinSegError
-from thinseg.inference.device import cpu_has_native_bf16
+from thinseg.inference.device import cpu_has_amx
 from thinseg.inference.engine import InferenceOptions, Segmenter
 from thinseg.model.bundle import load_bundle, save_bundle
 from thinseg.model.networks import build_network
@@ -252,9 +252,16 @@ def _write_geoslicer_n_output_bundle(folder: Path, net: torch.nn.Module, params:
     torch.save(saved, folder / "model.pth")
 
 
-def test_precision_and_schedule_choices():
+def test_precision_and_schedule_choices(monkeypatch):
+    from thinseg.training import loop as loop_module
+
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if cpu_has_amx() else None)
+    # training on a CPU: bf16 only with AMX, even where inference takes it (AVX512-BF16 alone)
+    monkeypatch.setattr(loop_module, "cpu_has_amx", lambda: False)
+    assert resolve_precision("auto", cpu) is None
+    monkeypatch.setattr(loop_module, "cpu_has_amx", lambda: True)
+    assert resolve_precision("auto", cpu) == torch.bfloat16
     assert resolve_precision("fp32", cpu) is None and resolve_precision("bf16", cpu) == torch.bfloat16
     with pytest.raises(ThinSegError, match="CUDA"):
         resolve_precision("fp16", cpu)

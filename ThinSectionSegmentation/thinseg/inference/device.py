@@ -46,14 +46,25 @@ def _no_gpu_reason() -> str:
     return "torch finds none on this machine"
 
 
-def cpu_has_native_bf16() -> bool:
-    """bf16 autocast only pays off on CPUs with AVX512-BF16/AMX; elsewhere it is several times slower."""
+def _cpu_flags() -> str:
+    """/proc/cpuinfo as text ("" where there is none: not Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 autocast only pays off on CPUs with AVX512-BF16/AMX; elsewhere it is several times slower."""
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_has_amx() -> bool:
+    """Whether the CPU exposes AMX tiles for bf16 (Intel Sapphire Rapids and later, where the
+    hypervisor passes them through)."""
+    return "amx_bf16" in _cpu_flags()
 
 
 def auto_precision(device: torch.device) -> Literal["bf16", "fp32"]:
