@@ -4,8 +4,8 @@
     result = train(TrainConfig(output_dir=..., train_sections=..., val_sections=...))
 
 Modules: config (settings and results), prepare/cache (targets and patch maps), sampler (class
-balance), augment, dataset (patch streams), losses, model, validate, export, checkpoint, curves,
-split, loop (the run). Sections and the QEMSCAN-name-to-class mapping come from `thinseg.data`
+balance), priors (its class shares taken back at export), augment, dataset (patch streams), losses,
+model, validate, calibration, export, checkpoint, curves, split, loop (the run). Sections and the QEMSCAN-name-to-class mapping come from `thinseg.data`
 and are re-exported here for convenience.
 """
 
