@@ -321,6 +321,8 @@ def run_one(
     if args.smoke:  # a few steps, to check the whole path
         changes = {**changes, "epochs": 2, "steps_per_epoch": 3, "warmup_steps": 1}
     changes = {**changes, "precision": args.precision, "keep_best_epoch": args.score_best_epoch}
+    if args.no_prior_correction:
+        changes["prior_correction"] = False
     config = train_config(recipe, changes, run_dir, sections, train, val, args.device)
     start = time.perf_counter()
     result = run_training(config, log=lambda m: print(f"[{result_name}] {m}", file=sys.stderr, flush=True))
@@ -587,6 +589,11 @@ def main() -> int:
     p.add_argument(
         "--no-ensemble-test", dest="ensemble_test", action="store_false", help="--ensemble: do not score 9a-11a"
     )
+    p.add_argument(
+        "--no-prior-correction",
+        action="store_true",
+        help="train without the class-prior correction (as the recipe did before it; bench/prior_correct.py adds it)",
+    )
     p.add_argument("--list", action="store_true")
     p.add_argument("--smoke", action="store_true", help="2 epochs of 3 steps: checks the path, measures nothing")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -671,6 +678,7 @@ def main() -> int:
         ]
         command += (["--smoke"] if args.smoke else []) + (["--jsonl", str(args.jsonl)] if args.jsonl else [])
         command += ["--score-best-epoch"] if args.score_best_epoch else []
+        command += ["--no-prior-correction"] if args.no_prior_correction else []
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         done = subprocess.run(command, env=env)
         print(f"{job}: exit {done.returncode}", file=sys.stderr, flush=True)

@@ -5,8 +5,8 @@
 
 Modules: config (settings and results), prepare/cache (targets and patch maps), sampler (class
 balance), priors (its class shares taken back at export), augment, dataset (patch streams), losses,
-model, validate, calibration, export, checkpoint, curves, split, loop (the run). Sections and the QEMSCAN-name-to-class mapping come from `thinseg.data`
-and are re-exported here for convenience.
+model, validate, calibration, export, checkpoint, curves, split, loop (the run). Sections and the
+QEMSCAN-name-to-class mapping come from `thinseg.data` and are re-exported here for convenience.
 """
 
 from thinseg.data.mapping import build_mapping, default_mapping, load_mapping_csv
