@@ -19,8 +19,9 @@ resolution, bf16 on CPUs):
   posteriors, Saerens et al. 2002), and their combinations. Paired on the same models, a step's
   effect is read free of the draw-to-draw spread of the trainings themselves.
 
-None is in the product: each lost on training fields held out of training (README, "Results on
-real thin sections").
+Only `prior` is in the product (`thinseg train --recipe small-data` folds it into each member at
+export): the others lost on training fields held out of training (README, "Results on real thin
+sections"). The draws lever refuses models that already carry the correction.
 
     python bench/inference_levers.py --lever adabn --field 2a --models RUN/model ...
     python bench/inference_levers.py --lever superpixels --side 32 --compactness 0.3 --field 4a --models ...
@@ -44,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_rock  # the fields, read as the real-rock bench reads them
+from prior_correct import class_shares  # the shares `thinseg train` folds in
 
 
 def model_grid_images(bundle: Any, section: Any) -> list[np.ndarray]:
@@ -203,38 +205,6 @@ def scaled_probabilities(bundle: Any, section: Any, scale: float, grid: tuple[in
     return probs
 
 
-def class_shares(bundle: Any, sections: dict[str, Any], passes: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """(natural, sampled): the class shares of the model's training fields, and the shares the
-    class-balanced sampler emitted with the model's own settings (strength, patch size, void
-    band, patches per epoch), one fresh sampler per epoch as training draws them."""
-    from thinseg.training.sampler import BalancedSampler
-    from thinseg.training.targets import prepare_sections
-
-    training = bundle.meta["training"]
-    names = training["data"]["train_sections"]
-    prepared = prepare_sections(
-        [sections[n] for n in names],
-        bundle.class_table,
-        patch_size=int(training["patch_size"]),
-        model_mm_per_pixel=1.0 / float(training["pixels_per_mm"]),
-        void_px=float(training["data"]["void_border_px"]),
-    )
-    natural = np.sum([p.class_pixels for p in prepared], axis=0).astype(np.float64)
-    per_epoch = int(training["steps_per_epoch"]) * int(training["batch_size"])
-    emitted = np.zeros(len(natural), np.float64)
-    for epoch in range(passes):
-        rng = np.random.default_rng([int(training["seed"]), epoch, 0])
-        sampler = BalancedSampler(
-            [p.index for p in prepared if p.index is not None], float(training["balancing_strength"]), rng
-        )
-        for _ in range(per_epoch):
-            s, y, x, _ = sampler.draw()
-            footprint = prepared[s].index.footprint  # type: ignore[union-attr]
-            sampler.update(prepared[s].target[y : y + footprint, x : x + footprint])
-        emitted += sampler.emitted
-    return natural / natural.sum(), emitted / emitted.sum()
-
-
 def prior_corrected(probs: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
     """(C, h, w) probabilities, the last len(`weights`) channels (the named classes; a leading
     channel for label 0 stays as it is) times `weights`, renormalised per pixel."""
@@ -381,6 +351,9 @@ def main() -> int:
     if args.lever == "draws":
         bundles = [load_bundle(m) for m in args.models]
         seeds = [int(b.meta["training"]["seed"]) for b in bundles]
+        corrected = [str(m) for m, b in zip(args.models, bundles) if b.meta["training"].get("prior_correction")]
+        if corrected:
+            p.error(f"{', '.join(corrected)}: trained with the class-prior correction; the draws lever adds it itself")
         training = set(itertools.chain.from_iterable(b.meta["training"]["data"]["train_sections"] for b in bundles))
         if set(fields) & training:
             p.error(f"field(s) {sorted(set(fields) & training)} trained these models: score held-out fields only")

@@ -15,6 +15,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,18 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_rock  # the fields, read as the real-rock bench reads them
 
 
-def corrected_copy(model: Path, out: Path, data: Path) -> Path:
-    """OUT/<run>/model: `model` with the correction folded into its last convolution's bias."""
-    from thinseg.model.bundle import load_bundle
-    from thinseg.training.priors import prior_weights, sampled_class_shares
+def class_shares(bundle: Any, sections: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(natural, sampled) class shares of the model's training fields (named in its meta.json,
+    taken from `sections`): as they are, and as the balanced sampler fed them, replayed with the
+    training's own seed and settings by the function `thinseg train` uses."""
+    from thinseg.training.priors import sampled_class_shares
     from thinseg.training.targets import prepare_sections
 
-    bundle = load_bundle(model)
     training = bundle.meta["training"]
-    if training.get("prior_correction"):
-        raise SystemExit(f"{model}: already corrected ({training['prior_correction']})")
     names = training["data"]["train_sections"]
-    sections = real_rock.load_fields(data, tuple(names))
     prepared = prepare_sections(
         [sections[n] for n in names],
         bundle.class_table,
@@ -51,7 +49,21 @@ def corrected_copy(model: Path, out: Path, data: Path) -> Path:
         epochs=int(training["epochs_planned"]),
         seed=int(training["seed"]),
     )
-    weights = prior_weights(np.sum([p.class_pixels for p in prepared], axis=0), sampled)
+    natural = np.sum([p.class_pixels for p in prepared], axis=0).astype(np.float64)
+    return natural / natural.sum(), sampled
+
+
+def corrected_copy(model: Path, out: Path, data: Path) -> Path:
+    """OUT/<run>/model: `model` with the correction folded into its last convolution's bias."""
+    from thinseg.model.bundle import load_bundle
+    from thinseg.training.priors import prior_weights
+
+    bundle = load_bundle(model)
+    training = bundle.meta["training"]
+    if training.get("prior_correction"):
+        raise SystemExit(f"{model}: already corrected ({training['prior_correction']})")
+    names = tuple(training["data"]["train_sections"])
+    weights = prior_weights(*class_shares(bundle, real_rock.load_fields(data, names)))
     target = out / model.parent.name / "model"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
