@@ -48,16 +48,16 @@ import real_rock  # the fields, read as the real-rock bench reads them
 from prior_correct import class_shares  # the shares `thinseg train` folds in
 
 
-def model_grid_images(bundle: Any, section: Any) -> list[np.ndarray]:
-    """The section's images for the model's inputs, resampled to the model's pixel size."""
+def model_grid_images(bundle: Any, section: Any, scale: float = 1.0) -> list[np.ndarray]:
+    """The section's images for the model's inputs, resampled to `scale` times the model's pixel size."""
     from thinseg.inference.resample import ResampledSource, resampling_factor
     from thinseg.pipelines.evaluate import model_roles, open_images
     from thinseg.pipelines.segment import model_mm_per_pixel
 
     roles = model_roles(bundle)
-    factor = resampling_factor(section.mm_per_pixel, model_mm_per_pixel(bundle))
+    factor = (resampling_factor(section.mm_per_pixel, model_mm_per_pixel(bundle)) or 1.0) / scale
     with open_images(section, roles) as images:
-        sources = [images[r] if factor is None else ResampledSource(images[r], factor) for r in roles]
+        sources = [images[r] if abs(factor - 1) < 1e-6 else ResampledSource(images[r], factor) for r in roles]
         return [np.asarray(s.read(0, s.shape[0])) for s in sources]
 
 
@@ -189,16 +189,7 @@ VARIANTS = ("none", "multiscale", "prior", "em", "multiscale+prior", "multiscale
 def scaled_probabilities(bundle: Any, section: Any, scale: float, grid: tuple[int, int] | None) -> torch.Tensor:
     """(C, h, w) probabilities with the section resampled to `scale` times the model's pixel
     size, resized (bilinear) onto `grid`, the model's own grid of the section, when given."""
-    from thinseg.inference.resample import ResampledSource, resampling_factor
-    from thinseg.pipelines.evaluate import model_roles, open_images
-    from thinseg.pipelines.segment import model_mm_per_pixel
-
-    roles = model_roles(bundle)
-    factor = (resampling_factor(section.mm_per_pixel, model_mm_per_pixel(bundle)) or 1.0) / scale
-    with open_images(section, roles) as images:
-        sources = [images[r] if abs(factor - 1) < 1e-6 else ResampledSource(images[r], factor) for r in roles]
-        arrays = [np.asarray(s.read(0, s.shape[0])) for s in sources]
-    probs = probabilities(bundle, arrays, adapt_decoder_bn=False)
+    probs = probabilities(bundle, model_grid_images(bundle, section, scale), adapt_decoder_bn=False)
     if grid is not None and tuple(probs.shape[1:]) != grid:
         probs = torch.nn.functional.interpolate(probs[None], size=grid, mode="bilinear", align_corners=False)[0]
         probs = probs / probs.sum(0, keepdim=True)
@@ -252,9 +243,10 @@ def score_draws(
     bundles: list[Any], seeds: list[int], section: Any, all_sections: dict[str, Any], k: int
 ) -> list[dict[str, Any]]:
     """Every k-subset of the models (and all of them), each averaged with every variant."""
-    base = probabilities(bundles[0], model_grid_images(bundles[0], section), False)
-    grid = (int(base.shape[1]), int(base.shape[2]))
-    per_model = [{s: scaled_probabilities(b, section, s, grid) for s in SCALES} for b in bundles]
+    per_model = [{1.0: scaled_probabilities(b, section, 1.0, None)} for b in bundles]
+    grid = (int(per_model[0][1.0].shape[1]), int(per_model[0][1.0].shape[2]))  # the model's grid of the field
+    for b, by_scale in zip(bundles, per_model):
+        by_scale.update({s: scaled_probabilities(b, section, s, grid) for s in SCALES if s != 1.0})
     shares = [class_shares(b, all_sections) for b in bundles]
     records = []
     subsets = list(itertools.combinations(range(len(bundles)), k))
