@@ -90,6 +90,14 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "scratch-encoder": ("small-data", {"pretrained": False}, "encoder from random weights, not ImageNet"),
     "frozen-encoder": ("small-data", {"encoder_lr_scale": 0.0}, "ImageNet encoder frozen (decoder only learns)"),
     "encoder-full-lr": ("small-data", {"encoder_lr_scale": 1.0}, "encoder at the decoder's learning rate"),
+    **{
+        f"encoder-full-lr-seed{seed}": (
+            "small-data",
+            {"encoder_lr_scale": 1.0, "seed": seed},
+            f"encoder at the decoder's learning rate, seed {seed}",
+        )
+        for seed in (1, 2, 3)
+    },
     "full-res": (
         "small-data",
         {"pixels_per_mm": None},
@@ -170,6 +178,14 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         "384 px patches, 4 a step, 88 steps an epoch (the recipe's pixels per training), seed 3: an ensemble member",
     ),
     "long-schedule": ("small-data", {"epochs": 7}, "7 epochs of 100 steps instead of 4 (the recipe before 2026-12-05)"),
+    **{
+        "freeze-2-stages" + (f"-seed{seed}" if seed else ""): (
+            "small-data",
+            {"frozen_encoder_stages": 2, "seed": seed},
+            f"the encoder's stem and 1/2 and 1/4 resolution stages kept at ImageNet weights, seed {seed}",
+        )
+        for seed in (0, 1, 2, 3)
+    },
     **{
         "three-epochs" + (f"-seed{seed}" if seed else ""): (
             "small-data",

@@ -114,6 +114,47 @@ def test_the_encoder_can_learn_at_a_scaled_rate():
     assert len(make_optimizer(net, 1e-3, 1e-4).param_groups) == 1
 
 
+def test_frozen_stages_keep_their_imagenet_weights_through_a_training(tmp_path):
+    settings = recipe_settings("small-data")
+    settings.update(epochs=1, steps_per_epoch=2, warmup_steps=1, patch_size=64, batch_size=2, members=1)
+    settings.update(frozen_encoder_stages=2, calibrate_temperature=False, prior_correction=False, average_last=0)
+    config = TrainConfig(
+        output_dir=tmp_path / "run",
+        train_sections=synthetic_sections(1, 128, seed=0),
+        val_sections=synthetic_sections(1, 96, seed=9),
+        val_tile=96,
+        val_overlap=16,
+        progress=False,
+        precision="fp32",
+        **settings,
+    )
+    result = train(config, log=lambda _m: None)
+    trained = load_bundle(result.model_dir).network
+    stored = load_packaged_weights(pretrained_weights_file())
+    encoder = trained.encoder.state_dict()
+    # blocks 0-2 end at 1/4 resolution (block 3 is the first stride-2 block after them)
+    frozen = [k for k in encoder if k.startswith(("_conv_stem", "_bn0", "_blocks.0.", "_blocks.1.", "_blocks.2."))]
+    learnt = [k for k in encoder if k.startswith("_blocks.3.") and k.endswith("weight")]
+    assert frozen and learnt
+    assert all(torch.equal(encoder[k], stored[k]) for k in frozen)
+    assert any(not torch.equal(encoder[k], stored[k]) for k in learnt)
+    assert json.loads((result.model_dir / "meta.json").read_text())["training"]["config"]["frozen_encoder_stages"] == 2
+
+
+def test_frozen_stages_are_left_out_of_the_optimiser_and_bounded():
+    net = lite(2)
+    total = len(list(net.parameters()))
+    net.freeze_stages(2)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert 0 < len(trainable) < total
+    groups = make_optimizer(net, 1e-3, 1e-4, encoder_lr_scale=0.3).param_groups
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    net.freeze_stages(5)  # the whole encoder: its learning-rate group is dropped, not left empty
+    assert len(make_optimizer(net, 1e-3, 1e-4, encoder_lr_scale=0.3).param_groups) == 1
+    with pytest.raises(ThinSegError, match="5 stages to freeze, not 6"):
+        net.freeze_stages(6)
+
+
 def test_description_bounds_and_weight_count():
     params = {"in_images": 2, "out_channels": 7}
     shape = describe_network("LiteUNet", params)

@@ -141,6 +141,21 @@ class LiteUNet(torch.nn.Module):
     def encoder_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.encoder.parameters())
 
+    def freeze_stages(self, stages: int) -> None:
+        """Keep the encoder's first `stages` resolution stages (the stem included) at their
+        ImageNet weights. Their filters (edges, colours) are generic, and they run at the highest
+        resolution: with no gradient through them a training step costs about a quarter less."""
+        levels = sorted(self._taps)
+        if not 0 <= stages <= len(levels):
+            raise ThinSegError(f"an encoder has {len(levels)} stages to freeze, not {stages}")
+        if not stages:
+            return
+        enc = self.encoder
+        blocks = list(enc._blocks)[: levels[stages - 1] + 1]
+        for module in (enc._conv_stem, enc._bn0, *blocks):
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+
 
 class LiteUNetEnsemble(torch.nn.Module):
     """LiteUNets of one architecture whose class probabilities are averaged.

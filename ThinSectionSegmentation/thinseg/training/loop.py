@@ -12,7 +12,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -102,24 +102,30 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def class_pixel_totals(sections: Sequence[PreparedSection], classes: int) -> np.ndarray:
+    """Labelled pixels of each class over `sections`: what the balanced sampler evens out, the
+    prior correction restores and the bundle's meta records."""
+    return sum((p.class_pixels for p in sections), np.zeros(classes, np.int64))
+
+
 def make_optimizer(
     network: torch.nn.Module, lr: float, weight_decay: float, encoder_lr_scale: float = 1.0
 ) -> torch.optim.Optimizer:
     """AdamW, fused (one kernel over all parameters, CPU and CUDA) where this torch has it. A
     pre-trained encoder (a network with `encoder_parameters()`) may learn at a scaled rate, so
     that the decoder catches up before the ImageNet features are disturbed much."""
-    groups: Any = network.parameters()
+    trained = [p for p in network.parameters() if p.requires_grad]  # frozen stages are left out
+    groups: Any = trained
     encoder_of = getattr(network, "encoder_parameters", None)
     if callable(encoder_of) and encoder_lr_scale != 1.0:
-        encoder = list(encoder_of())
-        ids = {id(p) for p in encoder}
-        rest = [p for p in network.parameters() if id(p) not in ids]
+        ids = {id(p) for p in encoder_of()}
+        encoder = [p for p in trained if id(p) in ids]
+        rest = [p for p in trained if id(p) not in ids]
         groups = [{"params": rest}, {"params": encoder, "lr": lr * encoder_lr_scale}]
+        groups = [g for g in groups if g["params"]]  # a wholly frozen encoder has no group
     try:
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        if not isinstance(groups, list):
-            groups = network.parameters()  # the generator was used up by the failed attempt
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
@@ -277,7 +283,7 @@ class TrainingRun:
             cell=c.sampler_cell,
             cache=self.cache,
         )
-        total = sum((p.class_pixels for p in prepared), np.zeros(len(self.class_table), np.int64))
+        total = class_pixel_totals(prepared, len(self.class_table))
         if not np.any(total):
             raise ThinSegError("the training label maps hold no pixel of any model class (check the mapping table)")
         absent = [n for n, k in zip(self.class_table.names, total) if k == 0]
@@ -307,6 +313,11 @@ class TrainingRun:
         """Network on its device, optimiser, schedule, data stream; restore a checkpoint if resuming."""
         c = self.config
         net = self.spec.network.to(self.device)
+        if c.frozen_encoder_stages:
+            freeze = getattr(net, "freeze_stages", None)
+            if not callable(freeze):
+                raise ThinSegError("frozen encoder stages need a pre-trained encoder: use the small-data recipe")
+            freeze(c.frozen_encoder_stages)
         if c.channels_last:
             net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stub
         self.network = net.train()
@@ -530,8 +541,7 @@ class TrainingRun:
             epochs=c.epochs,
             seed=c.seed,
         )
-        natural = sum((p.class_pixels for p in self.train_sections), np.zeros(n, np.int64))
-        weights = prior_weights(natural, sampled)
+        weights = prior_weights(class_pixel_totals(self.train_sections, n), sampled)
         self.network.load_state_dict(load_bundle(self.model_dir).network.state_dict())
         fold_prior_correction(self.network, weights)
         correction = {name: round(float(w), 4) for name, w in zip(self.class_table.names, weights)}
@@ -724,7 +734,7 @@ class TrainingRun:
         """Write the network as a bundle: the run's model, or another `folder`."""
         c = self.config
         parts = self.parts
-        class_pixels = sum((p.class_pixels for p in self.train_sections), np.zeros(len(self.class_table), np.int64))
+        class_pixels = class_pixel_totals(self.train_sections, len(self.class_table))
         training = finite(
             {
                 "data": {
