@@ -114,11 +114,12 @@ def test_the_encoder_can_learn_at_a_scaled_rate():
     assert len(make_optimizer(net, 1e-3, 1e-4).param_groups) == 1
 
 
-def test_frozen_stages_keep_their_imagenet_weights_through_a_training(tmp_path):
+def tiny_small_data_config(tmp_path, **changes) -> TrainConfig:
+    """The small-data recipe sized to train in seconds on one generated section (`changes` win)."""
     settings = recipe_settings("small-data")
-    settings.update(epochs=1, steps_per_epoch=2, warmup_steps=1, patch_size=64, batch_size=2, members=1)
-    settings.update(frozen_encoder_stages=2, calibrate_temperature=False, prior_correction=False, average_last=0)
-    config = TrainConfig(
+    settings.update(epochs=2, steps_per_epoch=2, warmup_steps=1, patch_size=64, batch_size=2, members=1)
+    settings.update(changes)
+    return TrainConfig(
         output_dir=tmp_path / "run",
         train_sections=synthetic_sections(1, 128, seed=0),
         val_sections=synthetic_sections(1, 96, seed=9),
@@ -127,6 +128,12 @@ def test_frozen_stages_keep_their_imagenet_weights_through_a_training(tmp_path):
         progress=False,
         precision="fp32",
         **settings,
+    )
+
+
+def test_frozen_stages_keep_their_imagenet_weights_through_a_training(tmp_path):
+    config = tiny_small_data_config(
+        tmp_path, epochs=1, frozen_encoder_stages=2, calibrate_temperature=False, prior_correction=False, average_last=0
     )
     result = train(config, log=lambda _m: None)
     trained = load_bundle(result.model_dir).network
@@ -245,19 +252,11 @@ def test_recipes_are_named_settings_of_train_config():
 
 
 def test_a_tiny_small_data_run_exports_an_averaged_model_with_its_inference_default(tmp_path):
-    settings = recipe_settings("small-data")
-    settings.update(epochs=2, steps_per_epoch=2, warmup_steps=1, patch_size=64, batch_size=2, average_last=2, members=1)
-    settings["test_time_augmentation"] = "dihedral"  # what a recipe may record as the inference default
-    config = TrainConfig(
-        output_dir=tmp_path / "run",
-        train_sections=synthetic_sections(1, 128, seed=0),
-        val_sections=synthetic_sections(1, 96, seed=9),
-        val_tile=96,
-        val_overlap=16,
-        progress=False,
-        precision="fp32",
+    config = tiny_small_data_config(
+        tmp_path,
+        average_last=2,
+        test_time_augmentation="dihedral",  # what a recipe may record as the inference default
         keep_best_epoch=True,  # keep the candidate averaging did not export, to measure it
-        **settings,
     )
     messages: list[str] = []
     result = train(config, log=messages.append)
