@@ -28,6 +28,7 @@ def class_shares(bundle: Any, sections: dict[str, Any]) -> tuple[np.ndarray, np.
     """(natural, sampled) class shares of the model's training fields (named in its meta.json,
     taken from `sections`): as they are, and as the balanced sampler fed them, replayed with the
     training's own seed and settings by the function `thinseg train` uses."""
+    from thinseg.training.loop import class_pixel_totals
     from thinseg.training.priors import sampled_class_shares
     from thinseg.training.targets import prepare_sections
 
@@ -40,16 +41,17 @@ def class_shares(bundle: Any, sections: dict[str, Any]) -> tuple[np.ndarray, np.
         model_mm_per_pixel=1.0 / float(training["pixels_per_mm"]),
         void_px=float(training["data"]["void_border_px"]),
     )
+    patched = [p for p in prepared if p.index is not None]  # sections large enough for a patch
     sampled = sampled_class_shares(
-        [p.index for p in prepared if p.index is not None],
-        [p.target for p in prepared],
+        [p.index for p in patched],
+        [p.target for p in patched],
         len(bundle.class_table),
         balancing_strength=float(training["balancing_strength"]),
         patches_per_epoch=int(training["steps_per_epoch"]) * int(training["batch_size"]),
         epochs=int(training["epochs_planned"]),
         seed=int(training["seed"]),
     )
-    natural = np.sum([p.class_pixels for p in prepared], axis=0).astype(np.float64)
+    natural = class_pixel_totals(prepared, len(bundle.class_table)).astype(np.float64)
     return natural / natural.sum(), sampled
 
 
