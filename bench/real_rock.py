@@ -187,6 +187,14 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         for seed in (0, 1, 2, 3)
     },
     **{
+        "focal-loss" + (f"-seed{seed}" if seed else ""): (
+            "small-data",
+            {"focal_gamma": 2.0, "seed": seed},
+            f"focal cross-entropy (gamma 2) beside the Dice term instead of plain cross-entropy, seed {seed}",
+        )
+        for seed in (0, 1, 2, 3)
+    },
+    **{
         "three-epochs" + (f"-seed{seed}" if seed else ""): (
             "small-data",
             {"epochs": 3, "seed": seed},

@@ -375,6 +375,31 @@ def test_loss_ignores_label_zero_and_handles_empty_batches():
     assert float(dice_ce_loss(good, target, first_label=1)) < 0.01
 
 
+def test_focal_term_scales_each_pixel_by_its_error():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 6, 6)
+    target = torch.randint(0, 4, (2, 6, 6))  # some pixels 0: ignored
+    uniform = torch.ones(4)
+    weights = torch.tensor([0.0, 1.0, 3.0, 0.5])
+    for gamma in (0.0, 2.0):
+        for w in (None, weights):
+            loss = dice_ce_loss(logits, target, dice_weight=0.0, focal_gamma=gamma, class_weights=w)
+            expected = _focal_reference(logits, target, uniform if w is None else w, gamma)
+            assert torch.allclose(loss, expected, atol=1e-6), (gamma, w)
+    # every pixel's term shrinks: well-classified ones most
+    assert float(dice_ce_loss(logits, target, dice_weight=0.0, focal_gamma=2.0)) < float(
+        dice_ce_loss(logits, target, dice_weight=0.0)
+    )
+
+
+def _focal_reference(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Focal cross-entropy from its definition: sum of w * -(1 - p)^gamma log p over labelled pixels / sum of w."""
+    valid = target > 0
+    p_true = torch.softmax(logits, 1).gather(1, target.unsqueeze(1)).squeeze(1)[valid]
+    w = weights[target][valid]
+    return (w * -((1 - p_true) ** gamma) * p_true.log()).sum() / w.sum()
+
+
 # -- sections on disk ----------------------------------------------------------------------------------
 
 

@@ -644,7 +644,12 @@ class TrainingRun:
         with self._autocast():
             logits = self.trainer(x)
         loss = dice_ce_loss(
-            logits, y, dice_weight=c.dice_weight, ce_weight=c.ce_weight, first_label=self.spec.first_label
+            logits,
+            y,
+            dice_weight=c.dice_weight,
+            ce_weight=c.ce_weight,
+            first_label=self.spec.first_label,
+            focal_gamma=c.focal_gamma,
         )
         self.optimizer.zero_grad(set_to_none=True)
         if not self.ranks.all_true(bool(torch.isfinite(loss))):  # every rank skips, or none

@@ -22,6 +22,7 @@ def dice_ce_loss(
     class_weights: torch.Tensor | None = None,
     smooth: float = 1.0,
     first_label: int = 0,
+    focal_gamma: float = 0.0,
 ) -> torch.Tensor:
     """logits (B, C, H, W); target (B, H, W) with 0 = ignored and k = class k (1..N).
 
@@ -29,7 +30,9 @@ def dice_ce_loss(
     = "not classified" (first_label 0, never a target, so it is only pushed down); GeoSlicer
     models may have N outputs (first_label 1).
 
-    Cross-entropy is the mean over labelled pixels. Dice is computed over the whole batch per
+    Cross-entropy is the mean over labelled pixels. With focal_gamma > 0 each pixel's term is
+    scaled by (1 - p_true) ** focal_gamma (focal loss), so pixels the network already gets right
+    weigh less than the hard ones at grain boundaries and in rare minerals. Dice is computed over the whole batch per
     class (stabler than per image for rare classes) and averaged over classes that occur in the
     batch's truth; absent classes (and channel 0) are left out instead of rewarding empty
     predictions.
@@ -44,8 +47,7 @@ def dice_ce_loss(
     logp = F.log_softmax(logits, dim=1)  # shared by both terms
     loss = logits.new_zeros(())
     if ce_weight:
-        ce_target = index.masked_fill(~valid, IGNORE_INDEX)
-        loss = loss + ce_weight * F.nll_loss(logp, ce_target, weight=class_weights, ignore_index=IGNORE_INDEX)
+        loss = loss + ce_weight * _cross_entropy(logp, index, valid, class_weights, focal_gamma)
     if dice_weight:
         # per-class sums without a one-hot tensor: gather the true-class probability and
         # scatter it into its class; ignored pixels carry weight 0 everywhere
@@ -59,3 +61,22 @@ def dice_ce_loss(
         dice = 1.0 - (2.0 * inter + smooth) / (predicted + truth + smooth)
         loss = loss + dice_weight * dice[truth > 0].mean()
     return loss
+
+
+def _cross_entropy(
+    logp: torch.Tensor,
+    index: torch.Tensor,
+    valid: torch.Tensor,
+    class_weights: torch.Tensor | None,
+    focal_gamma: float,
+) -> torch.Tensor:
+    """(Focal) cross-entropy averaged over labelled pixels, weighted as torch's nll_loss weights."""
+    if not focal_gamma:
+        target = index.masked_fill(~valid, IGNORE_INDEX)
+        return F.nll_loss(logp, target, weight=class_weights, ignore_index=IGNORE_INDEX)
+    logp_true = logp.gather(1, index.unsqueeze(1)).squeeze(1)[valid]
+    per_pixel = -((1.0 - logp_true.exp()) ** focal_gamma) * logp_true
+    if class_weights is None:
+        return per_pixel.mean()
+    weights = class_weights.to(logp.dtype)[index[valid]]
+    return (weights * per_pixel).sum() / weights.sum()
