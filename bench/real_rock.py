@@ -136,6 +136,14 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "aug-none": ("small-data", {"augment": "none"}, "no augmentation at all"),
     "balance-0": ("small-data", {"balancing_strength": 0.0}, "uniform random patches (no class balancing)"),
     "balance-0.25": ("small-data", {"balancing_strength": 0.25}, "weaker class balancing (the old recipe's)"),
+    **{
+        f"balance-0.25-seed{seed}": (
+            "small-data",
+            {"balancing_strength": 0.25, "seed": seed},
+            f"weaker class balancing (0.25), seed {seed}: the prior correction now undoes either balance's bias",
+        )
+        for seed in (1, 2, 3)
+    },
     "balance-0.75": ("small-data", {"balancing_strength": 0.75}, "stronger class balancing (train's default)"),
     "ce-only": ("small-data", {"dice_weight": 0.0}, "cross-entropy only, no Dice term"),
     "constant-lr": ("small-data", {"schedule": "constant"}, "constant learning rate after warm-up (no cosine)"),
