@@ -32,10 +32,13 @@ def dice_ce_loss(
 
     Cross-entropy is the mean over labelled pixels. With focal_gamma > 0 each pixel's term is
     scaled by (1 - p_true) ** focal_gamma (focal loss), so pixels the network already gets right
-    weigh less than the hard ones at grain boundaries and in rare minerals. Dice is computed over the whole batch per
-    class (stabler than per image for rare classes) and averaged over classes that occur in the
-    batch's truth; absent classes (and channel 0) are left out instead of rewarding empty
-    predictions.
+    weigh less than the hard ones at grain boundaries and in rare minerals. It is written here,
+    not taken from MONAI's FocalLoss: in MONAI 1.1, GeoSlicer's, that cannot ignore pixels, and it
+    needs a one-hot copy of the batch, where this shares the log-softmax with Dice.
+
+    Dice is computed over the whole batch per class (stabler than per image for rare classes) and
+    averaged over classes that occur in the batch's truth; absent classes (and channel 0) are left
+    out instead of rewarding empty predictions.
     """
     logits = logits.float()
     target = target.long()
