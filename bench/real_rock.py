@@ -76,6 +76,21 @@ PREVIOUS: dict[str, Any] = {
     "patience": 6,
 }
 
+
+def seed_variants(
+    name: str, changes: dict[str, Any], description: str, seeds: tuple[int, ...]
+) -> dict[str, tuple[str, dict[str, Any], str]]:
+    """One small-data experiment per seed (`name`, `name-seedN`): paired levers retrain the recipe's seeds."""
+    return {
+        name + (f"-seed{seed}" if seed else ""): (
+            "small-data",
+            {**changes, "seed": seed},
+            f"{description}, seed {seed}",
+        )
+        for seed in seeds
+    }
+
+
 #: experiment -> (recipe, TrainConfig changes, one-line description)
 EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "small-data": (
@@ -90,14 +105,7 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "scratch-encoder": ("small-data", {"pretrained": False}, "encoder from random weights, not ImageNet"),
     "frozen-encoder": ("small-data", {"encoder_lr_scale": 0.0}, "ImageNet encoder frozen (decoder only learns)"),
     "encoder-full-lr": ("small-data", {"encoder_lr_scale": 1.0}, "encoder at the decoder's learning rate"),
-    **{
-        f"encoder-full-lr-seed{seed}": (
-            "small-data",
-            {"encoder_lr_scale": 1.0, "seed": seed},
-            f"encoder at the decoder's learning rate, seed {seed}",
-        )
-        for seed in (1, 2, 3)
-    },
+    **seed_variants("encoder-full-lr", {"encoder_lr_scale": 1.0}, "encoder at the decoder's learning rate", (1, 2, 3)),
     "full-res": (
         "small-data",
         {"pixels_per_mm": None},
@@ -136,14 +144,12 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "aug-none": ("small-data", {"augment": "none"}, "no augmentation at all"),
     "balance-0": ("small-data", {"balancing_strength": 0.0}, "uniform random patches (no class balancing)"),
     "balance-0.25": ("small-data", {"balancing_strength": 0.25}, "weaker class balancing (the old recipe's)"),
-    **{
-        f"balance-0.25-seed{seed}": (
-            "small-data",
-            {"balancing_strength": 0.25, "seed": seed},
-            f"weaker class balancing (0.25), seed {seed}: the prior correction now undoes either balance's bias",
-        )
-        for seed in (1, 2, 3)
-    },
+    **seed_variants(
+        "balance-0.25",
+        {"balancing_strength": 0.25},
+        "weaker class balancing (0.25): the prior correction now undoes either balance's bias",
+        (1, 2, 3),
+    ),
     "balance-0.75": ("small-data", {"balancing_strength": 0.75}, "stronger class balancing (train's default)"),
     "ce-only": ("small-data", {"dice_weight": 0.0}, "cross-entropy only, no Dice term"),
     "constant-lr": ("small-data", {"schedule": "constant"}, "constant learning rate after warm-up (no cosine)"),
@@ -186,30 +192,24 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         "384 px patches, 4 a step, 88 steps an epoch (the recipe's pixels per training), seed 3: an ensemble member",
     ),
     "long-schedule": ("small-data", {"epochs": 7}, "7 epochs of 100 steps instead of 4 (the recipe before 2026-12-05)"),
-    **{
-        "freeze-2-stages" + (f"-seed{seed}" if seed else ""): (
-            "small-data",
-            {"frozen_encoder_stages": 2, "seed": seed},
-            f"the encoder's stem and 1/2 and 1/4 resolution stages kept at ImageNet weights, seed {seed}",
-        )
-        for seed in (0, 1, 2, 3)
-    },
-    **{
-        "focal-loss" + (f"-seed{seed}" if seed else ""): (
-            "small-data",
-            {"focal_gamma": 2.0, "seed": seed},
-            f"focal cross-entropy (gamma 2) beside the Dice term instead of plain cross-entropy, seed {seed}",
-        )
-        for seed in (0, 1, 2, 3)
-    },
-    **{
-        "three-epochs" + (f"-seed{seed}" if seed else ""): (
-            "small-data",
-            {"epochs": 3, "seed": seed},
-            f"3 epochs of 100 steps, seed {seed}: a member of four, which together take the recipe's steps",
-        )
-        for seed in (0, 2, 3, 4)
-    },
+    **seed_variants(
+        "freeze-2-stages",
+        {"frozen_encoder_stages": 2},
+        "the encoder's stem and 1/2 and 1/4 resolution stages kept at ImageNet weights",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
+        "focal-loss",
+        {"focal_gamma": 2.0},
+        "focal cross-entropy (gamma 2) beside the Dice term instead of plain cross-entropy",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
+        "three-epochs",
+        {"epochs": 3},
+        "3 epochs of 100 steps: a member of four, which together take the recipe's steps",
+        (0, 2, 3, 4),
+    ),
 }
 
 
