@@ -16,7 +16,13 @@ from thinseg.errors import ThinSegError
 from thinseg.inference.engine import InferenceOptions, Segmenter
 from thinseg.io.images import ArraySource
 from thinseg.model.bundle import load_bundle, save_bundle
-from thinseg.model.lite_unet import ENCODERS, LiteUNet, load_pretrained_encoder, pretrained_weights_file
+from thinseg.model.lite_unet import (
+    ENCODERS,
+    LiteUNet,
+    load_pretrained_encoder,
+    pad_in_convolution,
+    pretrained_weights_file,
+)
 from thinseg.model.meta import cannot_run
 from thinseg.model.networks import build_network, describe_network, network_requirements
 from thinseg.model.safe_load import load_packaged_weights
@@ -75,6 +81,51 @@ def test_training_keeps_the_encoder_norms_at_their_imagenet_statistics():
     assert encoder and decoder
     assert all(torch.equal(before[k], after[k]) for k in encoder)
     assert any(not torch.equal(before[k], after[k]) for k in decoder)
+
+
+def run_encoder(encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The encoder's last feature map, as the package's own forward computes it."""
+    x = encoder._swish(encoder._bn0(encoder._conv_stem(images)))
+    for block in encoder._blocks:
+        x = block(x)
+    return x
+
+
+def test_padding_inside_the_convolutions_computes_what_the_package_computes():
+    from efficientnet_lite_pytorch import EfficientNet
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+
+    net = lite(2)
+    load_pretrained_encoder(net)
+    package = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    missing, unexpected = package.load_state_dict(net.encoder.state_dict(), strict=False)
+    assert not unexpected and all(k.split(".")[0] in ("_conv_head", "_bn1", "_fc") for k in missing)
+    convs = [m for m in net.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    kept = [m for m in convs if isinstance(m, Conv2dDynamicSamePadding)]
+    assert len(convs) == 48 and len(kept) == 5 and all(tuple(m.stride) == (2, 2) for m in kept)
+    assert pad_in_convolution(package) == 44  # 43 as in ours, and the classifier's 1x1 head
+    assert pad_in_convolution(package) == 0  # nothing left to replace
+    package = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    package.load_state_dict(net.encoder.state_dict(), strict=False)
+    for shape in ((2, 3, 64, 96), (1, 3, 37, 50)):  # any size: only the strided convolutions care
+        torch.manual_seed(1)
+        images = torch.rand(*shape)
+        ours_in, theirs_in = images.clone().requires_grad_(), images.clone().requires_grad_()
+        ours, theirs = run_encoder(net.encoder.eval(), ours_in), run_encoder(package.eval(), theirs_in)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        ours.square().sum().backward()
+        theirs.square().sum().backward()
+        torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_inside_the_convolutions_leaves_a_seeds_network_as_it_was(monkeypatch):
+    import thinseg.model.lite_unet as lite_unet
+
+    ours = lite(2, seed=3).state_dict()
+    monkeypatch.setattr(lite_unet, "pad_in_convolution", lambda encoder: 0)
+    package = lite(2, seed=3).state_dict()
+    assert list(ours) == list(package)
+    assert all(torch.equal(ours[key], package[key]) for key in ours)
 
 
 @pytest.mark.parametrize("encoder", list(ENCODERS))
