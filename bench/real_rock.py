@@ -205,6 +205,12 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         (0, 1, 2, 3),
     ),
     **seed_variants(
+        "decoder-lr-2e-3",
+        {"lr": 2e-3, "encoder_lr_scale": 0.15},
+        "the decoder at twice the learning rate (2e-3), the encoder's kept at 3e-4",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
         "three-epochs",
         {"epochs": 3},
         "3 epochs of 100 steps: a member of four, which together take the recipe's steps",
