@@ -200,12 +200,12 @@ def pad_in_convolution(encoder: torch.nn.Module) -> int:
     """Let each stride-1 convolution of `encoder` pad inside the convolution; the number replaced.
 
     Why: the EfficientNet-Lite package pads like TensorFlow's 'SAME', with an `F.pad` before every
-    convolution: a copy of the activations forward and another backward; without them a training
-    step ran 1.08-1.10x faster on a 2-core CPU. At stride 1 with an odd kernel that padding is the same on both
-    sides, so `nn.Conv2d`'s own padding gives the same output without the copies. The weights are
+    convolution: a copy of the activations forward and another backward. Without them a training
+    step runs about 1.05-1.10x faster on a 2-core CPU. At stride 1 with an odd kernel that padding
+    is the same on both sides, so `nn.Conv2d`'s own padding gives the same output. The weights are
     shared and keep their names (state dicts and bundles do not change), and nothing new is
-    initialised, so a seed draws the same network as before. Strided convolutions pad
-    one side more than the other, which `nn.Conv2d` cannot, and keep the package's padding.
+    initialised, so a seed draws the same network as before. Strided convolutions pad one side
+    more than the other, which `nn.Conv2d` cannot, and keep the package's padding.
     """
     from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding  # deferred, as in LiteUNet
 
