@@ -12,7 +12,10 @@ of this process (robust to other processes; meaningful with --workers 0 only, si
 processes' CPU time is not counted).
 
     .venv/bin/python bench/bench_training.py [--steps 8] [--repeats 2] [--patch 256] [--batch 8] [--workers 0]
-        [--recipe small-data] [--encoder efficientnet-lite2] [--precision auto|fp32|bf16]
+        [--recipe small-data] [--encoder efficientnet-lite2] [--precision auto|fp32|bf16] [--default-allocator]
+
+The process keeps freed memory for reuse, as `thinseg train` does (`thinseg.allocator`);
+`--default-allocator` measures glibc's default instead.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ sys.path.insert(0, str(ROOT / "ThinSectionSegmentation"))
 
 import torch  # noqa: E402
 
+from thinseg.allocator import retain_freed_memory  # noqa: E402
 from thinseg.data.sections import ArraySection  # noqa: E402
 from thinseg.io.images import ArraySource  # noqa: E402
 from thinseg.io.netcdf import NetcdfWriter  # noqa: E402
@@ -94,7 +98,14 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--encoder", default=None, help="small-data recipe: another ImageNet encoder (efficientnet-lite2)")
     ap.add_argument("--in-memory", action="store_true", help="generated sections in memory instead of netCDF files")
+    ap.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc handing freed memory back (figures before `thinseg train` kept it, 2026-12-06)",
+    )
     args = ap.parse_args()
+    if not args.default_allocator:
+        retain_freed_memory()  # as `thinseg train` does
 
     out = Path(tempfile.mkdtemp(prefix="bench_training_"))
     generated = synthetic_sections(args.sections, args.size, seed=0)

@@ -349,6 +349,9 @@ def run_one(
     changes: dict[str, Any],
     result_name: str,
 ) -> dict[str, Any]:
+    from thinseg.allocator import retain_freed_memory
+
+    retain_freed_memory()  # as `thinseg train` does: this process trains once and exits
     import torch
 
     from thinseg.training import train as run_training

@@ -16,7 +16,7 @@ CORE = MODULE_DIR / "thinseg"
 
 #: Lowest first. A package may import its own modules and any package of an earlier layer.
 LAYERS: list[set[str]] = [
-    {"errors", "resources", "console"},
+    {"errors", "resources", "console", "allocator"},  # allocator: how a training process keeps freed memory
     {"limits"},  # the bounds every reader checks, as ThinSegErrors
     {"__init__"},  # the version and ThinSegError
     {"classes"},

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from thinseg import __version__
+from thinseg.allocator import retain_freed_memory
 from thinseg.cli import (
     analyze_cmd,
     compare_cmd,
@@ -78,17 +79,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv); returns the exit code. SIGTERM stops it
     as Ctrl-C does, and printing a file name never fails, for the duration of the call. Run as
     the process's command line (no `argv`), it ends the process itself where HDF5 could not
-    close a file (`end_process_if_files_left_open`)."""
+    close a file (`end_process_if_files_left_open`), and a command that asks for it keeps freed
+    memory for reuse (`thinseg.allocator`), which only a process of its own may do."""
     with printable_output(), sigterm_as_interrupt():
-        code = _main(argv)
+        code = _main(argv, own_process=argv is None)
     if argv is None:
         end_process_if_files_left_open(code)
     return code
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: Sequence[str] | None, own_process: bool = False) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if own_process and getattr(args, "retain_freed_memory", False):
+        retain_freed_memory()
     args.command_line = list(sys.argv[1:] if argv is None else argv)  # as typed, for commands that start copies
     keep = getattr(args, "keep_output", None)
     try:

@@ -265,7 +265,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--overwrite", action="store_true", help="start again in a RUN_DIR that holds a run (default: refuse)"
     )
     out.add_argument("--quiet", "-q", action="store_true", help="no progress bars (epoch summaries are still printed)")
-    p.set_defaults(run=run, keep_output=resumable)
+    # one training per process: its steps reuse the memory the last one freed (thinseg.allocator)
+    p.set_defaults(run=run, keep_output=resumable, retain_freed_memory=True)
 
 
 #: Command-line option -> TrainConfig field, for options passed only when given (so the

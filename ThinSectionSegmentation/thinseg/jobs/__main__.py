@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from thinseg.allocator import retain_freed_memory
 from thinseg.console import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, printable_output, sigterm_as_interrupt
 from thinseg.errors import ThinSegError, debugging
 from thinseg.io.netcdf import end_process_if_files_left_open
@@ -25,6 +26,9 @@ from thinseg.jsonio import loads
 from thinseg.limits import parse_max_pixels, section_pixel_limit
 
 EXIT_OK, EXIT_BUG, EXIT_ERROR = 0, 1, 2
+#: Tasks whose process keeps freed memory for reuse (thinseg.allocator): a training's steps
+#: allocate the same tensors again and again.
+RETAINS_FREED_MEMORY = frozenset({"train"})
 __all__ = ["EXIT_BUG", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "main"]
 
 
@@ -69,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2 or args[0] not in TASKS:
         print(f"usage: python -m thinseg.jobs {{{','.join(TASKS)}}} JOB.json", file=sys.stderr)
         return EXIT_ERROR
+    if argv is None and args[0] in RETAINS_FREED_MEMORY:  # only a process of its own may
+        retain_freed_memory()
     with printable_output(), sigterm_as_interrupt():
         code = _run(args[0], Path(args[1]))
     if argv is None:  # the process's own run: HDF5 must not retry a failed close at exit
