@@ -4,6 +4,7 @@ pre-trained weights, inference through the engine, and a tiny training run of th
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -126,6 +127,59 @@ def test_padding_inside_the_convolutions_leaves_a_seeds_network_as_it_was(monkey
     package = lite(2, seed=3).state_dict()
     assert list(ours) == list(package)
     assert all(torch.equal(ours[key], package[key]) for key in ours)
+
+
+def test_folded_encoder_norms_give_the_package_blocks_features_and_gradients():
+    """encode() folds each frozen-statistics norm into its convolution: the features and the
+    gradients of every encoder weight (the norms' own included) stay those of the package's blocks,
+    and no norm runs as a pass of its own."""
+    net = lite(2)
+    load_pretrained_encoder(net)
+    net.train()
+    enc = net.encoder
+    enc._global_params = enc._global_params._replace(drop_connect_rate=None)  # no random depth
+    torch.manual_seed(1)
+    images = torch.rand(2, 3, 64, 96)
+
+    def package_features() -> list[torch.Tensor]:
+        x = enc._swish(enc._bn0(enc._conv_stem((images - 127.0 / 255.0) / (128.0 / 255.0))))
+        features = []
+        for index, block in enumerate(enc._blocks):
+            x = block(x, drop_connect_rate=None)
+            if index in net._taps:
+                features.append(x)
+        return features
+
+    expected = package_features()
+    norms = [m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    calls: list[torch.nn.Module] = []
+    hooks = [m.register_forward_hook(lambda module, inputs, output: calls.append(module)) for m in norms]
+    folded = net.encode(images)
+    for hook in hooks:
+        hook.remove()
+    assert len(norms) == 48 and not calls
+    assert [f.shape for f in folded] == [f.shape for f in expected]
+    for a, b in zip(expected, folded):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    weights = list(enc.parameters())
+    grads_expected = torch.autograd.grad(sum(f.square().mean() for f in expected), weights)
+    grads_folded = torch.autograd.grad(sum(f.square().mean() for f in folded), weights)
+    for a, b in zip(grads_expected, grads_folded):  # float rounding only: 1e-3 of each tensor's scale
+        assert float((b - a).abs().max()) <= 1e-3 * float(a.abs().max())
+    assert all(float(g.abs().sum()) > 0 for g in grads_folded)  # the norms' weights learn too
+
+
+def test_norms_that_learn_their_statistics_are_applied_as_they_are():
+    """A norm in training mode (or one the engine has folded away) is not folded."""
+    from thinseg.model.lite_unet import conv_then_norm
+
+    conv, norm = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4).train()
+    reference = copy.deepcopy(norm)
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(conv_then_norm(conv, norm, x), reference(conv(x)))
+    assert int(norm.num_batches_tracked) == 1  # it ran as a norm and learnt the batch's statistics
+    torch.testing.assert_close(norm.running_var, reference.running_var)
+    torch.testing.assert_close(conv_then_norm(conv, torch.nn.Identity(), x), conv(x))
 
 
 @pytest.mark.parametrize("encoder", list(ENCODERS))

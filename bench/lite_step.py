@@ -1,12 +1,17 @@
-"""LiteUNet training step with the EfficientNet-Lite package's own padding (an `F.pad` before every
-convolution) against padding inside the stride-1 convolutions (`pad_in_convolution`), in one
-process, interleaved round by round so that a shared machine's drift hits both alike.
+"""Two ways of computing the same LiteUNet training step, in one process, interleaved round by
+round so that a shared machine's drift hits both alike:
 
-Both networks are built from the same seed and compute the same function; each round runs a few
-real training steps (Dice + cross-entropy, AdamW, channels-last, the recipe's 8 x 256^2 PP+XP
-batch) on one, then on the other, alternating which goes first.
+- `--compare padding`: the EfficientNet-Lite package's own padding (an `F.pad` before every
+  convolution) against padding inside the stride-1 convolutions (`pad_in_convolution`);
+- `--compare norm-fold`: the encoder's frozen-statistics norms as the package applies them
+  (a pass of their own) against folded into their convolutions (`conv_then_norm`).
 
-    .venv/bin/python bench/lite_padding.py [--rounds 20] [--steps 2] [--threads 2]
+Both networks of a comparison are built from the same seed and compute the same function; each
+round runs a few real training steps (Dice + cross-entropy, AdamW, channels-last, the recipe's
+8 x 256^2 PP+XP batch) on one, then on the other, alternating which goes first. The process
+keeps freed memory for reuse, as `thinseg train` does.
+
+    .venv/bin/python bench/lite_step.py --compare padding|norm-fold [--rounds 20] [--steps 2] [--threads 2]
 """
 
 from __future__ import annotations
@@ -23,10 +28,24 @@ sys.path.insert(0, str(ROOT / "ThinSectionSegmentation"))
 import torch  # noqa: E402
 
 import thinseg.model.lite_unet as lite_unet  # noqa: E402
+from thinseg.allocator import retain_freed_memory  # noqa: E402
 from thinseg.model.networks import build_network  # noqa: E402
 from thinseg.training.losses import dice_ce_loss  # noqa: E402
 
-VARIANTS = ("package padding", "padding in the convolution")
+COMPARISONS = {
+    "padding": ("package padding", "padding in the convolution"),
+    "norm-fold": ("norms as the package applies them", "norms folded into the convolutions"),
+}
+FOLDING = (lite_unet.conv_then_norm, lite_unet.inverted_residual)
+
+
+def fold_norms(fold: bool) -> None:
+    """Make LiteUNet.encode fold its norms (`fold`) or apply them as the package does."""
+    if fold:
+        lite_unet.conv_then_norm, lite_unet.inverted_residual = FOLDING
+    else:
+        lite_unet.conv_then_norm = lambda conv, norm, x: norm(conv(x))
+        lite_unet.inverted_residual = lambda block, x, rate: block(x, drop_connect_rate=rate)
 
 
 def build(pad_inside: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -46,30 +65,36 @@ def build(pad_inside: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", choices=tuple(COMPARISONS), default="padding")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=2, help="training steps per variant and round")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    retain_freed_memory()
     torch.set_num_threads(args.threads)
-    runs = {name: build(pad_inside) for name, pad_inside in zip(VARIANTS, (False, True))}
+    variants = COMPARISONS[args.compare]
+    padding = args.compare == "padding"
+    runs = {name: build(pad_inside=not padding or second) for name, second in zip(variants, (False, True))}
+    folded = {name: padding or second for name, second in zip(variants, (False, True))}
     torch.manual_seed(1)
     x = torch.rand(args.batch, 6, args.patch, args.patch).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 6, (args.batch, args.patch, args.patch))
 
     def step(name: str) -> None:
         net, optimiser = runs[name]
+        fold_norms(folded[name])
         optimiser.zero_grad(set_to_none=True)
         dice_ce_loss(net(x), y).backward()  # type: ignore[no-untyped-call]
         optimiser.step()
 
-    for name in VARIANTS:  # warm-up: allocator and oneDNN caches
+    for name in variants:  # warm-up: allocator and oneDNN caches
         step(name)
         step(name)
-    rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.rounds):
-        for name in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+        for name in variants if r % 2 == 0 else variants[::-1]:
             start = time.perf_counter()
             for _ in range(args.steps):
                 step(name)
@@ -77,8 +102,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds of {args.steps} steps")
     for name, values in rates.items():
         print(f"{name:28s} median {statistics.median(values):.2f} samples/s  ({min(values):.2f}-{max(values):.2f})")
-    ratios = [inside / package for package, inside in zip(*rates.values())]
-    print(f"padding in the convolution / package: median per-round ratio {statistics.median(ratios):.3f}")
+    ratios = [second / first for first, second in zip(*rates.values())]
+    print(f"{variants[1]} / {variants[0]}: median per-round ratio {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":
