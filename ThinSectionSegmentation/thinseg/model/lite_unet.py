@@ -241,7 +241,7 @@ def _functional_call_of_this_torch() -> Any:
     func = getattr(torch, "func", None)
     if func is not None:
         return func.functional_call
-    from torch.nn.utils import stateless
+    from torch.nn.utils import stateless  # deferred: only torch 1.x (GeoSlicer 2.8) takes this path
 
     return stateless.functional_call
 
