@@ -84,12 +84,24 @@ def test_training_keeps_the_encoder_norms_at_their_imagenet_statistics():
     assert any(not torch.equal(before[k], after[k]) for k in decoder)
 
 
+def package_features(
+    encoder: torch.nn.Module, images: torch.Tensor, taps: set[int] | None = None
+) -> list[torch.Tensor]:
+    """The encoder's feature maps after the blocks in `taps` (default: the last block), as the
+    package's own blocks compute them, without random depth."""
+    taps = {len(encoder._blocks) - 1} if taps is None else taps
+    x = encoder._swish(encoder._bn0(encoder._conv_stem(images)))
+    features = []
+    for index, block in enumerate(encoder._blocks):
+        x = block(x, drop_connect_rate=None)
+        if index in taps:
+            features.append(x)
+    return features
+
+
 def run_encoder(encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The encoder's last feature map, as the package's own forward computes it."""
-    x = encoder._swish(encoder._bn0(encoder._conv_stem(images)))
-    for block in encoder._blocks:
-        x = block(x)
-    return x
+    return package_features(encoder, images)[-1]
 
 
 def test_padding_inside_the_convolutions_computes_what_the_package_computes():
@@ -141,16 +153,7 @@ def test_folded_encoder_norms_give_the_package_blocks_features_and_gradients():
     torch.manual_seed(1)
     images = torch.rand(2, 3, 64, 96)
 
-    def package_features() -> list[torch.Tensor]:
-        x = enc._swish(enc._bn0(enc._conv_stem((images - 127.0 / 255.0) / (128.0 / 255.0))))
-        features = []
-        for index, block in enumerate(enc._blocks):
-            x = block(x, drop_connect_rate=None)
-            if index in net._taps:
-                features.append(x)
-        return features
-
-    expected = package_features()
+    expected = package_features(enc, (images - 127.0 / 255.0) / (128.0 / 255.0), net._taps)
     norms = [m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     calls: list[torch.nn.Module] = []
     hooks = [m.register_forward_hook(lambda module, inputs, output: calls.append(module)) for m in norms]
