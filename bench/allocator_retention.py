@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ThinSectionSegmentation"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 VARIANTS = ("default", "retain")
 
@@ -34,22 +35,14 @@ def child(variant: str, steps: int, warm_up: int, threads: int) -> dict[str, flo
 
     retained = retain_freed_memory() if variant == "retain" else False
     import torch
-
-    from thinseg.model.networks import build_network
-    from thinseg.training.losses import dice_ce_loss
+    from lite_step import build, recipe_batch, train_step  # the same network, batch and step
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    net = build_network("LiteUNet", {"in_images": 2, "out_channels": 6})
-    net = net.to(memory_format=torch.channels_last).train()  # type: ignore[call-overload]
-    optimizer = torch.optim.AdamW(net.parameters(), 1e-3)
-    x = torch.rand(8, 6, 256, 256).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 6, (8, 256, 256))
+    net, optimizer = build(pad_inside=True)
+    x, y = recipe_batch()
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        dice_ce_loss(net(x), y).backward()
-        optimizer.step()
+        train_step(net, optimizer, x, y)
 
     for _ in range(warm_up):
         step()

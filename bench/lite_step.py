@@ -63,6 +63,20 @@ def build(pad_inside: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return net, torch.optim.AdamW(net.parameters(), 1e-3)
 
 
+def recipe_batch(batch: int = 8, patch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random PP+XP batch (channels-last) and 6-class labels of the recipe's shape, from seed 1."""
+    torch.manual_seed(1)
+    x = torch.rand(batch, 6, patch, patch).contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, 6, (batch, patch, patch))
+
+
+def train_step(net: torch.nn.Module, optimiser: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One training step of the recipe's loss (Dice + cross-entropy)."""
+    optimiser.zero_grad(set_to_none=True)
+    dice_ce_loss(net(x), y).backward()  # type: ignore[no-untyped-call]
+    optimiser.step()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compare", choices=tuple(COMPARISONS), default="padding")
@@ -78,16 +92,11 @@ def main() -> None:
     padding = args.compare == "padding"
     runs = {name: build(pad_inside=not padding or second) for name, second in zip(variants, (False, True))}
     folded = {name: padding or second for name, second in zip(variants, (False, True))}
-    torch.manual_seed(1)
-    x = torch.rand(args.batch, 6, args.patch, args.patch).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 6, (args.batch, args.patch, args.patch))
+    x, y = recipe_batch(args.batch, args.patch)
 
     def step(name: str) -> None:
-        net, optimiser = runs[name]
         fold_norms(folded[name])
-        optimiser.zero_grad(set_to_none=True)
-        dice_ce_loss(net(x), y).backward()  # type: ignore[no-untyped-call]
-        optimiser.step()
+        train_step(*runs[name], x, y)
 
     for name in variants:  # warm-up: allocator and oneDNN caches
         step(name)
