@@ -326,6 +326,12 @@ def main() -> int:
         default=None,
         help="average: the temperature of models trained without validation (none fitted)",
     )
+    p.add_argument(
+        "--colour-normalisation",
+        choices=("per-image",),
+        default=None,
+        help="read the fields as the models trained on them (real_rock.py's colour-normalised experiments)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="write the scores here (JSON)")
     args = p.parse_args()
@@ -338,7 +344,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     fields = tuple(args.field.split(","))
-    sections = real_rock.load_fields(args.data, fields)
+    sections = real_rock.load_fields(args.data, fields, args.colour_normalisation)
     records = []
     if args.lever == "draws":
         bundles = [load_bundle(m) for m in args.models]
@@ -349,7 +355,7 @@ def main() -> int:
         training = set(itertools.chain.from_iterable(b.meta["training"]["data"]["train_sections"] for b in bundles))
         if set(fields) & training:
             p.error(f"field(s) {sorted(set(fields) & training)} trained these models: score held-out fields only")
-        every = real_rock.load_fields(args.data, tuple(sorted(training | set(fields))))
+        every = real_rock.load_fields(args.data, tuple(sorted(training | set(fields))), args.colour_normalisation)
         for f in fields:
             records += score_draws(bundles, seeds, every[f], every, args.draw_size)
     elif args.lever == "average":

@@ -67,6 +67,11 @@ def _augment(**changes: Any) -> Any:
 #: Colour jitter about 2.5x the recipe's (exposure and white balance vary from session to session).
 WIDE_COLOUR_JITTER = _augment(brightness=0.2, contrast=0.3, saturation=0.25, channel_gain=0.1, gamma=0.3)
 
+#: Bench-only experiment setting (not a TrainConfig field): `"colour_normalisation": "per-image"`
+#: maps each photograph, channel by channel, to the reference fields' mean and spread before
+#: anything trains or is scored (a lever measured on training fields; not in the recipe).
+COLOUR_NORMALISATION = "colour_normalisation"
+
 #: The previous recipe's settings (scripts/real_sandstone.sh before the small-data recipe).
 PREVIOUS: dict[str, Any] = {
     "pixels_per_mm": 1 / HALF_RES_MM,
@@ -211,6 +216,12 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         (0, 1, 2, 3),
     ),
     **seed_variants(
+        "colour-normalised",
+        {COLOUR_NORMALISATION: "per-image"},
+        "PP and XP each moved, channel by channel, to the mean and spread of fields 3a, 5a, 6a and 7a",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
         "three-epochs",
         {"epochs": 3},
         "3 epochs of 100 steps: a member of four, which together take the recipe's steps",
@@ -219,29 +230,72 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 
-def load_fields(data: Path, names: tuple[str, ...]) -> dict[str, Any]:
-    """The fields as in-memory sections, read as `thinseg prepare` reads them."""
-    from thinseg.classes.files import read_value_classes
+#: Fields that train in every arm of the nested checks (outer 2a or 8a, validation 4a).
+COLOUR_REFERENCE_FIELDS = ("3a", "5a", "6a", "7a")
+
+
+def channel_statistics(image: Any) -> tuple[Any, Any]:
+    """Per-channel mean and standard deviation of an (H, W, 3) photograph."""
+    import numpy as np
+
+    flat = np.asarray(image, np.float64).reshape(-1, image.shape[-1])
+    return flat.mean(0), flat.std(0)
+
+
+def normalised_colours(image: Any, target: tuple[Any, Any]) -> Any:
+    """`image` with each channel's mean and standard deviation moved to `target`'s (Reinhard et
+    al. 2001, in RGB), rounded back to uint8."""
+    import numpy as np
+
+    mean, std = channel_statistics(image)
+    out = (np.asarray(image, np.float32) - mean) / np.maximum(std, 1e-6) * target[1] + target[0]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _read_photographs(data: Path, name: str) -> tuple[Any, Any, Any]:
+    """(PP, XP aligned to PP, mm per pixel) of one field, as `thinseg prepare` reads them."""
     from thinseg.data.section_images import read_ppxp
-    from thinseg.data.sections import ArraySection, read_label_image
     from thinseg.registration.ppxp import estimate_xp_alignment
 
+    images = read_ppxp(
+        data / "ppl" / f"{name}_paralelos.jpg", data / "xpl" / f"{name}_cruzados.jpg", pp_pattern="paralelos"
+    )
+    return images.pp, estimate_xp_alignment(images.pp, images.xp).apply(images.xp), images.mm_per_pixel
+
+
+def colour_targets(data: Path) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """The PP and XP targets: per-channel means and standard deviations averaged over the reference fields."""
+    import numpy as np
+
+    stats = [[channel_statistics(img) for img in _read_photographs(data, n)[:2]] for n in COLOUR_REFERENCE_FIELDS]
+    pp, xp = ((np.mean([s[r][0] for s in stats], 0), np.mean([s[r][1] for s in stats], 0)) for r in (0, 1))
+    return pp, xp
+
+
+def load_fields(data: Path, names: tuple[str, ...], colour_normalisation: str | None = None) -> dict[str, Any]:
+    """The fields as in-memory sections, read as `thinseg prepare` reads them; with
+    `colour_normalisation` "per-image", each photograph moved to the reference fields' colours."""
+    from thinseg.classes.files import read_value_classes
+    from thinseg.data.sections import ArraySection, read_label_image
+
+    if colour_normalisation not in (None, "per-image"):
+        raise ValueError(f"colour normalisation {colour_normalisation!r}: expected 'per-image' or None")
+    targets = colour_targets(data) if colour_normalisation else None
     classes = read_value_classes(CLASSES)
     out = {}
     for name in names:
-        images = read_ppxp(
-            data / "ppl" / f"{name}_paralelos.jpg", data / "xpl" / f"{name}_cruzados.jpg", pp_pattern="paralelos"
-        )
+        pp, xp, mm_per_pixel = _read_photographs(data, name)
+        if targets is not None:
+            pp, xp = normalised_colours(pp, targets[0]), normalised_colours(xp, targets[1])
         mask = next((data / "masks").glob(f"{name}_mascara*.tiff"))
         labels = classes.apply(read_label_image(mask), mask)
-        xp = estimate_xp_alignment(images.pp, images.xp).apply(images.xp)
         out[name] = ArraySection(
             name,
-            images.pp,
+            pp,
             labels,
             xp,
             class_table=classes.table,
-            mm_per_pixel=images.mm_per_pixel,
+            mm_per_pixel=mm_per_pixel,
             origin=str(data / "ppl" / name),
         )
     return out
@@ -357,7 +411,9 @@ def run_one(
     from thinseg.training import train as run_training
 
     torch.set_num_threads(args.threads)
-    sections = load_fields(args.data, tuple(dict.fromkeys(train + val + test)))
+    bench_settings = {COLOUR_NORMALISATION: changes.get(COLOUR_NORMALISATION)}
+    changes = {k: v for k, v in changes.items() if k not in bench_settings}
+    sections = load_fields(args.data, tuple(dict.fromkeys(train + val + test)), **bench_settings)
     run_dir = args.work / result_name
     if args.smoke:  # a few steps, to check the whole path
         changes = {**changes, "epochs": 2, "steps_per_epoch": 3, "warmup_steps": 1}
@@ -373,7 +429,10 @@ def run_one(
         "experiment": name,
         "description": EXPERIMENTS.get(name, ("", {}, "leave-one-field-out fold"))[2],
         "recipe": recipe,
-        "changes": {k: (vars(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in changes.items()},
+        "changes": {
+            **{k: (vars(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in changes.items()},
+            **{k: v for k, v in bench_settings.items() if v is not None},
+        },
         "train": list(train),
         "val": list(val),
         "test": list(test),
