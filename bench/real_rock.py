@@ -222,6 +222,12 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         (0, 1, 2, 3),
     ),
     **seed_variants(
+        "separate-encoders",
+        {"shared_encoder": False},
+        "PP and XP each through an encoder of its own (both from ImageNet) instead of one shared encoder",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
         "three-epochs",
         {"epochs": 3},
         "3 epochs of 100 steps: a member of four, which together take the recipe's steps",

@@ -20,6 +20,7 @@ from thinseg.model.bundle import load_bundle, save_bundle
 from thinseg.model.lite_unet import (
     ENCODERS,
     LiteUNet,
+    lite_unet_params,
     load_pretrained_encoder,
     pad_in_convolution,
     pretrained_weights_file,
@@ -59,6 +60,72 @@ def test_pp_and_xp_go_through_one_shared_encoder():
             assert torch.equal(pairs[:, 0], pairs[:, 1])
     with pytest.raises(ThinSegError, match="multiples of 32"):
         two(torch.rand(1, 6, 48, 64))
+
+
+def test_separate_encoders_with_equal_weights_compute_what_the_shared_one_computes():
+    shared = lite(2)
+    torch.manual_seed(0)
+    separate = build_network("LiteUNet", {"in_images": 2, "out_channels": len(TABLE) + 1, "shared_encoder": False})
+    assert isinstance(separate, LiteUNet) and len(separate.encoders) == 2 and len(shared.encoders) == 1
+    # the second encoder is built last: a seed draws the shared network's weights as before
+    assert all(torch.equal(v, separate.state_dict()[k]) for k, v in shared.state_dict().items())
+    assert load_pretrained_encoder(shared) == 288 and load_pretrained_encoder(separate) == 2 * 288
+    x = torch.rand(2, 6, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(separate.eval()(x), shared.eval()(x), rtol=0, atol=0)
+        # with different XP weights only the XP half of each level changes
+        for p in separate.other_encoders[0].parameters():
+            p.mul_(0.5)
+        assert not torch.allclose(separate(x), shared(x))
+    pp_features = separate.encode(x[:, :3], separate.encoders[0])
+    assert all(torch.equal(a, b) for a, b in zip(pp_features, shared.encode(x[:, :3])))
+
+
+def test_separate_encoders_each_learn_keep_imagenet_norms_and_freeze_alike():
+    torch.manual_seed(0)
+    net = build_network("LiteUNet", {"in_images": 2, "out_channels": 7, "shared_encoder": False})
+    load_pretrained_encoder(net)
+    assert len(net.encoder_parameters()) == 2 * len(list(net.encoder.parameters()))
+    net.train()
+    assert all(not m.training for e in net.encoders for m in e.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    net(torch.rand(2, 6, 64, 64)).square().mean().backward()
+    for encoder in net.encoders:
+        assert encoder._conv_stem.weight.grad is not None and encoder._conv_stem.weight.grad.abs().sum() > 0
+    net.freeze_stages(2)
+    assert not any(e._conv_stem.weight.requires_grad for e in net.encoders)
+    assert all(e._blocks[3]._project_conv.weight.requires_grad for e in net.encoders)
+
+
+def test_separate_encoders_are_written_in_the_bundle_and_need_thinseg_0_4(tmp_path):
+    torch.manual_seed(1)
+    net = build_network("LiteUNet", {"in_images": 2, "out_channels": 7, "shared_encoder": False})
+    params = lite_unet_params(2, 7, shared_encoder=False)
+    assert params["shared_encoder"] is False and "shared_encoder" not in lite_unet_params(2, 7)
+    assert "shared_encoder" not in lite_unet_params(1, 7, shared_encoder=False)  # one image: nothing to share
+    shape = describe_network("LiteUNet", params)
+    assert shape.min_weights > describe_network("LiteUNet", lite_unet_params(2, 7)).min_weights + 2_900_000
+    assert shape.min_weights <= sum(v.numel() for v in net.state_dict().values())
+    folder = save_bundle(
+        tmp_path / "separate",
+        net.eval(),
+        network_name="LiteUNet",
+        network_params=params,
+        class_table=TABLE,
+        input_names=("PP", "PX"),
+        pixels_per_mm=1 / 0.00132,
+        roi_shape=(128, 128),
+        title="separate encoders",
+        description="test",
+    )
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["requires"]["thinseg"] == "0.4.0"
+    bundle = load_bundle(folder)
+    assert len(bundle.network.encoders) == 2
+    x = torch.rand(1, 6, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.network(x), net(x), rtol=0, atol=1e-6)
+    with pytest.raises(ThinSegError, match="shared_encoder must be true or false"):
+        describe_network("LiteUNet", {"in_images": 2, "out_channels": 7, "shared_encoder": "no"})
 
 
 def test_imagenet_weights_come_from_the_installed_wheel_exactly():
@@ -254,6 +321,20 @@ def test_frozen_stages_keep_their_imagenet_weights_through_a_training(tmp_path):
     assert all(torch.equal(encoder[k], stored[k]) for k in frozen)
     assert any(not torch.equal(encoder[k], stored[k]) for k in learnt)
     assert json.loads((result.model_dir / "meta.json").read_text())["training"]["config"]["frozen_encoder_stages"] == 2
+
+
+def test_an_ensemble_with_separate_encoders_trains_and_loads(tmp_path):
+    config = tiny_small_data_config(
+        tmp_path, shared_encoder=False, members=2, member_split="seeds", epochs=1, calibrate_temperature=False
+    )
+    result = train(config, log=lambda _m: None)
+    meta = json.loads((result.model_dir / "meta.json").read_text())
+    assert meta["requires"]["thinseg"] == "0.4.0"
+    assert meta["training"]["config"]["shared_encoder"] is False
+    network = load_bundle(result.model_dir).network
+    assert [len(member.encoders) for member in network.members] == [2, 2]
+    first, second = (member.other_encoders[0]._conv_stem.weight for member in network.members)
+    assert not torch.equal(first, second)  # each member's XP encoder learnt on its own
 
 
 def test_frozen_stages_are_left_out_of_the_optimiser_and_bounded():

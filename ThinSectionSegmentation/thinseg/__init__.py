@@ -6,5 +6,5 @@ inside Slicer's Python alike.
 
 from thinseg.errors import ThinSegError
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 __all__ = ["ThinSegError", "__version__"]

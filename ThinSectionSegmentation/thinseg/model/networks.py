@@ -225,6 +225,8 @@ _LITE_PACKAGES = ["efficientnet-lite-pytorch>=0.1"]
 _FIRST_THINSEG: dict[str, str] = {"LiteUNet": "0.2.0", "LiteUNetEnsemble": "0.3.0"}
 #: ... and that builds a LiteUNet around this encoder (absent: the one LiteUNet started with).
 _FIRST_THINSEG_FOR_ENCODER: dict[str, str] = {"efficientnet-lite1": "0.3.0", "efficientnet-lite2": "0.3.0"}
+#: ... and that builds one encoder per image (`shared_encoder` false).
+_FIRST_THINSEG_FOR_SEPARATE_ENCODERS = "0.4.0"
 
 
 def network_requirements(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
@@ -233,7 +235,10 @@ def network_requirements(name: str, params: Mapping[str, Any] | None = None) -> 
     known = canonical_network_name(name)
     if known not in _FIRST_THINSEG:
         return None
-    versions = [_FIRST_THINSEG[known], _FIRST_THINSEG_FOR_ENCODER.get(str((params or {}).get("encoder")), "0")]
+    params = params or {}
+    versions = [_FIRST_THINSEG[known], _FIRST_THINSEG_FOR_ENCODER.get(str(params.get("encoder")), "0")]
+    if params.get("shared_encoder") is False:
+        versions.append(_FIRST_THINSEG_FOR_SEPARATE_ENCODERS)
     newest = max(versions, key=lambda v: tuple(int(part) for part in v.split(".")))
     return {"thinseg": newest, "python_packages": list(_LITE_PACKAGES)}
 
@@ -335,7 +340,7 @@ LITE_ENCODERS: dict[str, tuple[int, tuple[int, ...]]] = {
 def _lite_unet_shape(params: Mapping[str, Any]) -> NetworkShape:
     """Check LiteUNet parameters: one or two RGB images, five decoder levels, a known encoder;
     count the encoder's weights and the decoder's convolutions."""
-    allowed = {"in_images", "out_channels", "decoder_channels", "encoder", "drop_connect_rate"}
+    allowed = {"in_images", "out_channels", "decoder_channels", "encoder", "drop_connect_rate", "shared_encoder"}
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise ThinSegError(f"unknown LiteUNet parameter {unknown[0]!r}")
@@ -345,6 +350,10 @@ def _lite_unet_shape(params: Mapping[str, Any]) -> NetworkShape:
     if not isinstance(encoder, str) or encoder not in LITE_ENCODERS:
         raise ThinSegError(f"unknown LiteUNet encoder {str(encoder)[:80]!r} (known: {', '.join(LITE_ENCODERS)})")
     encoder_weights, skip_channels = LITE_ENCODERS[encoder]
+    shared = params.get("shared_encoder", True)
+    if not isinstance(shared, bool):
+        raise ThinSegError(f"shared_encoder must be true or false, not {str(shared)[:80]!r}")
+    encoder_weights *= 1 if shared else images
     decoder = params.get("decoder_channels", [128, 64, 32, 24, 16])
     if not isinstance(decoder, (list, tuple)) or len(decoder) != 5:
         raise ThinSegError(f"decoder_channels must list 5 levels, not {str(decoder)[:80]}")

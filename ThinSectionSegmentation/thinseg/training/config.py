@@ -82,6 +82,7 @@ class TrainConfig:
     encoder_lr_scale: float = 1.0  # LiteUNet: the encoder's learning rate relative to `lr`
     frozen_encoder_stages: int = 0  # LiteUNet: the encoder's first N of 5 resolution stages keep ImageNet weights
     decoder_channels: tuple[int, ...] = (128, 64, 32, 24, 16)  # LiteUNet
+    shared_encoder: bool = True  # LiteUNet: PP and XP through one encoder; False: one encoder each
     members: int = 1  # LiteUNet: > 1 trains an ensemble (training.ensemble)
     member_split: MemberSplit = "cross-fitted"  # members > 1: how they differ (MemberSplit)
     base_channels: int = 16

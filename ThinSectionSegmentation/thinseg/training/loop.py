@@ -207,6 +207,7 @@ class TrainingRun:
             pretrained=c.pretrained,
             decoder_channels=tuple(c.decoder_channels),
             encoder=c.encoder,
+            shared_encoder=c.shared_encoder,
         )
 
     def _check_patch_size(self) -> None:

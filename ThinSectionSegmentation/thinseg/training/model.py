@@ -70,11 +70,12 @@ def new_model(
     pretrained: bool = True,
     decoder_channels: tuple[int, ...] | None = None,
     encoder: str = "efficientnet-lite0",
+    shared_encoder: bool = True,
 ) -> ModelSpec:
     """A new network: MONAI's UNet (what GeoSlicer runs) or a LiteUNet, whose encoder starts
     from ImageNet weights when `pretrained`."""
     if name == "LiteUNet":
-        lite = lite_unet_params(len(roles), len(class_table) + 1, decoder_channels, encoder)
+        lite = lite_unet_params(len(roles), len(class_table) + 1, decoder_channels, encoder, shared_encoder)
         network = build_network(name, lite)
         if pretrained:
             load_pretrained_encoder(network)  # type: ignore[arg-type]  # build_network's LiteUNet
