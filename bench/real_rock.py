@@ -233,6 +233,12 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         (0, 1, 2, 3),
     ),
     **seed_variants(
+        "void-band-8",
+        {"void_border_px": 8.0},
+        "a void band of 8 section pixels instead of 2 around class boundaries, left out of the loss and of validation",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
         "three-epochs",
         {"epochs": 3},
         "3 epochs of 100 steps: a member of four, which together take the recipe's steps",
