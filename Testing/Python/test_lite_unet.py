@@ -105,18 +105,7 @@ def test_separate_encoders_are_written_in_the_bundle_and_need_thinseg_0_4(tmp_pa
     shape = describe_network("LiteUNet", params)
     assert shape.min_weights > describe_network("LiteUNet", lite_unet_params(2, 7)).min_weights + 2_900_000
     assert shape.min_weights <= sum(v.numel() for v in net.state_dict().values())
-    folder = save_bundle(
-        tmp_path / "separate",
-        net.eval(),
-        network_name="LiteUNet",
-        network_params=params,
-        class_table=TABLE,
-        input_names=("PP", "PX"),
-        pixels_per_mm=1 / 0.00132,
-        roi_shape=(128, 128),
-        title="separate encoders",
-        description="test",
-    )
+    folder = save_lite(tmp_path / "separate", net, params)
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["requires"]["thinseg"] == "0.4.0"
     bundle = load_bundle(folder)
@@ -366,12 +355,12 @@ def test_description_bounds_and_weight_count():
             describe_network("LiteUNet", bad)
 
 
-def save_lite(folder, net: LiteUNet):
+def save_lite(folder, net: LiteUNet, params: dict | None = None):
     return save_bundle(
         folder,
         net.eval(),
         network_name="LiteUNet",
-        network_params={"in_images": net.in_images, "out_channels": net.out_channels},
+        network_params=params or {"in_images": net.in_images, "out_channels": net.out_channels},
         class_table=TABLE,
         input_names=("PP", "PX")[: net.in_images],
         pixels_per_mm=1 / 0.00132,
