@@ -104,11 +104,6 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         "one training of the small-data recipe (seed 0: the shipped ensemble's first member)",
     ),
     "small-data-seeds": ("small-data", {"members": 3}, "the small-data recipe as shipped: seeds 0, 1, 2 averaged"),
-    "separate-encoders-seeds": (
-        "small-data",
-        {"members": 3, "shared_encoder": False},
-        "the small-data recipe as shipped (seeds 0, 1, 2 averaged), PP and XP each through an encoder of its own",
-    ),
     "small-data-pp": ("small-data", {"inputs": ("PP",)}, "small-data, PP only"),
     "old-unet": ("unet", PREVIOUS, "the previous recipe (MONAI U-Net from scratch, half resolution, 10 x 100 steps)"),
     "old-unet-pp": ("unet", {**PREVIOUS, "inputs": ("PP",)}, "the previous recipe, PP only"),
