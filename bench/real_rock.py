@@ -234,6 +234,12 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         (0, 1, 2, 3),
     ),
     **seed_variants(
+        "void-band-0",
+        {"void_border_px": 0.0},
+        "no void band: every labelled pixel in the loss and in validation, instead of a 2-pixel band left out",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
         "three-epochs",
         {"epochs": 3},
         "3 epochs of 100 steps: a member of four, which together take the recipe's steps",
