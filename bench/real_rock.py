@@ -240,6 +240,18 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         (0, 1, 2, 3),
     ),
     **seed_variants(
+        "lovasz-loss",
+        {"dice_weight": 0.0, "lovasz_weight": 1.0},
+        "Lovasz-softmax (a surrogate of IoU) in place of the Dice term, cross-entropy kept",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
+        "label-smoothing",
+        {"label_smoothing": 0.1},
+        "label smoothing 0.1 on the cross-entropy (spread over the real classes), Dice kept",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
         "three-epochs",
         {"epochs": 3},
         "3 epochs of 100 steps: a member of four, which together take the recipe's steps",

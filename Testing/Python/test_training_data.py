@@ -20,7 +20,7 @@ from thinseg.training.augment import IDENTITY_JITTER, colour_jitter, draw_augmen
 from thinseg.training.cache import ArrayCache, cache_key
 from thinseg.training.config import AugmentConfig
 from thinseg.training.dataset import PatchStream, make_loader
-from thinseg.training.losses import dice_ce_loss
+from thinseg.training.losses import dice_ce_loss, lovasz_softmax
 from thinseg.training.sampler import PatchIndex, build_patch_index, index_cache_params
 from thinseg.training.targets import prepare_section, prepare_sections, target_cache_params
 
@@ -398,6 +398,64 @@ def _focal_reference(logits: torch.Tensor, target: torch.Tensor, weights: torch.
     p_true = torch.softmax(logits, 1).gather(1, target.unsqueeze(1)).squeeze(1)[valid]
     w = weights[target][valid]
     return (w * -((1 - p_true) ** gamma) * p_true.log()).sum() / w.sum()
+
+
+def test_lovasz_term_is_one_minus_iou_on_hard_predictions():
+    """On one-hot predictions the Lovasz extension equals the Jaccard loss it extends, exactly."""
+    rng = np.random.default_rng(4)
+    truth = torch.from_numpy(rng.integers(0, 4, (2, 9, 9)))  # channel index; 0 = not classified
+    valid = torch.from_numpy(rng.random((2, 9, 9)) < 0.8)
+    predicted = torch.from_numpy(rng.integers(0, 4, (2, 9, 9)))
+    predicted[~valid] = 3  # ignored pixels' predictions must not count
+    probs = torch.nn.functional.one_hot(predicted, 4).permute(0, 3, 1, 2).double()
+    ious = []
+    for c in torch.unique(truth[valid]).tolist():
+        t, p = (truth == c) & valid, (predicted == c) & valid
+        ious.append(float((t & p).sum()) / float((t | p).sum()))
+    assert float(lovasz_softmax(probs, truth, valid)) == pytest.approx(1 - np.mean(ious), abs=1e-12)
+    # a perfect prediction scores 0, and the term is positive otherwise
+    perfect = torch.nn.functional.one_hot(truth, 4).permute(0, 3, 1, 2).double()
+    assert float(lovasz_softmax(perfect, truth, valid)) == 0.0
+
+
+def test_lovasz_term_ignores_unlabelled_pixels_and_pulls_towards_the_truth():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 5, 8, 8, requires_grad=True)
+    target = torch.randint(0, 5, (2, 8, 8))
+    loss = dice_ce_loss(logits, target, dice_weight=0.0, ce_weight=0.0, lovasz_weight=1.0)
+    loss.backward()
+    ignored = target == 0
+    grad = logits.grad.permute(1, 0, 2, 3)
+    assert torch.all(grad[:, ignored] == 0)
+    # the term samples every other row and column: labelled pixels there pull, the others do not
+    lattice = torch.zeros_like(ignored)
+    lattice[:, ::2, ::2] = True
+    assert torch.all(grad[:, ~lattice] == 0)
+    assert torch.all(grad[:, lattice & ~ignored].abs().sum(0) > 0)
+    step = logits.detach() - 5.0 * logits.grad  # plain gradient descent lowers the term
+    assert float(dice_ce_loss(step, target, dice_weight=0.0, ce_weight=0.0, lovasz_weight=1.0)) < float(loss.detach())
+    both = dice_ce_loss(logits, target, lovasz_weight=0.5)  # added to Dice + CE with its weight
+    assert torch.allclose(both, dice_ce_loss(logits, target) + 0.5 * loss.detach())
+
+
+def test_label_smoothing_spreads_over_real_classes_only():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 6, 5, 5)
+    target = torch.randint(0, 6, (2, 5, 5))
+    # GeoSlicer layout (channel k scores label k + 1): the same as torch's own label smoothing
+    loss = dice_ce_loss(logits, target, dice_weight=0.0, first_label=1, label_smoothing=0.1)
+    expected = torch.nn.functional.cross_entropy(logits, target - 1, ignore_index=-1, label_smoothing=0.1)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    # our layout: channel 0 ("not classified") gets none of the spread
+    loss = dice_ce_loss(logits, target, dice_weight=0.0, label_smoothing=0.1)
+    valid = target > 0
+    logp = torch.log_softmax(logits, 1)
+    true = -logp.gather(1, target.unsqueeze(1)).squeeze(1)[valid]
+    spread = -logp[:, 1:].mean(1)[valid]
+    assert torch.allclose(loss, (0.9 * true + 0.1 * spread).mean(), atol=1e-6)
+    assert torch.equal(
+        dice_ce_loss(logits, target, label_smoothing=0.0), dice_ce_loss(logits, target)
+    )  # off: the plain path, bit for bit
 
 
 # -- sections on disk ----------------------------------------------------------------------------------

@@ -101,6 +101,8 @@ class TrainConfig:
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     focal_gamma: float = 0.0  # > 0: focal cross-entropy, (1 - p_true) ** gamma down-weights easy pixels
+    label_smoothing: float = 0.0  # > 0: that share of each pixel's target spread over the real classes
+    lovasz_weight: float = 0.0  # > 0: add a Lovasz-softmax term (a surrogate of IoU) with this weight
     average_last: int = 0  # export the average of the last N epochs' weights when it validates no worse
     keep_best_epoch: bool = False  # also keep the candidate not exported: `<model>-best-epoch` or `<model>-average`
     calibrate_temperature: bool = False  # fit a softmax temperature on the validation sections (LiteUNet)

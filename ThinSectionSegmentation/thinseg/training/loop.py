@@ -651,6 +651,8 @@ class TrainingRun:
             ce_weight=c.ce_weight,
             first_label=self.spec.first_label,
             focal_gamma=c.focal_gamma,
+            label_smoothing=c.label_smoothing,
+            lovasz_weight=c.lovasz_weight,
         )
         self.optimizer.zero_grad(set_to_none=True)
         if not self.ranks.all_true(bool(torch.isfinite(loss))):  # every rank skips, or none
