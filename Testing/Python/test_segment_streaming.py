@@ -463,8 +463,14 @@ def test_segment_read_in_windows_or_run_in_stripes_writes_the_same_files(tmp_pat
     with open_nc(tmp_path / "one" / "S_PP.nc") as a, open_nc(tmp_path / "parts" / "S_PP.nc") as b:
         assert np.array_equal(b.variables["S_PP"][0], decoded(pp_path))  # every pixel copied once
         assert np.array_equal(b.variables["S_XP"][0], decoded(xp_path))
-        for name in ("S_Segmentation", "S_Confidence"):
-            assert np.array_equal(a.variables[name][:], b.variables[name][:])
+        assert np.array_equal(a.variables["S_Segmentation"][:], b.variables["S_Segmentation"][:])
+        # A stripe's last forward pass may hold fewer tiles than one pass's did, and on some CPUs
+        # oneDNN then takes another kernel: a probability moves in the 7th decimal, which can move
+        # a uint8 confidence by one step (seen on a 2-core AMD EPYC: 1 pixel of 140,300). A tile
+        # placed wrongly would move thousands of pixels, by far more.
+        confidence = [np.asarray(ds.variables["S_Confidence"][:], np.int16) for ds in (a, b)]
+        assert np.abs(confidence[0] - confidence[1]).max() <= 1
+        assert np.count_nonzero(confidence[0] != confidence[1]) <= 10
     pixels = [[r["pixels"] for r in read_csv(tmp_path / run / "modal_mineralogy.csv")] for run in ("one", "parts")]
     assert pixels[0] == pixels[1]
     overlays = [(tmp_path / run / "S_PP_overlay.png").read_bytes() for run in ("one", "parts")]
