@@ -435,6 +435,9 @@ def test_lovasz_term_ignores_unlabelled_pixels_and_pulls_towards_the_truth():
     step = logits.detach() - 5.0 * logits.grad  # plain gradient descent lowers the term
     assert float(dice_ce_loss(step, target, dice_weight=0.0, ce_weight=0.0, lovasz_weight=1.0)) < float(loss.detach())
     both = dice_ce_loss(logits, target, lovasz_weight=0.5)  # added to Dice + CE with its weight
+    off_lattice = torch.zeros_like(target)
+    off_lattice[:, 1::2, 1::2] = 2  # labels only where the term does not look: it adds nothing
+    assert torch.equal(dice_ce_loss(logits, off_lattice, lovasz_weight=1.0), dice_ce_loss(logits, off_lattice))
     assert torch.allclose(both, dice_ce_loss(logits, target) + 0.5 * loss.detach())
 
 

@@ -97,6 +97,8 @@ def lovasz_softmax(probs: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
     n = probs.shape[1]
     p = probs.permute(0, 2, 3, 1).reshape(-1, n)[valid.reshape(-1)]
     truth = index.reshape(-1)[valid.reshape(-1)]
+    if truth.numel() == 0:  # e.g. a batch labelled only off the sampled lattice
+        return probs.sum() * 0.0
     losses = []
     for c in torch.unique(truth).tolist():
         foreground = (truth == c).to(p.dtype)
