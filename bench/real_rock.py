@@ -252,6 +252,12 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         (0, 1, 2, 3),
     ),
     **seed_variants(
+        "class-mix",
+        {"class_mix": 0.5},
+        "ClassMix: half the patches of a batch take the grains of a random half of another patch's classes",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
         "three-epochs",
         {"epochs": 3},
         "3 epochs of 100 steps: a member of four, which together take the recipe's steps",

@@ -16,7 +16,7 @@ from thinseg.errors import ThinSegError
 from thinseg.io.netcdf import NetcdfImageSource, NetcdfWriter
 from thinseg.metrics import void_border_mask
 from thinseg.training import ArraySection, build_mapping, load_mapping_csv, load_split, save_split, split_names
-from thinseg.training.augment import IDENTITY_JITTER, colour_jitter, draw_augment
+from thinseg.training.augment import IDENTITY_JITTER, class_mix, colour_jitter, draw_augment
 from thinseg.training.cache import ArrayCache, cache_key
 from thinseg.training.config import AugmentConfig
 from thinseg.training.dataset import PatchStream, make_loader
@@ -321,6 +321,79 @@ def test_gamma_and_blur_follow_their_definitions():
     sigmas = np.array([d.jitter[:, 7] for d in drawn])
     assert gammas.min() >= 0.8 - 1e-6 and gammas.max() <= 1.2 + 1e-6 and gammas.std() > 0.05
     assert 0.2 < np.mean(sigmas > 0) < 0.8 and sigmas.max() <= 1.0
+
+
+def _blob_batch(rng: np.random.Generator, batch: int = 8, side: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patches of square grains of classes 1-5 (0 between some), images coding patch and class."""
+    cells = rng.integers(0, 6, (batch, side // 8, side // 8))
+    target = torch.from_numpy(np.kron(cells, np.ones((8, 8), np.int64)).astype(np.uint8))
+    images = torch.from_numpy(rng.integers(0, 256, (batch, 6, side, side)).astype(np.uint8))
+    return images, target
+
+
+def test_class_mix_pastes_whole_classes_of_another_patch_reproducibly():
+    images, target = _blob_batch(np.random.default_rng(0))
+    before = images.clone(), target.clone()
+    mixed, labels = class_mix(images, target, 1.0, np.random.default_rng(7))
+    assert torch.equal(images, before[0]) and torch.equal(target, before[1])  # the inputs are left alone
+    again = class_mix(images, target, 1.0, np.random.default_rng(7))
+    assert torch.equal(again[0], mixed) and torch.equal(again[1], labels)
+    changed = 0
+    for i in range(len(target)):
+        moved = (labels[i] != target[i]) | (mixed[i] != images[i]).any(0)
+        if not moved.any():
+            continue
+        changed += 1
+        # every moved pixel came from one other patch, image and label from the same pixel
+        sources = [j for j in range(len(target)) if j != i and torch.equal(mixed[i][:, moved], images[j][:, moved])]
+        assert len(sources) == 1
+        j = sources[0]
+        assert torch.equal(labels[i][moved], target[j][moved])
+        # whole classes: every pixel of a pasted class of the source is pasted, and nothing else
+        pasted = torch.unique(target[j][moved])
+        assert 0 not in pasted.tolist()
+        assert torch.equal(moved, torch.isin(target[j], pasted))  # (random images: a pasted pixel always differs)
+    assert changed >= 4  # share 1: most patches take something
+    none = class_mix(images, target, 0.0, np.random.default_rng(7))
+    assert none[0] is images and none[1] is target
+    with pytest.raises(ThinSegError, match="ClassMix share"):
+        class_mix(images, target, 1.5, np.random.default_rng(7))
+
+
+def test_class_mix_carries_the_void_band_around_pasted_grains():
+    target = torch.ones(2, 32, 32, dtype=torch.uint8)
+    target[1] = 3
+    target[1, 7:17, 7:17] = 0
+    target[1, 8:16, 8:16] = 2  # a grain of class 2 ringed by 1 px of void, in a patch of class 3
+    images = torch.stack(
+        [torch.full((3, 32, 32), 10, dtype=torch.uint8), torch.full((3, 32, 32), 200, dtype=torch.uint8)]
+    )
+    for seed in range(40):  # until patch 0 takes class 2 alone from patch 1
+        rng = np.random.default_rng(seed)
+        mixed, labels = class_mix(images, target, 1.0, rng, edge=2)
+        if set(torch.unique(labels[0]).tolist()) == {0, 1, 2}:
+            break
+    else:
+        pytest.fail("no draw pasted class 2 alone")
+    assert (labels[0, 8:16, 8:16] == 2).all() and (labels[0, 7:17, 7:17] != 1).all()
+    assert int((labels[0] == 0).sum()) == 10 * 10 - 8 * 8  # the band came along, ignored
+    # edge 2 reaches past the band, but only void moves with the grain: no class 3 comes along
+    assert (mixed[0][:, 7:17, 7:17] == 200).all() and int((mixed[0] == 200).sum()) == 3 * 10 * 10
+    plain = class_mix(images, target, 1.0, np.random.default_rng(seed), edge=0)[1]
+    assert int((plain[0] == 0).sum()) == 0  # without an edge only the grain moves
+
+
+def test_class_mix_keeps_a_batchs_expected_class_shares():
+    rng = np.random.default_rng(1)
+    before, after = np.zeros(6), np.zeros(6)
+    for _ in range(300):
+        images, target = _blob_batch(rng)
+        mixed = class_mix(images, target, 0.5, rng)[1]
+        before += np.bincount(target.flatten().numpy(), minlength=6)
+        after += np.bincount(mixed.flatten().numpy(), minlength=6)
+    shares_before, shares_after = before[1:] / before[1:].sum(), after[1:] / after[1:].sum()
+    assert np.abs(shares_after - shares_before).max() < 0.005
+    assert (after != before).any()
 
 
 def test_pp_only_stream_feeds_three_channels(prepared):

@@ -137,6 +137,28 @@ def test_interrupted_run_resumes_exactly(tmp_path, data, monkeypatch):
     assert resumed.best_mean_iou == pytest.approx(straight.best_mean_iou, abs=1e-3)
 
 
+def test_class_mix_changes_the_batches_not_the_patches_drawn(tmp_path, data, monkeypatch):
+    seen: dict[str, list[torch.Tensor]] = {}
+    real_step = TrainingRun.step
+
+    def recording_step(self, images, target, jitter=None):
+        seen.setdefault(str(self.config.output_dir), []).append(target.clone())
+        return real_step(self, images, target, jitter)
+
+    monkeypatch.setattr(TrainingRun, "step", recording_step)
+    runs = {}
+    for name, share in (("plain", 0.0), ("mixed", 0.5), ("again", 0.5)):
+        run = TrainingRun(_config(tmp_path / name, data, class_mix=share), log=lambda m: None)
+        run.start()
+        runs[name] = (run.train_epoch()["train_loss"], run.stream.last_stats)
+    plain, mixed, again = (seen[str(tmp_path / n)] for n in ("plain", "mixed", "again"))
+    # the same patches were drawn and emitted; mixing happened after, reproducibly
+    assert np.array_equal(runs["plain"][1].drawn_for, runs["mixed"][1].drawn_for)
+    assert np.array_equal(runs["plain"][1].class_pixels, runs["mixed"][1].class_pixels)
+    assert any(not torch.equal(p, m) for p, m in zip(plain, mixed))
+    assert all(torch.equal(m, a) for m, a in zip(mixed, again)) and runs["mixed"][0] == runs["again"][0]
+
+
 def test_early_stopping_on_validation_iou(tmp_path, data):
     result = train(_config(tmp_path, data, epochs=5, patience=1, min_delta=1.0))
     assert result.stopped_early and result.epochs_run == 2 and result.best_epoch == 1

@@ -71,6 +71,7 @@ class TrainConfig:
     void_border_px: float = 2.0  # band around class boundaries left out of the loss
     sampler_cell: int | None = None  # probability-map cell (px); None: patch_size // 8
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    class_mix: float = 0.0  # share of a batch's patches given half the classes of another patch (ClassMix)
     num_workers: int = 0
     cache_dir: Path | None = None  # None: output_dir / "cache"
 

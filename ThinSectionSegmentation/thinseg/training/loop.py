@@ -30,7 +30,7 @@ from thinseg.io.atomic import sweep_stale_temporaries
 from thinseg.io.locks import run_folder_lock
 from thinseg.jsonio import finite, write_json
 from thinseg.model.bundle import load_bundle
-from thinseg.training.augment import colour_jitter
+from thinseg.training.augment import class_mix, colour_jitter
 from thinseg.training.cache import ArrayCache
 from thinseg.training.calibration import fit_temperature, fold_temperature, sample_logits
 from thinseg.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
@@ -50,6 +50,8 @@ from thinseg.training.validate import ValSection, make_val_sections, validate, v
 LOG_FILE = "training_log.csv"
 CURVES_FILE = "training_curves.png"
 TEST_METRICS_FILE = "test_metrics.json"
+#: Seeds, with the run's seed and the epoch, the random choices of ClassMix (TrainConfig.class_mix).
+CLASS_MIX_STREAM = 0xC1A55
 
 Log = Callable[[str], None]
 #: Called after each training batch with (batches done, batches per epoch).
@@ -611,8 +613,12 @@ class TrainingRun:
             dynamic_ncols=True,
             leave=False,
         )
+        # its own stream, so that mixing leaves the patches drawn unchanged
+        mixing = np.random.default_rng([rank_seed(c.seed, self.ranks.rank), self.epoch, CLASS_MIX_STREAM])
         try:
             for done, (images, target, jitter) in enumerate(self.loader, 1):
+                if c.class_mix > 0:
+                    images, target = class_mix(images, target, c.class_mix, mixing, edge=math.ceil(c.void_border_px))
                 loss = self.step(images, target, jitter)
                 if math.isfinite(loss):
                     losses.append(loss)
