@@ -258,6 +258,12 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         (0, 1, 2, 3),
     ),
     **seed_variants(
+        "weight-ema",
+        {"ema_decay": 0.99},
+        "a moving average of the weights (decay 0.99, about 100 steps) offered for export, every candidate kept",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
         "three-epochs",
         {"epochs": 3},
         "3 epochs of 100 steps: a member of four, which together take the recipe's steps",
@@ -453,7 +459,7 @@ def run_one(
     run_dir = args.work / result_name
     if args.smoke:  # a few steps, to check the whole path
         changes = {**changes, "epochs": 2, "steps_per_epoch": 3, "warmup_steps": 1}
-    changes = {**changes, "precision": args.precision, "keep_best_epoch": args.score_best_epoch}
+    changes = {**changes, "precision": args.precision, "keep_candidates": args.score_candidates}
     if args.no_prior_correction:
         changes["prior_correction"] = False
     config = train_config(recipe, changes, run_dir, sections, train, val, args.device)
@@ -484,8 +490,13 @@ def run_one(
         if tests
         else {},
     }
-    # --score-best-epoch keeps the candidate averaging did not export: what averaging gives or costs
-    for folder, key in (("model-best-epoch", "best_single_epoch_scores"), ("model-average", "averaged_scores")):
+    # --score-candidates keeps every export candidate: what each kind of averaging gives or costs
+    candidates = (
+        ("model-best-epoch", "best_single_epoch_scores"),
+        ("model-average", "averaged_scores"),
+        ("model-ema", "moving_average_scores"),
+    )
+    for folder, key in candidates:
         if (run_dir / folder).is_dir() and tests:
             record[key] = {tta: score(run_dir / folder, tests, tta, args.device, args.precision) for tta in args.tta}
     text = json.dumps(record, default=str)
@@ -700,10 +711,12 @@ def main() -> int:
     p.add_argument("--precision", default="fp32", help="training and scoring precision (fp32: as on CPUs)")
     p.add_argument("--jsonl", type=Path, default=None, help="also append each result as one line here")
     p.add_argument(
+        "--score-candidates",
         "--score-best-epoch",
+        dest="score_candidates",
         action="store_true",
-        help="also score the checkpoint-averaging candidate that was not exported (the best single epoch, or "
-        "the average): what averaging gives",
+        help="keep every export candidate (the best single epoch, the average of the last epochs, the moving "
+        "average) under its own name, calibrated as the export, and score those on the test fields",
     )
     p.add_argument("--summarize", nargs="+", type=Path, default=None, metavar="JSON", help="print tables of results")
     p.add_argument(
@@ -813,7 +826,7 @@ def main() -> int:
             args.hold_out,
         ]
         command += (["--smoke"] if args.smoke else []) + (["--jsonl", str(args.jsonl)] if args.jsonl else [])
-        command += ["--score-best-epoch"] if args.score_best_epoch else []
+        command += ["--score-candidates"] if args.score_candidates else []
         command += ["--no-prior-correction"] if args.no_prior_correction else []
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         done = subprocess.run(command, env=env)

@@ -434,18 +434,26 @@ def test_a_tiny_small_data_run_exports_an_averaged_model_with_its_inference_defa
         tmp_path,
         average_last=2,
         test_time_augmentation="dihedral",  # what a recipe may record as the inference default
-        keep_best_epoch=True,  # keep the candidate averaging did not export, to measure it
+        keep_candidates=True,  # keep both candidates under their own names, to measure what averaging gives
     )
     messages: list[str] = []
     result = train(config, log=messages.append)
     meta = json.loads((result.model_dir / "meta.json").read_text())
     assert meta["test_time_augmentation"] == "dihedral"
     exported_average = meta["training"]["averaged_epochs"] == [1, 2]
-    other = result.model_dir.with_name(result.model_dir.name + ("-best-epoch" if exported_average else "-average"))
-    assert [p.name for p in result.model_dir.parent.glob(result.model_dir.name + "-*")] == [other.name]
-    other_meta = json.loads((other / "meta.json").read_text())
-    assert (other_meta["training"]["averaged_epochs"] == [1, 2]) is not exported_average
-    assert load_bundle(other).network.state_dict().keys() == load_bundle(result.model_dir).network.state_dict().keys()
+    kept = sorted(p.name for p in result.model_dir.parent.glob(result.model_dir.name + "-*"))
+    assert kept == ["model-average", "model-best-epoch"]
+    same = result.model_dir.with_name("model-average" if exported_average else "model-best-epoch")
+    other = result.model_dir.with_name("model-best-epoch" if exported_average else "model-average")
+    assert (json.loads((other / "meta.json").read_text())["training"]["averaged_epochs"] == [1, 2]) is not (
+        exported_average
+    )
+    # each kept candidate is calibrated and corrected as the export: the exported one is its twin
+    exported = load_bundle(result.model_dir).network.state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in load_bundle(same).network.state_dict().items())
+    assert not all(torch.equal(v, exported[k]) for k, v in load_bundle(other).network.state_dict().items())
+    other_meta = json.loads((other / "meta.json").read_text())["training"]
+    assert other_meta["temperature"] > 0 and set(other_meta["prior_correction"]) == set(TABLE.names)
     assert meta["training"]["recipe"] == "small-data"
     assert meta["requires"]["thinseg"] == "0.2.0"
     averaged = [m for m in messages if m.startswith("average of epochs 1-2")]

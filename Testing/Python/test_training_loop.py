@@ -18,6 +18,7 @@ from thinseg.model.bundle import load_bundle, save_bundle
 from thinseg.model.networks import build_network
 from thinseg.model.safe_load import load_torch_file
 from thinseg.training import AugmentConfig, TrainConfig, load_split, synthetic_sections, train
+from thinseg.training.averaging import averaged_state, exponential_average
 from thinseg.training.checkpoint import load_checkpoint
 from thinseg.training.loop import TrainingRun, lr_factor, resolve_precision
 from thinseg.training.model import unet_params, widen_outputs
@@ -157,6 +158,67 @@ def test_class_mix_changes_the_batches_not_the_patches_drawn(tmp_path, data, mon
     assert np.array_equal(runs["plain"][1].class_pixels, runs["mixed"][1].class_pixels)
     assert any(not torch.equal(p, m) for p, m in zip(plain, mixed))
     assert all(torch.equal(m, a) for m, a in zip(mixed, again)) and runs["mixed"][0] == runs["again"][0]
+
+
+def test_a_moving_average_follows_the_weights_and_not_the_norm_statistics():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = exponential_average(net, 0.75)
+    seen = []
+    for step in range(4):
+        with torch.no_grad():
+            for parameter in net.parameters():
+                parameter.add_(torch.randn_like(parameter))
+            net[1].running_mean.fill_(float(step))
+        seen.append([p.detach().double().clone() for p in net.parameters()])
+        ema.update_parameters(net)
+    expected = seen[0]  # the first update copies
+    for weights in seen[1:]:
+        expected = [0.75 * e + 0.25 * w for e, w in zip(expected, weights)]
+    for got, want in zip(ema.module.parameters(), expected):
+        assert torch.allclose(got.double(), want, atol=1e-6)
+    assert not torch.allclose(next(ema.module.parameters()).double(), seen[-1][0])
+    state = averaged_state(ema, net)  # the averaged parameters with the network's own norm statistics
+    assert torch.equal(state["1.running_mean"], net[1].running_mean)
+    assert all(torch.equal(state[n], p) for n, p in ema.module.named_parameters())
+    for decay in (0.0, 1.0):
+        with pytest.raises(ValueError, match="decay"):
+            exponential_average(net, decay)
+
+
+def test_a_moving_average_is_offered_for_export_and_leaves_the_training_unchanged(tmp_path, data):
+    plain = train(_config(tmp_path / "plain", data))
+    messages: list[str] = []
+    config = _config(tmp_path / "ema", data, ema_decay=0.5, average_last=2, keep_candidates=True)
+    watched = train(config, log=messages.append)
+    # the averages only watch: the same batches, losses and validations as without them
+    for key in ("train_loss", "val_mean_iou"):
+        assert [h[key] for h in watched.history] == [h[key] for h in plain.history]
+    run = tmp_path / "ema"
+    assert sorted(p.name for p in run.glob("model-*")) == ["model-average", "model-best-epoch", "model-ema"]
+    metas = {k: json.loads((run / f"model-{k}" / "meta.json").read_text()) for k in ("best-epoch", "average", "ema")}
+    assert metas["ema"]["training"]["ema_decay"] == 0.5 and metas["ema"]["training"]["averaged_epochs"] is None
+    assert metas["average"]["training"]["averaged_epochs"] == [1, 2] and "ema_decay" not in metas["average"]["training"]
+    assert any(m.startswith("moving average (decay 0.5): val mean IoU") for m in messages)
+    # the candidate's weights are the moving average kept step by step (checkpointed for a resume)
+    saved = load_checkpoint(run / "checkpoint.pt")["ema"]
+    assert int(saved["n_averaged"]) == 2 * 3  # every step of both epochs
+    candidate = load_bundle(run / "model-ema").network
+    for name, parameter in candidate.named_parameters():
+        assert torch.equal(parameter, saved[f"module.{name}"])
+    best_epoch = dict(load_bundle(run / "model-best-epoch").network.named_parameters())
+    assert not all(torch.equal(p, best_epoch[n]) for n, p in candidate.named_parameters())
+    # exported: the candidate that validates best, a later one winning a tie
+    scores = {k: m["metrics"]["mean_iou"] for k, m in metas.items()}
+    winner = [k for k in ("best-epoch", "average", "ema") if scores[k] == max(scores.values())][-1]
+    exported = load_bundle(watched.model_dir).network.state_dict()
+    twin = load_bundle(run / f"model-{winner}").network.state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in twin.items())
+    assert watched.best_mean_iou == pytest.approx(scores[winner])
+    resumed = TrainingRun(_config(run, data, ema_decay=0.5, average_last=2, resume=True), log=lambda m: None)
+    resumed.start()
+    assert resumed.ema is not None
+    assert all(torch.equal(v, saved[k]) for k, v in resumed.ema.state_dict().items())
 
 
 def test_early_stopping_on_validation_iou(tmp_path, data):

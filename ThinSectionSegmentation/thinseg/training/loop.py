@@ -31,6 +31,7 @@ from thinseg.io.locks import run_folder_lock
 from thinseg.jsonio import finite, write_json
 from thinseg.model.bundle import load_bundle
 from thinseg.training.augment import class_mix, colour_jitter
+from thinseg.training.averaging import averaged_state, exponential_average, mean_state
 from thinseg.training.cache import ArrayCache
 from thinseg.training.calibration import fit_temperature, fold_temperature, sample_logits
 from thinseg.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
@@ -108,6 +109,13 @@ def class_pixel_totals(sections: Sequence[PreparedSection], classes: int) -> np.
     """Labelled pixels of each class over `sections`: what the balanced sampler evens out, the
     prior correction restores and the bundle's meta records."""
     return sum((p.class_pixels for p in sections), np.zeros(classes, np.int64))
+
+
+def candidate_kind(record: dict[str, Any]) -> str:
+    """Which weights an export record describes: "ema", "average" (of the last epochs) or "best-epoch"."""
+    if record.get("ema_decay"):
+        return "ema"
+    return "average" if record.get("averaged_epochs") else "best-epoch"
 
 
 def make_optimizer(
@@ -348,6 +356,10 @@ class TrainingRun:
         self.best = state["best"] if state else {"epoch": None, "mean_iou": None, "metrics": None}
         self.bad_epochs = int(state["bad_epochs"]) if state else 0
         self.recent: list[dict[str, torch.Tensor]] = []  # the last epochs' weights, for averaging
+        self.kept: dict[Path, dict[str, Any]] = {}  # candidates written under their own names
+        self.ema = exponential_average(net, c.ema_decay) if c.ema_decay > 0 else None
+        if self.ema is not None and state and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
         self.stopped = bool(state["stopped_early"]) if state else False
         self.model_dir: Path | None = (
             (self.out / c.model_name) if (self.out / c.model_name).exists() and state else None
@@ -422,9 +434,11 @@ class TrainingRun:
     def _finish(self, stopped: bool, out_of_time: bool) -> TrainResult:
         """After the last epoch: the averaged weights, the calibration, the test scores."""
         c = self.config
-        self._export_average()
+        self._offer_average()
+        self._offer_ema()
         self._calibrate()
         self._correct_prior()
+        self._finish_kept()
         test_metrics = self._evaluate_test()
         return TrainResult(
             output_dir=self.out,
@@ -444,7 +458,7 @@ class TrainingRun:
             stopped_by_time=out_of_time,
         )
 
-    # -- checkpoint averaging ----------------------------------------------------------------
+    # -- averaged weights --------------------------------------------------------------------
 
     def _remember_weights(self) -> None:
         keep = self.config.average_last
@@ -452,55 +466,78 @@ class TrainingRun:
             self.recent.append({k: v.detach().to("cpu", copy=True) for k, v in self.network.state_dict().items()})
             del self.recent[:-keep]
 
-    def _export_average(self) -> None:
-        """Average the last epochs' weights (their batch-norm statistics re-estimated on training
-        patches) and export the average instead of the best epoch when it validates no worse:
-        an average of nearby points of a noisy descent usually generalises better than any one."""
-        if len(self.recent) < 2 or not self.val_sections or self.best["mean_iou"] is None:
+    def _offer_average(self) -> None:
+        """The mean of the last epochs' weights as a candidate for export."""
+        if len(self.recent) < 2:
+            return
+        first = self.epoch - len(self.recent) + 1
+        self._offer_candidate(
+            mean_state(self.recent), f"average of epochs {first}-{self.epoch}", {"averaged_epochs": [first, self.epoch]}
+        )
+
+    def _offer_ema(self) -> None:
+        """The exponential moving average of the weights as a candidate for export."""
+        if self.ema is None:
+            return
+        weights = averaged_state(self.ema, self.network)
+        self._offer_candidate(
+            weights, f"moving average (decay {self.config.ema_decay:g})", {"ema_decay": self.config.ema_decay}
+        )
+
+    def _offer_candidate(self, weights: dict[str, torch.Tensor], label: str, record: dict[str, Any]) -> None:
+        """Validate averaged `weights` (their batch-norm statistics re-estimated on training
+        patches) and export them instead of the current model when they validate no worse: an
+        average of nearby points of a noisy descent usually generalises better than any one.
+        With `keep_candidates` each candidate is also written under its own name."""
+        if not self.val_sections or self.best["mean_iou"] is None:
             return
         current = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
-        averaged = {}
-        for key, value in self.recent[-1].items():
-            if value.is_floating_point():
-                total = torch.stack([state[key].double() for state in self.recent]).sum(dim=0)
-                averaged[key] = total.div(len(self.recent)).to(value.dtype)
-            else:
-                averaged[key] = value.clone()
-        self.network.load_state_dict(averaged)
+        self.network.load_state_dict(weights)
         self._reestimate_norms()
         row = self._validate()
-        first = self.epoch - len(self.recent) + 1
         iou = row.get("val_mean_iou")
+        candidate = {
+            **{k: v for k, v in self.best.items() if k not in ("averaged_epochs", "ema_decay")},
+            **record,
+            "epoch": self.epoch,
+            "mean_iou": iou,
+            "metrics": self._validation_record(row, self.epoch, **record),
+            "confidence_reference": self._last_confidence,
+        }
+        if self.config.keep_candidates:
+            self._keep_candidate(candidate)
         if iou is not None and math.isfinite(iou) and iou >= self.best["mean_iou"]:
-            if self.config.keep_best_epoch and self.model_dir is not None:  # for measuring what averaging gives
-                kept = self.out / f"{self.config.model_name}-best-epoch"
-                shutil.rmtree(kept, ignore_errors=True)
-                shutil.copytree(self.model_dir, kept)
-            self.log(
-                f"average of epochs {first}-{self.epoch}: val mean IoU {iou:.4f} "
-                f"(best single epoch {self.best['mean_iou']:.4f}): exported"
-            )
-            self.best = {
-                "epoch": self.epoch,
-                "averaged_epochs": [first, self.epoch],
-                "mean_iou": iou,
-                "metrics": self._validation_record(row, self.epoch, averaged_epochs=[first, self.epoch]),
-                "confidence_reference": self._last_confidence,
-            }
+            self.log(f"{label}: val mean IoU {iou:.4f} (exported so far {self.best['mean_iou']:.4f}): exported")
+            self.best = candidate
             self.model_dir = self._export()
         else:
             shown = f"{iou:.4f}" if iou is not None else "none"
-            self.log(f"average of epochs {first}-{self.epoch}: val mean IoU {shown}: the best single epoch is kept")
-            if self.config.keep_best_epoch:  # for measuring what averaging would have given
-                exported = self.best
-                self.best = {
-                    **exported,
-                    "averaged_epochs": [first, self.epoch],
-                    "metrics": self._validation_record(row, self.epoch, averaged_epochs=[first, self.epoch]),
-                }
-                self._export(self.out / f"{self.config.model_name}-average")
-                self.best = exported
+            self.log(f"{label}: val mean IoU {shown}: the model exported so far is kept")
             self.network.load_state_dict(current)
+
+    def _keep_candidate(self, record: dict[str, Any]) -> None:
+        """Write the network as `<model>-<kind>` (its weights as `record` describes them), and
+        the best epoch too the first time, so that every candidate can be scored as exported."""
+        if not self.kept and self.model_dir is not None:
+            first = self.out / f"{self.config.model_name}-{candidate_kind(self.best)}"
+            shutil.rmtree(first, ignore_errors=True)
+            shutil.copytree(self.model_dir, first)
+            self.kept[first] = dict(self.best)
+        exported = self.best
+        self.best = record
+        folder = self._export(self.out / f"{self.config.model_name}-{candidate_kind(record)}")
+        self.best = exported
+        self.kept[folder] = record
+
+    def _finish_kept(self) -> None:
+        """Calibrate and correct each kept candidate as the exported model was."""
+        exported = (self.model_dir, self.best)
+        for folder, record in self.kept.items():
+            self.model_dir, self.best = folder, record
+            self.log(f"kept candidate {folder.name}:")
+            self._calibrate()
+            self._correct_prior()
+        self.model_dir, self.best = exported
 
     def _calibrate(self) -> None:
         """Fit the confidence's temperature on the validation sections and export the exported
@@ -671,6 +708,8 @@ class TrainingRun:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.network)
         return float(loss.detach())
 
     def _validate(self) -> dict[str, Any]:
@@ -762,6 +801,7 @@ class TrainingRun:
                 },
                 "epoch": self.best["epoch"],
                 "averaged_epochs": self.best.get("averaged_epochs"),
+                **({"ema_decay": self.best["ema_decay"]} if self.best.get("ema_decay") else {}),
                 "temperature": self.best.get("temperature"),
                 "prior_correction": self.best.get("prior_correction"),
                 "recipe": c.recipe,
@@ -784,7 +824,7 @@ class TrainingRun:
             f"({'+'.join(bundle_input_names(self.roles))}, {self.pixels_per_mm:.1f} px/mm)"
         )
         return export_bundle(
-            folder or self.out / c.model_name,
+            folder or self.model_dir or self.out / c.model_name,
             self.network,
             network_name=self.spec.name,
             network_params=self.spec.params,
@@ -848,6 +888,7 @@ class TrainingRun:
                 "stopped_early": stopped,
                 "rng": rng_state(),
                 "identity": self._identity(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             },
         )
 
