@@ -258,9 +258,10 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         (0, 1, 2, 3),
     ),
     **seed_variants(
-        "weight-ema",
-        {"ema_decay": 0.99},
-        "a moving average of the weights (decay 0.99, about 100 steps) offered for export, every candidate kept",
+        "export-candidates",
+        {"average_last": 3},
+        "the recipe with the last-3-epoch average offered too: with --score-candidates, each export candidate "
+        "(best epoch, last-3 average, moving average) kept and scored",
         (0, 1, 2, 3),
     ),
     **seed_variants(

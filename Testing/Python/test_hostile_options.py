@@ -40,6 +40,7 @@ ZERO_ALLOWED = {
     "--seed",
     "--workers",
     "--average-last",
+    "--ema-decay",
     "--band-rows",
 }
 #: Each command's numeric options, with a value each accepts.
@@ -74,6 +75,7 @@ NUMERIC = {
         "--model-mm-per-pixel": "0.00132",
         "--val-tile": "512",
         "--average-last": "3",
+        "--ema-decay": "0.99",
         "--members": "2",
         "--nproc": "2",
     },

@@ -423,6 +423,7 @@ def test_recipes_are_named_settings_of_train_config():
     small = recipe_settings("small-data")
     TrainConfig(output_dir=".", **small)  # every key is a TrainConfig field
     assert (small["members"], small["member_split"]) == (3, "seeds")  # three seeds averaged
+    assert (small["ema_decay"], small.get("average_last", 0)) == (0.99, 0)  # a moving average exported
     small["augment"].gamma = 0.9
     assert recipe_settings("small-data")["augment"].gamma == 0.15  # a fresh copy each time
     with pytest.raises(ThinSegError, match="unknown training recipe"):
@@ -435,6 +436,7 @@ def test_a_tiny_small_data_run_exports_an_averaged_model_with_its_inference_defa
         average_last=2,
         test_time_augmentation="dihedral",  # what a recipe may record as the inference default
         keep_candidates=True,  # keep both candidates under their own names, to measure what averaging gives
+        ema_decay=0.0,  # the validated choice between the best epoch and the last epochs' average
     )
     messages: list[str] = []
     result = train(config, log=messages.append)
@@ -538,7 +540,7 @@ def test_a_training_job_takes_the_recipe_and_its_own_settings_win(tmp_path):
     with pytest.raises(ThinSegError, match="'member_split' is one of seeds, cross-fitted, not 'folds'"):
         job_train_config({**job, "member_split": "folds"}, tmp_path)
     config = job_train_config({**job, "epochs": 2, "patch_size": 128}, tmp_path)
-    assert (config.epochs, config.patch_size, config.average_last) == (2, 128, 3)
+    assert (config.epochs, config.patch_size, config.ema_decay) == (2, 128, 0.99)
     assert job_train_config({"sections": ["a.nc"], "run_dir": str(tmp_path)}, tmp_path).network == "UNet"
     with pytest.raises(ThinSegError, match="unknown training recipe 'huge'"):
         job_train_config({**job, "recipe": "huge"}, tmp_path)

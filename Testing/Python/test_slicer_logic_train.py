@@ -284,6 +284,7 @@ RECIPE_FIELDS = (
     "balancing_strength",
     "patience",
     "average_last",
+    "ema_decay",
     "test_time_augmentation",
     "augment",
     "epochs",

@@ -186,7 +186,13 @@ def test_a_moving_average_follows_the_weights_and_not_the_norm_statistics():
             exponential_average(net, decay)
 
 
-def test_a_moving_average_is_offered_for_export_and_leaves_the_training_unchanged(tmp_path, data):
+def test_a_moving_average_decay_outside_its_range_is_refused(tmp_path, data):
+    run = TrainingRun(_config(tmp_path, data, ema_decay=1.0), log=lambda m: None)
+    with pytest.raises(ThinSegError, match=r"decay must be in \[0, 1\)"):
+        run.start()
+
+
+def test_a_moving_average_is_exported_and_leaves_the_training_unchanged(tmp_path, data):
     plain = train(_config(tmp_path / "plain", data))
     messages: list[str] = []
     config = _config(tmp_path / "ema", data, ema_decay=0.5, average_last=2, keep_candidates=True)
@@ -208,13 +214,17 @@ def test_a_moving_average_is_offered_for_export_and_leaves_the_training_unchange
         assert torch.equal(parameter, saved[f"module.{name}"])
     best_epoch = dict(load_bundle(run / "model-best-epoch").network.named_parameters())
     assert not all(torch.equal(p, best_epoch[n]) for n, p in candidate.named_parameters())
-    # exported: the candidate that validates best, a later one winning a tie
-    scores = {k: m["metrics"]["mean_iou"] for k, m in metas.items()}
-    winner = [k for k in ("best-epoch", "average", "ema") if scores[k] == max(scores.values())][-1]
+    # exported: the moving average, whatever its validation
     exported = load_bundle(watched.model_dir).network.state_dict()
-    twin = load_bundle(run / f"model-{winner}").network.state_dict()
+    twin = load_bundle(run / "model-ema").network.state_dict()
     assert all(torch.equal(v, exported[k]) for k, v in twin.items())
-    assert watched.best_mean_iou == pytest.approx(scores[winner])
+    assert watched.best_mean_iou == pytest.approx(metas["ema"]["metrics"]["mean_iou"])
+    # without the candidates kept, the same export, and no average of epochs validated for nothing
+    product_log: list[str] = []
+    product = train(_config(tmp_path / "product", data, ema_decay=0.5, average_last=2), log=product_log.append)
+    assert all(torch.equal(v, exported[k]) for k, v in load_bundle(product.model_dir).network.state_dict().items())
+    assert not any(m.startswith("average of epochs") for m in product_log)
+    assert sorted(p.name for p in (tmp_path / "product").glob("model*")) == ["model"]
     resumed = TrainingRun(_config(run, data, ema_decay=0.5, average_last=2, resume=True), log=lambda m: None)
     resumed.start()
     assert resumed.ema is not None

@@ -147,6 +147,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="export the average of the last N epochs' weights when it validates no worse than the best epoch "
         f"(0 to {types.MAX_AVERAGED_EPOCHS}; default 0: off; small-data: 3)",
     )
+    opt.add_argument(
+        "--ema-decay",
+        type=types.fraction,
+        default=None,
+        metavar="D",
+        help="export a moving average of the weights, D of it kept at each step, instead of the best-validating "
+        "epoch (0 to <1; default 0: off; small-data: 0.99, about the last 100 steps)",
+    )
     opt.add_argument("--epochs", type=types.positive_count, default=None, help="epochs (default 50)")
     opt.add_argument(
         "--steps-per-epoch", type=types.positive_count, default=None, help="batches per epoch (default 200)"
@@ -295,6 +303,7 @@ _PASSED = {
     "model_name": "model_name",
     "title": "title",
     "average_last": "average_last",
+    "ema_decay": "ema_decay",
 }
 
 

@@ -105,7 +105,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # > 0: that share of each pixel's target spread over the real classes
     lovasz_weight: float = 0.0  # > 0: add a Lovasz-softmax term (a surrogate of IoU) with this weight
     average_last: int = 0  # offer the average of the last N epochs' weights for export (it must validate no worse)
-    ema_decay: float = 0.0  # > 0: also offer an exponential moving average of the weights, step by step
+    ema_decay: float = 0.0  # in (0, 1): export a moving average of the weights, kept step by step, whatever validates
     keep_candidates: bool = False  # also write every candidate under its name: `<model>-best-epoch`, `-average`, `-ema`
     calibrate_temperature: bool = False  # fit a softmax temperature on the validation sections (LiteUNet)
     prior_correction: bool = False  # fold natural / sampled class shares into the logits (LiteUNet): priors.py

@@ -357,6 +357,8 @@ class TrainingRun:
         self.bad_epochs = int(state["bad_epochs"]) if state else 0
         self.recent: list[dict[str, torch.Tensor]] = []  # the last epochs' weights, for averaging
         self.kept: dict[Path, dict[str, Any]] = {}  # candidates written under their own names
+        if not 0.0 <= c.ema_decay < 1.0:
+            raise ThinSegError(f"the moving average's decay must be in [0, 1) (0: off), not {c.ema_decay}")
         self.ema = exponential_average(net, c.ema_decay) if c.ema_decay > 0 else None
         if self.ema is not None and state and "ema" in state:
             self.ema.load_state_dict(state["ema"])
@@ -434,8 +436,9 @@ class TrainingRun:
     def _finish(self, stopped: bool, out_of_time: bool) -> TrainResult:
         """After the last epoch: the averaged weights, the calibration, the test scores."""
         c = self.config
-        self._offer_average()
-        self._offer_ema()
+        if self.ema is None or c.keep_candidates:  # the moving average is exported regardless
+            self._offer_average()
+        self._export_ema()
         self._calibrate()
         self._correct_prior()
         self._finish_kept()
@@ -475,20 +478,22 @@ class TrainingRun:
             mean_state(self.recent), f"average of epochs {first}-{self.epoch}", {"averaged_epochs": [first, self.epoch]}
         )
 
-    def _offer_ema(self) -> None:
-        """The exponential moving average of the weights as a candidate for export."""
+    def _export_ema(self) -> None:
+        """Export the moving average of the weights, whatever the validation says of it: picking
+        among epochs by one or two validation sections is noisier than the average is wrong."""
         if self.ema is None:
             return
         weights = averaged_state(self.ema, self.network)
-        self._offer_candidate(
-            weights, f"moving average (decay {self.config.ema_decay:g})", {"ema_decay": self.config.ema_decay}
-        )
+        decay = self.config.ema_decay
+        self._offer_candidate(weights, f"moving average (decay {decay:g})", {"ema_decay": decay}, always=True)
 
-    def _offer_candidate(self, weights: dict[str, torch.Tensor], label: str, record: dict[str, Any]) -> None:
+    def _offer_candidate(
+        self, weights: dict[str, torch.Tensor], label: str, record: dict[str, Any], *, always: bool = False
+    ) -> None:
         """Validate averaged `weights` (their batch-norm statistics re-estimated on training
-        patches) and export them instead of the current model when they validate no worse: an
-        average of nearby points of a noisy descent usually generalises better than any one.
-        With `keep_candidates` each candidate is also written under its own name."""
+        patches) and export them instead of the current model when they validate no worse (or
+        `always`): an average of nearby points of a noisy descent usually generalises better than
+        any one. With `keep_candidates` each candidate is also written under its own name."""
         if not self.val_sections or self.best["mean_iou"] is None:
             return
         current = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
@@ -506,8 +511,10 @@ class TrainingRun:
         }
         if self.config.keep_candidates:
             self._keep_candidate(candidate)
-        if iou is not None and math.isfinite(iou) and iou >= self.best["mean_iou"]:
-            self.log(f"{label}: val mean IoU {iou:.4f} (exported so far {self.best['mean_iou']:.4f}): exported")
+        no_worse = iou is not None and math.isfinite(iou) and iou >= self.best["mean_iou"]
+        if always or no_worse:
+            shown = f"{iou:.4f}" if iou is not None else "none"
+            self.log(f"{label}: val mean IoU {shown} (exported so far {self.best['mean_iou']:.4f}): exported")
             self.best = candidate
             self.model_dir = self._export()
         else:
