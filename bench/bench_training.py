@@ -99,6 +99,9 @@ def main() -> None:
     ap.add_argument("--encoder", default=None, help="small-data recipe: another ImageNet encoder (efficientnet-lite2)")
     ap.add_argument("--in-memory", action="store_true", help="generated sections in memory instead of netCDF files")
     ap.add_argument(
+        "--ema-decay", type=float, default=None, help="the moving average's decay (0: none; default: the recipe's)"
+    )
+    ap.add_argument(
         "--default-allocator",
         action="store_true",
         help="leave glibc handing freed memory back (figures before `thinseg train` kept it, 2026-12-06)",
@@ -117,6 +120,8 @@ def main() -> None:
         settings.pop(sized_here, None)
     if args.encoder:
         settings["encoder"] = args.encoder
+    if args.ema_decay is not None:
+        settings["ema_decay"] = args.ema_decay
     try:
         config = TrainConfig(
             output_dir=out,
@@ -145,6 +150,7 @@ def main() -> None:
         for _ in range(args.repeats):
             paired_epoch(run, full, bare, bare_opt)
             run.epoch += 1
+        ema_ms = moving_average_update_ms(run)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     print(
@@ -169,6 +175,12 @@ def main() -> None:
     )
     print(f"full / bare fwd+bwd+opt   : {100 * bare_opt.wall / full.wall:6.1f} % (wall)")
     print(f"plain train_epoch         : {epoch_rate:7.2f} samples/s (one unpaired epoch, for reference)")
+    if ema_ms is not None:
+        step_ms = 1000 * full.wall / full.samples * args.batch
+        print(
+            f"moving-average update     : {ema_ms:7.2f} ms a step (median), {100 * ema_ms / step_ms:.2f} % of a "
+            f"full step (included in the loop above)"
+        )
 
 
 def write_netcdf_sections(sections: Sequence[ArraySection], folder: Path) -> list[Path]:
@@ -195,6 +207,18 @@ def _pixels(section: ArraySection, role: str) -> npt.NDArray[np.uint8]:
         raise TypeError(f"section {section.name} has no in-memory {role} image")
     pixels: npt.NDArray[np.uint8] = source.array
     return pixels
+
+
+def moving_average_update_ms(run: TrainingRun, repeats: int = 50) -> float | None:
+    """Median wall time of one update of the run's moving average of the weights (None: it keeps none)."""
+    if run.ema is None:
+        return None
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run.ema.update_parameters(run.network)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
 
 
 def paired_epoch(run: TrainingRun, full: Timer, bare: Timer, bare_opt: Timer) -> None:

@@ -186,6 +186,14 @@ def test_a_moving_average_follows_the_weights_and_not_the_norm_statistics():
             exponential_average(net, decay)
 
 
+def test_a_moving_average_is_exported_without_validation_sections_too(tmp_path, data):
+    result = train(_config(tmp_path, data, val_sections=[], ema_decay=0.5))
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")["ema"]
+    exported = load_bundle(result.model_dir).network
+    assert all(torch.equal(p, saved[f"module.{n}"]) for n, p in exported.named_parameters())
+    assert json.loads((result.model_dir / "meta.json").read_text())["training"]["ema_decay"] == 0.5
+
+
 def test_a_moving_average_decay_outside_its_range_is_refused(tmp_path, data):
     run = TrainingRun(_config(tmp_path, data, ema_decay=1.0), log=lambda m: None)
     with pytest.raises(ThinSegError, match=r"decay must be in \[0, 1\)"):

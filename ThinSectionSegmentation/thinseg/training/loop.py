@@ -479,8 +479,9 @@ class TrainingRun:
         )
 
     def _export_ema(self) -> None:
-        """Export the moving average of the weights, whatever the validation says of it: picking
-        among epochs by one or two validation sections is noisier than the average is wrong."""
+        """Export the moving average of the weights, whatever the validation says of it (and with
+        no validation sections too): an epoch picked by one or two validation sections is a noisy
+        choice, and an early one is an undertrained network."""
         if self.ema is None:
             return
         weights = averaged_state(self.ema, self.network)
@@ -494,31 +495,32 @@ class TrainingRun:
         patches) and export them instead of the current model when they validate no worse (or
         `always`): an average of nearby points of a noisy descent usually generalises better than
         any one. With `keep_candidates` each candidate is also written under its own name."""
-        if not self.val_sections or self.best["mean_iou"] is None:
+        if not always and (not self.val_sections or self.best["mean_iou"] is None):
             return
         current = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
         self.network.load_state_dict(weights)
         self._reestimate_norms()
-        row = self._validate()
+        row = self._validate()  # empty without validation sections
         iou = row.get("val_mean_iou")
         candidate = {
             **{k: v for k, v in self.best.items() if k not in ("averaged_epochs", "ema_decay")},
             **record,
             "epoch": self.epoch,
             "mean_iou": iou,
-            "metrics": self._validation_record(row, self.epoch, **record),
-            "confidence_reference": self._last_confidence,
+            "metrics": self._validation_record(row, self.epoch, **record) if row else None,
+            "confidence_reference": self._last_confidence if row else None,
         }
         if self.config.keep_candidates:
             self._keep_candidate(candidate)
-        no_worse = iou is not None and math.isfinite(iou) and iou >= self.best["mean_iou"]
+        exported = self.best["mean_iou"]
+        no_worse = iou is not None and math.isfinite(iou) and exported is not None and iou >= exported
+        shown = f"{iou:.4f}" if iou is not None else "none"
         if always or no_worse:
-            shown = f"{iou:.4f}" if iou is not None else "none"
-            self.log(f"{label}: val mean IoU {shown} (exported so far {self.best['mean_iou']:.4f}): exported")
+            before = f" (exported so far {exported:.4f})" if exported is not None else ""
+            self.log(f"{label}: val mean IoU {shown}{before}: exported")
             self.best = candidate
             self.model_dir = self._export()
         else:
-            shown = f"{iou:.4f}" if iou is not None else "none"
             self.log(f"{label}: val mean IoU {shown}: the model exported so far is kept")
             self.network.load_state_dict(current)
 
