@@ -359,7 +359,8 @@ def test_precision_and_schedule_choices(monkeypatch):
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == (torch.bfloat16 if cpu_has_amx() else None)
-    # training on a CPU: bf16 only with AMX, even where inference takes it (AVX512-BF16 alone)
+    # training on a CPU: bf16 only with AMX, even where inference takes it (AVX512-BF16 alone),
+    # and never for the LiteUNet, whose depthwise convolutions train slower in bf16 even with AMX
     monkeypatch.setattr(loop_module, "cpu_has_amx", lambda: False)
     assert resolve_precision("auto", cpu) is None
     monkeypatch.setattr(loop_module, "cpu_has_amx", lambda: True)
@@ -370,3 +371,7 @@ def test_precision_and_schedule_choices(monkeypatch):
     factors = [lr_factor(s, 100, 10, "cosine") for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:])) and factors[-1] < 0.05
+    assert resolve_precision("auto", cpu, "LiteUNet") is None
+    assert resolve_precision("auto", cpu, "UNet") == torch.bfloat16
+    assert resolve_precision("auto", cpu, "LiteUNet") is None
+    assert resolve_precision("bf16", cpu, "LiteUNet") == torch.bfloat16  # asked for, given

@@ -228,8 +228,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--precision",
         default=None,
         choices=["auto", "fp32", "bf16", "fp16"],
-        help="auto (default): bf16/fp16 on GPUs, bf16 on CPUs with AMX, else fp32 (bf16 trained no faster "
-        "than fp32 on the AVX512-BF16 CPUs measured)",
+        help="auto (default): bf16/fp16 on GPUs; on CPUs bf16 for a UNet with AMX, else fp32 (bf16 trained "
+        "no faster than fp32 on the AVX512-BF16 CPUs measured, nor the small-data LiteUNet with AMX)",
     )
     net = p.add_argument_group("network (new models)")
     net.add_argument(
