@@ -265,6 +265,13 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         (0, 1, 2, 3),
     ),
     **seed_variants(
+        "ema-decays",
+        {"average_last": 3, "candidate_ema_decays": (0.95, 0.98, 0.995)},
+        "export-candidates with moving averages of decay 0.95, 0.98 and 0.995 kept beside the recipe's 0.99 "
+        "(with --score-candidates: `model-ema-<decay>`), to compare decays on the same trainings",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
         "three-epochs",
         {"epochs": 3},
         "3 epochs of 100 steps: a member of four, which together take the recipe's steps",

@@ -203,13 +203,20 @@ def test_a_moving_average_decay_outside_its_range_is_refused(tmp_path, data):
 def test_a_moving_average_is_exported_and_leaves_the_training_unchanged(tmp_path, data):
     plain = train(_config(tmp_path / "plain", data))
     messages: list[str] = []
-    config = _config(tmp_path / "ema", data, ema_decay=0.5, average_last=2, keep_candidates=True)
+    config = _config(
+        tmp_path / "ema", data, ema_decay=0.5, average_last=2, keep_candidates=True, candidate_ema_decays=(0.75,)
+    )
     watched = train(config, log=messages.append)
     # the averages only watch: the same batches, losses and validations as without them
     for key in ("train_loss", "val_mean_iou"):
         assert [h[key] for h in watched.history] == [h[key] for h in plain.history]
     run = tmp_path / "ema"
-    assert sorted(p.name for p in run.glob("model-*")) == ["model-average", "model-best-epoch", "model-ema"]
+    assert sorted(p.name for p in run.glob("model-*")) == [
+        "model-average",
+        "model-best-epoch",
+        "model-ema",
+        "model-ema-0.75",
+    ]
     metas = {k: json.loads((run / f"model-{k}" / "meta.json").read_text()) for k in ("best-epoch", "average", "ema")}
     assert metas["ema"]["training"]["ema_decay"] == 0.5 and metas["ema"]["training"]["averaged_epochs"] is None
     assert metas["average"]["training"]["averaged_epochs"] == [1, 2] and "ema_decay" not in metas["average"]["training"]
@@ -222,6 +229,15 @@ def test_a_moving_average_is_exported_and_leaves_the_training_unchanged(tmp_path
         assert torch.equal(parameter, saved[f"module.{name}"])
     best_epoch = dict(load_bundle(run / "model-best-epoch").network.named_parameters())
     assert not all(torch.equal(p, best_epoch[n]) for n, p in candidate.named_parameters())
+    # a moving average with another decay, kept beside it for comparison on the same training
+    compared = load_checkpoint(run / "checkpoint.pt")["compared_emas"]["0.75"]
+    assert int(compared["n_averaged"]) == 2 * 3
+    other = load_bundle(run / "model-ema-0.75")
+    assert all(torch.equal(p, compared[f"module.{n}"]) for n, p in other.network.named_parameters())
+    assert not all(torch.equal(p, dict(candidate.named_parameters())[n]) for n, p in other.network.named_parameters())
+    other_meta = json.loads((run / "model-ema-0.75" / "meta.json").read_text())["training"]
+    assert other_meta["ema_decay"] == 0.75 and other_meta["averaged_epochs"] is None
+    assert any(m.startswith("moving average (decay 0.75): val mean IoU") and "comparison only" in m for m in messages)
     # exported: the moving average, whatever its validation
     exported = load_bundle(watched.model_dir).network.state_dict()
     twin = load_bundle(run / "model-ema").network.state_dict()
@@ -233,10 +249,31 @@ def test_a_moving_average_is_exported_and_leaves_the_training_unchanged(tmp_path
     assert all(torch.equal(v, exported[k]) for k, v in load_bundle(product.model_dir).network.state_dict().items())
     assert not any(m.startswith("average of epochs") for m in product_log)
     assert sorted(p.name for p in (tmp_path / "product").glob("model*")) == ["model"]
-    resumed = TrainingRun(_config(run, data, ema_decay=0.5, average_last=2, resume=True), log=lambda m: None)
+    resumed = TrainingRun(
+        _config(
+            run, data, ema_decay=0.5, average_last=2, keep_candidates=True, candidate_ema_decays=(0.75,), resume=True
+        ),
+        log=lambda m: None,
+    )
     resumed.start()
     assert resumed.ema is not None
     assert all(torch.equal(v, saved[k]) for k, v in resumed.ema.state_dict().items())
+    assert all(torch.equal(v, compared[k]) for k, v in resumed.compared_emas[0.75].state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"candidate_ema_decays": (0.9,)}, "need keep_candidates"),
+        ({"candidate_ema_decays": (0.5,), "keep_candidates": True}, "not the exported 0.5"),
+        ({"candidate_ema_decays": (0.9, 0.9), "keep_candidates": True}, "distinct"),
+        ({"candidate_ema_decays": (1.0,), "keep_candidates": True}, r"in \(0, 1\)"),
+    ],
+)
+def test_moving_averages_kept_for_comparison_are_checked(tmp_path, data, settings, message):
+    run = TrainingRun(_config(tmp_path, data, ema_decay=0.5, **settings), log=lambda m: None)
+    with pytest.raises(ThinSegError, match=message):
+        run.start()
 
 
 def test_early_stopping_on_validation_iou(tmp_path, data):
@@ -363,8 +400,12 @@ def test_precision_and_schedule_choices(monkeypatch):
     # and never for the LiteUNet, whose depthwise convolutions train slower in bf16 even with AMX
     monkeypatch.setattr(loop_module, "cpu_has_amx", lambda: False)
     assert resolve_precision("auto", cpu) is None
+    assert resolve_precision("auto", cpu, "LiteUNet") is None
     monkeypatch.setattr(loop_module, "cpu_has_amx", lambda: True)
     assert resolve_precision("auto", cpu) == torch.bfloat16
+    assert resolve_precision("auto", cpu, "UNet") == torch.bfloat16
+    assert resolve_precision("auto", cpu, "LiteUNet") is None
+    assert resolve_precision("bf16", cpu, "LiteUNet") == torch.bfloat16  # asked for, given
     assert resolve_precision("fp32", cpu) is None and resolve_precision("bf16", cpu) == torch.bfloat16
     with pytest.raises(ThinSegError, match="CUDA"):
         resolve_precision("fp16", cpu)

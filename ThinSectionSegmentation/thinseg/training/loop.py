@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from thinseg import limits
@@ -114,7 +115,10 @@ def class_pixel_totals(sections: Sequence[PreparedSection], classes: int) -> np.
 
 
 def candidate_kind(record: dict[str, Any]) -> str:
-    """Which weights an export record describes: "ema", "average" (of the last epochs) or "best-epoch"."""
+    """Which weights an export record describes: "ema", "average" (of the last epochs) or
+    "best-epoch"; a moving average kept only for comparison, "ema-<decay>"."""
+    if record.get("compared_only"):
+        return f"ema-{record['ema_decay']:g}"
     if record.get("ema_decay"):
         return "ema"
     return "average" if record.get("averaged_epochs") else "best-epoch"
@@ -364,6 +368,7 @@ class TrainingRun:
         self.ema = exponential_average(net, c.ema_decay) if c.ema_decay > 0 else None
         if self.ema is not None and state and "ema" in state:
             self.ema.load_state_dict(state["ema"])
+        self.compared_emas = self._compared_emas(net, state)
         self.stopped = bool(state["stopped_early"]) if state else False
         self.model_dir: Path | None = (
             (self.out / c.model_name) if (self.out / c.model_name).exists() and state else None
@@ -441,6 +446,7 @@ class TrainingRun:
         if self.ema is None or c.keep_candidates:  # the moving average is exported regardless
             self._offer_average()
         self._export_ema()
+        self._keep_compared_emas()
         self._calibrate()
         self._correct_prior()
         self._finish_kept()
@@ -490,14 +496,45 @@ class TrainingRun:
         decay = self.config.ema_decay
         self._offer_candidate(weights, f"moving average (decay {decay:g})", {"ema_decay": decay}, always=True)
 
+    def _compared_emas(self, network: torch.nn.Module, state: dict[str, Any] | None) -> dict[float, AveragedModel]:
+        """Moving averages with other decays, kept beside the exported one so that decays can be
+        compared on the very same training (`candidate_ema_decays`, with `keep_candidates`)."""
+        c = self.config
+        decays = tuple(float(d) for d in c.candidate_ema_decays)
+        if decays and not c.keep_candidates:
+            raise ThinSegError("candidate moving averages are only kept for comparison: they need keep_candidates")
+        if any(not 0.0 < d < 1.0 for d in decays) or len(set(decays)) != len(decays) or c.ema_decay in decays:
+            raise ThinSegError(
+                f"candidate decays must be distinct, in (0, 1) and not the exported {c.ema_decay:g}, not {decays}"
+            )
+        averages = {d: exponential_average(network, d) for d in decays}
+        saved = (state or {}).get("compared_emas", {})
+        for decay, average in averages.items():
+            if f"{decay:g}" in saved:
+                average.load_state_dict(saved[f"{decay:g}"])
+        return averages
+
+    def _keep_compared_emas(self) -> None:
+        for decay, average in self.compared_emas.items():
+            weights = averaged_state(average, self.network)
+            record = {"ema_decay": decay, "compared_only": True}
+            self._offer_candidate(weights, f"moving average (decay {decay:g})", record, compared_only=True)
+
     def _offer_candidate(
-        self, weights: dict[str, torch.Tensor], label: str, record: dict[str, Any], *, always: bool = False
+        self,
+        weights: dict[str, torch.Tensor],
+        label: str,
+        record: dict[str, Any],
+        *,
+        always: bool = False,
+        compared_only: bool = False,
     ) -> None:
         """Validate averaged `weights` (their batch-norm statistics re-estimated on training
         patches) and export them instead of the current model when they validate no worse (or
         `always`): an average of nearby points of a noisy descent usually generalises better than
-        any one. With `keep_candidates` each candidate is also written under its own name."""
-        if not always and (not self.val_sections or self.best["mean_iou"] is None):
+        any one. With `keep_candidates` each candidate is also written under its own name;
+        a `compared_only` one is only written so."""
+        if not (always or compared_only) and (not self.val_sections or self.best["mean_iou"] is None):
             return
         current = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
         self.network.load_state_dict(weights)
@@ -505,7 +542,7 @@ class TrainingRun:
         row = self._validate()  # empty without validation sections
         iou = row.get("val_mean_iou")
         candidate = {
-            **{k: v for k, v in self.best.items() if k not in ("averaged_epochs", "ema_decay")},
+            **{k: v for k, v in self.best.items() if k not in ("averaged_epochs", "ema_decay", "compared_only")},
             **record,
             "epoch": self.epoch,
             "mean_iou": iou,
@@ -514,9 +551,13 @@ class TrainingRun:
         }
         if self.config.keep_candidates:
             self._keep_candidate(candidate)
+        shown = f"{iou:.4f}" if iou is not None else "none"
+        if compared_only:
+            self.log(f"{label}: val mean IoU {shown}: kept for comparison only")
+            self.network.load_state_dict(current)
+            return
         exported = self.best["mean_iou"]
         no_worse = iou is not None and math.isfinite(iou) and exported is not None and iou >= exported
-        shown = f"{iou:.4f}" if iou is not None else "none"
         if always or no_worse:
             before = f" (exported so far {exported:.4f})" if exported is not None else ""
             self.log(f"{label}: val mean IoU {shown}{before}: exported")
@@ -721,6 +762,8 @@ class TrainingRun:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.network)
+        for average in self.compared_emas.values():
+            average.update_parameters(self.network)
         return float(loss.detach())
 
     def _validate(self) -> dict[str, Any]:
@@ -900,6 +943,11 @@ class TrainingRun:
                 "rng": rng_state(),
                 "identity": self._identity(),
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+                **(
+                    {"compared_emas": {f"{d:g}": a.state_dict() for d, a in self.compared_emas.items()}}
+                    if self.compared_emas
+                    else {}
+                ),
             },
         )
 
