@@ -265,6 +265,12 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         (0, 1, 2, 3),
     ),
     **seed_variants(
+        "scale-jitter-0.3",
+        {"augment": _augment(scale=0.30)},
+        "patches zoomed by a factor in [0.7, 1.3] instead of [0.85, 1.15] (PP and XP together)",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
         "ema-decays",
         {"average_last": 3, "candidate_ema_decays": (0.95, 0.98, 0.995)},
         "export-candidates with moving averages of decay 0.95, 0.98 and 0.995 kept beside the recipe's 0.99 "
