@@ -107,9 +107,8 @@ class TrainConfig:
     average_last: int = 0  # offer the average of the last N epochs' weights for export (it must validate no worse)
     ema_decay: float = 0.0  # in (0, 1): export a moving average of the weights, kept step by step, whatever validates
     keep_candidates: bool = False  # also write every candidate under its name: `<model>-best-epoch`, `-average`, `-ema`
-    candidate_ema_decays: tuple[
-        float, ...
-    ] = ()  # keep_candidates: more averages, as `<model>-ema-<decay>`, not exported
+    # with keep_candidates: more moving averages, written as `<model>-ema-<decay>` and never exported
+    candidate_ema_decays: tuple[float, ...] = ()
     calibrate_temperature: bool = False  # fit a softmax temperature on the validation sections (LiteUNet)
     prior_correction: bool = False  # fold natural / sampled class shares into the logits (LiteUNet): priors.py
     test_time_augmentation: str = "none"  # none/flips/dihedral: used in validation, recorded in the bundle

@@ -515,25 +515,20 @@ class TrainingRun:
         return averages
 
     def _keep_compared_emas(self) -> None:
+        """Write each compared moving average as a candidate, calibrated later like the export."""
         for decay, average in self.compared_emas.items():
-            weights = averaged_state(average, self.network)
             record = {"ema_decay": decay, "compared_only": True}
-            self._offer_candidate(weights, f"moving average (decay {decay:g})", record, compared_only=True)
+            self._offer_candidate(averaged_state(average, self.network), f"moving average (decay {decay:g})", record)
 
     def _offer_candidate(
-        self,
-        weights: dict[str, torch.Tensor],
-        label: str,
-        record: dict[str, Any],
-        *,
-        always: bool = False,
-        compared_only: bool = False,
+        self, weights: dict[str, torch.Tensor], label: str, record: dict[str, Any], *, always: bool = False
     ) -> None:
         """Validate averaged `weights` (their batch-norm statistics re-estimated on training
         patches) and export them instead of the current model when they validate no worse (or
         `always`): an average of nearby points of a noisy descent usually generalises better than
-        any one. With `keep_candidates` each candidate is also written under its own name;
-        a `compared_only` one is only written so."""
+        any one. With `keep_candidates` each candidate is also written under its own name; one
+        whose record says `compared_only` is only written so."""
+        compared_only = bool(record.get("compared_only"))
         if not (always or compared_only) and (not self.val_sections or self.best["mean_iou"] is None):
             return
         current = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
