@@ -4,6 +4,7 @@ on fields it never saw, and write one JSON per experiment.
     python bench/real_rock.py --data ../shared/data/sandstone-ppl-xpl --out results/real-rock \
         --experiments small-data,old-unet [--parallel 2] [--threads 2] [--device auto]
     python bench/real_rock.py --data ... --out ... --lofo        # leave-one-field-out, ten folds
+    python bench/real_rock.py --summarize OUT --tta none --lofo-figure docs/lofo.png   # tables, the folds' heatmap
     python bench/real_rock.py --experiments full-res,quarter-res --select 2a,8a   # choose on training fields
     python bench/real_rock.py --list                              # what each experiment changes
 
@@ -679,6 +680,56 @@ def lofo_table(records: list[dict[str, Any]], tta: str) -> str:
     return "\n".join(rows)
 
 
+def draw_lofo_figure(records: list[dict[str, Any]], tta: str, out: Path) -> None:
+    """A heatmap of the leave-one-field-out folds: each held-out field's IoU per class and its mean
+    IoU, so that which mineral fails on which field is seen at a glance."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    folds = sorted(
+        (r for r in records if r["experiment"] == "lofo" and tta in r["scores"]),
+        key=lambda r: FIELDS.index(r["test"][0]),
+    )
+    if not folds:
+        raise SystemExit(f"{out}: no leave-one-field-out records (with --tta {tta}) to draw")
+    classes = [c["name"] for c in folds[0]["scores"][tta]["metrics"]["classes"]]
+    iou = np.array(
+        [
+            [c["iou"] if c["iou"] is not None else np.nan for c in r["scores"][tta]["metrics"]["classes"]]
+            + [r["scores"][tta]["metrics"]["mean_iou"]]
+            for r in folds
+        ],
+        float,
+    )
+    fig = Figure(figsize=(1.2 * len(classes) + 3.0, 0.42 * len(folds) + 1.6), dpi=150)
+    ax = fig.add_subplot()
+    shown = ax.imshow(np.ma.masked_invalid(iou), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for (row, column), value in np.ndenumerate(iou):
+        text = "-" if np.isnan(value) else f"{value:.2f}"
+        weight = "bold" if column == len(classes) else "normal"
+        colour = "black" if not np.isnan(value) and value > 0.6 else "white"
+        ax.text(column, row, text, ha="center", va="center", fontsize=8, color=colour, fontweight=weight)
+    ax.set_xticks(range(len(classes) + 1), [*classes, "mean IoU"], rotation=20, ha="right", fontsize=8)
+    ax.set_yticks(
+        range(len(folds)),
+        [f"{r['test'][0]}{'*' if r['test'][0] in TEST else ''} (val {r['val'][0]})" for r in folds],
+        fontsize=8,
+    )
+    ax.axvline(len(classes) - 0.5, color="white", linewidth=2)
+    ax.set_title(
+        "Leave one field out: IoU on each held-out field (the next validates, the other eight train)\n"
+        "* a test field of the main split (here a fold like the others)",
+        fontsize=9,
+    )
+    fig.colorbar(shown, ax=ax, fraction=0.04, pad=0.02, label="IoU")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial.png")
+    fig.savefig(partial)
+    os.replace(partial, out)
+    print(f"{out}: {len(folds)} folds")
+
+
 def read_records(paths: list[Path]) -> list[dict[str, Any]]:
     records = []
     for path in paths:
@@ -742,6 +793,13 @@ def main() -> int:
     )
     p.add_argument("--figure-title", default=None, help="the model's name in the figure (default: its title)")
     p.add_argument(
+        "--lofo-figure",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="with --summarize: draw the leave-one-field-out folds' IoU per class (first --tta mode)",
+    )
+    p.add_argument(
         "--ensemble",
         nargs="+",
         default=None,
@@ -773,6 +831,8 @@ def main() -> int:
         print(selection_table(records) + "\n")
         for tta in args.tta.split(","):
             print(lofo_table(records, tta))
+        if args.lofo_figure:
+            draw_lofo_figure(records, args.tta.split(",")[0], args.lofo_figure)
         return 0
     if args.list:
         for name, (recipe, _changes, text) in EXPERIMENTS.items():
