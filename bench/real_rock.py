@@ -704,8 +704,12 @@ def draw_lofo_figure(records: list[dict[str, Any]], tta: str, out: Path) -> None
     fig = Figure(figsize=(1.2 * len(classes) + 3.0, 0.42 * len(folds) + 1.6), dpi=150)
     ax = fig.add_subplot()
     shown = ax.imshow(np.ma.masked_invalid(iou), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    absent = [
+        [c["support"] == 0 for c in r["scores"][tta]["metrics"]["classes"]] + [False] for r in folds
+    ]  # a class only predicted scores 0 and counts in the mean (see thinseg.metrics.scores)
     for (row, column), value in np.ndenumerate(iou):
         text = "-" if np.isnan(value) else f"{value:.2f}"
+        text += "\n(not in field)" if absent[row][column] else ""
         weight = "bold" if column == len(classes) else "normal"
         colour = "black" if not np.isnan(value) and value > 0.6 else "white"
         ax.text(column, row, text, ha="center", va="center", fontsize=8, color=colour, fontweight=weight)
@@ -718,7 +722,7 @@ def draw_lofo_figure(records: list[dict[str, Any]], tta: str, out: Path) -> None
     ax.axvline(len(classes) - 0.5, color="white", linewidth=2)
     ax.set_title(
         "Leave one field out: IoU on each held-out field (the next validates, the other eight train)\n"
-        "* a test field of the main split (here a fold like the others)",
+        "* a test field of the main split (here a fold like the others); (not in field): only predicted, counted as 0",
         fontsize=9,
     )
     fig.colorbar(shown, ax=ax, fraction=0.04, pad=0.02, label="IoU")
