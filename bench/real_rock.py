@@ -646,13 +646,18 @@ def _pooled_scores(scores: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def lofo_table(records: list[dict[str, Any]], tta: str) -> str:
-    """A Markdown table of the leave-one-field-out folds (one row per held-out field, each scored
-    alone) and their spread: mean, standard deviation and range over the folds."""
-    folds = sorted(
+def lofo_folds(records: list[dict[str, Any]], tta: str) -> list[dict[str, Any]]:
+    """The leave-one-field-out records scored with `tta`, in field order."""
+    return sorted(
         (r for r in records if r["experiment"] == "lofo" and tta in r["scores"]),
         key=lambda r: FIELDS.index(r["test"][0]),
     )
+
+
+def lofo_table(records: list[dict[str, Any]], tta: str) -> str:
+    """A Markdown table of the leave-one-field-out folds (one row per held-out field, each scored
+    alone) and their spread: mean, standard deviation and range over the folds."""
+    folds = lofo_folds(records, tta)
     if not folds:
         return ""
     columns = {
@@ -686,10 +691,7 @@ def draw_lofo_figure(records: list[dict[str, Any]], tta: str, out: Path) -> None
     import numpy as np
     from matplotlib.figure import Figure
 
-    folds = sorted(
-        (r for r in records if r["experiment"] == "lofo" and tta in r["scores"]),
-        key=lambda r: FIELDS.index(r["test"][0]),
-    )
+    folds = lofo_folds(records, tta)
     if not folds:
         raise SystemExit(f"{out}: no leave-one-field-out records (with --tta {tta}) to draw")
     classes = [c["name"] for c in folds[0]["scores"][tta]["metrics"]["classes"]]
