@@ -691,6 +691,8 @@ def draw_lofo_figure(records: list[dict[str, Any]], tta: str, out: Path) -> None
     import numpy as np
     from matplotlib.figure import Figure
 
+    from thinseg.io.atomic import atomic_output
+
     folds = lofo_folds(records, tta)
     if not folds:
         raise SystemExit(f"{out}: no leave-one-field-out records (with --tta {tta}) to draw")
@@ -730,9 +732,8 @@ def draw_lofo_figure(records: list[dict[str, Any]], tta: str, out: Path) -> None
     fig.colorbar(shown, ax=ax, fraction=0.04, pad=0.02, label="IoU")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial.png")
-    fig.savefig(partial)
-    os.replace(partial, out)
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, format="png")  # the temporary name has no ".png" to tell matplotlib
     print(f"{out}: {len(folds)} folds")
 
 
