@@ -108,6 +108,7 @@ def test_a_tiny_ensemble_training_writes_one_bundle_of_its_cross_fitted_members(
     assert isinstance(bundle.network, LiteUNetEnsemble) and len(bundle.network.members) == 2
     meta = json.loads((result.model_dir / "meta.json").read_text())
     assert meta["requires"]["thinseg"] == "0.3.0"
+    assert meta["min_region_px"] == 256 and bundle.min_region_px == 256  # the members' sieve, carried over
     vals = [m["val_sections"] for m in meta["ensemble"]]
     assert vals[0] == [sections[3].name] and vals[1] != vals[0] and len(vals[1]) == 1
     assert any(m.startswith("ensemble member 2 of 2: seed 0, validates on") for m in messages)

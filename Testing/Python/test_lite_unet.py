@@ -424,6 +424,7 @@ def test_recipes_are_named_settings_of_train_config():
     TrainConfig(output_dir=".", **small)  # every key is a TrainConfig field
     assert (small["members"], small["member_split"]) == (3, "seeds")  # three seeds averaged
     assert (small["ema_decay"], small.get("average_last", 0)) == (0.99, 0)  # a moving average exported
+    assert small["min_region_px"] == 256  # the sieve segment and evaluate then run
     small["augment"].gamma = 0.9
     assert recipe_settings("small-data")["augment"].gamma == 0.15  # a fresh copy each time
     with pytest.raises(ThinSegError, match="unknown training recipe"):
@@ -462,6 +463,7 @@ def test_a_tiny_small_data_run_exports_an_averaged_model_with_its_inference_defa
     assert len(averaged) == 1
     assert (meta["training"]["averaged_epochs"] == [1, 2]) == averaged[0].endswith("exported")
     assert load_bundle(result.model_dir).test_time_augmentation == "dihedral"
+    assert meta["min_region_px"] == 256 and load_bundle(result.model_dir).min_region_px == 256
     temperature = meta["training"]["temperature"]
     assert 0.05 <= temperature <= 20 and any(m.startswith("confidence calibrated") for m in messages)
     # the class shares of the training section folded in after the temperature, and recorded
@@ -482,6 +484,9 @@ def test_train_command_line_recipe_and_overrides(tmp_path, capsys):
     assert (config.network, config.epochs, config.members, config.member_split) == ("LiteUNet", 4, 3, "seeds")
     base = ["train", str(tmp_path), "-o", str(tmp_path / "r"), "--recipe", "small-data"]
     assert train_config(parser.parse_args([*base, "--members", "1"])).members == 1
+    assert train_config(parser.parse_args(base)).min_region_px == 256
+    assert train_config(parser.parse_args([*base, "--min-region", "0"])).min_region_px == 0
+    assert train_config(parser.parse_args([*base, "--min-region", "90"])).min_region_px == 90
     split = train_config(parser.parse_args([*base, "--member-split", "cross-fitted"]))
     train_parser = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
     # the command line writes its choices out (keeping torch out of its start-up): the same ones

@@ -36,6 +36,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     add_scoring_options(p)
     types.add_tta(p)
+    types.add_min_region(p)
     p.add_argument(
         "--overlays",
         type=types.count,
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         overlays=args.overlays,
         overwrite=args.overwrite,
         tta=args.tta,
+        min_region=args.min_region,
     )
 
     def on_start(bundle: ModelBundle, model_dir: Path, sections: list[Section]) -> None:

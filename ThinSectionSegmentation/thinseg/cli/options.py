@@ -177,6 +177,43 @@ def add_max_pixels(parser: argparse.ArgumentParser | argparse._ArgumentGroup) ->
 TTA_CHOICES = ("auto", "none", "flips", "dihedral")
 
 
+def pixels_or_off(text: str) -> int:
+    """A whole number of pixels, 0 meaning off."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of pixels (0: off)")
+    return value
+
+
+def min_region(text: str) -> int | str:
+    """--min-region: "auto" or a whole number of pixels (0: off)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of pixels, 0 (off) or auto")
+    return value
+
+
+def add_min_region(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--min-region PX` (stored as args.min_region) for a command that runs a model over sections."""
+    parser.add_argument(
+        "--min-region",
+        default="auto",
+        type=min_region,
+        metavar="PX",
+        help="minimum-region sieve: connected regions of one class smaller than PX pixels (of the model's "
+        "grid) take each pixel's runner-up class, removing specks no real grain is that small; 0: off; auto "
+        "(default): what the model's meta.json recommends (min_region_px), else off",
+    )
+
+
 def add_tta(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """`--tta MODE` (stored as args.tta) for a command that runs a model over sections."""
     parser.add_argument(

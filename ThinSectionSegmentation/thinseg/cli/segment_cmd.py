@@ -129,6 +129,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "change), else fp32; fp32: exact; fp16: GPU only",
     )
     types.add_tta(tuning)
+    types.add_min_region(tuning)
     p.add_argument(
         "--cluster",
         default=None,
@@ -177,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             with_confidence=args.probabilities,
             tta=args.tta,
+            min_region=args.min_region,
         ),
     )
     # on a cluster one bar counts the sections done; results are printed above it
@@ -197,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"model: {run.bundle.title} ({run.model_dir})", file=sys.stderr)
         if run.segmenter is not None:
             print(f"test-time augmentation: {run.segmenter.tta}", file=sys.stderr)
+            print(f"minimum region: {run.segmenter.min_region or 'off'}", file=sys.stderr)
         else:
             print(f"cluster: {args.cluster}", file=sys.stderr)
 

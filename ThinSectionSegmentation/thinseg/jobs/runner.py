@@ -120,6 +120,7 @@ def run_segment_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary
             with_confidence=probabilities,
             tile=int(job["tile"]) if job.get("tile") else None,
             tta=str(job.get("tta", "auto")),
+            min_region=job.get("min_region", "auto"),  # checked by the Segmenter
         ),
     )
 
@@ -151,6 +152,7 @@ def run_segment_job(job: Job, folder: Path, emit: Emit = emit_stdout) -> Summary
             emit(WarningEvent(text) if text != message else MessageEvent(message))
     summary: Summary = {"output": job["output"], "model": run.bundle.title, "sections": sections}
     summary["test_time_augmentation"] = run.segmenter.tta if run.segmenter is not None else None
+    summary["min_region_px"] = run.segmenter.min_region if run.segmenter is not None else None
     write_json(folder / "summary.json", summary)
     return summary
 

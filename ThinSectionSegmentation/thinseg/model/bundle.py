@@ -121,6 +121,14 @@ class ModelBundle:
         return value if value in TTA_MODES else "none"
 
     @property
+    def min_region_px(self) -> int:
+        """The minimum-region sieve the model was evaluated with (thinseg.inference.regions):
+        regions of one class under this many pixels of the model's grid take their runner-up
+        class; meta.json `min_region_px`, written by training recipes that measured a gain; 0: off."""
+        value = self.meta.get("min_region_px", 0)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    @property
     def tag(self) -> str:
         """GeoSlicer's tag: the name of the folder holding the model folder."""
         return self.path.parent.name

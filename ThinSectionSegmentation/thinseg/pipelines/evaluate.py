@@ -40,7 +40,14 @@ from thinseg.data.section_images import open_ppxp
 from thinseg.data.sections import Section, canonical_role, open_sections
 from thinseg.errors import ThinSegError, failures_named
 from thinseg.inference.device import select_device
-from thinseg.inference.engine import CancelFn, InferenceOptions, Precision, SegmentationResult, Segmenter
+from thinseg.inference.engine import (
+    CancelFn,
+    InferenceOptions,
+    Precision,
+    SegmentationResult,
+    Segmenter,
+    resolve_min_region,
+)
 from thinseg.inference.resample import resampling_factor, segment_at_model_resolution
 from thinseg.inference.tta import resolve_mode
 from thinseg.io.images import RasterSource
@@ -375,6 +382,7 @@ class EvaluateOptions:
     precision: Precision = "auto"
     overlays: int = 3
     tta: str = "auto"  # test-time augmentation; "auto": the model's meta.json recommendation
+    min_region: int | str = "auto"  # minimum-region sieve in model pixels; "auto": the model's recommendation
     overwrite: bool = False
 
 
@@ -416,6 +424,7 @@ def evaluate_files(
     name = bundle.title
     check_models({name: bundle})
     tta = resolve_mode(options.tta, bundle.test_time_augmentation)  # as the segmenter will resolve it
+    min_region = resolve_min_region(options.min_region, bundle)
     check_mapping(options.mapping, bundle.class_table)
     sections = open_data(options.data)
     check_sections(sections, {name: bundle})
@@ -468,7 +477,9 @@ def evaluate_files(
             options.void_border_px,
             name=name,
             mapping_csv=options.mapping,
-            options=InferenceOptions(device=options.device, precision=options.precision, tta=tta),
+            options=InferenceOptions(
+                device=options.device, precision=options.precision, tta=tta, min_region=min_region
+            ),
             progress=progress,
             on_section=on_section,
             log=log,
@@ -479,6 +490,7 @@ def evaluate_files(
         doc["mapping_csv"] = str(options.mapping) if options.mapping else None
         doc["section_files"] = [str(section_path(s) or s.name) for s in sections]
         doc["test_time_augmentation"] = tta  # which mode every prediction (and so every score) used
+        doc["min_region_px"] = min_region  # the sieve every prediction went through (0: none)
         files["json"].write_text(dumps(doc, indent=2) + "\n", encoding="utf-8")
         files["table"].write_text(text + "\n", encoding="utf-8")
         n = len(report.sections)

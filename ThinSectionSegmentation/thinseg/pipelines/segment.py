@@ -345,8 +345,9 @@ def segment_section(
         height, width = sources[0].shape
         # names inside the files are text: bytes of a file name that are not UTF-8 become \\xNN
         base = path_text(section_base_name(section, options.pp_pattern))
-        attrs = {"thinseg_version": thinseg.__version__, "thinseg_model": bundle.title}
+        attrs: dict[str, str | int] = {"thinseg_version": thinseg.__version__, "thinseg_model": bundle.title}
         attrs["thinseg_test_time_augmentation"] = segmenter.tta  # what the labels were averaged over
+        attrs["thinseg_min_region_px"] = segmenter.min_region  # the sieve the labels went through (0: none)
         if run_id is not None:
             attrs[RUN_ATTRIBUTE] = run_id
         overlay_path = _overlay_name(target) if options.overlay else None

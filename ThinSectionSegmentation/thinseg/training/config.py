@@ -112,6 +112,7 @@ class TrainConfig:
     calibrate_temperature: bool = False  # fit a softmax temperature on the validation sections (LiteUNet)
     prior_correction: bool = False  # fold natural / sampled class shares into the logits (LiteUNet): priors.py
     test_time_augmentation: str = "none"  # none/flips/dihedral: used in validation, recorded in the bundle
+    min_region_px: int = 0  # the minimum-region sieve recorded in the bundle for segment/evaluate (0: none)
     precision: Precision = "auto"
     channels_last: bool = True
     device: str = "auto"

@@ -90,6 +90,8 @@ def combine_members(
     extra: dict[str, Any] = {"ensemble": record, "training": first.meta.get("training", {})}
     if first.test_time_augmentation != "none":
         extra["test_time_augmentation"] = first.test_time_augmentation
+    if first.min_region_px > 0:
+        extra["min_region_px"] = first.min_region_px
     return save_bundle(
         target,
         ensemble.eval(),

@@ -35,6 +35,7 @@ def export_bundle(
     metrics: dict[str, Any] | None,
     confidence_reference: dict[str, Any] | None = None,
     test_time_augmentation: str = "none",
+    min_region_px: int = 0,
 ) -> Path:
     """Write (atomically, replacing an older export of the same run) meta.json + model.pth.
 
@@ -42,13 +43,16 @@ def export_bundle(
     of the exported epoch) next to GeoSlicer's own keys, which already carry the classes,
     colours, inputs/channels and pixels_per_mm; and `confidence_reference` (the model's confidence
     on the validation sections of that epoch, `ConfidenceReference.to_meta()`) when there is one;
-    and `test_time_augmentation`, what segment and evaluate then use unless told otherwise.
+    and `test_time_augmentation` and `min_region_px`, what segment and evaluate then use unless
+    told otherwise.
     """
     extra: dict[str, Any] = {"training": training, "metrics": metrics}
     if confidence_reference is not None:
         extra["confidence_reference"] = confidence_reference
     if test_time_augmentation != "none":  # the inference default the recipe was measured with
         extra["test_time_augmentation"] = test_time_augmentation
+    if min_region_px > 0:  # likewise: the sieve the recipe was measured with
+        extra["min_region_px"] = min_region_px
     was_training = network.training
     network.eval()
     try:

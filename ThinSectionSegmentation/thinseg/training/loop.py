@@ -887,6 +887,7 @@ class TrainingRun:
             metrics=self.best["metrics"],
             confidence_reference=self.best.get("confidence_reference"),  # absent in older checkpoints
             test_time_augmentation=c.test_time_augmentation,
+            min_region_px=c.min_region_px,
         )
 
     def _evaluate_test(self) -> dict[str, Any] | None:

@@ -1,0 +1,164 @@
+"""Minimum-region sieve: predicted regions smaller than any real grain give way to the runner-up.
+
+A network trained on a few sections leaves specks: a few dozen pixels of plagioclase inside a
+K-feldspar grain, or of a mineral the section does not hold at all. Every pixel of a connected
+region (8-connectivity) of one class smaller than `min_pixels` takes its runner-up class, the
+second most probable, and as confidence the runner-up's probability renormalised without the
+removed class, p2 / (1 - p1). One round, decided on the network's own map, so the outcome does
+not depend on the order in which regions are visited, nor on how the map is cut into bands.
+
+`RegionSieve` does it on the engine's stream of bands: a region of fewer than n pixels spans
+at most n rows, so rows are handed on once `min_pixels` rows below them are known, and each
+band is judged within a window reaching `min_pixels` rows above and below it, exactly as on the
+whole map. Where the stream itself is cut (the edges of a column stripe of a very wide section,
+the ends of one part of a section shared by several processes), what lies beyond is unknown, so
+regions touching such a seam are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class Seams:
+    """Sides of a stream beyond which the map goes on unseen (regions touching them are kept)."""
+
+    top: bool = False
+    bottom: bool = False
+    left: bool = False
+    right: bool = False
+
+
+def runner_up_confidence(confidence: npt.NDArray[np.uint8], runner_up: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """p2 / (1 - p1) x 255, from p1 and p2 stored as uint8 x 255: the runner-up's probability
+    once the removed class is taken out."""
+    p1 = confidence.astype(np.float32)
+    p2 = runner_up.astype(np.float32)
+    out: npt.NDArray[np.uint8] = np.clip(p2 * 255.0 / np.maximum(255.0 - p1, 1.0) + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def small_regions(labels: npt.NDArray[np.uint8], min_pixels: int, seams: Seams = Seams()) -> npt.NDArray[np.bool_]:
+    """Pixels of 8-connected single-class regions with fewer than `min_pixels` pixels, regions
+    touching a seam excepted."""
+    from skimage.measure import label as connected
+
+    regions, count = connected(  # type: ignore[no-untyped-call]
+        labels.astype(np.int16) + 1, background=0, connectivity=2, return_num=True
+    )
+    sizes = np.bincount(regions.ravel(), minlength=count + 1)
+    small = sizes < min_pixels
+    small[0] = False
+    for side, edge in (
+        (seams.top, regions[0]),
+        (seams.bottom, regions[-1]),
+        (seams.left, regions[:, 0]),
+        (seams.right, regions[:, -1]),
+    ):
+        if side:
+            small[edge] = False
+    mask: npt.NDArray[np.bool_] = small[regions]
+    return mask
+
+
+def sieve(
+    labels: npt.NDArray[np.uint8],
+    runner_up: npt.NDArray[np.uint8],
+    min_pixels: int,
+    confidence: npt.NDArray[np.uint8] | None = None,
+    runner_up_probability: npt.NDArray[np.uint8] | None = None,
+    seams: Seams = Seams(),
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8] | None]:
+    """The whole-map sieve: new (labels, confidence) with every small region's pixels given
+    their runner-up class (and its renormalised probability)."""
+    out = labels.copy()
+    conf = confidence.copy() if confidence is not None else None
+    if min_pixels <= 1 or labels.size == 0:
+        return out, conf
+    small = small_regions(labels, min_pixels, seams)
+    out[small] = runner_up[small]
+    if conf is not None and confidence is not None and runner_up_probability is not None:
+        conf[small] = runner_up_confidence(confidence[small], runner_up_probability[small])
+    return out, conf
+
+
+class BandSink(Protocol):
+    """What a RegionSieve hands its sieved bands to (the engine's RowSink)."""
+
+    def write_rows(
+        self, y0: int, labels: npt.NDArray[np.uint8], confidence: npt.NDArray[np.uint8] | None, x0: int = 0
+    ) -> None: ...
+
+
+class RegionSieve:
+    """Sieves one stream of bands (whole rows of one stripe, top to bottom) on its way to `sink`,
+    holding about `min_pixels` rows more than a band: the output equals `sieve` on the whole
+    stream's map. `finish` hands on what is still held once the stream's last band is in."""
+
+    def __init__(self, sink: BandSink, min_pixels: int, seams: Seams = Seams()) -> None:
+        self.sink, self.min_pixels, self.seams = sink, int(min_pixels), seams
+        self._bands: list[tuple[npt.NDArray[np.uint8], ...]] = []
+        self._start = 0  # the stream's first row
+        self._y0 = 0  # the first row held
+        self._sent = 0  # the first row not yet handed on
+        self._received = 0  # one past the last row received
+        self._x0 = 0
+        self._started = False
+
+    def write_band(
+        self,
+        y0: int,
+        labels: npt.NDArray[np.uint8],
+        runner_up: npt.NDArray[np.uint8],
+        confidence: npt.NDArray[np.uint8] | None = None,
+        runner_up_probability: npt.NDArray[np.uint8] | None = None,
+        x0: int = 0,
+    ) -> None:
+        """Take the next band (copied: the engine reuses its buffers) and hand on every row that
+        no later band can change."""
+        if not self._started:
+            self._start = self._y0 = self._sent = self._received = y0
+            self._x0, self._started = x0, True
+        if y0 != self._received or x0 != self._x0:
+            raise AssertionError(f"band at row {y0}, column {x0}: expected row {self._received}, column {self._x0}")
+        arrays = [labels, runner_up]
+        if confidence is not None and runner_up_probability is not None:
+            arrays += [confidence, runner_up_probability]
+        self._bands.append(tuple(a.copy() for a in arrays))
+        self._received += labels.shape[0]
+        ready = self._received - self.min_pixels
+        if ready > self._sent:
+            self._send(ready, last=False)
+
+    def finish(self) -> None:
+        """Hand on the rows still held: the stream has ended."""
+        if self._started and self._received > self._sent:
+            self._send(self._received, last=True)
+        self._bands, self._started = [], False
+
+    def _send(self, end: int, last: bool) -> None:
+        """Sieve the held rows and hand on rows [sent, end)."""
+        held = [np.concatenate(parts) for parts in zip(*self._bands)]
+        labels, runner_up = held[0], held[1]
+        confidence = held[2] if len(held) > 2 else None
+        probability = held[3] if len(held) > 3 else None
+        first = self._y0 == self._start
+        seams = Seams(
+            top=self.seams.top if first else True,
+            bottom=self.seams.bottom if last else True,
+            left=self.seams.left,
+            right=self.seams.right,
+        )
+        out, conf = sieve(labels, runner_up, self.min_pixels, confidence, probability, seams)
+        a, b = self._sent - self._y0, end - self._y0
+        self.sink.write_rows(self._sent, out[a:b], conf[a:b] if conf is not None else None, self._x0)
+        self._sent = end
+        keep_from = max(self._y0, end - self.min_pixels)  # the rows the next window reaches back to
+        cut = keep_from - self._y0
+        self._bands = [tuple(x[cut:] for x in held)] if cut < labels.shape[0] else []
+        self._y0 = keep_from
