@@ -7,6 +7,7 @@ on fields it never saw, and write one JSON per experiment.
     python bench/real_rock.py --summarize OUT --tta none --lofo-figure docs/lofo.png   # tables, the folds' heatmap
     python bench/real_rock.py --experiments full-res,quarter-res --select 2a,8a   # choose on training fields
     python bench/real_rock.py --list                              # what each experiment changes
+    python bench/real_rock.py --rescore OUT --min-region 256 --out OUT-sieved   # a run's models, scored again
 
 Split: train on 2a, 3a, 5a, 6a, 7a, 8a, pick checkpoints on 4a (the field `thinseg train
 --val-fraction 0.15 --seed 0` holds out), test on 9a, 10a, 11a, which nothing is trained, tuned or
@@ -389,16 +390,18 @@ def train_config(
     )
 
 
-def score(model_dir: Path, sections: list[Any], tta: str, device: str, precision: str) -> dict[str, Any]:
+def score(
+    model_dir: Path, sections: list[Any], tta: str, device: str, precision: str, min_region: int | str = "auto"
+) -> dict[str, Any]:
+    """The evaluation report of the model on `sections`; `min_region` "auto": the sieve the model recommends."""
     from thinseg.inference.engine import InferenceOptions
     from thinseg.model.bundle import load_bundle
     from thinseg.pipelines.evaluate import evaluate_model
 
     bundle = load_bundle(model_dir)
     start = time.perf_counter()
-    report = evaluate_model(
-        bundle, sections, 2.0, options=InferenceOptions(device=device, tta=tta, precision=precision)
-    )
+    options = InferenceOptions(device=device, tta=tta, precision=precision, min_region=min_region)  # type: ignore[arg-type]
+    report = evaluate_model(bundle, sections, 2.0, options=options)
     record: dict[str, Any] = json.loads(report.to_json())
     record["seconds"] = time.perf_counter() - start
     return record
@@ -505,6 +508,12 @@ def run_one(
         if tests
         else {},
     }
+    from thinseg.model.bundle import load_bundle
+
+    if tests and load_bundle(result.model_dir).min_region_px > 0:  # the same model without its sieve
+        record["unsieved_scores"] = {
+            tta: score(result.model_dir, tests, tta, args.device, args.precision, 0) for tta in args.tta
+        }
     # --score-candidates keeps every export candidate: what each kind of averaging gives or costs
     candidates = (
         ("model-best-epoch", "best_single_epoch_scores"),
@@ -737,6 +746,32 @@ def draw_lofo_figure(records: list[dict[str, Any]], tta: str, out: Path) -> None
     print(f"{out}: {len(folds)} folds")
 
 
+def rescore(source: Path, args: argparse.Namespace) -> int:
+    """Score the models of a finished run again, on the same test fields, with `--min-region`:
+    every record SOURCE/NAME.json whose model is SOURCE/runs/NAME/model gets OUT/NAME.json, the
+    record with its scores replaced (what a sieve changes, without training again)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for file in sorted(source.glob("*.json")):
+        record = json.loads(file.read_text())
+        model = source / "runs" / file.stem / "model"
+        if not record.get("test") or not model.is_dir():
+            continue
+        sections = load_fields(args.data, tuple(record["test"]))
+        tests = [sections[f] for f in record["test"]]
+        record["scores"] = {
+            tta: score(model, tests, tta, args.device, args.precision, args.min_region) for tta in args.tta.split(",")
+        }
+        record["min_region_px"] = args.min_region
+        record.pop("unsieved_scores", None)
+        (args.out / file.name).write_text(json.dumps(record, default=str))
+        mean = record["scores"][args.tta.split(",")[0]]["metrics"]["mean_iou"]
+        print(f"{file.stem}: mean IoU {mean:.3f} with min region {args.min_region}", flush=True)
+    return 0
+
+
 def read_records(paths: list[Path]) -> list[dict[str, Any]]:
     records = []
     for path in paths:
@@ -822,6 +857,19 @@ def main() -> int:
         action="store_true",
         help="train without the class-prior correction (as the recipe did before it; bench/prior_correct.py adds it)",
     )
+    p.add_argument(
+        "--rescore",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="score the models of the run in DIR (its JSONs and runs/) again with --min-region, into --out",
+    )
+    p.add_argument(
+        "--min-region",
+        default="auto",
+        type=lambda t: t if t == "auto" else int(t),
+        help="--rescore: the sieve in model pixels (auto: what each model recommends)",
+    )
     p.add_argument("--list", action="store_true")
     p.add_argument("--smoke", action="store_true", help="2 epochs of 3 steps: checks the path, measures nothing")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -831,10 +879,18 @@ def main() -> int:
         return 0
     if args.ensemble:
         return score_ensemble(args)
+    if args.rescore:
+        return rescore(args.rescore, args)
     if args.summarize:
         records = read_records(args.summarize)
+        tested = [r for r in records if r["test"] and r["experiment"] != "lofo"]
+        tested += [  # a model that recommends a sieve is also shown without it
+            {**r, "experiment": f"{r['experiment']} (sieve off)", "scores": r["unsieved_scores"]}
+            for r in tested
+            if r.get("unsieved_scores")
+        ]
         for tta in args.tta.split(","):
-            print(summary_table([r for r in records if r["test"] and r["experiment"] != "lofo"], tta) + "\n")
+            print(summary_table(tested, tta) + "\n")
         print(selection_table(records) + "\n")
         for tta in args.tta.split(","):
             print(lofo_table(records, tta))

@@ -4,15 +4,18 @@ A network trained on a few sections leaves specks: a few dozen pixels of plagioc
 K-feldspar grain, or of a mineral the section does not hold at all. Every pixel of a connected
 region (8-connectivity) of one class smaller than `min_pixels` takes its runner-up class, the
 second most probable, and as confidence the runner-up's probability renormalised without the
-removed class, p2 / (1 - p1). One round, decided on the network's own map, so the outcome does
-not depend on the order in which regions are visited, nor on how the map is cut into bands.
+removed class, p2 / (1 - p1). Where that leaves a region still too small (a speck of matrix
+whose runner-up is a mineral the grain around it is not), the region takes the class most of the
+pixels around it have. Both rounds are decided on whole regions of the map before them, so the
+outcome does not depend on the order in which regions are visited, nor on how the map is cut
+into bands.
 
 `RegionSieve` does it on the engine's stream of bands: a region of fewer than n pixels spans
-at most n rows, so rows are handed on once `min_pixels` rows below them are known, and each
-band is judged within a window reaching `min_pixels` rows above and below it, exactly as on the
-whole map. Where the stream itself is cut (the edges of a column stripe of a very wide section,
-the ends of one part of a section shared by several processes), what lies beyond is unknown, so
-regions touching such a seam are kept.
+at most n rows, so the two rounds depend on nothing more than 2n rows away; rows are handed on
+once 2n rows below them are known, and each band is judged within a window reaching 2n rows
+above and below it, exactly as on the whole map. Where the stream itself is cut (the edges of a
+column stripe of a very wide section, the ends of one part of a section shared by several
+processes), what lies beyond is unknown, so regions touching such a seam are kept.
 """
 
 from __future__ import annotations
@@ -81,10 +84,36 @@ def sieve(
     if min_pixels <= 1 or labels.size == 0:
         return out, conf
     small = small_regions(labels, min_pixels, seams)
+    if not small.any():
+        return out, conf
     out[small] = runner_up[small]
     if conf is not None and confidence is not None and runner_up_probability is not None:
         conf[small] = runner_up_confidence(confidence[small], runner_up_probability[small])
+    # only changed pixels can still be in a small region: the regions left alone were large
+    take_surroundings(out, small & small_regions(out, min_pixels, seams))
     return out, conf
+
+
+def take_surroundings(labels: npt.NDArray[np.uint8], regions_mask: npt.NDArray[np.bool_]) -> None:
+    """Each 8-connected region of `regions_mask` takes (in place) the most common class among the
+    pixels bordering it outside the mask (ties: the lower label); one with no such pixel stays."""
+    from scipy import ndimage as ndi
+
+    if not regions_mask.any():
+        return
+    eight = np.ones((3, 3), bool)
+    regions, _ = ndi.label(regions_mask, structure=eight)
+    height, width = labels.shape
+    for index, box in enumerate(ndi.find_objects(regions), start=1):
+        if box is None:
+            continue
+        ys = slice(max(box[0].start - 1, 0), min(box[0].stop + 1, height))
+        xs = slice(max(box[1].start - 1, 0), min(box[1].stop + 1, width))
+        region = regions[ys, xs] == index
+        ring = ndi.binary_dilation(region, structure=eight) & ~regions_mask[ys, xs]
+        around = labels[ys, xs][ring]
+        if around.size:
+            labels[ys, xs][region] = np.bincount(around).argmax()
 
 
 class BandSink(Protocol):
@@ -97,11 +126,12 @@ class BandSink(Protocol):
 
 class RegionSieve:
     """Sieves one stream of bands (whole rows of one stripe, top to bottom) on its way to `sink`,
-    holding about `min_pixels` rows more than a band: the output equals `sieve` on the whole
+    holding about 2 x `min_pixels` rows more than a band: the output equals `sieve` on the whole
     stream's map. `finish` hands on what is still held once the stream's last band is in."""
 
     def __init__(self, sink: BandSink, min_pixels: int, seams: Seams = Seams()) -> None:
         self.sink, self.min_pixels, self.seams = sink, int(min_pixels), seams
+        self.reach = 2 * self.min_pixels  # rows the two rounds look across
         self._bands: list[tuple[npt.NDArray[np.uint8], ...]] = []
         self._start = 0  # the stream's first row
         self._y0 = 0  # the first row held
@@ -131,7 +161,7 @@ class RegionSieve:
             arrays += [confidence, runner_up_probability]
         self._bands.append(tuple(a.copy() for a in arrays))
         self._received += labels.shape[0]
-        ready = self._received - self.min_pixels
+        ready = self._received - self.reach
         if ready > self._sent:
             self._send(ready, last=False)
 
@@ -158,7 +188,7 @@ class RegionSieve:
         a, b = self._sent - self._y0, end - self._y0
         self.sink.write_rows(self._sent, out[a:b], conf[a:b] if conf is not None else None, self._x0)
         self._sent = end
-        keep_from = max(self._y0, end - self.min_pixels)  # the rows the next window reaches back to
+        keep_from = max(self._y0, end - self.reach)  # the rows the next window reaches back to
         cut = keep_from - self._y0
         self._bands = [tuple(x[cut:] for x in held)] if cut < labels.shape[0] else []
         self._y0 = keep_from
