@@ -25,15 +25,17 @@ sys.path.insert(0, str(REPO / "ThinSectionSegmentation"))
 
 
 def speckled_stream(rows: int, width: int, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """Labels of five classes in grains of ~50 px with specks, runner-up classes and confidence."""
+    """Labels of five classes in grains of ~50 px with specks, their runner-up classes and confidence."""
     from scipy import ndimage as ndi
 
     rng = np.random.default_rng(seed)
     noise = ndi.gaussian_filter(rng.random((5, rows // 4, width // 4)), sigma=(0, 3, 3))
-    labels = np.repeat(np.repeat(noise.argmax(0) + 1, 4, 0), 4, 1).astype(np.uint8)
-    specks = rng.random(labels.shape) < 0.002
+    order = np.argsort(-noise, axis=0)  # the first and second class of every pixel, as a network ranks them
+    labels = np.repeat(np.repeat(order[0] + 1, 4, 0), 4, 1).astype(np.uint8)
+    runner = np.repeat(np.repeat(order[1] + 1, 4, 0), 4, 1).astype(np.uint8)
+    specks = rng.random(labels.shape) < 0.002  # single-pixel specks, whose runner-up is the class around
+    runner[specks] = labels[specks]
     labels[specks] = rng.integers(1, 6, specks.sum())
-    runner = (labels % 5 + 1).astype(np.uint8)
     p1 = rng.integers(128, 256, labels.shape).astype(np.uint8)
     p2 = (255 - p1) // 2
     return labels, runner, p1, p2

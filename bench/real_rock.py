@@ -721,10 +721,10 @@ def draw_lofo_figure(records: list[dict[str, Any]], tta: str, out: Path) -> None
         [c["support"] == 0 for c in r["scores"][tta]["metrics"]["classes"]] + [False] for r in folds
     ]  # a class only predicted scores 0 and counts in the mean (see thinseg.metrics.scores)
     for (row, column), value in np.ndenumerate(iou):
-        text = "-" if np.isnan(value) else f"{value:.2f}"
-        text += "\n(not in field)" if absent[row][column] else ""
+        text = "not in field,\nnot predicted" if np.isnan(value) else f"{value:.2f}"
+        text += "\n(not in field)" if absent[row][column] and not np.isnan(value) else ""
         weight = "bold" if column == len(classes) else "normal"
-        colour = "black" if not np.isnan(value) and value > 0.6 else "white"
+        colour = "black" if np.isnan(value) or value > 0.6 else "white"  # NaN cells are left white
         ax.text(column, row, text, ha="center", va="center", fontsize=8, color=colour, fontweight=weight)
     ax.set_xticks(range(len(classes) + 1), [*classes, "mean IoU"], rotation=20, ha="right", fontsize=8)
     ax.set_yticks(

@@ -131,7 +131,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="PX",
         help="the minimum-region sieve recorded in the model, which segment and evaluate then run unless told "
         "otherwise: regions of one class under PX model pixels take their runner-up class; 0: none (default: the "
-        "recipe's: small-data 256, a tenth of the smallest grain drawn on the real sandstone fields; unet 0)",
+        "recipe's: small-data 256, under half the smallest grain drawn on the real sandstone fields; unet 0)",
     )
     opt.add_argument(
         "--members",

@@ -42,11 +42,12 @@ SMALL_DATA_MEMBERS = 3
 #: the last-3 average exported always.
 SMALL_DATA_EMA_DECAY = 0.99
 #: The minimum-region sieve the small-data recipe records for segment and evaluate
-#: (thinseg.inference.regions), in model pixels: a tenth of the smallest grain drawn on the
-#: training fields 2a-8a of the real sandstone set (about 2,400 px, specks of drawing under 64 px
-#: aside), fixed before it was measured. Measured on fields held out of training: +0.006 mean IoU
-#: on 2a and 8a (three seeds each, every one up), +0.019 over seven leave-one-field-out folds
-#: (5a, which holds no plagioclase, +0.099: its stray specks of it are gone).
+#: (thinseg.inference.regions), in pixels of the model's grid (0.00264 mm/px: 0.0018 mm^2, 1,024
+#: px of the sandstone photographs): under half the smallest grain drawn on the training fields
+#: 2a-8a (about 2,400 px of the photographs, drawing specks under 64 px aside), fixed before it
+#: was measured. Measured on fields held out of training: +0.005 mean IoU on 2a and 8a (three
+#: seeds each, every one up) and +0.018 over the seven leave-one-field-out folds of 2a-8a (5a,
+#: which holds no plagioclase, +0.100: its stray specks of it are gone).
 SMALL_DATA_MIN_REGION_PX = 256
 
 RECIPES: dict[str, dict[str, Any]] = {
