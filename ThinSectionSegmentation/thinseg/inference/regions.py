@@ -49,7 +49,7 @@ def runner_up_confidence(confidence: npt.NDArray[np.uint8], runner_up: npt.NDArr
 def small_regions(labels: npt.NDArray[np.uint8], min_pixels: int, seams: Seams = Seams()) -> npt.NDArray[np.bool_]:
     """Pixels of 8-connected single-class regions with fewer than `min_pixels` pixels, regions
     touching a seam excepted."""
-    from skimage.measure import label as connected
+    from skimage.measure import label as connected  # deferred: slow to import, and only sieving models need it
 
     regions, count = connected(  # type: ignore[no-untyped-call]
         labels.astype(np.int16) + 1, background=0, connectivity=2, return_num=True
@@ -97,7 +97,7 @@ def sieve(
 def take_surroundings(labels: npt.NDArray[np.uint8], regions_mask: npt.NDArray[np.bool_]) -> None:
     """Each 8-connected region of `regions_mask` takes (in place) the most common class among the
     pixels bordering it outside the mask (ties: the lower label); one with no such pixel stays."""
-    from scipy import ndimage as ndi
+    from scipy import ndimage as ndi  # deferred: only sieving models need it
 
     if not regions_mask.any():
         return
