@@ -239,7 +239,7 @@ def test_segment_runs_the_sieve_and_records_it(tmp_path, capsys, tiny_model):
 
 
 @pytest.mark.parametrize("value", ["-3", "ten", "2.5"])
-@pytest.mark.parametrize("command", ["segment", "evaluate"])
+@pytest.mark.parametrize("command", ["segment", "evaluate", "train"])
 def test_a_bad_min_region_is_one_error_line(tmp_path, capsys, command, value):
     from helpers import error_lines
 

@@ -193,12 +193,9 @@ def min_region(text: str) -> int | str:
     if text == "auto":
         return text
     try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of pixels, 0 (off) or auto")
-    return value
+        return pixels_or_off(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of pixels, 0 (off) or auto") from None
 
 
 def add_min_region(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
