@@ -37,11 +37,13 @@ class Seams:
     right: bool = False
 
 
-def runner_up_confidence(confidence: npt.NDArray[np.uint8], runner_up: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+def runner_up_confidence(
+    confidence: npt.NDArray[np.uint8], runner_up_probability: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.uint8]:
     """p2 / (1 - p1) x 255, from p1 and p2 stored as uint8 x 255: the runner-up's probability
     once the removed class is taken out."""
     p1 = confidence.astype(np.float32)
-    p2 = runner_up.astype(np.float32)
+    p2 = runner_up_probability.astype(np.float32)
     out: npt.NDArray[np.uint8] = np.clip(p2 * 255.0 / np.maximum(255.0 - p1, 1.0) + 0.5, 0, 255).astype(np.uint8)
     return out
 
