@@ -787,6 +787,8 @@ def read_records(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def main() -> int:
+    from thinseg.cli.options import min_region as min_region_option  # deferred, as the bench's other thinseg imports
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sandstone-ppl-xpl")
     p.add_argument("--out", type=Path, default=REPO / "results" / "real-rock")
@@ -867,7 +869,7 @@ def main() -> int:
     p.add_argument(
         "--min-region",
         default="auto",
-        type=lambda t: t if t == "auto" else int(t),
+        type=min_region_option,
         help="--rescore: the sieve in model pixels (auto: what each model recommends)",
     )
     p.add_argument("--list", action="store_true")
