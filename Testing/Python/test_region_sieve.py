@@ -19,7 +19,7 @@ from helpers import make_bundle, open_nc, rewrite_bundle, run_main, section_imag
 from thinseg.errors import ThinSegError
 from thinseg.inference import InferenceOptions, Segmenter
 from thinseg.inference import engine as engine_module
-from thinseg.inference.regions import RegionSieve, Seams, runner_up_confidence, sieve, small_regions
+from thinseg.inference.regions import RegionSieve, Seams, runner_up_confidence, sieve, small_regions, still_small
 from thinseg.io.images import ArraySource
 from thinseg.model.bundle import load_bundle
 
@@ -77,6 +77,19 @@ def test_a_speck_takes_its_runner_up_class_and_a_grain_stays():
     kept, _ = sieve(labels, runner, 20, seams=Seams(top=True))
     assert (kept[0:2, 30:34] == 5).all() and (kept[10:13, 10:13] == 2).all()
     assert np.array_equal(sieve(labels, runner, 0)[0], labels) and np.array_equal(sieve(labels, runner, 1)[0], labels)
+
+
+@pytest.mark.parametrize("seams", [Seams(), Seams(top=True, right=True), Seams(True, True, True, True)])
+def test_the_second_round_finds_exactly_the_regions_a_full_relabelling_finds(seams):
+    """`still_small` labels only the changed pixels; it must agree with labelling the whole map."""
+    for seed in range(4):
+        labels, runner, _, _ = blob_maps(97, 83, seed=seed)
+        changed = small_regions(labels, 60, seams)
+        out = labels.copy()
+        out[changed] = runner[changed]
+        expected = changed & small_regions(out, 60, seams)
+        assert expected.any()
+        assert np.array_equal(still_small(out, changed, 60, seams), expected)
 
 
 class Bands:

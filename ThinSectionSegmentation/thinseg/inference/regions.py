@@ -91,9 +91,46 @@ def sieve(
     out[small] = runner_up[small]
     if conf is not None and confidence is not None and runner_up_probability is not None:
         conf[small] = runner_up_confidence(confidence[small], runner_up_probability[small])
-    # only changed pixels can still be in a small region: the regions left alone were large
-    take_surroundings(out, small & small_regions(out, min_pixels, seams))
+    take_surroundings(out, still_small(out, small, min_pixels, seams))
     return out, conf
+
+
+def still_small(
+    labels: npt.NDArray[np.uint8], changed: npt.NDArray[np.bool_], min_pixels: int, seams: Seams = Seams()
+) -> npt.NDArray[np.bool_]:
+    """After the first round: the pixels of regions of `labels` still under `min_pixels`, as
+    `small_regions` finds them, but labelling only the (few) changed pixels. A region holding an
+    unchanged pixel was kept, so it is large or on a seam; a region of changed pixels alone is a
+    component of them that no unchanged pixel of its class touches."""
+    from skimage.measure import label as connected  # deferred: slow to import, and only sieving models need it
+
+    mask = np.zeros(labels.shape, bool)
+    ys, xs = np.nonzero(changed)
+    if ys.size == 0:
+        return mask
+    components, count = connected(  # type: ignore[no-untyped-call]
+        np.where(changed, labels.astype(np.int16) + 1, 0), background=0, connectivity=2, return_num=True
+    )
+    ids, own = components[ys, xs], labels[ys, xs]
+    small = np.bincount(ids, minlength=count + 1) < min_pixels
+    small[0] = False
+    height, width = labels.shape
+    for dy, dx in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
+        ny, nx = ys + dy, xs + dx
+        inside = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
+        ny, nx = ny[inside], nx[inside]
+        joins = ~changed[ny, nx] & (labels[ny, nx] == own[inside])
+        small[ids[inside][joins]] = False
+    for side, edge in (
+        (seams.top, components[0]),
+        (seams.bottom, components[-1]),
+        (seams.left, components[:, 0]),
+        (seams.right, components[:, -1]),
+    ):
+        if side:
+            small[edge] = False
+    mask[ys, xs] = small[ids]
+    return mask
 
 
 def take_surroundings(labels: npt.NDArray[np.uint8], regions_mask: npt.NDArray[np.bool_]) -> None:
