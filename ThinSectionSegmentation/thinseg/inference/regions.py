@@ -59,6 +59,13 @@ def small_regions(labels: npt.NDArray[np.uint8], min_pixels: int, seams: Seams =
     sizes = np.bincount(regions.ravel(), minlength=count + 1)
     small = sizes < min_pixels
     small[0] = False
+    keep_seam_regions(small, regions, seams)
+    mask: npt.NDArray[np.bool_] = small[regions]
+    return mask
+
+
+def keep_seam_regions(small: npt.NDArray[np.bool_], regions: npt.NDArray[np.integer], seams: Seams) -> None:
+    """Mark (in place) the regions of `regions` (numbered as `small` is indexed) that touch a seam as not small."""
     for side, edge in (
         (seams.top, regions[0]),
         (seams.bottom, regions[-1]),
@@ -67,8 +74,6 @@ def small_regions(labels: npt.NDArray[np.uint8], min_pixels: int, seams: Seams =
     ):
         if side:
             small[edge] = False
-    mask: npt.NDArray[np.bool_] = small[regions]
-    return mask
 
 
 def sieve(
@@ -121,14 +126,7 @@ def still_small(
         ny, nx = ny[inside], nx[inside]
         joins = ~changed[ny, nx] & (labels[ny, nx] == own[inside])
         small[ids[inside][joins]] = False
-    for side, edge in (
-        (seams.top, components[0]),
-        (seams.bottom, components[-1]),
-        (seams.left, components[:, 0]),
-        (seams.right, components[:, -1]),
-    ):
-        if side:
-            small[edge] = False
+    keep_seam_regions(small, components, seams)
     mask[ys, xs] = small[ids]
     return mask
 
