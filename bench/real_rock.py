@@ -273,6 +273,13 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         (0, 1, 2, 3),
     ),
     **seed_variants(
+        "free-rotation",
+        {"augment": _augment(rotation=45.0)},
+        "patches also turned by an angle drawn in [-45, 45] degrees (PP, XP and labels together), on top of the "
+        "90-degree turns and flips: every orientation of grains and twin lamellae",
+        (0, 1, 2, 3),
+    ),
+    **seed_variants(
         "ema-decays",
         {"average_last": 3, "candidate_ema_decays": (0.95, 0.98, 0.995)},
         "export-candidates with moving averages of decay 0.95, 0.98 and 0.995 kept beside the recipe's 0.99 "

@@ -16,7 +16,7 @@ from thinseg.errors import ThinSegError
 from thinseg.io.netcdf import NetcdfImageSource, NetcdfWriter
 from thinseg.metrics import void_border_mask
 from thinseg.training import ArraySection, build_mapping, load_mapping_csv, load_split, save_split, split_names
-from thinseg.training.augment import IDENTITY_JITTER, class_mix, colour_jitter, draw_augment
+from thinseg.training.augment import IDENTITY_JITTER, class_mix, colour_jitter, draw_augment, turn, turned_window
 from thinseg.training.cache import ArrayCache, cache_key
 from thinseg.training.config import AugmentConfig
 from thinseg.training.dataset import PatchStream, make_loader
@@ -274,6 +274,52 @@ def test_zoom_resizes_images_and_labels_consistently():
     assert image.shape == (6, 48, 48) and target.shape == (48, 48)
     agree = np.mean(np.abs(image[0].astype(int) - target.astype(int) * 30) <= 1)
     assert agree > 0.8  # bilinear images vs nearest labels differ only at block edges
+
+
+def test_turn_is_exact_for_right_angles_and_cuts_the_centre():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 6, (40, 40)).astype(np.uint8)
+    image = rng.integers(0, 256, (40, 40, 3)).astype(np.uint8)
+    assert np.array_equal(turn(labels, 0.0, 20, labels=True), labels[10:30, 10:30])
+    assert np.array_equal(turn(labels, 90.0, 40, labels=True), np.rot90(labels))  # counter-clockwise
+    assert np.array_equal(turn(labels, -90.0, 20, labels=True), np.rot90(labels, -1)[10:30, 10:30])
+    # bilinear at pixel centres: the same pixels, up to PIL's fixed-point rounding
+    diff = turn(image, 180.0, 40, labels=False).astype(int) - image[::-1, ::-1].astype(int)
+    assert np.abs(diff).max() <= 1
+    assert turned_window(100, 0.0) >= 100 and turned_window(100, 45.0) >= int(100 * np.sqrt(2))
+
+
+def test_free_turn_moves_pp_xp_and_labels_together():
+    prepared = prepare_sections([_coded_section(160)], TABLE, patch_size=48, model_mm_per_pixel=None, void_px=0.0)
+    cfg = AugmentConfig(brightness=0, contrast=0, saturation=0, channel_gain=0, scale=0, rotation=45.0)
+    stream = _stream(prepared, strength=0.5, steps=8, augment=cfg, patch=48, batch=4)
+    plain = draw_augment(np.random.default_rng(5), cfg, 2)
+    plain.angle = 0.0
+    for angle in (-40.0, 17.0, 45.0):
+        aug = draw_augment(np.random.default_rng(5), cfg, 2)
+        aug.angle = angle
+        image, target = stream.read_patch(prepared[0], 56, 56, aug)
+        assert image.shape == (6, 48, 48) and target.shape == (48, 48)
+        assert np.all(target > 0)  # the widened window covers the turned patch: no fill inside a section
+        assert np.mean(np.abs(image[0].astype(int) - target.astype(int) * 30) <= 1) > 0.8
+        assert np.mean(np.abs(image[3].astype(int) - (255 - target.astype(int) * 30)) <= 1) > 0.8
+        assert not np.array_equal(target, stream.read_patch(prepared[0], 56, 56, plain)[1])
+    # at the section's corner the window is cut: what the turn cannot fill is ignored, and black
+    aug.angle = 45.0
+    image, target = stream.read_patch(prepared[0], 0, 0, aug)
+    assert np.all((target == 0) <= (image[0] == 0))
+
+
+def test_free_turn_angles_are_drawn_last_in_range():
+    base = AugmentConfig(gamma=0.2, blur=1.0)
+    turned = AugmentConfig(gamma=0.2, blur=1.0, rotation=30.0)
+    angles = []
+    for seed in range(40):
+        a, b = draw_augment(np.random.default_rng(seed), base, 2), draw_augment(np.random.default_rng(seed), turned, 2)
+        # the other draws are unchanged: runs without turns keep their random streams
+        assert (a.k90, a.flip, a.zoom, a.angle) == (b.k90, b.flip, b.zoom, 0.0) and np.array_equal(a.jitter, b.jitter)
+        angles.append(b.angle)
+    assert -30.0 <= min(angles) < -10.0 and 10.0 < max(angles) <= 30.0
 
 
 def test_colour_jitter_matches_its_stepwise_definition():

@@ -1,11 +1,14 @@
 """Augmentations that respect the optics of PP/XP pairs.
 
-Geometry (flips, 90-degree rotations, zoom) is drawn once per patch and applied to every image
-and the labels alike, because PP and XP show the same grains. Rotations are limited to 90
-degrees: XP colours depend on the crystal's angle to the polarisers, which a 90-degree stage
-rotation (polarisers crossed at 90) leaves unchanged, while other angles would produce colours
-no real image has. Colour jitter is drawn per image: lamp, filters and camera vary between the
-two acquisitions.
+Geometry (flips, 90-degree turns, zoom, and optionally a free turn) is drawn once per patch and
+applied to every image and the labels alike, because PP and XP show the same grains. Turning a
+photograph turns the polarisers with the crystals, so every grain keeps its XP colour: a turned
+patch is what a camera mounted at another angle records. (Turning the stage under fixed
+polarisers would change the colours; no augmentation can make that from one photograph.) The
+90-degree turns and flips are exact pixel shuffles; a free turn (`AugmentConfig.rotation`)
+resamples, and shows grains, twin lamellae and cleavage at angles the few training sections may
+not hold. Colour jitter is drawn per image: lamp, filters and camera vary between the two
+acquisitions.
 
 The patch reader applies the geometry (it is just indexing); colour jitter only travels with
 the batch as 6 numbers per image and is applied to the whole batch at once in the training
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from thinseg.errors import ThinSegError
 from thinseg.training.config import AugmentConfig
@@ -38,6 +42,7 @@ class PatchAugment:
     flip: bool  # left-right mirror after the rotation
     zoom: float  # read a window of zoom * patch pixels (>1: zoom out)
     jitter: np.ndarray  # (n_images, JITTER_PARAMS) float32
+    angle: float = 0.0  # free turn in degrees (counter-clockwise), applied before the 90-degree turns
 
 
 def draw_augment(rng: np.random.Generator, cfg: AugmentConfig, n_images: int) -> PatchAugment:
@@ -57,7 +62,31 @@ def draw_augment(rng: np.random.Generator, cfg: AugmentConfig, n_images: int) ->
             jitter[i, 6] = float(np.exp(rng.uniform(np.log(1 - cfg.gamma), np.log(1 + cfg.gamma))))
         if cfg.blur > 0 and rng.random() < 0.5:
             jitter[i, 7] = rng.uniform(0.0, cfg.blur)
-    return PatchAugment(k90, flip, zoom, jitter)
+    angle = float(rng.uniform(-cfg.rotation, cfg.rotation)) if cfg.rotation > 0 else 0.0
+    return PatchAugment(k90, flip, zoom, jitter, angle)
+
+
+def turned_window(size: int, angle: float) -> int:
+    """Side of the square window that still covers a `size` square after turning it by `angle`
+    degrees about its centre (so the turned patch holds no fill)."""
+    radians = math.radians(angle)
+    return int(math.ceil(size * (abs(math.cos(radians)) + abs(math.sin(radians))))) + 2
+
+
+def turn(array: np.ndarray, angle: float, size: int, *, labels: bool) -> np.ndarray:
+    """The central `size` square of a square uint8 window (h, w) or (h, w, 3) turned by `angle`
+    degrees (counter-clockwise) about its centre: bilinear for images, nearest for labels. Only
+    the output square is computed (one affine resampling); where the window does not reach, the
+    output is 0 (ignored label, black image)."""
+    h, w = array.shape[:2]
+    radians = -math.radians(angle)
+    cos, sin = math.cos(radians), math.sin(radians)
+    half = size / 2.0
+    # output (x, y) -> input: the turn about the output's centre, moved onto the window's centre
+    matrix = (cos, sin, w / 2.0 - (cos + sin) * half, -sin, cos, h / 2.0 - (cos - sin) * half)
+    resample = Image.Resampling.NEAREST if labels else Image.Resampling.BILINEAR
+    image = Image.fromarray(np.ascontiguousarray(array))
+    return np.array(image.transform((size, size), Image.Transform.AFFINE, matrix, resample, fillcolor=0))
 
 
 def apply_geometry(array: np.ndarray, aug: PatchAugment) -> np.ndarray:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from thinseg.errors import ThinSegError
 from thinseg.inference.resample import nearest_index
-from thinseg.training.augment import PatchAugment, apply_geometry, draw_augment
+from thinseg.training.augment import PatchAugment, apply_geometry, draw_augment, turn, turned_window
 from thinseg.training.config import AugmentConfig
 from thinseg.training.sampler import BalancedSampler
 from thinseg.training.targets import PreparedSection
@@ -102,23 +102,30 @@ class PatchStream(IterableDataset[Sample]):
             self.last_stats = StreamStats(sampler.emitted.copy(), drawn)
 
     def read_patch(self, prepared: PreparedSection, y: int, x: int, aug: PatchAugment) -> tuple[np.ndarray, np.ndarray]:
-        """Read the window at (y, x) (zoomed about its centre), resize to the patch size, rotate/flip."""
+        """Read the window at (y, x) (zoomed, and turned when drawn so, about its centre), resize to the
+        patch size, rotate/flip."""
         p = self.patch_size
         h, w = prepared.target.shape
         assert prepared.index is not None  # checked in __init__
         footprint = prepared.index.footprint
         size = int(round(footprint * aug.zoom))
         size = max(8, min(size, h, w))
+        window = min(turned_window(size, aug.angle), h, w) if aug.angle else size
         cy, cx = y + footprint / 2.0, x + footprint / 2.0
-        y0 = int(min(max(round(cy - size / 2.0), 0), h - size))
-        x0 = int(min(max(round(cx - size / 2.0), 0), w - size))
-        target = np.asarray(prepared.target[y0 : y0 + size, x0 : x0 + size])
+        y0 = int(min(max(round(cy - window / 2.0), 0), h - window))
+        x0 = int(min(max(round(cx - window / 2.0), 0), w - window))
+        target = np.asarray(prepared.target[y0 : y0 + window, x0 : x0 + window])
         images = []
         for role in self.roles:
             source = prepared.section.source(role)
             assert source is not None  # checked in __init__
-            images.append(source.read(y0, y0 + size, x0, x0 + size))
-        if size != p:
+            images.append(source.read(y0, y0 + window, x0, x0 + window))
+        if aug.angle:  # to the patch's scale first (as below), then turned: the turn resamples p x p pixels
+            side = max(p, int(round(window * p / size)))
+            index = nearest_index(side, window)
+            target = turn(target[index][:, index], aug.angle, p, labels=True)
+            images = [turn(_resize(im, side), aug.angle, p, labels=False) for im in images]
+        elif size != p:
             rows, cols = nearest_index(p, size), nearest_index(p, size)
             target = target[rows][:, cols]
             images = [_resize(im, p) for im in images]
