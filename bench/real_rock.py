@@ -158,6 +158,12 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         (1, 2, 3),
     ),
     "balance-0.75": ("small-data", {"balancing_strength": 0.75}, "stronger class balancing (train's default)"),
+    **seed_variants(
+        "balance-0.75",
+        {"balancing_strength": 0.75},
+        "stronger class balancing (0.75): the prior correction undoes either balance's bias",
+        (1, 2, 3),
+    ),
     "ce-only": ("small-data", {"dice_weight": 0.0}, "cross-entropy only, no Dice term"),
     "constant-lr": ("small-data", {"schedule": "constant"}, "constant learning rate after warm-up (no cosine)"),
     "no-average": ("small-data", {"average_last": 0}, "best single epoch, no checkpoint averaging"),

@@ -34,7 +34,9 @@ class AugmentConfig:
     scale: float = 0.10  # patches are zoomed by a factor in [1 - scale, 1 + scale]
     gamma: float = 0.0  # +- relative gamma change per image (0: off)
     blur: float = 0.0  # largest Gaussian blur sigma (px) per image, drawn for half the images (0: off)
-    rotation: float = 0.0  # largest free turn (degrees) either side, on top of the 90-degree turns (0: off)
+    # largest free turn (degrees) either side, on top of the 90-degree turns (0: off); 45 lost 0.041 mean
+    # IoU on held-out real sandstone fields (plagioclase most), so no recipe uses it
+    rotation: float = 0.0
 
     @classmethod
     def none(cls) -> AugmentConfig:
