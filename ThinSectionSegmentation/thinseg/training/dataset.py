@@ -120,15 +120,15 @@ class PatchStream(IterableDataset[Sample]):
             source = prepared.section.source(role)
             assert source is not None  # checked in __init__
             images.append(source.read(y0, y0 + window, x0, x0 + window))
-        if aug.angle:  # to the patch's scale first (as below), then turned: the turn resamples p x p pixels
-            side = max(p, int(round(window * p / size)))
+        # to the patch's scale first, then turned (when drawn so): the turn resamples only p x p pixels
+        side = max(p, int(round(window * p / size))) if aug.angle else p
+        if window != side:
             index = nearest_index(side, window)
-            target = turn(target[index][:, index], aug.angle, p, labels=True)
-            images = [turn(_resize(im, side), aug.angle, p, labels=False) for im in images]
-        elif size != p:
-            rows, cols = nearest_index(p, size), nearest_index(p, size)
-            target = target[rows][:, cols]
-            images = [_resize(im, p) for im in images]
+            target = target[index][:, index]
+            images = [_resize(im, side) for im in images]
+        if aug.angle:
+            target = turn(target, aug.angle, p, labels=True)
+            images = [turn(im, aug.angle, p, labels=False) for im in images]
         target = np.ascontiguousarray(apply_geometry(target, aug))
         out = np.empty((3 * len(images), p, p), np.uint8)
         for i, im in enumerate(images):
